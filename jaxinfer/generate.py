@@ -1,0 +1,144 @@
+"""Generation loops over the pure model: prefill, then decode steps with sampling.
+
+The functional core is three jitted functions over a donated `DecodeState`:
+    start(weights, prompt_BT, prompt_len_B, ...) -> DecodeState   prefill + first token
+    step(weights, state)          -> (state, out_2B)   one token per row (streaming path)
+    run_loop(weights, state, n)   -> state             lax.while_loop, no host round trip
+Shapes are bucketed (prompt length, cache length, output length) so new prompt lengths
+inside a bucket reuse compiled code, and sampling parameters are traced arrays.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxinfer.config import ModelConfig
+from jaxinfer.errors import BadRequestError
+from jaxinfer.kv_cache import KVCache, init_cache
+from jaxinfer.model import decode_logits, hidden_states, unembed
+from jaxinfer.sampling import SamplingArrays, sample, update_counts
+from jaxinfer.weights import Weights
+
+MIN_PROMPT_BUCKET = 32
+MIN_CACHE_BUCKET = 256
+
+
+def bucket(n: int, minimum: int, maximum: int) -> int:
+    """Next power of two >= n (at least `minimum`), capped at `maximum`."""
+    b = max(minimum, 1 << max(0, (n - 1).bit_length()))
+    return min(b, maximum)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class DecodeState:
+    cache: KVCache
+    tokens_B: jax.Array  # i32[B] last sampled token, the next step's input
+    num_generated_B: jax.Array  # i32[B] tokens sampled so far (the first comes from prefill)
+    max_new_B: jax.Array  # i32[B] per-row budget
+    done_B: jax.Array  # bool[B]
+    finish_eos_B: jax.Array  # bool[B] ended on an EOS token (vs length)
+    counts_BV: jax.Array  # i32[B, V] generated-token counts (presence/frequency penalty)
+    prompt_mask_BV: jax.Array  # bool[B, V] tokens of the prompt (repetition penalty)
+    sampling: SamplingArrays
+    eos_E: jax.Array  # i32[E] token ids that end a row
+    output_BM: jax.Array  # i32[B, M] generated tokens (while-loop path)
+
+
+def _advance(state: DecodeState, logits_BV: jax.Array, cache: KVCache) -> DecodeState:
+    """Sample one token per row from logits and record it; finished rows stay frozen."""
+    active = ~state.done_B
+    tok = sample(logits_BV, state.sampling, state.num_generated_B, state.counts_BV,
+                 state.prompt_mask_BV)
+    tok = jnp.where(active, tok, state.tokens_B)
+    n = state.num_generated_B
+    B, M = state.output_BM.shape
+    output = state.output_BM.at[jnp.arange(B), jnp.where(active, n, M)].set(tok, mode="drop")
+    n = n + active.astype(jnp.int32)
+    is_eos = jnp.any(tok[:, None] == state.eos_E[None, :], axis=-1) & active
+    done = state.done_B | is_eos | (n >= state.max_new_B)
+    return dataclasses.replace(
+        state, cache=cache, tokens_B=tok, num_generated_B=n, done_B=done,
+        finish_eos_B=state.finish_eos_B | is_eos, output_BM=output,
+        counts_BV=update_counts(state.counts_BV, tok, active))
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "max_out", "impl"),
+                   donate_argnames=("cache",))
+def start(weights: Weights, prompt_BT: jax.Array, prompt_len_B: jax.Array, cache: KVCache,
+          sampling: SamplingArrays, max_new_B: jax.Array, eos_E: jax.Array, cfg: ModelConfig,
+          max_out: int, impl: str = "xla") -> DecodeState:
+    """Prefill right-padded prompts into an empty cache and sample each row's first token."""
+    B, T = prompt_BT.shape
+    x, cache = hidden_states(weights, prompt_BT, cache, cfg, impl)
+    last = jnp.clip(prompt_len_B - 1, 0, T - 1)
+    logits = unembed(weights, jnp.take_along_axis(x, last[:, None, None], axis=1)[:, 0])
+    cache = KVCache(cache.k, cache.v, cache.lengths + prompt_len_B)
+    valid_BT = jnp.arange(T)[None, :] < prompt_len_B[:, None]
+    prompt_mask = jnp.zeros((B, cfg.vocab_size), bool).at[
+        jnp.arange(B)[:, None], prompt_BT].max(valid_BT)
+    state = DecodeState(
+        cache=cache, tokens_B=jnp.zeros((B,), jnp.int32),
+        num_generated_B=jnp.zeros((B,), jnp.int32), max_new_B=max_new_B,
+        done_B=jnp.zeros((B,), bool), finish_eos_B=jnp.zeros((B,), bool),
+        counts_BV=jnp.zeros((B, cfg.vocab_size), jnp.int32), prompt_mask_BV=prompt_mask,
+        sampling=sampling, eos_E=eos_E, output_BM=jnp.zeros((B, max_out), jnp.int32))
+    return _advance(state, logits, cache)
+
+
+def _step(weights: Weights, state: DecodeState, cfg: ModelConfig, impl: str) -> DecodeState:
+    logits, cache = decode_logits(weights, state.tokens_B, state.cache, cfg, impl)
+    # Rows already done must not grow: undo their length increment.
+    cache = KVCache(cache.k, cache.v, jnp.where(state.done_B, state.cache.lengths, cache.lengths))
+    return _advance(state, logits, cache)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "impl"), donate_argnames=("state",))
+def step(weights: Weights, state: DecodeState, cfg: ModelConfig, impl: str = "xla"
+         ) -> tuple[DecodeState, jax.Array]:
+    """One decode step. Also returns i32[2, B] (token, done) as a fresh buffer that the
+    host can read while the next step (which donates `state`) is already running."""
+    state = _step(weights, state, cfg, impl)
+    return state, jnp.stack([state.tokens_B, state.done_B.astype(jnp.int32)])
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "impl"), donate_argnames=("state",))
+def run_loop(weights: Weights, state: DecodeState, cfg: ModelConfig, impl: str = "xla"
+             ) -> DecodeState:
+    """Decode until every row is done, on device, with no host round trip per token."""
+    return jax.lax.while_loop(lambda s: ~jnp.all(s.done_B),
+                              lambda s: _step(weights, s, cfg, impl), state)
+
+
+def validate_lengths(prompt_len: int, max_new_tokens: int, cfg: ModelConfig) -> None:
+    if prompt_len <= 0:
+        raise BadRequestError("prompt is empty (0 tokens)")
+    if max_new_tokens <= 0:
+        raise BadRequestError(f"max_new_tokens must be positive, got {max_new_tokens}")
+    if prompt_len + max_new_tokens > cfg.max_seq_len:
+        raise BadRequestError(
+            f"prompt of {prompt_len} tokens + max_new_tokens={max_new_tokens} exceeds the "
+            f"model's context of {cfg.max_seq_len} tokens")
+
+
+def prepare(prompts: list[list[int]], max_new: list[int], cfg: ModelConfig,
+            cache_dtype, cache_shardings=None):
+    """Host-side batching: pad prompts to a bucket and allocate a bucketed cache."""
+    for p, m in zip(prompts, max_new, strict=True):
+        validate_lengths(len(p), m, cfg)
+    longest = max(len(p) for p in prompts)
+    T = bucket(longest, MIN_PROMPT_BUCKET, cfg.max_seq_len)
+    S = bucket(max(len(p) + m for p, m in zip(prompts, max_new, strict=True)),
+               MIN_CACHE_BUCKET, cfg.max_seq_len)
+    M = bucket(max(max_new), 16, cfg.max_seq_len)
+    B = len(prompts)
+    prompt_BT = np.full((B, T), cfg.pad_token_id, np.int32)
+    for b, p in enumerate(prompts):
+        prompt_BT[b, : len(p)] = p
+    cache = init_cache(cfg, B, S, cache_dtype, cache_shardings)
+    return prompt_BT, np.array([len(p) for p in prompts], np.int32), cache, M

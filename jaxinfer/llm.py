@@ -1,0 +1,211 @@
+"""`LLM`: the library's front door. Text in, text out, over the pure functional core.
+
+    llm = jaxinfer.load()                       # default model (SmolLM2-135M-Instruct)
+    llm.generate("The capital of France is", max_new_tokens=8, sampling=GREEDY).text
+    for delta in llm.stream("Tell me a story"): print(delta, end="")
+
+`llm.params`, `llm.cfg`, `jaxinfer.model.forward` and `jaxinfer.kv_cache.init_cache` stay
+available for users who want the pure functions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxinfer import generate as gen
+from jaxinfer.checkpoint import load_checkpoint
+from jaxinfer.config import ModelConfig
+from jaxinfer.errors import BadRequestError
+from jaxinfer.kv_cache import cache_shardings
+from jaxinfer.sampling import SamplingArrays, SamplingParams
+from jaxinfer.sharding import make_mesh
+from jaxinfer.tokenizer import StreamDecoder, Tokenizer, load_tokenizer
+from jaxinfer.weights import Weights, weight_shardings, weight_specs
+
+
+@dataclasses.dataclass
+class Completion:
+    text: str
+    token_ids: list[int]
+    prompt_tokens: int
+    finish_reason: str  # "stop" (EOS token or stop string) or "length"
+    ttft_s: float
+    decode_tokens_per_s: float
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def default_dtype() -> Any:
+    """float32 on CPU (bf16 matvecs are ~20x slower there), bfloat16 on accelerators."""
+    return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+
+
+def find_stop(text: str, stop: Sequence[str]) -> int:
+    """Index of the earliest stop string in `text`, or -1."""
+    hits = [i for i in (text.find(s) for s in stop if s) if i >= 0]
+    return min(hits) if hits else -1
+
+
+def _held_back(text: str, stop: Sequence[str]) -> int:
+    """Length of the longest tail of `text` that could still grow into a stop string."""
+    best = 0
+    for s in stop:
+        for n in range(min(len(s) - 1, len(text)), 0, -1):
+            if s.startswith(text[-n:]):
+                best = max(best, n)
+                break
+    return best
+
+
+class LLM:
+    """A loaded model: config, weights (on a mesh), tokenizer."""
+
+    def __init__(self, cfg: ModelConfig, params: Weights, tokenizer: Tokenizer,
+                 mesh: jax.sharding.Mesh | None = None, impl: str = "xla"):
+        self.cfg, self.params, self.tokenizer, self.mesh, self.impl = (
+            cfg, params, tokenizer, mesh, impl)
+        self.dtype = params["embed"].dtype
+        self.eos = np.array(sorted(set(cfg.eos_token_ids) | set(tokenizer.eos_ids)) or [-1],
+                            np.int32)
+
+    @classmethod
+    def load(cls, checkpoint: str | Path | None = None, dtype: Any = None,
+             mesh: str | jax.sharding.Mesh | None = None, impl: str = "xla") -> LLM:
+        """Load an Orbax checkpoint directory (default: the embedded SmolLM2 model)."""
+        if checkpoint is None:
+            from jaxinfer import default_model
+
+            checkpoint = default_model.checkpoint_path()
+        dtype = default_dtype() if dtype is None else jnp.dtype(dtype)
+        if not isinstance(mesh, jax.sharding.Mesh):
+            mesh = make_mesh(mesh) if mesh else None
+        shardings = None
+        if mesh is not None:
+            cfg = ModelConfig.load(Path(checkpoint) / "config.json")
+            shardings = weight_shardings(weight_specs(cfg, dtype), mesh)
+        cfg, params = load_checkpoint(checkpoint, dtype=dtype, shardings=shardings)
+        tokenizer = load_tokenizer(Path(checkpoint) / "tokenizer")
+        return cls(cfg, params, tokenizer, mesh, impl)
+
+    # ---- prompts -----------------------------------------------------------------
+    def encode(self, prompt: str | Sequence[int], chat: bool = False) -> list[int]:
+        if not isinstance(prompt, str):
+            return [int(t) for t in prompt]
+        if not prompt:
+            raise BadRequestError("prompt is empty")
+        if chat:
+            prompt = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
+        return self.tokenizer.encode(prompt)
+
+    def _start(self, prompts: list[list[int]], sampling: list[SamplingParams],
+               max_new: list[int]) -> gen.DecodeState:
+        shard = (cache_shardings(self.cfg, len(prompts), 1, self.mesh)
+                 if self.mesh is not None else None)
+        prompt_BT, lens_B, cache, M = gen.prepare(prompts, max_new, self.cfg, self.dtype, shard)
+        return gen.start(self.params, prompt_BT, lens_B, cache,
+                         SamplingArrays.from_params(sampling), np.asarray(max_new, np.int32),
+                         self.eos, cfg=self.cfg, max_out=M, impl=self.impl)
+
+    # ---- batch generation (jitted while loop) ------------------------------------------
+    def generate(self, prompts: str | Sequence[int] | list, sampling: SamplingParams | list
+                 | None = None, max_new_tokens: int | list[int] = 64, stop: Sequence[str] = (),
+                 chat: bool = False) -> Completion | list[Completion]:
+        """Generate for one prompt or a batch; all rows decode together on device."""
+        single = isinstance(prompts, str) or (
+            isinstance(prompts, Sequence) and prompts and isinstance(prompts[0], int))
+        batch = [prompts] if single else list(prompts)
+        if not batch:
+            raise BadRequestError("no prompts given")
+        ids = [self.encode(p, chat) for p in batch]
+        sp = sampling if isinstance(sampling, list) else [sampling or SamplingParams()] * len(ids)
+        mn = max_new_tokens if isinstance(max_new_tokens, list) else [max_new_tokens] * len(ids)
+        t0 = time.perf_counter()
+        state = self._start(ids, sp, mn)
+        state.tokens_B.block_until_ready()
+        ttft = time.perf_counter() - t0
+        state = gen.run_loop(self.params, state, cfg=self.cfg, impl=self.impl)
+        out, n, eos = jax.device_get((state.output_BM, state.num_generated_B, state.finish_eos_B))
+        dt = time.perf_counter() - t0 - ttft
+        results = []
+        for b in range(len(ids)):
+            toks = [int(t) for t in out[b, : n[b]]]
+            results.append(self._finish(ids[b], toks, bool(eos[b]), stop, ttft,
+                                        (n[b] - 1) / dt if dt > 0 and n[b] > 1 else 0.0))
+        return results[0] if single else results
+
+    def _finish(self, prompt: list[int], toks: list[int], eos: bool, stop: Sequence[str],
+                ttft: float, tps: float) -> Completion:
+        body = toks[:-1] if eos else toks
+        text = self.tokenizer.decode(body)
+        reason = "stop" if eos else "length"
+        cut = find_stop(text, stop)
+        if cut >= 0:
+            text, reason = text[:cut], "stop"
+            # Keep the tokens up to the one that completed the stop string.
+            for k in range(1, len(body) + 1):
+                if find_stop(self.tokenizer.decode(body[:k]), stop) >= 0:
+                    toks = body[:k]
+                    break
+        return Completion(text, toks, len(prompt), reason, ttft, float(tps))
+
+    # ---- streaming (host-stepped, one dispatch ahead) --------------------------------------
+    def stream(self, prompt: str | Sequence[int], sampling: SamplingParams | None = None,
+               max_new_tokens: int = 64, stop: Sequence[str] = (), chat: bool = False,
+               result: list[Completion] | None = None) -> Iterator[str]:
+        """Yield text deltas as tokens are produced. If `result` is a list, the final
+        Completion is appended to it. The next step is dispatched before the host reads
+        the current token, so detokenizing overlaps device work."""
+        ids = self.encode(prompt, chat)
+        t0 = time.perf_counter()
+        state = self._start([ids], [sampling or SamplingParams()], [max_new_tokens])
+        pending = jnp.stack([state.tokens_B, state.done_B.astype(jnp.int32)])
+        dec = StreamDecoder(self.tokenizer, ids)
+        toks: list[int] = []
+        text, emitted, reason, ttft = "", 0, "length", 0.0
+        while True:
+            # Dispatch step n+1 first; reading token n then overlaps its compute. After the
+            # last token this costs one wasted step on a frozen (done) row.
+            state, nxt = gen.step(self.params, state, cfg=self.cfg, impl=self.impl)
+            tok, done = (int(x) for x in np.asarray(pending)[:, 0])
+            if not toks:
+                ttft = time.perf_counter() - t0
+            toks.append(tok)
+            is_eos = tok in self.eos
+            if not is_eos:
+                text += dec.push(tok)
+            finished = bool(done) or is_eos
+            if finished and not is_eos:
+                text += dec.flush()
+            cut = find_stop(text, stop)
+            if cut >= 0:
+                text, finished = text[:cut], True
+            reason = "stop" if (is_eos or cut >= 0) else "length"
+            end = len(text) if finished else len(text) - _held_back(text, stop)
+            if end > emitted:
+                yield text[emitted:end]
+                emitted = end
+            if finished:
+                break
+            pending = nxt
+        dt = time.perf_counter() - t0 - ttft
+        if result is not None:
+            result.append(Completion(text, toks, len(ids), reason, ttft,
+                                     (len(toks) - 1) / dt if dt > 0 and len(toks) > 1 else 0.0))
+
+    def chat(self, messages: list[dict[str, str]], **kw: Any) -> Completion:
+        prompt = self.tokenizer.apply_chat_template(messages)
+        return self.generate(self.tokenizer.encode(prompt), **kw)
+
+
+def load(checkpoint: str | Path | None = None, **kw: Any) -> LLM:
+    """Load a model for generation; see `LLM.load`."""
+    return LLM.load(checkpoint, **kw)

@@ -1,0 +1,110 @@
+"""The Llama-family decoder as pure functions over the weight tree (weights.py).
+
+    forward(weights, tokens_BT, cache, cfg)  -> logits_BTV, cache   (all positions)
+    prefill(weights, tokens_BT, num_new_B, cache, cfg) -> logits_BV at each row's last token
+    decode_step(weights, tokens_B, cache, cfg) -> logits_BV
+
+New tokens are written at positions cache.lengths[b] + t, so `prefill` on a non-empty
+cache continues a sequence (prefix caching, chunked prefill, speculative verification).
+Layers run under `lax.scan`; the stacked cache rides in the scan carry and is updated in
+place, and jit donates it, so a step never copies the cache.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from jaxinfer.attention import attention
+from jaxinfer.config import ModelConfig
+from jaxinfer.kv_cache import KVCache
+from jaxinfer.layers import apply_rope, mlp, rms_norm, rope_frequencies
+from jaxinfer.weights import Weights
+
+
+def _block(cfg: ModelConfig, impl: str, carry, xs):
+    """One decoder layer. carry = (x_BTD, k [L,B,K,S,H], v, positions_BT, rows_B1)."""
+    x, ck, cv, pos_BT, rows_B1 = carry
+    w, i = xs
+    with jax.named_scope("attention"):
+        h = rms_norm(x, w["attn_norm"], cfg.rms_norm_eps)
+        q = jnp.einsum("BTD,DNH->BTNH", h, w["wq"])
+        k = jnp.einsum("BTD,DKH->BTKH", h, w["wk"])
+        v = jnp.einsum("BTD,DKH->BTKH", h, w["wv"])
+        if cfg.qkv_bias:
+            q, k, v = q + w["bq"], k + w["bk"], v + w["bv"]
+        inv_freq = rope_frequencies(cfg)
+        q = apply_rope(q, pos_BT, inv_freq)
+        k = apply_rope(k, pos_BT, inv_freq)
+        # Scatter the new K/V of every row at its own positions; out-of-range slots drop.
+        ck = ck.at[i, rows_B1, :, pos_BT, :].set(k.astype(ck.dtype), mode="drop")
+        cv = cv.at[i, rows_B1, :, pos_BT, :].set(v.astype(cv.dtype), mode="drop")
+        o = attention(q, ck[i].astype(q.dtype), cv[i].astype(q.dtype), pos_BT, impl)
+        x = x + jnp.einsum("BTNH,NHD->BTD", o, w["wo"])
+    with jax.named_scope("mlp"):
+        h = rms_norm(x, w["mlp_norm"], cfg.rms_norm_eps)
+        x = x + mlp(h, w["w_gate"], w["w_up"], w["w_down"])
+    return (x, ck, cv, pos_BT, rows_B1), None
+
+
+def hidden_states(weights: Weights, tokens_BT: jax.Array, cache: KVCache, cfg: ModelConfig,
+                  impl: str = "xla") -> tuple[jax.Array, KVCache]:
+    """Final-norm hidden states [B, T, D] and the cache with the new K/V written.
+
+    cache.lengths is NOT advanced here: callers know how many of the T tokens are real.
+    """
+    B, T = tokens_BT.shape
+    dtype = weights["embed"].dtype
+    x = jnp.take(weights["embed"], tokens_BT, axis=0).astype(dtype)
+    pos_BT = cache.lengths[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
+    rows_B1 = jnp.arange(B, dtype=jnp.int32)[:, None]
+    layer_ids = jnp.arange(cfg.num_layers, dtype=jnp.int32)
+    (x, ck, cv, _, _), _ = jax.lax.scan(
+        functools.partial(_block, cfg, impl), (x, cache.k, cache.v, pos_BT, rows_B1),
+        (weights["layers"], layer_ids))
+    x = rms_norm(x, weights["final_norm"], cfg.rms_norm_eps)
+    return x, KVCache(k=ck, v=cv, lengths=cache.lengths)
+
+
+def unembed(weights: Weights, x_BxD: jax.Array) -> jax.Array:
+    """Logits in float32; tied models reuse the embedding matrix."""
+    if "lm_head" in weights:
+        return jnp.einsum("...D,DV->...V", x_BxD, weights["lm_head"],
+                          preferred_element_type=jnp.float32)
+    return jnp.einsum("...D,VD->...V", x_BxD, weights["embed"],
+                      preferred_element_type=jnp.float32)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "impl"), donate_argnames=("cache",))
+def forward(weights: Weights, tokens_BT: jax.Array, cache: KVCache, cfg: ModelConfig,
+            impl: str = "xla") -> tuple[jax.Array, KVCache]:
+    """Logits for all T positions [B, T, V]; advances every row by T."""
+    x, cache = hidden_states(weights, tokens_BT, cache, cfg, impl)
+    cache = KVCache(cache.k, cache.v, cache.lengths + tokens_BT.shape[1])
+    return unembed(weights, x), cache
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "impl"), donate_argnames=("cache",))
+def prefill(weights: Weights, tokens_BT: jax.Array, num_new_B: jax.Array, cache: KVCache,
+            cfg: ModelConfig, impl: str = "xla") -> tuple[jax.Array, KVCache]:
+    """Write a (padded) chunk of prompt tokens; logits [B, V] at each row's last real token.
+
+    tokens_BT is right-padded to a bucket length T; num_new_B (i32[B]) counts the real
+    tokens per row. Padding K/V lands beyond the new lengths and is overwritten later.
+    """
+    x, cache = hidden_states(weights, tokens_BT, cache, cfg, impl)
+    last = jnp.clip(num_new_B - 1, 0, tokens_BT.shape[1] - 1)
+    x_BD = jnp.take_along_axis(x, last[:, None, None], axis=1)[:, 0]
+    return unembed(weights, x_BD), KVCache(cache.k, cache.v, cache.lengths + num_new_B)
+
+
+def decode_logits(weights: Weights, tokens_B: jax.Array, cache: KVCache, cfg: ModelConfig,
+                  impl: str = "xla") -> tuple[jax.Array, KVCache]:
+    """One token per row (unjitted body, for use inside larger jitted loops)."""
+    x, cache = hidden_states(weights, tokens_B[:, None], cache, cfg, impl)
+    return unembed(weights, x[:, 0]), KVCache(cache.k, cache.v, cache.lengths + 1)
+
+
+decode_step = jax.jit(decode_logits, static_argnames=("cfg", "impl"), donate_argnames=("cache",))

@@ -1,0 +1,121 @@
+"""Mesh axes and the one table from logical axes to mesh axes.
+
+Weights and activations have separate rules: weights shard heads/MLP width over `model`
+(tensor parallelism) and optionally `embed` over `data` (FSDP); activations shard the
+batch over `data`. A dimension that does not divide its mesh axis is replicated with a
+warning (SmolLM2's 9 query heads on a 2-way `model` axis), never a crash.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from jaxinfer.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+MESH_AXES = ("data", "model")
+
+# logical axis -> mesh axis (or None). The single table; see docs/sharding.md.
+WEIGHT_RULES: dict[str, str | None] = {
+    "vocab": "model",
+    "embed": None,  # "data" under FSDP
+    "q_heads": "model",
+    "kv_heads": "model",
+    "head_dim": None,
+    "mlp": "model",
+    "layers": None,
+    "norm": None,
+    "group": None,  # quantization groups
+}
+ACTIVATION_RULES: dict[str, str | None] = {
+    "batch": "data",
+    "seq": None,
+    "cache_seq": None,
+    "act_embed": None,
+    "act_q_heads": "model",
+    "act_kv_heads": "model",
+    "act_head_dim": None,
+    "act_mlp": "model",
+    "act_vocab": "model",
+    "layers": None,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardingRules:
+    weights: dict[str, str | None]
+    activations: dict[str, str | None]
+
+    @classmethod
+    def default(cls, fsdp: bool = False) -> ShardingRules:
+        w = dict(WEIGHT_RULES)
+        if fsdp:
+            w["embed"] = "data"
+        return cls(w, dict(ACTIVATION_RULES))
+
+
+def parse_mesh(spec: str) -> dict[str, int]:
+    """'data:2,model:4' -> {'data': 2, 'model': 4}; raises ConfigError naming bad input."""
+    out: dict[str, int] = {}
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        name, _, size = part.partition(":")
+        if name not in MESH_AXES:
+            raise ConfigError(f"unknown mesh axis {name!r} in --mesh={spec!r}; use {MESH_AXES}")
+        try:
+            out[name] = int(size)
+        except ValueError:
+            raise ConfigError(f"bad mesh axis size {size!r} in --mesh={spec!r}") from None
+        if out[name] <= 0:
+            raise ConfigError(f"mesh axis {name} must be positive in --mesh={spec!r}")
+    return out
+
+
+def make_mesh(spec: str | dict[str, int] | None = None,
+              devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A Mesh with Auto axes ('data', 'model') over `devices` (default: all)."""
+    sizes = parse_mesh(spec) if isinstance(spec, str) else dict(spec or {})
+    devices = list(jax.devices() if devices is None else devices)
+    shape = [sizes.get(a, 1) for a in MESH_AXES]
+    if not sizes:
+        shape = [len(devices), 1]
+    if math.prod(shape) != len(devices):
+        raise ConfigError(f"mesh {dict(zip(MESH_AXES, shape))} needs {math.prod(shape)} devices, "
+                          f"but {len(devices)} are available")
+    return Mesh(np.asarray(devices, dtype=object).reshape(shape), MESH_AXES)
+
+
+def logical_to_spec(axes: Sequence[str | None], rules: dict[str, str | None], mesh: Mesh,
+                    shape: Sequence[int] | None = None, what: str = "") -> PartitionSpec:
+    """Map logical axes to a PartitionSpec; non-dividing or repeated mesh axes replicate."""
+    used: set[str] = set()
+    out: list[str | None] = []
+    for i, ax in enumerate(axes):
+        m = rules.get(ax) if ax is not None else None
+        if m is None or mesh.shape.get(m, 1) == 1:
+            out.append(None)
+            continue
+        if m in used:
+            raise ConfigError(f"mesh axis {m!r} used twice in logical axes {tuple(axes)}")
+        if shape is not None and shape[i] % mesh.shape[m]:
+            log.warning("%s: dim %s=%d does not divide mesh axis %s=%d; replicating it",
+                        what or "array", ax, shape[i], m, mesh.shape[m])
+            out.append(None)
+            continue
+        used.add(m)
+        out.append(m)
+    return PartitionSpec(*out)
+
+
+def activation_sharding(axes: Sequence[str | None], mesh: Mesh, shape: Sequence[int] | None = None,
+                        rules: ShardingRules | None = None) -> NamedSharding:
+    rules = rules or ShardingRules.default()
+    return NamedSharding(mesh, logical_to_spec(axes, rules.activations, mesh, shape))

@@ -1,0 +1,148 @@
+"""The abstract weight tree: one declaration per weight, the single source of truth.
+
+`weight_specs(cfg)` returns a nested dict whose leaves are `ArrayInfo`. From it come the
+shapes and dtypes (`abstract_weights`), the shardings (`weight_shardings`), random init
+(`init_weights`), the Orbax restore target (checkpoint.py) and the converters' targets.
+
+Tree layout (layers stacked on a leading L axis and run with lax.scan):
+    embed       [V, D]
+    layers/attn_norm [L, D]      layers/mlp_norm [L, D]
+    layers/wq   [L, D, N, H]     layers/bq [L, N, H]   (qkv_bias only)
+    layers/wk   [L, D, K, H]     layers/bk [L, K, H]
+    layers/wv   [L, D, K, H]     layers/bv [L, K, H]
+    layers/wo   [L, N, H, D]
+    layers/w_gate [L, D, F]   layers/w_up [L, D, F]   layers/w_down [L, F, D]
+    final_norm  [D]
+    lm_head     [D, V]           (absent when embeddings are tied)
+Q/K use the Hugging Face "rotate half" RoPE layout.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxinfer.config import ModelConfig
+from jaxinfer.sharding import ShardingRules, logical_to_spec
+
+Weights = dict[str, Any]  # nested dict of arrays, the layout above
+
+
+@dataclasses.dataclass(frozen=True)
+class ArrayInfo:
+    """One weight: shape, dtype, logical axis names (see sharding.py) and an init rule."""
+
+    shape: tuple[int, ...]
+    dtype: Any
+    logical_axes: tuple[str | None, ...]
+    init: str = "normal"  # "normal" (fan-in scaled), "ones" or "zeros"
+    fan_in_axes: tuple[int, ...] = ()  # axes whose product is the fan-in, for "normal"
+
+    def __post_init__(self):
+        assert len(self.shape) == len(self.logical_axes), (self.shape, self.logical_axes)
+
+
+def is_info(x: Any) -> bool:
+    return isinstance(x, ArrayInfo)
+
+
+def weight_specs(cfg: ModelConfig, dtype: Any = jnp.float32) -> Weights:
+    L, D, F, N, K, H, V = (cfg.num_layers, cfg.d_model, cfg.mlp_dim, cfg.num_heads,
+                           cfg.num_kv_heads, cfg.head_dim, cfg.vocab_size)
+    A = lambda shape, axes, init="normal", fan_in=(): ArrayInfo(shape, dtype, axes, init, fan_in)
+    layers = {
+        "attn_norm": A((L, D), ("layers", "norm"), "ones"),
+        "wq": A((L, D, N, H), ("layers", "embed", "q_heads", "head_dim"), fan_in=(1,)),
+        "wk": A((L, D, K, H), ("layers", "embed", "kv_heads", "head_dim"), fan_in=(1,)),
+        "wv": A((L, D, K, H), ("layers", "embed", "kv_heads", "head_dim"), fan_in=(1,)),
+        "wo": A((L, N, H, D), ("layers", "q_heads", "head_dim", "embed"), fan_in=(1, 2)),
+        "mlp_norm": A((L, D), ("layers", "norm"), "ones"),
+        "w_gate": A((L, D, F), ("layers", "embed", "mlp"), fan_in=(1,)),
+        "w_up": A((L, D, F), ("layers", "embed", "mlp"), fan_in=(1,)),
+        "w_down": A((L, F, D), ("layers", "mlp", "embed"), fan_in=(1,)),
+    }
+    if cfg.qkv_bias:
+        layers["bq"] = A((L, N, H), ("layers", "q_heads", "head_dim"), "zeros")
+        layers["bk"] = A((L, K, H), ("layers", "kv_heads", "head_dim"), "zeros")
+        layers["bv"] = A((L, K, H), ("layers", "kv_heads", "head_dim"), "zeros")
+    tree = {
+        "embed": A((V, D), ("vocab", "embed"), fan_in=(1,)),
+        "layers": layers,
+        "final_norm": A((D,), ("norm",), "ones"),
+    }
+    if not cfg.tie_embeddings:
+        tree["lm_head"] = A((D, V), ("embed", "vocab"), fan_in=(0,))
+    return tree
+
+
+def map_specs(fn: Callable[[ArrayInfo], Any], specs: Weights) -> Weights:
+    return jax.tree.map(fn, specs, is_leaf=is_info)
+
+
+def weight_shardings(specs: Weights, mesh: jax.sharding.Mesh,
+                     rules: ShardingRules | None = None) -> Weights:
+    """NamedShardings for every weight, from the one logical-to-mesh table."""
+    rules = rules or ShardingRules.default()
+
+    def one(path, a: ArrayInfo):
+        spec = logical_to_spec(a.logical_axes, rules.weights, mesh, a.shape,
+                               jax.tree_util.keystr(path))
+        return jax.sharding.NamedSharding(mesh, spec)
+
+    return jax.tree_util.tree_map_with_path(one, specs, is_leaf=is_info)
+
+
+def abstract_weights(specs: Weights, shardings: Weights | None = None) -> Weights:
+    """ShapeDtypeStructs (with shardings if given): the restore target and jit avals."""
+    if shardings is None:
+        return map_specs(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), specs)
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                        specs, shardings, is_leaf=is_info)
+
+
+def init_weights(specs: Weights, key: jax.Array, shardings: Weights | None = None) -> Weights:
+    """Random weights of the declared shapes (tests, benchmarks of unreleased sizes)."""
+    leaves, treedef = jax.tree.flatten(specs, is_leaf=is_info)
+    keys = jax.random.split(key, len(leaves))
+
+    def one(a: ArrayInfo, k):
+        if a.init == "ones":
+            return jnp.ones(a.shape, a.dtype)
+        if a.init == "zeros":
+            return jnp.zeros(a.shape, a.dtype)
+        fan_in = int(np.prod([a.shape[i] for i in a.fan_in_axes])) if a.fan_in_axes else 1
+        return (jax.random.normal(k, a.shape, jnp.float32) / np.sqrt(fan_in)).astype(a.dtype)
+
+    out = []
+    shard_leaves = (jax.tree.leaves(shardings) if shardings is not None
+                    else [None] * len(leaves))
+    for a, k, s in zip(leaves, keys, shard_leaves, strict=True):
+        fn = jax.jit(lambda k, a=a: one(a, k), out_shardings=s)
+        out.append(fn(k))
+    return jax.tree.unflatten(treedef, out)
+
+
+def count_params(specs: Weights) -> int:
+    return sum(int(np.prod(a.shape)) for a in jax.tree.leaves(specs, is_leaf=is_info))
+
+
+def check_weights(specs: Weights, weights: Weights) -> None:
+    """Raise ConfigError if `weights` does not have exactly the declared tree and shapes."""
+    from jaxinfer.errors import ConfigError
+
+    want = jax.tree.flatten_with_path(specs, is_leaf=is_info)[0]
+    got = dict(jax.tree.flatten_with_path(weights)[0])
+    if len(got) != len(want):
+        names = lambda t: sorted(jax.tree_util.keystr(p) for p, _ in t)
+        raise ConfigError(f"weight tree mismatch: expected {names(want)}, got {names(got.items())}")
+    for path, a in want:
+        if path not in got:
+            raise ConfigError(f"missing weight {jax.tree_util.keystr(path)}")
+        if tuple(got[path].shape) != a.shape:
+            raise ConfigError(f"weight {jax.tree_util.keystr(path)} has shape "
+                              f"{tuple(got[path].shape)}, expected {a.shape}")

@@ -1,0 +1,63 @@
+"""Generate text from a prompt with a jaxinfer checkpoint (default: SmolLM2-135M-Instruct).
+
+    python scripts/generate.py --prompt "The capital of France is" --temperature 0
+    python scripts/generate.py --chat --prompt "What is JAX?" --output_format json
+"""
+
+import json
+import sys
+
+from absl import app, flags
+
+from jaxinfer.cli_util import run_main
+
+_PROMPT = flags.DEFINE_string("prompt", None, "Prompt text.", required=True)
+_CHAT = flags.DEFINE_bool("chat", False, "Wrap the prompt in the model's chat template.")
+_MAX_NEW = flags.DEFINE_integer("max_new_tokens", 64, "Tokens to generate at most.")
+_TEMP = flags.DEFINE_float("temperature", 0.7, "0 means greedy.")
+_TOP_K = flags.DEFINE_integer("top_k", 0, "Keep the k most likely tokens (0: off).")
+_TOP_P = flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass in (0, 1].")
+_MIN_P = flags.DEFINE_float("min_p", 0.0, "Drop tokens below min_p * p(top token).")
+_REP = flags.DEFINE_float("repetition_penalty", 1.0, "HF-style repetition penalty (> 0).")
+_SEED = flags.DEFINE_integer("seed", None, "Sampling seed (default: random).")
+_STOP = flags.DEFINE_multi_string("stop", [], "Stop string (repeatable).")
+_CKPT = flags.DEFINE_string("checkpoint", None, "Orbax checkpoint dir (default: SmolLM2).")
+_FORMAT = flags.DEFINE_enum("output_format", "text", ["text", "json"], "Output format.")
+_DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"],
+                           "Compute dtype (default: float32 on CPU, bfloat16 elsewhere).")
+_MESH = flags.DEFINE_string("mesh", None, "Device mesh, e.g. 'data:2,model:4'.")
+_NUM_CPU = flags.DEFINE_integer("num_cpu_devices", 0, "Simulated CPU devices (0: default).")
+_CACHE = flags.DEFINE_bool("compilation_cache", True, "Use the persistent XLA cache.")
+
+
+def main(argv):
+    from jaxinfer import runtime
+
+    runtime.set_num_cpu_devices(_NUM_CPU.value)
+    if _CACHE.value:
+        runtime.enable_compilation_cache()
+    from jaxinfer.llm import load
+    from jaxinfer.sampling import SamplingParams
+
+    sampling = SamplingParams(
+        temperature=_TEMP.value, top_k=_TOP_K.value, top_p=_TOP_P.value, min_p=_MIN_P.value,
+        repetition_penalty=_REP.value, seed=_SEED.value)
+    llm = load(_CKPT.value, dtype=_DTYPE.value, mesh=_MESH.value)
+    kw = dict(sampling=sampling, max_new_tokens=_MAX_NEW.value, stop=_STOP.value,
+              chat=_CHAT.value)
+    if _FORMAT.value == "json":
+        out = llm.generate(_PROMPT.value, **kw)
+        print(json.dumps(out.to_json()))
+        return
+    result = []
+    for delta in llm.stream(_PROMPT.value, result=result, **kw):
+        sys.stdout.write(delta)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    c = result[0]
+    print(f"[{len(c.token_ids)} tokens, finish={c.finish_reason}, ttft={c.ttft_s:.2f}s, "
+          f"{c.decode_tokens_per_s:.1f} tok/s]", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    run_main(main)

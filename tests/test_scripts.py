@@ -1,0 +1,61 @@
+"""scripts/generate.py end to end on the real model, and its handling of bad input."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(*args, timeout=300):
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    return subprocess.run([sys.executable, str(ROOT / "scripts" / "generate.py"), *args],
+                          capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def test_text_mode_says_paris(smollm2_checkpoint):
+    r = run("--prompt", "The capital of France is", "--temperature", "0",
+            "--max_new_tokens", "8")
+    assert r.returncode == 0, r.stderr
+    assert "Paris" in r.stdout
+
+
+def test_json_mode_fields(smollm2_checkpoint):
+    r = run("--prompt", "The capital of France is", "--temperature", "0",
+            "--max_new_tokens", "6", "--output_format", "json", "--stop", "zzz")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert set(out) == {"text", "token_ids", "prompt_tokens", "finish_reason", "ttft_s",
+                        "decode_tokens_per_s"}
+    assert out["finish_reason"] == "length" and len(out["token_ids"]) == 6
+    assert out["prompt_tokens"] == 5 and out["ttft_s"] > 0 and "Paris" in out["text"]
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--prompt", ""], "prompt"),
+    (["--prompt", "hi", "--max_new_tokens", "0"], "max_new_tokens"),
+    (["--prompt", "hi", "--temperature", "-1"], "temperature"),
+    (["--prompt", "hi", "--top_p", "0"], "top_p"),
+    (["--prompt", "hi", "--top_p", "1.5"], "top_p"),
+    (["--prompt", "hi", "--top_k", "-3"], "top_k"),
+    (["--prompt", "hi", "--max_new_tokens", "9000"], "9000"),
+    (["--prompt", "hi", "--checkpoint", "/nonexistent/ckpt"], "/nonexistent/ckpt"),
+])
+def test_bad_input_gives_one_error_line(smollm2_checkpoint, args, needle):
+    r = run(*args)
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
+    assert "Traceback" not in r.stderr
+    assert lines[-1].startswith("error:") and needle in lines[-1], r.stderr
+
+
+def test_non_orbax_checkpoint_dir(tmp_path):
+    (tmp_path / "junk.txt").write_text("not a checkpoint")
+    r = run("--prompt", "hi", "--checkpoint", str(tmp_path))
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith("error:")
+    assert str(tmp_path) in r.stderr
