@@ -9,6 +9,7 @@ the whole cache is one donated buffer per tensor and updates happen in place.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -50,12 +51,21 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: Any = jnp.floa
                shardings: KVCache | None = None) -> KVCache:
     """An empty cache of B rows and S positions (zeros, lengths 0)."""
     shape = (cfg.num_layers, batch, cfg.num_kv_heads, max_len, cfg.head_dim)
+    kv, lens = (shardings.k, shardings.lengths) if shardings is not None else (None, None)
+    return _zeros_fn(shape, jnp.dtype(dtype), kv, lens)()
+
+
+@functools.lru_cache(maxsize=64)
+def _zeros_fn(shape: tuple[int, ...], dtype: Any, kv_sharding, lengths_sharding):
+    """One compiled allocator per (shape, dtype, sharding): allocating never recompiles."""
 
     def make():
         return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
-                       lengths=jnp.zeros((batch,), jnp.int32))
+                       lengths=jnp.zeros((shape[1],), jnp.int32))
 
-    return jax.jit(make, out_shardings=shardings)()
+    shardings = (None if kv_sharding is None
+                 else KVCache(kv_sharding, kv_sharding, lengths_sharding))
+    return jax.jit(make, out_shardings=shardings)
 
 
 def abstract_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: Any = jnp.float32

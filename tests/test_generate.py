@@ -85,8 +85,10 @@ def test_per_row_length_budget_and_eos():
     first = toks[0][0]
     toks2, s2 = _loop(PROMPTS, [8, 8, 8], eos=np.array([first], np.int32))
     assert toks2[0] == [first] and bool(np.asarray(s2.finish_eos_B)[0])
-    # Cache lengths: a finished row does not grow.
-    assert int(np.asarray(s2.cache.lengths)[0]) == len(PROMPTS[0]) + 1
+    # The cache holds the prompt and every generated token but the last, which was
+    # never fed back; a row that finished early stops growing.
+    lengths = np.asarray(s2.cache.lengths)
+    assert list(lengths) == [len(p) + len(t) - 1 for p, t in zip(PROMPTS, toks2)]
 
 
 def test_prompt_lengths_in_one_bucket_compile_once():
