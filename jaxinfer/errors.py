@@ -31,3 +31,7 @@ class BadRequestError(JaxinferError, ValueError):
 
 class ModelFetchError(JaxinferError, RuntimeError):
     """The default model could not be fetched (e.g. no network)."""
+
+
+class DistributedError(JaxinferError, RuntimeError):
+    """A multi-process run could not start (coordinator unreachable, peer missing)."""

@@ -19,7 +19,7 @@ import numpy as np
 
 from jaxinfer.config import ModelConfig
 from jaxinfer.errors import BadRequestError
-from jaxinfer.kv_cache import KVCache, init_cache
+from jaxinfer.kv_cache import KVCache, cache_shardings, init_cache
 from jaxinfer.model import decode_logits, hidden_states, unembed
 from jaxinfer.sampling import SamplingArrays, sample, update_counts
 from jaxinfer.weights import Weights
@@ -127,7 +127,7 @@ def validate_lengths(prompt_len: int, max_new_tokens: int, cfg: ModelConfig) -> 
 
 
 def prepare(prompts: list[list[int]], max_new: list[int], cfg: ModelConfig,
-            cache_dtype, cache_shardings=None):
+            cache_dtype, mesh: jax.sharding.Mesh | None = None):
     """Host-side batching: pad prompts to a bucket and allocate a bucketed cache."""
     for p, m in zip(prompts, max_new, strict=True):
         validate_lengths(len(p), m, cfg)
@@ -140,5 +140,6 @@ def prepare(prompts: list[list[int]], max_new: list[int], cfg: ModelConfig,
     prompt_BT = np.full((B, T), cfg.pad_token_id, np.int32)
     for b, p in enumerate(prompts):
         prompt_BT[b, : len(p)] = p
-    cache = init_cache(cfg, B, S, cache_dtype, cache_shardings)
+    shardings = cache_shardings(cfg, B, S, mesh) if mesh is not None else None
+    cache = init_cache(cfg, B, S, cache_dtype, shardings)
     return prompt_BT, np.array([len(p) for p in prompts], np.int32), cache, M

@@ -43,8 +43,9 @@ class KVCache:
 def cache_shardings(cfg: ModelConfig, batch: int, max_len: int, mesh: jax.sharding.Mesh,
                     rules: ShardingRules | None = None) -> KVCache:
     shape = (cfg.num_layers, batch, cfg.num_kv_heads, max_len, cfg.head_dim)
-    kv = activation_sharding(CACHE_AXES, mesh, shape, rules)
-    return KVCache(k=kv, v=kv, lengths=activation_sharding(("batch",), mesh, (batch,), rules))
+    kv = activation_sharding(CACHE_AXES, mesh, shape, rules, "kv_cache")
+    return KVCache(k=kv, v=kv, lengths=activation_sharding(("batch",), mesh, (batch,), rules,
+                                                      "kv_cache.lengths"))
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: Any = jnp.float32,

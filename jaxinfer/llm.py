@@ -24,9 +24,9 @@ from jaxinfer import generate as gen
 from jaxinfer.checkpoint import load_checkpoint
 from jaxinfer.config import ModelConfig
 from jaxinfer.errors import BadRequestError
-from jaxinfer.kv_cache import cache_shardings
+from jaxinfer.runtime import to_host
 from jaxinfer.sampling import SamplingArrays, SamplingParams
-from jaxinfer.sharding import make_mesh
+from jaxinfer.sharding import ShardingRules, make_mesh
 from jaxinfer.tokenizer import StreamDecoder, Tokenizer, load_tokenizer
 from jaxinfer.weights import Weights, weight_shardings, weight_specs
 
@@ -66,6 +66,20 @@ def _held_back(text: str, stop: Sequence[str]) -> int:
     return best
 
 
+def _same_seeds_everywhere(sampling: list[SamplingParams]) -> list[SamplingParams]:
+    """Unseeded requests get a random seed; in a multi-process run process 0 draws it and
+    every process uses the same one, so all hosts sample the same tokens."""
+    if all(p.seed is not None for p in sampling):
+        return sampling
+    seeds = np.random.SeedSequence().generate_state(len(sampling), np.uint32)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        seeds = np.asarray(multihost_utils.broadcast_one_to_all(seeds))
+    return [p if p.seed is not None else dataclasses.replace(p, seed=int(s))
+            for p, s in zip(sampling, seeds, strict=True)]
+
+
 class LLM:
     """A loaded model: config, weights (on a mesh), tokenizer."""
 
@@ -79,8 +93,13 @@ class LLM:
 
     @classmethod
     def load(cls, checkpoint: str | Path | None = None, dtype: Any = None,
-             mesh: str | jax.sharding.Mesh | None = None, impl: str = "xla") -> LLM:
-        """Load an Orbax checkpoint directory (default: the embedded SmolLM2 model)."""
+             mesh: str | jax.sharding.Mesh | None = None, fsdp: bool = False,
+             impl: str = "xla") -> LLM:
+        """Load an Orbax checkpoint directory (default: the embedded SmolLM2 model).
+
+        With a mesh ('data:2,model:4' or a Mesh), every weight is restored straight into
+        its sharding from the rules table; fsdp also shards the embed axis over 'data'.
+        """
         if checkpoint is None:
             from jaxinfer import default_model
 
@@ -91,7 +110,8 @@ class LLM:
         shardings = None
         if mesh is not None:
             cfg = ModelConfig.load(Path(checkpoint) / "config.json")
-            shardings = weight_shardings(weight_specs(cfg, dtype), mesh)
+            shardings = weight_shardings(weight_specs(cfg, dtype), mesh,
+                                         ShardingRules.default(fsdp=fsdp))
         cfg, params = load_checkpoint(checkpoint, dtype=dtype, shardings=shardings)
         tokenizer = load_tokenizer(Path(checkpoint) / "tokenizer")
         return cls(cfg, params, tokenizer, mesh, impl)
@@ -108,11 +128,11 @@ class LLM:
 
     def _start(self, prompts: list[list[int]], sampling: list[SamplingParams],
                max_new: list[int]) -> gen.DecodeState:
-        shard = (cache_shardings(self.cfg, len(prompts), 1, self.mesh)
-                 if self.mesh is not None else None)
-        prompt_BT, lens_B, cache, M = gen.prepare(prompts, max_new, self.cfg, self.dtype, shard)
+        prompt_BT, lens_B, cache, M = gen.prepare(prompts, max_new, self.cfg, self.dtype,
+                                                  self.mesh)
         return gen.start(self.params, prompt_BT, lens_B, cache,
-                         SamplingArrays.from_params(sampling), np.asarray(max_new, np.int32),
+                         SamplingArrays.from_params(_same_seeds_everywhere(sampling)),
+                         np.asarray(max_new, np.int32),
                          self.eos, cfg=self.cfg, max_out=M, impl=self.impl)
 
     # ---- batch generation (jitted while loop) ------------------------------------------
@@ -133,7 +153,7 @@ class LLM:
         state.tokens_B.block_until_ready()
         ttft = time.perf_counter() - t0
         state = gen.run_loop(self.params, state, cfg=self.cfg, impl=self.impl)
-        out, n, eos = jax.device_get((state.output_BM, state.num_generated_B, state.finish_eos_B))
+        out, n, eos = to_host((state.output_BM, state.num_generated_B, state.finish_eos_B))
         dt = time.perf_counter() - t0 - ttft
         results = []
         for b in range(len(ids)):
@@ -175,7 +195,7 @@ class LLM:
             # Dispatch step n+1 first; reading token n then overlaps its compute. After the
             # last token this costs one wasted step on a frozen (done) row.
             state, nxt = gen.step(self.params, state, cfg=self.cfg, impl=self.impl)
-            tok, done = (int(x) for x in np.asarray(pending)[:, 0])
+            tok, done = (int(x) for x in to_host(pending)[:, 0])
             if not toks:
                 ttft = time.perf_counter() - t0
             toks.append(tok)

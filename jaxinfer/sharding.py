@@ -12,7 +12,6 @@ import dataclasses
 import logging
 import math
 from collections.abc import Sequence
-from typing import Any
 
 import jax
 import numpy as np
@@ -87,8 +86,10 @@ def make_mesh(spec: str | dict[str, int] | None = None,
     shape = [sizes.get(a, 1) for a in MESH_AXES]
     if not sizes:
         shape = [len(devices), 1]
+    if math.prod(shape) < len(devices) and sizes:
+        devices = devices[: math.prod(shape)]  # e.g. model:3 on an 8-device host
     if math.prod(shape) != len(devices):
-        raise ConfigError(f"mesh {dict(zip(MESH_AXES, shape))} needs {math.prod(shape)} devices, "
+        raise ConfigError(f"mesh {dict(zip(MESH_AXES, shape, strict=True))} needs {math.prod(shape)} devices, "
                           f"but {len(devices)} are available")
     return Mesh(np.asarray(devices, dtype=object).reshape(shape), MESH_AXES)
 
@@ -116,6 +117,7 @@ def logical_to_spec(axes: Sequence[str | None], rules: dict[str, str | None], me
 
 
 def activation_sharding(axes: Sequence[str | None], mesh: Mesh, shape: Sequence[int] | None = None,
-                        rules: ShardingRules | None = None) -> NamedSharding:
+                        rules: ShardingRules | None = None, what: str = "activation"
+                        ) -> NamedSharding:
     rules = rules or ShardingRules.default()
-    return NamedSharding(mesh, logical_to_spec(axes, rules.activations, mesh, shape))
+    return NamedSharding(mesh, logical_to_spec(axes, rules.activations, mesh, shape, what))

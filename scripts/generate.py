@@ -9,6 +9,7 @@ import sys
 
 from absl import app, flags
 
+from jaxinfer import flags as runtime_flags
 from jaxinfer.cli_util import run_main
 
 _PROMPT = flags.DEFINE_string("prompt", None, "Prompt text.", required=True)
@@ -25,34 +26,33 @@ _CKPT = flags.DEFINE_string("checkpoint", None, "Orbax checkpoint dir (default: 
 _FORMAT = flags.DEFINE_enum("output_format", "text", ["text", "json"], "Output format.")
 _DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"],
                            "Compute dtype (default: float32 on CPU, bfloat16 elsewhere).")
-_MESH = flags.DEFINE_string("mesh", None, "Device mesh, e.g. 'data:2,model:4'.")
-_NUM_CPU = flags.DEFINE_integer("num_cpu_devices", 0, "Simulated CPU devices (0: default).")
-_CACHE = flags.DEFINE_bool("compilation_cache", True, "Use the persistent XLA cache.")
 
 
 def main(argv):
-    from jaxinfer import runtime
-
-    runtime.set_num_cpu_devices(_NUM_CPU.value)
-    if _CACHE.value:
-        runtime.enable_compilation_cache()
+    runtime_flags.setup()
     from jaxinfer.llm import load
     from jaxinfer.sampling import SamplingParams
 
     sampling = SamplingParams(
         temperature=_TEMP.value, top_k=_TOP_K.value, top_p=_TOP_P.value, min_p=_MIN_P.value,
         repetition_penalty=_REP.value, seed=_SEED.value)
-    llm = load(_CKPT.value, dtype=_DTYPE.value, mesh=_MESH.value)
+    llm = load(_CKPT.value, dtype=_DTYPE.value, mesh=runtime_flags.MESH.value,
+               fsdp=runtime_flags.FSDP.value)
+    main_process = runtime_flags.is_main_process()
     kw = dict(sampling=sampling, max_new_tokens=_MAX_NEW.value, stop=_STOP.value,
               chat=_CHAT.value)
     if _FORMAT.value == "json":
         out = llm.generate(_PROMPT.value, **kw)
-        print(json.dumps(out.to_json()))
+        if main_process:
+            print(json.dumps(out.to_json()))
         return
     result = []
     for delta in llm.stream(_PROMPT.value, result=result, **kw):
-        sys.stdout.write(delta)
-        sys.stdout.flush()
+        if main_process:
+            sys.stdout.write(delta)
+            sys.stdout.flush()
+    if not main_process:
+        return
     sys.stdout.write("\n")
     c = result[0]
     print(f"[{len(c.token_ids)} tokens, finish={c.finish_reason}, ttft={c.ttft_s:.2f}s, "
