@@ -89,7 +89,8 @@ def make_mesh(spec: str | dict[str, int] | None = None,
     if math.prod(shape) < len(devices) and sizes:
         devices = devices[: math.prod(shape)]  # e.g. model:3 on an 8-device host
     if math.prod(shape) != len(devices):
-        raise ConfigError(f"mesh {dict(zip(MESH_AXES, shape, strict=True))} needs {math.prod(shape)} devices, "
+        want = dict(zip(MESH_AXES, shape, strict=True))
+        raise ConfigError(f"mesh {want} needs {math.prod(shape)} devices, "
                           f"but {len(devices)} are available")
     return Mesh(np.asarray(devices, dtype=object).reshape(shape), MESH_AXES)
 

@@ -1,0 +1,109 @@
+"""Sharded execution on 8 simulated CPU devices equals the single-device run."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from jaxinfer import kv_cache, model
+from jaxinfer.errors import ConfigError
+from jaxinfer.sharding import ShardingRules, logical_to_spec, make_mesh, parse_mesh
+from jaxinfer.weights import weight_shardings, weight_specs
+
+from .helpers import TINY, tiny_weights
+
+MESHES = ["data:8", "data:2,model:4", "model:3", "data:2,model:2"]
+
+
+def test_parse_mesh_and_errors():
+    assert parse_mesh("data:2,model:4") == {"data": 2, "model": 4}
+    for bad in ["tensor:2", "data:x", "data:0"]:
+        with pytest.raises(ConfigError, match="mesh"):
+            parse_mesh(bad)
+    with pytest.raises(ConfigError, match="needs 16 devices"):
+        make_mesh("data:4,model:4")
+
+
+def test_non_dividing_dim_replicates_with_warning(caplog):
+    mesh = make_mesh("model:2")
+    spec = logical_to_spec(("embed", "q_heads", "head_dim"), ShardingRules.default().weights,
+                           mesh, (576, 9, 64), "wq")
+    assert spec == P(None, None, None)
+    assert "does not divide" in caplog.text
+
+
+def test_fsdp_rules_shard_embed_over_data():
+    mesh = make_mesh("data:2,model:4")
+    sh = weight_shardings(weight_specs(TINY), mesh, ShardingRules.default(fsdp=True))
+    assert sh["layers"]["w_gate"].spec == P(None, "data", "model")
+    assert sh["layers"]["wq"].spec == P(None, "data", "model", None)
+
+
+@pytest.mark.parametrize("mesh_spec", ["data:8", "data:2,model:4", "data:4,model:2"])
+def test_tiny_forward_sharded_equals_single_device(mesh_spec):
+    w0 = tiny_weights()
+    toks = jnp.asarray(np.random.RandomState(0).randint(0, TINY.vocab_size, (8, 12)))
+    ref, _ = model.forward(w0, toks, kv_cache.init_cache(TINY, 8, 32), TINY)
+    mesh = make_mesh(mesh_spec)
+    sh = weight_shardings(weight_specs(TINY), mesh)
+    w = jax.tree.map(jax.device_put, w0, sh)
+    cache = kv_cache.init_cache(TINY, 8, 32,
+                                shardings=kv_cache.cache_shardings(TINY, 8, 32, mesh))
+    out, cache = model.forward(w, toks, cache, TINY)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=1e-5)
+    data = dict(mesh.shape)["data"]
+    assert cache.k.sharding.spec[1] == ("data" if data > 1 else None)
+
+
+# ---- the real model ---------------------------------------------------------------------
+
+PROMPTS = ["The capital of France is", "Water boils at", "The largest planet is",
+           "def add(a, b):", "My favourite food is", "In 1969, the first",
+           "The opposite of hot is", "Photosynthesis is"]
+EXPECTED_SPECS = {  # (wq, wk, w_gate, embed) per mesh: 9 q heads, 3 kv heads, F=1536, V=49152
+    "data:8": (P(None, None, None, None), P(None, None, None, None), P(None, None, None),
+               P(None, None)),
+    "data:2,model:4": (P(None, None, None, None), P(None, None, None, None),
+                       P(None, None, "model"), P("model", None)),
+    "model:3": (P(None, None, "model", None), P(None, None, "model", None),
+                P(None, None, "model"), P("model", None)),
+    "data:2,model:2": (P(None, None, None, None), P(None, None, None, None),
+                       P(None, None, "model"), P("model", None)),
+}
+
+
+@pytest.fixture(scope="module")
+def single(smollm2_checkpoint):
+    from jaxinfer.llm import LLM
+    from jaxinfer.sampling import SamplingParams
+
+    llm = LLM.load(smollm2_checkpoint, dtype=jnp.float32)
+    ids = [llm.tokenizer.encode(p) for p in PROMPTS]
+    toks = [c.token_ids for c in llm.generate(ids, SamplingParams(temperature=0.0), 12)]
+    return llm, ids, toks, _logits(llm, ids)
+
+
+def _logits(llm, ids):
+    T = max(map(len, ids))
+    batch = np.array([i + [2] * (T - len(i)) for i in ids], np.int32)
+    cache = kv_cache.init_cache(llm.cfg, len(ids), 32, jnp.float32)
+    out, _ = model.forward(llm.params, jnp.asarray(batch), cache, llm.cfg)
+    return np.asarray(out)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mesh_spec", MESHES)
+def test_real_model_sharded_equals_single_device(single, smollm2_checkpoint, mesh_spec):
+    from jaxinfer.llm import LLM
+    from jaxinfer.sampling import SamplingParams
+
+    ref_llm, ids, ref_toks, ref_logits = single
+    llm = LLM.load(smollm2_checkpoint, dtype=jnp.float32, mesh=mesh_spec)
+    L = llm.params["layers"]
+    got = (L["wq"].sharding.spec, L["wk"].sharding.spec, L["w_gate"].sharding.spec,
+           llm.params["embed"].sharding.spec)
+    assert got == EXPECTED_SPECS[mesh_spec]
+    np.testing.assert_allclose(_logits(llm, ids), ref_logits, atol=1e-4, rtol=0)
+    toks = [c.token_ids for c in llm.generate(ids, SamplingParams(temperature=0.0), 12)]
+    assert toks == ref_toks
