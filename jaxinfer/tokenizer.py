@@ -1,0 +1,478 @@
+"""One tokenizer interface over SentencePiece `.model`, HF `tokenizer.json` and GGUF vocabularies.
+
+The engine only needs ids in, text out, stop ids and a chat template, so every source is
+reduced to the same small `Tokenizer` surface. GGUF vocabularies are rebuilt into the
+libraries' own models (`tokenizers.models.BPE`, a SentencePiece `ModelProto`) rather than
+re-implementing BPE, and can be saved as `tokenizer.json` so converted checkpoints carry
+them. This module must not import jax: scripts and the server tokenize before JAX starts.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from jaxinfer.errors import TokenizerError
+
+# Tokens that close an assistant turn in common chat formats (ChatML, Llama-3, Gemma).
+# A model that emits one has finished its answer even when metadata names another eos.
+TURN_END_TOKENS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>")
+
+# llama.cpp `tokenizer.ggml.pre` names whose regexes are "each digit alone, then GPT-2"
+# (llama-vocab.cpp: STARCODER/REFACT/COMMAND_R/SMOLLM/CODESHELL/EXAONE/MINERVA).
+_DIGIT_SPLIT_PRE = {"smollm", "starcoder", "refact", "command-r", "codeshell", "exaone",
+                    "minerva-7b"}
+# Names whose regex is the plain GPT-2 one (llama.cpp GPT2/MPT/OLMO/JAIS, or none given).
+_GPT2_PRE = {"default", "gpt2", "gpt-2", "mpt", "olmo", "jais"}
+
+# GGUF token types (same numbering as SentencePiece's ModelProto.SentencePiece.Type).
+_CONTROL, _USER_DEFINED, _BYTE = 3, 4, 6
+
+
+class Tokenizer(ABC):
+    """Text <-> ids plus the metadata generation needs (BOS, stop ids, chat template)."""
+
+    vocab_size: int
+    bos_id: int | None
+    eos_ids: tuple[int, ...]
+    pad_id: int
+    add_bos: bool
+    chat_template: str | None
+
+    def _init_meta(self, bos_id: int | None, eos_id: int | None, pad_id: int | None,
+                   add_bos: bool, chat_template: str | None,
+                   extra_eos: Sequence[int] = ()) -> None:
+        """Fill the shared attributes; eos_ids = declared eos + turn-end tokens in the vocab."""
+        self.bos_id = bos_id
+        self.add_bos = bool(add_bos) and bos_id is not None
+        self.chat_template = chat_template or None
+        eos = [eos_id] if eos_id is not None else []
+        eos += list(extra_eos)
+        eos += [i for t in TURN_END_TOKENS if (i := self._token_to_id(t)) is not None]
+        self.eos_ids = tuple(dict.fromkeys(eos))
+        self.pad_id = pad_id if pad_id is not None else (eos[0] if eos else 0)
+        self._eos_id = eos_id
+        self._compiled_template: Any = None
+
+    @abstractmethod
+    def _token_to_id(self, token: str) -> int | None: ...
+
+    @abstractmethod
+    def _id_to_token(self, token_id: int) -> str: ...
+
+    @abstractmethod
+    def _encode(self, text: str) -> list[int]: ...
+
+    @abstractmethod
+    def _decode(self, ids: list[int]) -> str: ...
+
+    @abstractmethod
+    def save(self, directory: str | Path) -> None:
+        """Write files that `load_tokenizer(directory)` reads back to an identical tokenizer."""
+
+    def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
+        """Token ids of `text`; special-token strings in the text map to their single ids."""
+        ids = self._encode(text)
+        if (self.add_bos if add_bos is None else add_bos) and self.bos_id is not None:
+            ids.insert(0, self.bos_id)
+        return ids
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Text of `ids`, special tokens rendered as their text (nothing is skipped)."""
+        ids = [int(i) for i in ids]
+        bad = [i for i in ids if not 0 <= i < self.vocab_size]
+        if bad:
+            raise TokenizerError(f"token id {bad[0]} outside vocabulary of {self.vocab_size}")
+        return self._decode(ids)
+
+    def apply_chat_template(self, messages: list[dict[str, str]],
+                            add_generation_prompt: bool = True) -> str:
+        """Render `messages` with the model's own Jinja template, the way HF transformers does."""
+        if self.chat_template is None:
+            raise TokenizerError("tokenizer has no chat_template; pass a raw prompt instead")
+        import jinja2
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        if self._compiled_template is None:
+            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                                extensions=["jinja2.ext.loopcontrols"])
+            env.filters["tojson"] = _tojson
+            env.globals["raise_exception"] = _raise_template_error
+            env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+            try:
+                self._compiled_template = env.from_string(self.chat_template)
+            except jinja2.TemplateError as e:
+                raise TokenizerError(f"chat_template does not parse: {e}") from e
+        bos = self._id_to_token(self.bos_id) if self.bos_id is not None else ""
+        eos = self._id_to_token(self._eos_id) if self._eos_id is not None else ""
+        try:
+            return self._compiled_template.render(
+                messages=messages, add_generation_prompt=add_generation_prompt,
+                bos_token=bos, eos_token=eos)
+        except jinja2.TemplateError as e:
+            raise TokenizerError(f"chat_template failed on these messages: {e}") from e
+
+    def _config(self) -> dict[str, Any]:
+        """tokenizer_config.json content: HF's token strings plus explicit ids for us."""
+        cfg: dict[str, Any] = {"add_bos_token": self.add_bos, "pad_token_id": self.pad_id,
+                               "pad_token": self._id_to_token(self.pad_id)}
+        if self.bos_id is not None:
+            cfg |= {"bos_token_id": self.bos_id, "bos_token": self._id_to_token(self.bos_id)}
+        if self._eos_id is not None:
+            cfg |= {"eos_token_id": self._eos_id, "eos_token": self._id_to_token(self._eos_id)}
+        if self.chat_template is not None:
+            cfg["chat_template"] = self.chat_template
+        return cfg
+
+    def _write_config(self, directory: Path) -> None:
+        text = json.dumps(self._config(), indent=2, ensure_ascii=False)
+        (directory / "tokenizer_config.json").write_text(text + "\n", encoding="utf-8")
+
+
+def _tojson(value: Any, indent: int | None = None) -> str:
+    """HF's `tojson`: no HTML escaping and non-ASCII kept, unlike Jinja's built-in."""
+    return json.dumps(value, ensure_ascii=False, indent=indent)
+
+
+def _raise_template_error(message: str) -> None:
+    import jinja2
+
+    raise jinja2.TemplateError(message)
+
+
+class HFTokenizer(Tokenizer):
+    """A `tokenizers.Tokenizer` (from tokenizer.json or rebuilt from GGUF byte-level BPE)."""
+
+    def __init__(self, tok: Any, *, bos_id: int | None, eos_id: int | None,
+                 pad_id: int | None, add_bos: bool, chat_template: str | None,
+                 extra_eos: Sequence[int] = ()) -> None:
+        self._tok = tok
+        self.vocab_size = tok.get_vocab_size(with_added_tokens=True)
+        self._init_meta(bos_id, eos_id, pad_id, add_bos, chat_template, extra_eos)
+
+    def _token_to_id(self, token: str) -> int | None:
+        return self._tok.token_to_id(token)
+
+    def _id_to_token(self, token_id: int) -> str:
+        return self._tok.id_to_token(token_id) or ""
+
+    def _encode(self, text: str) -> list[int]:
+        return list(self._tok.encode(text, add_special_tokens=False).ids)
+
+    def _decode(self, ids: list[int]) -> str:
+        return self._tok.decode(ids, skip_special_tokens=False)
+
+    def save(self, directory: str | Path) -> None:
+        """Write tokenizer.json + tokenizer_config.json (chat template, bos/eos/pad, add_bos)."""
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        self._tok.save(str(d / "tokenizer.json"))
+        self._write_config(d)
+
+
+class SPTokenizer(Tokenizer):
+    """A SentencePiece model (a `.model` file, or rebuilt from a GGUF `llama` vocabulary)."""
+
+    def __init__(self, model_proto: bytes, *, bos_id: int | None = None,
+                 eos_id: int | None = None, pad_id: int | None = None,
+                 add_bos: bool | None = None, chat_template: str | None = None,
+                 extra_eos: Sequence[int] = (), source: str = "<bytes>") -> None:
+        import sentencepiece as spm
+
+        self._proto = model_proto
+        self._sp = spm.SentencePieceProcessor()
+        try:
+            self._sp.LoadFromSerializedProto(model_proto)
+        except Exception as e:  # sentencepiece raises bare RuntimeError/OSError on bad protos
+            raise TokenizerError(f"not a SentencePiece model: {source} ({e})") from e
+        sp = self._sp
+        self.vocab_size = sp.get_piece_size()
+        # SentencePiece never matches control pieces (<s>, </s>) inside text, but rendered
+        # chat templates contain them, so encode() splits them out first like HF and llama.cpp.
+        self._control = {sp.id_to_piece(i): i for i in range(self.vocab_size)
+                         if sp.is_control(i) and sp.id_to_piece(i)}
+        pattern = "|".join(re.escape(p) for p in sorted(self._control, key=len, reverse=True))
+        self._control_re = re.compile(f"({pattern})") if pattern else None
+        bos = bos_id if bos_id is not None else (sp.bos_id() if sp.bos_id() >= 0 else None)
+        eos = eos_id if eos_id is not None else (sp.eos_id() if sp.eos_id() >= 0 else None)
+        pad = pad_id if pad_id is not None else (sp.pad_id() if sp.pad_id() >= 0 else None)
+        self._init_meta(bos, eos, pad, bos is not None if add_bos is None else add_bos,
+                        chat_template, extra_eos)
+
+    def _token_to_id(self, token: str) -> int | None:
+        i = self._sp.piece_to_id(token)
+        return i if self._sp.id_to_piece(i) == token else None  # unknown maps to unk_id
+
+    def _id_to_token(self, token_id: int) -> str:
+        return self._sp.id_to_piece(token_id)
+
+    def _encode(self, text: str) -> list[int]:
+        if self._control_re is None:
+            return list(self._sp.encode(text))
+        ids: list[int] = []
+        for k, part in enumerate(self._control_re.split(text)):
+            if k % 2:
+                ids.append(self._control[part])
+            elif part:
+                ids += self._sp.encode(part)
+        return ids
+
+    def _decode(self, ids: list[int]) -> str:
+        # sp.decode drops control tokens, so decode runs of ordinary pieces between them.
+        # It also strips the dummy-prefix space of a run's first piece; that is right only at
+        # the very start of the text, so restore it for runs that follow a control token.
+        out: list[str] = []
+        run: list[int] = []
+        for i in [*ids, -1]:
+            if i >= 0 and not self._sp.is_control(i):
+                run.append(i)
+                continue
+            if run:
+                text = self._sp.decode(run)
+                if out and self._sp.id_to_piece(run[0]).startswith("\u2581") \
+                        and not text.startswith(" "):
+                    text = " " + text
+                out.append(text)
+                run = []
+            if i >= 0:
+                out.append(self._sp.id_to_piece(i))
+        return "".join(out)
+
+    def save(self, directory: str | Path) -> None:
+        """Write tokenizer.model + tokenizer_config.json (chat template, bos/eos/pad, add_bos)."""
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "tokenizer.model").write_bytes(self._proto)
+        self._write_config(d)
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer:
+    """Load a .gguf file, a .model file, a tokenizer.json file, or a directory holding one."""
+    p = Path(path)
+    if not p.exists():
+        raise TokenizerError(f"tokenizer path does not exist: {p}")
+    if p.is_dir():
+        for name in ("tokenizer.json", "tokenizer.model"):
+            if (p / name).is_file():
+                return load_tokenizer(p / name)
+        raise TokenizerError(f"no tokenizer.json or tokenizer.model in directory: {p}")
+    if p.suffix == ".gguf":
+        return _load_gguf(p)
+    if p.suffix == ".model":
+        return _load_sp_model(p)
+    if p.suffix == ".json":
+        return _load_tokenizer_json(p)
+    raise TokenizerError(f"unknown tokenizer file type (want .gguf/.model/.json): {p}")
+
+
+def _load_tokenizer_json(path: Path) -> HFTokenizer:
+    from tokenizers import Tokenizer as HFTok
+
+    try:
+        tok = HFTok.from_file(str(path))
+    except Exception as e:  # tokenizers raises a bare Exception on malformed JSON
+        raise TokenizerError(f"not a tokenizer.json: {path} ({e})") from e
+    cfg = _read_config(path.parent)
+    ids = _config_ids(cfg, tok.token_to_id)
+    add_bos = cfg.get("add_bos_token")
+    if add_bos is None:  # no config: trust the post-processor (e.g. Llama-3 template adds BOS)
+        with_special = tok.encode("", add_special_tokens=True).ids
+        if with_special and ids["bos_id"] is None:
+            ids["bos_id"] = with_special[0]
+        add_bos = bool(with_special) and with_special[0] == ids["bos_id"]
+    return HFTokenizer(tok, add_bos=add_bos, chat_template=_config_template(cfg, path.parent),
+                       extra_eos=_generation_eos(path.parent), **ids)
+
+
+def _load_sp_model(path: Path) -> SPTokenizer:
+    data = path.read_bytes()
+    tok = SPTokenizer(data, source=str(path))  # ids from the proto itself
+    cfg = _read_config(path.parent)
+    if not cfg:
+        return tok
+    return SPTokenizer(data, add_bos=cfg.get("add_bos_token"),
+                       chat_template=_config_template(cfg, path.parent),
+                       extra_eos=_generation_eos(path.parent), source=str(path),
+                       **_config_ids(cfg, tok._token_to_id))
+
+
+def _read_config(directory: Path) -> dict[str, Any]:
+    f = directory / "tokenizer_config.json"
+    if not f.is_file():
+        return {}
+    try:
+        return json.loads(f.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise TokenizerError(f"unreadable tokenizer config: {f} ({e})") from e
+
+
+def _config_template(cfg: dict[str, Any], directory: Path) -> str | None:
+    """HF keeps the template in tokenizer_config.json (str or named list) or chat_template.jinja."""
+    tmpl = cfg.get("chat_template")
+    if isinstance(tmpl, list):  # [{"name": "default", "template": ...}, ...]
+        named = {t.get("name"): t.get("template") for t in tmpl if isinstance(t, dict)}
+        tmpl = named.get("default")
+    jinja = directory / "chat_template.jinja"
+    if tmpl is None and jinja.is_file():
+        tmpl = jinja.read_text(encoding="utf-8")
+    return tmpl if isinstance(tmpl, str) else None
+
+
+def _config_ids(cfg: dict[str, Any], lookup: Any) -> dict[str, int | None]:
+    """bos/eos/pad ids from explicit *_token_id keys, else from token strings via `lookup`."""
+    out: dict[str, int | None] = {}
+    for kind in ("bos", "eos", "pad"):
+        value = cfg.get(f"{kind}_token_id")
+        token = cfg.get(f"{kind}_token")
+        if isinstance(token, dict):  # older HF configs store AddedToken dicts
+            token = token.get("content")
+        if not isinstance(value, int) and isinstance(token, str) and lookup is not None:
+            value = lookup(token)
+        out[f"{kind}_id"] = value if isinstance(value, int) else None
+    return out
+
+
+def _generation_eos(directory: Path) -> list[int]:
+    """Extra stop ids from generation_config.json (Llama-3 lists several there)."""
+    f = directory / "generation_config.json"
+    try:
+        eos = json.loads(f.read_text(encoding="utf-8")).get("eos_token_id") if f.is_file() else None
+    except (OSError, ValueError):
+        return []
+    return [eos] if isinstance(eos, int) else [i for i in eos or [] if isinstance(i, int)]
+
+
+def _load_gguf(path: Path) -> Tokenizer:
+    import gguf
+
+    try:
+        reader = gguf.GGUFReader(str(path))
+        meta = {k: f.contents() for k, f in reader.fields.items() if k.startswith("tokenizer.")}
+    except Exception as e:  # the reader fails with assorted ValueError/struct/numpy errors
+        raise TokenizerError(f"not a readable GGUF file: {path} ({e})") from e
+    kind = meta.get("tokenizer.ggml.model")
+    if kind == "gpt2":
+        return _gguf_bpe(meta, path)
+    if kind == "llama":
+        return _gguf_spm(meta, path)
+    raise TokenizerError(f"unsupported tokenizer.ggml.model {kind!r} in {path}")
+
+
+def _gguf_common(meta: dict[str, Any], default_add_bos: bool) -> dict[str, Any]:
+    return {"bos_id": meta.get("tokenizer.ggml.bos_token_id"),
+            "eos_id": meta.get("tokenizer.ggml.eos_token_id"),
+            "pad_id": meta.get("tokenizer.ggml.padding_token_id"),
+            "add_bos": meta.get("tokenizer.ggml.add_bos_token", default_add_bos),
+            "chat_template": meta.get("tokenizer.chat_template")}
+
+
+def _gguf_bpe(meta: dict[str, Any], path: Path) -> HFTokenizer:
+    """Byte-level BPE from GGUF vocab+merges, pre-tokenized the way llama.cpp does it."""
+    from tokenizers import AddedToken, decoders, models, pre_tokenizers
+    from tokenizers import Tokenizer as HFTok
+
+    tokens: list[str] = meta.get("tokenizer.ggml.tokens") or []
+    merges: list[str] = meta.get("tokenizer.ggml.merges") or []
+    types: list[int] = meta.get("tokenizer.ggml.token_type") or [1] * len(tokens)
+    if not tokens or len(types) != len(tokens):
+        raise TokenizerError(f"GGUF has no usable tokenizer.ggml.tokens/token_type: {path}")
+    pre = meta.get("tokenizer.ggml.pre", "default")
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    if pre in _DIGIT_SPLIT_PRE:
+        # llama.cpp first isolates every \p{N} char, then runs the GPT-2 regex on the pieces.
+        pre_tok = pre_tokenizers.Sequence(
+            [pre_tokenizers.Digits(individual_digits=True), byte_level])
+    elif pre in _GPT2_PRE:
+        pre_tok = byte_level
+    else:
+        raise TokenizerError(f"unsupported tokenizer.ggml.pre {pre!r} in {path}")
+    vocab = {t: i for i, t in enumerate(tokens)}
+    pairs = [tuple(m.split(" ", 1)) for m in merges]
+    tok = HFTok(models.BPE(vocab=vocab, merges=pairs, fuse_unk=False))
+    tok.pre_tokenizer = pre_tok
+    tok.decoder = decoders.ByteLevel()
+    # Control and user-defined tokens must match whole in text (`<|im_start|>` -> one id).
+    tok.add_special_tokens([AddedToken(t, special=(ty == _CONTROL), normalized=False)
+                            for t, ty in zip(tokens, types, strict=True)
+                            if ty in (_CONTROL, _USER_DEFINED)])
+    return HFTokenizer(tok, **_gguf_common(meta, default_add_bos=False))
+
+
+def _gguf_spm(meta: dict[str, Any], path: Path) -> SPTokenizer:
+    """Rebuild the SentencePiece ModelProto llama.cpp's SPM vocab was converted from."""
+    from sentencepiece import sentencepiece_model_pb2 as pb
+
+    tokens: list[str] = meta.get("tokenizer.ggml.tokens") or []
+    scores: list[float] = meta.get("tokenizer.ggml.scores") or [0.0] * len(tokens)
+    types: list[int] = meta.get("tokenizer.ggml.token_type") or [1] * len(tokens)
+    if not tokens or not len(tokens) == len(scores) == len(types):
+        raise TokenizerError(f"GGUF has no usable tokenizer.ggml.tokens/scores/types: {path}")
+    m = pb.ModelProto()
+    for t, s, ty in zip(tokens, scores, types, strict=True):
+        m.pieces.add(piece=t, score=float(s), type=ty if 1 <= ty <= 6 else 1)
+    common = _gguf_common(meta, default_add_bos=True)
+    ts = m.trainer_spec
+    ts.model_type = pb.TrainerSpec.BPE
+    ts.vocab_size = len(tokens)
+    ts.byte_fallback = _BYTE in types
+    for kind, key in (("unk", "unknown_token_id"), ("bos", "bos_token_id"),
+                      ("eos", "eos_token_id"), ("pad", "padding_token_id")):
+        i = meta.get(f"tokenizer.ggml.{key}")
+        setattr(ts, f"{kind}_id", i if i is not None else -1)
+        if i is not None:
+            setattr(ts, f"{kind}_piece", tokens[i])
+    ns = m.normalizer_spec
+    ns.name = "identity"
+    ns.add_dummy_prefix = bool(meta.get("tokenizer.ggml.add_space_prefix", True))
+    ns.remove_extra_whitespaces = False
+    ns.escape_whitespaces = True
+    return SPTokenizer(m.SerializeToString(), source=str(path), **common)
+
+
+# ----------------------------------------------------------------------------- streaming
+
+
+class StreamDecoder:
+    """Incremental detokenizer: text deltas that concatenate to `decode(all generated ids)`.
+
+    Decoding tokens one at a time is wrong twice over: byte-level BPE splits characters
+    across tokens, and SentencePiece drops or keeps a leading space depending on context.
+    So, as vLLM and HF's TextStreamer do, it decodes a short window of previous tokens with
+    and without the new ones and emits the difference, holding back while the text ends in
+    an incomplete UTF-8 sequence (U+FFFD).
+    """
+
+    _CONTEXT = 5  # prompt tokens kept as left context for the first decode
+
+    def __init__(self, tokenizer: Tokenizer, prompt_ids: Sequence[int] = ()) -> None:
+        self._tok = tokenizer
+        self._ids = [int(i) for i in prompt_ids]
+        self._read = len(self._ids)  # ids before this are already emitted (or prompt)
+        self._prefix = max(self._read - self._CONTEXT, 0)  # window start
+
+    def push(self, token_id: int) -> str:
+        """Add one generated id; return the newly completed text (maybe "")."""
+        self._ids.append(int(token_id))
+        prefix = self._tok.decode(self._ids[self._prefix:self._read])
+        full = self._tok.decode(self._ids[self._prefix:])
+        if len(full) <= len(prefix) or full.endswith("\ufffd"):
+            return ""
+        self._prefix, self._read = self._read, len(self._ids)
+        return full[len(prefix):]
+
+    def flush(self) -> str:
+        """Return whatever is still held back (an incomplete character decodes as U+FFFD)."""
+        if self._read == len(self._ids):
+            return ""
+        prefix = self._tok.decode(self._ids[self._prefix:self._read])
+        full = self._tok.decode(self._ids[self._prefix:])
+        self._prefix, self._read = self._read, len(self._ids)
+        return full[len(prefix):]
