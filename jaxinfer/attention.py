@@ -1,8 +1,14 @@
-"""Grouped-query attention over the KV cache.
+"""Grouped-query attention over the KV cache, and the dispatch to fused kernels.
 
-Queries q_BTNH are viewed as [B, T, K, G, H] so each KV head serves G query heads
-without repeating K/V in memory. The mask is causal in absolute positions: a query at
-position p sees cache slots s <= p, which also hides padding and stale slots (s > p).
+    q_BTNH          [B, T, N, H]   queries at absolute positions q_positions_BT
+    k_BKSH, v_BKSH  [B, K, S, H]   one layer of the left-aligned cache
+    q_positions_BT  i32[B, T]
+    returns         [B, T, N, H]
+
+Queries are viewed as [B, T, K, G, H] so each KV head serves G query heads without
+repeating K/V in memory. The mask is causal in absolute positions: a query at position p
+sees cache slots s <= p, which also hides padding and stale slots (s > p). `ref_attention`
+is the source of truth; every other impl must match it.
 """
 
 from __future__ import annotations
@@ -10,7 +16,15 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from jaxinfer.kernels.decode_attention import (
+    decode_attention,
+    default_block_s,
+    gpu_supports,
+    resolve_backend,
+)
+
 NEG_INF = -1e30
+IMPLS = ("xla", "cudnn", "pallas", "pallas_interpret", "auto")  # "auto": see resolve_impl
 
 
 def ref_attention(q_BTNH: jax.Array, k_BKSH: jax.Array, v_BKSH: jax.Array,
@@ -28,8 +42,83 @@ def ref_attention(q_BTNH: jax.Array, k_BKSH: jax.Array, v_BKSH: jax.Array,
     return out.reshape(B, T, N, H)
 
 
-def attention(q_BTNH, k_BKSH, v_BKSH, q_positions_BT, impl: str = "xla") -> jax.Array:
-    """Dispatch point for kernels (cuDNN on GPU, Pallas on TPU); 'xla' is the reference."""
-    if impl == "xla":
+def cudnn_attention(q_BTNH: jax.Array, k_BKSH: jax.Array, v_BKSH: jax.Array,
+                    q_positions_BT: jax.Array, implementation: str = "cudnn") -> jax.Array:
+    """cuDNN flash attention through jax.nn.dot_product_attention.
+
+    cuDNN's causal mask is aligned top-left (query t sees keys <= t), which is wrong once
+    the cache holds a prefix, so prefill passes the absolute-position mask explicitly (cuDNN
+    takes it as a [B, 1, T, S] bias). Decode (T == 1) needs no mask: its causal mask is just
+    "the first position + 1 slots", i.e. key_value_seq_lengths, which lets cuDNN skip the
+    rest. implementation="xla" runs the same arguments through XLA, so CPU tests check them.
+    jax.nn wants K/V as [B, S, K, H]: the cache layout [B, K, S, H] costs a transpose here.
+    """
+    if implementation == "cudnn" and q_BTNH.dtype not in (jnp.bfloat16, jnp.float16):
+        raise ValueError(f"impl='cudnn' needs bf16/fp16 inputs, got {q_BTNH.dtype}; "
+                         "use impl='auto' to fall back to 'xla' for other dtypes")
+    B, T, N, H = q_BTNH.shape
+    S = k_BKSH.shape[2]
+    k_BSKH, v_BSKH = jnp.swapaxes(k_BKSH, 1, 2), jnp.swapaxes(v_BKSH, 1, 2)
+    if T == 1:
+        kv_len_B = jnp.clip(q_positions_BT[:, 0] + 1, 1, S).astype(jnp.int32)
+        return jax.nn.dot_product_attention(
+            q_BTNH, k_BSKH, v_BSKH, query_seq_lengths=jnp.ones((B,), jnp.int32),
+            key_value_seq_lengths=kv_len_B, implementation=implementation)
+    mask_B1TS = (jnp.arange(S)[None, None, :] <= q_positions_BT[:, :, None])[:, None]
+    return jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask=mask_B1TS,
+                                        implementation=implementation)
+
+
+def pallas_attention(q_BTNH: jax.Array, k_BKSH: jax.Array, v_BKSH: jax.Array,
+                     q_positions_BT: jax.Array, interpret: bool = False,
+                     layer: jax.Array | None = None) -> jax.Array:
+    """The Pallas decode kernel for T == 1; prefill (or an S no block divides) uses the ref."""
+    backend = resolve_backend(None, interpret)
+    block_s = default_block_s(k_BKSH.shape[-2], backend)
+    if q_BTNH.shape[1] != 1 or block_s is None:
+        k_BKSH, v_BKSH = (k_BKSH, v_BKSH) if layer is None else (k_BKSH[layer], v_BKSH[layer])
         return ref_attention(q_BTNH, k_BKSH, v_BKSH, q_positions_BT)
-    raise ValueError(f"unknown attention impl {impl!r}")
+    out_BNH = decode_attention(q_BTNH[:, 0], k_BKSH, v_BKSH, q_positions_BT[:, 0] + 1,
+                               layer=layer, block_s=block_s, backend=backend,
+                               interpret=interpret)
+    return out_BNH[:, None]
+
+
+def resolve_impl(impl: str, q_BTNH, k_BKSH) -> str:
+    """'auto': Pallas on TPU; on GPU for bf16/fp16, the Pallas kernel for decode and cuDNN
+    for prefill; the XLA reference elsewhere.
+
+    On an H100 the Pallas decode kernel beat cuDNN at T == 1 for every shape measured
+    (cuDNN via jax.nn also pays a transpose of the [B, K, S, H] cache); cuDNN's flash
+    attention is the one that avoids materializing [T, S] scores in prefill.
+    """
+    if impl not in IMPLS:
+        raise ValueError(f"unknown attention impl {impl!r}; expected one of {IMPLS}")
+    if impl != "auto":
+        return impl
+    platform = jax.default_backend()
+    if platform == "tpu":
+        return "pallas"
+    if platform == "gpu" and q_BTNH.dtype in (jnp.bfloat16, jnp.float16):
+        decode = q_BTNH.shape[1] == 1 and gpu_supports(q_BTNH.shape[-1], k_BKSH.shape[-2])
+        return "pallas" if decode else "cudnn"
+    return "xla"
+
+
+def attention(q_BTNH, k_BKSH, v_BKSH, q_positions_BT, impl: str = "xla",
+              layer: jax.Array | None = None) -> jax.Array:
+    """Dispatch on impl (see IMPLS and resolve_impl); 'xla' is the reference.
+
+    layer (i32[], optional): k/v are then the stacked cache [L, B, K, S, H]. The Pallas
+    kernel reads that layer in place; slicing ck[i] first, inside the layer scan, makes XLA
+    copy the whole layer before any custom call (Pallas or cuDNN) can read it.
+    """
+    impl = resolve_impl(impl, q_BTNH, k_BKSH)
+    if impl in ("pallas", "pallas_interpret"):
+        return pallas_attention(q_BTNH, k_BKSH, v_BKSH, q_positions_BT,
+                                interpret=impl == "pallas_interpret", layer=layer)
+    if layer is not None:
+        k_BKSH, v_BKSH = k_BKSH[layer], v_BKSH[layer]
+    if impl == "cudnn":
+        return cudnn_attention(q_BTNH, k_BKSH, v_BKSH, q_positions_BT)
+    return ref_attention(q_BTNH, k_BKSH, v_BKSH, q_positions_BT)

@@ -1,0 +1,215 @@
+"""Offline batch jobs over the engine: JSONL prompts in, JSONL results out, resumable.
+
+Input, one JSON object a line:
+    {"id": "q1", "prompt": "Once upon a time", "max_tokens": 64, "temperature": 0}
+    {"id": 7, "messages": [{"role": "user", "content": "Hi"}], "stop": ["\\n"], "seed": 1}
+Output, one line per input line, in completion order:
+    {"id": "q1", "text": ..., "token_ids": [...], "finish_reason": "length",
+     "usage": {...}, "metrics": {...}}
+    {"id": 7, "error": "top_p must be in (0, 1], got 2"}     a bad line is reported, not fatal
+
+Resuming: ids already present in the output are skipped, and a torn last line (a killed
+run) is cut off first, so rerunning the same command finishes the job with each id written
+exactly once. Each result is appended and flushed as soon as it is finished, with only a
+bounded number of requests in flight, so an interrupted run loses at most those.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import queue
+import sys
+from pathlib import Path
+from typing import Any
+
+from jaxinfer.engine import Engine, EngineConfig, Request
+from jaxinfer.errors import BadRequestError, JaxinferError
+from jaxinfer.sampling import SamplingParams
+
+SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "seed", "presence_penalty",
+                   "frequency_penalty", "repetition_penalty")
+_KNOWN = {"id", "prompt", "messages", "max_tokens", "stop", "metadata", *SAMPLING_FIELDS}
+
+
+@dataclasses.dataclass
+class BatchSummary:
+    written: int = 0  # result lines appended by this run
+    errors: int = 0  # of which error lines
+    skipped: int = 0  # ids already in the output
+    duplicates: int = 0  # ids seen earlier in the input
+
+
+def _key(obj: Any, lineno: int) -> str:
+    """The resume key of an input line: its id, or its line number when it has none."""
+    rid = obj.get("id") if isinstance(obj, dict) else None
+    if isinstance(rid, (str, int)) and not isinstance(rid, bool):
+        return "id:" + json.dumps(rid)
+    return f"line:{lineno}"
+
+
+def _done_keys(path: Path) -> set[str]:
+    """Keys already written; truncates a torn (unterminated or unparsable) last line."""
+    if not path.exists():
+        return set()
+    data = path.read_bytes()
+    keep = data[: data.rfind(b"\n") + 1]  # drop an unterminated tail
+    keys = set()
+    for line in keep.decode("utf-8", errors="replace").splitlines():
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(obj, dict):
+            keys.add(_key(obj, obj.get("line", -1)))
+    if len(keep) != len(data):
+        with open(path, "r+b") as f:
+            f.truncate(len(keep))
+    return keys
+
+
+def parse_request(obj: Any, defaults: dict[str, Any]) -> dict[str, Any]:
+    """Engine.submit keyword arguments of one input object; BadRequestError if bad."""
+    if not isinstance(obj, dict):
+        raise BadRequestError(f"a line must be a JSON object, got {type(obj).__name__}")
+    if not isinstance(obj.get("id"), (str, int)) or isinstance(obj.get("id"), bool):
+        raise BadRequestError(f"every line needs an \"id\" (string or integer), got "
+                              f"{obj.get('id')!r}")
+    unknown = sorted(set(obj) - _KNOWN)
+    if unknown:
+        raise BadRequestError(f"unknown fields {unknown}; known: {sorted(_KNOWN)}")
+    if ("prompt" in obj) == ("messages" in obj):
+        raise BadRequestError("a line needs exactly one of \"prompt\" and \"messages\"")
+    kw: dict[str, Any] = {}
+    if "prompt" in obj:
+        if not isinstance(obj["prompt"], str):
+            raise BadRequestError(f"prompt must be a string, got {obj['prompt']!r}")
+        kw["prompt"] = obj["prompt"]
+    else:
+        msgs = obj["messages"]
+        if not isinstance(msgs, list) or not msgs or not all(
+                isinstance(m, dict) and isinstance(m.get("role"), str)
+                and isinstance(m.get("content"), str) for m in msgs):
+            raise BadRequestError("messages must be a non-empty list of "
+                                  "{\"role\": str, \"content\": str}")
+        kw["messages"] = msgs
+    merged = {**defaults, **{k: obj[k] for k in (*SAMPLING_FIELDS, "max_tokens", "stop")
+                             if k in obj}}
+    kw["sampling"] = SamplingParams(**{k: merged[k] for k in SAMPLING_FIELDS if k in merged})
+    kw["max_tokens"] = merged.get("max_tokens")
+    stop = merged.get("stop", [])
+    if isinstance(stop, str):
+        stop = [stop]
+    if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
+        raise BadRequestError(f"stop must be a string or a list of strings, got {stop!r}")
+    kw["stop"] = stop
+    return kw
+
+
+def _result_record(rid: Any, req: Request) -> dict[str, Any]:
+    try:
+        r = req.result()
+    except JaxinferError as e:
+        return {"id": rid, "error": str(e)}
+    n = len(r.token_ids)
+    return {"id": rid, "text": r.text, "token_ids": r.token_ids,
+            "finish_reason": r.finish_reason,
+            "usage": {"prompt_tokens": r.prompt_tokens, "completion_tokens": n,
+                      "total_tokens": r.prompt_tokens + n,
+                      "cached_tokens": r.metrics.cached_tokens},
+            "metrics": r.metrics.to_json()}
+
+
+def run_batch(engine: Engine, input_path: str | Path, output_path: str | Path,
+              defaults: dict[str, Any] | None = None, progress: bool = True,
+              max_in_flight: int | None = None) -> BatchSummary:
+    """Generate for every input line not yet in the output; see the module docstring."""
+    input_path, output_path = Path(input_path), Path(output_path)
+    if not input_path.is_file():
+        raise BadRequestError(f"input file {input_path} does not exist")
+    defaults = dict(defaults or {})
+    done = _done_keys(output_path)
+    summary = BatchSummary()
+    limit = max_in_flight or 2 * engine.config.num_slots
+    finished: queue.Queue[Request] = queue.Queue()
+    in_flight: dict[Request, Any] = {}
+    seen: set[str] = set()
+    with open(input_path, encoding="utf-8") as f:
+        total = sum(1 for line in f if line.strip())
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, file=sys.stderr, disable=not progress, unit="req",
+               dynamic_ncols=True)
+    output_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(input_path, encoding="utf-8") as fin, open(output_path, "a",
+                                                         encoding="utf-8") as fout:
+        def write(rec: dict[str, Any]) -> None:
+            fout.write(json.dumps(rec, ensure_ascii=False) + "\n")
+            fout.flush()
+            summary.written += 1
+            summary.errors += "error" in rec
+            bar.update(1)
+
+        def drain(block: bool) -> None:
+            while in_flight:
+                try:
+                    req = finished.get(block=block)
+                except queue.Empty:
+                    return
+                write(_result_record(in_flight.pop(req), req))
+                block = False
+
+        try:
+            for lineno, line in enumerate(fin, 1):
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as e:
+                    obj, err = None, f"line {lineno} is not valid JSON: {e}"
+                else:
+                    err = None
+                key = _key(obj, lineno)
+                if key in done or key in seen:
+                    summary.skipped += key in done
+                    summary.duplicates += key not in done
+                    bar.update(1)
+                    continue
+                seen.add(key)
+                rid = obj.get("id") if isinstance(obj, dict) else None
+                try:
+                    if err is not None:
+                        raise BadRequestError(err)
+                    kw = parse_request(obj, defaults)
+                    while len(in_flight) >= limit:
+                        drain(block=True)
+                    req = engine.submit(**kw, block=True, on_finish=finished.put)
+                    in_flight[req] = rid
+                except JaxinferError as e:
+                    write({"id": rid, "line": lineno, "error": str(e)} if rid is None
+                          or key.startswith("line:") else {"id": rid, "error": str(e)})
+                drain(block=False)
+            while in_flight:
+                drain(block=True)
+        finally:
+            for req in in_flight:
+                req.cancel()
+            bar.close()
+    return summary
+
+
+def run_batch_job(input_path: str, output_path: str, checkpoint: str | None = None,
+                  dtype: str | None = None, config: EngineConfig | None = None,
+                  defaults: dict[str, Any] | None = None, progress: bool = True) -> BatchSummary:
+    """Load a model, run `run_batch` on it, report a one-line summary on stderr."""
+    from jaxinfer.llm import LLM
+
+    if not Path(input_path).is_file():  # before the model load: fail fast
+        raise BadRequestError(f"input file {input_path} does not exist")
+    llm = LLM.load(checkpoint, dtype=dtype)
+    with Engine.from_llm(llm, config) as engine:
+        s = run_batch(engine, input_path, output_path, defaults, progress)
+    print(f"{s.written} results written to {os.fspath(output_path)} ({s.errors} errors), "
+          f"{s.skipped} already done, {s.duplicates} duplicate ids skipped", file=sys.stderr)
+    return s

@@ -1,0 +1,145 @@
+"""The native checkpoint: a directory of config.json, Orbax weights/ and a tokenizer/.
+
+    path/config.json    ModelConfig.save
+    path/weights/       Orbax PyTree checkpoint of the weight tree
+    path/tokenizer/     files load_tokenizer(path/"tokenizer") reads (optional)
+
+Orbax restores straight into the abstract tree from `weights.weight_specs`, so with
+shardings each device reads only its own slice: a model larger than host memory loads.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxinfer.config import ModelConfig
+from jaxinfer.errors import CheckpointError, ConfigError
+from jaxinfer.weights import Weights, abstract_weights, check_weights, is_info, weight_specs
+
+# Files Orbax writes at the top of every finished PyTree checkpoint (either suffices).
+_ORBAX_MARKERS = ("_METADATA", "_CHECKPOINT_METADATA")
+
+
+def is_checkpoint(path: str | Path) -> bool:
+    """True if `path` looks like a finished jaxinfer checkpoint (cheap: no weights read)."""
+    p = Path(path)
+    return ((p / "config.json").is_file()
+            and any((p / "weights" / m).is_file() for m in _ORBAX_MARKERS))
+
+
+def save_checkpoint(path: str | Path, cfg: ModelConfig, weights: Weights,
+                    tokenizer_dir: str | Path | None = None, dtype: Any = None) -> None:
+    """Write `cfg`, `weights` (cast to `dtype` if given) and tokenizer files under `path`.
+
+    Blocks until the weights are on disk. `path` must not exist or be an empty directory.
+    """
+    import orbax.checkpoint as ocp
+
+    path = Path(path).absolute()
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise CheckpointError(f"checkpoint path already exists and is not empty: {path}")
+    try:
+        check_weights(weight_specs(cfg), weights)
+    except ConfigError as e:
+        raise CheckpointError(f"weights do not match the config for {path}: {e}") from e
+    if dtype is not None:
+        dt = jnp.dtype(dtype)
+        weights = jax.tree.map(lambda a: np.asarray(a).astype(dt, copy=False), weights)
+    if tokenizer_dir is not None and not Path(tokenizer_dir).is_dir():
+        raise CheckpointError(f"tokenizer directory not found: {tokenizer_dir}")
+    # Written beside the target and renamed at the end: an interrupted save leaves no
+    # half-written directory that is_checkpoint() could mistake for a good one.
+    tmp = path.parent / f".{path.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir(parents=True)
+        cfg.save(tmp / "config.json")
+        with _quiet(), ocp.PyTreeCheckpointer() as ckptr:
+            ckptr.save(tmp / "weights", weights)
+        if tokenizer_dir is not None:
+            shutil.copytree(tokenizer_dir, tmp / "tokenizer")
+            (tmp / "tokenizer").chmod(tmp.stat().st_mode)  # not a temp dir's 0700
+        if path.exists():
+            path.rmdir()
+        tmp.rename(path)
+    except OSError as e:
+        raise CheckpointError(f"cannot write checkpoint {path}: {e}") from e
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def load_checkpoint(path: str | Path, dtype: Any = jnp.float32,
+                    shardings: Weights | None = None) -> tuple[ModelConfig, Weights]:
+    """Restore `(config, weights)`; weights are jax Arrays of `dtype`, placed per `shardings`
+    (a tree like the weights of jax Shardings) or on the default device."""
+    import orbax.checkpoint as ocp
+
+    path = Path(path).absolute()
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint directory not found: {path}")
+    if not is_checkpoint(path):
+        raise CheckpointError(f"not a jaxinfer checkpoint (needs config.json and Orbax "
+                              f"weights/): {path}")
+    try:
+        cfg = ModelConfig.load(path / "config.json")
+    except ConfigError as e:
+        raise CheckpointError(f"bad config in checkpoint {path}: {e}") from e
+    specs = weight_specs(cfg, jnp.dtype(dtype))
+    if shardings is None:
+        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        shardings = jax.tree.map(lambda _: device, abstract_weights(specs))
+    target = abstract_weights(specs, shardings)
+    restore_args = ocp.checkpoint_utils.construct_restore_args(target)
+    try:
+        with _quiet(), ocp.PyTreeCheckpointer() as ckptr:
+            _check_stored(ckptr.metadata(path / "weights").item_metadata, specs, path)
+            weights = ckptr.restore(path / "weights", args=ocp.args.PyTreeRestore(
+                item=target, restore_args=restore_args))
+    except CheckpointError:
+        raise
+    except (ValueError, OSError, KeyError) as e:  # unreadable metadata, missing arrays
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CheckpointError(f"cannot restore weights of checkpoint {path}: {msg}") from e
+    return cfg, weights
+
+
+def _check_stored(meta: Any, specs: Weights, path: Path) -> None:
+    """Compare names and shapes on disk with the config before restoring: a mismatch gets a
+    clear message, and Orbax's async restore is never started on a tree it would reject."""
+    stored = {jax.tree_util.keystr(p): tuple(m.shape) for p, m in
+              jax.tree.flatten_with_path(getattr(meta, "tree", None) or {})[0]}
+    want = {jax.tree_util.keystr(p): a.shape for p, a in
+            jax.tree.flatten_with_path(specs, is_leaf=is_info)[0]}
+    if not stored:
+        raise CheckpointError(f"no readable Orbax weights in {path / 'weights'}")
+    for name in sorted(set(stored) | set(want)):
+        got, exp = stored.get(name), want.get(name)
+        if got != exp:
+            what = ("is missing" if got is None else "is not in the config" if exp is None
+                    else f"has shape {got}, config expects {exp}")
+            raise CheckpointError(f"checkpoint {path} does not match its config.json: "
+                                  f"weight {name} {what}")
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Orbax logs every step at INFO through absl; keep scripts' stderr readable."""
+    loggers = [logging.getLogger(n) for n in ("absl", "orbax")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(max(lg.level, logging.WARNING))
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)

@@ -1,0 +1,215 @@
+"""GGUF (llama.cpp) files into a ModelConfig and the jaxinfer weight tree.
+
+Block formats are decoded by the `gguf` package's own dequantizers, so every type it
+knows (F32/F16/BF16, Q8_0, Q4_0, Q4_1, K-quants, ...) works here and none is re-implemented.
+Weights come out float32: quantization is a storage format, the engine computes in float.
+
+llama.cpp's converter permutes the rows of each Q/K head of `llama` models from Hugging
+Face's rotate-half RoPE layout into interleaved pairs; we permute them back, because the
+engine (and the HF parity tests) use rotate-half. `qwen2` files use NeoX RoPE and are
+stored unpermuted.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from jaxinfer.config import ModelConfig
+from jaxinfer.errors import ConversionError
+from jaxinfer.weights import check_weights, weight_specs
+
+# general.architecture -> whether llama.cpp interleaved the Q/K rows for its RoPE.
+_ARCHS = {"llama": True, "qwen2": False}
+# Tokens that end a chat turn; generation stops on them even when metadata names another eos.
+_TURN_END = ("<|im_end|>", "<|eot_id|>")
+_QUANT_SUFFIX = re.compile(r"[.-](?:[A-Z]*Q\d\w*|BF16|F16|F32)$", re.IGNORECASE)
+
+Progress = Callable[[int, int], None]
+
+
+def load_gguf(path: str | Path, progress: Progress | None = None) -> tuple[ModelConfig, dict]:
+    """Read a GGUF file into `(config, weights)`; weights are float32 numpy arrays.
+
+    `progress(done, total)` is called after each layer, since large files take a while.
+    Raises ConversionError (naming the path) on corrupt, truncated or unsupported files.
+    """
+    import gguf
+
+    path = Path(path)
+    try:
+        reader = gguf.GGUFReader(str(path))
+    except Exception as e:  # the reader fails with assorted ValueError/struct/numpy errors
+        raise ConversionError(f"not a readable GGUF file: {path} ({type(e).__name__}: {e})") \
+            from e
+    tensors = {t.name: t for t in reader.tensors}
+    cfg = _config(reader, tensors, path)
+    get = _getter(tensors, path)
+    try:
+        weights = _weights(cfg, get, _ARCHS[_arch(reader, path)], progress)
+        check_weights(weight_specs(cfg), weights)
+    except ConversionError:
+        raise
+    except (ValueError, NotImplementedError) as e:  # ConfigError is a ValueError too
+        raise ConversionError(f"cannot convert GGUF file {path}: {e}") from e
+    return cfg, weights
+
+
+# ---- metadata ----------------------------------------------------------------------------
+def _field(reader: Any, key: str, default: Any = None) -> Any:
+    f = reader.get_field(key)
+    return default if f is None else f.contents()
+
+
+def _arch(reader: Any, path: Path) -> str:
+    arch = _field(reader, "general.architecture")
+    if arch not in _ARCHS:
+        raise ConversionError(f"unsupported GGUF architecture {arch!r} in {path} "
+                              f"(supported: {', '.join(_ARCHS)})")
+    return arch
+
+
+def _config(reader: Any, tensors: dict[str, Any], path: Path) -> ModelConfig:
+    arch = _arch(reader, path)
+    m = lambda key, default=None: _field(reader, f"{arch}.{key}", default)
+    tok = lambda key, default=None: _field(reader, f"tokenizer.ggml.{key}", default)
+    try:
+        d, n = int(m("embedding_length")), int(m("attention.head_count"))
+        if "token_embd.weight" not in tensors:
+            raise ConversionError(f"GGUF file {path} has no token_embd.weight tensor")
+        vocab = int(tensors["token_embd.weight"].shape[-1])  # ggml order: [D, V]
+        kind = m("rope.scaling.type")
+        if kind not in (None, "none"):
+            raise ConversionError(f"unsupported RoPE scaling {kind!r} in {path}")
+        head_dim = int(m("attention.key_length") or d // n)
+        theta = float(m("rope.freq_base", 10_000.0))
+        scaling = None
+        if "rope_freqs.weight" in tensors:
+            freqs = _dequantize(tensors["rope_freqs.weight"])
+            orig_ctx = m("rope.scaling.original_context_length")
+            scaling = _llama3_scaling(freqs, theta, head_dim, orig_ctx, path)
+        eos = tok("eos_token_id")
+        eos_ids = [] if eos is None else [int(eos)]
+        tokens = _field(reader, "tokenizer.ggml.tokens") or []
+        eos_ids += [tokens.index(t) for t in _TURN_END if t in tokens]
+        pad = tok("padding_token_id", eos)
+        bos = tok("bos_token_id")
+        name = _QUANT_SUFFIX.sub("", path.name.removesuffix(".gguf")) or arch
+        return ModelConfig(
+            vocab_size=vocab, d_model=d, mlp_dim=int(m("feed_forward_length")),
+            num_layers=int(m("block_count")), num_heads=n,
+            num_kv_heads=int(m("attention.head_count_kv") or n), head_dim=head_dim,
+            rope_theta=theta, rope_scaling=scaling,
+            rms_norm_eps=float(m("attention.layer_norm_rms_epsilon", 1e-5)),
+            max_seq_len=int(m("context_length", 2048)),
+            tie_embeddings="output.weight" not in tensors,
+            qkv_bias="blk.0.attn_q.bias" in tensors,
+            bos_token_id=None if bos is None else int(bos),
+            eos_token_ids=tuple(dict.fromkeys(eos_ids)),
+            pad_token_id=int(pad or 0),
+            add_bos=bool(tok("add_bos_token", tok("model") == "llama")),
+            name=name)
+    except ConversionError:
+        raise
+    except (TypeError, ValueError) as e:  # a missing key (None), a bad value, a ConfigError
+        raise ConversionError(f"GGUF file {path} has missing or invalid {arch} metadata: {e}") \
+            from e
+
+
+def _llama3_scaling(divisors: np.ndarray, theta: float, head_dim: int, orig_ctx: Any,
+                    path: Path) -> tuple[float, float, float, int]:
+    """Recover Llama-3 RoPE scaling parameters from llama.cpp's `rope_freqs` tensor.
+
+    llama.cpp stores only the per-frequency divisors, not the parameters that produced them.
+    With Llama 3's low/high frequency factors (1, 4), the original context length follows
+    from any divisor strictly between 1 and the factor; accept it only if it reproduces
+    every divisor.
+    """
+    lo, hi = 1.0, 4.0
+    inv_freq = theta ** (-np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    wavelen = 2 * math.pi / inv_freq
+    factor = float(divisors.max())
+    candidates = [orig_ctx, 8192]
+    mid = (divisors > 1 + 1e-6) & (divisors < factor - 1e-6)
+    if mid.any() and divisors.shape == wavelen.shape:
+        smooth = (1 / divisors[mid] - 1 / factor) / (1 - 1 / factor)
+        candidates.insert(0, round(float(np.median(wavelen[mid] * (smooth * (hi - lo) + lo)))))
+    for orig in dict.fromkeys(int(c) for c in candidates if c):
+        smooth = np.clip((orig / wavelen - lo) / (hi - lo), 0.0, 1.0)
+        want = 1.0 / ((1 - smooth) / factor + smooth)
+        if divisors.shape == want.shape and np.allclose(divisors, want, rtol=1e-4):
+            return (factor, lo, hi, orig)
+    raise ConversionError(f"unsupported rope_freqs tensor in {path}: not Llama-3 style scaling")
+
+
+# ---- tensors -----------------------------------------------------------------------------
+def _dequantize(t: Any) -> np.ndarray:
+    """A tensor as float32 in numpy order (ggml lists dims innermost first)."""
+    import gguf
+
+    # A plain ndarray view: numpy.memmap's per-slice bookkeeping triples dequantize time.
+    a = gguf.quants.dequantize(t.data.view(np.ndarray), t.tensor_type)
+    return np.array(a, np.float32).reshape([int(s) for s in reversed(t.shape)])
+
+
+def _getter(tensors: dict[str, Any], path: Path) -> Callable[[str, tuple[int, ...]], np.ndarray]:
+    def get(name: str, shape: tuple[int, ...]) -> np.ndarray:
+        if name not in tensors:
+            raise ConversionError(f"GGUF file {path} lacks tensor {name!r}")
+        try:
+            a = _dequantize(tensors[name])
+        except (ValueError, NotImplementedError) as e:  # truncated data, unknown block type
+            raise ConversionError(f"cannot read tensor {name!r} of GGUF file {path}: {e}") from e
+        if a.shape != shape:
+            raise ConversionError(f"tensor {name!r} in {path} has shape {a.shape}, "
+                                  f"expected {shape}")
+        return a
+
+    return get
+
+
+def _to_rotate_half(w: np.ndarray, heads: int) -> np.ndarray:
+    """Undo llama.cpp's per-head row order (x0, y0, x1, y1, ...) -> (x0, x1, ..., y0, y1, ...)."""
+    return w.reshape(heads, -1, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _weights(cfg: ModelConfig, get: Callable[..., np.ndarray], permuted: bool,
+             progress: Progress | None) -> dict:
+    L, D, F, N, K, H, V = (cfg.num_layers, cfg.d_model, cfg.mlp_dim, cfg.num_heads,
+                           cfg.num_kv_heads, cfg.head_dim, cfg.vocab_size)
+    fix = (lambda w, heads: _to_rotate_half(w, heads)) if permuted else (lambda w, heads: w)
+    # Filled layer by layer so peak memory stays one stacked copy of the model.
+    layers = {k: np.empty((L, *s), np.float32) for k, s in {
+        "attn_norm": (D,), "mlp_norm": (D,), "wq": (D, N, H), "wk": (D, K, H), "wv": (D, K, H),
+        "wo": (N, H, D), "w_gate": (D, F), "w_up": (D, F), "w_down": (F, D)}.items()}
+    if cfg.qkv_bias:
+        layers.update(bq=np.empty((L, N, H), np.float32), bk=np.empty((L, K, H), np.float32),
+                      bv=np.empty((L, K, H), np.float32))
+    for i in range(L):
+        p = f"blk.{i}."
+        x = layers
+        x["attn_norm"][i] = get(p + "attn_norm.weight", (D,))
+        x["wq"][i] = fix(get(p + "attn_q.weight", (N * H, D)), N).T.reshape(D, N, H)
+        x["wk"][i] = fix(get(p + "attn_k.weight", (K * H, D)), K).T.reshape(D, K, H)
+        x["wv"][i] = get(p + "attn_v.weight", (K * H, D)).T.reshape(D, K, H)
+        x["wo"][i] = get(p + "attn_output.weight", (D, N * H)).T.reshape(N, H, D)
+        x["mlp_norm"][i] = get(p + "ffn_norm.weight", (D,))
+        x["w_gate"][i] = get(p + "ffn_gate.weight", (F, D)).T
+        x["w_up"][i] = get(p + "ffn_up.weight", (F, D)).T
+        x["w_down"][i] = get(p + "ffn_down.weight", (D, F)).T
+        if cfg.qkv_bias:
+            x["bq"][i] = fix(get(p + "attn_q.bias", (N * H,)), N).reshape(N, H)
+            x["bk"][i] = fix(get(p + "attn_k.bias", (K * H,)), K).reshape(K, H)
+            x["bv"][i] = get(p + "attn_v.bias", (K * H,)).reshape(K, H)
+        if progress:
+            progress(i + 1, L)
+    weights = {"embed": get("token_embd.weight", (V, D)), "layers": layers,
+               "final_norm": get("output_norm.weight", (D,))}
+    if not cfg.tie_embeddings:
+        weights["lm_head"] = np.ascontiguousarray(get("output.weight", (V, D)).T)
+    return weights

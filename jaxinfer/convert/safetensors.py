@@ -1,0 +1,161 @@
+"""Hugging Face Llama-family directories (config.json + safetensors) into the weight tree.
+
+Read with safetensors' numpy framework, which holds bfloat16 through ml_dtypes, so no torch
+is needed. Sharded checkpoints are found through `model.safetensors.index.json`. Tensors are
+read one at a time into preallocated stacked arrays, so peak memory is one float32 copy.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from jaxinfer.config import ModelConfig
+from jaxinfer.errors import ConfigError, ConversionError
+from jaxinfer.weights import check_weights, weight_specs
+
+_MODEL_TYPES = ("llama", "mistral", "qwen2")
+
+Progress = Callable[[int, int], None]
+
+
+def load_hf_dir(path: str | Path, progress: Progress | None = None) -> tuple[ModelConfig, dict]:
+    """Read a Hugging Face model directory into `(config, weights)` (float32 numpy arrays).
+
+    `progress(done, total)` is called after each layer. Raises ConversionError naming the
+    path when the directory, its config or its tensors are missing or unsupported.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise ConversionError(f"not a Hugging Face model directory: {path}")
+    hf = _read_json(path / "config.json", required=True)
+    kind = hf.get("model_type")
+    if kind not in _MODEL_TYPES:
+        raise ConversionError(f"unsupported model_type {kind!r} in {path / 'config.json'} "
+                              f"(supported: {', '.join(_MODEL_TYPES)})")
+    if hf.get("use_sliding_window"):
+        raise ConversionError(f"sliding-window attention is not supported: {path}")
+    reader = _Reader(path)
+    try:
+        cfg = ModelConfig.from_hf(_legacy_rope_keys(hf))
+    except ConfigError as e:
+        raise ConversionError(f"{path / 'config.json'}: {e}") from e
+    for extra in ("self_attn.o_proj.bias", "mlp.down_proj.bias"):
+        if f"model.layers.0.{extra}" in reader:
+            raise ConversionError(f"{path}: unsupported tensor model.layers.0.{extra}")
+    eos = list(cfg.eos_token_ids)
+    gen_eos = _read_json(path / "generation_config.json").get("eos_token_id")
+    eos += gen_eos if isinstance(gen_eos, list) else [] if gen_eos is None else [gen_eos]
+    tok_cfg = _read_json(path / "tokenizer_config.json")
+    cfg = cfg.replace(
+        tie_embeddings=cfg.tie_embeddings or "lm_head.weight" not in reader,
+        qkv_bias="model.layers.0.self_attn.q_proj.bias" in reader,
+        eos_token_ids=tuple(dict.fromkeys(int(e) for e in eos)),
+        add_bos=bool(tok_cfg.get("add_bos_token", False)))
+    weights = _weights(cfg, reader, progress)
+    try:
+        check_weights(weight_specs(cfg), weights)
+    except ConfigError as e:
+        raise ConversionError(f"{path}: {e}") from e
+    return cfg, weights
+
+
+def _legacy_rope_keys(hf: dict[str, Any]) -> dict[str, Any]:
+    """transformers >= 5 writes RoPE settings as `rope_parameters` (theta included);
+    ModelConfig.from_hf reads the older `rope_theta` / `rope_scaling` keys."""
+    rp = hf.get("rope_parameters")
+    if not isinstance(rp, dict):
+        return hf
+    hf = dict(hf)
+    if rp.get("rope_theta") is not None:
+        hf["rope_theta"] = rp["rope_theta"]
+    if rp.get("rope_type", "default") != "default":
+        hf["rope_scaling"] = rp
+    return hf
+
+
+def _read_json(file: Path, required: bool = False) -> dict[str, Any]:
+    if not file.exists() and not required:
+        return {}
+    try:
+        return json.loads(file.read_text())
+    except (OSError, ValueError) as e:
+        raise ConversionError(f"cannot read {file}: {e}") from e
+
+
+class _Reader:
+    """Tensor name -> float32 array across one or many safetensors files."""
+
+    def __init__(self, path: Path):
+        from safetensors import safe_open
+
+        index = path / "model.safetensors.index.json"
+        if index.exists():
+            files = sorted(set(_read_json(index).get("weight_map", {}).values()))
+        elif (path / "model.safetensors").exists():
+            files = ["model.safetensors"]
+        else:
+            files = sorted(p.name for p in path.glob("*.safetensors"))
+        if not files:
+            raise ConversionError(f"no safetensors weights in {path}")
+        self.path, self._where = path, {}
+        self._open = []
+        for name in files:
+            try:
+                f = safe_open(str(path / name), framework="numpy")
+            except Exception as e:  # safetensors raises its own SafetensorError / OSError
+                raise ConversionError(f"cannot read {path / name}: {e}") from e
+            self._open.append(f)
+            self._where.update((k, f) for k in f.keys())
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._where
+
+    def get(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
+        if name not in self._where:
+            raise ConversionError(f"{self.path} lacks tensor {name!r}")
+        try:
+            a = np.asarray(self._where[name].get_tensor(name)).astype(np.float32)
+        except Exception as e:  # truncated or corrupt file
+            raise ConversionError(f"cannot read tensor {name!r} in {self.path}: {e}") from e
+        if a.shape != shape:
+            raise ConversionError(f"tensor {name!r} in {self.path} has shape {a.shape}, "
+                                  f"expected {shape}")
+        return a
+
+
+def _weights(cfg: ModelConfig, r: _Reader, progress: Progress | None) -> dict:
+    L, D, F, N, K, H, V = (cfg.num_layers, cfg.d_model, cfg.mlp_dim, cfg.num_heads,
+                           cfg.num_kv_heads, cfg.head_dim, cfg.vocab_size)
+    shapes = {"attn_norm": (D,), "mlp_norm": (D,), "wq": (D, N, H), "wk": (D, K, H),
+              "wv": (D, K, H), "wo": (N, H, D), "w_gate": (D, F), "w_up": (D, F),
+              "w_down": (F, D)}
+    if cfg.qkv_bias:
+        shapes.update(bq=(N, H), bk=(K, H), bv=(K, H))
+    layers = {k: np.empty((L, *s), np.float32) for k, s in shapes.items()}
+    for i in range(L):
+        p, x = f"model.layers.{i}.", layers
+        x["attn_norm"][i] = r.get(p + "input_layernorm.weight", (D,))
+        x["mlp_norm"][i] = r.get(p + "post_attention_layernorm.weight", (D,))
+        x["wq"][i] = r.get(p + "self_attn.q_proj.weight", (N * H, D)).T.reshape(D, N, H)
+        x["wk"][i] = r.get(p + "self_attn.k_proj.weight", (K * H, D)).T.reshape(D, K, H)
+        x["wv"][i] = r.get(p + "self_attn.v_proj.weight", (K * H, D)).T.reshape(D, K, H)
+        x["wo"][i] = r.get(p + "self_attn.o_proj.weight", (D, N * H)).T.reshape(N, H, D)
+        x["w_gate"][i] = r.get(p + "mlp.gate_proj.weight", (F, D)).T
+        x["w_up"][i] = r.get(p + "mlp.up_proj.weight", (F, D)).T
+        x["w_down"][i] = r.get(p + "mlp.down_proj.weight", (D, F)).T
+        if cfg.qkv_bias:
+            x["bq"][i] = r.get(p + "self_attn.q_proj.bias", (N * H,)).reshape(N, H)
+            x["bk"][i] = r.get(p + "self_attn.k_proj.bias", (K * H,)).reshape(K, H)
+            x["bv"][i] = r.get(p + "self_attn.v_proj.bias", (K * H,)).reshape(K, H)
+        if progress:
+            progress(i + 1, L)
+    weights = {"embed": r.get("model.embed_tokens.weight", (V, D)), "layers": layers,
+               "final_norm": r.get("model.norm.weight", (D,))}
+    if not cfg.tie_embeddings:
+        weights["lm_head"] = np.ascontiguousarray(r.get("lm_head.weight", (V, D)).T)
+    return weights

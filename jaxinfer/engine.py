@@ -1,0 +1,442 @@
+"""The serving engine: continuous batching over a fixed number of decode slots.
+
+    engine = Engine.from_llm(llm, EngineConfig(num_slots=8, max_len=1024))
+    engine.warmup()                                   # compile every prompt bucket now
+    req = engine.submit("Hello", sampling=GREEDY, max_tokens=32, stop=["\\n\\n"])
+    for delta in req: print(delta, end="")            # or: async for delta in req
+    print(req.result().metrics)
+
+Design. The device work is the pure functions of engine_core (prefill -> insert ->
+generate_step, the decode state donated). This module is the host scheduler around them: a
+background thread owns the device loop, callers hand it requests through a bounded queue
+and read text deltas back through per-request buffers (thread-safe, with asyncio wake-ups).
+Each loop turn the thread (1) prefills queued requests into free slots, one request at a
+time, under a prompt-token budget so decoding rows are not stalled for long; (2) dispatches
+one decode step over every slot; (3) only then reads the previous step's tokens, so
+detokenizing, stop-string checks and streaming overlap the device computing the next
+token. A slot that finishes (EOS, length, stop string, cancel) is free for the next queued
+request at the following turn.
+
+Shapes never depend on traffic: the decode batch is always `num_slots` rows of `max_len`
+positions, and prompts are padded to power-of-two buckets, so after `warmup()` new prompt
+lengths, sampling settings and slot assignments never recompile (`compile_count` says).
+Each slot's sampling key is folded with that request's own token count, so a seeded
+request gives the same tokens in any slot next to any neighbours. Prompt prefixes shared
+between requests are served from the prefix cache (prefix_cache.py).
+"""
+
+from __future__ import annotations
+
+import atexit
+import collections
+import dataclasses
+import threading
+import time
+import weakref
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+
+from jaxinfer import engine_core as core
+from jaxinfer import generate as gen
+from jaxinfer.config import ModelConfig
+from jaxinfer.errors import BadRequestError, ConfigError, JaxinferError
+from jaxinfer.kv_cache import init_cache
+from jaxinfer.llm import _held_back, find_stop
+from jaxinfer.metrics import EngineMetrics
+from jaxinfer.prefix_cache import PrefixCache, block_digests
+from jaxinfer.request import EngineResult, Request
+from jaxinfer.runtime import CompileCounter, to_host
+from jaxinfer.sampling import GREEDY, SamplingArrays, SamplingParams
+from jaxinfer.tokenizer import StreamDecoder, Tokenizer
+
+_LIVE: weakref.WeakSet[Engine] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_all() -> None:
+    """Stop device threads before the interpreter tears JAX down under them."""
+    for engine in list(_LIVE):
+        engine.close()
+
+
+class EngineOverloadedError(JaxinferError, RuntimeError):
+    """The request queue is full; retry later (HTTP 429)."""
+
+
+class EngineClosedError(JaxinferError, RuntimeError):
+    """The engine was shut down, or its device loop failed, before the request finished."""
+
+
+class ContextLengthError(BadRequestError):
+    """Prompt plus max_tokens does not fit in a slot (or the model's context)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    num_slots: int = 8  # B: rows decoded together
+    max_len: int = 1024  # S: cache positions per slot; prompt + max_tokens must fit
+    max_queue: int = 256  # waiting requests beyond this are refused (429)
+    prefix_block: int = 16  # tokens per prefix-cache block; 0 disables prefix caching
+    prefix_cache_mb: float = 256.0  # device memory for cached prefix blocks
+    prefill_token_budget: int = 512  # prompt tokens prefilled per loop turn (>= 1 request)
+    min_prompt_bucket: int = gen.MIN_PROMPT_BUCKET
+
+    def __post_init__(self) -> None:
+        for name in ("num_slots", "max_len", "max_queue", "prefill_token_budget",
+                     "min_prompt_bucket"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                raise ConfigError(f"engine {name} must be a positive integer, got {v!r}")
+        if self.prefix_block < 0 or self.prefix_cache_mb < 0:
+            raise ConfigError("engine prefix_block and prefix_cache_mb must be >= 0, got "
+                              f"{self.prefix_block} and {self.prefix_cache_mb}")
+        if self.prefix_block and self.max_len % self.prefix_block:
+            raise ConfigError(f"engine max_len={self.max_len} must be a multiple of "
+                              f"prefix_block={self.prefix_block}")
+
+
+class Engine:
+    """Fixed decode slots fed from a bounded queue by one background device thread."""
+
+    def __init__(self, params, cfg: ModelConfig, tokenizer: Tokenizer,
+                 config: EngineConfig | None = None, impl: str = "xla"):
+        self.cfg, self.params, self.tokenizer, self.impl = cfg, params, tokenizer, impl
+        self.config = config = config or EngineConfig()
+        self.max_len = min(config.max_len, cfg.max_seq_len)  # S
+        if config.prefix_block and self.max_len % config.prefix_block:
+            raise ConfigError(f"slot length {self.max_len} (the model's context) must be a "
+                              f"multiple of prefix_block={config.prefix_block}")
+        self.dtype = params["embed"].dtype
+        eos = sorted(set(cfg.eos_token_ids) | set(getattr(tokenizer, "eos_ids", ())))
+        self.eos_ids = frozenset(eos)
+        self._compiles = CompileCounter().__enter__()  # counts from here to close()
+        device = next(iter(params["embed"].devices()))
+        self._state = core.init_decode_state(cfg, config.num_slots, self.max_len, self.dtype,
+                                             np.asarray(eos or [-1], np.int32), device)
+        self._state = core.release(self._state, np.int32(0))  # compile it now, not mid-run
+        self._prefix = None
+        if config.prefix_block and config.prefix_cache_mb > 0:
+            self._prefix = PrefixCache(cfg, self.max_len, config.prefix_block,
+                                       int(config.prefix_cache_mb * 2**20), self.dtype,
+                                       device)
+        self.metrics = EngineMetrics()
+        self._slots: list[Request | None] = [None] * config.num_slots
+        self._queue: collections.deque[Request] = collections.deque()
+        self._cv = threading.Condition()
+        self._next_id = 0
+        self._closing = False
+        self._fatal: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="jaxinfer-engine", daemon=True)
+        self._thread.start()
+        _LIVE.add(self)
+
+    @classmethod
+    def from_llm(cls, llm, config: EngineConfig | None = None) -> Engine:
+        return cls(llm.params, llm.cfg, llm.tokenizer, config, llm.impl)
+
+    # ---- public API ---------------------------------------------------------------------
+    @property
+    def compile_count(self) -> int:
+        """XLA compilations in this process since the engine was built."""
+        return self._compiles.count
+
+    @property
+    def healthy(self) -> bool:
+        return self._fatal is None and not self._closing and self._thread.is_alive()
+
+    @property
+    def queue_length(self) -> int:
+        return len(self._queue)
+
+    @property
+    def slots_in_use(self) -> int:
+        return sum(r is not None for r in self._slots)
+
+    @property
+    def prefilled_tokens(self) -> int:
+        return self.metrics.prefill_tokens
+
+    def prompt_buckets(self) -> list[int]:
+        """Every padded prompt length the prefill can be called with."""
+        out, t = [], self.config.min_prompt_bucket
+        while True:
+            out.append(min(t, self.max_len))
+            if t >= self.max_len:
+                return out
+            t *= 2
+
+    def encode(self, prompt: str | Sequence[int] | None = None,
+               messages: list[dict[str, Any]] | None = None) -> list[int]:
+        """Token ids of a text prompt, of token ids, or of chat messages (chat template)."""
+        if messages is not None:
+            return self.tokenizer.encode(self.tokenizer.apply_chat_template(messages))
+        if isinstance(prompt, str):
+            if not prompt:
+                raise BadRequestError("prompt is empty")
+            return self.tokenizer.encode(prompt)
+        if prompt is None:
+            raise BadRequestError("need a prompt or messages")
+        ids = [int(t) for t in prompt]
+        bad = [t for t in ids if not 0 <= t < self.cfg.vocab_size]
+        if bad:
+            raise BadRequestError(f"prompt token id {bad[0]} is outside the vocabulary "
+                                  f"of {self.cfg.vocab_size}")
+        return ids
+
+    def submit(self, prompt: str | Sequence[int] | None = None, *,
+               messages: list[dict[str, Any]] | None = None,
+               sampling: SamplingParams | None = None, max_tokens: int | None = None,
+               stop: str | Sequence[str] = (), on_finish: Callable[[Request], None] | None
+               = None, block: bool = False, _warmup: bool = False) -> Request:
+        """Queue a request. `max_tokens` None fills the slot. Raises BadRequestError
+        (ContextLengthError) for bad input and EngineOverloadedError when the queue is
+        full, unless `block` waits for room. `on_finish` runs on the engine thread."""
+        ids = self.encode(prompt, messages)
+        n = len(ids)
+        if n == 0:
+            raise BadRequestError("prompt is empty (0 tokens)")
+        if max_tokens is None:
+            max_tokens = max(self.max_len - n, 1)
+        if isinstance(max_tokens, bool) or not isinstance(max_tokens, (int, np.integer)):
+            raise BadRequestError(f"max_tokens must be an integer, got {max_tokens!r}")
+        if max_tokens < 1:
+            raise BadRequestError(f"max_tokens must be >= 1, got {max_tokens}")
+        if n + max_tokens > self.max_len:
+            raise ContextLengthError(
+                f"this engine's maximum context length is {self.max_len} tokens, but "
+                f"{n + max_tokens} were requested ({n} in the prompt, {max_tokens} for the "
+                "completion)")
+        stop = (stop,) if isinstance(stop, str) else tuple(stop)
+        if not all(isinstance(s, str) for s in stop):
+            raise BadRequestError(f"stop must be a string or a list of strings, got {stop!r}")
+        sampling = sampling or SamplingParams()
+        with self._cv:
+            self._check_open()
+            while len(self._queue) >= self.config.max_queue:
+                if not block:
+                    raise EngineOverloadedError(
+                        f"the request queue is full ({self.config.max_queue} waiting)")
+                self._cv.wait()
+                self._check_open()
+            req = Request(self._next_id, ids, sampling, int(max_tokens),
+                          tuple(s for s in stop if s), self._cancel, on_finish, _warmup)
+            self._next_id += 1
+            self._queue.append(req)
+            self._cv.notify_all()
+        return req
+
+    def generate(self, prompts: Sequence[str | Sequence[int]], **kw: Any) -> list[EngineResult]:
+        """Submit a batch (waiting for queue room) and return results in order."""
+        reqs = [self.submit(p, block=True, **kw) for p in prompts]
+        return [r.result() for r in reqs]
+
+    def warmup(self) -> int:
+        """Compile every prompt bucket (and the decode step) now; returns compilations."""
+        before = self.compile_count
+        rng = np.random.default_rng(0)
+        reqs = [self.submit(rng.integers(0, self.cfg.vocab_size, min(t, self.max_len - 2))
+                            .tolist(), sampling=GREEDY, max_tokens=2, block=True, _warmup=True)
+                for t in self.prompt_buckets()]
+        for r in reqs:
+            r.result()
+        return self.compile_count - before
+
+    def close(self) -> None:
+        """Stop the device thread; unfinished requests end with EngineClosedError."""
+        with self._cv:
+            self._closing = True
+            self._cv.notify_all()
+        if self._thread is not threading.current_thread():
+            self._thread.join()
+        self._compiles.__exit__(None, None, None)
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def gauges(self) -> dict[str, tuple[float, str]]:
+        g = {"queue_length": (self.queue_length, "Requests waiting for a slot."),
+             "slots_in_use": (self.slots_in_use, "Decode slots holding a request."),
+             "slots": (self.config.num_slots, "Decode slots."),
+             "compilations": (self.compile_count, "XLA compilations since engine start."),
+             "healthy": (int(self.healthy), "1 while the device loop runs.")}
+        if self._prefix is not None:
+            g["prefix_cache_blocks_used"] = (self._prefix.blocks_used, "Cached prefix blocks.")
+            g["prefix_cache_blocks"] = (self._prefix.capacity, "Prefix-cache capacity.")
+        return g
+
+    def prometheus(self) -> str:
+        return self.metrics.render(self.gauges())
+
+    # ---- engine thread --------------------------------------------------------------------
+    def _check_open(self) -> None:
+        if self._closing or self._fatal is not None:
+            raise EngineClosedError("the engine is shut down" if self._fatal is None else
+                                    f"the engine's device loop failed: {self._fatal!r}")
+
+    def _cancel(self, req: Request) -> None:
+        with self._cv:
+            if req in self._queue:
+                self._queue.remove(req)
+                self._cv.notify_all()
+            else:
+                return  # in a slot: the engine thread frees it at its next turn
+        self._complete(req, "cancelled")
+
+    def _run(self) -> None:
+        pending = None  # (out_2B of the step in flight, the slots it ran with)
+        try:
+            while True:
+                with self._cv:
+                    while (not self._closing and not self._queue and pending is None
+                           and self.slots_in_use == 0):
+                        self._cv.wait()
+                    if self._closing:
+                        break
+                self._admit()
+                out = None
+                if self.slots_in_use:
+                    self._state, out = core.generate_step(self.params, self._state, self.cfg,
+                                                          self.impl)
+                if pending is not None:
+                    self._consume(*pending)
+                pending = (out, list(self._slots)) if out is not None else None
+        except BaseException as e:  # a device failure: refuse new work, fail the rest
+            self._fatal = e
+        err = EngineClosedError("the engine shut down" if self._fatal is None
+                                else f"the engine's device loop failed: {self._fatal!r}")
+        with self._cv:
+            left = [r for r in self._slots if r is not None] + list(self._queue)
+            self._queue.clear()
+            self._slots = [None] * len(self._slots)
+            self._cv.notify_all()
+        for r in left:
+            r.publish(error=err)
+
+    def _admit(self) -> None:
+        budget = self.config.prefill_token_budget
+        first = True
+        while True:
+            with self._cv:
+                free = [i for i, r in enumerate(self._slots) if r is None]
+                if not free or not self._queue:
+                    return
+                if not first and len(self._queue[0].prompt_ids) > budget:
+                    return
+                req = self._queue.popleft()
+                self._cv.notify_all()  # room in the queue for blocked submitters
+            first = False
+            try:
+                budget -= self._prefill_insert(req, free[0])
+            except JaxinferError as e:
+                self._slots[free[0]] = None
+                req.publish(error=e)
+
+    def _prefill_insert(self, req: Request, slot: int) -> int:
+        """Prefill `req` after its cached prefix, insert it in `slot`, emit its first
+        token. Returns the prompt tokens computed."""
+        t0 = time.perf_counter()
+        req.metrics.queue_s = t0 - req.arrival
+        ids, n, S = req.prompt_ids, len(req.prompt_ids), self.max_len
+        hit, digests = 0, []
+        if self._prefix is not None:
+            digests = block_digests(ids, self._prefix.block)
+            hit = 0 if req.warmup else self._prefix.match(digests, n)
+            row = self._prefix.load(digests, hit)
+        else:
+            row = init_cache(self.cfg, 1, S, self.dtype)
+        cached = hit * self.config.prefix_block
+        suffix = ids[cached:]
+        T = gen.bucket(len(suffix), self.config.min_prompt_bucket, S)
+        tokens_1T = np.full((1, T), self.cfg.pad_token_id, np.int32)
+        tokens_1T[0, :len(suffix)] = suffix
+        mask_1V = np.zeros((1, self.cfg.vocab_size), bool)
+        mask_1V[0, ids] = True
+        prefix = core.prefill(self.params, tokens_1T, np.array([len(suffix)], np.int32), row,
+                              SamplingArrays.from_params([req.sampling]), mask_1V,
+                              np.array([req.max_tokens], np.int32), cfg=self.cfg,
+                              impl=self.impl)
+        if self._prefix is not None:
+            self._prefix.store(digests, hit, prefix.cache, dry_run=req.warmup)
+        self._state = core.insert(prefix, self._state, np.int32(slot))
+        self._slots[slot] = req
+        req.metrics.cached_tokens, req.metrics.prefilled_tokens = cached, n - cached
+        req.decoder = StreamDecoder(self.tokenizer, ids)
+        tok = int(to_host(prefix.token_1)[0])
+        if not req.warmup:
+            self.metrics.on_prefill(n, cached)
+        gap = self._on_token(slot, req, tok, tok in self.eos_ids or req.max_tokens <= 1)
+        if not req.warmup:
+            self.metrics.on_tokens(1, [] if gap is None else [gap])
+        return n - cached
+
+    def _consume(self, out_2B: jax.Array, slots: list[Request | None]) -> None:
+        """Hand each live request its token from one finished decode step."""
+        out = to_host(out_2B)
+        gaps, count = [], 0
+        for slot, req in enumerate(slots):
+            if req is None or req.done:
+                continue
+            if req.cancel_requested:
+                self._finish(slot, req, "cancelled", device_done=False)
+                continue
+            gap = self._on_token(slot, req, int(out[0, slot]), bool(out[1, slot]))
+            if not req.warmup:
+                count += 1
+                gaps += [] if gap is None else [gap]
+        if count:
+            self.metrics.on_tokens(count, gaps)
+
+    def _on_token(self, slot: int, req: Request, tok: int, device_done: bool) -> float | None:
+        """Detokenize, apply stop strings with holdback, stream the delta, maybe finish.
+        Returns the gap since the request's previous token (None for its first)."""
+        now = time.perf_counter()
+        gap = None if req.last_t is None else now - req.last_t
+        if req.first_t is None:
+            req.first_t = now
+            req.metrics.ttft_s = now - req.arrival
+        req.last_t = now
+        req.token_ids.append(tok)
+        is_eos = tok in self.eos_ids
+        if not is_eos:
+            req.text += req.decoder.push(tok)
+        finished = device_done or is_eos
+        if finished and not is_eos:
+            req.text += req.decoder.flush()
+        # Text before `emitted` cannot start a stop string (it was not held back).
+        cut = find_stop(req.text[req.emitted:], req.stop) if req.stop else -1
+        if cut >= 0:
+            req.text, finished = req.text[:req.emitted + cut], True
+        end = len(req.text) if finished else len(req.text) - _held_back(req.text, req.stop)
+        delta = ""
+        if end > req.emitted:
+            delta, req.emitted = req.text[req.emitted:end], end
+        req.publish(delta)
+        if finished:
+            self._finish(slot, req, "stop" if is_eos or cut >= 0 else "length", device_done)
+        return gap
+
+    def _finish(self, slot: int, req: Request, reason: str, device_done: bool) -> None:
+        self._slots[slot] = None
+        if not device_done:  # the device row would keep decoding: freeze it
+            self._state = core.release(self._state, np.int32(slot))
+        self._complete(req, reason)
+
+    def _complete(self, req: Request, reason: str) -> None:
+        m, now = req.metrics, time.perf_counter()
+        m.e2e_s = now - req.arrival
+        n = len(req.token_ids)
+        if n > 1 and req.last_t is not None and req.first_t is not None:
+            span = req.last_t - req.first_t
+            m.itl_s = span / (n - 1)
+            m.decode_tokens_per_s = (n - 1) / span if span > 0 else 0.0
+        result = EngineResult(req.id, req.text, list(req.token_ids), len(req.prompt_ids),
+                              reason, m)
+        if not req.warmup:
+            self.metrics.on_finish(reason, m)
+        req.publish(result=result)

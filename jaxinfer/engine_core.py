@@ -1,0 +1,137 @@
+"""The serving engine's functional core: pure jitted functions over a donated DecodeState.
+
+The scheduler (engine.py) is host code that only calls these, in MaxText's order:
+
+    prefill(weights, tokens_1T, num_new_1, row, ...)  -> Prefix     one request, one row
+    insert(prefix, state, slot)                       -> state      state donated
+    generate_step(weights, state)                     -> state, out_2B   every slot, one token
+    release(state, slot)                              -> state      host ended a row early
+    load_prefix(pool_k, pool_v, table_J, n)           -> KVCache    prefix-cache blocks -> row
+    save_blocks(pool_k, pool_v, row_k, row_v, src_J, dst_J) -> pool pools donated
+
+Shapes: the decode state has B slots of S cache positions each (`cache.k` [L, B, K, S, H]);
+a request's row is a one-row cache [L, 1, K, S, H]. The prefix-cache pool holds P blocks of
+`blk` tokens, `pool_k` [L, P, K, blk, H]; a row is J = S // blk blocks. A row's sampling key
+is folded with the row's own generated-token count (`num_generated_B`), so a seeded request
+samples the same tokens whatever slot it lands in and whoever its neighbours are.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from jaxinfer import generate as gen
+from jaxinfer import model
+from jaxinfer.config import ModelConfig
+from jaxinfer.kv_cache import KVCache, init_cache
+from jaxinfer.sampling import GREEDY, SamplingArrays, sample
+from jaxinfer.weights import Weights
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class Prefix:
+    """Everything one prefilled request brings to its slot (MaxText's "prefix")."""
+
+    cache: KVCache  # k, v [L, 1, K, S, H]; lengths i32[1] = prompt length
+    token_1: jax.Array  # i32[1] first sampled token
+    prompt_mask_1V: jax.Array  # bool[1, V] prompt tokens (repetition penalty)
+    sampling: SamplingArrays  # one row
+    max_new_1: jax.Array  # i32[1] token budget, the first token included
+
+
+def init_decode_state(cfg: ModelConfig, num_slots: int, max_len: int, dtype,
+                      eos_E: jax.Array, device: jax.Device) -> gen.DecodeState:
+    """B empty slots, all done: a step over them computes nothing anyone reads. Committed
+    to `device`, as every later state (a jit output) is, so warm-up compiles the same
+    programs that traffic runs (committedness is part of jit's cache key)."""
+    B = num_slots
+    zeros_B = lambda: jnp.zeros((B,), jnp.int32)  # distinct buffers: the state is donated
+    state = gen.DecodeState(
+        cache=init_cache(cfg, B, max_len, dtype), tokens_B=zeros_B(), num_generated_B=zeros_B(),
+        max_new_B=zeros_B(), done_B=jnp.ones((B,), bool), finish_eos_B=jnp.zeros((B,), bool),
+        counts_BV=jnp.zeros((B, cfg.vocab_size), jnp.int32),
+        prompt_mask_BV=jnp.zeros((B, cfg.vocab_size), bool),
+        sampling=SamplingArrays.from_params([GREEDY] * B), eos_E=jnp.asarray(eos_E, jnp.int32),
+        output_BM=jnp.zeros((B, 1), jnp.int32))  # unused: the host reads each step's tokens
+    return jax.device_put(state, device)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "impl"), donate_argnames=("row",))
+def prefill(weights: Weights, tokens_1T: jax.Array, num_new_1: jax.Array, row: KVCache,
+            sampling: SamplingArrays, prompt_mask_1V: jax.Array, max_new_1: jax.Array,
+            cfg: ModelConfig, impl: str = "xla") -> Prefix:
+    """Write a request's (padded) prompt tokens after the row's cached prefix and sample
+    its first token exactly as `generate.start` does (step 0, zero counts)."""
+    logits_1V, row = model.prefill(weights, tokens_1T, num_new_1, row, cfg, impl)
+    counts_1V = jnp.zeros((1, cfg.vocab_size), jnp.int32)
+    token_1 = sample(logits_1V, sampling, jnp.zeros((1,), jnp.int32), counts_1V,
+                     prompt_mask_1V)
+    return Prefix(cache=row, token_1=token_1, prompt_mask_1V=prompt_mask_1V,
+                  sampling=sampling, max_new_1=max_new_1)
+
+
+@functools.partial(jax.jit, donate_argnames=("state",))
+def insert(prefix: Prefix, state: gen.DecodeState, slot: jax.Array) -> gen.DecodeState:
+    """Put a prefilled request into slot `slot` (traced: one compile for every slot)."""
+    c = state.cache
+    at = (0, slot, 0, 0, 0)
+    cache = KVCache(k=jax.lax.dynamic_update_slice(c.k, prefix.cache.k.astype(c.k.dtype), at),
+                    v=jax.lax.dynamic_update_slice(c.v, prefix.cache.v.astype(c.v.dtype), at),
+                    lengths=c.lengths.at[slot].set(prefix.cache.lengths[0]))
+    tok = prefix.token_1[0]
+    is_eos = jnp.any(tok == state.eos_E)
+    max_new = prefix.max_new_1[0]
+    V = state.counts_BV.shape[1]
+    return dataclasses.replace(
+        state, cache=cache, tokens_B=state.tokens_B.at[slot].set(tok),
+        num_generated_B=state.num_generated_B.at[slot].set(1),
+        max_new_B=state.max_new_B.at[slot].set(max_new),
+        done_B=state.done_B.at[slot].set(is_eos | (max_new <= 1)),
+        finish_eos_B=state.finish_eos_B.at[slot].set(is_eos),
+        counts_BV=state.counts_BV.at[slot].set(jnp.zeros((V,), jnp.int32).at[tok].add(1)),
+        prompt_mask_BV=state.prompt_mask_BV.at[slot].set(prefix.prompt_mask_1V[0]),
+        sampling=state.sampling.with_row(slot, prefix.sampling))
+
+
+def generate_step(weights: Weights, state: gen.DecodeState, cfg: ModelConfig,
+                  impl: str = "xla") -> tuple[gen.DecodeState, jax.Array]:
+    """One token for every slot; i32[2, B] (token, done) comes back as a fresh buffer."""
+    return gen.step(weights, state, cfg=cfg, impl=impl)
+
+
+@functools.partial(jax.jit, donate_argnames=("state",))
+def release(state: gen.DecodeState, slot: jax.Array) -> gen.DecodeState:
+    """Freeze a slot the host finished early (stop string, cancel): it stops growing."""
+    return dataclasses.replace(state, done_B=state.done_B.at[slot].set(True))
+
+
+@jax.jit
+def load_prefix(pool_k: jax.Array, pool_v: jax.Array, table_J: jax.Array,
+                num_cached: jax.Array) -> KVCache:
+    """A fresh one-row cache whose first `num_cached` positions come from pool blocks
+    `table_J` (i32[J]; entries past the prefix are arbitrary: stale slots are masked)."""
+    def row(pool):  # [L, P, K, blk, H] -> [L, 1, K, J * blk, H]
+        L, _, K, blk, H = pool.shape
+        blocks = jnp.take(pool, table_J, axis=1)  # [L, J, K, blk, H]
+        return blocks.transpose(0, 2, 1, 3, 4).reshape(L, 1, K, -1, H)
+
+    return KVCache(k=row(pool_k), v=row(pool_v),
+                   lengths=jnp.reshape(num_cached, (1,)).astype(jnp.int32))
+
+
+@functools.partial(jax.jit, donate_argnames=("pool_k", "pool_v"))
+def save_blocks(pool_k: jax.Array, pool_v: jax.Array, row_k: jax.Array, row_v: jax.Array,
+                src_J: jax.Array, dst_J: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Copy row blocks `src_J` into pool blocks `dst_J`; dst = P (out of range) drops."""
+    def put(pool, row):  # row [L, 1, K, S, H]
+        L, _, K, blk, H = pool.shape
+        blocks = row[:, 0].reshape(L, K, -1, blk, H)
+        blocks = jnp.take(blocks, src_J, axis=2).transpose(0, 2, 1, 3, 4)  # [L, J, K, blk, H]
+        return pool.at[:, dst_J].set(blocks.astype(pool.dtype), mode="drop")
+
+    return put(pool_k, row_k), put(pool_v, row_v)

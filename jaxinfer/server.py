@@ -1,0 +1,226 @@
+"""OpenAI-compatible HTTP server over the engine.
+
+    python scripts/serve.py --port 8000        # binds 127.0.0.1 unless --host says so
+    POST /v1/completions, /v1/chat/completions (stream: true -> server-sent events ending
+    with `data: [DONE]`), GET /v1/models, /health, /metrics (Prometheus text)
+
+Library choice: FastAPI on uvicorn. FastAPI gives pydantic request validation (strict
+types, so `"temperature": "hot"` is a 400, not a coercion) and a plain async handler per
+route; uvicorn is the standard ASGI server and runs fine in a background thread for tests.
+Both are widely used and maintained, and the OpenAI wire format stays in openai_api.py.
+
+Concurrency: handlers are async and never touch JAX; they submit to the engine (its own
+device thread) and await per-request deltas, so `/health` and `/metrics` answer while the
+device is busy. Bad requests get 400 with OpenAI's error body; a full queue gets 429.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import threading
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import uvicorn
+from fastapi import FastAPI
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+
+from jaxinfer import openai_api as api
+from jaxinfer.engine import (
+    ContextLengthError,
+    Engine,
+    EngineClosedError,
+    EngineOverloadedError,
+    Request,
+)
+from jaxinfer.errors import BadRequestError, TokenizerError
+
+DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+
+
+def create_app(engine: Engine, model_name: str) -> FastAPI:
+    app = FastAPI(title="jaxinfer", docs_url=None, redoc_url=None)
+    created = int(time.time())
+
+    @app.exception_handler(api.ApiError)
+    async def _api_error(_, e: api.ApiError):
+        headers = {"Retry-After": "1"} if e.status in (429, 503) else None
+        return JSONResponse(e.body(), status_code=e.status, headers=headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_, e: RequestValidationError):
+        err = e.errors()[0] if e.errors() else {"loc": (), "msg": "invalid request"}
+        if err.get("type") == "json_invalid":
+            msg = f"the request body is not valid JSON: {err.get('ctx', {}).get('error', '')}"
+            return JSONResponse(api.error_body(msg), status_code=400)
+        loc = [str(x) for x in err.get("loc", ()) if x != "body"]
+        param = loc[0] if loc else None
+        msg = f"{'.'.join(loc) or 'body'}: {err.get('msg', 'invalid')}"
+        return JSONResponse(api.error_body(msg, param=param), status_code=400)
+
+    @app.get("/health")
+    async def health():
+        if not engine.healthy:
+            return JSONResponse({"status": "unhealthy"}, status_code=503)
+        return {"status": "ok", "queue_length": engine.queue_length,
+                "slots_in_use": engine.slots_in_use}
+
+    @app.get("/metrics")
+    async def metrics():
+        return PlainTextResponse(engine.prometheus(),
+                                 media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": model_name, "object": "model",
+                                            "created": created, "owned_by": "jaxinfer",
+                                            "max_model_len": engine.max_len}]}
+
+    @app.post("/v1/completions")
+    async def completions(body: api.CompletionRequest):
+        _check_model(body.model, model_name)
+        max_tokens = body.max_tokens
+        req = _submit(engine, body, dict(prompt=body.prompt_input()),
+                      DEFAULT_COMPLETION_MAX_TOKENS if max_tokens is None else max_tokens)
+        return await _respond(req, body, model_name, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: api.ChatRequest):
+        _check_model(body.model, model_name)
+        max_tokens = body.max_completion_tokens if body.max_tokens is None else body.max_tokens
+        req = _submit(engine, body, dict(messages=body.message_dicts()), max_tokens)
+        return await _respond(req, body, model_name, chat=True)
+
+    return app
+
+
+def _check_model(requested: str | None, served: str) -> None:
+    if requested is not None and requested != served:
+        raise api.ApiError(404, f"model {requested!r} does not exist; this server serves "
+                           f"{served!r}", "model", "model_not_found")
+
+
+def _submit(engine: Engine, body: api._Request, prompt: dict[str, Any],
+            max_tokens: int | None) -> Request:
+    sampling = body.sampling()
+    try:
+        return engine.submit(**prompt, sampling=sampling, max_tokens=max_tokens,
+                             stop=body.stop_list())
+    except ContextLengthError as e:
+        raise api.ApiError(400, str(e), "messages" if "messages" in prompt else "prompt",
+                           "context_length_exceeded") from e
+    except (BadRequestError, TokenizerError) as e:
+        named = [p for p in ("max_tokens", "stop", *prompt) if p in str(e)]
+        raise api.ApiError(400, str(e), named[0] if named else next(iter(prompt))) from e
+    except EngineOverloadedError as e:
+        raise api.ApiError(429, str(e), None, "queue_full", "rate_limit_error") from e
+    except EngineClosedError as e:
+        raise api.ApiError(503, str(e), None, "engine_unavailable", "server_error") from e
+
+
+async def _respond(req: Request, body: api._Request, model: str, chat: bool):
+    rid = api.new_id("chatcmpl" if chat else "cmpl")
+    if body.stream:
+        return StreamingResponse(_sse(req, rid, model, chat, body.include_usage()),
+                                 media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache"})
+    try:
+        result = await req.aresult()
+    except asyncio.CancelledError:
+        req.cancel()
+        raise
+    except EngineClosedError as e:
+        raise api.ApiError(503, str(e), None, "engine_unavailable", "server_error") from e
+    return api.completion_body(rid, model, result, chat)
+
+
+def _event(obj: Any) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+async def _sse(req: Request, rid: str, model: str, chat: bool,
+               include_usage: bool) -> AsyncIterator[str]:
+    """Chunks as the engine produces them; a client that disconnects cancels its request."""
+    try:
+        if chat:
+            yield _event(api.chunk_body(rid, model, chat, "", role=True))
+        async for delta in req:
+            yield _event(api.chunk_body(rid, model, chat, delta))
+        result = await req.aresult()
+        yield _event(api.chunk_body(rid, model, chat, None if chat else "",
+                                    result.finish_reason))
+        if include_usage:
+            yield _event(api.usage_chunk(rid, model, chat, result))
+    except EngineClosedError as e:
+        yield _event(api.error_body(str(e), "server_error", None, "engine_unavailable"))
+    finally:
+        if not req.done:
+            req.cancel()
+    yield "data: [DONE]\n\n"
+
+
+# ---- running ---------------------------------------------------------------------------------
+class BackgroundServer:
+    """uvicorn in a daemon thread on an already-bound socket (port 0: any free port).
+
+        with BackgroundServer(app) as srv: requests.get(srv.url + "/health")
+    """
+
+    def __init__(self, app: FastAPI, host: str = "127.0.0.1", port: int = 0,
+                 log_level: str = "warning"):
+        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._sock.bind((host, port))
+        self.host, self.port = self._sock.getsockname()[:2]
+        self.url = f"http://{self.host}:{self.port}"
+        self._server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, lifespan="off",
+                                                     timeout_graceful_shutdown=5))
+        self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [self._sock]},
+                                        name="jaxinfer-http", daemon=True)
+
+    def start(self, timeout_s: float = 30.0) -> BackgroundServer:
+        self._thread.start()
+        deadline = time.monotonic() + timeout_s
+        while not self._server.started:
+            if time.monotonic() > deadline or not self._thread.is_alive():
+                raise RuntimeError(f"server on {self.url} did not start")
+            time.sleep(0.02)
+        return self
+
+    def stop(self) -> None:
+        self._server.should_exit = True
+        self._thread.join(timeout=10)
+        self._sock.close()
+
+    def __enter__(self) -> BackgroundServer:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def serve(checkpoint: str | None = None, host: str = "127.0.0.1", port: int = 8000,
+          config=None, dtype: str | None = None, model_name: str | None = None,
+          warmup: bool = True, log_level: str = "info") -> None:
+    """Load a checkpoint, build and warm the engine, serve until interrupted."""
+    from jaxinfer.llm import LLM
+
+    llm = LLM.load(checkpoint, dtype=dtype)
+    engine = Engine.from_llm(llm, config)
+    if warmup:
+        t0 = time.perf_counter()
+        n = engine.warmup()
+        print(f"warm-up: {n} compilations in {time.perf_counter() - t0:.1f} s "
+              f"({len(engine.prompt_buckets())} prompt buckets)", flush=True)
+    name = model_name or llm.cfg.name
+    try:
+        uvicorn.run(create_app(engine, name), host=host, port=port, log_level=log_level,
+                    lifespan="off", timeout_graceful_shutdown=5)
+    except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it shut down for
+        pass
+    finally:
+        engine.close()

@@ -1,0 +1,33 @@
+"""A character tokenizer for engine tests on the tiny random model (vocab 97, EOS 3)."""
+
+import jax
+
+from jaxinfer.engine import Engine, EngineConfig
+
+from .helpers import TINY, tiny_weights
+
+
+class CharTokenizer:
+    """id i <-> chr(32 + i); ids past '~' decode to two characters, so deltas vary."""
+
+    vocab_size = TINY.vocab_size
+    eos_ids = (3,)
+    bos_id = None
+
+    def encode(self, text: str) -> list[int]:
+        return [min(max(ord(c) - 32, 0), 94) for c in text]
+
+    def decode(self, ids) -> str:
+        return "".join(chr(32 + i) if i < 95 else "<>" for i in ids)
+
+    def apply_chat_template(self, messages) -> str:
+        return "".join(f"[{m['role']}]{m['content']}" for m in messages) + "[assistant]"
+
+
+# Committed to a device, as checkpoint-loaded weights are (jit keys on committedness).
+W = jax.device_put(tiny_weights(), jax.devices()[0])
+
+
+def tiny_engine(**kw) -> Engine:
+    kw = {"num_slots": 4, "max_len": 256, "prefix_cache_mb": 8.0, **kw}
+    return Engine(W, TINY, CharTokenizer(), EngineConfig(**kw))

