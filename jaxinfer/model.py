@@ -41,7 +41,10 @@ def _block(cfg: ModelConfig, impl: str, carry, xs):
         # Scatter the new K/V of every row at its own positions; out-of-range slots drop.
         ck = ck.at[i, rows_B1, :, pos_BT, :].set(k.astype(ck.dtype), mode="drop")
         cv = cv.at[i, rows_B1, :, pos_BT, :].set(v.astype(cv.dtype), mode="drop")
-        o = attention(q, ck[i].astype(q.dtype), cv[i].astype(q.dtype), pos_BT, impl)
+        if ck.dtype == q.dtype:  # kernels read layer i of the stacked cache in place
+            o = attention(q, ck, cv, pos_BT, impl, layer=i)
+        else:
+            o = attention(q, ck[i].astype(q.dtype), cv[i].astype(q.dtype), pos_BT, impl)
         x = x + jnp.einsum("BTNH,NHD->BTD", o, w["wo"])
     with jax.named_scope("mlp"):
         h = rms_norm(x, w["mlp_norm"], cfg.rms_norm_eps)

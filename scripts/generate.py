@@ -2,12 +2,14 @@
 
     python scripts/generate.py --prompt "The capital of France is" --temperature 0
     python scripts/generate.py --chat --prompt "What is JAX?" --output_format json
+    python scripts/generate.py --prompt "..." --ngram_draft --num_speculative_tokens 4
 """
 
 import json
 import sys
 
-from absl import app, flags
+import jax
+from absl import app, flags, logging
 
 from jaxinfer import flags as runtime_flags
 from jaxinfer.cli_util import run_main
@@ -26,10 +28,17 @@ _CKPT = flags.DEFINE_string("checkpoint", None, "Orbax checkpoint dir (default: 
 _FORMAT = flags.DEFINE_enum("output_format", "text", ["text", "json"], "Output format.")
 _DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"],
                            "Compute dtype (default: float32 on CPU, bfloat16 elsewhere).")
+_DRAFT = flags.DEFINE_string("draft_checkpoint", None,
+                             "Speculative decoding: a smaller draft model's checkpoint.")
+_NGRAM = flags.DEFINE_bool("ngram_draft", False,
+                           "Speculative decoding with a prompt-lookup (n-gram) draft.")
+_NUM_SPEC = flags.DEFINE_integer("num_speculative_tokens", 4, "Draft tokens per round.")
+_NGRAM_SIZE = flags.DEFINE_integer("ngram_size", 3, "Longest n-gram the lookup matches.")
 
 
 def main(argv):
     runtime_flags.setup()
+    from jaxinfer.errors import ConfigError
     from jaxinfer.llm import load
     from jaxinfer.sampling import SamplingParams
 
@@ -41,10 +50,24 @@ def main(argv):
     main_process = runtime_flags.is_main_process()
     kw = dict(sampling=sampling, max_new_tokens=_MAX_NEW.value, stop=_STOP.value,
               chat=_CHAT.value)
-    if _FORMAT.value == "json":
+    if _DRAFT.value or _NGRAM.value:
+        if _DRAFT.value and _NGRAM.value:
+            raise ConfigError("give --draft_checkpoint or --ngram_draft, not both")
+        draft = "ngram" if _NGRAM.value else load(
+            _DRAFT.value, dtype=_DTYPE.value, mesh=llm.mesh, fsdp=runtime_flags.FSDP.value)
+        kw.update(draft=draft, num_speculative_tokens=_NUM_SPEC.value,
+                  ngram_size=_NGRAM_SIZE.value)
+    if _FORMAT.value == "json" or "draft" in kw:  # speculative decoding does not stream
         out = llm.generate(_PROMPT.value, **kw)
-        if main_process:
+        if main_process and _FORMAT.value == "text":
+            print(out.text)
+            print(f"[{len(out.token_ids)} tokens, finish={out.finish_reason}, "
+                  f"acceptance={out.acceptance_rate:.2f}, "
+                  f"{out.decode_tokens_per_s:.1f} tok/s]", file=sys.stderr)
+        elif main_process:
             print(json.dumps(out.to_json()))
+        else:  # results print once; other hosts log theirs so runs can be cross-checked
+            logging.info("process %d token_ids: %s", jax.process_index(), out.token_ids)
         return
     result = []
     for delta in llm.stream(_PROMPT.value, result=result, **kw):

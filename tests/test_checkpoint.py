@@ -158,3 +158,20 @@ def test_default_checkpoint_converts_once(tmp_path, monkeypatch, smollm2_gguf):
     assert is_checkpoint(paths[0]) and (paths[0] / "tokenizer" / "tokenizer.json").is_file()
     assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")) == [
         "smollm2-135m-instruct"]
+
+
+@pytest.mark.parametrize("mesh_a,mesh_b", [("data:2,model:4", "data:4,model:2"),
+                                           ("model:8", "data:8")])
+def test_save_under_one_mesh_restore_under_another(tmp_path, tiny_np, mesh_a, mesh_b):
+    """Orbax stores global arrays, so the writing mesh does not constrain the reader."""
+    sh_a = weight_shardings(weight_specs(TINY), make_mesh(mesh_a),
+                            ShardingRules.default(fsdp=True))
+    w_a = jax.tree.map(jax.device_put, tiny_np, sh_a)
+    assert len(w_a["layers"]["w_gate"].sharding.device_set) == 8
+    save_checkpoint(tmp_path / "ck", TINY, w_a)
+    sh_b = weight_shardings(weight_specs(TINY), make_mesh(mesh_b), ShardingRules.default())
+    _, w_b = load_checkpoint(tmp_path / "ck", shardings=sh_b)
+    for (path, a), b, s in zip(jax.tree_util.tree_leaves_with_path(tiny_np),
+                               jax.tree.leaves(w_b), jax.tree.leaves(sh_b), strict=True):
+        assert b.sharding == s, path
+        np.testing.assert_array_equal(np.asarray(b), a, err_msg=str(path))

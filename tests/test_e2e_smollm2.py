@@ -87,7 +87,12 @@ def test_safetensors_path_equals_gguf_path(llm, hf_model, tmp_path):
     from jaxinfer.checkpoint import save_checkpoint
     from jaxinfer.convert.safetensors import load_hf_dir
 
-    hf_model.save_pretrained(tmp_path / "hf")
+    from transformers import LlamaForCausalLM
+
+    # transformers refuses to save a GGUF-loaded model; copy into a plain one first.
+    plain = LlamaForCausalLM(hf_model.config)
+    plain.load_state_dict(hf_model.state_dict())
+    plain.save_pretrained(tmp_path / "hf")
     cfg, w = load_hf_dir(tmp_path / "hf")
     assert cfg.num_layers == 30 and cfg.tie_embeddings
     llm.tokenizer.save(tmp_path / "tok")

@@ -104,6 +104,9 @@ def test_real_model_sharded_equals_single_device(single, smollm2_checkpoint, mes
     got = (L["wq"].sharding.spec, L["wk"].sharding.spec, L["w_gate"].sharding.spec,
            llm.params["embed"].sharding.spec)
     assert got == EXPECTED_SPECS[mesh_spec]
-    np.testing.assert_allclose(_logits(llm, ids), ref_logits, atol=1e-4, rtol=0)
+    # Splitting a contraction over devices changes its summation order; over 30 layers
+    # that moves logits (magnitude ~30) by up to 1.6e-4 here (measured 1.1e-4, 1.0e-4 and
+    # 1.6e-4 for the three model-parallel meshes), so the bound is 2e-4, not 1e-4.
+    np.testing.assert_allclose(_logits(llm, ids), ref_logits, atol=2e-4, rtol=0)
     toks = [c.token_ids for c in llm.generate(ids, SamplingParams(temperature=0.0), 12)]
     assert toks == ref_toks
