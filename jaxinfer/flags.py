@@ -6,8 +6,13 @@ the only order that works (device count, then distributed init, then the cache).
 
 from __future__ import annotations
 
+from typing import Any
+
 from absl import flags
 
+CONFIG = flags.DEFINE_string("config", None, "Run preset: a name from configs/run (e.g. "
+                             "'tpu-v5e-8') or a .json path. Its values become the defaults; "
+                             "flags given on the command line still win.")
 MESH = flags.DEFINE_string("mesh", None, "Device mesh, e.g. 'data:2,model:4' (default: "
                            "all devices on 'data').")
 FSDP = flags.DEFINE_bool("fsdp", False, "Also shard weights' embed axis over 'data'.")
@@ -24,9 +29,36 @@ COMPILATION_CACHE = flags.DEFINE_bool("compilation_cache", True,
                                       "Persist compiled XLA programs across runs.")
 
 
+def apply_config(spec: str, flag_values: flags.FlagValues = flags.FLAGS) -> dict[str, Any]:
+    """Make a run preset's values the defaults of the flags this program defines.
+
+    Flags given explicitly keep their values; preset keys this program has no flag for
+    (a serving preset used by generate.py) are skipped. Returns what was applied.
+    """
+    from jaxinfer.errors import ConfigError
+    from jaxinfer.presets import run_preset
+
+    applied = {}
+    for name, value in run_preset(spec).items():
+        if name not in flag_values or flag_values[name].present:
+            continue
+        try:
+            flag_values.set_default(name, value)
+        except (flags.Error, ValueError, TypeError) as e:
+            raise ConfigError(f"--config={spec}: bad value {value!r} for --{name}: {e}") from e
+        applied[name] = value
+    return applied
+
+
 def setup() -> None:
+    import logging
+
     from jaxinfer import runtime
 
+    # JAX logs every accelerator backend it probes and does not find, at INFO.
+    logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
+    if CONFIG.value:
+        apply_config(CONFIG.value)
     runtime.set_num_cpu_devices(NUM_CPU_DEVICES.value)
     runtime.initialize_distributed(COORDINATOR.value, NUM_PROCESSES.value, PROCESS_ID.value,
                                    DIST_TIMEOUT.value)
