@@ -50,12 +50,14 @@ def test_bad_input_gives_one_error_line(smollm2_checkpoint, args, needle):
     assert r.returncode == 2, (r.stdout, r.stderr)
     lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
     assert "Traceback" not in r.stderr
-    assert lines[-1].startswith("error:") and needle in lines[-1], r.stderr
+    assert len(lines) == 1, r.stderr
+    assert lines[0].startswith("error:") and needle in lines[0], r.stderr
 
 
 def test_non_orbax_checkpoint_dir(tmp_path):
     (tmp_path / "junk.txt").write_text("not a checkpoint")
     r = run("--prompt", "hi", "--checkpoint", str(tmp_path))
     assert r.returncode == 2 and "Traceback" not in r.stderr
-    assert r.stderr.strip().splitlines()[-1].startswith("error:")
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and str(tmp_path) in lines[0]
     assert str(tmp_path) in r.stderr
