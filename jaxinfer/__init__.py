@@ -3,8 +3,13 @@
     import jaxinfer
     llm = jaxinfer.load()            # default model: SmolLM2-135M-Instruct
     print(llm.generate("The capital of France is", max_new_tokens=8).text)
+    for delta in llm.stream("Tell me a story"): print(delta, end="")
+    llm.chat([{"role": "user", "content": "Hi!"}])
+    logits_BTV, cache = llm.forward(llm.params, tokens_BT, llm.init_cache(1, 256))
 
-Heavy modules load lazily, so `import jaxinfer.tokenizer` does not pull in JAX.
+`help(jaxinfer.load)` documents the entry point. Serving: `jaxinfer.Engine`; presets:
+`jaxinfer.presets`; the pure model: `jaxinfer.model`. Heavy modules load lazily, so
+`import jaxinfer.tokenizer` does not pull in JAX.
 """
 
 from __future__ import annotations
@@ -19,6 +24,9 @@ _LAZY = {
     "LLM": ("jaxinfer.llm", "LLM"),
     "Completion": ("jaxinfer.llm", "Completion"),
     "SamplingParams": ("jaxinfer.sampling", "SamplingParams"),
+    "GREEDY": ("jaxinfer.sampling", "GREEDY"),
+    "Engine": ("jaxinfer.engine", "Engine"),
+    "EngineConfig": ("jaxinfer.engine", "EngineConfig"),
     "ModelConfig": ("jaxinfer.config", "ModelConfig"),
 }
 

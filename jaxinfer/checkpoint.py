@@ -3,6 +3,7 @@
     path/config.json    ModelConfig.save
     path/weights/       Orbax PyTree checkpoint of the weight tree
     path/tokenizer/     files load_tokenizer(path/"tokenizer") reads (optional)
+    path/quant.json     quant.QuantConfig of a quantized checkpoint (absent: float)
 
 Orbax restores straight into the abstract tree from `weights.weight_specs`, so with
 shardings each device reads only its own slice: a model larger than host memory loads.
@@ -24,6 +25,7 @@ import numpy as np
 
 from jaxinfer.config import ModelConfig
 from jaxinfer.errors import CheckpointError, ConfigError
+from jaxinfer.quant import QuantConfig, infer_config
 from jaxinfer.weights import Weights, abstract_weights, check_weights, is_info, weight_specs
 
 # Files Orbax writes at the top of every finished PyTree checkpoint (either suffices).
@@ -37,9 +39,21 @@ def is_checkpoint(path: str | Path) -> bool:
             and any((p / "weights" / m).is_file() for m in _ORBAX_MARKERS))
 
 
+def load_quant_config(path: str | Path) -> QuantConfig | None:
+    """The quantization a checkpoint was saved with (None for a float checkpoint)."""
+    f = Path(path) / "quant.json"
+    if not f.is_file():
+        return None
+    try:
+        return QuantConfig.load(f)
+    except (ConfigError, OSError) as e:
+        raise CheckpointError(f"bad quantization config in checkpoint {path}: {e}") from e
+
+
 def save_checkpoint(path: str | Path, cfg: ModelConfig, weights: Weights,
                     tokenizer_dir: str | Path | None = None, dtype: Any = None) -> None:
-    """Write `cfg`, `weights` (cast to `dtype` if given) and tokenizer files under `path`.
+    """Write `cfg`, `weights` (float leaves cast to `dtype` if given) and tokenizer files
+    under `path`. A quantized tree (QArray leaves) also records its QuantConfig.
 
     Blocks until the weights are on disk. `path` must not exist or be an empty directory.
     """
@@ -49,12 +63,15 @@ def save_checkpoint(path: str | Path, cfg: ModelConfig, weights: Weights,
     if path.exists() and (not path.is_dir() or any(path.iterdir())):
         raise CheckpointError(f"checkpoint path already exists and is not empty: {path}")
     try:
-        check_weights(weight_specs(cfg), weights)
+        quant = infer_config(weights)
+        check_weights(weight_specs(cfg, quant=quant), weights)
     except ConfigError as e:
         raise CheckpointError(f"weights do not match the config for {path}: {e}") from e
     if dtype is not None:
         dt = jnp.dtype(dtype)
-        weights = jax.tree.map(lambda a: np.asarray(a).astype(dt, copy=False), weights)
+        cast = lambda a: (np.asarray(a).astype(dt, copy=False)
+                          if jnp.issubdtype(a.dtype, jnp.floating) else a)
+        weights = jax.tree.map(cast, weights)
     if tokenizer_dir is not None and not Path(tokenizer_dir).is_dir():
         raise CheckpointError(f"tokenizer directory not found: {tokenizer_dir}")
     # Written beside the target and renamed at the end: an interrupted save leaves no
@@ -64,6 +81,8 @@ def save_checkpoint(path: str | Path, cfg: ModelConfig, weights: Weights,
     try:
         tmp.mkdir(parents=True)
         cfg.save(tmp / "config.json")
+        if quant is not None:
+            quant.save(tmp / "quant.json")
         with _quiet(), ocp.PyTreeCheckpointer() as ckptr:
             ckptr.save(tmp / "weights", weights)
         if tokenizer_dir is not None:
@@ -94,7 +113,7 @@ def load_checkpoint(path: str | Path, dtype: Any = jnp.float32,
         cfg = ModelConfig.load(path / "config.json")
     except ConfigError as e:
         raise CheckpointError(f"bad config in checkpoint {path}: {e}") from e
-    specs = weight_specs(cfg, jnp.dtype(dtype))
+    specs = weight_specs(cfg, jnp.dtype(dtype), load_quant_config(path))
     if shardings is None:
         device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         shardings = jax.tree.map(lambda _: device, abstract_weights(specs))
@@ -116,9 +135,9 @@ def load_checkpoint(path: str | Path, dtype: Any = jnp.float32,
 def _check_stored(meta: Any, specs: Weights, path: Path) -> None:
     """Compare names and shapes on disk with the config before restoring: a mismatch gets a
     clear message, and Orbax's async restore is never started on a tree it would reject."""
-    stored = {jax.tree_util.keystr(p): tuple(m.shape) for p, m in
+    stored = {_name(p): tuple(m.shape) for p, m in
               jax.tree.flatten_with_path(getattr(meta, "tree", None) or {})[0]}
-    want = {jax.tree_util.keystr(p): a.shape for p, a in
+    want = {_name(p): a.shape for p, a in
             jax.tree.flatten_with_path(specs, is_leaf=is_info)[0]}
     if not stored:
         raise CheckpointError(f"no readable Orbax weights in {path / 'weights'}")
@@ -129,6 +148,13 @@ def _check_stored(meta: Any, specs: Weights, path: Path) -> None:
                     else f"has shape {got}, config expects {exp}")
             raise CheckpointError(f"checkpoint {path} does not match its config.json: "
                                   f"weight {name} {what}")
+
+
+def _name(path: tuple) -> str:
+    """'layers/wq/scales' for a dict path or a QArray attribute path alike (Orbax's
+    metadata lists QArray fields as dict keys)."""
+    keys = (getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))) for k in path)
+    return "/".join(str(k) for k in keys)
 
 
 @contextlib.contextmanager

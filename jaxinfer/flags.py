@@ -25,6 +25,14 @@ NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in a mult
 PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 DIST_TIMEOUT = flags.DEFINE_float("distributed_timeout_s", 300.0,
                                   "Give up (exit 2) if peers have not joined by then.")
+QUANTIZE = flags.DEFINE_enum("quantize", None, ["int8", "int4"],
+                             "Quantize a float checkpoint's weights on load (a quantized "
+                             "checkpoint loads quantized without it).")
+GROUP_SIZE = flags.DEFINE_integer("group_size", None, "int4 quantization group size "
+                                  "(default 32; int8 is per output channel).")
+KV_CACHE_DTYPE = flags.DEFINE_enum("kv_cache_dtype", None, ["float32", "bfloat16", "int8"],
+                                   "KV cache dtype (default: the compute dtype); int8 keeps "
+                                   "a scale per token and head.")
 COMPILATION_CACHE = flags.DEFINE_bool("compilation_cache", True,
                                       "Persist compiled XLA programs across runs.")
 
@@ -64,6 +72,12 @@ def setup() -> None:
                                    DIST_TIMEOUT.value)
     if COMPILATION_CACHE.value:
         runtime.enable_compilation_cache()
+
+
+def quant_kwargs() -> dict:
+    """LLM.load keyword arguments from --quantize, --group_size and --kv_cache_dtype."""
+    return dict(quantize=QUANTIZE.value, group_size=GROUP_SIZE.value,
+                kv_dtype=KV_CACHE_DTYPE.value)
 
 
 def is_main_process() -> bool:

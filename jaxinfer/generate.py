@@ -78,7 +78,7 @@ def start(weights: Weights, prompt_BT: jax.Array, prompt_len_B: jax.Array, cache
     x, cache = hidden_states(weights, prompt_BT, cache, cfg, impl)
     last = jnp.clip(prompt_len_B - 1, 0, T - 1)
     logits = unembed(weights, jnp.take_along_axis(x, last[:, None, None], axis=1)[:, 0])
-    cache = KVCache(cache.k, cache.v, cache.lengths + prompt_len_B)
+    cache = cache.with_lengths(cache.lengths + prompt_len_B)
     valid_BT = jnp.arange(T)[None, :] < prompt_len_B[:, None]
     prompt_mask = jnp.zeros((B, cfg.vocab_size), bool).at[
         jnp.arange(B)[:, None], prompt_BT].max(valid_BT)
@@ -94,7 +94,7 @@ def start(weights: Weights, prompt_BT: jax.Array, prompt_len_B: jax.Array, cache
 def _step(weights: Weights, state: DecodeState, cfg: ModelConfig, impl: str) -> DecodeState:
     logits, cache = decode_logits(weights, state.tokens_B, state.cache, cfg, impl)
     # Rows already done must not grow: undo their length increment.
-    cache = KVCache(cache.k, cache.v, jnp.where(state.done_B, state.cache.lengths, cache.lengths))
+    cache = cache.with_lengths(jnp.where(state.done_B, state.cache.lengths, cache.lengths))
     return _advance(state, logits, cache)
 
 

@@ -4,6 +4,8 @@ Left-aligned: row b holds its tokens at positions [0, lengths[b]). Layers are st
 the whole cache is one donated buffer per tensor and updates happen in place.
     k, v     [L, B, K, S, H]
     lengths  i32[B]   tokens already written per row
+    k_scale, v_scale  f32[L, B, K, S]  only for an int8 cache: one scale per token per head,
+                      so a new token never rescales old ones (None otherwise)
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ class KVCache:
     k: jax.Array  # [L, B, K, S, H]
     v: jax.Array  # [L, B, K, S, H]
     lengths: jax.Array  # i32[B]
+    k_scale: jax.Array | None = None  # f32[L, B, K, S] (int8 cache only)
+    v_scale: jax.Array | None = None  # f32[L, B, K, S] (int8 cache only)
 
     @property
     def batch_size(self) -> int:
@@ -39,6 +43,33 @@ class KVCache:
     def nbytes(self) -> int:
         return sum(x.nbytes for x in jax.tree.leaves(self))
 
+    def with_lengths(self, lengths: jax.Array) -> KVCache:
+        """The same buffers (scales included) with new lengths."""
+        return dataclasses.replace(self, lengths=lengths)
+
+
+def write_kv(c_LBKSH: jax.Array, scale_LBKS: jax.Array | None, i: jax.Array,
+             rows_B1: jax.Array, pos_BT: jax.Array, x_BTKH: jax.Array
+             ) -> tuple[jax.Array, jax.Array | None]:
+    """Scatter new K or V of layer i at each row's positions (out-of-range ones drop); an
+    int8 cache stores round(x / s) with s = max|x| / 127 per token and head."""
+    if scale_LBKS is None:
+        return c_LBKSH.at[i, rows_B1, :, pos_BT, :].set(x_BTKH.astype(c_LBKSH.dtype),
+                                                        mode="drop"), None
+    x = x_BTKH.astype(jnp.float32)
+    s_BTK = jnp.max(jnp.abs(x), axis=-1) / 127.0
+    s_BTK = jnp.where(s_BTK > 0, s_BTK, 1.0)
+    q = jnp.clip(jnp.round(x / s_BTK[..., None]), -127, 127).astype(c_LBKSH.dtype)
+    return (c_LBKSH.at[i, rows_B1, :, pos_BT, :].set(q, mode="drop"),
+            scale_LBKS.at[i, rows_B1, :, pos_BT].set(s_BTK, mode="drop"))
+
+
+def read_kv(c_LBKSH: jax.Array, scale_LBKS: jax.Array | None, i: jax.Array, dtype: Any
+            ) -> jax.Array:
+    """Layer i of the cache as [B, K, S, H] in `dtype` (dequantized for int8)."""
+    x = c_LBKSH[i].astype(dtype)
+    return x if scale_LBKS is None else x * scale_LBKS[i][..., None].astype(dtype)
+
 
 def cache_shardings(cfg: ModelConfig, batch: int, max_len: int, mesh: jax.sharding.Mesh,
                     rules: ShardingRules | None = None) -> KVCache:
@@ -50,7 +81,8 @@ def cache_shardings(cfg: ModelConfig, batch: int, max_len: int, mesh: jax.shardi
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: Any = jnp.float32,
                shardings: KVCache | None = None) -> KVCache:
-    """An empty cache of B rows and S positions (zeros, lengths 0)."""
+    """An empty cache of B rows and S positions (zeros, lengths 0); dtype int8 adds the
+    per-token scales."""
     shape = (cfg.num_layers, batch, cfg.num_kv_heads, max_len, cfg.head_dim)
     kv, lens = (shardings.k, shardings.lengths) if shardings is not None else (None, None)
     return _zeros_fn(shape, jnp.dtype(dtype), kv, lens)()
@@ -60,12 +92,20 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: Any = jnp.floa
 def _zeros_fn(shape: tuple[int, ...], dtype: Any, kv_sharding, lengths_sharding):
     """One compiled allocator per (shape, dtype, sharding): allocating never recompiles."""
 
-    def make():
-        return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
-                       lengths=jnp.zeros((shape[1],), jnp.int32))
+    quantized = jnp.dtype(dtype) == jnp.int8
 
-    shardings = (None if kv_sharding is None
-                 else KVCache(kv_sharding, kv_sharding, lengths_sharding))
+    def make():
+        scale = (lambda: jnp.zeros(shape[:4], jnp.float32)) if quantized else (lambda: None)
+        return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
+                       lengths=jnp.zeros((shape[1],), jnp.int32), k_scale=scale(),
+                       v_scale=scale())
+
+    shardings = None
+    if kv_sharding is not None:
+        spec = tuple(kv_sharding.spec) + (None,) * (5 - len(kv_sharding.spec))
+        s = (jax.sharding.NamedSharding(kv_sharding.mesh, jax.sharding.PartitionSpec(*spec[:4]))
+             if quantized else None)
+        shardings = KVCache(kv_sharding, kv_sharding, lengths_sharding, s, s)
     return jax.jit(make, out_shardings=shardings)
 
 

@@ -1,4 +1,4 @@
-"""Stateless building blocks: RMSNorm, rotary embeddings, SwiGLU MLP.
+"""Stateless building blocks: RMSNorm, rotary embeddings, SwiGLU MLP, the weight dot.
 
 Shapes: x_BTD activations, positions_BT absolute token positions.
 Norms and RoPE angles are computed in float32 whatever the activation dtype.
@@ -11,6 +11,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxinfer.config import ModelConfig
+from jaxinfer.quant import is_qarray, qdot
+
+
+def dot(x: jax.Array, w, eq: str, **kw) -> jax.Array:
+    """`einsum(eq, x, w)` where `w` may be a quantized QArray (dequantized inside the dot,
+    so the packed integers are what is read from memory)."""
+    return qdot(eq, x, w, **kw) if is_qarray(w) else jnp.einsum(eq, x, w, **kw)
 
 
 def rms_norm(x_BTD: jax.Array, w_D: jax.Array, eps: float) -> jax.Array:
@@ -47,6 +54,6 @@ def apply_rope(x_BTNH: jax.Array, positions_BT: jax.Array, inv_freq: np.ndarray)
 
 def mlp(x_BTD: jax.Array, w_gate_DF: jax.Array, w_up_DF: jax.Array, w_down_FD: jax.Array
         ) -> jax.Array:
-    gate = jnp.einsum("BTD,DF->BTF", x_BTD, w_gate_DF)
-    up = jnp.einsum("BTD,DF->BTF", x_BTD, w_up_DF)
-    return jnp.einsum("BTF,FD->BTD", jax.nn.silu(gate) * up, w_down_FD)
+    gate = dot(x_BTD, w_gate_DF, "BTD,DF->BTF")
+    up = dot(x_BTD, w_up_DF, "BTD,DF->BTF")
+    return dot(jax.nn.silu(gate) * up, w_down_FD, "BTF,FD->BTD")

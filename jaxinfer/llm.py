@@ -4,15 +4,17 @@
     llm.generate("The capital of France is", max_new_tokens=8, sampling=GREEDY).text
     for delta in llm.stream("Tell me a story"): print(delta, end="")
 
-`llm.params`, `llm.cfg`, `jaxinfer.model.forward` and `jaxinfer.kv_cache.init_cache` stay
-available for users who want the pure functions.
+The pure functions stay one attribute away: `llm.params` (the weight pytree),
+`llm.forward(params, tokens_BT, cache) -> (logits_BTV, cache)` and
+`llm.init_cache(batch, max_len)`, for users who write their own loops, jit or grad.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,14 +23,18 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxinfer import generate as gen
-from jaxinfer.checkpoint import load_checkpoint
+from jaxinfer import model, speculative
+from jaxinfer.checkpoint import load_checkpoint, load_quant_config
 from jaxinfer.config import ModelConfig
-from jaxinfer.errors import BadRequestError
+from jaxinfer.errors import BadRequestError, ConfigError
+from jaxinfer.kv_cache import KVCache, cache_shardings, init_cache
+from jaxinfer.memory import device_bytes
+from jaxinfer.quant import QuantConfig
 from jaxinfer.runtime import to_host
 from jaxinfer.sampling import SamplingArrays, SamplingParams
 from jaxinfer.sharding import ShardingRules, make_mesh
 from jaxinfer.tokenizer import StreamDecoder, Tokenizer, load_tokenizer
-from jaxinfer.weights import Weights, weight_shardings, weight_specs
+from jaxinfer.weights import Weights, quantize_weights, weight_shardings, weight_specs
 
 
 @dataclasses.dataclass
@@ -42,6 +48,23 @@ class Completion:
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass
+class SpeculativeCompletion(Completion):
+    acceptance_rate: float = 0.0  # accepted / proposed draft tokens
+    num_speculative_tokens: int = 0  # k, draft tokens proposed per verification pass
+    verify_passes: int = 0  # target forward passes after the prompt
+
+
+def _kv_dtype(dtype: Any) -> Any:
+    try:
+        dt = jnp.dtype(dtype)
+    except TypeError:
+        dt = None
+    if dt is None or not (jnp.issubdtype(dt, jnp.floating) or dt == jnp.int8):
+        raise ConfigError(f"kv_dtype must be a float dtype or 'int8', got {dtype!r}")
+    return dt
 
 
 def default_dtype() -> Any:
@@ -81,24 +104,40 @@ def _same_seeds_everywhere(sampling: list[SamplingParams]) -> list[SamplingParam
 
 
 class LLM:
-    """A loaded model: config, weights (on a mesh), tokenizer."""
+    """A loaded model: config, weights (on a mesh), tokenizer; text in, text out.
+
+    Attributes:
+        cfg: the `ModelConfig` (shapes, RoPE, special tokens).
+        params: the weight pytree (nested dict of arrays, layout in weights.py).
+        tokenizer: encode/decode and the chat template.
+        mesh: the device mesh the weights are sharded over, or None (one device).
+        dtype: the compute dtype of the weights.
+    """
 
     def __init__(self, cfg: ModelConfig, params: Weights, tokenizer: Tokenizer,
-                 mesh: jax.sharding.Mesh | None = None, impl: str = "xla"):
+                 mesh: jax.sharding.Mesh | None = None, impl: str = "xla",
+                 kv_dtype: Any = None):
         self.cfg, self.params, self.tokenizer, self.mesh, self.impl = (
             cfg, params, tokenizer, mesh, impl)
-        self.dtype = params["embed"].dtype
+        self.dtype = params["embed"].dtype  # a QArray's dtype is its compute dtype
+        self.kv_dtype = self.dtype if kv_dtype is None else _kv_dtype(kv_dtype)
+        self.weight_bytes = device_bytes(params)  # held on the devices, all shards
+        self.kv_cache_bytes = 0
         self.eos = np.array(sorted(set(cfg.eos_token_ids) | set(tokenizer.eos_ids)) or [-1],
                             np.int32)
 
     @classmethod
     def load(cls, checkpoint: str | Path | None = None, dtype: Any = None,
              mesh: str | jax.sharding.Mesh | None = None, fsdp: bool = False,
-             impl: str = "xla") -> LLM:
+             impl: str = "xla", quantize: str | None = None, group_size: int | None = None,
+             kv_dtype: Any = None) -> LLM:
         """Load an Orbax checkpoint directory (default: the embedded SmolLM2 model).
 
         With a mesh ('data:2,model:4' or a Mesh), every weight is restored straight into
         its sharding from the rules table; fsdp also shards the embed axis over 'data'.
+        A quantized checkpoint loads quantized by itself; `quantize` ("int8" or "int4",
+        `group_size` for int4) quantizes a float one on load. kv_dtype="int8" keeps the
+        KV cache in int8 with per-token scales (default: the compute dtype).
         """
         if checkpoint is None:
             from jaxinfer import default_model
@@ -107,14 +146,42 @@ class LLM:
         dtype = default_dtype() if dtype is None else jnp.dtype(dtype)
         if not isinstance(mesh, jax.sharding.Mesh):
             mesh = make_mesh(mesh) if mesh else None
-        shardings = None
+        stored = load_quant_config(checkpoint)
+        qc = None if quantize is None else QuantConfig.from_mode(quantize, group_size)
+        if qc is not None and stored is not None:
+            raise ConfigError(f"checkpoint {checkpoint} is already quantized ({stored}); "
+                              f"drop quantize={quantize!r}")
+        shardings = qshardings = None
         if mesh is not None:
             cfg = ModelConfig.load(Path(checkpoint) / "config.json")
-            shardings = weight_shardings(weight_specs(cfg, dtype), mesh,
-                                         ShardingRules.default(fsdp=fsdp))
+            rules = ShardingRules.default(fsdp=fsdp)
+            shardings = weight_shardings(weight_specs(cfg, dtype, stored), mesh, rules)
+            if qc is not None:
+                qshardings = weight_shardings(weight_specs(cfg, dtype, qc), mesh, rules)
         cfg, params = load_checkpoint(checkpoint, dtype=dtype, shardings=shardings)
+        if qc is not None:
+            params = quantize_weights(params, qc, qshardings)
         tokenizer = load_tokenizer(Path(checkpoint) / "tokenizer")
-        return cls(cfg, params, tokenizer, mesh, impl)
+        return cls(cfg, params, tokenizer, mesh, impl, kv_dtype)
+
+    # ---- the pure functions ----------------------------------------------------------
+    @property
+    def forward(self) -> Callable[[Weights, jax.Array, KVCache], tuple[jax.Array, KVCache]]:
+        """`forward(params, tokens_BT, cache) -> (logits_BTV, cache)`, jitted and pure.
+
+        `jaxinfer.model.forward` with this model's config bound. Logits are float32 for
+        every position; the new K/V are written at `cache.lengths + t` and the returned
+        cache is advanced by T. The cache argument is donated: use the returned one.
+        """
+        return functools.partial(model.forward, cfg=self.cfg, impl=self.impl)
+
+    def init_cache(self, batch: int, max_len: int) -> KVCache:
+        """An empty KV cache for `batch` rows of `max_len` positions, in the weights'
+        dtype and, with a mesh, sharded like the engine's (batch over 'data', KV heads
+        over 'model')."""
+        shardings = (cache_shardings(self.cfg, batch, max_len, self.mesh)
+                     if self.mesh is not None else None)
+        return init_cache(self.cfg, batch, max_len, self.kv_dtype, shardings)
 
     # ---- prompts -----------------------------------------------------------------
     def encode(self, prompt: str | Sequence[int], chat: bool = False) -> list[int]:
@@ -128,8 +195,9 @@ class LLM:
 
     def _start(self, prompts: list[list[int]], sampling: list[SamplingParams],
                max_new: list[int]) -> gen.DecodeState:
-        prompt_BT, lens_B, cache, M = gen.prepare(prompts, max_new, self.cfg, self.dtype,
+        prompt_BT, lens_B, cache, M = gen.prepare(prompts, max_new, self.cfg, self.kv_dtype,
                                                   self.mesh)
+        self.kv_cache_bytes = device_bytes(cache)  # the last generation's cache (memory.py)
         return gen.start(self.params, prompt_BT, lens_B, cache,
                          SamplingArrays.from_params(_same_seeds_everywhere(sampling)),
                          np.asarray(max_new, np.int32),
@@ -138,8 +206,15 @@ class LLM:
     # ---- batch generation (jitted while loop) ------------------------------------------
     def generate(self, prompts: str | Sequence[int] | list, sampling: SamplingParams | list
                  | None = None, max_new_tokens: int | list[int] = 64, stop: Sequence[str] = (),
-                 chat: bool = False) -> Completion | list[Completion]:
-        """Generate for one prompt or a batch; all rows decode together on device."""
+                 chat: bool = False, draft: LLM | str | None = None,
+                 num_speculative_tokens: int = 4, ngram_size: int = 3
+                 ) -> Completion | list[Completion]:
+        """Generate for one prompt or a batch; all rows decode together on device.
+
+        With `draft` (a smaller LLM sharing the tokenizer, or "ngram" for prompt lookup)
+        the draft proposes `num_speculative_tokens` per round and this model verifies them
+        in one pass (speculative.py): same output distribution, SpeculativeCompletions.
+        """
         single = isinstance(prompts, str) or (
             isinstance(prompts, Sequence) and prompts and isinstance(prompts[0], int))
         batch = [prompts] if single else list(prompts)
@@ -148,6 +223,9 @@ class LLM:
         ids = [self.encode(p, chat) for p in batch]
         sp = sampling if isinstance(sampling, list) else [sampling or SamplingParams()] * len(ids)
         mn = max_new_tokens if isinstance(max_new_tokens, list) else [max_new_tokens] * len(ids)
+        if draft is not None:
+            res = self._speculate(ids, sp, mn, stop, draft, num_speculative_tokens, ngram_size)
+            return res[0] if single else res
         t0 = time.perf_counter()
         state = self._start(ids, sp, mn)
         state.tokens_B.block_until_ready()
@@ -161,6 +239,25 @@ class LLM:
             results.append(self._finish(ids[b], toks, bool(eos[b]), stop, ttft,
                                         (n[b] - 1) / dt if dt > 0 and n[b] > 1 else 0.0))
         return results[0] if single else results
+
+    def _speculate(self, ids: list[list[int]], sp: list[SamplingParams], mn: list[int],
+                   stop: Sequence[str], draft: LLM | str, k: int, ngram_size: int
+                   ) -> list[SpeculativeCompletion]:
+        if isinstance(draft, str) and draft != "ngram":
+            raise BadRequestError(f"draft must be an LLM or 'ngram', got {draft!r}")
+        dw, dcfg = (None, None) if isinstance(draft, str) else (draft.params, draft.cfg)
+        r = speculative.generate_ids(self.params, dw, self.cfg, dcfg, ids,
+                                     _same_seeds_everywhere(sp), mn, self.eos, k, ngram_size,
+                                     self.dtype, self.mesh, self.impl)
+        out = []
+        for b, toks in enumerate(r.tokens):
+            tps = (len(toks) - 1) / r.decode_s if r.decode_s > 0 and len(toks) > 1 else 0.0
+            c = self._finish(ids[b], toks, r.finish_eos[b], stop, r.ttft_s, tps)
+            out.append(SpeculativeCompletion(**dataclasses.asdict(c),
+                                             acceptance_rate=r.acceptance_rate(b),
+                                             num_speculative_tokens=k,
+                                             verify_passes=r.rounds[b]))
+        return out
 
     def _finish(self, prompt: list[int], toks: list[int], eos: bool, stop: Sequence[str],
                 ttft: float, tps: float) -> Completion:
@@ -222,10 +319,62 @@ class LLM:
                                      (len(toks) - 1) / dt if dt > 0 and len(toks) > 1 else 0.0))
 
     def chat(self, messages: list[dict[str, str]], **kw: Any) -> Completion:
+        """Reply to a conversation, `[{"role": "user", "content": ...}, ...]`, through the
+        model's chat template; keyword arguments as for `generate`."""
         prompt = self.tokenizer.apply_chat_template(messages)
         return self.generate(self.tokenizer.encode(prompt), **kw)
 
 
-def load(checkpoint: str | Path | None = None, **kw: Any) -> LLM:
-    """Load a model for generation; see `LLM.load`."""
-    return LLM.load(checkpoint, **kw)
+def load(checkpoint: str | Path | None = None, *, dtype: Any = None,
+         mesh: str | jax.sharding.Mesh | None = None, fsdp: bool = False,
+         impl: str = "xla", **kw: Any) -> LLM:
+    """Load a model: the library's one entry point.
+
+    Args:
+        checkpoint: a jaxinfer (Orbax) checkpoint directory, made by `jaxinfer-convert`
+            from a GGUF file or a Hugging Face directory. None: the default model,
+            SmolLM2-135M-Instruct, fetched and converted once into ~/.cache/jaxinfer.
+        dtype: compute dtype, e.g. "bfloat16". None: float32 on CPU, bfloat16 elsewhere.
+        mesh: 'data:2,model:4' or a `jax.sharding.Mesh`; weights are restored straight
+            into their shardings. None: one device.
+        fsdp: also shard the weights' embed axis over 'data' (large models, small chips).
+        impl: attention implementation: "xla" (the reference, everywhere), "pallas",
+            "cudnn" or "auto" (the fastest kernel for the backend and dtype).
+
+    Returns:
+        An `LLM` with `generate`, `stream` and `chat`, and the pure functions `params`,
+        `forward` and `init_cache`.
+
+    Raises:
+        CheckpointError: the directory is missing or not a jaxinfer checkpoint.
+        ConfigError: a bad mesh or dtype.
+
+    Example:
+        >>> import jaxinfer
+        >>> from jaxinfer.sampling import GREEDY
+        >>> llm = jaxinfer.load()
+        >>> out = llm.generate("The capital of France is", max_new_tokens=4, sampling=GREEDY)
+        >>> "Paris" in out.text, out.finish_reason
+        (True, 'length')
+        >>> "".join(llm.stream("The capital of France is", max_new_tokens=4,
+        ...                    sampling=GREEDY)) == out.text
+        True
+        >>> reply = llm.chat([{"role": "user", "content": "What is the capital of France?"}],
+        ...                  max_new_tokens=24, sampling=GREEDY)
+        >>> "Paris" in reply.text
+        True
+
+        The same model as pure functions, one step at a time:
+
+        >>> import jax.numpy as jnp
+        >>> ids = llm.tokenizer.encode("The capital of France is")
+        >>> cache = llm.init_cache(batch=1, max_len=32)
+        >>> logits_BTV, cache = llm.forward(llm.params, jnp.array([ids]), cache)
+        >>> logits_BTV.shape == (1, len(ids), llm.cfg.vocab_size)
+        True
+        >>> int(cache.lengths[0]) == len(ids)
+        True
+        >>> llm.tokenizer.decode([int(logits_BTV[0, -1].argmax())]).strip()
+        'Paris'
+    """
+    return LLM.load(checkpoint, dtype=dtype, mesh=mesh, fsdp=fsdp, impl=impl, **kw)

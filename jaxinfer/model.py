@@ -19,37 +19,40 @@ import jax.numpy as jnp
 
 from jaxinfer.attention import attention
 from jaxinfer.config import ModelConfig
-from jaxinfer.kv_cache import KVCache
-from jaxinfer.layers import apply_rope, mlp, rms_norm, rope_frequencies
+from jaxinfer.kv_cache import KVCache, read_kv, write_kv
+from jaxinfer.layers import apply_rope, dot, mlp, rms_norm, rope_frequencies
+from jaxinfer.quant import take_rows
 from jaxinfer.weights import Weights
 
 
 def _block(cfg: ModelConfig, impl: str, carry, xs):
-    """One decoder layer. carry = (x_BTD, k [L,B,K,S,H], v, positions_BT, rows_B1)."""
-    x, ck, cv, pos_BT, rows_B1 = carry
+    """One decoder layer. carry = (x_BTD, k [L,B,K,S,H], v, k/v scales [L,B,K,S] or None,
+    positions_BT, rows_B1)."""
+    x, ck, cv, ks, vs, pos_BT, rows_B1 = carry
     w, i = xs
     with jax.named_scope("attention"):
         h = rms_norm(x, w["attn_norm"], cfg.rms_norm_eps)
-        q = jnp.einsum("BTD,DNH->BTNH", h, w["wq"])
-        k = jnp.einsum("BTD,DKH->BTKH", h, w["wk"])
-        v = jnp.einsum("BTD,DKH->BTKH", h, w["wv"])
+        q = dot(h, w["wq"], "BTD,DNH->BTNH")
+        k = dot(h, w["wk"], "BTD,DKH->BTKH")
+        v = dot(h, w["wv"], "BTD,DKH->BTKH")
         if cfg.qkv_bias:
             q, k, v = q + w["bq"], k + w["bk"], v + w["bv"]
         inv_freq = rope_frequencies(cfg)
         q = apply_rope(q, pos_BT, inv_freq)
         k = apply_rope(k, pos_BT, inv_freq)
         # Scatter the new K/V of every row at its own positions; out-of-range slots drop.
-        ck = ck.at[i, rows_B1, :, pos_BT, :].set(k.astype(ck.dtype), mode="drop")
-        cv = cv.at[i, rows_B1, :, pos_BT, :].set(v.astype(cv.dtype), mode="drop")
-        if ck.dtype == q.dtype:  # kernels read layer i of the stacked cache in place
+        ck, ks = write_kv(ck, ks, i, rows_B1, pos_BT, k)
+        cv, vs = write_kv(cv, vs, i, rows_B1, pos_BT, v)
+        if ck.dtype == q.dtype and ks is None:  # kernels read layer i of the stacked cache in place
             o = attention(q, ck, cv, pos_BT, impl, layer=i)
         else:
-            o = attention(q, ck[i].astype(q.dtype), cv[i].astype(q.dtype), pos_BT, impl)
-        x = x + jnp.einsum("BTNH,NHD->BTD", o, w["wo"])
+            o = attention(q, read_kv(ck, ks, i, q.dtype), read_kv(cv, vs, i, q.dtype), pos_BT,
+                          impl)
+        x = x + dot(o, w["wo"], "BTNH,NHD->BTD")
     with jax.named_scope("mlp"):
         h = rms_norm(x, w["mlp_norm"], cfg.rms_norm_eps)
         x = x + mlp(h, w["w_gate"], w["w_up"], w["w_down"])
-    return (x, ck, cv, pos_BT, rows_B1), None
+    return (x, ck, cv, ks, vs, pos_BT, rows_B1), None
 
 
 def hidden_states(weights: Weights, tokens_BT: jax.Array, cache: KVCache, cfg: ModelConfig,
@@ -60,24 +63,24 @@ def hidden_states(weights: Weights, tokens_BT: jax.Array, cache: KVCache, cfg: M
     """
     B, T = tokens_BT.shape
     dtype = weights["embed"].dtype
-    x = jnp.take(weights["embed"], tokens_BT, axis=0).astype(dtype)
+    x = take_rows(weights["embed"], tokens_BT, dtype)
     pos_BT = cache.lengths[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
     rows_B1 = jnp.arange(B, dtype=jnp.int32)[:, None]
     layer_ids = jnp.arange(cfg.num_layers, dtype=jnp.int32)
-    (x, ck, cv, _, _), _ = jax.lax.scan(
-        functools.partial(_block, cfg, impl), (x, cache.k, cache.v, pos_BT, rows_B1),
+    (x, ck, cv, ks, vs, _, _), _ = jax.lax.scan(
+        functools.partial(_block, cfg, impl),
+        (x, cache.k, cache.v, cache.k_scale, cache.v_scale, pos_BT, rows_B1),
         (weights["layers"], layer_ids))
     x = rms_norm(x, weights["final_norm"], cfg.rms_norm_eps)
-    return x, KVCache(k=ck, v=cv, lengths=cache.lengths)
+    return x, KVCache(k=ck, v=cv, lengths=cache.lengths, k_scale=ks, v_scale=vs)
 
 
 def unembed(weights: Weights, x_BxD: jax.Array) -> jax.Array:
     """Logits in float32; tied models reuse the embedding matrix."""
     if "lm_head" in weights:
-        return jnp.einsum("...D,DV->...V", x_BxD, weights["lm_head"],
-                          preferred_element_type=jnp.float32)
-    return jnp.einsum("...D,VD->...V", x_BxD, weights["embed"],
-                      preferred_element_type=jnp.float32)
+        return dot(x_BxD, weights["lm_head"], "...D,DV->...V",
+                   preferred_element_type=jnp.float32)
+    return dot(x_BxD, weights["embed"], "...D,VD->...V", preferred_element_type=jnp.float32)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "impl"), donate_argnames=("cache",))
@@ -85,7 +88,7 @@ def forward(weights: Weights, tokens_BT: jax.Array, cache: KVCache, cfg: ModelCo
             impl: str = "xla") -> tuple[jax.Array, KVCache]:
     """Logits for all T positions [B, T, V]; advances every row by T."""
     x, cache = hidden_states(weights, tokens_BT, cache, cfg, impl)
-    cache = KVCache(cache.k, cache.v, cache.lengths + tokens_BT.shape[1])
+    cache = cache.with_lengths(cache.lengths + tokens_BT.shape[1])
     return unembed(weights, x), cache
 
 
@@ -100,14 +103,14 @@ def prefill(weights: Weights, tokens_BT: jax.Array, num_new_B: jax.Array, cache:
     x, cache = hidden_states(weights, tokens_BT, cache, cfg, impl)
     last = jnp.clip(num_new_B - 1, 0, tokens_BT.shape[1] - 1)
     x_BD = jnp.take_along_axis(x, last[:, None, None], axis=1)[:, 0]
-    return unembed(weights, x_BD), KVCache(cache.k, cache.v, cache.lengths + num_new_B)
+    return unembed(weights, x_BD), cache.with_lengths(cache.lengths + num_new_B)
 
 
 def decode_logits(weights: Weights, tokens_B: jax.Array, cache: KVCache, cfg: ModelConfig,
                   impl: str = "xla") -> tuple[jax.Array, KVCache]:
     """One token per row (unjitted body, for use inside larger jitted loops)."""
     x, cache = hidden_states(weights, tokens_B[:, None], cache, cfg, impl)
-    return unembed(weights, x[:, 0]), KVCache(cache.k, cache.v, cache.lengths + 1)
+    return unembed(weights, x[:, 0]), cache.with_lengths(cache.lengths + 1)
 
 
 decode_step = jax.jit(decode_logits, static_argnames=("cfg", "impl"), donate_argnames=("cache",))

@@ -15,6 +15,10 @@ Tree layout (layers stacked on a leading L axis and run with lax.scan):
     final_norm  [D]
     lm_head     [D, V]           (absent when embeddings are tied)
 Q/K use the Hugging Face "rotate half" RoPE layout.
+
+With `quant` (quant.QuantConfig) the linear weights (and the embedding / lm_head) become
+`QArray(values, scales[, offsets])` nodes of ArrayInfo leaves; scales keep the weight's
+logical axes, so the one rules table shards them with their weights.
 """
 
 from __future__ import annotations
@@ -28,6 +32,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxinfer.config import ModelConfig
+from jaxinfer.errors import ConfigError
+from jaxinfer.quant import QArray, QuantConfig, QuantSpec, is_qarray, quantize, scales_shape
 from jaxinfer.sharding import ShardingRules, logical_to_spec
 
 Weights = dict[str, Any]  # nested dict of arrays, the layout above
@@ -40,8 +46,9 @@ class ArrayInfo:
     shape: tuple[int, ...]
     dtype: Any
     logical_axes: tuple[str | None, ...]
-    init: str = "normal"  # "normal" (fan-in scaled), "ones" or "zeros"
+    init: str = "normal"  # "normal" (fan-in scaled), "ones", "zeros" or "int" (quantized)
     fan_in_axes: tuple[int, ...] = ()  # axes whose product is the fan-in, for "normal"
+    fill: float = 1.0  # the value of "ones" (quantization scales)
 
     def __post_init__(self):
         assert len(self.shape) == len(self.logical_axes), (self.shape, self.logical_axes)
@@ -51,7 +58,28 @@ def is_info(x: Any) -> bool:
     return isinstance(x, ArrayInfo)
 
 
-def weight_specs(cfg: ModelConfig, dtype: Any = jnp.float32) -> Weights:
+# Quantizable weights: (contraction axes, group axis), counted from the end so they hold
+# for the stacked [L, ...] arrays and for one layer's slice inside the scan.
+LINEAR_QUANT_AXES = {"wq": ((-3,), -3), "wk": ((-3,), -3), "wv": ((-3,), -3),
+                     "wo": ((-3, -2), -2), "w_gate": ((-2,), -2), "w_up": ((-2,), -2),
+                     "w_down": ((-2,), -2)}
+EMBED_QUANT_AXES = {"embed": ((-1,), -1), "lm_head": ((-2,), -2)}
+
+
+def _quant_info(a: ArrayInfo, spec: QuantSpec, contract: tuple[int, ...], group_axis: int
+                ) -> QArray:
+    shape = scales_shape(a.shape, contract, group_axis, spec.group_size)
+    axes = tuple(ax if n == full or n > 1 else None
+                 for ax, n, full in zip(a.logical_axes, shape, a.shape, strict=True))
+    fan_in = int(np.prod([a.shape[i] for i in a.fan_in_axes])) if a.fan_in_axes else 1
+    scale = ArrayInfo(shape, a.dtype, axes, "ones", fill=1.0 / (4.32 * np.sqrt(fan_in)))
+    return QArray(values=ArrayInfo(a.shape, spec.dtype, a.logical_axes, "int"), scales=scale,
+                  offsets=ArrayInfo(shape, a.dtype, axes, "zeros") if spec.offsets else None,
+                  group_axis=None if spec.group_size is None else group_axis)
+
+
+def weight_specs(cfg: ModelConfig, dtype: Any = jnp.float32,
+                 quant: QuantConfig | None = None) -> Weights:
     L, D, F, N, K, H, V = (cfg.num_layers, cfg.d_model, cfg.mlp_dim, cfg.num_heads,
                            cfg.num_kv_heads, cfg.head_dim, cfg.vocab_size)
     A = lambda shape, axes, init="normal", fan_in=(): ArrayInfo(shape, dtype, axes, init, fan_in)
@@ -77,7 +105,36 @@ def weight_specs(cfg: ModelConfig, dtype: Any = jnp.float32) -> Weights:
     }
     if not cfg.tie_embeddings:
         tree["lm_head"] = A((D, V), ("embed", "vocab"), fan_in=(0,))
+    if quant is not None and quant.linear is not None:
+        for name, (contract, group) in LINEAR_QUANT_AXES.items():
+            layers[name] = _quant_info(layers[name], quant.linear, contract, group)
+    if quant is not None and quant.embed is not None:
+        for name, (contract, group) in EMBED_QUANT_AXES.items():
+            if name in tree:
+                tree[name] = _quant_info(tree[name], quant.embed, contract, group)
     return tree
+
+
+def quantize_weights(weights: Weights, quant: QuantConfig, shardings: Weights | None = None
+                     ) -> Weights:
+    """Quantize a float weight tree per `quant`; with `shardings` (from
+    `weight_shardings(weight_specs(cfg, dtype, quant), mesh)`) each result lands sharded."""
+    out, layers = dict(weights), dict(weights["layers"])
+    todo = [(layers, n, quant.linear, ax, ("layers", n)) for n, ax in LINEAR_QUANT_AXES.items()]
+    todo += [(out, n, quant.embed, ax, (n,)) for n, ax in EMBED_QUANT_AXES.items() if n in out]
+    for tree, name, spec, (contract, group), path in todo:
+        if spec is None:
+            continue
+        w = tree[name]
+        if is_qarray(w):
+            raise ConfigError(f"weight {'/'.join(path)} is already quantized")
+        sh = shardings
+        for k in path:
+            sh = None if sh is None else sh[k]
+        fn = lambda w, spec=spec, c=contract, g=group, dt=w.dtype: quantize(w, spec, c, g, dt)
+        tree[name] = jax.jit(fn, out_shardings=sh)(w)
+    out["layers"] = layers
+    return out
 
 
 def map_specs(fn: Callable[[ArrayInfo], Any], specs: Weights) -> Weights:
@@ -112,7 +169,9 @@ def init_weights(specs: Weights, key: jax.Array, shardings: Weights | None = Non
 
     def one(a: ArrayInfo, k):
         if a.init == "ones":
-            return jnp.ones(a.shape, a.dtype)
+            return jnp.full(a.shape, a.fill, a.dtype)
+        if a.init == "int":  # quantized values: uniform in [-7, 7] (std 4.32)
+            return jax.random.randint(k, a.shape, -7, 8, jnp.int8).astype(a.dtype)
         if a.init == "zeros":
             return jnp.zeros(a.shape, a.dtype)
         fan_in = int(np.prod([a.shape[i] for i in a.fan_in_axes])) if a.fan_in_axes else 1
@@ -133,8 +192,6 @@ def count_params(specs: Weights) -> int:
 
 def check_weights(specs: Weights, weights: Weights) -> None:
     """Raise ConfigError if `weights` does not have exactly the declared tree and shapes."""
-    from jaxinfer.errors import ConfigError
-
     want = jax.tree.flatten_with_path(specs, is_leaf=is_info)[0]
     got = dict(jax.tree.flatten_with_path(weights)[0])
     if len(got) != len(want):

@@ -40,13 +40,14 @@ def main(argv):
     runtime_flags.setup()
     from jaxinfer.errors import ConfigError
     from jaxinfer.llm import load
+    from jaxinfer.memory import format_bytes
     from jaxinfer.sampling import SamplingParams
 
     sampling = SamplingParams(
         temperature=_TEMP.value, top_k=_TOP_K.value, top_p=_TOP_P.value, min_p=_MIN_P.value,
         repetition_penalty=_REP.value, seed=_SEED.value)
     llm = load(_CKPT.value, dtype=_DTYPE.value, mesh=runtime_flags.MESH.value,
-               fsdp=runtime_flags.FSDP.value)
+               fsdp=runtime_flags.FSDP.value, **runtime_flags.quant_kwargs())
     main_process = runtime_flags.is_main_process()
     kw = dict(sampling=sampling, max_new_tokens=_MAX_NEW.value, stop=_STOP.value,
               chat=_CHAT.value)
@@ -65,7 +66,8 @@ def main(argv):
                   f"acceptance={out.acceptance_rate:.2f}, "
                   f"{out.decode_tokens_per_s:.1f} tok/s]", file=sys.stderr)
         elif main_process:
-            print(json.dumps(out.to_json()))
+            print(json.dumps(out.to_json() | dict(weight_bytes=llm.weight_bytes,
+                                                  kv_cache_bytes=llm.kv_cache_bytes)))
         else:  # results print once; other hosts log theirs so runs can be cross-checked
             logging.info("process %d token_ids: %s", jax.process_index(), out.token_ids)
         return
@@ -79,7 +81,8 @@ def main(argv):
     sys.stdout.write("\n")
     c = result[0]
     print(f"[{len(c.token_ids)} tokens, finish={c.finish_reason}, ttft={c.ttft_s:.2f}s, "
-          f"{c.decode_tokens_per_s:.1f} tok/s]", file=sys.stderr)
+          f"{c.decode_tokens_per_s:.1f} tok/s, weights {format_bytes(llm.weight_bytes)}, "
+          f"kv cache {format_bytes(llm.kv_cache_bytes)}]", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -1,44 +1,9 @@
-"""Serve a checkpoint over an OpenAI-compatible HTTP API (default: SmolLM2-135M-Instruct).
+"""Serve a checkpoint over an OpenAI-compatible HTTP API; see jaxinfer/cli/serve.py.
 
-    python scripts/serve.py --port 8000
-    curl 127.0.0.1:8000/v1/chat/completions -H 'content-type: application/json' \
-        -d '{"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 32}'
-
-Binds 127.0.0.1 unless --host says otherwise. Endpoints: /v1/completions,
-/v1/chat/completions (stream: true for server-sent events), /v1/models, /health, /metrics.
+    python scripts/serve.py --port 8000      # same as: jaxinfer-serve --port 8000
 """
 
-from absl import flags
-
-from jaxinfer import flags as runtime_flags
-from jaxinfer.cli_util import run_main
-
-_CKPT = flags.DEFINE_string("checkpoint", None, "Orbax checkpoint dir (default: SmolLM2).")
-_HOST = flags.DEFINE_string("host", "127.0.0.1", "Address to bind.")
-_PORT = flags.DEFINE_integer("port", 8000, "Port to bind.")
-_MODEL_NAME = flags.DEFINE_string("model_name", None, "Model id clients send (default: the "
-                                  "checkpoint's config name).")
-_DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"],
-                           "Compute dtype (default: float32 on CPU, bfloat16 elsewhere).")
-_SLOTS = flags.DEFINE_integer("num_slots", 8, "Requests decoded together.")
-_MAX_LEN = flags.DEFINE_integer("max_len", 1024, "Cache positions per request "
-                                "(prompt + max_tokens).")
-_MAX_QUEUE = flags.DEFINE_integer("max_queue", 256, "Waiting requests before 429s.")
-_PREFIX_MB = flags.DEFINE_float("prefix_cache_mb", 256.0, "Prefix-cache memory (0: off).")
-_WARMUP = flags.DEFINE_bool("warmup", True, "Compile every prompt bucket before serving.")
-
-
-def main(argv):
-    del argv
-    runtime_flags.setup()
-    from jaxinfer.engine import EngineConfig
-    from jaxinfer.server import serve
-
-    serve(_CKPT.value, host=_HOST.value, port=_PORT.value, dtype=_DTYPE.value,
-          model_name=_MODEL_NAME.value, warmup=_WARMUP.value,
-          config=EngineConfig(num_slots=_SLOTS.value, max_len=_MAX_LEN.value,
-                              max_queue=_MAX_QUEUE.value, prefix_cache_mb=_PREFIX_MB.value))
-
+from jaxinfer.cli.serve import run
 
 if __name__ == "__main__":
-    run_main(main)
+    run()

@@ -2,7 +2,8 @@
 
 Block formats are decoded by the `gguf` package's own dequantizers, so every type it
 knows (F32/F16/BF16, Q8_0, Q4_0, Q4_1, K-quants, ...) works here and none is re-implemented.
-Weights come out float32: quantization is a storage format, the engine computes in float.
+Weights come out float32, or with `quantized=True` Q8_0/Q4_0/Q4_1 blocks become QArrays
+directly (gguf_quant.py), keeping the file's own scales.
 
 llama.cpp's converter permutes the rows of each Q/K head of `llama` models from Hugging
 Face's rotate-half RoPE layout into interleaved pairs; we permute them back, because the
@@ -33,8 +34,10 @@ _QUANT_SUFFIX = re.compile(r"[.-](?:[A-Z]*Q\d\w*|BF16|F16|F32)$", re.IGNORECASE)
 Progress = Callable[[int, int], None]
 
 
-def load_gguf(path: str | Path, progress: Progress | None = None) -> tuple[ModelConfig, dict]:
-    """Read a GGUF file into `(config, weights)`; weights are float32 numpy arrays.
+def load_gguf(path: str | Path, progress: Progress | None = None, quantized: bool = False
+              ) -> tuple[ModelConfig, dict]:
+    """Read a GGUF file into `(config, weights)`; weights are float32 numpy arrays, or with
+    `quantized` the file's Q8_0/Q4_0/Q4_1 blocks as QArrays (quant.infer_config tells how).
 
     `progress(done, total)` is called after each layer, since large files take a while.
     Raises ConversionError (naming the path) on corrupt, truncated or unsupported files.
@@ -51,8 +54,15 @@ def load_gguf(path: str | Path, progress: Progress | None = None) -> tuple[Model
     cfg = _config(reader, tensors, path)
     get = _getter(tensors, path)
     try:
-        weights = _weights(cfg, get, _ARCHS[_arch(reader, path)], progress)
-        check_weights(weight_specs(cfg), weights)
+        permuted = _ARCHS[_arch(reader, path)]
+        if quantized:
+            from jaxinfer.convert.gguf_quant import quantized_weights
+
+            qc, weights = quantized_weights(cfg, tensors, permuted, get, _to_rotate_half, path,
+                                            progress)
+        else:
+            qc, weights = None, _weights(cfg, get, permuted, progress)
+        check_weights(weight_specs(cfg, quant=qc), weights)
     except ConversionError:
         raise
     except (ValueError, NotImplementedError) as e:  # ConfigError is a ValueError too

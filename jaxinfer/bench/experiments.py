@@ -1,0 +1,168 @@
+"""The speed-work comparisons, each an A/B on the same model and prompt.
+
+    dtype   float32 vs bfloat16 compute (batch-1 decode through the while loop)
+    donate  the decode step with the state donated vs copied (host loop, one step ahead)
+    loop    the jitted while loop vs a host loop of one dispatch per token
+    bucket  decode speed vs cache length S (the XLA attention reads the whole bucket)
+    layers  the forward alone (greedy, no sampling): layers under lax.scan (the model) vs a
+            Python loop over static layer slices, to see what the scan's per-layer
+            dynamic slice of the stacked weights costs
+
+Run at batch 1 and at min(largest batch, 8). Every figure is decode tokens/s (rows x
+steps / seconds), median over repeats, after one untimed run compiles.
+"""
+
+from __future__ import annotations
+
+import functools
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxinfer import generate as gen
+from jaxinfer.kv_cache import init_cache
+from jaxinfer.sampling import SamplingArrays, SamplingParams
+
+EXPERIMENTS = ("dtype", "donate", "loop", "bucket", "layers")
+_GREEDY0 = SamplingParams(temperature=0.0, seed=0)
+
+
+def _start(llm, ids: list[int], batch: int, S: int, n: int) -> gen.DecodeState:
+    T = gen.bucket(len(ids), gen.MIN_PROMPT_BUCKET, S)
+    prompt_BT = np.zeros((batch, T), np.int32)
+    prompt_BT[:, : len(ids)] = ids
+    return gen.start(llm.params, prompt_BT, np.full((batch,), len(ids), np.int32),
+                     init_cache(llm.cfg, batch, S, llm.dtype),
+                     SamplingArrays.from_params([_GREEDY0] * batch),
+                     np.full((batch,), n, np.int32), np.array([-1], np.int32), cfg=llm.cfg,
+                     max_out=gen.bucket(n, 16, S), impl=llm.impl)
+
+
+def _step_copied(weights, state, cfg, impl):
+    state = gen._step(weights, state, cfg, impl)
+    return state, jnp.stack([state.tokens_B, state.done_B.astype(jnp.int32)])
+
+
+# The same step as generate.step, but its input state is not donated: XLA must copy the
+# cache (and every other state buffer) into fresh outputs each step.
+step_copied = jax.jit(_step_copied, static_argnames=("cfg", "impl"))
+
+
+def _while_loop(llm, state, n: int) -> float:
+    state = gen.run_loop(llm.params, state, cfg=llm.cfg, impl=llm.impl)
+    state.tokens_B.block_until_ready()
+    return n - 1
+
+
+def _host_loop(step_fn: Callable, llm, state, n: int) -> float:
+    """The streaming pattern: dispatch step i+1, then read token i on the host."""
+    pending = None
+    for _ in range(n - 1):
+        state, out = step_fn(llm.params, state, cfg=llm.cfg, impl=llm.impl)
+        if pending is not None:
+            np.asarray(pending)
+        pending = out
+    np.asarray(pending)
+    return n - 1
+
+
+def decode_tps(llm, ids: list[int], batch: int, S: int, n: int, runner: Callable,
+               repeats: int) -> float:
+    """Rows x decode steps / seconds (prefill excluded), median of `repeats` after a warm-up."""
+    rates = []
+    for r in range(repeats + 1):
+        state = _start(llm, ids, batch, S, n)
+        state.tokens_B.block_until_ready()
+        t0 = time.perf_counter()
+        steps = runner(llm, state, n)
+        if r:
+            rates.append(batch * steps / (time.perf_counter() - t0))
+    return statistics.median(rates)
+
+
+def _unrolled_logits(weights, tokens_B, cache, cfg, impl):
+    """model.decode_logits with the layer scan unrolled into static slices."""
+    from jaxinfer.layers import rms_norm
+    from jaxinfer.model import _block, unembed
+
+    B = tokens_B.shape[0]
+    x = jnp.take(weights["embed"], tokens_B[:, None], axis=0)
+    carry = (x, cache.k, cache.v, cache.lengths[:, None],
+             jnp.arange(B, dtype=jnp.int32)[:, None])
+    for i in range(cfg.num_layers):
+        w = jax.tree.map(lambda a, i=i: a[i], weights["layers"])
+        carry, _ = _block(cfg, impl, carry, (w, jnp.int32(i)))
+    x = rms_norm(carry[0], weights["final_norm"], cfg.rms_norm_eps)
+    return unembed(weights, x[:, 0]), type(cache)(carry[1], carry[2], cache.lengths + 1)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "impl", "n", "unrolled"),
+                   donate_argnames=("cache",))
+def _greedy_steps(weights, tokens_B, cache, cfg, impl, n, unrolled):
+    from jaxinfer.model import decode_logits
+
+    fn = _unrolled_logits if unrolled else decode_logits
+
+    def body(_, c):
+        tok, cache = c
+        logits, cache = fn(weights, tok, cache, cfg, impl)
+        return jnp.argmax(logits, -1).astype(jnp.int32), cache
+
+    return jax.lax.fori_loop(0, n, body, (tokens_B, cache))
+
+
+def forward_tps(llm, batch: int, S: int, n: int, unrolled: bool, repeats: int) -> float:
+    rates = []
+    for r in range(repeats + 1):
+        cache = init_cache(llm.cfg, batch, S, llm.dtype)
+        tok = jnp.zeros((batch,), jnp.int32)
+        jax.block_until_ready(cache)
+        t0 = time.perf_counter()
+        out = _greedy_steps(llm.params, tok, cache, cfg=llm.cfg, impl=llm.impl, n=n,
+                            unrolled=unrolled)
+        jax.block_until_ready(out)
+        if r:
+            rates.append(batch * n / (time.perf_counter() - t0))
+    return statistics.median(rates)
+
+
+def run(llm, which: list[str], ids: list[int], n: int, batch: int, repeats: int,
+        load_bf16: Callable[[], Any], progress: Callable[[str], None]) -> dict[str, Any]:
+    """The selected experiments on `llm` (decode at 1 and `batch` rows where it matters)."""
+    S = gen.bucket(len(ids) + n, gen.MIN_CACHE_BUCKET, llm.cfg.max_seq_len)
+    donated = functools.partial(_host_loop, gen.step)
+    copied = functools.partial(_host_loop, step_copied)
+    out: dict[str, Any] = {"cache_len": S}
+    tps = functools.partial(decode_tps, ids=ids, n=n, repeats=repeats)
+    if "dtype" in which:
+        progress("experiment dtype: float32 vs bfloat16")
+        out["dtype"] = {str(jnp.dtype(llm.dtype)): tps(llm, batch=1, S=S, runner=_while_loop)}
+        other = load_bf16()
+        out["dtype"][str(jnp.dtype(other.dtype))] = tps(other, batch=1, S=S,
+                                                        runner=_while_loop)
+        del other
+    if "donate" in which:
+        progress(f"experiment donate: donated vs copied state, batch {batch}")
+        out["donate"] = {"batch": batch,
+                         "donated": tps(llm, batch=batch, S=S, runner=donated),
+                         "copied": tps(llm, batch=batch, S=S, runner=copied)}
+    if "loop" in which:
+        progress("experiment loop: while loop vs host loop")
+        out["loop"] = {str(b): {"while_loop": tps(llm, batch=b, S=S, runner=_while_loop),
+                                "host_loop": tps(llm, batch=b, S=S, runner=donated)}
+                       for b in sorted({1, batch})}
+    if "bucket" in which:
+        progress("experiment bucket: decode speed vs cache length")
+        sizes = [s for s in (S, 4 * S, 16 * S) if s <= llm.cfg.max_seq_len]
+        out["bucket"] = {str(b): {str(s): tps(llm, batch=b, S=s, runner=_while_loop)
+                                  for s in sizes} for b in sorted({1, batch})}
+    if "layers" in which:
+        progress("experiment layers: scanned vs unrolled layers (forward + argmax)")
+        out["layers"] = {str(b): {k: forward_tps(llm, b, S, n, k == "unrolled", repeats)
+                                  for k in ("scan", "unrolled")} for b in sorted({1, batch})}
+    return out

@@ -1,0 +1,177 @@
+"""jaxinfer's own timings: warm TTFT, streaming inter-token latency, decode and batch
+throughput, compilations, memory, and model-bandwidth utilization (MBU).
+
+MBU = (bytes a decode step must read) / (step time) / (measured copy bandwidth), where the
+bytes are every weight the step touches plus the K/V of the positions actually attended
+(the useful work: a kernel reading a padded cache bucket does more than this).
+"""
+
+from __future__ import annotations
+
+import resource
+import statistics
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxinfer.runtime import CompileCounter
+from jaxinfer.sampling import GREEDY
+
+_PROMPT_TEXT = ("The history of computing is a story of ideas that took decades to become "
+                "practical, of machines that filled rooms and then fit in a pocket, and of "
+                "people who kept asking what else a computer could do. ")
+
+
+class CompileStats(CompileCounter):
+    """CompileCounter that also sums the seconds spent in XLA backend compiles and counts
+    how many of those were served from the persistent compilation cache (cache_hits)."""
+
+    def __init__(self):
+        self.seconds, self.cache_hits = 0.0, 0
+        super().__init__()
+        jax.monitoring.register_event_listener(self._on_event)
+
+    def _on_event(self, event: str, **kw) -> None:
+        if self._active and event == "/jax/compilation_cache/cache_hits":
+            self.cache_hits += 1
+
+    def _on_duration(self, event: str, duration: float, **kw) -> None:
+        if self._active and event == "/jax/core/compile/backend_compile_duration":
+            self.count += 1
+            self.seconds += duration
+
+    def __enter__(self) -> CompileStats:
+        self.seconds, self.cache_hits = 0.0, 0
+        super().__enter__()
+        return self
+
+
+def prompt_ids(llm, n: int) -> list[int]:
+    """A deterministic prompt of exactly n tokens (English text for a real tokenizer)."""
+    from jaxinfer.bench.presets import IdTokenizer
+
+    if isinstance(llm.tokenizer, IdTokenizer):
+        return [int(i) for i in (np.arange(n) * 7919 + 11) % llm.cfg.vocab_size]
+    ids = llm.tokenizer.encode(_PROMPT_TEXT)
+    return (ids * (n // len(ids) + 1))[:n]
+
+
+def ignore_eos(llm) -> None:
+    """Every run then decodes exactly max_new_tokens (peers are run the same way)."""
+    llm.eos = np.array([-1], np.int32)
+
+
+def summary(xs: list[float]) -> dict[str, float]:
+    return {"median": statistics.median(xs), "min": min(xs), "max": max(xs), "n": len(xs)}
+
+
+def time_stream(llm, ids: list[int], n: int) -> dict[str, Any]:
+    """One streamed completion: TTFT, decode rate and the gaps between yielded deltas."""
+    res, times = [], []
+    for _ in llm.stream(ids, sampling=GREEDY, max_new_tokens=n, result=res):
+        times.append(time.perf_counter())
+    c = res[0]
+    gaps = np.diff(times) * 1e3
+    return {"ttft_s": c.ttft_s, "decode_tps": c.decode_tokens_per_s,
+            "itl_ms": gaps.tolist(), "tokens": len(c.token_ids), "deltas": len(times)}
+
+
+def time_generate(llm, ids: list[int], n: int, batch: int) -> dict[str, Any]:
+    """One batch through the jitted while loop (LLM.generate): prefill + n tokens per row."""
+    t0 = time.perf_counter()
+    outs = llm.generate([ids] * batch, sampling=GREEDY, max_new_tokens=n)
+    total = time.perf_counter() - t0
+    tokens = sum(len(o.token_ids) for o in outs)
+    return {"ttft_s": outs[0].ttft_s, "total_s": total, "tokens": tokens,
+            "throughput_tps": tokens / total,
+            "decode_tps": batch * outs[0].decode_tokens_per_s}
+
+
+def time_engine(llm, ids: list[int], n: int, batch: int, repeats: int) -> dict[str, Any]:
+    """The serving engine (host-stepped continuous batching) with `batch` slots, all busy."""
+    import copy
+
+    from jaxinfer.engine import Engine, EngineConfig
+    from jaxinfer.generate import bucket
+
+    tok = copy.copy(llm.tokenizer)
+    tok.eos_ids = ()
+    cfg = llm.cfg.replace(eos_token_ids=())
+    S = bucket(len(ids) + n, 256, cfg.max_seq_len)
+    econf = EngineConfig(num_slots=batch, max_len=S, prefix_block=0,
+                         min_prompt_bucket=bucket(len(ids), 1, S))
+    with Engine(llm.params, cfg, tok, econf, llm.impl) as engine:
+        rates = []
+        for r in range(repeats + 1):  # the first run compiles
+            t0 = time.perf_counter()
+            outs = engine.generate([ids] * batch, sampling=GREEDY, max_tokens=n)
+            dt = time.perf_counter() - t0
+            if r:
+                rates.append(sum(len(o.token_ids) for o in outs) / dt)
+    return {"batch": batch, "throughput_tps": summary(rates)}
+
+
+def _best_time(f, *args, repeats: int) -> float:
+    jax.block_until_ready(f(*args))
+    ts = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(f(*args))
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)
+
+
+def copy_bandwidth(nbytes: int, repeats: int = 10) -> float:
+    """The machine's achievable memory bandwidth (bytes/s), best of two jitted probes over
+    `nbytes`: an elementwise pass (bytes read + written; what GPU copy figures count) and
+    a matrix-vector product (bytes read; XLA:CPU runs elementwise ops on one thread but
+    dots on all cores, so on CPU only the dot sees the whole memory system)."""
+    x = jnp.ones((nbytes // 4,), jnp.float32)
+    copy = 2 * x.nbytes / _best_time(jax.jit(lambda a: a + 1.0), x, repeats=repeats)
+    del x
+    a = jnp.ones((max(nbytes // 4 // 4096, 1), 4096), jnp.float32)
+    v = jnp.ones((4096,), jnp.float32)
+    matvec = a.nbytes / _best_time(jax.jit(jnp.dot), a, v, repeats=repeats)
+    return max(copy, matvec)
+
+
+def step_bytes(llm, batch: int, context: float) -> dict[str, float]:
+    """Bytes one decode step must read: weights (the embedding table only if it is also
+    the output head) plus K and V of `context` positions per row, every layer."""
+    cfg = llm.cfg
+    weights = sum(a.nbytes for a in jax.tree.leaves(llm.params))
+    if not cfg.tie_embeddings:
+        weights -= llm.params["embed"].nbytes  # only B rows of it are gathered
+    itemsize = jnp.dtype(llm.dtype).itemsize
+    kv = 2 * cfg.num_layers * batch * cfg.num_kv_heads * context * cfg.head_dim * itemsize
+    return {"weights": float(weights), "kv": float(kv)}
+
+
+def mbu(llm, batch: int, decode_tps: float, context: float, bandwidth: float) -> float:
+    b = step_bytes(llm, batch, context)
+    step_s = batch / decode_tps
+    return (b["weights"] + b["kv"]) / step_s / bandwidth
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set. VmHWM, not getrusage: Linux carries ru_maxrss
+    over execve, so a child spawned by a big parent would report the parent's peak."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def memory() -> dict[str, Any]:
+    """Peak host RSS of this process and, where the backend reports it, device peak."""
+    stats = jax.devices()[0].memory_stats() or {}
+    return {"host_peak_rss_bytes": peak_rss_bytes(),
+            "device_peak_bytes": stats.get("peak_bytes_in_use"),
+            "live_array_bytes": sum(a.nbytes for a in jax.live_arrays())}

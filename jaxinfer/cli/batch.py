@@ -1,0 +1,60 @@
+"""Generate for every line of a JSONL file through the engine; resumable.
+
+    jaxinfer-batch --input=prompts.jsonl --output=results.jsonl
+    # or: python scripts/batch_generate.py --input=prompts.jsonl --output=results.jsonl
+    # input lines: {"id": ..., "prompt": ...} or {"id": ..., "messages": [...]}, with
+    # optional max_tokens, stop and sampling fields (temperature, top_p, top_k, min_p,
+    # seed, presence_penalty, frequency_penalty, repetition_penalty)
+
+Rerunning the same command skips ids already in the output; a bad line becomes a result
+line with an "error" field. The flags below give the defaults for fields a line omits.
+"""
+
+from absl import flags
+
+from jaxinfer import flags as runtime_flags
+from jaxinfer.cli import run_program
+
+_INPUT = flags.DEFINE_string("input", None, "JSONL file of requests.", required=True)
+_OUTPUT = flags.DEFINE_string("output", None, "JSONL file results are appended to.",
+                              required=True)
+_CKPT = flags.DEFINE_string("checkpoint", None, "Orbax checkpoint dir (default: SmolLM2).")
+_DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"],
+                           "Compute dtype (default: float32 on CPU, bfloat16 elsewhere).")
+_SLOTS = flags.DEFINE_integer("num_slots", 8, "Requests decoded together.")
+_MAX_LEN = flags.DEFINE_integer("max_len", 1024, "Cache positions per request "
+                                "(prompt + max_tokens).")
+_PREFIX_MB = flags.DEFINE_float("prefix_cache_mb", 256.0, "Prefix-cache memory (0: off).")
+_MIN_BUCKET = flags.DEFINE_integer("min_prompt_bucket", None, "Smallest prompt bucket "
+                                   "(default: the engine's).")
+_BUDGET = flags.DEFINE_integer("prefill_token_budget", None, "Prompt tokens prefilled per "
+                               "engine turn (default: the engine's).")
+_MAX_TOKENS = flags.DEFINE_integer("max_tokens", 256, "Default tokens per request.")
+_TEMP = flags.DEFINE_float("temperature", 1.0, "Default temperature (0: greedy).")
+_TOP_P = flags.DEFINE_float("top_p", 1.0, "Default nucleus mass in (0, 1].")
+_TOP_K = flags.DEFINE_integer("top_k", 0, "Default top-k (0: off).")
+_SEED = flags.DEFINE_integer("seed", None, "Default seed (each line may set its own).")
+_PROGRESS = flags.DEFINE_bool("progress", True, "Show a progress bar on stderr.")
+
+
+def main(argv):
+    del argv
+    runtime_flags.setup()
+    from jaxinfer.batch import run_batch_job
+    from jaxinfer.engine import EngineConfig
+
+    defaults = {"max_tokens": _MAX_TOKENS.value, "temperature": _TEMP.value,
+                "top_p": _TOP_P.value, "top_k": _TOP_K.value}
+    if _SEED.value is not None:
+        defaults["seed"] = _SEED.value
+    extra = {"min_prompt_bucket": _MIN_BUCKET.value, "prefill_token_budget": _BUDGET.value}
+    config = EngineConfig(num_slots=_SLOTS.value, max_len=_MAX_LEN.value,
+                          prefix_cache_mb=_PREFIX_MB.value,
+                          **{k: v for k, v in extra.items() if v is not None})
+    run_batch_job(_INPUT.value, _OUTPUT.value, _CKPT.value, _DTYPE.value, config, defaults,
+                  _PROGRESS.value)
+
+
+def run() -> None:
+    """The `jaxinfer-batch` console entry point."""
+    run_program(__name__, main)

@@ -1,0 +1,145 @@
+"""GGUF Q8_0 / Q4_0 / Q4_1 blocks straight into QArrays, without a float round trip.
+
+A ggml block covers 32 consecutive inputs of one output row: an f16 scale d (and for Q4_1
+an f16 min m) and 32 integers q. The file's own numbers are kept:
+    Q8_0  w = d * q,              q int8          -> int8, group 32
+    Q4_0  w = d * (q - 8),        q in [0, 15]    -> int4 (q - 8), group 32
+    Q4_1  w = d * q + m                           -> int4 (q - 8), offsets m + 8 d
+Q4 nibbles: byte j holds input j (low) and input j + 16 (high). Rows are outputs, so the
+llama.cpp Q/K row permutation moves values and scales together, and the transpose into
+the jaxinfer layout puts the 32-wide groups on the contraction axis.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from jaxinfer.config import ModelConfig
+from jaxinfer.errors import ConversionError
+from jaxinfer.quant import QArray, QuantConfig, QuantSpec
+from jaxinfer.weights import EMBED_QUANT_AXES, LINEAR_QUANT_AXES
+
+BLOCK = 32
+# ggml type name -> (bits, offsets, bytes per block)
+QTYPES = {"Q8_0": (8, False, 34), "Q4_0": (4, False, 18), "Q4_1": (4, True, 20)}
+_LINEAR = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
+
+
+def _type(t: Any) -> str:
+    return t.tensor_type.name
+
+
+def quant_config(tensors: dict[str, Any], cfg: ModelConfig, path: Path) -> QuantConfig:
+    """The QuantConfig that keeps this file's blocks, or ConversionError naming the types
+    that cannot be kept (K-quants, mixed types across the linear layers)."""
+    lin = {_type(tensors[f"blk.{i}.{n}.weight"]) for i in range(cfg.num_layers) for n in _LINEAR
+           if f"blk.{i}.{n}.weight" in tensors}
+    emb = {_type(tensors[n]) for n in ("token_embd.weight", "output.weight") if n in tensors}
+    bad = (len(lin) != 1 or not lin <= QTYPES.keys() or len(emb) != 1
+           or not emb <= QTYPES.keys() | {"F32", "F16", "BF16"})
+    if bad:
+        raise ConversionError(
+            f"cannot keep the quantized blocks of GGUF file {path}: linear layers are "
+            f"{sorted(lin)}, embeddings {sorted(emb)}; direct import needs one of "
+            f"{sorted(QTYPES)} throughout the linear layers (convert to float and quantize "
+            "with --quantize=int8 or int4 instead)")
+    spec = lambda name: QuantSpec(QTYPES[name][0], BLOCK, QTYPES[name][1])
+    (e,) = emb
+    return QuantConfig(linear=spec(lin.pop()), embed=spec(e) if e in QTYPES else None)
+
+
+def blocks(t: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """A 2-D quantized tensor as (values int8 [R, C], scales f32 [R, C/32], offsets|None)."""
+    bits, has_min, nbytes = QTYPES[_type(t)]
+    R, C = (int(s) for s in reversed(t.shape))
+    b = np.asarray(t.data.view(np.ndarray)).reshape(R, C // BLOCK, nbytes)
+    f16 = lambda lo, hi: np.ascontiguousarray(b[..., lo:hi]).view(np.float16)[..., 0].astype(
+        np.float32)
+    d = f16(0, 2)
+    if bits == 8:
+        q = np.ascontiguousarray(b[..., 2:]).view(np.int8)
+        return q.reshape(R, C), d, None
+    qs = b[..., 4:] if has_min else b[..., 2:]
+    q = np.concatenate([qs & 0x0F, qs >> 4], axis=-1).astype(np.int8) - 8
+    return q.reshape(R, C), d, (f16(2, 4) + 8 * d if has_min else None)
+
+
+def _rows_to_layout(a: np.ndarray, shape: tuple[int, ...], group_axis: int, grouped: bool
+                    ) -> np.ndarray:
+    """[out rows, in cols] (values) or [out rows, in cols / 32] (scales) -> the jaxinfer
+    layout `shape` of the weight, with the group count in place of the group axis."""
+    out = list(shape)
+    if grouped:
+        out[group_axis] //= BLOCK
+    return np.ascontiguousarray(a.T).reshape(out)
+
+
+def quantized_weights(cfg: ModelConfig, tensors: dict[str, Any], permuted: bool,
+                      get: Callable[..., np.ndarray], fix: Callable, path: Path,
+                      progress: Callable[[int, int], None] | None = None
+                      ) -> tuple[QuantConfig, dict]:
+    """The weight tree with QArray linear (and embedding) weights; `get` reads float
+    tensors (norms, biases, float embeddings), `fix` is the Q/K row un-permutation."""
+    qc = quant_config(tensors, cfg, path)
+    L, D, F, N, K, H = (cfg.num_layers, cfg.d_model, cfg.mlp_dim, cfg.num_heads,
+                        cfg.num_kv_heads, cfg.head_dim)
+    if H % BLOCK:
+        raise ConversionError(f"head_dim {H} of {path} is not a multiple of {BLOCK}: "
+                              "ggml blocks would straddle heads")
+    shapes = {"wq": (D, N, H), "wk": (D, K, H), "wv": (D, K, H), "wo": (N, H, D),
+              "w_gate": (D, F), "w_up": (D, F), "w_down": (F, D)}
+    src = {"wq": ("attn_q", N), "wk": ("attn_k", K), "wv": ("attn_v", None),
+           "wo": ("attn_output", None), "w_gate": ("ffn_gate", None),
+           "w_up": ("ffn_up", None), "w_down": ("ffn_down", None)}
+    parts: dict[str, list] = {n: [] for n in shapes}
+    for i in range(L):
+        for name, (gname, heads) in src.items():
+            t = tensors.get(f"blk.{i}.{gname}.weight")
+            if t is None:
+                raise ConversionError(f"GGUF file {path} lacks tensor blk.{i}.{gname}.weight")
+            v, s, o = blocks(t)
+            if permuted and heads:
+                v, s, o = (None if a is None else fix(a, heads) for a in (v, s, o))
+            parts[name].append((v, s, o))
+        if progress:
+            progress(i + 1, L)
+    layers = {}
+    for name, shape in shapes.items():
+        ga = LINEAR_QUANT_AXES[name][1]
+        stack = lambda j, grouped, name=name, shape=shape, ga=ga: np.stack(
+            [_rows_to_layout(p[j], shape, ga, grouped) for p in parts[name]])
+        layers[name] = _qarray(stack(0, False), stack(1, True),
+                               stack(2, True) if qc.linear.offsets else None, qc.linear, ga)
+    for norm, gname in (("attn_norm", "attn_norm"), ("mlp_norm", "ffn_norm")):
+        layers[norm] = np.stack([get(f"blk.{i}.{gname}.weight", (D,)) for i in range(L)])
+    if cfg.qkv_bias:
+        for b, gname, heads in (("bq", "attn_q", N), ("bk", "attn_k", K), ("bv", "attn_v", K)):
+            rows = [get(f"blk.{i}.{gname}.bias", (heads * H,)) for i in range(L)]
+            if permuted and b != "bv":
+                rows = [fix(r, heads) for r in rows]
+            layers[b] = np.stack(rows).reshape(L, heads, H)
+    weights = {"layers": layers, "final_norm": get("output_norm.weight", (D,))}
+    for name, gname in (("embed", "token_embd"), ("lm_head", "output")):
+        t = tensors.get(f"{gname}.weight")
+        if t is None:
+            continue
+        if qc.embed is None:  # float embeddings stay float
+            weights[name] = get(f"{gname}.weight", (cfg.vocab_size, D))
+            if name == "lm_head":
+                weights[name] = np.ascontiguousarray(weights[name].T)
+            continue
+        v, s, o = blocks(t)
+        if name == "lm_head":  # [V, D] -> [D, V]
+            v, s, o = (None if a is None else np.ascontiguousarray(a.T) for a in (v, s, o))
+        weights[name] = _qarray(v, s, o, qc.embed, EMBED_QUANT_AXES[name][1])
+    return qc, weights
+
+
+def _qarray(v: np.ndarray, s: np.ndarray, o: np.ndarray | None, spec: QuantSpec, ga: int
+            ) -> QArray:
+    return QArray(values=v.astype(spec.dtype), scales=s, offsets=o, group_axis=ga)
+

@@ -1,0 +1,317 @@
+"""Speculative decoding: a cheap draft proposes k tokens, the target checks them in one pass.
+
+One round, per row (pure, jitted, batched):
+    draft   d_1..d_k with proposal distributions q_1..q_k (a small model, or prompt lookup)
+    verify  target distributions p_0..p_k for [x_0, d_1..d_k] in ONE forward over the cache
+    accept  d_i while u_i < p_{i-1}(d_i) / q_{i-1}(d_i); at the first rejection draw from
+            norm(max(0, p - q)); if all k pass, draw a bonus token from p_k
+    rollback set cache.lengths to the accepted length: K/V written beyond it are hidden by
+            the absolute-position causal mask and overwritten by the next round.
+This is the rule of Leviathan et al. and Chen et al. (2023): every emitted token has
+exactly the target's sampling distribution. Greedy rows use one-hot p and q, so they accept
+exactly the draft tokens equal to the target's argmax and reproduce the target's greedy
+output. The prompt-lookup draft is deterministic (q one-hot): it accepts d with prob p(d).
+
+Shapes: B rows, k = num_speculative_tokens, V vocab, S sequence buffer = cache length.
+    seq_BS     i32[B, S] prompt + generated tokens (the prompt-lookup draft's haystack)
+    seq_len_B  i32[B]    tokens in seq_BS; both caches hold K/V for the first seq_len - 1
+                         (the last token is the next round's first input)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxinfer import generate as gen
+from jaxinfer.config import ModelConfig
+from jaxinfer.errors import BadRequestError
+from jaxinfer.kv_cache import KVCache, cache_shardings, init_cache
+from jaxinfer.model import decode_logits, hidden_states, prefill, unembed
+from jaxinfer.sampling import SamplingArrays, SamplingParams, filter_logits
+from jaxinfer.weights import Weights
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class SpecState:
+    target_cache: KVCache
+    draft_cache: KVCache | None  # None for the prompt-lookup draft
+    seq_BS: jax.Array  # i32[B, S]
+    seq_len_B: jax.Array  # i32[B]
+    num_generated_B: jax.Array  # i32[B]
+    max_new_B: jax.Array  # i32[B]
+    done_B: jax.Array  # bool[B]
+    finish_eos_B: jax.Array  # bool[B]
+    sampling: SamplingArrays
+    eos_E: jax.Array  # i32[E]
+    output_BM: jax.Array  # i32[B, M]
+    rounds_B: jax.Array  # i32[B] verification passes
+    accepted_B: jax.Array  # i32[B] draft tokens accepted (of k per round)
+
+
+def probs(logits_BTV: jax.Array, arrays: SamplingArrays) -> jax.Array:
+    """The distribution each row samples from, f32[B, T, V]: temperature, top-k/p, min-p
+    as in sampling.py; greedy rows (temperature 0) get the one-hot of the argmax."""
+    B, T, V = logits_BTV.shape
+    rows = jax.tree.map(lambda a: jnp.repeat(a, T, axis=0), arrays)
+    raw = logits_BTV.reshape(B * T, V).astype(jnp.float32)
+    sampling = rows.temperature > 0
+    x = raw / jnp.where(sampling, rows.temperature, 1.0)[:, None]
+    filters = ((rows.top_k > 0) & (rows.top_k < V)) | (rows.top_p < 1) | (rows.min_p > 0)
+    x = jax.lax.cond(jnp.any(filters & sampling), lambda x: filter_logits(x, rows),
+                     lambda x: x, x)
+    p = jnp.where(sampling[:, None], jax.nn.softmax(x, -1),
+                  jax.nn.one_hot(jnp.argmax(raw, -1), V, dtype=jnp.float32))
+    return p.reshape(B, T, V)
+
+
+def _draw(keys_B: jax.Array, p_BV: jax.Array) -> jax.Array:
+    return jax.vmap(jax.random.categorical)(keys_B, jnp.log(p_BV)).astype(jnp.int32)
+
+
+def ngram_propose(seq_BS: jax.Array, seq_len_B: jax.Array, ngram_size: int, k: int
+                  ) -> jax.Array:
+    """Prompt lookup: find the latest earlier occurrence of the last n tokens (n from
+    ngram_size down to 1) and propose the k tokens that followed it, i32[B, k]. Without a
+    match it proposes the last token repeated (any deterministic guess keeps the rule exact).
+    """
+    B, S = seq_BS.shape
+    pos_S = jnp.arange(S, dtype=jnp.int32)
+    tail = lambda t: jnp.take_along_axis(seq_BS, jnp.maximum(seq_len_B - 1 - t, 0)[:, None],
+                                         1)
+    best_B = jnp.full((B,), -1, jnp.int32)
+    for n in range(ngram_size, 0, -1):
+        # match_BS[b, j]: seq[j - t] == seq[seq_len - 1 - t] for t < n, j an earlier end.
+        match = (pos_S >= n - 1)[None] & (pos_S[None] <= seq_len_B[:, None] - 2)
+        match &= (seq_len_B >= n + 1)[:, None]
+        for t in range(n):
+            shifted = jnp.pad(seq_BS, ((0, 0), (t, 0)))[:, :S]  # shifted[j] = seq[j - t]
+            match &= shifted == tail(t)
+        j_B = jnp.max(jnp.where(match, pos_S[None], -1), axis=1)
+        best_B = jnp.where(best_B < 0, j_B, best_B)
+    idx_BK = jnp.where(best_B[:, None] >= 0, best_B[:, None] + 1 + jnp.arange(k)[None],
+                       seq_len_B[:, None] - 1)
+    return jnp.take_along_axis(seq_BS, jnp.minimum(idx_BK, seq_len_B[:, None] - 1), 1)
+
+
+def _draft_model(dw: Weights, state: SpecState, dcfg: ModelConfig, k: int, key,
+                 impl: str) -> tuple[jax.Array, jax.Array, KVCache]:
+    """k draft decode steps. The first step re-feeds the last two tokens at seq_len - 2, so
+    the draft catches up whatever the previous round accepted (at most one token behind)."""
+    seq, n = state.seq_BS, state.seq_len_B
+    two_B2 = jnp.take_along_axis(seq, jnp.stack([n - 2, n - 1], 1), 1)
+    dc = state.draft_cache
+    x, dc = hidden_states(dw, two_B2, KVCache(dc.k, dc.v, n - 2), dcfg, impl)
+    logits_BV = unembed(dw, x[:, 1])
+    dc = KVCache(dc.k, dc.v, n)
+    toks, qs = [], []
+    for i in range(k):
+        q_BV = probs(logits_BV[:, None], state.sampling)[:, 0]
+        d_B = _draw(key(i), q_BV)
+        toks.append(d_B)
+        qs.append(q_BV)
+        if i < k - 1:
+            logits_BV, dc = decode_logits(dw, d_B, dc, dcfg, impl)
+    return jnp.stack(toks, 1), jnp.stack(qs, 1), dc
+
+
+def _round(tw: Weights, dw: Weights | None, state: SpecState, cfg: ModelConfig,
+           dcfg: ModelConfig | None, k: int, ngram_size: int, impl: str) -> SpecState:
+    B, S = state.seq_BS.shape
+    M = state.output_BM.shape[1]
+    active = ~state.done_B
+    seq_len = state.seq_len_B
+    # Per-row randomness from the row's own seed and step: batch-independent, reproducible.
+    round_keys = jax.vmap(jax.random.fold_in)(state.sampling.keys(),
+                                              state.num_generated_B.astype(jnp.uint32))
+    key = lambda j: jax.vmap(jax.random.fold_in, (0, None))(round_keys, j)
+
+    if dw is None:
+        d_BK = ngram_propose(state.seq_BS, seq_len, ngram_size, k)
+        q_BKV, dc = None, None
+    else:
+        d_BK, q_BKV, dc = _draft_model(dw, state, dcfg, k, key, impl)
+
+    last_B = jnp.take_along_axis(state.seq_BS, (seq_len - 1)[:, None], 1)[:, 0]
+    tc = state.target_cache
+    x, tc = hidden_states(tw, jnp.concatenate([last_B[:, None], d_BK], 1),
+                          KVCache(tc.k, tc.v, seq_len - 1), cfg, impl)
+    p_BTV = probs(unembed(tw, x), state.sampling)  # T = k + 1
+
+    p_d = jnp.take_along_axis(p_BTV[:, :k], d_BK[..., None], -1)[..., 0]
+    q_d = (jnp.ones_like(p_d) if q_BKV is None
+           else jnp.take_along_axis(q_BKV, d_BK[..., None], -1)[..., 0])
+    u_BK = jax.vmap(lambda kk: jax.random.uniform(kk, (k,)))(key(k))
+    ok_BK = u_BK * q_d < p_d  # u < p/q without dividing by q
+    n_acc = jnp.sum(jnp.cumprod(ok_BK.astype(jnp.int32), 1), 1)
+
+    # Correction (or bonus) from norm(max(0, p_j - q_j)) at j = n_acc; q_k = 0 (bonus).
+    p_j = jnp.take_along_axis(p_BTV, n_acc[:, None, None], 1)[:, 0]
+    if q_BKV is None:
+        d_j = jnp.take_along_axis(d_BK, jnp.minimum(n_acc, k - 1)[:, None], 1)[:, 0]
+        q_j = jax.nn.one_hot(d_j, p_j.shape[-1]) * (n_acc < k)[:, None]
+    else:
+        q_pad = jnp.concatenate([q_BKV, jnp.zeros_like(q_BKV[:, :1])], 1)
+        q_j = jnp.take_along_axis(q_pad, n_acc[:, None, None], 1)[:, 0]
+    r_BV = jnp.maximum(p_j - q_j, 0.0)
+    r_BV = jnp.where(jnp.sum(r_BV, -1, keepdims=True) > 0, r_BV, p_j)
+    c_B = _draw(key(k + 1), r_BV)
+
+    # Emit d_1..d_{n_acc}, then c; cut at the first EOS and at the row's budget.
+    ar = jnp.arange(k + 1, dtype=jnp.int32)[None]
+    e_BT = jnp.where(ar == n_acc[:, None], c_B[:, None],
+                     jnp.concatenate([d_BK, jnp.zeros_like(d_BK[:, :1])], 1))
+    eos_BT = jnp.any(e_BT[..., None] == state.eos_E, -1) & (ar <= n_acc[:, None])
+    first_eos = jnp.where(jnp.any(eos_BT, 1), jnp.argmax(eos_BT, 1), k + 1)
+    n_emit = jnp.minimum(jnp.minimum(n_acc + 1, first_eos + 1),
+                         state.max_new_B - state.num_generated_B)
+    n_emit = jnp.where(active, n_emit, 0)
+    emit = ar < n_emit[:, None]
+    rows = jnp.arange(B)[:, None]
+    out = state.output_BM.at[rows, jnp.where(emit, state.num_generated_B[:, None] + ar, M)
+                             ].set(e_BT, mode="drop")
+    seq = state.seq_BS.at[rows, jnp.where(emit, seq_len[:, None] + ar, S)].set(e_BT,
+                                                                               mode="drop")
+    n_gen = state.num_generated_B + n_emit
+    eos_hit = active & (first_eos < n_emit)
+    new_len = seq_len + n_emit
+    return dataclasses.replace(
+        state, target_cache=KVCache(tc.k, tc.v, new_len - 1), draft_cache=dc, seq_BS=seq,
+        seq_len_B=new_len, num_generated_B=n_gen, output_BM=out,
+        done_B=state.done_B | eos_hit | (n_gen >= state.max_new_B),
+        finish_eos_B=state.finish_eos_B | eos_hit,
+        rounds_B=state.rounds_B + active, accepted_B=state.accepted_B + jnp.where(
+            active, n_acc, 0))
+
+
+_STATIC = ("cfg", "draft_cfg", "k", "ngram_size", "impl")
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC, donate_argnames=("state",))
+def step(target_weights: Weights, draft_weights: Weights | None, state: SpecState,
+         cfg: ModelConfig, draft_cfg: ModelConfig | None, k: int, ngram_size: int = 3,
+         impl: str = "xla") -> SpecState:
+    """One draft-and-verify round (1..k+1 new tokens per active row)."""
+    return _round(target_weights, draft_weights, state, cfg, draft_cfg, k, ngram_size, impl)
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC, donate_argnames=("state",))
+def run_loop(target_weights: Weights, draft_weights: Weights | None, state: SpecState,
+             cfg: ModelConfig, draft_cfg: ModelConfig | None, k: int, ngram_size: int = 3,
+             impl: str = "xla") -> SpecState:
+    """Rounds until every row is done, on device."""
+    return jax.lax.while_loop(
+        lambda s: ~jnp.all(s.done_B),
+        lambda s: _round(target_weights, draft_weights, s, cfg, draft_cfg, k, ngram_size,
+                         impl), state)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "draft_cfg", "max_out", "impl"),
+                   donate_argnames=("target_cache", "draft_cache"))
+def start(target_weights: Weights, draft_weights: Weights | None, prompt_BT: jax.Array,
+          prompt_len_B: jax.Array, target_cache: KVCache, draft_cache: KVCache | None,
+          sampling: SamplingArrays, max_new_B: jax.Array, eos_E: jax.Array, cfg: ModelConfig,
+          draft_cfg: ModelConfig | None, max_out: int, impl: str = "xla") -> SpecState:
+    """Prefill both models with the prompts; the target samples each row's first token."""
+    st = gen.start(target_weights, prompt_BT, prompt_len_B, target_cache, sampling, max_new_B,
+                   eos_E, cfg=cfg, max_out=max_out, impl=impl)
+    if draft_weights is not None:
+        _, draft_cache = prefill(draft_weights, prompt_BT, prompt_len_B, draft_cache,
+                                 draft_cfg, impl)
+    B, T = prompt_BT.shape
+    seq = jnp.zeros((B, target_cache.max_len), jnp.int32).at[:, :T].set(prompt_BT)
+    seq = seq.at[jnp.arange(B), prompt_len_B].set(st.tokens_B)
+    zeros = jnp.zeros((B,), jnp.int32)
+    return SpecState(
+        target_cache=st.cache, draft_cache=draft_cache, seq_BS=seq,
+        seq_len_B=prompt_len_B + 1, num_generated_B=st.num_generated_B, max_new_B=max_new_B,
+        done_B=st.done_B, finish_eos_B=st.finish_eos_B, sampling=sampling, eos_E=eos_E,
+        output_BM=st.output_BM, rounds_B=zeros, accepted_B=zeros)
+
+
+def check_request(params: list[SamplingParams], k: int, ngram_size: int,
+                  cfg: ModelConfig, draft_cfg: ModelConfig | None) -> None:
+    """Bad speculative settings raise BadRequestError naming the value."""
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise BadRequestError(f"num_speculative_tokens must be a positive integer, got {k!r}")
+    if draft_cfg is None and (isinstance(ngram_size, bool) or not isinstance(ngram_size, int)
+                              or ngram_size < 1):
+        raise BadRequestError(f"ngram_size must be a positive integer, got {ngram_size!r}")
+    if draft_cfg is not None and draft_cfg.vocab_size != cfg.vocab_size:
+        raise BadRequestError(f"draft vocab_size={draft_cfg.vocab_size} differs from the "
+                              f"target's {cfg.vocab_size}; the models must share a tokenizer")
+    for p in params:
+        if p.repetition_penalty != 1 or p.presence_penalty or p.frequency_penalty:
+            raise BadRequestError("speculative decoding does not support repetition/presence/"
+                                  f"frequency penalties, got {p}")
+
+
+def prepare(prompts: list[list[int]], max_new: list[int], k: int, cfg: ModelConfig,
+            draft_cfg: ModelConfig | None, dtype, mesh: jax.sharding.Mesh | None = None):
+    """Pad prompts to a bucket; allocate both caches with room for k + 1 look-ahead slots."""
+    for p, m in zip(prompts, max_new, strict=True):
+        gen.validate_lengths(len(p), m, cfg)
+    B = len(prompts)
+    T = gen.bucket(max(len(p) for p in prompts), gen.MIN_PROMPT_BUCKET, cfg.max_seq_len)
+    need = max(len(p) + m for p, m in zip(prompts, max_new, strict=True)) + k + 1
+    S = max(T, gen.bucket(need, gen.MIN_CACHE_BUCKET, cfg.max_seq_len + k + 1))
+    M = gen.bucket(max(max_new), 16, cfg.max_seq_len)
+    prompt_BT = np.full((B, T), cfg.pad_token_id, np.int32)
+    for b, p in enumerate(prompts):
+        prompt_BT[b, : len(p)] = p
+
+    def cache(c: ModelConfig) -> KVCache:
+        return init_cache(c, B, S, dtype, cache_shardings(c, B, S, mesh) if mesh else None)
+
+    draft_cache = cache(draft_cfg) if draft_cfg is not None else None
+    return prompt_BT, np.array([len(p) for p in prompts], np.int32), cache(cfg), draft_cache, M
+
+
+@dataclasses.dataclass
+class SpecResult:
+    """Host-side outcome of a batch: tokens per row, timing and acceptance counts."""
+
+    tokens: list[list[int]]
+    finish_eos: list[bool]
+    rounds: list[int]
+    accepted: list[int]
+    k: int
+    ttft_s: float
+    decode_s: float
+
+    def acceptance_rate(self, b: int) -> float:
+        """Accepted draft tokens / proposed draft tokens for row b."""
+        return self.accepted[b] / (self.k * self.rounds[b]) if self.rounds[b] else 0.0
+
+
+def generate_ids(target_weights: Weights, draft_weights: Weights | None, cfg: ModelConfig,
+                 draft_cfg: ModelConfig | None, prompts: list[list[int]],
+                 sampling: list[SamplingParams], max_new: list[int], eos_E: np.ndarray,
+                 k: int, ngram_size: int = 3, dtype=jnp.float32,
+                 mesh: jax.sharding.Mesh | None = None, impl: str = "xla") -> SpecResult:
+    """Speculative generation for a batch of token-id prompts (draft_weights None: n-gram)."""
+    import time
+
+    from jaxinfer.runtime import to_host
+
+    check_request(sampling, k, ngram_size, cfg, draft_cfg)
+    prompt_BT, lens_B, tc, dc, M = prepare(prompts, max_new, k, cfg, draft_cfg, dtype, mesh)
+    t0 = time.perf_counter()
+    state = start(target_weights, draft_weights, prompt_BT, lens_B, tc, dc,
+                  SamplingArrays.from_params(sampling), np.asarray(max_new, np.int32), eos_E,
+                  cfg=cfg, draft_cfg=draft_cfg, max_out=M, impl=impl)
+    state.num_generated_B.block_until_ready()
+    ttft = time.perf_counter() - t0
+    state = run_loop(target_weights, draft_weights, state, cfg=cfg, draft_cfg=draft_cfg, k=k,
+                     ngram_size=ngram_size, impl=impl)
+    out, n, eos, rounds, acc = to_host((state.output_BM, state.num_generated_B,
+                                        state.finish_eos_B, state.rounds_B, state.accepted_B))
+    dt = time.perf_counter() - t0 - ttft
+    return SpecResult([[int(t) for t in out[b, : n[b]]] for b in range(len(prompts))],
+                      [bool(e) for e in eos], [int(r) for r in rounds],
+                      [int(a) for a in acc], k, ttft, dt)
