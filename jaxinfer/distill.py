@@ -241,7 +241,10 @@ def distill_checkpoint(teacher_dir: str | Path, text_file: str | Path, output: s
     scfg, student = prune.prune_weights(teacher, tcfg, keep, ch)
     if mesh is not None:
         student = jax.device_put(student, place(scfg))
-    ppl_init = prune.perplexity(student, scfg, test_ids, dc.seq_len, dc.batch_size)
+    # Perplexity needs one held-out window of seq_len + 1 tokens; None on shorter texts.
+    ppl = lambda w, c: (prune.perplexity(w, c, test_ids, dc.seq_len, dc.batch_size)
+                        if len(test_ids) > dc.seq_len else None)
+    ppl_init = ppl(student, scfg)
     t0 = time.perf_counter()
     student, history = train(student, scfg, teacher, tcfg, train_ids, dc,
                              workdir or output.parent / f"{output.name}.work", mesh, progress)
@@ -256,8 +259,5 @@ def distill_checkpoint(teacher_dir: str | Path, text_file: str | Path, output: s
         "train_tokens": int(len(train_ids)), "held_out_tokens": int(len(test_ids)),
         "steps": dc.steps, "train_seconds_this_run": round(train_s, 1),
         "first_kl": history[0]["kl"], "last_kl": history[-1]["kl"],
-        "perplexity_teacher": prune.perplexity(teacher, tcfg, test_ids, dc.seq_len,
-                                               dc.batch_size),
-        "perplexity_student_init": ppl_init,
-        "perplexity_student": prune.perplexity(student, scfg, test_ids, dc.seq_len,
-                                               dc.batch_size)}
+        "perplexity_teacher": ppl(teacher, tcfg), "perplexity_student_init": ppl_init,
+        "perplexity_student": ppl(student, scfg)}

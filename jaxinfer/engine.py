@@ -113,7 +113,7 @@ class Engine:
         eos = sorted(set(cfg.eos_token_ids) | set(getattr(tokenizer, "eos_ids", ())))
         self.eos_ids = frozenset(eos)
         self._compiles = CompileCounter().__enter__()  # counts from here to close()
-        device = next(iter(params["embed"].devices()))
+        device = next(iter(jax.tree.leaves(params["embed"])[0].devices()))  # QArray too
         self._state = core.init_decode_state(cfg, config.num_slots, self.max_len, self.dtype,
                                              np.asarray(eos or [-1], np.int32), device)
         self._state = core.release(self._state, np.int32(0))  # compile it now, not mid-run

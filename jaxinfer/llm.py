@@ -129,15 +129,17 @@ class LLM:
     @classmethod
     def load(cls, checkpoint: str | Path | None = None, dtype: Any = None,
              mesh: str | jax.sharding.Mesh | None = None, fsdp: bool = False,
-             impl: str = "xla", quantize: str | None = None, group_size: int | None = None,
+             impl: str = "xla", quantize: str | QuantConfig | None = None,
+             group_size: int | None = None,
              kv_dtype: Any = None) -> LLM:
         """Load an Orbax checkpoint directory (default: the embedded SmolLM2 model).
 
         With a mesh ('data:2,model:4' or a Mesh), every weight is restored straight into
         its sharding from the rules table; fsdp also shards the embed axis over 'data'.
         A quantized checkpoint loads quantized by itself; `quantize` ("int8" or "int4",
-        `group_size` for int4) quantizes a float one on load. kv_dtype="int8" keeps the
-        KV cache in int8 with per-token scales (default: the compute dtype).
+        `group_size` for int4, or a quant.QuantConfig) quantizes a float one on load.
+        kv_dtype="int8" keeps the KV cache in int8 with per-token scales (default: the
+        compute dtype).
         """
         if checkpoint is None:
             from jaxinfer import default_model
@@ -147,7 +149,8 @@ class LLM:
         if not isinstance(mesh, jax.sharding.Mesh):
             mesh = make_mesh(mesh) if mesh else None
         stored = load_quant_config(checkpoint)
-        qc = None if quantize is None else QuantConfig.from_mode(quantize, group_size)
+        qc = (quantize if isinstance(quantize, QuantConfig) or quantize is None
+              else QuantConfig.from_mode(quantize, group_size))
         if qc is not None and stored is not None:
             raise ConfigError(f"checkpoint {checkpoint} is already quantized ({stored}); "
                               f"drop quantize={quantize!r}")

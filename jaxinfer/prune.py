@@ -217,7 +217,7 @@ def prune_checkpoint(checkpoint: str | Path, text_file: str | Path, output: str 
                "params": count_params(weight_specs(new_cfg)),
                "teacher_params": count_params(weight_specs(cfg)),
                "layer_cos": [round(float(c), 4) for c in imp.layer_cos_L]}
-    if evaluate:
+    if evaluate and len(test) > seq_len:  # needs one held-out window of seq_len + 1
         summary["perplexity_before"] = perplexity(weights, cfg, test, seq_len, batch_size)
         summary["perplexity_after"] = perplexity(new_w, new_cfg, test, seq_len, batch_size)
     return summary

@@ -87,10 +87,15 @@ class QuantConfig:
     embed: QuantSpec | None = None
 
     @classmethod
-    def from_mode(cls, mode: str, group_size: int | None = None, offsets: bool = False,
+    def from_mode(cls, mode: str, group_size: int | None = None, offsets: bool | None = None,
                   embed: bool = True) -> QuantConfig:
         """'int8': per-channel int8 everywhere. 'int4': group-wise int4 linear layers, with
-        the embedding (the tied unembedding too) per-channel int8, as GGUF Q4 files do."""
+        the embedding (the tied unembedding too) per-channel int8, as GGUF Q4 files do.
+
+        int4 groups carry offsets unless offsets=False: asymmetric groups cost one more
+        float per group and measured 0.03% vs 21% perplexity loss on SmolLM2 (see
+        docs/quantization.md)."""
+        offsets = (mode == "int4") if offsets is None else offsets
         if mode not in MODES:
             raise ConfigError(f"unknown quantization mode {mode!r}; expected one of {MODES}")
         e = QuantSpec(8) if embed else None

@@ -24,6 +24,7 @@ logical axes, so the one rules table shards them with their weights.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -131,10 +132,16 @@ def quantize_weights(weights: Weights, quant: QuantConfig, shardings: Weights | 
         sh = shardings
         for k in path:
             sh = None if sh is None else sh[k]
-        fn = lambda w, spec=spec, c=contract, g=group, dt=w.dtype: quantize(w, spec, c, g, dt)
-        tree[name] = jax.jit(fn, out_shardings=sh)(w)
+        tree[name] = _quantize_fn(spec, contract, group, jnp.dtype(w.dtype), sh)(w)
     out["layers"] = layers
     return out
+
+
+@functools.lru_cache(maxsize=128)
+def _quantize_fn(spec: QuantSpec, contract: tuple[int, ...], group: int, dtype: Any,
+                 sharding: Any) -> Callable:
+    """One jitted quantizer per (spec, axes, dtype, sharding): repeated loads reuse it."""
+    return jax.jit(lambda w: quantize(w, spec, contract, group, dtype), out_shardings=sharding)
 
 
 def map_specs(fn: Callable[[ArrayInfo], Any], specs: Weights) -> Weights:

@@ -60,10 +60,11 @@ def main(argv):
     accel = jax.default_backend() != "cpu"
     bc = BenchConfig(
         checkpoint=_CKPT.value, random_config=_RANDOM.value, gguf=_GGUF.value,
-        dtype=_DTYPE.value, impl=_IMPL.value, prompt_len=_PROMPT_LEN.value,
-        max_new_tokens=_MAX_NEW.value, batch_sizes=batches, repeats=_REPEATS.value,
-        threads=_THREADS.value or os.cpu_count() or 1, peers=tuple(_PEERS.value),
-        cold_start=_COLD.value, engine=_ENGINE.value, experiments=tuple(_EXPERIMENTS.value),
+        dtype=_DTYPE.value, quantize=runtime_flags.QUANTIZE.value, impl=_IMPL.value,
+        prompt_len=_PROMPT_LEN.value, max_new_tokens=_MAX_NEW.value, batch_sizes=batches,
+        repeats=_REPEATS.value, threads=_THREADS.value or os.cpu_count() or 1,
+        peers=tuple(_PEERS.value), cold_start=_COLD.value, engine=_ENGINE.value,
+        experiments=tuple(_EXPERIMENTS.value),
         copy_mib=_COPY_MIB.value or (2048 if accel else 512))
     t0 = time.perf_counter()
     res = run(bc, lambda msg: print(f"[{time.perf_counter() - t0:7.1f}s] {msg}",

@@ -55,6 +55,7 @@ def test_kl_falls(tmp_path):
     assert last < 0.8 * first, (first, last)
 
 
+@pytest.mark.slow
 def test_resume_reproduces_uninterrupted_run(tmp_path, monkeypatch):
     teacher, scfg, student = _student()
     full, hist = distill.train(student, scfg, teacher, TINY, IDS, DC, tmp_path / "a",
@@ -76,6 +77,7 @@ def test_resume_reproduces_uninterrupted_run(tmp_path, monkeypatch):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_sharded_step_matches_single_device(tmp_path):
     teacher, scfg, student = _student()
     dc = distill.DistillConfig(**{**DC.__dict__, "steps": 3})

@@ -39,6 +39,7 @@ def test_ngram_proposal_continues_latest_match():
     assert got[1].tolist() == [4, 4, 4]
 
 
+@pytest.mark.slow
 def test_greedy_equals_target_tiny():
     cfg = TINY
     w = tiny_weights(cfg, 0)

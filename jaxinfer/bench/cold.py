@@ -33,11 +33,13 @@ def _child(spec: dict[str, Any]) -> dict[str, Any]:
     if spec["random_config"]:
         from jaxinfer.bench.presets import random_llm
 
-        llm = random_llm(spec["random_config"], spec["dtype"], spec["impl"])
+        llm = random_llm(spec["random_config"], spec["dtype"], spec["impl"],
+                         quantize=spec["quantize"])
     else:
         from jaxinfer.llm import LLM
 
-        llm = LLM.load(spec["checkpoint"], dtype=spec["dtype"], impl=spec["impl"])
+        llm = LLM.load(spec["checkpoint"], dtype=spec["dtype"], impl=spec["impl"],
+                       quantize=spec["quantize"])
     import jax
 
     jax.block_until_ready(llm.params)

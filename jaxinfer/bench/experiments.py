@@ -1,6 +1,8 @@
 """The speed-work comparisons, each an A/B on the same model and prompt.
 
     dtype   float32 vs bfloat16 compute (batch-1 decode through the while loop)
+    quant   float weights vs int8 vs int4 (weight-only, dequantized inside the dot), the
+            variants interleaved round by round so load drift on a shared machine hits all
     donate  the decode step with the state donated vs copied (host loop, one step ahead)
     loop    the jitted while loop vs a host loop of one dispatch per token
     bucket  decode speed vs cache length S (the XLA attention reads the whole bucket)
@@ -14,6 +16,7 @@ steps / seconds), median over repeats, after one untimed run compiles.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import statistics
 import time
@@ -25,10 +28,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxinfer import generate as gen
+from jaxinfer.errors import ConfigError
 from jaxinfer.kv_cache import init_cache
 from jaxinfer.sampling import SamplingArrays, SamplingParams
 
-EXPERIMENTS = ("dtype", "donate", "loop", "bucket", "layers")
+EXPERIMENTS = ("dtype", "quant", "donate", "loop", "bucket", "layers")
 _GREEDY0 = SamplingParams(temperature=0.0, seed=0)
 
 
@@ -86,19 +90,23 @@ def decode_tps(llm, ids: list[int], batch: int, S: int, n: int, runner: Callable
 
 
 def _unrolled_logits(weights, tokens_B, cache, cfg, impl):
-    """model.decode_logits with the layer scan unrolled into static slices."""
+    """model.decode_logits with the layer scan unrolled into static slices (mirrors
+    model.hidden_states; keep the two in step)."""
     from jaxinfer.layers import rms_norm
     from jaxinfer.model import _block, unembed
+    from jaxinfer.quant import take_rows
 
     B = tokens_B.shape[0]
-    x = jnp.take(weights["embed"], tokens_B[:, None], axis=0)
-    carry = (x, cache.k, cache.v, cache.lengths[:, None],
+    x = take_rows(weights["embed"], tokens_B[:, None], weights["embed"].dtype)
+    carry = (x, cache.k, cache.v, cache.k_scale, cache.v_scale, cache.lengths[:, None],
              jnp.arange(B, dtype=jnp.int32)[:, None])
     for i in range(cfg.num_layers):
         w = jax.tree.map(lambda a, i=i: a[i], weights["layers"])
         carry, _ = _block(cfg, impl, carry, (w, jnp.int32(i)))
     x = rms_norm(carry[0], weights["final_norm"], cfg.rms_norm_eps)
-    return unembed(weights, x[:, 0]), type(cache)(carry[1], carry[2], cache.lengths + 1)
+    _, ck, cv, ks, vs, _, _ = carry
+    return unembed(weights, x[:, 0]), dataclasses.replace(
+        cache, k=ck, v=cv, k_scale=ks, v_scale=vs, lengths=cache.lengths + 1)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "impl", "n", "unrolled"),
@@ -131,8 +139,25 @@ def forward_tps(llm, batch: int, S: int, n: int, unrolled: bool, repeats: int) -
     return statistics.median(rates)
 
 
+def interleaved_tps(llms: dict[str, Any], ids: list[int], batch: int, S: int, n: int,
+                    repeats: int) -> dict[str, float]:
+    """decode_tps of several models, one timed run of each per round (after a warm-up)."""
+    rates: dict[str, list[float]] = {k: [] for k in llms}
+    for r in range(repeats + 1):
+        for k, llm in llms.items():
+            state = _start(llm, ids, batch, S, n)
+            state.tokens_B.block_until_ready()
+            t0 = time.perf_counter()
+            steps = _while_loop(llm, state, n)
+            if r:
+                rates[k].append(batch * steps / (time.perf_counter() - t0))
+    return {k: statistics.median(v) for k, v in rates.items()}
+
+
 def run(llm, which: list[str], ids: list[int], n: int, batch: int, repeats: int,
-        load_bf16: Callable[[], Any], progress: Callable[[str], None]) -> dict[str, Any]:
+        load: Callable[..., Any], progress: Callable[[str], None]) -> dict[str, Any]:
+    """`load(dtype=None, quantize=None)` loads the same model another way (quantize=""
+    for float weights)."""
     """The selected experiments on `llm` (decode at 1 and `batch` rows where it matters)."""
     S = gen.bucket(len(ids) + n, gen.MIN_CACHE_BUCKET, llm.cfg.max_seq_len)
     donated = functools.partial(_host_loop, gen.step)
@@ -142,10 +167,21 @@ def run(llm, which: list[str], ids: list[int], n: int, batch: int, repeats: int,
     if "dtype" in which:
         progress("experiment dtype: float32 vs bfloat16")
         out["dtype"] = {str(jnp.dtype(llm.dtype)): tps(llm, batch=1, S=S, runner=_while_loop)}
-        other = load_bf16()
+        other = load(dtype="bfloat16")
         out["dtype"][str(jnp.dtype(other.dtype))] = tps(other, batch=1, S=S,
                                                         runner=_while_loop)
         del other
+    if "quant" in which:
+        progress("experiment quant: float vs int8 vs int4 weights (interleaved)")
+        llms, errors = {}, {}
+        for q in ("", "int8", "int4"):
+            try:
+                llms[q or str(jnp.dtype(llm.dtype))] = load(quantize=q)
+            except ConfigError as e:  # e.g. a group size that does not divide a toy shape
+                errors[q] = str(e)
+        out["quant"] = {str(b): interleaved_tps(llms, ids, b, S, n, repeats)
+                        for b in sorted({1, batch})} | {"errors": errors}
+        del llms
     if "donate" in which:
         progress(f"experiment donate: donated vs copied state, batch {batch}")
         out["donate"] = {"batch": batch,

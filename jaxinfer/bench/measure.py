@@ -138,14 +138,20 @@ def copy_bandwidth(nbytes: int, repeats: int = 10) -> float:
     return max(copy, matvec)
 
 
+def tree_bytes(tree) -> int:
+    """Bytes of every array in a tree, counting int4 as half a byte (QArray-aware)."""
+    return sum(a.size * jnp.iinfo(a.dtype).bits // 8 if jnp.issubdtype(a.dtype, jnp.integer)
+               else a.nbytes for a in jax.tree.leaves(tree))
+
+
 def step_bytes(llm, batch: int, context: float) -> dict[str, float]:
     """Bytes one decode step must read: weights (the embedding table only if it is also
     the output head) plus K and V of `context` positions per row, every layer."""
     cfg = llm.cfg
-    weights = sum(a.nbytes for a in jax.tree.leaves(llm.params))
+    weights = tree_bytes(llm.params)
     if not cfg.tie_embeddings:
-        weights -= llm.params["embed"].nbytes  # only B rows of it are gathered
-    itemsize = jnp.dtype(llm.dtype).itemsize
+        weights -= tree_bytes(llm.params["embed"])  # only B rows of it are gathered
+    itemsize = jnp.dtype(getattr(llm, "kv_dtype", llm.dtype)).itemsize
     kv = 2 * cfg.num_layers * batch * cfg.num_kv_heads * context * cfg.head_dim * itemsize
     return {"weights": float(weights), "kv": float(kv)}
 

@@ -53,12 +53,19 @@ class IdTokenizer(Tokenizer):
         raise NotImplementedError("IdTokenizer is a benchmark stand-in and is never saved")
 
 
-def random_llm(name: str, dtype: Any = None, impl: str = "xla", seed: int = 0):
-    """An LLM of the preset's shapes with random weights (on the default device)."""
+def random_llm(name: str, dtype: Any = None, impl: str = "xla", seed: int = 0,
+               quantize: str | None = None):
+    """An LLM of the preset's shapes with random weights (on the default device),
+    optionally quantized ("int8", "int4") the way `LLM.load(quantize=...)` does."""
     from jaxinfer.llm import LLM, default_dtype
     from jaxinfer.weights import init_weights, weight_specs
 
     cfg = preset(name)
     dtype = default_dtype() if dtype is None else jnp.dtype(dtype)
     params = init_weights(weight_specs(cfg, dtype), jax.random.key(seed))
+    if quantize:
+        from jaxinfer.quant import QuantConfig
+        from jaxinfer.weights import quantize_weights
+
+        params = quantize_weights(params, QuantConfig.from_mode(quantize, None))
     return LLM(cfg, params, IdTokenizer(cfg.vocab_size), impl=impl)

@@ -41,8 +41,8 @@ def markdown(res: dict[str, Any]) -> str:
         rows.append((f"batch-{bs} MBU", [_f(x["mbu"] * 100, "{:.0f}%")] + ["—"] * len(live)))
     if "engine" in j:
         e = j["engine"]
-        rows.append((f"engine, {e['batch']} slots, tok/s", [_f(e["throughput_tps"]["median"])]
-                     + ["—"] * len(live)))
+        val = e["error"] if "error" in e else _f(e["throughput_tps"]["median"])
+        rows.append((f"engine, {e['batch']} slots, tok/s", [val] + ["—"] * len(live)))
     cs = res.get("cold_start")
     if cs and "error" in cs:
         rows.append(("cold start", [cs["error"]] + ["—"] * len(live)))
@@ -62,7 +62,8 @@ def markdown(res: dict[str, Any]) -> str:
     if mem.get("device_peak_bytes"):
         rows.append(("peak device MiB", [_f(mem["device_peak_bytes"] / 2**20, "{:.0f}")]
                      + ["—"] * len(live)))
-    lines = [f"Model {model['name']} ({model['params'] / 1e6:.0f}M params, {model['dtype']}, "
+    q = f", {model['quantize']} weights" if model.get("quantize") else ""
+    lines = [f"Model {model['name']} ({model['params'] / 1e6:.0f}M params, {model['dtype']}{q}, "
              f"attention {model['impl']}); prompt {cfg['prompt_len']}, {cfg['max_new_tokens']} "
              f"new tokens, {cfg['repeats']} repeats (medians). {mach['device']} "
              f"({mach['cpu']}, {mach['cores']} cores), jax {mach['jax']}, commit "
@@ -112,7 +113,8 @@ def plot(res: dict[str, Any], path: str) -> None:
     ax.set_yscale("log")
     ax.set_xlabel("batch size")
     ax.set_ylabel("tokens / s")
-    ax.set_title(f"{res['model']['name']} {res['model']['dtype']} on {res['machine']['device']}")
+    q = res["model"].get("quantize") or res["model"]["dtype"]
+    ax.set_title(f"{res['model']['name']} {q} on {res['machine']['device']}")
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()

@@ -27,6 +27,7 @@ class BenchConfig:
     random_config: str | None = None  # a preset name (presets.PRESETS): random weights
     gguf: str | None = None  # peers' weights; default: the SmolLM2 GGUF for the default model
     dtype: str | None = None  # None: float32 on CPU, bfloat16 on accelerators
+    quantize: str | None = None  # "int8" / "int4" weights (LLM.load(quantize=...))
     impl: str = "xla"  # attention implementation (attention.IMPLS)
     prompt_len: int = 64
     max_new_tokens: int = 64
@@ -62,6 +63,8 @@ class BenchConfig:
             bad = [x for x in name if x not in allowed]
             if bad:
                 raise ConfigError(f"unknown {what} {bad[0]!r}; expected one of {list(allowed)}")
+        if self.quantize not in (None, "int8", "int4"):
+            raise ConfigError(f"quantize must be int8 or int4, got {self.quantize!r}")
         if self.impl not in IMPLS:
             raise ConfigError(f"unknown attention impl {self.impl!r}; expected one of {IMPLS}")
 
@@ -92,15 +95,17 @@ def machine() -> dict[str, Any]:
             "loadavg_start": os.getloadavg()[0]}
 
 
-def _load(bc: BenchConfig, dtype: str | None = None):
+def _load(bc: BenchConfig, dtype: str | None = None, quantize: str | None = None):
+    """quantize: None keeps bc.quantize; "" loads float weights."""
     dtype = dtype or bc.dtype
+    quantize = bc.quantize if quantize is None else (quantize or None)
     if bc.random_config:
         from jaxinfer.bench.presets import random_llm
 
-        return random_llm(bc.random_config, dtype, bc.impl)
+        return random_llm(bc.random_config, dtype, bc.impl, quantize=quantize)
     from jaxinfer.llm import LLM
 
-    return LLM.load(bc.checkpoint, dtype=dtype, impl=bc.impl)
+    return LLM.load(bc.checkpoint, dtype=dtype, impl=bc.impl, quantize=quantize)
 
 
 def _percentile(xs: list[float], q: float) -> float:
@@ -147,7 +152,8 @@ def run(bc: BenchConfig, progress: Callable[[str], None]) -> dict[str, Any]:
         progress("cold start and warm restart (two fresh processes)")
         res["cold_start"] = cold_and_warm({
             "checkpoint": bc.checkpoint, "random_config": bc.random_config, "dtype": bc.dtype,
-            "impl": bc.impl, "prompt_len": bc.prompt_len, "cache_dir": None})
+            "impl": bc.impl, "quantize": bc.quantize, "prompt_len": bc.prompt_len,
+            "cache_dir": None})
     res["machine"] = machine()
     progress(f"loading {bc.random_config or bc.checkpoint or 'SmolLM2-135M-Instruct'}")
     t0 = time.perf_counter()
@@ -156,6 +162,7 @@ def run(bc: BenchConfig, progress: Callable[[str], None]) -> dict[str, Any]:
     m.ignore_eos(llm)
     ids = m.prompt_ids(llm, bc.prompt_len)
     res["model"] = {"name": llm.cfg.name, "dtype": str(np.dtype(llm.dtype)),
+                    "quantize": bc.quantize, "weight_bytes": m.tree_bytes(llm.params),
                     "params": int(sum(a.size for a in jax.tree.leaves(llm.params))),
                     "load_s": time.perf_counter() - t0, "impl": bc.impl}
     res["jaxinfer"] = j = jaxinfer_figures(llm, bc, ids, progress)
@@ -168,14 +175,18 @@ def run(bc: BenchConfig, progress: Callable[[str], None]) -> dict[str, Any]:
         x["mbu"] = m.mbu(llm, int(b), x["decode_tps"]["median"], ctx, bw)
     if bc.engine:
         progress(f"engine, {max(bc.batch_sizes)} slots")
-        j["engine"] = m.time_engine(llm, ids, bc.max_new_tokens, max(bc.batch_sizes),
-                                    bc.repeats)
+        try:
+            j["engine"] = m.time_engine(llm, ids, bc.max_new_tokens, max(bc.batch_sizes),
+                                        bc.repeats)
+        except Exception as e:  # noqa: BLE001  (report it; the other figures stand)
+            j["engine"] = {"batch": max(bc.batch_sizes), "error": f"{type(e).__name__}: {e}"}
     if bc.experiments:
         from jaxinfer.bench import experiments
 
         res["experiments"] = experiments.run(
             llm, list(bc.experiments), ids, min(bc.max_new_tokens, 32),
-            min(max(bc.batch_sizes), 8), bc.repeats, lambda: _load(bc, "bfloat16"), progress)
+            min(max(bc.batch_sizes), 8), bc.repeats,
+            lambda dtype=None, quantize=None: _load(bc, dtype, quantize), progress)
     del llm
     res["peers"] = run_peers(bc, ids, progress)
     res["ratios"] = ratios(res)

@@ -1,0 +1,90 @@
+"""Generate text from a prompt with a jaxinfer checkpoint (default: SmolLM2-135M-Instruct).
+
+    python scripts/generate.py --prompt "The capital of France is" --temperature 0
+    python scripts/generate.py --chat --prompt "What is JAX?" --output_format json
+    python scripts/generate.py --prompt "..." --ngram_draft --num_speculative_tokens 4
+"""
+
+import json
+import sys
+
+import jax
+from absl import flags, logging
+
+from jaxinfer import flags as runtime_flags
+from jaxinfer.cli import run_program
+
+_PROMPT = flags.DEFINE_string("prompt", None, "Prompt text.", required=True)
+_CHAT = flags.DEFINE_bool("chat", False, "Wrap the prompt in the model's chat template.")
+_MAX_NEW = flags.DEFINE_integer("max_new_tokens", 64, "Tokens to generate at most.")
+_TEMP = flags.DEFINE_float("temperature", 0.7, "0 means greedy.")
+_TOP_K = flags.DEFINE_integer("top_k", 0, "Keep the k most likely tokens (0: off).")
+_TOP_P = flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass in (0, 1].")
+_MIN_P = flags.DEFINE_float("min_p", 0.0, "Drop tokens below min_p * p(top token).")
+_REP = flags.DEFINE_float("repetition_penalty", 1.0, "HF-style repetition penalty (> 0).")
+_SEED = flags.DEFINE_integer("seed", None, "Sampling seed (default: random).")
+_STOP = flags.DEFINE_multi_string("stop", [], "Stop string (repeatable).")
+_CKPT = flags.DEFINE_string("checkpoint", None, "Orbax checkpoint dir (default: SmolLM2).")
+_FORMAT = flags.DEFINE_enum("output_format", "text", ["text", "json"], "Output format.")
+_DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"],
+                           "Compute dtype (default: float32 on CPU, bfloat16 elsewhere).")
+_DRAFT = flags.DEFINE_string("draft_checkpoint", None,
+                             "Speculative decoding: a smaller draft model's checkpoint.")
+_NGRAM = flags.DEFINE_bool("ngram_draft", False,
+                           "Speculative decoding with a prompt-lookup (n-gram) draft.")
+_NUM_SPEC = flags.DEFINE_integer("num_speculative_tokens", 4, "Draft tokens per round.")
+_NGRAM_SIZE = flags.DEFINE_integer("ngram_size", 3, "Longest n-gram the lookup matches.")
+
+
+def main(argv):
+    runtime_flags.setup()
+    from jaxinfer.errors import ConfigError
+    from jaxinfer.llm import load
+    from jaxinfer.memory import format_bytes
+    from jaxinfer.sampling import SamplingParams
+
+    sampling = SamplingParams(
+        temperature=_TEMP.value, top_k=_TOP_K.value, top_p=_TOP_P.value, min_p=_MIN_P.value,
+        repetition_penalty=_REP.value, seed=_SEED.value)
+    llm = load(_CKPT.value, dtype=_DTYPE.value, mesh=runtime_flags.MESH.value,
+               fsdp=runtime_flags.FSDP.value, **runtime_flags.quant_kwargs())
+    main_process = runtime_flags.is_main_process()
+    kw = dict(sampling=sampling, max_new_tokens=_MAX_NEW.value, stop=_STOP.value,
+              chat=_CHAT.value)
+    if _DRAFT.value or _NGRAM.value:
+        if _DRAFT.value and _NGRAM.value:
+            raise ConfigError("give --draft_checkpoint or --ngram_draft, not both")
+        draft = "ngram" if _NGRAM.value else load(
+            _DRAFT.value, dtype=_DTYPE.value, mesh=llm.mesh, fsdp=runtime_flags.FSDP.value)
+        kw.update(draft=draft, num_speculative_tokens=_NUM_SPEC.value,
+                  ngram_size=_NGRAM_SIZE.value)
+    if _FORMAT.value == "json" or "draft" in kw:  # speculative decoding does not stream
+        out = llm.generate(_PROMPT.value, **kw)
+        if main_process and _FORMAT.value == "text":
+            print(out.text)
+            print(f"[{len(out.token_ids)} tokens, finish={out.finish_reason}, "
+                  f"acceptance={out.acceptance_rate:.2f}, "
+                  f"{out.decode_tokens_per_s:.1f} tok/s]", file=sys.stderr)
+        elif main_process:
+            print(json.dumps(out.to_json() | dict(weight_bytes=llm.weight_bytes,
+                                                  kv_cache_bytes=llm.kv_cache_bytes)))
+        else:  # results print once; other hosts log theirs so runs can be cross-checked
+            logging.info("process %d token_ids: %s", jax.process_index(), out.token_ids)
+        return
+    result = []
+    for delta in llm.stream(_PROMPT.value, result=result, **kw):
+        if main_process:
+            sys.stdout.write(delta)
+            sys.stdout.flush()
+    if not main_process:
+        return
+    sys.stdout.write("\n")
+    c = result[0]
+    print(f"[{len(c.token_ids)} tokens, finish={c.finish_reason}, ttft={c.ttft_s:.2f}s, "
+          f"{c.decode_tokens_per_s:.1f} tok/s, weights {format_bytes(llm.weight_bytes)}, "
+          f"kv cache {format_bytes(llm.kv_cache_bytes)}]", file=sys.stderr)
+
+
+def run() -> None:
+    """The `jaxinfer-generate` console entry point."""
+    run_program(__name__, main)
