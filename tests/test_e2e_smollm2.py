@@ -84,10 +84,10 @@ def test_stop_string(llm):
 def test_safetensors_path_equals_gguf_path(llm, hf_model, tmp_path):
     """HF writes the same weights as safetensors; that directory converts to a checkpoint
     whose greedy output equals the GGUF-converted one."""
+    from transformers import LlamaForCausalLM
+
     from jaxinfer.checkpoint import save_checkpoint
     from jaxinfer.convert.safetensors import load_hf_dir
-
-    from transformers import LlamaForCausalLM
 
     # transformers refuses to save a GGUF-loaded model; copy into a plain one first.
     plain = LlamaForCausalLM(hf_model.config)

@@ -64,7 +64,7 @@ PROMPTS = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 2
 def test_loop_matches_reference_and_stepped_path():
     loop, _ = _loop(PROMPTS, [12, 12, 12], eos=np.array([-1], np.int32))
     assert loop == _stepped(PROMPTS, [12, 12, 12], eos=np.array([-1], np.int32))
-    for p, toks in zip(PROMPTS, loop):
+    for p, toks in zip(PROMPTS, loop, strict=False):
         assert toks == _reference_greedy(p, 12, eos=())
 
 
@@ -88,7 +88,7 @@ def test_per_row_length_budget_and_eos():
     # The cache holds the prompt and every generated token but the last, which was
     # never fed back; a row that finished early stops growing.
     lengths = np.asarray(s2.cache.lengths)
-    assert list(lengths) == [len(p) + len(t) - 1 for p, t in zip(PROMPTS, toks2)]
+    assert list(lengths) == [len(p) + len(t) - 1 for p, t in zip(PROMPTS, toks2, strict=False)]
 
 
 def test_prompt_lengths_in_one_bucket_compile_once():

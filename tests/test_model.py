@@ -34,7 +34,7 @@ def test_forward_matches_hf(tmp_path, variant):
     hf, cfg2, w = _hf_pair(tmp_path, cfg, qwen=variant == "qwen2_bias")
     if cfg.qkv_bias:  # random init leaves biases at zero; make them matter
         for n in ("q", "k", "v"):
-            for i, layer in enumerate(hf.model.layers):
+            for _i, layer in enumerate(hf.model.layers):
                 b = getattr(layer.self_attn, f"{n}_proj").bias
                 b.data = torch.randn_like(b) * 0.5
         hf.save_pretrained(tmp_path)

@@ -30,9 +30,11 @@ def test_json_mode_fields(smollm2_checkpoint):
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert set(out) == {"text", "token_ids", "prompt_tokens", "finish_reason", "ttft_s",
-                        "decode_tokens_per_s"}
+                        "decode_tokens_per_s", "weight_bytes", "kv_cache_bytes"}
     assert out["finish_reason"] == "length" and len(out["token_ids"]) == 6
     assert out["prompt_tokens"] == 5 and out["ttft_s"] > 0 and "Paris" in out["text"]
+    # f32 SmolLM2-135M: 134.5M parameters x 4 bytes held on the device.
+    assert 500e6 < out["weight_bytes"] < 560e6 and out["kv_cache_bytes"] > 0
 
 
 @pytest.mark.parametrize("args,needle", [
