@@ -37,6 +37,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jaxinfer import engine_core as core
@@ -102,25 +103,28 @@ class Engine:
     """Fixed decode slots fed from a bounded queue by one background device thread."""
 
     def __init__(self, params, cfg: ModelConfig, tokenizer: Tokenizer,
-                 config: EngineConfig | None = None, impl: str = "xla"):
+                 config: EngineConfig | None = None, impl: str = "xla", kv_dtype=None):
+        """`params` may hold quantized weights (QArray); kv_dtype "int8" keeps the slots'
+        and the prefix pool's K/V in int8 with per-token scales (default: compute dtype)."""
         self.cfg, self.params, self.tokenizer, self.impl = cfg, params, tokenizer, impl
         self.config = config = config or EngineConfig()
         self.max_len = min(config.max_len, cfg.max_seq_len)  # S
         if config.prefix_block and self.max_len % config.prefix_block:
             raise ConfigError(f"slot length {self.max_len} (the model's context) must be a "
                               f"multiple of prefix_block={config.prefix_block}")
-        self.dtype = params["embed"].dtype
+        self.dtype = params["embed"].dtype  # a QArray's dtype is its compute dtype
+        self.kv_dtype = jnp.dtype(self.dtype if kv_dtype is None else kv_dtype)
         eos = sorted(set(cfg.eos_token_ids) | set(getattr(tokenizer, "eos_ids", ())))
         self.eos_ids = frozenset(eos)
         self._compiles = CompileCounter().__enter__()  # counts from here to close()
         device = next(iter(jax.tree.leaves(params["embed"])[0].devices()))  # QArray too
-        self._state = core.init_decode_state(cfg, config.num_slots, self.max_len, self.dtype,
+        self._state = core.init_decode_state(cfg, config.num_slots, self.max_len, self.kv_dtype,
                                              np.asarray(eos or [-1], np.int32), device)
         self._state = core.release(self._state, np.int32(0))  # compile it now, not mid-run
         self._prefix = None
         if config.prefix_block and config.prefix_cache_mb > 0:
             self._prefix = PrefixCache(cfg, self.max_len, config.prefix_block,
-                                       int(config.prefix_cache_mb * 2**20), self.dtype,
+                                       int(config.prefix_cache_mb * 2**20), self.kv_dtype,
                                        device)
         self.metrics = EngineMetrics()
         self._slots: list[Request | None] = [None] * config.num_slots
@@ -135,7 +139,7 @@ class Engine:
 
     @classmethod
     def from_llm(cls, llm, config: EngineConfig | None = None) -> Engine:
-        return cls(llm.params, llm.cfg, llm.tokenizer, config, llm.impl)
+        return cls(llm.params, llm.cfg, llm.tokenizer, config, llm.impl, llm.kv_dtype)
 
     # ---- public API ---------------------------------------------------------------------
     @property
@@ -349,7 +353,7 @@ class Engine:
             hit = 0 if req.warmup else self._prefix.match(digests, n)
             row = self._prefix.load(digests, hit)
         else:
-            row = init_cache(self.cfg, 1, S, self.dtype)
+            row = init_cache(self.cfg, 1, S, self.kv_dtype)
         cached = hit * self.config.prefix_block
         suffix = ids[cached:]
         T = gen.bucket(len(suffix), self.config.min_prompt_bucket, S)

@@ -6,12 +6,13 @@ The scheduler (engine.py) is host code that only calls these, in MaxText's order
     insert(prefix, state, slot)                       -> state      state donated
     generate_step(weights, state)                     -> state, out_2B   every slot, one token
     release(state, slot)                              -> state      host ended a row early
-    load_prefix(pool_k, pool_v, table_J, n)           -> KVCache    prefix-cache blocks -> row
-    save_blocks(pool_k, pool_v, row_k, row_v, src_J, dst_J) -> pool pools donated
+    load_prefix(pools, table_J, n)                    -> KVCache    prefix-cache blocks -> row
+    save_blocks(pools, row, src_J, dst_J)             -> pools      pools donated
 
 Shapes: the decode state has B slots of S cache positions each (`cache.k` [L, B, K, S, H]);
 a request's row is a one-row cache [L, 1, K, S, H]. The prefix-cache pool holds P blocks of
-`blk` tokens, `pool_k` [L, P, K, blk, H]; a row is J = S // blk blocks. A row's sampling key
+`blk` tokens, one pool per cache tensor: `k`, `v` [L, P, K, blk, H], and for an int8 cache
+`k_scale`, `v_scale` [L, P, K, blk]; a row is J = S // blk blocks. A row's sampling key
 is folded with the row's own generated-token count (`num_generated_B`), so a seeded request
 samples the same tokens whatever slot it lands in and whoever its neighbours are.
 """
@@ -79,10 +80,17 @@ def prefill(weights: Weights, tokens_1T: jax.Array, num_new_1: jax.Array, row: K
 def insert(prefix: Prefix, state: gen.DecodeState, slot: jax.Array) -> gen.DecodeState:
     """Put a prefilled request into slot `slot` (traced: one compile for every slot)."""
     c = state.cache
-    at = (0, slot, 0, 0, 0)
-    cache = KVCache(k=jax.lax.dynamic_update_slice(c.k, prefix.cache.k.astype(c.k.dtype), at),
-                    v=jax.lax.dynamic_update_slice(c.v, prefix.cache.v.astype(c.v.dtype), at),
-                    lengths=c.lengths.at[slot].set(prefix.cache.lengths[0]))
+
+    def put(dst, src):  # [L, B, K, S, (H)] <- [L, 1, K, S, (H)] at row `slot`
+        if dst is None:
+            return None
+        at = (0, slot) + (0,) * (dst.ndim - 2)
+        return jax.lax.dynamic_update_slice(dst, src.astype(dst.dtype), at)
+
+    p = prefix.cache
+    cache = KVCache(k=put(c.k, p.k), v=put(c.v, p.v),
+                    lengths=c.lengths.at[slot].set(p.lengths[0]),
+                    k_scale=put(c.k_scale, p.k_scale), v_scale=put(c.v_scale, p.v_scale))
     tok = prefix.token_1[0]
     is_eos = jnp.any(tok == state.eos_E)
     max_new = prefix.max_new_1[0]
@@ -110,28 +118,36 @@ def release(state: gen.DecodeState, slot: jax.Array) -> gen.DecodeState:
     return dataclasses.replace(state, done_B=state.done_B.at[slot].set(True))
 
 
+def cache_tensors(cache: KVCache) -> tuple[jax.Array, ...]:
+    """The per-position tensors of a cache: (k, v) or, int8, (k, v, k_scale, v_scale)."""
+    return tuple(x for x in (cache.k, cache.v, cache.k_scale, cache.v_scale) if x is not None)
+
+
 @jax.jit
-def load_prefix(pool_k: jax.Array, pool_v: jax.Array, table_J: jax.Array,
+def load_prefix(pools: tuple[jax.Array, ...], table_J: jax.Array,
                 num_cached: jax.Array) -> KVCache:
     """A fresh one-row cache whose first `num_cached` positions come from pool blocks
     `table_J` (i32[J]; entries past the prefix are arbitrary: stale slots are masked)."""
-    def row(pool):  # [L, P, K, blk, H] -> [L, 1, K, J * blk, H]
-        L, _, K, blk, H = pool.shape
-        blocks = jnp.take(pool, table_J, axis=1)  # [L, J, K, blk, H]
-        return blocks.transpose(0, 2, 1, 3, 4).reshape(L, 1, K, -1, H)
+    def row(pool):  # [L, P, K, blk, (H)] -> [L, 1, K, J * blk, (H)]
+        L, _, K, _ = pool.shape[:4]
+        blocks = jnp.take(pool, table_J, axis=1)  # [L, J, K, blk, (H)]
+        blocks = jnp.moveaxis(blocks, 2, 1)  # [L, K, J, blk, (H)]
+        return blocks.reshape(L, 1, K, -1, *pool.shape[4:])
 
-    return KVCache(k=row(pool_k), v=row(pool_v),
-                   lengths=jnp.reshape(num_cached, (1,)).astype(jnp.int32))
+    k, v, *scales = (row(p) for p in pools)
+    ks, vs = scales or (None, None)
+    return KVCache(k=k, v=v, lengths=jnp.reshape(num_cached, (1,)).astype(jnp.int32),
+                   k_scale=ks, v_scale=vs)
 
 
-@functools.partial(jax.jit, donate_argnames=("pool_k", "pool_v"))
-def save_blocks(pool_k: jax.Array, pool_v: jax.Array, row_k: jax.Array, row_v: jax.Array,
-                src_J: jax.Array, dst_J: jax.Array) -> tuple[jax.Array, jax.Array]:
+@functools.partial(jax.jit, donate_argnames=("pools",))
+def save_blocks(pools: tuple[jax.Array, ...], row: KVCache, src_J: jax.Array,
+                dst_J: jax.Array) -> tuple[jax.Array, ...]:
     """Copy row blocks `src_J` into pool blocks `dst_J`; dst = P (out of range) drops."""
-    def put(pool, row):  # row [L, 1, K, S, H]
-        L, _, K, blk, H = pool.shape
-        blocks = row[:, 0].reshape(L, K, -1, blk, H)
-        blocks = jnp.take(blocks, src_J, axis=2).transpose(0, 2, 1, 3, 4)  # [L, J, K, blk, H]
+    def put(pool, x):  # x [L, 1, K, S, (H)]
+        L, _, K, blk = pool.shape[:4]
+        blocks = x[:, 0].reshape(L, K, -1, blk, *pool.shape[4:])
+        blocks = jnp.moveaxis(jnp.take(blocks, src_J, axis=2), 2, 1)  # [L, J, K, blk, (H)]
         return pool.at[:, dst_J].set(blocks.astype(pool.dtype), mode="drop")
 
-    return put(pool_k, row_k), put(pool_v, row_v)
+    return tuple(put(p, x) for p, x in zip(pools, cache_tensors(row), strict=True))

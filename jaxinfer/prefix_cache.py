@@ -2,7 +2,8 @@
 
 Prompts are cut into blocks of `block` tokens; block j is named by a hash chained over
 blocks 0..j, so equal names mean equal prefixes, not merely equal blocks. A device pool
-`pool_k`/`pool_v` [L, P, K, block, H] holds P blocks, P set by a memory budget, evicted
+`pools` (k and v [L, P, K, block, H], plus their [L, P, K, block] scales for an int8
+cache) hold P blocks, P set by a memory budget, evicted
 least-recently-used. A new request looks up its longest cached prefix, gets a one-row cache
 [L, 1, K, S, H] assembled from those blocks (one gather) and prefills only the rest with
 `model.prefill` on that non-empty row; its own new full prompt blocks are then copied into
@@ -48,14 +49,16 @@ class PrefixCache:
                               f"slot length {max_len}")
         self.block, self.max_len = block, max_len
         self.num_row_blocks = max_len // block  # J
-        itemsize = jnp.dtype(dtype).itemsize
-        self.block_bytes = 2 * cfg.num_layers * cfg.num_kv_heads * block * cfg.head_dim * itemsize
+        dtype = jnp.dtype(dtype)
+        quantized = dtype == jnp.int8  # int8 K/V + one f32 scale per token and head
+        per_token = cfg.head_dim * dtype.itemsize + (4 if quantized else 0)
+        self.block_bytes = 2 * cfg.num_layers * cfg.num_kv_heads * block * per_token
         self.capacity = int(budget_bytes // self.block_bytes)  # P
         shape = (cfg.num_layers, max(self.capacity, 1), cfg.num_kv_heads, block, cfg.head_dim)
+        specs = [(shape, dtype)] * 2 + [(shape[:4], jnp.float32)] * 2 * quantized
         # Committed like every later pool (a jit output), so warm-up compiles what runs.
         device = device or jax.devices()[0]
-        self.pool_k = jax.device_put(jnp.zeros(shape, dtype), device)
-        self.pool_v = jax.device_put(jnp.zeros(shape, dtype), device)
+        self.pools = tuple(jax.device_put(jnp.zeros(s, d), device) for s, d in specs)
         self._lru: collections.OrderedDict[bytes, int] = collections.OrderedDict()
         self._free = list(range(self.capacity))
 
@@ -87,8 +90,7 @@ class PrefixCache:
         """A fresh one-row cache holding the first `num_blocks` blocks of the prefix."""
         table = np.zeros((self.num_row_blocks,), np.int32)
         table[:num_blocks] = [self._lru[d] for d in digests[:num_blocks]]
-        return core.load_prefix(self.pool_k, self.pool_v, table,
-                                np.int32(num_blocks * self.block))
+        return core.load_prefix(self.pools, table, np.int32(num_blocks * self.block))
 
     def store(self, digests: list[bytes], num_hit: int, row: KVCache,
               dry_run: bool = False) -> int:
@@ -115,8 +117,7 @@ class PrefixCache:
             src[n], dst[n] = j, slot
             n += 1
         if n or dry_run:
-            self.pool_k, self.pool_v = core.save_blocks(self.pool_k, self.pool_v, row.k, row.v,
-                                                        src, dst)
+            self.pools = core.save_blocks(self.pools, row, src, dst)
         return n
 
     def _allocate(self, protected: set[bytes]) -> int | None:

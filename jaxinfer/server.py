@@ -205,11 +205,12 @@ class BackgroundServer:
 
 def serve(checkpoint: str | None = None, host: str = "127.0.0.1", port: int = 8000,
           config=None, dtype: str | None = None, model_name: str | None = None,
-          warmup: bool = True, log_level: str = "info") -> None:
-    """Load a checkpoint, build and warm the engine, serve until interrupted."""
+          warmup: bool = True, log_level: str = "info", **load_kw) -> None:
+    """Load a checkpoint, build and warm the engine, serve until interrupted. `load_kw`
+    goes to LLM.load (quantize, group_size, kv_dtype)."""
     from jaxinfer.llm import LLM
 
-    llm = LLM.load(checkpoint, dtype=dtype)
+    llm = LLM.load(checkpoint, dtype=dtype, **load_kw)
     engine = Engine.from_llm(llm, config)
     if warmup:
         t0 = time.perf_counter()

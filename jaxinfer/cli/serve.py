@@ -49,7 +49,8 @@ def main(argv):
     serve(_CKPT.value, host=_HOST.value, port=_PORT.value, dtype=_DTYPE.value,
           model_name=_MODEL_NAME.value, warmup=_WARMUP.value,
           config=_engine_config(num_slots=_SLOTS.value, max_len=_MAX_LEN.value,
-                                max_queue=_MAX_QUEUE.value, prefix_cache_mb=_PREFIX_MB.value))
+                                max_queue=_MAX_QUEUE.value, prefix_cache_mb=_PREFIX_MB.value),
+          **runtime_flags.quant_kwargs())
 
 
 def run() -> None:
