@@ -204,7 +204,7 @@ def run_batch_job(input_path: str, output_path: str, checkpoint: str | None = No
                   defaults: dict[str, Any] | None = None, progress: bool = True,
                   **load_kw) -> BatchSummary:
     """Load a model, run `run_batch` on it, report a one-line summary on stderr. `load_kw`
-    goes to LLM.load (quantize, group_size, kv_dtype)."""
+    goes to LLM.load (mesh, fsdp, quantize, group_size, kv_dtype)."""
     from jaxinfer.llm import LLM
 
     if not Path(input_path).is_file():  # before the model load: fail fast

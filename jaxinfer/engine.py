@@ -44,7 +44,7 @@ from jaxinfer import engine_core as core
 from jaxinfer import generate as gen
 from jaxinfer.config import ModelConfig
 from jaxinfer.errors import BadRequestError, ConfigError, JaxinferError
-from jaxinfer.kv_cache import init_cache
+from jaxinfer.kv_cache import KVCache, cache_shardings, init_cache
 from jaxinfer.llm import _held_back, find_stop
 from jaxinfer.metrics import EngineMetrics
 from jaxinfer.prefix_cache import PrefixCache, block_digests
@@ -99,13 +99,24 @@ class EngineConfig:
                               f"prefix_block={self.prefix_block}")
 
 
+def _row_shardings(slots: KVCache) -> KVCache:
+    """The slots' cache shardings with the batch axis replicated (a row is one request)."""
+    P, N = jax.sharding.PartitionSpec, jax.sharding.NamedSharding
+    kv = slots.k.spec
+    row = N(slots.k.mesh, P(kv[0] if len(kv) else None, None, *kv[2:]))
+    return KVCache(k=row, v=row, lengths=N(slots.k.mesh, P()))
+
+
 class Engine:
     """Fixed decode slots fed from a bounded queue by one background device thread."""
 
     def __init__(self, params, cfg: ModelConfig, tokenizer: Tokenizer,
-                 config: EngineConfig | None = None, impl: str = "xla", kv_dtype=None):
+                 config: EngineConfig | None = None, impl: str = "xla", kv_dtype=None,
+                 mesh: jax.sharding.Mesh | None = None):
         """`params` may hold quantized weights (QArray); kv_dtype "int8" keeps the slots'
-        and the prefix pool's K/V in int8 with per-token scales (default: compute dtype)."""
+        and the prefix pool's K/V in int8 with per-token scales (default: compute dtype).
+        With `mesh` (the one `params` are sharded over) the slots' cache is sharded like
+        LLM.generate's, slots over `data` and KV heads over `model`."""
         self.cfg, self.params, self.tokenizer, self.impl = cfg, params, tokenizer, impl
         self.config = config = config or EngineConfig()
         self.max_len = min(config.max_len, cfg.max_seq_len)  # S
@@ -118,14 +129,19 @@ class Engine:
         self.eos_ids = frozenset(eos)
         self._compiles = CompileCounter().__enter__()  # counts from here to close()
         device = next(iter(jax.tree.leaves(params["embed"])[0].devices()))  # QArray too
+        self.mesh = mesh
         self._state = core.init_decode_state(cfg, config.num_slots, self.max_len, self.kv_dtype,
-                                             np.asarray(eos or [-1], np.int32), device)
+                                             np.asarray(eos or [-1], np.int32), device, mesh)
+        # A request's one-row cache: placed like the slots' (a batch of 1 is replicated).
+        self._row_shardings = None if mesh is None else _row_shardings(
+            cache_shardings(cfg, config.num_slots, self.max_len, mesh))
         self._state = core.release(self._state, np.int32(0))  # compile it now, not mid-run
         self._prefix = None
         if config.prefix_block and config.prefix_cache_mb > 0:
             self._prefix = PrefixCache(cfg, self.max_len, config.prefix_block,
                                        int(config.prefix_cache_mb * 2**20), self.kv_dtype,
-                                       device)
+                                       device if mesh is None else jax.sharding.NamedSharding(
+                                           mesh, jax.sharding.PartitionSpec()))
         self.metrics = EngineMetrics()
         self._slots: list[Request | None] = [None] * config.num_slots
         self._queue: collections.deque[Request] = collections.deque()
@@ -139,7 +155,8 @@ class Engine:
 
     @classmethod
     def from_llm(cls, llm, config: EngineConfig | None = None) -> Engine:
-        return cls(llm.params, llm.cfg, llm.tokenizer, config, llm.impl, llm.kv_dtype)
+        return cls(llm.params, llm.cfg, llm.tokenizer, config, llm.impl, llm.kv_dtype,
+                   llm.mesh)
 
     # ---- public API ---------------------------------------------------------------------
     @property
@@ -353,7 +370,7 @@ class Engine:
             hit = 0 if req.warmup else self._prefix.match(digests, n)
             row = self._prefix.load(digests, hit)
         else:
-            row = init_cache(self.cfg, 1, S, self.kv_dtype)
+            row = init_cache(self.cfg, 1, S, self.kv_dtype, self._row_shardings)
         cached = hit * self.config.prefix_block
         suffix = ids[cached:]
         T = gen.bucket(len(suffix), self.config.min_prompt_bucket, S)

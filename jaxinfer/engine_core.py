@@ -28,7 +28,7 @@ import jax.numpy as jnp
 from jaxinfer import generate as gen
 from jaxinfer import model
 from jaxinfer.config import ModelConfig
-from jaxinfer.kv_cache import KVCache, init_cache
+from jaxinfer.kv_cache import KVCache, cache_shardings, init_cache
 from jaxinfer.sampling import GREEDY, SamplingArrays, sample
 from jaxinfer.weights import Weights
 
@@ -46,20 +46,29 @@ class Prefix:
 
 
 def init_decode_state(cfg: ModelConfig, num_slots: int, max_len: int, dtype,
-                      eos_E: jax.Array, device: jax.Device) -> gen.DecodeState:
+                      eos_E: jax.Array, device: jax.Device | None,
+                      mesh: jax.sharding.Mesh | None = None) -> gen.DecodeState:
     """B empty slots, all done: a step over them computes nothing anyone reads. Committed
-    to `device`, as every later state (a jit output) is, so warm-up compiles the same
-    programs that traffic runs (committedness is part of jit's cache key)."""
+    to `device`, or under `mesh` with the cache sharded like `LLM.generate`'s (slots over
+    `data`, KV heads over `model`) and the rest replicated, as every later state (a jit
+    output) is, so warm-up compiles the same programs that traffic runs (committedness is
+    part of jit's cache key)."""
     B = num_slots
     zeros_B = lambda: jnp.zeros((B,), jnp.int32)  # distinct buffers: the state is donated
     state = gen.DecodeState(
-        cache=init_cache(cfg, B, max_len, dtype), tokens_B=zeros_B(), num_generated_B=zeros_B(),
+        cache=None, tokens_B=zeros_B(), num_generated_B=zeros_B(),
         max_new_B=zeros_B(), done_B=jnp.ones((B,), bool), finish_eos_B=jnp.zeros((B,), bool),
         counts_BV=jnp.zeros((B, cfg.vocab_size), jnp.int32),
         prompt_mask_BV=jnp.zeros((B, cfg.vocab_size), bool),
         sampling=SamplingArrays.from_params([GREEDY] * B), eos_E=jnp.asarray(eos_E, jnp.int32),
         output_BM=jnp.zeros((B, 1), jnp.int32))  # unused: the host reads each step's tokens
-    return jax.device_put(state, device)
+    if mesh is None:
+        return dataclasses.replace(jax.device_put(state, device),
+                                   cache=jax.device_put(init_cache(cfg, B, max_len, dtype),
+                                                        device))
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    cache = init_cache(cfg, B, max_len, dtype, cache_shardings(cfg, B, max_len, mesh))
+    return dataclasses.replace(jax.device_put(state, replicated), cache=cache)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "impl"), donate_argnames=("row",))

@@ -207,7 +207,7 @@ def serve(checkpoint: str | None = None, host: str = "127.0.0.1", port: int = 80
           config=None, dtype: str | None = None, model_name: str | None = None,
           warmup: bool = True, log_level: str = "info", **load_kw) -> None:
     """Load a checkpoint, build and warm the engine, serve until interrupted. `load_kw`
-    goes to LLM.load (quantize, group_size, kv_dtype)."""
+    goes to LLM.load (mesh, fsdp, quantize, group_size, kv_dtype)."""
     from jaxinfer.llm import LLM
 
     llm = LLM.load(checkpoint, dtype=dtype, **load_kw)

@@ -259,3 +259,25 @@ def test_prefix_cache_smollm2_200_token_prefix(smollm2):
                                                prefix_cache_mb=0)) as plain:
         fresh = plain.submit(b, sampling=GREEDY, max_tokens=6).result(timeout=120)
     assert rb.token_ids == fresh.token_ids and rb.text == fresh.text
+
+
+@pytest.mark.parametrize("mesh_spec,kv", [("data:2,model:2", None), ("data:4,model:2", "int8")])
+def test_engine_under_a_mesh_matches_single_device(mesh_spec, kv):
+    """Weights sharded over a mesh of simulated CPU devices: the slots' cache is sharded
+    (slots over data, KV heads over model) and the tokens equal the single-device run."""
+    from jaxinfer.sharding import make_mesh
+    from jaxinfer.weights import weight_shardings, weight_specs
+
+    mesh = make_mesh(mesh_spec)
+    w = jax.device_put(tiny_weights(), weight_shardings(weight_specs(TINY), mesh))
+    llm = LLM(TINY, w, CharTokenizer(), mesh=mesh, kv_dtype=kv)
+    ref = LLM(TINY, W, CharTokenizer(), kv_dtype=kv).generate(
+        PROMPTS, sampling=GREEDY, max_new_tokens=MAX_NEW)
+    with Engine.from_llm(llm, EngineConfig(num_slots=4, max_len=256, prefix_block=16)) as eng:
+        k = eng._state.cache.k
+        assert k.sharding.spec[1] == "data" and k.sharding.device_set == set(mesh.devices.flat)
+        got = [eng.submit(p, sampling=GREEDY, max_tokens=m)
+               for p, m in zip(PROMPTS + PROMPTS[:2], MAX_NEW + MAX_NEW[:2], strict=True)]
+        got = [r.result(timeout=180) for r in got]
+    for g, r in zip(got, ref + ref[:2], strict=True):
+        assert g.token_ids == r.token_ids

@@ -52,7 +52,8 @@ def main(argv):
                           prefix_cache_mb=_PREFIX_MB.value,
                           **{k: v for k, v in extra.items() if v is not None})
     run_batch_job(_INPUT.value, _OUTPUT.value, _CKPT.value, _DTYPE.value, config, defaults,
-                  _PROGRESS.value, **runtime_flags.quant_kwargs())
+                  _PROGRESS.value, mesh=runtime_flags.MESH.value, fsdp=runtime_flags.FSDP.value,
+                  **runtime_flags.quant_kwargs())
 
 
 def run() -> None:

@@ -50,6 +50,7 @@ def main(argv):
           model_name=_MODEL_NAME.value, warmup=_WARMUP.value,
           config=_engine_config(num_slots=_SLOTS.value, max_len=_MAX_LEN.value,
                                 max_queue=_MAX_QUEUE.value, prefix_cache_mb=_PREFIX_MB.value),
+          mesh=runtime_flags.MESH.value, fsdp=runtime_flags.FSDP.value,
           **runtime_flags.quant_kwargs())
 
 
