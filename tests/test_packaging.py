@@ -16,7 +16,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-COMMANDS = ["jaxinfer-generate", "jaxinfer-convert", "jaxinfer-serve", "jaxinfer-batch"]
+COMMANDS = ["jaxinfer-generate", "jaxinfer-convert", "jaxinfer-serve", "jaxinfer-batch",
+            "jaxinfer-benchmark", "jaxinfer-quantize", "jaxinfer-eval-perplexity",
+            "jaxinfer-distill", "jaxinfer-prune"]
 
 
 def _sh(*args, cwd, timeout=180, env=None):
@@ -56,6 +58,7 @@ def test_wheel_carries_presets_and_cli(installed):
     assert "jaxinfer/configs/models/smollm2-135m.json" in names
     assert "jaxinfer/configs/run/tpu-v5e-8.json" in names
     assert "jaxinfer/cli/generate.py" in names
+    assert "jaxinfer/data/botchan_ch1.txt" in names  # eval_perplexity's default text
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
     text = zipfile.ZipFile(installed["wheel"]).read(entry_points).decode()
     for cmd in COMMANDS:
@@ -77,7 +80,7 @@ def test_console_scripts_show_help(installed, cmd):
                        env=installed["env"], capture_output=True, text=True, timeout=120)
     assert r.returncode in (0, 1), r.stderr  # absl exits 1 after --help
     assert "Traceback" not in r.stderr and "Try --helpfull" in r.stdout
-    if cmd != "jaxinfer-convert":
+    if cmd not in ("jaxinfer-convert", "jaxinfer-quantize"):
         assert "--config" in r.stdout and "--mesh" in r.stdout
 
 
