@@ -25,6 +25,7 @@ def test_tiny_benchmark_writes_every_field(tmp_path):
     plot = importlib.util.find_spec("matplotlib") is not None
     r = run("--random_config=tiny", "--prompt_len=8", "--max_new_tokens=4",
             "--batch_sizes=1,2", "--repeats=1", "--copy_mib=4", "--experiments=loop",
+            "--ngram_draft", "--num_speculative_tokens=3",
             f"--output_json={tmp_path / 'b.json'}", f"--output_md={tmp_path / 'b.md'}",
             *([f"--plot={tmp_path / 'b.png'}"] if plot else []))
     assert r.returncode == 0, r.stderr[-3000:]
@@ -47,8 +48,14 @@ def test_tiny_benchmark_writes_every_field(tmp_path):
     assert cold["cache_hits"] < cold["compiles"] and warm["cache_hits"] > 0
     assert all("skipped" in p for p in res["peers"].values())
     assert res["experiments"]["loop"]["1"]["while_loop"] > 0
+    spec = res["speculative"]
+    assert spec["draft"] == "ngram" and spec["num_speculative_tokens"] == 3
+    rep = spec["workloads"]["repeat"]  # random ids: no `free` prose workload
+    assert rep["identical"] and 0 <= rep["acceptance_rate"] <= 1 and rep["speedup"] > 0
+    assert rep["new_tokens"] == 4 and rep["plain_tps"] > 0 and rep["speculative_tps"] > 0
     md = (tmp_path / "b.md").read_text()
     assert "batch-1 decode tok/s" in md and "skipped" in md and md in r.stdout
+    assert "Speculative decoding, draft ngram" in md
     if plot:
         assert (tmp_path / "b.png").read_bytes()[:4] == b"\x89PNG"
 
@@ -59,6 +66,7 @@ def test_tiny_benchmark_writes_every_field(tmp_path):
     (["--random_config=no-such-model"], "no-such-model"),
     (["--random_config=tiny", "--peers=vllm"], "vllm"),
     (["--random_config=tiny", "--max_new_tokens=1"], "max_new_tokens"),
+    (["--random_config=tiny", "--ngram_draft", "--draft_checkpoint=/x"], "draft_checkpoint"),
 ])
 def test_bad_flags_one_error_line(args, needle):
     r = run(*args, timeout=120)

@@ -34,12 +34,14 @@ def _child(spec: dict[str, Any]) -> dict[str, Any]:
         from jaxinfer.bench.presets import random_llm
 
         llm = random_llm(spec["random_config"], spec["dtype"], spec["impl"],
-                         quantize=spec["quantize"])
+                         quantize=spec["quantize"], group_size=spec.get("group_size"),
+                         kv_dtype=spec.get("kv_dtype"))
     else:
         from jaxinfer.llm import LLM
 
         llm = LLM.load(spec["checkpoint"], dtype=spec["dtype"], impl=spec["impl"],
-                       quantize=spec["quantize"])
+                       quantize=spec["quantize"], group_size=spec.get("group_size"),
+                       kv_dtype=spec.get("kv_dtype"))
     import jax
 
     jax.block_until_ready(llm.params)

@@ -54,7 +54,8 @@ class IdTokenizer(Tokenizer):
 
 
 def random_llm(name: str, dtype: Any = None, impl: str = "xla", seed: int = 0,
-               quantize: str | None = None):
+               quantize: str | None = None, group_size: int | None = None,
+               kv_dtype: Any = None):
     """An LLM of the preset's shapes with random weights (on the default device),
     optionally quantized ("int8", "int4") the way `LLM.load(quantize=...)` does."""
     from jaxinfer.llm import LLM, default_dtype
@@ -67,5 +68,5 @@ def random_llm(name: str, dtype: Any = None, impl: str = "xla", seed: int = 0,
         from jaxinfer.quant import QuantConfig
         from jaxinfer.weights import quantize_weights
 
-        params = quantize_weights(params, QuantConfig.from_mode(quantize, None))
-    return LLM(cfg, params, IdTokenizer(cfg.vocab_size), impl=impl)
+        params = quantize_weights(params, QuantConfig.from_mode(quantize, group_size))
+    return LLM(cfg, params, IdTokenizer(cfg.vocab_size), impl=impl, kv_dtype=kv_dtype)

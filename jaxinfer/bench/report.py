@@ -75,6 +75,10 @@ def markdown(res: dict[str, Any]) -> str:
     for k, v in peers.items():
         if "skipped" in v:
             lines.append(f"\n{_NAMES[k]}: skipped ({v['skipped']}).")
+    if "speculative" in res:
+        from jaxinfer.bench.speculative import markdown as spec_markdown
+
+        lines += spec_markdown(res["speculative"])
     r = res.get("ratios", {})
     ratio_txt = ", ".join(f"{k} = {v:.2f}" for k, v in r.items()
                           if isinstance(v, float) and k != "stream_vs_loop_b1")

@@ -39,6 +39,12 @@ class BenchConfig:
     engine: bool = False
     experiments: tuple[str, ...] = ()
     copy_mib: int = 512
+    group_size: int | None = None  # int4 group size (LLM.load(group_size=...))
+    kv_dtype: str | None = None  # "int8": int8 KV cache (LLM.load(kv_dtype=...))
+    draft_checkpoint: str | None = None  # speculative decoding with this draft model
+    ngram_draft: bool = False  # speculative decoding with prompt lookup
+    num_speculative_tokens: int = 4
+    ngram_size: int = 3
 
     def __post_init__(self) -> None:
         from jaxinfer.attention import IMPLS
@@ -65,6 +71,11 @@ class BenchConfig:
                 raise ConfigError(f"unknown {what} {bad[0]!r}; expected one of {list(allowed)}")
         if self.quantize not in (None, "int8", "int4"):
             raise ConfigError(f"quantize must be int8 or int4, got {self.quantize!r}")
+        if self.draft_checkpoint and self.ngram_draft:
+            raise ConfigError("give draft_checkpoint or ngram_draft, not both")
+        if self.num_speculative_tokens < 1 or self.ngram_size < 1:
+            raise ConfigError("num_speculative_tokens and ngram_size must be >= 1, got "
+                              f"{self.num_speculative_tokens} and {self.ngram_size}")
         if self.impl not in IMPLS:
             raise ConfigError(f"unknown attention impl {self.impl!r}; expected one of {IMPLS}")
 
@@ -102,10 +113,12 @@ def _load(bc: BenchConfig, dtype: str | None = None, quantize: str | None = None
     if bc.random_config:
         from jaxinfer.bench.presets import random_llm
 
-        return random_llm(bc.random_config, dtype, bc.impl, quantize=quantize)
+        return random_llm(bc.random_config, dtype, bc.impl, quantize=quantize,
+                          group_size=bc.group_size, kv_dtype=bc.kv_dtype)
     from jaxinfer.llm import LLM
 
-    return LLM.load(bc.checkpoint, dtype=dtype, impl=bc.impl, quantize=quantize)
+    return LLM.load(bc.checkpoint, dtype=dtype, impl=bc.impl, quantize=quantize,
+                    group_size=bc.group_size, kv_dtype=bc.kv_dtype)
 
 
 def _percentile(xs: list[float], q: float) -> float:
@@ -153,7 +166,7 @@ def run(bc: BenchConfig, progress: Callable[[str], None]) -> dict[str, Any]:
         res["cold_start"] = cold_and_warm({
             "checkpoint": bc.checkpoint, "random_config": bc.random_config, "dtype": bc.dtype,
             "impl": bc.impl, "quantize": bc.quantize, "prompt_len": bc.prompt_len,
-            "cache_dir": None})
+            "group_size": bc.group_size, "kv_dtype": bc.kv_dtype, "cache_dir": None})
     res["machine"] = machine()
     progress(f"loading {bc.random_config or bc.checkpoint or 'SmolLM2-135M-Instruct'}")
     t0 = time.perf_counter()
@@ -180,6 +193,16 @@ def run(bc: BenchConfig, progress: Callable[[str], None]) -> dict[str, Any]:
                                         bc.repeats)
         except Exception as e:  # noqa: BLE001  (report it; the other figures stand)
             j["engine"] = {"batch": max(bc.batch_sizes), "error": f"{type(e).__name__}: {e}"}
+    if bc.draft_checkpoint or bc.ngram_draft:
+        from jaxinfer.bench import speculative
+        from jaxinfer.llm import LLM
+
+        draft = "ngram" if bc.ngram_draft else LLM.load(bc.draft_checkpoint, dtype=bc.dtype,
+                                                        impl=bc.impl)
+        res["speculative"] = speculative.run(llm, draft, ids, bc.max_new_tokens,
+                                             bc.num_speculative_tokens, bc.ngram_size,
+                                             bc.repeats, progress)
+        del draft
     if bc.experiments:
         from jaxinfer.bench import experiments
 

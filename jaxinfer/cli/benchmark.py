@@ -3,6 +3,8 @@
     jaxinfer-benchmark --output_json=bench.json --plot=docs/bench_cpu.png
     jaxinfer-benchmark --random_config=llama-3.2-1b --peers= --batch_sizes=1,8
     jaxinfer-benchmark --experiments=dtype,donate,loop,bucket --peers=
+    jaxinfer-benchmark --ngram_draft --peers= --batch_sizes=1      # speculative decoding
+    jaxinfer-benchmark --draft_checkpoint=/tmp/student --peers= --batch_sizes=1
 
 Peers that are not installed (pip install 'jaxinfer[bench]') are skipped with a note. The
 persistent compilation cache is off here by default, so compile counts and seconds are
@@ -38,6 +40,12 @@ _EXPERIMENTS = flags.DEFINE_list("experiments", [], "Speed experiments: dtype, d
                                  "loop, bucket.")
 _COPY_MIB = flags.DEFINE_integer("copy_mib", None, "Array size for the copy-bandwidth "
                                  "probe (default: 512 on CPU, 2048 on accelerators).")
+_DRAFT = flags.DEFINE_string("draft_checkpoint", None, "Also time speculative decoding "
+                              "with this draft model (acceptance rate, speedup).")
+_NGRAM = flags.DEFINE_bool("ngram_draft", False, "Also time speculative decoding with a "
+                           "prompt-lookup (n-gram) draft.")
+_NUM_SPEC = flags.DEFINE_integer("num_speculative_tokens", 4, "Draft tokens per round.")
+_NGRAM_SIZE = flags.DEFINE_integer("ngram_size", 3, "Longest n-gram the lookup matches.")
 _JSON = flags.DEFINE_string("output_json", None, "Write the full result here.")
 _MD = flags.DEFINE_string("output_md", None, "Write the Markdown table here (also printed).")
 _PLOT = flags.DEFINE_string("plot", None, "Write a tokens/s vs batch size PNG here.")
@@ -65,7 +73,10 @@ def main(argv):
         repeats=_REPEATS.value, threads=_THREADS.value or os.cpu_count() or 1,
         peers=tuple(_PEERS.value), cold_start=_COLD.value, engine=_ENGINE.value,
         experiments=tuple(_EXPERIMENTS.value),
-        copy_mib=_COPY_MIB.value or (2048 if accel else 512))
+        copy_mib=_COPY_MIB.value or (2048 if accel else 512),
+        group_size=runtime_flags.GROUP_SIZE.value, kv_dtype=runtime_flags.KV_CACHE_DTYPE.value,
+        draft_checkpoint=_DRAFT.value, ngram_draft=_NGRAM.value,
+        num_speculative_tokens=_NUM_SPEC.value, ngram_size=_NGRAM_SIZE.value)
     t0 = time.perf_counter()
     res = run(bc, lambda msg: print(f"[{time.perf_counter() - t0:7.1f}s] {msg}",
                                     file=sys.stderr, flush=True))
