@@ -41,7 +41,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxinfer import engine_core as core
+from jaxinfer import engine_spec
 from jaxinfer import generate as gen
+from jaxinfer import speculative as spec
 from jaxinfer.config import ModelConfig
 from jaxinfer.errors import BadRequestError, ConfigError, JaxinferError
 from jaxinfer.kv_cache import KVCache, cache_shardings, init_cache
@@ -112,11 +114,18 @@ class Engine:
 
     def __init__(self, params, cfg: ModelConfig, tokenizer: Tokenizer,
                  config: EngineConfig | None = None, impl: str = "xla", kv_dtype=None,
-                 mesh: jax.sharding.Mesh | None = None):
+                 mesh: jax.sharding.Mesh | None = None, draft: Any = None,
+                 num_speculative_tokens: int = 4, ngram_size: int = 3):
         """`params` may hold quantized weights (QArray); kv_dtype "int8" keeps the slots'
         and the prefix pool's K/V in int8 with per-token scales (default: compute dtype).
         With `mesh` (the one `params` are sharded over) the slots' cache is sharded like
-        LLM.generate's, slots over `data` and KV heads over `model`."""
+        LLM.generate's, slots over `data` and KV heads over `model`.
+
+        With `draft` (an LLM sharing the tokenizer, or "ngram" for prompt lookup) every
+        step is a speculative round (engine_spec.py): the draft proposes
+        `num_speculative_tokens` per slot, the target verifies them in one pass, and each
+        slot emits 1..k+1 tokens; greedy output is the target's, sampling keeps its
+        distribution. A slot then needs k + 1 spare cache positions."""
         self.cfg, self.params, self.tokenizer, self.impl = cfg, params, tokenizer, impl
         self.config = config = config or EngineConfig()
         self.max_len = min(config.max_len, cfg.max_seq_len)  # S
@@ -130,8 +139,18 @@ class Engine:
         self._compiles = CompileCounter().__enter__()  # counts from here to close()
         device = next(iter(jax.tree.leaves(params["embed"])[0].devices()))  # QArray too
         self.mesh = mesh
-        self._state = core.init_decode_state(cfg, config.num_slots, self.max_len, self.kv_dtype,
-                                             np.asarray(eos or [-1], np.int32), device, mesh)
+        self._spec = self._speculative_settings(draft, num_speculative_tokens, ngram_size)
+        self._reserve = 0 if self._spec is None else num_speculative_tokens + 1
+        self.spec_proposed = self.spec_accepted = 0  # draft tokens, all requests
+        eos_E = np.asarray(eos or [-1], np.int32)
+        if self._spec is None:
+            self._state = core.init_decode_state(cfg, config.num_slots, self.max_len,
+                                                 self.kv_dtype, eos_E, device, mesh)
+        else:
+            dw, dcfg, _, _ = self._spec
+            self._state = engine_spec.init_state(
+                cfg, dcfg, config.num_slots, self.max_len, self.kv_dtype,
+                None if dw is None else dw["embed"].dtype, eos_E, device, mesh)
         # A request's one-row cache: placed like the slots' (a batch of 1 is replicated).
         self._row_shardings = None if mesh is None else _row_shardings(
             cache_shardings(cfg, config.num_slots, self.max_len, mesh))
@@ -154,9 +173,28 @@ class Engine:
         _LIVE.add(self)
 
     @classmethod
-    def from_llm(cls, llm, config: EngineConfig | None = None) -> Engine:
+    def from_llm(cls, llm, config: EngineConfig | None = None, draft: Any = None,
+                 num_speculative_tokens: int = 4, ngram_size: int = 3) -> Engine:
+        """An engine over a loaded LLM (its weights, mesh, KV dtype); `draft` as in
+        __init__ (an LLM or "ngram")."""
         return cls(llm.params, llm.cfg, llm.tokenizer, config, llm.impl, llm.kv_dtype,
-                   llm.mesh)
+                   llm.mesh, draft, num_speculative_tokens, ngram_size)
+
+    def _speculative_settings(self, draft: Any, k: int, ngram_size: int):
+        """(draft weights or None, draft cfg or None, k, ngram_size), or None without one."""
+        if draft is None:
+            return None
+        if isinstance(draft, str) and draft != "ngram":
+            raise ConfigError(f"draft must be an LLM or 'ngram', got {draft!r}")
+        dw, dcfg = (None, None) if isinstance(draft, str) else (draft.params, draft.cfg)
+        try:
+            spec.check_request([], k, ngram_size, self.cfg, dcfg)
+        except BadRequestError as e:
+            raise ConfigError(str(e)) from None
+        if k + 2 >= self.max_len:
+            raise ConfigError(f"num_speculative_tokens={k} leaves no room in slots of "
+                              f"{self.max_len} positions")
+        return dw, dcfg, k, ngram_size
 
     # ---- public API ---------------------------------------------------------------------
     @property
@@ -220,20 +258,24 @@ class Engine:
         if n == 0:
             raise BadRequestError("prompt is empty (0 tokens)")
         if max_tokens is None:
-            max_tokens = max(self.max_len - n, 1)
+            max_tokens = max(self.max_len - self._reserve - n, 1)
         if isinstance(max_tokens, bool) or not isinstance(max_tokens, (int, np.integer)):
             raise BadRequestError(f"max_tokens must be an integer, got {max_tokens!r}")
         if max_tokens < 1:
             raise BadRequestError(f"max_tokens must be >= 1, got {max_tokens}")
-        if n + max_tokens > self.max_len:
+        if n + max_tokens > self.max_len - self._reserve:
             raise ContextLengthError(
-                f"this engine's maximum context length is {self.max_len} tokens, but "
+                f"this engine's maximum context length is {self.max_len - self._reserve} "
+                "tokens, but "
                 f"{n + max_tokens} were requested ({n} in the prompt, {max_tokens} for the "
                 "completion)")
         stop = (stop,) if isinstance(stop, str) else tuple(stop)
         if not all(isinstance(s, str) for s in stop):
             raise BadRequestError(f"stop must be a string or a list of strings, got {stop!r}")
         sampling = sampling or SamplingParams()
+        if self._spec is not None:  # penalties do not fit the accept/reject rule
+            spec.check_request([sampling], self._spec[2], self._spec[3], self.cfg,
+                               self._spec[1])
         with self._cv:
             self._check_open()
             while len(self._queue) >= self.config.max_queue:
@@ -258,7 +300,8 @@ class Engine:
         """Compile every prompt bucket (and the decode step) now; returns compilations."""
         before = self.compile_count
         rng = np.random.default_rng(0)
-        reqs = [self.submit(rng.integers(0, self.cfg.vocab_size, min(t, self.max_len - 2))
+        longest = self.max_len - 2 - self._reserve
+        reqs = [self.submit(rng.integers(0, self.cfg.vocab_size, min(t, longest))
                             .tolist(), sampling=GREEDY, max_tokens=2, block=True, _warmup=True)
                 for t in self.prompt_buckets()]
         for r in reqs:
@@ -286,6 +329,10 @@ class Engine:
              "slots": (self.config.num_slots, "Decode slots."),
              "compilations": (self.compile_count, "XLA compilations since engine start."),
              "healthy": (int(self.healthy), "1 while the device loop runs.")}
+        if self._spec is not None:
+            g["speculative_acceptance_rate"] = (
+                self.spec_accepted / max(self.spec_proposed, 1),
+                "Draft tokens accepted / proposed, all requests so far.")
         if self._prefix is not None:
             g["prefix_cache_blocks_used"] = (self._prefix.blocks_used, "Cached prefix blocks.")
             g["prefix_cache_blocks"] = (self._prefix.capacity, "Prefix-cache capacity.")
@@ -321,9 +368,14 @@ class Engine:
                         break
                 self._admit()
                 out = None
-                if self.slots_in_use:
+                if self.slots_in_use and self._spec is None:
                     self._state, out = core.generate_step(self.params, self._state, self.cfg,
                                                           self.impl)
+                elif self.slots_in_use:
+                    dw, dcfg, k, ngram = self._spec
+                    self._state, out = engine_spec.step(
+                        self.params, dw, self._state, cfg=self.cfg, draft_cfg=dcfg, k=k,
+                        ngram_size=ngram, impl=self.impl)
                 if pending is not None:
                     self._consume(*pending)
                 pending = (out, list(self._slots)) if out is not None else None
@@ -384,7 +436,10 @@ class Engine:
                               impl=self.impl)
         if self._prefix is not None:
             self._prefix.store(digests, hit, prefix.cache, dry_run=req.warmup)
-        self._state = core.insert(prefix, self._state, np.int32(slot))
+        if self._spec is None:
+            self._state = core.insert(prefix, self._state, np.int32(slot))
+        else:
+            self._insert_speculative(prefix, ids, slot)
         self._slots[slot] = req
         req.metrics.cached_tokens, req.metrics.prefilled_tokens = cached, n - cached
         req.decoder = StreamDecoder(self.tokenizer, ids)
@@ -396,7 +451,58 @@ class Engine:
             self.metrics.on_tokens(1, [] if gap is None else [gap])
         return n - cached
 
-    def _consume(self, out_2B: jax.Array, slots: list[Request | None]) -> None:
+    def _insert_speculative(self, prefix: core.Prefix, ids: list[int], slot: int) -> None:
+        """Prefill the draft model's row (the whole prompt: the prefix cache holds only the
+        target's K/V) and insert both rows and the token sequence into the slot."""
+        dw, dcfg, _, _ = self._spec
+        n, S = len(ids), self.max_len
+        draft_row = None
+        if dw is not None:
+            T = gen.bucket(n, self.config.min_prompt_bucket, S)
+            tokens_1T = np.full((1, T), self.cfg.pad_token_id, np.int32)
+            tokens_1T[0, :n] = ids
+            shardings = None if self.mesh is None else _row_shardings(
+                cache_shardings(dcfg, self.config.num_slots, S, self.mesh))
+            row = init_cache(dcfg, 1, S, dw["embed"].dtype, shardings)
+            draft_row = engine_spec.prefill_draft(dw, tokens_1T, np.array([n], np.int32), row,
+                                                  cfg=dcfg, impl=self.impl)
+        seq_1S = np.zeros((1, S), np.int32)
+        seq_1S[0, :n] = ids
+        self._state = engine_spec.insert(prefix, draft_row, seq_1S, np.int32(n), self._state,
+                                         np.int32(slot))
+
+    def _consume(self, out: jax.Array, slots: list[Request | None]) -> None:
+        if self._spec is None:
+            self._consume_step(out, slots)
+        else:
+            self._consume_round(out, slots)
+
+    def _consume_round(self, out_BR: jax.Array, slots: list[Request | None]) -> None:
+        """Hand each live request the 0..k+1 tokens one speculative round emitted."""
+        out = to_host(out_BR)
+        gaps, count = [], 0
+        for slot, req in enumerate(slots):
+            if req is None or req.done:
+                continue
+            if req.cancel_requested:
+                self._finish(slot, req, "cancelled", device_done=False)
+                continue
+            n_emit, done, accepted = (int(x) for x in out[slot, :3])
+            if n_emit and not req.warmup:
+                self.spec_proposed += self._spec[2]
+                self.spec_accepted += accepted
+            for i in range(n_emit):
+                gap = self._on_token(slot, req, int(out[slot, 3 + i]),
+                                     bool(done) and i == n_emit - 1)
+                if not req.warmup:
+                    count += 1
+                    gaps += [] if gap is None else [gap]
+                if req.done:
+                    break
+        if count:
+            self.metrics.on_tokens(count, gaps)
+
+    def _consume_step(self, out_2B: jax.Array, slots: list[Request | None]) -> None:
         """Hand each live request its token from one finished decode step."""
         out = to_host(out_2B)
         gaps, count = [], 0

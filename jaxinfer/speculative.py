@@ -106,9 +106,9 @@ def _draft_model(dw: Weights, state: SpecState, dcfg: ModelConfig, k: int, key,
     seq, n = state.seq_BS, state.seq_len_B
     two_B2 = jnp.take_along_axis(seq, jnp.stack([n - 2, n - 1], 1), 1)
     dc = state.draft_cache
-    x, dc = hidden_states(dw, two_B2, KVCache(dc.k, dc.v, n - 2), dcfg, impl)
+    x, dc = hidden_states(dw, two_B2, dc.with_lengths(n - 2), dcfg, impl)
     logits_BV = unembed(dw, x[:, 1])
-    dc = KVCache(dc.k, dc.v, n)
+    dc = dc.with_lengths(n)
     toks, qs = [], []
     for i in range(k):
         q_BV = probs(logits_BV[:, None], state.sampling)[:, 0]
@@ -140,7 +140,7 @@ def _round(tw: Weights, dw: Weights | None, state: SpecState, cfg: ModelConfig,
     last_B = jnp.take_along_axis(state.seq_BS, (seq_len - 1)[:, None], 1)[:, 0]
     tc = state.target_cache
     x, tc = hidden_states(tw, jnp.concatenate([last_B[:, None], d_BK], 1),
-                          KVCache(tc.k, tc.v, seq_len - 1), cfg, impl)
+                          tc.with_lengths(seq_len - 1), cfg, impl)
     p_BTV = probs(unembed(tw, x), state.sampling)  # T = k + 1
 
     p_d = jnp.take_along_axis(p_BTV[:, :k], d_BK[..., None], -1)[..., 0]
@@ -181,7 +181,7 @@ def _round(tw: Weights, dw: Weights | None, state: SpecState, cfg: ModelConfig,
     eos_hit = active & (first_eos < n_emit)
     new_len = seq_len + n_emit
     return dataclasses.replace(
-        state, target_cache=KVCache(tc.k, tc.v, new_len - 1), draft_cache=dc, seq_BS=seq,
+        state, target_cache=tc.with_lengths(new_len - 1), draft_cache=dc, seq_BS=seq,
         seq_len_B=new_len, num_generated_B=n_gen, output_BM=out,
         done_B=state.done_B | eos_hit | (n_gen >= state.max_new_B),
         finish_eos_B=state.finish_eos_B | eos_hit,

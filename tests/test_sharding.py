@@ -104,9 +104,15 @@ def test_real_model_sharded_equals_single_device(single, smollm2_checkpoint, mes
     got = (L["wq"].sharding.spec, L["wk"].sharding.spec, L["w_gate"].sharding.spec,
            llm.params["embed"].sharding.spec)
     assert got == EXPECTED_SPECS[mesh_spec]
-    # Splitting a contraction over devices changes its summation order; over 30 layers
-    # that moves logits (magnitude ~30) by up to 1.6e-4 here (measured 1.1e-4, 1.0e-4 and
-    # 1.6e-4 for the three model-parallel meshes), so the bound is 2e-4, not 1e-4.
-    np.testing.assert_allclose(_logits(llm, ids), ref_logits, atol=2e-4, rtol=0)
+    # Compared at the prompts' own positions (the padding after shorter prompts is never
+    # read). Splitting a contraction over devices changes its summation order; over 30
+    # layers that moves logits (magnitude up to 38) by 6.6e-5 (data:2,model:4), 5.6e-5
+    # (model:3) and 1.56e-4 (data:2,model:2). That is the float32 noise floor of the
+    # single-device run itself: the same weights on one device move by 9.7e-5 when the
+    # batch goes from 8 to 1 and by 9.8e-5 when the cache goes from 32 to 64 positions
+    # (docs/sharding.md). So the bound is 2e-4, not the issue's 1e-4.
+    got = _logits(llm, ids)
+    for b, i in enumerate(ids):
+        np.testing.assert_allclose(got[b, :len(i)], ref_logits[b, :len(i)], atol=2e-4, rtol=0)
     toks = [c.token_ids for c in llm.generate(ids, SamplingParams(temperature=0.0), 12)]
     assert toks == ref_toks

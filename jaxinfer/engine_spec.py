@@ -1,0 +1,118 @@
+"""Speculative decoding in the serving engine: the functional core over B slots.
+
+The scheduler (engine.py) calls these in place of engine_core's insert / generate_step
+when it runs with a draft (a smaller model, or prompt lookup):
+
+    init_state(...)                                   -> SpecState   B empty slots
+    prefill_draft(draft_weights, tokens_1T, n_1, row) -> KVCache     the draft's prompt row
+    insert(prefix, draft_row, seq_1S, n, state, slot) -> state       state donated
+    step(target, draft, state)                        -> state, out_BR   one round, every slot
+
+A round is speculative.py's `_round` (the same accept/reject rule, so greedy slots give the
+target's tokens exactly and sampled slots keep its distribution); `out_BR` brings back,
+per slot, R = k + 4 ints: [tokens emitted, done, draft tokens accepted, t_1 .. t_{k+1}].
+Keys fold each slot's seed with its own generated-token count, as in LLM.generate(draft=),
+so a seeded request gives the same tokens in any slot, beside any neighbours.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from jaxinfer import model
+from jaxinfer import speculative as spec
+from jaxinfer.config import ModelConfig
+from jaxinfer.engine_core import Prefix
+from jaxinfer.kv_cache import KVCache, cache_shardings, init_cache
+from jaxinfer.sampling import GREEDY, SamplingArrays
+from jaxinfer.weights import Weights
+
+
+def init_state(cfg: ModelConfig, draft_cfg: ModelConfig | None, num_slots: int, max_len: int,
+               dtype, draft_dtype, eos_E: jax.Array, device: jax.Device | None,
+               mesh: jax.sharding.Mesh | None = None) -> spec.SpecState:
+    """B empty, finished slots, placed as engine_core.init_decode_state places its state."""
+    B, S = num_slots, max_len
+    zeros_B = lambda: jnp.zeros((B,), jnp.int32)  # distinct buffers: the state is donated
+    state = spec.SpecState(
+        target_cache=None, draft_cache=None, seq_BS=jnp.zeros((B, S), jnp.int32),
+        seq_len_B=jnp.full((B,), 2, jnp.int32), num_generated_B=zeros_B(),
+        max_new_B=zeros_B(), done_B=jnp.ones((B,), bool), finish_eos_B=jnp.zeros((B,), bool),
+        sampling=SamplingArrays.from_params([GREEDY] * B), eos_E=jnp.asarray(eos_E, jnp.int32),
+        output_BM=jnp.zeros((B, S), jnp.int32), rounds_B=zeros_B(), accepted_B=zeros_B())
+
+    def cache(c: ModelConfig, dt) -> KVCache:
+        if mesh is None:
+            return jax.device_put(init_cache(c, B, S, dt), device)
+        return init_cache(c, B, S, dt, cache_shardings(c, B, S, mesh))
+
+    place = device if mesh is None else jax.sharding.NamedSharding(
+        mesh, jax.sharding.PartitionSpec())
+    return dataclasses.replace(
+        jax.device_put(state, place), target_cache=cache(cfg, dtype),
+        draft_cache=None if draft_cfg is None else cache(draft_cfg, draft_dtype))
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "impl"), donate_argnames=("row",))
+def prefill_draft(weights: Weights, tokens_1T: jax.Array, num_new_1: jax.Array, row: KVCache,
+                  cfg: ModelConfig, impl: str = "xla") -> KVCache:
+    """The draft model's K/V for a whole (padded) prompt."""
+    return model.prefill(weights, tokens_1T, num_new_1, row, cfg, impl)[1]
+
+
+@functools.partial(jax.jit, donate_argnames=("state",))
+def insert(prefix: Prefix, draft_row: KVCache | None, seq_1S: jax.Array, prompt_len: jax.Array,
+           state: spec.SpecState, slot: jax.Array) -> spec.SpecState:
+    """Put a prefilled request into slot `slot`: both caches' rows, its token sequence
+    (prompt + first token, the n-gram draft's haystack) and its counters."""
+    def put(dst, src):  # [L, B, K, S, (H)] <- [L, 1, K, S, (H)] at row `slot`
+        if dst is None:
+            return None
+        return jax.lax.dynamic_update_slice(dst, src.astype(dst.dtype),
+                                            (0, slot) + (0,) * (dst.ndim - 2))
+
+    def put_cache(dst: KVCache, src: KVCache) -> KVCache:
+        return KVCache(k=put(dst.k, src.k), v=put(dst.v, src.v),
+                       lengths=dst.lengths.at[slot].set(src.lengths[0]),
+                       k_scale=put(dst.k_scale, src.k_scale),
+                       v_scale=put(dst.v_scale, src.v_scale))
+
+    tok = prefix.token_1[0]
+    max_new = prefix.max_new_1[0]
+    is_eos = jnp.any(tok == state.eos_E)
+    seq = seq_1S[0].at[prompt_len].set(tok)
+    dc = state.draft_cache
+    return dataclasses.replace(
+        state, target_cache=put_cache(state.target_cache, prefix.cache),
+        draft_cache=None if dc is None else put_cache(dc, draft_row),
+        seq_BS=state.seq_BS.at[slot].set(seq), seq_len_B=state.seq_len_B.at[slot].set(
+            prompt_len + 1), num_generated_B=state.num_generated_B.at[slot].set(1),
+        max_new_B=state.max_new_B.at[slot].set(max_new),
+        done_B=state.done_B.at[slot].set(is_eos | (max_new <= 1)),
+        finish_eos_B=state.finish_eos_B.at[slot].set(is_eos),
+        sampling=state.sampling.with_row(slot, prefix.sampling),
+        output_BM=state.output_BM.at[slot].set(jnp.zeros_like(state.output_BM[0]).at[0].set(
+            tok)),
+        rounds_B=state.rounds_B.at[slot].set(0), accepted_B=state.accepted_B.at[slot].set(0))
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "draft_cfg", "k", "ngram_size", "impl"),
+                   donate_argnames=("state",))
+def step(target_weights: Weights, draft_weights: Weights | None, state: spec.SpecState,
+         cfg: ModelConfig, draft_cfg: ModelConfig | None, k: int, ngram_size: int,
+         impl: str = "xla") -> tuple[spec.SpecState, jax.Array]:
+    """One draft-and-verify round for every slot; out_BR as in the module docstring."""
+    before_B, acc_B = state.num_generated_B, state.accepted_B
+    state = spec._round(target_weights, draft_weights, state, cfg, draft_cfg, k, ngram_size,
+                        impl)
+    M = state.output_BM.shape[1]
+    idx = jnp.minimum(before_B[:, None] + jnp.arange(k + 1)[None], M - 1)
+    toks = jnp.take_along_axis(state.output_BM, idx, 1)
+    out = jnp.concatenate([(state.num_generated_B - before_B)[:, None],
+                           state.done_B.astype(jnp.int32)[:, None],
+                           (state.accepted_B - acc_B)[:, None], toks], 1)
+    return state, out

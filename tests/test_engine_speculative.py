@@ -1,0 +1,120 @@
+"""Speculative decoding inside the serving engine: continuous batching with a draft (a
+smaller model or prompt lookup) gives the target's greedy tokens exactly, the same seeded
+samples as LLM.generate(draft=...), and reports its acceptance rate."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxinfer.engine import ContextLengthError, Engine, EngineConfig
+from jaxinfer.errors import BadRequestError, ConfigError
+from jaxinfer.llm import LLM
+from jaxinfer.prune import prune_weights
+from jaxinfer.sampling import GREEDY, SamplingParams
+
+from .engine_helpers import CharTokenizer, W
+from .helpers import TINY, tiny_weights
+
+RNG = np.random.default_rng(1)
+# Repetitive prompts give the n-gram draft something to find; random ones test rejection.
+PROMPTS = ([[5, 6, 7, 8] * 6, [9, 10, 11, 12, 13] * 3 + [9, 10]]
+           + [RNG.integers(4, TINY.vocab_size, n).tolist() for n in (3, 17, 40, 9, 25)])
+MAX_NEW = [20, 13, 7, 16, 9, 12, 5]
+DRAFT_CFG = TINY.replace(num_layers=1)
+
+
+def _target() -> LLM:
+    return LLM(TINY, W, CharTokenizer())
+
+
+def _drafts():
+    small = LLM(DRAFT_CFG, jax.device_put(tiny_weights(DRAFT_CFG, 1), jax.devices()[0]),
+                CharTokenizer())
+    return {"ngram": "ngram", "model": small, "self": _target()}
+
+
+@pytest.mark.parametrize("name", ["ngram", "model", "self"])
+def test_greedy_equals_target_alone(name):
+    target, draft = _target(), _drafts()[name]
+    want = [c.token_ids for c in target.generate(PROMPTS, sampling=GREEDY,
+                                                   max_new_tokens=MAX_NEW)]
+    cfg = EngineConfig(num_slots=3, max_len=128, prefix_block=16)
+    with Engine.from_llm(target, cfg, draft=draft, num_speculative_tokens=3) as eng:
+        eng.warmup()
+        compiles = eng.compile_count
+        reqs = [eng.submit(p, sampling=GREEDY, max_tokens=m)
+                for p, m in zip(PROMPTS, MAX_NEW, strict=True)]  # 7 requests, 3 slots
+        got = [r.result(timeout=120) for r in reqs]
+        assert eng.compile_count == compiles  # traffic after warm-up never recompiles
+        rate = eng.gauges()["speculative_acceptance_rate"][0]
+        assert "jaxinfer_speculative_acceptance_rate" in eng.prometheus()
+    for g, w in zip(got, want, strict=True):
+        assert g.token_ids == w
+    if name == "self":  # a draft equal to the target is always right
+        assert rate == 1.0
+    elif name == "ngram":  # the repetitive prompts let lookup guess some tokens, not all
+        assert 0.0 < rate < 1.0, rate
+    else:  # an unrelated random 1-layer model rarely agrees with the target
+        assert 0.0 <= rate < 1.0, rate
+
+
+def test_seeded_sampling_matches_llm_generate_with_the_draft():
+    """Keys fold each slot's seed with its own token count, so a seeded request samples
+    the same tokens in the engine (any slot, any neighbours) as in LLM.generate(draft=)."""
+    target, draft = _target(), _drafts()["model"]
+    sps = [SamplingParams(temperature=1.0, seed=s, top_k=20 if s % 2 else 0) for s in range(5)]
+    prompts, max_new = PROMPTS[:5], MAX_NEW[:5]
+    want = [target.generate(p, sampling=sp, max_new_tokens=m, draft=draft,
+                            num_speculative_tokens=3).token_ids
+            for p, sp, m in zip(prompts, sps, max_new, strict=True)]
+    with Engine.from_llm(target, EngineConfig(num_slots=2, max_len=128), draft=draft,
+                         num_speculative_tokens=3) as eng:
+        got = [r.result(timeout=120).token_ids for r in
+               [eng.submit(p, sampling=sp, max_tokens=m)
+                for p, sp, m in zip(prompts, sps, max_new, strict=True)]]
+    assert got == want
+
+
+def test_stop_strings_limits_and_errors():
+    target = _target()
+    with Engine.from_llm(target, EngineConfig(num_slots=2, max_len=64), draft="ngram",
+                         num_speculative_tokens=4) as eng:
+        full = eng.submit(PROMPTS[0], sampling=GREEDY, max_tokens=20).result(timeout=60)
+        stop = full.text[5:7]
+        cut = eng.submit(PROMPTS[0], sampling=GREEDY, max_tokens=20,
+                         stop=stop).result(timeout=60)
+        assert cut.finish_reason == "stop" and cut.text == full.text[:full.text.index(stop)]
+        # k + 1 = 5 positions per slot are reserved for the look-ahead.
+        with pytest.raises(ContextLengthError, match="59"):
+            eng.submit([5] * 40, max_tokens=20)
+        assert eng.submit([5] * 40, sampling=GREEDY, max_tokens=19).result(timeout=60)
+        with pytest.raises(BadRequestError, match="penalt"):
+            eng.submit("hi", sampling=SamplingParams(repetition_penalty=1.3))
+        # A finished slot is reused at once and the engine keeps serving.
+        again = eng.submit(PROMPTS[0], sampling=GREEDY, max_tokens=20).result(timeout=60)
+        assert again.token_ids == full.token_ids
+    with pytest.raises(ConfigError, match="draft"):
+        Engine.from_llm(target, EngineConfig(max_len=64), draft="medusa")
+    with pytest.raises(ConfigError, match="num_speculative_tokens"):
+        Engine.from_llm(target, EngineConfig(max_len=64), draft="ngram",
+                        num_speculative_tokens=0)
+
+
+@pytest.mark.slow
+def test_smollm2_engine_with_drafts_equals_target(smollm2_checkpoint):
+    llm = LLM.load(smollm2_checkpoint, dtype=jnp.float32)
+    cfg8, w8 = prune_weights(llm.params, llm.cfg, range(8))  # first 8 of 30 layers
+    small = LLM(cfg8, w8, llm.tokenizer)
+    prompts = [llm.encode(p, chat=True) for p in (
+        "Repeat exactly: the quick brown fox jumps over the lazy dog.",
+        "What is the capital of France?", "List three colours.")]
+    want = [c.token_ids for c in llm.generate(prompts, sampling=GREEDY, max_new_tokens=24)]
+    for draft in ("ngram", small):
+        with Engine.from_llm(llm, EngineConfig(num_slots=2, max_len=256), draft=draft,
+                             num_speculative_tokens=4) as eng:
+            got = [r.result(timeout=300).token_ids for r in
+                   [eng.submit(p, sampling=GREEDY, max_tokens=24) for p in prompts]]
+            rate = eng.gauges()["speculative_acceptance_rate"][0]
+        assert got == want, draft
+        print(f"engine, draft {getattr(draft, 'cfg', draft)!s:.40}: acceptance {rate:.2f}")
