@@ -176,7 +176,9 @@ class Engine:
     def from_llm(cls, llm, config: EngineConfig | None = None, draft: Any = None,
                  num_speculative_tokens: int = 4, ngram_size: int = 3) -> Engine:
         """An engine over a loaded LLM (its weights, mesh, KV dtype); `draft` as in
-        __init__ (an LLM or "ngram")."""
+        __init__ (an LLM or "ngram"), or a draft checkpoint directory to load."""
+        if isinstance(draft, str) and draft != "ngram":
+            draft = type(llm).load(draft, dtype=llm.dtype, mesh=llm.mesh)
         return cls(llm.params, llm.cfg, llm.tokenizer, config, llm.impl, llm.kv_dtype,
                    llm.mesh, draft, num_speculative_tokens, ngram_size)
 

@@ -205,13 +205,15 @@ class BackgroundServer:
 
 def serve(checkpoint: str | None = None, host: str = "127.0.0.1", port: int = 8000,
           config=None, dtype: str | None = None, model_name: str | None = None,
-          warmup: bool = True, log_level: str = "info", **load_kw) -> None:
+          warmup: bool = True, log_level: str = "info", draft: str | None = None,
+          num_speculative_tokens: int = 4, ngram_size: int = 3, **load_kw) -> None:
     """Load a checkpoint, build and warm the engine, serve until interrupted. `load_kw`
-    goes to LLM.load (mesh, fsdp, quantize, group_size, kv_dtype)."""
+    goes to LLM.load (mesh, fsdp, quantize, group_size, kv_dtype); `draft` ("ngram" or a
+    checkpoint) turns on speculative decoding in the engine."""
     from jaxinfer.llm import LLM
 
     llm = LLM.load(checkpoint, dtype=dtype, **load_kw)
-    engine = Engine.from_llm(llm, config)
+    engine = Engine.from_llm(llm, config, draft, num_speculative_tokens, ngram_size)
     if warmup:
         t0 = time.perf_counter()
         n = engine.warmup()

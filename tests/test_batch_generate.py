@@ -104,3 +104,26 @@ def test_script_kill_and_resume_smollm2(smollm2_checkpoint, tmp_path):
     p = _script(f"--input={tmp_path / 'missing.jsonl'}", f"--output={out}")
     _, err = p.communicate(timeout=120)
     assert p.returncode == 2 and err.strip().splitlines()[-1].startswith("error:")
+
+
+@pytest.mark.slow
+def test_script_with_ngram_draft_gives_the_same_results(smollm2_checkpoint, tmp_path):
+    """--ngram_draft runs the job's engine speculatively; greedy results are unchanged."""
+    inp = tmp_path / "prompts.jsonl"
+    rows = [{"id": f"q{i}", "prompt": p, "max_tokens": 12} for i, p in enumerate(
+        ["Count: one, two, three, four, five, one, two, three,", "The capital of France is"])]
+    inp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    results = {}
+    for name, extra in (("plain", []), ("ngram", ["--ngram_draft",
+                                                  "--num_speculative_tokens=3"])):
+        out = tmp_path / f"{name}.jsonl"
+        p = _script(f"--input={inp}", f"--output={out}", f"--checkpoint={smollm2_checkpoint}",
+                    "--temperature=0", "--max_len=128", "--num_slots=2", "--noprogress", *extra)
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err
+        results[name] = {r["id"]: r["token_ids"] for r in _lines(out)}
+    assert results["ngram"] == results["plain"] and len(results["plain"]) == 2
+    p = _script(f"--input={inp}", f"--output={tmp_path / 'x.jsonl'}", "--ngram_draft",
+                "--draft_checkpoint=/nonexistent")
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 2 and "--ngram_draft" in err.strip().splitlines()[-1]

@@ -39,7 +39,8 @@ def _timed(fn) -> tuple[float, Any]:
 def run(llm, draft, repeat_ids: list[int], n: int, k: int, ngram_size: int, repeats: int,
         progress) -> dict[str, Any]:
     """`draft`: an LLM or "ngram". One entry per workload."""
-    name = "ngram" if isinstance(draft, str) else draft.cfg.name
+    name = ("ngram" if isinstance(draft, str) else
+            f"{draft.cfg.name} ({draft.cfg.num_layers} layers, mlp {draft.cfg.mlp_dim})")
     res: dict[str, Any] = {"draft": name, "num_speculative_tokens": k, "ngram_size": ngram_size,
                            "max_new_tokens": n, "workloads": {}}
     for wl, ids in workloads(llm, repeat_ids).items():

@@ -13,7 +13,7 @@ line with an "error" field. The flags below give the defaults for fields a line 
 from absl import flags
 
 from jaxinfer import flags as runtime_flags
-from jaxinfer.cli import run_program
+from jaxinfer.cli import run_program, spec_flags
 
 _INPUT = flags.DEFINE_string("input", None, "JSONL file of requests.", required=True)
 _OUTPUT = flags.DEFINE_string("output", None, "JSONL file results are appended to.",
@@ -52,8 +52,8 @@ def main(argv):
                           prefix_cache_mb=_PREFIX_MB.value,
                           **{k: v for k, v in extra.items() if v is not None})
     run_batch_job(_INPUT.value, _OUTPUT.value, _CKPT.value, _DTYPE.value, config, defaults,
-                  _PROGRESS.value, mesh=runtime_flags.MESH.value, fsdp=runtime_flags.FSDP.value,
-                  **runtime_flags.quant_kwargs())
+                  _PROGRESS.value, **spec_flags.engine_kwargs(), mesh=runtime_flags.MESH.value,
+                  fsdp=runtime_flags.FSDP.value, **runtime_flags.quant_kwargs())
 
 
 def run() -> None:

@@ -18,7 +18,7 @@ import time
 from absl import flags
 
 from jaxinfer import flags as runtime_flags
-from jaxinfer.cli import run_program
+from jaxinfer.cli import run_program, spec_flags
 
 _CKPT = flags.DEFINE_string("checkpoint", None, "Orbax checkpoint dir (default: SmolLM2).")
 _RANDOM = flags.DEFINE_string("random_config", None, "Random weights of a model preset's "
@@ -40,12 +40,6 @@ _EXPERIMENTS = flags.DEFINE_list("experiments", [], "Speed experiments: dtype, d
                                  "loop, bucket.")
 _COPY_MIB = flags.DEFINE_integer("copy_mib", None, "Array size for the copy-bandwidth "
                                  "probe (default: 512 on CPU, 2048 on accelerators).")
-_DRAFT = flags.DEFINE_string("draft_checkpoint", None, "Also time speculative decoding "
-                              "with this draft model (acceptance rate, speedup).")
-_NGRAM = flags.DEFINE_bool("ngram_draft", False, "Also time speculative decoding with a "
-                           "prompt-lookup (n-gram) draft.")
-_NUM_SPEC = flags.DEFINE_integer("num_speculative_tokens", 4, "Draft tokens per round.")
-_NGRAM_SIZE = flags.DEFINE_integer("ngram_size", 3, "Longest n-gram the lookup matches.")
 _JSON = flags.DEFINE_string("output_json", None, "Write the full result here.")
 _MD = flags.DEFINE_string("output_md", None, "Write the Markdown table here (also printed).")
 _PLOT = flags.DEFINE_string("plot", None, "Write a tokens/s vs batch size PNG here.")
@@ -75,8 +69,8 @@ def main(argv):
         experiments=tuple(_EXPERIMENTS.value),
         copy_mib=_COPY_MIB.value or (2048 if accel else 512),
         group_size=runtime_flags.GROUP_SIZE.value, kv_dtype=runtime_flags.KV_CACHE_DTYPE.value,
-        draft_checkpoint=_DRAFT.value, ngram_draft=_NGRAM.value,
-        num_speculative_tokens=_NUM_SPEC.value, ngram_size=_NGRAM_SIZE.value)
+        draft_checkpoint=spec_flags.DRAFT.value, ngram_draft=spec_flags.NGRAM.value,
+        num_speculative_tokens=spec_flags.NUM_SPEC.value, ngram_size=spec_flags.NGRAM_SIZE.value)
     t0 = time.perf_counter()
     res = run(bc, lambda msg: print(f"[{time.perf_counter() - t0:7.1f}s] {msg}",
                                     file=sys.stderr, flush=True))

@@ -12,7 +12,7 @@ import jax
 from absl import flags, logging
 
 from jaxinfer import flags as runtime_flags
-from jaxinfer.cli import run_program
+from jaxinfer.cli import run_program, spec_flags
 
 _PROMPT = flags.DEFINE_string("prompt", None, "Prompt text.", required=True)
 _CHAT = flags.DEFINE_bool("chat", False, "Wrap the prompt in the model's chat template.")
@@ -28,17 +28,10 @@ _CKPT = flags.DEFINE_string("checkpoint", None, "Orbax checkpoint dir (default: 
 _FORMAT = flags.DEFINE_enum("output_format", "text", ["text", "json"], "Output format.")
 _DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"],
                            "Compute dtype (default: float32 on CPU, bfloat16 elsewhere).")
-_DRAFT = flags.DEFINE_string("draft_checkpoint", None,
-                             "Speculative decoding: a smaller draft model's checkpoint.")
-_NGRAM = flags.DEFINE_bool("ngram_draft", False,
-                           "Speculative decoding with a prompt-lookup (n-gram) draft.")
-_NUM_SPEC = flags.DEFINE_integer("num_speculative_tokens", 4, "Draft tokens per round.")
-_NGRAM_SIZE = flags.DEFINE_integer("ngram_size", 3, "Longest n-gram the lookup matches.")
 
 
 def main(argv):
     runtime_flags.setup()
-    from jaxinfer.errors import ConfigError
     from jaxinfer.llm import load
     from jaxinfer.memory import format_bytes
     from jaxinfer.sampling import SamplingParams
@@ -51,13 +44,8 @@ def main(argv):
     main_process = runtime_flags.is_main_process()
     kw = dict(sampling=sampling, max_new_tokens=_MAX_NEW.value, stop=_STOP.value,
               chat=_CHAT.value)
-    if _DRAFT.value or _NGRAM.value:
-        if _DRAFT.value and _NGRAM.value:
-            raise ConfigError("give --draft_checkpoint or --ngram_draft, not both")
-        draft = "ngram" if _NGRAM.value else load(
-            _DRAFT.value, dtype=_DTYPE.value, mesh=llm.mesh, fsdp=runtime_flags.FSDP.value)
-        kw.update(draft=draft, num_speculative_tokens=_NUM_SPEC.value,
-                  ngram_size=_NGRAM_SIZE.value)
+    kw.update(spec_flags.kwargs(lambda ckpt: load(ckpt, dtype=_DTYPE.value, mesh=llm.mesh,
+                                                  fsdp=runtime_flags.FSDP.value)))
     if _FORMAT.value == "json" or "draft" in kw:  # speculative decoding does not stream
         out = llm.generate(_PROMPT.value, **kw)
         if main_process and _FORMAT.value == "text":

@@ -11,7 +11,7 @@ Binds 127.0.0.1 unless --host says otherwise. Endpoints: /v1/completions,
 from absl import flags
 
 from jaxinfer import flags as runtime_flags
-from jaxinfer.cli import run_program
+from jaxinfer.cli import run_program, spec_flags
 
 _CKPT = flags.DEFINE_string("checkpoint", None, "Orbax checkpoint dir (default: SmolLM2).")
 _HOST = flags.DEFINE_string("host", "127.0.0.1", "Address to bind.")
@@ -51,7 +51,7 @@ def main(argv):
           config=_engine_config(num_slots=_SLOTS.value, max_len=_MAX_LEN.value,
                                 max_queue=_MAX_QUEUE.value, prefix_cache_mb=_PREFIX_MB.value),
           mesh=runtime_flags.MESH.value, fsdp=runtime_flags.FSDP.value,
-          **runtime_flags.quant_kwargs())
+          **spec_flags.engine_kwargs(), **runtime_flags.quant_kwargs())
 
 
 def run() -> None:
