@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from jaxinfer.engine import ContextLengthError, Engine, EngineConfig
-from jaxinfer.errors import BadRequestError, ConfigError
+from jaxinfer.errors import BadRequestError, CheckpointError, ConfigError
 from jaxinfer.llm import LLM
 from jaxinfer.prune import prune_weights
 from jaxinfer.sampling import GREEDY, SamplingParams
@@ -94,8 +94,11 @@ def test_stop_strings_limits_and_errors():
         # A finished slot is reused at once and the engine keeps serving.
         again = eng.submit(PROMPTS[0], sampling=GREEDY, max_tokens=20).result(timeout=60)
         assert again.token_ids == full.token_ids
-    with pytest.raises(ConfigError, match="draft"):
+    with pytest.raises(CheckpointError, match="medusa"):  # a string names a checkpoint
         Engine.from_llm(target, EngineConfig(max_len=64), draft="medusa")
+    with pytest.raises(ConfigError, match="draft"):
+        Engine(target.params, target.cfg, target.tokenizer, EngineConfig(max_len=64),
+               draft="medusa")
     with pytest.raises(ConfigError, match="num_speculative_tokens"):
         Engine.from_llm(target, EngineConfig(max_len=64), draft="ngram",
                         num_speculative_tokens=0)
