@@ -251,7 +251,8 @@ class LLM:
         dw, dcfg = (None, None) if isinstance(draft, str) else (draft.params, draft.cfg)
         r = speculative.generate_ids(self.params, dw, self.cfg, dcfg, ids,
                                      _same_seeds_everywhere(sp), mn, self.eos, k, ngram_size,
-                                     self.dtype, self.mesh, self.impl)
+                                     self.kv_dtype, self.mesh, self.impl,
+                                     None if isinstance(draft, str) else draft.kv_dtype)
         out = []
         for b, toks in enumerate(r.tokens):
             tps = (len(toks) - 1) / r.decode_s if r.decode_s > 0 and len(toks) > 1 else 0.0

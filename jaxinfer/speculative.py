@@ -252,8 +252,10 @@ def check_request(params: list[SamplingParams], k: int, ngram_size: int,
 
 
 def prepare(prompts: list[list[int]], max_new: list[int], k: int, cfg: ModelConfig,
-            draft_cfg: ModelConfig | None, dtype, mesh: jax.sharding.Mesh | None = None):
-    """Pad prompts to a bucket; allocate both caches with room for k + 1 look-ahead slots."""
+            draft_cfg: ModelConfig | None, dtype, mesh: jax.sharding.Mesh | None = None,
+            draft_dtype=None):
+    """Pad prompts to a bucket; allocate both caches (K/V in `dtype` and `draft_dtype`,
+    int8 included) with room for k + 1 look-ahead slots."""
     for p, m in zip(prompts, max_new, strict=True):
         gen.validate_lengths(len(p), m, cfg)
     B = len(prompts)
@@ -265,11 +267,13 @@ def prepare(prompts: list[list[int]], max_new: list[int], k: int, cfg: ModelConf
     for b, p in enumerate(prompts):
         prompt_BT[b, : len(p)] = p
 
-    def cache(c: ModelConfig) -> KVCache:
-        return init_cache(c, B, S, dtype, cache_shardings(c, B, S, mesh) if mesh else None)
+    def cache(c: ModelConfig, dt) -> KVCache:
+        return init_cache(c, B, S, dt, cache_shardings(c, B, S, mesh) if mesh else None)
 
-    draft_cache = cache(draft_cfg) if draft_cfg is not None else None
-    return prompt_BT, np.array([len(p) for p in prompts], np.int32), cache(cfg), draft_cache, M
+    draft_cache = (cache(draft_cfg, dtype if draft_dtype is None else draft_dtype)
+                   if draft_cfg is not None else None)
+    return (prompt_BT, np.array([len(p) for p in prompts], np.int32), cache(cfg, dtype),
+            draft_cache, M)
 
 
 @dataclasses.dataclass
@@ -293,14 +297,16 @@ def generate_ids(target_weights: Weights, draft_weights: Weights | None, cfg: Mo
                  draft_cfg: ModelConfig | None, prompts: list[list[int]],
                  sampling: list[SamplingParams], max_new: list[int], eos_E: np.ndarray,
                  k: int, ngram_size: int = 3, dtype=jnp.float32,
-                 mesh: jax.sharding.Mesh | None = None, impl: str = "xla") -> SpecResult:
+                 mesh: jax.sharding.Mesh | None = None, impl: str = "xla",
+                 draft_dtype=None) -> SpecResult:
     """Speculative generation for a batch of token-id prompts (draft_weights None: n-gram)."""
     import time
 
     from jaxinfer.runtime import to_host
 
     check_request(sampling, k, ngram_size, cfg, draft_cfg)
-    prompt_BT, lens_B, tc, dc, M = prepare(prompts, max_new, k, cfg, draft_cfg, dtype, mesh)
+    prompt_BT, lens_B, tc, dc, M = prepare(prompts, max_new, k, cfg, draft_cfg, dtype, mesh,
+                                           draft_dtype)
     t0 = time.perf_counter()
     state = start(target_weights, draft_weights, prompt_BT, lens_B, tc, dc,
                   SamplingArrays.from_params(sampling), np.asarray(max_new, np.int32), eos_E,

@@ -121,3 +121,24 @@ def test_smollm2_engine_with_drafts_equals_target(smollm2_checkpoint):
             rate = eng.gauges()["speculative_acceptance_rate"][0]
         assert got == want, draft
         print(f"engine, draft {getattr(draft, 'cfg', draft)!s:.40}: acceptance {rate:.2f}")
+
+
+def test_int8_kv_cache_with_drafts():
+    """The int8 KV cache (and its scales) survive speculative rounds: greedy output with a
+    draft equals the same int8-cache model without one, in LLM.generate and the engine."""
+    target = LLM(TINY, W, CharTokenizer(), kv_dtype="int8")
+    small = LLM(DRAFT_CFG, jax.device_put(tiny_weights(DRAFT_CFG, 1), jax.devices()[0]),
+                CharTokenizer(), kv_dtype="int8")
+    want = [c.token_ids for c in target.generate(PROMPTS, sampling=GREEDY,
+                                                   max_new_tokens=MAX_NEW)]
+    for draft in ("ngram", small):
+        got = target.generate(PROMPTS, sampling=GREEDY, max_new_tokens=MAX_NEW, draft=draft,
+                              num_speculative_tokens=3)
+        assert [c.token_ids for c in got] == want
+        with Engine.from_llm(target, EngineConfig(num_slots=3, max_len=128), draft=draft,
+                             num_speculative_tokens=3) as eng:
+            assert eng._state.target_cache.k_scale is not None
+            res = [r.result(timeout=120).token_ids for r in
+                   [eng.submit(p, sampling=GREEDY, max_tokens=m)
+                    for p, m in zip(PROMPTS, MAX_NEW, strict=True)]]
+        assert res == want
