@@ -344,6 +344,9 @@ def load(checkpoint: str | Path | None = None, *, dtype: Any = None,
         fsdp: also shard the weights' embed axis over 'data' (large models, small chips).
         impl: attention implementation: "xla" (the reference, everywhere), "pallas",
             "cudnn" or "auto" (the fastest kernel for the backend and dtype).
+        **kw: `quantize` ("int8", "int4": quantize float weights on load; a quantized
+            checkpoint loads quantized without it), `group_size` (int4 groups) and
+            `kv_dtype` ("int8": an int8 KV cache with per-token scales).
 
     Returns:
         An `LLM` with `generate`, `stream` and `chat`, and the pure functions `params`,
