@@ -245,6 +245,49 @@ def test_tiny_model_decode_pallas_interpret_equals_xla():
                                _tiny_decode_logits("xla"), atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("S,stacked", [(512, False), (1024, True), (256, True)])
+def test_xla_chunked_decode_equals_reference(S, stacked):
+    """Ragged rows (1, S, S/2 - 3, S/2 + 1 positions): the chunked loop reads only the
+    chunks the longest row needs and matches the reference over the whole bucket."""
+    q, k, v, lengths = _inputs(S=S)
+    pos_BT = (lengths - 1)[:, None]
+    want = ref_attention(q[:, None], k, v, pos_BT)
+    if stacked:  # the model's layout: the stacked cache [L, B, K, S, H], layer 1
+        k2, v2 = jnp.stack([k * 0, k]), jnp.stack([v * 0, v])
+        got = attention(q[:, None], k2, v2, pos_BT, "xla_chunked", layer=jnp.int32(1))
+    else:
+        got = attention(q[:, None], k, v, pos_BT, "xla_chunked")
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-6, rtol=0)
+    # Rows no longer than one chunk: the loop stops after it and still matches.
+    short = jnp.minimum(pos_BT, 100)
+    np.testing.assert_allclose(np.asarray(attention(q[:, None], k, v, short, "xla_chunked")),
+                               np.asarray(ref_attention(q[:, None], k, v, short)), atol=2e-6)
+
+
+def test_auto_on_cpu_chunks_long_decode_caches_only():
+    q1, q8 = jnp.zeros((1, 1, 6, 16)), jnp.zeros((1, 8, 6, 16))
+    cache = lambda S: jnp.zeros((1, 2, S, 16))
+    assert resolve_impl("auto", q1, cache(1024)) == "xla_chunked"
+    assert resolve_impl("auto", q1, cache(256)) == "xla"  # one chunk: nothing to skip
+    assert resolve_impl("auto", q8, cache(1024)) == "xla"  # prefill
+    assert resolve_impl("xla_chunked", q1, cache(96)) == "xla"  # no chunk divides 96
+
+
+def test_tiny_model_decode_xla_chunked_equals_xla():
+    """Through the model (scan over the stacked cache), S = 512 so two chunks exist."""
+    def logits(impl):
+        w = tiny_weights()
+        toks = jnp.asarray(np.random.RandomState(5).randint(0, TINY.vocab_size, (2, 300)))
+        cache = kv_cache.init_cache(TINY, 2, 512)
+        _, cache = model.prefill(w, toks, jnp.asarray([300, 40]), cache, TINY, impl=impl)
+        out, nxt = [], jnp.asarray([7, 9])
+        for _ in range(3):
+            lg, cache = model.decode_step(w, nxt, cache, TINY, impl=impl)
+            out.append(np.asarray(lg))
+        return np.stack(out)
+    np.testing.assert_allclose(logits("xla_chunked"), logits("xla"), atol=1e-5, rtol=0)
+
+
 # ---------------------------------------------------------------------------------------
 # Real hardware (run with JAX_PLATFORMS unset or set to the accelerator)
 
