@@ -130,6 +130,14 @@ def pallas_attention(q_BTNH: jax.Array, k_BKSH: jax.Array, v_BKSH: jax.Array,
     return out_BNH[:, None]
 
 
+def default_impl() -> str:
+    """The attention impl models get when none is named: 'auto' on CPU (the chunked XLA
+    decode loop: up to 6x faster at long cache buckets, docs/benchmarks.md), the XLA
+    reference on accelerators, where 'auto' (Pallas, cuDNN) is opt-in because the TPU
+    kernel has run only in interpret mode here."""
+    return "auto" if jax.default_backend() == "cpu" else "xla"
+
+
 def resolve_impl(impl: str, q_BTNH, k_BKSH) -> str:
     """'auto': Pallas on TPU; on GPU for bf16/fp16, the Pallas kernel for decode and cuDNN
     for prefill; elsewhere (CPU) the chunked XLA decode loop when the cache is longer than

@@ -44,6 +44,7 @@ from jaxinfer import engine_core as core
 from jaxinfer import engine_spec
 from jaxinfer import generate as gen
 from jaxinfer import speculative as spec
+from jaxinfer.attention import default_impl
 from jaxinfer.config import ModelConfig
 from jaxinfer.errors import BadRequestError, ConfigError, JaxinferError
 from jaxinfer.kv_cache import KVCache, cache_shardings, init_cache
@@ -113,7 +114,7 @@ class Engine:
     """Fixed decode slots fed from a bounded queue by one background device thread."""
 
     def __init__(self, params, cfg: ModelConfig, tokenizer: Tokenizer,
-                 config: EngineConfig | None = None, impl: str = "xla", kv_dtype=None,
+                 config: EngineConfig | None = None, impl: str | None = None, kv_dtype=None,
                  mesh: jax.sharding.Mesh | None = None, draft: Any = None,
                  num_speculative_tokens: int = 4, ngram_size: int = 3):
         """`params` may hold quantized weights (QArray); kv_dtype "int8" keeps the slots'
@@ -126,7 +127,8 @@ class Engine:
         `num_speculative_tokens` per slot, the target verifies them in one pass, and each
         slot emits 1..k+1 tokens; greedy output is the target's, sampling keeps its
         distribution. A slot then needs k + 1 spare cache positions."""
-        self.cfg, self.params, self.tokenizer, self.impl = cfg, params, tokenizer, impl
+        self.cfg, self.params, self.tokenizer = cfg, params, tokenizer
+        self.impl = impl or default_impl()
         self.config = config = config or EngineConfig()
         self.max_len = min(config.max_len, cfg.max_seq_len)  # S
         if config.prefix_block and self.max_len % config.prefix_block:

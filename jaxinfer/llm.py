@@ -24,6 +24,7 @@ import numpy as np
 
 from jaxinfer import generate as gen
 from jaxinfer import model, speculative
+from jaxinfer.attention import default_impl
 from jaxinfer.checkpoint import load_checkpoint, load_quant_config
 from jaxinfer.config import ModelConfig
 from jaxinfer.errors import BadRequestError, ConfigError
@@ -115,10 +116,10 @@ class LLM:
     """
 
     def __init__(self, cfg: ModelConfig, params: Weights, tokenizer: Tokenizer,
-                 mesh: jax.sharding.Mesh | None = None, impl: str = "xla",
+                 mesh: jax.sharding.Mesh | None = None, impl: str | None = None,
                  kv_dtype: Any = None):
         self.cfg, self.params, self.tokenizer, self.mesh, self.impl = (
-            cfg, params, tokenizer, mesh, impl)
+            cfg, params, tokenizer, mesh, impl or default_impl())
         self.dtype = params["embed"].dtype  # a QArray's dtype is its compute dtype
         self.kv_dtype = self.dtype if kv_dtype is None else _kv_dtype(kv_dtype)
         self.weight_bytes = device_bytes(params)  # held on the devices, all shards
@@ -129,7 +130,7 @@ class LLM:
     @classmethod
     def load(cls, checkpoint: str | Path | None = None, dtype: Any = None,
              mesh: str | jax.sharding.Mesh | None = None, fsdp: bool = False,
-             impl: str = "xla", quantize: str | QuantConfig | None = None,
+             impl: str | None = None, quantize: str | QuantConfig | None = None,
              group_size: int | None = None,
              kv_dtype: Any = None) -> LLM:
         """Load an Orbax checkpoint directory (default: the embedded SmolLM2 model).
@@ -331,7 +332,7 @@ class LLM:
 
 def load(checkpoint: str | Path | None = None, *, dtype: Any = None,
          mesh: str | jax.sharding.Mesh | None = None, fsdp: bool = False,
-         impl: str = "xla", **kw: Any) -> LLM:
+         impl: str | None = None, **kw: Any) -> LLM:
     """Load a model: the library's one entry point.
 
     Args:
@@ -342,8 +343,9 @@ def load(checkpoint: str | Path | None = None, *, dtype: Any = None,
         mesh: 'data:2,model:4' or a `jax.sharding.Mesh`; weights are restored straight
             into their shardings. None: one device.
         fsdp: also shard the weights' embed axis over 'data' (large models, small chips).
-        impl: attention implementation: "xla" (the reference, everywhere), "pallas",
-            "cudnn" or "auto" (the fastest kernel for the backend and dtype).
+        impl: attention implementation: "xla" (the reference, everywhere), "xla_chunked",
+            "pallas", "cudnn" or "auto" (the fastest kernel for the backend and dtype).
+            None: `attention.default_impl()` ("auto" on CPU, "xla" on accelerators).
         **kw: `quantize` ("int8", "int4": quantize float weights on load; a quantized
             checkpoint loads quantized without it), `group_size` (int4 groups) and
             `kv_dtype` ("int8": an int8 KV cache with per-token scales).

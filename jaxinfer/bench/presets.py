@@ -53,7 +53,7 @@ class IdTokenizer(Tokenizer):
         raise NotImplementedError("IdTokenizer is a benchmark stand-in and is never saved")
 
 
-def random_llm(name: str, dtype: Any = None, impl: str = "xla", seed: int = 0,
+def random_llm(name: str, dtype: Any = None, impl: str | None = None, seed: int = 0,
                quantize: str | None = None, group_size: int | None = None,
                kv_dtype: Any = None):
     """An LLM of the preset's shapes with random weights (on the default device),

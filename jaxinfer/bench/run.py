@@ -28,7 +28,7 @@ class BenchConfig:
     gguf: str | None = None  # peers' weights; default: the SmolLM2 GGUF for the default model
     dtype: str | None = None  # None: float32 on CPU, bfloat16 on accelerators
     quantize: str | None = None  # "int8" / "int4" weights (LLM.load(quantize=...))
-    impl: str = "xla"  # attention implementation (attention.IMPLS)
+    impl: str | None = None  # attention impl (attention.IMPLS); None: the library default
     prompt_len: int = 64
     max_new_tokens: int = 64
     batch_sizes: tuple[int, ...] = (1, 8, 32)
@@ -76,7 +76,7 @@ class BenchConfig:
         if self.num_speculative_tokens < 1 or self.ngram_size < 1:
             raise ConfigError("num_speculative_tokens and ngram_size must be >= 1, got "
                               f"{self.num_speculative_tokens} and {self.ngram_size}")
-        if self.impl not in IMPLS:
+        if self.impl is not None and self.impl not in IMPLS:
             raise ConfigError(f"unknown attention impl {self.impl!r}; expected one of {IMPLS}")
 
 
@@ -177,7 +177,7 @@ def run(bc: BenchConfig, progress: Callable[[str], None]) -> dict[str, Any]:
     res["model"] = {"name": llm.cfg.name, "dtype": str(np.dtype(llm.dtype)),
                     "quantize": bc.quantize, "weight_bytes": m.tree_bytes(llm.params),
                     "params": int(sum(a.size for a in jax.tree.leaves(llm.params))),
-                    "load_s": time.perf_counter() - t0, "impl": bc.impl}
+                    "load_s": time.perf_counter() - t0, "impl": llm.impl}
     res["jaxinfer"] = j = jaxinfer_figures(llm, bc, ids, progress)
     progress(f"copy bandwidth ({bc.copy_mib} MiB array)")
     bw = m.copy_bandwidth(bc.copy_mib * 2**20)

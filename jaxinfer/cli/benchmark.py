@@ -27,7 +27,8 @@ _GGUF = flags.DEFINE_string("gguf", None, "GGUF of the same weights for the peer
                             "(default: the SmolLM2 GGUF when benchmarking the default model).")
 _DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"],
                            "Compute dtype (default: float32 on CPU, bfloat16 elsewhere).")
-_IMPL = flags.DEFINE_string("impl", "xla", "Attention impl: xla, cudnn, pallas, auto.")
+_IMPL = flags.DEFINE_string("impl", None, "Attention impl: xla, xla_chunked, cudnn, pallas, "
+                            "auto (default: the library's, attention.default_impl()).")
 _PROMPT_LEN = flags.DEFINE_integer("prompt_len", 64, "Prompt tokens.")
 _MAX_NEW = flags.DEFINE_integer("max_new_tokens", 64, "Tokens generated per row.")
 _BATCHES = flags.DEFINE_list("batch_sizes", ["1", "8", "32"], "Batch sizes to time.")
