@@ -265,6 +265,9 @@ def test_xla_chunked_decode_equals_reference(S, stacked):
 
 
 def test_auto_on_cpu_chunks_long_decode_caches_only():
+    from jaxinfer.attention import default_impl
+
+    assert default_impl() == ("auto" if jax.default_backend() == "cpu" else "xla")
     q1, q8 = jnp.zeros((1, 1, 6, 16)), jnp.zeros((1, 8, 6, 16))
     cache = lambda S: jnp.zeros((1, 2, S, 16))
     assert resolve_impl("auto", q1, cache(1024)) == "xla_chunked"
