@@ -154,15 +154,19 @@ class Engine:
                 cfg, dcfg, config.num_slots, self.max_len, self.kv_dtype,
                 None if dw is None else dw["embed"].dtype, eos_E, device, mesh)
         # A request's one-row cache: placed like the slots' (a batch of 1 is replicated).
-        self._row_shardings = None if mesh is None else _row_shardings(
-            cache_shardings(cfg, config.num_slots, self.max_len, mesh))
+        self._row_shardings = self._draft_row_shardings = None
+        if mesh is not None:
+            self._row_shardings = _row_shardings(
+                cache_shardings(cfg, config.num_slots, self.max_len, mesh))
+            if self._spec is not None and self._spec[1] is not None:
+                self._draft_row_shardings = _row_shardings(
+                    cache_shardings(self._spec[1], config.num_slots, self.max_len, mesh))
         self._state = core.release(self._state, np.int32(0))  # compile it now, not mid-run
         self._prefix = None
         if config.prefix_block and config.prefix_cache_mb > 0:
             self._prefix = PrefixCache(cfg, self.max_len, config.prefix_block,
                                        int(config.prefix_cache_mb * 2**20), self.kv_dtype,
-                                       device if mesh is None else jax.sharding.NamedSharding(
-                                           mesh, jax.sharding.PartitionSpec()))
+                                       core.placement(device, mesh))
         self.metrics = EngineMetrics()
         self._slots: list[Request | None] = [None] * config.num_slots
         self._queue: collections.deque[Request] = collections.deque()
@@ -465,9 +469,7 @@ class Engine:
             T = gen.bucket(n, self.config.min_prompt_bucket, S)
             tokens_1T = np.full((1, T), self.cfg.pad_token_id, np.int32)
             tokens_1T[0, :n] = ids
-            shardings = None if self.mesh is None else _row_shardings(
-                cache_shardings(dcfg, self.config.num_slots, S, self.mesh))
-            row = init_cache(dcfg, 1, S, dw["embed"].dtype, shardings)
+            row = init_cache(dcfg, 1, S, dw["embed"].dtype, self._draft_row_shardings)
             draft_row = engine_spec.prefill_draft(dw, tokens_1T, np.array([n], np.int32), row,
                                                   cfg=dcfg, impl=self.impl)
         seq_1S = np.zeros((1, S), np.int32)

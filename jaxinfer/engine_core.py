@@ -62,13 +62,35 @@ def init_decode_state(cfg: ModelConfig, num_slots: int, max_len: int, dtype,
         prompt_mask_BV=jnp.zeros((B, cfg.vocab_size), bool),
         sampling=SamplingArrays.from_params([GREEDY] * B), eos_E=jnp.asarray(eos_E, jnp.int32),
         output_BM=jnp.zeros((B, 1), jnp.int32))  # unused: the host reads each step's tokens
+    return dataclasses.replace(jax.device_put(state, placement(device, mesh)),
+                               cache=slots_cache(cfg, B, max_len, dtype, device, mesh))
+
+
+def placement(device: jax.Device | None, mesh: jax.sharding.Mesh | None):
+    """Where unsharded engine state lives: the device, or replicated over the mesh."""
     if mesh is None:
-        return dataclasses.replace(jax.device_put(state, device),
-                                   cache=jax.device_put(init_cache(cfg, B, max_len, dtype),
-                                                        device))
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    cache = init_cache(cfg, B, max_len, dtype, cache_shardings(cfg, B, max_len, mesh))
-    return dataclasses.replace(jax.device_put(state, replicated), cache=cache)
+        return device
+    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+
+def slots_cache(cfg: ModelConfig, B: int, S: int, dtype, device: jax.Device | None,
+                mesh: jax.sharding.Mesh | None) -> KVCache:
+    """An empty B-slot cache on `device`, or sharded over `mesh` as LLM.generate's is."""
+    if mesh is None:
+        return jax.device_put(init_cache(cfg, B, S, dtype), device)
+    return init_cache(cfg, B, S, dtype, cache_shardings(cfg, B, S, mesh))
+
+
+def put_row(dst: KVCache, src: KVCache, slot: jax.Array) -> KVCache:
+    """`dst` ([L, B, K, S, H] and scales) with row `slot` replaced by the one-row `src`."""
+    def put(d, s):
+        if d is None:
+            return None
+        return jax.lax.dynamic_update_slice(d, s.astype(d.dtype), (0, slot) + (0,) * (d.ndim - 2))
+
+    return KVCache(k=put(dst.k, src.k), v=put(dst.v, src.v),
+                   lengths=dst.lengths.at[slot].set(src.lengths[0]),
+                   k_scale=put(dst.k_scale, src.k_scale), v_scale=put(dst.v_scale, src.v_scale))
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "impl"), donate_argnames=("row",))
@@ -88,18 +110,7 @@ def prefill(weights: Weights, tokens_1T: jax.Array, num_new_1: jax.Array, row: K
 @functools.partial(jax.jit, donate_argnames=("state",))
 def insert(prefix: Prefix, state: gen.DecodeState, slot: jax.Array) -> gen.DecodeState:
     """Put a prefilled request into slot `slot` (traced: one compile for every slot)."""
-    c = state.cache
-
-    def put(dst, src):  # [L, B, K, S, (H)] <- [L, 1, K, S, (H)] at row `slot`
-        if dst is None:
-            return None
-        at = (0, slot) + (0,) * (dst.ndim - 2)
-        return jax.lax.dynamic_update_slice(dst, src.astype(dst.dtype), at)
-
-    p = prefix.cache
-    cache = KVCache(k=put(c.k, p.k), v=put(c.v, p.v),
-                    lengths=c.lengths.at[slot].set(p.lengths[0]),
-                    k_scale=put(c.k_scale, p.k_scale), v_scale=put(c.v_scale, p.v_scale))
+    cache = put_row(state.cache, prefix.cache, slot)
     tok = prefix.token_1[0]
     is_eos = jnp.any(tok == state.eos_E)
     max_new = prefix.max_new_1[0]

@@ -26,8 +26,8 @@ import jax.numpy as jnp
 from jaxinfer import model
 from jaxinfer import speculative as spec
 from jaxinfer.config import ModelConfig
-from jaxinfer.engine_core import Prefix
-from jaxinfer.kv_cache import KVCache, cache_shardings, init_cache
+from jaxinfer.engine_core import Prefix, placement, put_row, slots_cache
+from jaxinfer.kv_cache import KVCache
 from jaxinfer.sampling import GREEDY, SamplingArrays
 from jaxinfer.weights import Weights
 
@@ -45,16 +45,11 @@ def init_state(cfg: ModelConfig, draft_cfg: ModelConfig | None, num_slots: int, 
         sampling=SamplingArrays.from_params([GREEDY] * B), eos_E=jnp.asarray(eos_E, jnp.int32),
         output_BM=jnp.zeros((B, S), jnp.int32), rounds_B=zeros_B(), accepted_B=zeros_B())
 
-    def cache(c: ModelConfig, dt) -> KVCache:
-        if mesh is None:
-            return jax.device_put(init_cache(c, B, S, dt), device)
-        return init_cache(c, B, S, dt, cache_shardings(c, B, S, mesh))
-
-    place = device if mesh is None else jax.sharding.NamedSharding(
-        mesh, jax.sharding.PartitionSpec())
     return dataclasses.replace(
-        jax.device_put(state, place), target_cache=cache(cfg, dtype),
-        draft_cache=None if draft_cfg is None else cache(draft_cfg, draft_dtype))
+        jax.device_put(state, placement(device, mesh)),
+        target_cache=slots_cache(cfg, B, S, dtype, device, mesh),
+        draft_cache=None if draft_cfg is None else slots_cache(draft_cfg, B, S, draft_dtype,
+                                                               device, mesh))
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "impl"), donate_argnames=("row",))
@@ -69,26 +64,14 @@ def insert(prefix: Prefix, draft_row: KVCache | None, seq_1S: jax.Array, prompt_
            state: spec.SpecState, slot: jax.Array) -> spec.SpecState:
     """Put a prefilled request into slot `slot`: both caches' rows, its token sequence
     (prompt + first token, the n-gram draft's haystack) and its counters."""
-    def put(dst, src):  # [L, B, K, S, (H)] <- [L, 1, K, S, (H)] at row `slot`
-        if dst is None:
-            return None
-        return jax.lax.dynamic_update_slice(dst, src.astype(dst.dtype),
-                                            (0, slot) + (0,) * (dst.ndim - 2))
-
-    def put_cache(dst: KVCache, src: KVCache) -> KVCache:
-        return KVCache(k=put(dst.k, src.k), v=put(dst.v, src.v),
-                       lengths=dst.lengths.at[slot].set(src.lengths[0]),
-                       k_scale=put(dst.k_scale, src.k_scale),
-                       v_scale=put(dst.v_scale, src.v_scale))
-
     tok = prefix.token_1[0]
     max_new = prefix.max_new_1[0]
     is_eos = jnp.any(tok == state.eos_E)
     seq = seq_1S[0].at[prompt_len].set(tok)
     dc = state.draft_cache
     return dataclasses.replace(
-        state, target_cache=put_cache(state.target_cache, prefix.cache),
-        draft_cache=None if dc is None else put_cache(dc, draft_row),
+        state, target_cache=put_row(state.target_cache, prefix.cache, slot),
+        draft_cache=None if dc is None else put_row(dc, draft_row, slot),
         seq_BS=state.seq_BS.at[slot].set(seq), seq_len_B=state.seq_len_B.at[slot].set(
             prompt_len + 1), num_generated_B=state.num_generated_B.at[slot].set(1),
         max_new_B=state.max_new_B.at[slot].set(max_new),

@@ -142,3 +142,24 @@ def test_int8_kv_cache_with_drafts():
                    [eng.submit(p, sampling=GREEDY, max_tokens=m)
                     for p, m in zip(PROMPTS, MAX_NEW, strict=True)]]
         assert res == want
+
+
+def test_draft_model_under_a_mesh():
+    """Target and draft sharded over data:2,model:2: the same greedy tokens."""
+    from jaxinfer.sharding import make_mesh
+    from jaxinfer.weights import weight_shardings, weight_specs
+
+    mesh = make_mesh("data:2,model:2")
+    shard = lambda cfg, w: jax.device_put(w, weight_shardings(weight_specs(cfg), mesh))
+    target = LLM(TINY, shard(TINY, tiny_weights()), CharTokenizer(), mesh=mesh)
+    draft = LLM(DRAFT_CFG, shard(DRAFT_CFG, tiny_weights(DRAFT_CFG, 1)), CharTokenizer(),
+                mesh=mesh)
+    want = [c.token_ids for c in _target().generate(PROMPTS[:4], sampling=GREEDY,
+                                                      max_new_tokens=MAX_NEW[:4])]
+    with Engine.from_llm(target, EngineConfig(num_slots=2, max_len=128), draft=draft,
+                         num_speculative_tokens=3) as eng:
+        assert eng._state.draft_cache.k.sharding.spec[1] == "data"
+        got = [r.result(timeout=120).token_ids for r in
+               [eng.submit(p, sampling=GREEDY, max_tokens=m)
+                for p, m in zip(PROMPTS[:4], MAX_NEW[:4], strict=True)]]
+    assert got == want
