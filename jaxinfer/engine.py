@@ -478,14 +478,9 @@ class Engine:
                                          np.int32(slot))
 
     def _consume(self, out: jax.Array, slots: list[Request | None]) -> None:
-        if self._spec is None:
-            self._consume_step(out, slots)
-        else:
-            self._consume_round(out, slots)
-
-    def _consume_round(self, out_BR: jax.Array, slots: list[Request | None]) -> None:
-        """Hand each live request the 0..k+1 tokens one speculative round emitted."""
-        out = to_host(out_BR)
+        """Hand each live request the tokens one finished device step emitted: one per
+        slot from a decode step, 0..k+1 per slot from a speculative round."""
+        out = to_host(out)
         gaps, count = [], 0
         for slot, req in enumerate(slots):
             if req is None or req.done:
@@ -493,13 +488,9 @@ class Engine:
             if req.cancel_requested:
                 self._finish(slot, req, "cancelled", device_done=False)
                 continue
-            n_emit, done, accepted = (int(x) for x in out[slot, :3])
-            if n_emit and not req.warmup:
-                self.spec_proposed += self._spec[2]
-                self.spec_accepted += accepted
-            for i in range(n_emit):
-                gap = self._on_token(slot, req, int(out[slot, 3 + i]),
-                                     bool(done) and i == n_emit - 1)
+            toks, done = self._emitted(out, slot, req)
+            for i, tok in enumerate(toks):
+                gap = self._on_token(slot, req, tok, done and i == len(toks) - 1)
                 if not req.warmup:
                     count += 1
                     gaps += [] if gap is None else [gap]
@@ -508,22 +499,15 @@ class Engine:
         if count:
             self.metrics.on_tokens(count, gaps)
 
-    def _consume_step(self, out_2B: jax.Array, slots: list[Request | None]) -> None:
-        """Hand each live request its token from one finished decode step."""
-        out = to_host(out_2B)
-        gaps, count = [], 0
-        for slot, req in enumerate(slots):
-            if req is None or req.done:
-                continue
-            if req.cancel_requested:
-                self._finish(slot, req, "cancelled", device_done=False)
-                continue
-            gap = self._on_token(slot, req, int(out[0, slot]), bool(out[1, slot]))
-            if not req.warmup:
-                count += 1
-                gaps += [] if gap is None else [gap]
-        if count:
-            self.metrics.on_tokens(count, gaps)
+    def _emitted(self, out: np.ndarray, slot: int, req: Request) -> tuple[list[int], bool]:
+        """(tokens, device done) of one slot; counts a round's accepted draft tokens."""
+        if self._spec is None:  # out_2B: (token, done) per slot
+            return [int(out[0, slot])], bool(out[1, slot])
+        n_emit, done, accepted = (int(x) for x in out[slot, :3])  # engine_spec.step's out_BR
+        if n_emit and not req.warmup:
+            self.spec_proposed += self._spec[2]
+            self.spec_accepted += accepted
+        return [int(t) for t in out[slot, 3:3 + n_emit]], bool(done)
 
     def _on_token(self, slot: int, req: Request, tok: int, device_done: bool) -> float | None:
         """Detokenize, apply stop strings with holdback, stream the delta, maybe finish.
