@@ -183,10 +183,8 @@ class Engine:
                  num_speculative_tokens: int = 4, ngram_size: int = 3) -> Engine:
         """An engine over a loaded LLM (its weights, mesh, KV dtype); `draft` as in
         __init__ (an LLM or "ngram"), or a draft checkpoint directory to load."""
-        if isinstance(draft, str) and draft != "ngram":
-            draft = type(llm).load(draft, dtype=llm.dtype, mesh=llm.mesh)
         return cls(llm.params, llm.cfg, llm.tokenizer, config, llm.impl, llm.kv_dtype,
-                   llm.mesh, draft, num_speculative_tokens, ngram_size)
+                   llm.mesh, llm.load_draft(draft), num_speculative_tokens, ngram_size)
 
     def _speculative_settings(self, draft: Any, k: int, ngram_size: int):
         """(draft weights or None, draft cfg or None, k, ngram_size), or None without one."""

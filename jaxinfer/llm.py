@@ -187,6 +187,14 @@ class LLM:
                      if self.mesh is not None else None)
         return init_cache(self.cfg, batch, max_len, self.kv_dtype, shardings)
 
+    def load_draft(self, draft: LLM | str | None) -> LLM | str | None:
+        """A speculative draft for this model: None, "ngram" and LLMs pass through; any
+        other string is a checkpoint directory, loaded with this model's dtype, mesh and
+        attention impl (load it once and pass the LLM when generating repeatedly)."""
+        if draft is None or draft == "ngram" or isinstance(draft, LLM):
+            return draft
+        return LLM.load(draft, dtype=self.dtype, mesh=self.mesh, impl=self.impl)
+
     # ---- prompts -----------------------------------------------------------------
     def encode(self, prompt: str | Sequence[int], chat: bool = False) -> list[int]:
         if not isinstance(prompt, str):

@@ -195,10 +195,8 @@ def run(bc: BenchConfig, progress: Callable[[str], None]) -> dict[str, Any]:
             j["engine"] = {"batch": max(bc.batch_sizes), "error": f"{type(e).__name__}: {e}"}
     if bc.draft_checkpoint or bc.ngram_draft:
         from jaxinfer.bench import speculative
-        from jaxinfer.llm import LLM
 
-        draft = "ngram" if bc.ngram_draft else LLM.load(bc.draft_checkpoint, dtype=bc.dtype,
-                                                        impl=bc.impl)
+        draft = llm.load_draft("ngram" if bc.ngram_draft else bc.draft_checkpoint)
         res["speculative"] = speculative.run(llm, draft, ids, bc.max_new_tokens,
                                              bc.num_speculative_tokens, bc.ngram_size,
                                              bc.repeats, progress)

@@ -52,7 +52,7 @@ def main(argv):
                           prefix_cache_mb=_PREFIX_MB.value,
                           **{k: v for k, v in extra.items() if v is not None})
     run_batch_job(_INPUT.value, _OUTPUT.value, _CKPT.value, _DTYPE.value, config, defaults,
-                  _PROGRESS.value, **spec_flags.engine_kwargs(), mesh=runtime_flags.MESH.value,
+                  _PROGRESS.value, **spec_flags.kwargs(), mesh=runtime_flags.MESH.value,
                   fsdp=runtime_flags.FSDP.value, **runtime_flags.quant_kwargs())
 
 

@@ -44,8 +44,9 @@ def main(argv):
     main_process = runtime_flags.is_main_process()
     kw = dict(sampling=sampling, max_new_tokens=_MAX_NEW.value, stop=_STOP.value,
               chat=_CHAT.value)
-    kw.update(spec_flags.kwargs(lambda ckpt: load(ckpt, dtype=_DTYPE.value, mesh=llm.mesh,
-                                                  fsdp=runtime_flags.FSDP.value)))
+    spec = spec_flags.kwargs()
+    if spec["draft"] is not None:
+        kw.update(spec, draft=llm.load_draft(spec["draft"]))
     if _FORMAT.value == "json" or "draft" in kw:  # speculative decoding does not stream
         out = llm.generate(_PROMPT.value, **kw)
         if main_process and _FORMAT.value == "text":

@@ -51,7 +51,7 @@ def main(argv):
           config=_engine_config(num_slots=_SLOTS.value, max_len=_MAX_LEN.value,
                                 max_queue=_MAX_QUEUE.value, prefix_cache_mb=_PREFIX_MB.value),
           mesh=runtime_flags.MESH.value, fsdp=runtime_flags.FSDP.value,
-          **spec_flags.engine_kwargs(), **runtime_flags.quant_kwargs())
+          **spec_flags.kwargs(), **runtime_flags.quant_kwargs())
 
 
 def run() -> None:
