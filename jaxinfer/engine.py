@@ -34,7 +34,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -110,6 +110,15 @@ def _row_shardings(slots: KVCache) -> KVCache:
     return KVCache(k=row, v=row, lengths=N(slots.k.mesh, P()))
 
 
+class _Speculation(NamedTuple):
+    """The engine's draft: weights and config of a draft model (None, None for n-gram)."""
+
+    weights: Any
+    cfg: ModelConfig | None
+    k: int  # num_speculative_tokens
+    ngram_size: int
+
+
 class Engine:
     """Fixed decode slots fed from a bounded queue by one background device thread."""
 
@@ -149,18 +158,18 @@ class Engine:
             self._state = core.init_decode_state(cfg, config.num_slots, self.max_len,
                                                  self.kv_dtype, eos_E, device, mesh)
         else:
-            dw, dcfg, _, _ = self._spec
+            dw = self._spec.weights
             self._state = engine_spec.init_state(
-                cfg, dcfg, config.num_slots, self.max_len, self.kv_dtype,
+                cfg, self._spec.cfg, config.num_slots, self.max_len, self.kv_dtype,
                 None if dw is None else dw["embed"].dtype, eos_E, device, mesh)
         # A request's one-row cache: placed like the slots' (a batch of 1 is replicated).
         self._row_shardings = self._draft_row_shardings = None
         if mesh is not None:
             self._row_shardings = _row_shardings(
                 cache_shardings(cfg, config.num_slots, self.max_len, mesh))
-            if self._spec is not None and self._spec[1] is not None:
+            if self._spec is not None and self._spec.cfg is not None:
                 self._draft_row_shardings = _row_shardings(
-                    cache_shardings(self._spec[1], config.num_slots, self.max_len, mesh))
+                    cache_shardings(self._spec.cfg, config.num_slots, self.max_len, mesh))
         self._state = core.release(self._state, np.int32(0))  # compile it now, not mid-run
         self._prefix = None
         if config.prefix_block and config.prefix_cache_mb > 0:
@@ -186,8 +195,8 @@ class Engine:
         return cls(llm.params, llm.cfg, llm.tokenizer, config, llm.impl, llm.kv_dtype,
                    llm.mesh, llm.load_draft(draft), num_speculative_tokens, ngram_size)
 
-    def _speculative_settings(self, draft: Any, k: int, ngram_size: int):
-        """(draft weights or None, draft cfg or None, k, ngram_size), or None without one."""
+    def _speculative_settings(self, draft: Any, k: int, ngram_size: int) -> _Speculation | None:
+        """The checked draft settings, or None without a draft."""
         if draft is None:
             return None
         if isinstance(draft, str) and draft != "ngram":
@@ -200,7 +209,7 @@ class Engine:
         if k + 2 >= self.max_len:
             raise ConfigError(f"num_speculative_tokens={k} leaves no room in slots of "
                               f"{self.max_len} positions")
-        return dw, dcfg, k, ngram_size
+        return _Speculation(dw, dcfg, k, ngram_size)
 
     # ---- public API ---------------------------------------------------------------------
     @property
@@ -280,8 +289,8 @@ class Engine:
             raise BadRequestError(f"stop must be a string or a list of strings, got {stop!r}")
         sampling = sampling or SamplingParams()
         if self._spec is not None:  # penalties do not fit the accept/reject rule
-            spec.check_request([sampling], self._spec[2], self._spec[3], self.cfg,
-                               self._spec[1])
+            spec.check_request([sampling], self._spec.k, self._spec.ngram_size, self.cfg,
+                               self._spec.cfg)
         with self._cv:
             self._check_open()
             while len(self._queue) >= self.config.max_queue:
@@ -378,10 +387,10 @@ class Engine:
                     self._state, out = core.generate_step(self.params, self._state, self.cfg,
                                                           self.impl)
                 elif self.slots_in_use:
-                    dw, dcfg, k, ngram = self._spec
+                    sp = self._spec
                     self._state, out = engine_spec.step(
-                        self.params, dw, self._state, cfg=self.cfg, draft_cfg=dcfg, k=k,
-                        ngram_size=ngram, impl=self.impl)
+                        self.params, sp.weights, self._state, cfg=self.cfg, draft_cfg=sp.cfg,
+                        k=sp.k, ngram_size=sp.ngram_size, impl=self.impl)
                 if pending is not None:
                     self._consume(*pending)
                 pending = (out, list(self._slots)) if out is not None else None
@@ -460,7 +469,7 @@ class Engine:
     def _insert_speculative(self, prefix: core.Prefix, ids: list[int], slot: int) -> None:
         """Prefill the draft model's row (the whole prompt: the prefix cache holds only the
         target's K/V) and insert both rows and the token sequence into the slot."""
-        dw, dcfg, _, _ = self._spec
+        dw, dcfg = self._spec.weights, self._spec.cfg
         n, S = len(ids), self.max_len
         draft_row = None
         if dw is not None:
@@ -503,7 +512,7 @@ class Engine:
             return [int(out[0, slot])], bool(out[1, slot])
         n_emit, done, accepted = (int(x) for x in out[slot, :3])  # engine_spec.step's out_BR
         if n_emit and not req.warmup:
-            self.spec_proposed += self._spec[2]
+            self.spec_proposed += self._spec.k
             self.spec_accepted += accepted
         return [int(t) for t in out[slot, 3:3 + n_emit]], bool(done)
 
