@@ -149,7 +149,8 @@ def resolve_impl(impl: str, q_BTNH, k_BKSH) -> str:
     """
     if impl not in IMPLS:
         raise ValueError(f"unknown attention impl {impl!r}; expected one of {IMPLS}")
-    if impl == "xla_chunked" and not (q_BTNH.shape[1] == 1 and k_BKSH.shape[-2] % CHUNK_S == 0):
+    chunkable = q_BTNH.shape[1] == 1 and k_BKSH.shape[-2] % CHUNK_S == 0  # decode, whole chunks
+    if impl == "xla_chunked" and not chunkable:
         return "xla"  # prefill, or a cache no chunk divides: the reference
     if impl != "auto":
         return impl
@@ -159,7 +160,7 @@ def resolve_impl(impl: str, q_BTNH, k_BKSH) -> str:
     if platform == "gpu" and q_BTNH.dtype in (jnp.bfloat16, jnp.float16):
         decode = q_BTNH.shape[1] == 1 and gpu_supports(q_BTNH.shape[-1], k_BKSH.shape[-2])
         return "pallas" if decode else "cudnn"
-    if q_BTNH.shape[1] == 1 and k_BKSH.shape[-2] % CHUNK_S == 0 and k_BKSH.shape[-2] > CHUNK_S:
+    if chunkable and k_BKSH.shape[-2] > CHUNK_S:  # one chunk: nothing to skip
         return "xla_chunked"
     return "xla"
 
