@@ -51,9 +51,9 @@ from jaxinfer.kv_cache import KVCache, cache_shardings, init_cache
 from jaxinfer.llm import _held_back, find_stop
 from jaxinfer.metrics import EngineMetrics
 from jaxinfer.prefix_cache import PrefixCache, block_digests
-from jaxinfer.request import EngineResult, Request
+from jaxinfer.request import EngineResult, Request, TokenLogprob
 from jaxinfer.runtime import CompileCounter, to_host
-from jaxinfer.sampling import GREEDY, SamplingArrays, SamplingParams
+from jaxinfer.sampling import GREEDY, Logprobs, SamplingArrays, SamplingParams
 from jaxinfer.tokenizer import StreamDecoder, Tokenizer
 
 _LIVE: weakref.WeakSet[Engine] = weakref.WeakSet()
@@ -100,6 +100,15 @@ class EngineConfig:
         if self.prefix_block and self.max_len % self.prefix_block:
             raise ConfigError(f"engine max_len={self.max_len} must be a multiple of "
                               f"prefix_block={self.prefix_block}")
+
+
+def _logprob(lp: Logprobs, row: int, req: Request, tok: int) -> TokenLogprob:
+    """Token `tok` of row `row` of a step's (host) log-probabilities, with the top
+    alternatives cut to what `req` asked for."""
+    n = req.sampling.logprobs or 0
+    top = tuple((int(i), float(x)) for i, x in zip(lp.top_ids_BN[row, :n], lp.top_BN[row, :n],
+                                                    strict=True))
+    return TokenLogprob(tok, float(lp.token_B[row]), top)
 
 
 def _row_shardings(slots: KVCache) -> KVCache:
@@ -288,7 +297,7 @@ class Engine:
         if not all(isinstance(s, str) for s in stop):
             raise BadRequestError(f"stop must be a string or a list of strings, got {stop!r}")
         sampling = sampling or SamplingParams()
-        if self._spec is not None:  # penalties do not fit the accept/reject rule
+        if self._spec is not None:  # penalties, logprobs: not in the accept/reject rule
             spec.check_request([sampling], self._spec.k, self._spec.ngram_size, self.cfg,
                                self._spec.cfg)
         with self._cv:
@@ -382,10 +391,13 @@ class Engine:
                     if self._closing:
                         break
                 self._admit()
-                out = None
+                out = lp = None
                 if self.slots_in_use and self._spec is None:
-                    self._state, out = core.generate_step(self.params, self._state, self.cfg,
-                                                          self.impl)
+                    want = any(r is not None and r.sampling.logprobs is not None
+                               for r in self._slots)
+                    self._state, out, lp = core.generate_step(
+                        self.params, self._state, np.bool_(want), self.cfg, self.impl)
+                    lp = lp if want else None
                 elif self.slots_in_use:
                     sp = self._spec
                     self._state, out = engine_spec.step(
@@ -393,7 +405,7 @@ class Engine:
                         k=sp.k, ngram_size=sp.ngram_size, impl=self.impl)
                 if pending is not None:
                     self._consume(*pending)
-                pending = (out, list(self._slots)) if out is not None else None
+                pending = (out, lp, list(self._slots)) if out is not None else None
         except BaseException as e:  # a device failure: refuse new work, fail the rest
             self._fatal = e
         err = EngineClosedError("the engine shut down" if self._fatal is None
@@ -445,10 +457,11 @@ class Engine:
         tokens_1T[0, :len(suffix)] = suffix
         mask_1V = np.zeros((1, self.cfg.vocab_size), bool)
         mask_1V[0, ids] = True
+        want = req.sampling.logprobs is not None
         prefix = core.prefill(self.params, tokens_1T, np.array([len(suffix)], np.int32), row,
                               SamplingArrays.from_params([req.sampling]), mask_1V,
-                              np.array([req.max_tokens], np.int32), cfg=self.cfg,
-                              impl=self.impl)
+                              np.array([req.max_tokens], np.int32), np.bool_(want),
+                              cfg=self.cfg, impl=self.impl)
         if self._prefix is not None:
             self._prefix.store(digests, hit, prefix.cache, dry_run=req.warmup)
         if self._spec is None:
@@ -461,7 +474,8 @@ class Engine:
         tok = int(to_host(prefix.token_1)[0])
         if not req.warmup:
             self.metrics.on_prefill(n, cached)
-        gap = self._on_token(slot, req, tok, tok in self.eos_ids or req.max_tokens <= 1)
+        lp = _logprob(to_host(prefix.logprobs), 0, req, tok) if want else None
+        gap = self._on_token(slot, req, tok, tok in self.eos_ids or req.max_tokens <= 1, lp)
         if not req.warmup:
             self.metrics.on_tokens(1, [] if gap is None else [gap])
         return n - cached
@@ -484,10 +498,12 @@ class Engine:
         self._state = engine_spec.insert(prefix, draft_row, seq_1S, np.int32(n), self._state,
                                          np.int32(slot))
 
-    def _consume(self, out: jax.Array, slots: list[Request | None]) -> None:
+    def _consume(self, out: jax.Array, lp: Logprobs | None, slots: list[Request | None]
+                 ) -> None:
         """Hand each live request the tokens one finished device step emitted: one per
-        slot from a decode step, 0..k+1 per slot from a speculative round."""
-        out = to_host(out)
+        slot from a decode step, 0..k+1 per slot from a speculative round (and, from a
+        decode step, log-probabilities if some request asked)."""
+        out, lp = to_host((out, lp))
         gaps, count = [], 0
         for slot, req in enumerate(slots):
             if req is None or req.done:
@@ -497,7 +513,9 @@ class Engine:
                 continue
             toks, done = self._emitted(out, slot, req)
             for i, tok in enumerate(toks):
-                gap = self._on_token(slot, req, tok, done and i == len(toks) - 1)
+                entry = (_logprob(lp, slot, req, tok)
+                         if lp is not None and req.sampling.logprobs is not None else None)
+                gap = self._on_token(slot, req, tok, done and i == len(toks) - 1, entry)
                 if not req.warmup:
                     count += 1
                     gaps += [] if gap is None else [gap]
@@ -516,7 +534,8 @@ class Engine:
             self.spec_accepted += accepted
         return [int(t) for t in out[slot, 3:3 + n_emit]], bool(done)
 
-    def _on_token(self, slot: int, req: Request, tok: int, device_done: bool) -> float | None:
+    def _on_token(self, slot: int, req: Request, tok: int, device_done: bool,
+                  logprob: TokenLogprob | None = None) -> float | None:
         """Detokenize, apply stop strings with holdback, stream the delta, maybe finish.
         Returns the gap since the request's previous token (None for its first)."""
         now = time.perf_counter()
@@ -526,6 +545,8 @@ class Engine:
             req.metrics.ttft_s = now - req.arrival
         req.last_t = now
         req.token_ids.append(tok)
+        if logprob is not None:
+            req.logprobs.append(logprob)
         is_eos = tok in self.eos_ids
         if not is_eos:
             req.text += req.decoder.push(tok)
@@ -560,7 +581,8 @@ class Engine:
             m.itl_s = span / (n - 1)
             m.decode_tokens_per_s = (n - 1) / span if span > 0 else 0.0
         result = EngineResult(req.id, req.text, list(req.token_ids), len(req.prompt_ids),
-                              reason, m)
+                              reason, m, None if req.sampling.logprobs is None
+                              else list(req.logprobs))
         if not req.warmup:
             self.metrics.on_finish(reason, m)
         req.publish(result=result)

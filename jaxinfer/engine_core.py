@@ -4,7 +4,7 @@ The scheduler (engine.py) is host code that only calls these, in MaxText's order
 
     prefill(weights, tokens_1T, num_new_1, row, ...)  -> Prefix     one request, one row
     insert(prefix, state, slot)                       -> state      state donated
-    generate_step(weights, state)                     -> state, out_2B   every slot, one token
+    generate_step(weights, state, want_logprobs)      -> state, out_2B, Logprobs   every slot
     release(state, slot)                              -> state      host ended a row early
     load_prefix(pools, table_J, n)                    -> KVCache    prefix-cache blocks -> row
     save_blocks(pools, row, src_J, dst_J)             -> pools      pools donated
@@ -29,7 +29,7 @@ from jaxinfer import generate as gen
 from jaxinfer import model
 from jaxinfer.config import ModelConfig
 from jaxinfer.kv_cache import KVCache, cache_shardings, init_cache
-from jaxinfer.sampling import GREEDY, SamplingArrays, sample
+from jaxinfer.sampling import GREEDY, Logprobs, SamplingArrays, sample, step_logprobs
 from jaxinfer.weights import Weights
 
 
@@ -43,6 +43,7 @@ class Prefix:
     prompt_mask_1V: jax.Array  # bool[1, V] prompt tokens (repetition penalty)
     sampling: SamplingArrays  # one row
     max_new_1: jax.Array  # i32[1] token budget, the first token included
+    logprobs: Logprobs  # of token_1 (zeros unless asked for)
 
 
 def init_decode_state(cfg: ModelConfig, num_slots: int, max_len: int, dtype,
@@ -96,7 +97,7 @@ def put_row(dst: KVCache, src: KVCache, slot: jax.Array) -> KVCache:
 @functools.partial(jax.jit, static_argnames=("cfg", "impl"), donate_argnames=("row",))
 def prefill(weights: Weights, tokens_1T: jax.Array, num_new_1: jax.Array, row: KVCache,
             sampling: SamplingArrays, prompt_mask_1V: jax.Array, max_new_1: jax.Array,
-            cfg: ModelConfig, impl: str = "xla") -> Prefix:
+            want_logprobs: jax.Array, cfg: ModelConfig, impl: str = "xla") -> Prefix:
     """Write a request's (padded) prompt tokens after the row's cached prefix and sample
     its first token exactly as `generate.start` does (step 0, zero counts)."""
     logits_1V, row = model.prefill(weights, tokens_1T, num_new_1, row, cfg, impl)
@@ -104,7 +105,8 @@ def prefill(weights: Weights, tokens_1T: jax.Array, num_new_1: jax.Array, row: K
     token_1 = sample(logits_1V, sampling, jnp.zeros((1,), jnp.int32), counts_1V,
                      prompt_mask_1V)
     return Prefix(cache=row, token_1=token_1, prompt_mask_1V=prompt_mask_1V,
-                  sampling=sampling, max_new_1=max_new_1)
+                  sampling=sampling, max_new_1=max_new_1,
+                  logprobs=step_logprobs(logits_1V, token_1, want_logprobs))
 
 
 @functools.partial(jax.jit, donate_argnames=("state",))
@@ -126,10 +128,12 @@ def insert(prefix: Prefix, state: gen.DecodeState, slot: jax.Array) -> gen.Decod
         sampling=state.sampling.with_row(slot, prefix.sampling))
 
 
-def generate_step(weights: Weights, state: gen.DecodeState, cfg: ModelConfig,
-                  impl: str = "xla") -> tuple[gen.DecodeState, jax.Array]:
-    """One token for every slot; i32[2, B] (token, done) comes back as a fresh buffer."""
-    return gen.step(weights, state, cfg=cfg, impl=impl)
+def generate_step(weights: Weights, state: gen.DecodeState, want_logprobs: jax.Array,
+                  cfg: ModelConfig, impl: str = "xla"
+                  ) -> tuple[gen.DecodeState, jax.Array, Logprobs]:
+    """One token for every slot; i32[2, B] (token, done) comes back as a fresh buffer, and
+    every slot's log-probabilities when `want_logprobs` (some slot's request asked)."""
+    return gen.step(weights, state, want_logprobs, cfg=cfg, impl=impl)
 
 
 @functools.partial(jax.jit, donate_argnames=("state",))

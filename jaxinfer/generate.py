@@ -2,7 +2,8 @@
 
 The functional core is three jitted functions over a donated `DecodeState`:
     start(weights, prompt_BT, prompt_len_B, ...) -> DecodeState   prefill + first token
-    step(weights, state)          -> (state, out_2B)   one token per row (streaming path)
+    step(weights, state, want_logprobs) -> (state, out_2B, Logprobs)   one token per row
+                                                                       (streaming path)
     run_loop(weights, state, n)   -> state             lax.while_loop, no host round trip
 Shapes are bucketed (prompt length, cache length, output length) so new prompt lengths
 inside a bucket reuse compiled code, and sampling parameters are traced arrays.
@@ -21,7 +22,7 @@ from jaxinfer.config import ModelConfig
 from jaxinfer.errors import BadRequestError
 from jaxinfer.kv_cache import KVCache, cache_shardings, init_cache
 from jaxinfer.model import decode_logits, hidden_states, unembed
-from jaxinfer.sampling import SamplingArrays, sample, update_counts
+from jaxinfer.sampling import Logprobs, SamplingArrays, sample, step_logprobs, update_counts
 from jaxinfer.weights import Weights
 
 MIN_PROMPT_BUCKET = 32
@@ -91,20 +92,29 @@ def start(weights: Weights, prompt_BT: jax.Array, prompt_len_B: jax.Array, cache
     return _advance(state, logits, cache)
 
 
-def _step(weights: Weights, state: DecodeState, cfg: ModelConfig, impl: str) -> DecodeState:
+def _step_logits(weights: Weights, state: DecodeState, cfg: ModelConfig, impl: str
+                 ) -> tuple[DecodeState, jax.Array]:
+    """One decode step, and the logits its tokens were sampled from."""
     logits, cache = decode_logits(weights, state.tokens_B, state.cache, cfg, impl)
     # Rows already done must not grow: undo their length increment.
     cache = cache.with_lengths(jnp.where(state.done_B, state.cache.lengths, cache.lengths))
-    return _advance(state, logits, cache)
+    return _advance(state, logits, cache), logits
+
+
+def _step(weights: Weights, state: DecodeState, cfg: ModelConfig, impl: str) -> DecodeState:
+    return _step_logits(weights, state, cfg, impl)[0]
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "impl"), donate_argnames=("state",))
-def step(weights: Weights, state: DecodeState, cfg: ModelConfig, impl: str = "xla"
-         ) -> tuple[DecodeState, jax.Array]:
+def step(weights: Weights, state: DecodeState, want_logprobs: jax.Array, cfg: ModelConfig,
+         impl: str = "xla") -> tuple[DecodeState, jax.Array, Logprobs]:
     """One decode step. Also returns i32[2, B] (token, done) as a fresh buffer that the
-    host can read while the next step (which donates `state`) is already running."""
-    state = _step(weights, state, cfg, impl)
-    return state, jnp.stack([state.tokens_B, state.done_B.astype(jnp.int32)])
+    host can read while the next step (which donates `state`) is already running, and the
+    tokens' log-probabilities, computed only if `want_logprobs` (bool[], traced: asking
+    never recompiles; pass an np.bool_ so the argument's type never changes)."""
+    state, logits = _step_logits(weights, state, cfg, impl)
+    lp = step_logprobs(logits, state.tokens_B, want_logprobs)
+    return state, jnp.stack([state.tokens_B, state.done_B.astype(jnp.int32)]), lp
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "impl"), donate_argnames=("state",))

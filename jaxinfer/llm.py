@@ -304,7 +304,8 @@ class LLM:
         while True:
             # Dispatch step n+1 first; reading token n then overlaps its compute. After the
             # last token this costs one wasted step on a frozen (done) row.
-            state, nxt = gen.step(self.params, state, cfg=self.cfg, impl=self.impl)
+            state, nxt, _ = gen.step(self.params, state, np.bool_(False), cfg=self.cfg,
+                                     impl=self.impl)
             tok, done = (int(x) for x in to_host(pending)[:, 0])
             if not toks:
                 ttft = time.perf_counter() - t0

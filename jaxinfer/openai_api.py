@@ -2,9 +2,9 @@
 
 Pydantic models in strict mode mirror the fields of `/v1/completions` and
 `/v1/chat/completions` that jaxinfer honours (plus the extensions top_k, min_p and
-repetition_penalty); unknown fields are accepted and ignored, as OpenAI-compatible servers
-usually do. Everything here is pure data handling with no engine and no HTTP, so the
-server module stays a thin routing layer.
+repetition_penalty; logprobs in each endpoint's own format); unknown fields are accepted
+and ignored, as OpenAI-compatible servers usually do. Everything here is pure data
+handling with no engine and no HTTP, so the server module stays a thin routing layer.
 """
 
 from __future__ import annotations
@@ -17,7 +17,9 @@ from pydantic import BaseModel, ConfigDict
 
 from jaxinfer.engine import EngineResult
 from jaxinfer.errors import BadRequestError
-from jaxinfer.sampling import SamplingParams
+from jaxinfer.request import TokenLogprob
+from jaxinfer.sampling import MAX_LOGPROBS, SamplingParams
+from jaxinfer.tokenizer import Tokenizer
 
 SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "seed", "presence_penalty",
                    "frequency_penalty", "repetition_penalty")
@@ -69,10 +71,14 @@ class _Request(BaseModel):
             raise ApiError(400, f"only n=1 is supported, got n={self.n}", "n")
         kw = {f: getattr(self, f) for f in SAMPLING_FIELDS if getattr(self, f) is not None}
         try:
-            return SamplingParams(**kw)
+            return SamplingParams(**kw, logprobs=self.num_logprobs())
         except BadRequestError as e:  # messages start with the field's name
             name = str(e).split()[0]
             raise ApiError(400, str(e), name if name in SAMPLING_FIELDS else None) from e
+
+    def num_logprobs(self) -> int | None:
+        """How many alternatives each token's logprobs carry; None: no logprobs."""
+        return None
 
     def stop_list(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -85,6 +91,13 @@ class CompletionRequest(_Request):
     prompt: str | list[str] | list[int] | list[list[int]]
     echo: bool = False
     suffix: str | None = None
+    logprobs: int | None = None  # legacy format: this many alternatives per token
+
+    def num_logprobs(self) -> int | None:
+        n = self.logprobs
+        if n is not None and not 0 <= n <= MAX_LOGPROBS:
+            raise ApiError(400, f"logprobs must be in [0, {MAX_LOGPROBS}], got {n}", "logprobs")
+        return n
 
     def prompt_input(self) -> str | list[int]:
         """One prompt, as text or token ids (OpenAI also takes batches; we take one)."""
@@ -117,6 +130,17 @@ class ChatMessage(BaseModel):
 class ChatRequest(_Request):
     messages: list[ChatMessage]
     max_completion_tokens: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = None
+
+    def num_logprobs(self) -> int | None:
+        n = self.top_logprobs
+        if n is not None and not 0 <= n <= MAX_LOGPROBS:
+            raise ApiError(400, f"top_logprobs must be in [0, {MAX_LOGPROBS}], got {n}",
+                           "top_logprobs")
+        if n is not None and not self.logprobs:
+            raise ApiError(400, "top_logprobs needs logprobs=true", "top_logprobs")
+        return (n or 0) if self.logprobs else None
 
     def message_dicts(self) -> list[dict[str, str]]:
         if not self.messages:
@@ -146,9 +170,38 @@ def usage(result: EngineResult) -> dict[str, Any]:
             "prompt_tokens_details": {"cached_tokens": result.metrics.cached_tokens}}
 
 
-def completion_body(rid: str, model: str, result: EngineResult, chat: bool) -> dict[str, Any]:
+def logprobs_body(entries: list[TokenLogprob], tokenizer: Tokenizer, chat: bool,
+                  text_offset: int = 0) -> dict[str, Any]:
+    """`choice.logprobs` for these tokens: chat's `content` list (token, logprob, bytes,
+    top_logprobs) or the legacy completions columns (text_offset counts from the start of
+    the completion: pass the characters already sent when streaming)."""
+    def text(i: int) -> str:
+        return tokenizer.token_bytes(i).decode("utf-8", "replace")
+
+    if chat:
+        def one(i: int, x: float) -> dict[str, Any]:
+            return {"token": text(i), "logprob": x, "bytes": list(tokenizer.token_bytes(i))}
+
+        return {"content": [{**one(e.token_id, e.logprob),
+                             "top_logprobs": [one(i, x) for i, x in e.top]} for e in entries],
+                "refusal": None}
+    tokens = [text(e.token_id) for e in entries]
+    offsets = []
+    for t in tokens:
+        offsets.append(text_offset)
+        text_offset += len(t)
+    return {"tokens": tokens, "token_logprobs": [e.logprob for e in entries],
+            "top_logprobs": [{text(i): x for i, x in e.top} for e in entries],
+            "text_offset": offsets}
+
+
+def completion_body(rid: str, model: str, result: EngineResult, chat: bool,
+                    tokenizer: Tokenizer | None = None) -> dict[str, Any]:
+    """The whole response; `tokenizer` renders logprobs when the request asked for them."""
+    lp = (logprobs_body(result.logprobs, tokenizer, chat)
+          if result.logprobs is not None and tokenizer is not None else None)
     choice: dict[str, Any] = {"index": 0, "finish_reason": result.finish_reason,
-                              "logprobs": None}
+                              "logprobs": lp}
     if chat:
         choice["message"] = {"role": "assistant", "content": result.text}
     else:
@@ -159,8 +212,10 @@ def completion_body(rid: str, model: str, result: EngineResult, chat: bool) -> d
 
 
 def chunk_body(rid: str, model: str, chat: bool, delta: str | None = None,
-               finish_reason: str | None = None, role: bool = False) -> dict[str, Any]:
-    choice: dict[str, Any] = {"index": 0, "finish_reason": finish_reason, "logprobs": None}
+               finish_reason: str | None = None, role: bool = False,
+               logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
+    choice: dict[str, Any] = {"index": 0, "finish_reason": finish_reason,
+                              "logprobs": logprobs}
     if chat:
         d: dict[str, Any] = {"role": "assistant"} if role else {}
         if delta is not None:

@@ -21,6 +21,16 @@ from jaxinfer.sampling import SamplingParams
 from jaxinfer.tokenizer import StreamDecoder
 
 
+@dataclasses.dataclass(frozen=True)
+class TokenLogprob:
+    """One generated token's log-probability under the raw model (before penalties and
+    temperature), and the request's `logprobs` most likely tokens at that step."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...]  # (token id, logprob), most likely first
+
+
 @dataclasses.dataclass
 class EngineResult:
     request_id: int
@@ -29,6 +39,7 @@ class EngineResult:
     prompt_tokens: int
     finish_reason: str  # "stop" (EOS or stop string), "length" or "cancelled"
     metrics: RequestMetrics
+    logprobs: list[TokenLogprob] | None = None  # one per token id, if the request asked
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -55,6 +66,7 @@ class Request:
         self.cancel_requested = False
         # Engine-thread state.
         self.token_ids: list[int] = []
+        self.logprobs: list[TokenLogprob] = []  # readers may take a prefix while it grows
         self.text = ""
         self.emitted = 0
         self.first_t: float | None = None

@@ -25,6 +25,7 @@ import numpy as np
 
 from jaxinfer.errors import BadRequestError
 
+MAX_LOGPROBS = 20  # most alternatives a request may ask for (OpenAI's top_logprobs limit)
 _KEY_IMPL = "threefry2x32"  # fixed, so u32[B, 2] key data means the same on every backend
 _U32 = 0xFFFFFFFF
 
@@ -49,6 +50,7 @@ class SamplingParams:
     presence_penalty: float = 0.0  # OpenAI: subtracted once from every generated token
     frequency_penalty: float = 0.0  # OpenAI: subtracted once per occurrence
     seed: int | None = None  # None: drawn from host entropy when the batch is built
+    logprobs: int | None = None  # None: off; n: each token's logprob and the n most likely
 
     GREEDY: ClassVar[SamplingParams]
 
@@ -74,6 +76,11 @@ class SamplingParams:
         if self.seed is not None and (
                 isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer))):
             raise BadRequestError(f"seed must be an integer or None, got {self.seed!r}")
+        n = self.logprobs
+        if n is not None and (isinstance(n, bool) or not isinstance(n, (int, np.integer))
+                              or not 0 <= n <= MAX_LOGPROBS):
+            raise BadRequestError(f"logprobs must be an integer in [0, {MAX_LOGPROBS}] or None, "
+                                  f"got {n!r}")
 
 
 SamplingParams.GREEDY = SamplingParams(temperature=0.0)
@@ -246,3 +253,34 @@ def token_logprobs(logits_BV: jax.Array, tokens_B: jax.Array) -> jax.Array:
     """f32[B] log-probability of each row's token under the raw (unpenalized, T=1) model."""
     logp_BV = jax.nn.log_softmax(logits_BV.astype(jnp.float32), axis=-1)
     return jnp.take_along_axis(logp_BV, tokens_B[:, None].astype(jnp.int32), -1)[:, 0]
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class Logprobs:
+    """Per-row log-probabilities of a step's tokens: what `logprobs=n` requests get back."""
+
+    token_B: jax.Array  # f32[B] log p(chosen token)
+    top_ids_BN: jax.Array  # i32[B, N] the N = min(MAX_LOGPROBS, V) likeliest, best first
+    top_BN: jax.Array  # f32[B, N] their log-probabilities
+
+
+def step_logprobs(logits_BV: jax.Array, tokens_B: jax.Array, want: jax.Array) -> Logprobs:
+    """Log-probabilities under the raw model (log_softmax of the logits before penalties,
+    temperature and filters: vLLM's default "raw" logprobs), so they mean the same thing
+    for a greedy and a sampled request. Computed only when `want` (a traced bool) is set,
+    zeros otherwise: a batch where nobody asked pays nothing, and asking never recompiles."""
+    B, V = logits_BV.shape
+    N = min(MAX_LOGPROBS, V)
+
+    def compute(x):
+        logp_BV = jax.nn.log_softmax(x.astype(jnp.float32), axis=-1)
+        top_BN, ids_BN = jax.lax.top_k(logp_BV, N)
+        tok_B = jnp.take_along_axis(logp_BV, tokens_B[:, None].astype(jnp.int32), -1)[:, 0]
+        return Logprobs(tok_B, ids_BN.astype(jnp.int32), top_BN)
+
+    def skip(x):
+        return Logprobs(jnp.zeros((B,), jnp.float32), jnp.zeros((B, N), jnp.int32),
+                        jnp.zeros((B, N), jnp.float32))
+
+    return jax.lax.cond(want, compute, skip, logits_BV)

@@ -38,6 +38,7 @@ from jaxinfer.engine import (
     Request,
 )
 from jaxinfer.errors import BadRequestError, TokenizerError
+from jaxinfer.tokenizer import Tokenizer
 
 DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 
@@ -86,14 +87,14 @@ def create_app(engine: Engine, model_name: str) -> FastAPI:
         max_tokens = body.max_tokens
         req = _submit(engine, body, dict(prompt=body.prompt_input()),
                       DEFAULT_COMPLETION_MAX_TOKENS if max_tokens is None else max_tokens)
-        return await _respond(req, body, model_name, chat=False)
+        return await _respond(req, body, model_name, chat=False, tokenizer=engine.tokenizer)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: api.ChatRequest):
         _check_model(body.model, model_name)
         max_tokens = body.max_completion_tokens if body.max_tokens is None else body.max_tokens
         req = _submit(engine, body, dict(messages=body.message_dicts()), max_tokens)
-        return await _respond(req, body, model_name, chat=True)
+        return await _respond(req, body, model_name, chat=True, tokenizer=engine.tokenizer)
 
     return app
 
@@ -114,7 +115,7 @@ def _submit(engine: Engine, body: api._Request, prompt: dict[str, Any],
         raise api.ApiError(400, str(e), "messages" if "messages" in prompt else "prompt",
                            "context_length_exceeded") from e
     except (BadRequestError, TokenizerError) as e:
-        named = [p for p in ("max_tokens", "stop", *prompt) if p in str(e)]
+        named = [p for p in ("max_tokens", "stop", "logprobs", *prompt) if p in str(e)]
         raise api.ApiError(400, str(e), named[0] if named else next(iter(prompt))) from e
     except EngineOverloadedError as e:
         raise api.ApiError(429, str(e), None, "queue_full", "rate_limit_error") from e
@@ -122,10 +123,11 @@ def _submit(engine: Engine, body: api._Request, prompt: dict[str, Any],
         raise api.ApiError(503, str(e), None, "engine_unavailable", "server_error") from e
 
 
-async def _respond(req: Request, body: api._Request, model: str, chat: bool):
+async def _respond(req: Request, body: api._Request, model: str, chat: bool,
+                   tokenizer: Tokenizer):
     rid = api.new_id("chatcmpl" if chat else "cmpl")
     if body.stream:
-        return StreamingResponse(_sse(req, rid, model, chat, body.include_usage()),
+        return StreamingResponse(_sse(req, rid, model, chat, body.include_usage(), tokenizer),
                                  media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"})
     try:
@@ -135,24 +137,39 @@ async def _respond(req: Request, body: api._Request, model: str, chat: bool):
         raise
     except EngineClosedError as e:
         raise api.ApiError(503, str(e), None, "engine_unavailable", "server_error") from e
-    return api.completion_body(rid, model, result, chat)
+    return api.completion_body(rid, model, result, chat, tokenizer)
 
 
 def _event(obj: Any) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
-async def _sse(req: Request, rid: str, model: str, chat: bool,
-               include_usage: bool) -> AsyncIterator[str]:
-    """Chunks as the engine produces them; a client that disconnects cancels its request."""
+async def _sse(req: Request, rid: str, model: str, chat: bool, include_usage: bool,
+               tokenizer: Tokenizer) -> AsyncIterator[str]:
+    """Chunks as the engine produces them; a client that disconnects cancels its request.
+    With logprobs, each chunk carries those of the tokens generated since the previous
+    chunk (text held back for a stop string may come a chunk later than its logprobs)."""
+    want, sent, offset = req.sampling.logprobs is not None, 0, 0
+
+    def logprobs(entries) -> dict[str, Any] | None:
+        nonlocal sent, offset
+        if not want:
+            return None
+        body = api.logprobs_body(entries[sent:], tokenizer, chat, offset)
+        sent = len(entries)
+        offset += 0 if chat else sum(map(len, body["tokens"]))
+        return body
+
     try:
         if chat:
             yield _event(api.chunk_body(rid, model, chat, "", role=True))
         async for delta in req:
-            yield _event(api.chunk_body(rid, model, chat, delta))
+            yield _event(api.chunk_body(rid, model, chat, delta,
+                                        logprobs=logprobs(list(req.logprobs))))
         result = await req.aresult()
         yield _event(api.chunk_body(rid, model, chat, None if chat else "",
-                                    result.finish_reason))
+                                    result.finish_reason,
+                                    logprobs=logprobs(result.logprobs or [])))
         if include_usage:
             yield _event(api.usage_chunk(rid, model, chat, result))
     except EngineClosedError as e:

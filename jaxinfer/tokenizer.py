@@ -9,6 +9,7 @@ them. This module must not import jax: scripts and the server tokenize before JA
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from abc import ABC, abstractmethod
@@ -90,6 +91,20 @@ class Tokenizer(ABC):
             raise TokenizerError(f"token id {bad[0]} outside vocabulary of {self.vocab_size}")
         return self._decode(ids)
 
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes one token stands for (OpenAI's logprobs `bytes`): a byte-level BPE or
+        byte-fallback token may be part of a UTF-8 character, which decode() cannot show."""
+        if not 0 <= int(token_id) < self.vocab_size:
+            raise TokenizerError(f"token id {token_id} outside vocabulary of {self.vocab_size}")
+        return self._token_bytes(int(token_id))
+
+    def _token_bytes(self, token_id: int) -> bytes:
+        """SentencePiece-style pieces: '▁' is a space, '<0xNN>' a byte-fallback byte."""
+        piece = self._id_to_token(token_id)
+        if re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", piece):
+            return bytes([int(piece[3:5], 16)])
+        return piece.replace("\u2581", " ").encode()
+
     def apply_chat_template(self, messages: list[dict[str, str]],
                             add_generation_prompt: bool = True) -> str:
         """Render `messages` with the model's own Jinja template, the way HF transformers does."""
@@ -167,12 +182,33 @@ class HFTokenizer(Tokenizer):
     def _decode(self, ids: list[int]) -> str:
         return self._tok.decode(ids, skip_special_tokens=False)
 
+    def _token_bytes(self, token_id: int) -> bytes:
+        added = self._tok.get_added_tokens_decoder().get(token_id)
+        if added is not None:  # special tokens are their own text
+            return added.content.encode()
+        if type(self._tok.decoder).__name__ == "ByteLevel":
+            piece = self._id_to_token(token_id)
+            return bytes(_byte_decoder().get(c, 0) for c in piece)
+        return super()._token_bytes(token_id)
+
     def save(self, directory: str | Path) -> None:
         """Write tokenizer.json + tokenizer_config.json (chat template, bos/eos/pad, add_bos)."""
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         self._tok.save(str(d / "tokenizer.json"))
         self._write_config(d)
+
+
+@functools.cache
+def _byte_decoder() -> dict[str, int]:
+    """GPT-2 byte-level BPE's alphabet, reversed (printable stand-in character -> byte).
+    `tokenizers` applies it internally but does not expose the table."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1),
+            *range(ord("\xae"), ord("\xff") + 1)]
+    shifted = [b for b in range(256) if b not in keep]
+    table = {chr(b): b for b in keep}
+    table.update({chr(256 + i): b for i, b in enumerate(shifted)})
+    return table
 
 
 class SPTokenizer(Tokenizer):

@@ -20,6 +20,9 @@ class CharTokenizer:
     def decode(self, ids) -> str:
         return "".join(chr(32 + i) if i < 95 else "<>" for i in ids)
 
+    def token_bytes(self, i: int) -> bytes:
+        return self.decode([i]).encode()
+
     def apply_chat_template(self, messages) -> str:
         return "".join(f"[{m['role']}]{m['content']}" for m in messages) + "[assistant]"
 

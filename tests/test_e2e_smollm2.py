@@ -64,6 +64,25 @@ def test_streaming_equals_batch_path(llm):
     assert res[0].token_ids == batch.token_ids and text == batch.text
 
 
+def test_engine_logprobs_match_hf(llm, hf_model):
+    """The engine's per-token logprobs (and top-5) equal log_softmax of HF's logits over
+    the prompt plus the generated tokens (teacher forcing): chat and completion alike."""
+    from jaxinfer.engine import Engine, EngineConfig
+
+    ids = llm.tokenizer.encode(PROMPTS[3])
+    with Engine.from_llm(llm, EngineConfig(num_slots=2, max_len=256)) as eng:
+        r = eng.submit(ids, sampling=SamplingParams(temperature=0, logprobs=5),
+                       max_tokens=12).result(timeout=300)
+    with torch.no_grad():
+        full = torch.tensor([ids + r.token_ids])
+        ref = torch.log_softmax(hf_model(full).logits[0], -1).numpy()[len(ids) - 1: -1]
+    for e, row in zip(r.logprobs, ref, strict=True):
+        assert abs(e.logprob - row[e.token_id]) < 1e-3
+        top_ids, top_lp = zip(*e.top, strict=True)
+        assert list(top_ids[:2]) == list(np.argsort(-row)[:2])  # ties below: order may vary
+        np.testing.assert_allclose(top_lp, np.sort(row)[::-1][:5], atol=1e-3)
+
+
 def test_france_says_paris(llm):
     out = llm.generate("The capital of France is", sampling=GREEDY, max_new_tokens=8)
     assert "Paris" in out.text

@@ -36,7 +36,7 @@ def _stepped(prompts, max_new, params=None, eos=EOS):
     toks = [[int(t)] for t in np.asarray(s.tokens_B)]
     done = np.asarray(s.done_B).copy()
     while not done.all():
-        s, out = gen.step(W, s, cfg=TINY)
+        s, out, _ = gen.step(W, s, np.bool_(False), cfg=TINY)
         out = np.asarray(out)
         for b in range(len(prompts)):
             if not done[b]:
@@ -120,6 +120,6 @@ def test_bad_lengths(prompt, max_new, match):
 def test_step_donates_state():
     s = _start([[1, 2, 3]], [4])
     k = s.cache.k
-    s2, _ = gen.step(W, s, cfg=TINY)
+    s2, _, _ = gen.step(W, s, np.bool_(False), cfg=TINY)
     assert k.is_deleted()
     jax.block_until_ready(s2)

@@ -255,3 +255,25 @@ def test_unknown_gguf_tokenizer_model(tmp_path):
 def test_module_does_not_import_jax():
     code = "import sys, jaxinfer.tokenizer; assert 'jax' not in sys.modules, 'jax imported'"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_token_bytes_join_to_the_text(gguf_tok, tmp_path):
+    """OpenAI logprobs' `bytes`: a token's own bytes, even half a UTF-8 character."""
+    for text in TEXTS:
+        assert b"".join(gguf_tok.token_bytes(i) for i in gguf_tok.encode(text)) == text.encode()
+    partial = [gguf_tok.token_bytes(i) for i in gguf_tok.encode("日本語")]
+    assert any(not _is_utf8(b) for b in partial)  # byte-level BPE splits characters
+    sp = load_tokenizer(_train_sp(tmp_path))
+    for text in ["hello world", "the cat 日本語"]:  # unseen characters: byte fallback
+        got = b"".join(sp.token_bytes(i) for i in sp.encode(text, add_bos=False)).decode()
+        assert got.lstrip(" ") == text  # SentencePiece's dummy prefix is a leading space
+    with pytest.raises(TokenizerError, match="-1"):
+        gguf_tok.token_bytes(-1)
+
+
+def _is_utf8(b: bytes) -> bool:
+    try:
+        b.decode()
+        return True
+    except UnicodeDecodeError:
+        return False

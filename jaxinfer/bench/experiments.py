@@ -52,6 +52,11 @@ def _step_copied(weights, state, cfg, impl):
     return state, jnp.stack([state.tokens_B, state.done_B.astype(jnp.int32)])
 
 
+def _step_donated(weights, state, cfg, impl):
+    state, out, _ = gen.step(weights, state, np.bool_(False), cfg=cfg, impl=impl)
+    return state, out
+
+
 # The same step as generate.step, but its input state is not donated: XLA must copy the
 # cache (and every other state buffer) into fresh outputs each step.
 step_copied = jax.jit(_step_copied, static_argnames=("cfg", "impl"))
@@ -160,7 +165,7 @@ def run(llm, which: list[str], ids: list[int], n: int, batch: int, repeats: int,
     for float weights)."""
     """The selected experiments on `llm` (decode at 1 and `batch` rows where it matters)."""
     S = gen.bucket(len(ids) + n, gen.MIN_CACHE_BUCKET, llm.cfg.max_seq_len)
-    donated = functools.partial(_host_loop, gen.step)
+    donated = functools.partial(_host_loop, _step_donated)
     copied = functools.partial(_host_loop, step_copied)
     out: dict[str, Any] = {"cache_len": S}
     tps = functools.partial(decode_tps, ids=ids, n=n, repeats=repeats)

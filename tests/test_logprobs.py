@@ -1,0 +1,136 @@
+"""Per-token log-probabilities (`SamplingParams.logprobs`) from the serving engine and the
+OpenAI server, checked against log_softmax of the pure model's own forward pass."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import requests
+
+from jaxinfer import kv_cache, model
+from jaxinfer.engine import Engine, EngineConfig
+from jaxinfer.errors import BadRequestError
+from jaxinfer.sampling import SamplingParams
+from jaxinfer.server import BackgroundServer, create_app
+
+from .engine_helpers import CharTokenizer, W, tiny_engine
+from .helpers import TINY
+
+
+@pytest.fixture(scope="module")
+def engine():
+    with tiny_engine(num_slots=4, max_len=256) as eng:
+        eng.warmup()
+        yield eng
+
+
+@pytest.fixture(scope="module")
+def url(engine):
+    with BackgroundServer(create_app(engine, "tiny")) as srv:
+        yield srv.url
+
+
+def _reference(prompt_ids, token_ids):
+    """log_softmax of model.forward over prompt + generated tokens, at each generated one."""
+    ids = list(prompt_ids) + list(token_ids)
+    logits, _ = model.forward(W, jnp.asarray([ids]), kv_cache.init_cache(TINY, 1, 64), TINY)
+    logp = np.asarray(jax.nn.log_softmax(logits[0], -1))
+    return logp[len(prompt_ids) - 1: len(ids) - 1]
+
+
+def test_greedy_logprobs_are_the_models(engine):
+    before = engine.compile_count
+    tok = CharTokenizer()
+    r = engine.submit("Hello there", sampling=SamplingParams(temperature=0, logprobs=5),
+                      max_tokens=8).result(timeout=60)
+    assert engine.compile_count == before  # asking for logprobs never recompiles
+    assert len(r.logprobs) == len(r.token_ids) == 8
+    ref = _reference(tok.encode("Hello there"), r.token_ids)
+    for e, t, row in zip(r.logprobs, r.token_ids, ref, strict=True):
+        assert e.token_id == t
+        np.testing.assert_allclose(e.logprob, row[t], atol=1e-4)
+        ids, lps = zip(*e.top, strict=True)
+        assert list(ids) == list(np.argsort(-row)[:5]) and ids[0] == t  # greedy: the top one
+        np.testing.assert_allclose(lps, np.sort(row)[::-1][:5], atol=1e-4)
+
+
+def test_sampled_logprobs_are_raw_and_unrequested_are_none(engine):
+    """A sampled token's logprob is under the raw model (vLLM's default), not the tempered
+    distribution it was drawn from; logprobs=0 gives no alternatives."""
+    p = SamplingParams(temperature=1.7, top_k=20, seed=3, logprobs=0)
+    r = engine.submit("abc", sampling=p, max_tokens=6).result(timeout=60)
+    ref = _reference(CharTokenizer().encode("abc"), r.token_ids)
+    for e, t, row in zip(r.logprobs, r.token_ids, ref, strict=True):
+        assert e.top == () and e.token_id == t
+        np.testing.assert_allclose(e.logprob, row[t], atol=1e-4)
+    plain = engine.submit("abc", sampling=SamplingParams(temperature=1.7, top_k=20, seed=3),
+                          max_tokens=6).result(timeout=60)
+    assert plain.logprobs is None and plain.token_ids == r.token_ids  # same tokens
+
+
+@pytest.mark.parametrize("bad", [-1, 21, True, 1.5, "3"])
+def test_bad_logprobs_raise(bad):
+    with pytest.raises(BadRequestError, match="logprobs"):
+        SamplingParams(logprobs=bad)
+
+
+def test_speculative_engine_refuses_logprobs():
+    with Engine(W, TINY, CharTokenizer(), EngineConfig(num_slots=2, max_len=256),
+                draft="ngram") as eng, pytest.raises(BadRequestError, match="logprobs"):
+        eng.submit("abc", sampling=SamplingParams(temperature=0, logprobs=2), max_tokens=4)
+
+
+def test_server_chat_and_completion_logprobs(url, engine):
+    tok = CharTokenizer()
+    msgs = [{"role": "user", "content": "Hi"}]
+    out = requests.post(f"{url}/v1/chat/completions", timeout=60, json={
+        "messages": msgs, "max_tokens": 5, "temperature": 0, "logprobs": True,
+        "top_logprobs": 2}).json()
+    ref = engine.submit(messages=msgs, sampling=SamplingParams(temperature=0, logprobs=2),
+                        max_tokens=5).result(timeout=60)
+    content = out["choices"][0]["logprobs"]["content"]
+    assert [c["token"] for c in content] == [tok.decode([t]) for t in ref.token_ids]
+    for c, e in zip(content, ref.logprobs, strict=True):
+        assert c["bytes"] == list(tok.decode([e.token_id]).encode())
+        assert c["logprob"] == pytest.approx(e.logprob, abs=1e-6)
+        assert [t["logprob"] for t in c["top_logprobs"]] == pytest.approx(
+            [x for _, x in e.top], abs=1e-6)
+    plain = requests.post(f"{url}/v1/chat/completions", timeout=60, json={
+        "messages": msgs, "max_tokens": 2}).json()
+    assert plain["choices"][0]["logprobs"] is None
+
+    out = requests.post(f"{url}/v1/completions", timeout=60, json={
+        "prompt": "Hello", "max_tokens": 4, "temperature": 0, "logprobs": 3}).json()
+    lp = out["choices"][0]["logprobs"]
+    assert "".join(lp["tokens"]) == out["choices"][0]["text"]
+    assert lp["text_offset"] == [sum(map(len, lp["tokens"][:i])) for i in range(4)]
+    assert all(len(t) <= 3 for t in lp["top_logprobs"]) and len(lp["token_logprobs"]) == 4
+
+
+def test_streamed_logprobs_add_up_to_the_whole(url):
+    body = {"messages": [{"role": "user", "content": "Stream"}], "max_tokens": 7,
+            "temperature": 0, "logprobs": True, "top_logprobs": 1}
+    url_ = f"{url}/v1/chat/completions"
+    whole = requests.post(url_, json=body, timeout=60).json()["choices"][0]["logprobs"]
+    with requests.post(url_, json={**body, "stream": True}, stream=True, timeout=60) as r:
+        import json
+        chunks = [json.loads(x[6:]) for x in r.iter_lines(decode_unicode=True)
+                  if x.startswith("data: {")]
+    streamed = [c for ch in chunks if ch["choices"] and ch["choices"][0]["logprobs"]
+                for c in ch["choices"][0]["logprobs"]["content"]]
+    assert streamed == whole["content"]
+
+
+@pytest.mark.parametrize("path,body,param", [
+    ("chat/completions", {"top_logprobs": 21, "logprobs": True}, "top_logprobs"),
+    ("chat/completions", {"top_logprobs": 2}, "top_logprobs"),
+    ("chat/completions", {"logprobs": "yes"}, "logprobs"),
+    ("completions", {"logprobs": -1}, "logprobs"),
+    ("completions", {"logprobs": 21}, "logprobs"),
+])
+def test_bad_logprobs_requests_get_400(url, path, body, param):
+    base = ({"messages": [{"role": "user", "content": "x"}]} if path.startswith("chat")
+            else {"prompt": "x"})
+    r = requests.post(f"{url}/v1/{path}", json={**base, **body}, timeout=30)
+    assert r.status_code == 400, r.text
+    assert param in r.json()["error"]["message"] or r.json()["error"]["param"] == param
