@@ -51,9 +51,16 @@ from jaxinfer.kv_cache import KVCache, cache_shardings, init_cache
 from jaxinfer.llm import _held_back, find_stop
 from jaxinfer.metrics import EngineMetrics
 from jaxinfer.prefix_cache import PrefixCache, block_digests
-from jaxinfer.request import EngineResult, Request, TokenLogprob
+from jaxinfer.request import EngineResult, Request
 from jaxinfer.runtime import CompileCounter, to_host
-from jaxinfer.sampling import GREEDY, Logprobs, SamplingArrays, SamplingParams
+from jaxinfer.sampling import (
+    GREEDY,
+    Logprobs,
+    SamplingArrays,
+    SamplingParams,
+    TokenLogprob,
+    host_logprobs,
+)
 from jaxinfer.tokenizer import StreamDecoder, Tokenizer
 
 _LIVE: weakref.WeakSet[Engine] = weakref.WeakSet()
@@ -105,10 +112,8 @@ class EngineConfig:
 def _logprob(lp: Logprobs, row: int, req: Request, tok: int) -> TokenLogprob:
     """Token `tok` of row `row` of a step's (host) log-probabilities, with the top
     alternatives cut to what `req` asked for."""
-    n = req.sampling.logprobs or 0
-    top = tuple((int(i), float(x)) for i, x in zip(lp.top_ids_BN[row, :n], lp.top_BN[row, :n],
-                                                    strict=True))
-    return TokenLogprob(tok, float(lp.token_B[row]), top)
+    return host_logprobs([tok], lp.token_B[row:row + 1], lp.top_ids_BN[row:row + 1],
+                         lp.top_BN[row:row + 1], req.sampling.logprobs or 0)[0]
 
 
 def _row_shardings(slots: KVCache) -> KVCache:

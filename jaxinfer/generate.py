@@ -22,7 +22,14 @@ from jaxinfer.config import ModelConfig
 from jaxinfer.errors import BadRequestError
 from jaxinfer.kv_cache import KVCache, cache_shardings, init_cache
 from jaxinfer.model import decode_logits, hidden_states, unembed
-from jaxinfer.sampling import Logprobs, SamplingArrays, sample, step_logprobs, update_counts
+from jaxinfer.sampling import (
+    MAX_LOGPROBS,
+    Logprobs,
+    SamplingArrays,
+    sample,
+    step_logprobs,
+    update_counts,
+)
 from jaxinfer.weights import Weights
 
 MIN_PROMPT_BUCKET = 32
@@ -49,6 +56,8 @@ class DecodeState:
     sampling: SamplingArrays
     eos_E: jax.Array  # i32[E] token ids that end a row
     output_BM: jax.Array  # i32[B, M] generated tokens (while-loop path)
+    # With logprobs (while-loop path): f32[B, M] each token's, i32/f32[B, M, N] the top N.
+    logprobs_out: tuple[jax.Array, jax.Array, jax.Array] | None = None
 
 
 def _advance(state: DecodeState, logits_BV: jax.Array, cache: KVCache) -> DecodeState:
@@ -60,21 +69,28 @@ def _advance(state: DecodeState, logits_BV: jax.Array, cache: KVCache) -> Decode
     n = state.num_generated_B
     B, M = state.output_BM.shape
     output = state.output_BM.at[jnp.arange(B), jnp.where(active, n, M)].set(tok, mode="drop")
+    lp_out = state.logprobs_out
+    if lp_out is not None:
+        col, rows = jnp.where(active, n, M), jnp.arange(B)
+        lp = step_logprobs(logits_BV, tok, jnp.any(active))
+        lp_out = tuple(a.at[rows, col].set(x, mode="drop") for a, x in
+                       zip(lp_out, (lp.token_B, lp.top_ids_BN, lp.top_BN), strict=True))
     n = n + active.astype(jnp.int32)
     is_eos = jnp.any(tok[:, None] == state.eos_E[None, :], axis=-1) & active
     done = state.done_B | is_eos | (n >= state.max_new_B)
     return dataclasses.replace(
         state, cache=cache, tokens_B=tok, num_generated_B=n, done_B=done,
         finish_eos_B=state.finish_eos_B | is_eos, output_BM=output,
-        counts_BV=update_counts(state.counts_BV, tok, active))
+        counts_BV=update_counts(state.counts_BV, tok, active), logprobs_out=lp_out)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "max_out", "impl"),
+@functools.partial(jax.jit, static_argnames=("cfg", "max_out", "impl", "logprobs"),
                    donate_argnames=("cache",))
 def start(weights: Weights, prompt_BT: jax.Array, prompt_len_B: jax.Array, cache: KVCache,
           sampling: SamplingArrays, max_new_B: jax.Array, eos_E: jax.Array, cfg: ModelConfig,
-          max_out: int, impl: str = "xla") -> DecodeState:
-    """Prefill right-padded prompts into an empty cache and sample each row's first token."""
+          max_out: int, impl: str = "xla", logprobs: bool = False) -> DecodeState:
+    """Prefill right-padded prompts into an empty cache and sample each row's first token.
+    With `logprobs` the state also records every token's logprob and top alternatives."""
     B, T = prompt_BT.shape
     x, cache = hidden_states(weights, prompt_BT, cache, cfg, impl)
     last = jnp.clip(prompt_len_B - 1, 0, T - 1)
@@ -89,6 +105,11 @@ def start(weights: Weights, prompt_BT: jax.Array, prompt_len_B: jax.Array, cache
         done_B=jnp.zeros((B,), bool), finish_eos_B=jnp.zeros((B,), bool),
         counts_BV=jnp.zeros((B, cfg.vocab_size), jnp.int32), prompt_mask_BV=prompt_mask,
         sampling=sampling, eos_E=eos_E, output_BM=jnp.zeros((B, max_out), jnp.int32))
+    if logprobs:
+        N = min(MAX_LOGPROBS, cfg.vocab_size)
+        state.logprobs_out = (jnp.zeros((B, max_out), jnp.float32),
+                              jnp.zeros((B, max_out, N), jnp.int32),
+                              jnp.zeros((B, max_out, N), jnp.float32))
     return _advance(state, logits, cache)
 
 

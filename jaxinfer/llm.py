@@ -32,7 +32,7 @@ from jaxinfer.kv_cache import KVCache, cache_shardings, init_cache
 from jaxinfer.memory import device_bytes
 from jaxinfer.quant import QuantConfig
 from jaxinfer.runtime import to_host
-from jaxinfer.sampling import SamplingArrays, SamplingParams
+from jaxinfer.sampling import SamplingArrays, SamplingParams, TokenLogprob, host_logprobs
 from jaxinfer.sharding import ShardingRules, make_mesh
 from jaxinfer.tokenizer import StreamDecoder, Tokenizer, load_tokenizer
 from jaxinfer.weights import Weights, quantize_weights, weight_shardings, weight_specs
@@ -46,6 +46,7 @@ class Completion:
     finish_reason: str  # "stop" (EOS token or stop string) or "length"
     ttft_s: float
     decode_tokens_per_s: float
+    logprobs: list[TokenLogprob] | None = None  # one per token id, if sampling.logprobs
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -212,8 +213,9 @@ class LLM:
         self.kv_cache_bytes = device_bytes(cache)  # the last generation's cache (memory.py)
         return gen.start(self.params, prompt_BT, lens_B, cache,
                          SamplingArrays.from_params(_same_seeds_everywhere(sampling)),
-                         np.asarray(max_new, np.int32),
-                         self.eos, cfg=self.cfg, max_out=M, impl=self.impl)
+                         np.asarray(max_new, np.int32), self.eos, cfg=self.cfg, max_out=M,
+                         impl=self.impl,
+                         logprobs=any(p.logprobs is not None for p in sampling))
 
     # ---- batch generation (jitted while loop) ------------------------------------------
     def generate(self, prompts: str | Sequence[int] | list, sampling: SamplingParams | list
@@ -243,13 +245,16 @@ class LLM:
         state.tokens_B.block_until_ready()
         ttft = time.perf_counter() - t0
         state = gen.run_loop(self.params, state, cfg=self.cfg, impl=self.impl)
-        out, n, eos = to_host((state.output_BM, state.num_generated_B, state.finish_eos_B))
+        out, n, eos, lp = to_host((state.output_BM, state.num_generated_B,
+                                   state.finish_eos_B, state.logprobs_out))
         dt = time.perf_counter() - t0 - ttft
         results = []
         for b in range(len(ids)):
             toks = [int(t) for t in out[b, : n[b]]]
+            lps = None if sp[b].logprobs is None else host_logprobs(
+                toks, *(a[b] for a in lp), sp[b].logprobs)
             results.append(self._finish(ids[b], toks, bool(eos[b]), stop, ttft,
-                                        (n[b] - 1) / dt if dt > 0 and n[b] > 1 else 0.0))
+                                        (n[b] - 1) / dt if dt > 0 and n[b] > 1 else 0.0, lps))
         return results[0] if single else results
 
     def _speculate(self, ids: list[list[int]], sp: list[SamplingParams], mn: list[int],
@@ -273,7 +278,8 @@ class LLM:
         return out
 
     def _finish(self, prompt: list[int], toks: list[int], eos: bool, stop: Sequence[str],
-                ttft: float, tps: float) -> Completion:
+                ttft: float, tps: float, logprobs: list[TokenLogprob] | None = None
+                ) -> Completion:
         body = toks[:-1] if eos else toks
         text = self.tokenizer.decode(body)
         reason = "stop" if eos else "length"
@@ -285,7 +291,8 @@ class LLM:
                 if find_stop(self.tokenizer.decode(body[:k]), stop) >= 0:
                     toks = body[:k]
                     break
-        return Completion(text, toks, len(prompt), reason, ttft, float(tps))
+        return Completion(text, toks, len(prompt), reason, ttft, float(tps),
+                          None if logprobs is None else logprobs[:len(toks)])
 
     # ---- streaming (host-stepped, one dispatch ahead) --------------------------------------
     def stream(self, prompt: str | Sequence[int], sampling: SamplingParams | None = None,
@@ -296,7 +303,8 @@ class LLM:
         the current token, so detokenizing overlaps device work."""
         ids = self.encode(prompt, chat)
         t0 = time.perf_counter()
-        state = self._start([ids], [sampling or SamplingParams()], [max_new_tokens])
+        sampling = sampling or SamplingParams()
+        state = self._start([ids], [sampling], [max_new_tokens])
         pending = jnp.stack([state.tokens_B, state.done_B.astype(jnp.int32)])
         dec = StreamDecoder(self.tokenizer, ids)
         toks: list[int] = []
@@ -329,8 +337,11 @@ class LLM:
             pending = nxt
         dt = time.perf_counter() - t0 - ttft
         if result is not None:
+            lps = None if sampling.logprobs is None else host_logprobs(
+                toks, *(a[0] for a in to_host(state.logprobs_out)), sampling.logprobs)
             result.append(Completion(text, toks, len(ids), reason, ttft,
-                                     (len(toks) - 1) / dt if dt > 0 and len(toks) > 1 else 0.0))
+                                     (len(toks) - 1) / dt if dt > 0 and len(toks) > 1 else 0.0,
+                                     lps))
 
     def chat(self, messages: list[dict[str, str]], **kw: Any) -> Completion:
         """Reply to a conversation, `[{"role": "user", "content": ...}, ...]`, through the

@@ -17,8 +17,7 @@ from pydantic import BaseModel, ConfigDict
 
 from jaxinfer.engine import EngineResult
 from jaxinfer.errors import BadRequestError
-from jaxinfer.request import TokenLogprob
-from jaxinfer.sampling import MAX_LOGPROBS, SamplingParams
+from jaxinfer.sampling import MAX_LOGPROBS, SamplingParams, TokenLogprob
 from jaxinfer.tokenizer import Tokenizer
 
 SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "seed", "presence_penalty",

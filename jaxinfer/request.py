@@ -17,18 +17,8 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 from jaxinfer.metrics import RequestMetrics
-from jaxinfer.sampling import SamplingParams
+from jaxinfer.sampling import SamplingParams, TokenLogprob
 from jaxinfer.tokenizer import StreamDecoder
-
-
-@dataclasses.dataclass(frozen=True)
-class TokenLogprob:
-    """One generated token's log-probability under the raw model (before penalties and
-    temperature), and the request's `logprobs` most likely tokens at that step."""
-
-    token_id: int
-    logprob: float
-    top: tuple[tuple[int, float], ...]  # (token id, logprob), most likely first
 
 
 @dataclasses.dataclass

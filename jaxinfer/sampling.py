@@ -255,6 +255,26 @@ def token_logprobs(logits_BV: jax.Array, tokens_B: jax.Array) -> jax.Array:
     return jnp.take_along_axis(logp_BV, tokens_B[:, None].astype(jnp.int32), -1)[:, 0]
 
 
+@dataclasses.dataclass(frozen=True)
+class TokenLogprob:
+    """One generated token's log-probability under the raw model (before penalties and
+    temperature), and the request's `logprobs` most likely tokens at that step."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...]  # (token id, logprob), most likely first
+
+
+def host_logprobs(token_ids: Sequence[int], lp_T, top_ids_TN, top_TN, n: int
+                  ) -> list[TokenLogprob]:
+    """One row's device logprobs (numpy, one entry per generated token) as TokenLogprobs
+    with the `n` alternatives the request asked for."""
+    return [TokenLogprob(int(t), float(lp_T[i]),
+                         tuple((int(a), float(b)) for a, b in zip(top_ids_TN[i, :n],
+                                                                  top_TN[i, :n], strict=True)))
+            for i, t in enumerate(token_ids)]
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class Logprobs:

@@ -127,3 +127,18 @@ def test_script_with_ngram_draft_gives_the_same_results(smollm2_checkpoint, tmp_
                 "--draft_checkpoint=/nonexistent")
     _, err = p.communicate(timeout=120)
     assert p.returncode == 2 and "--ngram_draft" in err.strip().splitlines()[-1]
+
+
+def test_logprobs_field(tmp_path):
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    lines = [{"id": "lp", "prompt": "first prompt", "temperature": 0, "logprobs": 2},
+             {"id": "no", "prompt": "first prompt", "temperature": 0},
+             {"id": "bad", "prompt": "x", "logprobs": 99}]
+    inp.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    with tiny_engine() as eng:
+        run_batch(eng, inp, out, defaults={"max_tokens": 4}, progress=False)
+    by_id = {r["id"]: r for r in _lines(out)}
+    lp = by_id["lp"]["logprobs"]
+    assert [e["token_id"] for e in lp] == by_id["lp"]["token_ids"] == by_id["no"]["token_ids"]
+    assert all(len(e["top"]) == 2 and e["top"][0][0] == e["token_id"] for e in lp)
+    assert "logprobs" not in by_id["no"] and "logprobs" in by_id["bad"]["error"]

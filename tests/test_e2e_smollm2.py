@@ -65,18 +65,22 @@ def test_streaming_equals_batch_path(llm):
 
 
 def test_engine_logprobs_match_hf(llm, hf_model):
-    """The engine's per-token logprobs (and top-5) equal log_softmax of HF's logits over
-    the prompt plus the generated tokens (teacher forcing): chat and completion alike."""
+    """The engine's and LLM.generate's per-token logprobs (and top-5) equal log_softmax of
+    HF's logits over the prompt plus the generated tokens (teacher forcing)."""
     from jaxinfer.engine import Engine, EngineConfig
 
     ids = llm.tokenizer.encode(PROMPTS[3])
     with Engine.from_llm(llm, EngineConfig(num_slots=2, max_len=256)) as eng:
         r = eng.submit(ids, sampling=SamplingParams(temperature=0, logprobs=5),
                        max_tokens=12).result(timeout=300)
+    out = llm.generate(ids, sampling=SamplingParams(temperature=0, logprobs=5),
+                       max_new_tokens=12)  # the library's while-loop path
+    assert out.token_ids == r.token_ids
     with torch.no_grad():
         full = torch.tensor([ids + r.token_ids])
         ref = torch.log_softmax(hf_model(full).logits[0], -1).numpy()[len(ids) - 1: -1]
-    for e, row in zip(r.logprobs, ref, strict=True):
+    for e, o, row in zip(r.logprobs, out.logprobs, ref, strict=True):
+        assert abs(o.logprob - row[o.token_id]) < 1e-3 and o.top[0][0] == o.token_id
         assert abs(e.logprob - row[e.token_id]) < 1e-3
         top_ids, top_lp = zip(*e.top, strict=True)
         assert list(top_ids[:2]) == list(np.argsort(-row)[:2])  # ties below: order may vary

@@ -68,6 +68,29 @@ def test_sampled_logprobs_are_raw_and_unrequested_are_none(engine):
     assert plain.logprobs is None and plain.token_ids == r.token_ids  # same tokens
 
 
+def test_while_loop_path_records_logprobs():
+    """generate.start(logprobs=True) + run_loop (LLM.generate's path) records each row's
+    logprobs on device; rows that finish early stop recording."""
+    from jaxinfer import generate as gen
+    from jaxinfer.sampling import SamplingArrays
+
+    tok = CharTokenizer()
+    prompts = [tok.encode("Hello there"), tok.encode("abc")]
+    prompt_BT, lens, cache, M = gen.prepare(prompts, [6, 3], TINY, jnp.float32)
+    s = gen.start(W, prompt_BT, lens, cache, SamplingArrays.from_params(
+        [SamplingParams(temperature=0)] * 2), np.array([6, 3], np.int32),
+        np.array([-1], np.int32), cfg=TINY, max_out=M, logprobs=True)
+    s = gen.run_loop(W, s, cfg=TINY)
+    out, n = np.asarray(s.output_BM), np.asarray(s.num_generated_B)
+    lp, ids, top = (np.asarray(a) for a in s.logprobs_out)
+    for b, p in enumerate(prompts):
+        toks = list(out[b, :n[b]])
+        ref = _reference(p, toks)
+        np.testing.assert_allclose(lp[b, :n[b]], ref[np.arange(n[b]), toks], atol=1e-4)
+        assert (ids[b, :n[b], 0] == toks).all() and (np.diff(top[b, :n[b]], axis=-1) <= 0).all()
+        assert (lp[b, n[b]:] == 0).all()
+
+
 @pytest.mark.parametrize("bad", [-1, 21, True, 1.5, "3"])
 def test_bad_logprobs_raise(bad):
     with pytest.raises(BadRequestError, match="logprobs"):

@@ -26,11 +26,15 @@ def test_text_mode_says_paris(smollm2_checkpoint):
 
 def test_json_mode_fields(smollm2_checkpoint):
     r = run("--prompt", "The capital of France is", "--temperature", "0",
-            "--max_new_tokens", "6", "--output_format", "json", "--stop", "zzz")
+            "--max_new_tokens", "6", "--output_format", "json", "--stop", "zzz",
+            "--logprobs", "2")
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert set(out) == {"text", "token_ids", "prompt_tokens", "finish_reason", "ttft_s",
-                        "decode_tokens_per_s", "weight_bytes", "kv_cache_bytes"}
+                        "decode_tokens_per_s", "weight_bytes", "kv_cache_bytes", "logprobs"}
+    assert [e["token_id"] for e in out["logprobs"]] == out["token_ids"]
+    assert all(len(e["top"]) == 2 and e["top"][0][0] == e["token_id"] and e["logprob"] < 0
+               for e in out["logprobs"])  # greedy: each token is its step's most likely
     assert out["finish_reason"] == "length" and len(out["token_ids"]) == 6
     assert out["prompt_tokens"] == 5 and out["ttft_s"] > 0 and "Paris" in out["text"]
     # f32 SmolLM2-135M: 134.5M parameters x 4 bytes held on the device.
@@ -46,6 +50,8 @@ def test_json_mode_fields(smollm2_checkpoint):
     (["--prompt", "hi", "--top_k", "-3"], "top_k"),
     (["--prompt", "hi", "--max_new_tokens", "9000"], "9000"),
     (["--prompt", "hi", "--checkpoint", "/nonexistent/ckpt"], "/nonexistent/ckpt"),
+    (["--prompt", "hi", "--logprobs", "2"], "--logprobs=2"),
+    (["--prompt", "hi", "--logprobs", "21", "--output_format", "json"], "logprobs"),
 ])
 def test_bad_input_gives_one_error_line(smollm2_checkpoint, args, needle):
     r = run(*args)

@@ -26,19 +26,25 @@ _SEED = flags.DEFINE_integer("seed", None, "Sampling seed (default: random).")
 _STOP = flags.DEFINE_multi_string("stop", [], "Stop string (repeatable).")
 _CKPT = flags.DEFINE_string("checkpoint", None, "Orbax checkpoint dir (default: SmolLM2).")
 _FORMAT = flags.DEFINE_enum("output_format", "text", ["text", "json"], "Output format.")
+_LOGPROBS = flags.DEFINE_integer(
+    "logprobs", None, "With --output_format=json: each token's logprob and this many most "
+    "likely alternatives (0-20).")
 _DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"],
                            "Compute dtype (default: float32 on CPU, bfloat16 elsewhere).")
 
 
 def main(argv):
     runtime_flags.setup()
+    from jaxinfer.errors import ConfigError
     from jaxinfer.llm import load
     from jaxinfer.memory import format_bytes
     from jaxinfer.sampling import SamplingParams
 
+    if _LOGPROBS.value is not None and _FORMAT.value != "json":
+        raise ConfigError(f"--logprobs={_LOGPROBS.value} needs --output_format=json")
     sampling = SamplingParams(
         temperature=_TEMP.value, top_k=_TOP_K.value, top_p=_TOP_P.value, min_p=_MIN_P.value,
-        repetition_penalty=_REP.value, seed=_SEED.value)
+        repetition_penalty=_REP.value, seed=_SEED.value, logprobs=_LOGPROBS.value)
     llm = load(_CKPT.value, dtype=_DTYPE.value, mesh=runtime_flags.MESH.value,
                fsdp=runtime_flags.FSDP.value, **runtime_flags.quant_kwargs())
     main_process = runtime_flags.is_main_process()
