@@ -179,7 +179,8 @@ def logprobs_body(entries: list[TokenLogprob], tokenizer: Tokenizer, chat: bool,
 
     if chat:
         def one(i: int, x: float) -> dict[str, Any]:
-            return {"token": text(i), "logprob": x, "bytes": list(tokenizer.token_bytes(i))}
+            b = tokenizer.token_bytes(i)
+            return {"token": b.decode("utf-8", "replace"), "logprob": x, "bytes": list(b)}
 
         return {"content": [{**one(e.token_id, e.logprob),
                              "top_logprobs": [one(i, x) for i, x in e.top]} for e in entries],

@@ -155,8 +155,9 @@ async def _sse(req: Request, rid: str, model: str, chat: bool, include_usage: bo
         nonlocal sent, offset
         if not want:
             return None
-        body = api.logprobs_body(entries[sent:], tokenizer, chat, offset)
-        sent = len(entries)
+        new = entries[sent:]  # one snapshot: the engine thread may be appending
+        sent += len(new)
+        body = api.logprobs_body(new, tokenizer, chat, offset)
         offset += 0 if chat else sum(map(len, body["tokens"]))
         return body
 
@@ -165,7 +166,7 @@ async def _sse(req: Request, rid: str, model: str, chat: bool, include_usage: bo
             yield _event(api.chunk_body(rid, model, chat, "", role=True))
         async for delta in req:
             yield _event(api.chunk_body(rid, model, chat, delta,
-                                        logprobs=logprobs(list(req.logprobs))))
+                                        logprobs=logprobs(req.logprobs)))
         result = await req.aresult()
         yield _event(api.chunk_body(rid, model, chat, None if chat else "",
                                     result.finish_reason,

@@ -182,8 +182,12 @@ class HFTokenizer(Tokenizer):
     def _decode(self, ids: list[int]) -> str:
         return self._tok.decode(ids, skip_special_tokens=False)
 
+    @functools.cached_property
+    def _added_tokens(self) -> dict[int, Any]:
+        return self._tok.get_added_tokens_decoder()  # a fresh dict per call: keep one
+
     def _token_bytes(self, token_id: int) -> bytes:
-        added = self._tok.get_added_tokens_decoder().get(token_id)
+        added = self._added_tokens.get(token_id)
         if added is not None:  # special tokens are their own text
             return added.content.encode()
         if type(self._tok.decoder).__name__ == "ByteLevel":
