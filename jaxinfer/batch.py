@@ -207,13 +207,17 @@ def run_batch_job(input_path: str, output_path: str, checkpoint: str | None = No
                   ngram_size: int = 3, **load_kw) -> BatchSummary:
     """Load a model, run `run_batch` on it, report a one-line summary on stderr. `load_kw`
     goes to LLM.load (mesh, fsdp, quantize, group_size, kv_dtype); `draft` ("ngram" or a
-    checkpoint) turns on speculative decoding in the engine."""
+    checkpoint) turns on speculative decoding in the engine. In a multi-process run
+    process 0 does the files and the other processes follow its engine."""
     from jaxinfer.llm import LLM
 
     if not Path(input_path).is_file():  # before the model load: fail fast
         raise BadRequestError(f"input file {input_path} does not exist")
     llm = LLM.load(checkpoint, dtype=dtype, **load_kw)
     with Engine.from_llm(llm, config, draft, num_speculative_tokens, ngram_size) as engine:
+        if not engine.is_leader:  # multi-process: process 0 reads and writes the files
+            engine.join()
+            return BatchSummary()
         s = run_batch(engine, input_path, output_path, defaults, progress)
     print(f"{s.written} results written to {os.fspath(output_path)} ({s.errors} errors), "
           f"{s.skipped} already done, {s.duplicates} duplicate ids skipped", file=sys.stderr)

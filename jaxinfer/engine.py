@@ -23,6 +23,11 @@ lengths, sampling settings and slot assignments never recompile (`compile_count`
 Each slot's sampling key is folded with that request's own token count, so a seeded
 request gives the same tokens in any slot next to any neighbours. Prompt prefixes shared
 between requests are served from the prefix cache (prefix_cache.py).
+
+Multi-process runs: submits and cancels reach the device thread as events, taken at the
+start of a loop turn. Process 0 publishes each turn's events and every other process
+replays them (engine_sync.py), so all processes make the same device calls in the same
+order; only process 0 takes requests.
 """
 
 from __future__ import annotations
@@ -30,6 +35,10 @@ from __future__ import annotations
 import atexit
 import collections
 import dataclasses
+import hashlib
+import itertools
+import logging
+import secrets
 import threading
 import time
 import weakref
@@ -42,11 +51,12 @@ import numpy as np
 
 from jaxinfer import engine_core as core
 from jaxinfer import engine_spec
+from jaxinfer import engine_sync as sync
 from jaxinfer import generate as gen
 from jaxinfer import speculative as spec
 from jaxinfer.attention import default_impl
 from jaxinfer.config import ModelConfig
-from jaxinfer.errors import BadRequestError, ConfigError, JaxinferError
+from jaxinfer.errors import BadRequestError, ConfigError, DistributedError, JaxinferError
 from jaxinfer.kv_cache import KVCache, cache_shardings, init_cache
 from jaxinfer.llm import _held_back, find_stop
 from jaxinfer.metrics import EngineMetrics
@@ -64,6 +74,7 @@ from jaxinfer.sampling import (
 from jaxinfer.tokenizer import StreamDecoder, Tokenizer
 
 _LIVE: weakref.WeakSet[Engine] = weakref.WeakSet()
+log = logging.getLogger(__name__)
 
 
 @atexit.register
@@ -79,6 +90,10 @@ class EngineOverloadedError(JaxinferError, RuntimeError):
 
 class EngineClosedError(JaxinferError, RuntimeError):
     """The engine was shut down, or its device loop failed, before the request finished."""
+
+
+class NotLeaderError(JaxinferError, RuntimeError):
+    """In a multi-process run only process 0 takes requests; the others follow it."""
 
 
 class ContextLengthError(BadRequestError):
@@ -193,6 +208,14 @@ class Engine:
         self.metrics = EngineMetrics()
         self._slots: list[Request | None] = [None] * config.num_slots
         self._queue: collections.deque[Request] = collections.deque()
+        # Multi-process: process 0 publishes each turn's events, the others replay them.
+        self._turns = sync.connect()
+        self.is_leader = self._turns is None or self._turns.leader
+        self._inbox: list[sync.Event] = []  # submits and cancels for the next turn
+        self._submitted: dict[int, Request] = {}  # in the inbox, not yet queued
+        self._live: dict[int, Request] = {}  # queued or in a slot
+        self._digest = hashlib.sha256()  # over finished requests' tokens, in order
+        self.requests_finished = 0
         self._cv = threading.Condition()
         self._next_id = 0
         self._closing = False
@@ -237,7 +260,13 @@ class Engine:
 
     @property
     def queue_length(self) -> int:
-        return len(self._queue)
+        return len(self._queue) + len(self._submitted)
+
+    @property
+    def token_digest(self) -> str:
+        """SHA-256 over every finished request's id and token ids, in finishing order:
+        equal on every process of a multi-process run (they decode the same tokens)."""
+        return self._digest.hexdigest()
 
     @property
     def slots_in_use(self) -> int:
@@ -281,7 +310,11 @@ class Engine:
                = None, block: bool = False, _warmup: bool = False) -> Request:
         """Queue a request. `max_tokens` None fills the slot. Raises BadRequestError
         (ContextLengthError) for bad input and EngineOverloadedError when the queue is
-        full, unless `block` waits for room. `on_finish` runs on the engine thread."""
+        full, unless `block` waits for room. `on_finish` runs on the engine thread. In a
+        multi-process run only process 0 submits (NotLeaderError elsewhere)."""
+        if not self.is_leader:
+            raise NotLeaderError(f"process {jax.process_index()} follows process 0's engine; "
+                                 "submit requests on process 0")
         ids = self.encode(prompt, messages)
         n = len(ids)
         if n == 0:
@@ -305,9 +338,11 @@ class Engine:
         if self._spec is not None:  # penalties, logprobs: not in the accept/reject rule
             spec.check_request([sampling], self._spec.k, self._spec.ngram_size, self.cfg,
                                self._spec.cfg)
+        if self._turns is not None and sampling.seed is None:  # every process draws alike
+            sampling = dataclasses.replace(sampling, seed=secrets.randbits(64))
         with self._cv:
             self._check_open()
-            while len(self._queue) >= self.config.max_queue:
+            while self.queue_length >= self.config.max_queue:
                 if not block:
                     raise EngineOverloadedError(
                         f"the request queue is full ({self.config.max_queue} waiting)")
@@ -316,7 +351,9 @@ class Engine:
             req = Request(self._next_id, ids, sampling, int(max_tokens),
                           tuple(s for s in stop if s), self._cancel, on_finish, _warmup)
             self._next_id += 1
-            self._queue.append(req)
+            self._submitted[req.id] = req
+            self._inbox.append(sync.Submit(req.id, ids, sampling, req.max_tokens, req.stop,
+                                           _warmup))
             self._cv.notify_all()
         return req
 
@@ -326,7 +363,10 @@ class Engine:
         return [r.result() for r in reqs]
 
     def warmup(self) -> int:
-        """Compile every prompt bucket (and the decode step) now; returns compilations."""
+        """Compile every prompt bucket (and the decode step) now; returns compilations.
+        In a multi-process run process 0's warm-up drives every process (0 elsewhere)."""
+        if not self.is_leader:
+            return 0
         before = self.compile_count
         rng = np.random.default_rng(0)
         longest = self.max_len - 2 - self._reserve
@@ -345,6 +385,13 @@ class Engine:
         if self._thread is not threading.current_thread():
             self._thread.join()
         self._compiles.__exit__(None, None, None)
+
+    def join(self) -> None:
+        """Wait until the device loop ends: on a follower process of a multi-process run,
+        until process 0 closes its engine. Raises EngineClosedError if the loop failed."""
+        self._thread.join()
+        if self._fatal is not None:
+            raise EngineClosedError(f"the engine's device loop failed: {self._fatal}")
 
     def __enter__(self) -> Engine:
         return self
@@ -377,24 +424,66 @@ class Engine:
                                     f"the engine's device loop failed: {self._fatal!r}")
 
     def _cancel(self, req: Request) -> None:
+        """Cancel at the next turn (an event like a submit, so every process sees it at
+        the same turn)."""
         with self._cv:
-            if req in self._queue:
-                self._queue.remove(req)
-                self._cv.notify_all()
-            else:
-                return  # in a slot: the engine thread frees it at its next turn
-        self._complete(req, "cancelled")
+            self._inbox.append(sync.Cancel(req.id))
+            self._cv.notify_all()
+
+    def _turn_events(self, turn: int, busy: bool) -> list[sync.Event]:
+        """This turn's submits, cancels and shutdown: process 0 (or a single process)
+        takes them from its inbox, waiting for work while idle, and publishes them; the
+        other processes read what process 0 published."""
+        if not self.is_leader:
+            return self._turns.read(turn, lambda: self._closing)
+        with self._cv:
+            while not self._closing and not self._inbox and not busy:
+                self._cv.wait()
+            events, self._inbox = self._inbox, []
+            if self._closing:
+                events.append(sync.Close())
+        if self._turns is not None:
+            self._turns.publish(turn, events)
+        return events
+
+    def _apply(self, events: list[sync.Event]) -> bool:
+        """Queue the turn's submits, apply its cancels; False at shutdown."""
+        for e in events:
+            if isinstance(e, sync.Close):
+                if e.error is not None:
+                    raise DistributedError(e.error)
+                return False
+            if isinstance(e, sync.Submit):
+                with self._cv:
+                    req = self._submitted.pop(e.id, None)
+                if req is None:  # a follower: its own copy of process 0's request
+                    req = Request(e.id, e.prompt_ids, e.sampling, e.max_tokens, e.stop,
+                                  self._cancel, None, e.warmup)
+                self._live[e.id] = req
+                with self._cv:
+                    self._queue.append(req)
+                continue
+            req = self._live.get(e.id)
+            if req is None or req.done:
+                continue
+            with self._cv:
+                queued = req in self._queue
+                if queued:
+                    self._queue.remove(req)
+                    self._cv.notify_all()
+            if queued:
+                self._complete(req, "cancelled")
+            else:  # in a slot: _consume frees it after the step in flight
+                req.cancel_seen = True
+        return True
 
     def _run(self) -> None:
-        pending = None  # (out_2B of the step in flight, the slots it ran with)
+        pending = None  # (out of the step in flight, its logprobs, slots, turn)
         try:
-            while True:
-                with self._cv:
-                    while (not self._closing and not self._queue and pending is None
-                           and self.slots_in_use == 0):
-                        self._cv.wait()
-                    if self._closing:
-                        break
+            for turn in itertools.count():
+                busy = pending is not None or self.slots_in_use > 0 or bool(self._queue)
+                if not self._apply(self._turn_events(turn, busy)):
+                    break
                 self._admit()
                 out = lp = None
                 if self.slots_in_use and self._spec is None:
@@ -409,19 +498,31 @@ class Engine:
                         self.params, sp.weights, self._state, cfg=self.cfg, draft_cfg=sp.cfg,
                         k=sp.k, ngram_size=sp.ngram_size, impl=self.impl)
                 if pending is not None:
-                    self._consume(*pending)
-                pending = (out, lp, list(self._slots)) if out is not None else None
+                    self._consume(*pending[:3])
+                    if self._turns is not None and self.is_leader:
+                        self._turns.forget(pending[3])  # every process ran that step
+                pending = (out, lp, list(self._slots), turn) if out is not None else None
         except BaseException as e:  # a device failure: refuse new work, fail the rest
             self._fatal = e
+            log.error("process %d: the engine's device loop failed: %r", jax.process_index(),
+                      e)
+            if self._turns is not None and self.is_leader:
+                self._turns.publish_failure(e)
         err = EngineClosedError("the engine shut down" if self._fatal is None
                                 else f"the engine's device loop failed: {self._fatal!r}")
         with self._cv:
-            left = [r for r in self._slots if r is not None] + list(self._queue)
+            self._closing = True  # submit() refuses from now on
+            left = ([r for r in self._slots if r is not None] + list(self._queue)
+                    + list(self._submitted.values()))
             self._queue.clear()
+            self._submitted.clear()
             self._slots = [None] * len(self._slots)
             self._cv.notify_all()
         for r in left:
             r.publish(error=err)
+        if self._turns is not None:
+            log.info("process %d: engine stopped: %d requests finished, token digest %s",
+                     jax.process_index(), self.requests_finished, self.token_digest)
 
     def _admit(self) -> None:
         budget = self.config.prefill_token_budget
@@ -513,7 +614,7 @@ class Engine:
         for slot, req in enumerate(slots):
             if req is None or req.done:
                 continue
-            if req.cancel_requested:
+            if req.cancel_seen:
                 self._finish(slot, req, "cancelled", device_done=False)
                 continue
             toks, done = self._emitted(out, slot, req)
@@ -578,6 +679,10 @@ class Engine:
         self._complete(req, reason)
 
     def _complete(self, req: Request, reason: str) -> None:
+        self._live.pop(req.id, None)
+        if not req.warmup:
+            self.requests_finished += 1
+            self._digest.update(f"{req.id}:{req.token_ids};".encode())
         m, now = req.metrics, time.perf_counter()
         m.e2e_s = now - req.arrival
         n = len(req.token_ids)

@@ -29,7 +29,7 @@ from jaxinfer import generate as gen
 from jaxinfer import model
 from jaxinfer.config import ModelConfig
 from jaxinfer.kv_cache import KVCache, cache_shardings, init_cache
-from jaxinfer.sampling import GREEDY, Logprobs, SamplingArrays, sample, step_logprobs
+from jaxinfer.sampling import IDLE_ROW, Logprobs, SamplingArrays, sample, step_logprobs
 from jaxinfer.weights import Weights
 
 
@@ -61,7 +61,7 @@ def init_decode_state(cfg: ModelConfig, num_slots: int, max_len: int, dtype,
         max_new_B=zeros_B(), done_B=jnp.ones((B,), bool), finish_eos_B=jnp.zeros((B,), bool),
         counts_BV=jnp.zeros((B, cfg.vocab_size), jnp.int32),
         prompt_mask_BV=jnp.zeros((B, cfg.vocab_size), bool),
-        sampling=SamplingArrays.from_params([GREEDY] * B), eos_E=jnp.asarray(eos_E, jnp.int32),
+        sampling=SamplingArrays.from_params([IDLE_ROW] * B), eos_E=jnp.asarray(eos_E, jnp.int32),
         output_BM=jnp.zeros((B, 1), jnp.int32))  # unused: the host reads each step's tokens
     return dataclasses.replace(jax.device_put(state, placement(device, mesh)),
                                cache=slots_cache(cfg, B, max_len, dtype, device, mesh))

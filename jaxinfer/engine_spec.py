@@ -28,7 +28,7 @@ from jaxinfer import speculative as spec
 from jaxinfer.config import ModelConfig
 from jaxinfer.engine_core import Prefix, placement, put_row, slots_cache
 from jaxinfer.kv_cache import KVCache
-from jaxinfer.sampling import GREEDY, SamplingArrays
+from jaxinfer.sampling import IDLE_ROW, SamplingArrays
 from jaxinfer.weights import Weights
 
 
@@ -42,7 +42,7 @@ def init_state(cfg: ModelConfig, draft_cfg: ModelConfig | None, num_slots: int, 
         target_cache=None, draft_cache=None, seq_BS=jnp.zeros((B, S), jnp.int32),
         seq_len_B=jnp.full((B,), 2, jnp.int32), num_generated_B=zeros_B(),
         max_new_B=zeros_B(), done_B=jnp.ones((B,), bool), finish_eos_B=jnp.zeros((B,), bool),
-        sampling=SamplingArrays.from_params([GREEDY] * B), eos_E=jnp.asarray(eos_E, jnp.int32),
+        sampling=SamplingArrays.from_params([IDLE_ROW] * B), eos_E=jnp.asarray(eos_E, jnp.int32),
         output_BM=jnp.zeros((B, S), jnp.int32), rounds_B=zeros_B(), accepted_B=zeros_B())
 
     return dataclasses.replace(

@@ -55,6 +55,7 @@ class Request:
         self._wakers: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
         self.cancel_requested = False
         # Engine-thread state.
+        self.cancel_seen = False  # the engine applied the cancel (at a turn boundary)
         self.token_ids: list[int] = []
         self.logprobs: list[TokenLogprob] = []  # readers may take a prefix while it grows
         self.text = ""

@@ -116,10 +116,15 @@ def initialize_distributed(coordinator_address: str | None = None,
 
 
 def to_host(x):
-    """Fetch a (possibly multi-host sharded) array tree to numpy on every process."""
+    """Fetch a (possibly multi-host sharded) array tree to numpy on every process: a
+    replicated array from this process's own copy, a sharded one by an all-gather."""
     leaves = jax.tree.leaves(x)
     if all(getattr(a, "is_fully_addressable", True) for a in leaves):
         return jax.device_get(x)
+    if all(getattr(a, "is_fully_replicated", False) for a in leaves):
+        import numpy as np
+
+        return jax.tree.map(lambda a: np.asarray(a.addressable_data(0)), x)
     from jax.experimental import multihost_utils
 
     return multihost_utils.process_allgather(x, tiled=True)

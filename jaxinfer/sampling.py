@@ -85,6 +85,8 @@ class SamplingParams:
 
 SamplingParams.GREEDY = SamplingParams(temperature=0.0)
 GREEDY = SamplingParams.GREEDY
+# A free slot's row: greedy with a fixed key, so it is the same on every process.
+IDLE_ROW = SamplingParams(temperature=0.0, seed=0)
 
 
 def _key_data(seed: int | None) -> tuple[int, int]:

@@ -24,6 +24,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+import jax
 import uvicorn
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
@@ -227,11 +228,17 @@ def serve(checkpoint: str | None = None, host: str = "127.0.0.1", port: int = 80
           num_speculative_tokens: int = 4, ngram_size: int = 3, **load_kw) -> None:
     """Load a checkpoint, build and warm the engine, serve until interrupted. `load_kw`
     goes to LLM.load (mesh, fsdp, quantize, group_size, kv_dtype); `draft` ("ngram" or a
-    checkpoint) turns on speculative decoding in the engine."""
+    checkpoint) turns on speculative decoding in the engine. In a multi-process run
+    process 0 serves HTTP and the other processes follow its engine until it stops."""
     from jaxinfer.llm import LLM
 
     llm = LLM.load(checkpoint, dtype=dtype, **load_kw)
     engine = Engine.from_llm(llm, config, draft, num_speculative_tokens, ngram_size)
+    if not engine.is_leader:  # multi-process: process 0 serves HTTP, this one follows it
+        print(f"process {jax.process_index()}: following process 0's engine", flush=True)
+        with engine:
+            engine.join()
+        return
     if warmup:
         t0 = time.perf_counter()
         n = engine.warmup()

@@ -91,3 +91,142 @@ def test_bad_process_id_is_a_clear_error():
                        capture_output=True, text=True, timeout=120, env=_env())
     assert r.returncode == 2
     assert r.stderr.strip().splitlines()[-1].startswith("error: process_id=5")
+
+
+SERVE = [sys.executable, str(ROOT / "scripts" / "serve.py")]
+BATCH = [sys.executable, str(ROOT / "scripts" / "batch_generate.py")]
+ENGINE_ARGS = ["--num_slots", "4", "--max_len", "128", "--nocompilation_cache"]
+PROMPTS = ["The capital of France is", "List three colors:", "1, 2, 3, 4,",
+           "Water boils at"]
+
+
+def _launch(cmd: list[str], n: int = 2) -> tuple[list[subprocess.Popen], str]:
+    """`cmd` on `n` processes of two CPU devices each, one global data:2,model:2 mesh."""
+    addr = f"127.0.0.1:{_free_port()}"
+    procs = [subprocess.Popen(
+        cmd + ["--num_cpu_devices", "2", "--mesh", "data:2,model:2",
+               "--coordinator_address", addr, "--num_processes", str(n),
+               "--process_id", str(i), "--distributed_timeout_s", "120"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+        for i in range(n)]
+    return procs, addr
+
+
+def _finish(procs: list[subprocess.Popen], timeout: float) -> list[tuple[str, str]]:
+    outs = []
+    try:
+        for p in procs:
+            outs.append(p.communicate(timeout=timeout))
+    finally:
+        for p in procs:
+            p.kill()
+    return outs
+
+
+def _digests(outs: list[tuple[str, str]]) -> list[str]:
+    """Each process's closing line: requests finished and the digest of their tokens."""
+    got = []
+    for _, err in outs:
+        lines = [ln for ln in err.splitlines() if "engine stopped:" in ln]
+        assert len(lines) == 1, err[-3000:]
+        got.append(lines[0].split("engine stopped:")[1].strip())
+    return got
+
+
+def _reference(checkpoint, max_tokens: int) -> list[dict]:
+    """Greedy token ids and text of PROMPTS from a single-process, single-device engine."""
+    code = (
+        "import json, sys\n"
+        "from jaxinfer.llm import LLM\n"
+        "from jaxinfer.engine import Engine, EngineConfig\n"
+        "from jaxinfer.sampling import GREEDY\n"
+        f"llm = LLM.load({str(checkpoint)!r})\n"
+        "with Engine.from_llm(llm, EngineConfig(num_slots=4, max_len=128)) as e:\n"
+        f"    rs = e.generate({PROMPTS!r}, sampling=GREEDY, max_tokens={max_tokens})\n"
+        "print(json.dumps([{'token_ids': r.token_ids, 'text': r.text} for r in rs]))\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       timeout=300, env=_env())
+    assert r.returncode == 0, r.stderr[-2000:]
+    return json.loads(r.stdout.splitlines()[-1])
+
+
+def test_two_process_server_follows_process_0(smollm2_checkpoint):
+    """serve.py on two processes: process 0 answers HTTP, process 1 follows its engine
+    turn by turn; greedy completions equal a single-process engine's, and both processes
+    decode the same tokens (equal digests over every request, sampled ones included)."""
+    import requests
+
+    port = _free_port()
+    procs, _ = _launch(SERVE + ENGINE_ARGS + ["--checkpoint", str(smollm2_checkpoint),
+                                              "--port", str(port), "--nowarmup"])
+    url = f"http://127.0.0.1:{port}/v1/completions"
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            assert all(p.poll() is None for p in procs), "a process exited early"
+            try:
+                if requests.get(f"http://127.0.0.1:{port}/health", timeout=5).ok:
+                    break
+            except requests.ConnectionError:
+                pass
+            assert time.monotonic() < deadline, "the server did not come up"
+            time.sleep(1)
+        from concurrent.futures import ThreadPoolExecutor
+
+        def complete(body):
+            r = requests.post(url, json={"max_tokens": 8, **body}, timeout=300)
+            assert r.status_code == 200, r.text
+            return r.json()
+
+        bodies = ([{"prompt": p, "temperature": 0} for p in PROMPTS]
+                  + [{"prompt": "Once upon a time", "temperature": 1.0},  # unseeded
+                     {"prompt": "Once upon a time", "temperature": 0.8, "seed": 7},
+                     {"prompt": "The capital of France is", "temperature": 0,
+                      "stop": [" Paris"]}])
+        with ThreadPoolExecutor(len(bodies)) as pool:
+            got = list(pool.map(complete, bodies))
+        # A client that goes away mid-stream: its cancel reaches every process at the same
+        # turn, and the engines stay in step for the next request.
+        with requests.post(url, json={"prompt": "Tell me a long story.", "max_tokens": 100,
+                                      "stream": True}, stream=True, timeout=300) as r:
+            next(r.iter_lines())
+        got.append(complete({"prompt": PROMPTS[1], "temperature": 0}))
+        procs[0].send_signal(2)  # Ctrl-C: process 0 shuts down, process 1 follows
+        outs = _finish(procs, 120)
+    finally:
+        for p in procs:
+            p.kill()
+    for p, (_, err) in zip(procs, outs, strict=True):
+        assert p.returncode == 0, err[-3000:]
+    ref = _reference(smollm2_checkpoint, 8)
+    texts = [g["choices"][0]["text"] for g in got]
+    assert texts[:4] == [r["text"] for r in ref]
+    assert "Paris" in texts[0] and got[6]["choices"][0]["finish_reason"] == "stop"
+    assert "Paris" not in texts[6]
+    assert texts[-1] == ref[1]["text"]
+    d0, d1 = _digests(outs)
+    assert d0 == d1 and d0.startswith(f"{len(bodies) + 2} requests finished"), (d0, d1)
+    assert "following process 0's engine" in outs[1][0]
+
+
+def test_two_process_batch_job(smollm2_checkpoint, tmp_path):
+    """batch_generate.py on two processes: process 0 reads the input and writes the only
+    output; the greedy results equal a single-process engine's."""
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    lines = [json.dumps({"id": i, "prompt": p, "max_tokens": 8, "temperature": 0})
+             for i, p in enumerate(PROMPTS)] + ['{"id": "bad", "prompt": ""}']
+    inp.write_text("\n".join(lines) + "\n")
+    procs, _ = _launch(BATCH + ENGINE_ARGS + ["--checkpoint", str(smollm2_checkpoint),
+                                              "--input", str(inp), "--output", str(out),
+                                              "--noprogress"])
+    outs = _finish(procs, 400)
+    for p, (_, err) in zip(procs, outs, strict=True):
+        assert p.returncode == 0, err[-3000:]
+    recs = {r["id"]: r for r in map(json.loads, out.read_text().splitlines())}
+    assert len(recs) == len(lines) and "error" in recs["bad"]
+    ref = _reference(smollm2_checkpoint, 8)
+    assert [recs[i]["text"] for i in range(len(PROMPTS))] == [r["text"] for r in ref]
+    assert [recs[i]["token_ids"] for i in range(len(PROMPTS))] == [r["token_ids"] for r in ref]
+    d0, d1 = _digests(outs)
+    assert d0 == d1 and d0.startswith(f"{len(PROMPTS)} requests finished"), (d0, d1)
+    assert "results written" in outs[0][1] and "results written" not in outs[1][1]

@@ -30,10 +30,9 @@ import numpy as np
 from jaxinfer import generate as gen
 from jaxinfer.errors import ConfigError
 from jaxinfer.kv_cache import init_cache
-from jaxinfer.sampling import SamplingArrays, SamplingParams
+from jaxinfer.sampling import IDLE_ROW, SamplingArrays
 
 EXPERIMENTS = ("dtype", "quant", "donate", "loop", "bucket", "layers")
-_GREEDY0 = SamplingParams(temperature=0.0, seed=0)
 
 
 def _start(llm, ids: list[int], batch: int, S: int, n: int) -> gen.DecodeState:
@@ -42,7 +41,7 @@ def _start(llm, ids: list[int], batch: int, S: int, n: int) -> gen.DecodeState:
     prompt_BT[:, : len(ids)] = ids
     return gen.start(llm.params, prompt_BT, np.full((batch,), len(ids), np.int32),
                      init_cache(llm.cfg, batch, S, llm.dtype),
-                     SamplingArrays.from_params([_GREEDY0] * batch),
+                     SamplingArrays.from_params([IDLE_ROW] * batch),
                      np.full((batch,), n, np.int32), np.array([-1], np.int32), cfg=llm.cfg,
                      max_out=gen.bucket(n, 16, S), impl=llm.impl)
 

@@ -1,0 +1,92 @@
+"""Multi-process engines, in one process: a follower engine replaying the turn log of a
+leader engine must decode exactly what the leader decodes (the real two-process runs are
+in test_multiprocess.py)."""
+
+import threading
+
+import pytest
+
+from jaxinfer import engine_sync as sync
+from jaxinfer.engine import Engine, EngineClosedError, EngineConfig, NotLeaderError
+from jaxinfer.errors import DistributedError
+from jaxinfer.sampling import GREEDY, SamplingParams
+
+from .engine_helpers import CharTokenizer, W
+from .helpers import TINY
+
+
+class NoEos(CharTokenizer):
+    eos_ids = ()  # a cancelled request cannot have ended by itself first
+
+
+class FakeLog:
+    """An in-memory stand-in for the coordination service's key-value store, one side."""
+
+    def __init__(self, store: dict, cond: threading.Condition, leader: bool):
+        self.store, self.cond, self.leader = store, cond, leader
+
+    def publish(self, turn, events):
+        with self.cond:
+            self.store[turn] = sync.encode(events)  # through the wire format
+            self.cond.notify_all()
+
+    def read(self, turn, closing):
+        with self.cond:
+            self.cond.wait_for(lambda: turn in self.store)
+            return sync.decode(self.store[turn])
+
+    def forget(self, read_by_all):
+        pass
+
+    def publish_failure(self, error):
+        self.publish(max(self.store, default=-1) + 1, [sync.Close(repr(error))])
+
+
+@pytest.fixture
+def pair(monkeypatch):
+    """(leader, follower) engines over one in-memory turn log."""
+    store, cond = {}, threading.Condition()
+    logs = iter([FakeLog(store, cond, True), FakeLog(store, cond, False)])
+    monkeypatch.setattr(sync, "connect", lambda: next(logs))
+    cfg, config = TINY.replace(eos_token_ids=()), EngineConfig(num_slots=4, max_len=256)
+    leader, follower = (Engine(W, cfg, NoEos(), config) for _ in range(2))
+    yield leader, follower
+    leader.close()
+    follower.close()
+
+
+def test_wire_format_round_trip():
+    events = [sync.Submit(3, [1, 2, 3], SamplingParams(temperature=0.7, top_k=5, seed=2**64 - 1,
+                                                       logprobs=2), 9, ("\n", "x"), False),
+              sync.Cancel(3), sync.Close(), sync.Close("boom")]
+    assert sync.decode(sync.encode(events)) == events
+
+
+def test_follower_replays_the_leader(pair):
+    leader, follower = pair
+    with pytest.raises(NotLeaderError):
+        follower.submit("hi")
+    assert follower.warmup() == 0
+    reqs = [leader.submit("abc" * (i + 1), sampling=s, max_tokens=24, stop=stop)
+            for i, (s, stop) in enumerate([
+                (GREEDY, ()), (SamplingParams(temperature=1.0), ()),  # unseeded
+                (SamplingParams(temperature=0.9, top_p=0.8, seed=5, logprobs=2), ()),
+                (SamplingParams(temperature=1.0, repetition_penalty=1.3), ("e",)),
+                (GREEDY, ()), (SamplingParams(temperature=2.0), ())])]  # 6 > 4 slots
+    long = leader.submit("zz", sampling=SamplingParams(temperature=1.0), max_tokens=200)
+    next(iter(long))
+    long.cancel()  # mid-decode: applied at the same turn on both
+    results = [r.result(timeout=120) for r in reqs + [long]]
+    assert results[-1].finish_reason == "cancelled"
+    leader.close()  # publishes the shutdown
+    follower.join()
+    assert follower.requests_finished == leader.requests_finished == len(results)
+    assert follower.token_digest == leader.token_digest
+
+
+def test_a_failed_leader_fails_the_follower(pair):
+    leader, follower = pair
+    leader._turns.publish_failure(RuntimeError("device lost"))
+    with pytest.raises(EngineClosedError, match="device lost"):
+        follower.join()
+    assert isinstance(follower._fatal, DistributedError)
