@@ -100,13 +100,14 @@ PROMPTS = ["The capital of France is", "List three colors:", "1, 2, 3, 4,",
            "Water boils at"]
 
 
-def _launch(cmd: list[str], n: int = 2) -> tuple[list[subprocess.Popen], str]:
+def _launch(cmd: list[str], n: int = 2, timeout_s: int = 120
+            ) -> tuple[list[subprocess.Popen], str]:
     """`cmd` on `n` processes of two CPU devices each, one global data:2,model:2 mesh."""
     addr = f"127.0.0.1:{_free_port()}"
     procs = [subprocess.Popen(
         cmd + ["--num_cpu_devices", "2", "--mesh", "data:2,model:2",
                "--coordinator_address", addr, "--num_processes", str(n),
-               "--process_id", str(i), "--distributed_timeout_s", "120"],
+               "--process_id", str(i), "--distributed_timeout_s", str(timeout_s)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
         for i in range(n)]
     return procs, addr
@@ -150,6 +151,21 @@ def _reference(checkpoint, max_tokens: int) -> list[dict]:
     return json.loads(r.stdout.splitlines()[-1])
 
 
+def _wait_healthy(procs: list[subprocess.Popen], port: int) -> None:
+    import requests
+
+    deadline = time.monotonic() + 300
+    while True:
+        assert all(p.poll() is None for p in procs), "a process exited early"
+        try:
+            if requests.get(f"http://127.0.0.1:{port}/health", timeout=5).ok:
+                return
+        except requests.ConnectionError:
+            pass
+        assert time.monotonic() < deadline, "the server did not come up"
+        time.sleep(1)
+
+
 def test_two_process_server_follows_process_0(smollm2_checkpoint):
     """serve.py on two processes: process 0 answers HTTP, process 1 follows its engine
     turn by turn; greedy completions equal a single-process engine's, and both processes
@@ -161,16 +177,7 @@ def test_two_process_server_follows_process_0(smollm2_checkpoint):
                                               "--port", str(port), "--nowarmup"])
     url = f"http://127.0.0.1:{port}/v1/completions"
     try:
-        deadline = time.monotonic() + 300
-        while True:
-            assert all(p.poll() is None for p in procs), "a process exited early"
-            try:
-                if requests.get(f"http://127.0.0.1:{port}/health", timeout=5).ok:
-                    break
-            except requests.ConnectionError:
-                pass
-            assert time.monotonic() < deadline, "the server did not come up"
-            time.sleep(1)
+        _wait_healthy(procs, port)
         from concurrent.futures import ThreadPoolExecutor
 
         def complete(body):
@@ -230,3 +237,32 @@ def test_two_process_batch_job(smollm2_checkpoint, tmp_path):
     d0, d1 = _digests(outs)
     assert d0 == d1 and d0.startswith(f"{len(PROMPTS)} requests finished"), (d0, d1)
     assert "results written" in outs[0][1] and "results written" not in outs[1][1]
+
+
+def test_a_dead_follower_ends_process_0(smollm2_checkpoint):
+    """A follower killed mid-service: process 0's engine fails its requests (HTTP 503, not
+    a hang) and JAX's coordination service ends process 0 within the heartbeat bound
+    (--distributed_timeout_s)."""
+    import requests
+
+    port = _free_port()
+    procs, _ = _launch(SERVE + ENGINE_ARGS + ["--checkpoint", str(smollm2_checkpoint),
+                                              "--port", str(port), "--nowarmup"],
+                       timeout_s=20)
+    try:
+        _wait_healthy(procs, port)
+        procs[1].kill()
+        procs[1].wait(timeout=30)
+        t0 = time.monotonic()
+        try:
+            r = requests.post(f"http://127.0.0.1:{port}/v1/completions",
+                              json={"prompt": "Hi", "max_tokens": 4}, timeout=120)
+            assert r.status_code == 503, r.text
+        except requests.ConnectionError:
+            pass  # process 0 was already gone
+        procs[0].wait(timeout=120)
+        assert procs[0].returncode != 0
+        assert time.monotonic() - t0 < 120
+    finally:
+        for p in procs:
+            p.kill()
