@@ -107,7 +107,8 @@ class EngineConfig:
     max_queue: int = 256  # waiting requests beyond this are refused (429)
     prefix_block: int = 16  # tokens per prefix-cache block; 0 disables prefix caching
     prefix_cache_mb: float = 256.0  # device memory for cached prefix blocks
-    prefill_token_budget: int = 512  # prompt tokens prefilled per loop turn (>= 1 request)
+    prefill_token_budget: int = 512  # prompt tokens prefilled per loop turn
+    chunked_prefill: bool = True  # split longer prompts over turns (else >= 1 whole prompt)
     min_prompt_bucket: int = gen.MIN_PROMPT_BUCKET
 
     def __post_init__(self) -> None:
@@ -137,6 +138,19 @@ def _row_shardings(slots: KVCache) -> KVCache:
     kv = slots.k.spec
     row = N(slots.k.mesh, P(kv[0] if len(kv) else None, None, *kv[2:]))
     return KVCache(k=row, v=row, lengths=N(slots.k.mesh, P()))
+
+
+@dataclasses.dataclass
+class _Prefilling:
+    """A request whose prompt is being prefilled over several turns (chunked prefill)."""
+
+    req: Request
+    slot: int  # reserved for it: no other request takes it meanwhile
+    row: KVCache  # [L, 1, K, S, H]: the prompt's K/V so far
+    done: int  # prompt tokens in `row` (cached prefix included)
+    cached: int  # of which came from the prefix cache
+    hit: int  # prefix-cache blocks matched
+    digests: list
 
 
 class _Speculation(NamedTuple):
@@ -208,6 +222,7 @@ class Engine:
         self.metrics = EngineMetrics()
         self._slots: list[Request | None] = [None] * config.num_slots
         self._queue: collections.deque[Request] = collections.deque()
+        self._partial: _Prefilling | None = None  # a prompt part-way through its prefill
         # Multi-process: process 0 publishes each turn's events, the others replay them.
         self._turns = sync.connect()
         self.is_leader = self._turns is None or self._turns.leader
@@ -270,6 +285,11 @@ class Engine:
 
     @property
     def slots_in_use(self) -> int:
+        """Slots decoding a request or reserved for one whose prompt is being prefilled."""
+        return self._decoding + (self._partial is not None)
+
+    @property
+    def _decoding(self) -> int:
         return sum(r is not None for r in self._slots)
 
     @property
@@ -486,13 +506,13 @@ class Engine:
                     break
                 self._admit()
                 out = lp = None
-                if self.slots_in_use and self._spec is None:
+                if self._decoding and self._spec is None:
                     want = any(r is not None and r.sampling.logprobs is not None
                                for r in self._slots)
                     self._state, out, lp = core.generate_step(
                         self.params, self._state, np.bool_(want), self.cfg, self.impl)
                     lp = lp if want else None
-                elif self.slots_in_use:
+                elif self._decoding:
                     sp = self._spec
                     self._state, out = engine_spec.step(
                         self.params, sp.weights, self._state, cfg=self.cfg, draft_cfg=sp.cfg,
@@ -513,7 +533,9 @@ class Engine:
         with self._cv:
             self._closing = True  # submit() refuses from now on
             left = ([r for r in self._slots if r is not None] + list(self._queue)
-                    + list(self._submitted.values()))
+                    + list(self._submitted.values())
+                    + ([self._partial.req] if self._partial is not None else []))
+            self._partial = None
             self._queue.clear()
             self._submitted.clear()
             self._slots = [None] * len(self._slots)
@@ -525,66 +547,107 @@ class Engine:
                      jax.process_index(), self.requests_finished, self.token_digest)
 
     def _admit(self) -> None:
+        """Prefill under this turn's prompt-token budget: first the next chunk of a prompt
+        part-way through (chunked prefill), then queued requests into free slots. With
+        chunking a prompt longer than what is left of the budget starts now and goes on
+        at the next turns, between decode steps, so a long prompt never stalls the
+        decoding rows for longer than one budget's prefill."""
         budget = self.config.prefill_token_budget
+        chunked = self.config.chunked_prefill
+        if self._partial is not None:
+            budget -= self._guarded(self._partial, budget)
+            if self._partial is not None:
+                return
         first = True
-        while True:
+        while budget > 0:
             with self._cv:
                 free = [i for i, r in enumerate(self._slots) if r is None]
                 if not free or not self._queue:
                     return
-                if not first and len(self._queue[0].prompt_ids) > budget:
+                if not chunked and not first and len(self._queue[0].prompt_ids) > budget:
                     return
                 req = self._queue.popleft()
                 self._cv.notify_all()  # room in the queue for blocked submitters
             first = False
             try:
-                budget -= self._prefill_insert(req, free[0])
+                p = self._start_prefill(req, free[0])
             except JaxinferError as e:
-                self._slots[free[0]] = None
-                req.publish(error=e)
+                self._fail(req, e)
+                continue
+            budget -= self._guarded(p, budget if chunked else len(req.prompt_ids))
+            if self._partial is not None:
+                return
 
-    def _prefill_insert(self, req: Request, slot: int) -> int:
-        """Prefill `req` after its cached prefix, insert it in `slot`, emit its first
-        token. Returns the prompt tokens computed."""
-        t0 = time.perf_counter()
-        req.metrics.queue_s = t0 - req.arrival
-        ids, n, S = req.prompt_ids, len(req.prompt_ids), self.max_len
+    def _guarded(self, p: _Prefilling, budget: int) -> int:
+        """`_prefill_chunk`, with a cancel or a bad request ending the request instead."""
+        if p.req.cancel_seen:
+            self._partial = None
+            self._complete(p.req, "cancelled")
+            return 0
+        try:
+            return self._prefill_chunk(p, budget)
+        except JaxinferError as e:
+            self._partial = None
+            self._fail(p.req, e)
+            return 0
+
+    def _fail(self, req: Request, error: JaxinferError) -> None:
+        self._live.pop(req.id, None)
+        req.publish(error=error)
+
+    def _start_prefill(self, req: Request, slot: int) -> _Prefilling:
+        """A row for `req` holding its longest cached prompt prefix."""
+        req.metrics.queue_s = time.perf_counter() - req.arrival
+        ids, n = req.prompt_ids, len(req.prompt_ids)
         hit, digests = 0, []
         if self._prefix is not None:
             digests = block_digests(ids, self._prefix.block)
             hit = 0 if req.warmup else self._prefix.match(digests, n)
             row = self._prefix.load(digests, hit)
         else:
-            row = init_cache(self.cfg, 1, S, self.kv_dtype, self._row_shardings)
+            row = init_cache(self.cfg, 1, self.max_len, self.kv_dtype, self._row_shardings)
         cached = hit * self.config.prefix_block
-        suffix = ids[cached:]
-        T = gen.bucket(len(suffix), self.config.min_prompt_bucket, S)
+        return _Prefilling(req, slot, row, cached, cached, hit, digests)
+
+    def _prefill_chunk(self, p: _Prefilling, budget: int) -> int:
+        """Prefill up to `budget` more prompt tokens of `p`; after its last chunk insert it
+        in its slot and emit its first token. Returns the prompt tokens computed."""
+        req, ids = p.req, p.req.prompt_ids
+        n, S = len(ids), self.max_len
+        take = min(budget, n - p.done)
+        last = p.done + take == n
+        T = gen.bucket(take, self.config.min_prompt_bucket, S)
         tokens_1T = np.full((1, T), self.cfg.pad_token_id, np.int32)
-        tokens_1T[0, :len(suffix)] = suffix
+        tokens_1T[0, :take] = ids[p.done:p.done + take]
         mask_1V = np.zeros((1, self.cfg.vocab_size), bool)
         mask_1V[0, ids] = True
-        want = req.sampling.logprobs is not None
-        prefix = core.prefill(self.params, tokens_1T, np.array([len(suffix)], np.int32), row,
+        want = last and req.sampling.logprobs is not None
+        prefix = core.prefill(self.params, tokens_1T, np.array([take], np.int32), p.row,
                               SamplingArrays.from_params([req.sampling]), mask_1V,
                               np.array([req.max_tokens], np.int32), np.bool_(want),
                               cfg=self.cfg, impl=self.impl)
+        p.row, p.done = prefix.cache, p.done + take
+        if not last:  # the rest at the next turns; its slot stays reserved
+            self._partial = p
+            return take
+        self._partial = None
         if self._prefix is not None:
-            self._prefix.store(digests, hit, prefix.cache, dry_run=req.warmup)
+            self._prefix.store(p.digests, p.hit, prefix.cache, dry_run=req.warmup)
         if self._spec is None:
-            self._state = core.insert(prefix, self._state, np.int32(slot))
+            self._state = core.insert(prefix, self._state, np.int32(p.slot))
         else:
-            self._insert_speculative(prefix, ids, slot)
-        self._slots[slot] = req
-        req.metrics.cached_tokens, req.metrics.prefilled_tokens = cached, n - cached
+            self._insert_speculative(prefix, ids, p.slot)
+        self._slots[p.slot] = req
+        req.metrics.cached_tokens, req.metrics.prefilled_tokens = p.cached, n - p.cached
         req.decoder = StreamDecoder(self.tokenizer, ids)
         tok = int(to_host(prefix.token_1)[0])
         if not req.warmup:
-            self.metrics.on_prefill(n, cached)
+            self.metrics.on_prefill(n, p.cached)
         lp = _logprob(to_host(prefix.logprobs), 0, req, tok) if want else None
-        gap = self._on_token(slot, req, tok, tok in self.eos_ids or req.max_tokens <= 1, lp)
+        gap = self._on_token(p.slot, req, tok, tok in self.eos_ids or req.max_tokens <= 1, lp)
         if not req.warmup:
             self.metrics.on_tokens(1, [] if gap is None else [gap])
-        return n - cached
+        return take
 
     def _insert_speculative(self, prefix: core.Prefix, ids: list[int], slot: int) -> None:
         """Prefill the draft model's row (the whole prompt: the prefix cache holds only the

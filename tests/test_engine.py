@@ -72,6 +72,62 @@ def test_seeded_tokens_do_not_depend_on_slot_or_neighbours():
             assert alone.token_ids == ref.token_ids
 
 
+LONG = RNG.integers(4, TINY.vocab_size, 200).tolist()
+
+
+def test_chunked_prefill_matches_whole_prompts():
+    """Prompts longer than the per-turn budget are prefilled 16 tokens a turn (prefix-cache
+    hits included) and decode exactly what LLM.generate does, with no new compilations."""
+    prompts = PROMPTS + [LONG, LONG[:150] + PROMPTS[2]]  # the last one hits the cache
+    max_new = MAX_NEW + [7, 9]
+    with tiny_engine(num_slots=2, prefill_token_budget=16, prefix_block=16) as eng:
+        eng.warmup()
+        before = eng.compile_count
+        got = [r.result(timeout=120) for r in
+               [eng.submit(p, sampling=GREEDY, max_tokens=m)
+                for p, m in zip(prompts, max_new, strict=True)]]
+        assert eng.compile_count == before
+        assert got[-1].metrics.cached_tokens == 144  # 9 blocks of LONG's
+    ref = _llm().generate(prompts, sampling=GREEDY, max_new_tokens=max_new)
+    assert [g.token_ids for g in got] == [r.token_ids for r in ref]
+
+
+@pytest.mark.parametrize("chunked", [True, False])
+def test_chunked_prefill_keeps_decoding_rows_moving(chunked):
+    """A 200-token prompt under a 16-token budget: with chunked prefill the request that
+    is already decoding gains a token every turn while the long prompt is prefilled
+    (13 turns); without it the whole prompt goes in one turn. Counted, not timed: the
+    long request's on_finish runs on the engine thread."""
+    cfg = TINY.replace(eos_token_ids=())
+
+    class NoEos(CharTokenizer):
+        eos_ids = ()
+
+    seen = []
+    with Engine(W, cfg, NoEos(), EngineConfig(num_slots=2, max_len=256, prefix_cache_mb=0,
+                                              prefill_token_budget=16,
+                                              chunked_prefill=chunked)) as eng:
+        a = eng.submit(PROMPTS[0], sampling=GREEDY, max_tokens=40)
+        b = eng.submit(LONG, sampling=GREEDY, max_tokens=1,
+                       on_finish=lambda r: seen.append(len(a.token_ids)))
+        a.result(timeout=60), b.result(timeout=60)
+    assert (seen[0] >= 12) if chunked else (seen[0] <= 3), seen
+
+
+def test_cancel_during_chunked_prefill():
+    with tiny_engine(num_slots=1, prefill_token_budget=1, prefix_cache_mb=0) as eng:
+        long = eng.submit(LONG, sampling=GREEDY, max_tokens=4)  # 200 turns of prefill
+        deadline = time.monotonic() + 30
+        while eng._partial is None:  # its slot is reserved once the first chunk is in
+            assert time.monotonic() < deadline and not long.done
+            time.sleep(0.001)
+        long.cancel()
+        res = long.result(timeout=30)
+        assert res.finish_reason == "cancelled" and res.token_ids == []
+        after = eng.submit(PROMPTS[1], sampling=GREEDY, max_tokens=3).result(timeout=30)
+        assert len(after.token_ids) == 3 and eng.slots_in_use == 0
+
+
 def test_no_compile_after_warmup():
     with tiny_engine(num_slots=5) as eng:  # a slot count no other test compiles
         assert eng.warmup() > 0

@@ -6,6 +6,8 @@
     donate  the decode step with the state donated vs copied (host loop, one step ahead)
     loop    the jitted while loop vs a host loop of one dispatch per token
     bucket  decode speed vs cache length S (the XLA attention reads the whole bucket)
+    chunked the serving engine: decoding streams' inter-token gaps while long prompts are
+            prefilled, chunked prefill vs whole prompts (and the long prompts' TTFT)
     layers  the forward alone (greedy, no sampling): layers under lax.scan (the model) vs a
             Python loop over static layer slices, to see what the scan's per-layer
             dynamic slice of the stacked weights costs
@@ -32,7 +34,7 @@ from jaxinfer.errors import ConfigError
 from jaxinfer.kv_cache import init_cache
 from jaxinfer.sampling import IDLE_ROW, SamplingArrays
 
-EXPERIMENTS = ("dtype", "quant", "donate", "loop", "bucket", "layers")
+EXPERIMENTS = ("dtype", "quant", "donate", "loop", "bucket", "layers", "chunked")
 
 
 def _start(llm, ids: list[int], batch: int, S: int, n: int) -> gen.DecodeState:
@@ -205,4 +207,10 @@ def run(llm, which: list[str], ids: list[int], n: int, batch: int, repeats: int,
         progress("experiment layers: scanned vs unrolled layers (forward + argmax)")
         out["layers"] = {str(b): {k: forward_tps(llm, b, S, n, k == "unrolled", repeats)
                                   for k in ("scan", "unrolled")} for b in sorted({1, batch})}
+    if "chunked" in which:
+        from jaxinfer.bench.measure import engine_stall
+
+        progress("experiment chunked: chunked prefill vs whole prompts in the engine")
+        long_len = min(1024, llm.cfg.max_seq_len - 32)
+        out["chunked"] = [engine_stall(llm, c, long_len, 128) for c in (True, False)]
     return out

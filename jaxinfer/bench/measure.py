@@ -114,6 +114,54 @@ def time_engine(llm, ids: list[int], n: int, batch: int, repeats: int) -> dict[s
     return {"batch": batch, "throughput_tps": summary(rates)}
 
 
+def engine_stall(llm, chunked: bool, long_len: int, budget: int, rows: int = 2,
+                 n: int = 96) -> dict[str, Any]:
+    """What a long prompt arriving does to requests already decoding: `rows` greedy
+    streams run while two prompts of `long_len` tokens arrive, with the engine prefilling
+    `budget` prompt tokens per turn, chunked or whole. Reports the streams' inter-token
+    gaps while the long prompts were being prefilled (the stall) and the long ones' TTFT."""
+    import copy
+    import threading
+
+    from jaxinfer.engine import Engine, EngineConfig
+    from jaxinfer.generate import bucket
+
+    tok = copy.copy(llm.tokenizer)
+    tok.eos_ids = ()
+    cfg = llm.cfg.replace(eos_token_ids=())
+    S = bucket(long_len + 16, 256, cfg.max_seq_len)
+    econf = EngineConfig(num_slots=rows + 2, max_len=S, prefix_block=0, max_queue=8,
+                         prefill_token_budget=budget, chunked_prefill=chunked)
+    rng = np.random.default_rng(0)
+    longs = [rng.integers(100, cfg.vocab_size, long_len).tolist() for _ in range(2)]
+    with Engine(llm.params, cfg, tok, econf, llm.impl) as engine:
+        engine.warmup()
+        stamps: list[list[float]] = [[] for _ in range(rows)]
+
+        def read(i, req):
+            for _ in req:
+                stamps[i].append(time.perf_counter())
+
+        streams = [engine.submit([1 + i] * 8, sampling=GREEDY, max_tokens=n)
+                   for i in range(rows)]
+        readers = [threading.Thread(target=read, args=(i, r)) for i, r in enumerate(streams)]
+        for t in readers:
+            t.start()
+        while min(len(s) for s in stamps) < 8:  # the streams are decoding
+            time.sleep(0.01)
+        t0 = time.perf_counter()
+        reqs = [engine.submit(ids, sampling=GREEDY, max_tokens=4) for ids in longs]
+        res = [r.result() for r in reqs]
+        t1 = time.perf_counter()
+        for t in readers:
+            t.join()
+    gaps = [b - a for s in stamps for a, b in zip(s, s[1:], strict=False) if t0 <= b <= t1]
+    return {"chunked": chunked, "long_len": long_len, "budget": budget, "rows": rows,
+            "stall_max_ms": 1e3 * max(gaps), "stall_p50_ms": 1e3 * statistics.median(gaps),
+            "tokens_during_prefill": len(gaps),
+            "long_ttft_s": [r.metrics.ttft_s for r in res]}
+
+
 def _best_time(f, *args, repeats: int) -> float:
     jax.block_until_ready(f(*args))
     ts = []

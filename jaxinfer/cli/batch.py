@@ -28,7 +28,8 @@ _PREFIX_MB = flags.DEFINE_float("prefix_cache_mb", 256.0, "Prefix-cache memory (
 _MIN_BUCKET = flags.DEFINE_integer("min_prompt_bucket", None, "Smallest prompt bucket "
                                    "(default: the engine's).")
 _BUDGET = flags.DEFINE_integer("prefill_token_budget", None, "Prompt tokens prefilled per "
-                               "engine turn (default: the engine's).")
+                               "engine turn; longer prompts are split over turns "
+                               "(default: the engine's).")
 _MAX_TOKENS = flags.DEFINE_integer("max_tokens", 256, "Default tokens per request.")
 _TEMP = flags.DEFINE_float("temperature", 1.0, "Default temperature (0: greedy).")
 _TOP_P = flags.DEFINE_float("top_p", 1.0, "Default nucleus mass in (0, 1].")

@@ -29,7 +29,8 @@ _MIN_BUCKET = flags.DEFINE_integer("min_prompt_bucket", None, "Smallest prompt b
                                    "(prompts pad to powers of two from here; default: "
                                    "the engine's).")
 _BUDGET = flags.DEFINE_integer("prefill_token_budget", None, "Prompt tokens prefilled per "
-                               "engine turn (default: the engine's).")
+                               "engine turn; longer prompts are split over turns "
+                               "(default: the engine's).")
 _WARMUP = flags.DEFINE_bool("warmup", True, "Compile every prompt bucket before serving.")
 
 
