@@ -298,7 +298,7 @@ def test_batch_invariance_16_requests_smollm2(smollm2):
         assert b.text == ref.text
 
 
-def test_prefix_cache_smollm2_200_token_prefix(smollm2):
+def test_prefix_cache_and_chunked_prefill_smollm2_200_token_prefix(smollm2):
     system = " ".join(f"Rule {i}: answer politely and briefly." for i in range(40))
     shared = smollm2.encode(system)[:200]
     assert len(shared) == 200
@@ -311,10 +311,12 @@ def test_prefix_cache_smollm2_200_token_prefix(smollm2):
         rb = eng.submit(b, sampling=GREEDY, max_tokens=6).result(timeout=120)
         assert eng.prefilled_tokens - before == len(b) - 192
         assert rb.metrics.cached_tokens == 192
-    with Engine.from_llm(smollm2, EngineConfig(num_slots=2, max_len=256,
-                                               prefix_cache_mb=0)) as plain:
+    # No prefix cache, and the prompt prefilled in four 64-token chunks over four turns.
+    with Engine.from_llm(smollm2, EngineConfig(num_slots=2, max_len=256, prefix_cache_mb=0,
+                                               prefill_token_budget=64)) as plain:
         fresh = plain.submit(b, sampling=GREEDY, max_tokens=6).result(timeout=120)
-    assert rb.token_ids == fresh.token_ids and rb.text == fresh.text
+    whole = smollm2.generate(b, sampling=GREEDY, max_new_tokens=6)
+    assert rb.token_ids == fresh.token_ids == whole.token_ids and rb.text == fresh.text
 
 
 @pytest.mark.parametrize("mesh_spec,kv", [("data:2,model:2", None), ("data:4,model:2", "int8")])
