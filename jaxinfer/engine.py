@@ -444,11 +444,23 @@ class Engine:
                                     f"the engine's device loop failed: {self._fatal!r}")
 
     def _cancel(self, req: Request) -> None:
-        """Cancel at the next turn (an event like a submit, so every process sees it at
-        the same turn)."""
+        """A request no turn has seen yet, or (one process) a queued one, leaves at once;
+        otherwise the cancel is an event for the next turn, like a submit, so every
+        process of a multi-process run applies it at the same turn."""
         with self._cv:
-            self._inbox.append(sync.Cancel(req.id))
+            now = False
+            if self._submitted.pop(req.id, None) is not None:
+                self._inbox = [e for e in self._inbox
+                               if not (isinstance(e, sync.Submit) and e.id == req.id)]
+                now = True
+            elif self._turns is None and req in self._queue:
+                self._queue.remove(req)
+                now = True
+            else:
+                self._inbox.append(sync.Cancel(req.id))
             self._cv.notify_all()
+        if now:
+            self._complete(req, "cancelled")
 
     def _turn_events(self, turn: int, busy: bool) -> list[sync.Event]:
         """This turn's submits, cancels and shutdown: process 0 (or a single process)
@@ -742,10 +754,11 @@ class Engine:
         self._complete(req, reason)
 
     def _complete(self, req: Request, reason: str) -> None:
-        self._live.pop(req.id, None)
-        if not req.warmup:
-            self.requests_finished += 1
-            self._digest.update(f"{req.id}:{req.token_ids};".encode())
+        with self._cv:  # a caller's thread may cancel a queued request meanwhile
+            self._live.pop(req.id, None)
+            if not req.warmup:
+                self.requests_finished += 1
+                self._digest.update(f"{req.id}:{req.token_ids};".encode())
         m, now = req.metrics, time.perf_counter()
         m.e2e_s = now - req.arrival
         n = len(req.token_ids)

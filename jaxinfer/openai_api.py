@@ -9,6 +9,7 @@ handling with no engine and no HTTP, so the server module stays a thin routing l
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import uuid
 from typing import Any, Literal
@@ -20,6 +21,8 @@ from jaxinfer.errors import BadRequestError
 from jaxinfer.sampling import MAX_LOGPROBS, SamplingParams, TokenLogprob
 from jaxinfer.tokenizer import Tokenizer
 
+MAX_N = 16  # choices per prompt (each is an engine request)
+MAX_PROMPTS = 64  # prompts in one /v1/completions request
 SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "seed", "presence_penalty",
                    "frequency_penalty", "repetition_penalty")
 
@@ -66,8 +69,6 @@ class _Request(BaseModel):
             v = getattr(self, name)
             if v is not None and not -2.0 <= v <= 2.0:
                 raise ApiError(400, f"{name} must be in [-2, 2], got {v}", name)
-        if self.n is not None and self.n != 1:
-            raise ApiError(400, f"only n=1 is supported, got n={self.n}", "n")
         kw = {f: getattr(self, f) for f in SAMPLING_FIELDS if getattr(self, f) is not None}
         try:
             return SamplingParams(**kw, logprobs=self.num_logprobs())
@@ -78,6 +79,20 @@ class _Request(BaseModel):
     def num_logprobs(self) -> int | None:
         """How many alternatives each token's logprobs carry; None: no logprobs."""
         return None
+
+    def num_choices(self) -> int:
+        n = 1 if self.n is None else self.n
+        if not 1 <= n <= MAX_N:
+            raise ApiError(400, f"n must be in [1, {MAX_N}], got {n}", "n")
+        return n
+
+    def choice_sampling(self, j: int) -> SamplingParams:
+        """Choice j's settings: a given seed becomes seed + j, so the n choices differ and
+        choice 0 is what n=1 gives."""
+        sp = self.sampling()
+        if j and sp.seed is not None:
+            sp = dataclasses.replace(sp, seed=sp.seed + j)
+        return sp
 
     def stop_list(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -98,20 +113,23 @@ class CompletionRequest(_Request):
             raise ApiError(400, f"logprobs must be in [0, {MAX_LOGPROBS}], got {n}", "logprobs")
         return n
 
-    def prompt_input(self) -> str | list[int]:
-        """One prompt, as text or token ids (OpenAI also takes batches; we take one)."""
+    def prompt_inputs(self) -> list[str | list[int]]:
+        """The prompts, as text or token ids: one, or a batch (a list of strings or of
+        token-id lists), answered as choices in order."""
         p = self.prompt
-        if isinstance(p, list) and p and isinstance(p[0], (str, list)):
-            if len(p) != 1:
-                raise ApiError(400, f"one prompt per request is supported, got {len(p)}",
-                               "prompt")
-            p = p[0]
-        if not p:
-            raise ApiError(400, "prompt is empty", "prompt")
-        if self.echo or self.suffix:
-            raise ApiError(400, "echo and suffix are not supported", "echo" if self.echo
-                           else "suffix")
-        return p
+        prompts = p if isinstance(p, list) and p and isinstance(p[0], (str, list)) else [p]
+        if len(prompts) > MAX_PROMPTS:
+            raise ApiError(400, f"at most {MAX_PROMPTS} prompts per request, got "
+                           f"{len(prompts)}", "prompt")
+        if any(not q for q in prompts) or any(isinstance(q, list) and not all(
+                isinstance(t, int) for t in q) for q in prompts):
+            raise ApiError(400, "prompt is empty or mixes text and token ids", "prompt")
+        if self.suffix:
+            raise ApiError(400, "suffix is not supported", "suffix")
+        if self.echo and self.logprobs is not None:
+            raise ApiError(400, "echo with logprobs (prompt logprobs) is not supported",
+                           "echo")
+        return prompts
 
 
 class ContentPart(BaseModel):
@@ -195,26 +213,48 @@ def logprobs_body(entries: list[TokenLogprob], tokenizer: Tokenizer, chat: bool,
             "text_offset": offsets}
 
 
-def completion_body(rid: str, model: str, result: EngineResult, chat: bool,
-                    tokenizer: Tokenizer | None = None) -> dict[str, Any]:
-    """The whole response; `tokenizer` renders logprobs when the request asked for them."""
-    lp = (logprobs_body(result.logprobs, tokenizer, chat)
-          if result.logprobs is not None and tokenizer is not None else None)
-    choice: dict[str, Any] = {"index": 0, "finish_reason": result.finish_reason,
-                              "logprobs": lp}
-    if chat:
-        choice["message"] = {"role": "assistant", "content": result.text}
-    else:
-        choice["text"] = result.text
+def usage_all(results: list[EngineResult], n: int) -> dict[str, Any]:
+    """Usage of a request's choices: n per prompt, each prompt counted once."""
+    if len(results) == 1:
+        return usage(results[0])
+    firsts = results[::n]
+    done = sum(len(r.token_ids) for r in results)
+    prompt = sum(r.prompt_tokens for r in firsts)
+    return {"prompt_tokens": prompt, "completion_tokens": done, "total_tokens": prompt + done,
+            "prompt_tokens_details": {"cached_tokens": sum(r.metrics.cached_tokens
+                                                           for r in firsts)}}
+
+
+def _metrics(results: list[EngineResult]) -> dict[str, Any] | list[dict[str, Any]]:
+    ms = [r.metrics.to_json() for r in results]
+    return ms[0] if len(ms) == 1 else ms
+
+
+def completion_body(rid: str, model: str, results: list[EngineResult], chat: bool,
+                    tokenizer: Tokenizer | None = None, n: int = 1,
+                    echo: list[str] | None = None) -> dict[str, Any]:
+    """The whole response, choice i from results[i] (n per prompt, prompts in order);
+    `tokenizer` renders logprobs where asked; `echo` holds each prompt's text."""
+    choices = []
+    for i, result in enumerate(results):
+        lp = (logprobs_body(result.logprobs, tokenizer, chat)
+              if result.logprobs is not None and tokenizer is not None else None)
+        choice: dict[str, Any] = {"index": i, "finish_reason": result.finish_reason,
+                                  "logprobs": lp}
+        if chat:
+            choice["message"] = {"role": "assistant", "content": result.text}
+        else:
+            choice["text"] = (echo[i // n] if echo else "") + result.text
+        choices.append(choice)
     return {"id": rid, "object": "chat.completion" if chat else "text_completion",
-            "created": int(time.time()), "model": model, "choices": [choice],
-            "usage": usage(result), "metrics": result.metrics.to_json()}
+            "created": int(time.time()), "model": model, "choices": choices,
+            "usage": usage_all(results, n), "metrics": _metrics(results)}
 
 
 def chunk_body(rid: str, model: str, chat: bool, delta: str | None = None,
                finish_reason: str | None = None, role: bool = False,
-               logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
-    choice: dict[str, Any] = {"index": 0, "finish_reason": finish_reason,
+               logprobs: dict[str, Any] | None = None, index: int = 0) -> dict[str, Any]:
+    choice: dict[str, Any] = {"index": index, "finish_reason": finish_reason,
                               "logprobs": logprobs}
     if chat:
         d: dict[str, Any] = {"role": "assistant"} if role else {}
@@ -227,7 +267,8 @@ def chunk_body(rid: str, model: str, chat: bool, delta: str | None = None,
             "created": int(time.time()), "model": model, "choices": [choice]}
 
 
-def usage_chunk(rid: str, model: str, chat: bool, result: EngineResult) -> dict[str, Any]:
+def usage_chunk(rid: str, model: str, chat: bool, results: list[EngineResult], n: int = 1
+                ) -> dict[str, Any]:
     return {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
             "created": int(time.time()), "model": model, "choices": [],
-            "usage": usage(result), "metrics": result.metrics.to_json()}
+            "usage": usage_all(results, n), "metrics": _metrics(results)}

@@ -39,6 +39,7 @@ from jaxinfer.engine import (
     Request,
 )
 from jaxinfer.errors import BadRequestError, TokenizerError
+from jaxinfer.sampling import SamplingParams
 from jaxinfer.tokenizer import Tokenizer
 
 DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
@@ -86,16 +87,22 @@ def create_app(engine: Engine, model_name: str) -> FastAPI:
     async def completions(body: api.CompletionRequest):
         _check_model(body.model, model_name)
         max_tokens = body.max_tokens
-        req = _submit(engine, body, dict(prompt=body.prompt_input()),
-                      DEFAULT_COMPLETION_MAX_TOKENS if max_tokens is None else max_tokens)
-        return await _respond(req, body, model_name, chat=False, tokenizer=engine.tokenizer)
+        prompts = body.prompt_inputs()
+        reqs = _submit(engine, body, [dict(prompt=p) for p in prompts],
+                       DEFAULT_COMPLETION_MAX_TOKENS if max_tokens is None else max_tokens)
+        echo = None
+        if body.echo:
+            tok = engine.tokenizer
+            echo = [p if isinstance(p, str) else tok.decode(p) for p in prompts]
+        return await _respond(reqs, body, model_name, chat=False, tokenizer=engine.tokenizer,
+                              echo=echo)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: api.ChatRequest):
         _check_model(body.model, model_name)
         max_tokens = body.max_completion_tokens if body.max_tokens is None else body.max_tokens
-        req = _submit(engine, body, dict(messages=body.message_dicts()), max_tokens)
-        return await _respond(req, body, model_name, chat=True, tokenizer=engine.tokenizer)
+        reqs = _submit(engine, body, [dict(messages=body.message_dicts())], max_tokens)
+        return await _respond(reqs, body, model_name, chat=True, tokenizer=engine.tokenizer)
 
     return app
 
@@ -106,9 +113,26 @@ def _check_model(requested: str | None, served: str) -> None:
                            f"{served!r}", "model", "model_not_found")
 
 
-def _submit(engine: Engine, body: api._Request, prompt: dict[str, Any],
-            max_tokens: int | None) -> Request:
-    sampling = body.sampling()
+def _submit(engine: Engine, body: api._Request, prompts: list[dict[str, Any]],
+            max_tokens: int | None) -> list[Request]:
+    """n engine requests per prompt, in choice order; all or none: if one is refused, the
+    ones already queued are cancelled."""
+    n = body.num_choices()
+    sampling = [body.choice_sampling(j) for j in range(n)]
+    reqs: list[Request] = []
+    try:
+        for prompt in prompts:
+            for j in range(n):
+                reqs.append(_submit_one(engine, body, prompt, sampling[j], max_tokens))
+    except BaseException:
+        for r in reqs:
+            r.cancel()
+        raise
+    return reqs
+
+
+def _submit_one(engine: Engine, body: api._Request, prompt: dict[str, Any],
+                sampling: SamplingParams, max_tokens: int | None) -> Request:
     try:
         return engine.submit(**prompt, sampling=sampling, max_tokens=max_tokens,
                              stop=body.stop_list())
@@ -124,61 +148,92 @@ def _submit(engine: Engine, body: api._Request, prompt: dict[str, Any],
         raise api.ApiError(503, str(e), None, "engine_unavailable", "server_error") from e
 
 
-async def _respond(req: Request, body: api._Request, model: str, chat: bool,
-                   tokenizer: Tokenizer):
+async def _respond(reqs: list[Request], body: api._Request, model: str, chat: bool,
+                   tokenizer: Tokenizer, echo: list[str] | None = None):
     rid = api.new_id("chatcmpl" if chat else "cmpl")
+    n = body.num_choices()
     if body.stream:
-        return StreamingResponse(_sse(req, rid, model, chat, body.include_usage(), tokenizer),
+        return StreamingResponse(_sse(reqs, rid, model, chat, body.include_usage(), tokenizer,
+                                      n, echo),
                                  media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"})
     try:
-        result = await req.aresult()
+        results = await asyncio.gather(*(r.aresult() for r in reqs))
     except asyncio.CancelledError:
-        req.cancel()
+        for r in reqs:
+            r.cancel()
         raise
     except EngineClosedError as e:
         raise api.ApiError(503, str(e), None, "engine_unavailable", "server_error") from e
-    return api.completion_body(rid, model, result, chat, tokenizer)
+    return api.completion_body(rid, model, list(results), chat, tokenizer, n, echo)
 
 
 def _event(obj: Any) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
-async def _sse(req: Request, rid: str, model: str, chat: bool, include_usage: bool,
-               tokenizer: Tokenizer) -> AsyncIterator[str]:
-    """Chunks as the engine produces them; a client that disconnects cancels its request.
-    With logprobs, each chunk carries those of the tokens generated since the previous
-    chunk (text held back for a stop string may come a chunk later than its logprobs)."""
-    want, sent, offset = req.sampling.logprobs is not None, 0, 0
+async def _sse(reqs: list[Request], rid: str, model: str, chat: bool, include_usage: bool,
+               tokenizer: Tokenizer, n: int = 1, echo: list[str] | None = None
+               ) -> AsyncIterator[str]:
+    """Chunks as the engine produces them, each naming its choice (request i is choice i);
+    a client that disconnects cancels every request. With logprobs, each chunk carries
+    those of the tokens generated since the choice's previous chunk (text held back for a
+    stop string may come a chunk later than its logprobs)."""
+    queue: asyncio.Queue = asyncio.Queue()
 
-    def logprobs(entries) -> dict[str, Any] | None:
-        nonlocal sent, offset
-        if not want:
-            return None
-        new = entries[sent:]  # one snapshot: the engine thread may be appending
-        sent += len(new)
-        body = api.logprobs_body(new, tokenizer, chat, offset)
-        offset += 0 if chat else sum(map(len, body["tokens"]))
-        return body
+    async def pump(i: int, req: Request) -> None:
+        want, sent, offset = req.sampling.logprobs is not None, 0, 0
 
+        def logprobs(entries) -> dict[str, Any] | None:
+            nonlocal sent, offset
+            if not want:
+                return None
+            new = entries[sent:]  # one snapshot: the engine thread may be appending
+            sent += len(new)
+            body = api.logprobs_body(new, tokenizer, chat, offset)
+            offset += 0 if chat else sum(map(len, body["tokens"]))
+            return body
+
+        try:
+            if chat:
+                await queue.put(api.chunk_body(rid, model, chat, "", role=True, index=i))
+            elif echo:
+                await queue.put(api.chunk_body(rid, model, chat, echo[i // n], index=i))
+            async for delta in req:
+                await queue.put(api.chunk_body(rid, model, chat, delta, index=i,
+                                               logprobs=logprobs(req.logprobs)))
+            result = await req.aresult()
+            await queue.put(api.chunk_body(rid, model, chat, None if chat else "",
+                                           result.finish_reason, index=i,
+                                           logprobs=logprobs(result.logprobs or [])))
+            await queue.put(result)
+        except EngineClosedError as e:
+            await queue.put(e)
+
+    tasks = [asyncio.create_task(pump(i, r)) for i, r in enumerate(reqs)]
+    results: list[Any] = []
     try:
-        if chat:
-            yield _event(api.chunk_body(rid, model, chat, "", role=True))
-        async for delta in req:
-            yield _event(api.chunk_body(rid, model, chat, delta,
-                                        logprobs=logprobs(req.logprobs)))
-        result = await req.aresult()
-        yield _event(api.chunk_body(rid, model, chat, None if chat else "",
-                                    result.finish_reason,
-                                    logprobs=logprobs(result.logprobs or [])))
-        if include_usage:
-            yield _event(api.usage_chunk(rid, model, chat, result))
-    except EngineClosedError as e:
-        yield _event(api.error_body(str(e), "server_error", None, "engine_unavailable"))
+        while len(results) < len(reqs):
+            item = await queue.get()
+            if isinstance(item, EngineClosedError):
+                yield _event(api.error_body(str(item), "server_error", None,
+                                            "engine_unavailable"))
+                break
+            if isinstance(item, dict):
+                yield _event(item)
+            else:
+                results.append(item)
+        else:
+            if include_usage:
+                order = {r.id: i for i, r in enumerate(reqs)}
+                results.sort(key=lambda res: order[res.request_id])
+                yield _event(api.usage_chunk(rid, model, chat, results, n))
     finally:
-        if not req.done:
-            req.cancel()
+        for t in tasks:
+            t.cancel()
+        for r in reqs:
+            if not r.done:
+                r.cancel()
     yield "data: [DONE]\n\n"
 
 

@@ -93,6 +93,47 @@ def test_streaming_events(url):
     assert len({c["id"] for c in chunks}) == 1
 
 
+def test_n_choices_and_prompt_batches(url, engine):
+    """n choices per prompt and a list of prompts: choice i of prompt p is index p * n + i;
+    a seed gives choice i seed + i (choice 0 is what n=1 gives); usage counts each prompt
+    once; streaming interleaves the choices, each chunk naming its index."""
+    post = lambda body: requests.post(f"{url}/v1/completions", timeout=60,
+                                      json={"max_tokens": 6, **body}).json()
+    sampled = {"prompt": "Roll", "temperature": 1.0, "seed": 40}
+    out = post({**sampled, "n": 3})
+    assert [c["index"] for c in out["choices"]] == [0, 1, 2]
+    texts = [c["text"] for c in out["choices"]]
+    refs = [engine.submit("Roll", sampling=SamplingParams(temperature=1.0, seed=40 + i),
+                          max_tokens=6).result(timeout=30).text for i in range(3)]
+    assert texts == refs and len(set(texts)) == 3
+    assert post(sampled)["choices"][0]["text"] == texts[0]
+    assert out["usage"]["prompt_tokens"] == 4 and out["usage"]["completion_tokens"] == 18
+    assert len(out["metrics"]) == 3
+
+    batch = post({"prompt": ["Hello", "Bye now"], "n": 2, "temperature": 0, "echo": True})
+    singles = [post({"prompt": p, "temperature": 0}) for p in ("Hello", "Bye now")]
+    assert [c["text"] for c in batch["choices"]] == [
+        p + singles[i // 2]["choices"][0]["text"]
+        for i, p in enumerate(("Hello", "Hello", "Bye now", "Bye now"))]
+    assert batch["usage"]["prompt_tokens"] == 5 + 7
+
+    with requests.post(f"{url}/v1/completions", stream=True, timeout=60, json={
+            **sampled, "n": 3, "max_tokens": 6, "stream": True,
+            "stream_options": {"include_usage": True}}) as r:
+        chunks = _sse(r)
+    streamed = ["".join(c["choices"][0]["text"] for c in chunks
+                        if c["choices"] and c["choices"][0]["index"] == i) for i in range(3)]
+    assert streamed == texts
+    assert chunks[-1]["usage"]["completion_tokens"] == 18
+    with requests.post(f"{url}/v1/chat/completions", stream=True, timeout=60, json={
+            "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4, "n": 2,
+            "stream": True}) as r:
+        chunks = _sse(r)
+    roles = [c["choices"][0]["index"] for c in chunks
+             if c["choices"][0]["delta"].get("role") == "assistant"]
+    assert sorted(roles) == [0, 1]
+
+
 def test_openai_client(url, engine):
     openai = pytest.importorskip("openai")
     client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
@@ -121,7 +162,12 @@ def test_openai_client(url, engine):
     ("completions", {"prompt": "x", "top_p": 2}, "top_p"),
     ("completions", {"prompt": "x", "top_k": -2}, "top_k"),
     ("completions", {"prompt": "x", "presence_penalty": 3}, "presence_penalty"),
-    ("completions", {"prompt": "x", "n": 2}, "n"),
+    ("completions", {"prompt": "x", "n": 0}, "n"),
+    ("completions", {"prompt": "x", "n": 17}, "n"),
+    ("completions", {"prompt": ["x"] * 65}, "prompt"),
+    ("completions", {"prompt": ["x", ""]}, "prompt"),
+    ("completions", {"prompt": "x", "echo": True, "logprobs": 1}, "echo"),
+    ("completions", {"prompt": "x", "suffix": "y"}, "suffix"),
     ("completions", {"prompt": "x", "max_tokens": 0}, "max_tokens"),
     ("completions", {"prompt": "x" * 300}, "prompt"),  # over the 256-token context
     ("completions", {"prompt": "x", "stop": [1]}, "stop"),
