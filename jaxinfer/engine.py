@@ -11,7 +11,8 @@ generate_step, the decode state donated). This module is the host scheduler arou
 background thread owns the device loop, callers hand it requests through a bounded queue
 and read text deltas back through per-request buffers (thread-safe, with asyncio wake-ups).
 Each loop turn the thread (1) prefills queued requests into free slots, one request at a
-time, under a prompt-token budget so decoding rows are not stalled for long; (2) dispatches
+time, under a prompt-token budget so decoding rows are not stalled for long (a longer
+prompt is prefilled in chunks over several turns, its slot reserved); (2) dispatches
 one decode step over every slot; (3) only then reads the previous step's tokens, so
 detokenizing, stop-string checks and streaming overlap the device computing the next
 token. A slot that finishes (EOS, length, stop string, cancel) is free for the next queued
