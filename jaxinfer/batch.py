@@ -29,7 +29,7 @@ from jaxinfer.errors import BadRequestError, JaxinferError
 from jaxinfer.sampling import SamplingParams
 
 SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "seed", "presence_penalty",
-                   "frequency_penalty", "repetition_penalty", "logprobs")
+                   "frequency_penalty", "repetition_penalty", "logprobs", "prompt_logprobs")
 _KNOWN = {"id", "prompt", "messages", "max_tokens", "stop", "metadata", *SAMPLING_FIELDS}
 
 
@@ -114,6 +114,8 @@ def _result_record(rid: Any, req: Request) -> dict[str, Any]:
         return {"id": rid, "error": str(e)}
     n = len(r.token_ids)
     extra = {} if r.logprobs is None else {"logprobs": [dataclasses.asdict(e) for e in r.logprobs]}
+    if r.prompt_logprobs is not None:
+        extra["prompt_logprobs"] = [e and dataclasses.asdict(e) for e in r.prompt_logprobs]
     return {"id": rid, "text": r.text, "token_ids": r.token_ids, **extra,
             "finish_reason": r.finish_reason,
             "usage": {"prompt_tokens": r.prompt_tokens, "completion_tokens": n,

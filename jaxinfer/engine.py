@@ -615,7 +615,8 @@ class Engine:
         hit, digests = 0, []
         if self._prefix is not None:
             digests = block_digests(ids, self._prefix.block)
-            hit = 0 if req.warmup else self._prefix.match(digests, n)
+            scored = req.sampling.prompt_logprobs is not None  # needs every position's logits
+            hit = 0 if req.warmup or scored else self._prefix.match(digests, n)
             row = self._prefix.load(digests, hit)
         else:
             row = init_cache(self.cfg, 1, self.max_len, self.kv_dtype, self._row_shardings)
@@ -635,10 +636,23 @@ class Engine:
         mask_1V = np.zeros((1, self.cfg.vocab_size), bool)
         mask_1V[0, ids] = True
         want = last and req.sampling.logprobs is not None
-        prefix = core.prefill(self.params, tokens_1T, np.array([take], np.int32), p.row,
-                              SamplingArrays.from_params([req.sampling]), mask_1V,
-                              np.array([req.max_tokens], np.int32), np.bool_(want),
-                              cfg=self.cfg, impl=self.impl)
+        args = (SamplingArrays.from_params([req.sampling]), mask_1V,
+                np.array([req.max_tokens], np.int32), np.bool_(want))
+        if req.sampling.prompt_logprobs is None:
+            prefix = core.prefill(self.params, tokens_1T, np.array([take], np.int32), p.row,
+                                  *args, cfg=self.cfg, impl=self.impl)
+        else:  # score the chunk: position t predicts prompt token p.done + t + 1
+            targets = ids[p.done + 1:p.done + take + 1]
+            targets_1T = np.zeros((1, T), np.int32)
+            targets_1T[0, :len(targets)] = targets
+            prefix, lp = core.prefill_scored(self.params, tokens_1T,
+                                             np.array([take], np.int32), p.row, targets_1T,
+                                             *args, cfg=self.cfg, impl=self.impl)
+            lp = to_host(lp)
+            if p.done == 0:
+                req.prompt_logprobs.append(None)  # the first token has no context
+            req.prompt_logprobs += host_logprobs(targets, lp.token_B, lp.top_ids_BN,
+                                                 lp.top_BN, req.sampling.prompt_logprobs)
         p.row, p.done = prefix.cache, p.done + take
         if not last:  # the rest at the next turns; its slot stays reserved
             self._partial = p
@@ -769,7 +783,9 @@ class Engine:
             m.decode_tokens_per_s = (n - 1) / span if span > 0 else 0.0
         result = EngineResult(req.id, req.text, list(req.token_ids), len(req.prompt_ids),
                               reason, m, None if req.sampling.logprobs is None
-                              else list(req.logprobs))
+                              else list(req.logprobs),
+                              None if req.sampling.prompt_logprobs is None
+                              else list(req.prompt_logprobs))
         if not req.warmup:
             self.metrics.on_finish(reason, m)
         req.publish(result=result)

@@ -3,6 +3,7 @@
 The scheduler (engine.py) is host code that only calls these, in MaxText's order:
 
     prefill(weights, tokens_1T, num_new_1, row, ...)  -> Prefix     one request, one row
+    prefill_scored(..., targets_1T, ...)  -> Prefix, Logprobs     the same, prompt scored
     insert(prefix, state, slot)                       -> state      state donated
     generate_step(weights, state, want_logprobs)      -> state, out_2B, Logprobs   every slot
     release(state, slot)                              -> state      host ended a row early
@@ -101,6 +102,31 @@ def prefill(weights: Weights, tokens_1T: jax.Array, num_new_1: jax.Array, row: K
     """Write a request's (padded) prompt tokens after the row's cached prefix and sample
     its first token exactly as `generate.start` does (step 0, zero counts)."""
     logits_1V, row = model.prefill(weights, tokens_1T, num_new_1, row, cfg, impl)
+    return _first_token(logits_1V, row, sampling, prompt_mask_1V, max_new_1, want_logprobs,
+                        cfg)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "impl"), donate_argnames=("row",))
+def prefill_scored(weights: Weights, tokens_1T: jax.Array, num_new_1: jax.Array,
+                   row: KVCache, targets_1T: jax.Array, sampling: SamplingArrays,
+                   prompt_mask_1V: jax.Array, max_new_1: jax.Array, want_logprobs: jax.Array,
+                   cfg: ModelConfig, impl: str = "xla") -> tuple[Prefix, Logprobs]:
+    """`prefill` that also scores the prompt: at each of the T positions, log p(target)
+    with targets_1T[0, t] the prompt token after position t, and the likeliest tokens
+    (prompt_logprobs). A separate program, compiled only once somebody asks: it unembeds
+    every position, [T, V] logits instead of one row."""
+    x, row = model.hidden_states(weights, tokens_1T, row, cfg, impl)
+    logits_TV = model.unembed(weights, x[0])
+    scored = step_logprobs(logits_TV, targets_1T[0], jnp.bool_(True))
+    last = jnp.clip(num_new_1[0] - 1, 0, tokens_1T.shape[1] - 1)
+    prefix = _first_token(logits_TV[last][None], row.with_lengths(row.lengths + num_new_1),
+                          sampling, prompt_mask_1V, max_new_1, want_logprobs, cfg)
+    return prefix, scored
+
+
+def _first_token(logits_1V: jax.Array, row: KVCache, sampling: SamplingArrays,
+                 prompt_mask_1V: jax.Array, max_new_1: jax.Array, want_logprobs: jax.Array,
+                 cfg: ModelConfig) -> Prefix:
     counts_1V = jnp.zeros((1, cfg.vocab_size), jnp.int32)
     token_1 = sample(logits_1V, sampling, jnp.zeros((1,), jnp.int32), counts_1V,
                      prompt_mask_1V)

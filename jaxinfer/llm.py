@@ -105,6 +105,13 @@ def _same_seeds_everywhere(sampling: list[SamplingParams]) -> list[SamplingParam
             for p, s in zip(sampling, seeds, strict=True)]
 
 
+def _no_prompt_logprobs(sampling: list[SamplingParams]) -> None:
+    if any(p.prompt_logprobs is not None for p in sampling):
+        raise BadRequestError("prompt_logprobs is served by the engine (jaxinfer.engine.Engine, "
+                              "batch jobs, the server's echo); LLM.generate gives logprobs of "
+                              "generated tokens only")
+
+
 class LLM:
     """A loaded model: config, weights (on a mesh), tokenizer; text in, text out.
 
@@ -237,6 +244,7 @@ class LLM:
         ids = [self.encode(p, chat) for p in batch]
         sp = sampling if isinstance(sampling, list) else [sampling or SamplingParams()] * len(ids)
         mn = max_new_tokens if isinstance(max_new_tokens, list) else [max_new_tokens] * len(ids)
+        _no_prompt_logprobs(sp)
         if draft is not None:
             res = self._speculate(ids, sp, mn, stop, draft, num_speculative_tokens, ngram_size)
             return res[0] if single else res
@@ -304,6 +312,7 @@ class LLM:
         ids = self.encode(prompt, chat)
         t0 = time.perf_counter()
         sampling = sampling or SamplingParams()
+        _no_prompt_logprobs([sampling])
         state = self._start([ids], [sampling], [max_new_tokens])
         pending = jnp.stack([state.tokens_B, state.done_B.astype(jnp.int32)])
         dec = StreamDecoder(self.tokenizer, ids)

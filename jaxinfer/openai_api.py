@@ -80,6 +80,10 @@ class _Request(BaseModel):
         """How many alternatives each token's logprobs carry; None: no logprobs."""
         return None
 
+    def num_prompt_logprobs(self) -> int | None:
+        """How many alternatives each prompt token's logprobs carry; None: none."""
+        return None
+
     def num_choices(self) -> int:
         n = 1 if self.n is None else self.n
         if not 1 <= n <= MAX_N:
@@ -92,6 +96,8 @@ class _Request(BaseModel):
         sp = self.sampling()
         if j and sp.seed is not None:
             sp = dataclasses.replace(sp, seed=sp.seed + j)
+        if self.num_prompt_logprobs() is not None:
+            sp = dataclasses.replace(sp, prompt_logprobs=self.num_prompt_logprobs())
         return sp
 
     def stop_list(self) -> list[str]:
@@ -113,6 +119,15 @@ class CompletionRequest(_Request):
             raise ApiError(400, f"logprobs must be in [0, {MAX_LOGPROBS}], got {n}", "logprobs")
         return n
 
+    def num_prompt_logprobs(self) -> int | None:
+        """echo with logprobs also scores the prompt (how evaluation harnesses compute
+        log-likelihoods)."""
+        return self.num_logprobs() if self.echo else None
+
+    def scoring_only(self) -> bool:
+        """echo with max_tokens 0: the prompt (and its logprobs), nothing generated."""
+        return self.echo and self.max_tokens == 0
+
     def prompt_inputs(self) -> list[str | list[int]]:
         """The prompts, as text or token ids: one, or a batch (a list of strings or of
         token-id lists), answered as choices in order."""
@@ -126,9 +141,9 @@ class CompletionRequest(_Request):
             raise ApiError(400, "prompt is empty or mixes text and token ids", "prompt")
         if self.suffix:
             raise ApiError(400, "suffix is not supported", "suffix")
-        if self.echo and self.logprobs is not None:
-            raise ApiError(400, "echo with logprobs (prompt logprobs) is not supported",
-                           "echo")
+        if self.stream and self.echo and (self.logprobs is not None or self.scoring_only()):
+            raise ApiError(400, "echo with logprobs or max_tokens=0 is not streamed; send "
+                           "stream=false", "stream")
         return prompts
 
 
@@ -230,15 +245,37 @@ def _metrics(results: list[EngineResult]) -> dict[str, Any] | list[dict[str, Any
     return ms[0] if len(ms) == 1 else ms
 
 
+def echo_logprobs_body(prompt_ids: list[int], prompt: list[TokenLogprob | None],
+                       generated: list[TokenLogprob], tokenizer: Tokenizer) -> dict[str, Any]:
+    """Legacy completions logprobs of an echoed prompt and then the completion: the first
+    prompt token has no logprob (null), as in OpenAI's echo responses."""
+    head = logprobs_body([e for e in prompt if e is not None], tokenizer, False)
+    first = tokenizer.token_bytes(prompt_ids[0]).decode("utf-8", "replace")
+    tail = logprobs_body(generated, tokenizer, False)
+    tokens = [first] + head["tokens"] + tail["tokens"]
+    offsets = [0]
+    for t in tokens[:-1]:
+        offsets.append(offsets[-1] + len(t))
+    return {"tokens": tokens, "token_logprobs": [None] + head["token_logprobs"]
+            + tail["token_logprobs"],
+            "top_logprobs": [None] + head["top_logprobs"] + tail["top_logprobs"],
+            "text_offset": offsets}
+
+
 def completion_body(rid: str, model: str, results: list[EngineResult], chat: bool,
                     tokenizer: Tokenizer | None = None, n: int = 1,
-                    echo: list[str] | None = None) -> dict[str, Any]:
+                    echo: list[str] | None = None,
+                    prompt_ids: list[list[int]] | None = None) -> dict[str, Any]:
     """The whole response, choice i from results[i] (n per prompt, prompts in order);
-    `tokenizer` renders logprobs where asked; `echo` holds each prompt's text."""
+    `tokenizer` renders logprobs where asked; `echo` holds each prompt's text, and
+    `prompt_ids` each choice's prompt ids where its prompt was scored."""
     choices = []
     for i, result in enumerate(results):
         lp = (logprobs_body(result.logprobs, tokenizer, chat)
               if result.logprobs is not None and tokenizer is not None else None)
+        if result.prompt_logprobs is not None and prompt_ids and tokenizer is not None:
+            lp = echo_logprobs_body(prompt_ids[i], result.prompt_logprobs,
+                                    result.logprobs or [], tokenizer)
         choice: dict[str, Any] = {"index": i, "finish_reason": result.finish_reason,
                                   "logprobs": lp}
         if chat:

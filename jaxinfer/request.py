@@ -30,6 +30,8 @@ class EngineResult:
     finish_reason: str  # "stop" (EOS or stop string), "length" or "cancelled"
     metrics: RequestMetrics
     logprobs: list[TokenLogprob] | None = None  # one per token id, if the request asked
+    # One per prompt token (None for the first), if the request asked (prompt_logprobs).
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -58,6 +60,7 @@ class Request:
         self.cancel_seen = False  # the engine applied the cancel (at a turn boundary)
         self.token_ids: list[int] = []
         self.logprobs: list[TokenLogprob] = []  # readers may take a prefix while it grows
+        self.prompt_logprobs: list[TokenLogprob | None] = []
         self.text = ""
         self.emitted = 0
         self.first_t: float | None = None

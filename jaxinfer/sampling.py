@@ -51,6 +51,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0  # OpenAI: subtracted once per occurrence
     seed: int | None = None  # None: drawn from host entropy when the batch is built
     logprobs: int | None = None  # None: off; n: each token's logprob and the n most likely
+    prompt_logprobs: int | None = None  # the same for every prompt token (engine only)
 
     GREEDY: ClassVar[SamplingParams]
 
@@ -76,11 +77,12 @@ class SamplingParams:
         if self.seed is not None and (
                 isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer))):
             raise BadRequestError(f"seed must be an integer or None, got {self.seed!r}")
-        n = self.logprobs
-        if n is not None and (isinstance(n, bool) or not isinstance(n, (int, np.integer))
-                              or not 0 <= n <= MAX_LOGPROBS):
-            raise BadRequestError(f"logprobs must be an integer in [0, {MAX_LOGPROBS}] or None, "
-                                  f"got {n!r}")
+        for name in ("logprobs", "prompt_logprobs"):
+            n = getattr(self, name)
+            if n is not None and (isinstance(n, bool) or not isinstance(n, (int, np.integer))
+                                  or not 0 <= n <= MAX_LOGPROBS):
+                raise BadRequestError(f"{name} must be an integer in [0, {MAX_LOGPROBS}] or "
+                                      f"None, got {n!r}")
 
 
 SamplingParams.GREEDY = SamplingParams(temperature=0.0)

@@ -17,6 +17,7 @@ device is busy. Bad requests get 400 with OpenAI's error body; a full queue gets
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import socket
 import threading
@@ -88,8 +89,11 @@ def create_app(engine: Engine, model_name: str) -> FastAPI:
         _check_model(body.model, model_name)
         max_tokens = body.max_tokens
         prompts = body.prompt_inputs()
-        reqs = _submit(engine, body, [dict(prompt=p) for p in prompts],
-                       DEFAULT_COMPLETION_MAX_TOKENS if max_tokens is None else max_tokens)
+        if max_tokens is None:
+            max_tokens = DEFAULT_COMPLETION_MAX_TOKENS
+        elif body.scoring_only():
+            max_tokens = 1  # the engine always samples one token: dropped from the answer
+        reqs = _submit(engine, body, [dict(prompt=p) for p in prompts], max_tokens)
         echo = None
         if body.echo:
             tok = engine.tokenizer
@@ -165,7 +169,12 @@ async def _respond(reqs: list[Request], body: api._Request, model: str, chat: bo
         raise
     except EngineClosedError as e:
         raise api.ApiError(503, str(e), None, "engine_unavailable", "server_error") from e
-    return api.completion_body(rid, model, list(results), chat, tokenizer, n, echo)
+    if getattr(body, "scoring_only", lambda: False)():
+        results = [dataclasses.replace(r, text="", token_ids=[], finish_reason="length",
+                                       logprobs=None if r.logprobs is None else [])
+                   for r in results]
+    return api.completion_body(rid, model, list(results), chat, tokenizer, n, echo,
+                               [r.prompt_ids for r in reqs])
 
 
 def _event(obj: Any) -> str:

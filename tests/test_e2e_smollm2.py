@@ -66,12 +66,16 @@ def test_streaming_equals_batch_path(llm):
 
 def test_engine_logprobs_match_hf(llm, hf_model):
     """The engine's and LLM.generate's per-token logprobs (and top-5) equal log_softmax of
-    HF's logits over the prompt plus the generated tokens (teacher forcing)."""
+    HF's logits over the prompt plus the generated tokens (teacher forcing); so do the
+    engine's prompt_logprobs, the prompt prefilled in chunks."""
     from jaxinfer.engine import Engine, EngineConfig
 
     ids = llm.tokenizer.encode(PROMPTS[3])
-    with Engine.from_llm(llm, EngineConfig(num_slots=2, max_len=256)) as eng:
-        r = eng.submit(ids, sampling=SamplingParams(temperature=0, logprobs=5),
+    # The prompt in 4-token chunks, scored too (prompt_logprobs).
+    with Engine.from_llm(llm, EngineConfig(num_slots=2, max_len=256,
+                                           prefill_token_budget=4)) as eng:
+        r = eng.submit(ids, sampling=SamplingParams(temperature=0, logprobs=5,
+                                                    prompt_logprobs=5),
                        max_tokens=12).result(timeout=300)
     out = llm.generate(ids, sampling=SamplingParams(temperature=0, logprobs=5),
                        max_new_tokens=12)  # the library's while-loop path
@@ -85,6 +89,13 @@ def test_engine_logprobs_match_hf(llm, hf_model):
         top_ids, top_lp = zip(*e.top, strict=True)
         assert list(top_ids[:2]) == list(np.argsort(-row)[:2])  # ties below: order may vary
         np.testing.assert_allclose(top_lp, np.sort(row)[::-1][:5], atol=1e-3)
+    with torch.no_grad():
+        prompt_ref = torch.log_softmax(hf_model(torch.tensor([ids])).logits[0], -1).numpy()
+    assert r.prompt_logprobs[0] is None and len(r.prompt_logprobs) == len(ids) > 4
+    for t, e in enumerate(r.prompt_logprobs[1:]):
+        assert e.token_id == ids[t + 1] and abs(e.logprob - prompt_ref[t, e.token_id]) < 1e-3
+        np.testing.assert_allclose([x for _, x in e.top], np.sort(prompt_ref[t])[::-1][:5],
+                                   atol=1e-3)
 
 
 def test_france_says_paris(llm):

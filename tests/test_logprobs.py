@@ -157,3 +157,69 @@ def test_bad_logprobs_requests_get_400(url, path, body, param):
     r = requests.post(f"{url}/v1/{path}", json={**base, **body}, timeout=30)
     assert r.status_code == 400, r.text
     assert param in r.json()["error"]["message"] or r.json()["error"]["param"] == param
+
+
+def _prompt_reference(prompt_ids):
+    """log_softmax of model.forward over the prompt: row t scores prompt token t + 1."""
+    logits, _ = model.forward(W, jnp.asarray([prompt_ids]), kv_cache.init_cache(TINY, 1, 64),
+                              TINY)
+    return np.asarray(jax.nn.log_softmax(logits[0], -1))
+
+
+def test_prompt_logprobs_chunked_and_past_the_prefix_cache():
+    """prompt_logprobs=n: every prompt token's logprob (None for the first) and its n
+    likeliest alternatives, also when the prompt is prefilled in 16-token chunks and when
+    its prefix is cached (the cache is bypassed: every position must be computed)."""
+    prompt = np.random.default_rng(3).integers(4, TINY.vocab_size, 40).tolist()
+    ref = _prompt_reference(prompt)
+    with tiny_engine(num_slots=2, prefill_token_budget=16, prefix_block=16) as eng:
+        eng.submit(prompt, max_tokens=2).result(timeout=60)  # fills the prefix cache
+        sp = SamplingParams(temperature=0, prompt_logprobs=3, logprobs=1)
+        r = eng.submit(prompt, sampling=sp, max_tokens=3).result(timeout=60)
+        plain = eng.submit(prompt, sampling=SamplingParams(temperature=0),
+                           max_tokens=3).result(timeout=60)
+    assert r.token_ids == plain.token_ids and plain.prompt_logprobs is None
+    assert r.metrics.cached_tokens == 0 and len(r.prompt_logprobs) == len(prompt)
+    assert r.prompt_logprobs[0] is None
+    for t, e in enumerate(r.prompt_logprobs[1:]):
+        assert e.token_id == prompt[t + 1]
+        assert abs(e.logprob - ref[t, e.token_id]) < 1e-4
+        assert [i for i, _ in e.top] == list(np.argsort(-ref[t])[:3])
+    with pytest.raises(BadRequestError, match="prompt_logprobs must be"):
+        SamplingParams(prompt_logprobs=21)
+
+
+def test_llm_generate_refuses_prompt_logprobs():
+    from jaxinfer.llm import LLM
+
+    with pytest.raises(BadRequestError, match="prompt_logprobs is served by the engine"):
+        LLM(TINY, W, CharTokenizer()).generate("abc", sampling=SamplingParams(
+            prompt_logprobs=1), max_new_tokens=2)
+
+
+def test_server_echo_scores_the_prompt(url, engine):
+    """echo + logprobs (what evaluation harnesses send for log-likelihoods): the prompt's
+    tokens and logprobs (first null), then the completion's; max_tokens 0 scores only."""
+    body = {"prompt": "Hello world", "echo": True, "logprobs": 2, "temperature": 0}
+    out = requests.post(f"{url}/v1/completions", json={**body, "max_tokens": 3},
+                        timeout=60).json()
+    ids = engine.encode("Hello world")
+    ref = engine.submit(ids, sampling=SamplingParams(temperature=0, logprobs=2,
+                                                     prompt_logprobs=2),
+                        max_tokens=3).result(timeout=60)
+    c = out["choices"][0]
+    assert c["text"] == "Hello world" + ref.text
+    lp = c["logprobs"]
+    assert len(lp["tokens"]) == len(ids) + 3 and lp["token_logprobs"][0] is None
+    assert lp["top_logprobs"][0] is None and lp["text_offset"][:2] == [0, 1]
+    want = [e.logprob for e in ref.prompt_logprobs[1:]] + [e.logprob for e in ref.logprobs]
+    np.testing.assert_allclose(lp["token_logprobs"][1:], want, atol=1e-6)
+    only = requests.post(f"{url}/v1/completions", json={**body, "max_tokens": 0},
+                         timeout=60).json()
+    c = only["choices"][0]
+    assert c["text"] == "Hello world" and len(c["logprobs"]["tokens"]) == len(ids)
+    assert only["usage"]["completion_tokens"] == 0
+    np.testing.assert_allclose(c["logprobs"]["token_logprobs"][1:], want[:len(ids) - 1],
+                               atol=1e-6)
+    r = requests.post(f"{url}/v1/completions", json={**body, "stream": True}, timeout=60)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "stream"
