@@ -14,7 +14,7 @@ import pytest
 from jaxinfer.batch import run_batch
 from jaxinfer.sampling import GREEDY
 
-from .engine_helpers import tiny_engine
+from .engine_helpers import CharTokenizer, tiny_engine
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -133,6 +133,7 @@ def test_logprobs_field(tmp_path):
     inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     lines = [{"id": "lp", "prompt": "first prompt", "temperature": 0, "logprobs": 2},
              {"id": "no", "prompt": "first prompt", "temperature": 0},
+             {"id": "plp", "prompt": "first prompt", "temperature": 0, "prompt_logprobs": 1},
              {"id": "bad", "prompt": "x", "logprobs": 99}]
     inp.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
     with tiny_engine() as eng:
@@ -142,3 +143,7 @@ def test_logprobs_field(tmp_path):
     assert [e["token_id"] for e in lp] == by_id["lp"]["token_ids"] == by_id["no"]["token_ids"]
     assert all(len(e["top"]) == 2 and e["top"][0][0] == e["token_id"] for e in lp)
     assert "logprobs" not in by_id["no"] and "logprobs" in by_id["bad"]["error"]
+    plp = by_id["plp"]["prompt_logprobs"]
+    assert plp[0] is None and len(plp) == len("first prompt")  # one token per character
+    assert [e["token_id"] for e in plp[1:]] == CharTokenizer().encode("first prompt")[1:]
+    assert "prompt_logprobs" not in by_id["lp"]
