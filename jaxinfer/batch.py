@@ -27,10 +27,14 @@ from typing import Any
 from jaxinfer.engine import Engine, EngineConfig, Request
 from jaxinfer.errors import BadRequestError, JaxinferError
 from jaxinfer.sampling import SamplingParams
+from jaxinfer.structured import from_openai
 
 SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "seed", "presence_penalty",
                    "frequency_penalty", "repetition_penalty", "logprobs", "prompt_logprobs")
-_KNOWN = {"id", "prompt", "messages", "max_tokens", "stop", "metadata", *SAMPLING_FIELDS}
+CONSTRAINT_FIELDS = ("response_format", "guided_json", "guided_regex", "guided_choice",
+                     "guided_grammar")  # structured output, as the server takes them
+_KNOWN = {"id", "prompt", "messages", "max_tokens", "stop", "metadata", *SAMPLING_FIELDS,
+          *CONSTRAINT_FIELDS}
 
 
 @dataclasses.dataclass
@@ -104,6 +108,9 @@ def parse_request(obj: Any, defaults: dict[str, Any]) -> dict[str, Any]:
     if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
         raise BadRequestError(f"stop must be a string or a list of strings, got {stop!r}")
     kw["stop"] = stop
+    constraint = from_openai(*(obj.get(k) for k in CONSTRAINT_FIELDS))
+    if constraint is not None:
+        kw["constraint"] = constraint
     return kw
 
 

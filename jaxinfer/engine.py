@@ -72,6 +72,7 @@ from jaxinfer.sampling import (
     TokenLogprob,
     host_logprobs,
 )
+from jaxinfer.structured import Constraint, Grammars
 from jaxinfer.tokenizer import StreamDecoder, Tokenizer
 
 _LIVE: weakref.WeakSet[Engine] = weakref.WeakSet()
@@ -215,6 +216,12 @@ class Engine:
                 self._draft_row_shardings = _row_shardings(
                     cache_shardings(self._spec.cfg, config.num_slots, self.max_len, mesh))
         self._state = core.release(self._state, np.int32(0))  # compile it now, not mid-run
+        # Structured output: bitmasks of the tokens each row may sample (all ones: any).
+        self._grammars = Grammars(tokenizer, cfg.vocab_size, eos)
+        self._ones_1W = self._grammars.all_allowed(1)
+        self._mask_place = core.placement(device, mesh)
+        self._ones_BW = jax.device_put(self._grammars.all_allowed(config.num_slots),
+                                       self._mask_place)
         self._prefix = None
         if config.prefix_block and config.prefix_cache_mb > 0:
             self._prefix = PrefixCache(cfg, self.max_len, config.prefix_block,
@@ -328,11 +335,13 @@ class Engine:
                messages: list[dict[str, Any]] | None = None,
                sampling: SamplingParams | None = None, max_tokens: int | None = None,
                stop: str | Sequence[str] = (), on_finish: Callable[[Request], None] | None
-               = None, block: bool = False, _warmup: bool = False) -> Request:
+               = None, block: bool = False, constraint: Constraint | None = None,
+               _warmup: bool = False) -> Request:
         """Queue a request. `max_tokens` None fills the slot. Raises BadRequestError
         (ContextLengthError) for bad input and EngineOverloadedError when the queue is
-        full, unless `block` waits for room. `on_finish` runs on the engine thread. In a
-        multi-process run only process 0 submits (NotLeaderError elsewhere)."""
+        full, unless `block` waits for room. `on_finish` runs on the engine thread. With
+        `constraint` (structured.py) the output matches a JSON schema, regex, choice or
+        grammar. In a multi-process run only process 0 submits (NotLeaderError elsewhere)."""
         if not self.is_leader:
             raise NotLeaderError(f"process {jax.process_index()} follows process 0's engine; "
                                  "submit requests on process 0")
@@ -359,6 +368,14 @@ class Engine:
         if self._spec is not None:  # penalties, logprobs: not in the accept/reject rule
             spec.check_request([sampling], self._spec.k, self._spec.ngram_size, self.cfg,
                                self._spec.cfg)
+        matcher = None
+        if constraint is not None:
+            if not isinstance(constraint, Constraint):
+                raise BadRequestError(f"constraint must be a Constraint, got {constraint!r}")
+            if self._spec is not None:
+                raise BadRequestError("speculative decoding does not support structured "
+                                      "output; serve without a draft for it")
+            matcher = self._grammars.matcher(constraint)
         if self._turns is not None and sampling.seed is None:  # every process draws alike
             sampling = dataclasses.replace(sampling, seed=secrets.randbits(64))
         with self._cv:
@@ -371,10 +388,12 @@ class Engine:
                 self._check_open()
             req = Request(self._next_id, ids, sampling, int(max_tokens),
                           tuple(s for s in stop if s), self._cancel, on_finish, _warmup)
+            req.constraint, req.matcher = constraint, matcher
             self._next_id += 1
             self._submitted[req.id] = req
             self._inbox.append(sync.Submit(req.id, ids, sampling, req.max_tokens, req.stop,
-                                           _warmup))
+                                           _warmup, None if constraint is None
+                                           else constraint.to_json()))
             self._cv.notify_all()
         return req
 
@@ -492,6 +511,9 @@ class Engine:
                 if req is None:  # a follower: its own copy of process 0's request
                     req = Request(e.id, e.prompt_ids, e.sampling, e.max_tokens, e.stop,
                                   self._cancel, None, e.warmup)
+                    if e.constraint is not None:
+                        req.constraint = Constraint.from_json(e.constraint)
+                        req.matcher = self._grammars.matcher(req.constraint)
                 self._live[e.id] = req
                 with self._cv:
                     self._queue.append(req)
@@ -519,11 +541,18 @@ class Engine:
                     break
                 self._admit()
                 out = lp = None
+                if pending is not None and self._constrained():
+                    # A constrained row's next mask needs the token in flight: no overlap.
+                    self._consume(*pending[:3])
+                    if self._turns is not None and self.is_leader:
+                        self._turns.forget(pending[3])
+                    pending = None
                 if self._decoding and self._spec is None:
                     want = any(r is not None and r.sampling.logprobs is not None
                                for r in self._slots)
                     self._state, out, lp = core.generate_step(
-                        self.params, self._state, np.bool_(want), self.cfg, self.impl)
+                        self.params, self._state, np.bool_(want), self._masks(), self.cfg,
+                        self.impl)
                     lp = lp if want else None
                 elif self._decoding:
                     sp = self._spec
@@ -558,6 +587,20 @@ class Engine:
         if self._turns is not None:
             log.info("process %d: engine stopped: %d requests finished, token digest %s",
                      jax.process_index(), self.requests_finished, self.token_digest)
+
+    def _constrained(self) -> list[int]:
+        return [i for i, r in enumerate(self._slots) if r is not None and r.matcher is not None]
+
+    def _masks(self) -> jax.Array:
+        """Each slot's allowed next tokens: all for unconstrained rows (a resident buffer,
+        no transfer), the matcher's bitmask for constrained ones."""
+        rows = self._constrained()
+        if not rows:
+            return self._ones_BW
+        mask = self._grammars.all_allowed(self.config.num_slots)
+        for i in rows:
+            self._grammars.fill(self._slots[i].matcher, mask, i)
+        return jax.device_put(mask, self._mask_place)
 
     def _admit(self) -> None:
         """Prefill under this turn's prompt-token budget: first the next chunk of a prompt
@@ -636,8 +679,12 @@ class Engine:
         mask_1V = np.zeros((1, self.cfg.vocab_size), bool)
         mask_1V[0, ids] = True
         want = last and req.sampling.logprobs is not None
+        allowed = self._ones_1W
+        if last and req.matcher is not None:
+            allowed = self._grammars.all_allowed(1)
+            self._grammars.fill(req.matcher, allowed, 0)
         args = (SamplingArrays.from_params([req.sampling]), mask_1V,
-                np.array([req.max_tokens], np.int32), np.bool_(want))
+                np.array([req.max_tokens], np.int32), np.bool_(want), allowed)
         if req.sampling.prompt_logprobs is None:
             prefix = core.prefill(self.params, tokens_1T, np.array([take], np.int32), p.row,
                                   *args, cfg=self.cfg, impl=self.impl)
@@ -746,7 +793,12 @@ class Engine:
         is_eos = tok in self.eos_ids
         if not is_eos:
             req.text += req.decoder.push(tok)
-        finished = device_done or is_eos
+        complete = False  # the request's grammar is complete: nothing but EOS could follow
+        if req.matcher is not None and not is_eos:
+            if not req.matcher.consume_token(tok):
+                log.warning("request %d left its grammar: %s", req.id, req.matcher.get_error())
+            complete = req.matcher.is_stopped()
+        finished = device_done or is_eos or complete
         if finished and not is_eos:
             req.text += req.decoder.flush()
         # Text before `emitted` cannot start a stop string (it was not held back).
@@ -759,7 +811,8 @@ class Engine:
             delta, req.emitted = req.text[req.emitted:end], end
         req.publish(delta)
         if finished:
-            self._finish(slot, req, "stop" if is_eos or cut >= 0 else "length", device_done)
+            self._finish(slot, req, "stop" if is_eos or complete or cut >= 0 else "length",
+                         device_done)
         return gap
 
     def _finish(self, slot: int, req: Request, reason: str, device_done: bool) -> None:

@@ -5,7 +5,8 @@ The scheduler (engine.py) is host code that only calls these, in MaxText's order
     prefill(weights, tokens_1T, num_new_1, row, ...)  -> Prefix     one request, one row
     prefill_scored(..., targets_1T, ...)  -> Prefix, Logprobs     the same, prompt scored
     insert(prefix, state, slot)                       -> state      state donated
-    generate_step(weights, state, want_logprobs)      -> state, out_2B, Logprobs   every slot
+    generate_step(weights, state, want_logprobs, mask_BW)
+                                              -> state, out_2B, Logprobs   every slot
     release(state, slot)                              -> state      host ended a row early
     load_prefix(pools, table_J, n)                    -> KVCache    prefix-cache blocks -> row
     save_blocks(pools, row, src_J, dst_J)             -> pools      pools donated
@@ -15,7 +16,9 @@ a request's row is a one-row cache [L, 1, K, S, H]. The prefix-cache pool holds 
 `blk` tokens, one pool per cache tensor: `k`, `v` [L, P, K, blk, H], and for an int8 cache
 `k_scale`, `v_scale` [L, P, K, blk]; a row is J = S // blk blocks. A row's sampling key
 is folded with the row's own generated-token count (`num_generated_B`), so a seeded request
-samples the same tokens whatever slot it lands in and whoever its neighbours are.
+samples the same tokens whatever slot it lands in and whoever its neighbours are. `mask_BW`
+and `mask_1W` are int32 bitmasks of the tokens each row may sample (structured.py); all
+ones for an unconstrained row.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from jaxinfer import model
 from jaxinfer.config import ModelConfig
 from jaxinfer.kv_cache import KVCache, cache_shardings, init_cache
 from jaxinfer.sampling import IDLE_ROW, Logprobs, SamplingArrays, sample, step_logprobs
+from jaxinfer.structured import apply_bitmask
 from jaxinfer.weights import Weights
 
 
@@ -98,19 +102,21 @@ def put_row(dst: KVCache, src: KVCache, slot: jax.Array) -> KVCache:
 @functools.partial(jax.jit, static_argnames=("cfg", "impl"), donate_argnames=("row",))
 def prefill(weights: Weights, tokens_1T: jax.Array, num_new_1: jax.Array, row: KVCache,
             sampling: SamplingArrays, prompt_mask_1V: jax.Array, max_new_1: jax.Array,
-            want_logprobs: jax.Array, cfg: ModelConfig, impl: str = "xla") -> Prefix:
+            want_logprobs: jax.Array, mask_1W: jax.Array, cfg: ModelConfig,
+            impl: str = "xla") -> Prefix:
     """Write a request's (padded) prompt tokens after the row's cached prefix and sample
     its first token exactly as `generate.start` does (step 0, zero counts)."""
     logits_1V, row = model.prefill(weights, tokens_1T, num_new_1, row, cfg, impl)
     return _first_token(logits_1V, row, sampling, prompt_mask_1V, max_new_1, want_logprobs,
-                        cfg)
+                        mask_1W, cfg)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "impl"), donate_argnames=("row",))
 def prefill_scored(weights: Weights, tokens_1T: jax.Array, num_new_1: jax.Array,
                    row: KVCache, targets_1T: jax.Array, sampling: SamplingArrays,
                    prompt_mask_1V: jax.Array, max_new_1: jax.Array, want_logprobs: jax.Array,
-                   cfg: ModelConfig, impl: str = "xla") -> tuple[Prefix, Logprobs]:
+                   mask_1W: jax.Array, cfg: ModelConfig, impl: str = "xla"
+                   ) -> tuple[Prefix, Logprobs]:
     """`prefill` that also scores the prompt: at each of the T positions, log p(target)
     with targets_1T[0, t] the prompt token after position t, and the likeliest tokens
     (prompt_logprobs). A separate program, compiled only once somebody asks: it unembeds
@@ -120,16 +126,16 @@ def prefill_scored(weights: Weights, tokens_1T: jax.Array, num_new_1: jax.Array,
     scored = step_logprobs(logits_TV, targets_1T[0], jnp.bool_(True))
     last = jnp.clip(num_new_1[0] - 1, 0, tokens_1T.shape[1] - 1)
     prefix = _first_token(logits_TV[last][None], row.with_lengths(row.lengths + num_new_1),
-                          sampling, prompt_mask_1V, max_new_1, want_logprobs, cfg)
+                          sampling, prompt_mask_1V, max_new_1, want_logprobs, mask_1W, cfg)
     return prefix, scored
 
 
 def _first_token(logits_1V: jax.Array, row: KVCache, sampling: SamplingArrays,
                  prompt_mask_1V: jax.Array, max_new_1: jax.Array, want_logprobs: jax.Array,
-                 cfg: ModelConfig) -> Prefix:
+                 mask_1W: jax.Array, cfg: ModelConfig) -> Prefix:
     counts_1V = jnp.zeros((1, cfg.vocab_size), jnp.int32)
-    token_1 = sample(logits_1V, sampling, jnp.zeros((1,), jnp.int32), counts_1V,
-                     prompt_mask_1V)
+    token_1 = sample(apply_bitmask(logits_1V, mask_1W), sampling, jnp.zeros((1,), jnp.int32),
+                     counts_1V, prompt_mask_1V)
     return Prefix(cache=row, token_1=token_1, prompt_mask_1V=prompt_mask_1V,
                   sampling=sampling, max_new_1=max_new_1,
                   logprobs=step_logprobs(logits_1V, token_1, want_logprobs))
@@ -154,12 +160,17 @@ def insert(prefix: Prefix, state: gen.DecodeState, slot: jax.Array) -> gen.Decod
         sampling=state.sampling.with_row(slot, prefix.sampling))
 
 
+@functools.partial(jax.jit, static_argnames=("cfg", "impl"), donate_argnames=("state",))
 def generate_step(weights: Weights, state: gen.DecodeState, want_logprobs: jax.Array,
-                  cfg: ModelConfig, impl: str = "xla"
+                  mask_BW: jax.Array, cfg: ModelConfig, impl: str = "xla"
                   ) -> tuple[gen.DecodeState, jax.Array, Logprobs]:
-    """One token for every slot; i32[2, B] (token, done) comes back as a fresh buffer, and
-    every slot's log-probabilities when `want_logprobs` (some slot's request asked)."""
-    return gen.step(weights, state, want_logprobs, cfg=cfg, impl=impl)
+    """One token for every slot, each drawn from the tokens its `mask_BW` row allows;
+    i32[2, B] (token, done) comes back as a fresh buffer, and every slot's (raw, unmasked)
+    log-probabilities when `want_logprobs` (some slot's request asked)."""
+    state, logits = gen._step_logits(weights, state, cfg, impl,
+                                     lambda x: apply_bitmask(x, mask_BW))
+    lp = step_logprobs(logits, state.tokens_B, want_logprobs)
+    return state, jnp.stack([state.tokens_B, state.done_B.astype(jnp.int32)]), lp
 
 
 @functools.partial(jax.jit, donate_argnames=("state",))

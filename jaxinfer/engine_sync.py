@@ -42,6 +42,7 @@ class Submit:
     max_tokens: int
     stop: tuple[str, ...]
     warmup: bool
+    constraint: dict | None = None  # structured.Constraint.to_json()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,7 +77,8 @@ def decode(data: bytes) -> list[Event]:
         if "submit" in d:
             s = d["submit"]
             events.append(Submit(s["id"], s["prompt_ids"], SamplingParams(**s["sampling"]),
-                                 s["max_tokens"], tuple(s["stop"]), s["warmup"]))
+                                 s["max_tokens"], tuple(s["stop"]), s["warmup"],
+                                 s.get("constraint")))
         elif "cancel" in d:
             events.append(Cancel(d["cancel"]))
         else:

@@ -113,13 +113,14 @@ def start(weights: Weights, prompt_BT: jax.Array, prompt_len_B: jax.Array, cache
     return _advance(state, logits, cache)
 
 
-def _step_logits(weights: Weights, state: DecodeState, cfg: ModelConfig, impl: str
-                 ) -> tuple[DecodeState, jax.Array]:
-    """One decode step, and the logits its tokens were sampled from."""
+def _step_logits(weights: Weights, state: DecodeState, cfg: ModelConfig, impl: str,
+                 mask=None) -> tuple[DecodeState, jax.Array]:
+    """One decode step, and the raw logits; `mask` (logits -> logits) restricts what may
+    be sampled (structured output)."""
     logits, cache = decode_logits(weights, state.tokens_B, state.cache, cfg, impl)
     # Rows already done must not grow: undo their length increment.
     cache = cache.with_lengths(jnp.where(state.done_B, state.cache.lengths, cache.lengths))
-    return _advance(state, logits, cache), logits
+    return _advance(state, logits if mask is None else mask(logits), cache), logits
 
 
 def _step(weights: Weights, state: DecodeState, cfg: ModelConfig, impl: str) -> DecodeState:

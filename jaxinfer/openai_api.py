@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict
 from jaxinfer.engine import EngineResult
 from jaxinfer.errors import BadRequestError
 from jaxinfer.sampling import MAX_LOGPROBS, SamplingParams, TokenLogprob
+from jaxinfer.structured import Constraint, from_openai
 from jaxinfer.tokenizer import Tokenizer
 
 MAX_N = 16  # choices per prompt (each is an engine request)
@@ -62,6 +63,26 @@ class _Request(BaseModel):
     n: int | None = None
     stream: bool = False
     stream_options: dict[str, Any] | None = None
+    # Structured output: OpenAI's response_format, or vLLM's guided_* extensions.
+    response_format: dict[str, Any] | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None  # a Lark grammar
+
+    def constraint(self) -> Constraint | None:
+        try:
+            return from_openai(self.response_format, self.guided_json, self.guided_regex,
+                               self.guided_choice, self.guided_grammar)
+        except BadRequestError as e:
+            raise ApiError(400, str(e), self.constraint_param()) from e
+
+    def constraint_param(self) -> str:
+        """The structured-output field this request used (for error bodies)."""
+        for name in ("guided_json", "guided_regex", "guided_choice", "guided_grammar"):
+            if getattr(self, name) is not None:
+                return name
+        return "response_format"
 
     def sampling(self) -> SamplingParams:
         """Validated sampling settings; OpenAI's ranges for the penalties on top."""

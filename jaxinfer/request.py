@@ -58,6 +58,8 @@ class Request:
         self.cancel_requested = False
         # Engine-thread state.
         self.cancel_seen = False  # the engine applied the cancel (at a turn boundary)
+        self.constraint: Any = None  # structured.Constraint, and its llguidance matcher
+        self.matcher: Any = None
         self.token_ids: list[int] = []
         self.logprobs: list[TokenLogprob] = []  # readers may take a prefix while it grows
         self.prompt_logprobs: list[TokenLogprob | None] = []

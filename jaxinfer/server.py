@@ -41,6 +41,7 @@ from jaxinfer.engine import (
 )
 from jaxinfer.errors import BadRequestError, TokenizerError
 from jaxinfer.sampling import SamplingParams
+from jaxinfer.structured import Constraint
 from jaxinfer.tokenizer import Tokenizer
 
 DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
@@ -123,11 +124,13 @@ def _submit(engine: Engine, body: api._Request, prompts: list[dict[str, Any]],
     ones already queued are cancelled."""
     n = body.num_choices()
     sampling = [body.choice_sampling(j) for j in range(n)]
+    constraint = body.constraint()
     reqs: list[Request] = []
     try:
         for prompt in prompts:
             for j in range(n):
-                reqs.append(_submit_one(engine, body, prompt, sampling[j], max_tokens))
+                reqs.append(_submit_one(engine, body, prompt, sampling[j], max_tokens,
+                                        constraint))
     except BaseException:
         for r in reqs:
             r.cancel()
@@ -136,15 +139,18 @@ def _submit(engine: Engine, body: api._Request, prompts: list[dict[str, Any]],
 
 
 def _submit_one(engine: Engine, body: api._Request, prompt: dict[str, Any],
-                sampling: SamplingParams, max_tokens: int | None) -> Request:
+                sampling: SamplingParams, max_tokens: int | None,
+                constraint: Constraint | None) -> Request:
     try:
         return engine.submit(**prompt, sampling=sampling, max_tokens=max_tokens,
-                             stop=body.stop_list())
+                             stop=body.stop_list(), constraint=constraint)
     except ContextLengthError as e:
         raise api.ApiError(400, str(e), "messages" if "messages" in prompt else "prompt",
                            "context_length_exceeded") from e
     except (BadRequestError, TokenizerError) as e:
         named = [p for p in ("max_tokens", "stop", "logprobs", *prompt) if p in str(e)]
+        if "constraint" in str(e) or "structured output" in str(e):
+            named = [body.constraint_param()]
         raise api.ApiError(400, str(e), named[0] if named else next(iter(prompt))) from e
     except EngineOverloadedError as e:
         raise api.ApiError(429, str(e), None, "queue_full", "rate_limit_error") from e

@@ -98,6 +98,11 @@ class Tokenizer(ABC):
             raise TokenizerError(f"token id {token_id} outside vocabulary of {self.vocab_size}")
         return self._token_bytes(int(token_id))
 
+    @property
+    def special_ids(self) -> frozenset[int]:
+        """Control tokens (BOS, EOS, chat markers): never text a grammar may match."""
+        return frozenset(self.eos_ids) | ({self.bos_id} if self.bos_id is not None else set())
+
     def _token_bytes(self, token_id: int) -> bytes:
         """SentencePiece-style pieces: '▁' is a space, '<0xNN>' a byte-fallback byte."""
         piece = self._id_to_token(token_id)
@@ -186,6 +191,10 @@ class HFTokenizer(Tokenizer):
     def _added_tokens(self) -> dict[int, Any]:
         return self._tok.get_added_tokens_decoder()  # a fresh dict per call: keep one
 
+    @property
+    def special_ids(self) -> frozenset[int]:
+        return super().special_ids | {i for i, t in self._added_tokens.items() if t.special}
+
     def _token_bytes(self, token_id: int) -> bytes:
         added = self._added_tokens.get(token_id)
         if added is not None:  # special tokens are their own text
@@ -243,6 +252,10 @@ class SPTokenizer(Tokenizer):
         pad = pad_id if pad_id is not None else (sp.pad_id() if sp.pad_id() >= 0 else None)
         self._init_meta(bos, eos, pad, bos is not None if add_bos is None else add_bos,
                         chat_template, extra_eos)
+
+    @property
+    def special_ids(self) -> frozenset[int]:
+        return super().special_ids | set(self._control.values())
 
     def _token_to_id(self, token: str) -> int | None:
         i = self._sp.piece_to_id(token)

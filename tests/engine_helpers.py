@@ -14,7 +14,7 @@ class CharTokenizer:
     eos_ids = (3,)
     bos_id = None
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
         return [min(max(ord(c) - 32, 0), 94) for c in text]
 
     def decode(self, ids) -> str:

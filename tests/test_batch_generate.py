@@ -3,6 +3,7 @@ interrupted run writes every id exactly once; the script end to end on SmolLM2."
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -134,6 +135,8 @@ def test_logprobs_field(tmp_path):
     lines = [{"id": "lp", "prompt": "first prompt", "temperature": 0, "logprobs": 2},
              {"id": "no", "prompt": "first prompt", "temperature": 0},
              {"id": "plp", "prompt": "first prompt", "temperature": 0, "prompt_logprobs": 1},
+             {"id": "rx", "prompt": "code:", "guided_regex": "[0-9]{4}"},
+             {"id": "badrx", "prompt": "code:", "guided_regex": "(oops"},
              {"id": "bad", "prompt": "x", "logprobs": 99}]
     inp.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
     with tiny_engine() as eng:
@@ -147,3 +150,5 @@ def test_logprobs_field(tmp_path):
     assert plp[0] is None and len(plp) == len("first prompt")  # one token per character
     assert [e["token_id"] for e in plp[1:]] == CharTokenizer().encode("first prompt")[1:]
     assert "prompt_logprobs" not in by_id["lp"]
+    assert re.fullmatch("[0-9]{4}", by_id["rx"]["text"]), by_id["rx"]
+    assert "bad constraint" in by_id["badrx"]["error"]

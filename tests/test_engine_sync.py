@@ -10,13 +10,10 @@ from jaxinfer import engine_sync as sync
 from jaxinfer.engine import Engine, EngineClosedError, EngineConfig, NotLeaderError
 from jaxinfer.errors import DistributedError
 from jaxinfer.sampling import GREEDY, SamplingParams
+from jaxinfer.structured import Constraint
 
 from .engine_helpers import CharTokenizer, W
 from .helpers import TINY
-
-
-class NoEos(CharTokenizer):
-    eos_ids = ()  # a cancelled request cannot have ended by itself first
 
 
 class FakeLog:
@@ -48,8 +45,8 @@ def pair(monkeypatch):
     store, cond = {}, threading.Condition()
     logs = iter([FakeLog(store, cond, True), FakeLog(store, cond, False)])
     monkeypatch.setattr(sync, "connect", lambda: next(logs))
-    cfg, config = TINY.replace(eos_token_ids=()), EngineConfig(num_slots=4, max_len=256)
-    leader, follower = (Engine(W, cfg, NoEos(), config) for _ in range(2))
+    config = EngineConfig(num_slots=4, max_len=256)
+    leader, follower = (Engine(W, TINY, CharTokenizer(), config) for _ in range(2))
     yield leader, follower
     leader.close()
     follower.close()
@@ -57,7 +54,8 @@ def pair(monkeypatch):
 
 def test_wire_format_round_trip():
     events = [sync.Submit(3, [1, 2, 3], SamplingParams(temperature=0.7, top_k=5, seed=2**64 - 1,
-                                                       logprobs=2), 9, ("\n", "x"), False),
+                                                       logprobs=2), 9, ("\n", "x"), False,
+                          Constraint(choice=("a", "b c")).to_json()),
               sync.Cancel(3), sync.Close(), sync.Close("boom")]
     assert sync.decode(sync.encode(events)) == events
 
@@ -73,7 +71,11 @@ def test_follower_replays_the_leader(pair):
                 (SamplingParams(temperature=0.9, top_p=0.8, seed=5, logprobs=2), ()),
                 (SamplingParams(temperature=1.0, repetition_penalty=1.3), ("e",)),
                 (GREEDY, ()), (SamplingParams(temperature=2.0), ())])]  # 6 > 4 slots
-    long = leader.submit("zz", sampling=SamplingParams(temperature=1.0), max_tokens=200)
+    reqs.append(leader.submit("json", sampling=SamplingParams(temperature=1.0), max_tokens=30,
+                              constraint=Constraint(regex=r"[a-z]{2,8}@[a-z]{2,5}\.com")))
+    # EOS is not allowed before 300 letters: the cancel, not EOS, must end it.
+    long = leader.submit("zz", sampling=SamplingParams(temperature=1.0), max_tokens=200,
+                         constraint=Constraint(regex="[a-z]{300}"))
     next(iter(long))
     long.cancel()  # mid-decode: applied at the same turn on both
     results = [r.result(timeout=120) for r in reqs + [long]]

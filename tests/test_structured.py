@@ -1,0 +1,138 @@
+"""Structured output: the bitmask applied on device, constraints from OpenAI/vLLM fields,
+the engine's constrained decoding (tiny model), the server's response_format, and a JSON
+schema on SmolLM2."""
+
+import json
+import re
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import requests
+
+from jaxinfer.errors import BadRequestError
+from jaxinfer.sampling import GREEDY, SamplingParams
+from jaxinfer.server import BackgroundServer, create_app
+from jaxinfer.structured import Constraint, apply_bitmask, from_openai
+
+from .engine_helpers import tiny_engine
+
+SCHEMA = {"type": "object", "properties": {"ok": {"type": "boolean"},
+                                           "n": {"type": "integer"}},
+          "required": ["ok", "n"], "additionalProperties": False}
+
+
+def test_apply_bitmask_matches_numpy_unpacking():
+    rng = np.random.default_rng(0)
+    V = 70  # not a multiple of 32: the last word is partly past the vocabulary
+    mask = rng.integers(-2**31, 2**31 - 1, (3, 3), dtype=np.int64).astype(np.int32)
+    mask[1] = -1
+    logits = rng.normal(size=(3, V)).astype(np.float32)
+    got = np.asarray(apply_bitmask(jnp.asarray(logits), jnp.asarray(mask)))
+    bits = np.unpackbits(mask.view(np.uint8), axis=1, bitorder="little")[:, :V].astype(bool)
+    np.testing.assert_array_equal(got, np.where(bits, logits, -np.inf))
+    assert np.array_equal(got[1], logits[1])
+
+
+@pytest.mark.parametrize("kw", [{}, {"regex": "a", "choice": ["b"]}, {"json_schema": "x"},
+                                {"choice": "ab"}, {"choice": ["a", ""]}, {"regex": 3}])
+def test_bad_constraints_raise(kw):
+    with pytest.raises(BadRequestError):
+        Constraint(**kw)
+
+
+def test_from_openai_fields():
+    assert from_openai() is None and from_openai({"type": "text"}) is None
+    assert from_openai({"type": "json_object"}) == Constraint(json_object=True)
+    rf = {"type": "json_schema", "json_schema": {"name": "x", "schema": SCHEMA}}
+    assert from_openai(rf) == Constraint(json_schema=SCHEMA)
+    assert from_openai(guided_json=json.dumps(SCHEMA)) == Constraint(json_schema=SCHEMA)
+    assert from_openai(guided_choice=["a", "b"]) == Constraint(choice=("a", "b"))
+    assert from_openai(guided_regex="a+") == Constraint(regex="a+")
+    for bad in [dict(response_format={"type": "xml"}),
+                dict(response_format={"type": "json_schema"}),
+                dict(guided_regex="a", guided_choice=["b"])]:
+        with pytest.raises(BadRequestError):
+            from_openai(**bad)
+
+
+@pytest.fixture(scope="module")
+def engine():
+    with tiny_engine(num_slots=4, max_len=256) as eng:
+        eng.warmup()
+        yield eng
+
+
+def test_constrained_requests_match_and_do_not_recompile(engine):
+    """A regex, a choice and a JSON schema on the tiny random model (whose unconstrained
+    text is noise): each output matches, ends as soon as its grammar is complete, and an
+    unconstrained neighbour decodes exactly what it decodes alone; no compilations."""
+    before = engine.compile_count
+    alone = engine.submit("free text", sampling=GREEDY, max_tokens=20).result(timeout=60)
+    sampled = SamplingParams(temperature=1.0, seed=3)
+    reqs = [engine.submit("id:", sampling=sampled, max_tokens=40,
+                          constraint=Constraint(regex=r"[a-c]{3}-[0-9]{2}")),
+            engine.submit("pick", sampling=GREEDY, max_tokens=40,
+                          constraint=Constraint(choice=("red", "green", "blue sky"))),
+            engine.submit("json", sampling=sampled, max_tokens=120,
+                          constraint=Constraint(json_schema=SCHEMA)),
+            engine.submit("free text", sampling=GREEDY, max_tokens=20)]
+    rx, ch, js, free = [r.result(timeout=120) for r in reqs]
+    assert re.fullmatch(r"[a-c]{3}-[0-9]{2}", rx.text) and rx.finish_reason == "stop"
+    assert len(rx.token_ids) == 6  # one character per token: it stopped when complete
+    assert ch.text in ("red", "green", "blue sky") and ch.finish_reason == "stop"
+    if js.finish_reason == "stop":  # a random model may ramble inside a string
+        obj = json.loads(js.text)
+        assert set(obj) == {"ok", "n"} and isinstance(obj["ok"], bool)
+    assert free.token_ids == alone.token_ids
+    assert engine.compile_count == before
+
+
+def test_bad_constraint_is_a_bad_request(engine):
+    with pytest.raises(BadRequestError, match="bad constraint"):
+        engine.submit("x", constraint=Constraint(regex="(unclosed"))
+    with pytest.raises(BadRequestError, match="bad constraint"):
+        engine.submit("x", constraint=Constraint(json_schema={"type": "bogus"}))
+
+
+def test_server_response_format(engine):
+    with BackgroundServer(create_app(engine, "tiny")) as srv:
+        url = f"{srv.url}/v1/chat/completions"
+        msgs = [{"role": "user", "content": "answer"}]
+        rf = {"type": "json_schema", "json_schema": {"name": "a", "schema": {
+            "type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"],
+            "additionalProperties": False}}}
+        out = requests.post(url, json={"messages": msgs, "response_format": rf,
+                                       "max_tokens": 60, "temperature": 0}, timeout=60).json()
+        c = out["choices"][0]
+        if c["finish_reason"] == "stop":
+            assert set(json.loads(c["message"]["content"])) == {"ok"}
+        out = requests.post(f"{srv.url}/v1/completions", timeout=60, json={
+            "prompt": "x", "guided_choice": ["yes", "no"], "max_tokens": 8}).json()
+        assert out["choices"][0]["text"] in ("yes", "no")
+        for body, param in [({"response_format": {"type": "xml"}}, "response_format"),
+                            ({"guided_regex": "(oops"}, "guided_regex"),
+                            ({"response_format": {"type": "json_schema", "json_schema": {
+                                "schema": {"type": "bogus"}}}}, "response_format")]:
+            r = requests.post(url, json={"messages": msgs, **body}, timeout=60)
+            assert r.status_code == 400, r.text
+            assert r.json()["error"]["param"] == param
+
+
+def test_json_schema_on_smollm2(smollm2_checkpoint):
+    """The real model answers a question as JSON that parses and follows the schema."""
+    from jaxinfer.engine import Engine, EngineConfig
+    from jaxinfer.llm import LLM
+
+    smollm2 = LLM.load(smollm2_checkpoint, dtype=jnp.float32)
+    schema = {"type": "object", "properties": {"city": {"type": "string"},
+                                               "country": {"type": "string"}},
+              "required": ["city", "country"], "additionalProperties": False}
+    msgs = [{"role": "user", "content": "What is the capital of France? Answer in JSON "
+                                        "with the keys city and country."}]
+    with Engine.from_llm(smollm2, EngineConfig(num_slots=2, max_len=256)) as eng:
+        r = eng.submit(messages=msgs, sampling=GREEDY, max_tokens=64,
+                       constraint=Constraint(json_schema=schema)).result(timeout=300)
+    assert r.finish_reason == "stop", r.text
+    obj = json.loads(r.text)
+    assert set(obj) == {"city", "country"} and "Paris" in obj["city"], r.text
