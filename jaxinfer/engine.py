@@ -220,8 +220,8 @@ class Engine:
         self._grammars = Grammars(tokenizer, cfg.vocab_size, eos)
         self._ones_1W = self._grammars.all_allowed(1)
         self._mask_place = core.placement(device, mesh)
-        self._ones_BW = jax.device_put(self._grammars.all_allowed(config.num_slots),
-                                       self._mask_place)
+        self._ones_BW = core.put(self._grammars.all_allowed(config.num_slots),
+                                 self._mask_place)
         self._prefix = None
         if config.prefix_block and config.prefix_cache_mb > 0:
             self._prefix = PrefixCache(cfg, self.max_len, config.prefix_block,
@@ -600,7 +600,7 @@ class Engine:
         mask = self._grammars.all_allowed(self.config.num_slots)
         for i in rows:
             self._grammars.fill(self._slots[i].matcher, mask, i)
-        return jax.device_put(mask, self._mask_place)
+        return core.put(mask, self._mask_place)
 
     def _admit(self) -> None:
         """Prefill under this turn's prompt-token budget: first the next chunk of a prompt

@@ -79,6 +79,16 @@ def placement(device: jax.Device | None, mesh: jax.sharding.Mesh | None):
     return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
 
 
+def put(x, place):
+    """A host array on `place` (a device, or a sharding over the mesh). Multi-process, a
+    replicated array is assembled from local copies: jax.device_put would first check,
+    with a collective, that every process passed the same value."""
+    if isinstance(place, jax.sharding.Sharding) and jax.process_count() > 1:
+        local = [jax.device_put(x, d) for d in place.addressable_devices]
+        return jax.make_array_from_single_device_arrays(x.shape, place, local)
+    return jax.device_put(x, place)
+
+
 def slots_cache(cfg: ModelConfig, B: int, S: int, dtype, device: jax.Device | None,
                 mesh: jax.sharding.Mesh | None) -> KVCache:
     """An empty B-slot cache on `device`, or sharded over `mesh` as LLM.generate's is."""

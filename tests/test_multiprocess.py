@@ -189,7 +189,9 @@ def test_two_process_server_follows_process_0(smollm2_checkpoint):
                   + [{"prompt": "Once upon a time", "temperature": 1.0},  # unseeded
                      {"prompt": "Once upon a time", "temperature": 0.8, "seed": 7},
                      {"prompt": "The capital of France is", "temperature": 0,
-                      "stop": [" Paris"]}])
+                      "stop": [" Paris"]},
+                     {"prompt": "Is water wet? Answer:", "temperature": 1.0,
+                      "guided_choice": [" yes", " no"]}])
         with ThreadPoolExecutor(len(bodies)) as pool:
             got = list(pool.map(complete, bodies))
         # A client that goes away mid-stream: its cancel reaches every process at the same
@@ -209,7 +211,7 @@ def test_two_process_server_follows_process_0(smollm2_checkpoint):
     texts = [g["choices"][0]["text"] for g in got]
     assert texts[:4] == [r["text"] for r in ref]
     assert "Paris" in texts[0] and got[6]["choices"][0]["finish_reason"] == "stop"
-    assert "Paris" not in texts[6]
+    assert "Paris" not in texts[6] and texts[7] in (" yes", " no")
     assert texts[-1] == ref[1]["text"]
     d0, d1 = _digests(outs)
     assert d0 == d1 and d0.startswith(f"{len(bodies) + 2} requests finished"), (d0, d1)

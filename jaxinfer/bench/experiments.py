@@ -8,6 +8,8 @@
     bucket  decode speed vs cache length S (the XLA attention reads the whole bucket)
     chunked the serving engine: decoding streams' inter-token gaps while long prompts are
             prefilled, chunked prefill vs whole prompts (and the long prompts' TTFT)
+    structured  the serving engine: one request's decode speed, unconstrained vs under a
+            JSON schema (per-step bitmask, no step overlap)
     layers  the forward alone (greedy, no sampling): layers under lax.scan (the model) vs a
             Python loop over static layer slices, to see what the scan's per-layer
             dynamic slice of the stacked weights costs
@@ -34,7 +36,8 @@ from jaxinfer.errors import ConfigError
 from jaxinfer.kv_cache import init_cache
 from jaxinfer.sampling import IDLE_ROW, SamplingArrays
 
-EXPERIMENTS = ("dtype", "quant", "donate", "loop", "bucket", "layers", "chunked")
+EXPERIMENTS = ("dtype", "quant", "donate", "loop", "bucket", "layers", "chunked",
+               "structured")
 
 
 def _start(llm, ids: list[int], batch: int, S: int, n: int) -> gen.DecodeState:
@@ -213,4 +216,9 @@ def run(llm, which: list[str], ids: list[int], n: int, batch: int, repeats: int,
         progress("experiment chunked: chunked prefill vs whole prompts in the engine")
         long_len = min(1024, llm.cfg.max_seq_len - 32)
         out["chunked"] = [engine_stall(llm, c, long_len, 128) for c in (True, False)]
+    if "structured" in which:
+        from jaxinfer.bench.measure import engine_structured
+
+        progress("experiment structured: a JSON-schema constraint vs none in the engine")
+        out["structured"] = engine_structured(llm, n, repeats)
     return out

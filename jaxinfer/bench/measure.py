@@ -162,6 +162,34 @@ def engine_stall(llm, chunked: bool, long_len: int, budget: int, rows: int = 2,
             "long_ttft_s": [r.metrics.ttft_s for r in res]}
 
 
+def engine_structured(llm, n: int = 64, repeats: int = 3) -> dict[str, Any]:
+    """Decode speed of one engine request, unconstrained vs under a JSON schema (a free
+    string field, so the constrained run decodes as long): the cost of the per-step mask
+    and of reading each step's token before dispatching the next."""
+    from jaxinfer.engine import Engine, EngineConfig
+    from jaxinfer.structured import Constraint
+
+    schema = {"type": "object", "properties": {"story": {"type": "string"}},
+              "required": ["story"], "additionalProperties": False}
+    msgs = [{"role": "user", "content": "Tell me a long story about a lighthouse keeper, "
+                                        "as JSON with the key story."}]
+    econf = EngineConfig(num_slots=1, max_len=512, prefix_block=0)
+    out: dict[str, Any] = {"max_tokens": n}
+    with Engine.from_llm(llm, econf) as engine:
+        engine.warmup()
+        for name, c in [("free", None), ("json_schema", Constraint(json_schema=schema))] * (
+                repeats + 1):
+            r = engine.submit(messages=msgs, sampling=GREEDY, max_tokens=n,
+                              constraint=c).result()
+            out.setdefault(name, []).append({"tokens": len(r.token_ids),
+                                             "decode_tps": r.metrics.decode_tokens_per_s})
+    for name in ("free", "json_schema"):
+        runs = out[name][1:]  # the first of each compiles
+        out[name] = {"tokens": runs[0]["tokens"],
+                     "decode_tps": statistics.median(x["decode_tps"] for x in runs)}
+    return out
+
+
 def _best_time(f, *args, repeats: int) -> float:
     jax.block_until_ready(f(*args))
     ts = []
