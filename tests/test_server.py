@@ -166,7 +166,7 @@ def test_openai_client(url, engine):
     ("completions", {"prompt": "x", "n": 17}, "n"),
     ("completions", {"prompt": ["x"] * 65}, "prompt"),
     ("completions", {"prompt": ["x", ""]}, "prompt"),
-    ("completions", {"prompt": "x", "echo": True, "logprobs": 1}, "echo"),
+    ("completions", {"prompt": "x", "echo": True, "logprobs": 1, "stream": True}, "stream"),
     ("completions", {"prompt": "x", "suffix": "y"}, "suffix"),
     ("completions", {"prompt": "x", "max_tokens": 0}, "max_tokens"),
     ("completions", {"prompt": "x" * 300}, "prompt"),  # over the 256-token context
