@@ -336,12 +336,15 @@ class Engine:
                sampling: SamplingParams | None = None, max_tokens: int | None = None,
                stop: str | Sequence[str] = (), on_finish: Callable[[Request], None] | None
                = None, block: bool = False, constraint: Constraint | None = None,
+               stop_token_ids: Sequence[int] = (), min_tokens: int = 0,
                _warmup: bool = False) -> Request:
         """Queue a request. `max_tokens` None fills the slot. Raises BadRequestError
         (ContextLengthError) for bad input and EngineOverloadedError when the queue is
         full, unless `block` waits for room. `on_finish` runs on the engine thread. With
         `constraint` (structured.py) the output matches a JSON schema, regex, choice or
-        grammar. In a multi-process run only process 0 submits (NotLeaderError elsewhere)."""
+        grammar. `stop_token_ids` end the request like EOS; `min_tokens` bans EOS and
+        them until that many tokens are out (vLLM's fields). In a multi-process run only
+        process 0 submits (NotLeaderError elsewhere)."""
         if not self.is_leader:
             raise NotLeaderError(f"process {jax.process_index()} follows process 0's engine; "
                                  "submit requests on process 0")
@@ -364,6 +367,15 @@ class Engine:
         stop = (stop,) if isinstance(stop, str) else tuple(stop)
         if not all(isinstance(s, str) for s in stop):
             raise BadRequestError(f"stop must be a string or a list of strings, got {stop!r}")
+        stop_ids = tuple(stop_token_ids)
+        if not all(isinstance(t, (int, np.integer)) and not isinstance(t, bool)
+                   and 0 <= t < self.cfg.vocab_size for t in stop_ids):
+            raise BadRequestError(f"stop_token_ids must be token ids in [0, "
+                                  f"{self.cfg.vocab_size}), got {list(stop_ids)!r}")
+        if (isinstance(min_tokens, bool) or not isinstance(min_tokens, (int, np.integer))
+                or not 0 <= min_tokens <= max_tokens):
+            raise BadRequestError(f"min_tokens must be an integer in [0, max_tokens="
+                                  f"{max_tokens}], got {min_tokens!r}")
         sampling = sampling or SamplingParams()
         if self._spec is not None:  # penalties, logprobs: not in the accept/reject rule
             spec.check_request([sampling], self._spec.k, self._spec.ngram_size, self.cfg,
@@ -389,11 +401,13 @@ class Engine:
             req = Request(self._next_id, ids, sampling, int(max_tokens),
                           tuple(s for s in stop if s), self._cancel, on_finish, _warmup)
             req.constraint, req.matcher = constraint, matcher
+            req.stop_ids, req.min_tokens = frozenset(int(t) for t in stop_ids), int(min_tokens)
             self._next_id += 1
             self._submitted[req.id] = req
             self._inbox.append(sync.Submit(req.id, ids, sampling, req.max_tokens, req.stop,
                                            _warmup, None if constraint is None
-                                           else constraint.to_json()))
+                                           else constraint.to_json(), sorted(req.stop_ids),
+                                           req.min_tokens))
             self._cv.notify_all()
         return req
 
@@ -514,6 +528,7 @@ class Engine:
                     if e.constraint is not None:
                         req.constraint = Constraint.from_json(e.constraint)
                         req.matcher = self._grammars.matcher(req.constraint)
+                    req.stop_ids, req.min_tokens = frozenset(e.stop_token_ids), e.min_tokens
                 self._live[e.id] = req
                 with self._cv:
                     self._queue.append(req)
@@ -541,8 +556,8 @@ class Engine:
                     break
                 self._admit()
                 out = lp = None
-                if pending is not None and self._constrained():
-                    # A constrained row's next mask needs the token in flight: no overlap.
+                if pending is not None and self._masked_rows():
+                    # A masked row's next mask needs the token in flight: no overlap.
                     self._consume(*pending[:3])
                     if self._turns is not None and self.is_leader:
                         self._turns.forget(pending[3])
@@ -588,18 +603,30 @@ class Engine:
             log.info("process %d: engine stopped: %d requests finished, token digest %s",
                      jax.process_index(), self.requests_finished, self.token_digest)
 
-    def _constrained(self) -> list[int]:
-        return [i for i, r in enumerate(self._slots) if r is not None and r.matcher is not None]
+    def _masked_rows(self) -> list[int]:
+        """Slots whose next token is restricted: a constraint, or min_tokens not reached."""
+        return [i for i, r in enumerate(self._slots) if r is not None and (
+            r.matcher is not None or len(r.token_ids) < r.min_tokens)]
+
+    def _fill_mask(self, req: Request, mask: np.ndarray, row: int) -> None:
+        """Row `row` of `mask`: what `req` may sample next (its grammar's tokens, minus EOS
+        and its stop ids while it is short of min_tokens)."""
+        if req.matcher is not None:
+            self._grammars.fill(req.matcher, mask, row)
+        if len(req.token_ids) < req.min_tokens:
+            words = mask[row].view(np.uint32)
+            for t in self.eos_ids | req.stop_ids:
+                words[t // 32] &= ~np.uint32(1 << (t % 32))
 
     def _masks(self) -> jax.Array:
-        """Each slot's allowed next tokens: all for unconstrained rows (a resident buffer,
-        no transfer), the matcher's bitmask for constrained ones."""
-        rows = self._constrained()
+        """Each slot's allowed next tokens: all for unrestricted rows (a resident buffer,
+        no transfer), `_fill_mask`'s for the others."""
+        rows = self._masked_rows()
         if not rows:
             return self._ones_BW
         mask = self._grammars.all_allowed(self.config.num_slots)
         for i in rows:
-            self._grammars.fill(self._slots[i].matcher, mask, i)
+            self._fill_mask(self._slots[i], mask, i)
         return core.put(mask, self._mask_place)
 
     def _admit(self) -> None:
@@ -680,9 +707,9 @@ class Engine:
         mask_1V[0, ids] = True
         want = last and req.sampling.logprobs is not None
         allowed = self._ones_1W
-        if last and req.matcher is not None:
+        if last and (req.matcher is not None or req.min_tokens > 0):
             allowed = self._grammars.all_allowed(1)
-            self._grammars.fill(req.matcher, allowed, 0)
+            self._fill_mask(req, allowed, 0)
         args = (SamplingArrays.from_params([req.sampling]), mask_1V,
                 np.array([req.max_tokens], np.int32), np.bool_(want), allowed)
         if req.sampling.prompt_logprobs is None:
@@ -790,7 +817,7 @@ class Engine:
         req.token_ids.append(tok)
         if logprob is not None:
             req.logprobs.append(logprob)
-        is_eos = tok in self.eos_ids
+        is_eos = tok in self.eos_ids or tok in req.stop_ids
         if not is_eos:
             req.text += req.decoder.push(tok)
         complete = False  # the request's grammar is complete: nothing but EOS could follow

@@ -63,6 +63,8 @@ class _Request(BaseModel):
     n: int | None = None
     stream: bool = False
     stream_options: dict[str, Any] | None = None
+    stop_token_ids: list[int] | None = None  # extension (vLLM): end like EOS
+    min_tokens: int | None = None  # extension (vLLM): no EOS/stop ids before this many
     # Structured output: OpenAI's response_format, or vLLM's guided_* extensions.
     response_format: dict[str, Any] | None = None
     guided_json: dict[str, Any] | str | None = None

@@ -143,12 +143,16 @@ def _submit_one(engine: Engine, body: api._Request, prompt: dict[str, Any],
                 constraint: Constraint | None) -> Request:
     try:
         return engine.submit(**prompt, sampling=sampling, max_tokens=max_tokens,
-                             stop=body.stop_list(), constraint=constraint)
+                             stop=body.stop_list(), constraint=constraint,
+                             stop_token_ids=body.stop_token_ids or (),
+                             min_tokens=body.min_tokens or 0)
     except ContextLengthError as e:
         raise api.ApiError(400, str(e), "messages" if "messages" in prompt else "prompt",
                            "context_length_exceeded") from e
     except (BadRequestError, TokenizerError) as e:
-        named = [p for p in ("max_tokens", "stop", "logprobs", *prompt) if p in str(e)]
+        named = [p for p in ("stop_token_ids", "min_tokens", "max_tokens", "stop", "logprobs",
+                             *prompt) if str(e).startswith(p)]
+        named = named or [p for p in ("max_tokens", "stop", "logprobs", *prompt) if p in str(e)]
         if "constraint" in str(e) or "structured output" in str(e):
             named = [body.constraint_param()]
         raise api.ApiError(400, str(e), named[0] if named else next(iter(prompt))) from e

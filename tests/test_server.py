@@ -168,6 +168,9 @@ def test_openai_client(url, engine):
     ("completions", {"prompt": ["x", ""]}, "prompt"),
     ("completions", {"prompt": "x", "echo": True, "logprobs": 1, "stream": True}, "stream"),
     ("completions", {"prompt": "x", "suffix": "y"}, "suffix"),
+    ("completions", {"prompt": "x", "max_tokens": 3, "min_tokens": 5}, "min_tokens"),
+    ("completions", {"prompt": "x", "stop_token_ids": [-1]}, "stop_token_ids"),
+    ("completions", {"prompt": "x", "stop_token_ids": "a"}, "stop_token_ids"),
     ("completions", {"prompt": "x", "max_tokens": 0}, "max_tokens"),
     ("completions", {"prompt": "x" * 300}, "prompt"),  # over the 256-token context
     ("completions", {"prompt": "x", "stop": [1]}, "stop"),
