@@ -30,7 +30,8 @@ from jaxinfer.sampling import SamplingParams
 from jaxinfer.structured import from_openai
 
 SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "seed", "presence_penalty",
-                   "frequency_penalty", "repetition_penalty", "logprobs", "prompt_logprobs")
+                   "frequency_penalty", "repetition_penalty", "logprobs", "prompt_logprobs",
+                   "logit_bias")
 CONSTRAINT_FIELDS = ("response_format", "guided_json", "guided_regex", "guided_choice",
                      "guided_grammar")  # structured output, as the server takes them
 _KNOWN = {"id", "prompt", "messages", "max_tokens", "stop", "metadata", "stop_token_ids",

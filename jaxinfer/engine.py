@@ -70,6 +70,7 @@ from jaxinfer.sampling import (
     SamplingArrays,
     SamplingParams,
     TokenLogprob,
+    check_vocab,
     host_logprobs,
 )
 from jaxinfer.structured import Constraint, Grammars
@@ -377,6 +378,7 @@ class Engine:
             raise BadRequestError(f"min_tokens must be an integer in [0, max_tokens="
                                   f"{max_tokens}], got {min_tokens!r}")
         sampling = sampling or SamplingParams()
+        check_vocab([sampling], self.cfg.vocab_size)
         if self._spec is not None:  # penalties, logprobs: not in the accept/reject rule
             spec.check_request([sampling], self._spec.k, self._spec.ngram_size, self.cfg,
                                self._spec.cfg)

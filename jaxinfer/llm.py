@@ -32,7 +32,13 @@ from jaxinfer.kv_cache import KVCache, cache_shardings, init_cache
 from jaxinfer.memory import device_bytes
 from jaxinfer.quant import QuantConfig
 from jaxinfer.runtime import to_host
-from jaxinfer.sampling import SamplingArrays, SamplingParams, TokenLogprob, host_logprobs
+from jaxinfer.sampling import (
+    SamplingArrays,
+    SamplingParams,
+    TokenLogprob,
+    check_vocab,
+    host_logprobs,
+)
 from jaxinfer.sharding import ShardingRules, make_mesh
 from jaxinfer.tokenizer import StreamDecoder, Tokenizer, load_tokenizer
 from jaxinfer.weights import Weights, quantize_weights, weight_shardings, weight_specs
@@ -105,7 +111,8 @@ def _same_seeds_everywhere(sampling: list[SamplingParams]) -> list[SamplingParam
             for p, s in zip(sampling, seeds, strict=True)]
 
 
-def _no_prompt_logprobs(sampling: list[SamplingParams]) -> None:
+def _check_sampling(sampling: list[SamplingParams], vocab_size: int) -> None:
+    check_vocab(sampling, vocab_size)
     if any(p.prompt_logprobs is not None for p in sampling):
         raise BadRequestError("prompt_logprobs is served by the engine (jaxinfer.engine.Engine, "
                               "batch jobs, the server's echo); LLM.generate gives logprobs of "
@@ -244,7 +251,7 @@ class LLM:
         ids = [self.encode(p, chat) for p in batch]
         sp = sampling if isinstance(sampling, list) else [sampling or SamplingParams()] * len(ids)
         mn = max_new_tokens if isinstance(max_new_tokens, list) else [max_new_tokens] * len(ids)
-        _no_prompt_logprobs(sp)
+        _check_sampling(sp, self.cfg.vocab_size)
         if draft is not None:
             res = self._speculate(ids, sp, mn, stop, draft, num_speculative_tokens, ngram_size)
             return res[0] if single else res
@@ -312,7 +319,7 @@ class LLM:
         ids = self.encode(prompt, chat)
         t0 = time.perf_counter()
         sampling = sampling or SamplingParams()
-        _no_prompt_logprobs([sampling])
+        _check_sampling([sampling], self.cfg.vocab_size)
         state = self._start([ids], [sampling], [max_new_tokens])
         pending = jnp.stack([state.tokens_B, state.done_B.astype(jnp.int32)])
         dec = StreamDecoder(self.tokenizer, ids)

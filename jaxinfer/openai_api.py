@@ -22,10 +22,12 @@ from jaxinfer.sampling import MAX_LOGPROBS, SamplingParams, TokenLogprob
 from jaxinfer.structured import Constraint, from_openai
 from jaxinfer.tokenizer import Tokenizer
 
+UNSUPPORTED = ("tools", "tool_choice", "functions", "function_call", "best_of", "audio",
+               "modalities", "prediction", "web_search_options")
 MAX_N = 16  # choices per prompt (each is an engine request)
 MAX_PROMPTS = 64  # prompts in one /v1/completions request
 SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "seed", "presence_penalty",
-                   "frequency_penalty", "repetition_penalty")
+                   "frequency_penalty", "repetition_penalty", "logit_bias")
 
 
 class ApiError(Exception):
@@ -60,6 +62,7 @@ class _Request(BaseModel):
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     repetition_penalty: float | None = None  # extension
+    logit_bias: dict[str, int | float] | None = None
     n: int | None = None
     stream: bool = False
     stream_options: dict[str, Any] | None = None
@@ -88,6 +91,7 @@ class _Request(BaseModel):
 
     def sampling(self) -> SamplingParams:
         """Validated sampling settings; OpenAI's ranges for the penalties on top."""
+        self.check_supported()
         for name in ("presence_penalty", "frequency_penalty"):
             v = getattr(self, name)
             if v is not None and not -2.0 <= v <= 2.0:
@@ -98,6 +102,16 @@ class _Request(BaseModel):
         except BadRequestError as e:  # messages start with the field's name
             name = str(e).split()[0]
             raise ApiError(400, str(e), name if name in SAMPLING_FIELDS else None) from e
+
+    def check_supported(self) -> None:
+        """Unknown fields are ignored, as OpenAI-compatible servers do, except those whose
+        meaning a client relies on (tools, best_of > 1, audio): those are a 400, never a
+        silently different answer."""
+        extra = self.model_extra or {}
+        for name in UNSUPPORTED:
+            v = extra.get(name)
+            if v is not None and not (name == "best_of" and v == 1) and v != []:
+                raise ApiError(400, f"{name} is not supported by this server", name)
 
     def num_logprobs(self) -> int | None:
         """How many alternatives each token's logprobs carry; None: no logprobs."""

@@ -17,7 +17,7 @@ import dataclasses
 import math
 import secrets
 from collections.abc import Callable, Sequence
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -26,6 +26,7 @@ import numpy as np
 from jaxinfer.errors import BadRequestError
 
 MAX_LOGPROBS = 20  # most alternatives a request may ask for (OpenAI's top_logprobs limit)
+MAX_LOGIT_BIAS = 300  # logit_bias entries per request (fixed, so the arrays never recompile)
 _KEY_IMPL = "threefry2x32"  # fixed, so u32[B, 2] key data means the same on every backend
 _U32 = 0xFFFFFFFF
 
@@ -52,6 +53,9 @@ class SamplingParams:
     seed: int | None = None  # None: drawn from host entropy when the batch is built
     logprobs: int | None = None  # None: off; n: each token's logprob and the n most likely
     prompt_logprobs: int | None = None  # the same for every prompt token (engine only)
+    # OpenAI's logit_bias: {token id: bias in [-100, 100]} added to the logits (at most
+    # MAX_LOGIT_BIAS entries); kept as sorted (id, bias) pairs.
+    logit_bias: Any = None
 
     GREEDY: ClassVar[SamplingParams]
 
@@ -77,6 +81,8 @@ class SamplingParams:
         if self.seed is not None and (
                 isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer))):
             raise BadRequestError(f"seed must be an integer or None, got {self.seed!r}")
+        if self.logit_bias is not None:
+            object.__setattr__(self, "logit_bias", _bias_pairs(self.logit_bias))
         for name in ("logprobs", "prompt_logprobs"):
             n = getattr(self, name)
             if n is not None and (isinstance(n, bool) or not isinstance(n, (int, np.integer))
@@ -87,6 +93,41 @@ class SamplingParams:
 
 SamplingParams.GREEDY = SamplingParams(temperature=0.0)
 GREEDY = SamplingParams.GREEDY
+def _bias_pairs(bias: Any) -> tuple[tuple[int, float], ...] | None:
+    """logit_bias as sorted (token id, bias) pairs, from a {id: bias} mapping (JSON's
+    string keys too) or pairs; BadRequestError names a bad entry."""
+    items = bias.items() if isinstance(bias, dict) else bias
+    try:
+        pairs = [(k, v) for k, v in items]
+    except (TypeError, ValueError):
+        raise BadRequestError(f"logit_bias must map token ids to biases, got {bias!r}") from None
+    out = {}
+    for k, v in pairs:
+        try:
+            i = int(k)
+        except (TypeError, ValueError):
+            raise BadRequestError(f"logit_bias keys must be token ids, got {k!r}") from None
+        if isinstance(k, bool) or isinstance(k, float) or i < 0:
+            raise BadRequestError(f"logit_bias keys must be token ids, got {k!r}")
+        b = _number("logit_bias value", v)
+        if not -100 <= b <= 100:
+            raise BadRequestError(f"logit_bias values must be in [-100, 100], got {b} for "
+                                  f"token {i}")
+        out[i] = float(b)
+    if len(out) > MAX_LOGIT_BIAS:
+        raise BadRequestError(f"logit_bias has {len(out)} entries; at most {MAX_LOGIT_BIAS}")
+    return tuple(sorted(out.items())) or None
+
+
+def check_vocab(params: Sequence[SamplingParams], vocab_size: int) -> None:
+    """BadRequestError if a logit_bias names a token outside the vocabulary."""
+    for p in params:
+        bad = [i for i, _ in p.logit_bias or () if i >= vocab_size]
+        if bad:
+            raise BadRequestError(f"logit_bias token id {bad[0]} is outside the vocabulary "
+                                  f"of {vocab_size}")
+
+
 # A free slot's row: greedy with a fixed key, so it is the same on every process.
 IDLE_ROW = SamplingParams(temperature=0.0, seed=0)
 
@@ -110,6 +151,8 @@ class SamplingArrays:
     presence_penalty: jax.Array  # f32[B]
     frequency_penalty: jax.Array  # f32[B]
     key: jax.Array  # u32[B, 2] raw threefry key data (wrap with `keys()`)
+    bias_ids: jax.Array  # i32[B, MAX_LOGIT_BIAS] logit_bias token ids (padding: 0 ...
+    bias: jax.Array  # f32[B, MAX_LOGIT_BIAS] ... with bias 0, which adds nothing)
 
     @classmethod
     def from_params(cls, params: Sequence[SamplingParams]) -> SamplingArrays:
@@ -128,7 +171,8 @@ class SamplingArrays:
             repetition_penalty=col("repetition_penalty", np.float32),
             presence_penalty=col("presence_penalty", np.float32),
             frequency_penalty=col("frequency_penalty", np.float32),
-            key=jnp.asarray(np.array([_key_data(p.seed) for p in params], np.uint32)))
+            key=jnp.asarray(np.array([_key_data(p.seed) for p in params], np.uint32)),
+            **_bias_arrays(params))
 
     @property
     def batch_size(self) -> int:
@@ -142,6 +186,25 @@ class SamplingArrays:
         """Copy with row `i` replaced by the one-row `row`: pure and jit-safe (traced `i`),
         so an engine can put a new request into slot i without rebuilding the batch."""
         return jax.tree.map(lambda a, r: a.at[i].set(r[0].astype(a.dtype)), self, row)
+
+
+def _bias_arrays(params: Sequence[SamplingParams]) -> dict[str, jax.Array]:
+    ids = np.zeros((len(params), MAX_LOGIT_BIAS), np.int32)
+    vals = np.zeros((len(params), MAX_LOGIT_BIAS), np.float32)
+    for b, p in enumerate(params):
+        for j, (i, v) in enumerate(p.logit_bias or ()):
+            ids[b, j], vals[b, j] = i, v
+    return {"bias_ids": jnp.asarray(ids), "bias": jnp.asarray(vals)}
+
+
+def add_logit_bias(logits_BV: jax.Array, arrays: SamplingArrays) -> jax.Array:
+    """The logits plus each row's logit_bias (skipped when no row has one)."""
+    rows = jnp.arange(logits_BV.shape[0])[:, None]
+    return jax.lax.cond(
+        jnp.any(arrays.bias != 0),
+        lambda x: x.astype(jnp.float32).at[rows, arrays.bias_ids].add(arrays.bias,
+                                                                      mode="drop"),
+        lambda x: x.astype(jnp.float32), logits_BV)
 
 
 def penalize_logits(logits_BV: jax.Array, arrays: SamplingArrays,
@@ -240,7 +303,7 @@ def sample(logits_BV: jax.Array, arrays: SamplingArrays, step_B: jax.Array,
     x_BV = jax.lax.cond(
         jnp.any(penalized),
         lambda x: penalize_logits(x, arrays, counts_BV, prompt_mask_BV),
-        lambda x: x.astype(jnp.float32), logits_BV)
+        lambda x: x.astype(jnp.float32), add_logit_bias(logits_BV, arrays))
     greedy_B = jnp.argmax(x_BV, axis=-1).astype(jnp.int32)
     return jax.lax.cond(
         jnp.all(arrays.temperature == 0), lambda x: greedy_B,

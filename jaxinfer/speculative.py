@@ -249,6 +249,9 @@ def check_request(params: list[SamplingParams], k: int, ngram_size: int,
         if p.repetition_penalty != 1 or p.presence_penalty or p.frequency_penalty:
             raise BadRequestError("speculative decoding does not support repetition/presence/"
                                   f"frequency penalties, got {p}")
+        if p.logit_bias:
+            raise BadRequestError("speculative decoding does not support logit_bias; serve "
+                                  "without a draft for it")
         if p.logprobs is not None:
             raise BadRequestError(f"speculative decoding does not return logprobs, got "
                                   f"logprobs={p.logprobs}; serve without a draft for them")

@@ -363,3 +363,17 @@ def test_stop_token_ids_and_min_tokens():
             eng.submit(early, max_tokens=4, min_tokens=5)
         with pytest.raises(BadRequestError, match="stop_token_ids"):
             eng.submit(early, max_tokens=4, stop_token_ids=[10**6])
+
+
+def test_logit_bias_in_the_engine_and_llm_generate():
+    """A -100 bias bans the token greedy decoding would start with; the engine decodes
+    what LLM.generate decodes under the same bias; a token past the vocabulary is a 400."""
+    first = _llm().generate(PROMPTS[2], sampling=GREEDY, max_new_tokens=1).token_ids[0]
+    sp = SamplingParams(temperature=0, logit_bias={first: -100, 7: 5.0})
+    ref = _llm().generate(PROMPTS[2], sampling=sp, max_new_tokens=8)
+    assert first not in ref.token_ids
+    with tiny_engine(num_slots=2) as eng:
+        got = eng.submit(PROMPTS[2], sampling=sp, max_tokens=8).result(timeout=60)
+        with pytest.raises(BadRequestError, match="outside the vocabulary"):
+            eng.submit("x", sampling=SamplingParams(logit_bias={10**6: 1}))
+    assert got.token_ids == ref.token_ids

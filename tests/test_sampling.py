@@ -300,6 +300,8 @@ def test_new_parameter_values_do_not_recompile():
          for i in range(B)],
         [SamplingParams(repetition_penalty=1.2, presence_penalty=0.4, frequency_penalty=0.1),
          GREEDY, SamplingParams(top_k=1000), SamplingParams(temperature=2.0, top_p=0.3)],
+        [SamplingParams(logit_bias={"5": 100}), GREEDY, GREEDY,
+         SamplingParams(logit_bias={i: -1 for i in range(300)})],
     ]
     for s, params in enumerate(settings):
         jf(logits, SamplingArrays.from_params(params), jnp.full(B, s, jnp.int32), counts, mask)
@@ -331,3 +333,23 @@ def test_from_params_dtypes_and_empty_batch():
     np.testing.assert_array_equal(arrays.key[0], [3, 5])
     with pytest.raises(BadRequestError):
         SamplingArrays.from_params([])
+
+
+def test_logit_bias_forces_bans_and_validates():
+    """OpenAI's logit_bias: added to the logits before penalties and sampling; +100 forces
+    a token, -100 bans one; JSON's string keys work; bad entries are BadRequestErrors."""
+    logits = _logits(21, 2, 64)
+    best = int(np.argmax(logits[0]))
+    arrays = SamplingArrays.from_params([
+        SamplingParams(temperature=0, logit_bias={"7": 100}),
+        SamplingParams(temperature=0, logit_bias=[(int(np.argmax(logits[1])), -100)])])
+    got = np.asarray(_sample(jnp.asarray(logits), arrays, jnp.zeros(2, jnp.int32)))
+    assert got[0] == 7
+    assert got[1] == int(np.argsort(-logits[1])[1])
+    banned = _draws(logits[0], SamplingParams(logit_bias={best: -100}), 16, 8)
+    assert best not in banned
+    assert SamplingParams(logit_bias={"3": 1, 2: -1.5}).logit_bias == ((2, -1.5), (3, 1.0))
+    for bad, match in [({"x": 1}, "keys"), ({1: 101}, r"\[-100, 100\]"), ({-1: 1}, "keys"),
+                       ({i: 1 for i in range(301)}, "at most 300"), (5, "map token ids")]:
+        with pytest.raises(BadRequestError, match=match):
+            SamplingParams(logit_bias=bad)

@@ -171,6 +171,11 @@ def test_openai_client(url, engine):
     ("completions", {"prompt": "x", "max_tokens": 3, "min_tokens": 5}, "min_tokens"),
     ("completions", {"prompt": "x", "stop_token_ids": [-1]}, "stop_token_ids"),
     ("completions", {"prompt": "x", "stop_token_ids": "a"}, "stop_token_ids"),
+    ("completions", {"prompt": "x", "logit_bias": {"5": 200}}, "logit_bias"),
+    ("completions", {"prompt": "x", "logit_bias": {"x": 1}}, "logit_bias"),
+    ("completions", {"prompt": "x", "best_of": 3}, "best_of"),
+    ("chat/completions", {"messages": [{"role": "user", "content": "hi"}],
+                          "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
     ("completions", {"prompt": "x", "max_tokens": 0}, "max_tokens"),
     ("completions", {"prompt": "x" * 300}, "prompt"),  # over the 256-token context
     ("completions", {"prompt": "x", "stop": [1]}, "stop"),
