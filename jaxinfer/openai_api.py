@@ -121,6 +121,9 @@ class _Request(BaseModel):
         """How many alternatives each prompt token's logprobs carry; None: none."""
         return None
 
+    def scoring_only(self) -> bool:
+        return False
+
     def num_choices(self) -> int:
         n = 1 if self.n is None else self.n
         if not 1 <= n <= MAX_N:

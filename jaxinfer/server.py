@@ -179,7 +179,7 @@ async def _respond(reqs: list[Request], body: api._Request, model: str, chat: bo
         raise
     except EngineClosedError as e:
         raise api.ApiError(503, str(e), None, "engine_unavailable", "server_error") from e
-    if getattr(body, "scoring_only", lambda: False)():
+    if body.scoring_only():
         results = [dataclasses.replace(r, text="", token_ids=[], finish_reason="length",
                                        logprobs=None if r.logprobs is None else [])
                    for r in results]
@@ -226,7 +226,7 @@ async def _sse(reqs: list[Request], rid: str, model: str, chat: bool, include_us
                                            result.finish_reason, index=i,
                                            logprobs=logprobs(result.logprobs or [])))
             await queue.put(result)
-        except EngineClosedError as e:
+        except Exception as e:  # ends the stream with an error event, never a hang
             await queue.put(e)
 
     tasks = [asyncio.create_task(pump(i, r)) for i, r in enumerate(reqs)]
@@ -234,9 +234,9 @@ async def _sse(reqs: list[Request], rid: str, model: str, chat: bool, include_us
     try:
         while len(results) < len(reqs):
             item = await queue.get()
-            if isinstance(item, EngineClosedError):
-                yield _event(api.error_body(str(item), "server_error", None,
-                                            "engine_unavailable"))
+            if isinstance(item, Exception):
+                code = "engine_unavailable" if isinstance(item, EngineClosedError) else None
+                yield _event(api.error_body(str(item), "server_error", None, code))
                 break
             if isinstance(item, dict):
                 yield _event(item)
