@@ -344,25 +344,22 @@ def test_engine_under_a_mesh_matches_single_device(mesh_spec, kv):
 def test_stop_token_ids_and_min_tokens():
     """stop_token_ids end a request like EOS (in token_ids, not in the text); min_tokens
     bans EOS and those ids until that many tokens are out."""
-    llm = _llm()
-    prompts = [RNG.integers(4, TINY.vocab_size, 6).tolist() for _ in range(64)]
-    outs = llm.generate(prompts, sampling=GREEDY, max_new_tokens=12)
-    early = next(p for p, o in zip(prompts, outs, strict=True)
-                 if o.finish_reason == "stop" and len(o.token_ids) < 8)  # EOS early
     with tiny_engine(num_slots=2) as eng:
         alone = eng.submit(PROMPTS[2], sampling=GREEDY, max_tokens=12).result(timeout=60)
-        sid = alone.token_ids[3]
+        sid = alone.token_ids[1]
         cut = alone.token_ids.index(sid) + 1
         r = eng.submit(PROMPTS[2], sampling=GREEDY, max_tokens=12,
                        stop_token_ids=[sid]).result(timeout=60)
         assert r.token_ids == alone.token_ids[:cut] and r.finish_reason == "stop"
         assert r.text == CharTokenizer().decode(alone.token_ids[:cut - 1])
-        m = eng.submit(early, sampling=GREEDY, max_tokens=12, min_tokens=10).result(timeout=60)
-        assert len(m.token_ids) >= 10 and 3 not in m.token_ids[:10]
+        m = eng.submit(PROMPTS[2], sampling=GREEDY, max_tokens=12, stop_token_ids=[sid],
+                       min_tokens=10).result(timeout=60)
+        assert len(m.token_ids) >= 10 and m.token_ids[:cut - 1] == alone.token_ids[:cut - 1]
+        assert sid not in m.token_ids[:10] and 3 not in m.token_ids[:10]  # 3: EOS
         with pytest.raises(BadRequestError, match="min_tokens"):
-            eng.submit(early, max_tokens=4, min_tokens=5)
+            eng.submit(PROMPTS[2], max_tokens=4, min_tokens=5)
         with pytest.raises(BadRequestError, match="stop_token_ids"):
-            eng.submit(early, max_tokens=4, stop_token_ids=[10**6])
+            eng.submit(PROMPTS[2], max_tokens=4, stop_token_ids=[10**6])
 
 
 def test_logit_bias_in_the_engine_and_llm_generate():
