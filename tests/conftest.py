@@ -25,3 +25,15 @@ def smollm2_checkpoint():
     from jaxinfer import default_model
 
     return default_model.checkpoint_path()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _release_compiled_programs():
+    """Drop each module's compiled programs and arrays when it ends: one pytest process
+    runs ~450 tests, and XLA:CPU crashed (segfault while compiling) late in the full run
+    once the process had accumulated ~8 GB of them."""
+    yield
+    import gc
+
+    jax.clear_caches()
+    gc.collect()
