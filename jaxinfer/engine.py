@@ -560,9 +560,7 @@ class Engine:
                 out = lp = None
                 if pending is not None and self._masked_rows():
                     # A masked row's next mask needs the token in flight: no overlap.
-                    self._consume(*pending[:3])
-                    if self._turns is not None and self.is_leader:
-                        self._turns.forget(pending[3])
+                    self._settle(pending)
                     pending = None
                 if self._decoding and self._spec is None:
                     want = any(r is not None and r.sampling.logprobs is not None
@@ -577,9 +575,7 @@ class Engine:
                         self.params, sp.weights, self._state, cfg=self.cfg, draft_cfg=sp.cfg,
                         k=sp.k, ngram_size=sp.ngram_size, impl=self.impl)
                 if pending is not None:
-                    self._consume(*pending[:3])
-                    if self._turns is not None and self.is_leader:
-                        self._turns.forget(pending[3])  # every process ran that step
+                    self._settle(pending)
                 pending = (out, lp, list(self._slots), turn) if out is not None else None
         except BaseException as e:  # a device failure: refuse new work, fail the rest
             self._fatal = e
@@ -604,6 +600,14 @@ class Engine:
         if self._turns is not None:
             log.info("process %d: engine stopped: %d requests finished, token digest %s",
                      jax.process_index(), self.requests_finished, self.token_digest)
+
+    def _settle(self, pending: tuple) -> None:
+        """Hand out a finished step's tokens; process 0 then forgets its turn's events
+        (every process has run that step)."""
+        out, lp, slots, turn = pending
+        self._consume(out, lp, slots)
+        if self._turns is not None and self.is_leader:
+            self._turns.forget(turn)
 
     def _masked_rows(self) -> list[int]:
         """Slots whose next token is restricted: a constraint, or min_tokens not reached."""
