@@ -31,11 +31,11 @@ from jaxinfer.structured import from_openai
 
 SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "seed", "presence_penalty",
                    "frequency_penalty", "repetition_penalty", "logprobs", "prompt_logprobs",
-                   "logit_bias")
+                   "logit_bias", "stop_token_ids", "min_tokens", "ignore_eos")
 CONSTRAINT_FIELDS = ("response_format", "guided_json", "guided_regex", "guided_choice",
                      "guided_grammar")  # structured output, as the server takes them
-_KNOWN = {"id", "prompt", "messages", "max_tokens", "stop", "metadata", "stop_token_ids",
-          "min_tokens", *SAMPLING_FIELDS, *CONSTRAINT_FIELDS}
+_KNOWN = {"id", "prompt", "messages", "max_tokens", "stop", "metadata", *SAMPLING_FIELDS,
+          *CONSTRAINT_FIELDS}
 
 
 @dataclasses.dataclass
@@ -109,13 +109,6 @@ def parse_request(obj: Any, defaults: dict[str, Any]) -> dict[str, Any]:
     if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
         raise BadRequestError(f"stop must be a string or a list of strings, got {stop!r}")
     kw["stop"] = stop
-    if "stop_token_ids" in obj:
-        if not isinstance(obj["stop_token_ids"], list):
-            raise BadRequestError(f"stop_token_ids must be a list of token ids, got "
-                                  f"{obj['stop_token_ids']!r}")
-        kw["stop_token_ids"] = obj["stop_token_ids"]
-    if "min_tokens" in obj:
-        kw["min_tokens"] = obj["min_tokens"]
     constraint = from_openai(*(obj.get(k) for k in CONSTRAINT_FIELDS))
     if constraint is not None:
         kw["constraint"] = constraint

@@ -154,6 +154,8 @@ class _Prefilling:
     cached: int  # of which came from the prefix cache
     hit: int  # prefix-cache blocks matched
     digests: list
+    sampling: SamplingArrays  # the request's one row, built once for all its chunks
+    prompt_mask_1V: np.ndarray  # bool[1, V] its prompt's tokens (repetition penalty)
 
 
 class _Speculation(NamedTuple):
@@ -199,7 +201,7 @@ class Engine:
         self._spec = self._speculative_settings(draft, num_speculative_tokens, ngram_size)
         self._reserve = 0 if self._spec is None else num_speculative_tokens + 1
         self.spec_proposed = self.spec_accepted = 0  # draft tokens, all requests
-        eos_E = np.asarray(eos or [-1], np.int32)
+        self._eos_E = eos_E = np.asarray(eos or [-1], np.int32)
         if self._spec is None:
             self._state = core.init_decode_state(cfg, config.num_slots, self.max_len,
                                                  self.kv_dtype, eos_E, device, mesh)
@@ -321,15 +323,15 @@ class Engine:
             return self.tokenizer.encode(self.tokenizer.apply_chat_template(messages))
         if isinstance(prompt, str):
             if not prompt:
-                raise BadRequestError("prompt is empty")
+                raise BadRequestError("prompt is empty", "prompt")
             return self.tokenizer.encode(prompt)
         if prompt is None:
-            raise BadRequestError("need a prompt or messages")
+            raise BadRequestError("need a prompt or messages", "prompt")
         ids = [int(t) for t in prompt]
         bad = [t for t in ids if not 0 <= t < self.cfg.vocab_size]
         if bad:
             raise BadRequestError(f"prompt token id {bad[0]} is outside the vocabulary "
-                                  f"of {self.cfg.vocab_size}")
+                                  f"of {self.cfg.vocab_size}", "prompt")
         return ids
 
     def submit(self, prompt: str | Sequence[int] | None = None, *,
@@ -337,28 +339,28 @@ class Engine:
                sampling: SamplingParams | None = None, max_tokens: int | None = None,
                stop: str | Sequence[str] = (), on_finish: Callable[[Request], None] | None
                = None, block: bool = False, constraint: Constraint | None = None,
-               stop_token_ids: Sequence[int] = (), min_tokens: int = 0,
                _warmup: bool = False) -> Request:
         """Queue a request. `max_tokens` None fills the slot. Raises BadRequestError
         (ContextLengthError) for bad input and EngineOverloadedError when the queue is
         full, unless `block` waits for room. `on_finish` runs on the engine thread. With
         `constraint` (structured.py) the output matches a JSON schema, regex, choice or
-        grammar. `stop_token_ids` end the request like EOS; `min_tokens` bans EOS and
-        them until that many tokens are out (vLLM's fields). In a multi-process run only
-        process 0 submits (NotLeaderError elsewhere)."""
+        grammar. In a multi-process run only process 0 submits (NotLeaderError
+        elsewhere)."""
         if not self.is_leader:
             raise NotLeaderError(f"process {jax.process_index()} follows process 0's engine; "
                                  "submit requests on process 0")
         ids = self.encode(prompt, messages)
         n = len(ids)
         if n == 0:
-            raise BadRequestError("prompt is empty (0 tokens)")
+            raise BadRequestError("prompt is empty (0 tokens)",
+                                  "messages" if messages is not None else "prompt")
         if max_tokens is None:
             max_tokens = max(self.max_len - self._reserve - n, 1)
         if isinstance(max_tokens, bool) or not isinstance(max_tokens, (int, np.integer)):
-            raise BadRequestError(f"max_tokens must be an integer, got {max_tokens!r}")
+            raise BadRequestError(f"max_tokens must be an integer, got {max_tokens!r}",
+                                  "max_tokens")
         if max_tokens < 1:
-            raise BadRequestError(f"max_tokens must be >= 1, got {max_tokens}")
+            raise BadRequestError(f"max_tokens must be >= 1, got {max_tokens}", "max_tokens")
         if n + max_tokens > self.max_len - self._reserve:
             raise ContextLengthError(
                 f"this engine's maximum context length is {self.max_len - self._reserve} "
@@ -367,28 +369,22 @@ class Engine:
                 "completion)")
         stop = (stop,) if isinstance(stop, str) else tuple(stop)
         if not all(isinstance(s, str) for s in stop):
-            raise BadRequestError(f"stop must be a string or a list of strings, got {stop!r}")
-        stop_ids = tuple(stop_token_ids)
-        if not all(isinstance(t, (int, np.integer)) and not isinstance(t, bool)
-                   and 0 <= t < self.cfg.vocab_size for t in stop_ids):
-            raise BadRequestError(f"stop_token_ids must be token ids in [0, "
-                                  f"{self.cfg.vocab_size}), got {list(stop_ids)!r}")
-        if (isinstance(min_tokens, bool) or not isinstance(min_tokens, (int, np.integer))
-                or not 0 <= min_tokens <= max_tokens):
-            raise BadRequestError(f"min_tokens must be an integer in [0, max_tokens="
-                                  f"{max_tokens}], got {min_tokens!r}")
+            raise BadRequestError(f"stop must be a string or a list of strings, got {stop!r}",
+                                  "stop")
         sampling = sampling or SamplingParams()
         check_vocab([sampling], self.cfg.vocab_size)
+        sampling.check_lengths(max_tokens)
         if self._spec is not None:  # penalties, logprobs: not in the accept/reject rule
             spec.check_request([sampling], self._spec.k, self._spec.ngram_size, self.cfg,
                                self._spec.cfg)
         matcher = None
         if constraint is not None:
             if not isinstance(constraint, Constraint):
-                raise BadRequestError(f"constraint must be a Constraint, got {constraint!r}")
+                raise BadRequestError(f"constraint must be a Constraint, got {constraint!r}",
+                                      "constraint")
             if self._spec is not None:
                 raise BadRequestError("speculative decoding does not support structured "
-                                      "output; serve without a draft for it")
+                                      "output; serve without a draft for it", "constraint")
             matcher = self._grammars.matcher(constraint)
         if self._turns is not None and sampling.seed is None:  # every process draws alike
             sampling = dataclasses.replace(sampling, seed=secrets.randbits(64))
@@ -403,13 +399,11 @@ class Engine:
             req = Request(self._next_id, ids, sampling, int(max_tokens),
                           tuple(s for s in stop if s), self._cancel, on_finish, _warmup)
             req.constraint, req.matcher = constraint, matcher
-            req.stop_ids, req.min_tokens = frozenset(int(t) for t in stop_ids), int(min_tokens)
             self._next_id += 1
             self._submitted[req.id] = req
             self._inbox.append(sync.Submit(req.id, ids, sampling, req.max_tokens, req.stop,
                                            _warmup, None if constraint is None
-                                           else constraint.to_json(), sorted(req.stop_ids),
-                                           req.min_tokens))
+                                           else constraint.to_json()))
             self._cv.notify_all()
         return req
 
@@ -530,7 +524,6 @@ class Engine:
                     if e.constraint is not None:
                         req.constraint = Constraint.from_json(e.constraint)
                         req.matcher = self._grammars.matcher(req.constraint)
-                    req.stop_ids, req.min_tokens = frozenset(e.stop_token_ids), e.min_tokens
                 self._live[e.id] = req
                 with self._cv:
                     self._queue.append(req)
@@ -610,29 +603,19 @@ class Engine:
             self._turns.forget(turn)
 
     def _masked_rows(self) -> list[int]:
-        """Slots whose next token is restricted: a constraint, or min_tokens not reached."""
-        return [i for i, r in enumerate(self._slots) if r is not None and (
-            r.matcher is not None or len(r.token_ids) < r.min_tokens)]
-
-    def _fill_mask(self, req: Request, mask: np.ndarray, row: int) -> None:
-        """Row `row` of `mask`: what `req` may sample next (its grammar's tokens, minus EOS
-        and its stop ids while it is short of min_tokens)."""
-        if req.matcher is not None:
-            self._grammars.fill(req.matcher, mask, row)
-        if len(req.token_ids) < req.min_tokens:
-            words = mask[row].view(np.uint32)
-            for t in self.eos_ids | req.stop_ids:
-                words[t // 32] &= ~np.uint32(1 << (t % 32))
+        """Slots whose next token is restricted by a constraint (min_tokens and stop ids
+        are applied on device and need no host mask)."""
+        return [i for i, r in enumerate(self._slots) if r is not None and r.matcher is not None]
 
     def _masks(self) -> jax.Array:
-        """Each slot's allowed next tokens: all for unrestricted rows (a resident buffer,
-        no transfer), `_fill_mask`'s for the others."""
+        """Each slot's allowed next tokens: all for unconstrained rows (a resident buffer,
+        no transfer), its grammar's for the others."""
         rows = self._masked_rows()
         if not rows:
             return self._ones_BW
         mask = self._grammars.all_allowed(self.config.num_slots)
         for i in rows:
-            self._fill_mask(self._slots[i], mask, i)
+            self._grammars.fill(self._slots[i].matcher, mask, i)
         return core.put(mask, self._mask_place)
 
     def _admit(self) -> None:
@@ -697,7 +680,10 @@ class Engine:
         else:
             row = init_cache(self.cfg, 1, self.max_len, self.kv_dtype, self._row_shardings)
         cached = hit * self.config.prefix_block
-        return _Prefilling(req, slot, row, cached, cached, hit, digests)
+        mask_1V = np.zeros((1, self.cfg.vocab_size), bool)
+        mask_1V[0, ids] = True
+        return _Prefilling(req, slot, row, cached, cached, hit, digests,
+                           SamplingArrays.from_params([req.sampling]), mask_1V)
 
     def _prefill_chunk(self, p: _Prefilling, budget: int) -> int:
         """Prefill up to `budget` more prompt tokens of `p`; after its last chunk insert it
@@ -709,15 +695,13 @@ class Engine:
         T = gen.bucket(take, self.config.min_prompt_bucket, S)
         tokens_1T = np.full((1, T), self.cfg.pad_token_id, np.int32)
         tokens_1T[0, :take] = ids[p.done:p.done + take]
-        mask_1V = np.zeros((1, self.cfg.vocab_size), bool)
-        mask_1V[0, ids] = True
         want = last and req.sampling.logprobs is not None
         allowed = self._ones_1W
-        if last and (req.matcher is not None or req.min_tokens > 0):
+        if last and req.matcher is not None:
             allowed = self._grammars.all_allowed(1)
-            self._fill_mask(req, allowed, 0)
-        args = (SamplingArrays.from_params([req.sampling]), mask_1V,
-                np.array([req.max_tokens], np.int32), np.bool_(want), allowed)
+            self._grammars.fill(req.matcher, allowed, 0)
+        args = (p.sampling, p.prompt_mask_1V,
+                np.array([req.max_tokens], np.int32), np.bool_(want), allowed, self._eos_E)
         if req.sampling.prompt_logprobs is None:
             prefix = core.prefill(self.params, tokens_1T, np.array([take], np.int32), p.row,
                                   *args, cfg=self.cfg, impl=self.impl)
@@ -751,7 +735,8 @@ class Engine:
         if not req.warmup:
             self.metrics.on_prefill(n, p.cached)
         lp = _logprob(to_host(prefix.logprobs), 0, req, tok) if want else None
-        gap = self._on_token(p.slot, req, tok, tok in self.eos_ids or req.max_tokens <= 1, lp)
+        gap = self._on_token(p.slot, req, tok,
+                             req.sampling.ends(tok, self.eos_ids) or req.max_tokens <= 1, lp)
         if not req.warmup:
             self.metrics.on_tokens(1, [] if gap is None else [gap])
         return take
@@ -823,7 +808,7 @@ class Engine:
         req.token_ids.append(tok)
         if logprob is not None:
             req.logprobs.append(logprob)
-        is_eos = tok in self.eos_ids or tok in req.stop_ids
+        is_eos = req.sampling.ends(tok, self.eos_ids)
         if not is_eos:
             req.text += req.decoder.push(tok)
         complete = False  # the request's grammar is complete: nothing but EOS could follow

@@ -33,7 +33,15 @@ from jaxinfer import generate as gen
 from jaxinfer import model
 from jaxinfer.config import ModelConfig
 from jaxinfer.kv_cache import KVCache, cache_shardings, init_cache
-from jaxinfer.sampling import IDLE_ROW, Logprobs, SamplingArrays, sample, step_logprobs
+from jaxinfer.sampling import (
+    IDLE_ROW,
+    Logprobs,
+    SamplingArrays,
+    ban_ends,
+    ends_row,
+    sample,
+    step_logprobs,
+)
 from jaxinfer.structured import apply_bitmask
 from jaxinfer.weights import Weights
 
@@ -112,20 +120,20 @@ def put_row(dst: KVCache, src: KVCache, slot: jax.Array) -> KVCache:
 @functools.partial(jax.jit, static_argnames=("cfg", "impl"), donate_argnames=("row",))
 def prefill(weights: Weights, tokens_1T: jax.Array, num_new_1: jax.Array, row: KVCache,
             sampling: SamplingArrays, prompt_mask_1V: jax.Array, max_new_1: jax.Array,
-            want_logprobs: jax.Array, mask_1W: jax.Array, cfg: ModelConfig,
-            impl: str = "xla") -> Prefix:
+            want_logprobs: jax.Array, mask_1W: jax.Array, eos_E: jax.Array,
+            cfg: ModelConfig, impl: str = "xla") -> Prefix:
     """Write a request's (padded) prompt tokens after the row's cached prefix and sample
     its first token exactly as `generate.start` does (step 0, zero counts)."""
     logits_1V, row = model.prefill(weights, tokens_1T, num_new_1, row, cfg, impl)
     return _first_token(logits_1V, row, sampling, prompt_mask_1V, max_new_1, want_logprobs,
-                        mask_1W, cfg)
+                        mask_1W, eos_E, cfg)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "impl"), donate_argnames=("row",))
 def prefill_scored(weights: Weights, tokens_1T: jax.Array, num_new_1: jax.Array,
                    row: KVCache, targets_1T: jax.Array, sampling: SamplingArrays,
                    prompt_mask_1V: jax.Array, max_new_1: jax.Array, want_logprobs: jax.Array,
-                   mask_1W: jax.Array, cfg: ModelConfig, impl: str = "xla"
+                   mask_1W: jax.Array, eos_E: jax.Array, cfg: ModelConfig, impl: str = "xla"
                    ) -> tuple[Prefix, Logprobs]:
     """`prefill` that also scores the prompt: at each of the T positions, log p(target)
     with targets_1T[0, t] the prompt token after position t, and the likeliest tokens
@@ -136,16 +144,18 @@ def prefill_scored(weights: Weights, tokens_1T: jax.Array, num_new_1: jax.Array,
     scored = step_logprobs(logits_TV, targets_1T[0], jnp.bool_(True))
     last = jnp.clip(num_new_1[0] - 1, 0, tokens_1T.shape[1] - 1)
     prefix = _first_token(logits_TV[last][None], row.with_lengths(row.lengths + num_new_1),
-                          sampling, prompt_mask_1V, max_new_1, want_logprobs, mask_1W, cfg)
+                          sampling, prompt_mask_1V, max_new_1, want_logprobs, mask_1W, eos_E,
+                          cfg)
     return prefix, scored
 
 
 def _first_token(logits_1V: jax.Array, row: KVCache, sampling: SamplingArrays,
                  prompt_mask_1V: jax.Array, max_new_1: jax.Array, want_logprobs: jax.Array,
-                 mask_1W: jax.Array, cfg: ModelConfig) -> Prefix:
+                 mask_1W: jax.Array, eos_E: jax.Array, cfg: ModelConfig) -> Prefix:
     counts_1V = jnp.zeros((1, cfg.vocab_size), jnp.int32)
-    token_1 = sample(apply_bitmask(logits_1V, mask_1W), sampling, jnp.zeros((1,), jnp.int32),
-                     counts_1V, prompt_mask_1V)
+    step_1 = jnp.zeros((1,), jnp.int32)
+    allowed = ban_ends(apply_bitmask(logits_1V, mask_1W), eos_E, sampling, step_1)
+    token_1 = sample(allowed, sampling, step_1, counts_1V, prompt_mask_1V)
     return Prefix(cache=row, token_1=token_1, prompt_mask_1V=prompt_mask_1V,
                   sampling=sampling, max_new_1=max_new_1,
                   logprobs=step_logprobs(logits_1V, token_1, want_logprobs))
@@ -156,7 +166,7 @@ def insert(prefix: Prefix, state: gen.DecodeState, slot: jax.Array) -> gen.Decod
     """Put a prefilled request into slot `slot` (traced: one compile for every slot)."""
     cache = put_row(state.cache, prefix.cache, slot)
     tok = prefix.token_1[0]
-    is_eos = jnp.any(tok == state.eos_E)
+    is_eos = ends_row(prefix.token_1, state.eos_E, prefix.sampling)[0]
     max_new = prefix.max_new_1[0]
     V = state.counts_BV.shape[1]
     return dataclasses.replace(

@@ -28,7 +28,7 @@ from jaxinfer import speculative as spec
 from jaxinfer.config import ModelConfig
 from jaxinfer.engine_core import Prefix, placement, put_row, slots_cache
 from jaxinfer.kv_cache import KVCache
-from jaxinfer.sampling import IDLE_ROW, SamplingArrays
+from jaxinfer.sampling import IDLE_ROW, SamplingArrays, ends_row
 from jaxinfer.weights import Weights
 
 
@@ -66,7 +66,7 @@ def insert(prefix: Prefix, draft_row: KVCache | None, seq_1S: jax.Array, prompt_
     (prompt + first token, the n-gram draft's haystack) and its counters."""
     tok = prefix.token_1[0]
     max_new = prefix.max_new_1[0]
-    is_eos = jnp.any(tok == state.eos_E)
+    is_eos = ends_row(prefix.token_1, state.eos_E, prefix.sampling)[0]
     seq = seq_1S[0].at[prompt_len].set(tok)
     dc = state.draft_cache
     return dataclasses.replace(

@@ -43,8 +43,6 @@ class Submit:
     stop: tuple[str, ...]
     warmup: bool
     constraint: dict | None = None  # structured.Constraint.to_json()
-    stop_token_ids: list[int] = dataclasses.field(default_factory=list)
-    min_tokens: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,8 +78,7 @@ def decode(data: bytes) -> list[Event]:
             s = d["submit"]
             events.append(Submit(s["id"], s["prompt_ids"], SamplingParams(**s["sampling"]),
                                  s["max_tokens"], tuple(s["stop"]), s["warmup"],
-                                 s.get("constraint"), s.get("stop_token_ids", []),
-                                 s.get("min_tokens", 0)))
+                                 s.get("constraint")))
         elif "cancel" in d:
             events.append(Cancel(d["cancel"]))
         else:

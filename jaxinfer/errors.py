@@ -26,7 +26,14 @@ class TokenizerError(JaxinferError, ValueError):
 
 
 class BadRequestError(JaxinferError, ValueError):
-    """A generation request has out-of-range parameters (prompt, lengths, sampling)."""
+    """A generation request has out-of-range parameters (prompt, lengths, sampling).
+
+    `param` names the request field at fault ("top_p", "stop_token_ids", ...) when one
+    is: the server reports it as the error body's `param`."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
 
 
 class ModelFetchError(JaxinferError, RuntimeError):

@@ -26,6 +26,8 @@ from jaxinfer.sampling import (
     MAX_LOGPROBS,
     Logprobs,
     SamplingArrays,
+    ban_ends,
+    ends_row,
     sample,
     step_logprobs,
     update_counts,
@@ -50,7 +52,7 @@ class DecodeState:
     num_generated_B: jax.Array  # i32[B] tokens sampled so far (the first comes from prefill)
     max_new_B: jax.Array  # i32[B] per-row budget
     done_B: jax.Array  # bool[B]
-    finish_eos_B: jax.Array  # bool[B] ended on an EOS token (vs length)
+    finish_eos_B: jax.Array  # bool[B] ended on an EOS or stop token (vs length)
     counts_BV: jax.Array  # i32[B, V] generated-token counts (presence/frequency penalty)
     prompt_mask_BV: jax.Array  # bool[B, V] tokens of the prompt (repetition penalty)
     sampling: SamplingArrays
@@ -61,10 +63,11 @@ class DecodeState:
 
 
 def _advance(state: DecodeState, logits_BV: jax.Array, cache: KVCache) -> DecodeState:
-    """Sample one token per row from logits and record it; finished rows stay frozen."""
+    """Sample one token per row from logits and record it; finished rows stay frozen. A
+    row ends on an EOS id or one of its stop ids, neither allowed before its min_tokens."""
     active = ~state.done_B
-    tok = sample(logits_BV, state.sampling, state.num_generated_B, state.counts_BV,
-                 state.prompt_mask_BV)
+    tok = sample(ban_ends(logits_BV, state.eos_E, state.sampling, state.num_generated_B),
+                 state.sampling, state.num_generated_B, state.counts_BV, state.prompt_mask_BV)
     tok = jnp.where(active, tok, state.tokens_B)
     n = state.num_generated_B
     B, M = state.output_BM.shape
@@ -76,7 +79,7 @@ def _advance(state: DecodeState, logits_BV: jax.Array, cache: KVCache) -> Decode
         lp_out = tuple(a.at[rows, col].set(x, mode="drop") for a, x in
                        zip(lp_out, (lp.token_B, lp.top_ids_BN, lp.top_BN), strict=True))
     n = n + active.astype(jnp.int32)
-    is_eos = jnp.any(tok[:, None] == state.eos_E[None, :], axis=-1) & active
+    is_eos = ends_row(tok, state.eos_E, state.sampling) & active
     done = state.done_B | is_eos | (n >= state.max_new_B)
     return dataclasses.replace(
         state, cache=cache, tokens_B=tok, num_generated_B=n, done_B=done,

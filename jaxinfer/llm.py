@@ -111,12 +111,15 @@ def _same_seeds_everywhere(sampling: list[SamplingParams]) -> list[SamplingParam
             for p, s in zip(sampling, seeds, strict=True)]
 
 
-def _check_sampling(sampling: list[SamplingParams], vocab_size: int) -> None:
+def _check_sampling(sampling: list[SamplingParams], max_new: list[int],
+                    vocab_size: int) -> None:
     check_vocab(sampling, vocab_size)
+    for p, m in zip(sampling, max_new, strict=True):
+        p.check_lengths(m)
     if any(p.prompt_logprobs is not None for p in sampling):
         raise BadRequestError("prompt_logprobs is served by the engine (jaxinfer.engine.Engine, "
                               "batch jobs, the server's echo); LLM.generate gives logprobs of "
-                              "generated tokens only")
+                              "generated tokens only", "prompt_logprobs")
 
 
 class LLM:
@@ -251,7 +254,7 @@ class LLM:
         ids = [self.encode(p, chat) for p in batch]
         sp = sampling if isinstance(sampling, list) else [sampling or SamplingParams()] * len(ids)
         mn = max_new_tokens if isinstance(max_new_tokens, list) else [max_new_tokens] * len(ids)
-        _check_sampling(sp, self.cfg.vocab_size)
+        _check_sampling(sp, mn, self.cfg.vocab_size)
         if draft is not None:
             res = self._speculate(ids, sp, mn, stop, draft, num_speculative_tokens, ngram_size)
             return res[0] if single else res
@@ -319,7 +322,7 @@ class LLM:
         ids = self.encode(prompt, chat)
         t0 = time.perf_counter()
         sampling = sampling or SamplingParams()
-        _check_sampling([sampling], self.cfg.vocab_size)
+        _check_sampling([sampling], [max_new_tokens], self.cfg.vocab_size)
         state = self._start([ids], [sampling], [max_new_tokens])
         pending = jnp.stack([state.tokens_B, state.done_B.astype(jnp.int32)])
         dec = StreamDecoder(self.tokenizer, ids)
@@ -334,7 +337,7 @@ class LLM:
             if not toks:
                 ttft = time.perf_counter() - t0
             toks.append(tok)
-            is_eos = tok in self.eos
+            is_eos = sampling.ends(tok, self.eos)
             if not is_eos:
                 text += dec.push(tok)
             finished = bool(done) or is_eos

@@ -27,7 +27,8 @@ UNSUPPORTED = ("tools", "tool_choice", "functions", "function_call", "best_of", 
 MAX_N = 16  # choices per prompt (each is an engine request)
 MAX_PROMPTS = 64  # prompts in one /v1/completions request
 SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "seed", "presence_penalty",
-                   "frequency_penalty", "repetition_penalty", "logit_bias")
+                   "frequency_penalty", "repetition_penalty", "logit_bias", "stop_token_ids",
+                   "min_tokens", "ignore_eos")
 
 
 class ApiError(Exception):
@@ -68,6 +69,7 @@ class _Request(BaseModel):
     stream_options: dict[str, Any] | None = None
     stop_token_ids: list[int] | None = None  # extension (vLLM): end like EOS
     min_tokens: int | None = None  # extension (vLLM): no EOS/stop ids before this many
+    ignore_eos: bool | None = None  # extension (vLLM): decode past EOS
     # Structured output: OpenAI's response_format, or vLLM's guided_* extensions.
     response_format: dict[str, Any] | None = None
     guided_json: dict[str, Any] | str | None = None
@@ -99,9 +101,8 @@ class _Request(BaseModel):
         kw = {f: getattr(self, f) for f in SAMPLING_FIELDS if getattr(self, f) is not None}
         try:
             return SamplingParams(**kw, logprobs=self.num_logprobs())
-        except BadRequestError as e:  # messages start with the field's name
-            name = str(e).split()[0]
-            raise ApiError(400, str(e), name if name in SAMPLING_FIELDS else None) from e
+        except BadRequestError as e:
+            raise ApiError(400, str(e), e.param) from e
 
     def check_supported(self) -> None:
         """Unknown fields are ignored, as OpenAI-compatible servers do, except those whose

@@ -60,8 +60,6 @@ class Request:
         self.cancel_seen = False  # the engine applied the cancel (at a turn boundary)
         self.constraint: Any = None  # structured.Constraint, and its llguidance matcher
         self.matcher: Any = None
-        self.stop_ids: frozenset[int] = frozenset()  # end the request like EOS
-        self.min_tokens = 0  # EOS and stop ids are banned until this many tokens
         self.token_ids: list[int] = []
         self.logprobs: list[TokenLogprob] = []  # readers may take a prefix while it grows
         self.prompt_logprobs: list[TokenLogprob | None] = []

@@ -27,16 +27,23 @@ from jaxinfer.errors import BadRequestError
 
 MAX_LOGPROBS = 20  # most alternatives a request may ask for (OpenAI's top_logprobs limit)
 MAX_LOGIT_BIAS = 300  # logit_bias entries per request (fixed, so the arrays never recompile)
+MAX_STOP_TOKEN_IDS = 32  # stop_token_ids per request (likewise)
+_NO_ID = np.iinfo(np.int32).max  # padding of stop_ids: matches no token, scatters nowhere
 _KEY_IMPL = "threefry2x32"  # fixed, so u32[B, 2] key data means the same on every backend
 _U32 = 0xFFFFFFFF
 
 
-def _number(name: str, value: object) -> float:
+def _number(name: str, value: object, param: str | None = None) -> float:
+    param = param or name
     if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise BadRequestError(f"{name} must be a number, got {value!r}")
+        raise BadRequestError(f"{name} must be a number, got {value!r}", param)
     if not math.isfinite(value):
-        raise BadRequestError(f"{name} must be finite, got {value!r}")
+        raise BadRequestError(f"{name} must be finite, got {value!r}", param)
     return float(value)
+
+
+def _is_int(x: object) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,39 +63,72 @@ class SamplingParams:
     # OpenAI's logit_bias: {token id: bias in [-100, 100]} added to the logits (at most
     # MAX_LOGIT_BIAS entries); kept as sorted (id, bias) pairs.
     logit_bias: Any = None
+    # vLLM's stop conditions, applied on device: `stop_token_ids` end a row like EOS (the
+    # id is in token_ids, not in the text); `min_tokens` bans EOS and the stop ids until
+    # that many tokens are out; `ignore_eos` keeps decoding past EOS (benchmarks).
+    stop_token_ids: tuple[int, ...] = ()
+    min_tokens: int = 0
+    ignore_eos: bool = False
 
     GREEDY: ClassVar[SamplingParams]
 
     def __post_init__(self) -> None:
         t = _number("temperature", self.temperature)
         if t < 0:
-            raise BadRequestError(f"temperature must be >= 0 (0 means greedy), got {t}")
-        if isinstance(self.top_k, bool) or not isinstance(self.top_k, (int, np.integer)):
-            raise BadRequestError(f"top_k must be an integer, got {self.top_k!r}")
+            raise BadRequestError(f"temperature must be >= 0 (0 means greedy), got {t}",
+                                  "temperature")
+        if not _is_int(self.top_k):
+            raise BadRequestError(f"top_k must be an integer, got {self.top_k!r}", "top_k")
         if self.top_k < 0:
-            raise BadRequestError(f"top_k must be >= 0 (0 means off), got {self.top_k}")
+            raise BadRequestError(f"top_k must be >= 0 (0 means off), got {self.top_k}",
+                                  "top_k")
         p = _number("top_p", self.top_p)
         if not 0 < p <= 1:
-            raise BadRequestError(f"top_p must be in (0, 1], got {p}")
+            raise BadRequestError(f"top_p must be in (0, 1], got {p}", "top_p")
         m = _number("min_p", self.min_p)
         if not 0 <= m < 1:
-            raise BadRequestError(f"min_p must be in [0, 1), got {m}")
+            raise BadRequestError(f"min_p must be in [0, 1), got {m}", "min_p")
         r = _number("repetition_penalty", self.repetition_penalty)
         if r <= 0:
-            raise BadRequestError(f"repetition_penalty must be > 0, got {r}")
+            raise BadRequestError(f"repetition_penalty must be > 0, got {r}",
+                                  "repetition_penalty")
         _number("presence_penalty", self.presence_penalty)
         _number("frequency_penalty", self.frequency_penalty)
-        if self.seed is not None and (
-                isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer))):
-            raise BadRequestError(f"seed must be an integer or None, got {self.seed!r}")
+        if self.seed is not None and not _is_int(self.seed):
+            raise BadRequestError(f"seed must be an integer or None, got {self.seed!r}", "seed")
         if self.logit_bias is not None:
             object.__setattr__(self, "logit_bias", _bias_pairs(self.logit_bias))
         for name in ("logprobs", "prompt_logprobs"):
             n = getattr(self, name)
-            if n is not None and (isinstance(n, bool) or not isinstance(n, (int, np.integer))
-                                  or not 0 <= n <= MAX_LOGPROBS):
+            if n is not None and (not _is_int(n) or not 0 <= n <= MAX_LOGPROBS):
                 raise BadRequestError(f"{name} must be an integer in [0, {MAX_LOGPROBS}] or "
-                                      f"None, got {n!r}")
+                                      f"None, got {n!r}", name)
+        ids = self.stop_token_ids
+        if isinstance(ids, (str, bytes)) or not hasattr(ids, "__iter__") or not all(
+                _is_int(t) and 0 <= t < _NO_ID for t in ids):
+            raise BadRequestError(f"stop_token_ids must be a list of token ids, got {ids!r}",
+                                  "stop_token_ids")
+        ids = tuple(sorted({int(t) for t in ids}))
+        if len(ids) > MAX_STOP_TOKEN_IDS:
+            raise BadRequestError(f"stop_token_ids has {len(ids)} ids; at most "
+                                  f"{MAX_STOP_TOKEN_IDS}", "stop_token_ids")
+        object.__setattr__(self, "stop_token_ids", ids)
+        if not _is_int(self.min_tokens) or self.min_tokens < 0:
+            raise BadRequestError(f"min_tokens must be an integer >= 0, got "
+                                  f"{self.min_tokens!r}", "min_tokens")
+        if not isinstance(self.ignore_eos, (bool, np.bool_)):
+            raise BadRequestError(f"ignore_eos must be true or false, got "
+                                  f"{self.ignore_eos!r}", "ignore_eos")
+
+    def check_lengths(self, max_tokens: int) -> None:
+        """BadRequestError unless min_tokens fits in the request's token budget."""
+        if self.min_tokens > max_tokens:
+            raise BadRequestError(f"min_tokens={self.min_tokens} exceeds max_tokens="
+                                  f"{max_tokens}", "min_tokens")
+
+    def ends(self, token: int, eos_ids: frozenset[int] | Sequence[int]) -> bool:
+        """Whether `token` ends this request (host side of `ends_row`)."""
+        return (token in eos_ids and not self.ignore_eos) or token in self.stop_token_ids
 
 
 SamplingParams.GREEDY = SamplingParams(temperature=0.0)
@@ -100,32 +140,38 @@ def _bias_pairs(bias: Any) -> tuple[tuple[int, float], ...] | None:
     try:
         pairs = [(k, v) for k, v in items]
     except (TypeError, ValueError):
-        raise BadRequestError(f"logit_bias must map token ids to biases, got {bias!r}") from None
+        raise BadRequestError(f"logit_bias must map token ids to biases, got {bias!r}",
+                              "logit_bias") from None
     out = {}
     for k, v in pairs:
         try:
             i = int(k)
         except (TypeError, ValueError):
-            raise BadRequestError(f"logit_bias keys must be token ids, got {k!r}") from None
+            raise BadRequestError(f"logit_bias keys must be token ids, got {k!r}",
+                                  "logit_bias") from None
         if isinstance(k, bool) or isinstance(k, float) or i < 0:
-            raise BadRequestError(f"logit_bias keys must be token ids, got {k!r}")
-        b = _number("logit_bias value", v)
+            raise BadRequestError(f"logit_bias keys must be token ids, got {k!r}", "logit_bias")
+        b = _number("logit_bias value", v, "logit_bias")
         if not -100 <= b <= 100:
             raise BadRequestError(f"logit_bias values must be in [-100, 100], got {b} for "
-                                  f"token {i}")
+                                  f"token {i}", "logit_bias")
         out[i] = float(b)
     if len(out) > MAX_LOGIT_BIAS:
-        raise BadRequestError(f"logit_bias has {len(out)} entries; at most {MAX_LOGIT_BIAS}")
+        raise BadRequestError(f"logit_bias has {len(out)} entries; at most {MAX_LOGIT_BIAS}",
+                              "logit_bias")
     return tuple(sorted(out.items())) or None
 
 
 def check_vocab(params: Sequence[SamplingParams], vocab_size: int) -> None:
-    """BadRequestError if a logit_bias names a token outside the vocabulary."""
+    """BadRequestError if a logit_bias or stop_token_ids names a token outside the
+    vocabulary."""
     for p in params:
-        bad = [i for i, _ in p.logit_bias or () if i >= vocab_size]
-        if bad:
-            raise BadRequestError(f"logit_bias token id {bad[0]} is outside the vocabulary "
-                                  f"of {vocab_size}")
+        for name, ids in (("logit_bias", [i for i, _ in p.logit_bias or ()]),
+                          ("stop_token_ids", p.stop_token_ids)):
+            bad = [i for i in ids if i >= vocab_size]
+            if bad:
+                raise BadRequestError(f"{name} token id {bad[0]} is outside the vocabulary "
+                                      f"of {vocab_size}", name)
 
 
 # A free slot's row: greedy with a fixed key, so it is the same on every process.
@@ -153,6 +199,9 @@ class SamplingArrays:
     key: jax.Array  # u32[B, 2] raw threefry key data (wrap with `keys()`)
     bias_ids: jax.Array  # i32[B, MAX_LOGIT_BIAS] logit_bias token ids (padding: 0 ...
     bias: jax.Array  # f32[B, MAX_LOGIT_BIAS] ... with bias 0, which adds nothing)
+    stop_ids: jax.Array  # i32[B, MAX_STOP_TOKEN_IDS] stop_token_ids (padding: _NO_ID)
+    min_tokens: jax.Array  # i32[B]
+    ignore_eos: jax.Array  # bool[B]
 
     @classmethod
     def from_params(cls, params: Sequence[SamplingParams]) -> SamplingArrays:
@@ -172,6 +221,7 @@ class SamplingArrays:
             presence_penalty=col("presence_penalty", np.float32),
             frequency_penalty=col("frequency_penalty", np.float32),
             key=jnp.asarray(np.array([_key_data(p.seed) for p in params], np.uint32)),
+            min_tokens=col("min_tokens", np.int32), ignore_eos=col("ignore_eos", bool),
             **_bias_arrays(params))
 
     @property
@@ -194,7 +244,36 @@ def _bias_arrays(params: Sequence[SamplingParams]) -> dict[str, jax.Array]:
     for b, p in enumerate(params):
         for j, (i, v) in enumerate(p.logit_bias or ()):
             ids[b, j], vals[b, j] = i, v
-    return {"bias_ids": jnp.asarray(ids), "bias": jnp.asarray(vals)}
+    stop = np.full((len(params), MAX_STOP_TOKEN_IDS), _NO_ID, np.int32)
+    for b, p in enumerate(params):
+        stop[b, :len(p.stop_token_ids)] = p.stop_token_ids
+    return {"bias_ids": jnp.asarray(ids), "bias": jnp.asarray(vals),
+            "stop_ids": jnp.asarray(stop)}
+
+
+def ends_row(tokens: jax.Array, eos_E: jax.Array, arrays: SamplingArrays) -> jax.Array:
+    """bool, the shape of `tokens` (i32[B] or i32[B, T]): which tokens end their row: an
+    EOS id (unless the row ignores EOS) or one of the row's stop_token_ids."""
+    t = tokens[..., None]
+    lead = (arrays.batch_size,) + (1,) * (tokens.ndim - 1)
+    eos = jnp.any(t == eos_E, -1) & ~arrays.ignore_eos.reshape(lead)
+    return eos | jnp.any(t == arrays.stop_ids.reshape(*lead, -1), -1)
+
+
+def ban_ends(logits_BV: jax.Array, eos_E: jax.Array, arrays: SamplingArrays,
+             step_B: jax.Array) -> jax.Array:
+    """Rows short of their min_tokens (`step_B` tokens out) cannot sample EOS or a stop
+    id: those logits become -inf (skipped when no row is short)."""
+    B = logits_BV.shape[0]
+    short_B = step_B < arrays.min_tokens
+
+    def ban(x):
+        ids = jnp.concatenate([jnp.broadcast_to(eos_E, (B, eos_E.shape[0])),
+                               arrays.stop_ids], 1)
+        ids = jnp.where(short_B[:, None] & (ids >= 0), ids, _NO_ID)  # eos_E pads with -1
+        return x.at[jnp.arange(B)[:, None], ids].set(-jnp.inf, mode="drop")
+
+    return jax.lax.cond(jnp.any(short_B), ban, lambda x: x, logits_BV)
 
 
 def add_logit_bias(logits_BV: jax.Array, arrays: SamplingArrays) -> jax.Array:

@@ -94,7 +94,7 @@ def create_app(engine: Engine, model_name: str) -> FastAPI:
             max_tokens = DEFAULT_COMPLETION_MAX_TOKENS
         elif body.scoring_only():
             max_tokens = 1  # the engine always samples one token: dropped from the answer
-        reqs = _submit(engine, body, [dict(prompt=p) for p in prompts], max_tokens)
+        reqs = await _submit(engine, body, [dict(prompt=p) for p in prompts], max_tokens)
         echo = None
         if body.echo:
             tok = engine.tokenizer
@@ -106,7 +106,7 @@ def create_app(engine: Engine, model_name: str) -> FastAPI:
     async def chat_completions(body: api.ChatRequest):
         _check_model(body.model, model_name)
         max_tokens = body.max_completion_tokens if body.max_tokens is None else body.max_tokens
-        reqs = _submit(engine, body, [dict(messages=body.message_dicts())], max_tokens)
+        reqs = await _submit(engine, body, [dict(messages=body.message_dicts())], max_tokens)
         return await _respond(reqs, body, model_name, chat=True, tokenizer=engine.tokenizer)
 
     return app
@@ -118,8 +118,28 @@ def _check_model(requested: str | None, served: str) -> None:
                            f"{served!r}", "model", "model_not_found")
 
 
-def _submit(engine: Engine, body: api._Request, prompts: list[dict[str, Any]],
-            max_tokens: int | None) -> list[Request]:
+async def _submit(engine: Engine, body: api._Request, prompts: list[dict[str, Any]],
+                  max_tokens: int | None) -> list[Request]:
+    """`_submit_all` on a worker thread: submitting tokenizes the prompts and compiles a
+    constraint's grammar (0.3 s for the first one, longer for a large schema), which must
+    not stall the event loop's other streams. A client gone meanwhile cancels them."""
+    fut = asyncio.get_running_loop().run_in_executor(None, _submit_all, engine, body,
+                                                     prompts, max_tokens)
+    try:
+        return await asyncio.shield(fut)
+    except asyncio.CancelledError:
+        fut.add_done_callback(_cancel_submitted)
+        raise
+
+
+def _cancel_submitted(fut: asyncio.Future) -> None:
+    if not fut.cancelled() and fut.exception() is None:
+        for r in fut.result():
+            r.cancel()
+
+
+def _submit_all(engine: Engine, body: api._Request, prompts: list[dict[str, Any]],
+                max_tokens: int | None) -> list[Request]:
     """n engine requests per prompt, in choice order; all or none: if one is refused, the
     ones already queued are cancelled."""
     n = body.num_choices()
@@ -143,19 +163,19 @@ def _submit_one(engine: Engine, body: api._Request, prompt: dict[str, Any],
                 constraint: Constraint | None) -> Request:
     try:
         return engine.submit(**prompt, sampling=sampling, max_tokens=max_tokens,
-                             stop=body.stop_list(), constraint=constraint,
-                             stop_token_ids=body.stop_token_ids or (),
-                             min_tokens=body.min_tokens or 0)
+                             stop=body.stop_list(), constraint=constraint)
     except ContextLengthError as e:
         raise api.ApiError(400, str(e), "messages" if "messages" in prompt else "prompt",
                            "context_length_exceeded") from e
-    except (BadRequestError, TokenizerError) as e:
-        named = [p for p in ("stop_token_ids", "min_tokens", "max_tokens", "stop", "logprobs",
-                             *prompt) if str(e).startswith(p)]
-        named = named or [p for p in ("max_tokens", "stop", "logprobs", *prompt) if p in str(e)]
-        if "constraint" in str(e) or "structured output" in str(e):
-            named = [body.constraint_param()]
-        raise api.ApiError(400, str(e), named[0] if named else next(iter(prompt))) from e
+    except (BadRequestError, TokenizerError) as e:  # a TokenizerError: the chat template
+        param = getattr(e, "param", None) or next(iter(prompt))
+        if param == "prompt":
+            param = next(iter(prompt))  # "prompt" or "messages"
+        elif param == "constraint":
+            param = body.constraint_param()
+        elif param == "logprobs" and isinstance(body, api.ChatRequest):
+            param = "top_logprobs" if body.top_logprobs is not None else "logprobs"
+        raise api.ApiError(400, str(e), param) from e
     except EngineOverloadedError as e:
         raise api.ApiError(429, str(e), None, "queue_full", "rate_limit_error") from e
     except EngineClosedError as e:

@@ -32,7 +32,7 @@ from jaxinfer.config import ModelConfig
 from jaxinfer.errors import BadRequestError
 from jaxinfer.kv_cache import KVCache, cache_shardings, init_cache
 from jaxinfer.model import decode_logits, hidden_states, prefill, unembed
-from jaxinfer.sampling import SamplingArrays, SamplingParams, filter_logits
+from jaxinfer.sampling import SamplingArrays, SamplingParams, ends_row, filter_logits
 from jaxinfer.weights import Weights
 
 
@@ -166,7 +166,7 @@ def _round(tw: Weights, dw: Weights | None, state: SpecState, cfg: ModelConfig,
     ar = jnp.arange(k + 1, dtype=jnp.int32)[None]
     e_BT = jnp.where(ar == n_acc[:, None], c_B[:, None],
                      jnp.concatenate([d_BK, jnp.zeros_like(d_BK[:, :1])], 1))
-    eos_BT = jnp.any(e_BT[..., None] == state.eos_E, -1) & (ar <= n_acc[:, None])
+    eos_BT = ends_row(e_BT, state.eos_E, state.sampling) & (ar <= n_acc[:, None])
     first_eos = jnp.where(jnp.any(eos_BT, 1), jnp.argmax(eos_BT, 1), k + 1)
     n_emit = jnp.minimum(jnp.minimum(n_acc + 1, first_eos + 1),
                          state.max_new_B - state.num_generated_B)
@@ -248,13 +248,19 @@ def check_request(params: list[SamplingParams], k: int, ngram_size: int,
     for p in params:
         if p.repetition_penalty != 1 or p.presence_penalty or p.frequency_penalty:
             raise BadRequestError("speculative decoding does not support repetition/presence/"
-                                  f"frequency penalties, got {p}")
+                                  f"frequency penalties, got {p}", "repetition_penalty"
+                                  if p.repetition_penalty != 1 else "presence_penalty"
+                                  if p.presence_penalty else "frequency_penalty")
         if p.logit_bias:
             raise BadRequestError("speculative decoding does not support logit_bias; serve "
-                                  "without a draft for it")
+                                  "without a draft for it", "logit_bias")
         if p.logprobs is not None:
             raise BadRequestError(f"speculative decoding does not return logprobs, got "
-                                  f"logprobs={p.logprobs}; serve without a draft for them")
+                                  f"logprobs={p.logprobs}; serve without a draft for them",
+                                  "logprobs")
+        if p.min_tokens:
+            raise BadRequestError(f"speculative decoding does not support min_tokens, got "
+                                  f"{p.min_tokens}; serve without a draft for it", "min_tokens")
 
 
 def prepare(prompts: list[list[int]], max_new: list[int], k: int, cfg: ModelConfig,

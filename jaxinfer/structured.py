@@ -150,10 +150,10 @@ class Grammars:
                     import llguidance
                 except ImportError as e:  # a dependency, but say so clearly if missing
                     raise BadRequestError("structured output needs the llguidance package "
-                                          "(pip install llguidance)") from e
+                                          "(pip install llguidance)", "constraint") from e
                 tok, v, eos = self._args
                 if not eos:
-                    raise BadRequestError("structured output needs an EOS token")
+                    raise BadRequestError("structured output needs an EOS token", "constraint")
                 view = llguidance.TokenizerWrapper(_TokenizerView(tok, v, eos))
                 self._ll = llguidance.LLTokenizer(view, n_vocab=v, eos_token=list(eos))
             return self._ll
@@ -166,14 +166,16 @@ class Grammars:
         try:
             grammar = constraint.grammar()
         except (ValueError, TypeError) as e:
-            raise BadRequestError(f"bad constraint {constraint.to_json()}: {e}") from None
+            raise BadRequestError(f"bad constraint {constraint.to_json()}: {e}",
+                                  "constraint") from None
         err = LLMatcher.validate_grammar(grammar, tok)
         if err:
             raise BadRequestError(f"bad constraint {constraint.to_json()}: "
-                                  f"{err.strip().splitlines()[-1]}")
+                                  f"{err.strip().splitlines()[-1]}", "constraint")
         m = LLMatcher(tok, grammar, log_level=0)
         if m.is_error():
-            raise BadRequestError(f"bad constraint {constraint.to_json()}: {m.get_error()}")
+            raise BadRequestError(f"bad constraint {constraint.to_json()}: {m.get_error()}",
+                                  "constraint")
         return m
 
     def fill(self, matcher, mask_BW: np.ndarray, row: int) -> None:

@@ -56,6 +56,31 @@ def test_greedy_32_tokens_match_hf(llm, hf_model, prompt):
     assert len(out.token_ids) == 32 or out.finish_reason == "stop"
 
 
+def test_min_tokens_and_stop_token_ids_match_hf(llm, hf_model):
+    """vLLM's min_tokens and stop_token_ids against HF's own rules on the same weights:
+    min_new_tokens (EOS banned until then) and eos_token_id (ids that end generation)."""
+    ids = llm.tokenizer.encode(llm.tokenizer.apply_chat_template(
+        [{"role": "user", "content": "What is the capital of France?"}]))
+    free = llm.generate(ids, sampling=GREEDY, max_new_tokens=48)
+    assert free.finish_reason == "stop"  # ends on <|im_end|> after a short answer
+    n = len(free.token_ids)
+    period = llm.tokenizer.encode(".")[0]
+    cases = [(SamplingParams(temperature=0, min_tokens=n + 4),
+              dict(min_new_tokens=n + 4, eos_token_id=list(llm.eos))),
+             (SamplingParams(temperature=0, stop_token_ids=[period]),
+              dict(eos_token_id=[*llm.eos, period]))]
+    for sp, hf_kw in cases:
+        with torch.no_grad():
+            ref = hf_model.generate(torch.tensor([ids]), max_new_tokens=48, do_sample=False,
+                                    pad_token_id=2, **hf_kw)[0, len(ids):]
+        out = llm.generate(ids, sampling=sp, max_new_tokens=48)
+        assert out.token_ids == [int(t) for t in ref], sp
+    assert len(out.token_ids) < n and out.token_ids[-1] == period and "." not in out.text
+    eos_first = SamplingParams(temperature=0, ignore_eos=True)
+    out = llm.generate(ids, sampling=eos_first, max_new_tokens=n + 8)
+    assert len(out.token_ids) == n + 8 and out.token_ids[:n] == free.token_ids
+
+
 def test_streaming_equals_batch_path(llm):
     ids = llm.tokenizer.encode(PROMPTS[2])
     res = []

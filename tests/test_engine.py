@@ -341,25 +341,48 @@ def test_engine_under_a_mesh_matches_single_device(mesh_spec, kv):
         assert g.token_ids == r.token_ids
 
 
-def test_stop_token_ids_and_min_tokens():
+def test_stop_token_ids_min_tokens_and_ignore_eos():
     """stop_token_ids end a request like EOS (in token_ids, not in the text); min_tokens
-    bans EOS and those ids until that many tokens are out."""
+    bans EOS and those ids until that many tokens are out; ignore_eos decodes past EOS.
+    All three are applied on device, and the engine, LLM.generate and LLM.stream agree."""
+    llm = _llm()
+    alone = llm.generate(PROMPTS[2], sampling=GREEDY, max_new_tokens=12)
+    sid = alone.token_ids[1]
+    cut = alone.token_ids.index(sid) + 1
+    stop = SamplingParams(temperature=0, stop_token_ids=[sid])
+    at_least = SamplingParams(temperature=0, stop_token_ids=[sid], min_tokens=10)
+    sampled = SamplingParams(temperature=1.5, seed=5, stop_token_ids=[sid], min_tokens=10)
+    # The tiny model's EOS is 3: a logit bias makes greedy decoding pick it at once.
+    eos_first = SamplingParams(temperature=0, logit_bias={3: 100}, ignore_eos=True)
+    cases = [stop, at_least, sampled, eos_first]
+    ref = llm.generate([PROMPTS[2]] * 4, sampling=cases, max_new_tokens=12)
+    r = ref[0]
+    assert r.token_ids == alone.token_ids[:cut] and r.finish_reason == "stop"
+    assert r.text == CharTokenizer().decode(alone.token_ids[:cut - 1])
+    for m in ref[1:3]:
+        assert len(m.token_ids) >= 10 and sid not in m.token_ids[:10]
+        assert 3 not in m.token_ids[:10]  # 3: EOS
+    assert ref[1].token_ids[:cut - 1] == alone.token_ids[:cut - 1]
+    assert ref[3].token_ids == [3] * 12 and ref[3].finish_reason == "length"
     with tiny_engine(num_slots=2) as eng:
-        alone = eng.submit(PROMPTS[2], sampling=GREEDY, max_tokens=12).result(timeout=60)
-        sid = alone.token_ids[1]
-        cut = alone.token_ids.index(sid) + 1
-        r = eng.submit(PROMPTS[2], sampling=GREEDY, max_tokens=12,
-                       stop_token_ids=[sid]).result(timeout=60)
-        assert r.token_ids == alone.token_ids[:cut] and r.finish_reason == "stop"
-        assert r.text == CharTokenizer().decode(alone.token_ids[:cut - 1])
-        m = eng.submit(PROMPTS[2], sampling=GREEDY, max_tokens=12, stop_token_ids=[sid],
-                       min_tokens=10).result(timeout=60)
-        assert len(m.token_ids) >= 10 and m.token_ids[:cut - 1] == alone.token_ids[:cut - 1]
-        assert sid not in m.token_ids[:10] and 3 not in m.token_ids[:10]  # 3: EOS
-        with pytest.raises(BadRequestError, match="min_tokens"):
-            eng.submit(PROMPTS[2], max_tokens=4, min_tokens=5)
-        with pytest.raises(BadRequestError, match="stop_token_ids"):
-            eng.submit(PROMPTS[2], max_tokens=4, stop_token_ids=[10**6])
+        got = [eng.submit(PROMPTS[2], sampling=sp, max_tokens=12) for sp in cases]
+        got = [g.result(timeout=60) for g in got]
+        with pytest.raises(BadRequestError, match="min_tokens") as e:
+            eng.submit(PROMPTS[2], max_tokens=4, sampling=SamplingParams(min_tokens=5))
+        assert e.value.param == "min_tokens"
+        with pytest.raises(BadRequestError, match="stop_token_ids") as e:
+            eng.submit(PROMPTS[2], max_tokens=4,
+                       sampling=SamplingParams(stop_token_ids=[10**6]))
+        assert e.value.param == "stop_token_ids"
+    for g, r in zip(got, ref, strict=True):
+        assert (g.token_ids, g.text, g.finish_reason) == (r.token_ids, r.text, r.finish_reason)
+    for sp, r in zip(cases, ref, strict=True):
+        out: list = []
+        assert "".join(llm.stream(PROMPTS[2], sampling=sp, max_new_tokens=12,
+                                  result=out)) == r.text
+        assert out[0].token_ids == r.token_ids and out[0].finish_reason == r.finish_reason
+    with pytest.raises(BadRequestError, match="min_tokens"):
+        llm.generate(PROMPTS[2], sampling=SamplingParams(min_tokens=5), max_new_tokens=4)
 
 
 def test_logit_bias_in_the_engine_and_llm_generate():

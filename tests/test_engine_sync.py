@@ -54,8 +54,10 @@ def pair(monkeypatch):
 
 def test_wire_format_round_trip():
     events = [sync.Submit(3, [1, 2, 3], SamplingParams(temperature=0.7, top_k=5, seed=2**64 - 1,
-                                                       logprobs=2), 9, ("\n", "x"), False,
-                          Constraint(choice=("a", "b c")).to_json()),
+                                                       logprobs=2, logit_bias={4: -1.5},
+                                                       stop_token_ids=[9, 7], min_tokens=2,
+                                                       ignore_eos=True), 9, ("\n", "x"),
+                          False, Constraint(choice=("a", "b c")).to_json()),
               sync.Cancel(3), sync.Close(), sync.Close("boom")]
     assert sync.decode(sync.encode(events)) == events
 

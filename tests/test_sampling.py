@@ -13,6 +13,8 @@ from jaxinfer.sampling import (
     GREEDY,
     SamplingArrays,
     SamplingParams,
+    ban_ends,
+    ends_row,
     filter_logits,
     penalize_logits,
     sample,
@@ -319,10 +321,40 @@ def test_new_parameter_values_do_not_recompile():
     (dict(temperature=float("nan")), "temperature", "nan"),
     (dict(top_k=2.5), "top_k", "2.5"),
     (dict(seed="x"), "seed", "'x'"),
+    (dict(stop_token_ids=[-1]), "stop_token_ids", "-1"),
+    (dict(stop_token_ids="ab"), "stop_token_ids", "'ab'"),
+    (dict(stop_token_ids=list(range(33))), "stop_token_ids", "33 ids"),
+    (dict(min_tokens=-1), "min_tokens", "-1"),
+    (dict(ignore_eos="yes"), "ignore_eos", "'yes'"),
+    (dict(logprobs=21), "logprobs", "21"),
 ])
 def test_bad_parameters_raise_bad_request(kwargs, name, value):
-    with pytest.raises(BadRequestError, match=f"{name}.*{value}"):
+    """Each message names the value, and `param` the field (the server's error param)."""
+    with pytest.raises(BadRequestError, match=f"{name}.*{value}") as e:
         SamplingParams(**kwargs)
+    assert e.value.param == name
+
+
+def test_ends_row_and_ban_ends():
+    """A row ends on EOS (unless it ignores EOS) or on one of its stop ids, for one token
+    per row or a [B, T] window (speculative rounds); short of min_tokens, both are banned."""
+    eos_E = jnp.array([2, -1], jnp.int32)  # -1 pads, as the engine's EOS list does
+    arrays = SamplingArrays.from_params([
+        SamplingParams(), SamplingParams(stop_token_ids=[5, 6]),
+        SamplingParams(ignore_eos=True, stop_token_ids=[6], min_tokens=3)])
+    np.testing.assert_array_equal(
+        ends_row(jnp.array([[2, 5, 6], [2, 5, 6], [2, 5, 6]]), eos_E, arrays),
+        [[True, False, False], [True, True, True], [False, False, True]])
+    np.testing.assert_array_equal(ends_row(jnp.array([1, 6, 2]), eos_E, arrays),
+                                  [False, True, False])
+    logits = jnp.zeros((3, 8))
+    for step, banned_row2 in ((2, True), (3, False)):
+        x = np.asarray(ban_ends(logits, eos_E, arrays, jnp.full((3,), step, jnp.int32)))
+        assert np.isfinite(x[:2]).all()  # min_tokens 0
+        assert (np.isneginf(x[2]) == (banned_row2 & np.isin(np.arange(8), [2, 6]))).all()
+    assert SamplingParams(stop_token_ids=(7, 3, 7)).stop_token_ids == (3, 7)
+    assert SamplingParams(ignore_eos=True).ends(2, {2}) is False
+    assert SamplingParams(stop_token_ids=[4]).ends(4, {2})
 
 
 def test_from_params_dtypes_and_empty_batch():

@@ -72,6 +72,25 @@ def test_completion_and_chat_match_the_engine(url, engine):
     assert out["choices"][0]["finish_reason"] == ref.finish_reason
 
 
+def test_vllm_stop_fields_reach_the_engine(url, engine):
+    """stop_token_ids, min_tokens and ignore_eos (vLLM's extensions) mean what they mean in
+    SamplingParams: the server answers what the engine gives for the same settings."""
+    free = engine.submit("Hello there", sampling=GREEDY, max_tokens=8).result(timeout=30)
+    sid = free.token_ids[2]
+    for extra in ({"stop_token_ids": [sid]}, {"stop_token_ids": [sid], "min_tokens": 6},
+                  {"ignore_eos": True, "logit_bias": {"3": 100}}):
+        out = requests.post(f"{url}/v1/completions", timeout=30, json={
+            "prompt": "Hello there", "max_tokens": 8, "temperature": 0, **extra}).json()
+        sp = SamplingParams(temperature=0, **{k: {int(i): b for i, b in v.items()}
+                                              if k == "logit_bias" else v
+                                              for k, v in extra.items()})
+        ref = engine.submit("Hello there", sampling=sp, max_tokens=8).result(timeout=30)
+        assert out["choices"][0]["text"] == ref.text
+        assert out["choices"][0]["finish_reason"] == ref.finish_reason
+        assert out["usage"]["completion_tokens"] == len(ref.token_ids)
+    assert ref.token_ids == [3] * 8  # EOS, ignored
+
+
 def test_streaming_events(url):
     body = {"prompt": "Stream me", "max_tokens": 9, "temperature": 0, "seed": 1}
     whole = requests.post(f"{url}/v1/completions", json=body, timeout=30).json()
@@ -171,6 +190,10 @@ def test_openai_client(url, engine):
     ("completions", {"prompt": "x", "max_tokens": 3, "min_tokens": 5}, "min_tokens"),
     ("completions", {"prompt": "x", "stop_token_ids": [-1]}, "stop_token_ids"),
     ("completions", {"prompt": "x", "stop_token_ids": "a"}, "stop_token_ids"),
+    ("completions", {"prompt": "x", "stop_token_ids": list(range(40))}, "stop_token_ids"),
+    ("completions", {"prompt": "x", "ignore_eos": "yes"}, "ignore_eos"),
+    ("chat/completions", {"messages": [{"role": "user", "content": "hi"}], "logprobs": True,
+                          "top_logprobs": 21}, "top_logprobs"),
     ("completions", {"prompt": "x", "logit_bias": {"5": 200}}, "logit_bias"),
     ("completions", {"prompt": "x", "logit_bias": {"x": 1}}, "logit_bias"),
     ("completions", {"prompt": "x", "best_of": 3}, "best_of"),

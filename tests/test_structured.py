@@ -4,6 +4,8 @@ schema on SmolLM2."""
 
 import json
 import re
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import jax.numpy as jnp
 import numpy as np
@@ -117,6 +119,31 @@ def test_server_response_format(engine):
             r = requests.post(url, json={"messages": msgs, **body}, timeout=60)
             assert r.status_code == 400, r.text
             assert r.json()["error"]["param"] == param
+
+
+def test_grammar_compiles_off_the_event_loop(engine, monkeypatch):
+    """A constraint's grammar compiles on a worker thread: while one is stuck compiling,
+    the server still answers /health and other completions (on the event loop, this test
+    would time out)."""
+    compiling, release = threading.Event(), threading.Event()
+    real = engine._grammars.matcher
+
+    def slow(constraint):
+        compiling.set()
+        assert release.wait(60)
+        return real(constraint)
+
+    monkeypatch.setattr(engine._grammars, "matcher", slow)
+    with BackgroundServer(create_app(engine, "tiny")) as srv, ThreadPoolExecutor(1) as pool:
+        stuck = pool.submit(requests.post, f"{srv.url}/v1/completions", timeout=60, json={
+            "prompt": "x", "guided_choice": ["yes", "no"], "max_tokens": 8})
+        assert compiling.wait(30)
+        assert requests.get(f"{srv.url}/health", timeout=10).status_code == 200
+        other = requests.post(f"{srv.url}/v1/completions", timeout=30,
+                              json={"prompt": "y", "max_tokens": 3}).json()
+        assert other["choices"][0]["finish_reason"] in ("stop", "length")
+        release.set()
+        assert stuck.result().json()["choices"][0]["text"] in ("yes", "no")
 
 
 def test_json_schema_on_smollm2(smollm2_checkpoint):

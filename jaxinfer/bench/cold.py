@@ -25,8 +25,7 @@ def _child(spec: dict[str, Any]) -> dict[str, Any]:
 
     if spec["cache_dir"]:
         runtime.enable_compilation_cache(spec["cache_dir"])
-    from jaxinfer.bench.measure import CompileStats, ignore_eos, prompt_ids
-    from jaxinfer.sampling import GREEDY
+    from jaxinfer.bench.measure import FIXED_LENGTH, CompileStats, prompt_ids
 
     stats = CompileStats().__enter__()
     t_import = time.time()
@@ -46,9 +45,8 @@ def _child(spec: dict[str, Any]) -> dict[str, Any]:
 
     jax.block_until_ready(llm.params)
     t_load = time.time()
-    ignore_eos(llm)
     ids = prompt_ids(llm, spec["prompt_len"])
-    for _ in llm.stream(ids, sampling=GREEDY, max_new_tokens=1):
+    for _ in llm.stream(ids, sampling=FIXED_LENGTH, max_new_tokens=1):
         break
     t_first = time.time()
     return {"t_first": t_first, "import_s": t_import - t_main,

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxinfer.runtime import CompileCounter
-from jaxinfer.sampling import GREEDY
+from jaxinfer.sampling import GREEDY, SamplingParams
 
 _PROMPT_TEXT = ("The history of computing is a story of ideas that took decades to become "
                 "practical, of machines that filled rooms and then fit in a pocket, and of "
@@ -59,9 +59,8 @@ def prompt_ids(llm, n: int) -> list[int]:
     return (ids * (n // len(ids) + 1))[:n]
 
 
-def ignore_eos(llm) -> None:
-    """Every run then decodes exactly max_new_tokens (peers are run the same way)."""
-    llm.eos = np.array([-1], np.int32)
+# Greedy, decoding exactly max_new_tokens whatever EOS comes (the peers are run so too).
+FIXED_LENGTH = SamplingParams(temperature=0.0, ignore_eos=True)
 
 
 def summary(xs: list[float]) -> dict[str, float]:
@@ -71,7 +70,7 @@ def summary(xs: list[float]) -> dict[str, float]:
 def time_stream(llm, ids: list[int], n: int) -> dict[str, Any]:
     """One streamed completion: TTFT, decode rate and the gaps between yielded deltas."""
     res, times = [], []
-    for _ in llm.stream(ids, sampling=GREEDY, max_new_tokens=n, result=res):
+    for _ in llm.stream(ids, sampling=FIXED_LENGTH, max_new_tokens=n, result=res):
         times.append(time.perf_counter())
     c = res[0]
     gaps = np.diff(times) * 1e3
@@ -82,7 +81,7 @@ def time_stream(llm, ids: list[int], n: int) -> dict[str, Any]:
 def time_generate(llm, ids: list[int], n: int, batch: int) -> dict[str, Any]:
     """One batch through the jitted while loop (LLM.generate): prefill + n tokens per row."""
     t0 = time.perf_counter()
-    outs = llm.generate([ids] * batch, sampling=GREEDY, max_new_tokens=n)
+    outs = llm.generate([ids] * batch, sampling=FIXED_LENGTH, max_new_tokens=n)
     total = time.perf_counter() - t0
     tokens = sum(len(o.token_ids) for o in outs)
     return {"ttft_s": outs[0].ttft_s, "total_s": total, "tokens": tokens,
@@ -92,22 +91,18 @@ def time_generate(llm, ids: list[int], n: int, batch: int) -> dict[str, Any]:
 
 def time_engine(llm, ids: list[int], n: int, batch: int, repeats: int) -> dict[str, Any]:
     """The serving engine (host-stepped continuous batching) with `batch` slots, all busy."""
-    import copy
 
     from jaxinfer.engine import Engine, EngineConfig
     from jaxinfer.generate import bucket
 
-    tok = copy.copy(llm.tokenizer)
-    tok.eos_ids = ()
-    cfg = llm.cfg.replace(eos_token_ids=())
-    S = bucket(len(ids) + n, 256, cfg.max_seq_len)
+    S = bucket(len(ids) + n, 256, llm.cfg.max_seq_len)
     econf = EngineConfig(num_slots=batch, max_len=S, prefix_block=0,
                          min_prompt_bucket=bucket(len(ids), 1, S))
-    with Engine(llm.params, cfg, tok, econf, llm.impl) as engine:
+    with Engine.from_llm(llm, econf) as engine:
         rates = []
         for r in range(repeats + 1):  # the first run compiles
             t0 = time.perf_counter()
-            outs = engine.generate([ids] * batch, sampling=GREEDY, max_tokens=n)
+            outs = engine.generate([ids] * batch, sampling=FIXED_LENGTH, max_tokens=n)
             dt = time.perf_counter() - t0
             if r:
                 rates.append(sum(len(o.token_ids) for o in outs) / dt)
@@ -120,21 +115,18 @@ def engine_stall(llm, chunked: bool, long_len: int, budget: int, rows: int = 2,
     streams run while two prompts of `long_len` tokens arrive, with the engine prefilling
     `budget` prompt tokens per turn, chunked or whole. Reports the streams' inter-token
     gaps while the long prompts were being prefilled (the stall) and the long ones' TTFT."""
-    import copy
     import threading
 
     from jaxinfer.engine import Engine, EngineConfig
     from jaxinfer.generate import bucket
 
-    tok = copy.copy(llm.tokenizer)
-    tok.eos_ids = ()
-    cfg = llm.cfg.replace(eos_token_ids=())
+    cfg = llm.cfg
     S = bucket(long_len + 16, 256, cfg.max_seq_len)
     econf = EngineConfig(num_slots=rows + 2, max_len=S, prefix_block=0, max_queue=8,
                          prefill_token_budget=budget, chunked_prefill=chunked)
     rng = np.random.default_rng(0)
     longs = [rng.integers(100, cfg.vocab_size, long_len).tolist() for _ in range(2)]
-    with Engine(llm.params, cfg, tok, econf, llm.impl) as engine:
+    with Engine.from_llm(llm, econf) as engine:
         engine.warmup()
         stamps: list[list[float]] = [[] for _ in range(rows)]
 
@@ -142,7 +134,7 @@ def engine_stall(llm, chunked: bool, long_len: int, budget: int, rows: int = 2,
             for _ in req:
                 stamps[i].append(time.perf_counter())
 
-        streams = [engine.submit([1 + i] * 8, sampling=GREEDY, max_tokens=n)
+        streams = [engine.submit([1 + i] * 8, sampling=FIXED_LENGTH, max_tokens=n)
                    for i in range(rows)]
         readers = [threading.Thread(target=read, args=(i, r)) for i, r in enumerate(streams)]
         for t in readers:
@@ -150,7 +142,7 @@ def engine_stall(llm, chunked: bool, long_len: int, budget: int, rows: int = 2,
         while min(len(s) for s in stamps) < 8:  # the streams are decoding
             time.sleep(0.01)
         t0 = time.perf_counter()
-        reqs = [engine.submit(ids, sampling=GREEDY, max_tokens=4) for ids in longs]
+        reqs = [engine.submit(ids, sampling=FIXED_LENGTH, max_tokens=4) for ids in longs]
         res = [r.result() for r in reqs]
         t1 = time.perf_counter()
         for t in readers:

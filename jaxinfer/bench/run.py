@@ -172,7 +172,6 @@ def run(bc: BenchConfig, progress: Callable[[str], None]) -> dict[str, Any]:
     t0 = time.perf_counter()
     llm = _load(bc)
     jax.block_until_ready(llm.params)
-    m.ignore_eos(llm)
     ids = m.prompt_ids(llm, bc.prompt_len)
     res["model"] = {"name": llm.cfg.name, "dtype": str(np.dtype(llm.dtype)),
                     "quantize": bc.quantize, "weight_bytes": m.tree_bytes(llm.params),

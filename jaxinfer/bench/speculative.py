@@ -16,7 +16,7 @@ import statistics
 import time
 from typing import Any
 
-from jaxinfer.sampling import GREEDY
+from jaxinfer.bench.measure import FIXED_LENGTH
 
 FREE_PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
 
@@ -44,9 +44,10 @@ def run(llm, draft, repeat_ids: list[int], n: int, k: int, ngram_size: int, repe
     res: dict[str, Any] = {"draft": name, "num_speculative_tokens": k, "ngram_size": ngram_size,
                            "max_new_tokens": n, "workloads": {}}
     for wl, ids in workloads(llm, repeat_ids).items():
-        plain = lambda ids=ids: llm.generate(ids, sampling=GREEDY, max_new_tokens=n)
-        spec = lambda ids=ids: llm.generate(ids, sampling=GREEDY, max_new_tokens=n, draft=draft,
-                                            num_speculative_tokens=k, ngram_size=ngram_size)
+        plain = lambda ids=ids: llm.generate(ids, sampling=FIXED_LENGTH, max_new_tokens=n)
+        spec = lambda ids=ids: llm.generate(ids, sampling=FIXED_LENGTH, max_new_tokens=n,
+                                            draft=draft, num_speculative_tokens=k,
+                                            ngram_size=ngram_size)
         progress(f"speculative ({name}, k={k}), {wl} workload: warm-up")
         ref, got = plain(), spec()  # compiles both
         tp, ts = [], []
