@@ -559,8 +559,8 @@ class Engine:
                     want = any(r is not None and r.sampling.logprobs is not None
                                for r in self._slots)
                     self._state, out, lp = core.generate_step(
-                        self.params, self._state, np.bool_(want), self._masks(), self.cfg,
-                        self.impl)
+                        self.params, self._state, np.bool_(want), self._masks(), cfg=self.cfg,
+                        impl=self.impl)
                     lp = lp if want else None
                 elif self._decoding:
                     sp = self._spec

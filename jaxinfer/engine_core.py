@@ -180,17 +180,9 @@ def insert(prefix: Prefix, state: gen.DecodeState, slot: jax.Array) -> gen.Decod
         sampling=state.sampling.with_row(slot, prefix.sampling))
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "impl"), donate_argnames=("state",))
-def generate_step(weights: Weights, state: gen.DecodeState, want_logprobs: jax.Array,
-                  mask_BW: jax.Array, cfg: ModelConfig, impl: str = "xla"
-                  ) -> tuple[gen.DecodeState, jax.Array, Logprobs]:
-    """One token for every slot, each drawn from the tokens its `mask_BW` row allows;
-    i32[2, B] (token, done) comes back as a fresh buffer, and every slot's (raw, unmasked)
-    log-probabilities when `want_logprobs` (some slot's request asked)."""
-    state, logits = gen._step_logits(weights, state, cfg, impl,
-                                     lambda x: apply_bitmask(x, mask_BW))
-    lp = step_logprobs(logits, state.tokens_B, want_logprobs)
-    return state, jnp.stack([state.tokens_B, state.done_B.astype(jnp.int32)]), lp
+# One token for every slot, each drawn from the tokens its `mask_BW` row allows; the
+# (token, done) pairs come back as a fresh buffer, and raw logprobs when some slot asked.
+generate_step = gen.step
 
 
 @functools.partial(jax.jit, donate_argnames=("state",))

@@ -32,6 +32,7 @@ from jaxinfer.sampling import (
     step_logprobs,
     update_counts,
 )
+from jaxinfer.structured import apply_bitmask
 from jaxinfer.weights import Weights
 
 MIN_PROMPT_BUCKET = 32
@@ -62,11 +63,15 @@ class DecodeState:
     logprobs_out: tuple[jax.Array, jax.Array, jax.Array] | None = None
 
 
-def _advance(state: DecodeState, logits_BV: jax.Array, cache: KVCache) -> DecodeState:
+def _advance(state: DecodeState, logits_BV: jax.Array, cache: KVCache,
+             mask_BW: jax.Array | None = None) -> DecodeState:
     """Sample one token per row from logits and record it; finished rows stay frozen. A
-    row ends on an EOS id or one of its stop ids, neither allowed before its min_tokens."""
+    row ends on an EOS id or one of its stop ids, neither allowed before its min_tokens.
+    `mask_BW` (structured output's bitmask) restricts what is sampled; logprobs are the
+    raw model's either way."""
     active = ~state.done_B
-    tok = sample(ban_ends(logits_BV, state.eos_E, state.sampling, state.num_generated_B),
+    x = logits_BV if mask_BW is None else apply_bitmask(logits_BV, mask_BW)
+    tok = sample(ban_ends(x, state.eos_E, state.sampling, state.num_generated_B),
                  state.sampling, state.num_generated_B, state.counts_BV, state.prompt_mask_BV)
     tok = jnp.where(active, tok, state.tokens_B)
     n = state.num_generated_B
@@ -91,9 +96,11 @@ def _advance(state: DecodeState, logits_BV: jax.Array, cache: KVCache) -> Decode
                    donate_argnames=("cache",))
 def start(weights: Weights, prompt_BT: jax.Array, prompt_len_B: jax.Array, cache: KVCache,
           sampling: SamplingArrays, max_new_B: jax.Array, eos_E: jax.Array, cfg: ModelConfig,
-          max_out: int, impl: str = "xla", logprobs: bool = False) -> DecodeState:
-    """Prefill right-padded prompts into an empty cache and sample each row's first token.
-    With `logprobs` the state also records every token's logprob and top alternatives."""
+          max_out: int, impl: str = "xla", logprobs: bool = False,
+          mask_BW: jax.Array | None = None) -> DecodeState:
+    """Prefill right-padded prompts into an empty cache and sample each row's first token
+    (from the tokens `mask_BW` allows, if given). With `logprobs` the state also records
+    every token's logprob and top alternatives."""
     B, T = prompt_BT.shape
     x, cache = hidden_states(weights, prompt_BT, cache, cfg, impl)
     last = jnp.clip(prompt_len_B - 1, 0, T - 1)
@@ -113,17 +120,17 @@ def start(weights: Weights, prompt_BT: jax.Array, prompt_len_B: jax.Array, cache
         state.logprobs_out = (jnp.zeros((B, max_out), jnp.float32),
                               jnp.zeros((B, max_out, N), jnp.int32),
                               jnp.zeros((B, max_out, N), jnp.float32))
-    return _advance(state, logits, cache)
+    return _advance(state, logits, cache, mask_BW)
 
 
 def _step_logits(weights: Weights, state: DecodeState, cfg: ModelConfig, impl: str,
-                 mask=None) -> tuple[DecodeState, jax.Array]:
-    """One decode step, and the raw logits; `mask` (logits -> logits) restricts what may
-    be sampled (structured output)."""
+                 mask_BW: jax.Array | None = None) -> tuple[DecodeState, jax.Array]:
+    """One decode step, and the raw logits; `mask_BW` restricts what may be sampled
+    (structured output)."""
     logits, cache = decode_logits(weights, state.tokens_B, state.cache, cfg, impl)
     # Rows already done must not grow: undo their length increment.
     cache = cache.with_lengths(jnp.where(state.done_B, state.cache.lengths, cache.lengths))
-    return _advance(state, logits if mask is None else mask(logits), cache), logits
+    return _advance(state, logits, cache, mask_BW), logits
 
 
 def _step(weights: Weights, state: DecodeState, cfg: ModelConfig, impl: str) -> DecodeState:
@@ -131,13 +138,16 @@ def _step(weights: Weights, state: DecodeState, cfg: ModelConfig, impl: str) -> 
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "impl"), donate_argnames=("state",))
-def step(weights: Weights, state: DecodeState, want_logprobs: jax.Array, cfg: ModelConfig,
-         impl: str = "xla") -> tuple[DecodeState, jax.Array, Logprobs]:
-    """One decode step. Also returns i32[2, B] (token, done) as a fresh buffer that the
-    host can read while the next step (which donates `state`) is already running, and the
-    tokens' log-probabilities, computed only if `want_logprobs` (bool[], traced: asking
-    never recompiles; pass an np.bool_ so the argument's type never changes)."""
-    state, logits = _step_logits(weights, state, cfg, impl)
+def step(weights: Weights, state: DecodeState, want_logprobs: jax.Array,
+         mask_BW: jax.Array | None = None, *, cfg: ModelConfig, impl: str = "xla"
+         ) -> tuple[DecodeState, jax.Array, Logprobs]:
+    """One decode step, each row drawing from the tokens its `mask_BW` row allows (int32
+    bitmask words, structured.py; None: any). Also returns i32[2, B] (token, done) as a
+    fresh buffer that the host can read while the next step (which donates `state`) is
+    already running, and the tokens' raw log-probabilities, computed only if
+    `want_logprobs` (bool[], traced: asking never recompiles; pass an np.bool_ so the
+    argument's type never changes)."""
+    state, logits = _step_logits(weights, state, cfg, impl, mask_BW)
     lp = step_logprobs(logits, state.tokens_B, want_logprobs)
     return state, jnp.stack([state.tokens_B, state.done_B.astype(jnp.int32)]), lp
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -40,8 +41,11 @@ from jaxinfer.sampling import (
     host_logprobs,
 )
 from jaxinfer.sharding import ShardingRules, make_mesh
+from jaxinfer.structured import Constraint, Grammars
 from jaxinfer.tokenizer import StreamDecoder, Tokenizer, load_tokenizer
 from jaxinfer.weights import Weights, quantize_weights, weight_shardings, weight_specs
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -144,6 +148,7 @@ class LLM:
         self.kv_cache_bytes = 0
         self.eos = np.array(sorted(set(cfg.eos_token_ids) | set(tokenizer.eos_ids)) or [-1],
                             np.int32)
+        self._grammars: Grammars | None = None  # structured output, built on first use
 
     @classmethod
     def load(cls, checkpoint: str | Path | None = None, dtype: Any = None,
@@ -224,7 +229,7 @@ class LLM:
         return self.tokenizer.encode(prompt)
 
     def _start(self, prompts: list[list[int]], sampling: list[SamplingParams],
-               max_new: list[int]) -> gen.DecodeState:
+               max_new: list[int], matchers: list | None = None) -> gen.DecodeState:
         prompt_BT, lens_B, cache, M = gen.prepare(prompts, max_new, self.cfg, self.kv_dtype,
                                                   self.mesh)
         self.kv_cache_bytes = device_bytes(cache)  # the last generation's cache (memory.py)
@@ -232,15 +237,88 @@ class LLM:
                          SamplingArrays.from_params(_same_seeds_everywhere(sampling)),
                          np.asarray(max_new, np.int32), self.eos, cfg=self.cfg, max_out=M,
                          impl=self.impl,
-                         logprobs=any(p.logprobs is not None for p in sampling))
+                         logprobs=any(p.logprobs is not None for p in sampling),
+                         mask_BW=self._masks(matchers or []))
+
+    # ---- structured output -------------------------------------------------------------
+    def _matchers(self, constraint: Constraint | Sequence[Constraint | None] | None,
+                  n: int) -> list:
+        """One llguidance matcher per row (None: unconstrained); BadRequestError if a
+        constraint does not compile."""
+        cons = (list(constraint) if isinstance(constraint, (list, tuple))
+                else [constraint] * n)
+        if len(cons) != n or not all(c is None or isinstance(c, Constraint) for c in cons):
+            raise BadRequestError(f"constraint must be a Constraint or a list of {n} "
+                                  f"(Constraint or None), got {constraint!r}", "constraint")
+        if all(c is None for c in cons):
+            return [None] * n
+        if self._grammars is None:
+            self._grammars = Grammars(self.tokenizer, self.cfg.vocab_size,
+                                      [int(e) for e in self.eos if e >= 0])
+        return [None if c is None else self._grammars.matcher(c) for c in cons]
+
+    def _masks(self, matchers: list) -> np.ndarray | None:
+        """Each row's allowed next tokens as an int32 bitmask (None: no row is
+        constrained, so the step needs no mask)."""
+        if all(m is None for m in matchers):
+            return None
+        mask = self._grammars.all_allowed(len(matchers))
+        for b, m in enumerate(matchers):
+            if m is not None:
+                self._grammars.fill(m, mask, b)
+        return mask
+
+    def _advance_matcher(self, m, sampling: SamplingParams, tok: int) -> bool:
+        """Feed a sampled token to a row's matcher; True when its grammar is complete."""
+        if sampling.ends(tok, self.eos):
+            return False
+        if not m.consume_token(tok):
+            log.warning("a constrained row left its grammar: %s", m.get_error())
+        return m.is_stopped()
+
+    def _decode_constrained(self, state: gen.DecodeState, matchers: list,
+                            sampling: list[SamplingParams]
+                            ) -> tuple[gen.DecodeState, list[bool]]:
+        """Decode with the host in the loop while any constrained row is live: each step
+        is masked by the rows' grammars, a row ends as soon as its grammar is complete,
+        and once only unconstrained rows remain the rest runs in the device while loop."""
+        matchers, complete = list(matchers), [False] * len(matchers)
+        out = jnp.stack([state.tokens_B, state.done_B.astype(jnp.int32)])
+        while True:
+            tok_B, done_B = to_host(out)
+            ended = []
+            for b, m in enumerate(matchers):
+                if m is None:
+                    continue
+                if self._advance_matcher(m, sampling[b], int(tok_B[b])):
+                    complete[b] = True
+                    if not done_B[b]:
+                        ended.append(b)
+                if done_B[b] or complete[b]:
+                    matchers[b] = None
+            if ended:  # frozen like a row that hit EOS: later steps leave it alone
+                state = dataclasses.replace(state, done_B=state.done_B.at[
+                    np.asarray(ended)].set(True))
+            if all(bool(d) or c for d, c in zip(done_B, complete, strict=True)):
+                return state, complete
+            mask = self._masks(matchers)
+            if mask is None:
+                return gen.run_loop(self.params, state, cfg=self.cfg, impl=self.impl), complete
+            state, out, _ = gen.step(self.params, state, np.bool_(False), mask, cfg=self.cfg,
+                                     impl=self.impl)
 
     # ---- batch generation (jitted while loop) ------------------------------------------
     def generate(self, prompts: str | Sequence[int] | list, sampling: SamplingParams | list
                  | None = None, max_new_tokens: int | list[int] = 64, stop: Sequence[str] = (),
                  chat: bool = False, draft: LLM | str | None = None,
-                 num_speculative_tokens: int = 4, ngram_size: int = 3
+                 num_speculative_tokens: int = 4, ngram_size: int = 3,
+                 constraint: Constraint | Sequence[Constraint | None] | None = None
                  ) -> Completion | list[Completion]:
         """Generate for one prompt or a batch; all rows decode together on device.
+
+        With `constraint` (a `structured.Constraint` for every row, or a list with one per
+        row, None for a free row) the output matches a JSON schema, regex, choice or
+        grammar; the host then masks each step while a constrained row is live.
 
         With `draft` (a smaller LLM sharing the tokenizer, or "ngram" for prompt lookup)
         the draft proposes `num_speculative_tokens` per round and this model verifies them
@@ -256,13 +334,21 @@ class LLM:
         mn = max_new_tokens if isinstance(max_new_tokens, list) else [max_new_tokens] * len(ids)
         _check_sampling(sp, mn, self.cfg.vocab_size)
         if draft is not None:
+            if constraint is not None:
+                raise BadRequestError("speculative decoding does not support structured "
+                                      "output; generate without a draft for it", "constraint")
             res = self._speculate(ids, sp, mn, stop, draft, num_speculative_tokens, ngram_size)
             return res[0] if single else res
+        matchers = self._matchers(constraint, len(ids))
         t0 = time.perf_counter()
-        state = self._start(ids, sp, mn)
+        state = self._start(ids, sp, mn, matchers)
         state.tokens_B.block_until_ready()
         ttft = time.perf_counter() - t0
-        state = gen.run_loop(self.params, state, cfg=self.cfg, impl=self.impl)
+        complete = [False] * len(ids)
+        if any(m is not None for m in matchers):
+            state, complete = self._decode_constrained(state, matchers, sp)
+        else:
+            state = gen.run_loop(self.params, state, cfg=self.cfg, impl=self.impl)
         out, n, eos, lp = to_host((state.output_BM, state.num_generated_B,
                                    state.finish_eos_B, state.logprobs_out))
         dt = time.perf_counter() - t0 - ttft
@@ -272,7 +358,8 @@ class LLM:
             lps = None if sp[b].logprobs is None else host_logprobs(
                 toks, *(a[b] for a in lp), sp[b].logprobs)
             results.append(self._finish(ids[b], toks, bool(eos[b]), stop, ttft,
-                                        (n[b] - 1) / dt if dt > 0 and n[b] > 1 else 0.0, lps))
+                                        (n[b] - 1) / dt if dt > 0 and n[b] > 1 else 0.0, lps,
+                                        complete[b]))
         return results[0] if single else results
 
     def _speculate(self, ids: list[list[int]], sp: list[SamplingParams], mn: list[int],
@@ -296,11 +383,13 @@ class LLM:
         return out
 
     def _finish(self, prompt: list[int], toks: list[int], eos: bool, stop: Sequence[str],
-                ttft: float, tps: float, logprobs: list[TokenLogprob] | None = None
-                ) -> Completion:
+                ttft: float, tps: float, logprobs: list[TokenLogprob] | None = None,
+                complete: bool = False) -> Completion:
+        """`eos`: the last token ended the row (EOS, a stop id); `complete`: its grammar
+        was complete."""
         body = toks[:-1] if eos else toks
         text = self.tokenizer.decode(body)
-        reason = "stop" if eos else "length"
+        reason = "stop" if eos or complete else "length"
         cut = find_stop(text, stop)
         if cut >= 0:
             text, reason = text[:cut], "stop"
@@ -315,15 +404,18 @@ class LLM:
     # ---- streaming (host-stepped, one dispatch ahead) --------------------------------------
     def stream(self, prompt: str | Sequence[int], sampling: SamplingParams | None = None,
                max_new_tokens: int = 64, stop: Sequence[str] = (), chat: bool = False,
-               result: list[Completion] | None = None) -> Iterator[str]:
+               result: list[Completion] | None = None, constraint: Constraint | None = None
+               ) -> Iterator[str]:
         """Yield text deltas as tokens are produced. If `result` is a list, the final
         Completion is appended to it. The next step is dispatched before the host reads
-        the current token, so detokenizing overlaps device work."""
+        the current token, so detokenizing overlaps device work (not under a
+        `constraint`, whose next mask needs the current token)."""
         ids = self.encode(prompt, chat)
         t0 = time.perf_counter()
         sampling = sampling or SamplingParams()
         _check_sampling([sampling], [max_new_tokens], self.cfg.vocab_size)
-        state = self._start([ids], [sampling], [max_new_tokens])
+        matchers = self._matchers(constraint, 1)
+        state = self._start([ids], [sampling], [max_new_tokens], matchers)
         pending = jnp.stack([state.tokens_B, state.done_B.astype(jnp.int32)])
         dec = StreamDecoder(self.tokenizer, ids)
         toks: list[int] = []
@@ -331,8 +423,9 @@ class LLM:
         while True:
             # Dispatch step n+1 first; reading token n then overlaps its compute. After the
             # last token this costs one wasted step on a frozen (done) row.
-            state, nxt, _ = gen.step(self.params, state, np.bool_(False), cfg=self.cfg,
-                                     impl=self.impl)
+            if matchers[0] is None:
+                state, nxt, _ = gen.step(self.params, state, np.bool_(False), cfg=self.cfg,
+                                         impl=self.impl)
             tok, done = (int(x) for x in to_host(pending)[:, 0])
             if not toks:
                 ttft = time.perf_counter() - t0
@@ -340,19 +433,24 @@ class LLM:
             is_eos = sampling.ends(tok, self.eos)
             if not is_eos:
                 text += dec.push(tok)
-            finished = bool(done) or is_eos
+            complete = (matchers[0] is not None
+                        and self._advance_matcher(matchers[0], sampling, tok))
+            finished = bool(done) or is_eos or complete
             if finished and not is_eos:
                 text += dec.flush()
             cut = find_stop(text, stop)
             if cut >= 0:
                 text, finished = text[:cut], True
-            reason = "stop" if (is_eos or cut >= 0) else "length"
+            reason = "stop" if (is_eos or cut >= 0 or complete) else "length"
             end = len(text) if finished else len(text) - _held_back(text, stop)
             if end > emitted:
                 yield text[emitted:end]
                 emitted = end
             if finished:
                 break
+            if matchers[0] is not None:
+                state, nxt, _ = gen.step(self.params, state, np.bool_(False),
+                                         self._masks(matchers), cfg=self.cfg, impl=self.impl)
             pending = nxt
         dt = time.perf_counter() - t0 - ttft
         if result is not None:

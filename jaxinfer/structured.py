@@ -39,19 +39,20 @@ class Constraint:
         set_ = [f.name for f in dataclasses.fields(self) if getattr(self, f.name)
                 not in (None, False)]
         if len(set_) != 1:
-            raise BadRequestError(f"a constraint needs exactly one of json_schema, "
-                                  f"json_object, regex, choice, lark; got {set_ or 'none'}")
+            raise BadRequestError(f"a constraint needs exactly one of json_schema, json_object, "
+                                  f"regex, choice, lark; got {set_ or 'none'}", "constraint")
         if self.json_schema is not None and not isinstance(self.json_schema, dict):
-            raise BadRequestError(f"json_schema must be an object, got {self.json_schema!r}")
+            raise BadRequestError(f"json_schema must be an object, got {self.json_schema!r}",
+                                  "constraint")
         for name in ("regex", "lark"):
             v = getattr(self, name)
             if v is not None and not isinstance(v, str):
-                raise BadRequestError(f"{name} must be a string, got {v!r}")
+                raise BadRequestError(f"{name} must be a string, got {v!r}", "constraint")
         if self.choice is not None:
             if isinstance(self.choice, str) or not all(
                     isinstance(c, str) and c for c in self.choice):
                 raise BadRequestError(f"choice must be a list of non-empty strings, got "
-                                      f"{self.choice!r}")
+                                      f"{self.choice!r}", "constraint")
             object.__setattr__(self, "choice", tuple(self.choice))
 
     def grammar(self) -> str:

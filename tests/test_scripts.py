@@ -41,6 +41,21 @@ def test_json_mode_fields(smollm2_checkpoint):
     assert 500e6 < out["weight_bytes"] < 560e6 and out["kv_cache_bytes"] > 0
 
 
+def test_structured_output_and_stop_flags(smollm2_checkpoint):
+    """--guided_choice constrains the answer (streamed, the default text mode), and
+    --ignore_eos decodes max_new_tokens past the chat reply's end."""
+    r = run("--chat", "--prompt", "Is Paris in France? Answer yes or no.", "--temperature",
+            "0", "--guided_choice", "yes,no", "--max_new_tokens", "8")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() in ("yes", "no") and "finish=stop" in r.stderr
+    r = run("--chat", "--prompt", "Say hi.", "--temperature", "0", "--ignore_eos",
+            "--max_new_tokens", "40", "--output_format", "json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert len(out["token_ids"]) == 40 and out["finish_reason"] == "length"
+    assert 2 in out["token_ids"][:-1]  # <|im_end|>, decoded past
+
+
 @pytest.mark.parametrize("args,needle", [
     (["--prompt", ""], "prompt"),
     (["--prompt", "hi", "--max_new_tokens", "0"], "max_new_tokens"),
@@ -52,6 +67,11 @@ def test_json_mode_fields(smollm2_checkpoint):
     (["--prompt", "hi", "--checkpoint", "/nonexistent/ckpt"], "/nonexistent/ckpt"),
     (["--prompt", "hi", "--logprobs", "2"], "--logprobs=2"),
     (["--prompt", "hi", "--logprobs", "21", "--output_format", "json"], "logprobs"),
+    (["--prompt", "hi", "--guided_regex", "(oops"], "bad constraint"),
+    (["--prompt", "hi", "--guided_json", "{nope"], "--guided_json"),
+    (["--prompt", "hi", "--guided_regex", "a", "--guided_choice", "b"], "one structured"),
+    (["--prompt", "hi", "--stop_token_ids", "x"], "--stop_token_ids"),
+    (["--prompt", "hi", "--min_tokens", "99", "--max_new_tokens", "8"], "min_tokens=99"),
 ])
 def test_bad_input_gives_one_error_line(smollm2_checkpoint, args, needle):
     r = run(*args)

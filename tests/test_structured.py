@@ -13,11 +13,13 @@ import pytest
 import requests
 
 from jaxinfer.errors import BadRequestError
+from jaxinfer.llm import LLM
 from jaxinfer.sampling import GREEDY, SamplingParams
 from jaxinfer.server import BackgroundServer, create_app
 from jaxinfer.structured import Constraint, apply_bitmask, from_openai
 
-from .engine_helpers import tiny_engine
+from .engine_helpers import CharTokenizer, W, tiny_engine
+from .helpers import TINY
 
 SCHEMA = {"type": "object", "properties": {"ok": {"type": "boolean"},
                                            "n": {"type": "integer"}},
@@ -58,6 +60,10 @@ def test_from_openai_fields():
             from_openai(**bad)
 
 
+def _llm() -> LLM:
+    return LLM(TINY, W, CharTokenizer())
+
+
 @pytest.fixture(scope="module")
 def engine():
     with tiny_engine(num_slots=4, max_len=256) as eng:
@@ -88,6 +94,38 @@ def test_constrained_requests_match_and_do_not_recompile(engine):
         assert set(obj) == {"ok", "n"} and isinstance(obj["ok"], bool)
     assert free.token_ids == alone.token_ids
     assert engine.compile_count == before
+
+
+def test_llm_generate_and_stream_take_constraints(engine):
+    """LLM.generate (a batch mixing constrained and free rows) and LLM.stream decode under
+    a constraint exactly what the engine does, and free rows what they decode alone."""
+    llm = _llm()
+    sampled = SamplingParams(temperature=1.0, seed=3)
+    rows = [("id:", sampled, Constraint(regex=r"[a-c]{3}-[0-9]{2}")),
+            ("pick", GREEDY, Constraint(choice=("red", "green", "blue sky"))),
+            ("free text", GREEDY, None),
+            ("json", sampled, Constraint(json_schema=SCHEMA))]
+    got = llm.generate([p for p, _, _ in rows], sampling=[s for _, s, _ in rows],
+                       max_new_tokens=[40, 40, 20, 120], constraint=[c for *_, c in rows])
+    for (p, sp, c), g, m in zip(rows, got, [40, 40, 20, 120], strict=True):
+        ref = engine.submit(p, sampling=sp, max_tokens=m, constraint=c).result(timeout=120)
+        assert (g.token_ids, g.text, g.finish_reason) == (
+            ref.token_ids, ref.text, ref.finish_reason), p
+        out: list = []
+        assert "".join(llm.stream(p, sampling=sp, max_new_tokens=m, constraint=c,
+                                  result=out)) == ref.text
+        assert out[0].token_ids == ref.token_ids and out[0].finish_reason == ref.finish_reason
+    assert re.fullmatch(r"[a-c]{3}-[0-9]{2}", got[0].text) and got[0].finish_reason == "stop"
+    assert got[1].text in ("red", "green", "blue sky")
+    assert got[2].token_ids == llm.generate("free text", sampling=GREEDY,
+                                            max_new_tokens=20).token_ids
+    with pytest.raises(BadRequestError, match="constraint") as e:
+        llm.generate("x", constraint=[Constraint(regex="a")] * 2)
+    assert e.value.param == "constraint"
+    with pytest.raises(BadRequestError, match="bad constraint"):
+        llm.generate("x", constraint=Constraint(regex="(unclosed"))
+    with pytest.raises(BadRequestError, match="speculative"):
+        llm.generate("x", constraint=Constraint(regex="a"), draft="ngram")
 
 
 def test_bad_constraint_is_a_bad_request(engine):
@@ -149,7 +187,6 @@ def test_grammar_compiles_off_the_event_loop(engine, monkeypatch):
 def test_json_schema_on_smollm2(smollm2_checkpoint):
     """The real model answers a question as JSON that parses and follows the schema."""
     from jaxinfer.engine import Engine, EngineConfig
-    from jaxinfer.llm import LLM
 
     smollm2 = LLM.load(smollm2_checkpoint, dtype=jnp.float32)
     schema = {"type": "object", "properties": {"city": {"type": "string"},
@@ -163,3 +200,10 @@ def test_json_schema_on_smollm2(smollm2_checkpoint):
     assert r.finish_reason == "stop", r.text
     obj = json.loads(r.text)
     assert set(obj) == {"city", "country"} and "Paris" in obj["city"], r.text
+    # The library path decodes the same, and a free row beside it is unaffected.
+    ids = smollm2.tokenizer.encode(smollm2.tokenizer.apply_chat_template(msgs))
+    free = smollm2.generate(ids, sampling=GREEDY, max_new_tokens=24)
+    got = smollm2.generate([ids, ids], sampling=GREEDY, max_new_tokens=[64, 24],
+                           constraint=[Constraint(json_schema=schema), None])
+    assert got[0].token_ids == r.token_ids and got[0].finish_reason == "stop"
+    assert got[1].token_ids == free.token_ids

@@ -31,25 +31,46 @@ _LOGPROBS = flags.DEFINE_integer(
     "likely alternatives (0-20).")
 _DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"],
                            "Compute dtype (default: float32 on CPU, bfloat16 elsewhere).")
+_MIN_TOKENS = flags.DEFINE_integer("min_tokens", 0, "No EOS or stop token id before this "
+                                   "many tokens.")
+_STOP_IDS = flags.DEFINE_list("stop_token_ids", [], "Token ids that end the output like EOS.")
+_IGNORE_EOS = flags.DEFINE_bool("ignore_eos", False, "Decode past EOS (max_new_tokens always).")
+# Structured output, as vLLM's server names it; at most one.
+_JSON = flags.DEFINE_string("guided_json", None, "A JSON schema the output must follow.")
+_REGEX = flags.DEFINE_string("guided_regex", None, "A regex the output must match.")
+_CHOICE = flags.DEFINE_list("guided_choice", None, "The output is one of these strings.")
+_GRAMMAR = flags.DEFINE_string("guided_grammar", None, "A Lark grammar the output follows.")
 
 
 def main(argv):
     runtime_flags.setup()
-    from jaxinfer.errors import ConfigError
+    from jaxinfer.errors import BadRequestError, ConfigError
     from jaxinfer.llm import load
     from jaxinfer.memory import format_bytes
     from jaxinfer.sampling import SamplingParams
+    from jaxinfer.structured import from_openai
 
     if _LOGPROBS.value is not None and _FORMAT.value != "json":
         raise ConfigError(f"--logprobs={_LOGPROBS.value} needs --output_format=json")
+    try:
+        stop_ids = [int(t) for t in _STOP_IDS.value]
+    except ValueError:
+        raise BadRequestError(f"--stop_token_ids must be token ids, got "
+                              f"{','.join(_STOP_IDS.value)!r}") from None
     sampling = SamplingParams(
         temperature=_TEMP.value, top_k=_TOP_K.value, top_p=_TOP_P.value, min_p=_MIN_P.value,
-        repetition_penalty=_REP.value, seed=_SEED.value, logprobs=_LOGPROBS.value)
+        repetition_penalty=_REP.value, seed=_SEED.value, logprobs=_LOGPROBS.value,
+        min_tokens=_MIN_TOKENS.value, stop_token_ids=stop_ids, ignore_eos=_IGNORE_EOS.value)
+    try:
+        constraint = from_openai(None, _JSON.value, _REGEX.value, _CHOICE.value,
+                                 _GRAMMAR.value)
+    except json.JSONDecodeError as e:
+        raise BadRequestError(f"--guided_json is not JSON: {e}") from None
     llm = load(_CKPT.value, dtype=_DTYPE.value, mesh=runtime_flags.MESH.value,
                fsdp=runtime_flags.FSDP.value, **runtime_flags.quant_kwargs())
     main_process = runtime_flags.is_main_process()
     kw = dict(sampling=sampling, max_new_tokens=_MAX_NEW.value, stop=_STOP.value,
-              chat=_CHAT.value)
+              chat=_CHAT.value, constraint=constraint)
     spec = spec_flags.kwargs()
     if spec["draft"] is not None:
         kw.update(spec, draft=llm.load_draft(spec["draft"]))
