@@ -43,7 +43,9 @@ def init_state(cfg: ModelConfig, draft_cfg: ModelConfig | None, num_slots: int, 
         seq_len_B=jnp.full((B,), 2, jnp.int32), num_generated_B=zeros_B(),
         max_new_B=zeros_B(), done_B=jnp.ones((B,), bool), finish_eos_B=jnp.zeros((B,), bool),
         sampling=SamplingArrays.from_params([IDLE_ROW] * B), eos_E=jnp.asarray(eos_E, jnp.int32),
-        output_BM=jnp.zeros((B, S), jnp.int32), rounds_B=zeros_B(), accepted_B=zeros_B())
+        output_BM=jnp.zeros((B, S), jnp.int32), rounds_B=zeros_B(), accepted_B=zeros_B(),
+        counts_BV=jnp.zeros((B, cfg.vocab_size), jnp.int32),
+        prompt_mask_BV=jnp.zeros((B, cfg.vocab_size), bool))
 
     return dataclasses.replace(
         jax.device_put(state, placement(device, mesh)),
@@ -80,7 +82,10 @@ def insert(prefix: Prefix, draft_row: KVCache | None, seq_1S: jax.Array, prompt_
         sampling=state.sampling.with_row(slot, prefix.sampling),
         output_BM=state.output_BM.at[slot].set(jnp.zeros_like(state.output_BM[0]).at[0].set(
             tok)),
-        rounds_B=state.rounds_B.at[slot].set(0), accepted_B=state.accepted_B.at[slot].set(0))
+        rounds_B=state.rounds_B.at[slot].set(0), accepted_B=state.accepted_B.at[slot].set(0),
+        counts_BV=state.counts_BV.at[slot].set(
+            jnp.zeros_like(state.counts_BV[0]).at[tok].add(1)),
+        prompt_mask_BV=state.prompt_mask_BV.at[slot].set(prefix.prompt_mask_1V[0]))
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "draft_cfg", "k", "ngram_size", "impl"),

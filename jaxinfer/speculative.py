@@ -32,7 +32,15 @@ from jaxinfer.config import ModelConfig
 from jaxinfer.errors import BadRequestError
 from jaxinfer.kv_cache import KVCache, cache_shardings, init_cache
 from jaxinfer.model import decode_logits, hidden_states, prefill, unembed
-from jaxinfer.sampling import SamplingArrays, SamplingParams, ends_row, filter_logits
+from jaxinfer.sampling import (
+    SamplingArrays,
+    SamplingParams,
+    add_logit_bias,
+    ban_ends,
+    ends_row,
+    filter_logits,
+    penalize_logits,
+)
 from jaxinfer.weights import Weights
 
 
@@ -52,13 +60,45 @@ class SpecState:
     output_BM: jax.Array  # i32[B, M]
     rounds_B: jax.Array  # i32[B] verification passes
     accepted_B: jax.Array  # i32[B] draft tokens accepted (of k per round)
+    counts_BV: jax.Array  # i32[B, V] generated-token counts (presence/frequency penalty)
+    prompt_mask_BV: jax.Array  # bool[B, V] the prompt's tokens (repetition penalty)
+
+
+def _per_position(arrays: SamplingArrays, T: int) -> SamplingArrays:
+    """Each row's sampling arrays repeated for its T positions: rows b * T + t."""
+    return jax.tree.map(lambda a: jnp.repeat(a, T, axis=0), arrays)
+
+
+def processed_logits(logits_BTV: jax.Array, state: SpecState, d_BK: jax.Array) -> jax.Array:
+    """The target's logits at the k + 1 verified positions as the plain sampler would see
+    them there, f32[B, T, V]: logit_bias, then penalties over the prompt and everything
+    generated before that position (earlier drafted tokens included), then min_tokens'
+    ban on EOS and stop ids. The accept/reject rule then keeps exactly that distribution
+    (whatever the draft proposes from)."""
+    B, T, V = logits_BTV.shape
+    a = state.sampling
+    rows = _per_position(a, T)
+    x = add_logit_bias(logits_BTV.reshape(B * T, V), rows)
+
+    def penalize(x):
+        # Counts before position t: the round's counts plus drafted tokens 1..t.
+        drafted = jnp.cumsum(jax.nn.one_hot(d_BK[:, :T - 1], V, dtype=jnp.int32), 1)
+        counts = state.counts_BV[:, None] + jnp.pad(drafted, ((0, 0), (1, 0), (0, 0)))
+        prompt = jnp.repeat(state.prompt_mask_BV, T, axis=0)
+        return penalize_logits(x, rows, counts.reshape(B * T, V), prompt)
+
+    penalized = (a.repetition_penalty != 1) | (a.presence_penalty != 0) | (
+        a.frequency_penalty != 0)
+    x = jax.lax.cond(jnp.any(penalized), penalize, lambda x: x, x)
+    step = (state.num_generated_B[:, None] + jnp.arange(T)[None]).reshape(-1)
+    return ban_ends(x, state.eos_E, rows, step).reshape(B, T, V)
 
 
 def probs(logits_BTV: jax.Array, arrays: SamplingArrays) -> jax.Array:
     """The distribution each row samples from, f32[B, T, V]: temperature, top-k/p, min-p
     as in sampling.py; greedy rows (temperature 0) get the one-hot of the argmax."""
     B, T, V = logits_BTV.shape
-    rows = jax.tree.map(lambda a: jnp.repeat(a, T, axis=0), arrays)
+    rows = _per_position(arrays, T)
     raw = logits_BTV.reshape(B * T, V).astype(jnp.float32)
     sampling = rows.temperature > 0
     x = raw / jnp.where(sampling, rows.temperature, 1.0)[:, None]
@@ -111,7 +151,11 @@ def _draft_model(dw: Weights, state: SpecState, dcfg: ModelConfig, k: int, key,
     dc = dc.with_lengths(n)
     toks, qs = [], []
     for i in range(k):
-        q_BV = probs(logits_BV[:, None], state.sampling)[:, 0]
+        # logit_bias and min_tokens here too, so the draft proposes what the target may
+        # accept (penalties are left to the target: any proposal keeps the rule exact).
+        x = ban_ends(add_logit_bias(logits_BV, state.sampling), state.eos_E, state.sampling,
+                     state.num_generated_B + i)
+        q_BV = probs(x[:, None], state.sampling)[:, 0]
         d_B = _draw(key(i), q_BV)
         toks.append(d_B)
         qs.append(q_BV)
@@ -141,7 +185,7 @@ def _round(tw: Weights, dw: Weights | None, state: SpecState, cfg: ModelConfig,
     tc = state.target_cache
     x, tc = hidden_states(tw, jnp.concatenate([last_B[:, None], d_BK], 1),
                           tc.with_lengths(seq_len - 1), cfg, impl)
-    p_BTV = probs(unembed(tw, x), state.sampling)  # T = k + 1
+    p_BTV = probs(processed_logits(unembed(tw, x), state, d_BK), state.sampling)  # T = k + 1
 
     p_d = jnp.take_along_axis(p_BTV[:, :k], d_BK[..., None], -1)[..., 0]
     q_d = (jnp.ones_like(p_d) if q_BKV is None
@@ -180,9 +224,10 @@ def _round(tw: Weights, dw: Weights | None, state: SpecState, cfg: ModelConfig,
     n_gen = state.num_generated_B + n_emit
     eos_hit = active & (first_eos < n_emit)
     new_len = seq_len + n_emit
+    counts = state.counts_BV.at[rows, e_BT].add(emit.astype(jnp.int32))
     return dataclasses.replace(
         state, target_cache=tc.with_lengths(new_len - 1), draft_cache=dc, seq_BS=seq,
-        seq_len_B=new_len, num_generated_B=n_gen, output_BM=out,
+        seq_len_B=new_len, num_generated_B=n_gen, output_BM=out, counts_BV=counts,
         done_B=state.done_B | eos_hit | (n_gen >= state.max_new_B),
         finish_eos_B=state.finish_eos_B | eos_hit,
         rounds_B=state.rounds_B + active, accepted_B=state.accepted_B + jnp.where(
@@ -231,7 +276,8 @@ def start(target_weights: Weights, draft_weights: Weights | None, prompt_BT: jax
         target_cache=st.cache, draft_cache=draft_cache, seq_BS=seq,
         seq_len_B=prompt_len_B + 1, num_generated_B=st.num_generated_B, max_new_B=max_new_B,
         done_B=st.done_B, finish_eos_B=st.finish_eos_B, sampling=sampling, eos_E=eos_E,
-        output_BM=st.output_BM, rounds_B=zeros, accepted_B=zeros)
+        output_BM=st.output_BM, rounds_B=zeros, accepted_B=zeros, counts_BV=st.counts_BV,
+        prompt_mask_BV=st.prompt_mask_BV)
 
 
 def check_request(params: list[SamplingParams], k: int, ngram_size: int,
@@ -246,21 +292,10 @@ def check_request(params: list[SamplingParams], k: int, ngram_size: int,
         raise BadRequestError(f"draft vocab_size={draft_cfg.vocab_size} differs from the "
                               f"target's {cfg.vocab_size}; the models must share a tokenizer")
     for p in params:
-        if p.repetition_penalty != 1 or p.presence_penalty or p.frequency_penalty:
-            raise BadRequestError("speculative decoding does not support repetition/presence/"
-                                  f"frequency penalties, got {p}", "repetition_penalty"
-                                  if p.repetition_penalty != 1 else "presence_penalty"
-                                  if p.presence_penalty else "frequency_penalty")
-        if p.logit_bias:
-            raise BadRequestError("speculative decoding does not support logit_bias; serve "
-                                  "without a draft for it", "logit_bias")
         if p.logprobs is not None:
             raise BadRequestError(f"speculative decoding does not return logprobs, got "
                                   f"logprobs={p.logprobs}; serve without a draft for them",
                                   "logprobs")
-        if p.min_tokens:
-            raise BadRequestError(f"speculative decoding does not support min_tokens, got "
-                                  f"{p.min_tokens}; serve without a draft for it", "min_tokens")
 
 
 def prepare(prompts: list[list[int]], max_new: list[int], k: int, cfg: ModelConfig,

@@ -76,6 +76,30 @@ def test_seeded_sampling_matches_llm_generate_with_the_draft():
     assert got == want
 
 
+def test_penalties_bias_and_stop_conditions_with_drafts():
+    """Penalties, logit_bias, min_tokens and stop ids in the engine's speculative rounds:
+    greedy rows give the plain target's tokens, seeded sampled rows LLM.generate(draft=)'s
+    tokens, in any slot beside any neighbours."""
+    target, draft = _target(), _drafts()["model"]
+    sps = [SamplingParams(temperature=0, repetition_penalty=1.5),
+           SamplingParams(temperature=0, presence_penalty=0.8, frequency_penalty=0.6,
+                          logit_bias={3: 6.0}, min_tokens=5),
+           SamplingParams(temperature=1.0, seed=4, repetition_penalty=1.3, top_k=30),
+           SamplingParams(temperature=0.8, seed=9, frequency_penalty=0.5, stop_token_ids=[7])]
+    prompts, max_new = PROMPTS[:4], [20, 13, 12, 16]
+    want = [c.token_ids for c in target.generate(prompts[:2], sampling=sps[:2],
+                                                   max_new_tokens=max_new[:2])]
+    want += [target.generate(p, sampling=sp, max_new_tokens=m, draft=draft,
+                             num_speculative_tokens=3).token_ids
+             for p, sp, m in zip(prompts[2:], sps[2:], max_new[2:], strict=True)]
+    with Engine.from_llm(target, EngineConfig(num_slots=2, max_len=128), draft=draft,
+                         num_speculative_tokens=3) as eng:
+        got = [r.result(timeout=120).token_ids for r in
+               [eng.submit(p, sampling=sp, max_tokens=m)
+                for p, sp, m in zip(prompts, sps, max_new, strict=True)]]
+    assert got == want
+
+
 def test_stop_strings_limits_and_errors():
     target = _target()
     with Engine.from_llm(target, EngineConfig(num_slots=2, max_len=64), draft="ngram",
@@ -89,8 +113,8 @@ def test_stop_strings_limits_and_errors():
         with pytest.raises(ContextLengthError, match="59"):
             eng.submit([5] * 40, max_tokens=20)
         assert eng.submit([5] * 40, sampling=GREEDY, max_tokens=19).result(timeout=60)
-        with pytest.raises(BadRequestError, match="penalt"):
-            eng.submit("hi", sampling=SamplingParams(repetition_penalty=1.3))
+        with pytest.raises(BadRequestError, match="logprobs"):
+            eng.submit("hi", sampling=SamplingParams(logprobs=2))
         # A finished slot is reused at once and the engine keeps serving.
         again = eng.submit(PROMPTS[0], sampling=GREEDY, max_tokens=20).result(timeout=60)
         assert again.token_ids == full.token_ids

@@ -23,6 +23,7 @@ from jaxinfer.prune import prune_weights
 from jaxinfer.sampling import GREEDY, SamplingArrays, SamplingParams
 from jaxinfer.weights import init_weights, weight_specs
 
+from .engine_helpers import CharTokenizer
 from .helpers import TINY, tiny_weights
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -95,15 +96,41 @@ def test_generate_script_reports_acceptance(smollm2_checkpoint):
     assert out["decode_tokens_per_s"] > 0 and out["num_speculative_tokens"] == 4
 
 
+def test_greedy_with_penalties_bias_and_stop_conditions_equals_target():
+    """Penalties (over the prompt and every earlier token, drafted ones included),
+    logit_bias, min_tokens and stop ids shape the target's distribution at each verified
+    position exactly as the plain sampler's: greedy output is the target's, token for
+    token, with a model draft (which sees bias and min_tokens but not penalties) and with
+    prompt lookup."""
+    cfg = TINY
+    w = tiny_weights(cfg, 0)
+    cfg1 = cfg.replace(num_layers=1)
+    prompts = [[5, 6, 7, 8, 5, 6, 7], [9, 10, 11, 9, 10, 11], [12, 13], [5, 6, 5, 6]]
+    max_new, eos = [20, 16, 12, 14], np.array([3], np.int32)
+    plain = [SamplingParams(temperature=0, repetition_penalty=1.5),
+             SamplingParams(temperature=0, presence_penalty=0.8, frequency_penalty=0.6),
+             SamplingParams(temperature=0, logit_bias={3: 8.0}, min_tokens=6),
+             SamplingParams(temperature=0, logit_bias={7: -100, 8: 3.0}, stop_token_ids=[8])]
+    llm = LLM(cfg, w, CharTokenizer())
+    want = [c.token_ids for c in llm.generate(prompts, plain, max_new)]
+    free = [c.token_ids for c in llm.generate(prompts, GREEDY, max_new)]
+    assert all(a != b for a, b in zip(want, free, strict=True))  # every setting bites
+    assert want[2][:6].count(3) == 0 and want[2][6] == 3  # EOS, favoured, waits 6 tokens
+    assert want[3][-1] == 8 and len(want[3]) < max_new[3]  # a stop id ends the row
+    for name, dw, dcfg in [("small", tiny_weights(cfg1, 1), cfg1), ("ngram", None, None)]:
+        r = speculative.generate_ids(w, dw, cfg, dcfg, prompts, plain, max_new, eos, k=3)
+        assert r.tokens == want, name
+
+
 def test_bad_requests():
     w = tiny_weights()
     with pytest.raises(BadRequestError, match="num_speculative_tokens"):
         speculative.generate_ids(w, None, TINY, None, [[1, 2]], [GREEDY], [4],
                                  np.array([3], np.int32), k=0)
-    with pytest.raises(BadRequestError, match="penalties"):
-        speculative.generate_ids(w, None, TINY, None, [[1, 2]],
-                                 [SamplingParams(repetition_penalty=1.2)], [4],
-                                 np.array([3], np.int32), k=2)
+    with pytest.raises(BadRequestError, match="logprobs") as e:
+        speculative.generate_ids(w, None, TINY, None, [[1, 2]], [SamplingParams(logprobs=1)],
+                                 [4], np.array([3], np.int32), k=2)
+    assert e.value.param == "logprobs"
     with pytest.raises(BadRequestError, match="vocab_size"):
         speculative.check_request([GREEDY], 2, 3, TINY, TINY.replace(vocab_size=50))
 
@@ -117,14 +144,21 @@ N = 8000  # samples (one batch row each, each with its own seed)
 P_MIN = 1e-3  # chi-square p-value below which we call the distributions different
 
 
-def _exact(w, cfg, temperature, top_k):
+def _exact(w, cfg, temperature, top_k, penalties=(1.0, 0.0, 0.0)):
     """Exact target probabilities of tokens 1..4 after PROMPT, from model.forward on every
-    continuation (numpy temperature and top-k: independent of the code under test)."""
+    continuation (numpy penalties, temperature and top-k: independent of the code under
+    test). `penalties`: (repetition, presence, frequency), HF's and OpenAI's rules."""
     cont = np.array(list(itertools.product(range(V), repeat=3)), np.int32)  # [V^3, 3]
     toks = np.concatenate([np.tile(PROMPT, (len(cont), 1)), cont], 1)
     cache = init_cache(cfg, len(toks), toks.shape[1])
     logits, _ = model.forward(w, jnp.asarray(toks), cache, cfg)
-    x = np.asarray(logits[:, len(PROMPT) - 1:], np.float64) / temperature  # [V^3, 4, V]
+    x = np.asarray(logits[:, len(PROMPT) - 1:], np.float64)  # [V^3, 4, V]
+    rep, presence, frequency = penalties
+    onehot = np.eye(V)[cont]  # [V^3, 3, V]
+    counts = np.concatenate([np.zeros_like(onehot[:, :1]), np.cumsum(onehot, 1)], 1)
+    seen = (counts > 0) | np.isin(np.arange(V), PROMPT)
+    x = np.where(seen, np.where(x > 0, x / rep, x * rep), x)
+    x = (x - frequency * counts - presence * (counts > 0)) / temperature
     if top_k:
         kth = np.sort(x, -1)[..., -top_k][..., None]
         x = np.where(x >= kth, x, -np.inf)
@@ -150,14 +184,26 @@ def _chi2_p(counts, probs):
     return stats.chisquare(c, e * c.sum() / e.sum()).pvalue
 
 
-@pytest.mark.parametrize("draft,temperature,top_k", [
-    ("model", 1.0, 0), pytest.param("ngram", 1.0, 0, marks=pytest.mark.slow),
-    pytest.param("model", 0.7, 6, marks=pytest.mark.slow)])
-def test_sampling_matches_target_distribution(draft, temperature, top_k):
+PENALIZED = (1.4, 0.5, 0.4)
+
+
+@pytest.mark.parametrize("draft,temperature,top_k,penalties", [
+    ("model", 1.0, 0, (1.0, 0.0, 0.0)),
+    ("model", 1.0, 0, PENALIZED),
+    pytest.param("ngram", 1.0, 0, (1.0, 0.0, 0.0), marks=pytest.mark.slow),
+    pytest.param("ngram", 1.0, 0, PENALIZED, marks=pytest.mark.slow),
+    pytest.param("model", 0.7, 6, (1.0, 0.0, 0.0), marks=pytest.mark.slow)])
+def test_sampling_matches_target_distribution(draft, temperature, top_k, penalties):
+    """Tokens 2-4 (and 2-3 jointly) of 8000 seeded rows against the exact distribution;
+    with penalties, each verified position is penalized by the tokens before it, drafted
+    ones included (the draft itself proposes unpenalized)."""
     w = init_weights(weight_specs(SMALL), jax_key(0))
     dw = init_weights(weight_specs(SMALL), jax_key(1)) if draft == "model" else None
-    exact = _exact(w, SMALL, temperature, top_k)
-    sp = [SamplingParams(temperature=temperature, top_k=top_k, seed=s) for s in range(N)]
+    exact = _exact(w, SMALL, temperature, top_k, penalties)
+    rep, presence, frequency = penalties
+    sp = [SamplingParams(temperature=temperature, top_k=top_k, seed=s, repetition_penalty=rep,
+                         presence_penalty=presence, frequency_penalty=frequency)
+          for s in range(N)]
     r = speculative.generate_ids(w, dw, SMALL, SMALL if dw is not None else None,
                                  [PROMPT] * N, sp, [4] * N, np.array([-1], np.int32), k=2)
     toks = np.array(r.tokens)  # [N, 4]
@@ -170,9 +216,13 @@ def test_sampling_matches_target_distribution(draft, temperature, top_k):
     for name, counts in observed.items():
         assert _chi2_p(counts, exact[name]) > P_MIN, name
     if draft == "model":
-        # Power check: the same test tells the draft's own distribution from the target's.
-        wrong = _exact(dw, SMALL, temperature, top_k)
+        # Power check: the same test tells the draft's own distribution from the target's,
+        # and penalized from unpenalized.
+        wrong = _exact(dw, SMALL, temperature, top_k, penalties)
         assert _chi2_p(observed["t2"], wrong["t2"]) < 1e-6
+        other = _exact(w, SMALL, temperature, top_k, PENALIZED if penalties != PENALIZED
+                       else (1.0, 0.0, 0.0))
+        assert _chi2_p(observed["t3"], other["t3"]) < 1e-6
 
 
 def jax_key(seed):
