@@ -266,7 +266,7 @@ class Engine:
             raise ConfigError(f"draft must be an LLM or 'ngram', got {draft!r}")
         dw, dcfg = (None, None) if isinstance(draft, str) else (draft.params, draft.cfg)
         try:
-            spec.check_request([], k, ngram_size, self.cfg, dcfg)
+            spec.check_settings(k, ngram_size, self.cfg, dcfg)
         except BadRequestError as e:
             raise ConfigError(str(e)) from None
         if k + 2 >= self.max_len:
@@ -374,9 +374,6 @@ class Engine:
         sampling = sampling or SamplingParams()
         check_vocab([sampling], self.cfg.vocab_size)
         sampling.check_lengths(max_tokens)
-        if self._spec is not None:  # penalties, logprobs: not in the accept/reject rule
-            spec.check_request([sampling], self._spec.k, self._spec.ngram_size, self.cfg,
-                               self._spec.cfg)
         matcher = None
         if constraint is not None:
             if not isinstance(constraint, Constraint):
@@ -555,18 +552,18 @@ class Engine:
                     # A masked row's next mask needs the token in flight: no overlap.
                     self._settle(pending)
                     pending = None
+                want = any(r is not None and r.sampling.logprobs is not None
+                           for r in self._slots)
                 if self._decoding and self._spec is None:
-                    want = any(r is not None and r.sampling.logprobs is not None
-                               for r in self._slots)
                     self._state, out, lp = core.generate_step(
                         self.params, self._state, np.bool_(want), self._masks(), cfg=self.cfg,
                         impl=self.impl)
-                    lp = lp if want else None
                 elif self._decoding:
                     sp = self._spec
-                    self._state, out = engine_spec.step(
-                        self.params, sp.weights, self._state, cfg=self.cfg, draft_cfg=sp.cfg,
-                        k=sp.k, ngram_size=sp.ngram_size, impl=self.impl)
+                    self._state, out, lp = engine_spec.step(
+                        self.params, sp.weights, self._state, np.bool_(want), cfg=self.cfg,
+                        draft_cfg=sp.cfg, k=sp.k, ngram_size=sp.ngram_size, impl=self.impl)
+                lp = lp if want else None
                 if pending is not None:
                     self._settle(pending)
                 pending = (out, lp, list(self._slots), turn) if out is not None else None
@@ -762,8 +759,8 @@ class Engine:
     def _consume(self, out: jax.Array, lp: Logprobs | None, slots: list[Request | None]
                  ) -> None:
         """Hand each live request the tokens one finished device step emitted: one per
-        slot from a decode step, 0..k+1 per slot from a speculative round (and, from a
-        decode step, log-probabilities if some request asked)."""
+        slot from a decode step, 0..k+1 per slot from a speculative round (and their
+        log-probabilities if some request asked: row slot, or slot * (k + 1) + i)."""
         out, lp = to_host((out, lp))
         gaps, count = [], 0
         for slot, req in enumerate(slots):
@@ -774,7 +771,8 @@ class Engine:
                 continue
             toks, done = self._emitted(out, slot, req)
             for i, tok in enumerate(toks):
-                entry = (_logprob(lp, slot, req, tok)
+                row = slot if self._spec is None else slot * (self._spec.k + 1) + i
+                entry = (_logprob(lp, row, req, tok)
                          if lp is not None and req.sampling.logprobs is not None else None)
                 gap = self._on_token(slot, req, tok, done and i == len(toks) - 1, entry)
                 if not req.warmup:

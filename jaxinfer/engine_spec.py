@@ -28,7 +28,7 @@ from jaxinfer import speculative as spec
 from jaxinfer.config import ModelConfig
 from jaxinfer.engine_core import Prefix, placement, put_row, slots_cache
 from jaxinfer.kv_cache import KVCache
-from jaxinfer.sampling import IDLE_ROW, SamplingArrays, ends_row
+from jaxinfer.sampling import IDLE_ROW, Logprobs, SamplingArrays, ends_row
 from jaxinfer.weights import Weights
 
 
@@ -91,16 +91,18 @@ def insert(prefix: Prefix, draft_row: KVCache | None, seq_1S: jax.Array, prompt_
 @functools.partial(jax.jit, static_argnames=("cfg", "draft_cfg", "k", "ngram_size", "impl"),
                    donate_argnames=("state",))
 def step(target_weights: Weights, draft_weights: Weights | None, state: spec.SpecState,
-         cfg: ModelConfig, draft_cfg: ModelConfig | None, k: int, ngram_size: int,
-         impl: str = "xla") -> tuple[spec.SpecState, jax.Array]:
-    """One draft-and-verify round for every slot; out_BR as in the module docstring."""
+         want_logprobs: jax.Array, *, cfg: ModelConfig, draft_cfg: ModelConfig | None, k: int,
+         ngram_size: int, impl: str = "xla") -> tuple[spec.SpecState, jax.Array, Logprobs]:
+    """One draft-and-verify round for every slot; out_BR as in the module docstring, and
+    the raw logprobs of each slot's k + 1 candidate tokens (row slot * (k + 1) + t),
+    computed only when `want_logprobs` (traced: asking never recompiles)."""
     before_B, acc_B = state.num_generated_B, state.accepted_B
-    state = spec._round(target_weights, draft_weights, state, cfg, draft_cfg, k, ngram_size,
-                        impl)
+    state, lp = spec._round(target_weights, draft_weights, state, cfg, draft_cfg, k,
+                            ngram_size, impl, want_logprobs)
     M = state.output_BM.shape[1]
     idx = jnp.minimum(before_B[:, None] + jnp.arange(k + 1)[None], M - 1)
     toks = jnp.take_along_axis(state.output_BM, idx, 1)
     out = jnp.concatenate([(state.num_generated_B - before_B)[:, None],
                            state.done_B.astype(jnp.int32)[:, None],
                            (state.accepted_B - acc_B)[:, None], toks], 1)
-    return state, out
+    return state, out, lp

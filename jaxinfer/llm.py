@@ -375,8 +375,11 @@ class LLM:
         out = []
         for b, toks in enumerate(r.tokens):
             tps = (len(toks) - 1) / r.decode_s if r.decode_s > 0 and len(toks) > 1 else 0.0
-            c = self._finish(ids[b], toks, r.finish_eos[b], stop, r.ttft_s, tps)
-            out.append(SpeculativeCompletion(**dataclasses.asdict(c),
+            lps = None if sp[b].logprobs is None else host_logprobs(
+                toks, *(a[b] for a in r.logprobs), sp[b].logprobs)
+            c = self._finish(ids[b], toks, r.finish_eos[b], stop, r.ttft_s, tps, lps)
+            fields = {f.name: getattr(c, f.name) for f in dataclasses.fields(c)}  # shallow
+            out.append(SpeculativeCompletion(**fields,
                                              acceptance_rate=r.acceptance_rate(b),
                                              num_speculative_tokens=k,
                                              verify_passes=r.rounds[b]))

@@ -33,6 +33,7 @@ from jaxinfer.errors import BadRequestError
 from jaxinfer.kv_cache import KVCache, cache_shardings, init_cache
 from jaxinfer.model import decode_logits, hidden_states, prefill, unembed
 from jaxinfer.sampling import (
+    Logprobs,
     SamplingArrays,
     SamplingParams,
     add_logit_bias,
@@ -40,6 +41,7 @@ from jaxinfer.sampling import (
     ends_row,
     filter_logits,
     penalize_logits,
+    step_logprobs,
 )
 from jaxinfer.weights import Weights
 
@@ -62,6 +64,8 @@ class SpecState:
     accepted_B: jax.Array  # i32[B] draft tokens accepted (of k per round)
     counts_BV: jax.Array  # i32[B, V] generated-token counts (presence/frequency penalty)
     prompt_mask_BV: jax.Array  # bool[B, V] the prompt's tokens (repetition penalty)
+    # With logprobs (while-loop path), as DecodeState's: f32[B, M], i32/f32[B, M, N].
+    logprobs_out: tuple[jax.Array, jax.Array, jax.Array] | None = None
 
 
 def _per_position(arrays: SamplingArrays, T: int) -> SamplingArrays:
@@ -165,7 +169,11 @@ def _draft_model(dw: Weights, state: SpecState, dcfg: ModelConfig, k: int, key,
 
 
 def _round(tw: Weights, dw: Weights | None, state: SpecState, cfg: ModelConfig,
-           dcfg: ModelConfig | None, k: int, ngram_size: int, impl: str) -> SpecState:
+           dcfg: ModelConfig | None, k: int, ngram_size: int, impl: str,
+           want_logprobs: jax.Array | None = None) -> tuple[SpecState, Logprobs | None]:
+    """One round. The raw target log-probabilities of the k + 1 candidate tokens (rows
+    b * (k + 1) + t) come back when `want_logprobs` is given (computed only if it is set),
+    and are written into `state.logprobs_out` when the state records them."""
     B, S = state.seq_BS.shape
     M = state.output_BM.shape[1]
     active = ~state.done_B
@@ -185,7 +193,8 @@ def _round(tw: Weights, dw: Weights | None, state: SpecState, cfg: ModelConfig,
     tc = state.target_cache
     x, tc = hidden_states(tw, jnp.concatenate([last_B[:, None], d_BK], 1),
                           tc.with_lengths(seq_len - 1), cfg, impl)
-    p_BTV = probs(processed_logits(unembed(tw, x), state, d_BK), state.sampling)  # T = k + 1
+    logits_BTV = unembed(tw, x)
+    p_BTV = probs(processed_logits(logits_BTV, state, d_BK), state.sampling)  # T = k + 1
 
     p_d = jnp.take_along_axis(p_BTV[:, :k], d_BK[..., None], -1)[..., 0]
     q_d = (jnp.ones_like(p_d) if q_BKV is None
@@ -225,13 +234,22 @@ def _round(tw: Weights, dw: Weights | None, state: SpecState, cfg: ModelConfig,
     eos_hit = active & (first_eos < n_emit)
     new_len = seq_len + n_emit
     counts = state.counts_BV.at[rows, e_BT].add(emit.astype(jnp.int32))
+    lp, lp_out = None, state.logprobs_out
+    if want_logprobs is not None or lp_out is not None:
+        want = jnp.any(active) if want_logprobs is None else want_logprobs
+        lp = step_logprobs(logits_BTV.reshape(B * (k + 1), -1), e_BT.reshape(-1), want)
+    if lp_out is not None:
+        col = jnp.where(emit, state.num_generated_B[:, None] + ar, M)
+        lp_out = tuple(a.at[rows, col].set(x.reshape(B, k + 1, *x.shape[1:]), mode="drop")
+                       for a, x in zip(lp_out, (lp.token_B, lp.top_ids_BN, lp.top_BN),
+                                       strict=True))
     return dataclasses.replace(
         state, target_cache=tc.with_lengths(new_len - 1), draft_cache=dc, seq_BS=seq,
         seq_len_B=new_len, num_generated_B=n_gen, output_BM=out, counts_BV=counts,
         done_B=state.done_B | eos_hit | (n_gen >= state.max_new_B),
         finish_eos_B=state.finish_eos_B | eos_hit,
         rounds_B=state.rounds_B + active, accepted_B=state.accepted_B + jnp.where(
-            active, n_acc, 0))
+            active, n_acc, 0), logprobs_out=lp_out), lp
 
 
 _STATIC = ("cfg", "draft_cfg", "k", "ngram_size", "impl")
@@ -242,7 +260,8 @@ def step(target_weights: Weights, draft_weights: Weights | None, state: SpecStat
          cfg: ModelConfig, draft_cfg: ModelConfig | None, k: int, ngram_size: int = 3,
          impl: str = "xla") -> SpecState:
     """One draft-and-verify round (1..k+1 new tokens per active row)."""
-    return _round(target_weights, draft_weights, state, cfg, draft_cfg, k, ngram_size, impl)
+    return _round(target_weights, draft_weights, state, cfg, draft_cfg, k, ngram_size,
+                  impl)[0]
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC, donate_argnames=("state",))
@@ -253,18 +272,20 @@ def run_loop(target_weights: Weights, draft_weights: Weights | None, state: Spec
     return jax.lax.while_loop(
         lambda s: ~jnp.all(s.done_B),
         lambda s: _round(target_weights, draft_weights, s, cfg, draft_cfg, k, ngram_size,
-                         impl), state)
+                         impl)[0], state)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "draft_cfg", "max_out", "impl"),
+@functools.partial(jax.jit, static_argnames=("cfg", "draft_cfg", "max_out", "impl", "logprobs"),
                    donate_argnames=("target_cache", "draft_cache"))
 def start(target_weights: Weights, draft_weights: Weights | None, prompt_BT: jax.Array,
           prompt_len_B: jax.Array, target_cache: KVCache, draft_cache: KVCache | None,
           sampling: SamplingArrays, max_new_B: jax.Array, eos_E: jax.Array, cfg: ModelConfig,
-          draft_cfg: ModelConfig | None, max_out: int, impl: str = "xla") -> SpecState:
-    """Prefill both models with the prompts; the target samples each row's first token."""
+          draft_cfg: ModelConfig | None, max_out: int, impl: str = "xla",
+          logprobs: bool = False) -> SpecState:
+    """Prefill both models with the prompts; the target samples each row's first token.
+    With `logprobs` the state records every emitted token's logprob and alternatives."""
     st = gen.start(target_weights, prompt_BT, prompt_len_B, target_cache, sampling, max_new_B,
-                   eos_E, cfg=cfg, max_out=max_out, impl=impl)
+                   eos_E, cfg=cfg, max_out=max_out, impl=impl, logprobs=logprobs)
     if draft_weights is not None:
         _, draft_cache = prefill(draft_weights, prompt_BT, prompt_len_B, draft_cache,
                                  draft_cfg, impl)
@@ -277,12 +298,13 @@ def start(target_weights: Weights, draft_weights: Weights | None, prompt_BT: jax
         seq_len_B=prompt_len_B + 1, num_generated_B=st.num_generated_B, max_new_B=max_new_B,
         done_B=st.done_B, finish_eos_B=st.finish_eos_B, sampling=sampling, eos_E=eos_E,
         output_BM=st.output_BM, rounds_B=zeros, accepted_B=zeros, counts_BV=st.counts_BV,
-        prompt_mask_BV=st.prompt_mask_BV)
+        prompt_mask_BV=st.prompt_mask_BV, logprobs_out=st.logprobs_out)
 
 
-def check_request(params: list[SamplingParams], k: int, ngram_size: int,
-                  cfg: ModelConfig, draft_cfg: ModelConfig | None) -> None:
-    """Bad speculative settings raise BadRequestError naming the value."""
+def check_settings(k: int, ngram_size: int, cfg: ModelConfig,
+                   draft_cfg: ModelConfig | None) -> None:
+    """Bad speculative settings raise BadRequestError naming the value (every sampling
+    setting works with a draft)."""
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise BadRequestError(f"num_speculative_tokens must be a positive integer, got {k!r}")
     if draft_cfg is None and (isinstance(ngram_size, bool) or not isinstance(ngram_size, int)
@@ -291,11 +313,6 @@ def check_request(params: list[SamplingParams], k: int, ngram_size: int,
     if draft_cfg is not None and draft_cfg.vocab_size != cfg.vocab_size:
         raise BadRequestError(f"draft vocab_size={draft_cfg.vocab_size} differs from the "
                               f"target's {cfg.vocab_size}; the models must share a tokenizer")
-    for p in params:
-        if p.logprobs is not None:
-            raise BadRequestError(f"speculative decoding does not return logprobs, got "
-                                  f"logprobs={p.logprobs}; serve without a draft for them",
-                                  "logprobs")
 
 
 def prepare(prompts: list[list[int]], max_new: list[int], k: int, cfg: ModelConfig,
@@ -334,6 +351,7 @@ class SpecResult:
     k: int
     ttft_s: float
     decode_s: float
+    logprobs: tuple | None = None  # host logprobs_out (f32[B, M], [B, M, N] ids and values)
 
     def acceptance_rate(self, b: int) -> float:
         """Accepted draft tokens / proposed draft tokens for row b."""
@@ -351,20 +369,22 @@ def generate_ids(target_weights: Weights, draft_weights: Weights | None, cfg: Mo
 
     from jaxinfer.runtime import to_host
 
-    check_request(sampling, k, ngram_size, cfg, draft_cfg)
+    check_settings(k, ngram_size, cfg, draft_cfg)
     prompt_BT, lens_B, tc, dc, M = prepare(prompts, max_new, k, cfg, draft_cfg, dtype, mesh,
                                            draft_dtype)
     t0 = time.perf_counter()
     state = start(target_weights, draft_weights, prompt_BT, lens_B, tc, dc,
                   SamplingArrays.from_params(sampling), np.asarray(max_new, np.int32), eos_E,
-                  cfg=cfg, draft_cfg=draft_cfg, max_out=M, impl=impl)
+                  cfg=cfg, draft_cfg=draft_cfg, max_out=M, impl=impl,
+                  logprobs=any(p.logprobs is not None for p in sampling))
     state.num_generated_B.block_until_ready()
     ttft = time.perf_counter() - t0
     state = run_loop(target_weights, draft_weights, state, cfg=cfg, draft_cfg=draft_cfg, k=k,
                      ngram_size=ngram_size, impl=impl)
-    out, n, eos, rounds, acc = to_host((state.output_BM, state.num_generated_B,
-                                        state.finish_eos_B, state.rounds_B, state.accepted_B))
+    out, n, eos, rounds, acc, lp = to_host((
+        state.output_BM, state.num_generated_B, state.finish_eos_B, state.rounds_B,
+        state.accepted_B, state.logprobs_out))
     dt = time.perf_counter() - t0 - ttft
     return SpecResult([[int(t) for t in out[b, : n[b]]] for b in range(len(prompts))],
                       [bool(e) for e in eos], [int(r) for r in rounds],
-                      [int(a) for a in acc], k, ttft, dt)
+                      [int(a) for a in acc], k, ttft, dt, lp)

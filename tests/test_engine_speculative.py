@@ -12,6 +12,7 @@ from jaxinfer.errors import BadRequestError, CheckpointError, ConfigError
 from jaxinfer.llm import LLM
 from jaxinfer.prune import prune_weights
 from jaxinfer.sampling import GREEDY, SamplingParams
+from jaxinfer.structured import Constraint
 
 from .engine_helpers import CharTokenizer, W
 from .helpers import TINY, tiny_weights
@@ -81,23 +82,28 @@ def test_penalties_bias_and_stop_conditions_with_drafts():
     greedy rows give the plain target's tokens, seeded sampled rows LLM.generate(draft=)'s
     tokens, in any slot beside any neighbours."""
     target, draft = _target(), _drafts()["model"]
-    sps = [SamplingParams(temperature=0, repetition_penalty=1.5),
+    sps = [SamplingParams(temperature=0, repetition_penalty=1.5, logprobs=3),
            SamplingParams(temperature=0, presence_penalty=0.8, frequency_penalty=0.6,
                           logit_bias={3: 6.0}, min_tokens=5),
            SamplingParams(temperature=1.0, seed=4, repetition_penalty=1.3, top_k=30),
            SamplingParams(temperature=0.8, seed=9, frequency_penalty=0.5, stop_token_ids=[7])]
     prompts, max_new = PROMPTS[:4], [20, 13, 12, 16]
-    want = [c.token_ids for c in target.generate(prompts[:2], sampling=sps[:2],
-                                                   max_new_tokens=max_new[:2])]
+    plain = target.generate(prompts[:2], sampling=sps[:2], max_new_tokens=max_new[:2])
+    want = [c.token_ids for c in plain]
     want += [target.generate(p, sampling=sp, max_new_tokens=m, draft=draft,
                              num_speculative_tokens=3).token_ids
              for p, sp, m in zip(prompts[2:], sps[2:], max_new[2:], strict=True)]
     with Engine.from_llm(target, EngineConfig(num_slots=2, max_len=128), draft=draft,
                          num_speculative_tokens=3) as eng:
-        got = [r.result(timeout=120).token_ids for r in
+        res = [r.result(timeout=120) for r in
                [eng.submit(p, sampling=sp, max_tokens=m)
                 for p, sp, m in zip(prompts, sps, max_new, strict=True)]]
-    assert got == want
+    assert [r.token_ids for r in res] == want
+    # Logprobs of accepted draft tokens, corrections and bonus tokens alike: the target's.
+    for g, w in zip(res[0].logprobs, plain[0].logprobs, strict=True):
+        assert g.token_id == w.token_id and [t for t, _ in g.top] == [t for t, _ in w.top]
+        np.testing.assert_allclose([g.logprob, *(x for _, x in g.top)],
+                                   [w.logprob, *(x for _, x in w.top)], atol=1e-4)
 
 
 def test_stop_strings_limits_and_errors():
@@ -113,8 +119,9 @@ def test_stop_strings_limits_and_errors():
         with pytest.raises(ContextLengthError, match="59"):
             eng.submit([5] * 40, max_tokens=20)
         assert eng.submit([5] * 40, sampling=GREEDY, max_tokens=19).result(timeout=60)
-        with pytest.raises(BadRequestError, match="logprobs"):
-            eng.submit("hi", sampling=SamplingParams(logprobs=2))
+        with pytest.raises(BadRequestError, match="structured output") as e:
+            eng.submit("hi", constraint=Constraint(regex="a"))
+        assert e.value.param == "constraint"
         # A finished slot is reused at once and the engine keeps serving.
         again = eng.submit(PROMPTS[0], sampling=GREEDY, max_tokens=20).result(timeout=60)
         assert again.token_ids == full.token_ids

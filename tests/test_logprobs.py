@@ -8,7 +8,6 @@ import pytest
 import requests
 
 from jaxinfer import kv_cache, model
-from jaxinfer.engine import Engine, EngineConfig
 from jaxinfer.errors import BadRequestError
 from jaxinfer.sampling import SamplingParams
 from jaxinfer.server import BackgroundServer, create_app
@@ -95,12 +94,6 @@ def test_while_loop_path_records_logprobs():
 def test_bad_logprobs_raise(bad):
     with pytest.raises(BadRequestError, match="logprobs"):
         SamplingParams(logprobs=bad)
-
-
-def test_speculative_engine_refuses_logprobs():
-    with Engine(W, TINY, CharTokenizer(), EngineConfig(num_slots=2, max_len=256),
-                draft="ngram") as eng, pytest.raises(BadRequestError, match="logprobs"):
-        eng.submit("abc", sampling=SamplingParams(temperature=0, logprobs=2), max_tokens=4)
 
 
 def test_server_chat_and_completion_logprobs(url, engine):

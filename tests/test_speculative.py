@@ -1,6 +1,7 @@
 """Speculative decoding: exact greedy output on the real model; the target's distribution
 under sampling (chi-square against exact probabilities on a tiny model)."""
 
+import dataclasses
 import itertools
 import json
 import os
@@ -120,6 +121,16 @@ def test_greedy_with_penalties_bias_and_stop_conditions_equals_target():
     for name, dw, dcfg in [("small", tiny_weights(cfg1, 1), cfg1), ("ngram", None, None)]:
         r = speculative.generate_ids(w, dw, cfg, dcfg, prompts, plain, max_new, eos, k=3)
         assert r.tokens == want, name
+    # Logprobs (raw, the target's) with a draft equal those without one.
+    lp = [dataclasses.replace(p, logprobs=2) for p in plain]
+    ref = llm.generate(prompts, lp, max_new)
+    for d in (LLM(cfg1, tiny_weights(cfg1, 1), CharTokenizer()), "ngram"):
+        got = llm.generate(prompts, lp, max_new, draft=d, num_speculative_tokens=3)
+        for g, r in zip(got, ref, strict=True):
+            assert g.token_ids == r.token_ids and len(g.logprobs) == len(r.token_ids)
+            np.testing.assert_allclose([e.logprob for e in g.logprobs],
+                                       [e.logprob for e in r.logprobs], atol=1e-4)
+            assert [e.top for e in g.logprobs][0][0][0] == r.logprobs[0].top[0][0]
 
 
 def test_bad_requests():
@@ -127,12 +138,8 @@ def test_bad_requests():
     with pytest.raises(BadRequestError, match="num_speculative_tokens"):
         speculative.generate_ids(w, None, TINY, None, [[1, 2]], [GREEDY], [4],
                                  np.array([3], np.int32), k=0)
-    with pytest.raises(BadRequestError, match="logprobs") as e:
-        speculative.generate_ids(w, None, TINY, None, [[1, 2]], [SamplingParams(logprobs=1)],
-                                 [4], np.array([3], np.int32), k=2)
-    assert e.value.param == "logprobs"
     with pytest.raises(BadRequestError, match="vocab_size"):
-        speculative.check_request([GREEDY], 2, 3, TINY, TINY.replace(vocab_size=50))
+        speculative.check_settings(2, 3, TINY, TINY.replace(vocab_size=50))
 
 
 # ---- sampling: the target's distribution, exactly -------------------------------------------
