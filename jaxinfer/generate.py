@@ -61,6 +61,8 @@ class DecodeState:
     output_BM: jax.Array  # i32[B, M] generated tokens (while-loop path)
     # With logprobs (while-loop path): f32[B, M] each token's, i32/f32[B, M, N] the top N.
     logprobs_out: tuple[jax.Array, jax.Array, jax.Array] | None = None
+    # With prompt_logprobs: the same over the prompt, [B, T]: position t scores token t + 1.
+    prompt_logprobs_out: tuple[jax.Array, jax.Array, jax.Array] | None = None
 
 
 def _advance(state: DecodeState, logits_BV: jax.Array, cache: KVCache,
@@ -92,15 +94,16 @@ def _advance(state: DecodeState, logits_BV: jax.Array, cache: KVCache,
         counts_BV=update_counts(state.counts_BV, tok, active), logprobs_out=lp_out)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "max_out", "impl", "logprobs"),
-                   donate_argnames=("cache",))
+@functools.partial(jax.jit, static_argnames=("cfg", "max_out", "impl", "logprobs",
+                                             "prompt_logprobs"), donate_argnames=("cache",))
 def start(weights: Weights, prompt_BT: jax.Array, prompt_len_B: jax.Array, cache: KVCache,
           sampling: SamplingArrays, max_new_B: jax.Array, eos_E: jax.Array, cfg: ModelConfig,
           max_out: int, impl: str = "xla", logprobs: bool = False,
-          mask_BW: jax.Array | None = None) -> DecodeState:
+          mask_BW: jax.Array | None = None, prompt_logprobs: bool = False) -> DecodeState:
     """Prefill right-padded prompts into an empty cache and sample each row's first token
     (from the tokens `mask_BW` allows, if given). With `logprobs` the state also records
-    every token's logprob and top alternatives."""
+    every token's logprob and top alternatives; with `prompt_logprobs`, every prompt
+    token's (unembedding each position: one row's [T, V] logits at a time)."""
     B, T = prompt_BT.shape
     x, cache = hidden_states(weights, prompt_BT, cache, cfg, impl)
     last = jnp.clip(prompt_len_B - 1, 0, T - 1)
@@ -120,6 +123,15 @@ def start(weights: Weights, prompt_BT: jax.Array, prompt_len_B: jax.Array, cache
         state.logprobs_out = (jnp.zeros((B, max_out), jnp.float32),
                               jnp.zeros((B, max_out, N), jnp.int32),
                               jnp.zeros((B, max_out, N), jnp.float32))
+    if prompt_logprobs:
+        targets_BT = jnp.pad(prompt_BT[:, 1:], ((0, 0), (0, 1)))
+
+        def score(row):
+            x_TD, t_T = row
+            lp = step_logprobs(unembed(weights, x_TD), t_T, jnp.bool_(True))
+            return lp.token_B, lp.top_ids_BN, lp.top_BN
+
+        state.prompt_logprobs_out = jax.lax.map(score, (x, targets_BT))
     return _advance(state, logits, cache, mask_BW)
 
 

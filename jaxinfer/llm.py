@@ -57,6 +57,8 @@ class Completion:
     ttft_s: float
     decode_tokens_per_s: float
     logprobs: list[TokenLogprob] | None = None  # one per token id, if sampling.logprobs
+    # One per prompt token (None for the first), if sampling.prompt_logprobs.
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -120,10 +122,20 @@ def _check_sampling(sampling: list[SamplingParams], max_new: list[int],
     check_vocab(sampling, vocab_size)
     for p, m in zip(sampling, max_new, strict=True):
         p.check_lengths(m)
-    if any(p.prompt_logprobs is not None for p in sampling):
-        raise BadRequestError("prompt_logprobs is served by the engine (jaxinfer.engine.Engine, "
-                              "batch jobs, the server's echo); LLM.generate gives logprobs of "
-                              "generated tokens only", "prompt_logprobs")
+
+
+def _prompt_logprobs(state: gen.DecodeState, prompts: list[list[int]],
+                     sampling: list[SamplingParams]) -> list[list[TokenLogprob | None] | None]:
+    """Each row's prompt_logprobs (None for the first token), if it asked."""
+    if state.prompt_logprobs_out is None:
+        return [None] * len(prompts)
+    lp, ids, top = to_host(state.prompt_logprobs_out)
+    out: list[list[TokenLogprob | None] | None] = []
+    for b, (p, sp) in enumerate(zip(prompts, sampling, strict=True)):
+        n = len(p)
+        out.append(None if sp.prompt_logprobs is None else [None, *host_logprobs(
+            p[1:], lp[b, :n - 1], ids[b, :n - 1], top[b, :n - 1], sp.prompt_logprobs)])
+    return out
 
 
 class LLM:
@@ -238,7 +250,8 @@ class LLM:
                          np.asarray(max_new, np.int32), self.eos, cfg=self.cfg, max_out=M,
                          impl=self.impl,
                          logprobs=any(p.logprobs is not None for p in sampling),
-                         mask_BW=self._masks(matchers or []))
+                         mask_BW=self._masks(matchers or []),
+                         prompt_logprobs=any(p.prompt_logprobs is not None for p in sampling))
 
     # ---- structured output -------------------------------------------------------------
     def _matchers(self, constraint: Constraint | Sequence[Constraint | None] | None,
@@ -337,6 +350,10 @@ class LLM:
             if constraint is not None:
                 raise BadRequestError("speculative decoding does not support structured "
                                       "output; generate without a draft for it", "constraint")
+            if any(p.prompt_logprobs is not None for p in sp):
+                raise BadRequestError("LLM.generate with a draft does not score prompts; "
+                                      "generate without one for prompt_logprobs (the engine "
+                                      "does both)", "prompt_logprobs")
             res = self._speculate(ids, sp, mn, stop, draft, num_speculative_tokens, ngram_size)
             return res[0] if single else res
         matchers = self._matchers(constraint, len(ids))
@@ -344,6 +361,8 @@ class LLM:
         state = self._start(ids, sp, mn, matchers)
         state.tokens_B.block_until_ready()
         ttft = time.perf_counter() - t0
+        prompt_lps = _prompt_logprobs(state, ids, sp)
+        state = dataclasses.replace(state, prompt_logprobs_out=None)  # read: decode without
         complete = [False] * len(ids)
         if any(m is not None for m in matchers):
             state, complete = self._decode_constrained(state, matchers, sp)
@@ -357,9 +376,10 @@ class LLM:
             toks = [int(t) for t in out[b, : n[b]]]
             lps = None if sp[b].logprobs is None else host_logprobs(
                 toks, *(a[b] for a in lp), sp[b].logprobs)
-            results.append(self._finish(ids[b], toks, bool(eos[b]), stop, ttft,
-                                        (n[b] - 1) / dt if dt > 0 and n[b] > 1 else 0.0, lps,
-                                        complete[b]))
+            results.append(dataclasses.replace(
+                self._finish(ids[b], toks, bool(eos[b]), stop, ttft,
+                             (n[b] - 1) / dt if dt > 0 and n[b] > 1 else 0.0, lps, complete[b]),
+                prompt_logprobs=prompt_lps[b]))
         return results[0] if single else results
 
     def _speculate(self, ids: list[list[int]], sp: list[SamplingParams], mn: list[int],
@@ -419,6 +439,8 @@ class LLM:
         _check_sampling([sampling], [max_new_tokens], self.cfg.vocab_size)
         matchers = self._matchers(constraint, 1)
         state = self._start([ids], [sampling], [max_new_tokens], matchers)
+        prompt_lps = _prompt_logprobs(state, [ids], [sampling])[0]
+        state = dataclasses.replace(state, prompt_logprobs_out=None)
         pending = jnp.stack([state.tokens_B, state.done_B.astype(jnp.int32)])
         dec = StreamDecoder(self.tokenizer, ids)
         toks: list[int] = []
@@ -461,7 +483,7 @@ class LLM:
                 toks, *(a[0] for a in to_host(state.logprobs_out)), sampling.logprobs)
             result.append(Completion(text, toks, len(ids), reason, ttft,
                                      (len(toks) - 1) / dt if dt > 0 and len(toks) > 1 else 0.0,
-                                     lps))
+                                     lps, prompt_lps))
 
     def chat(self, messages: list[dict[str, str]], **kw: Any) -> Completion:
         """Reply to a conversation, `[{"role": "user", "content": ...}, ...]`, through the

@@ -59,7 +59,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0  # OpenAI: subtracted once per occurrence
     seed: int | None = None  # None: drawn from host entropy when the batch is built
     logprobs: int | None = None  # None: off; n: each token's logprob and the n most likely
-    prompt_logprobs: int | None = None  # the same for every prompt token (engine only)
+    prompt_logprobs: int | None = None  # the same for every prompt token but the first
     # OpenAI's logit_bias: {token id: bias in [-100, 100]} added to the logits (at most
     # MAX_LOGIT_BIAS entries); kept as sorted (id, bias) pairs.
     logit_bias: Any = None

@@ -92,7 +92,7 @@ def test_streaming_equals_batch_path(llm):
 def test_engine_logprobs_match_hf(llm, hf_model):
     """The engine's and LLM.generate's per-token logprobs (and top-5) equal log_softmax of
     HF's logits over the prompt plus the generated tokens (teacher forcing); so do the
-    engine's prompt_logprobs, the prompt prefilled in chunks."""
+    engine's prompt_logprobs (the prompt prefilled in chunks) and LLM.generate's."""
     from jaxinfer.engine import Engine, EngineConfig
 
     ids = llm.tokenizer.encode(PROMPTS[3])
@@ -116,11 +116,17 @@ def test_engine_logprobs_match_hf(llm, hf_model):
         np.testing.assert_allclose(top_lp, np.sort(row)[::-1][:5], atol=1e-3)
     with torch.no_grad():
         prompt_ref = torch.log_softmax(hf_model(torch.tensor([ids])).logits[0], -1).numpy()
-    assert r.prompt_logprobs[0] is None and len(r.prompt_logprobs) == len(ids) > 4
-    for t, e in enumerate(r.prompt_logprobs[1:]):
-        assert e.token_id == ids[t + 1] and abs(e.logprob - prompt_ref[t, e.token_id]) < 1e-3
-        np.testing.assert_allclose([x for _, x in e.top], np.sort(prompt_ref[t])[::-1][:5],
-                                   atol=1e-3)
+    # LLM.generate scores prompts too: the same prompt beside a shorter one in a batch.
+    lib = llm.generate([ids, ids[:5]], sampling=SamplingParams(temperature=0, prompt_logprobs=5),
+                       max_new_tokens=4)
+    assert lib[1].prompt_logprobs[0] is None and len(lib[1].prompt_logprobs) == 5
+    for got in (r.prompt_logprobs, lib[0].prompt_logprobs, lib[1].prompt_logprobs):
+        assert got[0] is None and len(got) in (len(ids), 5) and len(ids) > 5
+        for t, e in enumerate(got[1:]):
+            assert e.token_id == ids[t + 1]
+            assert abs(e.logprob - prompt_ref[t, e.token_id]) < 1e-3
+            np.testing.assert_allclose([x for _, x in e.top],
+                                       np.sort(prompt_ref[t])[::-1][:5], atol=1e-3)
 
 
 def test_france_says_paris(llm):

@@ -9,7 +9,7 @@ import requests
 
 from jaxinfer import kv_cache, model
 from jaxinfer.errors import BadRequestError
-from jaxinfer.sampling import SamplingParams
+from jaxinfer.sampling import GREEDY, SamplingParams
 from jaxinfer.server import BackgroundServer, create_app
 
 from .engine_helpers import CharTokenizer, W, tiny_engine
@@ -182,12 +182,33 @@ def test_prompt_logprobs_chunked_and_past_the_prefix_cache():
         SamplingParams(prompt_logprobs=21)
 
 
-def test_llm_generate_refuses_prompt_logprobs():
+def test_llm_generate_and_stream_score_prompts():
+    """LLM.generate (rows of different lengths, one not asking) and LLM.stream give the
+    same prompt_logprobs as model.forward; the decode after it is unchanged, and a draft
+    is refused."""
     from jaxinfer.llm import LLM
 
-    with pytest.raises(BadRequestError, match="prompt_logprobs is served by the engine"):
-        LLM(TINY, W, CharTokenizer()).generate("abc", sampling=SamplingParams(
-            prompt_logprobs=1), max_new_tokens=2)
+    llm = LLM(TINY, W, CharTokenizer())
+    rng = np.random.default_rng(5)
+    prompts = [rng.integers(4, TINY.vocab_size, n).tolist() for n in (21, 7, 12)]
+    sps = [SamplingParams(temperature=0, prompt_logprobs=3), SamplingParams(temperature=0),
+           SamplingParams(temperature=0, prompt_logprobs=0)]
+    got = llm.generate(prompts, sampling=sps, max_new_tokens=5)
+    plain = llm.generate(prompts, sampling=GREEDY, max_new_tokens=5)
+    out: list = []
+    "".join(llm.stream(prompts[0], sampling=sps[0], max_new_tokens=5, result=out))
+    assert got[1].prompt_logprobs is None
+    for p, lps in [(prompts[0], got[0].prompt_logprobs), (prompts[2], got[2].prompt_logprobs),
+                   (prompts[0], out[0].prompt_logprobs)]:
+        ref = _prompt_reference(p)
+        assert lps[0] is None and len(lps) == len(p)
+        for t, e in enumerate(lps[1:]):
+            assert e.token_id == p[t + 1] and abs(e.logprob - ref[t, e.token_id]) < 1e-4
+            assert [i for i, _ in e.top] == list(np.argsort(-ref[t])[:len(e.top)])
+    assert [g.token_ids for g in got] == [c.token_ids for c in plain]
+    assert len(got[2].prompt_logprobs[1].top) == 0
+    with pytest.raises(BadRequestError, match="prompt_logprobs"):
+        llm.generate("abc", sampling=sps[0], max_new_tokens=2, draft="ngram")
 
 
 def test_server_echo_scores_the_prompt(url, engine):
