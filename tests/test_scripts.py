@@ -27,11 +27,15 @@ def test_text_mode_says_paris(smollm2_checkpoint):
 def test_json_mode_fields(smollm2_checkpoint):
     r = run("--prompt", "The capital of France is", "--temperature", "0",
             "--max_new_tokens", "6", "--output_format", "json", "--stop", "zzz",
-            "--logprobs", "2")
+            "--logprobs", "2", "--prompt_logprobs", "1")
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert set(out) == {"text", "token_ids", "prompt_tokens", "finish_reason", "ttft_s",
-                        "decode_tokens_per_s", "weight_bytes", "kv_cache_bytes", "logprobs"}
+                        "decode_tokens_per_s", "weight_bytes", "kv_cache_bytes", "logprobs",
+                        "prompt_logprobs"}
+    assert out["prompt_logprobs"][0] is None and len(out["prompt_logprobs"]) == 5
+    assert all(len(e["top"]) == 1 and e["logprob"] <= e["top"][0][1] + 1e-6
+               for e in out["prompt_logprobs"][1:])
     assert [e["token_id"] for e in out["logprobs"]] == out["token_ids"]
     assert all(len(e["top"]) == 2 and e["top"][0][0] == e["token_id"] and e["logprob"] < 0
                for e in out["logprobs"])  # greedy: each token is its step's most likely
@@ -66,6 +70,7 @@ def test_structured_output_and_stop_flags(smollm2_checkpoint):
     (["--prompt", "hi", "--max_new_tokens", "9000"], "9000"),
     (["--prompt", "hi", "--checkpoint", "/nonexistent/ckpt"], "/nonexistent/ckpt"),
     (["--prompt", "hi", "--logprobs", "2"], "--logprobs=2"),
+    (["--prompt", "hi", "--prompt_logprobs", "2"], "--prompt_logprobs=2"),
     (["--prompt", "hi", "--logprobs", "21", "--output_format", "json"], "logprobs"),
     (["--prompt", "hi", "--guided_regex", "(oops"], "bad constraint"),
     (["--prompt", "hi", "--guided_json", "{nope"], "--guided_json"),

@@ -29,6 +29,9 @@ _FORMAT = flags.DEFINE_enum("output_format", "text", ["text", "json"], "Output f
 _LOGPROBS = flags.DEFINE_integer(
     "logprobs", None, "With --output_format=json: each token's logprob and this many most "
     "likely alternatives (0-20).")
+_PROMPT_LOGPROBS = flags.DEFINE_integer(
+    "prompt_logprobs", None, "With --output_format=json: each prompt token's logprob and "
+    "this many most likely alternatives (0-20).")
 _DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"],
                            "Compute dtype (default: float32 on CPU, bfloat16 elsewhere).")
 _MIN_TOKENS = flags.DEFINE_integer("min_tokens", 0, "No EOS or stop token id before this "
@@ -50,8 +53,9 @@ def main(argv):
     from jaxinfer.sampling import SamplingParams
     from jaxinfer.structured import from_openai
 
-    if _LOGPROBS.value is not None and _FORMAT.value != "json":
-        raise ConfigError(f"--logprobs={_LOGPROBS.value} needs --output_format=json")
+    for f in (_LOGPROBS, _PROMPT_LOGPROBS):
+        if f.value is not None and _FORMAT.value != "json":
+            raise ConfigError(f"--{f.name}={f.value} needs --output_format=json")
     try:
         stop_ids = [int(t) for t in _STOP_IDS.value]
     except ValueError:
@@ -60,6 +64,7 @@ def main(argv):
     sampling = SamplingParams(
         temperature=_TEMP.value, top_k=_TOP_K.value, top_p=_TOP_P.value, min_p=_MIN_P.value,
         repetition_penalty=_REP.value, seed=_SEED.value, logprobs=_LOGPROBS.value,
+        prompt_logprobs=_PROMPT_LOGPROBS.value,
         min_tokens=_MIN_TOKENS.value, stop_token_ids=stop_ids, ignore_eos=_IGNORE_EOS.value)
     try:
         constraint = from_openai(None, _JSON.value, _REGEX.value, _CHOICE.value,
