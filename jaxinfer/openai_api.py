@@ -216,19 +216,49 @@ class ChatRequest(_Request):
         return (n or 0) if self.logprobs else None
 
     def message_dicts(self) -> list[dict[str, str]]:
-        if not self.messages:
-            raise ApiError(400, "messages is empty", "messages")
-        out = []
-        for i, m in enumerate(self.messages):
-            content = m.content
-            if isinstance(content, list):
-                if any(p.type != "text" or p.text is None for p in content):
-                    raise ApiError(400, "only text content parts are supported",
-                                   f"messages.{i}.content")
-                content = "".join(p.text or "" for p in content)
-            out.append({"role": "system" if m.role == "developer" else m.role,
-                        "content": content or ""})
-        return out
+        return message_dicts(self.messages)
+
+
+def message_dicts(messages: list[ChatMessage] | None) -> list[dict[str, str]]:
+    """Chat messages as the chat template takes them (text parts joined)."""
+    if not messages:
+        raise ApiError(400, "messages is empty", "messages")
+    out = []
+    for i, m in enumerate(messages):
+        content = m.content
+        if isinstance(content, list):
+            if any(p.type != "text" or p.text is None for p in content):
+                raise ApiError(400, "only text content parts are supported",
+                               f"messages.{i}.content")
+            content = "".join(p.text or "" for p in content)
+        out.append({"role": "system" if m.role == "developer" else m.role,
+                    "content": content or ""})
+    return out
+
+
+class TokenizeRequest(BaseModel):
+    """vLLM's /tokenize: a prompt, or chat messages through the chat template."""
+
+    model_config = ConfigDict(strict=True, extra="allow")
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+
+    def inputs(self) -> dict[str, Any]:
+        """Engine.encode's keyword arguments."""
+        if (self.prompt is None) == (self.messages is None):
+            raise ApiError(400, "give exactly one of prompt and messages", "prompt")
+        if self.prompt is not None:
+            return {"prompt": self.prompt}
+        return {"messages": message_dicts(self.messages)}
+
+
+class DetokenizeRequest(BaseModel):
+    """vLLM's /detokenize."""
+
+    model_config = ConfigDict(strict=True, extra="allow")
+    model: str | None = None
+    tokens: list[int]
 
 
 # ---- responses ----------------------------------------------------------------------------

@@ -2,7 +2,8 @@
 
     python scripts/serve.py --port 8000        # binds 127.0.0.1 unless --host says so
     POST /v1/completions, /v1/chat/completions (stream: true -> server-sent events ending
-    with `data: [DONE]`), GET /v1/models, /health, /metrics (Prometheus text)
+    with `data: [DONE]`), GET /v1/models, /health, /metrics (Prometheus text);
+    POST /tokenize, /detokenize (vLLM's: token ids as the engine counts them)
 
 Library choice: FastAPI on uvicorn. FastAPI gives pydantic request validation (strict
 types, so `"temperature": "hot"` is a 400, not a coercion) and a plain async handler per
@@ -101,6 +102,25 @@ def create_app(engine: Engine, model_name: str) -> FastAPI:
             echo = [p if isinstance(p, str) else tok.decode(p) for p in prompts]
         return await _respond(reqs, body, model_name, chat=False, tokenizer=engine.tokenizer,
                               echo=echo)
+
+    @app.post("/tokenize")
+    async def tokenize(body: api.TokenizeRequest):
+        _check_model(body.model, model_name)
+        inputs = body.inputs()
+        try:
+            ids = await asyncio.to_thread(engine.encode, **inputs)
+        except (BadRequestError, TokenizerError) as e:
+            raise api.ApiError(400, str(e), next(iter(inputs))) from e
+        return {"count": len(ids), "max_model_len": engine.max_len, "tokens": ids}
+
+    @app.post("/detokenize")
+    async def detokenize(body: api.DetokenizeRequest):
+        _check_model(body.model, model_name)
+        bad = [t for t in body.tokens if not 0 <= t < engine.cfg.vocab_size]
+        if bad:
+            raise api.ApiError(400, f"token id {bad[0]} is outside the vocabulary of "
+                               f"{engine.cfg.vocab_size}", "tokens")
+        return {"prompt": engine.tokenizer.decode(body.tokens)}
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: api.ChatRequest):

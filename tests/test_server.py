@@ -216,6 +216,29 @@ def test_bad_requests_get_400(url, path, body, param):
         assert err["code"] == "context_length_exceeded"
 
 
+def test_tokenize_and_detokenize(url, engine):
+    """vLLM's /tokenize counts what the engine would (a prompt, or chat messages through
+    the template, as usage reports them); /detokenize inverts it; bad input is a 400."""
+    r = requests.post(f"{url}/tokenize", json={"prompt": "Hello there"}, timeout=30).json()
+    assert r["tokens"] == engine.encode("Hello there") and r["count"] == 11
+    assert r["max_model_len"] == engine.max_len
+    back = requests.post(f"{url}/detokenize", json={"tokens": r["tokens"]}, timeout=30).json()
+    assert back == {"prompt": "Hello there"}
+    msgs = [{"role": "user", "content": "Hi"}]
+    r = requests.post(f"{url}/tokenize", json={"messages": msgs}, timeout=30).json()
+    chat = requests.post(f"{url}/v1/chat/completions", timeout=30,
+                         json={"messages": msgs, "max_tokens": 1}).json()
+    assert r["count"] == chat["usage"]["prompt_tokens"]
+    for path, body, param in [("tokenize", {}, "prompt"),
+                              ("tokenize", {"prompt": "x", "messages": msgs}, "prompt"),
+                              ("tokenize", {"prompt": ""}, "prompt"),
+                              ("tokenize", {"messages": []}, "messages"),
+                              ("detokenize", {"tokens": [-1]}, "tokens"),
+                              ("detokenize", {"tokens": "ab"}, "tokens")]:
+        r = requests.post(f"{url}/{path}", json=body, timeout=30)
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, (body, r.text)
+
+
 def test_not_json_and_unknown_model(url):
     r = requests.post(f"{url}/v1/completions", data="{nope",
                       headers={"content-type": "application/json"}, timeout=30)
