@@ -8,22 +8,33 @@ Output, one line per input line, in completion order:
      "usage": {...}, "metrics": {...}}
     {"id": 7, "error": "top_p must be in (0, 1], got 2"}     a bad line is reported, not fatal
 
-Resuming: ids already present in the output are skipped, and a torn last line (a killed
-run) is cut off first, so rerunning the same command finishes the job with each id written
-exactly once. Each result is appended and flushed as soon as it is finished, with only a
-bounded number of requests in flight, so an interrupted run loses at most those.
+OpenAI's batch format works too, line by line (what OpenAI's Batch API and vLLM's run_batch
+take): {"custom_id": "r1", "method": "POST", "url": "/v1/chat/completions", "body": {...}}
+gets {"id": ..., "custom_id": "r1", "response": {"status_code": 200, "request_id": ...,
+"body": <the server's response body>}, "error": null}; a bad request gets status 400 and
+OpenAI's error body. Such a line's body alone sets its parameters (OpenAI's defaults, not
+the job's); `n` > 1, `echo` and `stream` are refused.
+
+Resuming: ids (or custom_ids) already present in the output are skipped, and a torn last
+line (a killed run) is cut off first, so rerunning the same command finishes the job with
+each id written exactly once. Each result is appended and flushed as soon as it is
+finished, with only a bounded number of requests in flight, so an interrupted run loses at
+most those.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import queue
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from jaxinfer import openai_api as api
 from jaxinfer.engine import Engine, EngineConfig, Request
 from jaxinfer.errors import BadRequestError, JaxinferError
 from jaxinfer.sampling import SamplingParams
@@ -47,11 +58,85 @@ class BatchSummary:
 
 
 def _key(obj: Any, lineno: int) -> str:
-    """The resume key of an input line: its id, or its line number when it has none."""
+    """The resume key of an input line: its custom_id (OpenAI's batch format) or id, or
+    its line number when it has neither."""
+    if isinstance(obj, dict) and isinstance(obj.get("custom_id"), str):
+        return "custom_id:" + json.dumps(obj["custom_id"])
     rid = obj.get("id") if isinstance(obj, dict) else None
     if isinstance(rid, (str, int)) and not isinstance(rid, bool):
         return "id:" + json.dumps(rid)
     return f"line:{lineno}"
+
+
+_OPENAI_URLS = {"/v1/chat/completions": True, "/v1/completions": False}  # url -> chat
+
+
+class _OpenAILine:
+    """One line in OpenAI's batch format: its engine request and its output record."""
+
+    def __init__(self, obj: dict[str, Any], engine: Engine):
+        self.custom_id, self.engine = obj["custom_id"], engine
+        self.chat, self.model = True, engine.cfg.name
+
+    def submit_kwargs(self, obj: dict[str, Any]) -> dict[str, Any]:
+        """Engine.submit arguments of the line; api.ApiError (with its status and field)
+        for a bad one."""
+        from pydantic import ValidationError
+
+        url, body = obj.get("url"), obj.get("body")
+        if obj.get("method", "POST") != "POST" or url not in _OPENAI_URLS:
+            raise api.ApiError(400, f"url must be one of {sorted(_OPENAI_URLS)} with method "
+                               f"POST, got {obj.get('method', 'POST')} {url!r}", "url")
+        if not isinstance(body, dict):
+            raise api.ApiError(400, f"body must be a JSON object, got {body!r}", "body")
+        self.chat = _OPENAI_URLS[url]
+        try:
+            req = (api.ChatRequest if self.chat else api.CompletionRequest).model_validate(body)
+        except ValidationError as e:
+            err = e.errors()[0]
+            loc = [str(x) for x in err.get("loc", ())]
+            raise api.ApiError(400, f"{'.'.join(loc) or 'body'}: {err.get('msg')}",
+                               loc[0] if loc else None) from None
+        self.model = req.model or self.model
+        for name in ("stream", "echo"):
+            if getattr(req, name, False):
+                raise api.ApiError(400, f"{name} is not supported in batch jobs", name)
+        if req.num_choices() != 1:
+            raise api.ApiError(400, "n > 1 is not supported in batch jobs", "n")
+        kw: dict[str, Any] = dict(sampling=req.choice_sampling(0), stop=req.stop_list(),
+                                  constraint=req.constraint())
+        if self.chat:
+            kw["messages"] = req.message_dicts()
+            kw["max_tokens"] = (req.max_completion_tokens if req.max_tokens is None
+                                else req.max_tokens)
+        else:
+            prompts = req.prompt_inputs()
+            if len(prompts) != 1:
+                raise api.ApiError(400, "one prompt per batch line", "prompt")
+            kw["prompt"] = prompts[0]
+            kw["max_tokens"] = (api.DEFAULT_COMPLETION_MAX_TOKENS if req.max_tokens is None
+                                else req.max_tokens)
+        return kw
+
+    def record(self, status: int, body: dict[str, Any], request_id: str | None = None
+               ) -> dict[str, Any]:
+        return {"id": api.new_id("batch_req"), "custom_id": self.custom_id,
+                "response": {"status_code": status, "request_id": request_id, "body": body},
+                "error": None}
+
+    def error_record(self, e: JaxinferError | api.ApiError) -> dict[str, Any]:
+        if isinstance(e, api.ApiError):
+            return self.record(e.status, e.body())
+        return self.record(400, api.error_body(str(e), param=getattr(e, "param", None)))
+
+    def result_record(self, req: Request) -> dict[str, Any]:
+        try:
+            r = req.result()
+        except JaxinferError as e:
+            return self.error_record(e)
+        rid = api.new_id("chatcmpl" if self.chat else "cmpl")
+        return self.record(200, api.completion_body(rid, self.model, [r], self.chat,
+                                                    self.engine.tokenizer), rid)
 
 
 def _done_keys(path: Path) -> set[str]:
@@ -144,7 +229,7 @@ def run_batch(engine: Engine, input_path: str | Path, output_path: str | Path,
     summary = BatchSummary()
     limit = max_in_flight or 2 * engine.config.num_slots
     finished: queue.Queue[Request] = queue.Queue()
-    in_flight: dict[Request, Any] = {}
+    in_flight: dict[Request, Callable[[Request], dict[str, Any]]] = {}  # -> its record
     seen: set[str] = set()
     with open(input_path, encoding="utf-8") as f:
         total = sum(1 for line in f if line.strip())
@@ -159,7 +244,8 @@ def run_batch(engine: Engine, input_path: str | Path, output_path: str | Path,
             fout.write(json.dumps(rec, ensure_ascii=False) + "\n")
             fout.flush()
             summary.written += 1
-            summary.errors += "error" in rec
+            summary.errors += "error" in rec and (
+                rec["error"] is not None or rec["response"]["status_code"] != 200)
             bar.update(1)
 
         def drain(block: bool) -> None:
@@ -168,7 +254,7 @@ def run_batch(engine: Engine, input_path: str | Path, output_path: str | Path,
                     req = finished.get(block=block)
                 except queue.Empty:
                     return
-                write(_result_record(in_flight.pop(req), req))
+                write(in_flight.pop(req)(req))
                 block = False
 
         try:
@@ -189,17 +275,22 @@ def run_batch(engine: Engine, input_path: str | Path, output_path: str | Path,
                     continue
                 seen.add(key)
                 rid = obj.get("id") if isinstance(obj, dict) else None
+                oa = _OpenAILine(obj, engine) if key.startswith("custom_id:") else None
                 try:
                     if err is not None:
                         raise BadRequestError(err)
-                    kw = parse_request(obj, defaults)
+                    kw = oa.submit_kwargs(obj) if oa else parse_request(obj, defaults)
                     while len(in_flight) >= limit:
                         drain(block=True)
                     req = engine.submit(**kw, block=True, on_finish=finished.put)
-                    in_flight[req] = rid
-                except JaxinferError as e:
-                    write({"id": rid, "line": lineno, "error": str(e)} if rid is None
-                          or key.startswith("line:") else {"id": rid, "error": str(e)})
+                    in_flight[req] = oa.result_record if oa else functools.partial(
+                        _result_record, rid)
+                except (JaxinferError, api.ApiError) as e:
+                    if oa is not None:
+                        write(oa.error_record(e))
+                    else:
+                        write({"id": rid, "line": lineno, "error": str(e)} if rid is None
+                              or key.startswith("line:") else {"id": rid, "error": str(e)})
                 drain(block=False)
             while in_flight:
                 drain(block=True)

@@ -24,6 +24,7 @@ from jaxinfer.tokenizer import Tokenizer
 
 UNSUPPORTED = ("tools", "tool_choice", "functions", "function_call", "best_of", "audio",
                "modalities", "prediction", "web_search_options")
+DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 MAX_N = 16  # choices per prompt (each is an engine request)
 MAX_PROMPTS = 64  # prompts in one /v1/completions request
 SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "seed", "presence_penalty",

@@ -45,8 +45,6 @@ from jaxinfer.sampling import SamplingParams
 from jaxinfer.structured import Constraint
 from jaxinfer.tokenizer import Tokenizer
 
-DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
-
 
 def create_app(engine: Engine, model_name: str) -> FastAPI:
     app = FastAPI(title="jaxinfer", docs_url=None, redoc_url=None)
@@ -92,7 +90,7 @@ def create_app(engine: Engine, model_name: str) -> FastAPI:
         max_tokens = body.max_tokens
         prompts = body.prompt_inputs()
         if max_tokens is None:
-            max_tokens = DEFAULT_COMPLETION_MAX_TOKENS
+            max_tokens = api.DEFAULT_COMPLETION_MAX_TOKENS
         elif body.scoring_only():
             max_tokens = 1  # the engine always samples one token: dropped from the answer
         reqs = await _submit(engine, body, [dict(prompt=p) for p in prompts], max_tokens)

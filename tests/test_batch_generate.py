@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from jaxinfer.batch import run_batch
-from jaxinfer.sampling import GREEDY
+from jaxinfer.sampling import GREEDY, SamplingParams
 
 from .engine_helpers import CharTokenizer, tiny_engine
 
@@ -35,6 +35,50 @@ BAD = ['{"id": "d", "prompt": "x", "temperature": -1}',
 
 def _lines(path):
     return [json.loads(x) for x in path.read_text().splitlines()]
+
+
+def test_openai_batch_format(tmp_path):
+    """Lines in OpenAI's batch format (chat and completions) get the server's response
+    bodies under their custom_id, equal to the engine's results for the same settings; bad
+    lines get status 400 with OpenAI's error body naming the field; a rerun skips them."""
+    msgs = [{"role": "user", "content": "hello"}]
+    lines = [
+        {"custom_id": "chat-1", "method": "POST", "url": "/v1/chat/completions",
+         "body": {"messages": msgs, "max_tokens": 5, "temperature": 0, "logprobs": True}},
+        {"custom_id": "cmpl-1", "method": "POST", "url": "/v1/completions",
+         "body": {"model": "mine", "prompt": "first prompt", "temperature": 0,
+                  "stop_token_ids": [9]}},
+        {"custom_id": "bad-url", "method": "POST", "url": "/v1/embeddings", "body": {}},
+        {"custom_id": "bad-top-p", "method": "POST", "url": "/v1/completions",
+         "body": {"prompt": "x", "top_p": 2}},
+        {"custom_id": "bad-n", "method": "POST", "url": "/v1/chat/completions",
+         "body": {"messages": msgs, "n": 2}},
+        {"custom_id": "bad-type", "method": "POST", "url": "/v1/completions",
+         "body": {"prompt": "x", "max_tokens": "4"}}]
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    inp.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    with tiny_engine() as eng:
+        s = run_batch(eng, inp, out, progress=False)
+        assert (s.written, s.errors) == (6, 4)
+        got = {r["custom_id"]: r for r in _lines(out)}
+        chat = eng.submit(messages=msgs, sampling=SamplingParams(temperature=0, logprobs=0),
+                          max_tokens=5).result()
+        cmpl = eng.submit("first prompt", max_tokens=16, sampling=SamplingParams(
+            temperature=0, stop_token_ids=[9])).result()
+        assert run_batch(eng, inp, out, progress=False).skipped == 6
+    ok = got["chat-1"]["response"]
+    assert ok["status_code"] == 200 and got["chat-1"]["error"] is None
+    body = ok["body"]
+    assert body["object"] == "chat.completion" and body["id"] == ok["request_id"]
+    assert body["choices"][0]["message"]["content"] == chat.text
+    assert len(body["choices"][0]["logprobs"]["content"]) == len(chat.token_ids)
+    body = got["cmpl-1"]["response"]["body"]
+    assert body["model"] == "mine" and body["choices"][0]["text"] == cmpl.text
+    assert body["usage"]["completion_tokens"] == len(cmpl.token_ids)
+    for cid, param in [("bad-url", "url"), ("bad-top-p", "top_p"), ("bad-n", "n"),
+                       ("bad-type", "max_tokens")]:
+        r = got[cid]["response"]
+        assert r["status_code"] == 400 and r["body"]["error"]["param"] == param, r
 
 
 def test_results_errors_and_resume(tmp_path):

@@ -4,10 +4,13 @@
     # or: python scripts/batch_generate.py --input=prompts.jsonl --output=results.jsonl
     # input lines: {"id": ..., "prompt": ...} or {"id": ..., "messages": [...]}, with
     # optional max_tokens, stop and sampling fields (temperature, top_p, top_k, min_p,
-    # seed, presence_penalty, frequency_penalty, repetition_penalty)
+    # seed, penalties, logprobs, logit_bias, stop_token_ids, min_tokens, ignore_eos, ...);
+    # or OpenAI's batch format: {"custom_id": ..., "method": "POST", "url":
+    # "/v1/chat/completions" | "/v1/completions", "body": {...}}
 
 Rerunning the same command skips ids already in the output; a bad line becomes a result
-line with an "error" field. The flags below give the defaults for fields a line omits.
+line with an "error" field (OpenAI format: a 400 response). The flags below give the
+defaults for fields a line omits (OpenAI-format lines take only their body).
 """
 
 from absl import flags
