@@ -159,6 +159,10 @@ class Grammars:
                 self._ll = llguidance.LLTokenizer(view, n_vocab=v, eos_token=list(eos))
             return self._ll
 
+    def prepare(self) -> None:
+        """Build the vocabulary view now rather than at the first constraint."""
+        self._tokenizer()
+
     def matcher(self, constraint: Constraint):
         """A fresh matcher; BadRequestError if the constraint does not compile."""
         from llguidance import LLMatcher
