@@ -107,6 +107,7 @@ class _OpenAILine:
                                   constraint=req.constraint())
         if self.chat:
             kw["messages"] = req.message_dicts()
+            kw["chat_options"] = req.chat_options()
             kw["max_tokens"] = (req.max_completion_tokens if req.max_tokens is None
                                 else req.max_tokens)
         else:

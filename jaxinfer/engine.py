@@ -317,10 +317,21 @@ class Engine:
             t *= 2
 
     def encode(self, prompt: str | Sequence[int] | None = None,
-               messages: list[dict[str, Any]] | None = None) -> list[int]:
-        """Token ids of a text prompt, of token ids, or of chat messages (chat template)."""
+               messages: list[dict[str, Any]] | None = None,
+               chat_options: dict[str, Any] | None = None) -> list[int]:
+        """Token ids of a text prompt, of token ids, or of chat messages (chat template;
+        `chat_options`: Tokenizer.apply_chat_template's add_generation_prompt,
+        continue_final_message and chat_template_kwargs)."""
         if messages is not None:
-            return self.tokenizer.encode(self.tokenizer.apply_chat_template(messages))
+            defaults = {"add_generation_prompt": True, "continue_final_message": False,
+                        "chat_template_kwargs": None}
+            opts = dict(chat_options or {})
+            unknown = sorted(set(opts) - set(defaults))
+            if unknown:
+                raise BadRequestError(f"unknown chat options {unknown}", "messages")
+            # Only what differs from the defaults: a minimal tokenizer takes just messages.
+            opts = {k: v for k, v in opts.items() if v != defaults[k]}
+            return self.tokenizer.encode(self.tokenizer.apply_chat_template(messages, **opts))
         if isinstance(prompt, str):
             if not prompt:
                 raise BadRequestError("prompt is empty", "prompt")
@@ -336,6 +347,7 @@ class Engine:
 
     def submit(self, prompt: str | Sequence[int] | None = None, *,
                messages: list[dict[str, Any]] | None = None,
+               chat_options: dict[str, Any] | None = None,
                sampling: SamplingParams | None = None, max_tokens: int | None = None,
                stop: str | Sequence[str] = (), on_finish: Callable[[Request], None] | None
                = None, block: bool = False, constraint: Constraint | None = None,
@@ -349,7 +361,7 @@ class Engine:
         if not self.is_leader:
             raise NotLeaderError(f"process {jax.process_index()} follows process 0's engine; "
                                  "submit requests on process 0")
-        ids = self.encode(prompt, messages)
+        ids = self.encode(prompt, messages, chat_options)
         n = len(ids)
         if n == 0:
             raise BadRequestError("prompt is empty (0 tokens)",

@@ -485,10 +485,17 @@ class LLM:
                                      (len(toks) - 1) / dt if dt > 0 and len(toks) > 1 else 0.0,
                                      lps, prompt_lps))
 
-    def chat(self, messages: list[dict[str, str]], **kw: Any) -> Completion:
+    def chat(self, messages: list[dict[str, str]], *, add_generation_prompt: bool = True,
+             continue_final_message: bool = False,
+             chat_template_kwargs: dict[str, Any] | None = None, **kw: Any) -> Completion:
         """Reply to a conversation, `[{"role": "user", "content": ...}, ...]`, through the
-        model's chat template; keyword arguments as for `generate`."""
-        prompt = self.tokenizer.apply_chat_template(messages)
+        model's chat template; `continue_final_message` continues the last message (an
+        assistant reply begun for the model) instead of starting a new turn. Other keyword
+        arguments as for `generate`."""
+        prompt = self.tokenizer.apply_chat_template(
+            messages, add_generation_prompt=add_generation_prompt and not continue_final_message,
+            continue_final_message=continue_final_message,
+            chat_template_kwargs=chat_template_kwargs)
         return self.generate(self.tokenizer.encode(prompt), **kw)
 
 

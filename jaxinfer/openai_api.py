@@ -201,7 +201,27 @@ class ChatMessage(BaseModel):
     content: str | list[ContentPart] | None = None
 
 
-class ChatRequest(_Request):
+class _ChatTemplateOptions(BaseModel):
+    """vLLM's chat-template extensions of a chat request."""
+
+    model_config = ConfigDict(strict=True, extra="allow")
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template_kwargs: dict[str, Any] | None = None
+
+    def chat_options(self) -> dict[str, Any]:
+        """Engine.submit's chat_options; continuing the last message opens no new turn."""
+        if self.continue_final_message and "add_generation_prompt" in self.model_fields_set \
+                and self.add_generation_prompt:
+            raise ApiError(400, "continue_final_message cannot be combined with "
+                           "add_generation_prompt=true", "continue_final_message")
+        return {"add_generation_prompt": self.add_generation_prompt
+                and not self.continue_final_message,
+                "continue_final_message": self.continue_final_message,
+                "chat_template_kwargs": self.chat_template_kwargs}
+
+
+class ChatRequest(_Request, _ChatTemplateOptions):
     messages: list[ChatMessage]
     max_completion_tokens: int | None = None
     logprobs: bool = False
@@ -237,10 +257,9 @@ def message_dicts(messages: list[ChatMessage] | None) -> list[dict[str, str]]:
     return out
 
 
-class TokenizeRequest(BaseModel):
+class TokenizeRequest(_ChatTemplateOptions):
     """vLLM's /tokenize: a prompt, or chat messages through the chat template."""
 
-    model_config = ConfigDict(strict=True, extra="allow")
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
@@ -251,7 +270,7 @@ class TokenizeRequest(BaseModel):
             raise ApiError(400, "give exactly one of prompt and messages", "prompt")
         if self.prompt is not None:
             return {"prompt": self.prompt}
-        return {"messages": message_dicts(self.messages)}
+        return {"messages": message_dicts(self.messages), "chat_options": self.chat_options()}
 
 
 class DetokenizeRequest(BaseModel):

@@ -124,7 +124,8 @@ def create_app(engine: Engine, model_name: str) -> FastAPI:
     async def chat_completions(body: api.ChatRequest):
         _check_model(body.model, model_name)
         max_tokens = body.max_completion_tokens if body.max_tokens is None else body.max_tokens
-        reqs = await _submit(engine, body, [dict(messages=body.message_dicts())], max_tokens)
+        reqs = await _submit(engine, body, [dict(messages=body.message_dicts(),
+                                                 chat_options=body.chat_options())], max_tokens)
         return await _respond(reqs, body, model_name, chat=True, tokenizer=engine.tokenizer)
 
     return app

@@ -111,8 +111,18 @@ class Tokenizer(ABC):
         return piece.replace("\u2581", " ").encode()
 
     def apply_chat_template(self, messages: list[dict[str, str]],
-                            add_generation_prompt: bool = True) -> str:
-        """Render `messages` with the model's own Jinja template, the way HF transformers does."""
+                            add_generation_prompt: bool = True,
+                            continue_final_message: bool = False,
+                            chat_template_kwargs: dict[str, Any] | None = None) -> str:
+        """Render `messages` with the model's own Jinja template, the way HF transformers does.
+
+        `continue_final_message` ends the text right after the last message's content, so
+        the model continues it (an assistant reply begun for it, "prefill"), instead of
+        closing it and opening a new turn; `chat_template_kwargs` are extra template
+        variables (e.g. a model's `enable_thinking`)."""
+        if continue_final_message and add_generation_prompt:
+            raise TokenizerError("continue_final_message continues the last message; it "
+                                 "cannot be combined with add_generation_prompt")
         if self.chat_template is None:
             raise TokenizerError("tokenizer has no chat_template; pass a raw prompt instead")
         import jinja2
@@ -130,12 +140,14 @@ class Tokenizer(ABC):
                 raise TokenizerError(f"chat_template does not parse: {e}") from e
         bos = self._id_to_token(self.bos_id) if self.bos_id is not None else ""
         eos = self._id_to_token(self._eos_id) if self._eos_id is not None else ""
+        extra = dict(chat_template_kwargs or {})
         try:
-            return self._compiled_template.render(
-                messages=messages, add_generation_prompt=add_generation_prompt,
+            text = self._compiled_template.render(
+                **extra, messages=messages, add_generation_prompt=add_generation_prompt,
                 bos_token=bos, eos_token=eos)
         except jinja2.TemplateError as e:
             raise TokenizerError(f"chat_template failed on these messages: {e}") from e
+        return _cut_after_final(text, messages) if continue_final_message else text
 
     def _config(self) -> dict[str, Any]:
         """tokenizer_config.json content: HF's token strings plus explicit ids for us."""
@@ -152,6 +164,19 @@ class Tokenizer(ABC):
     def _write_config(self, directory: Path) -> None:
         text = json.dumps(self._config(), indent=2, ensure_ascii=False)
         (directory / "tokenizer_config.json").write_text(text + "\n", encoding="utf-8")
+
+
+def _cut_after_final(text: str, messages: list[dict[str, str]]) -> str:
+    """The rendered chat cut right after the final message's content (HF's rule: the
+    template may trim the content's surrounding whitespace)."""
+    final = str(messages[-1].get("content") or "") if messages else ""
+    at = text.rfind(final.strip()) if final.strip() else -1
+    if at < 0:
+        raise TokenizerError("continue_final_message: the final message's content does not "
+                             "appear in the rendered chat (or is empty)")
+    keep = final.lstrip()
+    n = len(keep) if text[at:at + len(keep)] == keep else len(final.strip())
+    return text[:at + n]
 
 
 def _tojson(value: Any, indent: int | None = None) -> str:

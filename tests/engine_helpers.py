@@ -23,8 +23,10 @@ class CharTokenizer:
     def token_bytes(self, i: int) -> bytes:
         return self.decode([i]).encode()
 
-    def apply_chat_template(self, messages) -> str:
-        return "".join(f"[{m['role']}]{m['content']}" for m in messages) + "[assistant]"
+    def apply_chat_template(self, messages, add_generation_prompt=True,
+                            continue_final_message=False, chat_template_kwargs=None) -> str:
+        text = "".join(f"[{m['role']}]{m['content']}" for m in messages)
+        return text + ("[assistant]" if add_generation_prompt else "")
 
 
 # Committed to a device, as checkpoint-loaded weights are (jit keys on committedness).

@@ -140,6 +140,19 @@ def test_chat_answers_coherently(llm):
     assert "Paris" in out.text and out.finish_reason == "stop"
 
 
+def test_chat_continues_a_begun_reply(llm):
+    """continue_final_message: the model continues the assistant's begun reply (no new
+    turn); the prompt ends with the begun text, not with <|im_end|>."""
+    msgs = [{"role": "user", "content": "What is the capital of France?"},
+            {"role": "assistant", "content": "The capital of France is"}]
+    out = llm.chat(msgs, continue_final_message=True, sampling=GREEDY, max_new_tokens=6)
+    assert out.text.lstrip().startswith("Paris"), out.text
+    text = llm.tokenizer.apply_chat_template(msgs, add_generation_prompt=False,
+                                             continue_final_message=True)
+    assert out.prompt_tokens == len(llm.tokenizer.encode(text))
+    assert text.endswith("assistant\nThe capital of France is")
+
+
 def test_stop_string(llm):
     out = llm.generate("1, 2, 3, 4,", sampling=GREEDY, max_new_tokens=24, stop=[" 7"])
     assert out.finish_reason == "stop" and " 7" not in out.text and "6" in out.text

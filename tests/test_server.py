@@ -216,6 +216,26 @@ def test_bad_requests_get_400(url, path, body, param):
         assert err["code"] == "context_length_exceeded"
 
 
+def test_continue_final_message(url, engine):
+    """vLLM's continue_final_message: the assistant's begun reply is continued (no new
+    turn is opened), as the engine does with the same chat options; /tokenize agrees."""
+    msgs = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Well"}]
+    opts = {"add_generation_prompt": False, "continue_final_message": True}
+    out = requests.post(f"{url}/v1/chat/completions", timeout=30, json={
+        "messages": msgs, "max_tokens": 6, "temperature": 0,
+        "continue_final_message": True}).json()
+    ref = engine.submit(messages=msgs, chat_options=opts, sampling=GREEDY,
+                        max_tokens=6).result(timeout=30)
+    assert out["choices"][0]["message"]["content"] == ref.text
+    assert out["usage"]["prompt_tokens"] == len("[user]Hi[assistant]Well")
+    r = requests.post(f"{url}/tokenize", timeout=30, json={
+        "messages": msgs, "continue_final_message": True}).json()
+    assert r["count"] == out["usage"]["prompt_tokens"]
+    bad = requests.post(f"{url}/v1/chat/completions", timeout=30, json={
+        "messages": msgs, "continue_final_message": True, "add_generation_prompt": True})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "continue_final_message"
+
+
 def test_tokenize_and_detokenize(url, engine):
     """vLLM's /tokenize counts what the engine would (a prompt, or chat messages through
     the template, as usage reports them); /detokenize inverts it; bad input is a 400."""

@@ -116,6 +116,19 @@ def test_gguf_chat_template_matches_hf(gguf_tok, hf_tok):
             assert gguf_tok.apply_chat_template(msgs, add_generation_prompt=gen) == want
     prompt = gguf_tok.apply_chat_template(chats[0])
     assert prompt.endswith("<|im_start|>assistant\n") and "What is 2+2?<|im_end|>" in prompt
+    # An assistant reply begun for the model (prefill), continued rather than closed.
+    for begun in ("The answer is", "  It is 4, because "):
+        msgs = chats[0] + [{"role": "assistant", "content": begun}]
+        want = hf_tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=False,
+                                          continue_final_message=True)
+        got = gguf_tok.apply_chat_template(msgs, add_generation_prompt=False,
+                                           continue_final_message=True)
+        assert got == want and got.rstrip().endswith(begun.strip())
+    with pytest.raises(TokenizerError, match="add_generation_prompt"):
+        gguf_tok.apply_chat_template(msgs, continue_final_message=True)
+    with pytest.raises(TokenizerError, match="final message"):
+        gguf_tok.apply_chat_template(chats[0] + [{"role": "assistant", "content": ""}],
+                                     add_generation_prompt=False, continue_final_message=True)
 
 
 def test_save_reload_tokenizer_json(gguf_tok, tmp_path):
