@@ -93,10 +93,7 @@ class _OpenAILine:
         try:
             req = (api.ChatRequest if self.chat else api.CompletionRequest).model_validate(body)
         except ValidationError as e:
-            err = e.errors()[0]
-            loc = [str(x) for x in err.get("loc", ())]
-            raise api.ApiError(400, f"{'.'.join(loc) or 'body'}: {err.get('msg')}",
-                               loc[0] if loc else None) from None
+            raise api.validation_error(e.errors()[0]) from None
         self.model = req.model or self.model
         for name in ("stream", "echo"):
             if getattr(req, name, False):
@@ -104,19 +101,15 @@ class _OpenAILine:
         if req.num_choices() != 1:
             raise api.ApiError(400, "n > 1 is not supported in batch jobs", "n")
         kw: dict[str, Any] = dict(sampling=req.choice_sampling(0), stop=req.stop_list(),
-                                  constraint=req.constraint())
+                                  constraint=req.constraint(), max_tokens=req.token_budget())
         if self.chat:
             kw["messages"] = req.message_dicts()
             kw["chat_options"] = req.chat_options()
-            kw["max_tokens"] = (req.max_completion_tokens if req.max_tokens is None
-                                else req.max_tokens)
         else:
             prompts = req.prompt_inputs()
             if len(prompts) != 1:
                 raise api.ApiError(400, "one prompt per batch line", "prompt")
             kw["prompt"] = prompts[0]
-            kw["max_tokens"] = (api.DEFAULT_COMPLETION_MAX_TOKENS if req.max_tokens is None
-                                else req.max_tokens)
         return kw
 
     def record(self, status: int, body: dict[str, Any], request_id: str | None = None

@@ -45,6 +45,13 @@ class ApiError(Exception):
         return error_body(self.message, self.type, self.param, self.code)
 
 
+def validation_error(err: dict[str, Any]) -> ApiError:
+    """A 400 from one of pydantic's validation errors, naming the field (OpenAI's param)."""
+    loc = [str(x) for x in err.get("loc", ()) if x != "body"]
+    return ApiError(400, f"{'.'.join(loc) or 'body'}: {err.get('msg', 'invalid')}",
+                    loc[0] if loc else None)
+
+
 def error_body(message: str, type_: str = "invalid_request_error", param: str | None = None,
                code: str | None = None) -> dict[str, Any]:
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
@@ -170,6 +177,13 @@ class CompletionRequest(_Request):
         """echo with max_tokens 0: the prompt (and its logprobs), nothing generated."""
         return self.echo and self.max_tokens == 0
 
+    def token_budget(self) -> int:
+        """max_tokens for the engine: OpenAI's default when unset; 1 when only scoring (the
+        engine always samples a token, dropped from the answer)."""
+        if self.max_tokens is None:
+            return DEFAULT_COMPLETION_MAX_TOKENS
+        return 1 if self.scoring_only() else self.max_tokens
+
     def prompt_inputs(self) -> list[str | list[int]]:
         """The prompts, as text or token ids: one, or a batch (a list of strings or of
         token-id lists), answered as choices in order."""
@@ -226,6 +240,10 @@ class ChatRequest(_Request, _ChatTemplateOptions):
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = None
+
+    def token_budget(self) -> int | None:
+        """max_tokens for the engine (OpenAI's old or new name); None fills the slot."""
+        return self.max_completion_tokens if self.max_tokens is None else self.max_tokens
 
     def num_logprobs(self) -> int | None:
         n = self.top_logprobs

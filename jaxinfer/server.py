@@ -61,10 +61,8 @@ def create_app(engine: Engine, model_name: str) -> FastAPI:
         if err.get("type") == "json_invalid":
             msg = f"the request body is not valid JSON: {err.get('ctx', {}).get('error', '')}"
             return JSONResponse(api.error_body(msg), status_code=400)
-        loc = [str(x) for x in err.get("loc", ()) if x != "body"]
-        param = loc[0] if loc else None
-        msg = f"{'.'.join(loc) or 'body'}: {err.get('msg', 'invalid')}"
-        return JSONResponse(api.error_body(msg, param=param), status_code=400)
+        bad = api.validation_error(err)
+        return JSONResponse(bad.body(), status_code=400)
 
     @app.get("/health")
     async def health():
@@ -87,13 +85,9 @@ def create_app(engine: Engine, model_name: str) -> FastAPI:
     @app.post("/v1/completions")
     async def completions(body: api.CompletionRequest):
         _check_model(body.model, model_name)
-        max_tokens = body.max_tokens
         prompts = body.prompt_inputs()
-        if max_tokens is None:
-            max_tokens = api.DEFAULT_COMPLETION_MAX_TOKENS
-        elif body.scoring_only():
-            max_tokens = 1  # the engine always samples one token: dropped from the answer
-        reqs = await _submit(engine, body, [dict(prompt=p) for p in prompts], max_tokens)
+        reqs = await _submit(engine, body, [dict(prompt=p) for p in prompts],
+                             body.token_budget())
         echo = None
         if body.echo:
             tok = engine.tokenizer
@@ -123,9 +117,9 @@ def create_app(engine: Engine, model_name: str) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat_completions(body: api.ChatRequest):
         _check_model(body.model, model_name)
-        max_tokens = body.max_completion_tokens if body.max_tokens is None else body.max_tokens
         reqs = await _submit(engine, body, [dict(messages=body.message_dicts(),
-                                                 chat_options=body.chat_options())], max_tokens)
+                                                 chat_options=body.chat_options())],
+                             body.token_budget())
         return await _respond(reqs, body, model_name, chat=True, tokenizer=engine.tokenizer)
 
     return app
@@ -187,13 +181,10 @@ def _submit_one(engine: Engine, body: api._Request, prompt: dict[str, Any],
         raise api.ApiError(400, str(e), "messages" if "messages" in prompt else "prompt",
                            "context_length_exceeded") from e
     except (BadRequestError, TokenizerError) as e:  # a TokenizerError: the chat template
-        param = getattr(e, "param", None) or next(iter(prompt))
-        if param == "prompt":
-            param = next(iter(prompt))  # "prompt" or "messages"
-        elif param == "constraint":
-            param = body.constraint_param()
-        elif param == "logprobs" and isinstance(body, api.ChatRequest):
-            param = "top_logprobs" if body.top_logprobs is not None else "logprobs"
+        param = getattr(e, "param", None) or "prompt"
+        # The request's own names: "prompt" or "messages", and its structured-output field.
+        param = {"prompt": next(iter(prompt)),
+                 "constraint": body.constraint_param()}.get(param, param)
         raise api.ApiError(400, str(e), param) from e
     except EngineOverloadedError as e:
         raise api.ApiError(429, str(e), None, "queue_full", "rate_limit_error") from e
