@@ -59,8 +59,8 @@ from jaxinfer.attention import default_impl
 from jaxinfer.config import ModelConfig
 from jaxinfer.errors import BadRequestError, ConfigError, DistributedError, JaxinferError
 from jaxinfer.kv_cache import KVCache, cache_shardings, init_cache
-from jaxinfer.llm import _held_back, find_stop
 from jaxinfer.metrics import EngineMetrics
+from jaxinfer.output_text import TextOutput
 from jaxinfer.prefix_cache import PrefixCache, block_digests
 from jaxinfer.request import EngineResult, Request
 from jaxinfer.runtime import CompileCounter, to_host
@@ -74,7 +74,7 @@ from jaxinfer.sampling import (
     host_logprobs,
 )
 from jaxinfer.structured import Constraint, Grammars
-from jaxinfer.tokenizer import StreamDecoder, Tokenizer
+from jaxinfer.tokenizer import Tokenizer
 
 _LIVE: weakref.WeakSet[Engine] = weakref.WeakSet()
 log = logging.getLogger(__name__)
@@ -745,7 +745,8 @@ class Engine:
             self._insert_speculative(prefix, ids, p.slot)
         self._slots[p.slot] = req
         req.metrics.cached_tokens, req.metrics.prefilled_tokens = p.cached, n - p.cached
-        req.decoder = StreamDecoder(self.tokenizer, ids)
+        req.output = TextOutput(self.tokenizer, ids, req.stop, req.sampling.skip_special_tokens,
+                                req.sampling.include_stop_str_in_output)
         tok = int(to_host(prefix.token_1)[0])
         if not req.warmup:
             self.metrics.on_prefill(n, p.cached)
@@ -825,28 +826,15 @@ class Engine:
         if logprob is not None:
             req.logprobs.append(logprob)
         is_eos = req.sampling.ends(tok, self.eos_ids)
-        if not is_eos:
-            req.text += req.decoder.push(tok)
         complete = False  # the request's grammar is complete: nothing but EOS could follow
         if req.matcher is not None and not is_eos:
             if not req.matcher.consume_token(tok):
                 log.warning("request %d left its grammar: %s", req.id, req.matcher.get_error())
             complete = req.matcher.is_stopped()
-        finished = device_done or is_eos or complete
-        if finished and not is_eos:
-            req.text += req.decoder.flush()
-        # Text before `emitted` cannot start a stop string (it was not held back).
-        cut = find_stop(req.text[req.emitted:], req.stop) if req.stop else -1
-        if cut >= 0:
-            req.text, finished = req.text[:req.emitted + cut], True
-        end = len(req.text) if finished else len(req.text) - _held_back(req.text, req.stop)
-        delta = ""
-        if end > req.emitted:
-            delta, req.emitted = req.text[req.emitted:end], end
-        req.publish(delta)
-        if finished:
-            self._finish(slot, req, "stop" if is_eos or complete or cut >= 0 else "length",
-                         device_done)
+        req.publish(req.output.push(tok, is_eos, device_done or complete))
+        if device_done or is_eos or complete or req.output.stopped:
+            self._finish(slot, req, "stop" if is_eos or complete or req.output.stopped
+                         else "length", device_done)
         return gap
 
     def _finish(self, slot: int, req: Request, reason: str, device_done: bool) -> None:

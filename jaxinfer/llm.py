@@ -31,6 +31,7 @@ from jaxinfer.config import ModelConfig
 from jaxinfer.errors import BadRequestError, ConfigError
 from jaxinfer.kv_cache import KVCache, cache_shardings, init_cache
 from jaxinfer.memory import device_bytes
+from jaxinfer.output_text import TextOutput, find_stop
 from jaxinfer.quant import QuantConfig
 from jaxinfer.runtime import to_host
 from jaxinfer.sampling import (
@@ -42,7 +43,7 @@ from jaxinfer.sampling import (
 )
 from jaxinfer.sharding import ShardingRules, make_mesh
 from jaxinfer.structured import Constraint, Grammars
-from jaxinfer.tokenizer import StreamDecoder, Tokenizer, load_tokenizer
+from jaxinfer.tokenizer import Tokenizer, load_tokenizer
 from jaxinfer.weights import Weights, quantize_weights, weight_shardings, weight_specs
 
 log = logging.getLogger(__name__)
@@ -84,23 +85,6 @@ def _kv_dtype(dtype: Any) -> Any:
 def default_dtype() -> Any:
     """float32 on CPU (bf16 matvecs are ~20x slower there), bfloat16 on accelerators."""
     return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
-
-
-def find_stop(text: str, stop: Sequence[str]) -> int:
-    """Index of the earliest stop string in `text`, or -1."""
-    hits = [i for i in (text.find(s) for s in stop if s) if i >= 0]
-    return min(hits) if hits else -1
-
-
-def _held_back(text: str, stop: Sequence[str]) -> int:
-    """Length of the longest tail of `text` that could still grow into a stop string."""
-    best = 0
-    for s in stop:
-        for n in range(min(len(s) - 1, len(text)), 0, -1):
-            if s.startswith(text[-n:]):
-                best = max(best, n)
-                break
-    return best
 
 
 def _same_seeds_everywhere(sampling: list[SamplingParams]) -> list[SamplingParams]:
@@ -377,7 +361,7 @@ class LLM:
             lps = None if sp[b].logprobs is None else host_logprobs(
                 toks, *(a[b] for a in lp), sp[b].logprobs)
             results.append(dataclasses.replace(
-                self._finish(ids[b], toks, bool(eos[b]), stop, ttft,
+                self._finish(ids[b], toks, bool(eos[b]), stop, sp[b], ttft,
                              (n[b] - 1) / dt if dt > 0 and n[b] > 1 else 0.0, lps, complete[b]),
                 prompt_logprobs=prompt_lps[b]))
         return results[0] if single else results
@@ -397,7 +381,7 @@ class LLM:
             tps = (len(toks) - 1) / r.decode_s if r.decode_s > 0 and len(toks) > 1 else 0.0
             lps = None if sp[b].logprobs is None else host_logprobs(
                 toks, *(a[b] for a in r.logprobs), sp[b].logprobs)
-            c = self._finish(ids[b], toks, r.finish_eos[b], stop, r.ttft_s, tps, lps)
+            c = self._finish(ids[b], toks, r.finish_eos[b], stop, sp[b], r.ttft_s, tps, lps)
             fields = {f.name: getattr(c, f.name) for f in dataclasses.fields(c)}  # shallow
             out.append(SpeculativeCompletion(**fields,
                                              acceptance_rate=r.acceptance_rate(b),
@@ -406,19 +390,21 @@ class LLM:
         return out
 
     def _finish(self, prompt: list[int], toks: list[int], eos: bool, stop: Sequence[str],
-                ttft: float, tps: float, logprobs: list[TokenLogprob] | None = None,
-                complete: bool = False) -> Completion:
+                sampling: SamplingParams, ttft: float, tps: float,
+                logprobs: list[TokenLogprob] | None = None, complete: bool = False
+                ) -> Completion:
         """`eos`: the last token ended the row (EOS, a stop id); `complete`: its grammar
         was complete."""
         body = toks[:-1] if eos else toks
-        text = self.tokenizer.decode(body)
+        skip = sampling.skip_special_tokens
+        text = self.tokenizer.decode(body, skip)
         reason = "stop" if eos or complete else "length"
-        cut = find_stop(text, stop)
-        if cut >= 0:
-            text, reason = text[:cut], "stop"
+        at, n = find_stop(text, stop)
+        if at >= 0:
+            text, reason = text[:at + (n if sampling.include_stop_str_in_output else 0)], "stop"
             # Keep the tokens up to the one that completed the stop string.
             for k in range(1, len(body) + 1):
-                if find_stop(self.tokenizer.decode(body[:k]), stop) >= 0:
+                if find_stop(self.tokenizer.decode(body[:k], skip), stop)[0] >= 0:
                     toks = body[:k]
                     break
         return Completion(text, toks, len(prompt), reason, ttft, float(tps),
@@ -442,9 +428,10 @@ class LLM:
         prompt_lps = _prompt_logprobs(state, [ids], [sampling])[0]
         state = dataclasses.replace(state, prompt_logprobs_out=None)
         pending = jnp.stack([state.tokens_B, state.done_B.astype(jnp.int32)])
-        dec = StreamDecoder(self.tokenizer, ids)
+        out = TextOutput(self.tokenizer, ids, stop, sampling.skip_special_tokens,
+                         sampling.include_stop_str_in_output)
         toks: list[int] = []
-        text, emitted, reason, ttft = "", 0, "length", 0.0
+        reason, ttft = "length", 0.0
         while True:
             # Dispatch step n+1 first; reading token n then overlaps its compute. After the
             # last token this costs one wasted step on a frozen (done) row.
@@ -456,22 +443,14 @@ class LLM:
                 ttft = time.perf_counter() - t0
             toks.append(tok)
             is_eos = sampling.ends(tok, self.eos)
-            if not is_eos:
-                text += dec.push(tok)
             complete = (matchers[0] is not None
                         and self._advance_matcher(matchers[0], sampling, tok))
-            finished = bool(done) or is_eos or complete
-            if finished and not is_eos:
-                text += dec.flush()
-            cut = find_stop(text, stop)
-            if cut >= 0:
-                text, finished = text[:cut], True
-            reason = "stop" if (is_eos or cut >= 0 or complete) else "length"
-            end = len(text) if finished else len(text) - _held_back(text, stop)
-            if end > emitted:
-                yield text[emitted:end]
-                emitted = end
-            if finished:
+            delta = out.push(tok, is_eos, bool(done) or complete)
+            if delta:
+                yield delta
+            if is_eos or out.stopped or complete:
+                reason = "stop"
+            if bool(done) or reason == "stop":
                 break
             if matchers[0] is not None:
                 state, nxt, _ = gen.step(self.params, state, np.bool_(False),
@@ -481,7 +460,7 @@ class LLM:
         if result is not None:
             lps = None if sampling.logprobs is None else host_logprobs(
                 toks, *(a[0] for a in to_host(state.logprobs_out)), sampling.logprobs)
-            result.append(Completion(text, toks, len(ids), reason, ttft,
+            result.append(Completion(out.text, toks, len(ids), reason, ttft,
                                      (len(toks) - 1) / dt if dt > 0 and len(toks) > 1 else 0.0,
                                      lps, prompt_lps))
 

@@ -29,7 +29,8 @@ MAX_N = 16  # choices per prompt (each is an engine request)
 MAX_PROMPTS = 64  # prompts in one /v1/completions request
 SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "seed", "presence_penalty",
                    "frequency_penalty", "repetition_penalty", "logit_bias", "stop_token_ids",
-                   "min_tokens", "ignore_eos")
+                   "min_tokens", "ignore_eos", "skip_special_tokens",
+                   "include_stop_str_in_output")
 
 
 class ApiError(Exception):
@@ -78,6 +79,8 @@ class _Request(BaseModel):
     stop_token_ids: list[int] | None = None  # extension (vLLM): end like EOS
     min_tokens: int | None = None  # extension (vLLM): no EOS/stop ids before this many
     ignore_eos: bool | None = None  # extension (vLLM): decode past EOS
+    skip_special_tokens: bool | None = None  # extension (vLLM): chat markers not in text
+    include_stop_str_in_output: bool | None = None  # extension (vLLM)
     # Structured output: OpenAI's response_format, or vLLM's guided_* extensions.
     response_format: dict[str, Any] | None = None
     guided_json: dict[str, Any] | str | None = None

@@ -17,8 +17,8 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 from jaxinfer.metrics import RequestMetrics
+from jaxinfer.output_text import TextOutput
 from jaxinfer.sampling import SamplingParams, TokenLogprob
-from jaxinfer.tokenizer import StreamDecoder
 
 
 @dataclasses.dataclass
@@ -63,11 +63,14 @@ class Request:
         self.token_ids: list[int] = []
         self.logprobs: list[TokenLogprob] = []  # readers may take a prefix while it grows
         self.prompt_logprobs: list[TokenLogprob | None] = []
-        self.text = ""
-        self.emitted = 0
+        self.output: TextOutput | None = None  # set when its prefill is done
         self.first_t: float | None = None
         self.last_t: float | None = None
-        self.decoder: StreamDecoder | None = None
+
+    @property
+    def text(self) -> str:
+        """The output text so far (stop strings applied; a held-back tail included)."""
+        return "" if self.output is None else self.output.text
 
     # ---- consumer side ------------------------------------------------------------------
     @property

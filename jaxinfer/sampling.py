@@ -69,6 +69,10 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     min_tokens: int = 0
     ignore_eos: bool = False
+    # vLLM's output-text settings (host side, never traced): leave special tokens (chat
+    # markers) out of the text; keep a matched stop string at the end of the text.
+    skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
 
     GREEDY: ClassVar[SamplingParams]
 
@@ -116,9 +120,10 @@ class SamplingParams:
         if not _is_int(self.min_tokens) or self.min_tokens < 0:
             raise BadRequestError(f"min_tokens must be an integer >= 0, got "
                                   f"{self.min_tokens!r}", "min_tokens")
-        if not isinstance(self.ignore_eos, (bool, np.bool_)):
-            raise BadRequestError(f"ignore_eos must be true or false, got "
-                                  f"{self.ignore_eos!r}", "ignore_eos")
+        for name in ("ignore_eos", "skip_special_tokens", "include_stop_str_in_output"):
+            if not isinstance(getattr(self, name), (bool, np.bool_)):
+                raise BadRequestError(f"{name} must be true or false, got "
+                                      f"{getattr(self, name)!r}", name)
 
     def check_lengths(self, max_tokens: int) -> None:
         """BadRequestError unless min_tokens fits in the request's token budget."""

@@ -83,12 +83,16 @@ class Tokenizer(ABC):
             ids.insert(0, self.bos_id)
         return ids
 
-    def decode(self, ids: Sequence[int]) -> str:
-        """Text of `ids`, special tokens rendered as their text (nothing is skipped)."""
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
+        """Text of `ids`. Special tokens (`special_ids`: BOS, EOS, chat markers) are
+        rendered as their text unless `skip_special_tokens` drops them, as HF does."""
         ids = [int(i) for i in ids]
         bad = [i for i in ids if not 0 <= i < self.vocab_size]
         if bad:
             raise TokenizerError(f"token id {bad[0]} outside vocabulary of {self.vocab_size}")
+        if skip_special_tokens:
+            special = self.special_ids
+            ids = [i for i in ids if i not in special]
         return self._decode(ids)
 
     def token_bytes(self, token_id: int) -> bytes:
@@ -530,8 +534,10 @@ class StreamDecoder:
 
     _CONTEXT = 5  # prompt tokens kept as left context for the first decode
 
-    def __init__(self, tokenizer: Tokenizer, prompt_ids: Sequence[int] = ()) -> None:
+    def __init__(self, tokenizer: Tokenizer, prompt_ids: Sequence[int] = (),
+                 skip_special_tokens: bool = False) -> None:
         self._tok = tokenizer
+        self._skip = skip_special_tokens
         self._ids = [int(i) for i in prompt_ids]
         self._read = len(self._ids)  # ids before this are already emitted (or prompt)
         self._prefix = max(self._read - self._CONTEXT, 0)  # window start
@@ -539,8 +545,8 @@ class StreamDecoder:
     def push(self, token_id: int) -> str:
         """Add one generated id; return the newly completed text (maybe "")."""
         self._ids.append(int(token_id))
-        prefix = self._tok.decode(self._ids[self._prefix:self._read])
-        full = self._tok.decode(self._ids[self._prefix:])
+        prefix = self._decode(self._ids[self._prefix:self._read])
+        full = self._decode(self._ids[self._prefix:])
         if len(full) <= len(prefix) or full.endswith("\ufffd"):
             return ""
         self._prefix, self._read = self._read, len(self._ids)
@@ -550,7 +556,10 @@ class StreamDecoder:
         """Return whatever is still held back (an incomplete character decodes as U+FFFD)."""
         if self._read == len(self._ids):
             return ""
-        prefix = self._tok.decode(self._ids[self._prefix:self._read])
-        full = self._tok.decode(self._ids[self._prefix:])
+        prefix = self._decode(self._ids[self._prefix:self._read])
+        full = self._decode(self._ids[self._prefix:])
         self._prefix, self._read = self._read, len(self._ids)
         return full[len(prefix):]
+
+    def _decode(self, ids: list[int]) -> str:
+        return self._tok.decode(ids, self._skip)

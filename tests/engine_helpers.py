@@ -17,8 +17,13 @@ class CharTokenizer:
     def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
         return [min(max(ord(c) - 32, 0), 94) for c in text]
 
-    def decode(self, ids) -> str:
-        return "".join(chr(32 + i) if i < 95 else "<>" for i in ids)
+    @property
+    def special_ids(self) -> frozenset[int]:
+        return frozenset(self.eos_ids)
+
+    def decode(self, ids, skip_special_tokens: bool = False) -> str:
+        skip = self.special_ids if skip_special_tokens else ()
+        return "".join(chr(32 + i) if i < 95 else "<>" for i in ids if i not in skip)
 
     def token_bytes(self, i: int) -> bytes:
         return self.decode([i]).encode()

@@ -156,6 +156,27 @@ def test_chat_continues_a_begun_reply(llm):
 def test_stop_string(llm):
     out = llm.generate("1, 2, 3, 4,", sampling=GREEDY, max_new_tokens=24, stop=[" 7"])
     assert out.finish_reason == "stop" and " 7" not in out.text and "6" in out.text
+    keep = SamplingParams(temperature=0, include_stop_str_in_output=True)
+    kept = llm.generate("1, 2, 3, 4,", sampling=keep, max_new_tokens=24, stop=[" 7"])
+    assert kept.text == out.text + " 7" and kept.token_ids == out.token_ids
+
+
+def test_text_leaves_out_special_tokens_as_hf_decode_does(llm, smollm2_gguf):
+    """Decoding past the reply's <|im_end|> (ignore_eos) runs into a new chat turn: the
+    text leaves the chat markers out (vLLM's skip_special_tokens, on by default) exactly
+    as HF's tokenizer does, streamed or not, and shows them when asked."""
+    from transformers import AutoTokenizer
+
+    hf_tok = AutoTokenizer.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name)
+    ids = llm.tokenizer.encode(llm.tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Say hi."}]))
+    for skip in (True, False):
+        sp = SamplingParams(temperature=0, ignore_eos=True, skip_special_tokens=skip)
+        out = llm.generate(ids, sampling=sp, max_new_tokens=40)
+        assert 2 in out.token_ids[:-1]  # <|im_end|>, decoded past
+        assert out.text == hf_tok.decode(out.token_ids, skip_special_tokens=skip)
+        assert ("<|im_end|>" in out.text) is not skip
+        assert "".join(llm.stream(ids, sampling=sp, max_new_tokens=40)) == out.text
 
 
 @pytest.mark.slow

@@ -144,19 +144,25 @@ def test_no_compile_after_warmup():
         assert eng.compile_count == before, f"{eng.compile_count - before} recompilations"
 
 
-def test_stop_strings_streaming_and_holdback():
+@pytest.mark.parametrize("include", [False, True])
+def test_stop_strings_streaming_and_holdback(include):
+    """The text ends before the stop string (or after it, with include_stop_str_in_output),
+    and no delta ever shows text a stop string takes back."""
     llm, prompt = _llm(), PROMPTS[3]
     full = llm.generate(prompt, sampling=GREEDY, max_new_tokens=20).text
     stop = full[6:9]
-    expect = llm.generate(prompt, sampling=GREEDY, max_new_tokens=20, stop=[stop])
+    sp = SamplingParams(temperature=0, include_stop_str_in_output=include)
+    expect = llm.generate(prompt, sampling=sp, max_new_tokens=20, stop=[stop])
     assert expect.finish_reason == "stop"
     with tiny_engine() as eng:
-        req = eng.submit(prompt, sampling=GREEDY, max_tokens=20, stop=[stop, "\x7f"])
+        req = eng.submit(prompt, sampling=sp, max_tokens=20, stop=[stop, "\x7f"])
         deltas = list(req)
         res = req.result()
-    assert "".join(deltas) == res.text == expect.text == full[: full.find(stop)]
+    end = full.find(stop) + (len(stop) if include else 0)
+    assert "".join(deltas) == res.text == expect.text == full[:end]
+    assert "".join(llm.stream(prompt, sp, 20, stop=[stop])) == expect.text
     assert res.finish_reason == "stop" and res.token_ids == expect.token_ids
-    assert all(stop not in d for d in deltas)
+    assert all(stop not in d for d in deltas) or include
 
 
 def test_async_iteration_matches_result():
@@ -354,8 +360,10 @@ def test_stop_token_ids_min_tokens_and_ignore_eos():
     sampled = SamplingParams(temperature=1.5, seed=5, stop_token_ids=[sid], min_tokens=10)
     # The tiny model's EOS is 3: a logit bias makes greedy decoding pick it at once.
     eos_first = SamplingParams(temperature=0, logit_bias={3: 100}, ignore_eos=True)
-    cases = [stop, at_least, sampled, eos_first]
-    ref = llm.generate([PROMPTS[2]] * 4, sampling=cases, max_new_tokens=12)
+    eos_shown = SamplingParams(temperature=0, logit_bias={3: 100}, ignore_eos=True,
+                               skip_special_tokens=False)
+    cases = [stop, at_least, sampled, eos_first, eos_shown]
+    ref = llm.generate([PROMPTS[2]] * 5, sampling=cases, max_new_tokens=12)
     r = ref[0]
     assert r.token_ids == alone.token_ids[:cut] and r.finish_reason == "stop"
     assert r.text == CharTokenizer().decode(alone.token_ids[:cut - 1])
@@ -364,6 +372,8 @@ def test_stop_token_ids_min_tokens_and_ignore_eos():
         assert 3 not in m.token_ids[:10]  # 3: EOS
     assert ref[1].token_ids[:cut - 1] == alone.token_ids[:cut - 1]
     assert ref[3].token_ids == [3] * 12 and ref[3].finish_reason == "length"
+    # EOS decoded past is a special token: not text unless skip_special_tokens is off.
+    assert ref[3].text == "" and ref[4].text == "#" * 12
     with tiny_engine(num_slots=2) as eng:
         got = [eng.submit(PROMPTS[2], sampling=sp, max_tokens=12) for sp in cases]
         got = [g.result(timeout=60) for g in got]

@@ -326,6 +326,8 @@ def test_new_parameter_values_do_not_recompile():
     (dict(stop_token_ids=list(range(33))), "stop_token_ids", "33 ids"),
     (dict(min_tokens=-1), "min_tokens", "-1"),
     (dict(ignore_eos="yes"), "ignore_eos", "'yes'"),
+    (dict(skip_special_tokens=0), "skip_special_tokens", "0"),
+    (dict(include_stop_str_in_output="no"), "include_stop_str_in_output", "'no'"),
     (dict(logprobs=21), "logprobs", "21"),
 ])
 def test_bad_parameters_raise_bad_request(kwargs, name, value):

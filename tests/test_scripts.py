@@ -47,17 +47,19 @@ def test_json_mode_fields(smollm2_checkpoint):
 
 def test_structured_output_and_stop_flags(smollm2_checkpoint):
     """--guided_choice constrains the answer (streamed, the default text mode), and
-    --ignore_eos decodes max_new_tokens past the chat reply's end."""
+    --ignore_eos decodes max_new_tokens past the chat reply's end (its chat markers shown
+    with --noskip_special_tokens)."""
     r = run("--chat", "--prompt", "Is Paris in France? Answer yes or no.", "--temperature",
             "0", "--guided_choice", "yes,no", "--max_new_tokens", "8")
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() in ("yes", "no") and "finish=stop" in r.stderr
     r = run("--chat", "--prompt", "Say hi.", "--temperature", "0", "--ignore_eos",
-            "--max_new_tokens", "40", "--output_format", "json")
+            "--max_new_tokens", "40", "--output_format", "json", "--noskip_special_tokens")
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert len(out["token_ids"]) == 40 and out["finish_reason"] == "length"
-    assert 2 in out["token_ids"][:-1]  # <|im_end|>, decoded past
+    assert 2 in out["token_ids"][:-1]  # <|im_end|>, decoded past and shown
+    assert "<|im_end|>" in out["text"]
 
 
 @pytest.mark.parametrize("args,needle", [

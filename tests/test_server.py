@@ -78,6 +78,7 @@ def test_vllm_stop_fields_reach_the_engine(url, engine):
     free = engine.submit("Hello there", sampling=GREEDY, max_tokens=8).result(timeout=30)
     sid = free.token_ids[2]
     for extra in ({"stop_token_ids": [sid]}, {"stop_token_ids": [sid], "min_tokens": 6},
+                  {"ignore_eos": True, "logit_bias": {"3": 100}, "skip_special_tokens": False},
                   {"ignore_eos": True, "logit_bias": {"3": 100}}):
         out = requests.post(f"{url}/v1/completions", timeout=30, json={
             "prompt": "Hello there", "max_tokens": 8, "temperature": 0, **extra}).json()
@@ -88,7 +89,14 @@ def test_vllm_stop_fields_reach_the_engine(url, engine):
         assert out["choices"][0]["text"] == ref.text
         assert out["choices"][0]["finish_reason"] == ref.finish_reason
         assert out["usage"]["completion_tokens"] == len(ref.token_ids)
-    assert ref.token_ids == [3] * 8  # EOS, ignored
+    assert ref.token_ids == [3] * 8 and ref.text == ""  # EOS, ignored; special: no text
+    stop = free.text[2:4]
+    for include in (False, True):
+        out = requests.post(f"{url}/v1/completions", timeout=30, json={
+            "prompt": "Hello there", "max_tokens": 8, "temperature": 0, "stop": stop,
+            "include_stop_str_in_output": include}).json()
+        end = free.text.find(stop) + (len(stop) if include else 0)
+        assert out["choices"][0]["text"] == free.text[:end], (include, stop)
 
 
 def test_streaming_events(url):

@@ -165,6 +165,23 @@ def test_decode_renders_special_tokens_and_rejects_bad_ids(gguf_tok):
         gguf_tok.decode([5, 49152])
 
 
+def test_skip_special_tokens_matches_hf(gguf_tok, hf_tok):
+    """decode(skip_special_tokens=True) drops chat markers exactly as HF's decode does,
+    and a stream decoding with it concatenates to that text."""
+    chat = gguf_tok.apply_chat_template(
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "café?"},
+         {"role": "assistant", "content": "Oui, 2€."}], add_generation_prompt=True)
+    ids = gguf_tok.encode(chat)
+    assert {1, 2} <= set(ids) <= set(range(49152))
+    for skip in (False, True):
+        want = hf_tok.decode(ids, skip_special_tokens=skip)
+        assert gguf_tok.decode(ids, skip) == want
+        sd = StreamDecoder(gguf_tok, ids[:3], skip_special_tokens=skip)
+        got = "".join([sd.push(i) for i in ids[3:]] + [sd.flush()])
+        assert got == gguf_tok.decode(ids[3:], skip)
+    assert "<|im_" not in gguf_tok.decode(ids, True) and "Oui, 2€." in gguf_tok.decode(ids, True)
+
+
 def test_sentencepiece_model_round_trip_and_stream(tmp_path):
     tok = load_tokenizer(_train_sp(tmp_path))
     assert tok.bos_id == 1 and tok.eos_ids == (2,) and tok.add_bos
@@ -183,6 +200,7 @@ def test_sentencepiece_model_round_trip_and_stream(tmp_path):
     ids = tok.encode("<s>hello world</s>", add_bos=False)
     assert ids[0] == 1 and ids[-1] == 2
     assert tok.decode(ids) == "<s> hello world</s>"
+    assert tok.decode(ids, skip_special_tokens=True) == "hello world"
     with pytest.raises(TokenizerError, match="chat_template"):
         tok.apply_chat_template([{"role": "user", "content": "hi"}])
 

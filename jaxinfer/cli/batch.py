@@ -4,7 +4,8 @@
     # or: python scripts/batch_generate.py --input=prompts.jsonl --output=results.jsonl
     # input lines: {"id": ..., "prompt": ...} or {"id": ..., "messages": [...]}, with
     # optional max_tokens, stop and sampling fields (temperature, top_p, top_k, min_p,
-    # seed, penalties, logprobs, logit_bias, stop_token_ids, min_tokens, ignore_eos, ...);
+    # seed, penalties, logprobs, logit_bias, stop_token_ids, min_tokens, ignore_eos,
+    # skip_special_tokens, include_stop_str_in_output, ...);
     # or OpenAI's batch format: {"custom_id": ..., "method": "POST", "url":
     # "/v1/chat/completions" | "/v1/completions", "body": {...}}
 

@@ -38,6 +38,10 @@ _MIN_TOKENS = flags.DEFINE_integer("min_tokens", 0, "No EOS or stop token id bef
                                    "many tokens.")
 _STOP_IDS = flags.DEFINE_list("stop_token_ids", [], "Token ids that end the output like EOS.")
 _IGNORE_EOS = flags.DEFINE_bool("ignore_eos", False, "Decode past EOS (max_new_tokens always).")
+_SKIP_SPECIAL = flags.DEFINE_bool("skip_special_tokens", True, "Leave special tokens (chat "
+                                  "markers) out of the text.")
+_INCLUDE_STOP = flags.DEFINE_bool("include_stop_str_in_output", False, "Keep the matched "
+                                  "--stop string at the end of the text.")
 # Structured output, as vLLM's server names it; at most one.
 _JSON = flags.DEFINE_string("guided_json", None, "A JSON schema the output must follow.")
 _REGEX = flags.DEFINE_string("guided_regex", None, "A regex the output must match.")
@@ -65,7 +69,9 @@ def main(argv):
         temperature=_TEMP.value, top_k=_TOP_K.value, top_p=_TOP_P.value, min_p=_MIN_P.value,
         repetition_penalty=_REP.value, seed=_SEED.value, logprobs=_LOGPROBS.value,
         prompt_logprobs=_PROMPT_LOGPROBS.value,
-        min_tokens=_MIN_TOKENS.value, stop_token_ids=stop_ids, ignore_eos=_IGNORE_EOS.value)
+        min_tokens=_MIN_TOKENS.value, stop_token_ids=stop_ids, ignore_eos=_IGNORE_EOS.value,
+        skip_special_tokens=_SKIP_SPECIAL.value,
+        include_stop_str_in_output=_INCLUDE_STOP.value)
     try:
         constraint = from_openai(None, _JSON.value, _REGEX.value, _CHOICE.value,
                                  _GRAMMAR.value)
