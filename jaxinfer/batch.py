@@ -13,7 +13,9 @@ take): {"custom_id": "r1", "method": "POST", "url": "/v1/chat/completions", "bod
 gets {"id": ..., "custom_id": "r1", "response": {"status_code": 200, "request_id": ...,
 "body": <the server's response body>}, "error": null}; a bad request gets status 400 and
 OpenAI's error body. Such a line's body alone sets its parameters (OpenAI's defaults, not
-the job's); `n` > 1, `echo` and `stream` are refused.
+the job's); `n` > 1, `echo` and `stream` are refused. A body's `model` must be the job's
+model (`model_name`, default the checkpoint's name), as the server requires: every line is
+checked before any runs, since error lines would count as done on a rerun.
 
 Resuming: ids (or custom_ids) already present in the output are skipped, and a torn last
 line (a killed run) is cut off first, so rerunning the same command finishes the job with
@@ -75,9 +77,9 @@ _OPENAI_URLS = {"/v1/chat/completions": True, "/v1/completions": False}  # url -
 class _OpenAILine:
     """One line in OpenAI's batch format: its engine request and its output record."""
 
-    def __init__(self, obj: dict[str, Any], engine: Engine):
+    def __init__(self, obj: dict[str, Any], engine: Engine, model: str):
         self.custom_id, self.engine = obj["custom_id"], engine
-        self.chat, self.model = True, engine.cfg.name
+        self.chat, self.model = True, model
 
     def submit_kwargs(self, obj: dict[str, Any]) -> dict[str, Any]:
         """Engine.submit arguments of the line; api.ApiError (with its status and field)
@@ -95,7 +97,6 @@ class _OpenAILine:
             req = (api.ChatRequest if self.chat else api.CompletionRequest).model_validate(body)
         except ValidationError as e:
             raise api.validation_error(e.errors()[0]) from None
-        self.model = req.model or self.model
         for name in ("stream", "echo"):
             if getattr(req, name, False):
                 raise api.ApiError(400, f"{name} is not supported in batch jobs", name)
@@ -132,6 +133,28 @@ class _OpenAILine:
         rid = api.new_id("chatcmpl" if self.chat else "cmpl")
         return self.record(200, api.completion_body(rid, self.model, [r], self.chat,
                                                     self.engine.tokenizer), rid)
+
+
+def _count_lines(path: Path, model: str) -> int:
+    """Non-blank lines of the input. A BadRequestError, before anything is written, if an
+    OpenAI-format line asks for another model: as error lines they would all count as done
+    and a rerun under the right --model_name would skip them."""
+    total = 0
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            total += 1
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # an error line of its own, later
+            body = obj.get("body") if isinstance(obj, dict) and "custom_id" in obj else None
+            asked = body.get("model") if isinstance(body, dict) else None
+            if isinstance(asked, str) and asked != model:
+                raise BadRequestError(f"line {lineno} asks for model {asked!r}; this job "
+                                      f"serves {model!r} (--model_name names it)", "model")
+    return total
 
 
 def _done_keys(path: Path) -> set[str]:
@@ -214,8 +237,10 @@ def _result_record(rid: Any, req: Request) -> dict[str, Any]:
 
 def run_batch(engine: Engine, input_path: str | Path, output_path: str | Path,
               defaults: dict[str, Any] | None = None, progress: bool = True,
-              max_in_flight: int | None = None) -> BatchSummary:
-    """Generate for every input line not yet in the output; see the module docstring."""
+              max_in_flight: int | None = None, model_name: str | None = None
+              ) -> BatchSummary:
+    """Generate for every input line not yet in the output; see the module docstring.
+    `model_name` is the model OpenAI-format lines may name (default: the engine's)."""
     input_path, output_path = Path(input_path), Path(output_path)
     if not input_path.is_file():
         raise BadRequestError(f"input file {input_path} does not exist")
@@ -226,8 +251,8 @@ def run_batch(engine: Engine, input_path: str | Path, output_path: str | Path,
     finished: queue.Queue[Request] = queue.Queue()
     in_flight: dict[Request, Callable[[Request], dict[str, Any]]] = {}  # -> its record
     seen: set[str] = set()
-    with open(input_path, encoding="utf-8") as f:
-        total = sum(1 for line in f if line.strip())
+    model = model_name or engine.cfg.name
+    total = _count_lines(input_path, model)
     from tqdm import tqdm
 
     bar = tqdm(total=total, file=sys.stderr, disable=not progress, unit="req",
@@ -270,7 +295,7 @@ def run_batch(engine: Engine, input_path: str | Path, output_path: str | Path,
                     continue
                 seen.add(key)
                 rid = obj.get("id") if isinstance(obj, dict) else None
-                oa = _OpenAILine(obj, engine) if key.startswith("custom_id:") else None
+                oa = _OpenAILine(obj, engine, model) if key.startswith("custom_id:") else None
                 try:
                     if err is not None:
                         raise BadRequestError(err)
@@ -300,7 +325,8 @@ def run_batch_job(input_path: str, output_path: str, checkpoint: str | None = No
                   dtype: str | None = None, config: EngineConfig | None = None,
                   defaults: dict[str, Any] | None = None, progress: bool = True,
                   draft: str | None = None, num_speculative_tokens: int = 4,
-                  ngram_size: int = 3, **load_kw) -> BatchSummary:
+                  ngram_size: int = 3, model_name: str | None = None,
+                  **load_kw) -> BatchSummary:
     """Load a model, run `run_batch` on it, report a one-line summary on stderr. `load_kw`
     goes to LLM.load (mesh, fsdp, quantize, group_size, kv_dtype); `draft` ("ngram" or a
     checkpoint) turns on speculative decoding in the engine. In a multi-process run
@@ -314,7 +340,8 @@ def run_batch_job(input_path: str, output_path: str, checkpoint: str | None = No
         if not engine.is_leader:  # multi-process: process 0 reads and writes the files
             engine.join()
             return BatchSummary()
-        s = run_batch(engine, input_path, output_path, defaults, progress)
+        s = run_batch(engine, input_path, output_path, defaults, progress,
+                      model_name=model_name)
     print(f"{s.written} results written to {os.fspath(output_path)} ({s.errors} errors), "
           f"{s.skipped} already done, {s.duplicates} duplicate ids skipped", file=sys.stderr)
     return s

@@ -53,6 +53,13 @@ def validation_error(err: dict[str, Any]) -> ApiError:
                     loc[0] if loc else None)
 
 
+def check_model(requested: str | None, served: str) -> None:
+    """A 404 (OpenAI's model_not_found) unless the request names the served model or none."""
+    if requested is not None and requested != served:
+        raise ApiError(404, f"model {requested!r} does not exist; this server serves "
+                       f"{served!r}", "model", "model_not_found")
+
+
 def error_body(message: str, type_: str = "invalid_request_error", param: str | None = None,
                code: str | None = None) -> dict[str, Any]:
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}

@@ -84,7 +84,7 @@ def create_app(engine: Engine, model_name: str) -> FastAPI:
 
     @app.post("/v1/completions")
     async def completions(body: api.CompletionRequest):
-        _check_model(body.model, model_name)
+        api.check_model(body.model, model_name)
         prompts = body.prompt_inputs()
         reqs = await _submit(engine, body, [dict(prompt=p) for p in prompts],
                              body.token_budget())
@@ -97,7 +97,7 @@ def create_app(engine: Engine, model_name: str) -> FastAPI:
 
     @app.post("/tokenize")
     async def tokenize(body: api.TokenizeRequest):
-        _check_model(body.model, model_name)
+        api.check_model(body.model, model_name)
         inputs = body.inputs()
         try:
             ids = await asyncio.to_thread(engine.encode, **inputs)
@@ -107,7 +107,7 @@ def create_app(engine: Engine, model_name: str) -> FastAPI:
 
     @app.post("/detokenize")
     async def detokenize(body: api.DetokenizeRequest):
-        _check_model(body.model, model_name)
+        api.check_model(body.model, model_name)
         bad = [t for t in body.tokens if not 0 <= t < engine.cfg.vocab_size]
         if bad:
             raise api.ApiError(400, f"token id {bad[0]} is outside the vocabulary of "
@@ -116,19 +116,13 @@ def create_app(engine: Engine, model_name: str) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: api.ChatRequest):
-        _check_model(body.model, model_name)
+        api.check_model(body.model, model_name)
         reqs = await _submit(engine, body, [dict(messages=body.message_dicts(),
                                                  chat_options=body.chat_options())],
                              body.token_budget())
         return await _respond(reqs, body, model_name, chat=True, tokenizer=engine.tokenizer)
 
     return app
-
-
-def _check_model(requested: str | None, served: str) -> None:
-    if requested is not None and requested != served:
-        raise api.ApiError(404, f"model {requested!r} does not exist; this server serves "
-                           f"{served!r}", "model", "model_not_found")
 
 
 async def _submit(engine: Engine, body: api._Request, prompts: list[dict[str, Any]],

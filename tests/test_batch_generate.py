@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from jaxinfer.batch import run_batch
+from jaxinfer.errors import BadRequestError
 from jaxinfer.sampling import GREEDY, SamplingParams
 
 from .engine_helpers import CharTokenizer, tiny_engine
@@ -58,14 +59,18 @@ def test_openai_batch_format(tmp_path):
     inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     inp.write_text("".join(json.dumps(x) + "\n" for x in lines))
     with tiny_engine() as eng:
-        s = run_batch(eng, inp, out, progress=False)
+        # A body naming another model stops the job before any line is answered.
+        with pytest.raises(BadRequestError, match="line 2 asks for model 'mine'") as e:
+            run_batch(eng, inp, out, progress=False)
+        assert e.value.param == "model" and not out.exists()
+        s = run_batch(eng, inp, out, progress=False, model_name="mine")
         assert (s.written, s.errors) == (6, 4)
         got = {r["custom_id"]: r for r in _lines(out)}
         chat = eng.submit(messages=msgs, sampling=SamplingParams(temperature=0, logprobs=0),
                           max_tokens=5).result()
         cmpl = eng.submit("first prompt", max_tokens=16, sampling=SamplingParams(
             temperature=0, stop_token_ids=[9])).result()
-        assert run_batch(eng, inp, out, progress=False).skipped == 6
+        assert run_batch(eng, inp, out, progress=False, model_name="mine").skipped == 6
     ok = got["chat-1"]["response"]
     assert ok["status_code"] == 200 and got["chat-1"]["error"] is None
     body = ok["body"]

@@ -39,6 +39,8 @@ _TEMP = flags.DEFINE_float("temperature", 1.0, "Default temperature (0: greedy).
 _TOP_P = flags.DEFINE_float("top_p", 1.0, "Default nucleus mass in (0, 1].")
 _TOP_K = flags.DEFINE_integer("top_k", 0, "Default top-k (0: off).")
 _SEED = flags.DEFINE_integer("seed", None, "Default seed (each line may set its own).")
+_MODEL_NAME = flags.DEFINE_string("model_name", None, "Model OpenAI-format lines may name "
+                                  "in body.model (default: the checkpoint's).")
 _PROGRESS = flags.DEFINE_bool("progress", True, "Show a progress bar on stderr.")
 
 
@@ -57,8 +59,9 @@ def main(argv):
                           prefix_cache_mb=_PREFIX_MB.value,
                           **{k: v for k, v in extra.items() if v is not None})
     run_batch_job(_INPUT.value, _OUTPUT.value, _CKPT.value, _DTYPE.value, config, defaults,
-                  _PROGRESS.value, **spec_flags.kwargs(), mesh=runtime_flags.MESH.value,
-                  fsdp=runtime_flags.FSDP.value, **runtime_flags.quant_kwargs())
+                  _PROGRESS.value, **spec_flags.kwargs(), model_name=_MODEL_NAME.value,
+                  mesh=runtime_flags.MESH.value, fsdp=runtime_flags.FSDP.value,
+                  **runtime_flags.quant_kwargs())
 
 
 def run() -> None:
