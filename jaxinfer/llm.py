@@ -108,12 +108,13 @@ def _check_sampling(sampling: list[SamplingParams], max_new: list[int],
         p.check_lengths(m)
 
 
-def _prompt_logprobs(state: gen.DecodeState, prompts: list[list[int]],
+def _prompt_logprobs(scored: tuple | None, prompts: list[list[int]],
                      sampling: list[SamplingParams]) -> list[list[TokenLogprob | None] | None]:
-    """Each row's prompt_logprobs (None for the first token), if it asked."""
-    if state.prompt_logprobs_out is None:
+    """Each row's prompt_logprobs (None for the first token), if it asked, from a start's
+    `prompt_logprobs_out`."""
+    if scored is None:
         return [None] * len(prompts)
-    lp, ids, top = to_host(state.prompt_logprobs_out)
+    lp, ids, top = to_host(scored)
     out: list[list[TokenLogprob | None] | None] = []
     for b, (p, sp) in enumerate(zip(prompts, sampling, strict=True)):
         n = len(p)
@@ -334,10 +335,6 @@ class LLM:
             if constraint is not None:
                 raise BadRequestError("speculative decoding does not support structured "
                                       "output; generate without a draft for it", "constraint")
-            if any(p.prompt_logprobs is not None for p in sp):
-                raise BadRequestError("LLM.generate with a draft does not score prompts; "
-                                      "generate without one for prompt_logprobs (the engine "
-                                      "does both)", "prompt_logprobs")
             res = self._speculate(ids, sp, mn, stop, draft, num_speculative_tokens, ngram_size)
             return res[0] if single else res
         matchers = self._matchers(constraint, len(ids))
@@ -345,7 +342,7 @@ class LLM:
         state = self._start(ids, sp, mn, matchers)
         state.tokens_B.block_until_ready()
         ttft = time.perf_counter() - t0
-        prompt_lps = _prompt_logprobs(state, ids, sp)
+        prompt_lps = _prompt_logprobs(state.prompt_logprobs_out, ids, sp)
         state = dataclasses.replace(state, prompt_logprobs_out=None)  # read: decode without
         complete = [False] * len(ids)
         if any(m is not None for m in matchers):
@@ -376,12 +373,14 @@ class LLM:
                                      _same_seeds_everywhere(sp), mn, self.eos, k, ngram_size,
                                      self.kv_dtype, self.mesh, self.impl,
                                      None if isinstance(draft, str) else draft.kv_dtype)
-        out = []
+        out, prompt_lps = [], _prompt_logprobs(r.prompt_logprobs, ids, sp)
         for b, toks in enumerate(r.tokens):
             tps = (len(toks) - 1) / r.decode_s if r.decode_s > 0 and len(toks) > 1 else 0.0
             lps = None if sp[b].logprobs is None else host_logprobs(
                 toks, *(a[b] for a in r.logprobs), sp[b].logprobs)
-            c = self._finish(ids[b], toks, r.finish_eos[b], stop, sp[b], r.ttft_s, tps, lps)
+            c = dataclasses.replace(
+                self._finish(ids[b], toks, r.finish_eos[b], stop, sp[b], r.ttft_s, tps, lps),
+                prompt_logprobs=prompt_lps[b])
             fields = {f.name: getattr(c, f.name) for f in dataclasses.fields(c)}  # shallow
             out.append(SpeculativeCompletion(**fields,
                                              acceptance_rate=r.acceptance_rate(b),
@@ -425,7 +424,7 @@ class LLM:
         _check_sampling([sampling], [max_new_tokens], self.cfg.vocab_size)
         matchers = self._matchers(constraint, 1)
         state = self._start([ids], [sampling], [max_new_tokens], matchers)
-        prompt_lps = _prompt_logprobs(state, [ids], [sampling])[0]
+        prompt_lps = _prompt_logprobs(state.prompt_logprobs_out, [ids], [sampling])[0]
         state = dataclasses.replace(state, prompt_logprobs_out=None)
         pending = jnp.stack([state.tokens_B, state.done_B.astype(jnp.int32)])
         out = TextOutput(self.tokenizer, ids, stop, sampling.skip_special_tokens,

@@ -275,17 +275,22 @@ def run_loop(target_weights: Weights, draft_weights: Weights | None, state: Spec
                          impl)[0], state)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "draft_cfg", "max_out", "impl", "logprobs"),
+@functools.partial(jax.jit, static_argnames=("cfg", "draft_cfg", "max_out", "impl", "logprobs",
+                                             "prompt_logprobs"),
                    donate_argnames=("target_cache", "draft_cache"))
 def start(target_weights: Weights, draft_weights: Weights | None, prompt_BT: jax.Array,
           prompt_len_B: jax.Array, target_cache: KVCache, draft_cache: KVCache | None,
           sampling: SamplingArrays, max_new_B: jax.Array, eos_E: jax.Array, cfg: ModelConfig,
           draft_cfg: ModelConfig | None, max_out: int, impl: str = "xla",
-          logprobs: bool = False) -> SpecState:
+          logprobs: bool = False, prompt_logprobs: bool = False
+          ) -> tuple[SpecState, tuple[jax.Array, jax.Array, jax.Array] | None]:
     """Prefill both models with the prompts; the target samples each row's first token.
-    With `logprobs` the state records every emitted token's logprob and alternatives."""
+    With `logprobs` the state records every emitted token's logprob and alternatives; with
+    `prompt_logprobs` the target also scores every prompt token (returned beside the
+    state, as gen.start's `prompt_logprobs_out`, so the decode loop never carries it)."""
     st = gen.start(target_weights, prompt_BT, prompt_len_B, target_cache, sampling, max_new_B,
-                   eos_E, cfg=cfg, max_out=max_out, impl=impl, logprobs=logprobs)
+                   eos_E, cfg=cfg, max_out=max_out, impl=impl, logprobs=logprobs,
+                   prompt_logprobs=prompt_logprobs)
     if draft_weights is not None:
         _, draft_cache = prefill(draft_weights, prompt_BT, prompt_len_B, draft_cache,
                                  draft_cfg, impl)
@@ -298,7 +303,8 @@ def start(target_weights: Weights, draft_weights: Weights | None, prompt_BT: jax
         seq_len_B=prompt_len_B + 1, num_generated_B=st.num_generated_B, max_new_B=max_new_B,
         done_B=st.done_B, finish_eos_B=st.finish_eos_B, sampling=sampling, eos_E=eos_E,
         output_BM=st.output_BM, rounds_B=zeros, accepted_B=zeros, counts_BV=st.counts_BV,
-        prompt_mask_BV=st.prompt_mask_BV, logprobs_out=st.logprobs_out)
+        prompt_mask_BV=st.prompt_mask_BV, logprobs_out=st.logprobs_out
+    ), st.prompt_logprobs_out
 
 
 def check_settings(k: int, ngram_size: int, cfg: ModelConfig,
@@ -352,6 +358,7 @@ class SpecResult:
     ttft_s: float
     decode_s: float
     logprobs: tuple | None = None  # host logprobs_out (f32[B, M], [B, M, N] ids and values)
+    prompt_logprobs: tuple | None = None  # host prompt_logprobs_out ([B, T], [B, T, N] x 2)
 
     def acceptance_rate(self, b: int) -> float:
         """Accepted draft tokens / proposed draft tokens for row b."""
@@ -373,12 +380,15 @@ def generate_ids(target_weights: Weights, draft_weights: Weights | None, cfg: Mo
     prompt_BT, lens_B, tc, dc, M = prepare(prompts, max_new, k, cfg, draft_cfg, dtype, mesh,
                                            draft_dtype)
     t0 = time.perf_counter()
-    state = start(target_weights, draft_weights, prompt_BT, lens_B, tc, dc,
-                  SamplingArrays.from_params(sampling), np.asarray(max_new, np.int32), eos_E,
-                  cfg=cfg, draft_cfg=draft_cfg, max_out=M, impl=impl,
-                  logprobs=any(p.logprobs is not None for p in sampling))
+    state, prompt_lp = start(
+        target_weights, draft_weights, prompt_BT, lens_B, tc, dc,
+        SamplingArrays.from_params(sampling), np.asarray(max_new, np.int32), eos_E, cfg=cfg,
+        draft_cfg=draft_cfg, max_out=M, impl=impl,
+        logprobs=any(p.logprobs is not None for p in sampling),
+        prompt_logprobs=any(p.prompt_logprobs is not None for p in sampling))
     state.num_generated_B.block_until_ready()
     ttft = time.perf_counter() - t0
+    prompt_lp = to_host(prompt_lp)
     state = run_loop(target_weights, draft_weights, state, cfg=cfg, draft_cfg=draft_cfg, k=k,
                      ngram_size=ngram_size, impl=impl)
     out, n, eos, rounds, acc, lp = to_host((
@@ -387,4 +397,4 @@ def generate_ids(target_weights: Weights, draft_weights: Weights | None, cfg: Mo
     dt = time.perf_counter() - t0 - ttft
     return SpecResult([[int(t) for t in out[b, : n[b]]] for b in range(len(prompts))],
                       [bool(e) for e in eos], [int(r) for r in rounds],
-                      [int(a) for a in acc], k, ttft, dt, lp)
+                      [int(a) for a in acc], k, ttft, dt, lp, prompt_lp)

@@ -184,8 +184,8 @@ def test_prompt_logprobs_chunked_and_past_the_prefix_cache():
 
 def test_llm_generate_and_stream_score_prompts():
     """LLM.generate (rows of different lengths, one not asking) and LLM.stream give the
-    same prompt_logprobs as model.forward; the decode after it is unchanged, and a draft
-    is refused."""
+    same prompt_logprobs as model.forward, with or without a draft; the decode after it is
+    unchanged."""
     from jaxinfer.llm import LLM
 
     llm = LLM(TINY, W, CharTokenizer())
@@ -197,18 +197,19 @@ def test_llm_generate_and_stream_score_prompts():
     plain = llm.generate(prompts, sampling=GREEDY, max_new_tokens=5)
     out: list = []
     "".join(llm.stream(prompts[0], sampling=sps[0], max_new_tokens=5, result=out))
-    assert got[1].prompt_logprobs is None
+    drafted = llm.generate(prompts, sampling=sps, max_new_tokens=5, draft="ngram")
+    assert got[1].prompt_logprobs is None and drafted[1].prompt_logprobs is None
     for p, lps in [(prompts[0], got[0].prompt_logprobs), (prompts[2], got[2].prompt_logprobs),
-                   (prompts[0], out[0].prompt_logprobs)]:
+                   (prompts[0], out[0].prompt_logprobs), (prompts[0], drafted[0].prompt_logprobs),
+                   (prompts[2], drafted[2].prompt_logprobs)]:
         ref = _prompt_reference(p)
         assert lps[0] is None and len(lps) == len(p)
         for t, e in enumerate(lps[1:]):
             assert e.token_id == p[t + 1] and abs(e.logprob - ref[t, e.token_id]) < 1e-4
             assert [i for i, _ in e.top] == list(np.argsort(-ref[t])[:len(e.top)])
     assert [g.token_ids for g in got] == [c.token_ids for c in plain]
+    assert [g.token_ids for g in drafted] == [c.token_ids for c in plain]
     assert len(got[2].prompt_logprobs[1].top) == 0
-    with pytest.raises(BadRequestError, match="prompt_logprobs"):
-        llm.generate("abc", sampling=sps[0], max_new_tokens=2, draft="ngram")
 
 
 def test_server_echo_scores_the_prompt(url, engine):
