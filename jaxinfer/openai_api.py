@@ -207,9 +207,6 @@ class CompletionRequest(_Request):
             raise ApiError(400, "prompt is empty or mixes text and token ids", "prompt")
         if self.suffix:
             raise ApiError(400, "suffix is not supported", "suffix")
-        if self.stream and self.echo and (self.logprobs is not None or self.scoring_only()):
-            raise ApiError(400, "echo with logprobs or max_tokens=0 is not streamed; send "
-                           "stream=false", "stream")
         return prompts
 
 
@@ -379,6 +376,13 @@ def echo_logprobs_body(prompt_ids: list[int], prompt: list[TokenLogprob | None],
             + tail["token_logprobs"],
             "top_logprobs": [None] + head["top_logprobs"] + tail["top_logprobs"],
             "text_offset": offsets}
+
+
+def scored_only(result: EngineResult) -> EngineResult:
+    """A scoring-only request's result (echo, max_tokens 0): the token the engine had to
+    sample is dropped."""
+    return dataclasses.replace(result, text="", token_ids=[], finish_reason="length",
+                               logprobs=None if result.logprobs is None else [])
 
 
 def completion_body(rid: str, model: str, results: list[EngineResult], chat: bool,

@@ -18,7 +18,6 @@ device is busy. Bad requests get 400 with OpenAI's error body; a full queue gets
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import json
 import socket
 import threading
@@ -192,7 +191,7 @@ async def _respond(reqs: list[Request], body: api._Request, model: str, chat: bo
     n = body.num_choices()
     if body.stream:
         return StreamingResponse(_sse(reqs, rid, model, chat, body.include_usage(), tokenizer,
-                                      n, echo),
+                                      n, echo, body.scoring_only()),
                                  media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"})
     try:
@@ -204,9 +203,7 @@ async def _respond(reqs: list[Request], body: api._Request, model: str, chat: bo
     except EngineClosedError as e:
         raise api.ApiError(503, str(e), None, "engine_unavailable", "server_error") from e
     if body.scoring_only():
-        results = [dataclasses.replace(r, text="", token_ids=[], finish_reason="length",
-                                       logprobs=None if r.logprobs is None else [])
-                   for r in results]
+        results = [api.scored_only(r) for r in results]
     return api.completion_body(rid, model, list(results), chat, tokenizer, n, echo,
                                [r.prompt_ids for r in reqs])
 
@@ -216,16 +213,19 @@ def _event(obj: Any) -> str:
 
 
 async def _sse(reqs: list[Request], rid: str, model: str, chat: bool, include_usage: bool,
-               tokenizer: Tokenizer, n: int = 1, echo: list[str] | None = None
-               ) -> AsyncIterator[str]:
+               tokenizer: Tokenizer, n: int = 1, echo: list[str] | None = None,
+               scoring_only: bool = False) -> AsyncIterator[str]:
     """Chunks as the engine produces them, each naming its choice (request i is choice i);
     a client that disconnects cancels every request. With logprobs, each chunk carries
     those of the tokens generated since the choice's previous chunk (text held back for a
-    stop string may come a chunk later than its logprobs)."""
+    stop string may come a chunk later than its logprobs). An echoed prompt is the first
+    chunk; with logprobs it carries the prompt's, so it waits for the prefill that scores
+    them (done when the first token is out)."""
     queue: asyncio.Queue = asyncio.Queue()
 
     async def pump(i: int, req: Request) -> None:
         want, sent, offset = req.sampling.logprobs is not None, 0, 0
+        echoed = not echo
 
         def logprobs(entries) -> dict[str, Any] | None:
             nonlocal sent, offset
@@ -237,15 +237,32 @@ async def _sse(reqs: list[Request], rid: str, model: str, chat: bool, include_us
             offset += 0 if chat else sum(map(len, body["tokens"]))
             return body
 
+        async def send_echo() -> None:
+            nonlocal echoed, offset
+            lp = None
+            if req.sampling.prompt_logprobs is not None:
+                lp = api.echo_logprobs_body(req.prompt_ids, req.prompt_logprobs, [], tokenizer)
+                offset = sum(map(len, lp["tokens"]))
+            await queue.put(api.chunk_body(rid, model, chat, echo[i // n], index=i,
+                                           logprobs=lp))
+            echoed = True
+
         try:
             if chat:
                 await queue.put(api.chunk_body(rid, model, chat, "", role=True, index=i))
-            elif echo:
-                await queue.put(api.chunk_body(rid, model, chat, echo[i // n], index=i))
-            async for delta in req:
-                await queue.put(api.chunk_body(rid, model, chat, delta, index=i,
-                                               logprobs=logprobs(req.logprobs)))
+            elif echo and req.sampling.prompt_logprobs is None:
+                await send_echo()
+            if not scoring_only:
+                async for delta in req:
+                    if not echoed:
+                        await send_echo()
+                    await queue.put(api.chunk_body(rid, model, chat, delta, index=i,
+                                                   logprobs=logprobs(req.logprobs)))
             result = await req.aresult()
+            if not echoed:
+                await send_echo()
+            if scoring_only:
+                result = api.scored_only(result)
             await queue.put(api.chunk_body(rid, model, chat, None if chat else "",
                                            result.finish_reason, index=i,
                                            logprobs=logprobs(result.logprobs or [])))

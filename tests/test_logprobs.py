@@ -1,6 +1,8 @@
 """Per-token log-probabilities (`SamplingParams.logprobs`) from the serving engine and the
 OpenAI server, checked against log_softmax of the pure model's own forward pass."""
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -236,5 +238,23 @@ def test_server_echo_scores_the_prompt(url, engine):
     assert only["usage"]["completion_tokens"] == 0
     np.testing.assert_allclose(c["logprobs"]["token_logprobs"][1:], want[:len(ids) - 1],
                                atol=1e-6)
-    r = requests.post(f"{url}/v1/completions", json={**body, "stream": True}, timeout=60)
-    assert r.status_code == 400 and r.json()["error"]["param"] == "stream"
+    # Streamed, the echoed prompt (with its logprobs) comes first, then the completion's
+    # chunks: joined, the same text and logprobs columns as the whole response.
+    for whole, max_tokens in ((out, 3), (only, 0)):
+        chunks = _stream_chunks(url, {**body, "max_tokens": max_tokens, "stream": True,
+                                      "stream_options": {"include_usage": True}})
+        choices = [c["choices"][0] for c in chunks if c["choices"]]
+        assert "".join(c["text"] for c in choices) == whole["choices"][0]["text"]
+        joined = {k: [x for c in choices if c["logprobs"] for x in c["logprobs"][k]]
+                  for k in ("tokens", "token_logprobs", "top_logprobs", "text_offset")}
+        assert joined == whole["choices"][0]["logprobs"]
+        assert choices[0]["text"] == "Hello world" and choices[-1]["finish_reason"]
+        assert chunks[-1]["usage"]["completion_tokens"] == max_tokens
+
+
+def _stream_chunks(url, body):
+    with requests.post(f"{url}/v1/completions", json=body, stream=True, timeout=60) as r:
+        assert r.status_code == 200, r.text
+        lines = [x[6:] for x in r.iter_lines(decode_unicode=True) if x.startswith("data: ")]
+    assert lines[-1] == "[DONE]"
+    return [json.loads(x) for x in lines[:-1]]

@@ -193,7 +193,6 @@ def test_openai_client(url, engine):
     ("completions", {"prompt": "x", "n": 17}, "n"),
     ("completions", {"prompt": ["x"] * 65}, "prompt"),
     ("completions", {"prompt": ["x", ""]}, "prompt"),
-    ("completions", {"prompt": "x", "echo": True, "logprobs": 1, "stream": True}, "stream"),
     ("completions", {"prompt": "x", "suffix": "y"}, "suffix"),
     ("completions", {"prompt": "x", "max_tokens": 3, "min_tokens": 5}, "min_tokens"),
     ("completions", {"prompt": "x", "stop_token_ids": [-1]}, "stop_token_ids"),
