@@ -13,7 +13,7 @@ take): {"custom_id": "r1", "method": "POST", "url": "/v1/chat/completions", "bod
 gets {"id": ..., "custom_id": "r1", "response": {"status_code": 200, "request_id": ...,
 "body": <the server's response body>}, "error": null}; a bad request gets status 400 and
 OpenAI's error body. Such a line's body alone sets its parameters (OpenAI's defaults, not
-the job's); `n` > 1, `echo` and `stream` are refused. A body's `model` must be the job's
+the job's), `n` choices and `echo` included; `stream` is refused. A body's `model` must be the job's
 model (`model_name`, default the checkpoint's name), as the server requires: every line is
 checked before any runs, since error lines would count as done on a rerun.
 
@@ -75,15 +75,17 @@ _OPENAI_URLS = {"/v1/chat/completions": True, "/v1/completions": False}  # url -
 
 
 class _OpenAILine:
-    """One line in OpenAI's batch format: its engine request and its output record."""
+    """One line in OpenAI's batch format: its engine requests (one per choice) and its
+    output record."""
 
     def __init__(self, obj: dict[str, Any], engine: Engine, model: str):
         self.custom_id, self.engine = obj["custom_id"], engine
         self.chat, self.model = True, model
+        self.n, self.scoring_only, self.echo = 1, False, None
 
-    def submit_kwargs(self, obj: dict[str, Any]) -> dict[str, Any]:
-        """Engine.submit arguments of the line; api.ApiError (with its status and field)
-        for a bad one."""
+    def submit_kwargs(self, obj: dict[str, Any]) -> list[dict[str, Any]]:
+        """Engine.submit arguments of the line, one set per choice; api.ApiError (with its
+        status and field) for a bad one."""
         from pydantic import ValidationError
 
         url, body = obj.get("url"), obj.get("body")
@@ -97,13 +99,11 @@ class _OpenAILine:
             req = (api.ChatRequest if self.chat else api.CompletionRequest).model_validate(body)
         except ValidationError as e:
             raise api.validation_error(e.errors()[0]) from None
-        for name in ("stream", "echo"):
-            if getattr(req, name, False):
-                raise api.ApiError(400, f"{name} is not supported in batch jobs", name)
-        if req.num_choices() != 1:
-            raise api.ApiError(400, "n > 1 is not supported in batch jobs", "n")
-        kw: dict[str, Any] = dict(sampling=req.choice_sampling(0), stop=req.stop_list(),
-                                  constraint=req.constraint(), max_tokens=req.token_budget())
+        if req.stream:
+            raise api.ApiError(400, "stream is not supported in batch jobs", "stream")
+        self.n = req.num_choices()
+        kw: dict[str, Any] = dict(stop=req.stop_list(), constraint=req.constraint(),
+                                  max_tokens=req.token_budget())
         if self.chat:
             kw["messages"] = req.message_dicts()
             kw["chat_options"] = req.chat_options()
@@ -112,7 +112,11 @@ class _OpenAILine:
             if len(prompts) != 1:
                 raise api.ApiError(400, "one prompt per batch line", "prompt")
             kw["prompt"] = prompts[0]
-        return kw
+            if req.echo:
+                p = prompts[0]
+                self.echo = [p if isinstance(p, str) else self.engine.tokenizer.decode(p)]
+            self.scoring_only = req.scoring_only()
+        return [dict(kw, sampling=req.choice_sampling(j)) for j in range(self.n)]
 
     def record(self, status: int, body: dict[str, Any], request_id: str | None = None
                ) -> dict[str, Any]:
@@ -125,14 +129,17 @@ class _OpenAILine:
             return self.record(e.status, e.body())
         return self.record(400, api.error_body(str(e), param=getattr(e, "param", None)))
 
-    def result_record(self, req: Request) -> dict[str, Any]:
+    def result_record(self, reqs: list[Request]) -> dict[str, Any]:
         try:
-            r = req.result()
+            results = [r.result() for r in reqs]
         except JaxinferError as e:
             return self.error_record(e)
+        if self.scoring_only:
+            results = [api.scored_only(r) for r in results]
         rid = api.new_id("chatcmpl" if self.chat else "cmpl")
-        return self.record(200, api.completion_body(rid, self.model, [r], self.chat,
-                                                    self.engine.tokenizer), rid)
+        return self.record(200, api.completion_body(
+            rid, self.model, results, self.chat, self.engine.tokenizer, self.n, self.echo,
+            [r.prompt_ids for r in reqs]), rid)
 
 
 def _count_lines(path: Path, model: str) -> int:
@@ -218,9 +225,18 @@ def parse_request(obj: Any, defaults: dict[str, Any]) -> dict[str, Any]:
     return kw
 
 
-def _result_record(rid: Any, req: Request) -> dict[str, Any]:
+@dataclasses.dataclass
+class _Line:
+    """An input line in flight: its requests (one per choice) and how to record them."""
+
+    record: Callable[[list[Request]], dict[str, Any]]
+    reqs: list[Request] = dataclasses.field(default_factory=list)
+    left: int = 0  # requests not finished (or not submitted) yet
+
+
+def _result_record(rid: Any, reqs: list[Request]) -> dict[str, Any]:
     try:
-        r = req.result()
+        r = reqs[0].result()
     except JaxinferError as e:
         return {"id": rid, "error": str(e)}
     n = len(r.token_ids)
@@ -249,7 +265,7 @@ def run_batch(engine: Engine, input_path: str | Path, output_path: str | Path,
     summary = BatchSummary()
     limit = max_in_flight or 2 * engine.config.num_slots
     finished: queue.Queue[Request] = queue.Queue()
-    in_flight: dict[Request, Callable[[Request], dict[str, Any]]] = {}  # -> its record
+    in_flight: dict[Request, _Line] = {}  # each live request -> its line
     seen: set[str] = set()
     model = model_name or engine.cfg.name
     total = _count_lines(input_path, model)
@@ -274,7 +290,10 @@ def run_batch(engine: Engine, input_path: str | Path, output_path: str | Path,
                     req = finished.get(block=block)
                 except queue.Empty:
                     return
-                write(in_flight.pop(req)(req))
+                entry = in_flight.pop(req)
+                entry.left -= 1
+                if not entry.left:
+                    write(entry.record(entry.reqs))
                 block = False
 
         try:
@@ -296,16 +315,23 @@ def run_batch(engine: Engine, input_path: str | Path, output_path: str | Path,
                 seen.add(key)
                 rid = obj.get("id") if isinstance(obj, dict) else None
                 oa = _OpenAILine(obj, engine, model) if key.startswith("custom_id:") else None
+                entry = None
                 try:
                     if err is not None:
                         raise BadRequestError(err)
-                    kw = oa.submit_kwargs(obj) if oa else parse_request(obj, defaults)
-                    while len(in_flight) >= limit:
-                        drain(block=True)
-                    req = engine.submit(**kw, block=True, on_finish=finished.put)
-                    in_flight[req] = oa.result_record if oa else functools.partial(
-                        _result_record, rid)
+                    kws = oa.submit_kwargs(obj) if oa else [parse_request(obj, defaults)]
+                    entry = _Line(oa.result_record if oa else functools.partial(
+                        _result_record, rid), left=len(kws))
+                    for kw in kws:
+                        while len(in_flight) >= limit:
+                            drain(block=True)
+                        req = engine.submit(**kw, block=True, on_finish=finished.put)
+                        entry.reqs.append(req)  # counted in `left` from the start, so
+                        in_flight[req] = entry  # a choice finishing now writes nothing
                 except (JaxinferError, api.ApiError) as e:
+                    for r in entry.reqs if entry else []:  # one record per line: the error
+                        r.cancel()
+                        in_flight.pop(r, None)
                     if oa is not None:
                         write(oa.error_record(e))
                     else:

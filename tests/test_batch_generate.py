@@ -40,8 +40,9 @@ def _lines(path):
 
 def test_openai_batch_format(tmp_path):
     """Lines in OpenAI's batch format (chat and completions) get the server's response
-    bodies under their custom_id, equal to the engine's results for the same settings; bad
-    lines get status 400 with OpenAI's error body naming the field; a rerun skips them."""
+    bodies under their custom_id (n choices, echo with logprobs included), equal to the
+    engine's results for the same settings; bad lines get status 400 with OpenAI's error
+    body naming the field; a rerun skips them."""
     msgs = [{"role": "user", "content": "hello"}]
     lines = [
         {"custom_id": "chat-1", "method": "POST", "url": "/v1/chat/completions",
@@ -52,8 +53,12 @@ def test_openai_batch_format(tmp_path):
         {"custom_id": "bad-url", "method": "POST", "url": "/v1/embeddings", "body": {}},
         {"custom_id": "bad-top-p", "method": "POST", "url": "/v1/completions",
          "body": {"prompt": "x", "top_p": 2}},
-        {"custom_id": "bad-n", "method": "POST", "url": "/v1/chat/completions",
-         "body": {"messages": msgs, "n": 2}},
+        {"custom_id": "chat-n", "method": "POST", "url": "/v1/chat/completions",
+         "body": {"messages": msgs, "n": 2, "temperature": 0.8, "seed": 4, "max_tokens": 4}},
+        {"custom_id": "cmpl-echo", "method": "POST", "url": "/v1/completions",
+         "body": {"prompt": "first prompt", "echo": True, "logprobs": 1, "max_tokens": 0}},
+        {"custom_id": "bad-stream", "method": "POST", "url": "/v1/completions",
+         "body": {"prompt": "x", "stream": True}},
         {"custom_id": "bad-type", "method": "POST", "url": "/v1/completions",
          "body": {"prompt": "x", "max_tokens": "4"}}]
     inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
@@ -64,13 +69,15 @@ def test_openai_batch_format(tmp_path):
             run_batch(eng, inp, out, progress=False)
         assert e.value.param == "model" and not out.exists()
         s = run_batch(eng, inp, out, progress=False, model_name="mine")
-        assert (s.written, s.errors) == (6, 4)
+        assert (s.written, s.errors) == (8, 4)
         got = {r["custom_id"]: r for r in _lines(out)}
         chat = eng.submit(messages=msgs, sampling=SamplingParams(temperature=0, logprobs=0),
                           max_tokens=5).result()
         cmpl = eng.submit("first prompt", max_tokens=16, sampling=SamplingParams(
             temperature=0, stop_token_ids=[9])).result()
-        assert run_batch(eng, inp, out, progress=False, model_name="mine").skipped == 6
+        seeded = [eng.submit(messages=msgs, max_tokens=4, sampling=SamplingParams(
+            temperature=0.8, seed=seed)).result() for seed in (4, 5)]
+        assert run_batch(eng, inp, out, progress=False, model_name="mine").skipped == 8
     ok = got["chat-1"]["response"]
     assert ok["status_code"] == 200 and got["chat-1"]["error"] is None
     body = ok["body"]
@@ -80,7 +87,16 @@ def test_openai_batch_format(tmp_path):
     body = got["cmpl-1"]["response"]["body"]
     assert body["model"] == "mine" and body["choices"][0]["text"] == cmpl.text
     assert body["usage"]["completion_tokens"] == len(cmpl.token_ids)
-    for cid, param in [("bad-url", "url"), ("bad-top-p", "top_p"), ("bad-n", "n"),
+    # n choices: choice j is seeded seed + j, as the server does.
+    choices = got["chat-n"]["response"]["body"]["choices"]
+    assert [c["index"] for c in choices] == [0, 1]
+    assert [c["message"]["content"] for c in choices] == [r.text for r in seeded]
+    # echo with logprobs and max_tokens 0: the scored prompt, nothing generated.
+    body = got["cmpl-echo"]["response"]["body"]
+    assert body["choices"][0]["text"] == "first prompt"
+    assert len(body["choices"][0]["logprobs"]["tokens"]) == len("first prompt")
+    assert body["usage"]["completion_tokens"] == 0
+    for cid, param in [("bad-url", "url"), ("bad-top-p", "top_p"), ("bad-stream", "stream"),
                        ("bad-type", "max_tokens")]:
         r = got[cid]["response"]
         assert r["status_code"] == 400 and r["body"]["error"]["param"] == param, r
