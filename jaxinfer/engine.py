@@ -391,9 +391,6 @@ class Engine:
             if not isinstance(constraint, Constraint):
                 raise BadRequestError(f"constraint must be a Constraint, got {constraint!r}",
                                       "constraint")
-            if self._spec is not None:
-                raise BadRequestError("speculative decoding does not support structured "
-                                      "output; serve without a draft for it", "constraint")
             matcher = self._grammars.matcher(constraint)
         if self._turns is not None and sampling.seed is None:  # every process draws alike
             sampling = dataclasses.replace(sampling, seed=secrets.randbits(64))
@@ -428,8 +425,9 @@ class Engine:
         warm-up drives every process (0 elsewhere)."""
         try:
             self._grammars.prepare()
+            structured = True
         except BadRequestError:  # no EOS token: a constrained request will say so
-            pass
+            structured = False
         if not self.is_leader:
             return 0
         before = self.compile_count
@@ -438,6 +436,10 @@ class Engine:
         reqs = [self.submit(rng.integers(0, self.cfg.vocab_size, min(t, longest))
                             .tolist(), sampling=GREEDY, max_tokens=2, block=True, _warmup=True)
                 for t in self.prompt_buckets()]
+        if structured and self._spec is not None:  # the split round constrained slots use
+            reqs.append(self.submit([self.cfg.pad_token_id] * 4, sampling=GREEDY, max_tokens=2,
+                                    constraint=Constraint(regex="[0-9]{16}"), block=True,
+                                    _warmup=True))
         for r in reqs:
             r.result()
         return self.compile_count - before
@@ -576,11 +578,13 @@ class Engine:
                     self._state, out, lp = core.generate_step(
                         self.params, self._state, np.bool_(want), self._masks(), cfg=self.cfg,
                         impl=self.impl)
-                elif self._decoding:
+                elif self._decoding and not self._masked_rows():
                     sp = self._spec
                     self._state, out, lp = engine_spec.step(
                         self.params, sp.weights, self._state, np.bool_(want), cfg=self.cfg,
                         draft_cfg=sp.cfg, k=sp.k, ngram_size=sp.ngram_size, impl=self.impl)
+                elif self._decoding:
+                    self._state, out, lp = self._constrained_round(want)
                 lp = lp if want else None
                 if pending is not None:
                     self._settle(pending)
@@ -632,6 +636,26 @@ class Engine:
         for i in rows:
             self._grammars.fill(self._slots[i].matcher, mask, i)
         return core.put(mask, self._mask_place)
+
+    def _constrained_round(self, want: bool) -> tuple[Any, jax.Array, Logprobs]:
+        """A speculative round while some slot is constrained, in two halves: the draft
+        proposes (its first token under the grammar's mask), the host reads the drafted
+        tokens and computes each position's mask by walking the grammar along them (then
+        rolls it back), and the target verifies under those masks. The target's
+        distribution at every position is the masked one, so the rule stays exact."""
+        sp, k = self._spec, self._spec.k
+        state, d_BK, q = spec.propose_step(sp.weights, self._state, self._masks(),
+                                           draft_cfg=sp.cfg, k=k, ngram_size=sp.ngram_size,
+                                           impl=self.impl)
+        drafted = to_host(d_BK)
+        mask = self._grammars.all_allowed(self.config.num_slots * (k + 1))
+        for i in self._masked_rows():
+            req = self._slots[i]
+            self._grammars.fill_drafted(req.matcher, drafted[i], mask, i * (k + 1),
+                                        lambda t, r=req: r.sampling.ends(t, self.eos_ids))
+        masks = core.put(mask.reshape(self.config.num_slots, k + 1, -1), self._mask_place)
+        return engine_spec.verify(self.params, state, d_BK, q, masks, np.bool_(want),
+                                  cfg=self.cfg, k=k, impl=self.impl)
 
     def _admit(self) -> None:
         """Prefill under this turn's prompt-token budget: first the next chunk of a prompt

@@ -7,6 +7,10 @@ when it runs with a draft (a smaller model, or prompt lookup):
     prefill_draft(draft_weights, tokens_1T, n_1, row) -> KVCache     the draft's prompt row
     insert(prefix, draft_row, seq_1S, n, state, slot) -> state       state donated
     step(target, draft, state)                        -> state, out_BR   one round, every slot
+    speculative.propose_step(draft, state, mask0)    -> state, d_BK, q
+    verify(target, state, d_BK, q, masks)             -> state, out_BR   the same round split
+                                                      for structured output: the host masks
+                                                      each drafted position in between
 
 A round is speculative.py's `_round` (the same accept/reject rule, so greedy slots give the
 target's tokens exactly and sampled slots keep its distribution); `out_BR` brings back,
@@ -96,13 +100,31 @@ def step(target_weights: Weights, draft_weights: Weights | None, state: spec.Spe
     """One draft-and-verify round for every slot; out_BR as in the module docstring, and
     the raw logprobs of each slot's k + 1 candidate tokens (row slot * (k + 1) + t),
     computed only when `want_logprobs` (traced: asking never recompiles)."""
-    before_B, acc_B = state.num_generated_B, state.accepted_B
+    before = state
     state, lp = spec._round(target_weights, draft_weights, state, cfg, draft_cfg, k,
                             ngram_size, impl, want_logprobs)
+    return state, _out(before, state, k), lp
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "k", "impl"), donate_argnames=("state",))
+def verify(target_weights: Weights, state: spec.SpecState, d_BK: jax.Array,
+           q_BKV: jax.Array | None, mask_BTW: jax.Array, want_logprobs: jax.Array, *,
+           cfg: ModelConfig, k: int, impl: str = "xla"
+           ) -> tuple[spec.SpecState, jax.Array, Logprobs]:
+    """A round split for structured output, part two (part one is speculative.propose_step):
+    the target verifies under the masks of the k + 1 positions; returns as `step` does."""
+    before = state
+    state, lp = spec.verify(target_weights, state, d_BK, q_BKV, cfg, k, impl, want_logprobs,
+                            mask_BTW)
+    return state, _out(before, state, k), lp
+
+
+def _out(before: spec.SpecState, state: spec.SpecState, k: int) -> jax.Array:
+    """out_BR of a round (module docstring) from the states before and after it."""
     M = state.output_BM.shape[1]
-    idx = jnp.minimum(before_B[:, None] + jnp.arange(k + 1)[None], M - 1)
+    n0_B = before.num_generated_B
+    idx = jnp.minimum(n0_B[:, None] + jnp.arange(k + 1)[None], M - 1)
     toks = jnp.take_along_axis(state.output_BM, idx, 1)
-    out = jnp.concatenate([(state.num_generated_B - before_B)[:, None],
-                           state.done_B.astype(jnp.int32)[:, None],
-                           (state.accepted_B - acc_B)[:, None], toks], 1)
-    return state, out, lp
+    return jnp.concatenate([(state.num_generated_B - n0_B)[:, None],
+                            state.done_B.astype(jnp.int32)[:, None],
+                            (state.accepted_B - before.accepted_B)[:, None], toks], 1)

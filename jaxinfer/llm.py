@@ -320,7 +320,8 @@ class LLM:
 
         With `draft` (a smaller LLM sharing the tokenizer, or "ngram" for prompt lookup)
         the draft proposes `num_speculative_tokens` per round and this model verifies them
-        in one pass (speculative.py): same output distribution, SpeculativeCompletions.
+        in one pass (speculative.py): same output distribution, SpeculativeCompletions
+        (constraints too: the host masks each drafted position between draft and verify).
         """
         single = isinstance(prompts, str) or (
             isinstance(prompts, Sequence) and prompts and isinstance(prompts[0], int))
@@ -331,13 +332,11 @@ class LLM:
         sp = sampling if isinstance(sampling, list) else [sampling or SamplingParams()] * len(ids)
         mn = max_new_tokens if isinstance(max_new_tokens, list) else [max_new_tokens] * len(ids)
         _check_sampling(sp, mn, self.cfg.vocab_size)
-        if draft is not None:
-            if constraint is not None:
-                raise BadRequestError("speculative decoding does not support structured "
-                                      "output; generate without a draft for it", "constraint")
-            res = self._speculate(ids, sp, mn, stop, draft, num_speculative_tokens, ngram_size)
-            return res[0] if single else res
         matchers = self._matchers(constraint, len(ids))
+        if draft is not None:
+            res = self._speculate(ids, sp, mn, stop, draft, num_speculative_tokens, ngram_size,
+                                  matchers)
+            return res[0] if single else res
         t0 = time.perf_counter()
         state = self._start(ids, sp, mn, matchers)
         state.tokens_B.block_until_ready()
@@ -364,23 +363,24 @@ class LLM:
         return results[0] if single else results
 
     def _speculate(self, ids: list[list[int]], sp: list[SamplingParams], mn: list[int],
-                   stop: Sequence[str], draft: LLM | str, k: int, ngram_size: int
-                   ) -> list[SpeculativeCompletion]:
+                   stop: Sequence[str], draft: LLM | str, k: int, ngram_size: int,
+                   matchers: list) -> list[SpeculativeCompletion]:
         if isinstance(draft, str) and draft != "ngram":
             raise BadRequestError(f"draft must be an LLM or 'ngram', got {draft!r}")
         dw, dcfg = (None, None) if isinstance(draft, str) else (draft.params, draft.cfg)
         r = speculative.generate_ids(self.params, dw, self.cfg, dcfg, ids,
                                      _same_seeds_everywhere(sp), mn, self.eos, k, ngram_size,
                                      self.kv_dtype, self.mesh, self.impl,
-                                     None if isinstance(draft, str) else draft.kv_dtype)
+                                     None if isinstance(draft, str) else draft.kv_dtype,
+                                     matchers, self._grammars)
         out, prompt_lps = [], _prompt_logprobs(r.prompt_logprobs, ids, sp)
         for b, toks in enumerate(r.tokens):
             tps = (len(toks) - 1) / r.decode_s if r.decode_s > 0 and len(toks) > 1 else 0.0
             lps = None if sp[b].logprobs is None else host_logprobs(
                 toks, *(a[b] for a in r.logprobs), sp[b].logprobs)
             c = dataclasses.replace(
-                self._finish(ids[b], toks, r.finish_eos[b], stop, sp[b], r.ttft_s, tps, lps),
-                prompt_logprobs=prompt_lps[b])
+                self._finish(ids[b], toks, r.finish_eos[b], stop, sp[b], r.ttft_s, tps, lps,
+                             r.complete[b]), prompt_logprobs=prompt_lps[b])
             fields = {f.name: getattr(c, f.name) for f in dataclasses.fields(c)}  # shallow
             out.append(SpeculativeCompletion(**fields,
                                              acceptance_rate=r.acceptance_rate(b),

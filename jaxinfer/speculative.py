@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 
 import jax
 import jax.numpy as jnp
@@ -32,6 +33,7 @@ from jaxinfer.config import ModelConfig
 from jaxinfer.errors import BadRequestError
 from jaxinfer.kv_cache import KVCache, cache_shardings, init_cache
 from jaxinfer.model import decode_logits, hidden_states, prefill, unembed
+from jaxinfer.runtime import to_host
 from jaxinfer.sampling import (
     Logprobs,
     SamplingArrays,
@@ -43,7 +45,10 @@ from jaxinfer.sampling import (
     penalize_logits,
     step_logprobs,
 )
+from jaxinfer.structured import apply_bitmask
 from jaxinfer.weights import Weights
+
+log = logging.getLogger(__name__)
 
 
 @jax.tree_util.register_dataclass
@@ -144,9 +149,13 @@ def ngram_propose(seq_BS: jax.Array, seq_len_B: jax.Array, ngram_size: int, k: i
 
 
 def _draft_model(dw: Weights, state: SpecState, dcfg: ModelConfig, k: int, key,
-                 impl: str) -> tuple[jax.Array, jax.Array, KVCache]:
+                 impl: str, mask0_BW: jax.Array | None = None
+                 ) -> tuple[jax.Array, jax.Array, KVCache]:
     """k draft decode steps. The first step re-feeds the last two tokens at seq_len - 2, so
-    the draft catches up whatever the previous round accepted (at most one token behind)."""
+    the draft catches up whatever the previous round accepted (at most one token behind).
+    `mask0_BW` (structured output) restricts the first proposal to the tokens the grammar
+    allows now; later ones depend on the drafted tokens, so only the target is masked there
+    (any proposal keeps the rule exact)."""
     seq, n = state.seq_BS, state.seq_len_B
     two_B2 = jnp.take_along_axis(seq, jnp.stack([n - 2, n - 1], 1), 1)
     dc = state.draft_cache
@@ -159,6 +168,8 @@ def _draft_model(dw: Weights, state: SpecState, dcfg: ModelConfig, k: int, key,
         # accept (penalties are left to the target: any proposal keeps the rule exact).
         x = ban_ends(add_logit_bias(logits_BV, state.sampling), state.eos_E, state.sampling,
                      state.num_generated_B + i)
+        if i == 0 and mask0_BW is not None:
+            x = apply_bitmask(x, mask0_BW)
         q_BV = probs(x[:, None], state.sampling)[:, 0]
         d_B = _draw(key(i), q_BV)
         toks.append(d_B)
@@ -168,33 +179,59 @@ def _draft_model(dw: Weights, state: SpecState, dcfg: ModelConfig, k: int, key,
     return jnp.stack(toks, 1), jnp.stack(qs, 1), dc
 
 
+def _round_key(state: SpecState):
+    """Per-row randomness of this round, from the row's own seed and step: batch-independent
+    and reproducible. key(j) gives the B keys of draw j."""
+    round_keys = jax.vmap(jax.random.fold_in)(state.sampling.keys(),
+                                              state.num_generated_B.astype(jnp.uint32))
+    return lambda j: jax.vmap(jax.random.fold_in, (0, None))(round_keys, j)
+
+
+def propose(dw: Weights | None, state: SpecState, dcfg: ModelConfig | None, k: int,
+            ngram_size: int, impl: str, mask0_BW: jax.Array | None = None
+            ) -> tuple[SpecState, jax.Array, jax.Array | None]:
+    """A round's first half: the draft's k tokens d_BK and their proposal distributions
+    q_BKV (None for prompt lookup, whose q is one-hot); the state carries the draft cache."""
+    if dw is None:
+        return state, ngram_propose(state.seq_BS, state.seq_len_B, ngram_size, k), None
+    d_BK, q_BKV, dc = _draft_model(dw, state, dcfg, k, _round_key(state), impl, mask0_BW)
+    return dataclasses.replace(state, draft_cache=dc), d_BK, q_BKV
+
+
 def _round(tw: Weights, dw: Weights | None, state: SpecState, cfg: ModelConfig,
            dcfg: ModelConfig | None, k: int, ngram_size: int, impl: str,
            want_logprobs: jax.Array | None = None) -> tuple[SpecState, Logprobs | None]:
-    """One round. The raw target log-probabilities of the k + 1 candidate tokens (rows
-    b * (k + 1) + t) come back when `want_logprobs` is given (computed only if it is set),
-    and are written into `state.logprobs_out` when the state records them."""
+    """One round: propose, then verify."""
+    state, d_BK, q_BKV = propose(dw, state, dcfg, k, ngram_size, impl)
+    return verify(tw, state, d_BK, q_BKV, cfg, k, impl, want_logprobs)
+
+
+def verify(tw: Weights, state: SpecState, d_BK: jax.Array, q_BKV: jax.Array | None,
+           cfg: ModelConfig, k: int, impl: str, want_logprobs: jax.Array | None = None,
+           mask_BTW: jax.Array | None = None) -> tuple[SpecState, Logprobs | None]:
+    """A round's second half: the target scores [x_0, d_1..d_k] in one pass, accepts and
+    corrects. `mask_BTW` (structured output) restricts the target at each of the k + 1
+    positions to what the grammar allows after the drafted tokens before it. The raw target
+    log-probabilities of the k + 1 candidate tokens (rows b * (k + 1) + t) come back when
+    `want_logprobs` is given (computed only if it is set), and are written into
+    `state.logprobs_out` when the state records them."""
     B, S = state.seq_BS.shape
     M = state.output_BM.shape[1]
     active = ~state.done_B
     seq_len = state.seq_len_B
-    # Per-row randomness from the row's own seed and step: batch-independent, reproducible.
-    round_keys = jax.vmap(jax.random.fold_in)(state.sampling.keys(),
-                                              state.num_generated_B.astype(jnp.uint32))
-    key = lambda j: jax.vmap(jax.random.fold_in, (0, None))(round_keys, j)
-
-    if dw is None:
-        d_BK = ngram_propose(state.seq_BS, seq_len, ngram_size, k)
-        q_BKV, dc = None, None
-    else:
-        d_BK, q_BKV, dc = _draft_model(dw, state, dcfg, k, key, impl)
+    key = _round_key(state)
+    dc = state.draft_cache
 
     last_B = jnp.take_along_axis(state.seq_BS, (seq_len - 1)[:, None], 1)[:, 0]
     tc = state.target_cache
     x, tc = hidden_states(tw, jnp.concatenate([last_B[:, None], d_BK], 1),
                           tc.with_lengths(seq_len - 1), cfg, impl)
     logits_BTV = unembed(tw, x)
-    p_BTV = probs(processed_logits(logits_BTV, state, d_BK), state.sampling)  # T = k + 1
+    z_BTV = processed_logits(logits_BTV, state, d_BK)
+    if mask_BTW is not None:
+        z_BTV = apply_bitmask(z_BTV.reshape(B * (k + 1), -1),
+                              mask_BTW.reshape(B * (k + 1), -1)).reshape(z_BTV.shape)
+    p_BTV = probs(z_BTV, state.sampling)  # T = k + 1
 
     p_d = jnp.take_along_axis(p_BTV[:, :k], d_BK[..., None], -1)[..., 0]
     q_d = (jnp.ones_like(p_d) if q_BKV is None
@@ -282,15 +319,17 @@ def start(target_weights: Weights, draft_weights: Weights | None, prompt_BT: jax
           prompt_len_B: jax.Array, target_cache: KVCache, draft_cache: KVCache | None,
           sampling: SamplingArrays, max_new_B: jax.Array, eos_E: jax.Array, cfg: ModelConfig,
           draft_cfg: ModelConfig | None, max_out: int, impl: str = "xla",
-          logprobs: bool = False, prompt_logprobs: bool = False
+          logprobs: bool = False, prompt_logprobs: bool = False,
+          mask_BW: jax.Array | None = None
           ) -> tuple[SpecState, tuple[jax.Array, jax.Array, jax.Array] | None]:
     """Prefill both models with the prompts; the target samples each row's first token.
-    With `logprobs` the state records every emitted token's logprob and alternatives; with
-    `prompt_logprobs` the target also scores every prompt token (returned beside the
+    With `logprobs` the state records every emitted token's logprob and alternatives;
+    `mask_BW` restricts the first tokens (structured output); with `prompt_logprobs` the
+    target also scores every prompt token (returned beside the
     state, as gen.start's `prompt_logprobs_out`, so the decode loop never carries it)."""
     st = gen.start(target_weights, prompt_BT, prompt_len_B, target_cache, sampling, max_new_B,
                    eos_E, cfg=cfg, max_out=max_out, impl=impl, logprobs=logprobs,
-                   prompt_logprobs=prompt_logprobs)
+                   mask_BW=mask_BW, prompt_logprobs=prompt_logprobs)
     if draft_weights is not None:
         _, draft_cache = prefill(draft_weights, prompt_BT, prompt_len_B, draft_cache,
                                  draft_cfg, impl)
@@ -305,6 +344,81 @@ def start(target_weights: Weights, draft_weights: Weights | None, prompt_BT: jax
         output_BM=st.output_BM, rounds_B=zeros, accepted_B=zeros, counts_BV=st.counts_BV,
         prompt_mask_BV=st.prompt_mask_BV, logprobs_out=st.logprobs_out
     ), st.prompt_logprobs_out
+
+
+@functools.partial(jax.jit, static_argnames=("draft_cfg", "k", "ngram_size", "impl"),
+                   donate_argnames=("state",))
+def propose_step(draft_weights: Weights | None, state: SpecState, mask0_BW: jax.Array, *,
+                 draft_cfg: ModelConfig | None, k: int, ngram_size: int, impl: str = "xla"
+                 ) -> tuple[SpecState, jax.Array, jax.Array | None]:
+    """A round split in two for structured output, part one: the drafted tokens d_BK (the
+    host reads them to mask each drafted position) and their proposal distributions; the
+    first proposal obeys `mask0_BW`."""
+    return propose(draft_weights, state, draft_cfg, k, ngram_size, impl, mask0_BW)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "k", "impl"), donate_argnames=("state",))
+def verify_step(target_weights: Weights, state: SpecState, d_BK: jax.Array,
+                q_BKV: jax.Array | None, mask_BTW: jax.Array, *, cfg: ModelConfig, k: int,
+                impl: str = "xla") -> SpecState:
+    """Part two: the target verifies under the masks of the k + 1 positions."""
+    return verify(target_weights, state, d_BK, q_BKV, cfg, k, impl, mask_BTW=mask_BTW)[0]
+
+
+def _constrained_rounds(tw: Weights, dw: Weights | None, state: SpecState, matchers: list,
+                        grammars, sampling: list[SamplingParams], eos_ids: frozenset[int],
+                        cfg: ModelConfig, dcfg: ModelConfig | None, k: int, ngram_size: int,
+                        impl: str) -> tuple[SpecState, list[bool]]:
+    """Rounds with the host in the loop while a constrained row is live: each round is
+    split (propose_step, the host's masks along the drafted tokens, verify_step), the
+    emitted tokens advance each row's grammar, and a row whose grammar is complete ends
+    there (later tokens of its round are dropped). Once only free rows remain the rest
+    runs in the device loop. Returns the state and which rows completed their grammar."""
+    B = len(matchers)
+    matchers, complete, fed = list(matchers), [False] * B, [0] * B
+    ends = [lambda t, sp=sp: sp.ends(t, eos_ids) for sp in sampling]
+    while True:
+        out, n_gen, done = to_host((state.output_BM, state.num_generated_B, state.done_B))
+        n_gen = n_gen.copy()
+        cut = []
+        for b, m in enumerate(matchers):
+            if m is None:
+                continue
+            for j in range(fed[b], int(n_gen[b])):
+                tok = int(out[b, j])
+                if ends[b](tok):
+                    break
+                if not m.consume_token(tok):
+                    log.warning("a constrained row left its grammar: %s", m.get_error())
+                if m.is_stopped():  # complete: nothing but EOS could follow
+                    complete[b] = True
+                    n_gen[b] = j + 1
+                    cut.append(b)
+                    break
+            fed[b] = int(n_gen[b])
+            if done[b] or complete[b]:
+                matchers[b] = None
+        if cut:  # frozen like a row that hit EOS, its later tokens dropped
+            rows = np.asarray(cut)
+            state = dataclasses.replace(
+                state, done_B=state.done_B.at[rows].set(True),
+                finish_eos_B=state.finish_eos_B.at[rows].set(False),
+                num_generated_B=state.num_generated_B.at[rows].set(n_gen[rows]))
+        live = [b for b, m in enumerate(matchers) if m is not None]
+        if not live:
+            return run_loop(tw, dw, state, cfg=cfg, draft_cfg=dcfg, k=k,
+                            ngram_size=ngram_size, impl=impl), complete
+        mask0 = grammars.all_allowed(B)
+        for b in live:
+            grammars.fill(matchers[b], mask0, b)
+        state, d_BK, q_BKV = propose_step(dw, state, mask0, draft_cfg=dcfg, k=k,
+                                          ngram_size=ngram_size, impl=impl)
+        drafted = to_host(d_BK)
+        mask = grammars.all_allowed(B * (k + 1))
+        for b in live:
+            grammars.fill_drafted(matchers[b], drafted[b], mask, b * (k + 1), ends[b])
+        state = verify_step(tw, state, d_BK, q_BKV, mask.reshape(B, k + 1, -1), cfg=cfg, k=k,
+                            impl=impl)
 
 
 def check_settings(k: int, ngram_size: int, cfg: ModelConfig,
@@ -359,6 +473,7 @@ class SpecResult:
     decode_s: float
     logprobs: tuple | None = None  # host logprobs_out (f32[B, M], [B, M, N] ids and values)
     prompt_logprobs: tuple | None = None  # host prompt_logprobs_out ([B, T], [B, T, N] x 2)
+    complete: list[bool] | None = None  # rows that ended on completing their grammar
 
     def acceptance_rate(self, b: int) -> float:
         """Accepted draft tokens / proposed draft tokens for row b."""
@@ -370,31 +485,45 @@ def generate_ids(target_weights: Weights, draft_weights: Weights | None, cfg: Mo
                  sampling: list[SamplingParams], max_new: list[int], eos_E: np.ndarray,
                  k: int, ngram_size: int = 3, dtype=jnp.float32,
                  mesh: jax.sharding.Mesh | None = None, impl: str = "xla",
-                 draft_dtype=None) -> SpecResult:
-    """Speculative generation for a batch of token-id prompts (draft_weights None: n-gram)."""
+                 draft_dtype=None, matchers: list | None = None, grammars=None
+                 ) -> SpecResult:
+    """Speculative generation for a batch of token-id prompts (draft_weights None: n-gram).
+    `matchers` (one llguidance matcher or None per row, from `grammars`, a
+    structured.Grammars) constrain rows to their grammars."""
     import time
-
-    from jaxinfer.runtime import to_host
 
     check_settings(k, ngram_size, cfg, draft_cfg)
     prompt_BT, lens_B, tc, dc, M = prepare(prompts, max_new, k, cfg, draft_cfg, dtype, mesh,
                                            draft_dtype)
+    mask0 = None
+    if matchers is not None and any(m is not None for m in matchers):
+        mask0 = grammars.all_allowed(len(prompts))
+        for b, m in enumerate(matchers):
+            if m is not None:
+                grammars.fill(m, mask0, b)
     t0 = time.perf_counter()
     state, prompt_lp = start(
         target_weights, draft_weights, prompt_BT, lens_B, tc, dc,
         SamplingArrays.from_params(sampling), np.asarray(max_new, np.int32), eos_E, cfg=cfg,
         draft_cfg=draft_cfg, max_out=M, impl=impl,
         logprobs=any(p.logprobs is not None for p in sampling),
-        prompt_logprobs=any(p.prompt_logprobs is not None for p in sampling))
+        prompt_logprobs=any(p.prompt_logprobs is not None for p in sampling),
+        mask_BW=mask0)
     state.num_generated_B.block_until_ready()
     ttft = time.perf_counter() - t0
     prompt_lp = to_host(prompt_lp)
-    state = run_loop(target_weights, draft_weights, state, cfg=cfg, draft_cfg=draft_cfg, k=k,
-                     ngram_size=ngram_size, impl=impl)
+    complete = [False] * len(prompts)
+    if mask0 is None:
+        state = run_loop(target_weights, draft_weights, state, cfg=cfg, draft_cfg=draft_cfg,
+                         k=k, ngram_size=ngram_size, impl=impl)
+    else:
+        state, complete = _constrained_rounds(
+            target_weights, draft_weights, state, matchers, grammars, sampling,
+            frozenset(int(e) for e in eos_E if e >= 0), cfg, draft_cfg, k, ngram_size, impl)
     out, n, eos, rounds, acc, lp = to_host((
         state.output_BM, state.num_generated_B, state.finish_eos_B, state.rounds_B,
         state.accepted_B, state.logprobs_out))
     dt = time.perf_counter() - t0 - ttft
     return SpecResult([[int(t) for t in out[b, : n[b]]] for b in range(len(prompts))],
                       [bool(e) for e in eos], [int(r) for r in rounds],
-                      [int(a) for a in acc], k, ttft, dt, lp, prompt_lp)
+                      [int(a) for a in acc], k, ttft, dt, lp, prompt_lp, complete)

@@ -189,6 +189,24 @@ class Grammars:
 
         fill_next_token_bitmask(matcher, mask_BW, row)
 
+    def fill_drafted(self, matcher, drafted: Any, mask: np.ndarray, row: int,
+                     ends: Any) -> None:
+        """Speculative decoding: write into rows row .. row + k of `mask` what `matcher`
+        allows at each of a round's k + 1 positions, walking it along the k drafted tokens
+        (and rolling it back). Past a drafted token that ends the row (`ends(token)`) or
+        leaves the grammar the target rejects it, so later rows stay all-allowed."""
+        walked = 0
+        for t in range(len(drafted) + 1):
+            self.fill(matcher, mask, row + t)
+            if t == len(drafted):
+                break
+            tok = int(drafted[t])
+            if ends(tok) or matcher.validate_tokens([tok]) != 1:
+                break
+            matcher.consume_token(tok)
+            walked += 1
+        matcher.rollback(walked)
+
     def all_allowed(self, rows: int) -> np.ndarray:
         return np.full((rows, self.words), -1, np.int32)
 

@@ -124,8 +124,6 @@ def test_llm_generate_and_stream_take_constraints(engine):
     assert e.value.param == "constraint"
     with pytest.raises(BadRequestError, match="bad constraint"):
         llm.generate("x", constraint=Constraint(regex="(unclosed"))
-    with pytest.raises(BadRequestError, match="speculative"):
-        llm.generate("x", constraint=Constraint(regex="a"), draft="ngram")
 
 
 def test_bad_constraint_is_a_bad_request(engine):
