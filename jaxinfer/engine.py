@@ -51,7 +51,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxinfer import engine_core as core
-from jaxinfer import engine_spec
+from jaxinfer import engine_spec, memory
 from jaxinfer import engine_sync as sync
 from jaxinfer import generate as gen
 from jaxinfer import speculative as spec
@@ -77,6 +77,7 @@ from jaxinfer.structured import Constraint, Grammars
 from jaxinfer.tokenizer import Tokenizer
 
 _LIVE: weakref.WeakSet[Engine] = weakref.WeakSet()
+MAX_AUTO_SLOTS = 256  # num_slots=None takes at most this many
 log = logging.getLogger(__name__)
 
 
@@ -105,7 +106,9 @@ class ContextLengthError(BadRequestError):
 
 @dataclasses.dataclass(frozen=True)
 class EngineConfig:
-    num_slots: int = 8  # B: rows decoded together
+    # B: rows decoded together. None: as many as fit in `memory_fraction` of the device
+    # memory left after the weights (needs the backend's memory statistics: GPU, TPU).
+    num_slots: int | None = 8
     max_len: int = 1024  # S: cache positions per slot; prompt + max_tokens must fit
     max_queue: int = 256  # waiting requests beyond this are refused (429)
     prefix_block: int = 16  # tokens per prefix-cache block; 0 disables prefix caching
@@ -113,13 +116,19 @@ class EngineConfig:
     prefill_token_budget: int = 512  # prompt tokens prefilled per loop turn
     chunked_prefill: bool = True  # split longer prompts over turns (else >= 1 whole prompt)
     min_prompt_bucket: int = gen.MIN_PROMPT_BUCKET
+    memory_fraction: float = 0.9  # with num_slots=None: share of free memory for slots
 
     def __post_init__(self) -> None:
         for name in ("num_slots", "max_len", "max_queue", "prefill_token_budget",
                      "min_prompt_bucket"):
             v = getattr(self, name)
+            if name == "num_slots" and v is None:
+                continue
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
                 raise ConfigError(f"engine {name} must be a positive integer, got {v!r}")
+        f = self.memory_fraction
+        if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0 < f <= 1:
+            raise ConfigError(f"engine memory_fraction must be in (0, 1], got {f!r}")
         if self.prefix_block < 0 or self.prefix_cache_mb < 0:
             raise ConfigError("engine prefix_block and prefix_cache_mb must be >= 0, got "
                               f"{self.prefix_block} and {self.prefix_cache_mb}")
@@ -195,13 +204,15 @@ class Engine:
         self.kv_dtype = jnp.dtype(self.dtype if kv_dtype is None else kv_dtype)
         eos = sorted(set(cfg.eos_token_ids) | set(getattr(tokenizer, "eos_ids", ())))
         self.eos_ids = frozenset(eos)
-        self._compiles = CompileCounter().__enter__()  # counts from here to close()
         device = next(iter(jax.tree.leaves(params["embed"])[0].devices()))  # QArray too
         self.mesh = mesh
         self._spec = self._speculative_settings(draft, num_speculative_tokens, ngram_size)
         self._reserve = 0 if self._spec is None else num_speculative_tokens + 1
         self.spec_proposed = self.spec_accepted = 0  # draft tokens, all requests
         self._eos_E = eos_E = np.asarray(eos or [-1], np.int32)
+        self.config = config = self._plan_memory(config, device, mesh)
+        # Counts from here to close(); after the checks above, which may refuse the config.
+        self._compiles = CompileCounter().__enter__()
         if self._spec is None:
             self._state = core.init_decode_state(cfg, config.num_slots, self.max_len,
                                                  self.kv_dtype, eos_E, device, mesh)
@@ -257,6 +268,54 @@ class Engine:
         __init__ (an LLM or "ngram"), or a draft checkpoint directory to load."""
         return cls(llm.params, llm.cfg, llm.tokenizer, config, llm.impl, llm.kv_dtype,
                    llm.mesh, llm.load_draft(draft), num_speculative_tokens, ngram_size)
+
+    def _plan_memory(self, config: EngineConfig, device: jax.Device, mesh) -> EngineConfig:
+        """Check that the slots' cache and the prefix pool fit the memory the devices have
+        left after the weights (a clear ConfigError, not an allocator failure mid-start),
+        or with num_slots=None take as many slots as fit in memory_fraction of it. A
+        backend without memory statistics (CPU) skips the check."""
+        devices = list(mesh.devices.flat) if mesh is not None else [device]
+        free = memory.free_bytes(devices)
+        S, dcfg = self.max_len, None if self._spec is None else self._spec.cfg
+        ddtype = None if dcfg is None else self._spec.weights["embed"].dtype
+
+        def need(B: int) -> int:  # per device
+            n = core.slots_bytes(self.cfg, B, S, self.kv_dtype, mesh)
+            return n + (0 if dcfg is None else core.slots_bytes(dcfg, B, S, ddtype, mesh))
+
+        pool = int(config.prefix_cache_mb * 2**20) if config.prefix_block else 0
+
+        def most(budget: float) -> int:  # the most slots whose cache fits in `budget`
+            lo, hi = 0, MAX_AUTO_SLOTS
+            while lo < hi:
+                mid = (lo + hi + 1) // 2
+                lo, hi = (mid, hi) if need(mid) <= budget else (lo, mid - 1)
+            return lo
+
+        where, fmt = f"{devices[0].platform}:{devices[0].id}", memory.format_bytes
+        if config.num_slots is None:
+            if free is None:
+                raise ConfigError(f"num_slots=None (as many slots as fit) needs the device's "
+                                  f"memory statistics, which the {devices[0].platform} "
+                                  "backend does not keep; give num_slots")
+            B = most(config.memory_fraction * free - pool)
+            if B < 1:
+                raise ConfigError(
+                    f"not one slot of max_len={S} fits in memory_fraction="
+                    f"{config.memory_fraction} of the {fmt(free)} free on {where} (a slot "
+                    f"needs {fmt(need(1))}, the prefix pool {fmt(pool)}); lower max_len or "
+                    "prefix_cache_mb")
+            log.info("num_slots=%d: %s of KV cache per device, %s free on %s", B,
+                     fmt(need(B)), fmt(free), where)
+            return dataclasses.replace(config, num_slots=B)
+        if free is not None and need(config.num_slots) + pool > free:
+            raise ConfigError(
+                f"num_slots={config.num_slots} x max_len={S} needs "
+                f"{fmt(need(config.num_slots))} of KV cache per device plus a {fmt(pool)} "
+                f"prefix pool, but {fmt(free)} is free on {where}: at most "
+                f"{most(free - pool)} slots fit (or lower max_len or prefix_cache_mb, or use "
+                "an int8 KV cache)")
+        return config
 
     def _speculative_settings(self, draft: Any, k: int, ngram_size: int) -> _Speculation | None:
         """The checked draft settings, or None without a draft."""

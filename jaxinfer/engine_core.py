@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -103,6 +104,18 @@ def slots_cache(cfg: ModelConfig, B: int, S: int, dtype, device: jax.Device | No
     if mesh is None:
         return jax.device_put(init_cache(cfg, B, S, dtype), device)
     return init_cache(cfg, B, S, dtype, cache_shardings(cfg, B, S, mesh))
+
+
+def slots_bytes(cfg: ModelConfig, B: int, S: int, dtype, mesh: jax.sharding.Mesh | None
+                ) -> int:
+    """Bytes one device holds for the B-slot cache `slots_cache` makes (K, V and an int8
+    cache's scales), from its shard shape under `mesh`."""
+    dtype = jnp.dtype(dtype)
+    shape = (cfg.num_layers, B, cfg.num_kv_heads, S, cfg.head_dim)
+    if mesh is not None:
+        shape = cache_shardings(cfg, B, S, mesh).k.shard_shape(shape)
+    n = math.prod(shape)
+    return 2 * (n * dtype.itemsize + (n // shape[-1] * 4 if dtype == jnp.int8 else 0))
 
 
 def put_row(dst: KVCache, src: KVCache, slot: jax.Array) -> KVCache:

@@ -1,4 +1,5 @@
-"""Bytes a pytree of arrays actually holds on the devices (weights, KV cache).
+"""Bytes a pytree of arrays actually holds on the devices (weights, KV cache), and what a
+device has left.
 
 Counts every addressable shard, so a weight replicated over 8 devices counts 8 times and
 one sharded 8 ways counts once: the figure is what the devices hold, not the model size.
@@ -24,6 +25,21 @@ def array_bytes(x: Any) -> int:
 def device_bytes(tree: Any) -> int:
     """Sum of `array_bytes` over the leaves of `tree` (QArray scales included)."""
     return sum(array_bytes(x) for x in jax.tree.leaves(tree))
+
+
+def free_bytes(devices: Any) -> int | None:
+    """Bytes every one of `devices` can still allocate (the least of them), from the
+    backend's memory statistics (GPU, TPU); None where it keeps none (CPU)."""
+    free = []
+    for d in devices:
+        try:
+            stats = d.memory_stats()
+        except Exception:  # backends without the call raise assorted errors
+            stats = None
+        if not stats or "bytes_limit" not in stats:
+            return None
+        free.append(int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0)))
+    return min(free) if free else None
 
 
 def format_bytes(n: int) -> str:

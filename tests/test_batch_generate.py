@@ -170,6 +170,10 @@ def test_script_kill_and_resume_smollm2(smollm2_checkpoint, tmp_path):
     p = _script(f"--input={tmp_path / 'missing.jsonl'}", f"--output={out}")
     _, err = p.communicate(timeout=120)
     assert p.returncode == 2 and err.strip().splitlines()[-1].startswith("error:")
+    # --num_slots=0 sizes slots from device memory, which the CPU backend does not report.
+    p = _script(*args[:-2], "--num_slots=0", "--noprogress")
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == 2 and "memory statistics" in err.strip().splitlines()[-1], err
 
 
 @pytest.mark.slow

@@ -407,3 +407,26 @@ def test_logit_bias_in_the_engine_and_llm_generate():
         with pytest.raises(BadRequestError, match="outside the vocabulary"):
             eng.submit("x", sampling=SamplingParams(logit_bias={10**6: 1}))
     assert got.token_ids == ref.token_ids
+
+
+def test_memory_plan(monkeypatch):
+    """Given the device's free memory (faked: the CPU backend keeps no statistics), a
+    cache that does not fit is a ConfigError naming how many slots do, and num_slots=None
+    takes as many as fit in memory_fraction of it; on CPU num_slots=None is refused."""
+    from jaxinfer import engine_core, memory
+
+    slot = engine_core.slots_bytes(TINY, 1, 256, jnp.float32, None)
+    assert slot == 2 * TINY.num_layers * TINY.num_kv_heads * 256 * TINY.head_dim * 4
+    assert engine_core.slots_bytes(TINY, 1, 256, jnp.int8, None) == slot // 4 + slot // 4 // (
+        TINY.head_dim) * 4  # int8 K/V and one f32 scale per token and head
+    with pytest.raises(ConfigError, match="memory statistics"):
+        tiny_engine(num_slots=None)
+    monkeypatch.setattr(memory, "free_bytes", lambda devices: 10 * slot + 2**20)
+    with pytest.raises(ConfigError, match=r"num_slots=12 x max_len=256 .* at most 10 slots"):
+        tiny_engine(num_slots=12, prefix_cache_mb=1)
+    with pytest.raises(ConfigError, match="memory_fraction"):
+        tiny_engine(num_slots=None, memory_fraction=1.5)
+    monkeypatch.setattr(memory, "free_bytes", lambda devices: 10 * slot)
+    with tiny_engine(num_slots=None, prefix_cache_mb=0, memory_fraction=0.5) as eng:
+        assert eng.config.num_slots == 5 and len(eng._slots) == 5
+        assert len(eng.submit("hi", sampling=GREEDY, max_tokens=3).result(60).token_ids) == 3

@@ -25,7 +25,11 @@ _OUTPUT = flags.DEFINE_string("output", None, "JSONL file results are appended t
 _CKPT = flags.DEFINE_string("checkpoint", None, "Orbax checkpoint dir (default: SmolLM2).")
 _DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"],
                            "Compute dtype (default: float32 on CPU, bfloat16 elsewhere).")
-_SLOTS = flags.DEFINE_integer("num_slots", 8, "Requests decoded together.")
+_SLOTS = flags.DEFINE_integer("num_slots", 8, "Requests decoded together; 0: as many as "
+                              "fit in --memory_fraction of the device memory left after the "
+                              "weights (GPU, TPU).")
+_MEM_FRACTION = flags.DEFINE_float("memory_fraction", 0.9, "With --num_slots=0: the share of "
+                                   "free device memory the slots' KV cache may take.")
 _MAX_LEN = flags.DEFINE_integer("max_len", 1024, "Cache positions per request "
                                 "(prompt + max_tokens).")
 _PREFIX_MB = flags.DEFINE_float("prefix_cache_mb", 256.0, "Prefix-cache memory (0: off).")
@@ -55,7 +59,8 @@ def main(argv):
     if _SEED.value is not None:
         defaults["seed"] = _SEED.value
     extra = {"min_prompt_bucket": _MIN_BUCKET.value, "prefill_token_budget": _BUDGET.value}
-    config = EngineConfig(num_slots=_SLOTS.value, max_len=_MAX_LEN.value,
+    config = EngineConfig(num_slots=_SLOTS.value or None,
+                          memory_fraction=_MEM_FRACTION.value, max_len=_MAX_LEN.value,
                           prefix_cache_mb=_PREFIX_MB.value,
                           **{k: v for k, v in extra.items() if v is not None})
     run_batch_job(_INPUT.value, _OUTPUT.value, _CKPT.value, _DTYPE.value, config, defaults,

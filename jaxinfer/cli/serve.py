@@ -20,7 +20,11 @@ _MODEL_NAME = flags.DEFINE_string("model_name", None, "Model id clients send (de
                                   "checkpoint's config name).")
 _DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"],
                            "Compute dtype (default: float32 on CPU, bfloat16 elsewhere).")
-_SLOTS = flags.DEFINE_integer("num_slots", 8, "Requests decoded together.")
+_SLOTS = flags.DEFINE_integer("num_slots", 8, "Requests decoded together; 0: as many as "
+                              "fit in --memory_fraction of the device memory left after the "
+                              "weights (GPU, TPU).")
+_MEM_FRACTION = flags.DEFINE_float("memory_fraction", 0.9, "With --num_slots=0: the share of "
+                                   "free device memory the slots' KV cache may take.")
 _MAX_LEN = flags.DEFINE_integer("max_len", 1024, "Cache positions per request "
                                 "(prompt + max_tokens).")
 _MAX_QUEUE = flags.DEFINE_integer("max_queue", 256, "Waiting requests before 429s.")
@@ -49,7 +53,8 @@ def main(argv):
 
     serve(_CKPT.value, host=_HOST.value, port=_PORT.value, dtype=_DTYPE.value,
           model_name=_MODEL_NAME.value, warmup=_WARMUP.value,
-          config=_engine_config(num_slots=_SLOTS.value, max_len=_MAX_LEN.value,
+          config=_engine_config(num_slots=_SLOTS.value or None,
+                                memory_fraction=_MEM_FRACTION.value, max_len=_MAX_LEN.value,
                                 max_queue=_MAX_QUEUE.value, prefix_cache_mb=_PREFIX_MB.value),
           mesh=runtime_flags.MESH.value, fsdp=runtime_flags.FSDP.value,
           **spec_flags.kwargs(), **runtime_flags.quant_kwargs())
