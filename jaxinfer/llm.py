@@ -87,6 +87,15 @@ def default_dtype() -> Any:
     return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
 
 
+def _draft_parts(draft: Any) -> tuple[Weights | None, ModelConfig | None, Any]:
+    """(weights, config, KV dtype) of a draft: an LLM, or "ngram" (prompt lookup: None)."""
+    if isinstance(draft, str):
+        if draft != "ngram":
+            raise BadRequestError(f"draft must be an LLM or 'ngram', got {draft!r}")
+        return None, None, None
+    return draft.params, draft.cfg, draft.kv_dtype
+
+
 def _same_seeds_everywhere(sampling: list[SamplingParams]) -> list[SamplingParams]:
     """Unseeded requests get a random seed; in a multi-process run process 0 draws it and
     every process uses the same one, so all hosts sample the same tokens."""
@@ -365,13 +374,10 @@ class LLM:
     def _speculate(self, ids: list[list[int]], sp: list[SamplingParams], mn: list[int],
                    stop: Sequence[str], draft: LLM | str, k: int, ngram_size: int,
                    matchers: list) -> list[SpeculativeCompletion]:
-        if isinstance(draft, str) and draft != "ngram":
-            raise BadRequestError(f"draft must be an LLM or 'ngram', got {draft!r}")
-        dw, dcfg = (None, None) if isinstance(draft, str) else (draft.params, draft.cfg)
+        dw, dcfg, ddtype = _draft_parts(draft)
         r = speculative.generate_ids(self.params, dw, self.cfg, dcfg, ids,
                                      _same_seeds_everywhere(sp), mn, self.eos, k, ngram_size,
-                                     self.kv_dtype, self.mesh, self.impl,
-                                     None if isinstance(draft, str) else draft.kv_dtype,
+                                     self.kv_dtype, self.mesh, self.impl, ddtype,
                                      matchers, self._grammars)
         out, prompt_lps = [], _prompt_logprobs(r.prompt_logprobs, ids, sp)
         for b, toks in enumerate(r.tokens):
@@ -412,17 +418,24 @@ class LLM:
     # ---- streaming (host-stepped, one dispatch ahead) --------------------------------------
     def stream(self, prompt: str | Sequence[int], sampling: SamplingParams | None = None,
                max_new_tokens: int = 64, stop: Sequence[str] = (), chat: bool = False,
-               result: list[Completion] | None = None, constraint: Constraint | None = None
-               ) -> Iterator[str]:
+               result: list[Completion] | None = None, constraint: Constraint | None = None,
+               draft: LLM | str | None = None, num_speculative_tokens: int = 4,
+               ngram_size: int = 3) -> Iterator[str]:
         """Yield text deltas as tokens are produced. If `result` is a list, the final
         Completion is appended to it. The next step is dispatched before the host reads
         the current token, so detokenizing overlaps device work (not under a
-        `constraint`, whose next mask needs the current token)."""
+        `constraint`, whose next mask needs the current token). With `draft` (as in
+        `generate`) each speculative round yields the 1..k+1 tokens it kept."""
         ids = self.encode(prompt, chat)
         t0 = time.perf_counter()
         sampling = sampling or SamplingParams()
         _check_sampling([sampling], [max_new_tokens], self.cfg.vocab_size)
         matchers = self._matchers(constraint, 1)
+        if draft is not None:
+            yield from self._stream_speculative(ids, sampling, max_new_tokens, stop, result,
+                                                matchers, draft, num_speculative_tokens,
+                                                ngram_size, t0)
+            return
         state = self._start([ids], [sampling], [max_new_tokens], matchers)
         prompt_lps = _prompt_logprobs(state.prompt_logprobs_out, [ids], [sampling])[0]
         state = dataclasses.replace(state, prompt_logprobs_out=None)
@@ -462,6 +475,69 @@ class LLM:
             result.append(Completion(out.text, toks, len(ids), reason, ttft,
                                      (len(toks) - 1) / dt if dt > 0 and len(toks) > 1 else 0.0,
                                      lps, prompt_lps))
+
+    def _stream_speculative(self, ids: list[int], sampling: SamplingParams, max_new: int,
+                            stop: Sequence[str], result: list[Completion] | None,
+                            matchers: list, draft: LLM | str, k: int, ngram_size: int,
+                            t0: float) -> Iterator[str]:
+        """`stream` with a draft: one speculative round per host step (split for a
+        constrained row), its kept tokens detokenized as they come."""
+        dw, dcfg, ddtype = _draft_parts(draft)
+        speculative.check_settings(k, ngram_size, self.cfg, dcfg)
+        sp = _same_seeds_everywhere([sampling])
+        prompt_BT, lens_B, tc, dc, M = speculative.prepare([ids], [max_new], k, self.cfg, dcfg,
+                                                           self.kv_dtype, self.mesh, ddtype)
+        self.kv_cache_bytes = device_bytes(tc) + (0 if dc is None else device_bytes(dc))
+        rows = (None if matchers[0] is None else speculative.RowGrammars(
+            matchers, self._grammars, sp, frozenset(int(e) for e in self.eos)))
+        state, scored = speculative.start(
+            self.params, dw, prompt_BT, lens_B, tc, dc, SamplingArrays.from_params(sp),
+            np.asarray([max_new], np.int32), self.eos, cfg=self.cfg, draft_cfg=dcfg,
+            max_out=M, impl=self.impl, logprobs=sampling.logprobs is not None,
+            prompt_logprobs=sampling.prompt_logprobs is not None,
+            mask_BW=None if rows is None else rows.mask())
+        prompt_lps = _prompt_logprobs(scored, [ids], sp)[0]
+        out = TextOutput(self.tokenizer, ids, stop, sampling.skip_special_tokens,
+                         sampling.include_stop_str_in_output)
+        toks: list[int] = []
+        ttft = 0.0
+        while True:
+            if rows is not None:
+                state = rows.feed(state)
+            row, n, done = (x[0] for x in to_host((state.output_BM, state.num_generated_B,
+                                                   state.done_B)))
+            if not ttft:
+                ttft = time.perf_counter() - t0
+            for j in range(len(toks), int(n)):
+                tok = int(row[j])
+                toks.append(tok)
+                delta = out.push(tok, sampling.ends(tok, self.eos), bool(done) and j == n - 1)
+                if delta:
+                    yield delta
+                if out.stopped:
+                    break
+            if done or out.stopped:
+                break
+            if rows is not None and rows.live:
+                state = rows.round(self.params, dw, state, self.cfg, dcfg, k, ngram_size,
+                                   self.impl)
+            else:
+                state = speculative.step(self.params, dw, state, cfg=self.cfg,
+                                         draft_cfg=dcfg, k=k, ngram_size=ngram_size,
+                                         impl=self.impl)
+        if result is not None:
+            dt = time.perf_counter() - t0 - ttft
+            ends = bool(toks) and sampling.ends(toks[-1], self.eos)
+            complete = rows is not None and rows.complete[0]
+            reason = "stop" if ends or out.stopped or complete else "length"
+            lps = None if sampling.logprobs is None else host_logprobs(
+                toks, *(a[0] for a in to_host(state.logprobs_out)), sampling.logprobs)
+            rounds, accepted = (int(x[0]) for x in to_host((state.rounds_B, state.accepted_B)))
+            result.append(SpeculativeCompletion(
+                out.text, toks, len(ids), reason, ttft,
+                (len(toks) - 1) / dt if dt > 0 and len(toks) > 1 else 0.0, lps, prompt_lps,
+                acceptance_rate=accepted / (k * rounds) if rounds else 0.0,
+                num_speculative_tokens=k, verify_passes=rounds))
 
     def chat(self, messages: list[dict[str, str]], *, add_generation_prompt: bool = True,
              continue_final_message: bool = False,

@@ -365,60 +365,74 @@ def verify_step(target_weights: Weights, state: SpecState, d_BK: jax.Array,
     return verify(target_weights, state, d_BK, q_BKV, cfg, k, impl, mask_BTW=mask_BTW)[0]
 
 
-def _constrained_rounds(tw: Weights, dw: Weights | None, state: SpecState, matchers: list,
-                        grammars, sampling: list[SamplingParams], eos_ids: frozenset[int],
-                        cfg: ModelConfig, dcfg: ModelConfig | None, k: int, ngram_size: int,
-                        impl: str) -> tuple[SpecState, list[bool]]:
-    """Rounds with the host in the loop while a constrained row is live: each round is
-    split (propose_step, the host's masks along the drafted tokens, verify_step), the
-    emitted tokens advance each row's grammar, and a row whose grammar is complete ends
-    there (later tokens of its round are dropped). Once only free rows remain the rest
-    runs in the device loop. Returns the state and which rows completed their grammar."""
-    B = len(matchers)
-    matchers, complete, fed = list(matchers), [False] * B, [0] * B
-    ends = [lambda t, sp=sp: sp.ends(t, eos_ids) for sp in sampling]
-    while True:
+class RowGrammars:
+    """The constrained rows of a speculative batch, on the host: feeds each round's emitted
+    tokens to the rows' llguidance matchers, ends a row as soon as its grammar is complete
+    (later tokens of that round are dropped), and runs a round split in two for them
+    (propose_step, the masks along the drafted tokens, verify_step)."""
+
+    def __init__(self, matchers: list, grammars, sampling: list[SamplingParams],
+                 eos_ids: frozenset[int]):
+        self.matchers, self.grammars = list(matchers), grammars
+        self.complete = [False] * len(matchers)  # rows that ended on completing their grammar
+        self._fed = [0] * len(matchers)  # tokens of each row its matcher has seen
+        self._ends = [lambda t, sp=sp: sp.ends(t, eos_ids) for sp in sampling]
+
+    @property
+    def live(self) -> list[int]:
+        return [b for b, m in enumerate(self.matchers) if m is not None]
+
+    def mask(self) -> np.ndarray | None:
+        """Each row's allowed next tokens (an int32 bitmask), None when no row is live."""
+        if not self.live:
+            return None
+        mask = self.grammars.all_allowed(len(self.matchers))
+        for b in self.live:
+            self.grammars.fill(self.matchers[b], mask, b)
+        return mask
+
+    def feed(self, state: SpecState) -> SpecState:
+        """Advance the live rows' grammars over their new tokens; a completed row is frozen
+        like one that hit EOS, cut right after the completing token."""
         out, n_gen, done = to_host((state.output_BM, state.num_generated_B, state.done_B))
-        n_gen = n_gen.copy()
-        cut = []
-        for b, m in enumerate(matchers):
-            if m is None:
-                continue
-            for j in range(fed[b], int(n_gen[b])):
+        n_gen, cut = n_gen.copy(), []
+        for b in self.live:
+            m = self.matchers[b]
+            for j in range(self._fed[b], int(n_gen[b])):
                 tok = int(out[b, j])
-                if ends[b](tok):
+                if self._ends[b](tok):
                     break
                 if not m.consume_token(tok):
                     log.warning("a constrained row left its grammar: %s", m.get_error())
                 if m.is_stopped():  # complete: nothing but EOS could follow
-                    complete[b] = True
-                    n_gen[b] = j + 1
+                    self.complete[b], n_gen[b] = True, j + 1
                     cut.append(b)
                     break
-            fed[b] = int(n_gen[b])
-            if done[b] or complete[b]:
-                matchers[b] = None
-        if cut:  # frozen like a row that hit EOS, its later tokens dropped
-            rows = np.asarray(cut)
-            state = dataclasses.replace(
-                state, done_B=state.done_B.at[rows].set(True),
-                finish_eos_B=state.finish_eos_B.at[rows].set(False),
-                num_generated_B=state.num_generated_B.at[rows].set(n_gen[rows]))
-        live = [b for b, m in enumerate(matchers) if m is not None]
-        if not live:
-            return run_loop(tw, dw, state, cfg=cfg, draft_cfg=dcfg, k=k,
-                            ngram_size=ngram_size, impl=impl), complete
-        mask0 = grammars.all_allowed(B)
-        for b in live:
-            grammars.fill(matchers[b], mask0, b)
-        state, d_BK, q_BKV = propose_step(dw, state, mask0, draft_cfg=dcfg, k=k,
+            self._fed[b] = int(n_gen[b])
+            if done[b] or self.complete[b]:
+                self.matchers[b] = None
+        if not cut:
+            return state
+        rows = np.asarray(cut)
+        return dataclasses.replace(
+            state, done_B=state.done_B.at[rows].set(True),
+            finish_eos_B=state.finish_eos_B.at[rows].set(False),
+            num_generated_B=state.num_generated_B.at[rows].set(n_gen[rows]))
+
+    def round(self, tw: Weights, dw: Weights | None, state: SpecState, cfg: ModelConfig,
+              dcfg: ModelConfig | None, k: int, ngram_size: int, impl: str) -> SpecState:
+        """One split round: the draft proposes (its first token masked), the host masks
+        every position along the drafted tokens, the target verifies under the masks."""
+        B = len(self.matchers)
+        state, d_BK, q_BKV = propose_step(dw, state, self.mask(), draft_cfg=dcfg, k=k,
                                           ngram_size=ngram_size, impl=impl)
         drafted = to_host(d_BK)
-        mask = grammars.all_allowed(B * (k + 1))
-        for b in live:
-            grammars.fill_drafted(matchers[b], drafted[b], mask, b * (k + 1), ends[b])
-        state = verify_step(tw, state, d_BK, q_BKV, mask.reshape(B, k + 1, -1), cfg=cfg, k=k,
-                            impl=impl)
+        mask = self.grammars.all_allowed(B * (k + 1))
+        for b in self.live:
+            self.grammars.fill_drafted(self.matchers[b], drafted[b], mask, b * (k + 1),
+                                       self._ends[b])
+        return verify_step(tw, state, d_BK, q_BKV, mask.reshape(B, k + 1, -1), cfg=cfg, k=k,
+                           impl=impl)
 
 
 def check_settings(k: int, ngram_size: int, cfg: ModelConfig,
@@ -495,12 +509,8 @@ def generate_ids(target_weights: Weights, draft_weights: Weights | None, cfg: Mo
     check_settings(k, ngram_size, cfg, draft_cfg)
     prompt_BT, lens_B, tc, dc, M = prepare(prompts, max_new, k, cfg, draft_cfg, dtype, mesh,
                                            draft_dtype)
-    mask0 = None
-    if matchers is not None and any(m is not None for m in matchers):
-        mask0 = grammars.all_allowed(len(prompts))
-        for b, m in enumerate(matchers):
-            if m is not None:
-                grammars.fill(m, mask0, b)
+    rows = (RowGrammars(matchers, grammars, sampling, frozenset(int(e) for e in eos_E))
+            if matchers is not None and any(m is not None for m in matchers) else None)
     t0 = time.perf_counter()
     state, prompt_lp = start(
         target_weights, draft_weights, prompt_BT, lens_B, tc, dc,
@@ -508,22 +518,23 @@ def generate_ids(target_weights: Weights, draft_weights: Weights | None, cfg: Mo
         draft_cfg=draft_cfg, max_out=M, impl=impl,
         logprobs=any(p.logprobs is not None for p in sampling),
         prompt_logprobs=any(p.prompt_logprobs is not None for p in sampling),
-        mask_BW=mask0)
+        mask_BW=None if rows is None else rows.mask())
     state.num_generated_B.block_until_ready()
     ttft = time.perf_counter() - t0
     prompt_lp = to_host(prompt_lp)
-    complete = [False] * len(prompts)
-    if mask0 is None:
-        state = run_loop(target_weights, draft_weights, state, cfg=cfg, draft_cfg=draft_cfg,
-                         k=k, ngram_size=ngram_size, impl=impl)
-    else:
-        state, complete = _constrained_rounds(
-            target_weights, draft_weights, state, matchers, grammars, sampling,
-            frozenset(int(e) for e in eos_E if e >= 0), cfg, draft_cfg, k, ngram_size, impl)
+    while rows is not None:  # the host in the loop while a constrained row is live
+        state = rows.feed(state)
+        if not rows.live:
+            break
+        state = rows.round(target_weights, draft_weights, state, cfg, draft_cfg, k,
+                           ngram_size, impl)
+    state = run_loop(target_weights, draft_weights, state, cfg=cfg, draft_cfg=draft_cfg,
+                     k=k, ngram_size=ngram_size, impl=impl)
     out, n, eos, rounds, acc, lp = to_host((
         state.output_BM, state.num_generated_B, state.finish_eos_B, state.rounds_B,
         state.accepted_B, state.logprobs_out))
     dt = time.perf_counter() - t0 - ttft
     return SpecResult([[int(t) for t in out[b, : n[b]]] for b in range(len(prompts))],
                       [bool(e) for e in eos], [int(r) for r in rounds],
-                      [int(a) for a in acc], k, ttft, dt, lp, prompt_lp, complete)
+                      [int(a) for a in acc], k, ttft, dt, lp, prompt_lp,
+                      [False] * len(prompts) if rows is None else rows.complete)

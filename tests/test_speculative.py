@@ -95,6 +95,38 @@ def test_generate_script_reports_acceptance(smollm2_checkpoint):
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert len(out["token_ids"]) == 12 and 0 < out["acceptance_rate"] <= 1
     assert out["decode_tokens_per_s"] > 0 and out["num_speculative_tokens"] == 4
+    # Text mode streams with a draft too, the same text, acceptance on stderr.
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "generate.py"), "--prompt",
+                        PROMPTS[2], "--temperature", "0", "--max_new_tokens", "12",
+                        "--ngram_draft"], capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == out["text"].strip() and "acceptance=" in r.stderr
+
+
+def test_stream_with_a_draft_equals_generate():
+    """LLM.stream(draft=) yields, round by round, the text LLM.generate(draft=) returns,
+    greedy and seeded, under a stop string and under a constraint."""
+    from jaxinfer.structured import Constraint
+
+    cfg1 = TINY.replace(num_layers=1)
+    llm = LLM(TINY, tiny_weights(TINY, 0), CharTokenizer())
+    draft = LLM(cfg1, tiny_weights(cfg1, 1), CharTokenizer())
+    prompt, kw = [5, 6, 7, 8, 5, 6, 7], dict(max_new_tokens=20, num_speculative_tokens=3)
+    full = llm.generate(prompt, GREEDY, draft=draft, **kw)
+    cases = [dict(sampling=GREEDY), dict(sampling=SamplingParams(temperature=1.0, seed=4)),
+             dict(sampling=GREEDY, stop=[full.text[4:6]]),
+             dict(sampling=GREEDY, constraint=Constraint(regex=r"[a-c]{3}-[0-9]{2}"))]
+    for case in cases:
+        want = llm.generate(prompt, draft=draft, **kw, **case)
+        res: list = []
+        deltas = list(llm.stream(prompt, draft=draft, result=res, **kw, **case))
+        got = res[0]
+        assert "".join(deltas) == got.text == want.text and len(deltas) > 1, case
+        assert (got.token_ids, got.finish_reason) == (want.token_ids, want.finish_reason)
+        if "stop" not in case:  # a stream stops at the stop string, generate decodes on
+            assert got.verify_passes == want.verify_passes
+            assert got.acceptance_rate == want.acceptance_rate
+    assert want.finish_reason == "stop" and len(want.text) == 6  # the regex is complete
 
 
 def test_greedy_with_penalties_bias_and_stop_conditions_equals_target():

@@ -85,14 +85,9 @@ def main(argv):
     spec = spec_flags.kwargs()
     if spec["draft"] is not None:
         kw.update(spec, draft=llm.load_draft(spec["draft"]))
-    if _FORMAT.value == "json" or "draft" in kw:  # speculative decoding does not stream
+    if _FORMAT.value == "json":
         out = llm.generate(_PROMPT.value, **kw)
-        if main_process and _FORMAT.value == "text":
-            print(out.text)
-            print(f"[{len(out.token_ids)} tokens, finish={out.finish_reason}, "
-                  f"acceptance={out.acceptance_rate:.2f}, "
-                  f"{out.decode_tokens_per_s:.1f} tok/s]", file=sys.stderr)
-        elif main_process:
+        if main_process:
             print(json.dumps(out.to_json() | dict(weight_bytes=llm.weight_bytes,
                                                   kv_cache_bytes=llm.kv_cache_bytes)))
         else:  # results print once; other hosts log theirs so runs can be cross-checked
@@ -107,9 +102,12 @@ def main(argv):
         return
     sys.stdout.write("\n")
     c = result[0]
+    drafted = (f"acceptance={c.acceptance_rate:.2f}, " if hasattr(c, "acceptance_rate")
+               else "")
     print(f"[{len(c.token_ids)} tokens, finish={c.finish_reason}, ttft={c.ttft_s:.2f}s, "
-          f"{c.decode_tokens_per_s:.1f} tok/s, weights {format_bytes(llm.weight_bytes)}, "
-          f"kv cache {format_bytes(llm.kv_cache_bytes)}]", file=sys.stderr)
+          f"{drafted}{c.decode_tokens_per_s:.1f} tok/s, weights "
+          f"{format_bytes(llm.weight_bytes)}, kv cache {format_bytes(llm.kv_cache_bytes)}]",
+          file=sys.stderr)
 
 
 def run() -> None:
