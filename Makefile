@@ -18,11 +18,12 @@ demo: setup  ## real text from the default model (SmolLM2-135M-Instruct)
 	$(PY) scripts/generate.py --chat --prompt "What are three uses of a paperclip?" \
 		--temperature 0 --max_new_tokens 96
 
+# Two workers, whole files each (module fixtures load a model once): ~17 min on 2 cores.
 test: setup  ## the whole suite, slow tests included (what CI runs)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadfile
 
 test-fast: setup
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -n 2 --dist loadfile -m "not slow"
 
 lint: setup
 	$(VENV)/bin/ruff check jaxinfer scripts tests
