@@ -10,6 +10,8 @@
             prefilled, chunked prefill vs whole prompts (and the long prompts' TTFT)
     structured  the serving engine: one request's decode speed, unconstrained vs under a
             JSON schema (per-step bitmask, no step overlap)
+    structured_draft  the serving engine: JSON extraction (values copied from the prompt)
+            without a draft vs with prompt lookup (split rounds masked along the drafts)
     layers  the forward alone (greedy, no sampling): layers under lax.scan (the model) vs a
             Python loop over static layer slices, to see what the scan's per-layer
             dynamic slice of the stacked weights costs
@@ -37,7 +39,7 @@ from jaxinfer.kv_cache import init_cache
 from jaxinfer.sampling import IDLE_ROW, SamplingArrays
 
 EXPERIMENTS = ("dtype", "quant", "donate", "loop", "bucket", "layers", "chunked",
-               "structured")
+               "structured", "structured_draft")
 
 
 def _start(llm, ids: list[int], batch: int, S: int, n: int) -> gen.DecodeState:
@@ -221,4 +223,9 @@ def run(llm, which: list[str], ids: list[int], n: int, batch: int, repeats: int,
 
         progress("experiment structured: a JSON-schema constraint vs none in the engine")
         out["structured"] = engine_structured(llm, n, repeats)
+    if "structured_draft" in which:
+        from jaxinfer.bench.measure import engine_structured_draft
+
+        progress("experiment structured_draft: JSON extraction, prompt lookup vs no draft")
+        out["structured_draft"] = engine_structured_draft(llm, max(n, 96), repeats)
     return out

@@ -182,6 +182,53 @@ def engine_structured(llm, n: int = 64, repeats: int = 3) -> dict[str, Any]:
     return out
 
 
+_EXTRACT = ("Extract the scientist from this text as JSON.\n\nText: Marie Sklodowska-Curie, "
+            "born in Warsaw in 1867, was the first person to win Nobel Prizes in two "
+            "sciences, physics and chemistry. She once said: \"Nothing in life is to be "
+            "feared, it is only to be understood.\"")
+_EXTRACT_SCHEMA = {"type": "object", "properties": {
+    "name": {"type": "string"}, "birthplace": {"type": "string"},
+    "born": {"type": "integer"}, "quote": {"type": "string"}},
+    "required": ["name", "birthplace", "born", "quote"], "additionalProperties": False}
+
+
+def engine_structured_draft(llm, n: int = 96, repeats: int = 3, k: int = 4
+                            ) -> dict[str, Any]:
+    """Structured extraction (a JSON schema whose values copy spans of the prompt) in the
+    engine, without a draft vs with prompt lookup: decode speed, the draft's acceptance,
+    and whether the tokens are the same (greedy). The two engines alternate requests, so
+    load drift on a shared machine hits both."""
+    from jaxinfer.engine import Engine, EngineConfig
+    from jaxinfer.structured import Constraint
+
+    msgs = [{"role": "user", "content": _EXTRACT}]
+    c = Constraint(json_schema=_EXTRACT_SCHEMA)
+    econf = EngineConfig(num_slots=1, max_len=512, prefix_block=0)
+    engines = {"no_draft": Engine.from_llm(llm, econf),
+               "ngram": Engine.from_llm(llm, econf, draft="ngram", num_speculative_tokens=k)}
+    runs: dict[str, list] = {name: [] for name in engines}
+    try:
+        for eng in engines.values():
+            eng.warmup()
+        for _ in range(repeats + 1):  # the first of each compiles
+            for name, eng in engines.items():
+                runs[name].append(eng.submit(messages=msgs, sampling=GREEDY, max_tokens=n,
+                                             constraint=c).result())
+        rate = engines["ngram"].gauges()["speculative_acceptance_rate"][0]
+    finally:
+        for eng in engines.values():
+            eng.close()
+    out: dict[str, Any] = {"max_tokens": n, "num_speculative_tokens": k,
+                           "text": runs["no_draft"][-1].text}
+    for name, rs in runs.items():
+        out[name] = {"tokens": len(rs[-1].token_ids), "finish_reason": rs[-1].finish_reason,
+                     "decode_tps": statistics.median(r.metrics.decode_tokens_per_s
+                                                     for r in rs[1:])}
+    out["ngram"]["acceptance_rate"] = rate
+    out["same_tokens"] = runs["ngram"][-1].token_ids == runs["no_draft"][-1].token_ids
+    return out
+
+
 def _best_time(f, *args, repeats: int) -> float:
     jax.block_until_ready(f(*args))
     ts = []
