@@ -274,7 +274,8 @@ class Engine:
         left after the weights (a clear ConfigError, not an allocator failure mid-start),
         or with num_slots=None take as many slots as fit in memory_fraction of it. A
         backend without memory statistics (CPU) skips the check."""
-        devices = list(mesh.devices.flat) if mesh is not None else [device]
+        devices = ([d for d in mesh.devices.flat if d.process_index == jax.process_index()]
+                   if mesh is not None else [device])  # this process's: it can query them
         free = memory.free_bytes(devices)
         S, dcfg = self.max_len, None if self._spec is None else self._spec.cfg
         ddtype = None if dcfg is None else self._spec.weights["embed"].dtype
@@ -294,6 +295,10 @@ class Engine:
 
         where, fmt = f"{devices[0].platform}:{devices[0].id}", memory.format_bytes
         if config.num_slots is None:
+            if jax.process_count() > 1:  # each host would size its own: they must agree
+                raise ConfigError("num_slots=None (as many slots as fit) is for one "
+                                  "process; a multi-process run needs the same num_slots "
+                                  "on every process")
             if free is None:
                 raise ConfigError(f"num_slots=None (as many slots as fit) needs the device's "
                                   f"memory statistics, which the {devices[0].platform} "
