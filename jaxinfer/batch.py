@@ -290,7 +290,9 @@ def run_batch(engine: Engine, input_path: str | Path, output_path: str | Path,
                     req = finished.get(block=block)
                 except queue.Empty:
                     return
-                entry = in_flight.pop(req)
+                entry = in_flight.pop(req, None)
+                if entry is None:  # a choice of a line whose later choice was refused
+                    continue
                 entry.left -= 1
                 if not entry.left:
                     write(entry.record(entry.reqs))
