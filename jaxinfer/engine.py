@@ -448,6 +448,7 @@ class Engine:
             raise BadRequestError(f"stop must be a string or a list of strings, got {stop!r}",
                                   "stop")
         sampling = sampling or SamplingParams()
+        stop = sampling.stops(stop)
         check_vocab([sampling], self.cfg.vocab_size)
         sampling.check_lengths(max_tokens)
         matcher = None

@@ -401,7 +401,7 @@ class LLM:
         """`eos`: the last token ended the row (EOS, a stop id); `complete`: its grammar
         was complete."""
         body = toks[:-1] if eos else toks
-        skip = sampling.skip_special_tokens
+        skip, stop = sampling.skip_special_tokens, sampling.stops(stop)
         text = self.tokenizer.decode(body, skip)
         reason = "stop" if eos or complete else "length"
         at, n = find_stop(text, stop)
@@ -440,7 +440,7 @@ class LLM:
         prompt_lps = _prompt_logprobs(state.prompt_logprobs_out, [ids], [sampling])[0]
         state = dataclasses.replace(state, prompt_logprobs_out=None)
         pending = jnp.stack([state.tokens_B, state.done_B.astype(jnp.int32)])
-        out = TextOutput(self.tokenizer, ids, stop, sampling.skip_special_tokens,
+        out = TextOutput(self.tokenizer, ids, sampling.stops(stop), sampling.skip_special_tokens,
                          sampling.include_stop_str_in_output)
         toks: list[int] = []
         reason, ttft = "length", 0.0
@@ -497,7 +497,7 @@ class LLM:
             prompt_logprobs=sampling.prompt_logprobs is not None,
             mask_BW=None if rows is None else rows.mask())
         prompt_lps = _prompt_logprobs(scored, [ids], sp)[0]
-        out = TextOutput(self.tokenizer, ids, stop, sampling.skip_special_tokens,
+        out = TextOutput(self.tokenizer, ids, sampling.stops(stop), sampling.skip_special_tokens,
                          sampling.include_stop_str_in_output)
         toks: list[int] = []
         ttft = 0.0

@@ -73,6 +73,8 @@ class SamplingParams:
     # markers) out of the text; keep a matched stop string at the end of the text.
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # Stop strings (as vLLM's SamplingParams takes them), on top of those the call passes.
+    stop: tuple[str, ...] = ()
 
     GREEDY: ClassVar[SamplingParams]
 
@@ -120,10 +122,20 @@ class SamplingParams:
         if not _is_int(self.min_tokens) or self.min_tokens < 0:
             raise BadRequestError(f"min_tokens must be an integer >= 0, got "
                                   f"{self.min_tokens!r}", "min_tokens")
+        stop = (self.stop,) if isinstance(self.stop, str) else self.stop
+        if not isinstance(stop, (list, tuple)) or not all(isinstance(x, str) for x in stop):
+            raise BadRequestError(f"stop must be a string or a list of strings, got "
+                                  f"{self.stop!r}", "stop")
+        object.__setattr__(self, "stop", tuple(stop))
         for name in ("ignore_eos", "skip_special_tokens", "include_stop_str_in_output"):
             if not isinstance(getattr(self, name), (bool, np.bool_)):
                 raise BadRequestError(f"{name} must be true or false, got "
                                       f"{getattr(self, name)!r}", name)
+
+    def stops(self, extra: str | Sequence[str] = ()) -> tuple[str, ...]:
+        """This request's stop strings: `extra` (a call's `stop` argument) and its own."""
+        extra = (extra,) if isinstance(extra, str) else tuple(extra)
+        return tuple(dict.fromkeys(extra + self.stop))
 
     def check_lengths(self, max_tokens: int) -> None:
         """BadRequestError unless min_tokens fits in the request's token budget."""

@@ -154,10 +154,14 @@ def test_stop_strings_streaming_and_holdback(include):
     sp = SamplingParams(temperature=0, include_stop_str_in_output=include)
     expect = llm.generate(prompt, sampling=sp, max_new_tokens=20, stop=[stop])
     assert expect.finish_reason == "stop"
+    # vLLM's form: the stop strings inside SamplingParams (merged with a call's `stop`).
+    in_sp = SamplingParams(temperature=0, include_stop_str_in_output=include, stop=stop)
     with tiny_engine() as eng:
         req = eng.submit(prompt, sampling=sp, max_tokens=20, stop=[stop, "\x7f"])
         deltas = list(req)
         res = req.result()
+        assert eng.submit(prompt, sampling=in_sp, max_tokens=20).result().text == res.text
+    assert llm.generate(prompt, sampling=in_sp, max_new_tokens=20).text == expect.text
     end = full.find(stop) + (len(stop) if include else 0)
     assert "".join(deltas) == res.text == expect.text == full[:end]
     assert "".join(llm.stream(prompt, sp, 20, stop=[stop])) == expect.text

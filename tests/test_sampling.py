@@ -328,6 +328,7 @@ def test_new_parameter_values_do_not_recompile():
     (dict(ignore_eos="yes"), "ignore_eos", "'yes'"),
     (dict(skip_special_tokens=0), "skip_special_tokens", "0"),
     (dict(include_stop_str_in_output="no"), "include_stop_str_in_output", "'no'"),
+    (dict(stop=[1]), "stop", r"\[1\]"),
     (dict(logprobs=21), "logprobs", "21"),
 ])
 def test_bad_parameters_raise_bad_request(kwargs, name, value):
@@ -387,3 +388,10 @@ def test_logit_bias_forces_bans_and_validates():
                        ({i: 1 for i in range(301)}, "at most 300"), (5, "map token ids")]:
         with pytest.raises(BadRequestError, match=match):
             SamplingParams(logit_bias=bad)
+
+
+def test_stop_strings_in_sampling_params():
+    """vLLM's SamplingParams(stop=...): a string or a list, merged with a call's stop."""
+    assert SamplingParams(stop="a").stop == ("a",)
+    assert SamplingParams(stop=["a", "b"]).stops(["c", "a"]) == ("c", "a", "b")
+    assert SamplingParams().stops("x") == ("x",)
