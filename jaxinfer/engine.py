@@ -426,6 +426,8 @@ class Engine:
             raise NotLeaderError(f"process {jax.process_index()} follows process 0's engine; "
                                  "submit requests on process 0")
         ids = self.encode(prompt, messages, chat_options)
+        if sampling is not None:
+            ids = sampling.truncate(ids)
         n = len(ids)
         if n == 0:
             raise BadRequestError("prompt is empty (0 tokens)",

@@ -111,7 +111,10 @@ def _same_seeds_everywhere(sampling: list[SamplingParams]) -> list[SamplingParam
 
 
 def _check_sampling(sampling: list[SamplingParams], max_new: list[int],
-                    vocab_size: int) -> None:
+                    vocab_size: int, rows: int = 1) -> None:
+    for name, xs in (("sampling", sampling), ("max_new_tokens", max_new)):
+        if len(xs) != rows:
+            raise BadRequestError(f"{name} has {len(xs)} entries for {rows} prompts", name)
     check_vocab(sampling, vocab_size)
     for p, m in zip(sampling, max_new, strict=True):
         p.check_lengths(m)
@@ -340,7 +343,8 @@ class LLM:
         ids = [self.encode(p, chat) for p in batch]
         sp = sampling if isinstance(sampling, list) else [sampling or SamplingParams()] * len(ids)
         mn = max_new_tokens if isinstance(max_new_tokens, list) else [max_new_tokens] * len(ids)
-        _check_sampling(sp, mn, self.cfg.vocab_size)
+        _check_sampling(sp, mn, self.cfg.vocab_size, len(ids))
+        ids = [s.truncate(i) for s, i in zip(sp, ids, strict=True)]
         matchers = self._matchers(constraint, len(ids))
         if draft is not None:
             res = self._speculate(ids, sp, mn, stop, draft, num_speculative_tokens, ngram_size,
@@ -426,9 +430,9 @@ class LLM:
         the current token, so detokenizing overlaps device work (not under a
         `constraint`, whose next mask needs the current token). With `draft` (as in
         `generate`) each speculative round yields the 1..k+1 tokens it kept."""
-        ids = self.encode(prompt, chat)
-        t0 = time.perf_counter()
         sampling = sampling or SamplingParams()
+        ids = sampling.truncate(self.encode(prompt, chat))
+        t0 = time.perf_counter()
         _check_sampling([sampling], [max_new_tokens], self.cfg.vocab_size)
         matchers = self._matchers(constraint, 1)
         if draft is not None:

@@ -75,6 +75,8 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     # Stop strings (as vLLM's SamplingParams takes them), on top of those the call passes.
     stop: tuple[str, ...] = ()
+    # vLLM's truncate_prompt_tokens: keep only the prompt's last n tokens (left truncation).
+    truncate_prompt_tokens: int | None = None
 
     GREEDY: ClassVar[SamplingParams]
 
@@ -127,6 +129,10 @@ class SamplingParams:
             raise BadRequestError(f"stop must be a string or a list of strings, got "
                                   f"{self.stop!r}", "stop")
         object.__setattr__(self, "stop", tuple(stop))
+        t = self.truncate_prompt_tokens
+        if t is not None and (not _is_int(t) or t < 1):
+            raise BadRequestError(f"truncate_prompt_tokens must be an integer >= 1 or None, "
+                                  f"got {t!r}", "truncate_prompt_tokens")
         for name in ("ignore_eos", "skip_special_tokens", "include_stop_str_in_output"):
             if not isinstance(getattr(self, name), (bool, np.bool_)):
                 raise BadRequestError(f"{name} must be true or false, got "
@@ -136,6 +142,11 @@ class SamplingParams:
         """This request's stop strings: `extra` (a call's `stop` argument) and its own."""
         extra = (extra,) if isinstance(extra, str) else tuple(extra)
         return tuple(dict.fromkeys(extra + self.stop))
+
+    def truncate(self, prompt_ids: list[int]) -> list[int]:
+        """The prompt as this request decodes it: its last truncate_prompt_tokens tokens."""
+        n = self.truncate_prompt_tokens
+        return list(prompt_ids[-n:]) if n is not None else prompt_ids
 
     def check_lengths(self, max_tokens: int) -> None:
         """BadRequestError unless min_tokens fits in the request's token budget."""

@@ -434,3 +434,24 @@ def test_memory_plan(monkeypatch):
     with tiny_engine(num_slots=None, prefix_cache_mb=0, memory_fraction=0.5) as eng:
         assert eng.config.num_slots == 5 and len(eng._slots) == 5
         assert len(eng.submit("hi", sampling=GREEDY, max_tokens=3).result(60).token_ids) == 3
+
+
+def test_truncate_prompt_tokens():
+    """vLLM's truncate_prompt_tokens keeps a prompt's last n tokens: the same output as
+    that suffix sent alone, in LLM.generate/stream and the engine, where a prompt too long
+    for the slots fits once truncated."""
+    llm, ids = _llm(), list(range(5, 95)) * 3  # 270 tokens, more than a 256-position slot
+    sp = SamplingParams(temperature=0, truncate_prompt_tokens=40)
+    want = llm.generate(ids[-40:], sampling=GREEDY, max_new_tokens=8)
+    got = llm.generate(ids, sampling=sp, max_new_tokens=8)
+    assert got.token_ids == want.token_ids and got.prompt_tokens == 40
+    out: list = []
+    "".join(llm.stream(ids, sampling=sp, max_new_tokens=8, result=out))
+    assert out[0].token_ids == want.token_ids
+    with tiny_engine() as eng:
+        with pytest.raises(ContextLengthError):
+            eng.submit(ids, sampling=GREEDY, max_tokens=8)
+        r = eng.submit(ids, sampling=sp, max_tokens=8).result(timeout=60)
+    assert r.token_ids == want.token_ids and r.prompt_tokens == 40
+    with pytest.raises(BadRequestError, match="sampling has 2 entries for 1 prompts"):
+        llm.generate([ids], sampling=[GREEDY, GREEDY])

@@ -329,6 +329,7 @@ def test_new_parameter_values_do_not_recompile():
     (dict(skip_special_tokens=0), "skip_special_tokens", "0"),
     (dict(include_stop_str_in_output="no"), "include_stop_str_in_output", "'no'"),
     (dict(stop=[1]), "stop", r"\[1\]"),
+    (dict(truncate_prompt_tokens=0), "truncate_prompt_tokens", "0"),
     (dict(logprobs=21), "logprobs", "21"),
 ])
 def test_bad_parameters_raise_bad_request(kwargs, name, value):

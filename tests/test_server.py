@@ -73,12 +73,14 @@ def test_completion_and_chat_match_the_engine(url, engine):
 
 
 def test_vllm_stop_fields_reach_the_engine(url, engine):
-    """stop_token_ids, min_tokens and ignore_eos (vLLM's extensions) mean what they mean in
-    SamplingParams: the server answers what the engine gives for the same settings."""
+    """stop_token_ids, min_tokens, ignore_eos, skip_special_tokens and truncate_prompt_tokens
+    (vLLM's extensions) mean what they mean in SamplingParams: the server answers what the
+    engine gives for the same settings."""
     free = engine.submit("Hello there", sampling=GREEDY, max_tokens=8).result(timeout=30)
     sid = free.token_ids[2]
     for extra in ({"stop_token_ids": [sid]}, {"stop_token_ids": [sid], "min_tokens": 6},
                   {"ignore_eos": True, "logit_bias": {"3": 100}, "skip_special_tokens": False},
+                  {"truncate_prompt_tokens": 3},
                   {"ignore_eos": True, "logit_bias": {"3": 100}}):
         out = requests.post(f"{url}/v1/completions", timeout=30, json={
             "prompt": "Hello there", "max_tokens": 8, "temperature": 0, **extra}).json()
@@ -89,6 +91,7 @@ def test_vllm_stop_fields_reach_the_engine(url, engine):
         assert out["choices"][0]["text"] == ref.text
         assert out["choices"][0]["finish_reason"] == ref.finish_reason
         assert out["usage"]["completion_tokens"] == len(ref.token_ids)
+        assert out["usage"]["prompt_tokens"] == ref.prompt_tokens
     assert ref.token_ids == [3] * 8 and ref.text == ""  # EOS, ignored; special: no text
     stop = free.text[2:4]
     for include in (False, True):
