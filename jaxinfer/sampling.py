@@ -28,6 +28,7 @@ from jaxinfer.errors import BadRequestError
 MAX_LOGPROBS = 20  # most alternatives a request may ask for (OpenAI's top_logprobs limit)
 MAX_LOGIT_BIAS = 300  # logit_bias entries per request (fixed, so the arrays never recompile)
 MAX_STOP_TOKEN_IDS = 32  # stop_token_ids per request (likewise)
+MAX_ALLOWED_TOKEN_IDS = 512  # allowed_token_ids per request (likewise)
 _NO_ID = np.iinfo(np.int32).max  # padding of stop_ids: matches no token, scatters nowhere
 _KEY_IMPL = "threefry2x32"  # fixed, so u32[B, 2] key data means the same on every backend
 _U32 = 0xFFFFFFFF
@@ -77,6 +78,8 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     # vLLM's truncate_prompt_tokens: keep only the prompt's last n tokens (left truncation).
     truncate_prompt_tokens: int | None = None
+    # vLLM's allowed_token_ids: sample only these (at most MAX_ALLOWED_TOKEN_IDS); None: all.
+    allowed_token_ids: tuple[int, ...] | None = None
 
     GREEDY: ClassVar[SamplingParams]
 
@@ -129,6 +132,17 @@ class SamplingParams:
             raise BadRequestError(f"stop must be a string or a list of strings, got "
                                   f"{self.stop!r}", "stop")
         object.__setattr__(self, "stop", tuple(stop))
+        allowed = self.allowed_token_ids
+        if allowed is not None:
+            if isinstance(allowed, (str, bytes)) or not hasattr(allowed, "__iter__") or not all(
+                    _is_int(t) and 0 <= t < _NO_ID for t in allowed) or not len(allowed):
+                raise BadRequestError(f"allowed_token_ids must be a non-empty list of token "
+                                      f"ids or None, got {allowed!r}", "allowed_token_ids")
+            allowed = tuple(sorted({int(t) for t in allowed}))
+            if len(allowed) > MAX_ALLOWED_TOKEN_IDS:
+                raise BadRequestError(f"allowed_token_ids has {len(allowed)} ids; at most "
+                                      f"{MAX_ALLOWED_TOKEN_IDS}", "allowed_token_ids")
+            object.__setattr__(self, "allowed_token_ids", allowed)
         t = self.truncate_prompt_tokens
         if t is not None and (not _is_int(t) or t < 1):
             raise BadRequestError(f"truncate_prompt_tokens must be an integer >= 1 or None, "
@@ -191,11 +205,12 @@ def _bias_pairs(bias: Any) -> tuple[tuple[int, float], ...] | None:
 
 
 def check_vocab(params: Sequence[SamplingParams], vocab_size: int) -> None:
-    """BadRequestError if a logit_bias or stop_token_ids names a token outside the
-    vocabulary."""
+    """BadRequestError if a logit_bias, stop_token_ids or allowed_token_ids names a token
+    outside the vocabulary."""
     for p in params:
         for name, ids in (("logit_bias", [i for i, _ in p.logit_bias or ()]),
-                          ("stop_token_ids", p.stop_token_ids)):
+                          ("stop_token_ids", p.stop_token_ids),
+                          ("allowed_token_ids", p.allowed_token_ids or ())):
             bad = [i for i in ids if i >= vocab_size]
             if bad:
                 raise BadRequestError(f"{name} token id {bad[0]} is outside the vocabulary "
@@ -228,6 +243,7 @@ class SamplingArrays:
     bias_ids: jax.Array  # i32[B, MAX_LOGIT_BIAS] logit_bias token ids (padding: 0 ...
     bias: jax.Array  # f32[B, MAX_LOGIT_BIAS] ... with bias 0, which adds nothing)
     stop_ids: jax.Array  # i32[B, MAX_STOP_TOKEN_IDS] stop_token_ids (padding: _NO_ID)
+    allowed_ids: jax.Array  # i32[B, MAX_ALLOWED_TOKEN_IDS] (all _NO_ID: any token)
     min_tokens: jax.Array  # i32[B]
     ignore_eos: jax.Array  # bool[B]
 
@@ -275,8 +291,11 @@ def _bias_arrays(params: Sequence[SamplingParams]) -> dict[str, jax.Array]:
     stop = np.full((len(params), MAX_STOP_TOKEN_IDS), _NO_ID, np.int32)
     for b, p in enumerate(params):
         stop[b, :len(p.stop_token_ids)] = p.stop_token_ids
+    allowed = np.full((len(params), MAX_ALLOWED_TOKEN_IDS), _NO_ID, np.int32)
+    for b, p in enumerate(params):
+        allowed[b, :len(p.allowed_token_ids or ())] = p.allowed_token_ids or ()
     return {"bias_ids": jnp.asarray(ids), "bias": jnp.asarray(vals),
-            "stop_ids": jnp.asarray(stop)}
+            "stop_ids": jnp.asarray(stop), "allowed_ids": jnp.asarray(allowed)}
 
 
 def ends_row(tokens: jax.Array, eos_E: jax.Array, arrays: SamplingArrays) -> jax.Array:
@@ -305,13 +324,22 @@ def ban_ends(logits_BV: jax.Array, eos_E: jax.Array, arrays: SamplingArrays,
 
 
 def add_logit_bias(logits_BV: jax.Array, arrays: SamplingArrays) -> jax.Array:
-    """The logits plus each row's logit_bias (skipped when no row has one)."""
+    """The logits (f32) plus each row's logit_bias, and -inf outside a row's
+    allowed_token_ids: the per-request edits of the logits, each skipped when no row has
+    one."""
     rows = jnp.arange(logits_BV.shape[0])[:, None]
-    return jax.lax.cond(
+    x = jax.lax.cond(
         jnp.any(arrays.bias != 0),
         lambda x: x.astype(jnp.float32).at[rows, arrays.bias_ids].add(arrays.bias,
                                                                       mode="drop"),
         lambda x: x.astype(jnp.float32), logits_BV)
+    free_B1 = arrays.allowed_ids[:, :1] == _NO_ID  # sorted ids: the first is padding
+
+    def restrict(x):
+        allowed = jnp.zeros(x.shape, bool).at[rows, arrays.allowed_ids].set(True, mode="drop")
+        return jnp.where(allowed | free_B1, x, -jnp.inf)
+
+    return jax.lax.cond(jnp.all(free_B1), lambda x: x, restrict, x)
 
 
 def penalize_logits(logits_BV: jax.Array, arrays: SamplingArrays,

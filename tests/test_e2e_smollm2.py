@@ -200,3 +200,19 @@ def test_safetensors_path_equals_gguf_path(llm, hf_model, tmp_path):
     for p in PROMPTS[:2]:
         a = llm.generate(p, sampling=GREEDY, max_new_tokens=16).token_ids
         assert other.generate(p, sampling=GREEDY, max_new_tokens=16).token_ids == a
+
+
+def test_allowed_token_ids_pick_hf_argmax_among_them(llm, hf_model):
+    """A yes/no question under allowed_token_ids that exclude the model's answer: the
+    answer is the allowed token that HF transformers' logits rank highest."""
+    ids = llm.tokenizer.encode(llm.tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Is Paris the capital of France? Answer yes or no."}]))
+    with torch.no_grad():
+        ref = hf_model(torch.tensor([ids])).logits[0, -1].numpy()
+    words = ("yes", "no", "Yes", "No", "Maybe", "Perhaps")
+    # Every option but the model's own first choice, so the restriction decides.
+    options = sorted({llm.tokenizer.encode(w)[0] for w in words} - {int(np.argmax(ref))})
+    want = options[int(np.argmax(ref[options]))]
+    out = llm.generate(ids, sampling=SamplingParams(temperature=0, allowed_token_ids=options),
+                       max_new_tokens=1)
+    assert out.token_ids == [want]

@@ -353,8 +353,9 @@ def test_engine_under_a_mesh_matches_single_device(mesh_spec, kv):
 
 def test_stop_token_ids_min_tokens_and_ignore_eos():
     """stop_token_ids end a request like EOS (in token_ids, not in the text); min_tokens
-    bans EOS and those ids until that many tokens are out; ignore_eos decodes past EOS.
-    All three are applied on device, and the engine, LLM.generate and LLM.stream agree."""
+    bans EOS and those ids until that many tokens are out; ignore_eos decodes past EOS;
+    allowed_token_ids restricts sampling. All are applied on device, and the engine,
+    LLM.generate and LLM.stream agree."""
     llm = _llm()
     alone = llm.generate(PROMPTS[2], sampling=GREEDY, max_new_tokens=12)
     sid = alone.token_ids[1]
@@ -366,8 +367,9 @@ def test_stop_token_ids_min_tokens_and_ignore_eos():
     eos_first = SamplingParams(temperature=0, logit_bias={3: 100}, ignore_eos=True)
     eos_shown = SamplingParams(temperature=0, logit_bias={3: 100}, ignore_eos=True,
                                skip_special_tokens=False)
-    cases = [stop, at_least, sampled, eos_first, eos_shown]
-    ref = llm.generate([PROMPTS[2]] * 5, sampling=cases, max_new_tokens=12)
+    only = SamplingParams(temperature=0.8, seed=2, allowed_token_ids=[40, 41, 42, 3])
+    cases = [stop, at_least, sampled, eos_first, eos_shown, only]
+    ref = llm.generate([PROMPTS[2]] * 6, sampling=cases, max_new_tokens=12)
     r = ref[0]
     assert r.token_ids == alone.token_ids[:cut] and r.finish_reason == "stop"
     assert r.text == CharTokenizer().decode(alone.token_ids[:cut - 1])
@@ -378,6 +380,7 @@ def test_stop_token_ids_min_tokens_and_ignore_eos():
     assert ref[3].token_ids == [3] * 12 and ref[3].finish_reason == "length"
     # EOS decoded past is a special token: not text unless skip_special_tokens is off.
     assert ref[3].text == "" and ref[4].text == "#" * 12
+    assert set(ref[5].token_ids) <= {40, 41, 42, 3}  # allowed_token_ids (3 is EOS)
     with tiny_engine(num_slots=2) as eng:
         got = [eng.submit(PROMPTS[2], sampling=sp, max_tokens=12) for sp in cases]
         got = [g.result(timeout=60) for g in got]

@@ -14,6 +14,7 @@ from jaxinfer.sampling import (
     SamplingArrays,
     SamplingParams,
     ban_ends,
+    check_vocab,
     ends_row,
     filter_logits,
     penalize_logits,
@@ -330,6 +331,8 @@ def test_new_parameter_values_do_not_recompile():
     (dict(include_stop_str_in_output="no"), "include_stop_str_in_output", "'no'"),
     (dict(stop=[1]), "stop", r"\[1\]"),
     (dict(truncate_prompt_tokens=0), "truncate_prompt_tokens", "0"),
+    (dict(allowed_token_ids=[]), "allowed_token_ids", r"\[\]"),
+    (dict(allowed_token_ids=list(range(513))), "allowed_token_ids", "513 ids"),
     (dict(logprobs=21), "logprobs", "21"),
 ])
 def test_bad_parameters_raise_bad_request(kwargs, name, value):
@@ -396,3 +399,21 @@ def test_stop_strings_in_sampling_params():
     assert SamplingParams(stop="a").stop == ("a",)
     assert SamplingParams(stop=["a", "b"]).stops(["c", "a"]) == ("c", "a", "b")
     assert SamplingParams().stops("x") == ("x",)
+
+
+def test_allowed_token_ids_restrict_sampling():
+    """A row with allowed_token_ids samples only among them (greedy: their argmax); other
+    rows in the batch are untouched."""
+    logits = jax.random.normal(jax.random.key(0), (3, 64)) * 3
+    allowed = [5, 9, 40]
+    rows = [SamplingParams(temperature=0, allowed_token_ids=allowed), SamplingParams(
+        temperature=0), SamplingParams(temperature=2.0, seed=1, allowed_token_ids=allowed)]
+    arrays = SamplingArrays.from_params(rows)
+    got = np.asarray(_sample(logits, arrays, jnp.zeros((3,), jnp.int32)))
+    assert got[0] == allowed[int(np.argmax(np.asarray(logits)[0, allowed]))]
+    assert got[1] == int(np.argmax(np.asarray(logits)[1]))
+    draws = {int(np.asarray(_sample(logits, arrays, jnp.full((3,), i, jnp.int32)))[2])
+             for i in range(40)}
+    assert draws <= set(allowed) and len(draws) > 1
+    with pytest.raises(BadRequestError, match="allowed_token_ids token id 64"):
+        check_vocab([SamplingParams(allowed_token_ids=[64])], 64)

@@ -131,25 +131,29 @@ def test_stream_with_a_draft_equals_generate():
 
 def test_greedy_with_penalties_bias_and_stop_conditions_equals_target():
     """Penalties (over the prompt and every earlier token, drafted ones included),
-    logit_bias, min_tokens and stop ids shape the target's distribution at each verified
-    position exactly as the plain sampler's: greedy output is the target's, token for
-    token, with a model draft (which sees bias and min_tokens but not penalties) and with
+    logit_bias, allowed_token_ids, min_tokens and stop ids shape the target's distribution
+    at each verified position exactly as the plain sampler's: greedy output is the
+    target's, token for token, with a model draft (which sees bias, allowed ids and
+    min_tokens but not penalties) and with
     prompt lookup."""
     cfg = TINY
     w = tiny_weights(cfg, 0)
     cfg1 = cfg.replace(num_layers=1)
-    prompts = [[5, 6, 7, 8, 5, 6, 7], [9, 10, 11, 9, 10, 11], [12, 13], [5, 6, 5, 6]]
-    max_new, eos = [20, 16, 12, 14], np.array([3], np.int32)
+    prompts = [[5, 6, 7, 8, 5, 6, 7], [9, 10, 11, 9, 10, 11], [12, 13], [5, 6, 5, 6],
+               [20, 21, 22]]
+    max_new, eos = [20, 16, 12, 14, 10], np.array([3], np.int32)
     plain = [SamplingParams(temperature=0, repetition_penalty=1.5),
              SamplingParams(temperature=0, presence_penalty=0.8, frequency_penalty=0.6),
              SamplingParams(temperature=0, logit_bias={3: 8.0}, min_tokens=6),
-             SamplingParams(temperature=0, logit_bias={7: -100, 8: 3.0}, stop_token_ids=[8])]
+             SamplingParams(temperature=0, logit_bias={7: -100, 8: 3.0}, stop_token_ids=[8]),
+             SamplingParams(temperature=0, allowed_token_ids=[30, 31, 32, 33])]
     llm = LLM(cfg, w, CharTokenizer())
     want = [c.token_ids for c in llm.generate(prompts, plain, max_new)]
     free = [c.token_ids for c in llm.generate(prompts, GREEDY, max_new)]
     assert all(a != b for a, b in zip(want, free, strict=True))  # every setting bites
     assert want[2][:6].count(3) == 0 and want[2][6] == 3  # EOS, favoured, waits 6 tokens
     assert want[3][-1] == 8 and len(want[3]) < max_new[3]  # a stop id ends the row
+    assert set(want[4]) <= {30, 31, 32, 33}  # allowed_token_ids
     for name, dw, dcfg in [("small", tiny_weights(cfg1, 1), cfg1), ("ngram", None, None)]:
         r = speculative.generate_ids(w, dw, cfg, dcfg, prompts, plain, max_new, eos, k=3)
         assert r.tokens == want, name
