@@ -714,13 +714,10 @@ class Engine:
         state, d_BK, q = spec.propose_step(sp.weights, self._state, self._masks(),
                                            draft_cfg=sp.cfg, k=k, ngram_size=sp.ngram_size,
                                            impl=self.impl)
-        drafted = to_host(d_BK)
-        mask = self._grammars.all_allowed(self.config.num_slots * (k + 1))
-        for i in self._masked_rows():
-            req = self._slots[i]
-            self._grammars.fill_drafted(req.matcher, drafted[i], mask, i * (k + 1),
-                                        lambda t, r=req: r.sampling.ends(t, self.eos_ids))
-        masks = core.put(mask.reshape(self.config.num_slots, k + 1, -1), self._mask_place)
+        reqs = {i: self._slots[i] for i in self._masked_rows()}
+        masks = core.put(self._grammars.drafted_masks(to_host(d_BK), {
+            i: (r.matcher, lambda t, r=r: r.sampling.ends(t, self.eos_ids))
+            for i, r in reqs.items()}), self._mask_place)
         return engine_spec.verify(self.params, state, d_BK, q, masks, np.bool_(want),
                                   cfg=self.cfg, k=k, impl=self.impl)
 

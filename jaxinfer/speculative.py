@@ -423,16 +423,11 @@ class RowGrammars:
               dcfg: ModelConfig | None, k: int, ngram_size: int, impl: str) -> SpecState:
         """One split round: the draft proposes (its first token masked), the host masks
         every position along the drafted tokens, the target verifies under the masks."""
-        B = len(self.matchers)
         state, d_BK, q_BKV = propose_step(dw, state, self.mask(), draft_cfg=dcfg, k=k,
                                           ngram_size=ngram_size, impl=impl)
-        drafted = to_host(d_BK)
-        mask = self.grammars.all_allowed(B * (k + 1))
-        for b in self.live:
-            self.grammars.fill_drafted(self.matchers[b], drafted[b], mask, b * (k + 1),
-                                       self._ends[b])
-        return verify_step(tw, state, d_BK, q_BKV, mask.reshape(B, k + 1, -1), cfg=cfg, k=k,
-                           impl=impl)
+        masks = self.grammars.drafted_masks(
+            to_host(d_BK), {b: (self.matchers[b], self._ends[b]) for b in self.live})
+        return verify_step(tw, state, d_BK, q_BKV, masks, cfg=cfg, k=k, impl=impl)
 
 
 def check_settings(k: int, ngram_size: int, cfg: ModelConfig,

@@ -189,23 +189,28 @@ class Grammars:
 
         fill_next_token_bitmask(matcher, mask_BW, row)
 
-    def fill_drafted(self, matcher, drafted: Any, mask: np.ndarray, row: int,
-                     ends: Any) -> None:
-        """Speculative decoding: write into rows row .. row + k of `mask` what `matcher`
-        allows at each of a round's k + 1 positions, walking it along the k drafted tokens
-        (and rolling it back). Past a drafted token that ends the row (`ends(token)`) or
-        leaves the grammar the target rejects it, so later rows stay all-allowed."""
-        walked = 0
-        for t in range(len(drafted) + 1):
-            self.fill(matcher, mask, row + t)
-            if t == len(drafted):
-                break
-            tok = int(drafted[t])
-            if ends(tok) or matcher.validate_tokens([tok]) != 1:
-                break
-            matcher.consume_token(tok)
-            walked += 1
-        matcher.rollback(walked)
+    def drafted_masks(self, drafted_BK: np.ndarray, rows: dict[int, tuple[Any, Any]]
+                      ) -> np.ndarray:
+        """Speculative decoding: the tokens each row may take at the k + 1 positions of a
+        round, int32 [B, k + 1, W]. For `rows` ({row: (matcher, ends)}) what the matcher
+        allows walking along the row's k drafted tokens (then rolled back); all-allowed
+        elsewhere. Past a drafted token that ends the row (`ends(token)`) or leaves the
+        grammar the target rejects it, so later positions stay all-allowed."""
+        B, k = drafted_BK.shape
+        mask = self.all_allowed(B * (k + 1))
+        for b, (matcher, ends) in rows.items():
+            walked = 0
+            for t in range(k + 1):
+                self.fill(matcher, mask, b * (k + 1) + t)
+                if t == k:
+                    break
+                tok = int(drafted_BK[b, t])
+                if ends(tok) or matcher.validate_tokens([tok]) != 1:
+                    break
+                matcher.consume_token(tok)
+                walked += 1
+            matcher.rollback(walked)
+        return mask.reshape(B, k + 1, -1)
 
     def all_allowed(self, rows: int) -> np.ndarray:
         return np.full((rows, self.words), -1, np.int32)
