@@ -445,10 +445,6 @@ class Engine:
                 "tokens, but "
                 f"{n + max_tokens} were requested ({n} in the prompt, {max_tokens} for the "
                 "completion)")
-        stop = (stop,) if isinstance(stop, str) else tuple(stop)
-        if not all(isinstance(s, str) for s in stop):
-            raise BadRequestError(f"stop must be a string or a list of strings, got {stop!r}",
-                                  "stop")
         sampling = sampling or SamplingParams()
         stop = sampling.stops(stop)
         check_vocab([sampling], self.cfg.vocab_size)

@@ -111,11 +111,13 @@ def _same_seeds_everywhere(sampling: list[SamplingParams]) -> list[SamplingParam
 
 
 def _check_sampling(sampling: list[SamplingParams], max_new: list[int],
-                    vocab_size: int, rows: int = 1) -> None:
+                    vocab_size: int, stop: Sequence[str], rows: int = 1) -> None:
+    """BadRequestError, before any work, for a bad setting or per-row list."""
     for name, xs in (("sampling", sampling), ("max_new_tokens", max_new)):
         if len(xs) != rows:
             raise BadRequestError(f"{name} has {len(xs)} entries for {rows} prompts", name)
     check_vocab(sampling, vocab_size)
+    sampling[0].stops(stop)
     for p, m in zip(sampling, max_new, strict=True):
         p.check_lengths(m)
 
@@ -343,7 +345,7 @@ class LLM:
         ids = [self.encode(p, chat) for p in batch]
         sp = sampling if isinstance(sampling, list) else [sampling or SamplingParams()] * len(ids)
         mn = max_new_tokens if isinstance(max_new_tokens, list) else [max_new_tokens] * len(ids)
-        _check_sampling(sp, mn, self.cfg.vocab_size, len(ids))
+        _check_sampling(sp, mn, self.cfg.vocab_size, stop, len(ids))
         ids = [s.truncate(i) for s, i in zip(sp, ids, strict=True)]
         matchers = self._matchers(constraint, len(ids))
         if draft is not None:
@@ -433,7 +435,7 @@ class LLM:
         sampling = sampling or SamplingParams()
         ids = sampling.truncate(self.encode(prompt, chat))
         t0 = time.perf_counter()
-        _check_sampling([sampling], [max_new_tokens], self.cfg.vocab_size)
+        _check_sampling([sampling], [max_new_tokens], self.cfg.vocab_size, stop)
         matchers = self._matchers(constraint, 1)
         if draft is not None:
             yield from self._stream_speculative(ids, sampling, max_new_tokens, stop, result,

@@ -47,6 +47,15 @@ def _is_int(x: object) -> bool:
     return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
 
 
+def _stop_strings(stop: Any) -> tuple[str, ...]:
+    """Stop strings as a tuple, from a string or a list of them; BadRequestError else."""
+    strings = (stop,) if isinstance(stop, str) else stop
+    if not isinstance(strings, (list, tuple)) or not all(isinstance(x, str) for x in strings):
+        raise BadRequestError(f"stop must be a string or a list of strings, got {stop!r}",
+                              "stop")
+    return tuple(strings)
+
+
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
     """One request's sampling settings, host side; bad values raise `BadRequestError`."""
@@ -127,11 +136,7 @@ class SamplingParams:
         if not _is_int(self.min_tokens) or self.min_tokens < 0:
             raise BadRequestError(f"min_tokens must be an integer >= 0, got "
                                   f"{self.min_tokens!r}", "min_tokens")
-        stop = (self.stop,) if isinstance(self.stop, str) else self.stop
-        if not isinstance(stop, (list, tuple)) or not all(isinstance(x, str) for x in stop):
-            raise BadRequestError(f"stop must be a string or a list of strings, got "
-                                  f"{self.stop!r}", "stop")
-        object.__setattr__(self, "stop", tuple(stop))
+        object.__setattr__(self, "stop", _stop_strings(self.stop))
         allowed = self.allowed_token_ids
         if allowed is not None:
             if isinstance(allowed, (str, bytes)) or not hasattr(allowed, "__iter__") or not all(
@@ -153,9 +158,9 @@ class SamplingParams:
                                       f"{getattr(self, name)!r}", name)
 
     def stops(self, extra: str | Sequence[str] = ()) -> tuple[str, ...]:
-        """This request's stop strings: `extra` (a call's `stop` argument) and its own."""
-        extra = (extra,) if isinstance(extra, str) else tuple(extra)
-        return tuple(dict.fromkeys(extra + self.stop))
+        """This request's stop strings: `extra` (a call's `stop` argument, checked like the
+        field) and its own."""
+        return tuple(dict.fromkeys(_stop_strings(extra) + self.stop))
 
     def truncate(self, prompt_ids: list[int]) -> list[int]:
         """The prompt as this request decodes it: its last truncate_prompt_tokens tokens."""

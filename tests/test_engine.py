@@ -458,3 +458,5 @@ def test_truncate_prompt_tokens():
     assert r.token_ids == want.token_ids and r.prompt_tokens == 40
     with pytest.raises(BadRequestError, match="sampling has 2 entries for 1 prompts"):
         llm.generate([ids], sampling=[GREEDY, GREEDY])
+    with pytest.raises(BadRequestError, match="stop must be"):  # before any decoding
+        llm.generate(ids[:5], sampling=GREEDY, stop=[1])
