@@ -18,10 +18,12 @@ from jaxinfer.cli_util import run_main
 
 def run_program(module_name: str, main: Callable[[list[str]], Any]) -> None:
     """Run `main` under the `error: ...` convention, with `--help` listing this program's
-    flags and the shared runtime ones (absl lists only the __main__ module's by default)."""
+    flags and the shared ones it imported (runtime, speculative decoding, engine); absl
+    lists only the __main__ module's by default."""
     fv = flags.FLAGS
     module = sys.modules[module_name]
-    for name in (module_name, "jaxinfer.flags"):
+    shared = ("jaxinfer.flags", "jaxinfer.cli.spec_flags", "jaxinfer.cli.engine_flags")
+    for name in (module_name, *(m for m in shared if m in sys.modules)):
         for flag in fv.get_key_flags_for_module(name):
             fv.register_key_flag_for_module(sys.argv[0], flag)
     main_module = sys.modules.get("__main__")

@@ -17,7 +17,7 @@ defaults for fields a line omits (OpenAI-format lines take only their body).
 from absl import flags
 
 from jaxinfer import flags as runtime_flags
-from jaxinfer.cli import run_program, spec_flags
+from jaxinfer.cli import engine_flags, run_program, spec_flags
 
 _INPUT = flags.DEFINE_string("input", None, "JSONL file of requests.", required=True)
 _OUTPUT = flags.DEFINE_string("output", None, "JSONL file results are appended to.",
@@ -25,19 +25,6 @@ _OUTPUT = flags.DEFINE_string("output", None, "JSONL file results are appended t
 _CKPT = flags.DEFINE_string("checkpoint", None, "Orbax checkpoint dir (default: SmolLM2).")
 _DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"],
                            "Compute dtype (default: float32 on CPU, bfloat16 elsewhere).")
-_SLOTS = flags.DEFINE_integer("num_slots", 8, "Requests decoded together; 0: as many as "
-                              "fit in --memory_fraction of the device memory left after the "
-                              "weights (GPU, TPU).")
-_MEM_FRACTION = flags.DEFINE_float("memory_fraction", 0.9, "With --num_slots=0: the share of "
-                                   "free device memory the slots' KV cache may take.")
-_MAX_LEN = flags.DEFINE_integer("max_len", 1024, "Cache positions per request "
-                                "(prompt + max_tokens).")
-_PREFIX_MB = flags.DEFINE_float("prefix_cache_mb", 256.0, "Prefix-cache memory (0: off).")
-_MIN_BUCKET = flags.DEFINE_integer("min_prompt_bucket", None, "Smallest prompt bucket "
-                                   "(default: the engine's).")
-_BUDGET = flags.DEFINE_integer("prefill_token_budget", None, "Prompt tokens prefilled per "
-                               "engine turn; longer prompts are split over turns "
-                               "(default: the engine's).")
 _MAX_TOKENS = flags.DEFINE_integer("max_tokens", 256, "Default tokens per request.")
 _TEMP = flags.DEFINE_float("temperature", 1.0, "Default temperature (0: greedy).")
 _TOP_P = flags.DEFINE_float("top_p", 1.0, "Default nucleus mass in (0, 1].")
@@ -52,18 +39,13 @@ def main(argv):
     del argv
     runtime_flags.setup()
     from jaxinfer.batch import run_batch_job
-    from jaxinfer.engine import EngineConfig
 
     defaults = {"max_tokens": _MAX_TOKENS.value, "temperature": _TEMP.value,
                 "top_p": _TOP_P.value, "top_k": _TOP_K.value}
     if _SEED.value is not None:
         defaults["seed"] = _SEED.value
-    extra = {"min_prompt_bucket": _MIN_BUCKET.value, "prefill_token_budget": _BUDGET.value}
-    config = EngineConfig(num_slots=_SLOTS.value or None,
-                          memory_fraction=_MEM_FRACTION.value, max_len=_MAX_LEN.value,
-                          prefix_cache_mb=_PREFIX_MB.value,
-                          **{k: v for k, v in extra.items() if v is not None})
-    run_batch_job(_INPUT.value, _OUTPUT.value, _CKPT.value, _DTYPE.value, config, defaults,
+    run_batch_job(_INPUT.value, _OUTPUT.value, _CKPT.value, _DTYPE.value,
+                  engine_flags.config(), defaults,
                   _PROGRESS.value, **spec_flags.kwargs(), model_name=_MODEL_NAME.value,
                   mesh=runtime_flags.MESH.value, fsdp=runtime_flags.FSDP.value,
                   **runtime_flags.quant_kwargs())
