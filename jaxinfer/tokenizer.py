@@ -91,9 +91,14 @@ class Tokenizer(ABC):
         if bad:
             raise TokenizerError(f"token id {bad[0]} outside vocabulary of {self.vocab_size}")
         if skip_special_tokens:
-            special = self.special_ids
+            special = self._special_set
             ids = [i for i in ids if i not in special]
         return self._decode(ids)
+
+    @functools.cached_property
+    def _special_set(self) -> frozenset[int]:
+        """`special_ids`, built once: a stream decodes twice per token."""
+        return self.special_ids
 
     def token_bytes(self, token_id: int) -> bytes:
         """The bytes one token stands for (OpenAI's logprobs `bytes`): a byte-level BPE or
