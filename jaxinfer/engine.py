@@ -692,13 +692,8 @@ class Engine:
     def _masks(self) -> jax.Array:
         """Each slot's allowed next tokens: all for unconstrained rows (a resident buffer,
         no transfer), its grammar's for the others."""
-        rows = self._masked_rows()
-        if not rows:
-            return self._ones_BW
-        mask = self._grammars.all_allowed(self.config.num_slots)
-        for i in rows:
-            self._grammars.fill(self._slots[i].matcher, mask, i)
-        return core.put(mask, self._mask_place)
+        mask = self._grammars.masks([None if r is None else r.matcher for r in self._slots])
+        return self._ones_BW if mask is None else core.put(mask, self._mask_place)
 
     def _constrained_round(self, want: bool) -> tuple[Any, jax.Array, Logprobs]:
         """A speculative round while some slot is constrained, in two halves: the draft

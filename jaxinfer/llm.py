@@ -270,15 +270,8 @@ class LLM:
         return [None if c is None else self._grammars.matcher(c) for c in cons]
 
     def _masks(self, matchers: list) -> np.ndarray | None:
-        """Each row's allowed next tokens as an int32 bitmask (None: no row is
-        constrained, so the step needs no mask)."""
-        if all(m is None for m in matchers):
-            return None
-        mask = self._grammars.all_allowed(len(matchers))
-        for b, m in enumerate(matchers):
-            if m is not None:
-                self._grammars.fill(m, mask, b)
-        return mask
+        """Each row's allowed next tokens (Grammars.masks; None: no row is constrained)."""
+        return None if self._grammars is None else self._grammars.masks(matchers)
 
     def _advance_matcher(self, m, sampling: SamplingParams, tok: int) -> bool:
         """Feed a sampled token to a row's matcher; True when its grammar is complete."""

@@ -384,12 +384,7 @@ class RowGrammars:
 
     def mask(self) -> np.ndarray | None:
         """Each row's allowed next tokens (an int32 bitmask), None when no row is live."""
-        if not self.live:
-            return None
-        mask = self.grammars.all_allowed(len(self.matchers))
-        for b in self.live:
-            self.grammars.fill(self.matchers[b], mask, b)
-        return mask
+        return self.grammars.masks(self.matchers)
 
     def feed(self, state: SpecState) -> SpecState:
         """Advance the live rows' grammars over their new tokens; a completed row is frozen

@@ -189,6 +189,17 @@ class Grammars:
 
         fill_next_token_bitmask(matcher, mask_BW, row)
 
+    def masks(self, matchers: list) -> np.ndarray | None:
+        """Each row's allowed next tokens as an int32 bitmask [B, W] (a None matcher: any
+        token); None when no row has a matcher, so the step needs no mask."""
+        if all(m is None for m in matchers):
+            return None
+        mask = self.all_allowed(len(matchers))
+        for b, m in enumerate(matchers):
+            if m is not None:
+                self.fill(m, mask, b)
+        return mask
+
     def drafted_masks(self, drafted_BK: np.ndarray, rows: dict[int, tuple[Any, Any]]
                       ) -> np.ndarray:
         """Speculative decoding: the tokens each row may take at the k + 1 positions of a
