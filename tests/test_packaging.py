@@ -82,6 +82,10 @@ def test_console_scripts_show_help(installed, cmd):
     assert "Traceback" not in r.stderr and "Try --helpfull" in r.stdout
     if cmd not in ("jaxinfer-convert", "jaxinfer-quantize"):
         assert "--config" in r.stdout and "--mesh" in r.stdout
+    if cmd in ("jaxinfer-generate", "jaxinfer-serve", "jaxinfer-batch"):  # shared modules
+        assert "--num_speculative_tokens" in r.stdout
+    if cmd in ("jaxinfer-serve", "jaxinfer-batch"):
+        assert "--num_slots" in r.stdout and "--memory_fraction" in r.stdout
 
 
 @pytest.mark.slow
