@@ -79,22 +79,37 @@ def save_checkpoint(path: str | Path, cfg: ModelConfig, weights: Weights,
     tmp = path.parent / f".{path.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        tmp.mkdir(parents=True)
-        cfg.save(tmp / "config.json")
-        if quant is not None:
-            quant.save(tmp / "quant.json")
-        with _quiet(), ocp.PyTreeCheckpointer() as ckptr:
-            ckptr.save(tmp / "weights", weights)
-        if tokenizer_dir is not None:
-            shutil.copytree(tokenizer_dir, tmp / "tokenizer")
-            (tmp / "tokenizer").chmod(tmp.stat().st_mode)  # not a temp dir's 0700
-        if path.exists():
-            path.rmdir()
-        tmp.rename(path)
-    except OSError as e:
-        raise CheckpointError(f"cannot write checkpoint {path}: {e}") from e
+        with write_errors(f"checkpoint {path}"):
+            tmp.mkdir(parents=True)
+            cfg.save(tmp / "config.json")
+            if quant is not None:
+                quant.save(tmp / "quant.json")
+            with _quiet(), ocp.PyTreeCheckpointer() as ckptr:
+                ckptr.save(tmp / "weights", weights)
+            if tokenizer_dir is not None:
+                shutil.copytree(tokenizer_dir, tmp / "tokenizer")
+                (tmp / "tokenizer").chmod(tmp.stat().st_mode)  # not a temp dir's 0700
+            if path.exists():
+                path.rmdir()
+            tmp.rename(path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def write_errors(what: str):
+    """A failed write inside the block as a CheckpointError naming `what`. Orbax reports a
+    full disk or an unwritable file as a ValueError from its async writer
+    ("RESOURCE_EXHAUSTED: Error writing ... No space left on device"); other ValueErrors
+    are bugs and pass through."""
+    try:
+        yield
+    except (OSError, ValueError) as e:
+        if isinstance(e, ValueError) and "Error writing" not in str(e):
+            raise
+        reason = str(e).splitlines()[0]
+        reason = reason[reason.find("Failed to write"):] if "Failed to write" in reason else reason
+        raise CheckpointError(f"cannot write {what}: {reason}") from e
 
 
 def load_checkpoint(path: str | Path, dtype: Any = jnp.float32,

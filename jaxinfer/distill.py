@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -135,7 +136,7 @@ def train(student: Weights, student_cfg: ModelConfig, teacher: Weights,
     import orbax.checkpoint as ocp
     from tqdm import tqdm
 
-    from jaxinfer.checkpoint import _quiet
+    from jaxinfer.checkpoint import _quiet, write_errors
 
     workdir = Path(workdir).absolute()
     optimizer = make_optimizer(dc)
@@ -152,7 +153,8 @@ def train(student: Weights, student_cfg: ModelConfig, teacher: Weights,
         batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
     history_path = workdir / "history.json"
     options = ocp.CheckpointManagerOptions(max_to_keep=2)
-    with _quiet(), ocp.CheckpointManager(workdir / "state", options=options) as mngr:
+    with _quiet(), write_errors(f"training state in {workdir}"), \
+            ocp.CheckpointManager(workdir / "state", options=options) as mngr:
         history: list[dict[str, float]] = []
         start = mngr.latest_step() or 0
         if start:
@@ -206,12 +208,14 @@ def distill_checkpoint(teacher_dir: str | Path, text_file: str | Path, output: s
                        mlp_dim: int | None = None, layer_selection: str = "every_other",
                        workdir: str | Path | None = None, held_out: float = 0.1,
                        mesh: jax.sharding.Mesh | None = None, plot: str | Path | None = None,
-                       progress: bool = True) -> dict[str, Any]:
+                       progress: bool = True, keep_workdir: bool = False) -> dict[str, Any]:
     """Teacher checkpoint -> student checkpoint (with the teacher's tokenizer).
 
     The student keeps `num_layers` layers (evenly spaced, or the least redundant by
     prune.calibrate) and the `mlp_dim` most important MLP channels of each. Training resumes
-    from `workdir` (default: output + ".work"). Returns sizes, held-out perplexities, time.
+    from `workdir` (default: output + ".work"), which is deleted once the student is saved
+    unless `keep_workdir` (it holds the optimizer state: three times the student's float32
+    size). Returns sizes, held-out perplexities, time.
     """
     import time
 
@@ -246,12 +250,15 @@ def distill_checkpoint(teacher_dir: str | Path, text_file: str | Path, output: s
                         if len(test_ids) > dc.seq_len else None)
     ppl_init = ppl(student, scfg)
     t0 = time.perf_counter()
-    student, history = train(student, scfg, teacher, tcfg, train_ids, dc,
-                             workdir or output.parent / f"{output.name}.work", mesh, progress)
+    workdir = Path(workdir or output.parent / f"{output.name}.work")
+    student, history = train(student, scfg, teacher, tcfg, train_ids, dc, workdir, mesh,
+                             progress)
     train_s = time.perf_counter() - t0
     save_checkpoint(output, scfg, student, teacher_dir / "tokenizer")
     if plot:
         plot_history(history, plot)
+    if not keep_workdir:
+        shutil.rmtree(workdir, ignore_errors=True)
     return {
         "layers_kept": keep, "num_layers": scfg.num_layers, "mlp_dim": scfg.mlp_dim,
         "params": count_params(weight_specs(scfg)),
@@ -260,4 +267,5 @@ def distill_checkpoint(teacher_dir: str | Path, text_file: str | Path, output: s
         "steps": dc.steps, "train_seconds_this_run": round(train_s, 1),
         "first_kl": history[0]["kl"], "last_kl": history[-1]["kl"],
         "perplexity_teacher": ppl(teacher, tcfg), "perplexity_student_init": ppl_init,
-        "perplexity_student": ppl(student, scfg)}
+        "perplexity_student": ppl(student, scfg),
+        "workdir": str(workdir) if keep_workdir else None}

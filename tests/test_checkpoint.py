@@ -175,3 +175,46 @@ def test_save_under_one_mesh_restore_under_another(tmp_path, tiny_np, mesh_a, me
                                jax.tree.leaves(w_b), jax.tree.leaves(sh_b), strict=True):
         assert b.sharding == s, path
         np.testing.assert_array_equal(np.asarray(b), a, err_msg=str(path))
+
+
+# Runs a script with writes past 20 kB failing with EFBIG, as on a full disk (SIGXFSZ,
+# which would kill the process, is ignored so the write returns the error).
+_SMALL_FILES = ("import resource, runpy, signal, sys; signal.signal(signal.SIGXFSZ, "
+                "signal.SIG_IGN); resource.setrlimit(resource.RLIMIT_FSIZE, (20000, 20000)); "
+                "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')")
+
+
+def test_failed_write_is_one_error_line_and_leaves_nothing(saved, tmp_path):
+    """Orbax reports a failed write (full disk, file too large) as a ValueError from its
+    async writer; the scripts print it as one `error:` line naming the checkpoint and the
+    OS's reason, exit 2, and leave no partial directory (seen in CI on a full disk)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    path, _ = saved
+    out = tmp_path / "q8"
+    script = Path(__file__).resolve().parents[1] / "scripts" / "quantize.py"
+    r = subprocess.run([sys.executable, "-c", _SMALL_FILES, str(script), "--checkpoint",
+                        str(path), "--output", str(out), "--mode", "int8"],
+                       capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    last = r.stderr.strip().splitlines()[-1]
+    assert r.returncode == 2, r.stderr
+    assert last.startswith(f"error: cannot write checkpoint {out}") and "too large" in last
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]
+
+
+def test_write_errors_maps_only_write_failures():
+    from jaxinfer.checkpoint import write_errors
+
+    with pytest.raises(CheckpointError, match=r"cannot write state in /w: Failed to write 8 "
+                       r"bytes to file 3: No space left on device"):
+        with write_errors("state in /w"):
+            raise ValueError('RESOURCE_EXHAUSTED: Error writing "step/0" in OCDBT database '
+                             'at local file "/w/x": Failed writing: "/w/x/d/1": Failed to '
+                             'write 8 bytes to file 3: No space left on device')
+    with pytest.raises(ValueError, match="a bug"):  # not a write: passes through
+        with write_errors("state in /w"):
+            raise ValueError("a bug")

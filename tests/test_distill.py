@@ -101,6 +101,27 @@ def test_bad_config_raises():
         distill.batch_at(IDS[:10], 0, DC)
 
 
+@pytest.mark.parametrize("keep", [False, True])
+def test_workdir_is_deleted_once_the_student_is_saved(smollm2_checkpoint, tmp_path, keep):
+    """The training state (AdamW moments: 3x the student's float32 size; 1.9 GB for a
+    20-layer SmolLM2 student) goes once the student checkpoint exists, unless kept."""
+    from jaxinfer.checkpoint import is_checkpoint, save_checkpoint
+
+    cfg = TINY.replace(vocab_size=49152)  # the real tokenizer's ids, tiny layers
+    save_checkpoint(tmp_path / "teacher", cfg, jax.tree.map(np.asarray, tiny_weights(cfg)),
+                    smollm2_checkpoint / "tokenizer")
+    (tmp_path / "t.txt").write_text((ROOT / "data" / "botchan_ch1.txt").read_text()[:6000])
+    dc = distill.DistillConfig(steps=2, batch_size=2, seq_len=16, save_every=1)
+    s = distill.distill_checkpoint(tmp_path / "teacher", tmp_path / "t.txt",
+                                   tmp_path / "student", dc, num_layers=2, progress=False,
+                                   keep_workdir=keep)
+    assert is_checkpoint(tmp_path / "student")
+    work = tmp_path / "student.work"
+    assert work.is_dir() == keep and s["workdir"] == (str(work) if keep else None)
+    if keep:  # the resumable state of the last step
+        assert (work / "state" / "2").is_dir()
+
+
 def test_plot(tmp_path):
     pytest.importorskip("matplotlib")
     distill.plot_history([{"step": i, "loss": 1 / i, "kl": 0.5 / i} for i in range(1, 5)],
@@ -123,6 +144,7 @@ def test_distill_script_on_smollm2(smollm2_checkpoint, tmp_path):
     s = json.loads(r.stdout.strip().splitlines()[-1])
     assert s["num_layers"] == 4 and s["mlp_dim"] == 256 and s["params"] < s["teacher_params"]
     assert np.isfinite(s["perplexity_student"])
+    assert s["workdir"] is None and not (tmp_path / "student.work").exists()
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert again.returncode == 2 and again.stderr.strip().splitlines()[-1].startswith("error:")
     g = subprocess.run([sys.executable, str(ROOT / "scripts" / "generate.py"), "--checkpoint",

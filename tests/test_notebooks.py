@@ -35,8 +35,9 @@ def test_outputs_are_cleared(name):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", NOTEBOOKS)
-def test_notebook_runs_on_cpu(name, smollm2_checkpoint, monkeypatch):
+def test_notebook_runs_on_cpu(name, smollm2_checkpoint, monkeypatch, tmp_path):
     monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+    monkeypatch.setenv("TMPDIR", str(tmp_path))  # what a failing notebook leaves goes too
     monkeypatch.delenv("XLA_FLAGS", raising=False)  # the notebook picks its own devices
     nb = nbformat.read(COLAB / name, as_version=4)
     client = nbclient.NotebookClient(nb, timeout=CELL_TIMEOUT_S, kernel_name="python3",
@@ -47,3 +48,4 @@ def test_notebook_runs_on_cpu(name, smollm2_checkpoint, monkeypatch):
     errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs
               if o.output_type == "error"]
     assert not errors
+    assert list(tmp_path.iterdir()) == []  # each notebook deletes its own scratch space

@@ -4,7 +4,8 @@
         --num_layers 15 --steps 100 --plot docs/distill_loss.png
 The student starts from the teacher's layers and learns its temperature-softened next-token
 distributions (optax). Rerunning the same command resumes from the last saved step (Orbax
-CheckpointManager in --workdir). Prints a JSON summary (sizes, held-out perplexities).
+CheckpointManager in --workdir, deleted once the student is saved unless --keep_workdir).
+Prints a JSON summary (sizes, held-out perplexities).
 """
 
 import json
@@ -19,7 +20,9 @@ _TEXT = flags.DEFINE_string("text_file", None, "Training text (UTF-8).", require
 _OUT = flags.DEFINE_string("output", None, "Directory for the student checkpoint.",
                            required=True)
 _WORK = flags.DEFINE_string("workdir", None, "Resumable training state (default: "
-                            "<output>.work).")
+                            "<output>.work); deleted once the student is saved.")
+_KEEP = flags.DEFINE_bool("keep_workdir", False, "Keep --workdir after a finished run "
+                          "(optimizer state: about 3x the student's float32 size).")
 _LAYERS = flags.DEFINE_integer("num_layers", None, "Student layers (default: teacher's).")
 _SELECT = flags.DEFINE_enum("layer_selection", "every_other", ["every_other", "importance"],
                             "Which teacher layers the student starts from.")
@@ -50,7 +53,7 @@ def main(argv):
     summary = distill_checkpoint(
         _TEACHER.value or default_model.checkpoint_path(), _TEXT.value, _OUT.value, dc,
         _LAYERS.value, _MLP.value, _SELECT.value, _WORK.value, _HELD.value, mesh, _PLOT.value,
-        _PROGRESS.value)
+        _PROGRESS.value, _KEEP.value)
     print(json.dumps(summary))
 
 
