@@ -10,6 +10,7 @@ Output, one line per input line, in completion order:
 
 OpenAI's batch format works too, line by line (what OpenAI's Batch API and vLLM's run_batch
 take): {"custom_id": "r1", "method": "POST", "url": "/v1/chat/completions", "body": {...}}
+(or "/v1/completions", "/v1/responses")
 gets {"id": ..., "custom_id": "r1", "response": {"status_code": 200, "request_id": ...,
 "body": <the server's response body>}, "error": null}; a bad request gets status 400 and
 OpenAI's error body. Such a line's body alone sets its parameters (OpenAI's defaults, not
@@ -37,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from jaxinfer import openai_api as api
+from jaxinfer import openai_responses as rs
 from jaxinfer.engine import Engine, EngineConfig, Request
 from jaxinfer.errors import BadRequestError, JaxinferError
 from jaxinfer.sampling import SamplingParams
@@ -72,7 +74,8 @@ def _key(obj: Any, lineno: int) -> str:
     return f"line:{lineno}"
 
 
-_OPENAI_URLS = {"/v1/chat/completions": True, "/v1/completions": False}  # url -> chat
+_OPENAI_URLS = {"/v1/chat/completions": api.ChatRequest, "/v1/completions":
+                api.CompletionRequest, "/v1/responses": rs.ResponsesRequest}
 
 
 class _OpenAILine:
@@ -81,8 +84,8 @@ class _OpenAILine:
 
     def __init__(self, obj: dict[str, Any], engine: Engine, model: str):
         self.custom_id, self.engine = obj["custom_id"], engine
-        self.chat, self.model = True, model
-        self.n, self.scoring_only, self.echo = 1, False, None
+        self.kind, self.model = api.ChatRequest, model
+        self.n, self.scoring_only, self.echo, self.req = 1, False, None, None
 
     def submit_kwargs(self, obj: dict[str, Any]) -> list[dict[str, Any]]:
         """Engine.submit arguments of the line, one set per choice; api.ApiError (with its
@@ -95,9 +98,9 @@ class _OpenAILine:
                                f"POST, got {obj.get('method', 'POST')} {url!r}", "url")
         if not isinstance(body, dict):
             raise api.ApiError(400, f"body must be a JSON object, got {body!r}", "body")
-        self.chat = _OPENAI_URLS[url]
+        self.kind = _OPENAI_URLS[url]
         try:
-            req = (api.ChatRequest if self.chat else api.CompletionRequest).model_validate(body)
+            req = self.req = self.kind.model_validate(body)
         except ValidationError as e:
             raise api.validation_error(e.errors()[0]) from None
         if req.stream:
@@ -105,7 +108,9 @@ class _OpenAILine:
         self.n = req.num_choices()
         kw: dict[str, Any] = dict(stop=req.stop_list(), constraint=req.constraint(),
                                   max_tokens=req.token_budget())
-        if self.chat:
+        if isinstance(req, rs.ResponsesRequest):
+            kw["messages"] = req.messages()
+        elif isinstance(req, api.ChatRequest):
             kw["messages"] = req.message_dicts()
             kw["chat_options"] = req.chat_options()
         else:
@@ -137,9 +142,14 @@ class _OpenAILine:
             return self.error_record(e)
         if self.scoring_only:
             results = [api.scored_only(r) for r in results]
-        rid = api.new_id("chatcmpl" if self.chat else "cmpl")
+        if isinstance(self.req, rs.ResponsesRequest):
+            body = rs.ResponseBuilder(self.req, self.model).final(results[0],
+                                                                  self.engine.tokenizer)
+            return self.record(200, body, body["id"])
+        chat = self.kind is api.ChatRequest
+        rid = api.new_id("chatcmpl" if chat else "cmpl")
         return self.record(200, api.completion_body(
-            rid, self.model, results, self.chat, self.engine.tokenizer, self.n, self.echo,
+            rid, self.model, results, chat, self.engine.tokenizer, self.n, self.echo,
             [r.prompt_ids for r in reqs]), rid)
 
 

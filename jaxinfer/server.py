@@ -2,7 +2,8 @@
 
     python scripts/serve.py --port 8000        # binds 127.0.0.1 unless --host says so
     POST /v1/completions, /v1/chat/completions (stream: true -> server-sent events ending
-    with `data: [DONE]`), GET /v1/models, /health, /metrics (Prometheus text);
+    with `data: [DONE]`), /v1/responses (OpenAI's Responses API, openai_responses.py),
+    GET /v1/models, /health, /metrics (Prometheus text);
     POST /tokenize, /detokenize (vLLM's: token ids as the engine counts them)
 
 Library choice: FastAPI on uvicorn. FastAPI gives pydantic request validation (strict
@@ -32,6 +33,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 from jaxinfer import openai_api as api
+from jaxinfer import openai_responses as rs
 from jaxinfer.engine import (
     ContextLengthError,
     Engine,
@@ -121,6 +123,23 @@ def create_app(engine: Engine, model_name: str) -> FastAPI:
                              body.token_budget())
         return await _respond(reqs, body, model_name, chat=True, tokenizer=engine.tokenizer)
 
+    @app.post("/v1/responses")
+    async def responses(body: rs.ResponsesRequest):
+        api.check_model(body.model, model_name)
+        try:
+            reqs = await _submit(engine, body, [dict(messages=body.messages())],
+                                 body.token_budget())
+        except api.ApiError as e:
+            e.param = "input" if e.param == "messages" else e.param  # this API's name
+            raise
+        build = rs.ResponseBuilder(body, model_name)
+        if body.stream:
+            return StreamingResponse(_response_events(reqs[0], build, engine.tokenizer),
+                                     media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache"})
+        result, = await _results(reqs)
+        return build.final(result, engine.tokenizer)
+
     return app
 
 
@@ -194,18 +213,60 @@ async def _respond(reqs: list[Request], body: api._Request, model: str, chat: bo
                                       n, echo, body.scoring_only()),
                                  media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"})
+    results = await _results(reqs)
+    if body.scoring_only():
+        results = [api.scored_only(r) for r in results]
+    return api.completion_body(rid, model, list(results), chat, tokenizer, n, echo,
+                               [r.prompt_ids for r in reqs])
+
+
+async def _results(reqs: list[Request]) -> list[Any]:
+    """Every request's EngineResult; a client gone meanwhile cancels them."""
     try:
-        results = await asyncio.gather(*(r.aresult() for r in reqs))
+        return list(await asyncio.gather(*(r.aresult() for r in reqs)))
     except asyncio.CancelledError:
         for r in reqs:
             r.cancel()
         raise
     except EngineClosedError as e:
         raise api.ApiError(503, str(e), None, "engine_unavailable", "server_error") from e
-    if body.scoring_only():
-        results = [api.scored_only(r) for r in results]
-    return api.completion_body(rid, model, list(results), chat, tokenizer, n, echo,
-                               [r.prompt_ids for r in reqs])
+
+
+async def _response_events(req: Request, build: rs.ResponseBuilder,
+                           tokenizer: Tokenizer) -> AsyncIterator[str]:
+    """A Responses API stream: named events, each text delta with the logprobs of the
+    tokens generated since the previous one (any left over, such as an ending EOS's, in
+    a last empty delta). A client that disconnects cancels the request."""
+    want, sent = req.sampling.logprobs is not None, 0
+
+    def fmt(ev: tuple[str, dict[str, Any]]) -> str:
+        return f"event: {ev[0]}\n{_event(ev[1])}"
+
+    def new_logprobs(entries) -> list[dict[str, Any]]:
+        nonlocal sent
+        new = entries[sent:] if want else []  # one snapshot: the engine thread appends
+        sent += len(new)
+        return rs.logprobs_list(new, tokenizer)
+
+    try:
+        for ev in build.opening(want):
+            yield fmt(ev)
+        try:
+            async for delta in req:
+                yield fmt(build.delta(delta, new_logprobs(req.logprobs)))
+            result = await req.aresult()
+        except Exception as e:  # ends the stream with an error event, never a hang
+            code = "engine_unavailable" if isinstance(e, EngineClosedError) else None
+            yield fmt(build.error(str(e), code))
+            return
+        rest = new_logprobs(result.logprobs or [])
+        if rest:
+            yield fmt(build.delta("", rest))
+        for ev in build.closing(result, tokenizer):
+            yield fmt(ev)
+    finally:
+        if not req.done:
+            req.cancel()
 
 
 def _event(obj: Any) -> str:

@@ -39,7 +39,7 @@ def _lines(path):
 
 
 def test_openai_batch_format(tmp_path):
-    """Lines in OpenAI's batch format (chat and completions) get the server's response
+    """Lines in OpenAI's batch format (chat, completions, responses) get the server's response
     bodies under their custom_id (n choices, echo with logprobs included), equal to the
     engine's results for the same settings; bad lines get status 400 with OpenAI's error
     body naming the field; a rerun skips them."""
@@ -60,7 +60,11 @@ def test_openai_batch_format(tmp_path):
         {"custom_id": "bad-stream", "method": "POST", "url": "/v1/completions",
          "body": {"prompt": "x", "stream": True}},
         {"custom_id": "bad-type", "method": "POST", "url": "/v1/completions",
-         "body": {"prompt": "x", "max_tokens": "4"}}]
+         "body": {"prompt": "x", "max_tokens": "4"}},
+        {"custom_id": "resp-1", "method": "POST", "url": "/v1/responses",
+         "body": {"input": "hello", "max_output_tokens": 5, "temperature": 0}},
+        {"custom_id": "bad-resp", "method": "POST", "url": "/v1/responses",
+         "body": {"input": "hello", "previous_response_id": "resp_1"}}]
     inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     inp.write_text("".join(json.dumps(x) + "\n" for x in lines))
     with tiny_engine() as eng:
@@ -69,7 +73,7 @@ def test_openai_batch_format(tmp_path):
             run_batch(eng, inp, out, progress=False)
         assert e.value.param == "model" and not out.exists()
         s = run_batch(eng, inp, out, progress=False, model_name="mine")
-        assert (s.written, s.errors) == (8, 4)
+        assert (s.written, s.errors) == (10, 5)
         got = {r["custom_id"]: r for r in _lines(out)}
         chat = eng.submit(messages=msgs, sampling=SamplingParams(temperature=0, logprobs=0),
                           max_tokens=5).result()
@@ -77,7 +81,7 @@ def test_openai_batch_format(tmp_path):
             temperature=0, stop_token_ids=[9])).result()
         seeded = [eng.submit(messages=msgs, max_tokens=4, sampling=SamplingParams(
             temperature=0.8, seed=seed)).result() for seed in (4, 5)]
-        assert run_batch(eng, inp, out, progress=False, model_name="mine").skipped == 8
+        assert run_batch(eng, inp, out, progress=False, model_name="mine").skipped == 10
     ok = got["chat-1"]["response"]
     assert ok["status_code"] == 200 and got["chat-1"]["error"] is None
     body = ok["body"]
@@ -96,8 +100,13 @@ def test_openai_batch_format(tmp_path):
     assert body["choices"][0]["text"] == "first prompt"
     assert len(body["choices"][0]["logprobs"]["tokens"]) == len("first prompt")
     assert body["usage"]["completion_tokens"] == 0
+    # the Responses API: the same greedy answer as the chat line
+    body = got["resp-1"]["response"]["body"]
+    assert body["object"] == "response" and body["id"] == got["resp-1"]["response"]["request_id"]
+    assert body["output"][0]["content"][0]["text"] == chat.text
+    assert body["usage"]["output_tokens"] == len(chat.token_ids)
     for cid, param in [("bad-url", "url"), ("bad-top-p", "top_p"), ("bad-stream", "stream"),
-                       ("bad-type", "max_tokens")]:
+                       ("bad-type", "max_tokens"), ("bad-resp", "previous_response_id")]:
         r = got[cid]["response"]
         assert r["status_code"] == 400 and r["body"]["error"]["param"] == param, r
 

@@ -5,7 +5,8 @@
         -d '{"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 32}'
 
 Binds 127.0.0.1 unless --host says otherwise. Endpoints: /v1/completions,
-/v1/chat/completions (stream: true for server-sent events), /v1/models, /health, /metrics.
+/v1/chat/completions (stream: true for server-sent events), /v1/responses, /v1/models,
+/tokenize, /detokenize, /health, /metrics.
 """
 
 from absl import flags
