@@ -48,7 +48,7 @@ SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "seed", "presence_p
                    "frequency_penalty", "repetition_penalty", "logprobs", "prompt_logprobs",
                    "logit_bias", "stop_token_ids", "min_tokens", "ignore_eos",
                    "skip_special_tokens", "include_stop_str_in_output",
-                   "truncate_prompt_tokens", "allowed_token_ids")
+                   "truncate_prompt_tokens", "allowed_token_ids", "bad_words")
 CONSTRAINT_FIELDS = ("response_format", "guided_json", "guided_regex", "guided_choice",
                      "guided_grammar")  # structured output, as the server takes them
 _KNOWN = {"id", "prompt", "messages", "max_tokens", "stop", "metadata", *SAMPLING_FIELDS,

@@ -72,6 +72,7 @@ from jaxinfer.sampling import (
     TokenLogprob,
     check_vocab,
     host_logprobs,
+    recent_tokens,
 )
 from jaxinfer.structured import Constraint, Grammars
 from jaxinfer.tokenizer import Tokenizer
@@ -445,7 +446,7 @@ class Engine:
                 "tokens, but "
                 f"{n + max_tokens} were requested ({n} in the prompt, {max_tokens} for the "
                 "completion)")
-        sampling = sampling or SamplingParams()
+        sampling = (sampling or SamplingParams()).resolve_bad_words(self.tokenizer)
         stop = sampling.stops(stop)
         check_vocab([sampling], self.cfg.vocab_size)
         sampling.check_lengths(max_tokens)
@@ -794,7 +795,7 @@ class Engine:
         if last and req.matcher is not None:
             allowed = self._grammars.all_allowed(1)
             self._grammars.fill(req.matcher, allowed, 0)
-        args = (p.sampling, p.prompt_mask_1V,
+        args = (p.sampling, p.prompt_mask_1V, recent_tokens(ids)[None],
                 np.array([req.max_tokens], np.int32), np.bool_(want), allowed, self._eos_E)
         if req.sampling.prompt_logprobs is None:
             prefix = core.prefill(self.params, tokens_1T, np.array([take], np.int32), p.row,

@@ -36,10 +36,14 @@ from jaxinfer.config import ModelConfig
 from jaxinfer.kv_cache import KVCache, cache_shardings, init_cache
 from jaxinfer.sampling import (
     IDLE_ROW,
+    NO_ID,
+    RECENT,
     Logprobs,
     SamplingArrays,
     ban_ends,
+    ban_words,
     ends_row,
+    push_recent,
     sample,
     step_logprobs,
 )
@@ -58,6 +62,7 @@ class Prefix:
     sampling: SamplingArrays  # one row
     max_new_1: jax.Array  # i32[1] token budget, the first token included
     logprobs: Logprobs  # of token_1 (zeros unless asked for)
+    recent_1R: jax.Array  # i32[1, RECENT] the prompt's last tokens and token_1 (bad words)
 
 
 def init_decode_state(cfg: ModelConfig, num_slots: int, max_len: int, dtype,
@@ -76,7 +81,8 @@ def init_decode_state(cfg: ModelConfig, num_slots: int, max_len: int, dtype,
         counts_BV=jnp.zeros((B, cfg.vocab_size), jnp.int32),
         prompt_mask_BV=jnp.zeros((B, cfg.vocab_size), bool),
         sampling=SamplingArrays.from_params([IDLE_ROW] * B), eos_E=jnp.asarray(eos_E, jnp.int32),
-        output_BM=jnp.zeros((B, 1), jnp.int32))  # unused: the host reads each step's tokens
+        output_BM=jnp.zeros((B, 1), jnp.int32),  # unused: the host reads each step's tokens
+        recent_BR=jnp.full((B, RECENT), NO_ID, jnp.int32))
     return dataclasses.replace(jax.device_put(state, placement(device, mesh)),
                                cache=slots_cache(cfg, B, max_len, dtype, device, mesh))
 
@@ -132,22 +138,23 @@ def put_row(dst: KVCache, src: KVCache, slot: jax.Array) -> KVCache:
 
 @functools.partial(jax.jit, static_argnames=("cfg", "impl"), donate_argnames=("row",))
 def prefill(weights: Weights, tokens_1T: jax.Array, num_new_1: jax.Array, row: KVCache,
-            sampling: SamplingArrays, prompt_mask_1V: jax.Array, max_new_1: jax.Array,
-            want_logprobs: jax.Array, mask_1W: jax.Array, eos_E: jax.Array,
-            cfg: ModelConfig, impl: str = "xla") -> Prefix:
+            sampling: SamplingArrays, prompt_mask_1V: jax.Array, recent_1R: jax.Array,
+            max_new_1: jax.Array, want_logprobs: jax.Array, mask_1W: jax.Array,
+            eos_E: jax.Array, cfg: ModelConfig, impl: str = "xla") -> Prefix:
     """Write a request's (padded) prompt tokens after the row's cached prefix and sample
-    its first token exactly as `generate.start` does (step 0, zero counts)."""
+    its first token exactly as `generate.start` does (step 0, zero counts; `recent_1R` is
+    the whole prompt's tail, sampling.recent_tokens)."""
     logits_1V, row = model.prefill(weights, tokens_1T, num_new_1, row, cfg, impl)
-    return _first_token(logits_1V, row, sampling, prompt_mask_1V, max_new_1, want_logprobs,
-                        mask_1W, eos_E, cfg)
+    return _first_token(logits_1V, row, sampling, prompt_mask_1V, recent_1R, max_new_1,
+                        want_logprobs, mask_1W, eos_E, cfg)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "impl"), donate_argnames=("row",))
 def prefill_scored(weights: Weights, tokens_1T: jax.Array, num_new_1: jax.Array,
                    row: KVCache, targets_1T: jax.Array, sampling: SamplingArrays,
-                   prompt_mask_1V: jax.Array, max_new_1: jax.Array, want_logprobs: jax.Array,
-                   mask_1W: jax.Array, eos_E: jax.Array, cfg: ModelConfig, impl: str = "xla"
-                   ) -> tuple[Prefix, Logprobs]:
+                   prompt_mask_1V: jax.Array, recent_1R: jax.Array, max_new_1: jax.Array,
+                   want_logprobs: jax.Array, mask_1W: jax.Array, eos_E: jax.Array,
+                   cfg: ModelConfig, impl: str = "xla") -> tuple[Prefix, Logprobs]:
     """`prefill` that also scores the prompt: at each of the T positions, log p(target)
     with targets_1T[0, t] the prompt token after position t, and the likeliest tokens
     (prompt_logprobs). A separate program, compiled only once somebody asks: it unembeds
@@ -157,21 +164,24 @@ def prefill_scored(weights: Weights, tokens_1T: jax.Array, num_new_1: jax.Array,
     scored = step_logprobs(logits_TV, targets_1T[0], jnp.bool_(True))
     last = jnp.clip(num_new_1[0] - 1, 0, tokens_1T.shape[1] - 1)
     prefix = _first_token(logits_TV[last][None], row.with_lengths(row.lengths + num_new_1),
-                          sampling, prompt_mask_1V, max_new_1, want_logprobs, mask_1W, eos_E,
-                          cfg)
+                          sampling, prompt_mask_1V, recent_1R, max_new_1, want_logprobs,
+                          mask_1W, eos_E, cfg)
     return prefix, scored
 
 
 def _first_token(logits_1V: jax.Array, row: KVCache, sampling: SamplingArrays,
-                 prompt_mask_1V: jax.Array, max_new_1: jax.Array, want_logprobs: jax.Array,
-                 mask_1W: jax.Array, eos_E: jax.Array, cfg: ModelConfig) -> Prefix:
+                 prompt_mask_1V: jax.Array, recent_1R: jax.Array, max_new_1: jax.Array,
+                 want_logprobs: jax.Array, mask_1W: jax.Array, eos_E: jax.Array,
+                 cfg: ModelConfig) -> Prefix:
     counts_1V = jnp.zeros((1, cfg.vocab_size), jnp.int32)
     step_1 = jnp.zeros((1,), jnp.int32)
-    allowed = ban_ends(apply_bitmask(logits_1V, mask_1W), eos_E, sampling, step_1)
+    allowed = ban_words(ban_ends(apply_bitmask(logits_1V, mask_1W), eos_E, sampling, step_1),
+                        sampling, recent_1R)
     token_1 = sample(allowed, sampling, step_1, counts_1V, prompt_mask_1V)
     return Prefix(cache=row, token_1=token_1, prompt_mask_1V=prompt_mask_1V,
                   sampling=sampling, max_new_1=max_new_1,
-                  logprobs=step_logprobs(logits_1V, token_1, want_logprobs))
+                  logprobs=step_logprobs(logits_1V, token_1, want_logprobs),
+                  recent_1R=push_recent(recent_1R, token_1, jnp.ones((1,), bool)))
 
 
 @functools.partial(jax.jit, donate_argnames=("state",))
@@ -190,7 +200,8 @@ def insert(prefix: Prefix, state: gen.DecodeState, slot: jax.Array) -> gen.Decod
         finish_eos_B=state.finish_eos_B.at[slot].set(is_eos),
         counts_BV=state.counts_BV.at[slot].set(jnp.zeros((V,), jnp.int32).at[tok].add(1)),
         prompt_mask_BV=state.prompt_mask_BV.at[slot].set(prefix.prompt_mask_1V[0]),
-        sampling=state.sampling.with_row(slot, prefix.sampling))
+        sampling=state.sampling.with_row(slot, prefix.sampling),
+        recent_BR=state.recent_BR.at[slot].set(prefix.recent_1R[0]))
 
 
 # One token for every slot, each drawn from the tokens its `mask_BW` row allows; the

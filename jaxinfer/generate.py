@@ -24,10 +24,14 @@ from jaxinfer.kv_cache import KVCache, cache_shardings, init_cache
 from jaxinfer.model import decode_logits, hidden_states, unembed
 from jaxinfer.sampling import (
     MAX_LOGPROBS,
+    NO_ID,
+    RECENT,
     Logprobs,
     SamplingArrays,
     ban_ends,
+    ban_words,
     ends_row,
+    push_recent,
     sample,
     step_logprobs,
     update_counts,
@@ -59,6 +63,7 @@ class DecodeState:
     sampling: SamplingArrays
     eos_E: jax.Array  # i32[E] token ids that end a row
     output_BM: jax.Array  # i32[B, M] generated tokens (while-loop path)
+    recent_BR: jax.Array  # i32[B, RECENT] last tokens, prompt then generated (bad words)
     # With logprobs (while-loop path): f32[B, M] each token's, i32/f32[B, M, N] the top N.
     logprobs_out: tuple[jax.Array, jax.Array, jax.Array] | None = None
     # With prompt_logprobs: the same over the prompt, [B, T]: position t scores token t + 1.
@@ -73,8 +78,10 @@ def _advance(state: DecodeState, logits_BV: jax.Array, cache: KVCache,
     raw model's either way."""
     active = ~state.done_B
     x = logits_BV if mask_BW is None else apply_bitmask(logits_BV, mask_BW)
-    tok = sample(ban_ends(x, state.eos_E, state.sampling, state.num_generated_B),
-                 state.sampling, state.num_generated_B, state.counts_BV, state.prompt_mask_BV)
+    x = ban_words(ban_ends(x, state.eos_E, state.sampling, state.num_generated_B),
+                  state.sampling, state.recent_BR)
+    tok = sample(x, state.sampling, state.num_generated_B, state.counts_BV,
+                 state.prompt_mask_BV)
     tok = jnp.where(active, tok, state.tokens_B)
     n = state.num_generated_B
     B, M = state.output_BM.shape
@@ -91,7 +98,8 @@ def _advance(state: DecodeState, logits_BV: jax.Array, cache: KVCache,
     return dataclasses.replace(
         state, cache=cache, tokens_B=tok, num_generated_B=n, done_B=done,
         finish_eos_B=state.finish_eos_B | is_eos, output_BM=output,
-        counts_BV=update_counts(state.counts_BV, tok, active), logprobs_out=lp_out)
+        counts_BV=update_counts(state.counts_BV, tok, active), logprobs_out=lp_out,
+        recent_BR=push_recent(state.recent_BR, tok, active))
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "max_out", "impl", "logprobs",
@@ -117,7 +125,8 @@ def start(weights: Weights, prompt_BT: jax.Array, prompt_len_B: jax.Array, cache
         num_generated_B=jnp.zeros((B,), jnp.int32), max_new_B=max_new_B,
         done_B=jnp.zeros((B,), bool), finish_eos_B=jnp.zeros((B,), bool),
         counts_BV=jnp.zeros((B, cfg.vocab_size), jnp.int32), prompt_mask_BV=prompt_mask,
-        sampling=sampling, eos_E=eos_E, output_BM=jnp.zeros((B, max_out), jnp.int32))
+        sampling=sampling, eos_E=eos_E, output_BM=jnp.zeros((B, max_out), jnp.int32),
+        recent_BR=_prompt_tails(prompt_BT, prompt_len_B))
     if logprobs:
         N = min(MAX_LOGPROBS, cfg.vocab_size)
         state.logprobs_out = (jnp.zeros((B, max_out), jnp.float32),
@@ -133,6 +142,13 @@ def start(weights: Weights, prompt_BT: jax.Array, prompt_len_B: jax.Array, cache
 
         state.prompt_logprobs_out = jax.lax.map(score, (x, targets_BT))
     return _advance(state, logits, cache, mask_BW)
+
+
+def _prompt_tails(prompt_BT: jax.Array, prompt_len_B: jax.Array) -> jax.Array:
+    """i32[B, RECENT]: each right-padded prompt's last RECENT tokens, as recent_tokens."""
+    idx = prompt_len_B[:, None] - RECENT + jnp.arange(RECENT)[None]
+    tail = jnp.take_along_axis(prompt_BT, jnp.maximum(idx, 0), 1)
+    return jnp.where(idx >= 0, tail, NO_ID)
 
 
 def _step_logits(weights: Weights, state: DecodeState, cfg: ModelConfig, impl: str,

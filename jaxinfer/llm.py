@@ -337,6 +337,8 @@ class LLM:
             raise BadRequestError("no prompts given")
         ids = [self.encode(p, chat) for p in batch]
         sp = sampling if isinstance(sampling, list) else [sampling or SamplingParams()] * len(ids)
+        sp = [p.resolve_bad_words(self.tokenizer) if isinstance(p, SamplingParams) else p
+              for p in sp]
         mn = max_new_tokens if isinstance(max_new_tokens, list) else [max_new_tokens] * len(ids)
         _check_sampling(sp, mn, self.cfg.vocab_size, stop, len(ids))
         ids = [s.truncate(i) for s, i in zip(sp, ids, strict=True)]
@@ -425,7 +427,7 @@ class LLM:
         the current token, so detokenizing overlaps device work (not under a
         `constraint`, whose next mask needs the current token). With `draft` (as in
         `generate`) each speculative round yields the 1..k+1 tokens it kept."""
-        sampling = sampling or SamplingParams()
+        sampling = (sampling or SamplingParams()).resolve_bad_words(self.tokenizer)
         ids = sampling.truncate(self.encode(prompt, chat))
         t0 = time.perf_counter()
         _check_sampling([sampling], [max_new_tokens], self.cfg.vocab_size, stop)

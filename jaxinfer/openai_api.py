@@ -30,7 +30,8 @@ MAX_PROMPTS = 64  # prompts in one /v1/completions request
 SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "seed", "presence_penalty",
                    "frequency_penalty", "repetition_penalty", "logit_bias", "stop_token_ids",
                    "min_tokens", "ignore_eos", "skip_special_tokens",
-                   "include_stop_str_in_output", "truncate_prompt_tokens", "allowed_token_ids")
+                   "include_stop_str_in_output", "truncate_prompt_tokens", "allowed_token_ids",
+                   "bad_words")
 
 
 class ApiError(Exception):
@@ -90,6 +91,7 @@ class _Request(BaseModel):
     include_stop_str_in_output: bool | None = None  # extension (vLLM)
     truncate_prompt_tokens: int | None = None  # extension (vLLM): keep the prompt's last n
     allowed_token_ids: list[int] | None = None  # extension (vLLM): sample only these
+    bad_words: list[str] | None = None  # extension (vLLM): never complete these words
     # Structured output: OpenAI's response_format, or vLLM's guided_* extensions.
     response_format: dict[str, Any] | None = None
     guided_json: dict[str, Any] | str | None = None

@@ -29,7 +29,10 @@ MAX_LOGPROBS = 20  # most alternatives a request may ask for (OpenAI's top_logpr
 MAX_LOGIT_BIAS = 300  # logit_bias entries per request (fixed, so the arrays never recompile)
 MAX_STOP_TOKEN_IDS = 32  # stop_token_ids per request (likewise)
 MAX_ALLOWED_TOKEN_IDS = 512  # allowed_token_ids per request (likewise)
-_NO_ID = np.iinfo(np.int32).max  # padding of stop_ids: matches no token, scatters nowhere
+MAX_BAD_WORDS = 64  # banned token sequences per request (a word spelled with and without
+MAX_BAD_WORD_TOKENS = 8  # a leading space counts twice), each at most this many tokens
+RECENT = MAX_BAD_WORD_TOKENS - 1  # tokens of context a decode state keeps for the bans
+NO_ID = np.iinfo(np.int32).max  # padding of stop_ids: matches no token, scatters nowhere
 _KEY_IMPL = "threefry2x32"  # fixed, so u32[B, 2] key data means the same on every backend
 _U32 = 0xFFFFFFFF
 
@@ -54,6 +57,30 @@ def _stop_strings(stop: Any) -> tuple[str, ...]:
         raise BadRequestError(f"stop must be a string or a list of strings, got {stop!r}",
                               "stop")
     return tuple(strings)
+
+
+def _token_sequences(seqs: Any) -> tuple[tuple[int, ...], ...]:
+    """bad_words_token_ids as a tuple of non-empty token-id tuples within the limits."""
+    msg = f"bad_words_token_ids must be a list of token-id lists, got {seqs!r}"
+    if isinstance(seqs, (str, bytes)) or not hasattr(seqs, "__iter__"):
+        raise BadRequestError(msg, "bad_words_token_ids")
+    out = []
+    for seq in seqs:
+        if isinstance(seq, (str, bytes)) or not hasattr(seq, "__iter__"):
+            raise BadRequestError(msg, "bad_words_token_ids")
+        seq = tuple(seq)
+        if not seq or not all(_is_int(t) and 0 <= t < NO_ID for t in seq):
+            raise BadRequestError(msg, "bad_words_token_ids")
+        if len(seq) > MAX_BAD_WORD_TOKENS:
+            raise BadRequestError(f"a bad word is {len(seq)} tokens {list(seq)}; at most "
+                                  f"{MAX_BAD_WORD_TOKENS}", "bad_words")
+        out.append(tuple(int(t) for t in seq))
+    out = list(dict.fromkeys(out))
+    if len(out) > MAX_BAD_WORDS:
+        raise BadRequestError(f"{len(out)} bad word token sequences; at most {MAX_BAD_WORDS} "
+                              "(a word counts twice: with and without a leading space)",
+                              "bad_words")
+    return tuple(out)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,6 +116,11 @@ class SamplingParams:
     truncate_prompt_tokens: int | None = None
     # vLLM's allowed_token_ids: sample only these (at most MAX_ALLOWED_TOKEN_IDS); None: all.
     allowed_token_ids: tuple[int, ...] | None = None
+    # vLLM's bad_words: never complete one of these words (each tokenized as it would
+    # start the text and after a space, by `resolve_bad_words` when the request is made);
+    # bad_words_token_ids (HF's bad_words_ids) gives the token sequences directly.
+    bad_words: tuple[str, ...] = ()
+    bad_words_token_ids: tuple[tuple[int, ...], ...] = ()
 
     GREEDY: ClassVar[SamplingParams]
 
@@ -125,7 +157,7 @@ class SamplingParams:
                                       f"None, got {n!r}", name)
         ids = self.stop_token_ids
         if isinstance(ids, (str, bytes)) or not hasattr(ids, "__iter__") or not all(
-                _is_int(t) and 0 <= t < _NO_ID for t in ids):
+                _is_int(t) and 0 <= t < NO_ID for t in ids):
             raise BadRequestError(f"stop_token_ids must be a list of token ids, got {ids!r}",
                                   "stop_token_ids")
         ids = tuple(sorted({int(t) for t in ids}))
@@ -140,7 +172,7 @@ class SamplingParams:
         allowed = self.allowed_token_ids
         if allowed is not None:
             if isinstance(allowed, (str, bytes)) or not hasattr(allowed, "__iter__") or not all(
-                    _is_int(t) and 0 <= t < _NO_ID for t in allowed) or not len(allowed):
+                    _is_int(t) and 0 <= t < NO_ID for t in allowed) or not len(allowed):
                 raise BadRequestError(f"allowed_token_ids must be a non-empty list of token "
                                       f"ids or None, got {allowed!r}", "allowed_token_ids")
             allowed = tuple(sorted({int(t) for t in allowed}))
@@ -148,6 +180,14 @@ class SamplingParams:
                 raise BadRequestError(f"allowed_token_ids has {len(allowed)} ids; at most "
                                       f"{MAX_ALLOWED_TOKEN_IDS}", "allowed_token_ids")
             object.__setattr__(self, "allowed_token_ids", allowed)
+        words = (self.bad_words,) if isinstance(self.bad_words, str) else self.bad_words
+        if not isinstance(words, (list, tuple)) or not all(
+                isinstance(w, str) and w.strip() for w in words):
+            raise BadRequestError(f"bad_words must be a list of non-empty strings, got "
+                                  f"{self.bad_words!r}", "bad_words")
+        object.__setattr__(self, "bad_words", tuple(words))
+        object.__setattr__(self, "bad_words_token_ids",
+                           _token_sequences(self.bad_words_token_ids))
         t = self.truncate_prompt_tokens
         if t is not None and (not _is_int(t) or t < 1):
             raise BadRequestError(f"truncate_prompt_tokens must be an integer >= 1 or None, "
@@ -172,6 +212,19 @@ class SamplingParams:
         if self.min_tokens > max_tokens:
             raise BadRequestError(f"min_tokens={self.min_tokens} exceeds max_tokens="
                                   f"{max_tokens}", "min_tokens")
+
+    def resolve_bad_words(self, tokenizer: Any) -> SamplingParams:
+        """These params with bad_words turned into token sequences (vLLM's rule: each word
+        as it would start the text and after a space), added to bad_words_token_ids."""
+        if not self.bad_words:
+            return self
+        seqs = list(self.bad_words_token_ids)
+        for word in self.bad_words:
+            for text in (word.lstrip(), " " + word.lstrip()):
+                ids = tuple(tokenizer.encode(text, add_bos=False))
+                if ids and ids not in seqs:
+                    seqs.append(ids)
+        return dataclasses.replace(self, bad_words=(), bad_words_token_ids=tuple(seqs))
 
     def ends(self, token: int, eos_ids: frozenset[int] | Sequence[int]) -> bool:
         """Whether `token` ends this request (host side of `ends_row`)."""
@@ -215,7 +268,9 @@ def check_vocab(params: Sequence[SamplingParams], vocab_size: int) -> None:
     for p in params:
         for name, ids in (("logit_bias", [i for i, _ in p.logit_bias or ()]),
                           ("stop_token_ids", p.stop_token_ids),
-                          ("allowed_token_ids", p.allowed_token_ids or ())):
+                          ("allowed_token_ids", p.allowed_token_ids or ()),
+                          ("bad_words_token_ids",
+                           [t for seq in p.bad_words_token_ids for t in seq])):
             bad = [i for i in ids if i >= vocab_size]
             if bad:
                 raise BadRequestError(f"{name} token id {bad[0]} is outside the vocabulary "
@@ -247,8 +302,11 @@ class SamplingArrays:
     key: jax.Array  # u32[B, 2] raw threefry key data (wrap with `keys()`)
     bias_ids: jax.Array  # i32[B, MAX_LOGIT_BIAS] logit_bias token ids (padding: 0 ...
     bias: jax.Array  # f32[B, MAX_LOGIT_BIAS] ... with bias 0, which adds nothing)
-    stop_ids: jax.Array  # i32[B, MAX_STOP_TOKEN_IDS] stop_token_ids (padding: _NO_ID)
-    allowed_ids: jax.Array  # i32[B, MAX_ALLOWED_TOKEN_IDS] (all _NO_ID: any token)
+    stop_ids: jax.Array  # i32[B, MAX_STOP_TOKEN_IDS] stop_token_ids (padding: NO_ID)
+    allowed_ids: jax.Array  # i32[B, MAX_ALLOWED_TOKEN_IDS] (all NO_ID: any token)
+    # i32[B, MAX_BAD_WORDS, MAX_BAD_WORD_TOKENS] banned sequences, right-aligned (NO_ID
+    # before a shorter one's first token; a row of NO_ID bans nothing)
+    bad_ids: jax.Array
     min_tokens: jax.Array  # i32[B]
     ignore_eos: jax.Array  # bool[B]
 
@@ -293,14 +351,23 @@ def _bias_arrays(params: Sequence[SamplingParams]) -> dict[str, jax.Array]:
     for b, p in enumerate(params):
         for j, (i, v) in enumerate(p.logit_bias or ()):
             ids[b, j], vals[b, j] = i, v
-    stop = np.full((len(params), MAX_STOP_TOKEN_IDS), _NO_ID, np.int32)
+    stop = np.full((len(params), MAX_STOP_TOKEN_IDS), NO_ID, np.int32)
     for b, p in enumerate(params):
         stop[b, :len(p.stop_token_ids)] = p.stop_token_ids
-    allowed = np.full((len(params), MAX_ALLOWED_TOKEN_IDS), _NO_ID, np.int32)
+    allowed = np.full((len(params), MAX_ALLOWED_TOKEN_IDS), NO_ID, np.int32)
     for b, p in enumerate(params):
         allowed[b, :len(p.allowed_token_ids or ())] = p.allowed_token_ids or ()
+    bad = np.full((len(params), MAX_BAD_WORDS, MAX_BAD_WORD_TOKENS), NO_ID, np.int32)
+    for b, p in enumerate(params):
+        if p.bad_words:
+            raise BadRequestError("bad_words need the tokenizer: resolve them with "
+                                  "SamplingParams.resolve_bad_words (LLM.generate and "
+                                  "Engine.submit do)", "bad_words")
+        for w, seq in enumerate(p.bad_words_token_ids):
+            bad[b, w, MAX_BAD_WORD_TOKENS - len(seq):] = seq
     return {"bias_ids": jnp.asarray(ids), "bias": jnp.asarray(vals),
-            "stop_ids": jnp.asarray(stop), "allowed_ids": jnp.asarray(allowed)}
+            "stop_ids": jnp.asarray(stop), "allowed_ids": jnp.asarray(allowed),
+            "bad_ids": jnp.asarray(bad)}
 
 
 def ends_row(tokens: jax.Array, eos_E: jax.Array, arrays: SamplingArrays) -> jax.Array:
@@ -322,10 +389,41 @@ def ban_ends(logits_BV: jax.Array, eos_E: jax.Array, arrays: SamplingArrays,
     def ban(x):
         ids = jnp.concatenate([jnp.broadcast_to(eos_E, (B, eos_E.shape[0])),
                                arrays.stop_ids], 1)
-        ids = jnp.where(short_B[:, None] & (ids >= 0), ids, _NO_ID)  # eos_E pads with -1
+        ids = jnp.where(short_B[:, None] & (ids >= 0), ids, NO_ID)  # eos_E pads with -1
         return x.at[jnp.arange(B)[:, None], ids].set(-jnp.inf, mode="drop")
 
     return jax.lax.cond(jnp.any(short_B), ban, lambda x: x, logits_BV)
+
+
+def recent_tokens(ids: Sequence[int]) -> np.ndarray:
+    """i32[RECENT]: the last RECENT of `ids`, right-aligned, NO_ID before a short one's
+    first (a decode state's context for ban_words, from a prompt on the host)."""
+    out = np.full((RECENT,), NO_ID, np.int32)
+    tail = list(ids)[-RECENT:]
+    if tail:
+        out[RECENT - len(tail):] = tail
+    return out
+
+
+def push_recent(recent_BR: jax.Array, tokens_B: jax.Array, active_B: jax.Array) -> jax.Array:
+    """The context after each active row's new token."""
+    pushed = jnp.concatenate([recent_BR[:, 1:], tokens_B[:, None]], 1)
+    return jnp.where(active_B[:, None], pushed, recent_BR)
+
+
+def ban_words(logits_BV: jax.Array, arrays: SamplingArrays, recent_BR: jax.Array
+              ) -> jax.Array:
+    """-inf for each token that would complete one of a row's bad words: its last token,
+    where the row's last tokens (`recent_BR`: prompt, then generated) equal the word's
+    other tokens (a one-token word always). Skipped when no row has bad words."""
+    def ban(x):
+        prefix = arrays.bad_ids[..., :-1]  # [B, W, RECENT]
+        match = jnp.all((prefix == NO_ID) | (prefix == recent_BR[:, None, :]), -1)
+        last = jnp.where(match, arrays.bad_ids[..., -1], NO_ID)
+        return x.at[jnp.arange(x.shape[0])[:, None], last].set(-jnp.inf, mode="drop")
+
+    return jax.lax.cond(jnp.any(arrays.bad_ids[..., -1] != NO_ID), ban, lambda x: x,
+                        logits_BV)
 
 
 def add_logit_bias(logits_BV: jax.Array, arrays: SamplingArrays) -> jax.Array:
@@ -338,7 +436,7 @@ def add_logit_bias(logits_BV: jax.Array, arrays: SamplingArrays) -> jax.Array:
         lambda x: x.astype(jnp.float32).at[rows, arrays.bias_ids].add(arrays.bias,
                                                                       mode="drop"),
         lambda x: x.astype(jnp.float32), logits_BV)
-    free_B1 = arrays.allowed_ids[:, :1] == _NO_ID  # sorted ids: the first is padding
+    free_B1 = arrays.allowed_ids[:, :1] == NO_ID  # sorted ids: the first is padding
 
     def restrict(x):
         allowed = jnp.zeros(x.shape, bool).at[rows, arrays.allowed_ids].set(True, mode="drop")

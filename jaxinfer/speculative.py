@@ -35,11 +35,14 @@ from jaxinfer.kv_cache import KVCache, cache_shardings, init_cache
 from jaxinfer.model import decode_logits, hidden_states, prefill, unembed
 from jaxinfer.runtime import to_host
 from jaxinfer.sampling import (
+    NO_ID,
+    RECENT,
     Logprobs,
     SamplingArrays,
     SamplingParams,
     add_logit_bias,
     ban_ends,
+    ban_words,
     ends_row,
     filter_logits,
     penalize_logits,
@@ -100,7 +103,18 @@ def processed_logits(logits_BTV: jax.Array, state: SpecState, d_BK: jax.Array) -
         a.frequency_penalty != 0)
     x = jax.lax.cond(jnp.any(penalized), penalize, lambda x: x, x)
     step = (state.num_generated_B[:, None] + jnp.arange(T)[None]).reshape(-1)
-    return ban_ends(x, state.eos_E, rows, step).reshape(B, T, V)
+    return ban_words(ban_ends(x, state.eos_E, rows, step), rows,
+                     _recent_per_position(state, d_BK, T)).reshape(B, T, V)
+
+
+def _recent_per_position(state: SpecState, d_BK: jax.Array, T: int) -> jax.Array:
+    """i32[B * T, RECENT]: the tokens before each verified position (the sequence so far,
+    then the drafted tokens before it), as the plain sampler's recent_BR would hold them."""
+    idx = state.seq_len_B[:, None] - RECENT + jnp.arange(RECENT)[None]
+    tail = jnp.take_along_axis(state.seq_BS, jnp.maximum(idx, 0), 1)
+    ext = jnp.concatenate([jnp.where(idx >= 0, tail, NO_ID), d_BK[:, :T - 1]], 1)
+    windows = jnp.stack([ext[:, t:t + RECENT] for t in range(T)], 1)  # [B, T, RECENT]
+    return windows.reshape(-1, RECENT)
 
 
 def probs(logits_BTV: jax.Array, arrays: SamplingArrays) -> jax.Array:

@@ -216,3 +216,31 @@ def test_allowed_token_ids_pick_hf_argmax_among_them(llm, hf_model):
     out = llm.generate(ids, sampling=SamplingParams(temperature=0, allowed_token_ids=options),
                        max_new_tokens=1)
     assert out.token_ids == [want]
+
+
+def test_bad_words_match_hf(llm, hf_model):
+    """vLLM's bad_words against HF's bad_words_ids on the same weights: a one-token word
+    (the model's answer, as it would start the text and after a space), and a two-token
+    sequence taken from the free output, banned only right after its own first token. The
+    greedy tokens equal HF's, differ from the free output, and hold no banned sequence."""
+    ids = llm.tokenizer.encode(llm.tokenizer.apply_chat_template(
+        [{"role": "user", "content": "What is the capital of France?"}]))
+    free = llm.generate(ids, sampling=GREEDY, max_new_tokens=24).token_ids
+    pair = tuple(free[3:5])
+    for sp in (SamplingParams(temperature=0, bad_words=["Paris"]),
+               SamplingParams(temperature=0, bad_words_token_ids=[pair])):
+        banned = sp.resolve_bad_words(llm.tokenizer).bad_words_token_ids
+        assert len(banned) == (2 if sp.bad_words else 1)  # "Paris" and " Paris"
+        with torch.no_grad():
+            ref = hf_model.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False,
+                                    eos_token_id=list(llm.eos), pad_token_id=2,
+                                    bad_words_ids=[list(s) for s in banned])[0, len(ids):]
+        out = llm.generate(ids, sampling=sp, max_new_tokens=24)
+        assert out.token_ids == [int(t) for t in ref], sp
+        assert out.token_ids != free[:len(out.token_ids)]
+        for seq in banned:
+            n = len(seq)
+            assert all(tuple(out.token_ids[i:i + n]) != seq
+                       for i in range(len(out.token_ids)))
+    assert "Paris" not in llm.generate(ids, sampling=SamplingParams(
+        temperature=0, bad_words=["Paris"]), max_new_tokens=24).text

@@ -137,9 +137,12 @@ def test_no_compile_after_warmup():
                            sampling=SEEDED[i % 3] if i % 2 else GREEDY, stop=["zz"] * (i % 2))
                 for i, n in enumerate(lengths)]
         reqs.append(eng.submit(messages=[{"role": "user", "content": "hello"}], max_tokens=4))
+        reqs.append(eng.submit("bad words", max_tokens=4, sampling=SamplingParams(
+            temperature=0, bad_words=["ab"], allowed_token_ids=[33, 34, 65, 66],
+            logit_bias={33: 1.0})))  # per-request edits of the logits: traced, too
         for r in reqs:
             r.result(timeout=60)
-        hit = eng.submit(reqs[-3].prompt_ids[:40] + [7, 8], max_tokens=3).result(timeout=60)
+        hit = eng.submit(reqs[-4].prompt_ids[:40] + [7, 8], max_tokens=3).result(timeout=60)
         assert hit.metrics.cached_tokens == 32  # a prefix-cache hit, 10-token suffix
         assert eng.compile_count == before, f"{eng.compile_count - before} recompilations"
 
@@ -354,8 +357,8 @@ def test_engine_under_a_mesh_matches_single_device(mesh_spec, kv):
 def test_stop_token_ids_min_tokens_and_ignore_eos():
     """stop_token_ids end a request like EOS (in token_ids, not in the text); min_tokens
     bans EOS and those ids until that many tokens are out; ignore_eos decodes past EOS;
-    allowed_token_ids restricts sampling. All are applied on device, and the engine,
-    LLM.generate and LLM.stream agree."""
+    allowed_token_ids restricts sampling; bad_words ban a word's last token after the rest
+    of it. All are applied on device, and the engine, LLM.generate and LLM.stream agree."""
     llm = _llm()
     alone = llm.generate(PROMPTS[2], sampling=GREEDY, max_new_tokens=12)
     sid = alone.token_ids[1]
@@ -368,8 +371,12 @@ def test_stop_token_ids_min_tokens_and_ignore_eos():
     eos_shown = SamplingParams(temperature=0, logit_bias={3: 100}, ignore_eos=True,
                                skip_special_tokens=False)
     only = SamplingParams(temperature=0.8, seed=2, allowed_token_ids=[40, 41, 42, 3])
-    cases = [stop, at_least, sampled, eos_first, eos_shown, only]
-    ref = llm.generate([PROMPTS[2]] * 6, sampling=cases, max_new_tokens=12)
+    # bad words: a pair of the free output (banned only after its first token) and text
+    pair = tuple(alone.token_ids[2:4])
+    bad = SamplingParams(temperature=0, bad_words_token_ids=[pair],
+                         bad_words=[CharTokenizer().decode(alone.token_ids[6:7])])
+    cases = [stop, at_least, sampled, eos_first, eos_shown, only, bad]
+    ref = llm.generate([PROMPTS[2]] * 7, sampling=cases, max_new_tokens=12)
     r = ref[0]
     assert r.token_ids == alone.token_ids[:cut] and r.finish_reason == "stop"
     assert r.text == CharTokenizer().decode(alone.token_ids[:cut - 1])
@@ -381,6 +388,10 @@ def test_stop_token_ids_min_tokens_and_ignore_eos():
     # EOS decoded past is a special token: not text unless skip_special_tokens is off.
     assert ref[3].text == "" and ref[4].text == "#" * 12
     assert set(ref[5].token_ids) <= {40, 41, 42, 3}  # allowed_token_ids (3 is EOS)
+    b = ref[6].token_ids  # bad words: the pair's second token is replaced, no other
+    assert b[:3] == alone.token_ids[:3] and b[3] != alone.token_ids[3]
+    assert all(tuple(b[i:i + 2]) != pair for i in range(len(b) - 1))
+    assert alone.token_ids[6] not in b
     with tiny_engine(num_slots=2) as eng:
         got = [eng.submit(PROMPTS[2], sampling=sp, max_tokens=12) for sp in cases]
         got = [g.result(timeout=60) for g in got]

@@ -3,6 +3,7 @@ smaller model or prompt lookup) gives the target's greedy tokens exactly, the sa
 samples as LLM.generate(draft=...), and reports its acceptance rate."""
 
 import collections
+import dataclasses
 import re
 
 import jax
@@ -81,7 +82,8 @@ def test_seeded_sampling_matches_llm_generate_with_the_draft():
 
 
 def test_penalties_bias_and_stop_conditions_with_drafts():
-    """Penalties, logit_bias, min_tokens and stop ids in the engine's speculative rounds:
+    """Penalties, logit_bias, bad words, min_tokens and stop ids in the engine's speculative
+    rounds:
     greedy rows give the plain target's tokens, seeded sampled rows LLM.generate(draft=)'s
     tokens, in any slot beside any neighbours."""
     target, draft = _target(), _drafts()["model"]
@@ -91,7 +93,11 @@ def test_penalties_bias_and_stop_conditions_with_drafts():
            SamplingParams(temperature=1.0, seed=4, repetition_penalty=1.3, top_k=30),
            SamplingParams(temperature=0.8, seed=9, frequency_penalty=0.5, stop_token_ids=[7])]
     prompts, max_new = PROMPTS[:4], [20, 13, 12, 16]
+    # bad words: a pair of row 1's output, banned after its first token
+    free = target.generate(prompts[1], sampling=sps[1], max_new_tokens=13).token_ids
+    sps[1] = dataclasses.replace(sps[1], bad_words_token_ids=[free[2:4]])
     plain = target.generate(prompts[:2], sampling=sps[:2], max_new_tokens=max_new[:2])
+    assert plain[1].token_ids[:3] == free[:3] and plain[1].token_ids[3] != free[3]
     want = [c.token_ids for c in plain]
     want += [target.generate(p, sampling=sp, max_new_tokens=m, draft=draft,
                              num_speculative_tokens=3).token_ids

@@ -11,9 +11,14 @@ import pytest
 from jaxinfer.errors import BadRequestError
 from jaxinfer.sampling import (
     GREEDY,
+    MAX_BAD_WORD_TOKENS,
+    MAX_BAD_WORDS,
+    NO_ID,
+    RECENT,
     SamplingArrays,
     SamplingParams,
     ban_ends,
+    ban_words,
     check_vocab,
     ends_row,
     filter_logits,
@@ -305,6 +310,7 @@ def test_new_parameter_values_do_not_recompile():
          GREEDY, SamplingParams(top_k=1000), SamplingParams(temperature=2.0, top_p=0.3)],
         [SamplingParams(logit_bias={"5": 100}), GREEDY, GREEDY,
          SamplingParams(logit_bias={i: -1 for i in range(300)})],
+        [SamplingParams(bad_words_token_ids=[[5], [6, 7]]), GREEDY, GREEDY, GREEDY],
     ]
     for s, params in enumerate(settings):
         jf(logits, SamplingArrays.from_params(params), jnp.full(B, s, jnp.int32), counts, mask)
@@ -334,6 +340,11 @@ def test_new_parameter_values_do_not_recompile():
     (dict(allowed_token_ids=[]), "allowed_token_ids", r"\[\]"),
     (dict(allowed_token_ids=list(range(513))), "allowed_token_ids", "513 ids"),
     (dict(logprobs=21), "logprobs", "21"),
+    (dict(bad_words=[""]), "bad_words", r"\[''\]"),
+    (dict(bad_words=[3]), "bad_words", r"\[3\]"),
+    (dict(bad_words_token_ids=[[]]), "bad_words_token_ids", r"\[\[\]\]"),
+    (dict(bad_words_token_ids=[1, 2]), "bad_words_token_ids", r"\[1, 2\]"),
+    (dict(bad_words_token_ids=[[-1]]), "bad_words_token_ids", r"\[\[-1\]\]"),
 ])
 def test_bad_parameters_raise_bad_request(kwargs, name, value):
     """Each message names the value, and `param` the field (the server's error param)."""
@@ -417,3 +428,54 @@ def test_allowed_token_ids_restrict_sampling():
     assert draws <= set(allowed) and len(draws) > 1
     with pytest.raises(BadRequestError, match="allowed_token_ids token id 64"):
         check_vocab([SamplingParams(allowed_token_ids=[64])], 64)
+
+
+def _banned_reference(words, history):
+    """HF's / vLLM's rule, in Python: a word's last token is banned when the tokens before
+    it end the history (a one-token word always)."""
+    out = set()
+    for w in words:
+        *prefix, last = w
+        if not prefix or (len(prefix) <= len(history) and list(history[-len(prefix):])
+                          == prefix):
+            out.add(last)
+    return out
+
+
+def test_ban_words_matches_the_reference_rule():
+    rng = np.random.default_rng(3)
+    V, B = 12, 64  # a small vocabulary, so prefixes often match the history
+    rows, histories = [], []
+    for _ in range(B):
+        words = {tuple(int(t) for t in rng.integers(0, V, rng.integers(1, 5)))
+                 for _w in range(rng.integers(0, 6))}
+        rows.append(SamplingParams(bad_words_token_ids=sorted(words)))
+        histories.append([int(t) for t in rng.integers(0, V, rng.integers(0, 12))])
+    recent = np.stack([np.concatenate([np.full(RECENT, NO_ID), h])[-RECENT:]
+                       for h in histories]).astype(np.int32)
+    x = np.asarray(jax.jit(ban_words)(jnp.zeros((B, V)), SamplingArrays.from_params(rows),
+                                      jnp.asarray(recent)))
+    for b in range(B):
+        want = _banned_reference(rows[b].bad_words_token_ids, histories[b])
+        assert set(np.nonzero(np.isneginf(x[b]))[0].tolist()) == want, b
+    assert any(len(_banned_reference(r.bad_words_token_ids, h)) > 1
+               for r, h in zip(rows, histories, strict=True))
+
+
+def test_bad_words_limits_and_resolution():
+    class Chars:  # id = character code, so encodings are easy to read
+        def encode(self, text, add_bos=None):
+            return [ord(c) for c in text]
+
+    sp = SamplingParams(bad_words=["ab", " c"], bad_words_token_ids=[[1, 2]])
+    assert sp.resolve_bad_words(Chars()).bad_words_token_ids == (
+        (1, 2), (97, 98), (32, 97, 98), (99,), (32, 99))
+    with pytest.raises(BadRequestError, match="resolve_bad_words"):
+        SamplingArrays.from_params([sp])
+    with pytest.raises(BadRequestError, match=f"at most {MAX_BAD_WORD_TOKENS}"):
+        SamplingParams(bad_words_token_ids=[list(range(MAX_BAD_WORD_TOKENS + 1))])
+    with pytest.raises(BadRequestError, match=f"at most {MAX_BAD_WORDS}") as e:
+        SamplingParams(bad_words_token_ids=[[i] for i in range(MAX_BAD_WORDS + 1)])
+    assert e.value.param == "bad_words"
+    with pytest.raises(BadRequestError, match="bad_words_token_ids token id 64"):
+        check_vocab([SamplingParams(bad_words_token_ids=[[1, 64]])], 64)

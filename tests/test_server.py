@@ -73,14 +73,15 @@ def test_completion_and_chat_match_the_engine(url, engine):
 
 
 def test_vllm_stop_fields_reach_the_engine(url, engine):
-    """stop_token_ids, min_tokens, ignore_eos, skip_special_tokens and truncate_prompt_tokens
-    (vLLM's extensions) mean what they mean in SamplingParams: the server answers what the
-    engine gives for the same settings."""
+    """stop_token_ids, min_tokens, ignore_eos, skip_special_tokens, truncate_prompt_tokens
+    and bad_words (vLLM's extensions) mean what they mean in SamplingParams: the server
+    answers what the engine gives for the same settings."""
     free = engine.submit("Hello there", sampling=GREEDY, max_tokens=8).result(timeout=30)
     sid = free.token_ids[2]
+    word = next(chr(32 + t) for t in free.token_ids[1:] if t < 95 and chr(32 + t) not in "<> ")
     for extra in ({"stop_token_ids": [sid]}, {"stop_token_ids": [sid], "min_tokens": 6},
                   {"ignore_eos": True, "logit_bias": {"3": 100}, "skip_special_tokens": False},
-                  {"truncate_prompt_tokens": 3},
+                  {"truncate_prompt_tokens": 3}, {"bad_words": [word]},
                   {"ignore_eos": True, "logit_bias": {"3": 100}}):
         out = requests.post(f"{url}/v1/completions", timeout=30, json={
             "prompt": "Hello there", "max_tokens": 8, "temperature": 0, **extra}).json()
@@ -89,6 +90,8 @@ def test_vllm_stop_fields_reach_the_engine(url, engine):
                                               for k, v in extra.items()})
         ref = engine.submit("Hello there", sampling=sp, max_tokens=8).result(timeout=30)
         assert out["choices"][0]["text"] == ref.text
+        if "bad_words" in extra:  # it bites
+            assert word in free.text and word not in ref.text
         assert out["choices"][0]["finish_reason"] == ref.finish_reason
         assert out["usage"]["completion_tokens"] == len(ref.token_ids)
         assert out["usage"]["prompt_tokens"] == ref.prompt_tokens
@@ -212,6 +215,7 @@ def test_openai_client(url, engine):
     ("completions", {"prompt": "x", "max_tokens": 0}, "max_tokens"),
     ("completions", {"prompt": "x" * 300}, "prompt"),  # over the 256-token context
     ("completions", {"prompt": "x", "stop": [1]}, "stop"),
+    ("completions", {"prompt": "x", "bad_words": [""]}, "bad_words"),
     ("chat/completions", {"messages": "hi"}, "messages"),
     ("chat/completions", {"messages": [{"role": "wizard", "content": "hi"}]}, "messages"),
     ("chat/completions", {"messages": [{"role": "user", "content": "x" * 300}]}, "messages"),

@@ -131,11 +131,10 @@ def test_stream_with_a_draft_equals_generate():
 
 def test_greedy_with_penalties_bias_and_stop_conditions_equals_target():
     """Penalties (over the prompt and every earlier token, drafted ones included),
-    logit_bias, allowed_token_ids, min_tokens and stop ids shape the target's distribution
-    at each verified position exactly as the plain sampler's: greedy output is the
-    target's, token for token, with a model draft (which sees bias, allowed ids and
-    min_tokens but not penalties) and with
-    prompt lookup."""
+    logit_bias, allowed_token_ids, bad words, min_tokens and stop ids shape the target's
+    distribution at each verified position exactly as the plain sampler's: greedy output
+    is the target's, token for token, with a model draft (which sees bias, allowed ids and
+    min_tokens but not penalties or bad words) and with prompt lookup."""
     cfg = TINY
     w = tiny_weights(cfg, 0)
     cfg1 = cfg.replace(num_layers=1)
@@ -148,6 +147,11 @@ def test_greedy_with_penalties_bias_and_stop_conditions_equals_target():
              SamplingParams(temperature=0, logit_bias={7: -100, 8: 3.0}, stop_token_ids=[8]),
              SamplingParams(temperature=0, allowed_token_ids=[30, 31, 32, 33])]
     llm = LLM(cfg, w, CharTokenizer())
+    # bad words: a pair from the free output (the ban bites after its first token)
+    prompts.append([40, 41, 42])
+    max_new.append(12)
+    alone = llm.generate(prompts[-1], GREEDY, 12).token_ids
+    plain.append(SamplingParams(temperature=0, bad_words_token_ids=[alone[1:3], alone[5:6]]))
     want = [c.token_ids for c in llm.generate(prompts, plain, max_new)]
     free = [c.token_ids for c in llm.generate(prompts, GREEDY, max_new)]
     assert all(a != b for a, b in zip(want, free, strict=True))  # every setting bites

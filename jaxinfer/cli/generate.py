@@ -37,6 +37,8 @@ _DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"],
 _MIN_TOKENS = flags.DEFINE_integer("min_tokens", 0, "No EOS or stop token id before this "
                                    "many tokens.")
 _STOP_IDS = flags.DEFINE_list("stop_token_ids", [], "Token ids that end the output like EOS.")
+_BAD_WORDS = flags.DEFINE_list("bad_words", [], "Words the output never completes (vLLM's "
+                               "bad_words), comma-separated.")
 _IGNORE_EOS = flags.DEFINE_bool("ignore_eos", False, "Decode past EOS (max_new_tokens always).")
 _SKIP_SPECIAL = flags.DEFINE_bool("skip_special_tokens", True, "Leave special tokens (chat "
                                   "markers) out of the text.")
@@ -71,7 +73,7 @@ def main(argv):
         prompt_logprobs=_PROMPT_LOGPROBS.value,
         min_tokens=_MIN_TOKENS.value, stop_token_ids=stop_ids, ignore_eos=_IGNORE_EOS.value,
         skip_special_tokens=_SKIP_SPECIAL.value,
-        include_stop_str_in_output=_INCLUDE_STOP.value)
+        include_stop_str_in_output=_INCLUDE_STOP.value, bad_words=_BAD_WORDS.value)
     try:
         constraint = from_openai(None, _JSON.value, _REGEX.value, _CHOICE.value,
                                  _GRAMMAR.value)
