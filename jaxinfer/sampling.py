@@ -32,7 +32,7 @@ MAX_ALLOWED_TOKEN_IDS = 512  # allowed_token_ids per request (likewise)
 MAX_BAD_WORDS = 64  # banned token sequences per request (a word spelled with and without
 MAX_BAD_WORD_TOKENS = 8  # a leading space counts twice), each at most this many tokens
 RECENT = MAX_BAD_WORD_TOKENS - 1  # tokens of context a decode state keeps for the bans
-NO_ID = np.iinfo(np.int32).max  # padding of stop_ids: matches no token, scatters nowhere
+NO_ID = np.iinfo(np.int32).max  # padding of id arrays: matches no token, scatters nowhere
 _KEY_IMPL = "threefry2x32"  # fixed, so u32[B, 2] key data means the same on every backend
 _U32 = 0xFFFFFFFF
 
