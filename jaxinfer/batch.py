@@ -109,6 +109,10 @@ class _OpenAILine:
         kw: dict[str, Any] = dict(stop=req.stop_list(), constraint=req.constraint(),
                                   max_tokens=req.token_budget())
         if isinstance(req, rs.ResponsesRequest):
+            if req.previous_response_id is not None:
+                raise api.ApiError(400, "previous_response_id is not supported in batch jobs "
+                                   "(they store no responses); send the conversation as "
+                                   "input", "previous_response_id")
             kw["messages"] = req.messages()
         elif isinstance(req, api.ChatRequest):
             kw["messages"] = req.message_dicts()

@@ -1,11 +1,16 @@
-"""OpenAI's Responses API (`POST /v1/responses`): request model, response body, stream events.
+"""OpenAI's Responses API (`POST /v1/responses`): request model, response body, stream events,
+and the in-memory store that lets a request continue a stored conversation.
 
 A request's `instructions` and `input` (a string, or message items with text parts) become
 the same chat messages a chat completion renders; `text.format` becomes a structured-output
 Constraint; `max_output_tokens` bounds the answer. The answer is one `message` output item
-holding one `output_text` part, as OpenAI's models without tools give. Nothing is stored:
-`store` is reported false and `previous_response_id` is a 400 (a client that relies on a
-stored conversation gets an error, not an answer without its history); tools too.
+holding one `output_text` part, as OpenAI's models without tools give.
+
+Responses are stored unless `store: false` (OpenAI's default), in process memory, the
+latest `ResponseStore.max_items` of them: `previous_response_id` continues one (its
+input and output, not its instructions, as OpenAI does), `GET /v1/responses/{id}` returns
+one, `DELETE` forgets it. An id that is unknown or was evicted is a 404, never an answer
+without its history. Tools and background runs are refused (400).
 
 Streaming sends OpenAI's semantic events (`event: <type>` + `data: {...}` with a
 `sequence_number`), from `response.created` to `response.completed` (or
@@ -16,6 +21,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections import OrderedDict
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict
@@ -62,10 +68,6 @@ class ResponsesRequest(_Request):
 
     def check_supported(self) -> None:
         super().check_supported()
-        if self.previous_response_id is not None:
-            raise ApiError(400, "previous_response_id is not supported: this server stores "
-                           "no responses; send the whole conversation as input",
-                           "previous_response_id")
         if self.background:
             raise ApiError(400, "background responses are not supported", "background")
         if self.truncation not in (None, "disabled"):
@@ -112,11 +114,17 @@ class ResponsesRequest(_Request):
         name = super().constraint_param()
         return "text" if name == "response_format" else name
 
-    def messages(self) -> list[dict[str, str]]:
-        """`instructions` (a system message) and `input` as chat-template messages."""
-        out = [{"role": "system", "content": self.instructions}] if self.instructions else []
+    def messages(self, history: list[dict[str, str]] = ()) -> list[dict[str, str]]:
+        """The chat-template messages: `instructions` (a system message), the stored
+        conversation this request continues, and `input`."""
+        system = [{"role": "system", "content": self.instructions}] if self.instructions else []
+        return [*system, *history, *self.input_messages()]
+
+    def input_messages(self) -> list[dict[str, str]]:
+        """`input` as chat-template messages."""
+        out: list[dict[str, str]] = []
         if isinstance(self.input, str):
-            return [*out, {"role": "user", "content": self.input}]
+            return [{"role": "user", "content": self.input}]
         if not self.input:
             raise ApiError(400, "input is empty", "input")
         for i, item in enumerate(self.input):
@@ -154,8 +162,9 @@ class ResponseBuilder:
     """The response object of one request, as it stands at each stage of its life; the
     stream's events and the non-streamed body come from the same fields."""
 
-    def __init__(self, body: ResponsesRequest, model: str):
+    def __init__(self, body: ResponsesRequest, model: str, stored: bool = False):
         self.body, self.model, self.sampling = body, model, body.sampling()
+        self.stored = stored
         self.id, self.msg_id = new_id("resp"), new_id("msg")
         self.created = time.time()
         self.seq = 0
@@ -190,7 +199,8 @@ class ResponseBuilder:
                                    else None),
             "instructions": b.instructions, "max_output_tokens": b.max_output_tokens,
             "model": self.model, "output": output, "parallel_tool_calls": False,
-            "previous_response_id": None, "reasoning": None, "store": False,
+            "previous_response_id": b.previous_response_id, "reasoning": None,
+            "store": self.stored,
             "temperature": sp.temperature, "top_p": sp.top_p, "text": {"format": fmt},
             "tool_choice": "none", "tools": [], "top_logprobs": b.top_logprobs,
             "truncation": "disabled", "user": b.user, "metadata": b.metadata or {},
@@ -238,3 +248,37 @@ class ResponseBuilder:
 
     def error(self, message: str, code: str | None) -> tuple[str, dict[str, Any]]:
         return self.event("error", code=code, message=message, param=None)
+
+
+class ResponseStore:
+    """The latest `max_items` stored responses, each with the conversation it ends (its
+    messages without instructions, its answer last). Used from the server's event loop
+    only, so it needs no lock."""
+
+    def __init__(self, max_items: int = 1024):
+        self.max_items = max_items
+        self._items: OrderedDict[str, tuple[dict[str, Any], list[dict[str, str]]]] = (
+            OrderedDict())
+
+    def _get(self, rid: str, param: str | None) -> tuple[dict[str, Any], list[dict[str, str]]]:
+        if rid not in self._items:
+            raise ApiError(404, f"response {rid!r} not found: it was not stored, or was "
+                           f"deleted or evicted (this server keeps the latest "
+                           f"{self.max_items})", param, "response_not_found")
+        return self._items[rid]
+
+    def history(self, rid: str) -> list[dict[str, str]]:
+        """The conversation response `rid` ends, for a request that continues it."""
+        return list(self._get(rid, "previous_response_id")[1])
+
+    def body(self, rid: str) -> dict[str, Any]:
+        return self._get(rid, None)[0]
+
+    def put(self, body: dict[str, Any], conversation: list[dict[str, str]]) -> None:
+        self._items[body["id"]] = (body, conversation)
+        while len(self._items) > self.max_items:
+            self._items.popitem(last=False)
+
+    def delete(self, rid: str) -> None:
+        self._get(rid, None)
+        del self._items[rid]

@@ -2,7 +2,8 @@
 
     python scripts/serve.py --port 8000        # binds 127.0.0.1 unless --host says so
     POST /v1/completions, /v1/chat/completions (stream: true -> server-sent events ending
-    with `data: [DONE]`), /v1/responses (OpenAI's Responses API, openai_responses.py),
+    with `data: [DONE]`), /v1/responses (OpenAI's Responses API, openai_responses.py;
+    GET and DELETE /v1/responses/{id} for stored ones),
     GET /v1/models, /health, /metrics (Prometheus text);
     POST /tokenize, /detokenize (vLLM's: token ids as the engine counts them)
 
@@ -47,9 +48,12 @@ from jaxinfer.structured import Constraint
 from jaxinfer.tokenizer import Tokenizer
 
 
-def create_app(engine: Engine, model_name: str) -> FastAPI:
+def create_app(engine: Engine, model_name: str, max_stored_responses: int = 1024) -> FastAPI:
+    """The OpenAI-compatible app over `engine`; the Responses API keeps the latest
+    `max_stored_responses` responses in memory (openai_responses.ResponseStore)."""
     app = FastAPI(title="jaxinfer", docs_url=None, redoc_url=None)
     created = int(time.time())
+    stored = rs.ResponseStore(max_stored_responses)
 
     @app.exception_handler(api.ApiError)
     async def _api_error(_, e: api.ApiError):
@@ -126,19 +130,40 @@ def create_app(engine: Engine, model_name: str) -> FastAPI:
     @app.post("/v1/responses")
     async def responses(body: rs.ResponsesRequest):
         api.check_model(body.model, model_name)
+        history = ([] if body.previous_response_id is None
+                   else stored.history(body.previous_response_id))
         try:
-            reqs = await _submit(engine, body, [dict(messages=body.messages())],
+            reqs = await _submit(engine, body, [dict(messages=body.messages(history))],
                                  body.token_budget())
         except api.ApiError as e:
             e.param = "input" if e.param == "messages" else e.param  # this API's name
             raise
-        build = rs.ResponseBuilder(body, model_name)
+        keep = body.store is not False
+        build = rs.ResponseBuilder(body, model_name, stored=keep)
+
+        def remember(final: dict[str, Any]) -> None:
+            if keep:
+                answer = {"role": "assistant", "content": final["output"][0]["content"][0]["text"]}
+                stored.put(final, [*history, *body.input_messages(), answer])
+
         if body.stream:
-            return StreamingResponse(_response_events(reqs[0], build, engine.tokenizer),
+            return StreamingResponse(_response_events(reqs[0], build, engine.tokenizer,
+                                                      remember),
                                      media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
         result, = await _results(reqs)
-        return build.final(result, engine.tokenizer)
+        final = build.final(result, engine.tokenizer)
+        remember(final)
+        return final
+
+    @app.get("/v1/responses/{rid}")
+    async def get_response(rid: str):
+        return stored.body(rid)
+
+    @app.delete("/v1/responses/{rid}")
+    async def delete_response(rid: str):
+        stored.delete(rid)
+        return {"id": rid, "object": "response", "deleted": True}
 
     return app
 
@@ -232,11 +257,12 @@ async def _results(reqs: list[Request]) -> list[Any]:
         raise api.ApiError(503, str(e), None, "engine_unavailable", "server_error") from e
 
 
-async def _response_events(req: Request, build: rs.ResponseBuilder,
-                           tokenizer: Tokenizer) -> AsyncIterator[str]:
+async def _response_events(req: Request, build: rs.ResponseBuilder, tokenizer: Tokenizer,
+                           on_done: Any) -> AsyncIterator[str]:
     """A Responses API stream: named events, each text delta with the logprobs of the
     tokens generated since the previous one (any left over, such as an ending EOS's, in
-    a last empty delta). A client that disconnects cancels the request."""
+    a last empty delta). `on_done` gets the final response before its event goes out. A
+    client that disconnects cancels the request."""
     want, sent = req.sampling.logprobs is not None, 0
 
     def fmt(ev: tuple[str, dict[str, Any]]) -> str:
@@ -262,7 +288,9 @@ async def _response_events(req: Request, build: rs.ResponseBuilder,
         rest = new_logprobs(result.logprobs or [])
         if rest:
             yield fmt(build.delta("", rest))
-        for ev in build.closing(result, tokenizer):
+        events = build.closing(result, tokenizer)
+        on_done(events[-1][1]["response"])
+        for ev in events:
             yield fmt(ev)
     finally:
         if not req.done:

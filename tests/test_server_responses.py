@@ -1,6 +1,7 @@
 """OpenAI's Responses API (`/v1/responses`) through the OpenAI client: the same answers as
 the engine's chat requests, the SDK's stream accumulator accepts the events, logprobs,
-text.format, 400s for what the server cannot honour; and SmolLM2 equal to chat."""
+text.format, stored conversations (previous_response_id, GET, DELETE), 400s for what the
+server cannot honour; and SmolLM2 equal to chat."""
 
 import json
 
@@ -117,7 +118,6 @@ def test_text_format_json_schema(client, engine):
 
 
 @pytest.mark.parametrize("body,param", [
-    ({"input": "x", "previous_response_id": "resp_1"}, "previous_response_id"),
     ({"input": "x", "tools": [{"type": "function", "name": "f"}]}, "tools"),
     ({"input": [{"type": "function_call_output", "call_id": "c", "output": "1"}]}, "input.0"),
     ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "u"}]}]},
@@ -143,6 +143,52 @@ def test_bad_requests_get_400(url, body, param):
 def test_unknown_model_is_404(client):
     with pytest.raises(openai.NotFoundError):
         client.responses.create(model="gpt-5", input="x")
+
+
+def test_previous_response_id_continues_a_stored_conversation(client, engine, url):
+    """A stored response's input and answer (not its instructions, as OpenAI does) come
+    before the new input; streamed responses are stored too; GET returns a stored
+    response, DELETE forgets it; store=false stores nothing; unknown ids are 404."""
+    first = client.responses.create(model=MODEL, instructions="Be brief.", input="Hi",
+                                    max_output_tokens=6, temperature=0)
+    with client.responses.stream(model=MODEL, previous_response_id=first.id, input="More",
+                                 max_output_tokens=6, temperature=0) as stream:
+        second = [e for e in stream][-1].response
+    msgs = [{"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": first.output_text},
+            {"role": "user", "content": "More"}]
+    ref = engine.submit(messages=msgs, sampling=GREEDY, max_tokens=6).result(timeout=60)
+    assert second.output_text == ref.text and second.previous_response_id == first.id
+    third = client.responses.create(model=MODEL, previous_response_id=second.id,
+                                    input="Again", instructions="New rules.",
+                                    max_output_tokens=6, temperature=0, store=False)
+    ref = engine.submit(messages=[{"role": "system", "content": "New rules."}, *msgs,
+                                  {"role": "assistant", "content": second.output_text},
+                                  {"role": "user", "content": "Again"}],
+                        sampling=GREEDY, max_tokens=6).result(timeout=60)
+    assert third.output_text == ref.text and first.store and not third.store
+    assert client.responses.retrieve(second.id).output_text == second.output_text
+    for rid in (third.id, "resp_nope"):  # not stored, never made
+        with pytest.raises(openai.NotFoundError):
+            client.responses.retrieve(rid)
+        r = requests.post(f"{url}/v1/responses", json={"input": "x",
+                                                       "previous_response_id": rid},
+                          timeout=30)
+        assert r.status_code == 404 and r.json()["error"]["param"] == "previous_response_id"
+    client.responses.delete(first.id)
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(first.id)
+    assert client.responses.retrieve(second.id).id == second.id  # its own copy of history
+
+
+def test_the_store_keeps_the_latest(engine):
+    with BackgroundServer(create_app(engine, MODEL, max_stored_responses=2)) as srv:
+        client = openai.OpenAI(base_url=f"{srv.url}/v1", api_key="unused", max_retries=0)
+        ids = [client.responses.create(model=MODEL, input=f"q{i}", max_output_tokens=2).id
+               for i in range(3)]
+        with pytest.raises(openai.NotFoundError):
+            client.responses.retrieve(ids[0])
+        assert [client.responses.retrieve(i).id for i in ids[1:]] == ids[1:]
 
 
 def test_smollm2_responses_equal_chat(smollm2_checkpoint):
