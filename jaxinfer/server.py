@@ -138,7 +138,7 @@ def create_app(engine: Engine, model_name: str, max_stored_responses: int = 1024
         except api.ApiError as e:
             e.param = "input" if e.param == "messages" else e.param  # this API's name
             raise
-        keep = body.store is not False
+        keep = body.store is not False and stored.max_items > 0
         build = rs.ResponseBuilder(body, model_name, stored=keep)
 
         def remember(final: dict[str, Any]) -> None:
@@ -429,7 +429,8 @@ class BackgroundServer:
 def serve(checkpoint: str | None = None, host: str = "127.0.0.1", port: int = 8000,
           config=None, dtype: str | None = None, model_name: str | None = None,
           warmup: bool = True, log_level: str = "info", draft: str | None = None,
-          num_speculative_tokens: int = 4, ngram_size: int = 3, **load_kw) -> None:
+          num_speculative_tokens: int = 4, ngram_size: int = 3,
+          max_stored_responses: int = 1024, **load_kw) -> None:
     """Load a checkpoint, build and warm the engine, serve until interrupted. `load_kw`
     goes to LLM.load (mesh, fsdp, quantize, group_size, kv_dtype); `draft` ("ngram" or a
     checkpoint) turns on speculative decoding in the engine. In a multi-process run
@@ -450,8 +451,8 @@ def serve(checkpoint: str | None = None, host: str = "127.0.0.1", port: int = 80
               f"({len(engine.prompt_buckets())} prompt buckets)", flush=True)
     name = model_name or llm.cfg.name
     try:
-        uvicorn.run(create_app(engine, name), host=host, port=port, log_level=log_level,
-                    lifespan="off", timeout_graceful_shutdown=5)
+        uvicorn.run(create_app(engine, name, max_stored_responses), host=host, port=port,
+                    log_level=log_level, lifespan="off", timeout_graceful_shutdown=5)
     except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it shut down for
         pass
     finally:

@@ -23,6 +23,9 @@ _DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"],
                            "Compute dtype (default: float32 on CPU, bfloat16 elsewhere).")
 _MAX_QUEUE = flags.DEFINE_integer("max_queue", 256, "Waiting requests before 429s.")
 _WARMUP = flags.DEFINE_bool("warmup", True, "Compile every prompt bucket before serving.")
+_STORED = flags.DEFINE_integer("max_stored_responses", 1024, "Responses API: how many "
+                               "responses to keep in memory for previous_response_id.",
+                               lower_bound=0)
 
 
 def main(argv):
@@ -32,6 +35,7 @@ def main(argv):
 
     serve(_CKPT.value, host=_HOST.value, port=_PORT.value, dtype=_DTYPE.value,
           model_name=_MODEL_NAME.value, warmup=_WARMUP.value,
+          max_stored_responses=_STORED.value,
           config=engine_flags.config(max_queue=_MAX_QUEUE.value),
           mesh=runtime_flags.MESH.value, fsdp=runtime_flags.FSDP.value,
           **spec_flags.kwargs(), **runtime_flags.quant_kwargs())
