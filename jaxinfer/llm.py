@@ -23,8 +23,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxinfer import beam_search, model, speculative
 from jaxinfer import generate as gen
-from jaxinfer import model, speculative
 from jaxinfer.attention import default_impl
 from jaxinfer.checkpoint import load_checkpoint, load_quant_config
 from jaxinfer.config import ModelConfig
@@ -539,6 +539,39 @@ class LLM:
                 (len(toks) - 1) / dt if dt > 0 and len(toks) > 1 else 0.0, lps, prompt_lps,
                 acceptance_rate=accepted / (k * rounds) if rounds else 0.0,
                 num_speculative_tokens=k, verify_passes=rounds))
+
+    def beam_search(self, prompts: str | Sequence[int] | list, beam_width: int = 4,
+                    max_new_tokens: int = 64, *, length_penalty: float = 1.0,
+                    early_stopping: bool = False, chat: bool = False
+                    ) -> beam_search.BeamSearchOutput | list[beam_search.BeamSearchOutput]:
+        """The `beam_width` best continuations of each prompt by cumulative log-probability
+        (scored / length ** length_penalty), best first, as vLLM's `LLM.beam_search` and
+        Hugging Face's `generate(num_beams=...)` find them (the same rules, so the same
+        hypotheses on the same weights). One jitted loop on device; the budget and length
+        penalty are traced, so new values never recompile."""
+        single = isinstance(prompts, str) or (
+            isinstance(prompts, Sequence) and prompts and isinstance(prompts[0], int))
+        batch = [self.encode(p, chat) for p in ([prompts] if single else list(prompts))]
+        if not batch:
+            raise BadRequestError("no prompts given")
+        if not isinstance(beam_width, int) or isinstance(beam_width, bool) or not (
+                1 <= beam_width <= beam_search.MAX_WIDTH):
+            raise BadRequestError(f"beam_width must be an integer in [1, "
+                                  f"{beam_search.MAX_WIDTH}], got {beam_width!r}", "beam_width")
+        if isinstance(length_penalty, bool) or not isinstance(length_penalty, (int, float)) \
+                or not np.isfinite(length_penalty):
+            raise BadRequestError(f"length_penalty must be a finite number, got "
+                                  f"{length_penalty!r}", "length_penalty")
+        W = beam_width
+        prompt_BT, lens_B, cache, M = gen.prepare([p for p in batch for _ in range(W)],
+                                                  [max_new_tokens] * (len(batch) * W),
+                                                  self.cfg, self.kv_dtype, self.mesh)
+        state = beam_search.search(
+            self.params, prompt_BT[::W], lens_B[::W], cache, self.eos,
+            np.int32(max_new_tokens), np.float32(length_penalty), cfg=self.cfg, max_out=M,
+            early_stopping=bool(early_stopping), impl=self.impl)
+        out = beam_search.outputs(state, [len(p) for p in batch], self.tokenizer)
+        return out[0] if single else out
 
     def chat(self, messages: list[dict[str, str]], *, add_generation_prompt: bool = True,
              continue_final_message: bool = False,

@@ -244,3 +244,30 @@ def test_bad_words_match_hf(llm, hf_model):
                        for i in range(len(out.token_ids)))
     assert "Paris" not in llm.generate(ids, sampling=SamplingParams(
         temperature=0, bad_words=["Paris"]), max_new_tokens=24).text
+
+
+@pytest.mark.parametrize("length_penalty, early_stopping", [(1.0, False), (0.5, True)])
+def test_beam_search_matches_hf(llm, hf_model, length_penalty, early_stopping):
+    """LLM.beam_search against HF's generate(num_beams=4) on the same weights: all four
+    hypotheses, token for token, and their length-penalized scores, on a plain prompt
+    (cut by the budget) and a chat prompt (ended by EOS)."""
+    prompts = [PROMPTS[0], PROMPTS[3]] if early_stopping is False else [PROMPTS[3]]
+    outs = llm.beam_search(prompts, beam_width=4, max_new_tokens=24,
+                           length_penalty=length_penalty, early_stopping=early_stopping)
+    for prompt, out in zip(prompts, outs, strict=True):
+        ids = llm.tokenizer.encode(prompt)
+        with torch.no_grad():
+            ref = hf_model.generate(
+                torch.tensor([ids]), num_beams=4, num_return_sequences=4, do_sample=False,
+                max_new_tokens=24, length_penalty=length_penalty,
+                early_stopping=early_stopping, eos_token_id=list(llm.eos), pad_token_id=2,
+                output_scores=True, return_dict_in_generate=True)
+        assert len(out.sequences) == 4 and out.prompt_tokens == len(ids)
+        for i, seq in enumerate(out.sequences):
+            want = [int(t) for t in ref.sequences[i, len(ids):]][:len(seq.token_ids)]
+            assert seq.token_ids == want, (prompt, i)
+            assert seq.score == pytest.approx(float(ref.sequences_scores[i]), abs=1e-4)
+            assert seq.finish_reason == ("stop" if seq.token_ids[-1] in llm.eos else "length")
+        assert [s.score for s in out.sequences] == sorted((s.score for s in out.sequences),
+                                                          reverse=True)
+    assert outs[-1].sequences[0].finish_reason == "stop" and "Blue" in outs[-1].sequences[0].text
