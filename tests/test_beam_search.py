@@ -69,3 +69,22 @@ def test_bad_arguments(llm, kw, param):
     with pytest.raises(BadRequestError) as e:
         llm.beam_search("abc", **kw)
     assert getattr(e.value, "param", None) == param
+
+
+def test_under_a_mesh_equals_one_device(llm):
+    """Beams are cache rows: sharded over `data` (and heads over `model`), the regather
+    along the batch axis crosses shards and the hypotheses stay the same."""
+    import jax
+
+    from jaxinfer.sharding import make_mesh
+    from jaxinfer.weights import weight_shardings, weight_specs
+
+    mesh = make_mesh("data:2,model:2")
+    sharded = LLM(TINY, jax.device_put(W, weight_shardings(weight_specs(TINY), mesh)),
+                  CharTokenizer(), mesh=mesh)
+    want = llm.beam_search(PROMPTS[:2], beam_width=2, max_new_tokens=8)
+    got = sharded.beam_search(PROMPTS[:2], beam_width=2, max_new_tokens=8)
+    for g, w in zip(got, want, strict=True):
+        assert [s.token_ids for s in g.sequences] == [s.token_ids for s in w.sequences]
+        np.testing.assert_allclose([s.score for s in g.sequences],
+                                   [s.score for s in w.sequences], atol=1e-4)
