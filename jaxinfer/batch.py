@@ -84,8 +84,8 @@ class _OpenAILine:
 
     def __init__(self, obj: dict[str, Any], engine: Engine, model: str):
         self.custom_id, self.engine = obj["custom_id"], engine
-        self.kind, self.model = api.ChatRequest, model
-        self.n, self.scoring_only, self.echo, self.req = 1, False, None, None
+        self.model, self.req = model, None
+        self.n, self.scoring_only, self.echo = 1, False, None
 
     def submit_kwargs(self, obj: dict[str, Any]) -> list[dict[str, Any]]:
         """Engine.submit arguments of the line, one set per choice; api.ApiError (with its
@@ -98,9 +98,8 @@ class _OpenAILine:
                                f"POST, got {obj.get('method', 'POST')} {url!r}", "url")
         if not isinstance(body, dict):
             raise api.ApiError(400, f"body must be a JSON object, got {body!r}", "body")
-        self.kind = _OPENAI_URLS[url]
         try:
-            req = self.req = self.kind.model_validate(body)
+            req = self.req = _OPENAI_URLS[url].model_validate(body)
         except ValidationError as e:
             raise api.validation_error(e.errors()[0]) from None
         if req.stream:
@@ -150,7 +149,7 @@ class _OpenAILine:
             body = rs.ResponseBuilder(self.req, self.model).final(results[0],
                                                                   self.engine.tokenizer)
             return self.record(200, body, body["id"])
-        chat = self.kind is api.ChatRequest
+        chat = isinstance(self.req, api.ChatRequest)
         rid = api.new_id("chatcmpl" if chat else "cmpl")
         return self.record(200, api.completion_body(
             rid, self.model, results, chat, self.engine.tokenizer, self.n, self.echo,

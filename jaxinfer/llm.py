@@ -337,8 +337,9 @@ class LLM:
             raise BadRequestError("no prompts given")
         ids = [self.encode(p, chat) for p in batch]
         sp = sampling if isinstance(sampling, list) else [sampling or SamplingParams()] * len(ids)
-        sp = [p.resolve_bad_words(self.tokenizer) if isinstance(p, SamplingParams) else p
-              for p in sp]
+        resolved = {id(p): p.resolve_bad_words(self.tokenizer) for p in sp
+                    if isinstance(p, SamplingParams)}  # once per distinct params object
+        sp = [resolved.get(id(p), p) for p in sp]
         mn = max_new_tokens if isinstance(max_new_tokens, list) else [max_new_tokens] * len(ids)
         _check_sampling(sp, mn, self.cfg.vocab_size, stop, len(ids))
         ids = [s.truncate(i) for s, i in zip(sp, ids, strict=True)]

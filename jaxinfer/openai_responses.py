@@ -122,11 +122,11 @@ class ResponsesRequest(_Request):
 
     def input_messages(self) -> list[dict[str, str]]:
         """`input` as chat-template messages."""
-        out: list[dict[str, str]] = []
         if isinstance(self.input, str):
             return [{"role": "user", "content": self.input}]
         if not self.input:
             raise ApiError(400, "input is empty", "input")
+        out: list[dict[str, str]] = []
         for i, item in enumerate(self.input):
             if item.type != "message" or item.role not in _ROLES:
                 what = item.type if item.type != "message" else f"role {item.role!r}"
