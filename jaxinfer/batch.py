@@ -44,11 +44,9 @@ from jaxinfer.errors import BadRequestError, JaxinferError
 from jaxinfer.sampling import SamplingParams
 from jaxinfer.structured import from_openai
 
-SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "seed", "presence_penalty",
-                   "frequency_penalty", "repetition_penalty", "logprobs", "prompt_logprobs",
-                   "logit_bias", "stop_token_ids", "min_tokens", "ignore_eos",
-                   "skip_special_tokens", "include_stop_str_in_output",
-                   "truncate_prompt_tokens", "allowed_token_ids", "bad_words")
+# The server's sampling fields, plus the two it spells per endpoint (chat's top_logprobs,
+# completions' echo): here a line gives SamplingParams' own names.
+SAMPLING_FIELDS = (*api.SAMPLING_FIELDS, "logprobs", "prompt_logprobs")
 CONSTRAINT_FIELDS = ("response_format", "guided_json", "guided_regex", "guided_choice",
                      "guided_grammar")  # structured output, as the server takes them
 _KNOWN = {"id", "prompt", "messages", "max_tokens", "stop", "metadata", *SAMPLING_FIELDS,

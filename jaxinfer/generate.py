@@ -24,14 +24,13 @@ from jaxinfer.kv_cache import KVCache, cache_shardings, init_cache
 from jaxinfer.model import decode_logits, hidden_states, unembed
 from jaxinfer.sampling import (
     MAX_LOGPROBS,
-    NO_ID,
-    RECENT,
     Logprobs,
     SamplingArrays,
     ban_ends,
     ban_words,
     ends_row,
     push_recent,
+    recent_tails,
     sample,
     step_logprobs,
     update_counts,
@@ -126,7 +125,7 @@ def start(weights: Weights, prompt_BT: jax.Array, prompt_len_B: jax.Array, cache
         done_B=jnp.zeros((B,), bool), finish_eos_B=jnp.zeros((B,), bool),
         counts_BV=jnp.zeros((B, cfg.vocab_size), jnp.int32), prompt_mask_BV=prompt_mask,
         sampling=sampling, eos_E=eos_E, output_BM=jnp.zeros((B, max_out), jnp.int32),
-        recent_BR=_prompt_tails(prompt_BT, prompt_len_B))
+        recent_BR=recent_tails(prompt_BT, prompt_len_B))
     if logprobs:
         N = min(MAX_LOGPROBS, cfg.vocab_size)
         state.logprobs_out = (jnp.zeros((B, max_out), jnp.float32),
@@ -142,13 +141,6 @@ def start(weights: Weights, prompt_BT: jax.Array, prompt_len_B: jax.Array, cache
 
         state.prompt_logprobs_out = jax.lax.map(score, (x, targets_BT))
     return _advance(state, logits, cache, mask_BW)
-
-
-def _prompt_tails(prompt_BT: jax.Array, prompt_len_B: jax.Array) -> jax.Array:
-    """i32[B, RECENT]: each right-padded prompt's last RECENT tokens, as recent_tokens."""
-    idx = prompt_len_B[:, None] - RECENT + jnp.arange(RECENT)[None]
-    tail = jnp.take_along_axis(prompt_BT, jnp.maximum(idx, 0), 1)
-    return jnp.where(idx >= 0, tail, NO_ID)
 
 
 def _step_logits(weights: Weights, state: DecodeState, cfg: ModelConfig, impl: str,

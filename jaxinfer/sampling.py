@@ -405,6 +405,14 @@ def recent_tokens(ids: Sequence[int]) -> np.ndarray:
     return out
 
 
+def recent_tails(seq_BS: jax.Array, len_B: jax.Array) -> jax.Array:
+    """i32[B, RECENT]: each right-padded row's last RECENT tokens before `len_B`, as
+    recent_tokens makes them on the host (a decode state's context for ban_words)."""
+    idx = len_B[:, None] - RECENT + jnp.arange(RECENT)[None]
+    tail = jnp.take_along_axis(seq_BS, jnp.maximum(idx, 0), 1)
+    return jnp.where(idx >= 0, tail, NO_ID)
+
+
 def push_recent(recent_BR: jax.Array, tokens_B: jax.Array, active_B: jax.Array) -> jax.Array:
     """The context after each active row's new token."""
     pushed = jnp.concatenate([recent_BR[:, 1:], tokens_B[:, None]], 1)

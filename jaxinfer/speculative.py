@@ -35,7 +35,6 @@ from jaxinfer.kv_cache import KVCache, cache_shardings, init_cache
 from jaxinfer.model import decode_logits, hidden_states, prefill, unembed
 from jaxinfer.runtime import to_host
 from jaxinfer.sampling import (
-    NO_ID,
     RECENT,
     Logprobs,
     SamplingArrays,
@@ -46,6 +45,7 @@ from jaxinfer.sampling import (
     ends_row,
     filter_logits,
     penalize_logits,
+    recent_tails,
     step_logprobs,
 )
 from jaxinfer.structured import apply_bitmask
@@ -110,9 +110,7 @@ def processed_logits(logits_BTV: jax.Array, state: SpecState, d_BK: jax.Array) -
 def _recent_per_position(state: SpecState, d_BK: jax.Array, T: int) -> jax.Array:
     """i32[B * T, RECENT]: the tokens before each verified position (the sequence so far,
     then the drafted tokens before it), as the plain sampler's recent_BR would hold them."""
-    idx = state.seq_len_B[:, None] - RECENT + jnp.arange(RECENT)[None]
-    tail = jnp.take_along_axis(state.seq_BS, jnp.maximum(idx, 0), 1)
-    ext = jnp.concatenate([jnp.where(idx >= 0, tail, NO_ID), d_BK[:, :T - 1]], 1)
+    ext = jnp.concatenate([recent_tails(state.seq_BS, state.seq_len_B), d_BK[:, :T - 1]], 1)
     windows = jnp.stack([ext[:, t:t + RECENT] for t in range(T)], 1)  # [B, T, RECENT]
     return windows.reshape(-1, RECENT)
 

@@ -479,3 +479,14 @@ def test_bad_words_limits_and_resolution():
     assert e.value.param == "bad_words"
     with pytest.raises(BadRequestError, match="bad_words_token_ids token id 64"):
         check_vocab([SamplingParams(bad_words_token_ids=[[1, 64]])], 64)
+
+
+def test_recent_tails_on_device_equal_recent_tokens_on_host():
+    from jaxinfer.sampling import recent_tails, recent_tokens
+
+    rng = np.random.default_rng(5)
+    lens = [0, 1, RECENT - 1, RECENT, RECENT + 5, 20]
+    seq = rng.integers(0, 50, (len(lens), 24)).astype(np.int32)
+    got = np.asarray(recent_tails(jnp.asarray(seq), jnp.asarray(lens, jnp.int32)))
+    want = np.stack([recent_tokens(seq[b, :n]) for b, n in enumerate(lens)])
+    np.testing.assert_array_equal(got, want)
