@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PROMPT ?= The capital of France is
 
-.PHONY: setup demo chat test test-fast lint clean
+.PHONY: setup demo chat test test-slow test-all lint clean
 
 setup: $(VENV)/.installed
 
@@ -18,12 +18,14 @@ demo: setup  ## real text from the default model (SmolLM2-135M-Instruct)
 	$(PY) scripts/generate.py --chat --prompt "What are three uses of a paperclip?" \
 		--temperature 0 --max_new_tokens 96
 
-# Two workers, whole files each (module fixtures load a model once): ~17 min on 2 cores.
-test: setup  ## the whole suite, slow tests included (what CI runs)
-	$(PY) -m pytest -q -n 2 --dist loadfile
-
-test-fast: setup
+# Two workers, whole files each (module fixtures load a model once).
+test: setup  ## the default run: every test not marked slow
 	$(PY) -m pytest -q -n 2 --dist loadfile -m "not slow"
+
+test-slow: setup  ## the tests marked slow (CI runs them after `make test`)
+	$(PY) -m pytest -q -n 2 --dist loadfile -m slow
+
+test-all: test test-slow  ## what CI runs
 
 lint: setup
 	$(VENV)/bin/ruff check jaxinfer scripts tests
