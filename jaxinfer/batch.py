@@ -84,6 +84,7 @@ class _OpenAILine:
         self.custom_id, self.engine = obj["custom_id"], engine
         self.model, self.req = model, None
         self.n, self.scoring_only, self.echo = 1, False, None
+        self.tools = None  # a chat line's tool settings (named or required: no parser here)
 
     def submit_kwargs(self, obj: dict[str, Any]) -> list[dict[str, Any]]:
         """Engine.submit arguments of the line, one set per choice; api.ApiError (with its
@@ -114,6 +115,10 @@ class _OpenAILine:
         elif isinstance(req, api.ChatRequest):
             kw["messages"] = req.message_dicts()
             kw["chat_options"] = req.chat_options()
+            self.tools = req.tool_calling()
+            kw["constraint"] = req.tool_constraint(self.tools)
+            return [dict(kw, sampling=req.tool_sampling(req.choice_sampling(j), self.tools))
+                    for j in range(self.n)]
         else:
             prompts = req.prompt_inputs()
             if len(prompts) != 1:
@@ -151,7 +156,7 @@ class _OpenAILine:
         rid = api.new_id("chatcmpl" if chat else "cmpl")
         return self.record(200, api.completion_body(
             rid, self.model, results, chat, self.engine.tokenizer, self.n, self.echo,
-            [r.prompt_ids for r in reqs]), rid)
+            [r.prompt_ids for r in reqs], self.tools), rid)
 
 
 def _count_lines(path: Path, model: str) -> int:

@@ -386,10 +386,10 @@ class Engine:
                chat_options: dict[str, Any] | None = None) -> list[int]:
         """Token ids of a text prompt, of token ids, or of chat messages (chat template;
         `chat_options`: Tokenizer.apply_chat_template's add_generation_prompt,
-        continue_final_message and chat_template_kwargs)."""
+        continue_final_message, chat_template_kwargs and tools)."""
         if messages is not None:
             defaults = {"add_generation_prompt": True, "continue_final_message": False,
-                        "chat_template_kwargs": None}
+                        "chat_template_kwargs": None, "tools": None}
             opts = dict(chat_options or {})
             unknown = sorted(set(opts) - set(defaults))
             if unknown:

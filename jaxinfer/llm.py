@@ -44,6 +44,7 @@ from jaxinfer.sampling import (
 from jaxinfer.sharding import ShardingRules, make_mesh
 from jaxinfer.structured import Constraint, Grammars
 from jaxinfer.tokenizer import Tokenizer, load_tokenizer
+from jaxinfer.tool_calls import check_tools
 from jaxinfer.weights import Weights, quantize_weights, weight_shardings, weight_specs
 
 log = logging.getLogger(__name__)
@@ -576,15 +577,19 @@ class LLM:
 
     def chat(self, messages: list[dict[str, str]], *, add_generation_prompt: bool = True,
              continue_final_message: bool = False,
-             chat_template_kwargs: dict[str, Any] | None = None, **kw: Any) -> Completion:
+             chat_template_kwargs: dict[str, Any] | None = None,
+             tools: list[dict[str, Any]] | None = None, **kw: Any) -> Completion:
         """Reply to a conversation, `[{"role": "user", "content": ...}, ...]`, through the
         model's chat template; `continue_final_message` continues the last message (an
-        assistant reply begun for the model) instead of starting a new turn. Other keyword
-        arguments as for `generate`."""
+        assistant reply begun for the model) instead of starting a new turn; `tools`
+        (OpenAI function tools) go to the template (`tool_calls.ToolCalling` gives the
+        constraint and parser of a tool choice). Other keyword arguments as for
+        `generate`."""
         prompt = self.tokenizer.apply_chat_template(
             messages, add_generation_prompt=add_generation_prompt and not continue_final_message,
             continue_final_message=continue_final_message,
-            chat_template_kwargs=chat_template_kwargs)
+            chat_template_kwargs=chat_template_kwargs,
+            tools=None if tools is None else check_tools(tools))
         return self.generate(self.tokenizer.encode(prompt), **kw)
 
 

@@ -10,6 +10,7 @@ handling with no engine and no HTTP, so the server module stays a thin routing l
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 import uuid
 from typing import Any, Literal
@@ -21,6 +22,7 @@ from jaxinfer.errors import BadRequestError
 from jaxinfer.sampling import MAX_LOGPROBS, SamplingParams, TokenLogprob
 from jaxinfer.structured import Constraint, from_openai
 from jaxinfer.tokenizer import Tokenizer
+from jaxinfer.tool_calls import ToolCalling, check_tools
 
 UNSUPPORTED = ("tools", "tool_choice", "functions", "function_call", "best_of", "audio",
                "modalities", "prediction", "web_search_options")
@@ -224,6 +226,9 @@ class ChatMessage(BaseModel):
     model_config = ConfigDict(strict=True, extra="allow")
     role: Literal["system", "user", "assistant", "tool", "developer"]
     content: str | list[ContentPart] | None = None
+    tool_calls: list[dict[str, Any]] | None = None  # an assistant's earlier calls
+    tool_call_id: str | None = None  # a tool message: the call it answers
+    name: str | None = None
 
 
 class _ChatTemplateOptions(BaseModel):
@@ -233,6 +238,7 @@ class _ChatTemplateOptions(BaseModel):
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     chat_template_kwargs: dict[str, Any] | None = None
+    tools: list[Any] | None = None  # OpenAI function tools, shown to the chat template
 
     def chat_options(self) -> dict[str, Any]:
         """Engine.submit's chat_options; continuing the last message opens no new turn."""
@@ -240,10 +246,14 @@ class _ChatTemplateOptions(BaseModel):
                 and self.add_generation_prompt:
             raise ApiError(400, "continue_final_message cannot be combined with "
                            "add_generation_prompt=true", "continue_final_message")
+        try:
+            tools = check_tools(self.tools) if self.tools else None
+        except BadRequestError as e:
+            raise ApiError(400, str(e), e.param) from e
         return {"add_generation_prompt": self.add_generation_prompt
                 and not self.continue_final_message,
                 "continue_final_message": self.continue_final_message,
-                "chat_template_kwargs": self.chat_template_kwargs}
+                "chat_template_kwargs": self.chat_template_kwargs, "tools": tools}
 
 
 class ChatRequest(_Request, _ChatTemplateOptions):
@@ -251,6 +261,33 @@ class ChatRequest(_Request, _ChatTemplateOptions):
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+
+    def tool_calling(self, parser: str | None = None) -> ToolCalling | None:
+        """The request's tool settings (None without tools); `parser` is the server's
+        tool-call parser, which tool_choice "auto" needs."""
+        try:
+            return ToolCalling.from_request(self.tools, self.tool_choice,
+                                            self.parallel_tool_calls, parser)
+        except BadRequestError as e:
+            raise ApiError(400, str(e), e.param) from e
+
+    def tool_constraint(self, tools: ToolCalling | None) -> Constraint | None:
+        """The output constraint: the tool choice's, or the request's own structured
+        output; not both (a tool call is the output's format)."""
+        own = self.constraint()
+        forced = tools.constraint() if tools is not None else None
+        if forced is not None and own is not None:
+            raise ApiError(400, f"tool_choice {tools.mode!r} fixes the output's format; it "
+                           f"cannot be combined with {self.constraint_param()}", "tool_choice")
+        return forced or own
+
+    def tool_sampling(self, sp: SamplingParams, tools: ToolCalling | None) -> SamplingParams:
+        """A parser's markers may be special tokens: such requests keep them in the text."""
+        if tools is not None and tools.keeps_special_tokens:
+            return dataclasses.replace(sp, skip_special_tokens=False)
+        return sp
 
     def token_budget(self) -> int | None:
         """max_tokens for the engine (OpenAI's old or new name); None fills the slot."""
@@ -269,8 +306,10 @@ class ChatRequest(_Request, _ChatTemplateOptions):
         return message_dicts(self.messages)
 
 
-def message_dicts(messages: list[ChatMessage] | None) -> list[dict[str, str]]:
-    """Chat messages as the chat template takes them (text parts joined)."""
+def message_dicts(messages: list[ChatMessage] | None) -> list[dict[str, Any]]:
+    """Chat messages as the chat template takes them (text parts joined; an assistant's
+    tool_calls, with arguments parsed as HF templates expect, and a tool message's
+    tool_call_id and name kept)."""
     if not messages:
         raise ApiError(400, "messages is empty", "messages")
     out = []
@@ -281,9 +320,31 @@ def message_dicts(messages: list[ChatMessage] | None) -> list[dict[str, str]]:
                 raise ApiError(400, "only text content parts are supported",
                                f"messages.{i}.content")
             content = "".join(p.text or "" for p in content)
-        out.append({"role": "system" if m.role == "developer" else m.role,
-                    "content": content or ""})
+        d: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role,
+                             "content": content or ""}
+        if m.tool_calls:
+            d["tool_calls"] = [_template_call(c, f"messages.{i}.tool_calls")
+                               for c in m.tool_calls]
+        for key in ("tool_call_id", "name"):
+            if getattr(m, key) is not None:
+                d[key] = getattr(m, key)
+        out.append(d)
     return out
+
+
+def _template_call(c: dict[str, Any], param: str) -> dict[str, Any]:
+    """An earlier tool call as chat templates take it: HF's convention has `arguments` as
+    an object, OpenAI's wire format as a JSON string."""
+    fn = c.get("function")
+    if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+        raise ApiError(400, f"a tool call needs function.name, got {c!r}", param)
+    args = fn.get("arguments", "{}")
+    if isinstance(args, str):
+        try:
+            args = json.loads(args) if args.strip() else {}
+        except ValueError as e:
+            raise ApiError(400, f"tool call arguments are not JSON: {args!r}", param) from e
+    return {**c, "function": {**fn, "arguments": args}}
 
 
 class TokenizeRequest(_ChatTemplateOptions):
@@ -392,10 +453,12 @@ def scored_only(result: EngineResult) -> EngineResult:
 def completion_body(rid: str, model: str, results: list[EngineResult], chat: bool,
                     tokenizer: Tokenizer | None = None, n: int = 1,
                     echo: list[str] | None = None,
-                    prompt_ids: list[list[int]] | None = None) -> dict[str, Any]:
+                    prompt_ids: list[list[int]] | None = None,
+                    tools: ToolCalling | None = None) -> dict[str, Any]:
     """The whole response, choice i from results[i] (n per prompt, prompts in order);
     `tokenizer` renders logprobs where asked; `echo` holds each prompt's text, and
-    `prompt_ids` each choice's prompt ids where its prompt was scored."""
+    `prompt_ids` each choice's prompt ids where its prompt was scored; `tools` turns a
+    chat output into tool calls where it is one."""
     choices = []
     for i, result in enumerate(results):
         lp = (logprobs_body(result.logprobs, tokenizer, chat)
@@ -407,6 +470,11 @@ def completion_body(rid: str, model: str, results: list[EngineResult], chat: boo
                                   "logprobs": lp}
         if chat:
             choice["message"] = {"role": "assistant", "content": result.text}
+            if tools is not None:
+                content, calls = tools.parse(result.text)
+                choice["message"] = {"role": "assistant", "content": content,
+                                     **({"tool_calls": calls} if calls else {})}
+                choice["finish_reason"] = tools.finish_reason(result.finish_reason, calls)
         else:
             choice["text"] = (echo[i // n] if echo else "") + result.text
         choices.append(choice)
@@ -417,13 +485,17 @@ def completion_body(rid: str, model: str, results: list[EngineResult], chat: boo
 
 def chunk_body(rid: str, model: str, chat: bool, delta: str | None = None,
                finish_reason: str | None = None, role: bool = False,
-               logprobs: dict[str, Any] | None = None, index: int = 0) -> dict[str, Any]:
+               logprobs: dict[str, Any] | None = None, index: int = 0,
+               fields: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One streamed chunk; a chat delta is `delta` as content, or `fields` as they are
+    (tool calls)."""
     choice: dict[str, Any] = {"index": index, "finish_reason": finish_reason,
                               "logprobs": logprobs}
     if chat:
         d: dict[str, Any] = {"role": "assistant"} if role else {}
         if delta is not None:
             d["content"] = delta
+        d.update(fields or {})
         choice["delta"] = d
     else:
         choice["text"] = delta or ""

@@ -46,11 +46,17 @@ from jaxinfer.errors import BadRequestError, TokenizerError
 from jaxinfer.sampling import SamplingParams
 from jaxinfer.structured import Constraint
 from jaxinfer.tokenizer import Tokenizer
+from jaxinfer.tool_calls import PARSERS, ToolCalling
 
 
-def create_app(engine: Engine, model_name: str, max_stored_responses: int = 1024) -> FastAPI:
+def create_app(engine: Engine, model_name: str, max_stored_responses: int = 1024,
+               tool_call_parser: str | None = None) -> FastAPI:
     """The OpenAI-compatible app over `engine`; the Responses API keeps the latest
-    `max_stored_responses` responses in memory (openai_responses.ResponseStore)."""
+    `max_stored_responses` responses in memory (openai_responses.ResponseStore);
+    `tool_call_parser` ("hermes") reads tool calls from free text (tool_choice "auto")."""
+    if tool_call_parser is not None and tool_call_parser not in PARSERS:
+        raise BadRequestError(f"unknown tool_call_parser {tool_call_parser!r}; known: "
+                              f"{list(PARSERS)}", "tool_call_parser")
     app = FastAPI(title="jaxinfer", docs_url=None, redoc_url=None)
     created = int(time.time())
     stored = rs.ResponseStore(max_stored_responses)
@@ -122,10 +128,12 @@ def create_app(engine: Engine, model_name: str, max_stored_responses: int = 1024
     @app.post("/v1/chat/completions")
     async def chat_completions(body: api.ChatRequest):
         api.check_model(body.model, model_name)
+        tools = body.tool_calling(tool_call_parser)
         reqs = await _submit(engine, body, [dict(messages=body.message_dicts(),
                                                  chat_options=body.chat_options())],
-                             body.token_budget())
-        return await _respond(reqs, body, model_name, chat=True, tokenizer=engine.tokenizer)
+                             body.token_budget(), tools)
+        return await _respond(reqs, body, model_name, chat=True, tokenizer=engine.tokenizer,
+                              tools=tools)
 
     @app.post("/v1/responses")
     async def responses(body: rs.ResponsesRequest):
@@ -169,12 +177,12 @@ def create_app(engine: Engine, model_name: str, max_stored_responses: int = 1024
 
 
 async def _submit(engine: Engine, body: api._Request, prompts: list[dict[str, Any]],
-                  max_tokens: int | None) -> list[Request]:
+                  max_tokens: int | None, tools: ToolCalling | None = None) -> list[Request]:
     """`_submit_all` on a worker thread: submitting tokenizes the prompts and compiles a
     constraint's grammar (0.3 s for the first one, longer for a large schema), which must
     not stall the event loop's other streams. A client gone meanwhile cancels them."""
     fut = asyncio.get_running_loop().run_in_executor(None, _submit_all, engine, body,
-                                                     prompts, max_tokens)
+                                                     prompts, max_tokens, tools)
     try:
         return await asyncio.shield(fut)
     except asyncio.CancelledError:
@@ -189,12 +197,15 @@ def _cancel_submitted(fut: asyncio.Future) -> None:
 
 
 def _submit_all(engine: Engine, body: api._Request, prompts: list[dict[str, Any]],
-                max_tokens: int | None) -> list[Request]:
+                max_tokens: int | None, tools: ToolCalling | None = None) -> list[Request]:
     """n engine requests per prompt, in choice order; all or none: if one is refused, the
-    ones already queued are cancelled."""
+    ones already queued are cancelled. `tools`: a chat request's tool settings."""
     n = body.num_choices()
     sampling = [body.choice_sampling(j) for j in range(n)]
     constraint = body.constraint()
+    if isinstance(body, api.ChatRequest):
+        constraint = body.tool_constraint(tools)
+        sampling = [body.tool_sampling(sp, tools) for sp in sampling]
     reqs: list[Request] = []
     try:
         for prompt in prompts:
@@ -230,19 +241,20 @@ def _submit_one(engine: Engine, body: api._Request, prompt: dict[str, Any],
 
 
 async def _respond(reqs: list[Request], body: api._Request, model: str, chat: bool,
-                   tokenizer: Tokenizer, echo: list[str] | None = None):
+                   tokenizer: Tokenizer, echo: list[str] | None = None,
+                   tools: ToolCalling | None = None):
     rid = api.new_id("chatcmpl" if chat else "cmpl")
     n = body.num_choices()
     if body.stream:
         return StreamingResponse(_sse(reqs, rid, model, chat, body.include_usage(), tokenizer,
-                                      n, echo, body.scoring_only()),
+                                      n, echo, body.scoring_only(), tools),
                                  media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"})
     results = await _results(reqs)
     if body.scoring_only():
         results = [api.scored_only(r) for r in results]
     return api.completion_body(rid, model, list(results), chat, tokenizer, n, echo,
-                               [r.prompt_ids for r in reqs])
+                               [r.prompt_ids for r in reqs], tools)
 
 
 async def _results(reqs: list[Request]) -> list[Any]:
@@ -303,13 +315,15 @@ def _event(obj: Any) -> str:
 
 async def _sse(reqs: list[Request], rid: str, model: str, chat: bool, include_usage: bool,
                tokenizer: Tokenizer, n: int = 1, echo: list[str] | None = None,
-               scoring_only: bool = False) -> AsyncIterator[str]:
+               scoring_only: bool = False, tools: ToolCalling | None = None
+               ) -> AsyncIterator[str]:
     """Chunks as the engine produces them, each naming its choice (request i is choice i);
     a client that disconnects cancels every request. With logprobs, each chunk carries
     those of the tokens generated since the choice's previous chunk (text held back for a
     stop string may come a chunk later than its logprobs). An echoed prompt is the first
     chunk; with logprobs it carries the prompt's, so it waits for the prefill that scores
-    them (done when the first token is out)."""
+    them (done when the first token is out). With `tools`, a choice's deltas go through its
+    ToolStream (tool-call deltas; text that may open a call held back until it is known)."""
     queue: asyncio.Queue = asyncio.Queue()
 
     async def pump(i: int, req: Request) -> None:
@@ -336,6 +350,13 @@ async def _sse(reqs: list[Request], rid: str, model: str, chat: bool, include_us
                                            logprobs=lp))
             echoed = True
 
+        tool_stream = tools.stream() if tools is not None else None
+
+        async def send_fields(fields: list[dict[str, Any]], entries) -> None:
+            for k, f in enumerate(fields):  # logprobs ride on the first
+                await queue.put(api.chunk_body(rid, model, chat, index=i, fields=f,
+                                               logprobs=None if k else logprobs(entries)))
+
         try:
             if chat:
                 await queue.put(api.chunk_body(rid, model, chat, "", role=True, index=i))
@@ -345,6 +366,9 @@ async def _sse(reqs: list[Request], rid: str, model: str, chat: bool, include_us
                 async for delta in req:
                     if not echoed:
                         await send_echo()
+                    if tool_stream is not None:
+                        await send_fields(tool_stream.feed(delta), req.logprobs)
+                        continue
                     await queue.put(api.chunk_body(rid, model, chat, delta, index=i,
                                                    logprobs=logprobs(req.logprobs)))
             result = await req.aresult()
@@ -352,8 +376,12 @@ async def _sse(reqs: list[Request], rid: str, model: str, chat: bool, include_us
                 await send_echo()
             if scoring_only:
                 result = api.scored_only(result)
+            reason = result.finish_reason
+            if tool_stream is not None:
+                fields, reason = tool_stream.finish(reason)
+                await send_fields(fields, result.logprobs or [])
             await queue.put(api.chunk_body(rid, model, chat, None if chat else "",
-                                           result.finish_reason, index=i,
+                                           reason, index=i,
                                            logprobs=logprobs(result.logprobs or [])))
             await queue.put(result)
         except Exception as e:  # ends the stream with an error event, never a hang
@@ -430,7 +458,8 @@ def serve(checkpoint: str | None = None, host: str = "127.0.0.1", port: int = 80
           config=None, dtype: str | None = None, model_name: str | None = None,
           warmup: bool = True, log_level: str = "info", draft: str | None = None,
           num_speculative_tokens: int = 4, ngram_size: int = 3,
-          max_stored_responses: int = 1024, **load_kw) -> None:
+          max_stored_responses: int = 1024, tool_call_parser: str | None = None,
+          **load_kw) -> None:
     """Load a checkpoint, build and warm the engine, serve until interrupted. `load_kw`
     goes to LLM.load (mesh, fsdp, quantize, group_size, kv_dtype); `draft` ("ngram" or a
     checkpoint) turns on speculative decoding in the engine. In a multi-process run
@@ -451,7 +480,8 @@ def serve(checkpoint: str | None = None, host: str = "127.0.0.1", port: int = 80
               f"({len(engine.prompt_buckets())} prompt buckets)", flush=True)
     name = model_name or llm.cfg.name
     try:
-        uvicorn.run(create_app(engine, name, max_stored_responses), host=host, port=port,
+        uvicorn.run(create_app(engine, name, max_stored_responses, tool_call_parser),
+                    host=host, port=port,
                     log_level=log_level, lifespan="off", timeout_graceful_shutdown=5)
     except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it shut down for
         pass

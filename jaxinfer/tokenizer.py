@@ -122,13 +122,16 @@ class Tokenizer(ABC):
     def apply_chat_template(self, messages: list[dict[str, str]],
                             add_generation_prompt: bool = True,
                             continue_final_message: bool = False,
-                            chat_template_kwargs: dict[str, Any] | None = None) -> str:
+                            chat_template_kwargs: dict[str, Any] | None = None,
+                            tools: list[dict[str, Any]] | None = None) -> str:
         """Render `messages` with the model's own Jinja template, the way HF transformers does.
 
         `continue_final_message` ends the text right after the last message's content, so
         the model continues it (an assistant reply begun for it, "prefill"), instead of
         closing it and opening a new turn; `chat_template_kwargs` are extra template
-        variables (e.g. a model's `enable_thinking`)."""
+        variables (e.g. a model's `enable_thinking`); `tools` (OpenAI's function tools) go
+        to the template as its `tools` variable, which a tool-aware template shows the
+        model (others ignore it)."""
         if continue_final_message and add_generation_prompt:
             raise TokenizerError("continue_final_message continues the last message; it "
                                  "cannot be combined with add_generation_prompt")
@@ -150,6 +153,8 @@ class Tokenizer(ABC):
         bos = self._id_to_token(self.bos_id) if self.bos_id is not None else ""
         eos = self._id_to_token(self._eos_id) if self._eos_id is not None else ""
         extra = dict(chat_template_kwargs or {})
+        if tools is not None:
+            extra["tools"] = tools
         try:
             text = self._compiled_template.render(
                 **extra, messages=messages, add_generation_prompt=add_generation_prompt,

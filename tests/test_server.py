@@ -211,7 +211,7 @@ def test_openai_client(url, engine):
     ("completions", {"prompt": "x", "logit_bias": {"x": 1}}, "logit_bias"),
     ("completions", {"prompt": "x", "best_of": 3}, "best_of"),
     ("chat/completions", {"messages": [{"role": "user", "content": "hi"}],
-                          "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+                          "functions": [{"name": "f"}]}, "functions"),  # the legacy form
     ("completions", {"prompt": "x", "max_tokens": 0}, "max_tokens"),
     ("completions", {"prompt": "x" * 300}, "prompt"),  # over the 256-token context
     ("completions", {"prompt": "x", "stop": [1]}, "stop"),

@@ -26,6 +26,10 @@ _WARMUP = flags.DEFINE_bool("warmup", True, "Compile every prompt bucket before 
 _STORED = flags.DEFINE_integer("max_stored_responses", 1024, "Responses API: how many "
                                "responses to keep in memory for previous_response_id.",
                                lower_bound=0)
+_TOOL_PARSER = flags.DEFINE_enum("tool_call_parser", None, ["hermes"],
+                                 "Reads tool calls from the model's text, which "
+                                 "tool_choice \"auto\" needs (hermes: <tool_call>{...}"
+                                 "</tool_call>, as Hermes and Qwen2.5+ templates write).")
 
 
 def main(argv):
@@ -35,7 +39,7 @@ def main(argv):
 
     serve(_CKPT.value, host=_HOST.value, port=_PORT.value, dtype=_DTYPE.value,
           model_name=_MODEL_NAME.value, warmup=_WARMUP.value,
-          max_stored_responses=_STORED.value,
+          max_stored_responses=_STORED.value, tool_call_parser=_TOOL_PARSER.value,
           config=engine_flags.config(max_queue=_MAX_QUEUE.value),
           mesh=runtime_flags.MESH.value, fsdp=runtime_flags.FSDP.value,
           **spec_flags.kwargs(), **runtime_flags.quant_kwargs())

@@ -1,0 +1,349 @@
+"""Tool calling (OpenAI's tools / tool_choice): validation, the constraints of a named and a
+"required" choice, the hermes parser and its stream, the server's answers (plain and
+streamed, through the OpenAI client), batch lines, and SmolLM2 calling a tool."""
+
+import json
+
+import pytest
+import requests
+
+from jaxinfer import openai_api as api
+from jaxinfer.engine import Engine, EngineConfig
+from jaxinfer.errors import BadRequestError
+from jaxinfer.sampling import GREEDY
+from jaxinfer.server import BackgroundServer, create_app
+from jaxinfer.tool_calls import ToolCalling, check_tools
+
+from .engine_helpers import CharTokenizer, W
+from .helpers import TINY
+
+MODEL = "tiny"
+UNIT = {"type": "object", "properties": {"unit": {"type": "string", "enum": ["c", "f"]}},
+        "required": ["unit"], "additionalProperties": False}
+CITY = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12}},
+        "required": ["city"], "additionalProperties": False}
+TOOLS = [{"type": "function", "function": {"name": "get_unit", "parameters": UNIT}},
+         {"type": "function", "function": {"name": "get_weather", "description": "Weather.",
+                                            "parameters": CITY}}]
+USER = [{"role": "user", "content": "Weather in Paris?"}]
+NAMED = {"type": "function", "function": {"name": "get_unit"}}
+
+
+class ToolTemplateTokenizer(CharTokenizer):
+    """The tiny tokenizer with a template that shows the tools' names."""
+
+    def apply_chat_template(self, messages, add_generation_prompt=True,
+                            continue_final_message=False, chat_template_kwargs=None,
+                            tools=None) -> str:
+        head = "[tools]" + ",".join(t["function"]["name"] for t in tools) if tools else ""
+        return head + super().apply_chat_template(messages, add_generation_prompt)
+
+
+@pytest.fixture(scope="module")
+def engine():
+    with Engine(W, TINY, ToolTemplateTokenizer(),
+                EngineConfig(num_slots=4, max_len=256, prefix_cache_mb=8.0)) as eng:
+        yield eng
+
+
+@pytest.fixture(scope="module")
+def url(engine):
+    with BackgroundServer(create_app(engine, MODEL, tool_call_parser="hermes")) as srv:
+        yield srv.url
+
+
+def _chat(url, **body):
+    return requests.post(f"{url}/v1/chat/completions", timeout=60,
+                         json={"messages": USER, "max_tokens": 60, "temperature": 0, **body})
+
+
+def _sse(resp) -> list:
+    events = [line[len("data: "):] for line in resp.iter_lines(decode_unicode=True)
+              if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    return [json.loads(e) for e in events[:-1]]
+
+
+# ---- without an engine ------------------------------------------------------------------------
+@pytest.mark.parametrize("tools, param", [
+    ([], "tools"),
+    ([{"type": "code_interpreter"}], "tools.0"),
+    ([{"type": "function", "function": {"name": "a b"}}], "tools.0.function.name"),
+    ([{"type": "function", "function": {"name": "f"}}] * 2, "tools.1.function.name"),
+    ([{"type": "function", "function": {"name": "f", "parameters": "x"}}],
+     "tools.0.function.parameters"),
+])
+def test_bad_tools_name_the_field(tools, param):
+    with pytest.raises(BadRequestError) as e:
+        check_tools(tools)
+    assert e.value.param == param
+
+
+def test_tool_choice_rules():
+    assert ToolCalling.from_request(None, None) is None
+    with pytest.raises(BadRequestError, match="needs tools"):
+        ToolCalling.from_request(None, "required")
+    with pytest.raises(BadRequestError, match="tool-call parser") as e:
+        ToolCalling.from_request(TOOLS, None)  # OpenAI's default is "auto"
+    assert e.value.param == "tool_choice"
+    with pytest.raises(BadRequestError, match="'nope'"):
+        ToolCalling.from_request(TOOLS, {"type": "function", "function": {"name": "nope"}})
+    with pytest.raises(BadRequestError, match="tool_choice must be"):
+        ToolCalling.from_request(TOOLS, "sometimes")
+    tc = ToolCalling.from_request(TOOLS, NAMED)
+    assert (tc.mode, tc.name) == ("named", "get_unit")
+    assert tc.constraint().json_schema == {**UNIT, "x-guidance": {"whitespace_flexible": False}}
+    assert ToolCalling.from_request(TOOLS, "none").constraint() is None
+    assert ToolCalling.from_request(TOOLS, "auto", parser="hermes").constraint() is None
+
+
+def test_required_schema_is_an_array_of_calls():
+    schema = ToolCalling.from_request(TOOLS, "required").constraint().json_schema
+    assert schema["type"] == "array" and schema["minItems"] == 1 and "maxItems" not in schema
+    names = [x["properties"]["name"]["enum"] for x in schema["items"]["anyOf"]]
+    assert names == [["get_unit"], ["get_weather"]]
+    assert schema["items"]["anyOf"][1]["properties"]["arguments"] == CITY
+    assert schema["x-guidance"] == {"whitespace_flexible": False}  # compact JSON
+    one = ToolCalling.from_request(TOOLS, "required", parallel_tool_calls=False)
+    assert one.constraint().json_schema["maxItems"] == 1
+
+
+def test_hermes_parser():
+    tc = ToolCalling.from_request(TOOLS, "auto", parser="hermes")
+    text = ('Let me check. <tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}'
+            '\n</tool_call>\n<tool_call>{"name": "get_unit", "arguments": {"unit": "c"}}')
+    content, calls = tc.parse(text)  # the second call is unclosed (EOS came first)
+    assert content == "Let me check. "
+    assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls] \
+        == [("get_weather", {"city": "Paris"}), ("get_unit", {"unit": "c"})]
+    assert all(c["id"].startswith("call_") and c["type"] == "function" for c in calls)
+    assert len({c["id"] for c in calls}) == 2
+    assert tc.finish_reason("stop", calls) == "tool_calls"
+    assert tc.parse("no call here") == ("no call here", [])
+    broken = "<tool_call>{not json}</tool_call>"
+    assert tc.parse(broken) == (broken, [])
+
+
+@pytest.mark.parametrize("pieces", [
+    ["Sure", ". <tool", '_call>{"name": "get_unit", ', '"arguments": {"unit": "f"}}',
+     "</tool_call>"],
+    ["<", "tool_call>", '{"name": "get_unit", "arguments": {"unit": "f"}}'],
+    ["a <tool", " is not", " a call"],
+])
+def test_hermes_stream_equals_the_whole_parse(pieces):
+    """Streamed deltas hold back text that may begin a marker and add up to the parse of
+    the whole output."""
+    tc = ToolCalling.from_request(TOOLS, "auto", parser="hermes")
+    stream = tc.stream()
+    deltas = [d for p in pieces for d in stream.feed(p)]
+    last, reason = stream.finish("stop")
+    deltas += last
+    content, calls = tc.parse("".join(pieces))
+    assert "".join(d.get("content", "") for d in deltas) == (content or "")
+    got = [c for d in deltas for c in d.get("tool_calls", [])]
+    assert [c["function"] for c in got] == [c["function"] for c in calls]
+    assert reason == ("tool_calls" if calls else "stop")
+    if calls:  # nothing of the marker leaked into the streamed content
+        assert "<" not in "".join(d.get("content", "") for d in deltas)
+
+
+def test_earlier_calls_and_tool_results_reach_the_template():
+    msgs = api.message_dicts([api.ChatMessage.model_validate(m) for m in [
+        {"role": "user", "content": "Weather?"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_1", "type": "function",
+             "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "sunny"}]])
+    assert msgs[1]["tool_calls"][0]["function"]["arguments"] == {"city": "Paris"}
+    assert msgs[2] == {"role": "tool", "content": "sunny", "tool_call_id": "call_1"}
+    bad = api.ChatMessage.model_validate({"role": "assistant", "tool_calls": [
+        {"function": {"name": "f", "arguments": "{oops"}}]})
+    with pytest.raises(api.ApiError, match="not JSON"):
+        api.message_dicts([bad])
+
+
+# ---- the server -------------------------------------------------------------------------------
+def test_named_tool_choice(url, engine):
+    """The output is the function's arguments, constrained to its schema: the same tokens
+    the engine gives under that constraint."""
+    out = _chat(url, tools=TOOLS, tool_choice=NAMED).json()
+    msg, reason = out["choices"][0]["message"], out["choices"][0]["finish_reason"]
+    assert msg["content"] is None and reason == "stop"
+    (call,) = msg["tool_calls"]
+    assert call["function"]["name"] == "get_unit"
+    assert json.loads(call["function"]["arguments"])["unit"] in ("c", "f")
+    ref = engine.submit(messages=USER, chat_options={"tools": TOOLS}, sampling=GREEDY,
+                        max_tokens=60,
+                        constraint=ToolCalling.from_request(TOOLS, NAMED).constraint()).result()
+    assert call["function"]["arguments"] == ref.text
+
+
+def test_required_tool_choice(url):
+    out = _chat(url, tools=TOOLS, tool_choice="required", parallel_tool_calls=False,
+                max_tokens=120).json()
+    choice = out["choices"][0]
+    assert choice["finish_reason"] == "tool_calls"
+    (call,) = choice["message"]["tool_calls"]
+    args = json.loads(call["function"]["arguments"])
+    assert call["function"]["name"] in ("get_unit", "get_weather")
+    assert set(args) == {"unit" if call["function"]["name"] == "get_unit" else "city"}
+
+
+def test_auto_with_the_hermes_parser(url):
+    """A guided choice makes the tiny model write a hermes call; the server returns the
+    text before it as content and the call as tool_calls, streamed or not."""
+    call = '<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>'
+    body = dict(tools=TOOLS, tool_choice="auto", guided_choice=["Hi! " + call],
+                max_tokens=120)
+    out = _chat(url, **body).json()["choices"][0]
+    assert out["finish_reason"] == "tool_calls" and out["message"]["content"] == "Hi! "
+    (c,) = out["message"]["tool_calls"]
+    assert (c["function"]["name"], json.loads(c["function"]["arguments"])) == (
+        "get_weather", {"city": "Paris"})
+    chunks = _sse(_chat(url, stream=True, **body))
+    deltas = [ch["choices"][0]["delta"] for ch in chunks]
+    assert "".join(d.get("content") or "" for d in deltas) == "Hi! "
+    (sc,) = [t for d in deltas for t in d.get("tool_calls", [])]
+    assert sc["function"] == c["function"] and sc["index"] == 0
+    assert chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"
+
+
+def test_streamed_named_call_through_the_openai_client(url):
+    """The client accumulates the streamed call (header, then argument deltas) into what
+    the plain answer holds."""
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+    kw = dict(model=MODEL, messages=USER, max_tokens=60, temperature=0, tools=TOOLS,
+              tool_choice=NAMED)
+    plain = client.chat.completions.create(**kw).choices[0].message.tool_calls[0]
+    args, names = "", []
+    with client.chat.completions.stream(**kw) as stream:
+        for ev in stream:
+            if ev.type == "tool_calls.function.arguments.delta":
+                args += ev.arguments_delta
+        final = stream.get_final_completion().choices[0].message.tool_calls[0]
+    names.append(final.function.name)
+    assert args == plain.function.arguments == final.function.arguments
+    assert names == ["get_unit"] and final.id.startswith("call_")
+
+
+def test_tools_are_shown_to_the_template(url):
+    tok = requests.post(f"{url}/tokenize", timeout=30, json={
+        "messages": USER, "tools": TOOLS}).json()
+    plain = requests.post(f"{url}/tokenize", timeout=30, json={"messages": USER}).json()
+    assert tok["count"] == plain["count"] + len("[tools]get_unit,get_weather")
+
+
+@pytest.mark.parametrize("path, body, param", [
+    ("/v1/completions", {"prompt": "x", "tools": TOOLS}, "tools"),
+    ("/v1/chat/completions", {"messages": USER, "tools": [{"type": "x"}]}, "tools.0"),
+    ("/v1/chat/completions", {"messages": USER, "tool_choice": "required"}, "tool_choice"),
+    ("/v1/chat/completions", {"messages": USER, "tools": TOOLS, "tool_choice": NAMED,
+                              "response_format": {"type": "json_object"}}, "tool_choice"),
+    ("/v1/chat/completions", {"messages": USER, "tools": TOOLS, "tool_choice": {
+        "type": "function", "function": {"name": "nope"}}}, "tool_choice"),
+])
+def test_bad_tool_requests_get_400(url, path, body, param):
+    r = requests.post(url + path, json=body, timeout=30)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param
+
+
+def test_auto_needs_a_parser(engine):
+    with BackgroundServer(create_app(engine, MODEL)) as srv:
+        r = _chat(srv.url, tools=TOOLS)
+    assert r.status_code == 400 and "tool_call_parser" in r.json()["error"]["message"]
+    with pytest.raises(BadRequestError, match="'nope'"):
+        create_app(engine, MODEL, tool_call_parser="nope")
+
+
+def test_batch_lines_take_tool_choice(engine, tmp_path):
+    from jaxinfer.batch import run_batch
+
+    lines = [{"custom_id": "a", "method": "POST", "url": "/v1/chat/completions", "body": {
+        "messages": USER, "max_tokens": 60, "temperature": 0, "tools": TOOLS,
+        "tool_choice": NAMED}},
+        {"custom_id": "b", "method": "POST", "url": "/v1/chat/completions", "body": {
+            "messages": USER, "tools": TOOLS}}]  # "auto": no parser in batch jobs
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    run_batch(engine, src, tmp_path / "out.jsonl", model_name=MODEL, progress=False)
+    out = {r["custom_id"]: r["response"] for r in map(
+        json.loads, (tmp_path / "out.jsonl").read_text().splitlines())}
+    call = out["a"]["body"]["choices"][0]["message"]["tool_calls"][0]
+    assert call["function"]["name"] == "get_unit"
+    assert out["b"]["status_code"] == 400
+
+
+# ---- the real model ---------------------------------------------------------------------------
+def test_smollm2_calls_a_tool(smollm2_checkpoint):
+    """SmolLM2 asked for the weather in Paris with a named get_weather tool: the call's
+    arguments are the engine's output under the function's schema, and name the city; with
+    "required" and both tools it picks one and gives valid arguments."""
+    import jax.numpy as jnp
+
+    from jaxinfer.llm import LLM
+
+    llm = LLM.load(smollm2_checkpoint, dtype=jnp.float32)
+    msgs = [{"role": "user", "content": "What is the weather like in Paris today?"}]
+    with Engine.from_llm(llm, EngineConfig(num_slots=2, max_len=256)) as eng, \
+            BackgroundServer(create_app(eng, "smollm2")) as srv:
+        named = {"type": "function", "function": {"name": "get_weather"}}
+        out = _chat(srv.url, messages=msgs, tools=TOOLS, tool_choice=named).json()
+        (call,) = out["choices"][0]["message"]["tool_calls"]
+        ref = eng.submit(messages=msgs, chat_options={"tools": TOOLS}, sampling=GREEDY,
+                         max_tokens=60, constraint=ToolCalling.from_request(
+                             TOOLS, named).constraint()).result()
+        assert call["function"]["arguments"] == ref.text
+        assert "Paris" in json.loads(ref.text)["city"]
+        out = _chat(srv.url, messages=msgs, tools=TOOLS, tool_choice="required").json()
+        calls = out["choices"][0]["message"]["tool_calls"]
+        assert calls and out["choices"][0]["finish_reason"] == "tool_calls"
+        for c in calls:
+            args = json.loads(c["function"]["arguments"])
+            assert set(args) == {"unit" if c["function"]["name"] == "get_unit" else "city"}
+        print("SmolLM2 named:", call["function"], "required:",
+              [c["function"] for c in calls])
+
+
+HERMES_LIKE = """{%- if tools %}<|im_start|>system
+You may call these functions:
+{%- for tool in tools %}
+{{ tool | tojson }}
+{%- endfor %}
+Call one as <tool_call>{"name": ..., "arguments": ...}</tool_call>.<|im_end|>
+{% endif %}
+{%- for m in messages %}<|im_start|>{{ m.role }}
+{%- if m.tool_calls %}{% for c in m.tool_calls %}
+<tool_call>{"name": "{{ c.function.name }}", "arguments": {{ c.function.arguments | tojson }}}\
+</tool_call>{% endfor %}
+{%- else %}
+{{ m.content }}{% endif %}<|im_end|>
+{% endfor %}
+{%- if add_generation_prompt %}<|im_start|>assistant
+{% endif %}"""
+
+
+def test_tool_template_renders_as_in_transformers(smollm2_gguf):
+    """A tool-aware template sees the tools and an earlier call (arguments as an object)
+    exactly as HF transformers' apply_chat_template(tools=...) shows them."""
+    from pathlib import Path
+
+    from jaxinfer.tokenizer import load_tokenizer
+
+    transformers = pytest.importorskip("transformers")
+    path = Path(smollm2_gguf)
+    hf = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    ours = load_tokenizer(smollm2_gguf)
+    ours.chat_template = HERMES_LIKE
+    msgs = api.message_dicts([api.ChatMessage.model_validate(m) for m in [
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "tool_calls": [{"id": "call_1", "type": "function", "function": {
+            "name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "sunny, 21 C"}]])
+    got = ours.apply_chat_template(msgs, tools=TOOLS)
+    want = hf.apply_chat_template(msgs, tools=TOOLS, chat_template=HERMES_LIKE, tokenize=False,
+                                  add_generation_prompt=True)
+    assert got == want
+    assert '"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>' in got
+    assert json.dumps(TOOLS[1]) in got
