@@ -111,23 +111,22 @@ class _OpenAILine:
                 raise api.ApiError(400, "previous_response_id is not supported in batch jobs "
                                    "(they store no responses); send the conversation as "
                                    "input", "previous_response_id")
-            kw["messages"] = req.messages()
-        elif isinstance(req, api.ChatRequest):
-            kw["messages"] = req.message_dicts()
+        if isinstance(req, (rs.ResponsesRequest, api.ChatRequest)):
+            kw["messages"] = (req.messages() if isinstance(req, rs.ResponsesRequest)
+                              else req.message_dicts())
             kw["chat_options"] = req.chat_options()
             self.tools = req.tool_calling()
             kw["constraint"] = req.tool_constraint(self.tools)
             return [dict(kw, sampling=req.tool_sampling(req.choice_sampling(j), self.tools))
                     for j in range(self.n)]
-        else:
-            prompts = req.prompt_inputs()
-            if len(prompts) != 1:
-                raise api.ApiError(400, "one prompt per batch line", "prompt")
-            kw["prompt"] = prompts[0]
-            if req.echo:
-                p = prompts[0]
-                self.echo = [p if isinstance(p, str) else self.engine.tokenizer.decode(p)]
-            self.scoring_only = req.scoring_only()
+        prompts = req.prompt_inputs()
+        if len(prompts) != 1:
+            raise api.ApiError(400, "one prompt per batch line", "prompt")
+        kw["prompt"] = prompts[0]
+        if req.echo:
+            p = prompts[0]
+            self.echo = [p if isinstance(p, str) else self.engine.tokenizer.decode(p)]
+        self.scoring_only = req.scoring_only()
         return [dict(kw, sampling=req.choice_sampling(j)) for j in range(self.n)]
 
     def record(self, status: int, body: dict[str, Any], request_id: str | None = None
@@ -149,8 +148,8 @@ class _OpenAILine:
         if self.scoring_only:
             results = [api.scored_only(r) for r in results]
         if isinstance(self.req, rs.ResponsesRequest):
-            body = rs.ResponseBuilder(self.req, self.model).final(results[0],
-                                                                  self.engine.tokenizer)
+            build = rs.ResponseBuilder(self.req, self.model, tools=self.tools)
+            body = build.final(results[0], self.engine.tokenizer)
             return self.record(200, body, body["id"])
         chat = isinstance(self.req, api.ChatRequest)
         rid = api.new_id("chatcmpl" if chat else "cmpl")

@@ -165,6 +165,22 @@ class _Request(BaseModel):
             sp = dataclasses.replace(sp, prompt_logprobs=self.num_prompt_logprobs())
         return sp
 
+    def tool_constraint(self, tools: ToolCalling | None) -> Constraint | None:
+        """The output constraint: the tool choice's, or the request's own structured
+        output; not both (a tool call is the output's format)."""
+        own = self.constraint()
+        forced = tools.constraint() if tools is not None else None
+        if forced is not None and own is not None:
+            raise ApiError(400, f"tool_choice {tools.mode!r} fixes the output's format; it "
+                           f"cannot be combined with {self.constraint_param()}", "tool_choice")
+        return forced or own
+
+    def tool_sampling(self, sp: SamplingParams, tools: ToolCalling | None) -> SamplingParams:
+        """A parser's markers may be special tokens: such requests keep them in the text."""
+        if tools is not None and tools.keeps_special_tokens:
+            return dataclasses.replace(sp, skip_special_tokens=False)
+        return sp
+
     def stop_list(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
 
@@ -273,22 +289,6 @@ class ChatRequest(_Request, _ChatTemplateOptions):
         except BadRequestError as e:
             raise ApiError(400, str(e), e.param) from e
 
-    def tool_constraint(self, tools: ToolCalling | None) -> Constraint | None:
-        """The output constraint: the tool choice's, or the request's own structured
-        output; not both (a tool call is the output's format)."""
-        own = self.constraint()
-        forced = tools.constraint() if tools is not None else None
-        if forced is not None and own is not None:
-            raise ApiError(400, f"tool_choice {tools.mode!r} fixes the output's format; it "
-                           f"cannot be combined with {self.constraint_param()}", "tool_choice")
-        return forced or own
-
-    def tool_sampling(self, sp: SamplingParams, tools: ToolCalling | None) -> SamplingParams:
-        """A parser's markers may be special tokens: such requests keep them in the text."""
-        if tools is not None and tools.keeps_special_tokens:
-            return dataclasses.replace(sp, skip_special_tokens=False)
-        return sp
-
     def token_budget(self) -> int | None:
         """max_tokens for the engine (OpenAI's old or new name); None fills the slot."""
         return self.max_completion_tokens if self.max_tokens is None else self.max_tokens
@@ -323,7 +323,7 @@ def message_dicts(messages: list[ChatMessage] | None) -> list[dict[str, Any]]:
         d: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role,
                              "content": content or ""}
         if m.tool_calls:
-            d["tool_calls"] = [_template_call(c, f"messages.{i}.tool_calls")
+            d["tool_calls"] = [template_call(c, f"messages.{i}.tool_calls")
                                for c in m.tool_calls]
         for key in ("tool_call_id", "name"):
             if getattr(m, key) is not None:
@@ -332,7 +332,7 @@ def message_dicts(messages: list[ChatMessage] | None) -> list[dict[str, Any]]:
     return out
 
 
-def _template_call(c: dict[str, Any], param: str) -> dict[str, Any]:
+def template_call(c: dict[str, Any], param: str) -> dict[str, Any]:
     """An earlier tool call as chat templates take it: HF's convention has `arguments` as
     an object, OpenAI's wire format as a JSON string."""
     fn = c.get("function")

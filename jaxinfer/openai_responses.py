@@ -1,16 +1,19 @@
 """OpenAI's Responses API (`POST /v1/responses`): request model, response body, stream events,
 and the in-memory store that lets a request continue a stored conversation.
 
-A request's `instructions` and `input` (a string, or message items with text parts) become
-the same chat messages a chat completion renders; `text.format` becomes a structured-output
-Constraint; `max_output_tokens` bounds the answer. The answer is one `message` output item
-holding one `output_text` part, as OpenAI's models without tools give.
+A request's `instructions` and `input` (a string, or message items with text parts, and
+earlier `function_call` / `function_call_output` items) become the same chat messages a
+chat completion renders; `text.format` becomes a structured-output Constraint;
+`max_output_tokens` bounds the answer. The answer is one `message` output item holding one
+`output_text` part, or with function `tools` (tool_calls.py, as in chat) `function_call`
+items, after a message where the model wrote text first.
 
 Responses are stored unless `store: false` (OpenAI's default), in process memory, the
 latest `ResponseStore.max_items` of them: `previous_response_id` continues one (its
 input and output, not its instructions, as OpenAI does), `GET /v1/responses/{id}` returns
 one, `DELETE` forgets it. An id that is unknown or was evicted is a 404, never an answer
-without its history. Tools and background runs are refused (400).
+without its history. Built-in tools (web search, files, ...) and background runs are
+refused (400).
 
 Streaming sends OpenAI's semantic events (`event: <type>` + `data: {...}` with a
 `sequence_number`), from `response.created` to `response.completed` (or
@@ -28,8 +31,9 @@ from pydantic import BaseModel, ConfigDict
 
 from jaxinfer.engine import EngineResult
 from jaxinfer.errors import BadRequestError
-from jaxinfer.openai_api import MAX_LOGPROBS, ApiError, _Request, logprobs_body
+from jaxinfer.openai_api import MAX_LOGPROBS, ApiError, _Request, logprobs_body, template_call
 from jaxinfer.structured import Constraint, from_openai
+from jaxinfer.tool_calls import ToolCalling
 
 LOGPROBS_INCLUDE = "message.output_text.logprobs"
 _ROLES = {"user": "user", "assistant": "assistant", "system": "system", "developer": "system"}
@@ -42,13 +46,19 @@ class InputPart(BaseModel):
 
 
 class InputItem(BaseModel):
-    """A message item (`{"role", "content"}`, `"type": "message"` optional); other item
-    types (tool calls and outputs, reasoning, references) are refused."""
+    """A message item (`{"role", "content"}`, `"type": "message"` optional), or an earlier
+    function call (`function_call`: call_id, name, arguments) or its result
+    (`function_call_output`: call_id, output); other item types (reasoning, references)
+    are refused."""
 
     model_config = ConfigDict(strict=True, extra="allow")
     type: str = "message"
     role: str | None = None
     content: str | list[InputPart] | None = None
+    call_id: str | None = None
+    name: str | None = None
+    arguments: str | None = None
+    output: str | None = None
 
 
 class ResponsesRequest(_Request):
@@ -65,6 +75,39 @@ class ResponsesRequest(_Request):
     metadata: dict[str, str] | None = None
     parallel_tool_calls: bool | None = None
     user: str | None = None
+    tools: list[Any] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+
+    def chat_tools(self) -> list[dict[str, Any]] | None:
+        """The function tools in chat's form (this API flattens `function`); built-in
+        tools are a 400."""
+        out = []
+        for i, t in enumerate(self.tools or []):
+            kind = t.get("type") if isinstance(t, dict) else t
+            if kind != "function":
+                raise ApiError(400, f"tools[{i}]: only function tools are supported, got "
+                               f"{kind!r}", f"tools.{i}")
+            out.append({"type": "function", "function": {
+                k: t[k] for k in ("name", "description", "parameters") if k in t}})
+        return out or None
+
+    def tool_calling(self, parser: str | None = None) -> ToolCalling | None:
+        """As ChatRequest.tool_calling; a named choice is `{"type": "function", "name"}`."""
+        choice = self.tool_choice
+        if isinstance(choice, dict) and choice.get("type") == "function":
+            choice = {"type": "function", "function": {"name": choice.get("name")}}
+        try:
+            tools = ToolCalling.from_request(self.chat_tools(), choice,
+                                             self.parallel_tool_calls, parser)
+        except BadRequestError as e:
+            raise ApiError(400, str(e).replace("function.", ""),
+                           (e.param or "").replace(".function", "")) from e
+        if tools is not None and tools.mode != "none" and self.num_logprobs() is not None:
+            raise ApiError(400, "logprobs are not supported with tools", "top_logprobs")
+        return tools
+
+    def chat_options(self) -> dict[str, Any]:
+        return {"tools": self.chat_tools()}
 
     def check_supported(self) -> None:
         super().check_supported()
@@ -118,16 +161,29 @@ class ResponsesRequest(_Request):
         """The chat-template messages: `instructions` (a system message), the stored
         conversation this request continues, and `input`."""
         system = [{"role": "system", "content": self.instructions}] if self.instructions else []
-        return [*system, *history, *self.input_messages()]
+        msgs = [*system, *history, *self.input_messages()]
+        calls: set[str] = set()
+        for m in msgs:  # a function_call_output answers an earlier call (OpenAI's rule)
+            calls.update(c.get("id") for c in m.get("tool_calls", ()))
+            if m["role"] == "tool" and m["tool_call_id"] not in calls:
+                raise ApiError(400, f"no function call with call_id {m['tool_call_id']!r} "
+                               "comes before its function_call_output", "input")
+        return msgs
 
-    def input_messages(self) -> list[dict[str, str]]:
-        """`input` as chat-template messages."""
+    def input_messages(self) -> list[dict[str, Any]]:
+        """`input` as chat-template messages: function calls join an assistant message's
+        tool_calls, their outputs are `tool` messages."""
         if isinstance(self.input, str):
             return [{"role": "user", "content": self.input}]
         if not self.input:
             raise ApiError(400, "input is empty", "input")
-        out: list[dict[str, str]] = []
+        out: list[dict[str, Any]] = []
         for i, item in enumerate(self.input):
+            if item.type in ("function_call", "function_call_output"):
+                out.append(_tool_message(item, i, out))
+                if out[-1] is None:
+                    out.pop()
+                continue
             if item.type != "message" or item.role not in _ROLES:
                 what = item.type if item.type != "message" else f"role {item.role!r}"
                 raise ApiError(400, f"input item {i}: only messages with role user, "
@@ -149,6 +205,21 @@ _OWN_NAME = {"max_tokens": "max_output_tokens", "n": "several requests",
              "response_format": "text.format"}
 
 
+def _tool_message(item: InputItem, i: int, out: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """A function_call item as a tool call of an assistant message (the one just before,
+    if it holds calls already: None then), or a function_call_output as a tool message."""
+    if item.call_id is None:
+        raise ApiError(400, f"input item {i}: {item.type} needs call_id", f"input.{i}")
+    if item.type == "function_call_output":
+        return {"role": "tool", "tool_call_id": item.call_id, "content": item.output or ""}
+    call = template_call({"id": item.call_id, "type": "function", "function": {
+        "name": item.name, "arguments": item.arguments or "{}"}}, f"input.{i}")
+    if out and out[-1]["role"] == "assistant":
+        out[-1].setdefault("tool_calls", []).append(call)
+        return None
+    return {"role": "assistant", "content": "", "tool_calls": [call]}
+
+
 def new_id(prefix: str) -> str:
     return f"{prefix}_{uuid.uuid4().hex[:24]}"
 
@@ -162,12 +233,17 @@ class ResponseBuilder:
     """The response object of one request, as it stands at each stage of its life; the
     stream's events and the non-streamed body come from the same fields."""
 
-    def __init__(self, body: ResponsesRequest, model: str, stored: bool = False):
+    def __init__(self, body: ResponsesRequest, model: str, stored: bool = False,
+                 tools: ToolCalling | None = None):
         self.body, self.model, self.sampling = body, model, body.sampling()
         self.stored = stored
         self.id, self.msg_id = new_id("resp"), new_id("msg")
         self.created = time.time()
         self.seq = 0
+        # With tools the output's items are known only as the text comes (tool_calls.py).
+        self.tools = tools if tools is not None and tools.mode != "none" else None
+        self.stream = self.tools.stream() if self.tools is not None else None
+        self.items: list[dict[str, Any]] = []  # streamed output items, the open one last
 
     def usage(self, result: EngineResult) -> dict[str, Any]:
         n = len(result.token_ids)
@@ -198,21 +274,44 @@ class ResponseBuilder:
             "incomplete_details": ({"reason": "max_output_tokens"} if status == "incomplete"
                                    else None),
             "instructions": b.instructions, "max_output_tokens": b.max_output_tokens,
-            "model": self.model, "output": output, "parallel_tool_calls": False,
+            "model": self.model, "output": output,
+            "parallel_tool_calls": self.tools.parallel if self.tools is not None else False,
             "previous_response_id": b.previous_response_id, "reasoning": None,
             "store": self.stored,
             "temperature": sp.temperature, "top_p": sp.top_p, "text": {"format": fmt},
-            "tool_choice": "none", "tools": [], "top_logprobs": b.top_logprobs,
+            "tool_choice": b.tool_choice or ("auto" if b.tools else "none"),
+            "tools": b.tools or [], "top_logprobs": b.top_logprobs,
             "truncation": "disabled", "user": b.user, "metadata": b.metadata or {},
             "usage": self.usage(result) if result is not None else None}
+
+    def call_item(self, call: dict[str, Any], status: str) -> dict[str, Any]:
+        """A function_call output item of a chat tool call."""
+        fn = call["function"]
+        return {"id": new_id("fc"), "type": "function_call", "status": status,
+                "call_id": call["id"], "name": fn["name"], "arguments": fn["arguments"]}
 
     def final(self, result: EngineResult, tokenizer) -> dict[str, Any]:
         """The whole response of a finished request."""
         status = "incomplete" if result.finish_reason == "length" else "completed"
         lp = (logprobs_list(result.logprobs, tokenizer) if result.logprobs is not None
               else None)
-        return self.response(status, [self.item(status, [self.part(result.text, lp)])],
+        if self.tools is None:
+            return self.response(status, [self.item(status, [self.part(result.text, lp)])],
+                                 result)
+        content, calls = self.tools.parse(result.text)
+        items = [self.item(status, [self.part(content, None)])] if content or not calls else []
+        return self.response(status, items + [self.call_item(c, status) for c in calls],
                              result)
+
+    def conversation_turn(self, final: dict[str, Any]) -> dict[str, Any]:
+        """The answer as the chat message a continuing request's template gets."""
+        text = "".join(p["text"] for it in final["output"] if it["type"] == "message"
+                       for p in it["content"])
+        calls = [template_call({"id": it["call_id"], "type": "function", "function": {
+            "name": it["name"], "arguments": it["arguments"]}}, "output")
+            for it in final["output"] if it["type"] == "function_call"]
+        return {"role": "assistant", "content": text, **({"tool_calls": calls} if calls
+                                                        else {})}
 
     # ---- stream events -------------------------------------------------------------------
     def event(self, type_: str, **fields: Any) -> tuple[str, dict[str, Any]]:
@@ -221,21 +320,92 @@ class ResponseBuilder:
         return type_, ev
 
     def opening(self, want_logprobs: bool) -> list[tuple[str, dict[str, Any]]]:
-        """created, in_progress, the message item and its text part added."""
+        """created, in_progress, the message item and its text part added (with tools the
+        items open as the text shows what they are)."""
         where = {"item_id": self.msg_id, "output_index": 0, "content_index": 0}
-        return [self.event("response.created", response=self.response("in_progress", [])),
-                self.event("response.in_progress", response=self.response("in_progress", [])),
-                self.event("response.output_item.added", output_index=0,
-                           item=self.item("in_progress", [])),
-                self.event("response.content_part.added", **where,
-                           part=self.part("", [] if want_logprobs else None))]
+        head = [self.event("response.created", response=self.response("in_progress", [])),
+                self.event("response.in_progress", response=self.response("in_progress", []))]
+        if self.tools is not None:
+            return head
+        return head + [self.event("response.output_item.added", output_index=0,
+                                  item=self.item("in_progress", [])),
+                       self.event("response.content_part.added", **where,
+                                  part=self.part("", [] if want_logprobs else None))]
 
-    def delta(self, text: str, logprobs: list[dict[str, Any]]) -> tuple[str, dict[str, Any]]:
-        return self.event("response.output_text.delta", item_id=self.msg_id, output_index=0,
-                          content_index=0, delta=text, logprobs=logprobs)
+    def delta(self, text: str, logprobs: list[dict[str, Any]]
+              ) -> list[tuple[str, dict[str, Any]]]:
+        if self.tools is not None:
+            return self._tool_events(self.stream.feed(text))
+        return [self.event("response.output_text.delta", item_id=self.msg_id, output_index=0,
+                           content_index=0, delta=text, logprobs=logprobs)]
+
+    # -- with tools: chat deltas (ToolStream) -> items opened, extended and closed --------
+    def _tool_events(self, deltas: list[dict[str, Any]]) -> list[tuple[str, dict[str, Any]]]:
+        out = []
+        for d in deltas:
+            if "content" in d:
+                if not self.items or self.items[-1]["type"] != "message":
+                    out += self._close_open() + self._open(self.item("in_progress", []))
+                    out.append(self.event("response.content_part.added",
+                                          **self._where(content_index=0),
+                                          part=self.part("", None)))
+                    self.items[-1]["content"] = [self.part("", None)]
+                self.items[-1]["content"][0]["text"] += d["content"]
+                out.append(self.event("response.output_text.delta",
+                                      **self._where(content_index=0), delta=d["content"],
+                                      logprobs=[]))
+            for c in d.get("tool_calls", []):
+                if "id" in c:  # a new call: its header (and arguments, if whole)
+                    args = c["function"]["arguments"]
+                    out += self._close_open() + self._open(
+                        self.call_item({**c, "function": {**c["function"], "arguments": ""}},
+                                       "in_progress"))
+                    c = {"function": {"arguments": args}}
+                delta = c["function"]["arguments"]
+                if delta:
+                    self.items[-1]["arguments"] += delta
+                    out.append(self.event("response.function_call_arguments.delta",
+                                          **self._where(), delta=delta))
+        return out
+
+    def _where(self, **kw: Any) -> dict[str, Any]:
+        return {"item_id": self.items[-1]["id"], "output_index": len(self.items) - 1, **kw}
+
+    def _open(self, item: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+        self.items.append(item)
+        return [self.event("response.output_item.added", output_index=len(self.items) - 1,
+                           item=dict(item))]
+
+    def _close_open(self, status: str = "completed") -> list[tuple[str, dict[str, Any]]]:
+        if not self.items or self.items[-1]["status"] != "in_progress":
+            return []
+        it = self.items[-1]
+        it["status"] = status
+        if it["type"] == "message":
+            part = it["content"][0]
+            out = [self.event("response.output_text.done", **self._where(content_index=0),
+                              text=part["text"], logprobs=[]),
+                   self.event("response.content_part.done", **self._where(content_index=0),
+                              part=part)]
+        else:
+            out = [self.event("response.function_call_arguments.done", **self._where(),
+                              arguments=it["arguments"])]
+        return out + [self.event("response.output_item.done",
+                                 output_index=len(self.items) - 1, item=it)]
+
+    def _tool_closing(self, result: EngineResult) -> list[tuple[str, dict[str, Any]]]:
+        status = "incomplete" if result.finish_reason == "length" else "completed"
+        out = self._tool_events(self.stream.finish(result.finish_reason)[0])
+        if not self.items:  # no text at all: one empty message
+            out += self._tool_events([{"content": ""}])
+        out += self._close_open(status)
+        final = self.response(status, self.items, result)
+        return out + [self.event(f"response.{status}", response=final)]
 
     def closing(self, result: EngineResult, tokenizer) -> list[tuple[str, dict[str, Any]]]:
         """The text, part and item done, then response.completed (or .incomplete)."""
+        if self.tools is not None:
+            return self._tool_closing(result)
         final = self.final(result, tokenizer)
         item = final["output"][0]
         part = item["content"][0]

@@ -140,19 +140,21 @@ def create_app(engine: Engine, model_name: str, max_stored_responses: int = 1024
         api.check_model(body.model, model_name)
         history = ([] if body.previous_response_id is None
                    else stored.history(body.previous_response_id))
+        tools = body.tool_calling(tool_call_parser)
         try:
-            reqs = await _submit(engine, body, [dict(messages=body.messages(history))],
-                                 body.token_budget())
+            reqs = await _submit(engine, body, [dict(messages=body.messages(history),
+                                                     chat_options=body.chat_options())],
+                                 body.token_budget(), tools)
         except api.ApiError as e:
             e.param = "input" if e.param == "messages" else e.param  # this API's name
             raise
         keep = body.store is not False and stored.max_items > 0
-        build = rs.ResponseBuilder(body, model_name, stored=keep)
+        build = rs.ResponseBuilder(body, model_name, stored=keep, tools=tools)
 
         def remember(final: dict[str, Any]) -> None:
             if keep:
-                answer = {"role": "assistant", "content": final["output"][0]["content"][0]["text"]}
-                stored.put(final, [*history, *body.input_messages(), answer])
+                stored.put(final, [*history, *body.input_messages(),
+                                   build.conversation_turn(final)])
 
         if body.stream:
             return StreamingResponse(_response_events(reqs[0], build, engine.tokenizer,
@@ -203,7 +205,7 @@ def _submit_all(engine: Engine, body: api._Request, prompts: list[dict[str, Any]
     n = body.num_choices()
     sampling = [body.choice_sampling(j) for j in range(n)]
     constraint = body.constraint()
-    if isinstance(body, api.ChatRequest):
+    if tools is not None:
         constraint = body.tool_constraint(tools)
         sampling = [body.tool_sampling(sp, tools) for sp in sampling]
     reqs: list[Request] = []
@@ -291,7 +293,8 @@ async def _response_events(req: Request, build: rs.ResponseBuilder, tokenizer: T
             yield fmt(ev)
         try:
             async for delta in req:
-                yield fmt(build.delta(delta, new_logprobs(req.logprobs)))
+                for ev in build.delta(delta, new_logprobs(req.logprobs)):
+                    yield fmt(ev)
             result = await req.aresult()
         except Exception as e:  # ends the stream with an error event, never a hang
             code = "engine_unavailable" if isinstance(e, EngineClosedError) else None
@@ -299,7 +302,8 @@ async def _response_events(req: Request, build: rs.ResponseBuilder, tokenizer: T
             return
         rest = new_logprobs(result.logprobs or [])
         if rest:
-            yield fmt(build.delta("", rest))
+            for ev in build.delta("", rest):
+                yield fmt(ev)
         events = build.closing(result, tokenizer)
         on_done(events[-1][1]["response"])
         for ev in events:

@@ -36,6 +36,9 @@ class ToolTemplateTokenizer(CharTokenizer):
                             continue_final_message=False, chat_template_kwargs=None,
                             tools=None) -> str:
         head = "[tools]" + ",".join(t["function"]["name"] for t in tools) if tools else ""
+        messages = [{**m, "content": m["content"] + "".join(
+            f"call:{c['function']['name']}{json.dumps(c['function']['arguments'])}"
+            for c in m.get("tool_calls", []))} for m in messages]
         return head + super().apply_chat_template(messages, add_generation_prompt)
 
 
@@ -273,6 +276,96 @@ def test_batch_lines_take_tool_choice(engine, tmp_path):
     call = out["a"]["body"]["choices"][0]["message"]["tool_calls"][0]
     assert call["function"]["name"] == "get_unit"
     assert out["b"]["status_code"] == 400
+
+
+# ---- the Responses API ------------------------------------------------------------------------
+RS_TOOLS = [{"type": "function", **t["function"]} for t in TOOLS]  # this API's flat form
+HERMES_CALL = '<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>'
+
+
+def _respond(url, **body):
+    return requests.post(f"{url}/v1/responses", timeout=60, json={
+        "input": "Weather in Paris?", "max_output_tokens": 60, "temperature": 0, **body})
+
+
+def test_responses_named_call_equals_chat(url):
+    out = _respond(url, tools=RS_TOOLS, tool_choice={"type": "function", "name": "get_unit"})
+    assert out.status_code == 200, out.text
+    body = out.json()
+    (item,) = body["output"]
+    chat = _chat(url, tools=TOOLS, tool_choice=NAMED).json()["choices"][0]["message"]
+    assert item["type"] == "function_call" and item["name"] == "get_unit"
+    assert item["arguments"] == chat["tool_calls"][0]["function"]["arguments"]
+    assert item["call_id"].startswith("call_") and body["status"] == "completed"
+    assert body["tools"] == RS_TOOLS and body["tool_choice"]["name"] == "get_unit"
+
+
+@pytest.mark.parametrize("kw", [
+    {"tool_choice": {"type": "function", "name": "get_unit"}},
+    {"tool_choice": "auto", "guided_choice": ["Hi! " + HERMES_CALL], "max_output_tokens": 120},
+])
+def test_responses_stream_through_the_openai_client(url, kw):
+    """The official client's accumulator checks each event against the response it
+    builds; its final response equals the unstreamed one (text, then the call)."""
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+    req = {"model": MODEL, "input": "Weather in Paris?", "temperature": 0, "tools": RS_TOOLS,
+           "max_output_tokens": 60}
+    extra = {k: v for k, v in kw.items() if k.startswith("guided")}
+    req.update({k: v for k, v in kw.items() if k not in extra})
+    plain = client.responses.create(**req, extra_body=extra)
+    types = []
+    with client.responses.stream(**req, extra_body=extra) as stream:
+        for ev in stream:
+            types.append(ev.type)
+        final = stream.get_final_response()
+
+    def shape(r):
+        return [(o.type, getattr(o, "name", None), getattr(o, "arguments", None),
+                 o.content[0].text if o.type == "message" else None) for o in r.output]
+
+    assert shape(final) == shape(plain)
+    assert shape(plain)[-1][:2] == ("function_call", kw.get("tool_choice", {}).get(
+        "name", "get_weather") if isinstance(kw["tool_choice"], dict) else "get_weather")
+    assert "response.function_call_arguments.delta" in types
+    assert types[-1] == "response.completed"
+    if "guided_choice" in extra:
+        assert shape(plain)[0] == ("message", None, None, "Hi! ")
+
+
+def test_responses_continue_after_a_function_call(url, engine):
+    """The call and its output, as input items or through previous_response_id, reach the
+    chat template as an assistant tool call and a tool message."""
+    first = _respond(url, tools=RS_TOOLS, tool_choice={"type": "function", "name": "get_unit"})
+    call = first.json()["output"][0]
+    result = {"type": "function_call_output", "call_id": call["call_id"], "output": "celsius"}
+    convo = [{"role": "user", "content": "Weather in Paris?"},
+             {"role": "assistant", "content": "", "tool_calls": [{
+                 "id": call["call_id"], "type": "function", "function": {
+                     "name": "get_unit", "arguments": json.loads(call["arguments"])}}]},
+             {"role": "tool", "tool_call_id": call["call_id"], "content": "celsius"}]
+    want = len(engine.encode(messages=convo, chat_options={"tools": TOOLS}))
+    chained = _respond(url, tools=RS_TOOLS, previous_response_id=first.json()["id"],
+                       input=[result], tool_choice="none", max_output_tokens=4).json()
+    explicit = _respond(url, tools=RS_TOOLS, tool_choice="none", max_output_tokens=4, input=[
+        {"role": "user", "content": "Weather in Paris?"},
+        {k: call[k] for k in ("type", "call_id", "name", "arguments")}, result]).json()
+    assert chained["usage"]["input_tokens"] == explicit["usage"]["input_tokens"] == want
+    assert chained["output"][0]["type"] == "message"
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"tools": [{"type": "web_search"}]}, "tools.0"),
+    ({"tools": RS_TOOLS, "tool_choice": {"type": "function", "name": "nope"}}, "tool_choice"),
+    ({"tools": [{"type": "function", "name": "a b"}], "tool_choice": "required"},
+     "tools.0.name"),
+    ({"tools": RS_TOOLS, "tool_choice": "required", "top_logprobs": 2}, "top_logprobs"),
+    ({"input": [{"type": "function_call_output", "output": "x"}]}, "input.0"),
+])
+def test_bad_responses_tool_requests_get_400(url, body, param):
+    r = _respond(url, **body)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param
 
 
 # ---- the real model ---------------------------------------------------------------------------
