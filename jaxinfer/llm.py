@@ -167,7 +167,7 @@ class LLM:
              mesh: str | jax.sharding.Mesh | None = None, fsdp: bool = False,
              impl: str | None = None, quantize: str | QuantConfig | None = None,
              group_size: int | None = None,
-             kv_dtype: Any = None) -> LLM:
+             kv_dtype: Any = None, lora: str | Path | None = None) -> LLM:
         """Load an Orbax checkpoint directory (default: the embedded SmolLM2 model).
 
         With a mesh ('data:2,model:4' or a Mesh), every weight is restored straight into
@@ -175,7 +175,8 @@ class LLM:
         A quantized checkpoint loads quantized by itself; `quantize` ("int8" or "int4",
         `group_size` for int4, or a quant.QuantConfig) quantizes a float one on load.
         kv_dtype="int8" keeps the KV cache in int8 with per-token scales (default: the
-        compute dtype).
+        compute dtype). `lora`: a PEFT LoRA adapter directory merged into the float
+        weights (before `quantize`; convert/lora.py).
         """
         if checkpoint is None:
             from jaxinfer import default_model
@@ -198,6 +199,10 @@ class LLM:
             if qc is not None:
                 qshardings = weight_shardings(weight_specs(cfg, dtype, qc), mesh, rules)
         cfg, params = load_checkpoint(checkpoint, dtype=dtype, shardings=shardings)
+        if lora is not None:
+            from jaxinfer.convert.lora import merge_lora, read_lora
+
+            params = merge_lora(params, read_lora(lora, cfg))
         if qc is not None:
             params = quantize_weights(params, qc, qshardings)
         tokenizer = load_tokenizer(Path(checkpoint) / "tokenizer")

@@ -17,7 +17,7 @@ defaults for fields a line omits (OpenAI-format lines take only their body).
 from absl import flags
 
 from jaxinfer import flags as runtime_flags
-from jaxinfer.cli import engine_flags, run_program, spec_flags
+from jaxinfer.cli import engine_flags, lora_flags, run_program, spec_flags
 
 _INPUT = flags.DEFINE_string("input", None, "JSONL file of requests.", required=True)
 _OUTPUT = flags.DEFINE_string("output", None, "JSONL file results are appended to.",
@@ -48,7 +48,7 @@ def main(argv):
                   engine_flags.config(), defaults,
                   _PROGRESS.value, **spec_flags.kwargs(), model_name=_MODEL_NAME.value,
                   mesh=runtime_flags.MESH.value, fsdp=runtime_flags.FSDP.value,
-                  **runtime_flags.quant_kwargs())
+                  **runtime_flags.quant_kwargs(), **lora_flags.kwargs())
 
 
 def run() -> None:

@@ -30,6 +30,8 @@ _QUANTIZE = flags.DEFINE_enum("quantize", "none", ["none", "int8", "int4", "gguf
                               "Store weights quantized; 'gguf' keeps the file's own blocks.")
 _GROUP_SIZE = flags.DEFINE_integer("group_size", None, "int4 group size (default 32).")
 _SYMMETRIC = flags.DEFINE_bool("symmetric", False, "int4 groups without offsets (Q4_0 style).")
+_LORA = flags.DEFINE_string("lora_adapter", None, "A PEFT LoRA adapter directory to "
+                            "merge into the weights before they are stored (or quantized).")
 _TOKENIZER = flags.DEFINE_bool("tokenizer", True, "Also convert and store the tokenizer.")
 
 
@@ -63,6 +65,14 @@ def main(argv):
     else:
         cfg, weights = load_gguf(src, progress=_progress(f"reading {src}"),
                                  quantized=mode == "gguf")
+    if _LORA.value:
+        from jaxinfer.convert.lora import merge_lora, read_lora
+
+        if mode == "gguf":
+            raise ConversionError("--lora_adapter cannot merge into --quantize=gguf blocks; "
+                                  "convert to float (or int8/int4) instead")
+        print(f"merging LoRA adapter {_LORA.value}", file=sys.stderr, flush=True)
+        weights = merge_lora(weights, read_lora(_LORA.value, cfg))
     if mode in ("int8", "int4"):
         from jaxinfer.quant import QuantConfig
         from jaxinfer.weights import quantize_weights

@@ -19,7 +19,7 @@ from pathlib import Path
 from absl import flags
 
 from jaxinfer import flags as runtime_flags
-from jaxinfer.cli import run_program
+from jaxinfer.cli import lora_flags, run_program
 
 _CKPT = flags.DEFINE_string("checkpoint", None, "Float checkpoint (default: SmolLM2).")
 _GGUF = flags.DEFINE_string("gguf", None, "GGUF file for the 'gguf' variant "
@@ -87,7 +87,7 @@ def main(argv):
     variants = list(_VARIANTS.value)
     if any(runtime_flags.quant_kwargs().values()) and "custom" not in variants:
         variants.append("custom")
-    base = load(_CKPT.value, dtype="float32")
+    base = load(_CKPT.value, dtype="float32", **lora_flags.kwargs())
     ids = base.tokenizer.encode(text.read_text())[: _MAX_TOKENS.value]
     rows, ref = [], None
     for name in variants:

@@ -12,7 +12,7 @@ Binds 127.0.0.1 unless --host says otherwise. Endpoints: /v1/completions,
 from absl import flags
 
 from jaxinfer import flags as runtime_flags
-from jaxinfer.cli import engine_flags, run_program, spec_flags
+from jaxinfer.cli import engine_flags, lora_flags, run_program, spec_flags
 
 _CKPT = flags.DEFINE_string("checkpoint", None, "Orbax checkpoint dir (default: SmolLM2).")
 _HOST = flags.DEFINE_string("host", "127.0.0.1", "Address to bind.")
@@ -42,7 +42,7 @@ def main(argv):
           max_stored_responses=_STORED.value, tool_call_parser=_TOOL_PARSER.value,
           config=engine_flags.config(max_queue=_MAX_QUEUE.value),
           mesh=runtime_flags.MESH.value, fsdp=runtime_flags.FSDP.value,
-          **spec_flags.kwargs(), **runtime_flags.quant_kwargs())
+          **spec_flags.kwargs(), **runtime_flags.quant_kwargs(), **lora_flags.kwargs())
 
 
 def run() -> None:

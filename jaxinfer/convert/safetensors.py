@@ -128,12 +128,33 @@ class _Reader:
         return a
 
 
+# Each projection of a layer: HF module -> (weight-tree key, our shape, how many of its
+# leading dims are inputs). Shared with LoRA adapters (convert/lora.py), whose deltas are
+# HF [out, in] matrices too.
+def hf_linears(cfg: ModelConfig) -> dict[str, tuple[str, tuple[int, ...], int]]:
+    D, F, N, K, H = cfg.d_model, cfg.mlp_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    return {"self_attn.q_proj": ("wq", (D, N, H), 1), "self_attn.k_proj": ("wk", (D, K, H), 1),
+            "self_attn.v_proj": ("wv", (D, K, H), 1), "self_attn.o_proj": ("wo", (N, H, D), 2),
+            "mlp.gate_proj": ("w_gate", (D, F), 1), "mlp.up_proj": ("w_up", (D, F), 1),
+            "mlp.down_proj": ("w_down", (F, D), 1)}
+
+
+def hf_shape(shape: tuple[int, ...], n_in: int) -> tuple[int, int]:
+    """HF's [out, in] shape of a weight of ours."""
+    return int(np.prod(shape[n_in:])), int(np.prod(shape[:n_in]))
+
+
+def from_hf_matrix(m: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """An HF linear weight [out, in] in our layout: inputs first, heads split."""
+    return m.T.reshape(shape)
+
+
 def _weights(cfg: ModelConfig, r: _Reader, progress: Progress | None) -> dict:
-    L, D, F, N, K, H, V = (cfg.num_layers, cfg.d_model, cfg.mlp_dim, cfg.num_heads,
-                           cfg.num_kv_heads, cfg.head_dim, cfg.vocab_size)
-    shapes = {"attn_norm": (D,), "mlp_norm": (D,), "wq": (D, N, H), "wk": (D, K, H),
-              "wv": (D, K, H), "wo": (N, H, D), "w_gate": (D, F), "w_up": (D, F),
-              "w_down": (F, D)}
+    L, D, N, K, H, V = (cfg.num_layers, cfg.d_model, cfg.num_heads, cfg.num_kv_heads,
+                        cfg.head_dim, cfg.vocab_size)
+    linears = hf_linears(cfg)
+    shapes = {"attn_norm": (D,), "mlp_norm": (D,),
+              **{key: shape for key, shape, _ in linears.values()}}
     if cfg.qkv_bias:
         shapes.update(bq=(N, H), bk=(K, H), bv=(K, H))
     layers = {k: np.empty((L, *s), np.float32) for k, s in shapes.items()}
@@ -141,13 +162,9 @@ def _weights(cfg: ModelConfig, r: _Reader, progress: Progress | None) -> dict:
         p, x = f"model.layers.{i}.", layers
         x["attn_norm"][i] = r.get(p + "input_layernorm.weight", (D,))
         x["mlp_norm"][i] = r.get(p + "post_attention_layernorm.weight", (D,))
-        x["wq"][i] = r.get(p + "self_attn.q_proj.weight", (N * H, D)).T.reshape(D, N, H)
-        x["wk"][i] = r.get(p + "self_attn.k_proj.weight", (K * H, D)).T.reshape(D, K, H)
-        x["wv"][i] = r.get(p + "self_attn.v_proj.weight", (K * H, D)).T.reshape(D, K, H)
-        x["wo"][i] = r.get(p + "self_attn.o_proj.weight", (D, N * H)).T.reshape(N, H, D)
-        x["w_gate"][i] = r.get(p + "mlp.gate_proj.weight", (F, D)).T
-        x["w_up"][i] = r.get(p + "mlp.up_proj.weight", (F, D)).T
-        x["w_down"][i] = r.get(p + "mlp.down_proj.weight", (D, F)).T
+        for module, (key, shape, n_in) in linears.items():
+            x[key][i] = from_hf_matrix(r.get(p + module + ".weight", hf_shape(shape, n_in)),
+                                       shape)
         if cfg.qkv_bias:
             x["bq"][i] = r.get(p + "self_attn.q_proj.bias", (N * H,)).reshape(N, H)
             x["bk"][i] = r.get(p + "self_attn.k_proj.bias", (K * H,)).reshape(K, H)

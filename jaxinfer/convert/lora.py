@@ -1,0 +1,126 @@
+"""LoRA adapters (Hugging Face PEFT directories) merged into a model's weights.
+
+    deltas = read_lora("my-adapter/", cfg)       # adapter_config.json + adapter_model.safetensors
+    params = merge_lora(params, deltas)           # W + (alpha / r) * B @ A, in our layout
+
+A PEFT LoRA adapter is the usual product of fine-tuning a released model; merged, it costs
+nothing at inference (vLLM's per-request multi-LoRA is not built here). The deltas are HF
+[out, in] matrices and go through the same layout table as HF weights
+(`safetensors.hf_linears`). Supported: LoRA on any of the seven projections of each layer,
+`use_rslora` (alpha / sqrt(r)); refused with a ConversionError naming the file: DoRA, LoRA
+biases, embedding or lm_head adapters, `modules_to_save`, per-module rank or alpha patterns,
+and an adapter whose shapes do not fit the model.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from jaxinfer.config import ModelConfig
+from jaxinfer.convert.safetensors import from_hf_matrix, hf_linears, hf_shape
+from jaxinfer.errors import ConversionError
+
+_KEY = re.compile(r"(?:base_model\.model\.)?model\.layers\.(\d+)\.([a-z_]+\.[a-z_]+)"
+                  r"\.lora_([AB])(?:\.[A-Za-z0-9_-]+)?\.weight")
+
+
+def read_lora(path: str | Path, cfg: ModelConfig) -> dict[str, np.ndarray]:
+    """The adapter's weight deltas, `{weight-tree key: float32 [L, ...]}` (zero for layers
+    it leaves alone), scale included."""
+    path = Path(path)
+    conf_file, tensors_file = path / "adapter_config.json", path / "adapter_model.safetensors"
+    if not conf_file.is_file() or not tensors_file.is_file():
+        raise ConversionError(f"not a PEFT LoRA adapter directory (needs adapter_config.json "
+                              f"and adapter_model.safetensors): {path}")
+    try:
+        conf = json.loads(conf_file.read_text())
+    except (OSError, ValueError) as e:
+        raise ConversionError(f"cannot read {conf_file}: {e}") from e
+    scale = _scale(conf, conf_file)
+    tensors = _read_tensors(tensors_file)
+    linears = hf_linears(cfg)
+    pairs: dict[tuple[int, str], dict[str, np.ndarray]] = {}
+    for name, a in tensors.items():
+        m = _KEY.fullmatch(name)
+        if m is None or m.group(2) not in linears:
+            raise ConversionError(f"{tensors_file}: unsupported adapter tensor {name!r} (LoRA "
+                                  f"on the projections {sorted(linears)} only)")
+        layer = int(m.group(1))
+        if not 0 <= layer < cfg.num_layers:
+            raise ConversionError(f"{tensors_file}: tensor {name!r} names layer {layer}; the "
+                                  f"model has {cfg.num_layers}")
+        pairs.setdefault((layer, m.group(2)), {})[m.group(3)] = a
+    if not pairs:
+        raise ConversionError(f"{tensors_file} holds no LoRA tensors")
+    deltas: dict[str, np.ndarray] = {}
+    for (layer, module), ab in sorted(pairs.items()):
+        key, shape, n_in = linears[module]
+        out, inp = hf_shape(shape, n_in)
+        if set(ab) != {"A", "B"}:
+            raise ConversionError(f"{tensors_file}: layer {layer} {module} lacks lora_"
+                                  f"{'B' if 'A' in ab else 'A'}")
+        a, b = ab["A"], ab["B"]
+        if a.ndim != 2 or b.ndim != 2 or a.shape[1] != inp or b.shape[0] != out \
+                or a.shape[0] != b.shape[1]:
+            raise ConversionError(f"{tensors_file}: layer {layer} {module} has lora_A "
+                                  f"{a.shape} and lora_B {b.shape}; the model needs "
+                                  f"[r, {inp}] and [{out}, r]")
+        if key not in deltas:
+            deltas[key] = np.zeros((cfg.num_layers, *shape), np.float32)
+        deltas[key][layer] = from_hf_matrix(scale(a.shape[0]) * (b @ a), shape)
+    return deltas
+
+
+def _scale(conf: dict[str, Any], file: Path):
+    """r -> the adapter's scaling (alpha / r, or alpha / sqrt(r) with rsLoRA); refuses
+    what a merge of A and B alone would get wrong."""
+    if conf.get("peft_type", "LORA") != "LORA":
+        raise ConversionError(f"{file}: peft_type {conf.get('peft_type')!r} is not LORA")
+    for field, ok in (("use_dora", False), ("bias", "none"), ("fan_in_fan_out", False)):
+        if conf.get(field, ok) != ok:
+            raise ConversionError(f"{file}: {field}={conf[field]!r} is not supported "
+                                  f"(only {ok!r})")
+    for field in ("modules_to_save", "rank_pattern", "alpha_pattern"):
+        if conf.get(field):
+            raise ConversionError(f"{file}: {field} is not supported")
+    alpha = conf.get("lora_alpha", 8)
+    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool):
+        raise ConversionError(f"{file}: lora_alpha must be a number, got {alpha!r}")
+    rs = bool(conf.get("use_rslora", False))
+    return lambda r: alpha / (math.sqrt(r) if rs else r)
+
+
+def _read_tensors(file: Path) -> dict[str, np.ndarray]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(file), framework="numpy") as f:
+            return {k: np.asarray(f.get_tensor(k)).astype(np.float32) for k in f.keys()}
+    except Exception as e:  # safetensors raises its own SafetensorError / OSError
+        raise ConversionError(f"cannot read {file}: {e}") from e
+
+
+def merge_lora(weights: dict[str, Any], deltas: dict[str, np.ndarray]) -> dict[str, Any]:
+    """`weights` with the deltas added, each in its leaf's dtype and sharding (numpy
+    leaves stay numpy). Quantized leaves cannot take a delta: merge before quantizing."""
+    import jax
+    import jax.numpy as jnp
+
+    layers = dict(weights["layers"])
+    for key, d in deltas.items():
+        w = layers[key]
+        if not hasattr(w, "dtype") or not jnp.issubdtype(w.dtype, jnp.floating):
+            raise ConversionError(f"cannot merge a LoRA adapter into quantized weights "
+                                  f"({key}); merge into the float checkpoint, then quantize")
+        if isinstance(w, np.ndarray):
+            layers[key] = (w.astype(np.float32) + d).astype(w.dtype)
+        else:
+            layers[key] = jax.jit(lambda w, d: (w.astype(jnp.float32) + d).astype(w.dtype),
+                                  out_shardings=w.sharding)(w, jax.device_put(d, w.sharding))
+    return {**weights, "layers": layers}
