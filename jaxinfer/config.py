@@ -17,7 +17,7 @@ from jaxinfer.errors import ConfigError
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """Shapes and constants of a Llama-family decoder (Llama 2/3, Mistral, Qwen2, SmolLM2)."""
+    """Shapes and constants of a Llama-family decoder (Llama 2/3, Mistral, Qwen2/3, SmolLM2)."""
 
     vocab_size: int  # V
     d_model: int  # D
@@ -34,6 +34,7 @@ class ModelConfig:
     max_seq_len: int = 2048
     tie_embeddings: bool = False
     qkv_bias: bool = False  # Qwen2 carries biases on q/k/v projections.
+    qk_norm: bool = False  # Qwen3 RMS-normalises each head's q and k before RoPE.
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     pad_token_id: int = 0
@@ -92,7 +93,7 @@ class ModelConfig:
     # ---- foreign formats -------------------------------------------------------------
     @classmethod
     def from_hf(cls, hf: dict[str, Any], name: str | None = None) -> ModelConfig:
-        """From a Hugging Face `config.json` dict of a Llama/Mistral/Qwen2-style model."""
+        """From a Hugging Face `config.json` dict of a Llama/Mistral/Qwen2/Qwen3 model."""
         try:
             n = int(hf["num_attention_heads"])
             d = int(hf["hidden_size"])
@@ -122,6 +123,7 @@ class ModelConfig:
                 max_seq_len=int(hf.get("max_position_embeddings", 2048)),
                 tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
                 qkv_bias=bool(hf.get("attention_bias", hf.get("model_type") == "qwen2")),
+                qk_norm=hf.get("model_type") == "qwen3",
                 bos_token_id=hf.get("bos_token_id"),
                 eos_token_ids=tuple(int(e) for e in eos),
                 pad_token_id=int(hf.get("pad_token_id") or 0),
@@ -131,7 +133,8 @@ class ModelConfig:
             raise ConfigError(f"Hugging Face config lacks field {e.args[0]!r}") from e
 
     def to_hf(self) -> dict[str, Any]:
-        """A Hugging Face LlamaConfig dict of the same shapes (for parity tests and export)."""
+        """A Hugging Face LlamaConfig (Qwen3Config with qk_norm) dict of the same shapes (for
+        parity tests and export)."""
         hf = {
             "architectures": ["LlamaForCausalLM"], "model_type": "llama",
             "vocab_size": self.vocab_size, "hidden_size": self.d_model,
@@ -143,6 +146,8 @@ class ModelConfig:
             "bos_token_id": self.bos_token_id, "pad_token_id": self.pad_token_id,
             "eos_token_id": list(self.eos_token_ids), "hidden_act": "silu",
         }
+        if self.qk_norm:
+            hf.update(architectures=["Qwen3ForCausalLM"], model_type="qwen3")
         if self.rope_scaling:
             f, lo, hi, orig = self.rope_scaling
             hf["rope_scaling"] = {"rope_type": "llama3", "factor": f, "low_freq_factor": lo,

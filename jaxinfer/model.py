@@ -25,21 +25,29 @@ from jaxinfer.quant import take_rows
 from jaxinfer.weights import Weights
 
 
+def qkv(cfg: ModelConfig, w: Weights, h_BTD: jax.Array, pos_BT: jax.Array
+        ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """A layer's q [B,T,N,H], k and v [B,T,K,H] of the normed input, RoPE applied: biases
+    (Qwen2) and per-head q/k RMSNorm (Qwen3) where the model has them."""
+    q = dot(h_BTD, w["wq"], "BTD,DNH->BTNH")
+    k = dot(h_BTD, w["wk"], "BTD,DKH->BTKH")
+    v = dot(h_BTD, w["wv"], "BTD,DKH->BTKH")
+    if cfg.qkv_bias:
+        q, k, v = q + w["bq"], k + w["bk"], v + w["bv"]
+    if cfg.qk_norm:
+        q = rms_norm(q, w["q_norm"], cfg.rms_norm_eps)
+        k = rms_norm(k, w["k_norm"], cfg.rms_norm_eps)
+    inv_freq = rope_frequencies(cfg)
+    return apply_rope(q, pos_BT, inv_freq), apply_rope(k, pos_BT, inv_freq), v
+
+
 def _block(cfg: ModelConfig, impl: str, carry, xs):
     """One decoder layer. carry = (x_BTD, k [L,B,K,S,H], v, k/v scales [L,B,K,S] or None,
     positions_BT, rows_B1)."""
     x, ck, cv, ks, vs, pos_BT, rows_B1 = carry
     w, i = xs
     with jax.named_scope("attention"):
-        h = rms_norm(x, w["attn_norm"], cfg.rms_norm_eps)
-        q = dot(h, w["wq"], "BTD,DNH->BTNH")
-        k = dot(h, w["wk"], "BTD,DKH->BTKH")
-        v = dot(h, w["wv"], "BTD,DKH->BTKH")
-        if cfg.qkv_bias:
-            q, k, v = q + w["bq"], k + w["bk"], v + w["bv"]
-        inv_freq = rope_frequencies(cfg)
-        q = apply_rope(q, pos_BT, inv_freq)
-        k = apply_rope(k, pos_BT, inv_freq)
+        q, k, v = qkv(cfg, w, rms_norm(x, w["attn_norm"], cfg.rms_norm_eps), pos_BT)
         # Scatter the new K/V of every row at its own positions; out-of-range slots drop.
         ck, ks = write_kv(ck, ks, i, rows_B1, pos_BT, k)
         cv, vs = write_kv(cv, vs, i, rows_B1, pos_BT, v)

@@ -27,8 +27,8 @@ from jaxinfer.attention import ref_attention
 from jaxinfer.config import ModelConfig
 from jaxinfer.errors import ConfigError
 from jaxinfer.kv_cache import KVCache
-from jaxinfer.layers import apply_rope, rms_norm, rope_frequencies
-from jaxinfer.model import hidden_states, unembed
+from jaxinfer.layers import rms_norm
+from jaxinfer.model import hidden_states, qkv, unembed
 from jaxinfer.weights import Weights
 
 
@@ -42,14 +42,7 @@ def _layer(cfg: ModelConfig, x_BTD: jax.Array, w: Weights):
     """One decoder layer without a cache (as model._block), plus its statistics."""
     B, T, _ = x_BTD.shape
     pos_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-    h = rms_norm(x_BTD, w["attn_norm"], cfg.rms_norm_eps)
-    q = jnp.einsum("BTD,DNH->BTNH", h, w["wq"])
-    k = jnp.einsum("BTD,DKH->BTKH", h, w["wk"])
-    v = jnp.einsum("BTD,DKH->BTKH", h, w["wv"])
-    if cfg.qkv_bias:
-        q, k, v = q + w["bq"], k + w["bk"], v + w["bv"]
-    inv_freq = rope_frequencies(cfg)
-    q, k = apply_rope(q, pos_BT, inv_freq), apply_rope(k, pos_BT, inv_freq)
+    q, k, v = qkv(cfg, w, rms_norm(x_BTD, w["attn_norm"], cfg.rms_norm_eps), pos_BT)
     o = ref_attention(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), pos_BT)
     x1 = x_BTD + jnp.einsum("BTNH,NHD->BTD", o, w["wo"])
     h = rms_norm(x1, w["mlp_norm"], cfg.rms_norm_eps)

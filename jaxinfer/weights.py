@@ -95,6 +95,9 @@ def weight_specs(cfg: ModelConfig, dtype: Any = jnp.float32,
         "w_up": A((L, D, F), ("layers", "embed", "mlp"), fan_in=(1,)),
         "w_down": A((L, F, D), ("layers", "mlp", "embed"), fan_in=(1,)),
     }
+    if cfg.qk_norm:
+        layers["q_norm"] = A((L, H), ("layers", "head_dim"), "ones")
+        layers["k_norm"] = A((L, H), ("layers", "head_dim"), "ones")
     if cfg.qkv_bias:
         layers["bq"] = A((L, N, H), ("layers", "q_heads", "head_dim"), "zeros")
         layers["bk"] = A((L, K, H), ("layers", "kv_heads", "head_dim"), "zeros")

@@ -2,7 +2,8 @@
 
 The real SmolLM2 GGUF is checked against transformers' own GGUF loader (which proves the
 Q/K permutation and dequantization); tiny GGUFs written here cover the other block types,
-Qwen2 biases and untied heads; tiny `save_pretrained` directories cover safetensors.
+Qwen2 biases, Qwen3's q/k norms and untied heads; tiny `save_pretrained` directories cover
+safetensors.
 """
 
 import os
@@ -13,11 +14,12 @@ from pathlib import Path
 
 import gguf
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 
-from jaxinfer import default_model
+from jaxinfer import default_model, kv_cache, model
 from jaxinfer.checkpoint import is_checkpoint, load_checkpoint
 from jaxinfer.config import ModelConfig
 from jaxinfer.convert.gguf import load_gguf
@@ -103,11 +105,19 @@ def test_missing_gguf(tmp_path):
 
 
 # ---- tiny GGUFs written here, checked against the same model as safetensors ----------------
-def _tiny_torch(cfg: ModelConfig, qwen: bool, seed: int = 0):
+def _tiny_torch(cfg: ModelConfig, qwen: bool | str, seed: int = 0):
+    """A random HF model of cfg's shapes: Llama, or Qwen2 (qwen=True), or "qwen3"."""
     import transformers as tf
 
     torch.manual_seed(seed)
     hf_cfg = {k: v for k, v in cfg.to_hf().items() if k not in ("architectures", "model_type")}
+    if qwen == "qwen3":
+        m = tf.Qwen3ForCausalLM(tf.Qwen3Config(**hf_cfg)).eval()
+        with torch.no_grad():  # q/k norm weights start at 1; make them matter
+            for name, p in m.named_parameters():
+                if name.endswith(("q_norm.weight", "k_norm.weight")):
+                    p.copy_(1 + 0.5 * torch.randn_like(p))
+        return m
     if qwen:
         return tf.Qwen2ForCausalLM(tf.Qwen2Config(**hf_cfg)).eval()
     return tf.LlamaForCausalLM(tf.LlamaConfig(**hf_cfg)).eval()
@@ -129,6 +139,9 @@ def _write_gguf(path: Path, cfg: ModelConfig, sd: dict, arch: str, qtype, extra=
     w.add_head_count_kv(cfg.num_kv_heads)
     w.add_rope_freq_base(cfg.rope_theta)
     w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    if cfg.head_dim != cfg.d_model // cfg.num_heads:
+        w.add_key_length(cfg.head_dim)
+        w.add_value_length(cfg.head_dim)
     w.add_tokenizer_model("gpt2")
     w.add_token_list([f"t{i}" for i in range(cfg.vocab_size - 2)] + ["<|im_end|>", "<s>"])
     w.add_bos_token_id(cfg.vocab_size - 1)
@@ -137,7 +150,8 @@ def _write_gguf(path: Path, cfg: ModelConfig, sd: dict, arch: str, qtype, extra=
     names = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
              "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
              "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
-             "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+             "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
+             "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm"}
     out = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight":
            "output_norm.weight", "lm_head.weight": "output.weight"}
     for hf_name, a in sd.items():
@@ -172,7 +186,7 @@ def _roundtrip(sd: dict, qtype) -> dict:
 def _tiny_pair(tmp_path, cfg, arch="llama", qtype=Q.F32, extra=None):
     """(GGUF result, safetensors result) of one tiny model whose matrices are exactly
     representable in `qtype`, so both must agree bit for bit."""
-    m = _tiny_torch(cfg, qwen=arch == "qwen2")
+    m = _tiny_torch(cfg, qwen=arch if arch == "qwen3" else arch == "qwen2")
     with torch.no_grad():
         for name, p in m.named_parameters():
             if name.endswith(".bias"):
@@ -202,6 +216,38 @@ def test_tiny_gguf_types_match_safetensors(tmp_path, qtype):
     assert shape(gcfg) == shape(hcfg) == shape(TINY)
     assert gcfg.eos_token_ids == (0, TINY.vocab_size - 2) and gcfg.add_bos
     assert gcfg.bos_token_id == TINY.vocab_size - 1 and gcfg.pad_token_id == 0
+
+
+@pytest.mark.parametrize("qtype", [Q.F32, Q.Q8_0])
+def test_tiny_qwen3_gguf_and_safetensors_match_transformers(tmp_path, qtype):
+    """Qwen3 (per-head q/k RMSNorm, head_dim != d_model / heads): the GGUF and the HF
+    directory give the same tree, and its logits equal transformers' Qwen3 within 1e-4."""
+    cfg = TINY.replace(qk_norm=True, head_dim=32, tie_embeddings=True)
+    (gcfg, gw), (hcfg, hw) = _tiny_pair(tmp_path, cfg, "qwen3", qtype)
+    assert gcfg.qk_norm and hcfg.qk_norm and not hcfg.qkv_bias and hcfg.head_dim == 32
+    assert np.abs(gw["layers"]["q_norm"] - 1).max() > 0.1
+    _assert_same(gw, hw)
+    import transformers as tf
+
+    hf = tf.Qwen3ForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    ids = np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 12))
+    with torch.no_grad():
+        ref = hf(torch.tensor(ids)).logits.numpy()
+    got, _ = model.forward(jax.tree.map(jnp.asarray, hw), jnp.asarray(ids),
+                           kv_cache.init_cache(hcfg, 2, 32), hcfg)
+    np.testing.assert_allclose(np.asarray(got), ref, atol=1e-4, rtol=0)
+    from jaxinfer.checkpoint import save_checkpoint
+
+    save_checkpoint(tmp_path / "ck", hcfg, hw)  # and through Orbax
+    ccfg, cw = load_checkpoint(tmp_path / "ck")
+    assert ccfg.qk_norm and ModelConfig.from_hf(ccfg.to_hf()).qk_norm
+    np.testing.assert_array_equal(np.asarray(cw["layers"]["q_norm"]), hw["layers"]["q_norm"])
+    if qtype == Q.Q8_0:  # the block-quantized import keeps the norms float
+        qcfg, qw = load_gguf(tmp_path / "tiny.gguf", quantized=True)
+        np.testing.assert_array_equal(qw["layers"]["k_norm"], hw["layers"]["k_norm"])
+        got_q, _ = model.forward(jax.tree.map(jnp.asarray, qw), jnp.asarray(ids),
+                                 kv_cache.init_cache(qcfg, 2, 32), qcfg)
+        np.testing.assert_allclose(np.asarray(got_q), ref, atol=1e-4, rtol=0)
 
 
 @pytest.mark.parametrize("tied", [False, True])

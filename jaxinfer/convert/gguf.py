@@ -22,11 +22,12 @@ from typing import Any
 import numpy as np
 
 from jaxinfer.config import ModelConfig
+from jaxinfer.convert.gguf_quant import qk_norms, quantized_weights
 from jaxinfer.errors import ConversionError
 from jaxinfer.weights import check_weights, weight_specs
 
 # general.architecture -> whether llama.cpp interleaved the Q/K rows for its RoPE.
-_ARCHS = {"llama": True, "qwen2": False}
+_ARCHS = {"llama": True, "qwen2": False, "qwen3": False}
 # Tokens that end a chat turn; generation stops on them even when metadata names another eos.
 _TURN_END = ("<|im_end|>", "<|eot_id|>")
 _QUANT_SUFFIX = re.compile(r"[.-](?:[A-Z]*Q\d\w*|BF16|F16|F32)$", re.IGNORECASE)
@@ -56,8 +57,6 @@ def load_gguf(path: str | Path, progress: Progress | None = None, quantized: boo
     try:
         permuted = _ARCHS[_arch(reader, path)]
         if quantized:
-            from jaxinfer.convert.gguf_quant import quantized_weights
-
             qc, weights = quantized_weights(cfg, tensors, permuted, get, _to_rotate_half, path,
                                             progress)
         else:
@@ -119,6 +118,7 @@ def _config(reader: Any, tensors: dict[str, Any], path: Path) -> ModelConfig:
             max_seq_len=int(m("context_length", 2048)),
             tie_embeddings="output.weight" not in tensors,
             qkv_bias="blk.0.attn_q.bias" in tensors,
+            qk_norm="blk.0.attn_q_norm.weight" in tensors,
             bos_token_id=None if bos is None else int(bos),
             eos_token_ids=tuple(dict.fromkeys(eos_ids)),
             pad_token_id=int(pad or 0),
@@ -200,6 +200,7 @@ def _weights(cfg: ModelConfig, get: Callable[..., np.ndarray], permuted: bool,
     if cfg.qkv_bias:
         layers.update(bq=np.empty((L, N, H), np.float32), bk=np.empty((L, K, H), np.float32),
                       bv=np.empty((L, K, H), np.float32))
+    layers.update(qk_norms(cfg, get))
     for i in range(L):
         p = f"blk.{i}."
         x = layers

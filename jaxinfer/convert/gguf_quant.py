@@ -78,6 +78,15 @@ def _rows_to_layout(a: np.ndarray, shape: tuple[int, ...], group_axis: int, grou
     return np.ascontiguousarray(a.T).reshape(out)
 
 
+def qk_norms(cfg: ModelConfig, get: Callable[..., np.ndarray]) -> dict[str, np.ndarray]:
+    """Qwen3's per-head q/k RMSNorm weights [L, H] (none for other models); float in
+    both the dequantized and the block-quantized import."""
+    if not cfg.qk_norm:
+        return {}
+    return {name: np.stack([get(f"blk.{i}.attn_{name}.weight", (cfg.head_dim,))
+                            for i in range(cfg.num_layers)]) for name in ("q_norm", "k_norm")}
+
+
 def quantized_weights(cfg: ModelConfig, tensors: dict[str, Any], permuted: bool,
                       get: Callable[..., np.ndarray], fix: Callable, path: Path,
                       progress: Callable[[int, int], None] | None = None
@@ -116,6 +125,7 @@ def quantized_weights(cfg: ModelConfig, tensors: dict[str, Any], permuted: bool,
                                stack(2, True) if qc.linear.offsets else None, qc.linear, ga)
     for norm, gname in (("attn_norm", "attn_norm"), ("mlp_norm", "ffn_norm")):
         layers[norm] = np.stack([get(f"blk.{i}.{gname}.weight", (D,)) for i in range(L)])
+    layers.update(qk_norms(cfg, get))
     if cfg.qkv_bias:
         for b, gname, heads in (("bq", "attn_q", N), ("bk", "attn_k", K), ("bv", "attn_v", K)):
             rows = [get(f"blk.{i}.{gname}.bias", (heads * H,)) for i in range(L)]

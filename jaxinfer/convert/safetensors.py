@@ -18,7 +18,7 @@ from jaxinfer.config import ModelConfig
 from jaxinfer.errors import ConfigError, ConversionError
 from jaxinfer.weights import check_weights, weight_specs
 
-_MODEL_TYPES = ("llama", "mistral", "qwen2")
+_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
 Progress = Callable[[int, int], None]
 
@@ -157,6 +157,8 @@ def _weights(cfg: ModelConfig, r: _Reader, progress: Progress | None) -> dict:
               **{key: shape for key, shape, _ in linears.values()}}
     if cfg.qkv_bias:
         shapes.update(bq=(N, H), bk=(K, H), bv=(K, H))
+    if cfg.qk_norm:
+        shapes.update(q_norm=(H,), k_norm=(H,))
     layers = {k: np.empty((L, *s), np.float32) for k, s in shapes.items()}
     for i in range(L):
         p, x = f"model.layers.{i}.", layers
@@ -165,6 +167,9 @@ def _weights(cfg: ModelConfig, r: _Reader, progress: Progress | None) -> dict:
         for module, (key, shape, n_in) in linears.items():
             x[key][i] = from_hf_matrix(r.get(p + module + ".weight", hf_shape(shape, n_in)),
                                        shape)
+        if cfg.qk_norm:
+            x["q_norm"][i] = r.get(p + "self_attn.q_norm.weight", (H,))
+            x["k_norm"][i] = r.get(p + "self_attn.k_norm.weight", (H,))
         if cfg.qkv_bias:
             x["bq"][i] = r.get(p + "self_attn.q_proj.bias", (N * H,)).reshape(N, H)
             x["bk"][i] = r.get(p + "self_attn.k_proj.bias", (K * H,)).reshape(K, H)
