@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict
 
 from jaxinfer.engine import EngineResult
 from jaxinfer.errors import BadRequestError
+from jaxinfer.reasoning import ReasoningParser
 from jaxinfer.sampling import MAX_LOGPROBS, SamplingParams, TokenLogprob
 from jaxinfer.structured import Constraint, from_openai
 from jaxinfer.tokenizer import Tokenizer
@@ -454,11 +455,12 @@ def completion_body(rid: str, model: str, results: list[EngineResult], chat: boo
                     tokenizer: Tokenizer | None = None, n: int = 1,
                     echo: list[str] | None = None,
                     prompt_ids: list[list[int]] | None = None,
-                    tools: ToolCalling | None = None) -> dict[str, Any]:
+                    tools: ToolCalling | None = None,
+                    reasoning: ReasoningParser | None = None) -> dict[str, Any]:
     """The whole response, choice i from results[i] (n per prompt, prompts in order);
     `tokenizer` renders logprobs where asked; `echo` holds each prompt's text, and
-    `prompt_ids` each choice's prompt ids where its prompt was scored; `tools` turns a
-    chat output into tool calls where it is one."""
+    `prompt_ids` each choice's prompt ids where its prompt was scored; `tools` and
+    `reasoning` split a chat output into reasoning, content and tool calls."""
     choices = []
     for i, result in enumerate(results):
         lp = (logprobs_body(result.logprobs, tokenizer, chat)
@@ -469,18 +471,58 @@ def completion_body(rid: str, model: str, results: list[EngineResult], chat: boo
         choice: dict[str, Any] = {"index": i, "finish_reason": result.finish_reason,
                                   "logprobs": lp}
         if chat:
-            choice["message"] = {"role": "assistant", "content": result.text}
-            if tools is not None:
-                content, calls = tools.parse(result.text)
-                choice["message"] = {"role": "assistant", "content": content,
-                                     **({"tool_calls": calls} if calls else {})}
-                choice["finish_reason"] = tools.finish_reason(result.finish_reason, calls)
+            choice["message"], choice["finish_reason"] = chat_message(
+                result.text, result.finish_reason, tools, reasoning)
         else:
             choice["text"] = (echo[i // n] if echo else "") + result.text
         choices.append(choice)
     return {"id": rid, "object": "chat.completion" if chat else "text_completion",
             "created": int(time.time()), "model": model, "choices": choices,
             "usage": usage_all(results, n), "metrics": _metrics(results)}
+
+
+def chat_message(text: str, finish_reason: str, tools: ToolCalling | None = None,
+                 reasoning: ReasoningParser | None = None) -> tuple[dict[str, Any], str]:
+    """A chat choice's message and finish_reason: the reasoning split off (its own
+    field), then the rest read for tool calls."""
+    thought, text = reasoning.split(text) if reasoning is not None else (None, text)
+    msg: dict[str, Any] = {"role": "assistant", "content": text}
+    if tools is not None:
+        content, calls = tools.parse(text)
+        msg["content"] = content
+        if calls:
+            msg["tool_calls"] = calls
+        finish_reason = tools.finish_reason(finish_reason, calls)
+    if reasoning is not None:
+        msg["reasoning_content"] = thought
+    return msg, finish_reason
+
+
+class ChatDeltas:
+    """A streamed chat choice's deltas through the reasoning parser (reasoning_content,
+    then content) and the tool stream (content -> tool calls), as `chat_message` splits
+    the whole output."""
+
+    def __init__(self, tools: ToolCalling | None, reasoning: ReasoningParser | None):
+        self.reasoning = reasoning.stream() if reasoning is not None else None
+        self.tools = tools.stream() if tools is not None else None
+
+    def _content(self, parts: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        out = []
+        for p in parts:
+            out += self.tools.feed(p["content"]) if "content" in p and self.tools else [p]
+        return out
+
+    def feed(self, delta: str) -> list[dict[str, Any]]:
+        parts = self.reasoning.feed(delta) if self.reasoning else [{"content": delta}]
+        return self._content(parts)
+
+    def finish(self, finish_reason: str) -> tuple[list[dict[str, Any]], str]:
+        out = self._content(self.reasoning.finish()) if self.reasoning else []
+        if self.tools is None:
+            return out, finish_reason
+        last, finish_reason = self.tools.finish(finish_reason)
+        return out + last, finish_reason
 
 
 def chunk_body(rid: str, model: str, chat: bool, delta: str | None = None,

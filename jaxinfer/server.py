@@ -43,6 +43,7 @@ from jaxinfer.engine import (
     Request,
 )
 from jaxinfer.errors import BadRequestError, TokenizerError
+from jaxinfer.reasoning import ReasoningParser
 from jaxinfer.sampling import SamplingParams
 from jaxinfer.structured import Constraint
 from jaxinfer.tokenizer import Tokenizer
@@ -50,13 +51,17 @@ from jaxinfer.tool_calls import PARSERS, ToolCalling
 
 
 def create_app(engine: Engine, model_name: str, max_stored_responses: int = 1024,
-               tool_call_parser: str | None = None) -> FastAPI:
+               tool_call_parser: str | None = None,
+               reasoning_parser: str | None = None) -> FastAPI:
     """The OpenAI-compatible app over `engine`; the Responses API keeps the latest
     `max_stored_responses` responses in memory (openai_responses.ResponseStore);
-    `tool_call_parser` ("hermes") reads tool calls from free text (tool_choice "auto")."""
+    `tool_call_parser` ("hermes") reads tool calls from free text (tool_choice "auto");
+    `reasoning_parser` ("qwen3", "deepseek_r1") moves a chat answer's <think> part to
+    reasoning_content."""
     if tool_call_parser is not None and tool_call_parser not in PARSERS:
         raise BadRequestError(f"unknown tool_call_parser {tool_call_parser!r}; known: "
                               f"{list(PARSERS)}", "tool_call_parser")
+    reasoning = ReasoningParser(reasoning_parser) if reasoning_parser else None
     app = FastAPI(title="jaxinfer", docs_url=None, redoc_url=None)
     created = int(time.time())
     stored = rs.ResponseStore(max_stored_responses)
@@ -133,7 +138,7 @@ def create_app(engine: Engine, model_name: str, max_stored_responses: int = 1024
                                                  chat_options=body.chat_options())],
                              body.token_budget(), tools)
         return await _respond(reqs, body, model_name, chat=True, tokenizer=engine.tokenizer,
-                              tools=tools)
+                              tools=tools, reasoning=reasoning)
 
     @app.post("/v1/responses")
     async def responses(body: rs.ResponsesRequest):
@@ -244,19 +249,19 @@ def _submit_one(engine: Engine, body: api._Request, prompt: dict[str, Any],
 
 async def _respond(reqs: list[Request], body: api._Request, model: str, chat: bool,
                    tokenizer: Tokenizer, echo: list[str] | None = None,
-                   tools: ToolCalling | None = None):
+                   tools: ToolCalling | None = None, reasoning: ReasoningParser | None = None):
     rid = api.new_id("chatcmpl" if chat else "cmpl")
     n = body.num_choices()
     if body.stream:
         return StreamingResponse(_sse(reqs, rid, model, chat, body.include_usage(), tokenizer,
-                                      n, echo, body.scoring_only(), tools),
+                                      n, echo, body.scoring_only(), tools, reasoning),
                                  media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"})
     results = await _results(reqs)
     if body.scoring_only():
         results = [api.scored_only(r) for r in results]
     return api.completion_body(rid, model, list(results), chat, tokenizer, n, echo,
-                               [r.prompt_ids for r in reqs], tools)
+                               [r.prompt_ids for r in reqs], tools, reasoning)
 
 
 async def _results(reqs: list[Request]) -> list[Any]:
@@ -319,15 +324,16 @@ def _event(obj: Any) -> str:
 
 async def _sse(reqs: list[Request], rid: str, model: str, chat: bool, include_usage: bool,
                tokenizer: Tokenizer, n: int = 1, echo: list[str] | None = None,
-               scoring_only: bool = False, tools: ToolCalling | None = None
-               ) -> AsyncIterator[str]:
+               scoring_only: bool = False, tools: ToolCalling | None = None,
+               reasoning: ReasoningParser | None = None) -> AsyncIterator[str]:
     """Chunks as the engine produces them, each naming its choice (request i is choice i);
     a client that disconnects cancels every request. With logprobs, each chunk carries
     those of the tokens generated since the choice's previous chunk (text held back for a
     stop string may come a chunk later than its logprobs). An echoed prompt is the first
     chunk; with logprobs it carries the prompt's, so it waits for the prefill that scores
-    them (done when the first token is out). With `tools`, a choice's deltas go through its
-    ToolStream (tool-call deltas; text that may open a call held back until it is known)."""
+    them (done when the first token is out). With `tools` or `reasoning`, a choice's deltas
+    go through api.ChatDeltas (reasoning_content, content and tool-call deltas; text that
+    may open a marker held back until it is known)."""
     queue: asyncio.Queue = asyncio.Queue()
 
     async def pump(i: int, req: Request) -> None:
@@ -354,7 +360,8 @@ async def _sse(reqs: list[Request], rid: str, model: str, chat: bool, include_us
                                            logprobs=lp))
             echoed = True
 
-        tool_stream = tools.stream() if tools is not None else None
+        split = (api.ChatDeltas(tools, reasoning)
+                 if chat and (tools is not None or reasoning is not None) else None)
 
         async def send_fields(fields: list[dict[str, Any]], entries) -> None:
             for k, f in enumerate(fields):  # logprobs ride on the first
@@ -370,8 +377,8 @@ async def _sse(reqs: list[Request], rid: str, model: str, chat: bool, include_us
                 async for delta in req:
                     if not echoed:
                         await send_echo()
-                    if tool_stream is not None:
-                        await send_fields(tool_stream.feed(delta), req.logprobs)
+                    if split is not None:
+                        await send_fields(split.feed(delta), req.logprobs)
                         continue
                     await queue.put(api.chunk_body(rid, model, chat, delta, index=i,
                                                    logprobs=logprobs(req.logprobs)))
@@ -381,8 +388,8 @@ async def _sse(reqs: list[Request], rid: str, model: str, chat: bool, include_us
             if scoring_only:
                 result = api.scored_only(result)
             reason = result.finish_reason
-            if tool_stream is not None:
-                fields, reason = tool_stream.finish(reason)
+            if split is not None:
+                fields, reason = split.finish(reason)
                 await send_fields(fields, result.logprobs or [])
             await queue.put(api.chunk_body(rid, model, chat, None if chat else "",
                                            reason, index=i,
@@ -463,7 +470,7 @@ def serve(checkpoint: str | None = None, host: str = "127.0.0.1", port: int = 80
           warmup: bool = True, log_level: str = "info", draft: str | None = None,
           num_speculative_tokens: int = 4, ngram_size: int = 3,
           max_stored_responses: int = 1024, tool_call_parser: str | None = None,
-          **load_kw) -> None:
+          reasoning_parser: str | None = None, **load_kw) -> None:
     """Load a checkpoint, build and warm the engine, serve until interrupted. `load_kw`
     goes to LLM.load (mesh, fsdp, quantize, group_size, kv_dtype); `draft` ("ngram" or a
     checkpoint) turns on speculative decoding in the engine. In a multi-process run
@@ -484,7 +491,8 @@ def serve(checkpoint: str | None = None, host: str = "127.0.0.1", port: int = 80
               f"({len(engine.prompt_buckets())} prompt buckets)", flush=True)
     name = model_name or llm.cfg.name
     try:
-        uvicorn.run(create_app(engine, name, max_stored_responses, tool_call_parser),
+        uvicorn.run(create_app(engine, name, max_stored_responses, tool_call_parser,
+                               reasoning_parser),
                     host=host, port=port,
                     log_level=log_level, lifespan="off", timeout_graceful_shutdown=5)
     except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it shut down for

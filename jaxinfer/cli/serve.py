@@ -30,6 +30,9 @@ _TOOL_PARSER = flags.DEFINE_enum("tool_call_parser", None, ["hermes"],
                                  "Reads tool calls from the model's text, which "
                                  "tool_choice \"auto\" needs (hermes: <tool_call>{...}"
                                  "</tool_call>, as Hermes and Qwen2.5+ templates write).")
+_REASONING = flags.DEFINE_enum("reasoning_parser", None, ["qwen3", "deepseek_r1"],
+                               "Moves a thinking model's <think>...</think> out of chat "
+                               "answers into reasoning_content.")
 
 
 def main(argv):
@@ -40,6 +43,7 @@ def main(argv):
     serve(_CKPT.value, host=_HOST.value, port=_PORT.value, dtype=_DTYPE.value,
           model_name=_MODEL_NAME.value, warmup=_WARMUP.value,
           max_stored_responses=_STORED.value, tool_call_parser=_TOOL_PARSER.value,
+          reasoning_parser=_REASONING.value,
           config=engine_flags.config(max_queue=_MAX_QUEUE.value),
           mesh=runtime_flags.MESH.value, fsdp=runtime_flags.FSDP.value,
           **spec_flags.kwargs(), **runtime_flags.quant_kwargs(), **lora_flags.kwargs())
