@@ -24,18 +24,27 @@ START, END = "<think>", "</think>"
 
 
 class ReasoningParser:
-    def __init__(self, name: str):
+    def __init__(self, name: str, implicit_start: bool | None = None):
+        """`implicit_start`: the template opened `<think>` in the prompt (deepseek_r1), so
+        output without it may still be reasoning."""
         if name not in PARSERS:
             from jaxinfer.errors import BadRequestError
 
             raise BadRequestError(f"unknown reasoning parser {name!r}; known: {PARSERS}",
                                   "reasoning_parser")
         self.name = name
+        self.implicit_start = name == "deepseek_r1" if implicit_start is None else implicit_start
+
+    def constrained(self) -> ReasoningParser:
+        """The parser for output a grammar constrains (a tool call, a JSON schema): it is
+        reasoning only where it opens with `<think>` itself, since the grammar applies
+        from the first token and leaves no room for an implicit one."""
+        return ReasoningParser(self.name, implicit_start=False)
 
     def split(self, text: str) -> tuple[str | None, str]:
         """(reasoning, content) of a whole output; reasoning None when there is none."""
         opened = text.startswith(START)
-        if self.name == "qwen3" and not opened:
+        if not opened and not self.implicit_start:
             return None, text
         body = text[len(START):] if opened else text
         at = body.find(END)
@@ -64,7 +73,7 @@ class ReasoningStream:
         head = len(START) if self.text.startswith(START) else 0
         if not head and START.startswith(self.text):
             return []  # may still open with <think>
-        if self.parser.name == "qwen3" and not head:
+        if not head and not self.parser.implicit_start:
             self.done, self.sent = True, 0  # no reasoning: everything is content
             return self.feed("")
         self.sent = max(self.sent, head)

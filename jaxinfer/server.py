@@ -137,8 +137,11 @@ def create_app(engine: Engine, model_name: str, max_stored_responses: int = 1024
         reqs = await _submit(engine, body, [dict(messages=body.message_dicts(),
                                                  chat_options=body.chat_options())],
                              body.token_budget(), tools)
+        split = reasoning
+        if reasoning is not None and body.tool_constraint(tools) is not None:
+            split = reasoning.constrained()
         return await _respond(reqs, body, model_name, chat=True, tokenizer=engine.tokenizer,
-                              tools=tools, reasoning=reasoning)
+                              tools=tools, reasoning=split)
 
     @app.post("/v1/responses")
     async def responses(body: rs.ResponsesRequest):

@@ -58,18 +58,36 @@ def _pieces(text: str, rng: random.Random) -> list[str]:
     return [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)], strict=True)]
 
 
+def test_constrained_output_is_reasoning_only_after_think():
+    """deepseek_r1 reads unmarked output as reasoning (its <think> is in the prompt), but a
+    grammar-constrained answer (a forced tool call) has no room for one."""
+    r1 = ReasoningParser("deepseek_r1")
+    assert r1.split('{"unit":"c"}') == ('{"unit":"c"}', "")
+    assert r1.constrained().split('{"unit":"c"}') == (None, '{"unit":"c"}')
+    assert r1.constrained().split("<think>a</think>b") == ("a", "b")
+
+
 def test_unknown_parser():
     with pytest.raises(BadRequestError, match="'o1'"):
         ReasoningParser("o1")
 
 
-@pytest.fixture(scope="module")
-def url():
+@pytest.fixture(scope="module", params=["qwen3", "deepseek_r1"])
+def url(request):
     with Engine(W, TINY, ToolTemplateTokenizer(),
                 EngineConfig(num_slots=2, max_len=256, prefix_cache_mb=8.0)) as eng, \
             BackgroundServer(create_app(eng, "tiny", tool_call_parser="hermes",
-                                        reasoning_parser="qwen3")) as srv:
+                                        reasoning_parser=request.param)) as srv:
         yield srv.url
+
+
+def test_forced_tool_call_is_not_reasoning(url):
+    out = requests.post(f"{url}/v1/chat/completions", timeout=60, json={
+        "messages": USER, "max_tokens": 60, "temperature": 0, "tools": TOOLS,
+        "tool_choice": {"type": "function", "function": {"name": "get_unit"}}}).json()
+    msg = out["choices"][0]["message"]
+    assert msg["reasoning_content"] is None and msg["tool_calls"][0]["function"]["name"] \
+        == "get_unit"
 
 
 @pytest.mark.parametrize("tools", [False, True])
