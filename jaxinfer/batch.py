@@ -41,8 +41,10 @@ from jaxinfer import openai_api as api
 from jaxinfer import openai_responses as rs
 from jaxinfer.engine import Engine, EngineConfig, Request
 from jaxinfer.errors import BadRequestError, JaxinferError
+from jaxinfer.reasoning import ReasoningParser
 from jaxinfer.sampling import SamplingParams
 from jaxinfer.structured import from_openai
+from jaxinfer.tool_calls import PARSERS as TOOL_PARSERS
 
 # The server's sampling fields, plus the two it spells per endpoint (chat's top_logprobs,
 # completions' echo): here a line gives SamplingParams' own names.
@@ -80,11 +82,14 @@ class _OpenAILine:
     """One line in OpenAI's batch format: its engine requests (one per choice) and its
     output record."""
 
-    def __init__(self, obj: dict[str, Any], engine: Engine, model: str):
+    def __init__(self, obj: dict[str, Any], engine: Engine, model: str,
+                 tool_call_parser: str | None = None,
+                 reasoning: ReasoningParser | None = None):
         self.custom_id, self.engine = obj["custom_id"], engine
         self.model, self.req = model, None
         self.n, self.scoring_only, self.echo = 1, False, None
-        self.tools = None  # a chat line's tool settings (named or required: no parser here)
+        self.tool_call_parser, self.reasoning = tool_call_parser, reasoning
+        self.tools = None  # a chat line's tool settings
 
     def submit_kwargs(self, obj: dict[str, Any]) -> list[dict[str, Any]]:
         """Engine.submit arguments of the line, one set per choice; api.ApiError (with its
@@ -115,8 +120,10 @@ class _OpenAILine:
             kw["messages"] = (req.messages() if isinstance(req, rs.ResponsesRequest)
                               else req.message_dicts())
             kw["chat_options"] = req.chat_options()
-            self.tools = req.tool_calling()
+            self.tools = req.tool_calling(self.tool_call_parser)
             kw["constraint"] = req.tool_constraint(self.tools)
+            if self.reasoning is not None and kw["constraint"] is not None:
+                self.reasoning = self.reasoning.constrained()
             return [dict(kw, sampling=req.tool_sampling(req.choice_sampling(j), self.tools))
                     for j in range(self.n)]
         prompts = req.prompt_inputs()
@@ -155,7 +162,7 @@ class _OpenAILine:
         rid = api.new_id("chatcmpl" if chat else "cmpl")
         return self.record(200, api.completion_body(
             rid, self.model, results, chat, self.engine.tokenizer, self.n, self.echo,
-            [r.prompt_ids for r in reqs], self.tools), rid)
+            [r.prompt_ids for r in reqs], self.tools, self.reasoning), rid)
 
 
 def _count_lines(path: Path, model: str) -> int:
@@ -269,13 +276,19 @@ def _result_record(rid: Any, reqs: list[Request]) -> dict[str, Any]:
 
 def run_batch(engine: Engine, input_path: str | Path, output_path: str | Path,
               defaults: dict[str, Any] | None = None, progress: bool = True,
-              max_in_flight: int | None = None, model_name: str | None = None
+              max_in_flight: int | None = None, model_name: str | None = None,
+              tool_call_parser: str | None = None, reasoning_parser: str | None = None
               ) -> BatchSummary:
     """Generate for every input line not yet in the output; see the module docstring.
-    `model_name` is the model OpenAI-format lines may name (default: the engine's)."""
+    `model_name` is the model OpenAI-format lines may name (default: the engine's);
+    `tool_call_parser` and `reasoning_parser` read chat answers as the server does."""
     input_path, output_path = Path(input_path), Path(output_path)
     if not input_path.is_file():
         raise BadRequestError(f"input file {input_path} does not exist")
+    if tool_call_parser is not None and tool_call_parser not in TOOL_PARSERS:
+        raise BadRequestError(f"unknown tool_call_parser {tool_call_parser!r}; known: "
+                              f"{list(TOOL_PARSERS)}", "tool_call_parser")
+    reasoning = ReasoningParser(reasoning_parser) if reasoning_parser else None
     defaults = dict(defaults or {})
     done = _done_keys(output_path)
     summary = BatchSummary()
@@ -332,7 +345,8 @@ def run_batch(engine: Engine, input_path: str | Path, output_path: str | Path,
                     continue
                 seen.add(key)
                 rid = obj.get("id") if isinstance(obj, dict) else None
-                oa = _OpenAILine(obj, engine, model) if key.startswith("custom_id:") else None
+                oa = (_OpenAILine(obj, engine, model, tool_call_parser, reasoning)
+                      if key.startswith("custom_id:") else None)
                 entry = None
                 try:
                     if err is not None:
@@ -370,6 +384,7 @@ def run_batch_job(input_path: str, output_path: str, checkpoint: str | None = No
                   defaults: dict[str, Any] | None = None, progress: bool = True,
                   draft: str | None = None, num_speculative_tokens: int = 4,
                   ngram_size: int = 3, model_name: str | None = None,
+                  tool_call_parser: str | None = None, reasoning_parser: str | None = None,
                   **load_kw) -> BatchSummary:
     """Load a model, run `run_batch` on it, report a one-line summary on stderr. `load_kw`
     goes to LLM.load (mesh, fsdp, quantize, group_size, kv_dtype); `draft` ("ngram" or a
@@ -385,7 +400,8 @@ def run_batch_job(input_path: str, output_path: str, checkpoint: str | None = No
             engine.join()
             return BatchSummary()
         s = run_batch(engine, input_path, output_path, defaults, progress,
-                      model_name=model_name)
+                      model_name=model_name, tool_call_parser=tool_call_parser,
+                      reasoning_parser=reasoning_parser)
     print(f"{s.written} results written to {os.fspath(output_path)} ({s.errors} errors), "
           f"{s.skipped} already done, {s.duplicates} duplicate ids skipped", file=sys.stderr)
     return s

@@ -111,3 +111,24 @@ def test_server_splits_reasoning_from_the_answer(url, tools):
     calls = [c for d in deltas for c in d.get("tool_calls", [])]
     assert [c["function"] for c in calls] == [c["function"] for c in msg.get("tool_calls", [])]
     assert events[-1]["choices"][0]["finish_reason"] == out["choices"][0]["finish_reason"]
+
+
+def test_batch_lines_use_the_parsers(tmp_path):
+    """run_batch with the server's parsers: a chat line's answer is split the same way."""
+    from jaxinfer.batch import run_batch
+
+    text = "<think>plan</think>Hi! " + HERMES_CALL
+    line = {"custom_id": "a", "method": "POST", "url": "/v1/chat/completions", "body": {
+        "messages": USER, "max_tokens": 150, "temperature": 0, "guided_choice": [text],
+        "tools": TOOLS}}
+    src = tmp_path / "in.jsonl"
+    src.write_text(json.dumps(line) + "\n")
+    with Engine(W, TINY, ToolTemplateTokenizer(),
+                EngineConfig(num_slots=2, max_len=256, prefix_cache_mb=8.0)) as eng:
+        run_batch(eng, src, tmp_path / "out.jsonl", progress=False,
+                  tool_call_parser="hermes", reasoning_parser="deepseek_r1")
+    body = json.loads((tmp_path / "out.jsonl").read_text())["response"]["body"]
+    msg = body["choices"][0]["message"]
+    assert (msg["reasoning_content"], msg["content"]) == ("plan", "Hi! ")
+    assert msg["tool_calls"][0]["function"]["name"] == "get_weather"
+    assert body["choices"][0]["finish_reason"] == "tool_calls"

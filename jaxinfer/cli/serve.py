@@ -12,7 +12,7 @@ Binds 127.0.0.1 unless --host says otherwise. Endpoints: /v1/completions,
 from absl import flags
 
 from jaxinfer import flags as runtime_flags
-from jaxinfer.cli import engine_flags, lora_flags, run_program, spec_flags
+from jaxinfer.cli import engine_flags, lora_flags, parser_flags, run_program, spec_flags
 
 _CKPT = flags.DEFINE_string("checkpoint", None, "Orbax checkpoint dir (default: SmolLM2).")
 _HOST = flags.DEFINE_string("host", "127.0.0.1", "Address to bind.")
@@ -26,13 +26,6 @@ _WARMUP = flags.DEFINE_bool("warmup", True, "Compile every prompt bucket before 
 _STORED = flags.DEFINE_integer("max_stored_responses", 1024, "Responses API: how many "
                                "responses to keep in memory for previous_response_id.",
                                lower_bound=0)
-_TOOL_PARSER = flags.DEFINE_enum("tool_call_parser", None, ["hermes"],
-                                 "Reads tool calls from the model's text, which "
-                                 "tool_choice \"auto\" needs (hermes: <tool_call>{...}"
-                                 "</tool_call>, as Hermes and Qwen2.5+ templates write).")
-_REASONING = flags.DEFINE_enum("reasoning_parser", None, ["qwen3", "deepseek_r1"],
-                               "Moves a thinking model's <think>...</think> out of chat "
-                               "answers into reasoning_content.")
 
 
 def main(argv):
@@ -42,8 +35,7 @@ def main(argv):
 
     serve(_CKPT.value, host=_HOST.value, port=_PORT.value, dtype=_DTYPE.value,
           model_name=_MODEL_NAME.value, warmup=_WARMUP.value,
-          max_stored_responses=_STORED.value, tool_call_parser=_TOOL_PARSER.value,
-          reasoning_parser=_REASONING.value,
+          max_stored_responses=_STORED.value, **parser_flags.kwargs(),
           config=engine_flags.config(max_queue=_MAX_QUEUE.value),
           mesh=runtime_flags.MESH.value, fsdp=runtime_flags.FSDP.value,
           **spec_flags.kwargs(), **runtime_flags.quant_kwargs(), **lora_flags.kwargs())

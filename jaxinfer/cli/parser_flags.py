@@ -1,0 +1,19 @@
+"""--tool_call_parser and --reasoning_parser: how the server and batch jobs read a
+model's tool calls and reasoning out of its chat answers."""
+
+from absl import flags
+
+from jaxinfer.reasoning import PARSERS as REASONING_PARSERS
+from jaxinfer.tool_calls import PARSERS as TOOL_PARSERS
+
+TOOL_PARSER = flags.DEFINE_enum("tool_call_parser", None, list(TOOL_PARSERS),
+                                "Reads tool calls from the model's text, which tool_choice "
+                                "\"auto\" needs (hermes: <tool_call>{...}</tool_call>, as "
+                                "Hermes and Qwen2.5+ templates write).")
+REASONING_PARSER = flags.DEFINE_enum("reasoning_parser", None, list(REASONING_PARSERS),
+                                     "Moves a thinking model's <think>...</think> out of chat "
+                                     "answers into reasoning_content.")
+
+
+def kwargs() -> dict:
+    return {"tool_call_parser": TOOL_PARSER.value, "reasoning_parser": REASONING_PARSER.value}
