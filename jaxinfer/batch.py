@@ -122,8 +122,7 @@ class _OpenAILine:
             kw["chat_options"] = req.chat_options()
             self.tools = req.tool_calling(self.tool_call_parser)
             kw["constraint"] = req.tool_constraint(self.tools)
-            if self.reasoning is not None and kw["constraint"] is not None:
-                self.reasoning = self.reasoning.constrained()
+            self.reasoning = req.reasoning_parser(self.reasoning, self.tools)
             return [dict(kw, sampling=req.tool_sampling(req.choice_sampling(j), self.tools))
                     for j in range(self.n)]
         prompts = req.prompt_inputs()
@@ -155,7 +154,8 @@ class _OpenAILine:
         if self.scoring_only:
             results = [api.scored_only(r) for r in results]
         if isinstance(self.req, rs.ResponsesRequest):
-            build = rs.ResponseBuilder(self.req, self.model, tools=self.tools)
+            build = rs.ResponseBuilder(self.req, self.model, tools=self.tools,
+                                       reasoning=self.reasoning)
             body = build.final(results[0], self.engine.tokenizer)
             return self.record(200, body, body["id"])
         chat = isinstance(self.req, api.ChatRequest)

@@ -176,6 +176,14 @@ class _Request(BaseModel):
                            f"cannot be combined with {self.constraint_param()}", "tool_choice")
         return forced or own
 
+    def reasoning_parser(self, parser: ReasoningParser | None, tools: ToolCalling | None
+                         ) -> ReasoningParser | None:
+        """The server's reasoning parser as this request's output needs it: output that a
+        grammar constrains is reasoning only where it opens with <think> itself."""
+        if parser is None or self.tool_constraint(tools) is None:
+            return parser
+        return parser.constrained()
+
     def tool_sampling(self, sp: SamplingParams, tools: ToolCalling | None) -> SamplingParams:
         """A parser's markers may be special tokens: such requests keep them in the text."""
         if tools is not None and tools.keeps_special_tokens:

@@ -6,7 +6,8 @@ earlier `function_call` / `function_call_output` items) become the same chat mes
 chat completion renders; `text.format` becomes a structured-output Constraint;
 `max_output_tokens` bounds the answer. The answer is one `message` output item holding one
 `output_text` part, or with function `tools` (tool_calls.py, as in chat) `function_call`
-items, after a message where the model wrote text first.
+items, after a message where the model wrote text first; with the server's reasoning
+parser a `reasoning` item (reasoning_text) comes first.
 
 Responses are stored unless `store: false` (OpenAI's default), in process memory, the
 latest `ResponseStore.max_items` of them: `previous_response_id` continues one (its
@@ -31,7 +32,15 @@ from pydantic import BaseModel, ConfigDict
 
 from jaxinfer.engine import EngineResult
 from jaxinfer.errors import BadRequestError
-from jaxinfer.openai_api import MAX_LOGPROBS, ApiError, _Request, logprobs_body, template_call
+from jaxinfer.openai_api import (
+    MAX_LOGPROBS,
+    ApiError,
+    ChatDeltas,
+    _Request,
+    logprobs_body,
+    template_call,
+)
+from jaxinfer.reasoning import ReasoningParser
 from jaxinfer.structured import Constraint, from_openai
 from jaxinfer.tool_calls import ToolCalling
 
@@ -234,15 +243,18 @@ class ResponseBuilder:
     stream's events and the non-streamed body come from the same fields."""
 
     def __init__(self, body: ResponsesRequest, model: str, stored: bool = False,
-                 tools: ToolCalling | None = None):
+                 tools: ToolCalling | None = None, reasoning: ReasoningParser | None = None):
         self.body, self.model, self.sampling = body, model, body.sampling()
         self.stored = stored
         self.id, self.msg_id = new_id("resp"), new_id("msg")
         self.created = time.time()
         self.seq = 0
-        # With tools the output's items are known only as the text comes (tool_calls.py).
+        # With tools or a reasoning parser the output's items (reasoning, message, calls)
+        # are known only as the text comes: chat's deltas split it (openai_api.ChatDeltas).
         self.tools = tools if tools is not None and tools.mode != "none" else None
-        self.stream = self.tools.stream() if self.tools is not None else None
+        self.reasoning = reasoning
+        self.split = (ChatDeltas(self.tools, reasoning)
+                      if self.tools is not None or reasoning is not None else None)
         self.items: list[dict[str, Any]] = []  # streamed output items, the open one last
 
     def usage(self, result: EngineResult) -> dict[str, Any]:
@@ -295,13 +307,23 @@ class ResponseBuilder:
         status = "incomplete" if result.finish_reason == "length" else "completed"
         lp = (logprobs_list(result.logprobs, tokenizer) if result.logprobs is not None
               else None)
-        if self.tools is None:
+        if self.split is None:
             return self.response(status, [self.item(status, [self.part(result.text, lp)])],
                                  result)
-        content, calls = self.tools.parse(result.text)
-        items = [self.item(status, [self.part(content, None)])] if content or not calls else []
+        thought, text = (self.reasoning.split(result.text) if self.reasoning is not None
+                         else (None, result.text))
+        content, calls = self.tools.parse(text) if self.tools is not None else (text, [])
+        items = [self.reasoning_item(status, thought)] if thought is not None else []
+        if content or not calls:
+            items.append(self.item(status, [self.part(content or "", None)]))
         return self.response(status, items + [self.call_item(c, status) for c in calls],
                              result)
+
+    def reasoning_item(self, status: str, text: str) -> dict[str, Any]:
+        """A reasoning output item with the model's own reasoning text (as open-weight
+        reasoning models return it through this API; no summary)."""
+        return {"id": new_id("rs"), "type": "reasoning", "status": status, "summary": [],
+                "content": [{"type": "reasoning_text", "text": text}]}
 
     def conversation_turn(self, final: dict[str, Any]) -> dict[str, Any]:
         """The answer as the chat message a continuing request's template gets."""
@@ -325,7 +347,7 @@ class ResponseBuilder:
         where = {"item_id": self.msg_id, "output_index": 0, "content_index": 0}
         head = [self.event("response.created", response=self.response("in_progress", [])),
                 self.event("response.in_progress", response=self.response("in_progress", []))]
-        if self.tools is not None:
+        if self.split is not None:
             return head
         return head + [self.event("response.output_item.added", output_index=0,
                                   item=self.item("in_progress", [])),
@@ -334,15 +356,24 @@ class ResponseBuilder:
 
     def delta(self, text: str, logprobs: list[dict[str, Any]]
               ) -> list[tuple[str, dict[str, Any]]]:
-        if self.tools is not None:
-            return self._tool_events(self.stream.feed(text))
+        if self.split is not None:
+            return self._split_events(self.split.feed(text))
         return [self.event("response.output_text.delta", item_id=self.msg_id, output_index=0,
                            content_index=0, delta=text, logprobs=logprobs)]
 
-    # -- with tools: chat deltas (ToolStream) -> items opened, extended and closed --------
-    def _tool_events(self, deltas: list[dict[str, Any]]) -> list[tuple[str, dict[str, Any]]]:
+    # -- with tools or reasoning: chat deltas -> items opened, extended and closed --------
+    def _split_events(self, deltas: list[dict[str, Any]]) -> list[tuple[str, dict[str, Any]]]:
         out = []
         for d in deltas:
+            if "reasoning_content" in d:
+                if not self.items or self.items[-1]["type"] != "reasoning":
+                    out += self._close_open() + self._open(
+                        {**self.reasoning_item("in_progress", ""), "content": []})
+                    self.items[-1]["content"] = [{"type": "reasoning_text", "text": ""}]
+                self.items[-1]["content"][0]["text"] += d["reasoning_content"]
+                out.append(self.event("response.reasoning_text.delta",
+                                      **self._where(content_index=0),
+                                      delta=d["reasoning_content"]))
             if "content" in d:
                 if not self.items or self.items[-1]["type"] != "message":
                     out += self._close_open() + self._open(self.item("in_progress", []))
@@ -381,7 +412,10 @@ class ResponseBuilder:
             return []
         it = self.items[-1]
         it["status"] = status
-        if it["type"] == "message":
+        if it["type"] == "reasoning":
+            out = [self.event("response.reasoning_text.done", **self._where(content_index=0),
+                              text=it["content"][0]["text"])]
+        elif it["type"] == "message":
             part = it["content"][0]
             out = [self.event("response.output_text.done", **self._where(content_index=0),
                               text=part["text"], logprobs=[]),
@@ -393,19 +427,19 @@ class ResponseBuilder:
         return out + [self.event("response.output_item.done",
                                  output_index=len(self.items) - 1, item=it)]
 
-    def _tool_closing(self, result: EngineResult) -> list[tuple[str, dict[str, Any]]]:
+    def _split_closing(self, result: EngineResult) -> list[tuple[str, dict[str, Any]]]:
         status = "incomplete" if result.finish_reason == "length" else "completed"
-        out = self._tool_events(self.stream.finish(result.finish_reason)[0])
-        if not self.items:  # no text at all: one empty message
-            out += self._tool_events([{"content": ""}])
+        out = self._split_events(self.split.finish(result.finish_reason)[0])
+        if not any(it["type"] != "reasoning" for it in self.items):  # no answer: an empty one
+            out += self._split_events([{"content": ""}])
         out += self._close_open(status)
         final = self.response(status, self.items, result)
         return out + [self.event(f"response.{status}", response=final)]
 
     def closing(self, result: EngineResult, tokenizer) -> list[tuple[str, dict[str, Any]]]:
         """The text, part and item done, then response.completed (or .incomplete)."""
-        if self.tools is not None:
-            return self._tool_closing(result)
+        if self.split is not None:
+            return self._split_closing(result)
         final = self.final(result, tokenizer)
         item = final["output"][0]
         part = item["content"][0]

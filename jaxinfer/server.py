@@ -137,11 +137,8 @@ def create_app(engine: Engine, model_name: str, max_stored_responses: int = 1024
         reqs = await _submit(engine, body, [dict(messages=body.message_dicts(),
                                                  chat_options=body.chat_options())],
                              body.token_budget(), tools)
-        split = reasoning
-        if reasoning is not None and body.tool_constraint(tools) is not None:
-            split = reasoning.constrained()
         return await _respond(reqs, body, model_name, chat=True, tokenizer=engine.tokenizer,
-                              tools=tools, reasoning=split)
+                              tools=tools, reasoning=body.reasoning_parser(reasoning, tools))
 
     @app.post("/v1/responses")
     async def responses(body: rs.ResponsesRequest):
@@ -149,6 +146,9 @@ def create_app(engine: Engine, model_name: str, max_stored_responses: int = 1024
         history = ([] if body.previous_response_id is None
                    else stored.history(body.previous_response_id))
         tools = body.tool_calling(tool_call_parser)
+        if reasoning is not None and body.num_logprobs() is not None:
+            raise api.ApiError(400, "logprobs are not supported with a reasoning parser in "
+                               "the Responses API (chat completions give them)", "top_logprobs")
         try:
             reqs = await _submit(engine, body, [dict(messages=body.messages(history),
                                                      chat_options=body.chat_options())],
@@ -157,7 +157,8 @@ def create_app(engine: Engine, model_name: str, max_stored_responses: int = 1024
             e.param = "input" if e.param == "messages" else e.param  # this API's name
             raise
         keep = body.store is not False and stored.max_items > 0
-        build = rs.ResponseBuilder(body, model_name, stored=keep, tools=tools)
+        build = rs.ResponseBuilder(body, model_name, stored=keep, tools=tools,
+                                   reasoning=body.reasoning_parser(reasoning, tools))
 
         def remember(final: dict[str, Any]) -> None:
             if keep:

@@ -132,3 +132,32 @@ def test_batch_lines_use_the_parsers(tmp_path):
     assert (msg["reasoning_content"], msg["content"]) == ("plan", "Hi! ")
     assert msg["tool_calls"][0]["function"]["name"] == "get_weather"
     assert body["choices"][0]["finish_reason"] == "tool_calls"
+
+
+@pytest.mark.parametrize("tools", [False, True])
+def test_responses_api_returns_a_reasoning_item(url, tools):
+    """The Responses API gives the reasoning as a `reasoning` item (reasoning_text), then the
+    message and calls; streamed, the official client's final response is the same."""
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+    text = "<think>plan</think>Hi! " + (HERMES_CALL if tools else "there")
+    kw = dict(model="tiny", input="Weather in Paris?", max_output_tokens=150, temperature=0,
+              extra_body={"guided_choice": [text]},
+              **({"tools": [{"type": "function", **t["function"]} for t in TOOLS]}
+                 if tools else {}))
+    plain = client.responses.create(**kw)
+    with client.responses.stream(**kw) as stream:
+        types = [ev.type for ev in stream]
+        final = stream.get_final_response()
+
+    def shape(r):
+        return [(o.type, o.content[0].text if o.type in ("reasoning", "message") else o.name)
+                for o in r.output]
+
+    want = [("reasoning", "plan"), ("message", "Hi! " if tools else "Hi! there")]
+    assert shape(plain) == shape(final) == want + ([("function_call", "get_weather")]
+                                                   if tools else [])
+    assert "response.reasoning_text.delta" in types and types[-1] == "response.completed"
+    r = requests.post(f"{url}/v1/responses", timeout=30,
+                      json={"input": "x", "top_logprobs": 2, "max_output_tokens": 2})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "top_logprobs"
