@@ -172,11 +172,12 @@ def test_unsupported_adapters_are_refused(tmp_path, conf, tensors, match):
 
 
 def test_good_adapter_and_missing_dir(tmp_path):
-    d = read_lora(_bad(tmp_path), TINY)
-    assert set(d) == {"w_up"} and d["w_up"].shape == (TINY.num_layers, TINY.d_model,
-                                                       TINY.mlp_dim)
-    np.testing.assert_allclose(d["w_up"][0], 2 * 2.0)  # (alpha / r) * (B @ A) = 2 * 2
-    assert not d["w_up"][1:].any()
+    f = read_lora(_bad(tmp_path), TINY)
+    assert set(f) == {"w_up"} and f["w_up"].a.shape == (TINY.num_layers, 2, TINY.d_model)
+    d = f["w_up"].delta()
+    assert d.shape == (TINY.num_layers, TINY.d_model, TINY.mlp_dim)
+    np.testing.assert_allclose(d[0], 2 * 2.0)  # (alpha / r) * (B @ A) = 2 * 2
+    assert not d[1:].any()
     with pytest.raises(ConversionError, match="adapter_config.json"):
         read_lora(tmp_path / "nope", TINY)
 

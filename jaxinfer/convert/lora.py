@@ -1,7 +1,7 @@
 """LoRA adapters (Hugging Face PEFT directories) merged into a model's weights.
 
-    deltas = read_lora("my-adapter/", cfg)       # adapter_config.json + adapter_model.safetensors
-    params = merge_lora(params, deltas)           # W + (alpha / r) * B @ A, in our layout
+    adapter = read_lora("my-adapter/", cfg)      # adapter_config.json + adapter_model.safetensors
+    params = merge_lora(params, adapter)          # W + (alpha / r) * B @ A, in our layout
 
 A PEFT LoRA adapter is the usual product of fine-tuning a released model; merged, it costs
 nothing at inference (vLLM's per-request multi-LoRA is not built here). The deltas are HF
@@ -14,6 +14,8 @@ and an adapter whose shapes do not fit the model.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import math
 import re
@@ -23,16 +25,33 @@ from typing import Any
 import numpy as np
 
 from jaxinfer.config import ModelConfig
-from jaxinfer.convert.safetensors import from_hf_matrix, hf_linears, hf_shape
+from jaxinfer.convert.safetensors import hf_linears, hf_shape
 from jaxinfer.errors import ConversionError
 
 _KEY = re.compile(r"(?:base_model\.model\.)?model\.layers\.(\d+)\.([a-z_]+\.[a-z_]+)"
                   r"\.lora_([AB])(?:\.[A-Za-z0-9_-]+)?\.weight")
 
 
-def read_lora(path: str | Path, cfg: ModelConfig) -> dict[str, np.ndarray]:
-    """The adapter's weight deltas, `{weight-tree key: float32 [L, ...]}` (zero for layers
-    it leaves alone), scale included."""
+@dataclasses.dataclass(frozen=True)
+class LoraFactors:
+    """One projection's adapter over every layer, in HF's orientation: delta W[l] (HF
+    [out, in]) = scale * B[l] @ A[l]. Layers the adapter leaves alone have zero factors.
+    Kept low-rank (r << in, out) so a merge never holds a full-size delta on the host."""
+
+    a: np.ndarray  # [L, r, in]
+    b: np.ndarray  # [L, out, r]
+    scale: float
+    shape: tuple[int, ...]  # the weight's shape in our layout, without L
+
+    def delta(self, layer: int | slice = slice(None)) -> np.ndarray:
+        """delta W in our layout, for one layer or all."""
+        a, b = self.a[layer], self.b[layer]
+        d = np.einsum("...ri,...or->...io", a, b) * np.float32(self.scale)
+        return d.reshape(*d.shape[:-2], *self.shape)
+
+
+def read_lora(path: str | Path, cfg: ModelConfig) -> dict[str, LoraFactors]:
+    """The adapter's factors per weight-tree key (only the projections it targets)."""
     path = Path(path)
     conf_file, tensors_file = path / "adapter_config.json", path / "adapter_model.safetensors"
     if not conf_file.is_file() or not tensors_file.is_file():
@@ -58,23 +77,30 @@ def read_lora(path: str | Path, cfg: ModelConfig) -> dict[str, np.ndarray]:
         pairs.setdefault((layer, m.group(2)), {})[m.group(3)] = a
     if not pairs:
         raise ConversionError(f"{tensors_file} holds no LoRA tensors")
-    deltas: dict[str, np.ndarray] = {}
+    out: dict[str, LoraFactors] = {}
     for (layer, module), ab in sorted(pairs.items()):
         key, shape, n_in = linears[module]
-        out, inp = hf_shape(shape, n_in)
+        n_out, n_inp = hf_shape(shape, n_in)
         if set(ab) != {"A", "B"}:
             raise ConversionError(f"{tensors_file}: layer {layer} {module} lacks lora_"
                                   f"{'B' if 'A' in ab else 'A'}")
         a, b = ab["A"], ab["B"]
-        if a.ndim != 2 or b.ndim != 2 or a.shape[1] != inp or b.shape[0] != out \
+        if a.ndim != 2 or b.ndim != 2 or a.shape[1] != n_inp or b.shape[0] != n_out \
                 or a.shape[0] != b.shape[1]:
             raise ConversionError(f"{tensors_file}: layer {layer} {module} has lora_A "
                                   f"{a.shape} and lora_B {b.shape}; the model needs "
-                                  f"[r, {inp}] and [{out}, r]")
-        if key not in deltas:
-            deltas[key] = np.zeros((cfg.num_layers, *shape), np.float32)
-        deltas[key][layer] = from_hf_matrix(scale(a.shape[0]) * (b @ a), shape)
-    return deltas
+                                  f"[r, {n_inp}] and [{n_out}, r]")
+        r = a.shape[0]
+        if key not in out:
+            L = cfg.num_layers
+            out[key] = LoraFactors(np.zeros((L, r, n_inp), np.float32),
+                                   np.zeros((L, n_out, r), np.float32), scale(r), shape)
+        f = out[key]
+        if f.a.shape[1] != r:
+            raise ConversionError(f"{tensors_file}: {module} has rank {r} in layer {layer} "
+                                  f"but {f.a.shape[1]} elsewhere")
+        f.a[layer], f.b[layer] = a, b
+    return out
 
 
 def _scale(conf: dict[str, Any], file: Path):
@@ -106,21 +132,36 @@ def _read_tensors(file: Path) -> dict[str, np.ndarray]:
         raise ConversionError(f"cannot read {file}: {e}") from e
 
 
-def merge_lora(weights: dict[str, Any], deltas: dict[str, np.ndarray]) -> dict[str, Any]:
-    """`weights` with the deltas added, each in its leaf's dtype and sharding (numpy
-    leaves stay numpy). Quantized leaves cannot take a delta: merge before quantizing."""
-    import jax
+def merge_lora(weights: dict[str, Any], adapter: dict[str, LoraFactors]) -> dict[str, Any]:
+    """`weights` with the adapter merged, each leaf in its dtype and sharding. numpy leaves
+    (conversion) take one layer's delta at a time; device arrays take the low-rank factors
+    and form the delta inside one jitted add (the weight donated), so no full-size delta
+    exists on the host. Quantized leaves cannot take a delta: merge before quantizing."""
     import jax.numpy as jnp
 
     layers = dict(weights["layers"])
-    for key, d in deltas.items():
+    for key, f in adapter.items():
         w = layers[key]
         if not hasattr(w, "dtype") or not jnp.issubdtype(w.dtype, jnp.floating):
             raise ConversionError(f"cannot merge a LoRA adapter into quantized weights "
                                   f"({key}); merge into the float checkpoint, then quantize")
         if isinstance(w, np.ndarray):
-            layers[key] = (w.astype(np.float32) + d).astype(w.dtype)
+            w = w.copy()
+            for i in range(w.shape[0]):
+                w[i] = (w[i].astype(np.float32) + f.delta(i)).astype(w.dtype)
+            layers[key] = w
         else:
-            layers[key] = jax.jit(lambda w, d: (w.astype(jnp.float32) + d).astype(w.dtype),
-                                  out_shardings=w.sharding)(w, jax.device_put(d, w.sharding))
+            layers[key] = _merge_jit(f.scale, f.shape, w.sharding)(w, f.a, f.b)
     return {**weights, "layers": layers}
+
+
+@functools.cache
+def _merge_jit(scale: float, shape: tuple[int, ...], sharding: Any):
+    import jax
+    import jax.numpy as jnp
+
+    def merge(w, a, b):
+        d = jnp.einsum("lri,lor->lio", a, b) * scale
+        return (w.astype(jnp.float32) + d.reshape(w.shape[0], *shape)).astype(w.dtype)
+
+    return jax.jit(merge, out_shardings=sharding, donate_argnums=0)
