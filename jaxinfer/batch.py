@@ -108,6 +108,9 @@ class _OpenAILine:
             raise api.validation_error(e.errors()[0]) from None
         if req.stream:
             raise api.ApiError(400, "stream is not supported in batch jobs", "stream")
+        if req.use_beam_search:
+            raise api.ApiError(400, "use_beam_search is not supported in batch jobs (the "
+                               "server and LLM.beam_search run it)", "use_beam_search")
         self.n = req.num_choices()
         kw: dict[str, Any] = dict(stop=req.stop_list(), constraint=req.constraint(),
                                   max_tokens=req.token_budget())

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import atexit
 import collections
+import concurrent.futures
 import dataclasses
 import hashlib
 import itertools
@@ -151,6 +152,13 @@ def _row_shardings(slots: KVCache) -> KVCache:
     kv = slots.k.spec
     row = N(slots.k.mesh, P(kv[0] if len(kv) else None, None, *kv[2:]))
     return KVCache(k=row, v=row, lengths=N(slots.k.mesh, P()))
+
+
+class _Job(NamedTuple):
+    """A callable to run on the device thread between turns (Engine.run_exclusive)."""
+
+    fn: Callable[[], Any]
+    future: concurrent.futures.Future
 
 
 @dataclasses.dataclass
@@ -573,6 +581,20 @@ class Engine:
         if now:
             self._complete(req, "cancelled")
 
+    def run_exclusive(self, fn: Callable[[], Any]) -> concurrent.futures.Future:
+        """Run `fn()` on the device thread between two turns (the slots wait meanwhile) and
+        return its Future: a whole-device job, such as a beam search, that must not race the
+        engine's own steps. A single-process engine only (followers replay turn events,
+        which cannot carry a callable)."""
+        if self._turns is not None:
+            raise BadRequestError("this is not available in multi-process runs")
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        with self._cv:
+            self._check_open()
+            self._inbox.append(_Job(fn, fut))
+            self._cv.notify_all()
+        return fut
+
     def _turn_events(self, turn: int, busy: bool) -> list[sync.Event]:
         """This turn's submits, cancels and shutdown: process 0 (or a single process)
         takes them from its inbox, waiting for work while idle, and publishes them; the
@@ -592,6 +614,13 @@ class Engine:
     def _apply(self, events: list[sync.Event]) -> bool:
         """Queue the turn's submits, apply its cancels; False at shutdown."""
         for e in events:
+            if isinstance(e, _Job):
+                if e.future.set_running_or_notify_cancel():
+                    try:
+                        e.future.set_result(e.fn())
+                    except Exception as err:  # the job's failure is its caller's
+                        e.future.set_exception(err)
+                continue
             if isinstance(e, sync.Close):
                 if e.error is not None:
                     raise DistributedError(e.error)
@@ -666,6 +695,7 @@ class Engine:
             left = ([r for r in self._slots if r is not None] + list(self._queue)
                     + list(self._submitted.values())
                     + ([self._partial.req] if self._partial is not None else []))
+            jobs = [e for e in self._inbox if isinstance(e, _Job)]
             self._partial = None
             self._queue.clear()
             self._submitted.clear()
@@ -673,6 +703,9 @@ class Engine:
             self._cv.notify_all()
         for r in left:
             r.publish(error=err)
+        for job in jobs:
+            if job.future.set_running_or_notify_cancel():
+                job.future.set_exception(err)
         if self._turns is not None:
             log.info("process %d: engine stopped: %d requests finished, token digest %s",
                      jax.process_index(), self.requests_finished, self.token_digest)

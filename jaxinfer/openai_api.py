@@ -101,6 +101,10 @@ class _Request(BaseModel):
     guided_regex: str | None = None
     guided_choice: list[str] | None = None
     guided_grammar: str | None = None  # a Lark grammar
+    # Beam search (vLLM's extension): n is the beam width, every beam a choice.
+    use_beam_search: bool = False
+    length_penalty: float | None = None
+    early_stopping: bool | None = None
 
     def constraint(self) -> Constraint | None:
         try:
@@ -189,6 +193,35 @@ class _Request(BaseModel):
         if tools is not None and tools.keeps_special_tokens:
             return dataclasses.replace(sp, skip_special_tokens=False)
         return sp
+
+    def beam_search(self) -> dict[str, Any] | None:
+        """LLM.beam_search's settings when `use_beam_search` (beam width = n, as in vLLM),
+        else None. What a beam search cannot honour is a 400: streaming, logprobs, stop
+        strings, structured output, tools, echo; sampling settings do not apply (beams
+        are scored, not sampled)."""
+        if not self.use_beam_search:
+            for name in ("length_penalty", "early_stopping"):
+                if getattr(self, name) is not None:
+                    raise ApiError(400, f"{name} needs use_beam_search", name)
+            return None
+        self.sampling()  # every field valid (and none unsupported), used or not
+        extra = self.model_extra or {}
+        refused = {"stream": self.stream, "stop": self.stop_list(),
+                   "logprobs": self.num_logprobs() is not None,
+                   "echo": getattr(self, "echo", False),
+                   "tools": getattr(self, "tools", None) or extra.get("tools"),
+                   "response_format": self.constraint() is not None}
+        for name, used in refused.items():
+            if used:
+                param = self.constraint_param() if name == "response_format" else name
+                raise ApiError(400, f"{param} cannot be combined with use_beam_search", param)
+        lp = 1.0 if self.length_penalty is None else self.length_penalty
+        if isinstance(lp, bool) or not isinstance(lp, (int, float)) or lp != lp \
+                or abs(lp) == float("inf"):
+            raise ApiError(400, f"length_penalty must be a finite number, got {lp!r}",
+                           "length_penalty")
+        return {"beam_width": self.num_choices(), "length_penalty": float(lp),
+                "early_stopping": bool(self.early_stopping)}
 
     def stop_list(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -487,6 +520,26 @@ def completion_body(rid: str, model: str, results: list[EngineResult], chat: boo
     return {"id": rid, "object": "chat.completion" if chat else "text_completion",
             "created": int(time.time()), "model": model, "choices": choices,
             "usage": usage_all(results, n), "metrics": _metrics(results)}
+
+
+def beam_body(rid: str, model: str, outs: list[Any], chat: bool) -> dict[str, Any]:
+    """A beam search's response: each prompt's beams, best first, as its n choices."""
+    choices = []
+    for out in outs:
+        for seq in out.sequences:
+            c: dict[str, Any] = {"index": len(choices), "finish_reason": seq.finish_reason,
+                                 "logprobs": None}
+            if chat:
+                c["message"] = {"role": "assistant", "content": seq.text}
+            else:
+                c["text"] = seq.text
+            choices.append(c)
+    prompt = sum(o.prompt_tokens for o in outs)
+    done = sum(len(s.token_ids) for o in outs for s in o.sequences)
+    return {"id": rid, "object": "chat.completion" if chat else "text_completion",
+            "created": int(time.time()), "model": model, "choices": choices,
+            "usage": {"prompt_tokens": prompt, "completion_tokens": done,
+                      "total_tokens": prompt + done}}
 
 
 def chat_message(text: str, finish_reason: str, tools: ToolCalling | None = None,

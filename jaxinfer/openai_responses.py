@@ -122,6 +122,9 @@ class ResponsesRequest(_Request):
         super().check_supported()
         if self.background:
             raise ApiError(400, "background responses are not supported", "background")
+        if self.use_beam_search:
+            raise ApiError(400, "use_beam_search is not supported by the Responses API; use "
+                           "/v1/chat/completions", "use_beam_search")
         if self.truncation not in (None, "disabled"):
             raise ApiError(400, f"truncation must be 'disabled', got {self.truncation!r}",
                            "truncation")

@@ -102,6 +102,10 @@ def create_app(engine: Engine, model_name: str, max_stored_responses: int = 1024
     async def completions(body: api.CompletionRequest):
         api.check_model(body.model, model_name)
         prompts = body.prompt_inputs()
+        beams = body.beam_search()
+        if beams is not None:
+            return await _beam_search(engine, body, beams, model_name,
+                                      [dict(prompt=p) for p in prompts], chat=False)
         reqs = await _submit(engine, body, [dict(prompt=p) for p in prompts],
                              body.token_budget())
         echo = None
@@ -133,6 +137,10 @@ def create_app(engine: Engine, model_name: str, max_stored_responses: int = 1024
     @app.post("/v1/chat/completions")
     async def chat_completions(body: api.ChatRequest):
         api.check_model(body.model, model_name)
+        beams = body.beam_search()
+        if beams is not None:
+            return await _beam_search(engine, body, beams, model_name, [dict(
+                messages=body.message_dicts(), chat_options=body.chat_options())], chat=True)
         tools = body.tool_calling(tool_call_parser)
         reqs = await _submit(engine, body, [dict(messages=body.message_dicts(),
                                                  chat_options=body.chat_options())],
@@ -185,6 +193,40 @@ def create_app(engine: Engine, model_name: str, max_stored_responses: int = 1024
         return {"id": rid, "object": "response", "deleted": True}
 
     return app
+
+
+async def _beam_search(engine: Engine, body: api._Request, beams: dict[str, Any], model: str,
+                       prompts: list[dict[str, Any]], chat: bool) -> dict[str, Any]:
+    """LLM.beam_search over the engine's weights, run on its device thread between turns
+    (Engine.run_exclusive: the slots wait meanwhile, as the search uses the whole device).
+    A chat request without max_tokens may fill the context."""
+    from jaxinfer.llm import LLM
+
+    def encode() -> list[list[int]]:
+        try:
+            return [engine.encode(**p) for p in prompts]
+        except (BadRequestError, TokenizerError) as e:
+            raise api.ApiError(400, str(e), next(iter(prompts[0]))) from e
+
+    ids = await asyncio.to_thread(encode)
+    longest = max(len(i) for i in ids)
+    budget = body.token_budget()
+    budget = engine.max_len - longest if budget is None else budget
+    if budget < 1 or longest + budget > engine.max_len:
+        raise api.ApiError(400, f"this engine's maximum context length is {engine.max_len} "
+                           f"tokens, but {longest + budget} were requested ({longest} in the "
+                           f"prompt, {budget} for the completion)", next(iter(prompts[0])),
+                           "context_length_exceeded")
+    llm = LLM(engine.cfg, engine.params, engine.tokenizer, engine.mesh, engine.impl,
+              engine.kv_dtype)
+    try:
+        fut = engine.run_exclusive(lambda: llm.beam_search(ids, max_new_tokens=budget, **beams))
+        outs = await asyncio.wrap_future(fut)
+    except BadRequestError as e:
+        raise api.ApiError(400, str(e), getattr(e, "param", None)) from e
+    except EngineClosedError as e:
+        raise api.ApiError(503, str(e), None, "engine_unavailable", "server_error") from e
+    return api.beam_body(api.new_id("chatcmpl" if chat else "cmpl"), model, outs, chat)
 
 
 async def _submit(engine: Engine, body: api._Request, prompts: list[dict[str, Any]],
