@@ -30,6 +30,12 @@ UNSUPPORTED = ("tools", "tool_choice", "functions", "function_call", "best_of", 
 DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 MAX_N = 16  # choices per prompt (each is an engine request)
 MAX_PROMPTS = 64  # prompts in one /v1/completions request
+# Fields that change which tokens are allowed or how they score: a beam search (scored by
+# the raw model's log-probabilities) would silently ignore them, so they are a 400 there.
+# Temperature, top_p/top_k/min_p and seed only shape sampling, which beams do not do.
+_BEAM_REFUSED = ("presence_penalty", "frequency_penalty", "repetition_penalty", "logit_bias",
+                 "stop_token_ids", "min_tokens", "ignore_eos", "allowed_token_ids",
+                 "bad_words", "truncate_prompt_tokens", "include_stop_str_in_output")
 SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "seed", "presence_penalty",
                    "frequency_penalty", "repetition_penalty", "logit_bias", "stop_token_ids",
                    "min_tokens", "ignore_eos", "skip_special_tokens",
@@ -211,6 +217,7 @@ class _Request(BaseModel):
                    "echo": getattr(self, "echo", False),
                    "tools": getattr(self, "tools", None) or extra.get("tools"),
                    "response_format": self.constraint() is not None}
+        refused |= {name: getattr(self, name) is not None for name in _BEAM_REFUSED}
         for name, used in refused.items():
             if used:
                 param = self.constraint_param() if name == "response_format" else name

@@ -86,6 +86,8 @@ def test_other_requests_are_served_alongside(url, engine):
     ("completions", {"length_penalty": "long"}, "length_penalty"),
     ("completions", {"max_tokens": 500}, "prompt"),  # over the 128-token context
     ("completions", {"temperature": -1}, "temperature"),
+    ("completions", {"min_tokens": 3}, "min_tokens"),
+    ("completions", {"logit_bias": {"5": 3}}, "logit_bias"),
     ("chat/completions", {"response_format": {"type": "json_object"}}, "response_format"),
 ])
 def test_what_beam_search_cannot_honour_is_400(url, path, body, param):
