@@ -106,3 +106,20 @@ def test_beam_fields_without_beam_search_and_elsewhere(url):
     r = requests.post(f"{url}/v1/responses", timeout=30,
                       json={"input": "x", "use_beam_search": True})
     assert r.status_code == 400 and r.json()["error"]["param"] == "use_beam_search"
+
+
+def test_smollm2_server_beams_equal_the_library(smollm2_checkpoint):
+    """On the real model the server's beams are LLM.beam_search's, which equal Hugging
+    Face's generate(num_beams=...) (tests/test_beam_search.py)."""
+    import jax.numpy as jnp
+
+    big = LLM.load(smollm2_checkpoint, dtype=jnp.float32)
+    msgs = [{"role": "user", "content": "Name a colour."}]
+    with Engine.from_llm(big, EngineConfig(num_slots=2, max_len=256)) as eng, \
+            BackgroundServer(create_app(eng, "smollm2")) as srv:
+        out = requests.post(f"{srv.url}/v1/chat/completions", timeout=300, json={
+            "messages": msgs, "max_tokens": 16, "n": 3, "use_beam_search": True}).json()
+        want = big.beam_search(eng.encode(messages=msgs), beam_width=3, max_new_tokens=16)
+    assert [(c["message"]["content"], c["finish_reason"]) for c in out["choices"]] == \
+        _shape(want)
+    print("SmolLM2 beams:", [c["message"]["content"] for c in out["choices"]])
