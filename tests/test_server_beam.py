@@ -123,3 +123,20 @@ def test_smollm2_server_beams_equal_the_library(smollm2_checkpoint):
     assert [(c["message"]["content"], c["finish_reason"]) for c in out["choices"]] == \
         _shape(want)
     print("SmolLM2 beams:", [c["message"]["content"] for c in out["choices"]])
+
+
+def test_run_exclusive(llm):
+    """A job runs on the device thread and hands back its result or its exception; a
+    closed engine refuses new jobs."""
+    from jaxinfer.engine import EngineClosedError
+
+    eng = Engine.from_llm(llm, EngineConfig(num_slots=1, max_len=64))
+    with eng:
+        assert eng.run_exclusive(lambda: threading.current_thread().name).result(30) == \
+            "jaxinfer-engine"
+        with pytest.raises(ZeroDivisionError):
+            eng.run_exclusive(lambda: 1 / 0).result(30)
+        req = eng.submit("abc", sampling=GREEDY, max_tokens=4)  # the loop goes on
+        assert req.result(timeout=60).finish_reason in ("stop", "length")
+    with pytest.raises(EngineClosedError):
+        eng.run_exclusive(lambda: None)
