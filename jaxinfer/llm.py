@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxinfer import beam_search, model, speculative
+from jaxinfer import embed as embed_mod
 from jaxinfer import generate as gen
 from jaxinfer.attention import default_impl
 from jaxinfer.checkpoint import load_checkpoint, load_quant_config
@@ -546,6 +547,38 @@ class LLM:
                 (len(toks) - 1) / dt if dt > 0 and len(toks) > 1 else 0.0, lps, prompt_lps,
                 acceptance_rate=accepted / (k * rounds) if rounds else 0.0,
                 num_speculative_tokens=k, verify_passes=rounds))
+
+    def embed(self, prompts: str | Sequence[int] | list, *, pooling: str = "last",
+              normalize: bool = True, dimensions: int | None = None) -> np.ndarray:
+        """Embedding vectors of one prompt ([D]) or a batch ([B, D]), float32: the final
+        hidden states pooled ("last" token, or "mean" over the prompt; embed.py), cut to
+        the first `dimensions` components, then scaled to unit length if `normalize`."""
+        if pooling not in embed_mod.POOLINGS:
+            raise BadRequestError(f"pooling must be one of {embed_mod.POOLINGS}, got "
+                                  f"{pooling!r}", "pooling")
+        if dimensions is not None and (isinstance(dimensions, bool) or not isinstance(
+                dimensions, int) or not 1 <= dimensions <= self.cfg.d_model):
+            raise BadRequestError(f"dimensions must be an integer in [1, {self.cfg.d_model}], "
+                                  f"got {dimensions!r}", "dimensions")
+        single = isinstance(prompts, str) or (
+            isinstance(prompts, Sequence) and prompts and isinstance(prompts[0], int))
+        batch = [self.encode(p) for p in ([prompts] if single else list(prompts))]
+        if not batch or any(not p for p in batch):
+            raise BadRequestError("no prompts given, or an empty one", "input")
+        chunks = []
+        for i in range(0, len(batch), embed_mod.MAX_BATCH):  # batches padded to buckets
+            part = batch[i:i + embed_mod.MAX_BATCH]
+            rows = part + [[self.cfg.pad_token_id]] * (gen.bucket(len(part), 1, 1 << 30)
+                                                       - len(part))
+            prompt_BT, lens_B, cache, _ = gen.prepare(rows, [1] * len(rows), self.cfg,
+                                                      self.kv_dtype, self.mesh)
+            chunks.append(np.asarray(jax.device_get(embed_mod.pooled(
+                self.params, prompt_BT, lens_B, cache, cfg=self.cfg, pooling=pooling,
+                impl=self.impl)))[:len(part)])
+        v = np.concatenate(chunks)[:, :dimensions]
+        if normalize:
+            v = v / np.maximum(np.linalg.norm(v, axis=-1, keepdims=True), 1e-12)
+        return v[0] if single else v
 
     def beam_search(self, prompts: str | Sequence[int] | list, beam_width: int = 4,
                     max_new_tokens: int = 64, *, length_penalty: float = 1.0,

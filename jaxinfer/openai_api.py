@@ -30,6 +30,7 @@ UNSUPPORTED = ("tools", "tool_choice", "functions", "function_call", "best_of", 
 DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 MAX_N = 16  # choices per prompt (each is an engine request)
 MAX_PROMPTS = 64  # prompts in one /v1/completions request
+MAX_EMBEDDING_INPUTS = 2048  # OpenAI's limit per /v1/embeddings request
 # Fields that change which tokens are allowed or how they score: a beam search (scored by
 # the raw model's log-probabilities) would silently ignore them, so they are a 400 there.
 # Temperature, top_p/top_k/min_p and seed only shape sampling, which beams do not do.
@@ -410,6 +411,46 @@ class TokenizeRequest(_ChatTemplateOptions):
         if self.prompt is not None:
             return {"prompt": self.prompt}
         return {"messages": message_dicts(self.messages), "chat_options": self.chat_options()}
+
+
+class EmbeddingRequest(BaseModel):
+    """OpenAI's /v1/embeddings: text or token ids, one or a list."""
+
+    model_config = ConfigDict(strict=True, extra="allow")
+    model: str | None = None
+    input: str | list[str] | list[int] | list[list[int]]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = None
+    user: str | None = None
+
+    def inputs(self) -> list[str | list[int]]:
+        p = self.input
+        items = p if isinstance(p, list) and p and isinstance(p[0], (str, list)) else [p]
+        if len(items) > MAX_EMBEDDING_INPUTS:
+            raise ApiError(400, f"at most {MAX_EMBEDDING_INPUTS} inputs per request, got "
+                           f"{len(items)}", "input")
+        if any(not q for q in items):
+            raise ApiError(400, "input is empty, or holds an empty item", "input")
+        return items
+
+
+def embedding_body(vectors, model: str, prompt_tokens: int, encoding_format: str
+                   ) -> dict[str, Any]:
+    """OpenAI's embeddings list; base64 is the float32 little-endian bytes, as the
+    official client (whose default it is) decodes them."""
+    import base64
+
+    import numpy as np
+
+    def enc(v):
+        if encoding_format == "base64":
+            return base64.b64encode(np.asarray(v, "<f4").tobytes()).decode()
+        return [float(x) for x in v]
+
+    return {"object": "list", "model": model,
+            "data": [{"object": "embedding", "index": i, "embedding": enc(v)}
+                     for i, v in enumerate(vectors)],
+            "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens}}
 
 
 class DetokenizeRequest(BaseModel):

@@ -3,7 +3,7 @@
     python scripts/serve.py --port 8000        # binds 127.0.0.1 unless --host says so
     POST /v1/completions, /v1/chat/completions (stream: true -> server-sent events ending
     with `data: [DONE]`), /v1/responses (OpenAI's Responses API, openai_responses.py;
-    GET and DELETE /v1/responses/{id} for stored ones),
+    GET and DELETE /v1/responses/{id} for stored ones), /v1/embeddings,
     GET /v1/models, /health, /metrics (Prometheus text);
     POST /tokenize, /detokenize (vLLM's: token ids as the engine counts them)
 
@@ -115,6 +115,37 @@ def create_app(engine: Engine, model_name: str, max_stored_responses: int = 1024
         return await _respond(reqs, body, model_name, chat=False, tokenizer=engine.tokenizer,
                               echo=echo)
 
+    @app.post("/v1/embeddings")
+    async def embeddings(body: api.EmbeddingRequest):
+        """Last-token pooled, unit-length embeddings (LLM.embed), computed on the device
+        thread between the engine's turns."""
+        api.check_model(body.model, model_name)
+        inputs = body.inputs()
+
+        def encode() -> list[list[int]]:
+            try:
+                ids = [engine.encode(prompt=p) for p in inputs]
+            except (BadRequestError, TokenizerError) as e:
+                raise api.ApiError(400, str(e), "input") from e
+            longest = max(len(i) for i in ids)
+            if longest >= engine.max_len:
+                raise api.ApiError(400, f"this engine's maximum context length is "
+                                   f"{engine.max_len} tokens, but an input has {longest}",
+                                   "input", "context_length_exceeded")
+            return ids
+
+        ids = await asyncio.to_thread(encode)
+        llm = _llm(engine)
+        try:
+            fut = engine.run_exclusive(lambda: llm.embed(ids, dimensions=body.dimensions))
+            vectors = await asyncio.wrap_future(fut)
+        except BadRequestError as e:
+            raise api.ApiError(400, str(e), getattr(e, "param", None)) from e
+        except EngineClosedError as e:
+            raise api.ApiError(503, str(e), None, "engine_unavailable", "server_error") from e
+        return api.embedding_body(vectors, model_name, sum(map(len, ids)),
+                                  body.encoding_format)
+
     @app.post("/tokenize")
     async def tokenize(body: api.TokenizeRequest):
         api.check_model(body.model, model_name)
@@ -195,13 +226,20 @@ def create_app(engine: Engine, model_name: str, max_stored_responses: int = 1024
     return app
 
 
+def _llm(engine: Engine):
+    """The library front end over the engine's weights (whole-device jobs: beam search,
+    embeddings)."""
+    from jaxinfer.llm import LLM
+
+    return LLM(engine.cfg, engine.params, engine.tokenizer, engine.mesh, engine.impl,
+               engine.kv_dtype)
+
+
 async def _beam_search(engine: Engine, body: api._Request, beams: dict[str, Any], model: str,
                        prompts: list[dict[str, Any]], chat: bool) -> dict[str, Any]:
     """LLM.beam_search over the engine's weights, run on its device thread between turns
     (Engine.run_exclusive: the slots wait meanwhile, as the search uses the whole device).
     A chat request without max_tokens may fill the context."""
-    from jaxinfer.llm import LLM
-
     def encode() -> list[list[int]]:
         try:
             return [engine.encode(**p) for p in prompts]
@@ -217,8 +255,7 @@ async def _beam_search(engine: Engine, body: api._Request, beams: dict[str, Any]
                            f"tokens, but {longest + budget} were requested ({longest} in the "
                            f"prompt, {budget} for the completion)", next(iter(prompts[0])),
                            "context_length_exceeded")
-    llm = LLM(engine.cfg, engine.params, engine.tokenizer, engine.mesh, engine.impl,
-              engine.kv_dtype)
+    llm = _llm(engine)
     try:
         fut = engine.run_exclusive(lambda: llm.beam_search(ids, max_new_tokens=budget, **beams))
         outs = await asyncio.wrap_future(fut)
