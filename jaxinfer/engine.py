@@ -587,7 +587,8 @@ class Engine:
         engine's own steps. A single-process engine only (followers replay turn events,
         which cannot carry a callable)."""
         if self._turns is not None:
-            raise BadRequestError("this is not available in multi-process runs")
+            raise BadRequestError("whole-device jobs (beam search, embeddings) are not "
+                                  "available in multi-process runs")
         fut: concurrent.futures.Future = concurrent.futures.Future()
         with self._cv:
             self._check_open()
