@@ -60,6 +60,7 @@ from jaxinfer.attention import default_impl
 from jaxinfer.config import ModelConfig
 from jaxinfer.errors import BadRequestError, ConfigError, DistributedError, JaxinferError
 from jaxinfer.kv_cache import KVCache, cache_shardings, init_cache
+from jaxinfer.lora import LoraStack
 from jaxinfer.metrics import EngineMetrics
 from jaxinfer.output_text import TextOutput
 from jaxinfer.prefix_cache import PrefixCache, block_digests
@@ -191,7 +192,8 @@ class Engine:
     def __init__(self, params, cfg: ModelConfig, tokenizer: Tokenizer,
                  config: EngineConfig | None = None, impl: str | None = None, kv_dtype=None,
                  mesh: jax.sharding.Mesh | None = None, draft: Any = None,
-                 num_speculative_tokens: int = 4, ngram_size: int = 3):
+                 num_speculative_tokens: int = 4, ngram_size: int = 3,
+                 lora: LoraStack | None = None, adapter_names: Sequence[str] = ()):
         """`params` may hold quantized weights (QArray); kv_dtype "int8" keeps the slots'
         and the prefix pool's K/V in int8 with per-token scales (default: compute dtype).
         With `mesh` (the one `params` are sharded over) the slots' cache is sharded like
@@ -201,7 +203,11 @@ class Engine:
         step is a speculative round (engine_spec.py): the draft proposes
         `num_speculative_tokens` per slot, the target verifies them in one pass, and each
         slot emits 1..k+1 tokens; greedy output is the target's, sampling keeps its
-        distribution. A slot then needs k + 1 spare cache positions."""
+        distribution. A slot then needs k + 1 spare cache positions.
+
+        With `lora` (a lora.LoraStack; `adapter_names` names its adapters 1..A) each
+        request may name an adapter (`submit(adapter=)`); every decode step serves all
+        slots' adapters at once. Not with a draft."""
         self.cfg, self.params, self.tokenizer = cfg, params, tokenizer
         self.impl = impl or default_impl()
         self.config = config = config or EngineConfig()
@@ -216,6 +222,13 @@ class Engine:
         device = next(iter(jax.tree.leaves(params["embed"])[0].devices()))  # QArray too
         self.mesh = mesh
         self._spec = self._speculative_settings(draft, num_speculative_tokens, ngram_size)
+        self.adapters, self.adapter_names = lora, list(adapter_names)
+        if lora is not None and self._spec is not None:
+            raise ConfigError("LoRA adapters do not combine with speculative decoding (the "
+                              "draft would propose for the base model)")
+        if lora is not None and lora.num_adapters != len(self.adapter_names) + 1:
+            raise ConfigError(f"{len(self.adapter_names)} adapter names for a stack of "
+                              f"{lora.num_adapters - 1} adapters")
         self._reserve = 0 if self._spec is None else num_speculative_tokens + 1
         self.spec_proposed = self.spec_accepted = 0  # draft tokens, all requests
         self._eos_E = eos_E = np.asarray(eos or [-1], np.int32)
@@ -224,7 +237,8 @@ class Engine:
         self._compiles = CompileCounter().__enter__()
         if self._spec is None:
             self._state = core.init_decode_state(cfg, config.num_slots, self.max_len,
-                                                 self.kv_dtype, eos_E, device, mesh)
+                                                 self.kv_dtype, eos_E, device, mesh,
+                                                 lora=lora is not None)
         else:
             dw = self._spec.weights
             self._state = engine_spec.init_state(
@@ -276,7 +290,8 @@ class Engine:
         """An engine over a loaded LLM (its weights, mesh, KV dtype); `draft` as in
         __init__ (an LLM or "ngram"), or a draft checkpoint directory to load."""
         return cls(llm.params, llm.cfg, llm.tokenizer, config, llm.impl, llm.kv_dtype,
-                   llm.mesh, llm.load_draft(draft), num_speculative_tokens, ngram_size)
+                   llm.mesh, llm.load_draft(draft), num_speculative_tokens, ngram_size,
+                   llm.adapters, llm.adapter_names)
 
     def _plan_memory(self, config: EngineConfig, device: jax.Device, mesh) -> EngineConfig:
         """Check that the slots' cache and the prefix pool fit the memory the devices have
@@ -424,16 +439,18 @@ class Engine:
                sampling: SamplingParams | None = None, max_tokens: int | None = None,
                stop: str | Sequence[str] = (), on_finish: Callable[[Request], None] | None
                = None, block: bool = False, constraint: Constraint | None = None,
-               _warmup: bool = False) -> Request:
+               adapter: str | None = None, _warmup: bool = False) -> Request:
         """Queue a request. `max_tokens` None fills the slot. Raises BadRequestError
         (ContextLengthError) for bad input and EngineOverloadedError when the queue is
         full, unless `block` waits for room. `on_finish` runs on the engine thread. With
         `constraint` (structured.py) the output matches a JSON schema, regex, choice or
-        grammar. In a multi-process run only process 0 submits (NotLeaderError
+        grammar. `adapter` names a LoRA adapter the engine was built with (None: the base
+        model). In a multi-process run only process 0 submits (NotLeaderError
         elsewhere)."""
         if not self.is_leader:
             raise NotLeaderError(f"process {jax.process_index()} follows process 0's engine; "
                                  "submit requests on process 0")
+        adapter_id = self.adapter_index(adapter)
         ids = self.encode(prompt, messages, chat_options)
         if sampling is not None:
             ids = sampling.truncate(ids)
@@ -476,14 +493,24 @@ class Engine:
                 self._check_open()
             req = Request(self._next_id, ids, sampling, int(max_tokens),
                           tuple(s for s in stop if s), self._cancel, on_finish, _warmup)
-            req.constraint, req.matcher = constraint, matcher
+            req.constraint, req.matcher, req.adapter = constraint, matcher, adapter_id
             self._next_id += 1
             self._submitted[req.id] = req
             self._inbox.append(sync.Submit(req.id, ids, sampling, req.max_tokens, req.stop,
                                            _warmup, None if constraint is None
-                                           else constraint.to_json()))
+                                           else constraint.to_json(), adapter_id))
             self._cv.notify_all()
         return req
+
+    def adapter_index(self, adapter: str | None) -> int:
+        """The stack index of LoRA adapter `adapter` (0 for None); BadRequestError if the
+        engine has no such adapter."""
+        if adapter is None:
+            return 0
+        if adapter not in self.adapter_names:
+            raise BadRequestError(f"unknown LoRA adapter {adapter!r} (loaded: "
+                                  f"{self.adapter_names or 'none'})", "adapter")
+        return self.adapter_names.index(adapter) + 1
 
     def generate(self, prompts: Sequence[str | Sequence[int]], **kw: Any) -> list[EngineResult]:
         """Submit a batch (waiting for queue room) and return results in order."""
@@ -632,6 +659,7 @@ class Engine:
                 if req is None:  # a follower: its own copy of process 0's request
                     req = Request(e.id, e.prompt_ids, e.sampling, e.max_tokens, e.stop,
                                   self._cancel, None, e.warmup)
+                    req.adapter = e.adapter
                     if e.constraint is not None:
                         req.constraint = Constraint.from_json(e.constraint)
                         req.matcher = self._grammars.matcher(req.constraint)
@@ -670,8 +698,8 @@ class Engine:
                            for r in self._slots)
                 if self._decoding and self._spec is None:
                     self._state, out, lp = core.generate_step(
-                        self.params, self._state, np.bool_(want), self._masks(), cfg=self.cfg,
-                        impl=self.impl)
+                        self.params, self._state, np.bool_(want), self._masks(), self.adapters,
+                        cfg=self.cfg, impl=self.impl)
                 elif self._decoding and not self._masked_rows():
                     sp = self._spec
                     self._state, out, lp = engine_spec.step(
@@ -802,7 +830,7 @@ class Engine:
         ids, n = req.prompt_ids, len(req.prompt_ids)
         hit, digests = 0, []
         if self._prefix is not None:
-            digests = block_digests(ids, self._prefix.block)
+            digests = block_digests(ids, self._prefix.block, req.adapter)
             scored = req.sampling.prompt_logprobs is not None  # needs every position's logits
             hit = 0 if req.warmup or scored else self._prefix.match(digests, n)
             row = self._prefix.load(digests, hit)
@@ -831,16 +859,18 @@ class Engine:
             self._grammars.fill(req.matcher, allowed, 0)
         args = (p.sampling, p.prompt_mask_1V, recent_tokens(ids)[None],
                 np.array([req.max_tokens], np.int32), np.bool_(want), allowed, self._eos_E)
+        lora = {} if self.adapters is None else dict(
+            lora=self.adapters, adapter_1=np.array([req.adapter], np.int32))
         if req.sampling.prompt_logprobs is None:
             prefix = core.prefill(self.params, tokens_1T, np.array([take], np.int32), p.row,
-                                  *args, cfg=self.cfg, impl=self.impl)
+                                  *args, cfg=self.cfg, impl=self.impl, **lora)
         else:  # score the chunk: position t predicts prompt token p.done + t + 1
             targets = ids[p.done + 1:p.done + take + 1]
             targets_1T = np.zeros((1, T), np.int32)
             targets_1T[0, :len(targets)] = targets
             prefix, lp = core.prefill_scored(self.params, tokens_1T,
                                              np.array([take], np.int32), p.row, targets_1T,
-                                             *args, cfg=self.cfg, impl=self.impl)
+                                             *args, cfg=self.cfg, impl=self.impl, **lora)
             lp = to_host(lp)
             if p.done == 0:
                 req.prompt_logprobs.append(None)  # the first token has no context

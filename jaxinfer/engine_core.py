@@ -18,7 +18,9 @@ a request's row is a one-row cache [L, 1, K, S, H]. The prefix-cache pool holds 
 is folded with the row's own generated-token count (`num_generated_B`), so a seeded request
 samples the same tokens whatever slot it lands in and whoever its neighbours are. `mask_BW`
 and `mask_1W` are int32 bitmasks of the tokens each row may sample (structured.py); all
-ones for an unconstrained row.
+ones for an unconstrained row. With LoRA adapters (lora.py) the prefills take the stack
+and the request's adapter (`adapter_1`), which `insert` records in the slot
+(`adapter_B`) for generate_step.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from jaxinfer import generate as gen
 from jaxinfer import model
 from jaxinfer.config import ModelConfig
 from jaxinfer.kv_cache import KVCache, cache_shardings, init_cache
+from jaxinfer.lora import LoraStack
 from jaxinfer.sampling import (
     IDLE_ROW,
     NO_ID,
@@ -63,11 +66,13 @@ class Prefix:
     max_new_1: jax.Array  # i32[1] token budget, the first token included
     logprobs: Logprobs  # of token_1 (zeros unless asked for)
     recent_1R: jax.Array  # i32[1, RECENT] the prompt's last tokens and token_1 (bad words)
+    adapter_1: jax.Array | None = None  # i32[1] its LoRA adapter, with adapters loaded
 
 
 def init_decode_state(cfg: ModelConfig, num_slots: int, max_len: int, dtype,
                       eos_E: jax.Array, device: jax.Device | None,
-                      mesh: jax.sharding.Mesh | None = None) -> gen.DecodeState:
+                      mesh: jax.sharding.Mesh | None = None, lora: bool = False
+                      ) -> gen.DecodeState:
     """B empty slots, all done: a step over them computes nothing anyone reads. Committed
     to `device`, or under `mesh` with the cache sharded like `LLM.generate`'s (slots over
     `data`, KV heads over `model`) and the rest replicated, as every later state (a jit
@@ -82,7 +87,8 @@ def init_decode_state(cfg: ModelConfig, num_slots: int, max_len: int, dtype,
         prompt_mask_BV=jnp.zeros((B, cfg.vocab_size), bool),
         sampling=SamplingArrays.from_params([IDLE_ROW] * B), eos_E=jnp.asarray(eos_E, jnp.int32),
         output_BM=jnp.zeros((B, 1), jnp.int32),  # unused: the host reads each step's tokens
-        recent_BR=jnp.full((B, RECENT), NO_ID, jnp.int32))
+        recent_BR=jnp.full((B, RECENT), NO_ID, jnp.int32),
+        adapter_B=zeros_B() if lora else None)
     return dataclasses.replace(jax.device_put(state, placement(device, mesh)),
                                cache=slots_cache(cfg, B, max_len, dtype, device, mesh))
 
@@ -140,13 +146,15 @@ def put_row(dst: KVCache, src: KVCache, slot: jax.Array) -> KVCache:
 def prefill(weights: Weights, tokens_1T: jax.Array, num_new_1: jax.Array, row: KVCache,
             sampling: SamplingArrays, prompt_mask_1V: jax.Array, recent_1R: jax.Array,
             max_new_1: jax.Array, want_logprobs: jax.Array, mask_1W: jax.Array,
-            eos_E: jax.Array, cfg: ModelConfig, impl: str = "xla") -> Prefix:
+            eos_E: jax.Array, cfg: ModelConfig, impl: str = "xla",
+            lora: LoraStack | None = None, adapter_1: jax.Array | None = None) -> Prefix:
     """Write a request's (padded) prompt tokens after the row's cached prefix and sample
     its first token exactly as `generate.start` does (step 0, zero counts; `recent_1R` is
     the whole prompt's tail, sampling.recent_tokens)."""
-    logits_1V, row = model.prefill(weights, tokens_1T, num_new_1, row, cfg, impl)
+    logits_1V, row = model.prefill(weights, tokens_1T, num_new_1, row, cfg, impl, lora,
+                                   adapter_1)
     return _first_token(logits_1V, row, sampling, prompt_mask_1V, recent_1R, max_new_1,
-                        want_logprobs, mask_1W, eos_E, cfg)
+                        want_logprobs, mask_1W, eos_E, cfg, adapter_1)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "impl"), donate_argnames=("row",))
@@ -154,25 +162,26 @@ def prefill_scored(weights: Weights, tokens_1T: jax.Array, num_new_1: jax.Array,
                    row: KVCache, targets_1T: jax.Array, sampling: SamplingArrays,
                    prompt_mask_1V: jax.Array, recent_1R: jax.Array, max_new_1: jax.Array,
                    want_logprobs: jax.Array, mask_1W: jax.Array, eos_E: jax.Array,
-                   cfg: ModelConfig, impl: str = "xla") -> tuple[Prefix, Logprobs]:
+                   cfg: ModelConfig, impl: str = "xla", lora: LoraStack | None = None,
+                   adapter_1: jax.Array | None = None) -> tuple[Prefix, Logprobs]:
     """`prefill` that also scores the prompt: at each of the T positions, log p(target)
     with targets_1T[0, t] the prompt token after position t, and the likeliest tokens
     (prompt_logprobs). A separate program, compiled only once somebody asks: it unembeds
     every position, [T, V] logits instead of one row."""
-    x, row = model.hidden_states(weights, tokens_1T, row, cfg, impl)
+    x, row = model.hidden_states(weights, tokens_1T, row, cfg, impl, lora, adapter_1)
     logits_TV = model.unembed(weights, x[0])
     scored = step_logprobs(logits_TV, targets_1T[0], jnp.bool_(True))
     last = jnp.clip(num_new_1[0] - 1, 0, tokens_1T.shape[1] - 1)
     prefix = _first_token(logits_TV[last][None], row.with_lengths(row.lengths + num_new_1),
                           sampling, prompt_mask_1V, recent_1R, max_new_1, want_logprobs,
-                          mask_1W, eos_E, cfg)
+                          mask_1W, eos_E, cfg, adapter_1)
     return prefix, scored
 
 
 def _first_token(logits_1V: jax.Array, row: KVCache, sampling: SamplingArrays,
                  prompt_mask_1V: jax.Array, recent_1R: jax.Array, max_new_1: jax.Array,
                  want_logprobs: jax.Array, mask_1W: jax.Array, eos_E: jax.Array,
-                 cfg: ModelConfig) -> Prefix:
+                 cfg: ModelConfig, adapter_1: jax.Array | None = None) -> Prefix:
     counts_1V = jnp.zeros((1, cfg.vocab_size), jnp.int32)
     step_1 = jnp.zeros((1,), jnp.int32)
     allowed = ban_words(ban_ends(apply_bitmask(logits_1V, mask_1W), eos_E, sampling, step_1),
@@ -181,7 +190,8 @@ def _first_token(logits_1V: jax.Array, row: KVCache, sampling: SamplingArrays,
     return Prefix(cache=row, token_1=token_1, prompt_mask_1V=prompt_mask_1V,
                   sampling=sampling, max_new_1=max_new_1,
                   logprobs=step_logprobs(logits_1V, token_1, want_logprobs),
-                  recent_1R=push_recent(recent_1R, token_1, jnp.ones((1,), bool)))
+                  recent_1R=push_recent(recent_1R, token_1, jnp.ones((1,), bool)),
+                  adapter_1=adapter_1)
 
 
 @functools.partial(jax.jit, donate_argnames=("state",))
@@ -192,6 +202,9 @@ def insert(prefix: Prefix, state: gen.DecodeState, slot: jax.Array) -> gen.Decod
     is_eos = ends_row(prefix.token_1, state.eos_E, prefix.sampling)[0]
     max_new = prefix.max_new_1[0]
     V = state.counts_BV.shape[1]
+    if state.adapter_B is not None:
+        state = dataclasses.replace(
+            state, adapter_B=state.adapter_B.at[slot].set(prefix.adapter_1[0]))
     return dataclasses.replace(
         state, cache=cache, tokens_B=state.tokens_B.at[slot].set(tok),
         num_generated_B=state.num_generated_B.at[slot].set(1),

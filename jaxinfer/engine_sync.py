@@ -43,6 +43,7 @@ class Submit:
     stop: tuple[str, ...]
     warmup: bool
     constraint: dict | None = None  # structured.Constraint.to_json()
+    adapter: int = 0  # LoRA adapter index (0: none)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -5,6 +5,8 @@ The functional core is three jitted functions over a donated `DecodeState`:
     step(weights, state, want_logprobs) -> (state, out_2B, Logprobs)   one token per row
                                                                        (streaming path)
     run_loop(weights, state, n)   -> state             lax.while_loop, no host round trip
+Each takes `lora` (a lora.LoraStack) where adapters are loaded; `start` records each row's
+adapter (`adapter_B`) in the state, which the later steps read.
 Shapes are bucketed (prompt length, cache length, output length) so new prompt lengths
 inside a bucket reuse compiled code, and sampling parameters are traced arrays.
 """
@@ -21,6 +23,7 @@ import numpy as np
 from jaxinfer.config import ModelConfig
 from jaxinfer.errors import BadRequestError
 from jaxinfer.kv_cache import KVCache, cache_shardings, init_cache
+from jaxinfer.lora import LoraStack
 from jaxinfer.model import decode_logits, hidden_states, unembed
 from jaxinfer.sampling import (
     MAX_LOGPROBS,
@@ -67,6 +70,7 @@ class DecodeState:
     logprobs_out: tuple[jax.Array, jax.Array, jax.Array] | None = None
     # With prompt_logprobs: the same over the prompt, [B, T]: position t scores token t + 1.
     prompt_logprobs_out: tuple[jax.Array, jax.Array, jax.Array] | None = None
+    adapter_B: jax.Array | None = None  # i32[B] each row's LoRA adapter (0: none), with LoRA
 
 
 def _advance(state: DecodeState, logits_BV: jax.Array, cache: KVCache,
@@ -106,13 +110,17 @@ def _advance(state: DecodeState, logits_BV: jax.Array, cache: KVCache,
 def start(weights: Weights, prompt_BT: jax.Array, prompt_len_B: jax.Array, cache: KVCache,
           sampling: SamplingArrays, max_new_B: jax.Array, eos_E: jax.Array, cfg: ModelConfig,
           max_out: int, impl: str = "xla", logprobs: bool = False,
-          mask_BW: jax.Array | None = None, prompt_logprobs: bool = False) -> DecodeState:
+          mask_BW: jax.Array | None = None, prompt_logprobs: bool = False,
+          lora: LoraStack | None = None, adapter_B: jax.Array | None = None) -> DecodeState:
     """Prefill right-padded prompts into an empty cache and sample each row's first token
     (from the tokens `mask_BW` allows, if given). With `logprobs` the state also records
     every token's logprob and top alternatives; with `prompt_logprobs`, every prompt
-    token's (unembedding each position: one row's [T, V] logits at a time)."""
+    token's (unembedding each position: one row's [T, V] logits at a time). With `lora`,
+    row b runs adapter adapter_B[b] (default: none) now and in every later step."""
     B, T = prompt_BT.shape
-    x, cache = hidden_states(weights, prompt_BT, cache, cfg, impl)
+    if lora is not None and adapter_B is None:
+        adapter_B = jnp.zeros((B,), jnp.int32)
+    x, cache = hidden_states(weights, prompt_BT, cache, cfg, impl, lora, adapter_B)
     last = jnp.clip(prompt_len_B - 1, 0, T - 1)
     logits = unembed(weights, jnp.take_along_axis(x, last[:, None, None], axis=1)[:, 0])
     cache = cache.with_lengths(cache.lengths + prompt_len_B)
@@ -125,7 +133,8 @@ def start(weights: Weights, prompt_BT: jax.Array, prompt_len_B: jax.Array, cache
         done_B=jnp.zeros((B,), bool), finish_eos_B=jnp.zeros((B,), bool),
         counts_BV=jnp.zeros((B, cfg.vocab_size), jnp.int32), prompt_mask_BV=prompt_mask,
         sampling=sampling, eos_E=eos_E, output_BM=jnp.zeros((B, max_out), jnp.int32),
-        recent_BR=recent_tails(prompt_BT, prompt_len_B))
+        recent_BR=recent_tails(prompt_BT, prompt_len_B),
+        adapter_B=None if lora is None else adapter_B)
     if logprobs:
         N = min(MAX_LOGPROBS, cfg.vocab_size)
         state.logprobs_out = (jnp.zeros((B, max_out), jnp.float32),
@@ -144,40 +153,43 @@ def start(weights: Weights, prompt_BT: jax.Array, prompt_len_B: jax.Array, cache
 
 
 def _step_logits(weights: Weights, state: DecodeState, cfg: ModelConfig, impl: str,
-                 mask_BW: jax.Array | None = None) -> tuple[DecodeState, jax.Array]:
+                 mask_BW: jax.Array | None = None, lora: LoraStack | None = None
+                 ) -> tuple[DecodeState, jax.Array]:
     """One decode step, and the raw logits; `mask_BW` restricts what may be sampled
     (structured output)."""
-    logits, cache = decode_logits(weights, state.tokens_B, state.cache, cfg, impl)
+    logits, cache = decode_logits(weights, state.tokens_B, state.cache, cfg, impl, lora,
+                                  state.adapter_B)
     # Rows already done must not grow: undo their length increment.
     cache = cache.with_lengths(jnp.where(state.done_B, state.cache.lengths, cache.lengths))
     return _advance(state, logits, cache, mask_BW), logits
 
 
-def _step(weights: Weights, state: DecodeState, cfg: ModelConfig, impl: str) -> DecodeState:
-    return _step_logits(weights, state, cfg, impl)[0]
+def _step(weights: Weights, state: DecodeState, cfg: ModelConfig, impl: str,
+          lora: LoraStack | None = None) -> DecodeState:
+    return _step_logits(weights, state, cfg, impl, lora=lora)[0]
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "impl"), donate_argnames=("state",))
 def step(weights: Weights, state: DecodeState, want_logprobs: jax.Array,
-         mask_BW: jax.Array | None = None, *, cfg: ModelConfig, impl: str = "xla"
-         ) -> tuple[DecodeState, jax.Array, Logprobs]:
+         mask_BW: jax.Array | None = None, lora: LoraStack | None = None, *,
+         cfg: ModelConfig, impl: str = "xla") -> tuple[DecodeState, jax.Array, Logprobs]:
     """One decode step, each row drawing from the tokens its `mask_BW` row allows (int32
     bitmask words, structured.py; None: any). Also returns i32[2, B] (token, done) as a
     fresh buffer that the host can read while the next step (which donates `state`) is
     already running, and the tokens' raw log-probabilities, computed only if
     `want_logprobs` (bool[], traced: asking never recompiles; pass an np.bool_ so the
     argument's type never changes)."""
-    state, logits = _step_logits(weights, state, cfg, impl, mask_BW)
+    state, logits = _step_logits(weights, state, cfg, impl, mask_BW, lora)
     lp = step_logprobs(logits, state.tokens_B, want_logprobs)
     return state, jnp.stack([state.tokens_B, state.done_B.astype(jnp.int32)]), lp
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "impl"), donate_argnames=("state",))
-def run_loop(weights: Weights, state: DecodeState, cfg: ModelConfig, impl: str = "xla"
-             ) -> DecodeState:
+def run_loop(weights: Weights, state: DecodeState, cfg: ModelConfig, impl: str = "xla",
+             lora: LoraStack | None = None) -> DecodeState:
     """Decode until every row is done, on device, with no host round trip per token."""
     return jax.lax.while_loop(lambda s: ~jnp.all(s.done_B),
-                              lambda s: _step(weights, s, cfg, impl), state)
+                              lambda s: _step(weights, s, cfg, impl, lora), state)
 
 
 def validate_lengths(prompt_len: int, max_new_tokens: int, cfg: ModelConfig) -> None:

@@ -10,13 +10,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxinfer import lora
 from jaxinfer.config import ModelConfig
 from jaxinfer.quant import is_qarray, qdot
 
 
 def dot(x: jax.Array, w, eq: str, **kw) -> jax.Array:
     """`einsum(eq, x, w)` where `w` may be a quantized QArray (dequantized inside the dot,
-    so the packed integers are what is read from memory)."""
+    so the packed integers are what is read from memory) or a LoraLinear (each row's
+    adapter delta added, lora.py)."""
+    if isinstance(w, lora.LoraLinear):
+        y = dot(x, w.base, eq, **kw)
+        return (y.astype(jnp.float32) + lora.delta(x, w, y.shape[2:])).astype(y.dtype)
     return qdot(eq, x, w, **kw) if is_qarray(w) else jnp.einsum(eq, x, w, **kw)
 
 

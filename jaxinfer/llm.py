@@ -31,6 +31,7 @@ from jaxinfer.checkpoint import load_checkpoint, load_quant_config
 from jaxinfer.config import ModelConfig
 from jaxinfer.errors import BadRequestError, ConfigError
 from jaxinfer.kv_cache import KVCache, cache_shardings, init_cache
+from jaxinfer.lora import LoraStack
 from jaxinfer.memory import device_bytes
 from jaxinfer.output_text import TextOutput, find_stop
 from jaxinfer.quant import QuantConfig
@@ -124,6 +125,12 @@ def _check_sampling(sampling: list[SamplingParams], max_new: list[int],
         p.check_lengths(m)
 
 
+def _no_adapter_with_draft(adapter_B: np.ndarray | None) -> None:
+    if adapter_B is not None:
+        raise BadRequestError("LoRA adapters do not combine with speculative decoding (the "
+                              "draft would propose for the base model)", "adapter")
+
+
 def _prompt_logprobs(scored: tuple | None, prompts: list[list[int]],
                      sampling: list[SamplingParams]) -> list[list[TokenLogprob | None] | None]:
     """Each row's prompt_logprobs (None for the first token), if it asked, from a start's
@@ -162,13 +169,16 @@ class LLM:
         self.eos = np.array(sorted(set(cfg.eos_token_ids) | set(tokenizer.eos_ids)) or [-1],
                             np.int32)
         self._grammars: Grammars | None = None  # structured output, built on first use
+        self.adapters: LoraStack | None = None  # per-request LoRA adapters (add_adapters)
+        self.adapter_names: list[str] = []  # adapter i + 1 of the stack
 
     @classmethod
     def load(cls, checkpoint: str | Path | None = None, dtype: Any = None,
              mesh: str | jax.sharding.Mesh | None = None, fsdp: bool = False,
              impl: str | None = None, quantize: str | QuantConfig | None = None,
              group_size: int | None = None,
-             kv_dtype: Any = None, lora: str | Path | None = None) -> LLM:
+             kv_dtype: Any = None, lora: str | Path | None = None,
+             lora_modules: dict[str, str | Path] | None = None) -> LLM:
         """Load an Orbax checkpoint directory (default: the embedded SmolLM2 model).
 
         With a mesh ('data:2,model:4' or a Mesh), every weight is restored straight into
@@ -177,7 +187,8 @@ class LLM:
         `group_size` for int4, or a quant.QuantConfig) quantizes a float one on load.
         kv_dtype="int8" keeps the KV cache in int8 with per-token scales (default: the
         compute dtype). `lora`: a PEFT LoRA adapter directory merged into the float
-        weights (before `quantize`; convert/lora.py).
+        weights (before `quantize`; convert/lora.py). `lora_modules` ({name: PEFT
+        directory}) loads adapters unmerged, for requests to pick by name (`add_adapters`).
         """
         if checkpoint is None:
             from jaxinfer import default_model
@@ -207,7 +218,50 @@ class LLM:
         if qc is not None:
             params = quantize_weights(params, qc, qshardings)
         tokenizer = load_tokenizer(Path(checkpoint) / "tokenizer")
-        return cls(cfg, params, tokenizer, mesh, impl, kv_dtype)
+        llm = cls(cfg, params, tokenizer, mesh, impl, kv_dtype)
+        if lora_modules:
+            llm.add_adapters(lora_modules)
+        return llm
+
+    def add_adapters(self, modules: dict[str, str | Path]) -> None:
+        """Load PEFT LoRA adapters by name, unmerged (vLLM's --lora-modules): a generation
+        names one per row (`adapter=`), rows of different adapters and of none share a
+        batch, and switching adapters never recompiles (lora.py). Restacks every adapter
+        (the stack's shape, so the compiled programs, change once here)."""
+        from jaxinfer.convert.lora import read_lora, stack_adapters
+
+        for name in modules:
+            if not isinstance(name, str) or not name or name in self.adapter_names:
+                raise ConfigError(f"LoRA adapter name {name!r} is empty or already loaded")
+        read = [read_lora(p, self.cfg) for p in modules.values()]
+        prior = getattr(self, "_adapter_factors", [])
+        stack = stack_adapters(prior + read, self.dtype)
+        place = (None if self.mesh is None else jax.sharding.NamedSharding(
+            self.mesh, jax.sharding.PartitionSpec()))  # small: every device holds all
+        self.adapters = jax.device_put(stack, place) if place is not None else stack
+        self._adapter_factors = prior + read
+        self.adapter_names = self.adapter_names + list(modules)
+        self.weight_bytes = device_bytes(self.params) + device_bytes(self.adapters)
+
+    def _adapter_ids(self, adapter: str | Sequence[str | None] | None, n: int
+                     ) -> np.ndarray | None:
+        """Each row's adapter index (0: none) from `adapter` (one name for every row, or a
+        list with one per row); None when no row has one."""
+        names = list(adapter) if isinstance(adapter, (list, tuple)) else [adapter] * n
+        if len(names) != n:
+            raise BadRequestError(f"adapter must be a name or a list of {n} (name or None), "
+                                  f"got {adapter!r}", "adapter")
+        ids = []
+        for a in names:
+            if a is not None and a not in self.adapter_names:
+                raise BadRequestError(f"unknown LoRA adapter {a!r} (loaded: "
+                                      f"{self.adapter_names or 'none'})", "adapter")
+            ids.append(0 if a is None else self.adapter_names.index(a) + 1)
+        return np.asarray(ids, np.int32) if any(ids) else None
+
+    def _lora(self, state: gen.DecodeState) -> LoraStack | None:
+        """The adapters a generation started with (`_start` records ids only if any)."""
+        return None if state.adapter_B is None else self.adapters
 
     # ---- the pure functions ----------------------------------------------------------
     @property
@@ -247,7 +301,8 @@ class LLM:
         return self.tokenizer.encode(prompt)
 
     def _start(self, prompts: list[list[int]], sampling: list[SamplingParams],
-               max_new: list[int], matchers: list | None = None) -> gen.DecodeState:
+               max_new: list[int], matchers: list | None = None,
+               adapter_B: np.ndarray | None = None) -> gen.DecodeState:
         prompt_BT, lens_B, cache, M = gen.prepare(prompts, max_new, self.cfg, self.kv_dtype,
                                                   self.mesh)
         self.kv_cache_bytes = device_bytes(cache)  # the last generation's cache (memory.py)
@@ -257,7 +312,8 @@ class LLM:
                          impl=self.impl,
                          logprobs=any(p.logprobs is not None for p in sampling),
                          mask_BW=self._masks(matchers or []),
-                         prompt_logprobs=any(p.prompt_logprobs is not None for p in sampling))
+                         prompt_logprobs=any(p.prompt_logprobs is not None for p in sampling),
+                         lora=None if adapter_B is None else self.adapters, adapter_B=adapter_B)
 
     # ---- structured output -------------------------------------------------------------
     def _matchers(self, constraint: Constraint | Sequence[Constraint | None] | None,
@@ -315,18 +371,23 @@ class LLM:
                 return state, complete
             mask = self._masks(matchers)
             if mask is None:
-                return gen.run_loop(self.params, state, cfg=self.cfg, impl=self.impl), complete
-            state, out, _ = gen.step(self.params, state, np.bool_(False), mask, cfg=self.cfg,
-                                     impl=self.impl)
+                return gen.run_loop(self.params, state, cfg=self.cfg, impl=self.impl,
+                                    lora=self._lora(state)), complete
+            state, out, _ = gen.step(self.params, state, np.bool_(False), mask,
+                                     self._lora(state), cfg=self.cfg, impl=self.impl)
 
     # ---- batch generation (jitted while loop) ------------------------------------------
     def generate(self, prompts: str | Sequence[int] | list, sampling: SamplingParams | list
                  | None = None, max_new_tokens: int | list[int] = 64, stop: Sequence[str] = (),
                  chat: bool = False, draft: LLM | str | None = None,
                  num_speculative_tokens: int = 4, ngram_size: int = 3,
-                 constraint: Constraint | Sequence[Constraint | None] | None = None
+                 constraint: Constraint | Sequence[Constraint | None] | None = None,
+                 adapter: str | Sequence[str | None] | None = None
                  ) -> Completion | list[Completion]:
         """Generate for one prompt or a batch; all rows decode together on device.
+
+        With `adapter` (the name of a LoRA adapter loaded by `add_adapters`, or a list
+        with one per row, None for the base model) each row runs its own adapter.
 
         With `constraint` (a `structured.Constraint` for every row, or a list with one per
         row, None for a free row) the output matches a JSON schema, regex, choice or
@@ -351,12 +412,14 @@ class LLM:
         _check_sampling(sp, mn, self.cfg.vocab_size, stop, len(ids))
         ids = [s.truncate(i) for s, i in zip(sp, ids, strict=True)]
         matchers = self._matchers(constraint, len(ids))
+        adapter_B = self._adapter_ids(adapter, len(ids))
         if draft is not None:
+            _no_adapter_with_draft(adapter_B)
             res = self._speculate(ids, sp, mn, stop, draft, num_speculative_tokens, ngram_size,
                                   matchers)
             return res[0] if single else res
         t0 = time.perf_counter()
-        state = self._start(ids, sp, mn, matchers)
+        state = self._start(ids, sp, mn, matchers, adapter_B)
         state.tokens_B.block_until_ready()
         ttft = time.perf_counter() - t0
         prompt_lps = _prompt_logprobs(state.prompt_logprobs_out, ids, sp)
@@ -365,7 +428,8 @@ class LLM:
         if any(m is not None for m in matchers):
             state, complete = self._decode_constrained(state, matchers, sp)
         else:
-            state = gen.run_loop(self.params, state, cfg=self.cfg, impl=self.impl)
+            state = gen.run_loop(self.params, state, cfg=self.cfg, impl=self.impl,
+                                 lora=self._lora(state))
         out, n, eos, lp = to_host((state.output_BM, state.num_generated_B,
                                    state.finish_eos_B, state.logprobs_out))
         dt = time.perf_counter() - t0 - ttft
@@ -429,7 +493,7 @@ class LLM:
                max_new_tokens: int = 64, stop: Sequence[str] = (), chat: bool = False,
                result: list[Completion] | None = None, constraint: Constraint | None = None,
                draft: LLM | str | None = None, num_speculative_tokens: int = 4,
-               ngram_size: int = 3) -> Iterator[str]:
+               ngram_size: int = 3, adapter: str | None = None) -> Iterator[str]:
         """Yield text deltas as tokens are produced. If `result` is a list, the final
         Completion is appended to it. The next step is dispatched before the host reads
         the current token, so detokenizing overlaps device work (not under a
@@ -440,12 +504,15 @@ class LLM:
         t0 = time.perf_counter()
         _check_sampling([sampling], [max_new_tokens], self.cfg.vocab_size, stop)
         matchers = self._matchers(constraint, 1)
+        adapter_B = self._adapter_ids(adapter, 1)
         if draft is not None:
+            _no_adapter_with_draft(adapter_B)
             yield from self._stream_speculative(ids, sampling, max_new_tokens, stop, result,
                                                 matchers, draft, num_speculative_tokens,
                                                 ngram_size, t0)
             return
-        state = self._start([ids], [sampling], [max_new_tokens], matchers)
+        state = self._start([ids], [sampling], [max_new_tokens], matchers, adapter_B)
+        lora = self._lora(state)
         prompt_lps = _prompt_logprobs(state.prompt_logprobs_out, [ids], [sampling])[0]
         state = dataclasses.replace(state, prompt_logprobs_out=None)
         pending = jnp.stack([state.tokens_B, state.done_B.astype(jnp.int32)])
@@ -457,8 +524,8 @@ class LLM:
             # Dispatch step n+1 first; reading token n then overlaps its compute. After the
             # last token this costs one wasted step on a frozen (done) row.
             if matchers[0] is None:
-                state, nxt, _ = gen.step(self.params, state, np.bool_(False), cfg=self.cfg,
-                                         impl=self.impl)
+                state, nxt, _ = gen.step(self.params, state, np.bool_(False), None, lora,
+                                         cfg=self.cfg, impl=self.impl)
             tok, done = (int(x) for x in to_host(pending)[:, 0])
             if not toks:
                 ttft = time.perf_counter() - t0
@@ -475,7 +542,8 @@ class LLM:
                 break
             if matchers[0] is not None:
                 state, nxt, _ = gen.step(self.params, state, np.bool_(False),
-                                         self._masks(matchers), cfg=self.cfg, impl=self.impl)
+                                         self._masks(matchers), lora, cfg=self.cfg,
+                                         impl=self.impl)
             pending = nxt
         dt = time.perf_counter() - t0 - ttft
         if result is not None:

@@ -4,6 +4,9 @@
     prefill(weights, tokens_BT, num_new_B, cache, cfg) -> logits_BV at each row's last token
     decode_step(weights, tokens_B, cache, cfg) -> logits_BV
 
+Each also takes `lora` (a lora.LoraStack of adapters) and `adapter_B` (i32[B], each row's
+adapter; 0 = none): the adapters' deltas are added beside the base projections.
+
 New tokens are written at positions cache.lengths[b] + t, so `prefill` on a non-empty
 cache continues a sequence (prefix caching, chunked prefill, speculative verification).
 Layers run under `lax.scan`; the stacked cache rides in the scan carry and is updated in
@@ -21,6 +24,7 @@ from jaxinfer.attention import attention
 from jaxinfer.config import ModelConfig
 from jaxinfer.kv_cache import KVCache, read_kv, write_kv
 from jaxinfer.layers import apply_rope, dot, mlp, rms_norm, rope_frequencies
+from jaxinfer.lora import LoraStack, bind
 from jaxinfer.quant import take_rows
 from jaxinfer.weights import Weights
 
@@ -41,11 +45,14 @@ def qkv(cfg: ModelConfig, w: Weights, h_BTD: jax.Array, pos_BT: jax.Array
     return apply_rope(q, pos_BT, inv_freq), apply_rope(k, pos_BT, inv_freq), v
 
 
-def _block(cfg: ModelConfig, impl: str, carry, xs):
+def _block(cfg: ModelConfig, impl: str, adapter_B: jax.Array | None, carry, xs):
     """One decoder layer. carry = (x_BTD, k [L,B,K,S,H], v, k/v scales [L,B,K,S] or None,
-    positions_BT, rows_B1)."""
+    positions_BT, rows_B1); xs = (the layer's weights, its index, its adapters' (a, b) or
+    None)."""
     x, ck, cv, ks, vs, pos_BT, rows_B1 = carry
-    w, i = xs
+    w, i, ab = xs
+    if ab is not None:
+        w = bind(w, *ab, adapter_B)
     with jax.named_scope("attention"):
         q, k, v = qkv(cfg, w, rms_norm(x, w["attn_norm"], cfg.rms_norm_eps), pos_BT)
         # Scatter the new K/V of every row at its own positions; out-of-range slots drop.
@@ -64,7 +71,8 @@ def _block(cfg: ModelConfig, impl: str, carry, xs):
 
 
 def hidden_states(weights: Weights, tokens_BT: jax.Array, cache: KVCache, cfg: ModelConfig,
-                  impl: str = "xla") -> tuple[jax.Array, KVCache]:
+                  impl: str = "xla", lora: LoraStack | None = None,
+                  adapter_B: jax.Array | None = None) -> tuple[jax.Array, KVCache]:
     """Final-norm hidden states [B, T, D] and the cache with the new K/V written.
 
     cache.lengths is NOT advanced here: callers know how many of the T tokens are real.
@@ -75,10 +83,14 @@ def hidden_states(weights: Weights, tokens_BT: jax.Array, cache: KVCache, cfg: M
     pos_BT = cache.lengths[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
     rows_B1 = jnp.arange(B, dtype=jnp.int32)[:, None]
     layer_ids = jnp.arange(cfg.num_layers, dtype=jnp.int32)
+    ab = None
+    if lora is not None:
+        ab = (lora.a, lora.b)
+        adapter_B = jnp.zeros((B,), jnp.int32) if adapter_B is None else adapter_B
     (x, ck, cv, ks, vs, _, _), _ = jax.lax.scan(
-        functools.partial(_block, cfg, impl),
+        functools.partial(_block, cfg, impl, adapter_B),
         (x, cache.k, cache.v, cache.k_scale, cache.v_scale, pos_BT, rows_B1),
-        (weights["layers"], layer_ids))
+        (weights["layers"], layer_ids, ab))
     x = rms_norm(x, weights["final_norm"], cfg.rms_norm_eps)
     return x, KVCache(k=ck, v=cv, lengths=cache.lengths, k_scale=ks, v_scale=vs)
 
@@ -93,31 +105,34 @@ def unembed(weights: Weights, x_BxD: jax.Array) -> jax.Array:
 
 @functools.partial(jax.jit, static_argnames=("cfg", "impl"), donate_argnames=("cache",))
 def forward(weights: Weights, tokens_BT: jax.Array, cache: KVCache, cfg: ModelConfig,
-            impl: str = "xla") -> tuple[jax.Array, KVCache]:
+            impl: str = "xla", lora: LoraStack | None = None,
+            adapter_B: jax.Array | None = None) -> tuple[jax.Array, KVCache]:
     """Logits for all T positions [B, T, V]; advances every row by T."""
-    x, cache = hidden_states(weights, tokens_BT, cache, cfg, impl)
+    x, cache = hidden_states(weights, tokens_BT, cache, cfg, impl, lora, adapter_B)
     cache = cache.with_lengths(cache.lengths + tokens_BT.shape[1])
     return unembed(weights, x), cache
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "impl"), donate_argnames=("cache",))
 def prefill(weights: Weights, tokens_BT: jax.Array, num_new_B: jax.Array, cache: KVCache,
-            cfg: ModelConfig, impl: str = "xla") -> tuple[jax.Array, KVCache]:
+            cfg: ModelConfig, impl: str = "xla", lora: LoraStack | None = None,
+            adapter_B: jax.Array | None = None) -> tuple[jax.Array, KVCache]:
     """Write a (padded) chunk of prompt tokens; logits [B, V] at each row's last real token.
 
     tokens_BT is right-padded to a bucket length T; num_new_B (i32[B]) counts the real
     tokens per row. Padding K/V lands beyond the new lengths and is overwritten later.
     """
-    x, cache = hidden_states(weights, tokens_BT, cache, cfg, impl)
+    x, cache = hidden_states(weights, tokens_BT, cache, cfg, impl, lora, adapter_B)
     last = jnp.clip(num_new_B - 1, 0, tokens_BT.shape[1] - 1)
     x_BD = jnp.take_along_axis(x, last[:, None, None], axis=1)[:, 0]
     return unembed(weights, x_BD), cache.with_lengths(cache.lengths + num_new_B)
 
 
 def decode_logits(weights: Weights, tokens_B: jax.Array, cache: KVCache, cfg: ModelConfig,
-                  impl: str = "xla") -> tuple[jax.Array, KVCache]:
+                  impl: str = "xla", lora: LoraStack | None = None,
+                  adapter_B: jax.Array | None = None) -> tuple[jax.Array, KVCache]:
     """One token per row (unjitted body, for use inside larger jitted loops)."""
-    x, cache = hidden_states(weights, tokens_B[:, None], cache, cfg, impl)
+    x, cache = hidden_states(weights, tokens_B[:, None], cache, cfg, impl, lora, adapter_B)
     return unembed(weights, x[:, 0]), cache.with_lengths(cache.lengths + 1)
 
 

@@ -58,6 +58,7 @@ class Request:
         self.cancel_requested = False
         # Engine-thread state.
         self.cancel_seen = False  # the engine applied the cancel (at a turn boundary)
+        self.adapter = 0  # LoRA adapter index in the engine's stack (0: none)
         self.constraint: Any = None  # structured.Constraint, and its llguidance matcher
         self.matcher: Any = None
         self.token_ids: list[int] = []

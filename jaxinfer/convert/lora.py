@@ -4,8 +4,9 @@
     params = merge_lora(params, adapter)          # W + (alpha / r) * B @ A, in our layout
 
 A PEFT LoRA adapter is the usual product of fine-tuning a released model; merged, it costs
-nothing at inference (vLLM's per-request multi-LoRA is not built here). The deltas are HF
-[out, in] matrices and go through the same layout table as HF weights
+nothing at inference. Several adapters served side by side, each request picking one
+(vLLM's multi-LoRA), are stacked unmerged instead: `stack_adapters` -> lora.LoraStack.
+The deltas are HF [out, in] matrices and go through the same layout table as HF weights
 (`safetensors.hf_linears`). Supported: LoRA on any of the seven projections of each layer,
 `use_rslora` (alpha / sqrt(r)); refused with a ConversionError naming the file: DoRA, LoRA
 biases, embedding or lm_head adapters, `modules_to_save`, per-module rank or alpha patterns,
@@ -27,6 +28,7 @@ import numpy as np
 from jaxinfer.config import ModelConfig
 from jaxinfer.convert.safetensors import hf_linears, hf_shape
 from jaxinfer.errors import ConversionError
+from jaxinfer.lora import LoraStack
 
 _KEY = re.compile(r"(?:base_model\.model\.)?model\.layers\.(\d+)\.([a-z_]+\.[a-z_]+)"
                   r"\.lora_([AB])(?:\.[A-Za-z0-9_-]+)?\.weight")
@@ -165,3 +167,29 @@ def _merge_jit(scale: float, shape: tuple[int, ...], sharding: Any):
         return (w.astype(jnp.float32) + d.reshape(w.shape[0], *shape)).astype(w.dtype)
 
     return jax.jit(merge, out_shardings=sharding, donate_argnums=0)
+
+
+def stack_adapters(adapters: list[dict[str, LoraFactors]], dtype) -> LoraStack:
+    """Adapters 1..A (0 is the zero adapter) as one LoraStack in `dtype`: the union of
+    their projections, ranks zero-padded to the largest, scales folded into b. An adapter
+    that leaves a projection alone has zero factors there."""
+    import jax.numpy as jnp
+
+    if not adapters:
+        raise ValueError("stack_adapters needs at least one adapter")
+    keys = sorted(set().union(*adapters))
+    R = max(f.a.shape[1] for ad in adapters for f in ad.values())
+    a_out, b_out = {}, {}
+    for key in keys:
+        L, _, n_in = next(ad[key] for ad in adapters if key in ad).a.shape
+        n_out = next(ad[key] for ad in adapters if key in ad).b.shape[1]
+        a = np.zeros((L, len(adapters) + 1, n_in, R), np.float32)
+        b = np.zeros((L, len(adapters) + 1, R, n_out), np.float32)
+        for j, ad in enumerate(adapters, 1):
+            if key in ad:
+                f = ad[key]
+                r = f.a.shape[1]
+                a[:, j, :, :r] = f.a.transpose(0, 2, 1)
+                b[:, j, :r, :] = f.b.transpose(0, 2, 1) * np.float32(f.scale)
+        a_out[key], b_out[key] = jnp.asarray(a, dtype), jnp.asarray(b, dtype)
+    return LoraStack(a=a_out, b=b_out)
