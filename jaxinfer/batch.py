@@ -3,6 +3,7 @@
 Input, one JSON object a line:
     {"id": "q1", "prompt": "Once upon a time", "max_tokens": 64, "temperature": 0}
     {"id": 7, "messages": [{"role": "user", "content": "Hi"}], "stop": ["\\n"], "seed": 1}
+    {"id": 8, "prompt": "SELECT", "adapter": "sql"}     a LoRA adapter loaded by name
 Output, one line per input line, in completion order:
     {"id": "q1", "text": ..., "token_ids": [...], "finish_reason": "length",
      "usage": {...}, "metrics": {...}}
@@ -15,8 +16,9 @@ gets {"id": ..., "custom_id": "r1", "response": {"status_code": 200, "request_id
 "body": <the server's response body>}, "error": null}; a bad request gets status 400 and
 OpenAI's error body. Such a line's body alone sets its parameters (OpenAI's defaults, not
 the job's), `n` choices and `echo` included; `stream` is refused. A body's `model` must be the job's
-model (`model_name`, default the checkpoint's name), as the server requires: every line is
-checked before any runs, since error lines would count as done on a rerun.
+model (`model_name`, default the checkpoint's name) or one of its LoRA adapters
+(`lora_modules`), as the server requires: every line's model or adapter is checked before
+any runs, since error lines would count as done on a rerun.
 
 Resuming: ids (or custom_ids) already present in the output are skipped, and a torn last
 line (a killed run) is cut off first, so rerunning the same command finishes the job with
@@ -51,8 +53,8 @@ from jaxinfer.tool_calls import PARSERS as TOOL_PARSERS
 SAMPLING_FIELDS = (*api.SAMPLING_FIELDS, "logprobs", "prompt_logprobs")
 CONSTRAINT_FIELDS = ("response_format", "guided_json", "guided_regex", "guided_choice",
                      "guided_grammar")  # structured output, as the server takes them
-_KNOWN = {"id", "prompt", "messages", "max_tokens", "stop", "metadata", *SAMPLING_FIELDS,
-          *CONSTRAINT_FIELDS}
+_KNOWN = {"id", "prompt", "messages", "max_tokens", "stop", "metadata", "adapter",
+          *SAMPLING_FIELDS, *CONSTRAINT_FIELDS}
 
 
 @dataclasses.dataclass
@@ -86,7 +88,7 @@ class _OpenAILine:
                  tool_call_parser: str | None = None,
                  reasoning: ReasoningParser | None = None):
         self.custom_id, self.engine = obj["custom_id"], engine
-        self.model, self.req = model, None
+        self.model, self.served, self.req = model, model, None
         self.n, self.scoring_only, self.echo = 1, False, None
         self.tool_call_parser, self.reasoning = tool_call_parser, reasoning
         self.tools = None  # a chat line's tool settings
@@ -112,8 +114,10 @@ class _OpenAILine:
             raise api.ApiError(400, "use_beam_search is not supported in batch jobs (the "
                                "server and LLM.beam_search run it)", "use_beam_search")
         self.n = req.num_choices()
+        adapter = api.check_model(req.model, self.model, self.engine.adapter_names)
+        self.served = adapter or self.model
         kw: dict[str, Any] = dict(stop=req.stop_list(), constraint=req.constraint(),
-                                  max_tokens=req.token_budget())
+                                  max_tokens=req.token_budget(), adapter=adapter)
         if isinstance(req, rs.ResponsesRequest):
             if req.previous_response_id is not None:
                 raise api.ApiError(400, "previous_response_id is not supported in batch jobs "
@@ -157,21 +161,22 @@ class _OpenAILine:
         if self.scoring_only:
             results = [api.scored_only(r) for r in results]
         if isinstance(self.req, rs.ResponsesRequest):
-            build = rs.ResponseBuilder(self.req, self.model, tools=self.tools,
+            build = rs.ResponseBuilder(self.req, self.served, tools=self.tools,
                                        reasoning=self.reasoning)
             body = build.final(results[0], self.engine.tokenizer)
             return self.record(200, body, body["id"])
         chat = isinstance(self.req, api.ChatRequest)
         rid = api.new_id("chatcmpl" if chat else "cmpl")
         return self.record(200, api.completion_body(
-            rid, self.model, results, chat, self.engine.tokenizer, self.n, self.echo,
+            rid, self.served, results, chat, self.engine.tokenizer, self.n, self.echo,
             [r.prompt_ids for r in reqs], self.tools, self.reasoning), rid)
 
 
-def _count_lines(path: Path, model: str) -> int:
+def _count_lines(path: Path, model: str, adapters: list[str]) -> int:
     """Non-blank lines of the input. A BadRequestError, before anything is written, if an
-    OpenAI-format line asks for another model: as error lines they would all count as done
-    and a rerun under the right --model_name would skip them."""
+    OpenAI-format line asks for another model or a line for an adapter not loaded: as
+    error lines they would all count as done and a rerun under the right --model_name or
+    --lora_modules would skip them."""
     total = 0
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
@@ -184,9 +189,14 @@ def _count_lines(path: Path, model: str) -> int:
                 continue  # an error line of its own, later
             body = obj.get("body") if isinstance(obj, dict) and "custom_id" in obj else None
             asked = body.get("model") if isinstance(body, dict) else None
-            if isinstance(asked, str) and asked != model:
+            if isinstance(asked, str) and asked != model and asked not in adapters:
                 raise BadRequestError(f"line {lineno} asks for model {asked!r}; this job "
-                                      f"serves {model!r} (--model_name names it)", "model")
+                                      f"serves {model!r} (--model_name names it) and LoRA "
+                                      f"adapters {adapters} (--lora_modules)", "model")
+            adapter = obj.get("adapter") if isinstance(obj, dict) else None
+            if isinstance(adapter, str) and adapter not in adapters:
+                raise BadRequestError(f"line {lineno} asks for LoRA adapter {adapter!r}; "
+                                      f"this job has {adapters} (--lora_modules)", "adapter")
     return total
 
 
@@ -248,6 +258,11 @@ def parse_request(obj: Any, defaults: dict[str, Any]) -> dict[str, Any]:
     constraint = from_openai(*(obj.get(k) for k in CONSTRAINT_FIELDS))
     if constraint is not None:
         kw["constraint"] = constraint
+    if obj.get("adapter") is not None:
+        if not isinstance(obj["adapter"], str):
+            raise BadRequestError(f"adapter must be a LoRA adapter's name, got "
+                                  f"{obj['adapter']!r}")
+        kw["adapter"] = obj["adapter"]
     return kw
 
 
@@ -300,7 +315,7 @@ def run_batch(engine: Engine, input_path: str | Path, output_path: str | Path,
     in_flight: dict[Request, _Line] = {}  # each live request -> its line
     seen: set[str] = set()
     model = model_name or engine.cfg.name
-    total = _count_lines(input_path, model)
+    total = _count_lines(input_path, model, engine.adapter_names)
     from tqdm import tqdm
 
     bar = tqdm(total=total, file=sys.stderr, disable=not progress, unit="req",

@@ -13,6 +13,7 @@ import dataclasses
 import json
 import time
 import uuid
+from collections.abc import Sequence
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
@@ -64,11 +65,18 @@ def validation_error(err: dict[str, Any]) -> ApiError:
                     loc[0] if loc else None)
 
 
-def check_model(requested: str | None, served: str) -> None:
-    """A 404 (OpenAI's model_not_found) unless the request names the served model or none."""
-    if requested is not None and requested != served:
-        raise ApiError(404, f"model {requested!r} does not exist; this server serves "
-                       f"{served!r}", "model", "model_not_found")
+def check_model(requested: str | None, served: str, adapters: Sequence[str] = ()
+                ) -> str | None:
+    """The LoRA adapter a request names as its model (vLLM's convention), None for the
+    base model; a 404 (OpenAI's model_not_found) unless it names the served model, one of
+    its adapters, or none."""
+    if requested is None or requested == served:
+        return None
+    if requested in adapters:
+        return requested
+    also = f" and LoRA adapters {list(adapters)}" if adapters else ""
+    raise ApiError(404, f"model {requested!r} does not exist; this server serves "
+                   f"{served!r}{also}", "model", "model_not_found")
 
 
 def error_body(message: str, type_: str = "invalid_request_error", param: str | None = None,

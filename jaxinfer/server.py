@@ -92,34 +92,45 @@ def create_app(engine: Engine, model_name: str, max_stored_responses: int = 1024
         return PlainTextResponse(engine.prometheus(),
                                  media_type="text/plain; version=0.0.4; charset=utf-8")
 
+    def model_of(body: Any, base_only: str | None = None) -> tuple[str | None, str]:
+        """(the LoRA adapter the body's model names or None, the model id to answer
+        with); `base_only` names a feature that runs the base model only (a 400 with an
+        adapter)."""
+        adapter = api.check_model(body.model, model_name, engine.adapter_names)
+        if adapter is not None and base_only is not None:
+            raise api.ApiError(400, f"{base_only} runs the base model only, not LoRA adapter "
+                               f"{adapter!r}", "model")
+        return adapter, adapter or model_name
+
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": model_name, "object": "model",
-                                            "created": created, "owned_by": "jaxinfer",
-                                            "max_model_len": engine.max_len}]}
+        base = {"id": model_name, "object": "model", "created": created,
+                "owned_by": "jaxinfer", "max_model_len": engine.max_len}
+        return {"object": "list", "data": [base] + [
+            dict(base, id=a, parent=model_name) for a in engine.adapter_names]}
 
     @app.post("/v1/completions")
     async def completions(body: api.CompletionRequest):
-        api.check_model(body.model, model_name)
-        prompts = body.prompt_inputs()
         beams = body.beam_search()
+        adapter, served = model_of(body, None if beams is None else "beam search")
+        prompts = body.prompt_inputs()
         if beams is not None:
             return await _beam_search(engine, body, beams, model_name,
                                       [dict(prompt=p) for p in prompts], chat=False)
         reqs = await _submit(engine, body, [dict(prompt=p) for p in prompts],
-                             body.token_budget())
+                             body.token_budget(), adapter=adapter)
         echo = None
         if body.echo:
             tok = engine.tokenizer
             echo = [p if isinstance(p, str) else tok.decode(p) for p in prompts]
-        return await _respond(reqs, body, model_name, chat=False, tokenizer=engine.tokenizer,
+        return await _respond(reqs, body, served, chat=False, tokenizer=engine.tokenizer,
                               echo=echo)
 
     @app.post("/v1/embeddings")
     async def embeddings(body: api.EmbeddingRequest):
         """Last-token pooled, unit-length embeddings (LLM.embed), computed on the device
         thread between the engine's turns."""
-        api.check_model(body.model, model_name)
+        model_of(body, "embeddings")
         inputs = body.inputs()
 
         def encode() -> list[list[int]]:
@@ -148,7 +159,7 @@ def create_app(engine: Engine, model_name: str, max_stored_responses: int = 1024
 
     @app.post("/tokenize")
     async def tokenize(body: api.TokenizeRequest):
-        api.check_model(body.model, model_name)
+        model_of(body)  # an adapter shares the base model's tokenizer
         inputs = body.inputs()
         try:
             ids = await asyncio.to_thread(engine.encode, **inputs)
@@ -158,7 +169,7 @@ def create_app(engine: Engine, model_name: str, max_stored_responses: int = 1024
 
     @app.post("/detokenize")
     async def detokenize(body: api.DetokenizeRequest):
-        api.check_model(body.model, model_name)
+        model_of(body)
         bad = [t for t in body.tokens if not 0 <= t < engine.cfg.vocab_size]
         if bad:
             raise api.ApiError(400, f"token id {bad[0]} is outside the vocabulary of "
@@ -167,21 +178,21 @@ def create_app(engine: Engine, model_name: str, max_stored_responses: int = 1024
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: api.ChatRequest):
-        api.check_model(body.model, model_name)
         beams = body.beam_search()
+        adapter, served = model_of(body, None if beams is None else "beam search")
         if beams is not None:
             return await _beam_search(engine, body, beams, model_name, [dict(
                 messages=body.message_dicts(), chat_options=body.chat_options())], chat=True)
         tools = body.tool_calling(tool_call_parser)
         reqs = await _submit(engine, body, [dict(messages=body.message_dicts(),
                                                  chat_options=body.chat_options())],
-                             body.token_budget(), tools)
-        return await _respond(reqs, body, model_name, chat=True, tokenizer=engine.tokenizer,
+                             body.token_budget(), tools, adapter)
+        return await _respond(reqs, body, served, chat=True, tokenizer=engine.tokenizer,
                               tools=tools, reasoning=body.reasoning_parser(reasoning, tools))
 
     @app.post("/v1/responses")
     async def responses(body: rs.ResponsesRequest):
-        api.check_model(body.model, model_name)
+        adapter, served = model_of(body)
         history = ([] if body.previous_response_id is None
                    else stored.history(body.previous_response_id))
         tools = body.tool_calling(tool_call_parser)
@@ -191,12 +202,12 @@ def create_app(engine: Engine, model_name: str, max_stored_responses: int = 1024
         try:
             reqs = await _submit(engine, body, [dict(messages=body.messages(history),
                                                      chat_options=body.chat_options())],
-                                 body.token_budget(), tools)
+                                 body.token_budget(), tools, adapter)
         except api.ApiError as e:
             e.param = "input" if e.param == "messages" else e.param  # this API's name
             raise
         keep = body.store is not False and stored.max_items > 0
-        build = rs.ResponseBuilder(body, model_name, stored=keep, tools=tools,
+        build = rs.ResponseBuilder(body, served, stored=keep, tools=tools,
                                    reasoning=body.reasoning_parser(reasoning, tools))
 
         def remember(final: dict[str, Any]) -> None:
@@ -267,12 +278,13 @@ async def _beam_search(engine: Engine, body: api._Request, beams: dict[str, Any]
 
 
 async def _submit(engine: Engine, body: api._Request, prompts: list[dict[str, Any]],
-                  max_tokens: int | None, tools: ToolCalling | None = None) -> list[Request]:
+                  max_tokens: int | None, tools: ToolCalling | None = None,
+                  adapter: str | None = None) -> list[Request]:
     """`_submit_all` on a worker thread: submitting tokenizes the prompts and compiles a
     constraint's grammar (0.3 s for the first one, longer for a large schema), which must
     not stall the event loop's other streams. A client gone meanwhile cancels them."""
     fut = asyncio.get_running_loop().run_in_executor(None, _submit_all, engine, body,
-                                                     prompts, max_tokens, tools)
+                                                     prompts, max_tokens, tools, adapter)
     try:
         return await asyncio.shield(fut)
     except asyncio.CancelledError:
@@ -287,9 +299,11 @@ def _cancel_submitted(fut: asyncio.Future) -> None:
 
 
 def _submit_all(engine: Engine, body: api._Request, prompts: list[dict[str, Any]],
-                max_tokens: int | None, tools: ToolCalling | None = None) -> list[Request]:
+                max_tokens: int | None, tools: ToolCalling | None = None,
+                adapter: str | None = None) -> list[Request]:
     """n engine requests per prompt, in choice order; all or none: if one is refused, the
-    ones already queued are cancelled. `tools`: a chat request's tool settings."""
+    ones already queued are cancelled. `tools`: a chat request's tool settings; `adapter`:
+    the LoRA adapter its model names."""
     n = body.num_choices()
     sampling = [body.choice_sampling(j) for j in range(n)]
     constraint = body.constraint()
@@ -301,7 +315,7 @@ def _submit_all(engine: Engine, body: api._Request, prompts: list[dict[str, Any]
         for prompt in prompts:
             for j in range(n):
                 reqs.append(_submit_one(engine, body, prompt, sampling[j], max_tokens,
-                                        constraint))
+                                        constraint, adapter))
     except BaseException:
         for r in reqs:
             r.cancel()
@@ -311,10 +325,10 @@ def _submit_all(engine: Engine, body: api._Request, prompts: list[dict[str, Any]
 
 def _submit_one(engine: Engine, body: api._Request, prompt: dict[str, Any],
                 sampling: SamplingParams, max_tokens: int | None,
-                constraint: Constraint | None) -> Request:
+                constraint: Constraint | None, adapter: str | None = None) -> Request:
     try:
         return engine.submit(**prompt, sampling=sampling, max_tokens=max_tokens,
-                             stop=body.stop_list(), constraint=constraint)
+                             stop=body.stop_list(), constraint=constraint, adapter=adapter)
     except ContextLengthError as e:
         raise api.ApiError(400, str(e), "messages" if "messages" in prompt else "prompt",
                            "context_length_exceeded") from e

@@ -18,8 +18,7 @@ from jaxinfer.sampling import SamplingParams
 from .test_lora import ALL, PROMPT, _adapter
 
 peft = pytest.importorskip("peft")
-PROMPTS = [PROMPT, "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n"
-           "<|im_start|>assistant\n"]
+MSG = [{"role": "user", "content": "What is the capital of France?"}]
 N_NEW = 12
 ADAPTERS = {  # two adapters of different ranks and targets (one rsLoRA, some layers only)
     "colors": dict(seed=1, r=8, lora_alpha=16, target_modules=ALL),
@@ -31,10 +30,10 @@ ADAPTERS = {  # two adapters of different ranks and targets (one rsLoRA, some la
 
 @pytest.fixture(scope="module")
 def refs(smollm2_checkpoint, hf_base, tmp_path_factory):
-    """Each adapter's directory, and PEFT's logits over PROMPTS[0] and greedy tokens for
-    every prompt, per adapter (None: the base model)."""
+    """Each adapter's directory, the two prompts' ids, and PEFT's logits over the first
+    and greedy tokens for both, per adapter (None: the base model)."""
     tok = LLM.load(smollm2_checkpoint, dtype=jnp.float32).tokenizer
-    ids = [tok.encode(p) for p in PROMPTS]
+    ids = [tok.encode(PROMPT), tok.encode(tok.apply_chat_template(MSG))]  # chat: as served
     eos = [2]
     out, dirs = {}, {}
 
@@ -128,28 +127,106 @@ def test_bad_adapter_requests(llm, tmp_path):
         llm.add_adapters({"colors": tmp_path})
 
 
-def test_engine_serves_each_request_with_its_adapter(llm, refs):
+@pytest.fixture(scope="module")
+def engine(llm):
+    with Engine.from_llm(llm, EngineConfig(num_slots=4, max_len=256, prefix_block=8)) as eng:
+        eng.warmup()
+        yield eng
+
+
+def test_engine_serves_each_request_with_its_adapter(engine, refs):
     """The engine with requests of both adapters and none in flight at once, the same
     prompt under every adapter (the prefix cache must not hand one adapter's K/V to
     another): each result equals PEFT's tokens."""
     _, ids, out = refs
     greedy = SamplingParams(temperature=0)
-    cfg = EngineConfig(num_slots=4, max_len=256, prefix_block=8)
-    with Engine.from_llm(llm, cfg) as eng:
-        eng.warmup()
-        jobs = [(name, p) for p in (0, 1) for name in (None, "colors", "sparse")]
-        reqs = [eng.submit(ids[p], sampling=greedy, max_tokens=N_NEW, adapter=name)
-                for name, p in jobs]
-        for (name, p), r in zip(jobs, reqs, strict=True):
-            assert r.result(timeout=300).token_ids == out[name][1][p], (name, p)
-        # again, now that every prompt's blocks are cached under some adapter
-        with CompileCounter() as cc:
-            reqs = [eng.submit(ids[p], sampling=greedy, max_tokens=N_NEW, adapter=name)
-                    for name, p in reversed(jobs)]
-            for (name, p), r in zip(reversed(jobs), reqs, strict=True):
-                res = r.result(timeout=300)
-                assert res.token_ids == out[name][1][p], (name, p)
-                assert res.metrics.cached_tokens > 0
-        assert cc.count == 0
-        with pytest.raises(BadRequestError, match="unknown LoRA adapter"):
-            eng.submit(ids[0], adapter="nope")
+    jobs = [(name, p) for p in (0, 1) for name in (None, "colors", "sparse")]
+    reqs = [engine.submit(ids[p], sampling=greedy, max_tokens=N_NEW, adapter=name)
+            for name, p in jobs]
+    for (name, p), r in zip(jobs, reqs, strict=True):
+        assert r.result(timeout=300).token_ids == out[name][1][p], (name, p)
+    # again, now that every prompt's blocks are cached under each adapter
+    with CompileCounter() as cc:
+        reqs = [engine.submit(ids[p], sampling=greedy, max_tokens=N_NEW, adapter=name)
+                for name, p in reversed(jobs)]
+        for (name, p), r in zip(reversed(jobs), reqs, strict=True):
+            res = r.result(timeout=300)
+            assert res.token_ids == out[name][1][p], (name, p)
+            assert res.metrics.cached_tokens > 0
+    assert cc.count == 0
+    with pytest.raises(BadRequestError, match="unknown LoRA adapter"):
+        engine.submit(ids[0], adapter="nope")
+
+
+def _text(tok, ids: list[int]) -> str:
+    return tok.decode(ids[:-1] if ids[-1] == 2 else ids)
+
+
+def test_server_routes_the_model_field_to_an_adapter(engine, refs):
+    """As in vLLM: /v1/models lists each adapter with the base as its parent, and a request
+    whose model is an adapter's name runs it (completions, chat, Responses); unknown
+    names are 404s, base-only features 400s."""
+    openai = pytest.importorskip("openai")
+    requests = pytest.importorskip("requests")
+    from jaxinfer.server import BackgroundServer, create_app
+
+    _, ids, out = refs
+    tok = engine.tokenizer
+    with BackgroundServer(create_app(engine, "smollm2")) as srv:
+        client = openai.OpenAI(base_url=f"{srv.url}/v1", api_key="unused", max_retries=0)
+        models = {m.id: m for m in client.models.list().data}
+        assert set(models) == {"smollm2", "colors", "sparse"}
+        assert models["colors"].parent == "smollm2"
+        for name in (None, "colors", "sparse"):
+            c = client.completions.create(model=name or "smollm2", prompt=PROMPT,
+                                          max_tokens=N_NEW, temperature=0)
+            assert c.model == (name or "smollm2")
+            assert c.choices[0].text == _text(tok, out[name][1][0]), name
+        chat = client.chat.completions.create(model="sparse", messages=MSG,
+                                              max_tokens=N_NEW, temperature=0)
+        assert chat.choices[0].message.content == _text(tok, out["sparse"][1][1])
+        resp = client.responses.create(model="colors", input=MSG, max_output_tokens=N_NEW,
+                                       temperature=0)
+        assert resp.model == "colors" and resp.output_text == _text(tok, out["colors"][1][1])
+        with pytest.raises(openai.NotFoundError, match="LoRA adapters"):
+            client.completions.create(model="nope", prompt="hi", max_tokens=2)
+        for path, body in (("embeddings", {"input": "hi"}),
+                           ("completions", {"prompt": "hi", "use_beam_search": True, "n": 2,
+                                            "max_tokens": 2, "temperature": 0})):
+            r = requests.post(f"{srv.url}/v1/{path}", json=dict(body, model="colors"),
+                              timeout=60)
+            assert r.status_code == 400 and "base model only" in r.json()["error"]["message"]
+
+
+def test_batch_lines_pick_adapters(engine, refs, tmp_path):
+    """Batch jobs: a plain line's "adapter", an OpenAI-format line's body.model; a job
+    naming an adapter it does not have is refused before anything runs."""
+    import json
+
+    from jaxinfer.batch import run_batch
+
+    _, ids, out = refs
+    tok = engine.tokenizer
+    inp, res = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    lines = [{"id": "plain", "prompt": PROMPT, "adapter": "colors", "temperature": 0,
+              "max_tokens": N_NEW},
+             {"id": "base", "prompt": PROMPT, "temperature": 0, "max_tokens": N_NEW},
+             {"custom_id": "oa", "url": "/v1/completions", "body": {
+                 "model": "sparse", "prompt": PROMPT, "temperature": 0,
+                 "max_tokens": N_NEW}}]
+    inp.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    assert run_batch(engine, inp, res, progress=False, model_name="smollm2").written == 3
+    got = {r.get("id") if "custom_id" not in r else r["custom_id"]: r
+           for r in map(json.loads, res.read_text().splitlines())}
+    assert got["plain"]["token_ids"] == out["colors"][1][0]
+    assert got["base"]["token_ids"] == out[None][1][0]
+    body = got["oa"]["response"]["body"]
+    assert body["model"] == "sparse" and body["choices"][0]["text"] == _text(
+        tok, out["sparse"][1][0])
+    for bad in ({"id": 1, "prompt": "x", "adapter": "nope"},
+                {"custom_id": "c", "url": "/v1/completions",
+                 "body": {"model": "nope", "prompt": "x"}}):
+        inp.write_text(json.dumps(bad) + "\n")
+        with pytest.raises(BadRequestError, match="nope"):
+            run_batch(engine, inp, tmp_path / "never.jsonl", progress=False)
+        assert not (tmp_path / "never.jsonl").exists()

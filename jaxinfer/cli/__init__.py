@@ -18,11 +18,13 @@ from jaxinfer.cli_util import run_main
 
 def run_program(module_name: str, main: Callable[[list[str]], Any]) -> None:
     """Run `main` under the `error: ...` convention, with `--help` listing this program's
-    flags and the shared ones it imported (runtime, speculative decoding, engine); absl
+    flags and the shared ones it imported (runtime, speculative decoding, engine, LoRA,
+    parsers); absl
     lists only the __main__ module's by default."""
     fv = flags.FLAGS
     module = sys.modules[module_name]
-    shared = ("jaxinfer.flags", "jaxinfer.cli.spec_flags", "jaxinfer.cli.engine_flags")
+    shared = ("jaxinfer.flags", "jaxinfer.cli.spec_flags", "jaxinfer.cli.engine_flags",
+              "jaxinfer.cli.lora_flags", "jaxinfer.cli.parser_flags")
     for name in (module_name, *(m for m in shared if m in sys.modules)):
         for flag in fv.get_key_flags_for_module(name):
             fv.register_key_flag_for_module(sys.argv[0], flag)

@@ -33,6 +33,7 @@ _SEED = flags.DEFINE_integer("seed", None, "Default seed (each line may set its 
 _MODEL_NAME = flags.DEFINE_string("model_name", None, "Model OpenAI-format lines may name "
                                   "in body.model (default: the checkpoint's).")
 _PROGRESS = flags.DEFINE_bool("progress", True, "Show a progress bar on stderr.")
+lora_flags.define_modules()
 
 
 def main(argv):

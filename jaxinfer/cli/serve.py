@@ -26,6 +26,7 @@ _WARMUP = flags.DEFINE_bool("warmup", True, "Compile every prompt bucket before 
 _STORED = flags.DEFINE_integer("max_stored_responses", 1024, "Responses API: how many "
                                "responses to keep in memory for previous_response_id.",
                                lower_bound=0)
+lora_flags.define_modules()
 
 
 def main(argv):
