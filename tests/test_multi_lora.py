@@ -230,3 +230,47 @@ def test_batch_lines_pick_adapters(engine, refs, tmp_path):
         with pytest.raises(BadRequestError, match="nope"):
             run_batch(engine, inp, tmp_path / "never.jsonl", progress=False)
         assert not (tmp_path / "never.jsonl").exists()
+
+
+@pytest.mark.slow
+def test_adapters_under_a_mesh(smollm2_checkpoint, refs):
+    """data:2,model:2: the stack is replicated beside the sharded weights; each row's
+    greedy tokens still equal PEFT's."""
+    dirs, ids, out = refs
+    llm = LLM.load(smollm2_checkpoint, dtype=jnp.float32, mesh="data:2,model:2",
+                   lora_modules=dirs)
+    assert all(a.sharding.is_fully_replicated for a in llm.adapters.a.values())
+    names = ["sparse", None, "colors", "sparse"]
+    res = llm.generate([ids[0], ids[0], ids[1], ids[1]], SamplingParams(temperature=0),
+                       max_new_tokens=N_NEW, adapter=names)
+    for r, name, p in zip(res, names, [0, 0, 1, 1], strict=True):
+        assert r.token_ids == out[name][1][p], (name, p)
+
+
+@pytest.mark.slow
+def test_lora_modules_flag(tmp_path, refs, smollm2_checkpoint):
+    """scripts/batch_generate.py --lora_modules=name=dir: a line naming the adapter gets PEFT's
+    tokens; a malformed entry is a one-line error with exit status 2."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    dirs, ids, out = refs
+    script = Path(__file__).resolve().parents[1] / "scripts" / "batch_generate.py"
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    inp, res = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    inp.write_text(json.dumps({"id": 1, "prompt": PROMPT, "adapter": "colors",
+                               "temperature": 0, "max_tokens": N_NEW}) + "\n")
+    common = [sys.executable, str(script), "--input", str(inp), "--output", str(res),
+              "--checkpoint", str(smollm2_checkpoint), "--dtype", "float32", "--noprogress"]
+    bad = subprocess.run([*common, "--lora_modules=colors"], capture_output=True, text=True,
+                         timeout=300, env=env)
+    assert bad.returncode == 2, bad.stderr
+    assert bad.stderr.strip().splitlines()[-1] == (
+        "error: --lora_modules entry 'colors' is not name=directory with a new name")
+    good = subprocess.run([*common, f"--lora_modules=colors={dirs['colors']}"],
+                          capture_output=True, text=True, timeout=600, env=env)
+    assert good.returncode == 0, good.stderr
+    assert json.loads(res.read_text())["token_ids"] == out["colors"][1][0]
