@@ -717,7 +717,9 @@ def load(checkpoint: str | Path | None = None, *, dtype: Any = None,
             None: `attention.default_impl()` ("auto" on CPU, "xla" on accelerators).
         **kw: `quantize` ("int8", "int4": quantize float weights on load; a quantized
             checkpoint loads quantized without it), `group_size` (int4 groups) and
-            `kv_dtype` ("int8": an int8 KV cache with per-token scales).
+            `kv_dtype` ("int8": an int8 KV cache with per-token scales), `lora` (a PEFT
+            adapter directory merged on load) and `lora_modules` ({name: directory}:
+            adapters kept unmerged, picked per row by `generate(adapter=...)`).
 
     Returns:
         An `LLM` with `generate`, `stream` and `chat`, and the pure functions `params`,
