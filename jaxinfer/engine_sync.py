@@ -79,7 +79,7 @@ def decode(data: bytes) -> list[Event]:
             s = d["submit"]
             events.append(Submit(s["id"], s["prompt_ids"], SamplingParams(**s["sampling"]),
                                  s["max_tokens"], tuple(s["stop"]), s["warmup"],
-                                 s.get("constraint")))
+                                 s.get("constraint"), s.get("adapter", 0)))
         elif "cancel" in d:
             events.append(Cancel(d["cancel"]))
         else:

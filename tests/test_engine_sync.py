@@ -57,7 +57,7 @@ def test_wire_format_round_trip():
                                                        logprobs=2, logit_bias={4: -1.5},
                                                        stop_token_ids=[9, 7], min_tokens=2,
                                                        ignore_eos=True), 9, ("\n", "x"),
-                          False, Constraint(choice=("a", "b c")).to_json()),
+                          False, Constraint(choice=("a", "b c")).to_json(), adapter=2),
               sync.Cancel(3), sync.Close(), sync.Close("boom")]
     assert sync.decode(sync.encode(events)) == events
 
