@@ -171,6 +171,7 @@ class LLM:
         self._grammars: Grammars | None = None  # structured output, built on first use
         self.adapters: LoraStack | None = None  # per-request LoRA adapters (add_adapters)
         self.adapter_names: list[str] = []  # adapter i + 1 of the stack
+        self._adapter_factors: list = []  # each adapter as read (convert.lora.LoraFactors)
 
     @classmethod
     def load(cls, checkpoint: str | Path | None = None, dtype: Any = None,
@@ -234,7 +235,7 @@ class LLM:
             if not isinstance(name, str) or not name or name in self.adapter_names:
                 raise ConfigError(f"LoRA adapter name {name!r} is empty or already loaded")
         read = [read_lora(p, self.cfg) for p in modules.values()]
-        prior = getattr(self, "_adapter_factors", [])
+        prior = self._adapter_factors
         stack = stack_adapters(prior + read, self.dtype)
         place = (None if self.mesh is None else jax.sharding.NamedSharding(
             self.mesh, jax.sharding.PartitionSpec()))  # small: every device holds all
