@@ -12,6 +12,9 @@
             JSON schema (per-step bitmask, no step overlap)
     structured_draft  the serving engine: JSON extraction (values copied from the prompt)
             without a draft vs with prompt lookup (split rounds masked along the drafts)
+    lora    decode with per-row LoRA adapters (two random rank-16 adapters on all seven
+            projections, rows alternating between them) vs the same model without adapters
+            (= an adapter merged into the weights), interleaved round by round
     layers  the forward alone (greedy, no sampling): layers under lax.scan (the model) vs a
             Python loop over static layer slices, to see what the scan's per-layer
             dynamic slice of the stacked weights costs
@@ -39,18 +42,23 @@ from jaxinfer.kv_cache import init_cache
 from jaxinfer.sampling import IDLE_ROW, SamplingArrays
 
 EXPERIMENTS = ("dtype", "quant", "donate", "loop", "bucket", "layers", "chunked",
-               "structured", "structured_draft")
+               "structured", "structured_draft", "lora")
 
 
-def _start(llm, ids: list[int], batch: int, S: int, n: int) -> gen.DecodeState:
+def _start(llm, ids: list[int], batch: int, S: int, n: int, lora: Any = None
+           ) -> gen.DecodeState:
+    """A started batch; with `lora` (a LoraStack) rows cycle through adapters 1..A."""
     T = gen.bucket(len(ids), gen.MIN_PROMPT_BUCKET, S)
     prompt_BT = np.zeros((batch, T), np.int32)
     prompt_BT[:, : len(ids)] = ids
+    adapter_B = (None if lora is None else
+                 1 + np.arange(batch, dtype=np.int32) % (lora.num_adapters - 1))
     return gen.start(llm.params, prompt_BT, np.full((batch,), len(ids), np.int32),
                      init_cache(llm.cfg, batch, S, llm.dtype),
                      SamplingArrays.from_params([IDLE_ROW] * batch),
                      np.full((batch,), n, np.int32), np.array([-1], np.int32), cfg=llm.cfg,
-                     max_out=gen.bucket(n, 16, S), impl=llm.impl)
+                     max_out=gen.bucket(n, 16, S), impl=llm.impl, lora=lora,
+                     adapter_B=adapter_B)
 
 
 def _step_copied(weights, state, cfg, impl):
@@ -150,6 +158,42 @@ def forward_tps(llm, batch: int, S: int, n: int, unrolled: bool, repeats: int) -
     return statistics.median(rates)
 
 
+def random_adapters(cfg, count: int, rank: int, dtype) -> Any:
+    """`count` random LoRA adapters of rank `rank` on every projection, stacked."""
+    from jaxinfer.convert.lora import LoraFactors, stack_adapters
+    from jaxinfer.convert.safetensors import hf_linears, hf_shape
+
+    rng = np.random.default_rng(0)
+    adapters = []
+    for _ in range(count):
+        ad = {}
+        for key, shape, n_in in hf_linears(cfg).values():
+            n_out, n_inp = hf_shape(shape, n_in)
+            ad[key] = LoraFactors(
+                rng.normal(0, 0.02, (cfg.num_layers, rank, n_inp)).astype(np.float32),
+                rng.normal(0, 0.02, (cfg.num_layers, n_out, rank)).astype(np.float32),
+                1.0, shape)
+        adapters.append(ad)
+    return stack_adapters(adapters, dtype)
+
+
+def lora_tps(llm, ids: list[int], batch: int, S: int, n: int, repeats: int,
+             rank: int = 16) -> dict[str, float]:
+    """Decode tokens/s without adapters and with rows on two adapters, interleaved."""
+    stack = random_adapters(llm.cfg, 2, rank, llm.dtype)
+    rates: dict[str, list[float]] = {"no_adapters": [], f"adapters_rank{rank}": []}
+    for r in range(repeats + 1):
+        for k, lora in zip(rates, (None, stack), strict=True):
+            state = _start(llm, ids, batch, S, n, lora)
+            state.tokens_B.block_until_ready()
+            t0 = time.perf_counter()
+            state = gen.run_loop(llm.params, state, cfg=llm.cfg, impl=llm.impl, lora=lora)
+            state.tokens_B.block_until_ready()
+            if r:
+                rates[k].append(batch * (n - 1) / (time.perf_counter() - t0))
+    return {k: statistics.median(v) for k, v in rates.items()}
+
+
 def interleaved_tps(llms: dict[str, Any], ids: list[int], batch: int, S: int, n: int,
                     repeats: int) -> dict[str, float]:
     """decode_tps of several models, one timed run of each per round (after a warm-up)."""
@@ -212,6 +256,9 @@ def run(llm, which: list[str], ids: list[int], n: int, batch: int, repeats: int,
         progress("experiment layers: scanned vs unrolled layers (forward + argmax)")
         out["layers"] = {str(b): {k: forward_tps(llm, b, S, n, k == "unrolled", repeats)
                                   for k in ("scan", "unrolled")} for b in sorted({1, batch})}
+    if "lora" in which:
+        progress("experiment lora: per-row LoRA adapters vs none (interleaved)")
+        out["lora"] = {str(b): lora_tps(llm, ids, b, S, n, repeats) for b in sorted({1, batch})}
     if "chunked" in which:
         from jaxinfer.bench.measure import engine_stall
 

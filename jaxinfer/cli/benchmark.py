@@ -39,7 +39,7 @@ _COLD = flags.DEFINE_bool("cold_start", True, "Time cold start and warm restart.
 _ENGINE = flags.DEFINE_bool("engine", False, "Also time the serving engine.")
 _EXPERIMENTS = flags.DEFINE_list("experiments", [], "Speed experiments: dtype, quant, "
                                  "donate, loop, bucket, layers, chunked, structured, "
-                                 "structured_draft.")
+                                 "structured_draft, lora.")
 _COPY_MIB = flags.DEFINE_integer("copy_mib", None, "Array size for the copy-bandwidth "
                                  "probe (default: 512 on CPU, 2048 on accelerators).")
 _JSON = flags.DEFINE_string("output_json", None, "Write the full result here.")
