@@ -21,6 +21,7 @@ import jax.numpy as jnp
 from jaxinfer import model
 from jaxinfer.config import ModelConfig
 from jaxinfer.kv_cache import KVCache
+from jaxinfer.lora import LoraStack
 from jaxinfer.weights import Weights
 
 POOLINGS = ("last", "mean")
@@ -29,10 +30,12 @@ MAX_BATCH = 32  # prompts per device call; batches are padded to powers of two
 
 @functools.partial(jax.jit, static_argnames=("cfg", "pooling", "impl"))
 def pooled(weights: Weights, tokens_BT: jax.Array, lens_B: jax.Array, cache: KVCache, *,
-           cfg: ModelConfig, pooling: str, impl: str = "xla") -> jax.Array:
+           cfg: ModelConfig, pooling: str, impl: str = "xla", lora: LoraStack | None = None,
+           adapter_B: jax.Array | None = None) -> jax.Array:
     """float32 [B, D]: each row's final hidden states pooled over its first lens_B[b]
-    tokens (the cache is scratch: the K/V written to it are dropped)."""
-    x_BTD, _ = model.hidden_states(weights, tokens_BT, cache, cfg, impl)
+    tokens (the cache is scratch: the K/V written to it are dropped); with `lora`, row b
+    runs adapter adapter_B[b]."""
+    x_BTD, _ = model.hidden_states(weights, tokens_BT, cache, cfg, impl, lora, adapter_B)
     x_BTD = x_BTD.astype(jnp.float32)
     if pooling == "last":
         return jnp.take_along_axis(x_BTD, (lens_B - 1)[:, None, None], axis=1)[:, 0]

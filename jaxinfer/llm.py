@@ -618,10 +618,12 @@ class LLM:
                 num_speculative_tokens=k, verify_passes=rounds))
 
     def embed(self, prompts: str | Sequence[int] | list, *, pooling: str = "last",
-              normalize: bool = True, dimensions: int | None = None) -> np.ndarray:
+              normalize: bool = True, dimensions: int | None = None,
+              adapter: str | Sequence[str | None] | None = None) -> np.ndarray:
         """Embedding vectors of one prompt ([D]) or a batch ([B, D]), float32: the final
         hidden states pooled ("last" token, or "mean" over the prompt; embed.py), cut to
-        the first `dimensions` components, then scaled to unit length if `normalize`."""
+        the first `dimensions` components, then scaled to unit length if `normalize`.
+        `adapter`: a loaded LoRA adapter's name (or one per prompt), as in `generate`."""
         if pooling not in embed_mod.POOLINGS:
             raise BadRequestError(f"pooling must be one of {embed_mod.POOLINGS}, got "
                                   f"{pooling!r}", "pooling")
@@ -634,16 +636,20 @@ class LLM:
         batch = [self.encode(p) for p in ([prompts] if single else list(prompts))]
         if not batch or any(not p for p in batch):
             raise BadRequestError("no prompts given, or an empty one", "input")
+        ids = self._adapter_ids(adapter, len(batch))
         chunks = []
         for i in range(0, len(batch), embed_mod.MAX_BATCH):  # batches padded to buckets
             part = batch[i:i + embed_mod.MAX_BATCH]
             rows = part + [[self.cfg.pad_token_id]] * (gen.bucket(len(part), 1, 1 << 30)
                                                        - len(part))
+            lora = {} if ids is None else dict(  # padding rows: no adapter
+                lora=self.adapters, adapter_B=np.pad(ids[i:i + len(part)],
+                                                     (0, len(rows) - len(part))))
             prompt_BT, lens_B, cache, _ = gen.prepare(rows, [1] * len(rows), self.cfg,
                                                       self.kv_dtype, self.mesh)
             chunks.append(np.asarray(jax.device_get(embed_mod.pooled(
                 self.params, prompt_BT, lens_B, cache, cfg=self.cfg, pooling=pooling,
-                impl=self.impl)))[:len(part)])
+                impl=self.impl, **lora)))[:len(part)])
         v = np.concatenate(chunks)[:, :dimensions]
         if normalize:
             v = v / np.maximum(np.linalg.norm(v, axis=-1, keepdims=True), 1e-12)

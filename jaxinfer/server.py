@@ -130,7 +130,7 @@ def create_app(engine: Engine, model_name: str, max_stored_responses: int = 1024
     async def embeddings(body: api.EmbeddingRequest):
         """Last-token pooled, unit-length embeddings (LLM.embed), computed on the device
         thread between the engine's turns."""
-        model_of(body, "embeddings")
+        adapter, served = model_of(body)
         inputs = body.inputs()
 
         def encode() -> list[list[int]]:
@@ -148,13 +148,14 @@ def create_app(engine: Engine, model_name: str, max_stored_responses: int = 1024
         ids = await asyncio.to_thread(encode)
         llm = _llm(engine)
         try:
-            fut = engine.run_exclusive(lambda: llm.embed(ids, dimensions=body.dimensions))
+            fut = engine.run_exclusive(lambda: llm.embed(ids, dimensions=body.dimensions,
+                                                         adapter=adapter))
             vectors = await asyncio.wrap_future(fut)
         except BadRequestError as e:
             raise api.ApiError(400, str(e), getattr(e, "param", None)) from e
         except EngineClosedError as e:
             raise api.ApiError(503, str(e), None, "engine_unavailable", "server_error") from e
-        return api.embedding_body(vectors, model_name, sum(map(len, ids)),
+        return api.embedding_body(vectors, served, sum(map(len, ids)),
                                   body.encoding_format)
 
     @app.post("/tokenize")
@@ -242,8 +243,10 @@ def _llm(engine: Engine):
     embeddings)."""
     from jaxinfer.llm import LLM
 
-    return LLM(engine.cfg, engine.params, engine.tokenizer, engine.mesh, engine.impl,
-               engine.kv_dtype)
+    llm = LLM(engine.cfg, engine.params, engine.tokenizer, engine.mesh, engine.impl,
+              engine.kv_dtype)
+    llm.adapters, llm.adapter_names = engine.adapters, engine.adapter_names
+    return llm
 
 
 async def _beam_search(engine: Engine, body: api._Request, beams: dict[str, Any], model: str,

@@ -116,6 +116,20 @@ def test_generate_mixes_adapters_in_one_batch_without_recompiling(llm, refs):
     assert got[0].token_ids == out["colors"][1][0] and text == got[0].text
 
 
+def test_embeddings_with_an_adapter_equal_the_merged_model(llm, refs, smollm2_checkpoint):
+    """LLM.embed(adapter=...) per row equals embedding with that adapter merged (which
+    tests/test_lora.py holds to PEFT); base rows equal the plain model."""
+    dirs, _, _ = refs
+    texts = ["a red apple", "SELECT name FROM users", "bonjour"]
+    got = llm.embed(texts, adapter=["colors", None, "sparse"], pooling="mean")
+    for row, name in enumerate(["colors", None, "sparse"]):
+        merged = LLM.load(smollm2_checkpoint, dtype=jnp.float32,
+                          lora=None if name is None else dirs[name])
+        np.testing.assert_allclose(got[row], merged.embed(texts[row], pooling="mean"),
+                                   atol=2e-5)
+    assert np.abs(got[0] - llm.embed(texts[0], pooling="mean")).max() > 1e-3
+
+
 def test_bad_adapter_requests(llm, tmp_path):
     with pytest.raises(BadRequestError, match="unknown LoRA adapter 'nope'"):
         llm.generate(PROMPT, adapter="nope")
@@ -158,6 +172,12 @@ def test_engine_serves_each_request_with_its_adapter(engine, refs):
         engine.submit(ids[0], adapter="nope")
 
 
+def _llm_of(engine):
+    from jaxinfer.server import _llm
+
+    return _llm(engine)
+
+
 def _text(tok, ids: list[int]) -> str:
     return tok.decode(ids[:-1] if ids[-1] == 2 else ids)
 
@@ -190,12 +210,14 @@ def test_server_routes_the_model_field_to_an_adapter(engine, refs):
         assert resp.model == "colors" and resp.output_text == _text(tok, out["colors"][1][1])
         with pytest.raises(openai.NotFoundError, match="LoRA adapters"):
             client.completions.create(model="nope", prompt="hi", max_tokens=2)
-        for path, body in (("embeddings", {"input": "hi"}),
-                           ("completions", {"prompt": "hi", "use_beam_search": True, "n": 2,
-                                            "max_tokens": 2, "temperature": 0})):
-            r = requests.post(f"{srv.url}/v1/{path}", json=dict(body, model="colors"),
-                              timeout=60)
-            assert r.status_code == 400 and "base model only" in r.json()["error"]["message"]
+        r = requests.post(f"{srv.url}/v1/completions", timeout=60, json={
+            "model": "colors", "prompt": "hi", "use_beam_search": True, "n": 2,
+            "max_tokens": 2, "temperature": 0})
+        assert r.status_code == 400 and "base model only" in r.json()["error"]["message"]
+        e = client.embeddings.create(model="colors", input=["hi", "there"])
+        assert e.model == "colors"
+        want = _llm_of(engine).embed(["hi", "there"], adapter="colors")
+        np.testing.assert_allclose([d.embedding for d in e.data], want, atol=1e-6)
 
 
 def test_batch_lines_pick_adapters(engine, refs, tmp_path):
