@@ -26,6 +26,7 @@ import jax.numpy as jnp
 
 from jaxinfer.config import ModelConfig
 from jaxinfer.kv_cache import KVCache
+from jaxinfer.lora import LoraStack
 from jaxinfer.model import decode_logits, prefill
 from jaxinfer.weights import Weights
 
@@ -111,15 +112,20 @@ def _reorder(cache: KVCache, rows: jax.Array) -> KVCache:
 def search(weights: Weights, prompt_BT: jax.Array, prompt_len_B: jax.Array, cache: KVCache,
            eos_E: jax.Array, max_new: jax.Array, length_penalty: jax.Array, *,
            cfg: ModelConfig, max_out: int, early_stopping: bool = False,
-           impl: str = "xla") -> BeamState:
+           impl: str = "xla", lora: LoraStack | None = None,
+           adapter_B: jax.Array | None = None) -> BeamState:
     """Prefill B right-padded prompts into the B * W rows of `cache` (W = its rows / B;
     each prompt's rows alike) and search for up to `max_new` (<= max_out) tokens; the
     state's seq/score/len/ended hold each prompt's W hypotheses, best first. The budget
-    and length penalty are traced: only the prompt bucket, W and max_out compile."""
+    and length penalty are traced: only the prompt bucket, W and max_out compile. With
+    `lora`, prompt b's beams all run adapter adapter_B[b] (regathering never moves a row
+    to another prompt)."""
     B = prompt_BT.shape[0]
     W = cache.batch_size // B
     rep = lambda x: jnp.repeat(x, W, axis=0)
-    logits, cache = prefill(weights, rep(prompt_BT), rep(prompt_len_B), cache, cfg, impl)
+    ids = None if lora is None else rep(adapter_B)
+    logits, cache = prefill(weights, rep(prompt_BT), rep(prompt_len_B), cache, cfg, impl,
+                            lora, ids)
     V = logits.shape[-1]
     lp = jax.nn.log_softmax(logits.astype(jnp.float32), -1).reshape(B, W, V)
     zeros = jnp.zeros((B, W, max_out), jnp.int32)
@@ -135,7 +141,7 @@ def search(weights: Weights, prompt_BT: jax.Array, prompt_len_B: jax.Array, cach
 
         def advance(s: BeamState) -> BeamState:
             logits, c = decode_logits(weights, tok_BW.reshape(-1), _reorder(s.cache, rows),
-                                      cfg, impl)
+                                      cfg, impl, lora, ids)
             lp = jax.nn.log_softmax(logits.astype(jnp.float32), -1).reshape(B, W, V)
             return dataclasses.replace(s, cache=c, logprobs_BWV=lp)
 

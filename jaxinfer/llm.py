@@ -657,13 +657,14 @@ class LLM:
 
     def beam_search(self, prompts: str | Sequence[int] | list, beam_width: int = 4,
                     max_new_tokens: int = 64, *, length_penalty: float = 1.0,
-                    early_stopping: bool = False, chat: bool = False
+                    early_stopping: bool = False, chat: bool = False,
+                    adapter: str | Sequence[str | None] | None = None
                     ) -> beam_search.BeamSearchOutput | list[beam_search.BeamSearchOutput]:
         """The `beam_width` best continuations of each prompt by cumulative log-probability
         (scored / length ** length_penalty), best first, as vLLM's `LLM.beam_search` and
         Hugging Face's `generate(num_beams=...)` find them (the same rules, so the same
         hypotheses on the same weights). One jitted loop on device; the budget and length
-        penalty are traced, so new values never recompile."""
+        penalty are traced, so new values never recompile. `adapter` as in `generate`."""
         single = isinstance(prompts, str) or (
             isinstance(prompts, Sequence) and prompts and isinstance(prompts[0], int))
         batch = [self.encode(p, chat) for p in ([prompts] if single else list(prompts))]
@@ -677,6 +678,7 @@ class LLM:
                 or not np.isfinite(length_penalty):
             raise BadRequestError(f"length_penalty must be a finite number, got "
                                   f"{length_penalty!r}", "length_penalty")
+        ids = self._adapter_ids(adapter, len(batch))
         W = beam_width
         prompt_BT, lens_B, cache, M = gen.prepare([p for p in batch for _ in range(W)],
                                                   [max_new_tokens] * (len(batch) * W),
@@ -684,7 +686,8 @@ class LLM:
         state = beam_search.search(
             self.params, prompt_BT[::W], lens_B[::W], cache, self.eos,
             np.int32(max_new_tokens), np.float32(length_penalty), cfg=self.cfg, max_out=M,
-            early_stopping=bool(early_stopping), impl=self.impl)
+            early_stopping=bool(early_stopping), impl=self.impl,
+            lora=None if ids is None else self.adapters, adapter_B=ids)
         out = beam_search.outputs(state, [len(p) for p in batch], self.tokenizer)
         return out[0] if single else out
 

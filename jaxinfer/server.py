@@ -92,14 +92,10 @@ def create_app(engine: Engine, model_name: str, max_stored_responses: int = 1024
         return PlainTextResponse(engine.prometheus(),
                                  media_type="text/plain; version=0.0.4; charset=utf-8")
 
-    def model_of(body: Any, base_only: str | None = None) -> tuple[str | None, str]:
+    def model_of(body: Any) -> tuple[str | None, str]:
         """(the LoRA adapter the body's model names or None, the model id to answer
-        with); `base_only` names a feature that runs the base model only (a 400 with an
-        adapter)."""
+        with)."""
         adapter = api.check_model(body.model, model_name, engine.adapter_names)
-        if adapter is not None and base_only is not None:
-            raise api.ApiError(400, f"{base_only} runs the base model only, not LoRA adapter "
-                               f"{adapter!r}", "model")
         return adapter, adapter or model_name
 
     @app.get("/v1/models")
@@ -112,11 +108,11 @@ def create_app(engine: Engine, model_name: str, max_stored_responses: int = 1024
     @app.post("/v1/completions")
     async def completions(body: api.CompletionRequest):
         beams = body.beam_search()
-        adapter, served = model_of(body, None if beams is None else "beam search")
+        adapter, served = model_of(body)
         prompts = body.prompt_inputs()
         if beams is not None:
-            return await _beam_search(engine, body, beams, model_name,
-                                      [dict(prompt=p) for p in prompts], chat=False)
+            return await _beam_search(engine, body, beams, served,
+                                      [dict(prompt=p) for p in prompts], False, adapter)
         reqs = await _submit(engine, body, [dict(prompt=p) for p in prompts],
                              body.token_budget(), adapter=adapter)
         echo = None
@@ -180,10 +176,11 @@ def create_app(engine: Engine, model_name: str, max_stored_responses: int = 1024
     @app.post("/v1/chat/completions")
     async def chat_completions(body: api.ChatRequest):
         beams = body.beam_search()
-        adapter, served = model_of(body, None if beams is None else "beam search")
+        adapter, served = model_of(body)
         if beams is not None:
-            return await _beam_search(engine, body, beams, model_name, [dict(
-                messages=body.message_dicts(), chat_options=body.chat_options())], chat=True)
+            return await _beam_search(engine, body, beams, served, [dict(
+                messages=body.message_dicts(), chat_options=body.chat_options())], True,
+                adapter)
         tools = body.tool_calling(tool_call_parser)
         reqs = await _submit(engine, body, [dict(messages=body.message_dicts(),
                                                  chat_options=body.chat_options())],
@@ -250,7 +247,8 @@ def _llm(engine: Engine):
 
 
 async def _beam_search(engine: Engine, body: api._Request, beams: dict[str, Any], model: str,
-                       prompts: list[dict[str, Any]], chat: bool) -> dict[str, Any]:
+                       prompts: list[dict[str, Any]], chat: bool, adapter: str | None = None
+                       ) -> dict[str, Any]:
     """LLM.beam_search over the engine's weights, run on its device thread between turns
     (Engine.run_exclusive: the slots wait meanwhile, as the search uses the whole device).
     A chat request without max_tokens may fill the context."""
@@ -271,7 +269,8 @@ async def _beam_search(engine: Engine, body: api._Request, beams: dict[str, Any]
                            "context_length_exceeded")
     llm = _llm(engine)
     try:
-        fut = engine.run_exclusive(lambda: llm.beam_search(ids, max_new_tokens=budget, **beams))
+        fut = engine.run_exclusive(lambda: llm.beam_search(ids, max_new_tokens=budget,
+                                                           adapter=adapter, **beams))
         outs = await asyncio.wrap_future(fut)
     except BadRequestError as e:
         raise api.ApiError(400, str(e), getattr(e, "param", None)) from e

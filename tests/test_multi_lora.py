@@ -130,6 +130,19 @@ def test_embeddings_with_an_adapter_equal_the_merged_model(llm, refs, smollm2_ch
     assert np.abs(got[0] - llm.embed(texts[0], pooling="mean")).max() > 1e-3
 
 
+def test_beam_search_with_adapters_equals_the_merged_models(llm, refs, smollm2_checkpoint):
+    """Each prompt's beams under its adapter equal the beams of the model with that
+    adapter merged (scores too), two prompts with different adapters in one search."""
+    dirs, ids, _ = refs
+    got = llm.beam_search([ids[0], ids[1]], 3, 8, adapter=["sparse", "colors"])
+    for out, name, p in zip(got, ["sparse", "colors"], ids, strict=True):
+        want = LLM.load(smollm2_checkpoint, dtype=jnp.float32, lora=dirs[name]).beam_search(
+            p, 3, 8)
+        assert [b.token_ids for b in out.sequences] == [b.token_ids for b in want.sequences]
+        np.testing.assert_allclose([b.score for b in out.sequences],
+                                   [b.score for b in want.sequences], atol=1e-4)
+
+
 def test_bad_adapter_requests(llm, tmp_path):
     with pytest.raises(BadRequestError, match="unknown LoRA adapter 'nope'"):
         llm.generate(PROMPT, adapter="nope")
@@ -210,10 +223,13 @@ def test_server_routes_the_model_field_to_an_adapter(engine, refs):
         assert resp.model == "colors" and resp.output_text == _text(tok, out["colors"][1][1])
         with pytest.raises(openai.NotFoundError, match="LoRA adapters"):
             client.completions.create(model="nope", prompt="hi", max_tokens=2)
-        r = requests.post(f"{srv.url}/v1/completions", timeout=60, json={
-            "model": "colors", "prompt": "hi", "use_beam_search": True, "n": 2,
-            "max_tokens": 2, "temperature": 0})
-        assert r.status_code == 400 and "base model only" in r.json()["error"]["message"]
+        r = requests.post(f"{srv.url}/v1/completions", timeout=120, json={
+            "model": "colors", "prompt": PROMPT, "use_beam_search": True, "n": 2,
+            "max_tokens": 6, "temperature": 0})
+        assert r.status_code == 200, r.text
+        beams = _llm_of(engine).beam_search(PROMPT, 2, 6, adapter="colors")
+        assert r.json()["model"] == "colors"
+        assert [c["text"] for c in r.json()["choices"]] == [b.text for b in beams.sequences]
         e = client.embeddings.create(model="colors", input=["hi", "there"])
         assert e.model == "colors"
         want = _llm_of(engine).embed(["hi", "there"], adapter="colors")
