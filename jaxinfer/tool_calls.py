@@ -163,13 +163,11 @@ class ToolCalling:
         return self.mode == "auto" and self.parser is not None
 
     def parse(self, text: str) -> tuple[str | None, list[dict[str, Any]]]:
-        """(content, tool_calls) of a whole output. Output that does not parse (cut short
-        by max_tokens, or an "auto" answer that is not a call) stays content."""
+        """(content, tool_calls) of a whole output. A named call is a call even when
+        max_tokens cut its arguments short (as OpenAI and vLLM answer, finish_reason
+        "length", and as its stream already said); other output that does not parse (a
+        cut "required" array, an "auto" answer that is not a call) stays content."""
         if self.mode == "named":
-            try:
-                json.loads(text)
-            except ValueError:
-                return text, []
             return None, [call(self.name, text)]
         if self.mode == "required":
             try:

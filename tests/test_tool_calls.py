@@ -181,6 +181,23 @@ def test_named_tool_choice(url, engine):
     assert call["function"]["arguments"] == ref.text
 
 
+def test_named_call_cut_short_is_still_a_call(url):
+    """max_tokens cuts the arguments: the answer is still the call (its arguments cut,
+    finish_reason "length"), as OpenAI and vLLM give it and as the stream already sent it."""
+    out = _chat(url, tools=TOOLS, tool_choice=NAMED, max_tokens=2).json()["choices"][0]
+    assert out["finish_reason"] == "length" and out["message"]["content"] is None
+    (call,) = out["message"]["tool_calls"]
+    assert call["function"]["name"] == "get_unit"
+    cut = call["function"]["arguments"]
+    with pytest.raises(ValueError):
+        json.loads(cut)
+    chunks = _sse(_chat(url, tools=TOOLS, tool_choice=NAMED, max_tokens=2, stream=True))
+    deltas = [t for ch in chunks for t in ch["choices"][0]["delta"].get("tool_calls", [])]
+    assert deltas[0]["function"]["name"] == "get_unit"
+    assert "".join(d["function"].get("arguments", "") for d in deltas) == cut
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+
+
 def test_required_tool_choice(url):
     out = _chat(url, tools=TOOLS, tool_choice="required", parallel_tool_calls=False,
                 max_tokens=120).json()
