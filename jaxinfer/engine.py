@@ -45,6 +45,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import jax
@@ -58,7 +59,13 @@ from jaxinfer import generate as gen
 from jaxinfer import speculative as spec
 from jaxinfer.attention import default_impl
 from jaxinfer.config import ModelConfig
-from jaxinfer.errors import BadRequestError, ConfigError, DistributedError, JaxinferError
+from jaxinfer.errors import (
+    BadRequestError,
+    ConfigError,
+    ConversionError,
+    DistributedError,
+    JaxinferError,
+)
 from jaxinfer.kv_cache import KVCache, cache_shardings, init_cache
 from jaxinfer.lora import LoraStack
 from jaxinfer.metrics import EngineMetrics
@@ -120,6 +127,10 @@ class EngineConfig:
     chunked_prefill: bool = True  # split longer prompts over turns (else >= 1 whole prompt)
     min_prompt_bucket: int = gen.MIN_PROMPT_BUCKET
     memory_fraction: float = 0.9  # with num_slots=None: share of free memory for slots
+    # LoRA adapters loadable while serving (Engine.load_adapter): adapter slots in all (the
+    # adapters given included) and the largest rank they may have. 0: no runtime loading.
+    max_loras: int = 0
+    max_lora_rank: int = 16
 
     def __post_init__(self) -> None:
         for name in ("num_slots", "max_len", "max_queue", "prefill_token_budget",
@@ -132,6 +143,10 @@ class EngineConfig:
         f = self.memory_fraction
         if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0 < f <= 1:
             raise ConfigError(f"engine memory_fraction must be in (0, 1], got {f!r}")
+        for name, least in (("max_loras", 0), ("max_lora_rank", 1)):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < least:
+                raise ConfigError(f"engine {name} must be an integer >= {least}, got {v!r}")
         if self.prefix_block < 0 or self.prefix_cache_mb < 0:
             raise ConfigError("engine prefix_block and prefix_cache_mb must be >= 0, got "
                               f"{self.prefix_block} and {self.prefix_cache_mb}")
@@ -207,7 +222,8 @@ class Engine:
 
         With `lora` (a lora.LoraStack; `adapter_names` names its adapters 1..A) each
         request may name an adapter (`submit(adapter=)`); every decode step serves all
-        slots' adapters at once. Not with a draft."""
+        slots' adapters at once. Not with a draft. `config.max_loras` > 0 leaves room in
+        the stack for adapters loaded while serving (`load_adapter`, `unload_adapter`)."""
         self.cfg, self.params, self.tokenizer = cfg, params, tokenizer
         self.impl = impl or default_impl()
         self.config = config = config or EngineConfig()
@@ -222,13 +238,22 @@ class Engine:
         device = next(iter(jax.tree.leaves(params["embed"])[0].devices()))  # QArray too
         self.mesh = mesh
         self._spec = self._speculative_settings(draft, num_speculative_tokens, ngram_size)
-        self.adapters, self.adapter_names = lora, list(adapter_names)
-        if lora is not None and self._spec is not None:
+        self.adapters = lora
+        # Adapter i + 1's name (None: a free slot) and prefix-cache salt (unique per load).
+        self._names: list[str | None] = list(adapter_names)
+        if lora is not None and lora.num_adapters != len(self._names) + 1:
+            raise ConfigError(f"{len(self._names)} adapter names for a stack of "
+                              f"{lora.num_adapters - 1} adapters")
+        if config.max_loras:
+            from jaxinfer.convert.lora import with_room
+
+            self.adapters = with_room(lora, cfg, config.max_loras, config.max_lora_rank,
+                                      self.dtype, core.placement(device, mesh))
+            self._names += [None] * (self.adapters.num_adapters - 1 - len(self._names))
+        if self.adapters is not None and self._spec is not None:
             raise ConfigError("LoRA adapters do not combine with speculative decoding (the "
                               "draft would propose for the base model)")
-        if lora is not None and lora.num_adapters != len(self.adapter_names) + 1:
-            raise ConfigError(f"{len(self.adapter_names)} adapter names for a stack of "
-                              f"{lora.num_adapters - 1} adapters")
+        self._salts = list(range(1, len(self._names) + 1))
         self._reserve = 0 if self._spec is None else num_speculative_tokens + 1
         self.spec_proposed = self.spec_accepted = 0  # draft tokens, all requests
         self._eos_E = eos_E = np.asarray(eos or [-1], np.int32)
@@ -238,7 +263,7 @@ class Engine:
         if self._spec is None:
             self._state = core.init_decode_state(cfg, config.num_slots, self.max_len,
                                                  self.kv_dtype, eos_E, device, mesh,
-                                                 lora=lora is not None)
+                                                 lora=self.adapters is not None)
         else:
             dw = self._spec.weights
             self._state = engine_spec.init_state(
@@ -450,7 +475,7 @@ class Engine:
         if not self.is_leader:
             raise NotLeaderError(f"process {jax.process_index()} follows process 0's engine; "
                                  "submit requests on process 0")
-        adapter_id = self.adapter_index(adapter)
+        self.adapter_index(adapter)  # fails early; resolved again below, under the lock
         ids = self.encode(prompt, messages, chat_options)
         if sampling is not None:
             ids = sampling.truncate(ids)
@@ -491,7 +516,8 @@ class Engine:
                         f"the request queue is full ({self.config.max_queue} waiting)")
                 self._cv.wait()
                 self._check_open()
-            req = Request(self._next_id, ids, sampling, int(max_tokens),
+            adapter_id = self.adapter_index(adapter)  # no load or unload between here and
+            req = Request(self._next_id, ids, sampling, int(max_tokens),  # the inbox
                           tuple(s for s in stop if s), self._cancel, on_finish, _warmup)
             req.constraint, req.matcher, req.adapter = constraint, matcher, adapter_id
             self._next_id += 1
@@ -502,6 +528,11 @@ class Engine:
             self._cv.notify_all()
         return req
 
+    @property
+    def adapter_names(self) -> list[str]:
+        """The LoRA adapters requests may name now."""
+        return [n for n in self._names if n is not None]
+
     def adapter_index(self, adapter: str | None) -> int:
         """The stack index of LoRA adapter `adapter` (0 for None); BadRequestError if the
         engine has no such adapter."""
@@ -510,7 +541,53 @@ class Engine:
         if adapter not in self.adapter_names:
             raise BadRequestError(f"unknown LoRA adapter {adapter!r} (loaded: "
                                   f"{self.adapter_names or 'none'})", "adapter")
-        return self.adapter_names.index(adapter) + 1
+        return self._names.index(adapter) + 1
+
+    def load_adapter(self, name: str, path: str | Path) -> None:
+        """Load a PEFT LoRA adapter while serving (vLLM's /v1/load_lora_adapter) into a
+        free slot of the stack `config.max_loras` made room for: the stack keeps its
+        shape, so nothing recompiles. Read on the calling thread, installed between two
+        turns. BadRequestError for a taken name, a full stack or an adapter that does not
+        fit it (ConversionError for a bad directory); ConfigError without room."""
+        from jaxinfer.convert.lora import put_adapter, read_lora
+
+        if not self.config.max_loras:
+            raise ConfigError("this engine has no room for adapters loaded while serving "
+                              "(EngineConfig.max_loras, serve.py --max_loras)")
+        if not isinstance(name, str) or not name:
+            raise BadRequestError(f"lora_name must be a non-empty string, got {name!r}",
+                                  "lora_name")
+        factors = read_lora(path, self.cfg)
+
+        def install() -> None:
+            with self._cv:
+                if name in self._names:
+                    raise BadRequestError(f"LoRA adapter {name!r} is already loaded",
+                                          "lora_name")
+                busy = {r.adapter for r in [*self._live.values(),
+                                            *self._submitted.values()]}
+                free = [i for i, n in enumerate(self._names, 1) if n is None and i not in busy]
+                if not free:
+                    raise BadRequestError(f"all {len(self._names)} LoRA adapter slots are in "
+                                          "use (max_loras; unload one first)", "lora_name")
+                try:
+                    self.adapters = put_adapter(self.adapters, free[0], factors, str(path))
+                except ConversionError as e:
+                    raise BadRequestError(str(e), "lora_path") from e
+                self._names[free[0] - 1] = name
+                self._salts[free[0] - 1] = max(self._salts) + 1  # a new prefix-cache key
+
+        self.run_exclusive(install).result()
+
+    def unload_adapter(self, name: str) -> None:
+        """Unload an adapter (vLLM's /v1/unload_lora_adapter): new requests may not name it;
+        those already queued or decoding finish with it, and only then is its slot reused.
+        BadRequestError if no such adapter is loaded."""
+        with self._cv:
+            if not isinstance(name, str) or name not in self._names:
+                raise BadRequestError(f"no LoRA adapter {name!r} is loaded (loaded: "
+                                      f"{self.adapter_names or 'none'})", "lora_name")
+            self._names[self._names.index(name)] = None
 
     def generate(self, prompts: Sequence[str | Sequence[int]], **kw: Any) -> list[EngineResult]:
         """Submit a batch (waiting for queue room) and return results in order."""
@@ -830,7 +907,8 @@ class Engine:
         ids, n = req.prompt_ids, len(req.prompt_ids)
         hit, digests = 0, []
         if self._prefix is not None:
-            digests = block_digests(ids, self._prefix.block, req.adapter)
+            salt = 0 if req.adapter == 0 else self._salts[req.adapter - 1]
+            digests = block_digests(ids, self._prefix.block, salt)
             scored = req.sampling.prompt_logprobs is not None  # needs every position's logits
             hit = 0 if req.warmup or scored else self._prefix.match(digests, n)
             row = self._prefix.load(digests, hit)

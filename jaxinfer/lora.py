@@ -64,3 +64,12 @@ def delta(x: jax.Array, w: LoraLinear, out_shape: tuple[int, ...]) -> jax.Array:
                    preferred_element_type=jnp.float32)
     d = jnp.einsum("BTR,BRo->BTo", h, b_BRo.astype(jnp.float32))
     return d.reshape(B, T, *out_shape)
+
+
+@jax.jit
+def replace_adapter(stack: LoraStack, index: jax.Array, a: dict[str, jax.Array],
+                    b: dict[str, jax.Array]) -> LoraStack:
+    """A new stack with adapter `index` (traced: one compile) set to a [L, in, R] and b
+    [L, R, out] per projection; the old stack stays valid for steps still using it."""
+    return LoraStack(a={k: v.at[:, index].set(a[k].astype(v.dtype)) for k, v in stack.a.items()},
+                     b={k: v.at[:, index].set(b[k].astype(v.dtype)) for k, v in stack.b.items()})

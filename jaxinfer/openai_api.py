@@ -469,6 +469,22 @@ class DetokenizeRequest(BaseModel):
     tokens: list[int]
 
 
+class LoadLoraRequest(BaseModel):
+    """vLLM's /v1/load_lora_adapter."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+    lora_name: str
+    lora_path: str
+
+
+class UnloadLoraRequest(BaseModel):
+    """vLLM's /v1/unload_lora_adapter (its lora_int_id is accepted and unused)."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+    lora_name: str
+    lora_int_id: int | None = None
+
+
 # ---- responses ----------------------------------------------------------------------------
 def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:24]}"

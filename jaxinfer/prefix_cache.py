@@ -30,7 +30,8 @@ from jaxinfer.kv_cache import KVCache
 
 def block_digests(tokens: list[int], block: int, adapter: int = 0) -> list[bytes]:
     """Chained digests of the prompt's full blocks: digest j names tokens[: (j+1) * block]
-    under LoRA adapter `adapter` (whose K/V differ from the base model's: 0 is none)."""
+    under the LoRA adapter whose key is `adapter` (its K/V differ from the base model's: 0
+    is none; the engine gives each adapter it loads a new key)."""
     out, parent = [], b"" if adapter == 0 else f"lora:{adapter}".encode()
     arr = np.asarray(tokens, np.int64)
     for j in range(len(tokens) // block):

@@ -42,7 +42,13 @@ from jaxinfer.engine import (
     EngineOverloadedError,
     Request,
 )
-from jaxinfer.errors import BadRequestError, TokenizerError
+from jaxinfer.errors import (
+    BadRequestError,
+    ConfigError,
+    ConversionError,
+    JaxinferError,
+    TokenizerError,
+)
 from jaxinfer.reasoning import ReasoningParser
 from jaxinfer.sampling import SamplingParams
 from jaxinfer.structured import Constraint
@@ -52,12 +58,17 @@ from jaxinfer.tool_calls import PARSERS, ToolCalling
 
 def create_app(engine: Engine, model_name: str, max_stored_responses: int = 1024,
                tool_call_parser: str | None = None,
-               reasoning_parser: str | None = None) -> FastAPI:
+               reasoning_parser: str | None = None,
+               allow_runtime_lora_updating: bool = False) -> FastAPI:
     """The OpenAI-compatible app over `engine`; the Responses API keeps the latest
     `max_stored_responses` responses in memory (openai_responses.ResponseStore);
     `tool_call_parser` ("hermes") reads tool calls from free text (tool_choice "auto");
     `reasoning_parser` ("qwen3", "deepseek_r1") moves a chat answer's <think> part to
-    reasoning_content."""
+    reasoning_content; `allow_runtime_lora_updating` adds vLLM's load/unload LoRA adapter
+    endpoints (the engine needs room: EngineConfig.max_loras)."""
+    if allow_runtime_lora_updating and not engine.config.max_loras:
+        raise ConfigError("runtime LoRA updating needs room for adapters in the engine: "
+                          "set --max_loras (EngineConfig.max_loras)")
     if tool_call_parser is not None and tool_call_parser not in PARSERS:
         raise BadRequestError(f"unknown tool_call_parser {tool_call_parser!r}; known: "
                               f"{list(PARSERS)}", "tool_call_parser")
@@ -97,6 +108,30 @@ def create_app(engine: Engine, model_name: str, max_stored_responses: int = 1024
         with)."""
         adapter = api.check_model(body.model, model_name, engine.adapter_names)
         return adapter, adapter or model_name
+
+    if allow_runtime_lora_updating:
+        @app.post("/v1/load_lora_adapter")
+        async def load_lora_adapter(body: api.LoadLoraRequest):
+            """Reads the adapter, then installs it between two engine turns."""
+            try:
+                await asyncio.to_thread(engine.load_adapter, body.lora_name, body.lora_path)
+            except EngineClosedError as e:
+                raise api.ApiError(503, str(e), None, "engine_unavailable",
+                                   "server_error") from e
+            except (BadRequestError, ConversionError, ConfigError) as e:
+                raise api.ApiError(400, str(e), getattr(e, "param", None) or "lora_path"
+                                   ) from e
+            return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added "
+                                     "successfully.")
+
+        @app.post("/v1/unload_lora_adapter")
+        async def unload_lora_adapter(body: api.UnloadLoraRequest):
+            try:
+                engine.unload_adapter(body.lora_name)
+            except JaxinferError as e:
+                raise api.ApiError(404, str(e), "lora_name", "model_not_found") from e
+            return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed "
+                                     "successfully.")
 
     @app.get("/v1/models")
     async def models():
@@ -242,7 +277,7 @@ def _llm(engine: Engine):
 
     llm = LLM(engine.cfg, engine.params, engine.tokenizer, engine.mesh, engine.impl,
               engine.kv_dtype)
-    llm.adapters, llm.adapter_names = engine.adapters, engine.adapter_names
+    llm.adapters, llm.adapter_names = engine.adapters, list(engine._names)  # None: free slot
     return llm
 
 
@@ -569,13 +604,17 @@ def serve(checkpoint: str | None = None, host: str = "127.0.0.1", port: int = 80
           warmup: bool = True, log_level: str = "info", draft: str | None = None,
           num_speculative_tokens: int = 4, ngram_size: int = 3,
           max_stored_responses: int = 1024, tool_call_parser: str | None = None,
-          reasoning_parser: str | None = None, **load_kw) -> None:
+          reasoning_parser: str | None = None, allow_runtime_lora_updating: bool = False,
+          **load_kw) -> None:
     """Load a checkpoint, build and warm the engine, serve until interrupted. `load_kw`
     goes to LLM.load (mesh, fsdp, quantize, group_size, kv_dtype); `draft` ("ngram" or a
     checkpoint) turns on speculative decoding in the engine. In a multi-process run
     process 0 serves HTTP and the other processes follow its engine until it stops."""
     from jaxinfer.llm import LLM
 
+    if allow_runtime_lora_updating and not (config and config.max_loras):
+        raise ConfigError("--allow_runtime_lora_updating needs room for adapters: set "
+                          "--max_loras")
     llm = LLM.load(checkpoint, dtype=dtype, **load_kw)
     engine = Engine.from_llm(llm, config, draft, num_speculative_tokens, ngram_size)
     if not engine.is_leader:  # multi-process: process 0 serves HTTP, this one follows it
@@ -591,7 +630,7 @@ def serve(checkpoint: str | None = None, host: str = "127.0.0.1", port: int = 80
     name = model_name or llm.cfg.name
     try:
         uvicorn.run(create_app(engine, name, max_stored_responses, tool_call_parser,
-                               reasoning_parser),
+                               reasoning_parser, allow_runtime_lora_updating),
                     host=host, port=port,
                     log_level=log_level, lifespan="off", timeout_graceful_shutdown=5)
     except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it shut down for

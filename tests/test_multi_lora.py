@@ -312,3 +312,64 @@ def test_lora_modules_flag(tmp_path, refs, smollm2_checkpoint):
                           capture_output=True, text=True, timeout=600, env=env)
     assert good.returncode == 0, good.stderr
     assert json.loads(res.read_text())["token_ids"] == out["colors"][1][0]
+
+
+def test_adapters_loaded_and_unloaded_while_serving(llm, refs, hf_base, tmp_path):
+    """vLLM's /v1/load_lora_adapter and /v1/unload_lora_adapter on a server started with
+    no adapters and room for two: a loaded adapter serves PEFT's tokens with no
+    recompilation; an unloaded one is a 404; its slot is reused, and the prefix cache
+    does not hand the new adapter the old one's K/V; a full stack, a taken name, a bad
+    directory and a rank above max_lora_rank are 400s."""
+    requests = pytest.importorskip("requests")
+    from jaxinfer.server import BackgroundServer, create_app
+
+    dirs, ids, out = refs
+    tok = llm.tokenizer
+    big = tmp_path / "big"
+    _adapter(hf_base, big, seed=3, r=16, target_modules=["q_proj"]).unload()
+    cfg = EngineConfig(num_slots=2, max_len=256, prefix_block=8, max_loras=2, max_lora_rank=8)
+    with Engine(llm.params, llm.cfg, llm.tokenizer, cfg, llm.impl, llm.kv_dtype) as eng:
+        eng.warmup()
+        with BackgroundServer(create_app(eng, "smollm2", allow_runtime_lora_updating=True)
+                              ) as srv:
+            def post(path, **body):
+                return requests.post(f"{srv.url}/v1/{path}", json=body, timeout=120)
+
+            def complete(model):
+                r = post("completions", model=model, prompt=PROMPT, max_tokens=N_NEW,
+                         temperature=0)
+                return r.status_code, (r.json()["choices"][0]["text"]
+                                       if r.status_code == 200 else r.json())
+
+            assert complete("colors")[0] == 404
+            r = post("load_lora_adapter", lora_name="colors", lora_path=str(dirs["colors"]))
+            assert r.status_code == 200 and "added" in r.text
+            with CompileCounter() as cc:
+                assert complete("colors") == (200, _text(tok, out["colors"][1][0]))
+                assert complete("smollm2") == (200, _text(tok, out[None][1][0]))
+            assert cc.count == 0
+            assert post("load_lora_adapter", lora_name="colors",
+                        lora_path=str(dirs["sparse"])).status_code == 400  # taken name
+            r = post("load_lora_adapter", lora_name="x", lora_path=str(tmp_path / "none"))
+            assert r.status_code == 400 and "PEFT" in r.json()["error"]["message"]
+            r = post("load_lora_adapter", lora_name="big", lora_path=str(big))
+            assert r.status_code == 400 and "rank 16" in r.json()["error"]["message"]
+            assert post("load_lora_adapter", lora_name="sparse",
+                        lora_path=str(dirs["sparse"])).status_code == 200
+            r = post("load_lora_adapter", lora_name="third", lora_path=str(dirs["sparse"]))
+            assert r.status_code == 400 and "slots are in use" in r.json()["error"]["message"]
+            models = requests.get(f"{srv.url}/v1/models", timeout=10).json()["data"]
+            assert [m["id"] for m in models] == ["smollm2", "colors", "sparse"]
+            # unload colors; its slot takes "sparse2" (the sparse adapter) with new prefix keys
+            assert post("unload_lora_adapter", lora_name="colors").status_code == 200
+            assert complete("colors")[0] == 404
+            assert post("unload_lora_adapter", lora_name="colors").status_code == 404
+            assert post("load_lora_adapter", lora_name="sparse2",
+                        lora_path=str(dirs["sparse"])).status_code == 200
+            assert eng.adapter_index("sparse2") == 1  # colors' old slot
+            assert complete("sparse2") == (200, _text(tok, out["sparse"][1][0]))
+    with pytest.raises(ConfigError, match="max_loras"):
+        create_app(engine_without_room := Engine(llm.params, llm.cfg, llm.tokenizer,
+                                                 EngineConfig(num_slots=1, max_len=64)),
+                   "m", allow_runtime_lora_updating=True)
+    engine_without_room.close()

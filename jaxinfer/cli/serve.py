@@ -27,6 +27,15 @@ _STORED = flags.DEFINE_integer("max_stored_responses", 1024, "Responses API: how
                                "responses to keep in memory for previous_response_id.",
                                lower_bound=0)
 lora_flags.define_modules()
+_MAX_LORAS = flags.DEFINE_integer("max_loras", 0, "LoRA adapter slots in all, for adapters "
+                                  "loaded while serving (--allow_runtime_lora_updating).",
+                                  lower_bound=0)
+_MAX_LORA_RANK = flags.DEFINE_integer("max_lora_rank", 16, "The largest rank an adapter "
+                                      "loaded while serving may have.", lower_bound=1)
+_LORA_UPDATING = flags.DEFINE_bool("allow_runtime_lora_updating", False, "Serve vLLM's "
+                                   "POST /v1/load_lora_adapter and /v1/unload_lora_adapter "
+                                   "(they read any directory the server can: trusted "
+                                   "clients only).")
 
 
 def main(argv):
@@ -37,7 +46,9 @@ def main(argv):
     serve(_CKPT.value, host=_HOST.value, port=_PORT.value, dtype=_DTYPE.value,
           model_name=_MODEL_NAME.value, warmup=_WARMUP.value,
           max_stored_responses=_STORED.value, **parser_flags.kwargs(),
-          config=engine_flags.config(max_queue=_MAX_QUEUE.value),
+          config=engine_flags.config(max_queue=_MAX_QUEUE.value, max_loras=_MAX_LORAS.value,
+                                     max_lora_rank=_MAX_LORA_RANK.value),
+          allow_runtime_lora_updating=_LORA_UPDATING.value,
           mesh=runtime_flags.MESH.value, fsdp=runtime_flags.FSDP.value,
           **spec_flags.kwargs(), **runtime_flags.quant_kwargs(), **lora_flags.kwargs())
 

@@ -28,7 +28,7 @@ import numpy as np
 from jaxinfer.config import ModelConfig
 from jaxinfer.convert.safetensors import hf_linears, hf_shape
 from jaxinfer.errors import ConversionError
-from jaxinfer.lora import LoraStack
+from jaxinfer.lora import LoraStack, replace_adapter
 
 _KEY = re.compile(r"(?:base_model\.model\.)?model\.layers\.(\d+)\.([a-z_]+\.[a-z_]+)"
                   r"\.lora_([AB])(?:\.[A-Za-z0-9_-]+)?\.weight")
@@ -169,27 +169,85 @@ def _merge_jit(scale: float, shape: tuple[int, ...], sharding: Any):
     return jax.jit(merge, out_shardings=sharding, donate_argnums=0)
 
 
-def stack_adapters(adapters: list[dict[str, LoraFactors]], dtype) -> LoraStack:
-    """Adapters 1..A (0 is the zero adapter) as one LoraStack in `dtype`: the union of
-    their projections, ranks zero-padded to the largest, scales folded into b. An adapter
-    that leaves a projection alone has zero factors there."""
+
+def stack_adapters(adapters: list[dict[str, LoraFactors]], dtype, cfg: ModelConfig | None = None,
+                   slots: int = 0, rank: int = 0) -> LoraStack:
+    """Adapters 1..A (0 is the zero adapter) as one LoraStack in `dtype`: their
+    projections, ranks zero-padded to the largest, scales folded into b. An adapter that
+    leaves a projection alone has zero factors there. With `cfg`, room for adapters loaded
+    later (`put_adapter`): every projection of the model, at least `slots` adapters and
+    rank `rank`."""
     import jax.numpy as jnp
 
-    if not adapters:
-        raise ValueError("stack_adapters needs at least one adapter")
-    keys = sorted(set().union(*adapters))
-    R = max(f.a.shape[1] for ad in adapters for f in ad.values())
+    if not adapters and cfg is None:
+        raise ValueError("stack_adapters needs an adapter, or cfg to make room for some")
+    dims = ({key: hf_shape(shape, n_in) for key, shape, n_in in hf_linears(cfg).values()}
+            if cfg is not None else {})
+    for ad in adapters:
+        for key, f in ad.items():
+            dims.setdefault(key, (f.b.shape[1], f.a.shape[2]))
+    R = max([rank] + [f.a.shape[1] for ad in adapters for f in ad.values()])
+    A = max(slots, len(adapters))
+    L = (cfg.num_layers if cfg is not None
+         else next(iter(adapters[0].values())).a.shape[0])
     a_out, b_out = {}, {}
-    for key in keys:
-        L, _, n_in = next(ad[key] for ad in adapters if key in ad).a.shape
-        n_out = next(ad[key] for ad in adapters if key in ad).b.shape[1]
-        a = np.zeros((L, len(adapters) + 1, n_in, R), np.float32)
-        b = np.zeros((L, len(adapters) + 1, R, n_out), np.float32)
+    for key, (n_out, n_in) in sorted(dims.items()):
+        a = np.zeros((L, A + 1, n_in, R), np.float32)
+        b = np.zeros((L, A + 1, R, n_out), np.float32)
         for j, ad in enumerate(adapters, 1):
-            if key in ad:
-                f = ad[key]
-                r = f.a.shape[1]
-                a[:, j, :, :r] = f.a.transpose(0, 2, 1)
-                b[:, j, :r, :] = f.b.transpose(0, 2, 1) * np.float32(f.scale)
+            a[:, j], b[:, j] = _padded(ad, key, L, n_in, n_out, R)
         a_out[key], b_out[key] = jnp.asarray(a, dtype), jnp.asarray(b, dtype)
     return LoraStack(a=a_out, b=b_out)
+
+
+def _padded(ad: dict[str, LoraFactors], key: str, L: int, n_in: int, n_out: int, R: int
+            ) -> tuple[np.ndarray, np.ndarray]:
+    """One adapter's factors of projection `key` as [L, in, R] and scaled [L, R, out]."""
+    a, b = np.zeros((L, n_in, R), np.float32), np.zeros((L, R, n_out), np.float32)
+    if key in ad:
+        f = ad[key]
+        r = f.a.shape[1]
+        a[:, :, :r] = f.a.transpose(0, 2, 1)
+        b[:, :r, :] = f.b.transpose(0, 2, 1) * np.float32(f.scale)
+    return a, b
+
+
+def put_adapter(stack: LoraStack, index: int, adapter: dict[str, LoraFactors],
+                where: str = "adapter") -> LoraStack:
+    """`stack` with adapter `index` replaced by `adapter` (a new stack: the old one may
+    still be in use). ConversionError if it does not fit the stack's room: a projection
+    the stack lacks, or a rank above the stack's."""
+    missing = sorted(set(adapter) - set(stack.a))
+    if missing:
+        raise ConversionError(f"{where} adapts {missing}, which this stack has no room for "
+                              f"(it has {sorted(stack.a)})")
+    R = next(iter(stack.a.values())).shape[-1]
+    r = max(f.a.shape[1] for f in adapter.values())
+    if r > R:
+        raise ConversionError(f"{where} has rank {r}; this stack holds rank <= {R} "
+                              "(max_lora_rank)")
+    a, b = {}, {}
+    for key, x in stack.a.items():
+        L, _, n_in, _ = x.shape
+        a[key], b[key] = _padded(adapter, key, L, n_in, stack.b[key].shape[-1], R)
+    return replace_adapter(stack, np.int32(index), a, b)
+
+
+
+def with_room(stack: LoraStack | None, cfg: ModelConfig, slots: int, rank: int, dtype,
+              place: Any = None) -> LoraStack:
+    """`stack` (None: no adapters yet) widened to room for `slots` adapters in all, of
+    rank <= `rank`, on every projection (`put_adapter` fills it while serving); its
+    adapters keep their indices. Placed on `place` (a device or a sharding) if given."""
+    import jax
+
+    A = 0 if stack is None else stack.num_adapters - 1
+    R0 = 0 if stack is None else next(iter(stack.a.values())).shape[-1]
+    room = stack_adapters([], dtype, cfg, max(slots, A), max(rank, R0))
+    if stack is not None:
+        room = LoraStack(
+            a={k: v.at[:, :A + 1, :, :R0].set(stack.a[k]) if k in stack.a else v
+               for k, v in room.a.items()},
+            b={k: v.at[:, :A + 1, :R0, :].set(stack.b[k]) if k in stack.b else v
+               for k, v in room.b.items()})
+    return room if place is None else jax.device_put(room, place)
