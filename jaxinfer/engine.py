@@ -554,6 +554,9 @@ class Engine:
         if not self.config.max_loras:
             raise ConfigError("this engine has no room for adapters loaded while serving "
                               "(EngineConfig.max_loras, serve.py --max_loras)")
+        if self._turns is not None:
+            raise ConfigError("adapters are loaded while serving in single-process runs only "
+                              "(every process would have to load it at the same turn)")
         if not isinstance(name, str) or not name:
             raise BadRequestError(f"lora_name must be a non-empty string, got {name!r}",
                                   "lora_name")
