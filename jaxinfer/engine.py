@@ -222,7 +222,8 @@ class Engine:
 
         With `lora` (a lora.LoraStack; `adapter_names` names its adapters 1..A) each
         request may name an adapter (`submit(adapter=)`); every decode step serves all
-        slots' adapters at once. Not with a draft. `config.max_loras` > 0 leaves room in
+        slots' adapters at once (with a draft too: it proposes, each slot's adapter
+        verifies). `config.max_loras` > 0 leaves room in
         the stack for adapters loaded while serving (`load_adapter`, `unload_adapter`)."""
         self.cfg, self.params, self.tokenizer = cfg, params, tokenizer
         self.impl = impl or default_impl()
@@ -250,9 +251,6 @@ class Engine:
             self.adapters = with_room(lora, cfg, config.max_loras, config.max_lora_rank,
                                       self.dtype, core.placement(device, mesh))
             self._names += [None] * (self.adapters.num_adapters - 1 - len(self._names))
-        if self.adapters is not None and self._spec is not None:
-            raise ConfigError("LoRA adapters do not combine with speculative decoding (the "
-                              "draft would propose for the base model)")
         self._salts = list(range(1, len(self._names) + 1))
         self._reserve = 0 if self._spec is None else num_speculative_tokens + 1
         self.spec_proposed = self.spec_accepted = 0  # draft tokens, all requests
@@ -268,7 +266,8 @@ class Engine:
             dw = self._spec.weights
             self._state = engine_spec.init_state(
                 cfg, self._spec.cfg, config.num_slots, self.max_len, self.kv_dtype,
-                None if dw is None else dw["embed"].dtype, eos_E, device, mesh)
+                None if dw is None else dw["embed"].dtype, eos_E, device, mesh,
+                lora=self.adapters is not None)
         # A request's one-row cache: placed like the slots' (a batch of 1 is replicated).
         self._row_shardings = self._draft_row_shardings = None
         if mesh is not None:
@@ -783,8 +782,9 @@ class Engine:
                 elif self._decoding and not self._masked_rows():
                     sp = self._spec
                     self._state, out, lp = engine_spec.step(
-                        self.params, sp.weights, self._state, np.bool_(want), cfg=self.cfg,
-                        draft_cfg=sp.cfg, k=sp.k, ngram_size=sp.ngram_size, impl=self.impl)
+                        self.params, sp.weights, self._state, np.bool_(want), self.adapters,
+                        cfg=self.cfg, draft_cfg=sp.cfg, k=sp.k, ngram_size=sp.ngram_size,
+                        impl=self.impl)
                 elif self._decoding:
                     self._state, out, lp = self._constrained_round(want)
                 lp = lp if want else None
@@ -853,7 +853,7 @@ class Engine:
             i: (r.matcher, lambda t, r=r: r.sampling.ends(t, self.eos_ids))
             for i, r in reqs.items()}), self._mask_place)
         return engine_spec.verify(self.params, state, d_BK, q, masks, np.bool_(want),
-                                  cfg=self.cfg, k=k, impl=self.impl)
+                                  self.adapters, cfg=self.cfg, k=k, impl=self.impl)
 
     def _admit(self) -> None:
         """Prefill under this turn's prompt-token budget: first the next chunk of a prompt

@@ -32,13 +32,14 @@ from jaxinfer import speculative as spec
 from jaxinfer.config import ModelConfig
 from jaxinfer.engine_core import Prefix, placement, put_row, slots_cache
 from jaxinfer.kv_cache import KVCache
+from jaxinfer.lora import LoraStack
 from jaxinfer.sampling import IDLE_ROW, Logprobs, SamplingArrays, ends_row
 from jaxinfer.weights import Weights
 
 
 def init_state(cfg: ModelConfig, draft_cfg: ModelConfig | None, num_slots: int, max_len: int,
                dtype, draft_dtype, eos_E: jax.Array, device: jax.Device | None,
-               mesh: jax.sharding.Mesh | None = None) -> spec.SpecState:
+               mesh: jax.sharding.Mesh | None = None, lora: bool = False) -> spec.SpecState:
     """B empty, finished slots, placed as engine_core.init_decode_state places its state."""
     B, S = num_slots, max_len
     zeros_B = lambda: jnp.zeros((B,), jnp.int32)  # distinct buffers: the state is donated
@@ -49,7 +50,8 @@ def init_state(cfg: ModelConfig, draft_cfg: ModelConfig | None, num_slots: int, 
         sampling=SamplingArrays.from_params([IDLE_ROW] * B), eos_E=jnp.asarray(eos_E, jnp.int32),
         output_BM=jnp.zeros((B, S), jnp.int32), rounds_B=zeros_B(), accepted_B=zeros_B(),
         counts_BV=jnp.zeros((B, cfg.vocab_size), jnp.int32),
-        prompt_mask_BV=jnp.zeros((B, cfg.vocab_size), bool))
+        prompt_mask_BV=jnp.zeros((B, cfg.vocab_size), bool),
+        adapter_B=zeros_B() if lora else None)
 
     return dataclasses.replace(
         jax.device_put(state, placement(device, mesh)),
@@ -75,6 +77,9 @@ def insert(prefix: Prefix, draft_row: KVCache | None, seq_1S: jax.Array, prompt_
     is_eos = ends_row(prefix.token_1, state.eos_E, prefix.sampling)[0]
     seq = seq_1S[0].at[prompt_len].set(tok)
     dc = state.draft_cache
+    if state.adapter_B is not None:
+        state = dataclasses.replace(
+            state, adapter_B=state.adapter_B.at[slot].set(prefix.adapter_1[0]))
     return dataclasses.replace(
         state, target_cache=put_row(state.target_cache, prefix.cache, slot),
         draft_cache=None if dc is None else put_row(dc, draft_row, slot),
@@ -95,27 +100,28 @@ def insert(prefix: Prefix, draft_row: KVCache | None, seq_1S: jax.Array, prompt_
 @functools.partial(jax.jit, static_argnames=("cfg", "draft_cfg", "k", "ngram_size", "impl"),
                    donate_argnames=("state",))
 def step(target_weights: Weights, draft_weights: Weights | None, state: spec.SpecState,
-         want_logprobs: jax.Array, *, cfg: ModelConfig, draft_cfg: ModelConfig | None, k: int,
-         ngram_size: int, impl: str = "xla") -> tuple[spec.SpecState, jax.Array, Logprobs]:
+         want_logprobs: jax.Array, lora: LoraStack | None = None, *, cfg: ModelConfig,
+         draft_cfg: ModelConfig | None, k: int, ngram_size: int, impl: str = "xla"
+         ) -> tuple[spec.SpecState, jax.Array, Logprobs]:
     """One draft-and-verify round for every slot; out_BR as in the module docstring, and
     the raw logprobs of each slot's k + 1 candidate tokens (row slot * (k + 1) + t),
     computed only when `want_logprobs` (traced: asking never recompiles)."""
     before = state
     state, lp = spec._round(target_weights, draft_weights, state, cfg, draft_cfg, k,
-                            ngram_size, impl, want_logprobs)
+                            ngram_size, impl, want_logprobs, lora)
     return state, _out(before, state, k), lp
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "k", "impl"), donate_argnames=("state",))
 def verify(target_weights: Weights, state: spec.SpecState, d_BK: jax.Array,
-           q_BKV: jax.Array | None, mask_BTW: jax.Array, want_logprobs: jax.Array, *,
-           cfg: ModelConfig, k: int, impl: str = "xla"
+           q_BKV: jax.Array | None, mask_BTW: jax.Array, want_logprobs: jax.Array,
+           lora: LoraStack | None = None, *, cfg: ModelConfig, k: int, impl: str = "xla"
            ) -> tuple[spec.SpecState, jax.Array, Logprobs]:
     """A round split for structured output, part two (part one is speculative.propose_step):
     the target verifies under the masks of the k + 1 positions; returns as `step` does."""
     before = state
     state, lp = spec.verify(target_weights, state, d_BK, q_BKV, cfg, k, impl, want_logprobs,
-                            mask_BTW)
+                            mask_BTW, lora)
     return state, _out(before, state, k), lp
 
 

@@ -125,12 +125,6 @@ def _check_sampling(sampling: list[SamplingParams], max_new: list[int],
         p.check_lengths(m)
 
 
-def _no_adapter_with_draft(adapter_B: np.ndarray | None) -> None:
-    if adapter_B is not None:
-        raise BadRequestError("LoRA adapters do not combine with speculative decoding (the "
-                              "draft would propose for the base model)", "adapter")
-
-
 def _prompt_logprobs(scored: tuple | None, prompts: list[list[int]],
                      sampling: list[SamplingParams]) -> list[list[TokenLogprob | None] | None]:
     """Each row's prompt_logprobs (None for the first token), if it asked, from a start's
@@ -264,6 +258,9 @@ class LLM:
         """The adapters a generation started with (`_start` records ids only if any)."""
         return None if state.adapter_B is None else self.adapters
 
+    def _lora_for(self, adapter_B: np.ndarray | None) -> LoraStack | None:
+        return None if adapter_B is None else self.adapters
+
     # ---- the pure functions ----------------------------------------------------------
     @property
     def forward(self) -> Callable[[Weights, jax.Array, KVCache], tuple[jax.Array, KVCache]]:
@@ -314,7 +311,7 @@ class LLM:
                          logprobs=any(p.logprobs is not None for p in sampling),
                          mask_BW=self._masks(matchers or []),
                          prompt_logprobs=any(p.prompt_logprobs is not None for p in sampling),
-                         lora=None if adapter_B is None else self.adapters, adapter_B=adapter_B)
+                         lora=self._lora_for(adapter_B), adapter_B=adapter_B)
 
     # ---- structured output -------------------------------------------------------------
     def _matchers(self, constraint: Constraint | Sequence[Constraint | None] | None,
@@ -415,9 +412,8 @@ class LLM:
         matchers = self._matchers(constraint, len(ids))
         adapter_B = self._adapter_ids(adapter, len(ids))
         if draft is not None:
-            _no_adapter_with_draft(adapter_B)
             res = self._speculate(ids, sp, mn, stop, draft, num_speculative_tokens, ngram_size,
-                                  matchers)
+                                  matchers, adapter_B)
             return res[0] if single else res
         t0 = time.perf_counter()
         state = self._start(ids, sp, mn, matchers, adapter_B)
@@ -447,12 +443,14 @@ class LLM:
 
     def _speculate(self, ids: list[list[int]], sp: list[SamplingParams], mn: list[int],
                    stop: Sequence[str], draft: LLM | str, k: int, ngram_size: int,
-                   matchers: list) -> list[SpeculativeCompletion]:
+                   matchers: list, adapter_B: np.ndarray | None = None
+                   ) -> list[SpeculativeCompletion]:
         dw, dcfg, ddtype = _draft_parts(draft)
         r = speculative.generate_ids(self.params, dw, self.cfg, dcfg, ids,
                                      _same_seeds_everywhere(sp), mn, self.eos, k, ngram_size,
                                      self.kv_dtype, self.mesh, self.impl, ddtype,
-                                     matchers, self._grammars)
+                                     matchers, self._grammars, self._lora_for(adapter_B),
+                                     adapter_B)
         out, prompt_lps = [], _prompt_logprobs(r.prompt_logprobs, ids, sp)
         for b, toks in enumerate(r.tokens):
             tps = (len(toks) - 1) / r.decode_s if r.decode_s > 0 and len(toks) > 1 else 0.0
@@ -507,10 +505,9 @@ class LLM:
         matchers = self._matchers(constraint, 1)
         adapter_B = self._adapter_ids(adapter, 1)
         if draft is not None:
-            _no_adapter_with_draft(adapter_B)
             yield from self._stream_speculative(ids, sampling, max_new_tokens, stop, result,
                                                 matchers, draft, num_speculative_tokens,
-                                                ngram_size, t0)
+                                                ngram_size, t0, adapter_B)
             return
         state = self._start([ids], [sampling], [max_new_tokens], matchers, adapter_B)
         lora = self._lora(state)
@@ -557,7 +554,7 @@ class LLM:
     def _stream_speculative(self, ids: list[int], sampling: SamplingParams, max_new: int,
                             stop: Sequence[str], result: list[Completion] | None,
                             matchers: list, draft: LLM | str, k: int, ngram_size: int,
-                            t0: float) -> Iterator[str]:
+                            t0: float, adapter_B: np.ndarray | None = None) -> Iterator[str]:
         """`stream` with a draft: one speculative round per host step (split for a
         constrained row), its kept tokens detokenized as they come."""
         dw, dcfg, ddtype = _draft_parts(draft)
@@ -573,7 +570,9 @@ class LLM:
             np.asarray([max_new], np.int32), self.eos, cfg=self.cfg, draft_cfg=dcfg,
             max_out=M, impl=self.impl, logprobs=sampling.logprobs is not None,
             prompt_logprobs=sampling.prompt_logprobs is not None,
-            mask_BW=None if rows is None else rows.mask())
+            mask_BW=None if rows is None else rows.mask(), lora=self._lora_for(adapter_B),
+            adapter_B=adapter_B)
+        lora = self._lora_for(adapter_B)
         prompt_lps = _prompt_logprobs(scored, [ids], sp)[0]
         out = TextOutput(self.tokenizer, ids, sampling.stops(stop), sampling.skip_special_tokens,
                          sampling.include_stop_str_in_output)
@@ -598,11 +597,11 @@ class LLM:
                 break
             if rows is not None and rows.live:
                 state = rows.round(self.params, dw, state, self.cfg, dcfg, k, ngram_size,
-                                   self.impl)
+                                   self.impl, lora)
             else:
                 state = speculative.step(self.params, dw, state, cfg=self.cfg,
                                          draft_cfg=dcfg, k=k, ngram_size=ngram_size,
-                                         impl=self.impl)
+                                         impl=self.impl, lora=lora)
         if result is not None:
             dt = time.perf_counter() - t0 - ttft
             ends = bool(toks) and sampling.ends(toks[-1], self.eos)

@@ -32,6 +32,7 @@ from jaxinfer import generate as gen
 from jaxinfer.config import ModelConfig
 from jaxinfer.errors import BadRequestError
 from jaxinfer.kv_cache import KVCache, cache_shardings, init_cache
+from jaxinfer.lora import LoraStack
 from jaxinfer.model import decode_logits, hidden_states, prefill, unembed
 from jaxinfer.runtime import to_host
 from jaxinfer.sampling import (
@@ -74,6 +75,9 @@ class SpecState:
     prompt_mask_BV: jax.Array  # bool[B, V] the prompt's tokens (repetition penalty)
     # With logprobs (while-loop path), as DecodeState's: f32[B, M], i32/f32[B, M, N].
     logprobs_out: tuple[jax.Array, jax.Array, jax.Array] | None = None
+    # With LoRA adapters: i32[B] each row's target adapter (the draft has none: its
+    # proposals only change how many are accepted, never the output distribution).
+    adapter_B: jax.Array | None = None
 
 
 def _per_position(arrays: SamplingArrays, T: int) -> SamplingArrays:
@@ -212,21 +216,24 @@ def propose(dw: Weights | None, state: SpecState, dcfg: ModelConfig | None, k: i
 
 def _round(tw: Weights, dw: Weights | None, state: SpecState, cfg: ModelConfig,
            dcfg: ModelConfig | None, k: int, ngram_size: int, impl: str,
-           want_logprobs: jax.Array | None = None) -> tuple[SpecState, Logprobs | None]:
+           want_logprobs: jax.Array | None = None, lora: LoraStack | None = None
+           ) -> tuple[SpecState, Logprobs | None]:
     """One round: propose, then verify."""
     state, d_BK, q_BKV = propose(dw, state, dcfg, k, ngram_size, impl)
-    return verify(tw, state, d_BK, q_BKV, cfg, k, impl, want_logprobs)
+    return verify(tw, state, d_BK, q_BKV, cfg, k, impl, want_logprobs, lora=lora)
 
 
 def verify(tw: Weights, state: SpecState, d_BK: jax.Array, q_BKV: jax.Array | None,
            cfg: ModelConfig, k: int, impl: str, want_logprobs: jax.Array | None = None,
-           mask_BTW: jax.Array | None = None) -> tuple[SpecState, Logprobs | None]:
+           mask_BTW: jax.Array | None = None, lora: LoraStack | None = None
+           ) -> tuple[SpecState, Logprobs | None]:
     """A round's second half: the target scores [x_0, d_1..d_k] in one pass, accepts and
     corrects. `mask_BTW` (structured output) restricts the target at each of the k + 1
     positions to what the grammar allows after the drafted tokens before it. The raw target
     log-probabilities of the k + 1 candidate tokens (rows b * (k + 1) + t) come back when
     `want_logprobs` is given (computed only if it is set), and are written into
-    `state.logprobs_out` when the state records them."""
+    `state.logprobs_out` when the state records them. `lora`: the target's adapters, row b
+    running state.adapter_B[b]."""
     B, S = state.seq_BS.shape
     M = state.output_BM.shape[1]
     active = ~state.done_B
@@ -237,7 +244,7 @@ def verify(tw: Weights, state: SpecState, d_BK: jax.Array, q_BKV: jax.Array | No
     last_B = jnp.take_along_axis(state.seq_BS, (seq_len - 1)[:, None], 1)[:, 0]
     tc = state.target_cache
     x, tc = hidden_states(tw, jnp.concatenate([last_B[:, None], d_BK], 1),
-                          tc.with_lengths(seq_len - 1), cfg, impl)
+                          tc.with_lengths(seq_len - 1), cfg, impl, lora, state.adapter_B)
     logits_BTV = unembed(tw, x)
     z_BTV = processed_logits(logits_BTV, state, d_BK)
     if mask_BTW is not None:
@@ -307,21 +314,21 @@ _STATIC = ("cfg", "draft_cfg", "k", "ngram_size", "impl")
 @functools.partial(jax.jit, static_argnames=_STATIC, donate_argnames=("state",))
 def step(target_weights: Weights, draft_weights: Weights | None, state: SpecState,
          cfg: ModelConfig, draft_cfg: ModelConfig | None, k: int, ngram_size: int = 3,
-         impl: str = "xla") -> SpecState:
+         impl: str = "xla", lora: LoraStack | None = None) -> SpecState:
     """One draft-and-verify round (1..k+1 new tokens per active row)."""
     return _round(target_weights, draft_weights, state, cfg, draft_cfg, k, ngram_size,
-                  impl)[0]
+                  impl, lora=lora)[0]
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC, donate_argnames=("state",))
 def run_loop(target_weights: Weights, draft_weights: Weights | None, state: SpecState,
              cfg: ModelConfig, draft_cfg: ModelConfig | None, k: int, ngram_size: int = 3,
-             impl: str = "xla") -> SpecState:
+             impl: str = "xla", lora: LoraStack | None = None) -> SpecState:
     """Rounds until every row is done, on device."""
     return jax.lax.while_loop(
         lambda s: ~jnp.all(s.done_B),
         lambda s: _round(target_weights, draft_weights, s, cfg, draft_cfg, k, ngram_size,
-                         impl)[0], state)
+                         impl, lora=lora)[0], state)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "draft_cfg", "max_out", "impl", "logprobs",
@@ -332,7 +339,8 @@ def start(target_weights: Weights, draft_weights: Weights | None, prompt_BT: jax
           sampling: SamplingArrays, max_new_B: jax.Array, eos_E: jax.Array, cfg: ModelConfig,
           draft_cfg: ModelConfig | None, max_out: int, impl: str = "xla",
           logprobs: bool = False, prompt_logprobs: bool = False,
-          mask_BW: jax.Array | None = None
+          mask_BW: jax.Array | None = None, lora: LoraStack | None = None,
+          adapter_B: jax.Array | None = None
           ) -> tuple[SpecState, tuple[jax.Array, jax.Array, jax.Array] | None]:
     """Prefill both models with the prompts; the target samples each row's first token.
     With `logprobs` the state records every emitted token's logprob and alternatives;
@@ -341,7 +349,8 @@ def start(target_weights: Weights, draft_weights: Weights | None, prompt_BT: jax
     state, as gen.start's `prompt_logprobs_out`, so the decode loop never carries it)."""
     st = gen.start(target_weights, prompt_BT, prompt_len_B, target_cache, sampling, max_new_B,
                    eos_E, cfg=cfg, max_out=max_out, impl=impl, logprobs=logprobs,
-                   mask_BW=mask_BW, prompt_logprobs=prompt_logprobs)
+                   mask_BW=mask_BW, prompt_logprobs=prompt_logprobs, lora=lora,
+                   adapter_B=adapter_B)
     if draft_weights is not None:
         _, draft_cache = prefill(draft_weights, prompt_BT, prompt_len_B, draft_cache,
                                  draft_cfg, impl)
@@ -354,7 +363,7 @@ def start(target_weights: Weights, draft_weights: Weights | None, prompt_BT: jax
         seq_len_B=prompt_len_B + 1, num_generated_B=st.num_generated_B, max_new_B=max_new_B,
         done_B=st.done_B, finish_eos_B=st.finish_eos_B, sampling=sampling, eos_E=eos_E,
         output_BM=st.output_BM, rounds_B=zeros, accepted_B=zeros, counts_BV=st.counts_BV,
-        prompt_mask_BV=st.prompt_mask_BV, logprobs_out=st.logprobs_out
+        prompt_mask_BV=st.prompt_mask_BV, logprobs_out=st.logprobs_out, adapter_B=st.adapter_B
     ), st.prompt_logprobs_out
 
 
@@ -371,10 +380,11 @@ def propose_step(draft_weights: Weights | None, state: SpecState, mask0_BW: jax.
 
 @functools.partial(jax.jit, static_argnames=("cfg", "k", "impl"), donate_argnames=("state",))
 def verify_step(target_weights: Weights, state: SpecState, d_BK: jax.Array,
-                q_BKV: jax.Array | None, mask_BTW: jax.Array, *, cfg: ModelConfig, k: int,
-                impl: str = "xla") -> SpecState:
+                q_BKV: jax.Array | None, mask_BTW: jax.Array, lora: LoraStack | None = None,
+                *, cfg: ModelConfig, k: int, impl: str = "xla") -> SpecState:
     """Part two: the target verifies under the masks of the k + 1 positions."""
-    return verify(target_weights, state, d_BK, q_BKV, cfg, k, impl, mask_BTW=mask_BTW)[0]
+    return verify(target_weights, state, d_BK, q_BKV, cfg, k, impl, mask_BTW=mask_BTW,
+                  lora=lora)[0]
 
 
 class RowGrammars:
@@ -427,14 +437,15 @@ class RowGrammars:
             num_generated_B=state.num_generated_B.at[rows].set(n_gen[rows]))
 
     def round(self, tw: Weights, dw: Weights | None, state: SpecState, cfg: ModelConfig,
-              dcfg: ModelConfig | None, k: int, ngram_size: int, impl: str) -> SpecState:
+              dcfg: ModelConfig | None, k: int, ngram_size: int, impl: str,
+              lora: LoraStack | None = None) -> SpecState:
         """One split round: the draft proposes (its first token masked), the host masks
         every position along the drafted tokens, the target verifies under the masks."""
         state, d_BK, q_BKV = propose_step(dw, state, self.mask(), draft_cfg=dcfg, k=k,
                                           ngram_size=ngram_size, impl=impl)
         masks = self.grammars.drafted_masks(
             to_host(d_BK), {b: (self.matchers[b], self._ends[b]) for b in self.live})
-        return verify_step(tw, state, d_BK, q_BKV, masks, cfg=cfg, k=k, impl=impl)
+        return verify_step(tw, state, d_BK, q_BKV, masks, lora, cfg=cfg, k=k, impl=impl)
 
 
 def check_settings(k: int, ngram_size: int, cfg: ModelConfig,
@@ -501,11 +512,13 @@ def generate_ids(target_weights: Weights, draft_weights: Weights | None, cfg: Mo
                  sampling: list[SamplingParams], max_new: list[int], eos_E: np.ndarray,
                  k: int, ngram_size: int = 3, dtype=jnp.float32,
                  mesh: jax.sharding.Mesh | None = None, impl: str = "xla",
-                 draft_dtype=None, matchers: list | None = None, grammars=None
+                 draft_dtype=None, matchers: list | None = None, grammars=None,
+                 lora: LoraStack | None = None, adapter_B: np.ndarray | None = None
                  ) -> SpecResult:
     """Speculative generation for a batch of token-id prompts (draft_weights None: n-gram).
     `matchers` (one llguidance matcher or None per row, from `grammars`, a
-    structured.Grammars) constrain rows to their grammars."""
+    structured.Grammars) constrain rows to their grammars; with `lora` row b's target runs
+    adapter adapter_B[b]."""
     import time
 
     check_settings(k, ngram_size, cfg, draft_cfg)
@@ -520,7 +533,7 @@ def generate_ids(target_weights: Weights, draft_weights: Weights | None, cfg: Mo
         draft_cfg=draft_cfg, max_out=M, impl=impl,
         logprobs=any(p.logprobs is not None for p in sampling),
         prompt_logprobs=any(p.prompt_logprobs is not None for p in sampling),
-        mask_BW=None if rows is None else rows.mask())
+        mask_BW=None if rows is None else rows.mask(), lora=lora, adapter_B=adapter_B)
     state.num_generated_B.block_until_ready()
     ttft = time.perf_counter() - t0
     prompt_lp = to_host(prompt_lp)
@@ -529,9 +542,9 @@ def generate_ids(target_weights: Weights, draft_weights: Weights | None, cfg: Mo
         if not rows.live:
             break
         state = rows.round(target_weights, draft_weights, state, cfg, draft_cfg, k,
-                           ngram_size, impl)
+                           ngram_size, impl, lora)
     state = run_loop(target_weights, draft_weights, state, cfg=cfg, draft_cfg=draft_cfg,
-                     k=k, ngram_size=ngram_size, impl=impl)
+                     k=k, ngram_size=ngram_size, impl=impl, lora=lora)
     out, n, eos, rounds, acc, lp = to_host((
         state.output_BM, state.num_generated_B, state.finish_eos_B, state.rounds_B,
         state.accepted_B, state.logprobs_out))
