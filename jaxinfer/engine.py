@@ -223,8 +223,8 @@ class Engine:
         With `lora` (a lora.LoraStack; `adapter_names` names its adapters 1..A) each
         request may name an adapter (`submit(adapter=)`); every decode step serves all
         slots' adapters at once (with a draft too: it proposes, each slot's adapter
-        verifies). `config.max_loras` > 0 leaves room in
-        the stack for adapters loaded while serving (`load_adapter`, `unload_adapter`)."""
+        verifies). `config.max_loras` > 0 leaves room in the stack for adapters loaded
+        while serving (`load_adapter`, `unload_adapter`)."""
         self.cfg, self.params, self.tokenizer = cfg, params, tokenizer
         self.impl = impl or default_impl()
         self.config = config = config or EngineConfig()
