@@ -474,7 +474,6 @@ class Engine:
         if not self.is_leader:
             raise NotLeaderError(f"process {jax.process_index()} follows process 0's engine; "
                                  "submit requests on process 0")
-        self.adapter_index(adapter)  # fails early; resolved again below, under the lock
         ids = self.encode(prompt, messages, chat_options)
         if sampling is not None:
             ids = sampling.truncate(ids)
@@ -515,8 +514,8 @@ class Engine:
                         f"the request queue is full ({self.config.max_queue} waiting)")
                 self._cv.wait()
                 self._check_open()
-            adapter_id = self.adapter_index(adapter)  # no load or unload between here and
-            req = Request(self._next_id, ids, sampling, int(max_tokens),  # the inbox
+            adapter_id = self.adapter_index(adapter)  # under the lock: no load or unload
+            req = Request(self._next_id, ids, sampling, int(max_tokens),  # before the inbox
                           tuple(s for s in stop if s), self._cancel, on_finish, _warmup)
             req.constraint, req.matcher, req.adapter = constraint, matcher, adapter_id
             self._next_id += 1
@@ -531,6 +530,11 @@ class Engine:
     def adapter_names(self) -> list[str]:
         """The LoRA adapters requests may name now."""
         return [n for n in self._names if n is not None]
+
+    @property
+    def adapter_slots(self) -> list[str | None]:
+        """The name of stack adapter i + 1 (None: a free slot), as LLM.adapter_names."""
+        return list(self._names)
 
     def adapter_index(self, adapter: str | None) -> int:
         """The stack index of LoRA adapter `adapter` (0 for None); BadRequestError if the

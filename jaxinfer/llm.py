@@ -164,7 +164,7 @@ class LLM:
                             np.int32)
         self._grammars: Grammars | None = None  # structured output, built on first use
         self.adapters: LoraStack | None = None  # per-request LoRA adapters (add_adapters)
-        self.adapter_names: list[str] = []  # adapter i + 1 of the stack
+        self.adapter_names: list[str | None] = []  # adapter i + 1 of the stack (None: free)
         self._adapter_factors: list = []  # each adapter as read (convert.lora.LoraFactors)
 
     @classmethod
@@ -249,16 +249,15 @@ class LLM:
         ids = []
         for a in names:
             if a is not None and a not in self.adapter_names:
+                loaded = [n for n in self.adapter_names if n is not None]
                 raise BadRequestError(f"unknown LoRA adapter {a!r} (loaded: "
-                                      f"{self.adapter_names or 'none'})", "adapter")
+                                      f"{loaded or 'none'})", "adapter")
             ids.append(0 if a is None else self.adapter_names.index(a) + 1)
         return np.asarray(ids, np.int32) if any(ids) else None
 
-    def _lora(self, state: gen.DecodeState) -> LoraStack | None:
-        """The adapters a generation started with (`_start` records ids only if any)."""
-        return None if state.adapter_B is None else self.adapters
-
-    def _lora_for(self, adapter_B: np.ndarray | None) -> LoraStack | None:
+    def _lora(self, adapter_B: jax.Array | np.ndarray | None) -> LoraStack | None:
+        """The adapters for rows `adapter_B` (None when no row has one: the plain program;
+        a started state's `adapter_B` is None then too)."""
         return None if adapter_B is None else self.adapters
 
     # ---- the pure functions ----------------------------------------------------------
@@ -311,7 +310,7 @@ class LLM:
                          logprobs=any(p.logprobs is not None for p in sampling),
                          mask_BW=self._masks(matchers or []),
                          prompt_logprobs=any(p.prompt_logprobs is not None for p in sampling),
-                         lora=self._lora_for(adapter_B), adapter_B=adapter_B)
+                         lora=self._lora(adapter_B), adapter_B=adapter_B)
 
     # ---- structured output -------------------------------------------------------------
     def _matchers(self, constraint: Constraint | Sequence[Constraint | None] | None,
@@ -370,9 +369,9 @@ class LLM:
             mask = self._masks(matchers)
             if mask is None:
                 return gen.run_loop(self.params, state, cfg=self.cfg, impl=self.impl,
-                                    lora=self._lora(state)), complete
+                                    lora=self._lora(state.adapter_B)), complete
             state, out, _ = gen.step(self.params, state, np.bool_(False), mask,
-                                     self._lora(state), cfg=self.cfg, impl=self.impl)
+                                     self._lora(state.adapter_B), cfg=self.cfg, impl=self.impl)
 
     # ---- batch generation (jitted while loop) ------------------------------------------
     def generate(self, prompts: str | Sequence[int] | list, sampling: SamplingParams | list
@@ -426,7 +425,7 @@ class LLM:
             state, complete = self._decode_constrained(state, matchers, sp)
         else:
             state = gen.run_loop(self.params, state, cfg=self.cfg, impl=self.impl,
-                                 lora=self._lora(state))
+                                 lora=self._lora(state.adapter_B))
         out, n, eos, lp = to_host((state.output_BM, state.num_generated_B,
                                    state.finish_eos_B, state.logprobs_out))
         dt = time.perf_counter() - t0 - ttft
@@ -449,7 +448,7 @@ class LLM:
         r = speculative.generate_ids(self.params, dw, self.cfg, dcfg, ids,
                                      _same_seeds_everywhere(sp), mn, self.eos, k, ngram_size,
                                      self.kv_dtype, self.mesh, self.impl, ddtype,
-                                     matchers, self._grammars, self._lora_for(adapter_B),
+                                     matchers, self._grammars, self._lora(adapter_B),
                                      adapter_B)
         out, prompt_lps = [], _prompt_logprobs(r.prompt_logprobs, ids, sp)
         for b, toks in enumerate(r.tokens):
@@ -510,7 +509,7 @@ class LLM:
                                                 ngram_size, t0, adapter_B)
             return
         state = self._start([ids], [sampling], [max_new_tokens], matchers, adapter_B)
-        lora = self._lora(state)
+        lora = self._lora(state.adapter_B)
         prompt_lps = _prompt_logprobs(state.prompt_logprobs_out, [ids], [sampling])[0]
         state = dataclasses.replace(state, prompt_logprobs_out=None)
         pending = jnp.stack([state.tokens_B, state.done_B.astype(jnp.int32)])
@@ -565,14 +564,13 @@ class LLM:
         self.kv_cache_bytes = device_bytes(tc) + (0 if dc is None else device_bytes(dc))
         rows = (None if matchers[0] is None else speculative.RowGrammars(
             matchers, self._grammars, sp, frozenset(int(e) for e in self.eos)))
+        lora = self._lora(adapter_B)
         state, scored = speculative.start(
             self.params, dw, prompt_BT, lens_B, tc, dc, SamplingArrays.from_params(sp),
             np.asarray([max_new], np.int32), self.eos, cfg=self.cfg, draft_cfg=dcfg,
             max_out=M, impl=self.impl, logprobs=sampling.logprobs is not None,
             prompt_logprobs=sampling.prompt_logprobs is not None,
-            mask_BW=None if rows is None else rows.mask(), lora=self._lora_for(adapter_B),
-            adapter_B=adapter_B)
-        lora = self._lora_for(adapter_B)
+            mask_BW=None if rows is None else rows.mask(), lora=lora, adapter_B=adapter_B)
         prompt_lps = _prompt_logprobs(scored, [ids], sp)[0]
         out = TextOutput(self.tokenizer, ids, sampling.stops(stop), sampling.skip_special_tokens,
                          sampling.include_stop_str_in_output)

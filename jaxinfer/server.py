@@ -277,7 +277,7 @@ def _llm(engine: Engine):
 
     llm = LLM(engine.cfg, engine.params, engine.tokenizer, engine.mesh, engine.impl,
               engine.kv_dtype)
-    llm.adapters, llm.adapter_names = engine.adapters, list(engine._names)  # None: free slot
+    llm.adapters, llm.adapter_names = engine.adapters, engine.adapter_slots
     return llm
 
 

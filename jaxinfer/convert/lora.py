@@ -169,7 +169,6 @@ def _merge_jit(scale: float, shape: tuple[int, ...], sharding: Any):
     return jax.jit(merge, out_shardings=sharding, donate_argnums=0)
 
 
-
 def stack_adapters(adapters: list[dict[str, LoraFactors]], dtype, cfg: ModelConfig | None = None,
                    slots: int = 0, rank: int = 0) -> LoraStack:
     """Adapters 1..A (0 is the zero adapter) as one LoraStack in `dtype`: their
@@ -231,7 +230,6 @@ def put_adapter(stack: LoraStack, index: int, adapter: dict[str, LoraFactors],
         L, _, n_in, _ = x.shape
         a[key], b[key] = _padded(adapter, key, L, n_in, stack.b[key].shape[-1], R)
     return replace_adapter(stack, np.int32(index), a, b)
-
 
 
 def with_room(stack: LoraStack | None, cfg: ModelConfig, slots: int, rank: int, dtype,
