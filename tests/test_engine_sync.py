@@ -94,3 +94,31 @@ def test_a_failed_leader_fails_the_follower(pair):
     with pytest.raises(EngineClosedError, match="device lost"):
         follower.join()
     assert isinstance(follower._fatal, DistributedError)
+
+
+def test_follower_runs_each_request_with_its_adapter(monkeypatch):
+    """With LoRA adapters, the follower decodes each request under the adapter the leader
+    gave it (the submit event carries it): the same tokens, which the adapters change."""
+    from jaxinfer.convert.lora import stack_adapters
+
+    from .test_lora_stack import _random_adapter
+
+    store, cond = {}, threading.Condition()
+    logs = iter([FakeLog(store, cond, True), FakeLog(store, cond, False)])
+    monkeypatch.setattr(sync, "connect", lambda: next(logs))
+    stack = stack_adapters([_random_adapter(1, 4, ["q_proj", "down_proj"], 4.0),
+                            _random_adapter(2, 2, ["v_proj", "up_proj"], 4.0)], W["embed"].dtype)
+    config = EngineConfig(num_slots=2, max_len=256)
+    leader, follower = (Engine(W, TINY, CharTokenizer(), config, lora=stack,
+                               adapter_names=["a", "b"]) for _ in range(2))
+    try:
+        reqs = [leader.submit("abcabc", sampling=GREEDY, max_tokens=16, adapter=name)
+                for name in (None, "a", "b", "a")]
+        toks = [r.result(timeout=120).token_ids for r in reqs]
+        assert toks[1] == toks[3] and len({tuple(t) for t in toks[:3]}) == 3
+        leader.close()
+        follower.join()
+        assert follower.token_digest == leader.token_digest
+    finally:
+        leader.close()
+        follower.close()
