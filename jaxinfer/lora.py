@@ -14,6 +14,7 @@ into b, so the delta is exact. The base may be quantized: the delta is computed 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -66,10 +67,10 @@ def delta(x: jax.Array, w: LoraLinear, out_shape: tuple[int, ...]) -> jax.Array:
     return d.reshape(B, T, *out_shape)
 
 
-@jax.jit
+@functools.partial(jax.jit, donate_argnums=0)
 def replace_adapter(stack: LoraStack, index: jax.Array, a: dict[str, jax.Array],
                     b: dict[str, jax.Array]) -> LoraStack:
-    """A new stack with adapter `index` (traced: one compile) set to a [L, in, R] and b
-    [L, R, out] per projection; the old stack stays valid for steps still using it."""
+    """The stack (donated: a large stack is never held twice) with adapter `index`
+    (traced: one compile) set to a [L, in, R] and b [L, R, out] per projection."""
     return LoraStack(a={k: v.at[:, index].set(a[k].astype(v.dtype)) for k, v in stack.a.items()},
                      b={k: v.at[:, index].set(b[k].astype(v.dtype)) for k, v in stack.b.items()})

@@ -213,9 +213,9 @@ def _padded(ad: dict[str, LoraFactors], key: str, L: int, n_in: int, n_out: int,
 
 def put_adapter(stack: LoraStack, index: int, adapter: dict[str, LoraFactors],
                 where: str = "adapter") -> LoraStack:
-    """`stack` with adapter `index` replaced by `adapter` (a new stack: the old one may
-    still be in use). ConversionError if it does not fit the stack's room: a projection
-    the stack lacks, or a rank above the stack's."""
+    """`stack` (donated: use the returned one) with adapter `index` replaced by `adapter`.
+    ConversionError, the stack untouched, if it does not fit the stack's room: a
+    projection the stack lacks, or a rank above the stack's."""
     missing = sorted(set(adapter) - set(stack.a))
     if missing:
         raise ConversionError(f"{where} adapts {missing}, which this stack has no room for "
