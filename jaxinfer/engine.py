@@ -661,6 +661,10 @@ class Engine:
         if self._prefix is not None:
             g["prefix_cache_blocks_used"] = (self._prefix.blocks_used, "Cached prefix blocks.")
             g["prefix_cache_blocks"] = (self._prefix.capacity, "Prefix-cache capacity.")
+        if self.adapters is not None:
+            g["lora_adapters_loaded"] = (len(self.adapter_names), "LoRA adapters requests "
+                                         "may name.")
+            g["lora_adapter_slots"] = (len(self._names), "LoRA adapter slots in the stack.")
         return g
 
     def prometheus(self) -> str:

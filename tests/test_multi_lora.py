@@ -382,6 +382,9 @@ def test_adapters_loaded_and_unloaded_while_serving(llm, refs, hf_base, tmp_path
             assert r.status_code == 400 and "slots are in use" in r.json()["error"]["message"]
             models = requests.get(f"{srv.url}/v1/models", timeout=10).json()["data"]
             assert [m["id"] for m in models] == ["smollm2", "colors", "sparse"]
+            metrics = requests.get(f"{srv.url}/metrics", timeout=10).text
+            assert "jaxinfer_lora_adapters_loaded 2" in metrics
+            assert "jaxinfer_lora_adapter_slots 2" in metrics
             # unload colors; its slot takes "sparse2" (the sparse adapter) with new prefix keys
             assert post("unload_lora_adapter", lora_name="colors").status_code == 200
             assert complete("colors")[0] == 404
