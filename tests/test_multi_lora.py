@@ -310,7 +310,8 @@ def test_adapters_under_a_mesh(smollm2_checkpoint, refs):
 @pytest.mark.slow
 def test_lora_modules_flag(tmp_path, refs, smollm2_checkpoint):
     """scripts/batch_generate.py --lora_modules=name=dir: a line naming the adapter gets PEFT's
-    tokens; a malformed entry is a one-line error with exit status 2."""
+    tokens; a malformed entry, and serve.py's runtime updating without room, are one-line
+    errors with exit status 2."""
     import json
     import os
     import subprocess
@@ -330,6 +331,11 @@ def test_lora_modules_flag(tmp_path, refs, smollm2_checkpoint):
     assert bad.returncode == 2, bad.stderr
     assert bad.stderr.strip().splitlines()[-1] == (
         "error: --lora_modules entry 'colors' is not name=directory with a new name")
+    serve = subprocess.run([sys.executable, str(script.parent / "serve.py"),
+                            "--allow_runtime_lora_updating"], capture_output=True, text=True,
+                           timeout=300, env=env)
+    assert serve.returncode == 2 and serve.stderr.strip().splitlines()[-1] == (
+        "error: --allow_runtime_lora_updating needs room for adapters: set --max_loras")
     good = subprocess.run([*common, f"--lora_modules=colors={dirs['colors']}"],
                           capture_output=True, text=True, timeout=600, env=env)
     assert good.returncode == 0, good.stderr
