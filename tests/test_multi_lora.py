@@ -205,6 +205,15 @@ def test_engine_serves_each_request_with_its_adapter(engine, refs):
     assert cc.count == 0
     with pytest.raises(BadRequestError, match="unknown LoRA adapter"):
         engine.submit(ids[0], adapter="nope")
+    # the scored prefill (prompt_logprobs) and logprobs run the adapter too
+    scored = engine.submit(ids[0], sampling=SamplingParams(
+        temperature=0, logprobs=1, prompt_logprobs=1), max_tokens=2, adapter="colors").result(
+        timeout=300)
+    ref = torch.log_softmax(torch.tensor(out["colors"][0]), -1).numpy()
+    got = [lp.logprob for lp in scored.prompt_logprobs[1:]]
+    want = [ref[t - 1, ids[0][t]] for t in range(1, len(ids[0]))]
+    np.testing.assert_allclose(got, want, atol=1e-3)
+    assert abs(scored.logprobs[0].logprob - ref[-1, scored.token_ids[0]]) < 1e-3
 
 
 def _llm_of(engine):
