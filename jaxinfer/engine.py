@@ -67,7 +67,7 @@ from jaxinfer.errors import (
     JaxinferError,
 )
 from jaxinfer.kv_cache import KVCache, cache_shardings, init_cache
-from jaxinfer.lora import LoraStack
+from jaxinfer.lora import LoraStack, index_of
 from jaxinfer.metrics import EngineMetrics
 from jaxinfer.output_text import TextOutput
 from jaxinfer.prefix_cache import PrefixCache, block_digests
@@ -539,12 +539,7 @@ class Engine:
     def adapter_index(self, adapter: str | None) -> int:
         """The stack index of LoRA adapter `adapter` (0 for None); BadRequestError if the
         engine has no such adapter."""
-        if adapter is None:
-            return 0
-        if adapter not in self.adapter_names:
-            raise BadRequestError(f"unknown LoRA adapter {adapter!r} (loaded: "
-                                  f"{self.adapter_names or 'none'})", "adapter")
-        return self._names.index(adapter) + 1
+        return index_of(self._names, adapter)
 
     def load_adapter(self, name: str, path: str | Path) -> None:
         """Load a PEFT LoRA adapter while serving (vLLM's /v1/load_lora_adapter) into a

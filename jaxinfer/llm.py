@@ -31,7 +31,7 @@ from jaxinfer.checkpoint import load_checkpoint, load_quant_config
 from jaxinfer.config import ModelConfig
 from jaxinfer.errors import BadRequestError, ConfigError
 from jaxinfer.kv_cache import KVCache, cache_shardings, init_cache
-from jaxinfer.lora import LoraStack
+from jaxinfer.lora import LoraStack, index_of
 from jaxinfer.memory import device_bytes
 from jaxinfer.output_text import TextOutput, find_stop
 from jaxinfer.quant import QuantConfig
@@ -246,13 +246,7 @@ class LLM:
         if len(names) != n:
             raise BadRequestError(f"adapter must be a name or a list of {n} (name or None), "
                                   f"got {adapter!r}", "adapter")
-        ids = []
-        for a in names:
-            if a is not None and a not in self.adapter_names:
-                loaded = [n for n in self.adapter_names if n is not None]
-                raise BadRequestError(f"unknown LoRA adapter {a!r} (loaded: "
-                                      f"{loaded or 'none'})", "adapter")
-            ids.append(0 if a is None else self.adapter_names.index(a) + 1)
+        ids = [index_of(self.adapter_names, a) for a in names]
         return np.asarray(ids, np.int32) if any(ids) else None
 
     def _lora(self, adapter_B: jax.Array | np.ndarray | None) -> LoraStack | None:

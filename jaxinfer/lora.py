@@ -15,10 +15,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+
+from jaxinfer.errors import BadRequestError
 
 
 @jax.tree_util.register_dataclass
@@ -47,6 +50,18 @@ class LoraLinear:
     a: jax.Array  # [A, in, R]
     b: jax.Array  # [A, R, out]
     ids_B: jax.Array  # i32[B] each row's adapter
+
+
+def index_of(names: Sequence[str | None], name: str | None) -> int:
+    """The stack index of adapter `name` among `names` (adapter i + 1's; None: a free
+    slot), 0 for None (the base model); BadRequestError naming the loaded ones."""
+    if name is None:
+        return 0
+    if name not in names:
+        loaded = [n for n in names if n is not None]
+        raise BadRequestError(f"unknown LoRA adapter {name!r} (loaded: {loaded or 'none'})",
+                              "adapter")
+    return list(names).index(name) + 1
 
 
 def bind(w: dict[str, Any], a: dict[str, jax.Array], b: dict[str, jax.Array],
