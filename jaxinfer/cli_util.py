@@ -6,6 +6,7 @@ exception) still show their traceback.
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -24,6 +25,10 @@ def run_main(main: Callable[[list[str]], Any]) -> None:
         except JaxinferError as e:
             msg = " ".join(str(e).split()) or type(e).__name__
             print(f"error: {msg}", file=sys.stderr, flush=True)
-            sys.exit(2)
+            sys.stdout.flush()
+            # Not sys.exit: after a failed Orbax write its writer threads still call back
+            # into a closed event loop, and their tracebacks, printed at interpreter
+            # shutdown, would bury the one line. Cleanup already ran in `finally` blocks.
+            os._exit(2)
 
     app.run(guarded)
