@@ -7,8 +7,10 @@
 
 Queries are viewed as [B, T, K, G, H] so each KV head serves G query heads without
 repeating K/V in memory. The mask is causal in absolute positions: a query at position p
-sees cache slots s <= p, which also hides padding and stale slots (s > p). `ref_attention`
-is the source of truth; every other impl must match it.
+sees cache slots s <= p, which also hides padding and stale slots (s > p). A sliding-window
+layer (`window`, a traced i32 scalar, so local and global layers share one scanned body)
+also hides s <= p - window; `softcap` (Gemma 2) caps the scores. `ref_attention` is the
+source of truth; every other impl must match it.
 """
 
 from __future__ import annotations
@@ -28,31 +30,45 @@ IMPLS = ("xla", "xla_chunked", "cudnn", "pallas", "pallas_interpret", "auto")  #
 CHUNK_S = 256  # xla_chunked: cache positions per step of its loop
 
 
+def visible(s: jax.Array, pos: jax.Array, window: jax.Array | None) -> jax.Array:
+    """Whether cache slot s is visible to a query at position pos (broadcasting)."""
+    seen = s <= pos
+    return seen if window is None else seen & (s > pos - window)
+
+
 def ref_attention(q_BTNH: jax.Array, k_BKSH: jax.Array, v_BKSH: jax.Array,
-                  q_positions_BT: jax.Array) -> jax.Array:
+                  q_positions_BT: jax.Array, window: jax.Array | None = None,
+                  softcap: float | None = None) -> jax.Array:
     """Reference GQA attention; softmax in float32. Returns [B, T, N, H]."""
     B, T, N, H = q_BTNH.shape
     K, S = k_BKSH.shape[1], k_BKSH.shape[2]
     q = q_BTNH.reshape(B, T, K, N // K, H)
     scores = jnp.einsum("BTKGH,BKSH->BKGTS", q, k_BKSH,
                         preferred_element_type=jnp.float32) * (H ** -0.5)
-    mask_BTS = jnp.arange(S)[None, None, :] <= q_positions_BT[:, :, None]
+    scores = _cap(scores, softcap)
+    mask_BTS = visible(jnp.arange(S)[None, None, :], q_positions_BT[:, :, None], window)
     scores = jnp.where(mask_BTS[:, None, None], scores, NEG_INF)
     probs = jax.nn.softmax(scores, axis=-1).astype(v_BKSH.dtype)
     out = jnp.einsum("BKGTS,BKSH->BTKGH", probs, v_BKSH)
     return out.reshape(B, T, N, H)
 
 
+def _cap(scores: jax.Array, cap: float | None) -> jax.Array:
+    return scores if cap is None else cap * jnp.tanh(scores / cap)
+
+
 def chunked_decode_attention(q_BTNH: jax.Array, k_BKSH: jax.Array, v_BKSH: jax.Array,
                              q_positions_BT: jax.Array, layer: jax.Array | None = None,
-                             chunk: int = CHUNK_S) -> jax.Array:
+                             chunk: int = CHUNK_S, window: jax.Array | None = None,
+                             softcap: float | None = None) -> jax.Array:
     """Decode (T == 1) attention in XLA that reads only the cache chunks some row needs.
 
     `ref_attention` reads all S slots of the bucket; on CPU that costs up to 4.8x at
     batch 32 when S is much longer than the rows (docs/benchmarks.md). This loops over
     chunks of `chunk` slots up to the longest row, with an online softmax (float32 running
     max and sum), slicing each chunk straight out of the (stacked, if `layer`) cache. The
-    same math as the reference up to float rounding; S must be a multiple of `chunk`."""
+    same math as the reference up to float rounding; S must be a multiple of `chunk`. A
+    sliding window also skips the chunks before every row's window."""
     B, _, N, H = q_BTNH.shape
     K, S = k_BKSH.shape[-3], k_BKSH.shape[-2]
     G = N // K
@@ -70,7 +86,8 @@ def chunked_decode_attention(q_BTNH: jax.Array, k_BKSH: jax.Array, v_BKSH: jax.A
         start = i * chunk
         s_BKGC = jnp.einsum("BKGH,BKCH->BKGC", q_BKGH, read(k_BKSH, start),
                             preferred_element_type=jnp.float32)
-        mask_BC = (start + jnp.arange(chunk))[None] <= pos_B[:, None]
+        s_BKGC = _cap(s_BKGC, softcap)
+        mask_BC = visible((start + jnp.arange(chunk))[None], pos_B[:, None], window)
         s_BKGC = jnp.where(mask_BC[:, None, None], s_BKGC, NEG_INF)
         m_new = jnp.maximum(m_BKG, jnp.max(s_BKGC, -1))
         p_BKGC = jnp.exp(s_BKGC - m_new[..., None])
@@ -81,9 +98,11 @@ def chunked_decode_attention(q_BTNH: jax.Array, k_BKSH: jax.Array, v_BKSH: jax.A
         return m_new, l_BKG * corr + jnp.sum(p_BKGC, -1), acc_BKGH * corr[..., None] + pv
 
     n_chunks = jnp.clip(jnp.max(pos_B) // chunk + 1, 1, S // chunk)
+    first = 0 if window is None else jnp.clip(
+        (jnp.min(pos_B) - window + 1) // chunk, 0, n_chunks - 1)
     init = (jnp.full((B, K, G), NEG_INF, jnp.float32), jnp.zeros((B, K, G), jnp.float32),
             jnp.zeros((B, K, G, H), jnp.float32))
-    _, l_BKG, acc_BKGH = jax.lax.fori_loop(0, n_chunks, body, init)
+    _, l_BKG, acc_BKGH = jax.lax.fori_loop(first, n_chunks, body, init)
     out = acc_BKGH / l_BKG[..., None]
     return out.reshape(B, 1, N, H).astype(v_BKSH.dtype)
 
@@ -166,14 +185,26 @@ def resolve_impl(impl: str, q_BTNH, k_BKSH) -> str:
 
 
 def attention(q_BTNH, k_BKSH, v_BKSH, q_positions_BT, impl: str = "xla",
-              layer: jax.Array | None = None) -> jax.Array:
+              layer: jax.Array | None = None, window: jax.Array | None = None,
+              softcap: float | None = None) -> jax.Array:
     """Dispatch on impl (see IMPLS and resolve_impl); 'xla' is the reference.
 
     layer (i32[], optional): k/v are then the stacked cache [L, B, K, S, H]. The Pallas
     kernel reads that layer in place; slicing ck[i] first, inside the layer scan, makes XLA
     copy the whole layer before any custom call (Pallas or cuDNN) can read it.
+    window / softcap (Gemma): the Pallas kernel and cuDNN take neither, so such layers run
+    the XLA paths (the chunked loop for decode, which skips chunks outside the window).
     """
     impl = resolve_impl(impl, q_BTNH, k_BKSH)
+    if (window is not None or softcap is not None) and impl not in ("xla", "xla_chunked"):
+        impl = resolve_impl("xla_chunked", q_BTNH, k_BKSH)
+    if window is not None or softcap is not None:
+        if impl == "xla_chunked":
+            return chunked_decode_attention(q_BTNH, k_BKSH, v_BKSH, q_positions_BT,
+                                            layer=layer, window=window, softcap=softcap)
+        if layer is not None:
+            k_BKSH, v_BKSH = k_BKSH[layer], v_BKSH[layer]
+        return ref_attention(q_BTNH, k_BKSH, v_BKSH, q_positions_BT, window, softcap)
     if impl in ("pallas", "pallas_interpret"):
         return pallas_attention(q_BTNH, k_BKSH, v_BKSH, q_positions_BT,
                                 interpret=impl == "pallas_interpret", layer=layer)

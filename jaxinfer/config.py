@@ -14,10 +14,14 @@ from typing import Any
 
 from jaxinfer.errors import ConfigError
 
+ACTIVATIONS = ("silu", "gelu_tanh")
+GEMMA_TYPES = ("gemma", "gemma2", "gemma3_text", "gemma3")
+
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """Shapes and constants of a Llama-family decoder (Llama 2/3, Mistral, Qwen2/3, SmolLM2)."""
+    """Shapes and constants of a Llama-family decoder (Llama 2/3, Mistral, Qwen2/3, SmolLM2)
+    or of Gemma 1/2/3, whose differences are the switches after `name`, all off for Llama."""
 
     vocab_size: int  # V
     d_model: int  # D
@@ -40,6 +44,22 @@ class ModelConfig:
     pad_token_id: int = 0
     add_bos: bool = False  # whether prompts are prefixed with BOS
     name: str = "llama"
+    # Gemma: GeGLU MLP, RMSNorm scaling by (1 + w), embeddings times sqrt(D), and (Gemma 2/3)
+    # a second RMSNorm on the attention and MLP outputs before each residual add.
+    activation: str = "silu"  # MLP gate: "silu" (SwiGLU) or "gelu_tanh" (GeGLU)
+    norm_plus_one: bool = False
+    scale_embeddings: bool = False
+    post_norms: bool = False
+    query_scale: float | None = None  # attention score scale; None: head_dim ** -0.5
+    attn_softcap: float | None = None  # Gemma 2: scores -> c * tanh(scores / c)
+    final_softcap: float | None = None  # Gemma 2: logits -> c * tanh(logits / c)
+    # Sliding-window ("local") layers see only the last `sliding_window` positions;
+    # local_layers marks them (Gemma 2: every other layer, Gemma 3: five of six); an empty
+    # tuple with a window makes every layer local (Mistral v0.1).
+    sliding_window: int | None = None
+    local_layers: tuple[bool, ...] = ()
+    rope_local_theta: float | None = None  # Gemma 3: RoPE base of local layers
+    rope_linear_factor: float = 1.0  # linear position scaling of the global layers
 
     def __post_init__(self):
         for f in ("vocab_size", "d_model", "mlp_dim", "num_layers", "num_heads",
@@ -51,12 +71,37 @@ class ModelConfig:
             raise ConfigError(
                 f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
         object.__setattr__(self, "eos_token_ids", tuple(int(e) for e in self.eos_token_ids))
+        object.__setattr__(self, "local_layers", tuple(bool(b) for b in self.local_layers))
+        if self.activation not in ACTIVATIONS:
+            raise ConfigError(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
+        if self.sliding_window is not None and (
+                not isinstance(self.sliding_window, int) or self.sliding_window <= 0):
+            raise ConfigError(f"sliding_window must be a positive integer or None, got "
+                              f"{self.sliding_window!r}")
+        if self.local_layers and len(self.local_layers) != self.num_layers:
+            raise ConfigError(f"local_layers has {len(self.local_layers)} entries for "
+                              f"num_layers={self.num_layers}")
         if self.rope_scaling is not None:
             object.__setattr__(self, "rope_scaling", tuple(self.rope_scaling))
 
     @property
     def q_per_kv(self) -> int:  # G
         return self.num_heads // self.num_kv_heads
+
+    @property
+    def local_L(self) -> tuple[bool, ...]:
+        """Per layer: whether it attends through the sliding window."""
+        if self.sliding_window is None:
+            return (False,) * self.num_layers
+        return self.local_layers or (True,) * self.num_layers
+
+    @property
+    def llama_layers(self) -> bool:
+        """Whether every layer is the plain Llama block (what pruning understands)."""
+        return (self.activation == "silu" and not self.norm_plus_one and not self.post_norms
+                and not self.scale_embeddings and self.query_scale is None
+                and self.attn_softcap is None and self.final_softcap is None
+                and self.sliding_window is None)
 
     def replace(self, **kw: Any) -> ModelConfig:
         return dataclasses.replace(self, **kw)
@@ -66,6 +111,7 @@ class ModelConfig:
         d = dataclasses.asdict(self)
         d["eos_token_ids"] = list(self.eos_token_ids)
         d["rope_scaling"] = list(self.rope_scaling) if self.rope_scaling else None
+        d["local_layers"] = list(self.local_layers)
         return d
 
     @classmethod
@@ -78,6 +124,7 @@ class ModelConfig:
         if d.get("rope_scaling") is not None:
             d["rope_scaling"] = tuple(d["rope_scaling"])
         d["eos_token_ids"] = tuple(d.get("eos_token_ids", ()))
+        d["local_layers"] = tuple(d.get("local_layers", ()))
         return cls(**d)
 
     def save(self, path: str | Path) -> None:
@@ -93,48 +140,82 @@ class ModelConfig:
     # ---- foreign formats -------------------------------------------------------------
     @classmethod
     def from_hf(cls, hf: dict[str, Any], name: str | None = None) -> ModelConfig:
-        """From a Hugging Face `config.json` dict of a Llama/Mistral/Qwen2/Qwen3 model."""
+        """From a Hugging Face `config.json` dict of a Llama, Mistral, Qwen2/3 or Gemma 1/2/3
+        model (a multimodal Gemma 3: its language model). Reads transformers 5's
+        `rope_parameters` and the older `rope_theta` / `rope_scaling` keys alike."""
+        if hf.get("model_type") == "gemma3" and "text_config" in hf:
+            arch = (hf.get("architectures") or ["Gemma3ForConditionalGeneration"])[0]
+            # saved text configs omit the fields that equal transformers' defaults
+            hf = {**_GEMMA3_TEXT_DEFAULTS, **hf["text_config"], "model_type": "gemma3_text",
+                  "architectures": [arch]}
+        kind = hf.get("model_type", "llama")
+        gemma = kind in GEMMA_TYPES
         try:
             n = int(hf["num_attention_heads"])
             d = int(hf["hidden_size"])
+            L = int(hf["num_hidden_layers"])
             eos = hf.get("eos_token_id")
             eos = [] if eos is None else (eos if isinstance(eos, list) else [eos])
-            scaling = None
-            rs = hf.get("rope_scaling") or None
-            if rs:
-                kind = rs.get("rope_type", rs.get("type"))
-                if kind != "llama3":
-                    raise ConfigError(f"unsupported rope_scaling type {kind!r}")
-                scaling = (float(rs["factor"]), float(rs["low_freq_factor"]),
-                           float(rs["high_freq_factor"]),
-                           int(rs["original_max_position_embeddings"]))
-            arch = (hf.get("architectures") or [hf.get("model_type", "llama")])[0]
+            theta, local_theta, scaling = _rope(hf)
+            llama3, linear = None, 1.0
+            if scaling:
+                rtype = scaling.get("rope_type", scaling.get("type"))
+                if rtype == "llama3":
+                    llama3 = (float(scaling["factor"]), float(scaling["low_freq_factor"]),
+                              float(scaling["high_freq_factor"]),
+                              int(scaling["original_max_position_embeddings"]))
+                elif rtype == "linear":
+                    linear = float(scaling["factor"])
+                elif rtype != "default":
+                    raise ConfigError(f"unsupported rope_scaling type {rtype!r}")
+            act = hf.get("hidden_activation") or ("gelu_pytorch_tanh" if gemma
+                                                  else hf.get("hidden_act", "silu"))
+            if act not in _HF_ACTIVATIONS:
+                raise ConfigError(f"unsupported activation {act!r} (supported: "
+                                  f"{', '.join(_HF_ACTIVATIONS)})")
+            window, local = _sliding(hf, kind, L)
+            qpas = hf.get("query_pre_attn_scalar") if kind != "gemma" else None
+            arch = (hf.get("architectures") or [kind])[0]
             return cls(
                 vocab_size=int(hf["vocab_size"]),
                 d_model=d,
                 mlp_dim=int(hf["intermediate_size"]),
-                num_layers=int(hf["num_hidden_layers"]),
+                num_layers=L,
                 num_heads=n,
                 num_kv_heads=int(hf.get("num_key_value_heads") or n),
                 head_dim=int(hf.get("head_dim") or d // n),
-                rope_theta=float(hf.get("rope_theta", 10_000.0)),
-                rope_scaling=scaling,
-                rms_norm_eps=float(hf.get("rms_norm_eps", 1e-5)),
+                rope_theta=float(theta),
+                rope_scaling=llama3,
+                rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6 if gemma else 1e-5)),
                 max_seq_len=int(hf.get("max_position_embeddings", 2048)),
-                tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-                qkv_bias=bool(hf.get("attention_bias", hf.get("model_type") == "qwen2")),
-                qk_norm=hf.get("model_type") == "qwen3",
+                tie_embeddings=bool(hf.get("tie_word_embeddings", gemma)),
+                qkv_bias=bool(hf.get("attention_bias", kind == "qwen2")),
+                qk_norm=kind in ("qwen3", "gemma3_text"),
                 bos_token_id=hf.get("bos_token_id"),
                 eos_token_ids=tuple(int(e) for e in eos),
                 pad_token_id=int(hf.get("pad_token_id") or 0),
                 name=name or str(arch),
+                activation=_HF_ACTIVATIONS[act],
+                norm_plus_one=gemma,
+                scale_embeddings=gemma,
+                post_norms=gemma and kind != "gemma",
+                query_scale=None if qpas is None else float(qpas) ** -0.5,
+                attn_softcap=_float_or_none(hf.get("attn_logit_softcapping")),
+                final_softcap=_float_or_none(hf.get("final_logit_softcapping")),
+                sliding_window=window,
+                local_layers=local,
+                rope_local_theta=None if local_theta is None else float(local_theta),
+                rope_linear_factor=linear,
             )
         except KeyError as e:
             raise ConfigError(f"Hugging Face config lacks field {e.args[0]!r}") from e
 
     def to_hf(self) -> dict[str, Any]:
         """A Hugging Face LlamaConfig (Qwen3Config with qk_norm) dict of the same shapes (for
-        parity tests and export)."""
+        parity tests and export); Gemma configs come from their own checkpoints."""
+        if not self.llama_layers:
+            raise ConfigError(f"{self.name}: only Llama-family configs convert back to a "
+                              "Hugging Face config")
         hf = {
             "architectures": ["LlamaForCausalLM"], "model_type": "llama",
             "vocab_size": self.vocab_size, "hidden_size": self.d_model,
@@ -153,3 +234,56 @@ class ModelConfig:
             hf["rope_scaling"] = {"rope_type": "llama3", "factor": f, "low_freq_factor": lo,
                                   "high_freq_factor": hi, "original_max_position_embeddings": orig}
         return hf
+
+
+# transformers' hidden activation names -> ours
+_HF_ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh"}
+
+# Gemma3TextConfig's defaults (transformers), which a multimodal checkpoint's text_config
+# leaves out (its 4B/12B/27B checkpoints list only the fields that differ).
+_GEMMA3_TEXT_DEFAULTS = {
+    "vocab_size": 262208, "hidden_size": 2304, "intermediate_size": 9216,
+    "num_hidden_layers": 26, "num_attention_heads": 8, "num_key_value_heads": 4,
+    "head_dim": 256, "hidden_activation": "gelu_pytorch_tanh",
+    "max_position_embeddings": 131072, "rms_norm_eps": 1e-6, "pad_token_id": 0,
+    "eos_token_id": 1, "bos_token_id": 2, "tie_word_embeddings": True, "rope_theta": 1e6,
+    "rope_local_base_freq": 10000.0, "query_pre_attn_scalar": 256, "sliding_window": 4096,
+    "sliding_window_pattern": 6,
+}
+
+
+def _float_or_none(x: Any) -> float | None:
+    return None if x is None else float(x)
+
+
+def _rope(hf: dict[str, Any]) -> tuple[float, float | None, dict | None]:
+    """(global theta, local-layer theta or None, scaling dict or None) from either
+    transformers 5's `rope_parameters` (flat, or per layer type) or the older keys."""
+    rp = hf.get("rope_parameters")
+    if isinstance(rp, dict) and isinstance(rp.get("full_attention"), dict):
+        glob, loc = rp["full_attention"], rp.get("sliding_attention") or {}
+        return (glob.get("rope_theta", hf.get("rope_theta", 10_000.0)), loc.get("rope_theta"),
+                glob)
+    if isinstance(rp, dict):
+        return rp.get("rope_theta", hf.get("rope_theta", 10_000.0)), None, rp
+    return (hf.get("rope_theta", 10_000.0), hf.get("rope_local_base_freq"),
+            hf.get("rope_scaling") or None)
+
+
+def _sliding(hf: dict[str, Any], kind: str, L: int) -> tuple[int | None, tuple[bool, ...]]:
+    """(window, local_layers): Gemma 2/3 alternate local and global layers (`layer_types`,
+    or their fixed patterns in older configs); Mistral's window covers every layer."""
+    window = hf.get("sliding_window")
+    if kind in ("gemma2", "gemma3_text") and window:
+        types = hf.get("layer_types")
+        if types:
+            return int(window), tuple(t == "sliding_attention" for t in types)
+        if kind == "gemma2":
+            return int(window), tuple(i % 2 == 0 for i in range(L))
+        pattern = int(hf.get("sliding_window_pattern") or 6)
+        return int(window), tuple((i + 1) % pattern != 0 for i in range(L))
+    if kind == "mistral" and window:
+        return int(window), ()
+    if hf.get("use_sliding_window"):
+        raise ConfigError(f"sliding-window attention of model_type {kind!r} is not supported")
+    return None, ()

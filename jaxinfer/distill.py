@@ -60,7 +60,7 @@ def logits(weights: Weights, tokens_BT: jax.Array, cfg: ModelConfig) -> jax.Arra
     dtype = weights["embed"].dtype
     cache = KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((B,), jnp.int32))
     x, _ = hidden_states(weights, tokens_BT, cache, cfg)
-    return unembed(weights, x)
+    return unembed(weights, x, cfg)
 
 
 def kd_loss(student_BTV: jax.Array, teacher_BTV: jax.Array, labels_BT: jax.Array,

@@ -169,7 +169,7 @@ def prefill_scored(weights: Weights, tokens_1T: jax.Array, num_new_1: jax.Array,
     (prompt_logprobs). A separate program, compiled only once somebody asks: it unembeds
     every position, [T, V] logits instead of one row."""
     x, row = model.hidden_states(weights, tokens_1T, row, cfg, impl, lora, adapter_1)
-    logits_TV = model.unembed(weights, x[0])
+    logits_TV = model.unembed(weights, x[0], cfg)
     scored = step_logprobs(logits_TV, targets_1T[0], jnp.bool_(True))
     last = jnp.clip(num_new_1[0] - 1, 0, tokens_1T.shape[1] - 1)
     prefix = _first_token(logits_TV[last][None], row.with_lengths(row.lengths + num_new_1),

@@ -122,7 +122,7 @@ def start(weights: Weights, prompt_BT: jax.Array, prompt_len_B: jax.Array, cache
         adapter_B = jnp.zeros((B,), jnp.int32)
     x, cache = hidden_states(weights, prompt_BT, cache, cfg, impl, lora, adapter_B)
     last = jnp.clip(prompt_len_B - 1, 0, T - 1)
-    logits = unembed(weights, jnp.take_along_axis(x, last[:, None, None], axis=1)[:, 0])
+    logits = unembed(weights, jnp.take_along_axis(x, last[:, None, None], axis=1)[:, 0], cfg)
     cache = cache.with_lengths(cache.lengths + prompt_len_B)
     valid_BT = jnp.arange(T)[None, :] < prompt_len_B[:, None]
     prompt_mask = jnp.zeros((B, cfg.vocab_size), bool).at[
@@ -145,7 +145,7 @@ def start(weights: Weights, prompt_BT: jax.Array, prompt_len_B: jax.Array, cache
 
         def score(row):
             x_TD, t_T = row
-            lp = step_logprobs(unembed(weights, x_TD), t_T, jnp.bool_(True))
+            lp = step_logprobs(unembed(weights, x_TD, cfg), t_T, jnp.bool_(True))
             return lp.token_B, lp.top_ids_BN, lp.top_BN
 
         state.prompt_logprobs_out = jax.lax.map(score, (x, targets_BT))

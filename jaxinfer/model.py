@@ -1,4 +1,4 @@
-"""The Llama-family decoder as pure functions over the weight tree (weights.py).
+"""The Llama-family (and Gemma) decoder as pure functions over the weight tree (weights.py).
 
     forward(weights, tokens_BT, cache, cfg)  -> logits_BTV, cache   (all positions)
     prefill(weights, tokens_BT, num_new_B, cache, cfg) -> logits_BV at each row's last token
@@ -10,7 +10,8 @@ adapter; 0 = none): the adapters' deltas are added beside the base projections.
 New tokens are written at positions cache.lengths[b] + t, so `prefill` on a non-empty
 cache continues a sequence (prefix caching, chunked prefill, speculative verification).
 Layers run under `lax.scan`; the stacked cache rides in the scan carry and is updated in
-place, and jit donates it, so a step never copies the cache.
+place, and jit donates it, so a step never copies the cache. Gemma's local and global
+layers share the scanned body: the layer index picks its window and RoPE frequencies.
 """
 
 from __future__ import annotations
@@ -19,30 +20,56 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxinfer.attention import attention
 from jaxinfer.config import ModelConfig
 from jaxinfer.kv_cache import KVCache, read_kv, write_kv
-from jaxinfer.layers import apply_rope, dot, mlp, rms_norm, rope_frequencies
+from jaxinfer.layers import apply_rope, dot, mlp, norm, rope_frequencies, softcap
 from jaxinfer.lora import LoraStack, bind
 from jaxinfer.quant import take_rows
 from jaxinfer.weights import Weights
 
 
-def qkv(cfg: ModelConfig, w: Weights, h_BTD: jax.Array, pos_BT: jax.Array
-        ) -> tuple[jax.Array, jax.Array, jax.Array]:
+def qkv(cfg: ModelConfig, w: Weights, h_BTD: jax.Array, pos_BT: jax.Array,
+        layer: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
     """A layer's q [B,T,N,H], k and v [B,T,K,H] of the normed input, RoPE applied: biases
-    (Qwen2) and per-head q/k RMSNorm (Qwen3) where the model has them."""
+    (Qwen2), per-head q/k RMSNorm (Qwen3, Gemma 3) and Gemma's query scale where the model
+    has them. `layer` (traced) picks local-layer RoPE frequencies (Gemma 3)."""
     q = dot(h_BTD, w["wq"], "BTD,DNH->BTNH")
     k = dot(h_BTD, w["wk"], "BTD,DKH->BTKH")
     v = dot(h_BTD, w["wv"], "BTD,DKH->BTKH")
     if cfg.qkv_bias:
         q, k, v = q + w["bq"], k + w["bk"], v + w["bv"]
     if cfg.qk_norm:
-        q = rms_norm(q, w["q_norm"], cfg.rms_norm_eps)
-        k = rms_norm(k, w["k_norm"], cfg.rms_norm_eps)
+        q, k = norm(cfg, q, w["q_norm"]), norm(cfg, k, w["k_norm"])
+    if cfg.query_scale is not None:  # attention scales scores by H ** -0.5
+        q = (q * (cfg.query_scale * cfg.head_dim ** 0.5)).astype(q.dtype)
     inv_freq = rope_frequencies(cfg)
+    if cfg.rope_local_theta and any(cfg.local_L):
+        if layer is None:
+            raise ValueError(f"{cfg.name} has local layers: qkv needs the layer index")
+        inv_freq = jnp.where(jnp.asarray(cfg.local_L)[layer], rope_frequencies(cfg, True),
+                             inv_freq)
     return apply_rope(q, pos_BT, inv_freq), apply_rope(k, pos_BT, inv_freq), v
+
+
+def layer_window(cfg: ModelConfig, layer: jax.Array) -> jax.Array | None:
+    """The layer's sliding window as a traced i32 (no window: more than any position), or
+    None when the model has no local layers."""
+    if not any(cfg.local_L):
+        return None
+    return jnp.where(jnp.asarray(cfg.local_L)[layer], cfg.sliding_window, np.int32(2**30))
+
+
+def embed(cfg: ModelConfig, weights: Weights, tokens_BT: jax.Array) -> jax.Array:
+    """Embedding rows in the weights' dtype; Gemma scales them by sqrt(D) (in that dtype,
+    as its reference does)."""
+    dtype = weights["embed"].dtype
+    x = take_rows(weights["embed"], tokens_BT, dtype)
+    if cfg.scale_embeddings:
+        x = x * jnp.asarray(cfg.d_model ** 0.5, dtype)
+    return x
 
 
 def _block(cfg: ModelConfig, impl: str, adapter_B: jax.Array | None, carry, xs):
@@ -53,20 +80,24 @@ def _block(cfg: ModelConfig, impl: str, adapter_B: jax.Array | None, carry, xs):
     w, i, ab = xs
     if ab is not None:
         w = bind(w, *ab, adapter_B)
+    window = layer_window(cfg, i)
     with jax.named_scope("attention"):
-        q, k, v = qkv(cfg, w, rms_norm(x, w["attn_norm"], cfg.rms_norm_eps), pos_BT)
+        q, k, v = qkv(cfg, w, norm(cfg, x, w["attn_norm"]), pos_BT, i)
         # Scatter the new K/V of every row at its own positions; out-of-range slots drop.
         ck, ks = write_kv(ck, ks, i, rows_B1, pos_BT, k)
         cv, vs = write_kv(cv, vs, i, rows_B1, pos_BT, v)
         if ck.dtype == q.dtype and ks is None:  # kernels read layer i of the stacked cache in place
-            o = attention(q, ck, cv, pos_BT, impl, layer=i)
+            o = attention(q, ck, cv, pos_BT, impl, layer=i, window=window,
+                          softcap=cfg.attn_softcap)
         else:
             o = attention(q, read_kv(ck, ks, i, q.dtype), read_kv(cv, vs, i, q.dtype), pos_BT,
-                          impl)
-        x = x + dot(o, w["wo"], "BTNH,NHD->BTD")
+                          impl, window=window, softcap=cfg.attn_softcap)
+        o = dot(o, w["wo"], "BTNH,NHD->BTD")
+        x = x + (norm(cfg, o, w["post_attn_norm"]) if cfg.post_norms else o)
     with jax.named_scope("mlp"):
-        h = rms_norm(x, w["mlp_norm"], cfg.rms_norm_eps)
-        x = x + mlp(h, w["w_gate"], w["w_up"], w["w_down"])
+        h = mlp(norm(cfg, x, w["mlp_norm"]), w["w_gate"], w["w_up"], w["w_down"],
+                cfg.activation)
+        x = x + (norm(cfg, h, w["post_mlp_norm"]) if cfg.post_norms else h)
     return (x, ck, cv, ks, vs, pos_BT, rows_B1), None
 
 
@@ -78,8 +109,7 @@ def hidden_states(weights: Weights, tokens_BT: jax.Array, cache: KVCache, cfg: M
     cache.lengths is NOT advanced here: callers know how many of the T tokens are real.
     """
     B, T = tokens_BT.shape
-    dtype = weights["embed"].dtype
-    x = take_rows(weights["embed"], tokens_BT, dtype)
+    x = embed(cfg, weights, tokens_BT)
     pos_BT = cache.lengths[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
     rows_B1 = jnp.arange(B, dtype=jnp.int32)[:, None]
     layer_ids = jnp.arange(cfg.num_layers, dtype=jnp.int32)
@@ -91,16 +121,19 @@ def hidden_states(weights: Weights, tokens_BT: jax.Array, cache: KVCache, cfg: M
         functools.partial(_block, cfg, impl, adapter_B),
         (x, cache.k, cache.v, cache.k_scale, cache.v_scale, pos_BT, rows_B1),
         (weights["layers"], layer_ids, ab))
-    x = rms_norm(x, weights["final_norm"], cfg.rms_norm_eps)
+    x = norm(cfg, x, weights["final_norm"])
     return x, KVCache(k=ck, v=cv, lengths=cache.lengths, k_scale=ks, v_scale=vs)
 
 
-def unembed(weights: Weights, x_BxD: jax.Array) -> jax.Array:
-    """Logits in float32; tied models reuse the embedding matrix."""
+def unembed(weights: Weights, x_BxD: jax.Array, cfg: ModelConfig) -> jax.Array:
+    """Logits in float32; tied models reuse the embedding matrix; Gemma 2 soft-caps them."""
     if "lm_head" in weights:
-        return dot(x_BxD, weights["lm_head"], "...D,DV->...V",
-                   preferred_element_type=jnp.float32)
-    return dot(x_BxD, weights["embed"], "...D,VD->...V", preferred_element_type=jnp.float32)
+        logits = dot(x_BxD, weights["lm_head"], "...D,DV->...V",
+                     preferred_element_type=jnp.float32)
+    else:
+        logits = dot(x_BxD, weights["embed"], "...D,VD->...V",
+                     preferred_element_type=jnp.float32)
+    return softcap(logits, cfg.final_softcap)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "impl"), donate_argnames=("cache",))
@@ -110,7 +143,7 @@ def forward(weights: Weights, tokens_BT: jax.Array, cache: KVCache, cfg: ModelCo
     """Logits for all T positions [B, T, V]; advances every row by T."""
     x, cache = hidden_states(weights, tokens_BT, cache, cfg, impl, lora, adapter_B)
     cache = cache.with_lengths(cache.lengths + tokens_BT.shape[1])
-    return unembed(weights, x), cache
+    return unembed(weights, x, cfg), cache
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "impl"), donate_argnames=("cache",))
@@ -125,7 +158,7 @@ def prefill(weights: Weights, tokens_BT: jax.Array, num_new_B: jax.Array, cache:
     x, cache = hidden_states(weights, tokens_BT, cache, cfg, impl, lora, adapter_B)
     last = jnp.clip(num_new_B - 1, 0, tokens_BT.shape[1] - 1)
     x_BD = jnp.take_along_axis(x, last[:, None, None], axis=1)[:, 0]
-    return unembed(weights, x_BD), cache.with_lengths(cache.lengths + num_new_B)
+    return unembed(weights, x_BD, cfg), cache.with_lengths(cache.lengths + num_new_B)
 
 
 def decode_logits(weights: Weights, tokens_B: jax.Array, cache: KVCache, cfg: ModelConfig,
@@ -133,7 +166,7 @@ def decode_logits(weights: Weights, tokens_B: jax.Array, cache: KVCache, cfg: Mo
                   adapter_B: jax.Array | None = None) -> tuple[jax.Array, KVCache]:
     """One token per row (unjitted body, for use inside larger jitted loops)."""
     x, cache = hidden_states(weights, tokens_B[:, None], cache, cfg, impl, lora, adapter_B)
-    return unembed(weights, x[:, 0]), cache.with_lengths(cache.lengths + 1)
+    return unembed(weights, x[:, 0], cfg), cache.with_lengths(cache.lengths + 1)
 
 
 decode_step = jax.jit(decode_logits, static_argnames=("cfg", "impl"), donate_argnames=("cache",))

@@ -39,7 +39,7 @@ def _window(weights: Weights, tokens_1T: jax.Array, cache: KVCache, cfg: ModelCo
             ) -> tuple[jax.Array, jax.Array]:
     """NLL and argmax for predicting tokens 1..T-1 of one window from its own prefix."""
     x, _ = model.hidden_states(weights, tokens_1T, cache, cfg)
-    logits = model.unembed(weights, x[:, :-1]).astype(jnp.float32)
+    logits = model.unembed(weights, x[:, :-1], cfg).astype(jnp.float32)
     logp = jax.nn.log_softmax(logits, axis=-1)
     nll = -jnp.take_along_axis(logp, tokens_1T[:, 1:, None], axis=-1)[..., 0]
     return nll[0], jnp.argmax(logits, axis=-1)[0].astype(jnp.int32)

@@ -62,12 +62,15 @@ def calibration_pass(weights: Weights, tokens_BT: jax.Array, cfg: ModelConfig):
     x = jnp.take(weights["embed"], tokens_BT, axis=0)
     x, (act_LF, cos_L) = jax.lax.scan(functools.partial(_layer, cfg), x, weights["layers"])
     x = rms_norm(x, weights["final_norm"], cfg.rms_norm_eps)
-    return unembed(weights, x), act_LF, cos_L
+    return unembed(weights, x, cfg), act_LF, cos_L
 
 
 def calibrate(weights: Weights, batches_NBT: Sequence[np.ndarray], cfg: ModelConfig
               ) -> Importance:
     """Average the statistics over calibration batches of token windows."""
+    if not cfg.llama_layers:
+        raise ConfigError(f"importance calibration reads Llama-family layers; {cfg.name} is "
+                          "not one (prune it with explicit keep_layers / keep_channels)")
     if not len(batches_NBT):
         raise ConfigError("calibration needs at least one batch of tokens, got 0")
     act, cos = 0.0, 0.0
@@ -124,7 +127,8 @@ def prune_weights(weights: Weights, cfg: ModelConfig, keep_layers: Sequence[int]
             layers[n] = np.take_along_axis(layers[n], ch[:, None, :], axis=2)
         layers["w_down"] = np.take_along_axis(layers["w_down"], ch[:, :, None], axis=1)
     out = {**weights, "layers": {n: jnp.asarray(a) for n, a in layers.items()}}
-    return cfg.replace(num_layers=len(keep), mlp_dim=mlp_dim), out
+    local = tuple(cfg.local_layers[i] for i in keep) if cfg.local_layers else ()
+    return cfg.replace(num_layers=len(keep), mlp_dim=mlp_dim, local_layers=local), out
 
 
 # ---- calibration / evaluation text --------------------------------------------------------
@@ -165,7 +169,7 @@ def _nll_sum(weights: Weights, tokens_BT: jax.Array, cfg: ModelConfig) -> jax.Ar
     dtype = weights["embed"].dtype
     cache = KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((B,), jnp.int32))
     x, _ = hidden_states(weights, tokens_BT[:, :-1], cache, cfg)
-    logp = jax.nn.log_softmax(unembed(weights, x), -1)
+    logp = jax.nn.log_softmax(unembed(weights, x, cfg), -1)
     return -jnp.sum(jnp.take_along_axis(logp, tokens_BT[:, 1:, None], -1))
 
 

@@ -176,7 +176,7 @@ def _draft_model(dw: Weights, state: SpecState, dcfg: ModelConfig, k: int, key,
     two_B2 = jnp.take_along_axis(seq, jnp.stack([n - 2, n - 1], 1), 1)
     dc = state.draft_cache
     x, dc = hidden_states(dw, two_B2, dc.with_lengths(n - 2), dcfg, impl)
-    logits_BV = unembed(dw, x[:, 1])
+    logits_BV = unembed(dw, x[:, 1], dcfg)
     dc = dc.with_lengths(n)
     toks, qs = [], []
     for i in range(k):
@@ -245,7 +245,7 @@ def verify(tw: Weights, state: SpecState, d_BK: jax.Array, q_BKV: jax.Array | No
     tc = state.target_cache
     x, tc = hidden_states(tw, jnp.concatenate([last_B[:, None], d_BK], 1),
                           tc.with_lengths(seq_len - 1), cfg, impl, lora, state.adapter_B)
-    logits_BTV = unembed(tw, x)
+    logits_BTV = unembed(tw, x, cfg)
     z_BTV = processed_logits(logits_BTV, state, d_BK)
     if mask_BTW is not None:
         z_BTV = apply_bitmask(z_BTV.reshape(B * (k + 1), -1),

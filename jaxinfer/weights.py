@@ -7,6 +7,8 @@ shapes and dtypes (`abstract_weights`), the shardings (`weight_shardings`), rand
 Tree layout (layers stacked on a leading L axis and run with lax.scan):
     embed       [V, D]
     layers/attn_norm [L, D]      layers/mlp_norm [L, D]
+    layers/post_attn_norm [L, D] layers/post_mlp_norm [L, D]   (post_norms only: Gemma 2/3)
+    layers/q_norm [L, H]         layers/k_norm [L, H]          (qk_norm only)
     layers/wq   [L, D, N, H]     layers/bq [L, N, H]   (qkv_bias only)
     layers/wk   [L, D, K, H]     layers/bk [L, K, H]
     layers/wv   [L, D, K, H]     layers/bv [L, K, H]
@@ -84,20 +86,24 @@ def weight_specs(cfg: ModelConfig, dtype: Any = jnp.float32,
     L, D, F, N, K, H, V = (cfg.num_layers, cfg.d_model, cfg.mlp_dim, cfg.num_heads,
                            cfg.num_kv_heads, cfg.head_dim, cfg.vocab_size)
     A = lambda shape, axes, init="normal", fan_in=(): ArrayInfo(shape, dtype, axes, init, fan_in)
+    one = "zeros" if cfg.norm_plus_one else "ones"  # a norm's identity scale
     layers = {
-        "attn_norm": A((L, D), ("layers", "norm"), "ones"),
+        "attn_norm": A((L, D), ("layers", "norm"), one),
         "wq": A((L, D, N, H), ("layers", "embed", "q_heads", "head_dim"), fan_in=(1,)),
         "wk": A((L, D, K, H), ("layers", "embed", "kv_heads", "head_dim"), fan_in=(1,)),
         "wv": A((L, D, K, H), ("layers", "embed", "kv_heads", "head_dim"), fan_in=(1,)),
         "wo": A((L, N, H, D), ("layers", "q_heads", "head_dim", "embed"), fan_in=(1, 2)),
-        "mlp_norm": A((L, D), ("layers", "norm"), "ones"),
+        "mlp_norm": A((L, D), ("layers", "norm"), one),
         "w_gate": A((L, D, F), ("layers", "embed", "mlp"), fan_in=(1,)),
         "w_up": A((L, D, F), ("layers", "embed", "mlp"), fan_in=(1,)),
         "w_down": A((L, F, D), ("layers", "mlp", "embed"), fan_in=(1,)),
     }
+    if cfg.post_norms:
+        layers["post_attn_norm"] = A((L, D), ("layers", "norm"), one)
+        layers["post_mlp_norm"] = A((L, D), ("layers", "norm"), one)
     if cfg.qk_norm:
-        layers["q_norm"] = A((L, H), ("layers", "head_dim"), "ones")
-        layers["k_norm"] = A((L, H), ("layers", "head_dim"), "ones")
+        layers["q_norm"] = A((L, H), ("layers", "head_dim"), one)
+        layers["k_norm"] = A((L, H), ("layers", "head_dim"), one)
     if cfg.qkv_bias:
         layers["bq"] = A((L, N, H), ("layers", "q_heads", "head_dim"), "zeros")
         layers["bk"] = A((L, K, H), ("layers", "kv_heads", "head_dim"), "zeros")
@@ -105,7 +111,7 @@ def weight_specs(cfg: ModelConfig, dtype: Any = jnp.float32,
     tree = {
         "embed": A((V, D), ("vocab", "embed"), fan_in=(1,)),
         "layers": layers,
-        "final_norm": A((D,), ("norm",), "ones"),
+        "final_norm": A((D,), ("norm",), one),
     }
     if not cfg.tie_embeddings:
         tree["lm_head"] = A((D, V), ("embed", "vocab"), fan_in=(0,))

@@ -96,3 +96,26 @@ def test_step_bytes_counts_weights_and_attended_kv():
     tps = 3 * 1e9 / (b["weights"] + b["kv"])
     assert mbu(llm, 3, tps, 10.0, 1e9) == pytest.approx(1.0)
     assert jax.tree.leaves(llm.params)[0].dtype == jnp.float32
+
+
+@pytest.mark.parametrize("gemma", [False, True])
+def test_unrolled_layers_experiment_equals_the_scanned_model(gemma):
+    """The `layers` experiment times model.decode_logits with the scan unrolled; it must
+    compute the same logits (it mirrors model.hidden_states by hand)."""
+    import jax
+
+    from jaxinfer import kv_cache, model
+    from jaxinfer.bench.experiments import _unrolled_logits
+
+    from .helpers import TINY, tiny_weights
+
+    cfg = TINY.replace(activation="gelu_tanh", norm_plus_one=True, scale_embeddings=True,
+                       post_norms=True, sliding_window=2, local_layers=(True, False, True),
+                       rope_local_theta=100.0) if gemma else TINY
+    w = tiny_weights(cfg)
+    cache = kv_cache.init_cache(cfg, 2, 16)
+    _, cache = model.forward(w, jnp.asarray([[5, 6, 7, 8], [9, 10, 11, 12]]), cache, cfg)
+    toks = jnp.asarray([13, 14])
+    want, _ = model.decode_step(w, toks, jax.tree.map(jnp.copy, cache), cfg)
+    got, _ = _unrolled_logits(w, toks, cache, cfg, "xla")
+    assert float(jnp.abs(got - want).max()) < 1e-5

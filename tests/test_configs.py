@@ -33,11 +33,13 @@ PUBLISHED = {
     "qwen2.5-1.5b": (1.54e9, 1_543_714_304),
     "mistral-7b-v0.3": (7.25e9, 7_248_023_552),
     "tinyllama-1.1b": (1.1e9, 1_100_048_384),
+    "gemma-3-1b": (1.0e9, 999_885_952),
+    "gemma-2-2b": (2.61e9, 2_614_341_888),
 }
 
 
 def formula_count(hf: dict) -> int:
-    """Parameters of a Llama-family decoder, straight from the HF config fields."""
+    """Parameters of a Llama-family or Gemma decoder, straight from the HF config fields."""
     D, F, L, V = (hf["hidden_size"], hf["intermediate_size"], hf["num_hidden_layers"],
                   hf["vocab_size"])
     N = hf["num_attention_heads"]
@@ -45,8 +47,10 @@ def formula_count(hf: dict) -> int:
     H = hf.get("head_dim") or D // N
     attn = D * N * H + 2 * D * K * H + N * H * D
     bias = (N * H + 2 * K * H) if hf["model_type"] == "qwen2" else 0
-    per_layer = attn + bias + 3 * D * F + 2 * D  # q/k/v/o, gate/up/down, two norms
-    head = 0 if hf.get("tie_word_embeddings") else D * V
+    norms = {"gemma2": 4 * D, "gemma3_text": 4 * D + 2 * H}.get(hf["model_type"], 2 * D)
+    per_layer = attn + bias + 3 * D * F + norms  # q/k/v/o, gate/up/down, norms
+    tied = hf.get("tie_word_embeddings", hf["model_type"].startswith("gemma"))
+    head = 0 if tied else D * V
     return V * D + L * per_layer + D + head
 
 
@@ -72,6 +76,10 @@ def test_preset_parameter_count(name):
 def test_preset_round_trips_through_hf(name):
     cfg = presets.model_config(name)
     assert cfg.name == name
+    if name.startswith("gemma"):  # Gemma configs come only from their checkpoints
+        with pytest.raises(ConfigError, match="Llama-family"):
+            cfg.to_hf()
+        return
     assert ModelConfig.from_hf(cfg.to_hf(), name=name) == cfg
     assert cfg.head_dim * cfg.num_heads >= cfg.d_model // 2
 
@@ -83,6 +91,11 @@ def test_preset_details_that_matter_for_correctness():
     assert presets.model_config("llama-3.2-1b").rope_scaling == (32.0, 1.0, 4.0, 8192)
     assert presets.model_config("llama-3.2-1b").tie_embeddings
     assert not presets.model_config("mistral-7b-v0.3").tie_embeddings
+    g3 = presets.model_config("gemma-3-1b")
+    assert g3.local_L == ((True,) * 5 + (False,)) * 4 + (True, True)
+    assert (g3.sliding_window, g3.rope_local_theta, g3.eos_token_ids) == (512, 1e4, (1, 106))
+    g2 = presets.model_config("gemma-2-2b")
+    assert g2.local_L == (True, False) * 13 and (g2.attn_softcap, g2.final_softcap) == (50, 30)
     # The default model's converted checkpoint must agree with its preset's shapes.
     smol = presets.model_config("smollm2-135m")
     assert (smol.num_layers, smol.d_model, smol.num_heads, smol.num_kv_heads) == (30, 576, 9, 3)

@@ -128,8 +128,10 @@ def _interleave(w: np.ndarray, heads: int) -> np.ndarray:
     return w.reshape(heads, 2, -1, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def _write_gguf(path: Path, cfg: ModelConfig, sd: dict, arch: str, qtype, extra=None):
-    """A GGUF the way llama.cpp lays it out: names, metadata, permuted Q/K for llama."""
+def _write_gguf(path: Path, cfg: ModelConfig, sd: dict, arch: str, qtype, extra=None,
+                meta=None):
+    """A GGUF the way llama.cpp lays it out: names, metadata, permuted Q/K for llama,
+    Gemma's norms stored with their +1 (`meta(writer)` adds arch-specific metadata)."""
     w = gguf.GGUFWriter(str(path), arch)
     w.add_block_count(cfg.num_layers)
     w.add_context_length(cfg.max_seq_len)
@@ -142,6 +144,8 @@ def _write_gguf(path: Path, cfg: ModelConfig, sd: dict, arch: str, qtype, extra=
     if cfg.head_dim != cfg.d_model // cfg.num_heads:
         w.add_key_length(cfg.head_dim)
         w.add_value_length(cfg.head_dim)
+    if meta:
+        meta(w)
     w.add_tokenizer_model("gpt2")
     w.add_token_list([f"t{i}" for i in range(cfg.vocab_size - 2)] + ["<|im_end|>", "<s>"])
     w.add_bos_token_id(cfg.vocab_size - 1)
@@ -152,6 +156,11 @@ def _write_gguf(path: Path, cfg: ModelConfig, sd: dict, arch: str, qtype, extra=
              "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
              "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
              "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm"}
+    gemma = arch.startswith("gemma")
+    if gemma and cfg.post_norms:
+        names.update(post_attention_layernorm="post_attention_norm",
+                     pre_feedforward_layernorm="ffn_norm",
+                     post_feedforward_layernorm="post_ffw_norm")
     out = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight":
            "output_norm.weight", "lm_head.weight": "output.weight"}
     for hf_name, a in sd.items():
@@ -161,6 +170,8 @@ def _write_gguf(path: Path, cfg: ModelConfig, sd: dict, arch: str, qtype, extra=
             name = f"blk.{i}.{names[mod]}.{kind}"
         else:
             name = out[hf_name]
+        if gemma and name.endswith("norm.weight"):
+            a = a + 1.0
         if arch == "llama" and (".attn_q." in name or ".attn_k." in name):
             a = _interleave(a, cfg.num_heads if ".attn_q." in name else cfg.num_kv_heads)
         if a.ndim == 1 or qtype == Q.F32:
@@ -286,8 +297,8 @@ def test_llama3_rope_freqs_recovered(tmp_path):
 def test_unsupported_arch_and_missing_tensor(tmp_path):
     m = _tiny_torch(TINY, qwen=False)
     sd = {k: v.numpy() for k, v in m.state_dict().items()}
-    _write_gguf(tmp_path / "g.gguf", TINY, sd, "gemma", Q.F32)
-    with pytest.raises(ConversionError, match="gemma"):
+    _write_gguf(tmp_path / "g.gguf", TINY, sd, "phi3", Q.F32)
+    with pytest.raises(ConversionError, match="phi3"):
         load_gguf(tmp_path / "g.gguf")
     del sd["model.layers.2.mlp.up_proj.weight"]
     _write_gguf(tmp_path / "m.gguf", TINY, sd, "llama", Q.F32)

@@ -111,20 +111,19 @@ def decode_tps(llm, ids: list[int], batch: int, S: int, n: int, runner: Callable
 def _unrolled_logits(weights, tokens_B, cache, cfg, impl):
     """model.decode_logits with the layer scan unrolled into static slices (mirrors
     model.hidden_states; keep the two in step)."""
-    from jaxinfer.layers import rms_norm
-    from jaxinfer.model import _block, unembed
-    from jaxinfer.quant import take_rows
+    from jaxinfer.layers import norm
+    from jaxinfer.model import _block, embed, unembed
 
     B = tokens_B.shape[0]
-    x = take_rows(weights["embed"], tokens_B[:, None], weights["embed"].dtype)
+    x = embed(cfg, weights, tokens_B[:, None])
     carry = (x, cache.k, cache.v, cache.k_scale, cache.v_scale, cache.lengths[:, None],
              jnp.arange(B, dtype=jnp.int32)[:, None])
     for i in range(cfg.num_layers):
         w = jax.tree.map(lambda a, i=i: a[i], weights["layers"])
-        carry, _ = _block(cfg, impl, carry, (w, jnp.int32(i)))
-    x = rms_norm(carry[0], weights["final_norm"], cfg.rms_norm_eps)
+        carry, _ = _block(cfg, impl, None, carry, (w, jnp.int32(i), None))
+    x = norm(cfg, carry[0], weights["final_norm"])
     _, ck, cv, ks, vs, _, _ = carry
-    return unembed(weights, x[:, 0]), dataclasses.replace(
+    return unembed(weights, x[:, 0], cfg), dataclasses.replace(
         cache, k=ck, v=cv, k_scale=ks, v_scale=vs, lengths=cache.lengths + 1)
 
 

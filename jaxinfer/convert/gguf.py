@@ -7,8 +7,14 @@ directly (gguf_quant.py), keeping the file's own scales.
 
 llama.cpp's converter permutes the rows of each Q/K head of `llama` models from Hugging
 Face's rotate-half RoPE layout into interleaved pairs; we permute them back, because the
-engine (and the HF parity tests) use rotate-half. `qwen2` files use NeoX RoPE and are
-stored unpermuted.
+engine (and the HF parity tests) use rotate-half. `qwen2`, `qwen3` and Gemma files use
+NeoX RoPE and are stored unpermuted.
+
+Gemma files differ from the Hugging Face checkpoints in two conventions of llama.cpp's
+converter, kept here: norm weights are stored with Gemma's +1 already added (so they load
+as plain RMSNorm scales), and the hyperparameters llama.cpp hard-codes rather than stores
+(Gemma 3's local RoPE base 10000 and window pattern, the 27B models' query scale) are
+set the way llama.cpp sets them.
 """
 
 from __future__ import annotations
@@ -22,14 +28,19 @@ from typing import Any
 import numpy as np
 
 from jaxinfer.config import ModelConfig
-from jaxinfer.convert.gguf_quant import qk_norms, quantized_weights
+from jaxinfer.convert.gguf_quant import norms, qk_norms, quantized_weights
 from jaxinfer.errors import ConversionError
 from jaxinfer.weights import check_weights, weight_specs
 
 # general.architecture -> whether llama.cpp interleaved the Q/K rows for its RoPE.
-_ARCHS = {"llama": True, "qwen2": False, "qwen3": False}
+_ARCHS = {"llama": True, "qwen2": False, "qwen3": False, "gemma": False, "gemma2": False,
+          "gemma3": False}
+# Gemma 2/3: every n-th layer is global, the others local (llama.cpp's fixed patterns), and
+# the layer count that marks the 27B models, whose query scale is (D / N) ** -0.5.
+_GEMMA_PATTERN = {"gemma2": 2, "gemma3": 6}
+_GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3": 62}
 # Tokens that end a chat turn; generation stops on them even when metadata names another eos.
-_TURN_END = ("<|im_end|>", "<|eot_id|>")
+_TURN_END = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>")
 _QUANT_SUFFIX = re.compile(r"[.-](?:[A-Z]*Q\d\w*|BF16|F16|F32)$", re.IGNORECASE)
 
 Progress = Callable[[int, int], None]
@@ -93,8 +104,9 @@ def _config(reader: Any, tensors: dict[str, Any], path: Path) -> ModelConfig:
             raise ConversionError(f"GGUF file {path} has no token_embd.weight tensor")
         vocab = int(tensors["token_embd.weight"].shape[-1])  # ggml order: [D, V]
         kind = m("rope.scaling.type")
-        if kind not in (None, "none"):
+        if kind not in (None, "none", "linear"):
             raise ConversionError(f"unsupported RoPE scaling {kind!r} in {path}")
+        linear = float(m("rope.scaling.factor", 1.0)) if kind == "linear" else 1.0
         head_dim = int(m("attention.key_length") or d // n)
         theta = float(m("rope.freq_base", 10_000.0))
         scaling = None
@@ -123,12 +135,39 @@ def _config(reader: Any, tensors: dict[str, Any], path: Path) -> ModelConfig:
             eos_token_ids=tuple(dict.fromkeys(eos_ids)),
             pad_token_id=int(pad or 0),
             add_bos=bool(tok("add_bos_token", tok("model") == "llama")),
-            name=name)
+            name=name, rope_linear_factor=linear, **_gemma(arch, m, tensors, d, n))
     except ConversionError:
         raise
     except (TypeError, ValueError) as e:  # a missing key (None), a bad value, a ConfigError
         raise ConversionError(f"GGUF file {path} has missing or invalid {arch} metadata: {e}") \
             from e
+
+
+def _gemma(arch: str, m: Callable[..., Any], tensors: dict[str, Any], d: int, n: int
+           ) -> dict[str, Any]:
+    """The Gemma switches of ModelConfig for a Gemma file (none for other archs)."""
+    if not arch.startswith("gemma"):
+        return {}
+    L = int(m("block_count"))
+    window = m("attention.sliding_window")
+    window = int(window) if window else None
+    pattern = _GEMMA_PATTERN.get(arch)
+    out = dict(activation="gelu_tanh", scale_embeddings=True,
+               post_norms="blk.0.post_attention_norm.weight" in tensors,
+               attn_softcap=_positive(m("attn_logit_softcapping")),
+               final_softcap=_positive(m("final_logit_softcapping")))
+    if window and pattern:
+        out.update(sliding_window=window,
+                   local_layers=tuple(i % pattern < pattern - 1 for i in range(L)))
+        if arch == "gemma3":
+            out["rope_local_theta"] = 10_000.0
+    if L == _GEMMA_27B_LAYERS.get(arch):
+        out["query_scale"] = (d // n) ** -0.5
+    return out
+
+
+def _positive(x: Any) -> float | None:
+    return float(x) if x else None
 
 
 def _llama3_scaling(divisors: np.ndarray, theta: float, head_dim: int, orig_ctx: Any,
@@ -195,21 +234,20 @@ def _weights(cfg: ModelConfig, get: Callable[..., np.ndarray], permuted: bool,
     fix = (lambda w, heads: _to_rotate_half(w, heads)) if permuted else (lambda w, heads: w)
     # Filled layer by layer so peak memory stays one stacked copy of the model.
     layers = {k: np.empty((L, *s), np.float32) for k, s in {
-        "attn_norm": (D,), "mlp_norm": (D,), "wq": (D, N, H), "wk": (D, K, H), "wv": (D, K, H),
+        "wq": (D, N, H), "wk": (D, K, H), "wv": (D, K, H),
         "wo": (N, H, D), "w_gate": (D, F), "w_up": (D, F), "w_down": (F, D)}.items()}
     if cfg.qkv_bias:
         layers.update(bq=np.empty((L, N, H), np.float32), bk=np.empty((L, K, H), np.float32),
                       bv=np.empty((L, K, H), np.float32))
     layers.update(qk_norms(cfg, get))
+    layers.update(norms(cfg, get))
     for i in range(L):
         p = f"blk.{i}."
         x = layers
-        x["attn_norm"][i] = get(p + "attn_norm.weight", (D,))
         x["wq"][i] = fix(get(p + "attn_q.weight", (N * H, D)), N).T.reshape(D, N, H)
         x["wk"][i] = fix(get(p + "attn_k.weight", (K * H, D)), K).T.reshape(D, K, H)
         x["wv"][i] = get(p + "attn_v.weight", (K * H, D)).T.reshape(D, K, H)
         x["wo"][i] = get(p + "attn_output.weight", (D, N * H)).T.reshape(N, H, D)
-        x["mlp_norm"][i] = get(p + "ffn_norm.weight", (D,))
         x["w_gate"][i] = get(p + "ffn_gate.weight", (F, D)).T
         x["w_up"][i] = get(p + "ffn_up.weight", (F, D)).T
         x["w_down"][i] = get(p + "ffn_down.weight", (D, F)).T

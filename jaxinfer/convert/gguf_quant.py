@@ -87,6 +87,16 @@ def qk_norms(cfg: ModelConfig, get: Callable[..., np.ndarray]) -> dict[str, np.n
                             for i in range(cfg.num_layers)]) for name in ("q_norm", "k_norm")}
 
 
+def norms(cfg: ModelConfig, get: Callable[..., np.ndarray]) -> dict[str, np.ndarray]:
+    """Each layer's RMSNorm weights [L, D], float in both imports: attn/ffn, and Gemma 2/3's
+    norms of the attention and MLP outputs."""
+    names = {"attn_norm": "attn_norm", "mlp_norm": "ffn_norm"}
+    if cfg.post_norms:
+        names.update(post_attn_norm="post_attention_norm", post_mlp_norm="post_ffw_norm")
+    return {key: np.stack([get(f"blk.{i}.{g}.weight", (cfg.d_model,))
+                           for i in range(cfg.num_layers)]) for key, g in names.items()}
+
+
 def quantized_weights(cfg: ModelConfig, tensors: dict[str, Any], permuted: bool,
                       get: Callable[..., np.ndarray], fix: Callable, path: Path,
                       progress: Callable[[int, int], None] | None = None
@@ -123,8 +133,7 @@ def quantized_weights(cfg: ModelConfig, tensors: dict[str, Any], permuted: bool,
             [_rows_to_layout(p[j], shape, ga, grouped) for p in parts[name]])
         layers[name] = _qarray(stack(0, False), stack(1, True),
                                stack(2, True) if qc.linear.offsets else None, qc.linear, ga)
-    for norm, gname in (("attn_norm", "attn_norm"), ("mlp_norm", "ffn_norm")):
-        layers[norm] = np.stack([get(f"blk.{i}.{gname}.weight", (D,)) for i in range(L)])
+    layers.update(norms(cfg, get))
     layers.update(qk_norms(cfg, get))
     if cfg.qkv_bias:
         for b, gname, heads in (("bq", "attn_q", N), ("bk", "attn_k", K), ("bv", "attn_v", K)):

@@ -1,4 +1,5 @@
-"""Hugging Face Llama-family directories (config.json + safetensors) into the weight tree.
+"""Hugging Face Llama-family and Gemma directories (config.json + safetensors) into the
+weight tree (a multimodal Gemma 3: its language model).
 
 Read with safetensors' numpy framework, which holds bfloat16 through ml_dtypes, so no torch
 is needed. Sharded checkpoints are found through `model.safetensors.index.json`. Tensors are
@@ -14,11 +15,14 @@ from typing import Any
 
 import numpy as np
 
-from jaxinfer.config import ModelConfig
+from jaxinfer.config import GEMMA_TYPES, ModelConfig
 from jaxinfer.errors import ConfigError, ConversionError
 from jaxinfer.weights import check_weights, weight_specs
 
-_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", *GEMMA_TYPES)
+# Where a checkpoint keeps its decoder: text-only models under "model.", multimodal Gemma 3
+# under "language_model.model." (transformers 4) or "model.language_model." (5).
+_PREFIXES = ("model.", "language_model.model.", "model.language_model.")
 
 Progress = Callable[[int, int], None]
 
@@ -37,23 +41,21 @@ def load_hf_dir(path: str | Path, progress: Progress | None = None) -> tuple[Mod
     if kind not in _MODEL_TYPES:
         raise ConversionError(f"unsupported model_type {kind!r} in {path / 'config.json'} "
                               f"(supported: {', '.join(_MODEL_TYPES)})")
-    if hf.get("use_sliding_window"):
-        raise ConversionError(f"sliding-window attention is not supported: {path}")
     reader = _Reader(path)
     try:
-        cfg = ModelConfig.from_hf(_legacy_rope_keys(hf))
+        cfg = ModelConfig.from_hf(hf)
     except ConfigError as e:
         raise ConversionError(f"{path / 'config.json'}: {e}") from e
     for extra in ("self_attn.o_proj.bias", "mlp.down_proj.bias"):
-        if f"model.layers.0.{extra}" in reader:
-            raise ConversionError(f"{path}: unsupported tensor model.layers.0.{extra}")
+        if f"{reader.prefix}layers.0.{extra}" in reader:
+            raise ConversionError(f"{path}: unsupported tensor {reader.prefix}layers.0.{extra}")
     eos = list(cfg.eos_token_ids)
     gen_eos = _read_json(path / "generation_config.json").get("eos_token_id")
     eos += gen_eos if isinstance(gen_eos, list) else [] if gen_eos is None else [gen_eos]
     tok_cfg = _read_json(path / "tokenizer_config.json")
     cfg = cfg.replace(
-        tie_embeddings=cfg.tie_embeddings or "lm_head.weight" not in reader,
-        qkv_bias="model.layers.0.self_attn.q_proj.bias" in reader,
+        tie_embeddings=cfg.tie_embeddings or reader.lm_head not in reader,
+        qkv_bias=f"{reader.prefix}layers.0.self_attn.q_proj.bias" in reader,
         eos_token_ids=tuple(dict.fromkeys(int(e) for e in eos)),
         add_bos=bool(tok_cfg.get("add_bos_token", False)))
     weights = _weights(cfg, reader, progress)
@@ -62,20 +64,6 @@ def load_hf_dir(path: str | Path, progress: Progress | None = None) -> tuple[Mod
     except ConfigError as e:
         raise ConversionError(f"{path}: {e}") from e
     return cfg, weights
-
-
-def _legacy_rope_keys(hf: dict[str, Any]) -> dict[str, Any]:
-    """transformers >= 5 writes RoPE settings as `rope_parameters` (theta included);
-    ModelConfig.from_hf reads the older `rope_theta` / `rope_scaling` keys."""
-    rp = hf.get("rope_parameters")
-    if not isinstance(rp, dict):
-        return hf
-    hf = dict(hf)
-    if rp.get("rope_theta") is not None:
-        hf["rope_theta"] = rp["rope_theta"]
-    if rp.get("rope_type", "default") != "default":
-        hf["rope_scaling"] = rp
-    return hf
 
 
 def _read_json(file: Path, required: bool = False) -> dict[str, Any]:
@@ -111,6 +99,10 @@ class _Reader:
                 raise ConversionError(f"cannot read {path / name}: {e}") from e
             self._open.append(f)
             self._where.update((k, f) for k in f.keys())
+        self.prefix = next((p for p in _PREFIXES if f"{p}embed_tokens.weight" in self._where),
+                           "model.")
+        self.lm_head = ("language_model.lm_head.weight" if self.prefix == "language_model.model."
+                        else "lm_head.weight")
 
     def __contains__(self, name: str) -> bool:
         return name in self._where
@@ -155,15 +147,23 @@ def _weights(cfg: ModelConfig, r: _Reader, progress: Progress | None) -> dict:
     linears = hf_linears(cfg)
     shapes = {"attn_norm": (D,), "mlp_norm": (D,),
               **{key: shape for key, shape, _ in linears.values()}}
+    # Gemma 2/3 sandwich each block: their post_attention_layernorm is the attention output's
+    # norm and pre_feedforward_layernorm the MLP's input norm (Llama's post_attention one).
+    norms = {"attn_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm"}
+    if cfg.post_norms:
+        norms = {"attn_norm": "input_layernorm", "post_attn_norm": "post_attention_layernorm",
+                 "mlp_norm": "pre_feedforward_layernorm",
+                 "post_mlp_norm": "post_feedforward_layernorm"}
+        shapes.update(post_attn_norm=(D,), post_mlp_norm=(D,))
     if cfg.qkv_bias:
         shapes.update(bq=(N, H), bk=(K, H), bv=(K, H))
     if cfg.qk_norm:
         shapes.update(q_norm=(H,), k_norm=(H,))
     layers = {k: np.empty((L, *s), np.float32) for k, s in shapes.items()}
     for i in range(L):
-        p, x = f"model.layers.{i}.", layers
-        x["attn_norm"][i] = r.get(p + "input_layernorm.weight", (D,))
-        x["mlp_norm"][i] = r.get(p + "post_attention_layernorm.weight", (D,))
+        p, x = f"{r.prefix}layers.{i}.", layers
+        for key, hf_name in norms.items():
+            x[key][i] = r.get(p + hf_name + ".weight", (D,))
         for module, (key, shape, n_in) in linears.items():
             x[key][i] = from_hf_matrix(r.get(p + module + ".weight", hf_shape(shape, n_in)),
                                        shape)
@@ -176,8 +176,8 @@ def _weights(cfg: ModelConfig, r: _Reader, progress: Progress | None) -> dict:
             x["bv"][i] = r.get(p + "self_attn.v_proj.bias", (K * H,)).reshape(K, H)
         if progress:
             progress(i + 1, L)
-    weights = {"embed": r.get("model.embed_tokens.weight", (V, D)), "layers": layers,
-               "final_norm": r.get("model.norm.weight", (D,))}
+    weights = {"embed": r.get(r.prefix + "embed_tokens.weight", (V, D)), "layers": layers,
+               "final_norm": r.get(r.prefix + "norm.weight", (D,))}
     if not cfg.tie_embeddings:
-        weights["lm_head"] = np.ascontiguousarray(r.get("lm_head.weight", (V, D)).T)
+        weights["lm_head"] = np.ascontiguousarray(r.get(r.lm_head, (V, D)).T)
     return weights
