@@ -136,15 +136,20 @@ def cudnn_attention(q_BTNH: jax.Array, k_BKSH: jax.Array, v_BKSH: jax.Array,
 
 def pallas_attention(q_BTNH: jax.Array, k_BKSH: jax.Array, v_BKSH: jax.Array,
                      q_positions_BT: jax.Array, interpret: bool = False,
-                     layer: jax.Array | None = None) -> jax.Array:
-    """The Pallas decode kernel for T == 1; prefill (or an S no block divides) uses the ref."""
+                     layer: jax.Array | None = None, window: jax.Array | None = None,
+                     softcap: float | None = None) -> jax.Array:
+    """The Pallas decode kernel for T == 1 (a window becomes each row's first visible
+    slot, so the kernel skips the blocks before it); prefill (or an S no block divides)
+    uses the ref."""
     backend = resolve_backend(None, interpret)
     block_s = default_block_s(k_BKSH.shape[-2], backend)
     if q_BTNH.shape[1] != 1 or block_s is None:
         k_BKSH, v_BKSH = (k_BKSH, v_BKSH) if layer is None else (k_BKSH[layer], v_BKSH[layer])
-        return ref_attention(q_BTNH, k_BKSH, v_BKSH, q_positions_BT)
-    out_BNH = decode_attention(q_BTNH[:, 0], k_BKSH, v_BKSH, q_positions_BT[:, 0] + 1,
-                               layer=layer, block_s=block_s, backend=backend,
+        return ref_attention(q_BTNH, k_BKSH, v_BKSH, q_positions_BT, window, softcap)
+    lengths_B = q_positions_BT[:, 0] + 1
+    starts_B = None if window is None else jnp.maximum(lengths_B - window, 0)
+    out_BNH = decode_attention(q_BTNH[:, 0], k_BKSH, v_BKSH, lengths_B, starts_B=starts_B,
+                               softcap=softcap, layer=layer, block_s=block_s, backend=backend,
                                interpret=interpret)
     return out_BNH[:, None]
 
@@ -192,26 +197,21 @@ def attention(q_BTNH, k_BKSH, v_BKSH, q_positions_BT, impl: str = "xla",
     layer (i32[], optional): k/v are then the stacked cache [L, B, K, S, H]. The Pallas
     kernel reads that layer in place; slicing ck[i] first, inside the layer scan, makes XLA
     copy the whole layer before any custom call (Pallas or cuDNN) can read it.
-    window / softcap (Gemma): the Pallas kernel and cuDNN take neither, so such layers run
-    the XLA paths (the chunked loop for decode, which skips chunks outside the window).
+    window / softcap (Gemma): every impl but cuDNN takes them; cuDNN falls back to the
+    reference.
     """
     impl = resolve_impl(impl, q_BTNH, k_BKSH)
-    if (window is not None or softcap is not None) and impl not in ("xla", "xla_chunked"):
-        impl = resolve_impl("xla_chunked", q_BTNH, k_BKSH)
-    if window is not None or softcap is not None:
-        if impl == "xla_chunked":
-            return chunked_decode_attention(q_BTNH, k_BKSH, v_BKSH, q_positions_BT,
-                                            layer=layer, window=window, softcap=softcap)
-        if layer is not None:
-            k_BKSH, v_BKSH = k_BKSH[layer], v_BKSH[layer]
-        return ref_attention(q_BTNH, k_BKSH, v_BKSH, q_positions_BT, window, softcap)
+    if impl == "cudnn" and (window is not None or softcap is not None):
+        impl = "xla"
     if impl in ("pallas", "pallas_interpret"):
         return pallas_attention(q_BTNH, k_BKSH, v_BKSH, q_positions_BT,
-                                interpret=impl == "pallas_interpret", layer=layer)
+                                interpret=impl == "pallas_interpret", layer=layer,
+                                window=window, softcap=softcap)
     if impl == "xla_chunked":
-        return chunked_decode_attention(q_BTNH, k_BKSH, v_BKSH, q_positions_BT, layer=layer)
+        return chunked_decode_attention(q_BTNH, k_BKSH, v_BKSH, q_positions_BT, layer=layer,
+                                        window=window, softcap=softcap)
     if layer is not None:
         k_BKSH, v_BKSH = k_BKSH[layer], v_BKSH[layer]
     if impl == "cudnn":
         return cudnn_attention(q_BTNH, k_BKSH, v_BKSH, q_positions_BT)
-    return ref_attention(q_BTNH, k_BKSH, v_BKSH, q_positions_BT)
+    return ref_attention(q_BTNH, k_BKSH, v_BKSH, q_positions_BT, window, softcap)

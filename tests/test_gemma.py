@@ -99,13 +99,13 @@ def test_config_read_from_checkpoint(gemma):
 
 def test_logits_match_transformers(gemma):
     """All positions of a 40-token prompt (windows of 6), then prefill + one-token decode
-    steps through the cache (reference and chunked decode attention)."""
+    steps through the cache (reference, chunked and Pallas-kernel decode attention)."""
     _, m, cfg, w = gemma
     toks = _tokens(40)
     ref = _hf_logits(m, toks)
     assert np.abs(ref).max() > 2.0  # logits large enough for the caps to bind
     np.testing.assert_allclose(_ours(cfg, w, toks), ref, atol=1e-4, rtol=0)
-    for impl, S in (("xla", 64), ("xla_chunked", 512)):
+    for impl, S in (("xla", 64), ("xla_chunked", 512), ("pallas_interpret", 64)):
         cache = kv_cache.init_cache(cfg, 2, S)
         _, cache = model.forward(w, jnp.asarray(toks[:, :25]), cache, cfg)
         for t in range(25, 40):

@@ -66,6 +66,44 @@ def test_decode_kernel_bf16(backend):
                                atol=2e-2, rtol=0)
 
 
+@pytest.mark.parametrize("backend", ["tpu", "gpu"])
+@pytest.mark.parametrize("softcap", [None, 1.5])
+def test_decode_kernel_window_and_softcap(backend, softcap):
+    """Gemma's sliding windows (a first visible slot per row, blocks before it skipped;
+    windows inside one block, across blocks, longer than the row) and soft-capped scores,
+    against the twin, and the twin against ref_attention's window mask."""
+    q, k, v, lengths = _inputs(B=4, G=2, S=256)
+    window = jnp.int32(40)
+    starts = jnp.maximum(lengths - window, 0)
+    out = decode_attention(q, k, v, lengths, starts_B=starts, softcap=softcap, block_s=16,
+                           backend=backend, num_splits=4 if backend == "gpu" else None,
+                           interpret=True)
+    ref = ref_decode_attention(q, k, v, lengths, starts, softcap)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=1e-5, rtol=0)
+    full = ref_attention(q[:, None], k, v, (lengths - 1)[:, None], window, softcap)[:, 0]
+    np.testing.assert_allclose(np.asarray(ref), np.asarray(full), atol=1e-6, rtol=0)
+    assert np.abs(np.asarray(ref - ref_decode_attention(q, k, v, lengths))).max() > 1e-2
+
+
+@pytest.mark.parametrize("T", [1, 3])
+def test_attention_window_through_every_impl(T):
+    """The dispatch passes a layer's traced window and the soft cap to each impl that
+    takes them (cuDNN, which takes neither, falls back to the reference)."""
+    q, k, v, lengths = _inputs(B=2, G=2, S=512)
+    q = jnp.repeat(q[:, None], T, axis=1)
+    pos = (lengths - 1)[:, None] - jnp.arange(T)[None, ::-1]
+    k2, v2 = jnp.stack([k * 0, k]), jnp.stack([v * 0, v])
+    want = ref_attention(q, k, v, pos, jnp.int32(300), 2.0)
+    for impl in ("xla", "xla_chunked", "pallas_interpret"):
+        got = jax.jit(lambda w, impl=impl: attention(q, k2, v2, pos, impl, layer=jnp.int32(1),
+                                                     window=w, softcap=2.0))(jnp.int32(300))
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-6, rtol=0,
+                                   err_msg=impl)
+    with mock.patch("jaxinfer.attention.resolve_impl", return_value="cudnn"):
+        got = attention(q, k, v, pos, "cudnn", window=jnp.int32(300), softcap=2.0)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-6, rtol=0)
+
+
 def test_gpu_split_k_and_edge_lengths():
     """Several S chunks per row (incl. empty ones), length 0 -> zeros, length > S -> all S."""
     q, k, v, _ = _inputs(B=4, G=2, S=128)
@@ -96,6 +134,11 @@ def test_tpu_kernel_under_mosaic_interpreter():
     out = decode_attention(q, k, v, lengths, block_s=16, backend="tpu",
                            interpret=pltpu.InterpretParams())
     ref = ref_decode_attention(q, k, v, lengths)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=1e-5, rtol=0)
+    starts = jnp.maximum(lengths - 20, 0)  # a sliding window: blocks before it not fetched
+    out = decode_attention(q, k, v, lengths, starts_B=starts, softcap=3.0, block_s=16,
+                           backend="tpu", interpret=pltpu.InterpretParams())
+    ref = ref_decode_attention(q, k, v, lengths, starts, 3.0)
     np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=1e-5, rtol=0)
 
 

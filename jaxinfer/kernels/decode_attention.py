@@ -7,6 +7,10 @@
                              scan would copy the layer before a custom call can read it
     lengths_B  i32[B]        valid slots per row (query position + 1); slots >= length are
                              never attended, and blocks wholly past it are skipped
+    starts_B   i32[B]        optional first visible slot per row (a sliding window: length -
+                             window); slots below it are masked and blocks wholly before it
+                             skipped, so a local layer costs O(window), not O(length)
+    softcap    float         optional: scores -> softcap * tanh(scores / softcap) (Gemma 2)
     returns    [B, N, H]
 
 Flash decoding: S is cut into blocks of `block_s` and reduced with an online softmax, so a
@@ -15,10 +19,10 @@ tile, so every K/V block is read once per KV head rather than once per query hea
 
 One algorithm, two lowerings (`backend`):
   "tpu"  grid (B, K, S/block_s) with S the sequential ("arbitrary") axis and the running
-         max / sum / accumulator in VMEM scratch. lengths are scalar-prefetched: the K/V
-         index_map clamps blocks past a row's length to its last valid block, so the
-         pipeline sees an unchanged block index and issues no DMA, and pl.when skips the
-         math. This is the Mosaic TPU path (PrefetchScalarGridSpec).
+         max / sum / accumulator in VMEM scratch. lengths and starts are scalar-prefetched:
+         the K/V index_map clamps blocks outside a row's [start, length) to its first or last
+         valid block, so the pipeline sees an unchanged block index and issues no DMA, and
+         pl.when skips the math. This is the Mosaic TPU path (PrefetchScalarGridSpec).
   "gpu"  grid (B, K, num_splits) for the Triton lowering, which has no scalar prefetch and
          runs grid programs in parallel: each program loops (fori_loop, dynamic trip count)
          over the blocks of its S chunk that lie below the row's length, and the chunks'
@@ -49,8 +53,10 @@ _GPU_TARGET_PROGRAMS = 256  # about two waves of an H100's 132 SMs
 
 
 def ref_decode_attention(q_BNH: jax.Array, k_BKSH: jax.Array, v_BKSH: jax.Array,
-                         lengths_B: jax.Array) -> jax.Array:
-    """Pure-JAX twin: attention.ref_attention at T=1, q_position = length - 1.
+                         lengths_B: jax.Array, starts_B: jax.Array | None = None,
+                         softcap: float | None = None) -> jax.Array:
+    """Pure-JAX twin: attention.ref_attention at T=1, q_position = length - 1 (window =
+    length - start).
 
     Kept self-contained (kernels sit below attention.py in the import order). A row of
     length 0 attends to nothing and yields zeros, as the kernel does.
@@ -60,7 +66,11 @@ def ref_decode_attention(q_BNH: jax.Array, k_BKSH: jax.Array, v_BKSH: jax.Array,
     q = q_BNH.reshape(B, K, N // K, H)
     scores = jnp.einsum("BKGH,BKSH->BKGS", q, k_BKSH,
                         preferred_element_type=jnp.float32) * (H ** -0.5)
+    if softcap is not None:
+        scores = softcap * jnp.tanh(scores / softcap)
     valid_BS = jnp.arange(S)[None, :] < lengths_B[:, None]
+    if starts_B is not None:
+        valid_BS &= jnp.arange(S)[None, :] >= starts_B[:, None]
     scores = jnp.where(valid_BS[:, None, None], scores, NEG_INF)
     probs = jax.nn.softmax(scores, axis=-1).astype(v_BKSH.dtype)
     out = jnp.einsum("BKGS,BKSH->BKGH", probs, v_BKSH)
@@ -142,13 +152,17 @@ def validate_decode_attention_inputs(q_BNH, k_BKSH, v_BKSH, lengths_B, *, block_
             fail(f"num_splits={num_splits} must divide the {S // block_s} blocks of S")
 
 
-def _block_update(q_GH, k_sH, v_sH, start, length, m_G1, l_G1, acc_GH, *, scale, precision):
-    """One online-softmax step over cache slots [start, start + block_s)."""
+def _block_update(q_GH, k_sH, v_sH, start, lo, length, m_G1, l_G1, acc_GH, *, scale,
+                  precision, softcap):
+    """One online-softmax step over cache slots [start, start + block_s); slots outside
+    the row's [lo, length) are masked."""
     dims_qk = (((1,), (1,)), ((), ()))
     s = lax.dot_general(q_GH, k_sH, dims_qk, precision=precision,
                         preferred_element_type=jnp.float32) * scale  # f32[G, block_s]
+    if softcap is not None:
+        s = softcap * jnp.tanh(s / softcap)
     slot = start + lax.broadcasted_iota(jnp.int32, s.shape, 1)
-    s = jnp.where(slot < length, s, NEG_INF)
+    s = jnp.where((slot < length) & (slot >= lo), s, NEG_INF)
     m_new = jnp.maximum(m_G1, jnp.max(s, axis=1, keepdims=True))
     alpha = jnp.exp(m_G1 - m_new)  # rescales what was accumulated under the old max
     p = jnp.exp(s - m_new)
@@ -161,13 +175,13 @@ def _block_update(q_GH, k_sH, v_sH, start, length, m_G1, l_G1, acc_GH, *, scale,
 # ---------------------------------------------------------------------------------------
 # TPU (Mosaic): S is a sequential grid axis, lengths are scalar-prefetched.
 
-def _tpu_kernel(lengths_ref, layer_ref, q_ref, k_ref, v_ref, o_ref, m_ref, l_ref, acc_ref, *,
-                block_s, scale, precision):
-    # lengths_ref: i32[B], layer_ref: i32[1] (SMEM, used by the index maps)
+def _tpu_kernel(lengths_ref, starts_ref, layer_ref, q_ref, k_ref, v_ref, o_ref, m_ref, l_ref,
+                acc_ref, *, block_s, scale, precision, softcap):
+    # lengths_ref, starts_ref: i32[B], layer_ref: i32[1] (SMEM, used by the index maps)
     # q_ref, o_ref: [G, H]   k_ref, v_ref: [block_s, H]
     # m_ref, l_ref: f32[G, 1] running max / sum   acc_ref: f32[G, H] unnormalized output
     b, j = pl.program_id(0), pl.program_id(2)
-    length = lengths_ref[b]
+    length, lo = lengths_ref[b], starts_ref[b]
 
     @pl.when(j == 0)
     def _init():
@@ -175,11 +189,11 @@ def _tpu_kernel(lengths_ref, layer_ref, q_ref, k_ref, v_ref, o_ref, m_ref, l_ref
         l_ref[...] = jnp.zeros(l_ref.shape, jnp.float32)
         acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
 
-    @pl.when(j * block_s < length)
+    @pl.when((j * block_s < length) & ((j + 1) * block_s > lo))
     def _step():
-        m, l, acc = _block_update(q_ref[...], k_ref[...], v_ref[...], j * block_s, length,
+        m, l, acc = _block_update(q_ref[...], k_ref[...], v_ref[...], j * block_s, lo, length,
                                   m_ref[...], l_ref[...], acc_ref[...],
-                                  scale=scale, precision=precision)
+                                  scale=scale, precision=precision, softcap=softcap)
         m_ref[...], l_ref[...], acc_ref[...] = m, l, acc
 
     @pl.when(j == pl.num_programs(2) - 1)
@@ -188,21 +202,23 @@ def _tpu_kernel(lengths_ref, layer_ref, q_ref, k_ref, v_ref, o_ref, m_ref, l_ref
         o_ref[...] = (acc_ref[...] / jnp.where(l > 0, l, 1.0)).astype(o_ref.dtype)
 
 
-def _decode_tpu(q_BKGH, k_LBKSH, v_LBKSH, lengths_B, layer_1, *, block_s, scale, precision,
-                interpret):
+def _decode_tpu(q_BKGH, k_LBKSH, v_LBKSH, lengths_B, starts_B, layer_1, *, block_s, scale,
+                precision, softcap, interpret):
     B, K, G, H = q_BKGH.shape
     S = k_LBKSH.shape[3]
 
-    def q_map(b, h, j, lengths_ref, layer_ref):
+    def q_map(b, h, j, lengths_ref, starts_ref, layer_ref):
         return b, h, 0, 0
 
-    def kv_map(b, h, j, lengths_ref, layer_ref):
-        # Past the row's end, keep pointing at its last valid block: no new DMA is issued.
+    def kv_map(b, h, j, lengths_ref, starts_ref, layer_ref):
+        # Outside the row's blocks, keep pointing at its first / last valid block: no new
+        # DMA is issued.
         last = jnp.maximum(lengths_ref[b] - 1, 0) // block_s
-        return layer_ref[0], b, h, jnp.minimum(j, last), 0
+        first = jnp.minimum(starts_ref[b] // block_s, last)
+        return layer_ref[0], b, h, jnp.clip(j, first, last), 0
 
     grid_spec = pltpu.PrefetchScalarGridSpec(
-        num_scalar_prefetch=2,
+        num_scalar_prefetch=3,
         grid=(B, K, S // block_s),
         in_specs=[pl.BlockSpec((None, None, G, H), q_map),
                   pl.BlockSpec((None, None, None, block_s, H), kv_map),
@@ -210,28 +226,30 @@ def _decode_tpu(q_BKGH, k_LBKSH, v_LBKSH, lengths_B, layer_1, *, block_s, scale,
         out_specs=pl.BlockSpec((None, None, G, H), q_map),
         scratch_shapes=[pltpu.VMEM((G, 1), jnp.float32), pltpu.VMEM((G, 1), jnp.float32),
                         pltpu.VMEM((G, H), jnp.float32)])
-    kernel = functools.partial(_tpu_kernel, block_s=block_s, scale=scale, precision=precision)
+    kernel = functools.partial(_tpu_kernel, block_s=block_s, scale=scale, precision=precision,
+                               softcap=softcap)
     return pl.pallas_call(
         kernel, grid_spec=grid_spec,
         out_shape=jax.ShapeDtypeStruct(q_BKGH.shape, q_BKGH.dtype),
         compiler_params=pltpu.CompilerParams(
             dimension_semantics=("parallel", "parallel", "arbitrary")),
         interpret=interpret, name="decode_attention_tpu",
-    )(lengths_B, layer_1, q_BKGH, k_LBKSH, v_LBKSH)
+    )(lengths_B, starts_B, layer_1, q_BKGH, k_LBKSH, v_LBKSH)
 
 
 # ---------------------------------------------------------------------------------------
 # GPU (Triton): parallel grid over S chunks, a dynamic-length loop inside each program.
 
-def _gpu_kernel(len_ref, layer_ref, q_ref, k_ref, v_ref, o_ref, m_out_ref, l_out_ref, *,
-                block_s, chunk, scale, precision):
-    # len_ref: i32[] this row's length   layer_ref: i32[]   q_ref: [Gp, H]
-    # k_ref, v_ref: [L, S, H] (pointers: only blocks below the length are loaded)
+def _gpu_kernel(len_ref, lo_ref, layer_ref, q_ref, k_ref, v_ref, o_ref, m_out_ref, l_out_ref,
+                *, block_s, chunk, scale, precision, softcap):
+    # len_ref, lo_ref: i32[] this row's length and first visible slot   layer_ref: i32[]
+    # q_ref: [Gp, H]   k_ref, v_ref: [L, S, H] (pointers: only blocks in [lo, length) load)
     # o_ref: f32[Gp, H] chunk-normalized output
     # m_out_ref, l_out_ref: f32[Gp, 1] the chunk's max and sum, for the cross-chunk merge
-    length, layer = len_ref[()], layer_ref[()]
+    length, lo, layer = len_ref[()], lo_ref[()], layer_ref[()]
     start = pl.program_id(2) * chunk
     num_blocks = jnp.clip((length - start + block_s - 1) // block_s, 0, chunk // block_s)
+    first = jnp.clip((lo - start) // block_s, 0, num_blocks)
     q = q_ref[...]
     Gp, H = q.shape
 
@@ -239,29 +257,31 @@ def _gpu_kernel(len_ref, layer_ref, q_ref, k_ref, v_ref, o_ref, m_out_ref, l_out
         off = pl.multiple_of(start + i * block_s, block_s)
         k = k_ref[layer, pl.ds(off, block_s), :]
         v = v_ref[layer, pl.ds(off, block_s), :]
-        return _block_update(q, k, v, off, length, *carry, scale=scale, precision=precision)
+        return _block_update(q, k, v, off, lo, length, *carry, scale=scale,
+                             precision=precision, softcap=softcap)
 
     init = (jnp.full((Gp, 1), NEG_INF, jnp.float32), jnp.zeros((Gp, 1), jnp.float32),
             jnp.zeros((Gp, H), jnp.float32))
-    m, l, acc = lax.fori_loop(0, num_blocks, body, init)
+    m, l, acc = lax.fori_loop(first, num_blocks, body, init)
     o_ref[...] = acc / jnp.where(l > 0, l, 1.0)
     m_out_ref[...] = m
     l_out_ref[...] = l
 
 
-def _decode_gpu(q_BKGH, k_LBKSH, v_LBKSH, lengths_B, layer_1, *, block_s, num_splits, scale,
-                precision, interpret):
+def _decode_gpu(q_BKGH, k_LBKSH, v_LBKSH, lengths_B, starts_B, layer_1, *, block_s, num_splits,
+                scale, precision, softcap, interpret):
     B, K, G, H = q_BKGH.shape
     L, S = k_LBKSH.shape[0], k_LBKSH.shape[3]
     Gp = max(16, pl.next_power_of_2(G))  # Triton dots need M >= 16, tiles a power of 2
     q_BKGH = jnp.pad(q_BKGH, ((0, 0), (0, 0), (0, Gp - G), (0, 0)))
     kernel = functools.partial(_gpu_kernel, block_s=block_s, chunk=S // num_splits,
-                               scale=scale, precision=precision)
+                               scale=scale, precision=precision, softcap=softcap)
     part = (None, None, None, Gp)
     o, m, l = pl.pallas_call(
         kernel,
         grid=(B, K, num_splits),
         in_specs=[pl.BlockSpec((None,), lambda b, h, c: (b,)),
+                  pl.BlockSpec((None,), lambda b, h, c: (b,)),
                   pl.BlockSpec((None,), lambda b, h, c: (0,)),
                   pl.BlockSpec((None, None, Gp, H), lambda b, h, c: (b, h, 0, 0)),
                   pl.BlockSpec((L, None, None, S, H), lambda b, h, c: (0, b, h, 0, 0)),
@@ -274,7 +294,7 @@ def _decode_gpu(q_BKGH, k_LBKSH, v_LBKSH, lengths_B, layer_1, *, block_s, num_sp
                    jax.ShapeDtypeStruct((B, K, num_splits, Gp, 1), jnp.float32)],
         compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=2),
         interpret=interpret, name="decode_attention_gpu",
-    )(lengths_B, layer_1, q_BKGH, k_LBKSH, v_LBKSH)
+    )(lengths_B, starts_B, layer_1, q_BKGH, k_LBKSH, v_LBKSH)
     # Merge the chunks: weight each by its softmax mass under the global max.
     w = l * jnp.exp(m - jnp.max(m, axis=2, keepdims=True))  # f32[B, K, splits, Gp, 1]
     total = jnp.sum(w, axis=2)
@@ -296,12 +316,15 @@ def resolve_backend(backend: str | None, interpret: bool) -> str:
 
 
 def decode_attention(q_BNH: jax.Array, k_BKSH: jax.Array, v_BKSH: jax.Array,
-                     lengths_B: jax.Array, *, layer: jax.Array | int | None = None,
+                     lengths_B: jax.Array, *, starts_B: jax.Array | None = None,
+                     softcap: float | None = None, layer: jax.Array | int | None = None,
                      block_s: int | None = None, backend: str | None = None,
                      num_splits: int | None = None,
                      interpret: bool | pltpu.InterpretParams = False) -> jax.Array:
     """Ragged GQA decode attention, [B, N, H]; see the module docstring.
 
+    starts_B: i32[B] first visible slot per row (sliding window); default 0.
+    softcap: static soft cap of the scores (Gemma 2); default none.
     layer: i32[] when k/v are the stacked [L, B, K, S, H] cache (read in place).
     block_s: cache slots per block (must divide S); default: largest candidate dividing S.
     backend: "tpu" | "gpu" lowering; default from jax.default_backend() ("tpu" in interpret).
@@ -321,13 +344,19 @@ def decode_attention(q_BNH: jax.Array, k_BKSH: jax.Array, v_BKSH: jax.Array,
     layer_1 = jnp.clip(jnp.reshape(jnp.asarray(layer, jnp.int32), (1,)), 0, k_BKSH.shape[0] - 1)
     # f32 inputs get exact f32 dots (Triton would otherwise use TF32); bf16 is native.
     precision = lax.Precision.HIGHEST if q_BNH.dtype == jnp.float32 else None
+    if starts_B is not None and jnp.shape(starts_B) != (B,):
+        raise ValueError(f"decode_attention: starts_B must be [B]=({B},), got shape "
+                         f"{jnp.shape(starts_B)}")
     lengths_B = jnp.clip(lengths_B.astype(jnp.int32), 0, S)  # a full cache attends to all S
+    starts_B = (jnp.zeros_like(lengths_B) if starts_B is None
+                else jnp.clip(starts_B.astype(jnp.int32), 0, S))
     q_BKGH = q_BNH.reshape(B, K, N // K, H)
-    kwargs = dict(block_s=block_s, scale=H ** -0.5, precision=precision, interpret=interpret)
+    kwargs = dict(block_s=block_s, scale=H ** -0.5, precision=precision, softcap=softcap,
+                  interpret=interpret)
     with jax.named_scope("decode_attention"):
         if backend == "tpu":
-            out = _decode_tpu(q_BKGH, k_BKSH, v_BKSH, lengths_B, layer_1, **kwargs)
+            out = _decode_tpu(q_BKGH, k_BKSH, v_BKSH, lengths_B, starts_B, layer_1, **kwargs)
         else:
-            out = _decode_gpu(q_BKGH, k_BKSH, v_BKSH, lengths_B, layer_1, num_splits=num_splits,
-                              **kwargs)
+            out = _decode_gpu(q_BKGH, k_BKSH, v_BKSH, lengths_B, starts_B, layer_1,
+                              num_splits=num_splits, **kwargs)
     return out.reshape(B, N, H)
