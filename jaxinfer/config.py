@@ -2,7 +2,8 @@
 
 Dimension alphabet used across jaxinfer: B batch, T query positions, S key/value
 positions, D model width, F MLP width, N query heads, K KV heads, G query heads per
-KV head (N // K), H head dim, L layers, V vocab.
+KV head (N // K), H head dim, L layers, V vocab; in mixture-of-experts layers E experts
+and C experts chosen per token.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from jaxinfer.errors import ConfigError
 
 ACTIVATIONS = ("silu", "gelu_tanh")
 GEMMA_TYPES = ("gemma", "gemma2", "gemma3_text", "gemma3")
+MOE_TYPES = ("mixtral", "qwen3_moe")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,6 +62,12 @@ class ModelConfig:
     local_layers: tuple[bool, ...] = ()
     rope_local_theta: float | None = None  # Gemma 3: RoPE base of local layers
     rope_linear_factor: float = 1.0  # linear position scaling of the global layers
+    # Mixture of experts (Mixtral, Qwen3-MoE): every layer's MLP is num_experts experts of
+    # width mlp_dim; a softmax router sends each token to its top experts_per_token, whose
+    # outputs are summed with the router weights (renormalised to sum 1 with norm_topk).
+    num_experts: int = 0  # E; 0: a dense MLP
+    experts_per_token: int = 0  # C
+    norm_topk: bool = True
 
     def __post_init__(self):
         for f in ("vocab_size", "d_model", "mlp_dim", "num_layers", "num_heads",
@@ -78,6 +86,9 @@ class ModelConfig:
                 not isinstance(self.sliding_window, int) or self.sliding_window <= 0):
             raise ConfigError(f"sliding_window must be a positive integer or None, got "
                               f"{self.sliding_window!r}")
+        if self.num_experts and not 1 <= self.experts_per_token <= self.num_experts:
+            raise ConfigError(f"experts_per_token must be in [1, num_experts="
+                              f"{self.num_experts}], got {self.experts_per_token!r}")
         if self.local_layers and len(self.local_layers) != self.num_layers:
             raise ConfigError(f"local_layers has {len(self.local_layers)} entries for "
                               f"num_layers={self.num_layers}")
@@ -101,7 +112,7 @@ class ModelConfig:
         return (self.activation == "silu" and not self.norm_plus_one and not self.post_norms
                 and not self.scale_embeddings and self.query_scale is None
                 and self.attn_softcap is None and self.final_softcap is None
-                and self.sliding_window is None)
+                and self.sliding_window is None and not self.num_experts)
 
     def replace(self, **kw: Any) -> ModelConfig:
         return dataclasses.replace(self, **kw)
@@ -174,12 +185,13 @@ class ModelConfig:
                 raise ConfigError(f"unsupported activation {act!r} (supported: "
                                   f"{', '.join(_HF_ACTIVATIONS)})")
             window, local = _sliding(hf, kind, L)
+            experts, chosen, mlp_dim = _moe(hf, kind)
             qpas = hf.get("query_pre_attn_scalar") if kind != "gemma" else None
             arch = (hf.get("architectures") or [kind])[0]
             return cls(
                 vocab_size=int(hf["vocab_size"]),
                 d_model=d,
-                mlp_dim=int(hf["intermediate_size"]),
+                mlp_dim=mlp_dim,
                 num_layers=L,
                 num_heads=n,
                 num_kv_heads=int(hf.get("num_key_value_heads") or n),
@@ -190,7 +202,7 @@ class ModelConfig:
                 max_seq_len=int(hf.get("max_position_embeddings", 2048)),
                 tie_embeddings=bool(hf.get("tie_word_embeddings", gemma)),
                 qkv_bias=bool(hf.get("attention_bias", kind == "qwen2")),
-                qk_norm=kind in ("qwen3", "gemma3_text"),
+                qk_norm=kind in ("qwen3", "gemma3_text", "qwen3_moe"),
                 bos_token_id=hf.get("bos_token_id"),
                 eos_token_ids=tuple(int(e) for e in eos),
                 pad_token_id=int(hf.get("pad_token_id") or 0),
@@ -206,6 +218,9 @@ class ModelConfig:
                 local_layers=local,
                 rope_local_theta=None if local_theta is None else float(local_theta),
                 rope_linear_factor=linear,
+                num_experts=experts,
+                experts_per_token=chosen,
+                norm_topk=bool(hf.get("norm_topk_prob", True)),
             )
         except KeyError as e:
             raise ConfigError(f"Hugging Face config lacks field {e.args[0]!r}") from e
@@ -214,8 +229,8 @@ class ModelConfig:
         """A Hugging Face LlamaConfig (Qwen3Config with qk_norm) dict of the same shapes (for
         parity tests and export); Gemma configs come from their own checkpoints."""
         if not self.llama_layers:
-            raise ConfigError(f"{self.name}: only Llama-family configs convert back to a "
-                              "Hugging Face config")
+            raise ConfigError(f"{self.name}: only dense Llama-family configs convert back to "
+                              "a Hugging Face config")
         hf = {
             "architectures": ["LlamaForCausalLM"], "model_type": "llama",
             "vocab_size": self.vocab_size, "hidden_size": self.d_model,
@@ -282,8 +297,27 @@ def _sliding(hf: dict[str, Any], kind: str, L: int) -> tuple[int | None, tuple[b
             return int(window), tuple(i % 2 == 0 for i in range(L))
         pattern = int(hf.get("sliding_window_pattern") or 6)
         return int(window), tuple((i + 1) % pattern != 0 for i in range(L))
-    if kind == "mistral" and window:
+    if kind in ("mistral", "mixtral") and window:
         return int(window), ()
     if hf.get("use_sliding_window"):
         raise ConfigError(f"sliding-window attention of model_type {kind!r} is not supported")
     return None, ()
+
+
+def _moe(hf: dict[str, Any], kind: str) -> tuple[int, int, int]:
+    """(experts, experts per token, expert MLP width); (0, 0, intermediate_size) if dense.
+    Qwen3-MoE configs can mix in dense layers; none released does, and that is refused."""
+    # transformers 5 writes num_local_experts for both; Qwen's own configs num_experts
+    experts = hf.get("num_local_experts", hf.get("num_experts"))
+    if kind == "mixtral":
+        if experts is None:
+            raise KeyError("num_local_experts")
+        return int(experts), int(hf["num_experts_per_tok"]), int(hf["intermediate_size"])
+    if kind == "qwen3_moe":
+        if hf.get("mlp_only_layers") or int(hf.get("decoder_sparse_step", 1)) != 1:
+            raise ConfigError("Qwen3-MoE configs with dense layers (mlp_only_layers, "
+                              "decoder_sparse_step) are not supported")
+        if experts is None:
+            raise KeyError("num_experts")
+        return int(experts), int(hf["num_experts_per_tok"]), int(hf["moe_intermediate_size"])
+    return 0, 0, int(hf["intermediate_size"])

@@ -77,8 +77,12 @@ def mlp(x_BTD: jax.Array, w_gate_DF: jax.Array, w_up_DF: jax.Array, w_down_FD: j
     """Gated MLP: SwiGLU (Llama) or GeGLU with tanh-approximate GELU (Gemma)."""
     gate = dot(x_BTD, w_gate_DF, "BTD,DF->BTF")
     up = dot(x_BTD, w_up_DF, "BTD,DF->BTF")
-    act = jax.nn.silu(gate) if activation == "silu" else jax.nn.gelu(gate, approximate=True)
-    return dot(act * up, w_down_FD, "BTF,FD->BTD")
+    return dot(activate(gate, activation) * up, w_down_FD, "BTF,FD->BTD")
+
+
+def activate(gate: jax.Array, activation: str) -> jax.Array:
+    """The gate's nonlinearity: SiLU, or GELU with the tanh approximation."""
+    return jax.nn.silu(gate) if activation == "silu" else jax.nn.gelu(gate, approximate=True)
 
 
 def softcap(x: jax.Array, cap: float | None) -> jax.Array:

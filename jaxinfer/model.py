@@ -27,6 +27,7 @@ from jaxinfer.config import ModelConfig
 from jaxinfer.kv_cache import KVCache, read_kv, write_kv
 from jaxinfer.layers import apply_rope, dot, mlp, norm, rope_frequencies, softcap
 from jaxinfer.lora import LoraStack, bind
+from jaxinfer.moe import moe
 from jaxinfer.quant import take_rows
 from jaxinfer.weights import Weights
 
@@ -95,8 +96,9 @@ def _block(cfg: ModelConfig, impl: str, adapter_B: jax.Array | None, carry, xs):
         o = dot(o, w["wo"], "BTNH,NHD->BTD")
         x = x + (norm(cfg, o, w["post_attn_norm"]) if cfg.post_norms else o)
     with jax.named_scope("mlp"):
-        h = mlp(norm(cfg, x, w["mlp_norm"]), w["w_gate"], w["w_up"], w["w_down"],
-                cfg.activation)
+        h = norm(cfg, x, w["mlp_norm"])
+        h = (moe(cfg, h, w) if cfg.num_experts
+             else mlp(h, w["w_gate"], w["w_up"], w["w_down"], cfg.activation))
         x = x + (norm(cfg, h, w["post_mlp_norm"]) if cfg.post_norms else h)
     return (x, ck, cv, ks, vs, pos_BT, rows_B1), None
 

@@ -31,6 +31,7 @@ WEIGHT_RULES: dict[str, str | None] = {
     "kv_heads": "model",
     "head_dim": None,
     "mlp": "model",
+    "experts": None,  # MoE: tensor parallelism inside each expert (over mlp)
     "layers": None,
     "norm": None,
     "group": None,  # quantization groups

@@ -14,6 +14,8 @@ Tree layout (layers stacked on a leading L axis and run with lax.scan):
     layers/wv   [L, D, K, H]     layers/bv [L, K, H]
     layers/wo   [L, N, H, D]
     layers/w_gate [L, D, F]   layers/w_up [L, D, F]   layers/w_down [L, F, D]
+    (mixture of experts instead: layers/router [L, D, E], layers/moe_gate [L, E, D, F],
+     layers/moe_up [L, E, D, F], layers/moe_down [L, E, F, D])
     final_norm  [D]
     lm_head     [D, V]           (absent when embeddings are tied)
 Q/K use the Hugging Face "rotate half" RoPE layout.
@@ -98,6 +100,14 @@ def weight_specs(cfg: ModelConfig, dtype: Any = jnp.float32,
         "w_up": A((L, D, F), ("layers", "embed", "mlp"), fan_in=(1,)),
         "w_down": A((L, F, D), ("layers", "mlp", "embed"), fan_in=(1,)),
     }
+    if cfg.num_experts:
+        E = cfg.num_experts
+        for name in ("w_gate", "w_up", "w_down"):
+            del layers[name]
+        layers["router"] = A((L, D, E), ("layers", "embed", "experts"), fan_in=(1,))
+        layers["moe_gate"] = A((L, E, D, F), ("layers", "experts", "embed", "mlp"), fan_in=(2,))
+        layers["moe_up"] = A((L, E, D, F), ("layers", "experts", "embed", "mlp"), fan_in=(2,))
+        layers["moe_down"] = A((L, E, F, D), ("layers", "experts", "mlp", "embed"), fan_in=(2,))
     if cfg.post_norms:
         layers["post_attn_norm"] = A((L, D), ("layers", "norm"), one)
         layers["post_mlp_norm"] = A((L, D), ("layers", "norm"), one)
@@ -115,6 +125,9 @@ def weight_specs(cfg: ModelConfig, dtype: Any = jnp.float32,
     }
     if not cfg.tie_embeddings:
         tree["lm_head"] = A((D, V), ("embed", "vocab"), fan_in=(0,))
+    if quant is not None and cfg.num_experts:
+        raise ConfigError(f"{cfg.name}: quantizing mixture-of-experts weights is not "
+                          "supported yet")
     if quant is not None and quant.linear is not None:
         for name, (contract, group) in LINEAR_QUANT_AXES.items():
             layers[name] = _quant_info(layers[name], quant.linear, contract, group)
@@ -130,6 +143,8 @@ def quantize_weights(weights: Weights, quant: QuantConfig, shardings: Weights | 
     """Quantize a float weight tree per `quant`; with `shardings` (from
     `weight_shardings(weight_specs(cfg, dtype, quant), mesh)`) each result lands sharded."""
     out, layers = dict(weights), dict(weights["layers"])
+    if "moe_gate" in layers:
+        raise ConfigError("quantizing mixture-of-experts weights is not supported yet")
     todo = [(layers, n, quant.linear, ax, ("layers", n)) for n, ax in LINEAR_QUANT_AXES.items()]
     todo += [(out, n, quant.embed, ax, (n,)) for n, ax in EMBED_QUANT_AXES.items() if n in out]
     for tree, name, spec, (contract, group), path in todo:

@@ -119,3 +119,24 @@ def test_unrolled_layers_experiment_equals_the_scanned_model(gemma):
     want, _ = model.decode_step(w, toks, jax.tree.map(jnp.copy, cache), cfg)
     got, _ = _unrolled_logits(w, toks, cache, cfg, "xla")
     assert float(jnp.abs(got - want).max()) < 1e-5
+
+
+def test_step_bytes_reads_only_the_chosen_experts():
+    """A mixture of experts reads at most B * C of its E experts per decode step."""
+    from types import SimpleNamespace
+
+    import jax
+
+    from jaxinfer.bench.measure import step_bytes, tree_bytes
+    from jaxinfer.weights import init_weights, weight_specs
+
+    from .helpers import TINY
+
+    cfg = TINY.replace(num_experts=8, experts_per_token=2, tie_embeddings=True)
+    params = init_weights(weight_specs(cfg), jax.random.key(0))
+    llm = SimpleNamespace(cfg=cfg, params=params, dtype=jnp.float32)
+    experts = tree_bytes({k: v for k, v in params["layers"].items() if k.startswith("moe_")})
+    total = tree_bytes(params)
+    assert step_bytes(llm, 1, 0.0)["weights"] == pytest.approx(total - experts * 6 / 8)
+    assert step_bytes(llm, 3, 0.0)["weights"] == pytest.approx(total - experts * 2 / 8)
+    assert step_bytes(llm, 4, 0.0)["weights"] == pytest.approx(total)

@@ -35,6 +35,8 @@ PUBLISHED = {
     "tinyllama-1.1b": (1.1e9, 1_100_048_384),
     "gemma-3-1b": (1.0e9, 999_885_952),
     "gemma-2-2b": (2.61e9, 2_614_341_888),
+    "mixtral-8x7b": (46.7e9, 46_702_792_704),
+    "qwen3-30b-a3b": (30.5e9, 30_532_122_624),
 }
 
 
@@ -47,8 +49,13 @@ def formula_count(hf: dict) -> int:
     H = hf.get("head_dim") or D // N
     attn = D * N * H + 2 * D * K * H + N * H * D
     bias = (N * H + 2 * K * H) if hf["model_type"] == "qwen2" else 0
-    norms = {"gemma2": 4 * D, "gemma3_text": 4 * D + 2 * H}.get(hf["model_type"], 2 * D)
-    per_layer = attn + bias + 3 * D * F + norms  # q/k/v/o, gate/up/down, norms
+    norms = {"gemma2": 4 * D, "gemma3_text": 4 * D + 2 * H,
+             "qwen3_moe": 2 * D + 2 * H}.get(hf["model_type"], 2 * D)
+    E = hf.get("num_local_experts", hf.get("num_experts", 0))
+    mlp = 3 * D * F
+    if E:  # E experts of width moe_intermediate_size (Qwen) or intermediate_size, a router
+        mlp = E * 3 * D * hf.get("moe_intermediate_size", F) + D * E
+    per_layer = attn + bias + mlp + norms  # q/k/v/o, gate/up/down, norms
     tied = hf.get("tie_word_embeddings", hf["model_type"].startswith("gemma"))
     head = 0 if tied else D * V
     return V * D + L * per_layer + D + head
@@ -76,7 +83,7 @@ def test_preset_parameter_count(name):
 def test_preset_round_trips_through_hf(name):
     cfg = presets.model_config(name)
     assert cfg.name == name
-    if name.startswith("gemma"):  # Gemma configs come only from their checkpoints
+    if name.startswith(("gemma", "mixtral", "qwen3-30b")):  # only from their checkpoints
         with pytest.raises(ConfigError, match="Llama-family"):
             cfg.to_hf()
         return

@@ -261,11 +261,17 @@ def tree_bytes(tree) -> int:
 
 def step_bytes(llm, batch: int, context: float) -> dict[str, float]:
     """Bytes one decode step must read: weights (the embedding table only if it is also
-    the output head) plus K and V of `context` positions per row, every layer."""
+    the output head; of a mixture of experts, at most the B * C chosen experts) plus K and
+    V of `context` positions per row, every layer."""
     cfg = llm.cfg
     weights = tree_bytes(llm.params)
     if not cfg.tie_embeddings:
         weights -= tree_bytes(llm.params["embed"])  # only B rows of it are gathered
+    if cfg.num_experts:
+        experts = tree_bytes({k: v for k, v in llm.params["layers"].items()
+                              if k.startswith("moe_")})
+        used = min(batch * cfg.experts_per_token, cfg.num_experts) / cfg.num_experts
+        weights -= experts * (1 - used)
     itemsize = jnp.dtype(getattr(llm, "kv_dtype", llm.dtype)).itemsize
     kv = 2 * cfg.num_layers * batch * cfg.num_kv_heads * context * cfg.head_dim * itemsize
     return {"weights": float(weights), "kv": float(kv)}

@@ -15,11 +15,11 @@ from typing import Any
 
 import numpy as np
 
-from jaxinfer.config import GEMMA_TYPES, ModelConfig
+from jaxinfer.config import GEMMA_TYPES, MOE_TYPES, ModelConfig
 from jaxinfer.errors import ConfigError, ConversionError
 from jaxinfer.weights import check_weights, weight_specs
 
-_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", *GEMMA_TYPES)
+_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", *GEMMA_TYPES, *MOE_TYPES)
 # Where a checkpoint keeps its decoder: text-only models under "model.", multimodal Gemma 3
 # under "language_model.model." (transformers 4) or "model.language_model." (5).
 _PREFIXES = ("model.", "language_model.model.", "model.language_model.")
@@ -58,7 +58,7 @@ def load_hf_dir(path: str | Path, progress: Progress | None = None) -> tuple[Mod
         qkv_bias=f"{reader.prefix}layers.0.self_attn.q_proj.bias" in reader,
         eos_token_ids=tuple(dict.fromkeys(int(e) for e in eos)),
         add_bos=bool(tok_cfg.get("add_bos_token", False)))
-    weights = _weights(cfg, reader, progress)
+    weights = _weights(cfg, reader, progress, _MOE_EXPERTS.get(kind))
     try:
         check_weights(weight_specs(cfg), weights)
     except ConfigError as e:
@@ -123,12 +123,20 @@ class _Reader:
 # Each projection of a layer: HF module -> (weight-tree key, our shape, how many of its
 # leading dims are inputs). Shared with LoRA adapters (convert/lora.py), whose deltas are
 # HF [out, in] matrices too.
+# A mixture-of-experts model has no dense MLP projections (its experts: _MOE_EXPERTS).
 def hf_linears(cfg: ModelConfig) -> dict[str, tuple[str, tuple[int, ...], int]]:
     D, F, N, K, H = cfg.d_model, cfg.mlp_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    return {"self_attn.q_proj": ("wq", (D, N, H), 1), "self_attn.k_proj": ("wk", (D, K, H), 1),
-            "self_attn.v_proj": ("wv", (D, K, H), 1), "self_attn.o_proj": ("wo", (N, H, D), 2),
-            "mlp.gate_proj": ("w_gate", (D, F), 1), "mlp.up_proj": ("w_up", (D, F), 1),
-            "mlp.down_proj": ("w_down", (F, D), 1)}
+    out = {"self_attn.q_proj": ("wq", (D, N, H), 1), "self_attn.k_proj": ("wk", (D, K, H), 1),
+           "self_attn.v_proj": ("wv", (D, K, H), 1), "self_attn.o_proj": ("wo", (N, H, D), 2)}
+    if not cfg.num_experts:
+        out.update({"mlp.gate_proj": ("w_gate", (D, F), 1), "mlp.up_proj": ("w_up", (D, F), 1),
+                    "mlp.down_proj": ("w_down", (F, D), 1)})
+    return out
+
+
+# model_type -> (the MoE block's module, its router, each expert's gate / up / down names)
+_MOE_EXPERTS = {"mixtral": ("block_sparse_moe", "gate", ("w1", "w3", "w2")),
+                "qwen3_moe": ("mlp", "gate", ("gate_proj", "up_proj", "down_proj"))}
 
 
 def hf_shape(shape: tuple[int, ...], n_in: int) -> tuple[int, int]:
@@ -141,12 +149,16 @@ def from_hf_matrix(m: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     return m.T.reshape(shape)
 
 
-def _weights(cfg: ModelConfig, r: _Reader, progress: Progress | None) -> dict:
-    L, D, N, K, H, V = (cfg.num_layers, cfg.d_model, cfg.num_heads, cfg.num_kv_heads,
-                        cfg.head_dim, cfg.vocab_size)
+def _weights(cfg: ModelConfig, r: _Reader, progress: Progress | None,
+             moe: tuple[str, str, tuple[str, str, str]] | None = None) -> dict:
+    L, D, F, N, K, H, V = (cfg.num_layers, cfg.d_model, cfg.mlp_dim, cfg.num_heads,
+                           cfg.num_kv_heads, cfg.head_dim, cfg.vocab_size)
+    E = cfg.num_experts
     linears = hf_linears(cfg)
     shapes = {"attn_norm": (D,), "mlp_norm": (D,),
               **{key: shape for key, shape, _ in linears.values()}}
+    if E:
+        shapes.update(router=(D, E), moe_gate=(E, D, F), moe_up=(E, D, F), moe_down=(E, F, D))
     # Gemma 2/3 sandwich each block: their post_attention_layernorm is the attention output's
     # norm and pre_feedforward_layernorm the MLP's input norm (Llama's post_attention one).
     norms = {"attn_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm"}
@@ -167,6 +179,15 @@ def _weights(cfg: ModelConfig, r: _Reader, progress: Progress | None) -> dict:
         for module, (key, shape, n_in) in linears.items():
             x[key][i] = from_hf_matrix(r.get(p + module + ".weight", hf_shape(shape, n_in)),
                                        shape)
+        if E:
+            block, router, names = moe
+            x["router"][i] = r.get(f"{p}{block}.{router}.weight", (E, D)).T
+            for e in range(E):
+                q = f"{p}{block}.experts.{e}."
+                for key, name, shape in zip(("moe_gate", "moe_up", "moe_down"), names,
+                                            ((D, F), (D, F), (F, D)), strict=True):
+                    x[key][i, e] = from_hf_matrix(r.get(q + name + ".weight", shape[::-1]),
+                                                  shape)
         if cfg.qk_norm:
             x["q_norm"][i] = r.get(p + "self_attn.q_norm.weight", (H,))
             x["k_norm"][i] = r.get(p + "self_attn.k_norm.weight", (H,))
