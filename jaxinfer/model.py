@@ -1,4 +1,5 @@
-"""The Llama-family (and Gemma) decoder as pure functions over the weight tree (weights.py).
+"""The Llama-family decoder (Gemma and mixture-of-experts variants too) as pure functions
+over the weight tree (weights.py).
 
     forward(weights, tokens_BT, cache, cfg)  -> logits_BTV, cache   (all positions)
     prefill(weights, tokens_BT, num_new_B, cache, cfg) -> logits_BV at each row's last token

@@ -14,6 +14,8 @@ shapes so a program never switches:
     but dense einsums that shard like the dense MLP. On CPU this beat
     `lax.ragged_dot` (grouped matmul), which XLA:CPU runs as a slow loop; a
     grouped-matmul kernel for accelerators is the follow-up.
+Expert weights may be quantized (QArrays): `layers.dot` dequantizes inside each dot, and
+the gather takes the chosen experts' integers and scales alike.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxinfer.config import ModelConfig
-from jaxinfer.layers import activate
+from jaxinfer.layers import activate, dot
 
 
 def route(cfg: ModelConfig, x_BTD: jax.Array, router_DE: jax.Array
@@ -41,13 +43,14 @@ def moe(cfg: ModelConfig, x_BTD: jax.Array, w: dict) -> jax.Array:
     E, C = cfg.num_experts, cfg.experts_per_token
     top_BTC, ids_BTC = route(cfg, x_BTD, w["router"])
     if B * T * C <= E:  # read only the chosen experts
-        g = jnp.einsum("BTD,BTCDF->BTCF", x_BTD, w["moe_gate"][ids_BTC])
-        u = jnp.einsum("BTD,BTCDF->BTCF", x_BTD, w["moe_up"][ids_BTC])
-        h = activate(g, cfg.activation) * u
-        return jnp.einsum("BTCF,BTCFD,BTC->BTD", h, w["moe_down"][ids_BTC], top_BTC)
+        pick = lambda name: jax.tree.map(lambda a: a[ids_BTC], w[name])  # QArrays too
+        g = dot(x_BTD, pick("moe_gate"), "BTD,BTCDF->BTCF")
+        u = dot(x_BTD, pick("moe_up"), "BTD,BTCDF->BTCF")
+        h = activate(g, cfg.activation) * u * top_BTC[..., None]
+        return dot(h, pick("moe_down"), "BTCF,BTCFD->BTD")
     combine_BTE = jnp.sum(jax.nn.one_hot(ids_BTC, E, dtype=x_BTD.dtype) * top_BTC[..., None],
                           axis=-2)
-    g = jnp.einsum("BTD,EDF->BTEF", x_BTD, w["moe_gate"])
-    u = jnp.einsum("BTD,EDF->BTEF", x_BTD, w["moe_up"])
-    h = activate(g, cfg.activation) * u
-    return jnp.einsum("BTEF,EFD,BTE->BTD", h, w["moe_down"], combine_BTE)
+    g = dot(x_BTD, w["moe_gate"], "BTD,EDF->BTEF")
+    u = dot(x_BTD, w["moe_up"], "BTD,EDF->BTEF")
+    h = activate(g, cfg.activation) * u * combine_BTE[..., None]
+    return dot(h, w["moe_down"], "BTEF,EFD->BTD")

@@ -67,7 +67,8 @@ def is_info(x: Any) -> bool:
 # for the stacked [L, ...] arrays and for one layer's slice inside the scan.
 LINEAR_QUANT_AXES = {"wq": ((-3,), -3), "wk": ((-3,), -3), "wv": ((-3,), -3),
                      "wo": ((-3, -2), -2), "w_gate": ((-2,), -2), "w_up": ((-2,), -2),
-                     "w_down": ((-2,), -2)}
+                     "w_down": ((-2,), -2), "moe_gate": ((-2,), -2), "moe_up": ((-2,), -2),
+                     "moe_down": ((-2,), -2)}
 EMBED_QUANT_AXES = {"embed": ((-1,), -1), "lm_head": ((-2,), -2)}
 
 
@@ -125,12 +126,10 @@ def weight_specs(cfg: ModelConfig, dtype: Any = jnp.float32,
     }
     if not cfg.tie_embeddings:
         tree["lm_head"] = A((D, V), ("embed", "vocab"), fan_in=(0,))
-    if quant is not None and cfg.num_experts:
-        raise ConfigError(f"{cfg.name}: quantizing mixture-of-experts weights is not "
-                          "supported yet")
     if quant is not None and quant.linear is not None:
         for name, (contract, group) in LINEAR_QUANT_AXES.items():
-            layers[name] = _quant_info(layers[name], quant.linear, contract, group)
+            if name in layers:  # dense MLP or experts, whichever the model has
+                layers[name] = _quant_info(layers[name], quant.linear, contract, group)
     if quant is not None and quant.embed is not None:
         for name, (contract, group) in EMBED_QUANT_AXES.items():
             if name in tree:
@@ -143,9 +142,8 @@ def quantize_weights(weights: Weights, quant: QuantConfig, shardings: Weights | 
     """Quantize a float weight tree per `quant`; with `shardings` (from
     `weight_shardings(weight_specs(cfg, dtype, quant), mesh)`) each result lands sharded."""
     out, layers = dict(weights), dict(weights["layers"])
-    if "moe_gate" in layers:
-        raise ConfigError("quantizing mixture-of-experts weights is not supported yet")
-    todo = [(layers, n, quant.linear, ax, ("layers", n)) for n, ax in LINEAR_QUANT_AXES.items()]
+    todo = [(layers, n, quant.linear, ax, ("layers", n)) for n, ax in LINEAR_QUANT_AXES.items()
+            if n in layers]
     todo += [(out, n, quant.embed, ax, (n,)) for n, ax in EMBED_QUANT_AXES.items() if n in out]
     for tree, name, spec, (contract, group), path in todo:
         if spec is None:

@@ -142,15 +142,31 @@ def test_mesh_and_checkpoint(moe_model, tmp_path):
                                   np.asarray(w["layers"]["moe_up"]))
 
 
-def test_refusals(moe_model):
-    from jaxinfer.quant import QuantConfig
-    from jaxinfer.weights import quantize_weights, weight_specs
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_quantized_experts(moe_model, mode):
+    """int8 / int4 experts (QArrays, gathered by expert id in decode) compute exactly what
+    their dequantized float weights do, in prefill and decode; the tree matches its spec."""
+    from jaxinfer.quant import QuantConfig, dequantize, is_qarray
+    from jaxinfer.weights import check_weights, quantize_weights, weight_specs
 
     _, _, cfg, w = moe_model
-    with pytest.raises(ConfigError, match="mixture-of-experts"):
-        quantize_weights(w, QuantConfig.from_mode("int8"))
-    with pytest.raises(ConfigError, match="mixture-of-experts"):
-        weight_specs(cfg, quant=QuantConfig.from_mode("int8"))
+    qc = QuantConfig.from_mode(mode, 16 if mode == "int4" else None)  # 16 divides H, F
+    qw = quantize_weights(w, qc)
+    assert is_qarray(qw["layers"]["moe_gate"]) and qw["layers"]["moe_gate"].shape == (3, 6, 64, 48)
+    check_weights(weight_specs(cfg, quant=qc), qw)
+    fw = jax.tree.map(lambda a: dequantize(a) if is_qarray(a) else a, qw, is_leaf=is_qarray)
+    toks = jnp.asarray(_tokens(12))
+    for weights in (qw, fw):
+        cache = kv_cache.init_cache(cfg, 2, 32)
+        pre, cache = model.forward(weights, toks, cache, cfg)
+        dec, _ = model.decode_step(weights, toks[:, 0], cache, cfg)
+        if weights is qw:
+            want = (pre, dec)
+    np.testing.assert_allclose(np.asarray(want[0]), np.asarray(pre), atol=1e-4, rtol=0)
+    np.testing.assert_allclose(np.asarray(want[1]), np.asarray(dec), atol=1e-4, rtol=0)
+
+
+def test_refusals(moe_model):
     base = {"hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
             "num_attention_heads": 4, "vocab_size": 97, "model_type": "qwen3_moe",
             "num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 32}
