@@ -155,7 +155,10 @@ def _write_gguf(path: Path, cfg: ModelConfig, sd: dict, arch: str, qtype, extra=
              "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
              "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
              "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
-             "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm"}
+             "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm",
+             # a mixture of experts, stacked by the caller (as llama.cpp stacks them)
+             "mlp.gate": "ffn_gate_inp", "mlp.gate_exps": "ffn_gate_exps",
+             "mlp.up_exps": "ffn_up_exps", "mlp.down_exps": "ffn_down_exps"}
     gemma = arch.startswith("gemma")
     if gemma and cfg.post_norms:
         names.update(post_attention_layernorm="post_attention_norm",
@@ -174,7 +177,7 @@ def _write_gguf(path: Path, cfg: ModelConfig, sd: dict, arch: str, qtype, extra=
             a = a + 1.0
         if arch == "llama" and (".attn_q." in name or ".attn_k." in name):
             a = _interleave(a, cfg.num_heads if ".attn_q." in name else cfg.num_kv_heads)
-        if a.ndim == 1 or qtype == Q.F32:
+        if a.ndim == 1 or qtype == Q.F32 or name.endswith("ffn_gate_inp.weight"):
             w.add_tensor(name, a.astype(np.float32))
         else:
             w.add_tensor(name, gguf.quants.quantize(a, qtype), raw_dtype=qtype)
@@ -191,7 +194,7 @@ def _roundtrip(sd: dict, qtype) -> dict:
     if qtype == Q.F32:
         return sd
     return {k: gguf.quants.dequantize(gguf.quants.quantize(v, qtype), qtype).reshape(v.shape)
-            if v.ndim == 2 else v for k, v in sd.items()}
+            if v.ndim >= 2 else v for k, v in sd.items()}
 
 
 def _tiny_pair(tmp_path, cfg, arch="llama", qtype=Q.F32, extra=None):

@@ -23,18 +23,18 @@ from jaxinfer.sampling import SamplingParams  # noqa: E402
 from .engine_helpers import CharTokenizer  # noqa: E402
 
 COMMON = dict(vocab_size=97, hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
-              num_key_value_heads=2, head_dim=16, num_experts_per_tok=2, eos_token_id=3,
+              num_key_value_heads=2, head_dim=32, num_experts_per_tok=2, eos_token_id=3,
               max_position_embeddings=512)
 
 
 def _hf_model(kind: str):
     torch.manual_seed(0)
     if kind == "mixtral":
-        m = tf.MixtralForCausalLM(tf.MixtralConfig(intermediate_size=48, num_local_experts=6,
+        m = tf.MixtralForCausalLM(tf.MixtralConfig(intermediate_size=64, num_local_experts=6,
                                                    **COMMON))
     else:  # unnormalised top-k weights, as Qwen3-MoE configs may ask
         m = tf.Qwen3MoeForCausalLM(tf.Qwen3MoeConfig(
-            intermediate_size=96, moe_intermediate_size=48, num_experts=6,
+            intermediate_size=96, moe_intermediate_size=64, num_experts=6,
             norm_topk_prob=False, **COMMON))
     with torch.no_grad():  # larger than the default init: routing and experts matter
         for _, p in m.named_parameters():
@@ -63,10 +63,10 @@ def _hf_logits(m, toks):
 
 def test_config_and_tree(moe_model):
     kind, _, cfg, w = moe_model
-    assert (cfg.num_experts, cfg.experts_per_token, cfg.mlp_dim) == (6, 2, 48)
+    assert (cfg.num_experts, cfg.experts_per_token, cfg.mlp_dim) == (6, 2, 64)
     assert cfg.norm_topk == (kind == "mixtral") and cfg.qk_norm == (kind == "qwen3_moe")
     layers = w["layers"]
-    assert "w_gate" not in layers and layers["moe_down"].shape == (3, 6, 48, 64)
+    assert "w_gate" not in layers and layers["moe_down"].shape == (3, 6, 64, 64)
     assert layers["router"].shape == (3, 64, 6)
 
 
@@ -152,7 +152,7 @@ def test_quantized_experts(moe_model, mode):
     _, _, cfg, w = moe_model
     qc = QuantConfig.from_mode(mode, 16 if mode == "int4" else None)  # 16 divides H, F
     qw = quantize_weights(w, qc)
-    assert is_qarray(qw["layers"]["moe_gate"]) and qw["layers"]["moe_gate"].shape == (3, 6, 64, 48)
+    assert is_qarray(qw["layers"]["moe_gate"]) and qw["layers"]["moe_gate"].shape == (3, 6, 64, 64)
     check_weights(weight_specs(cfg, quant=qc), qw)
     fw = jax.tree.map(lambda a: dequantize(a) if is_qarray(a) else a, qw, is_leaf=is_qarray)
     toks = jnp.asarray(_tokens(12))
@@ -175,3 +175,55 @@ def test_refusals(moe_model):
         ModelConfig.from_hf({**base, "mlp_only_layers": [0]})
     with pytest.raises(ConfigError, match="experts_per_token"):
         ModelConfig.from_hf({**base, "num_experts_per_tok": 9})
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+def test_gguf_matches_transformers(moe_model, tmp_path, quantized):
+    """A GGUF the way llama.cpp writes a mixture of experts (Mixtral as `llama` with
+    permuted Q/K, Qwen3-MoE as `qwen3moe`; experts stacked [E, out, in], router float),
+    Q8_0 matrices read dequantized or kept as QArrays, against transformers on the same
+    (Q8_0-exact) weights."""
+    import gguf
+
+    from jaxinfer.convert.gguf import load_gguf
+
+    from .test_convert import _roundtrip, _write_gguf
+
+    kind, m, cfg, _ = moe_model
+    q8 = gguf.GGMLQuantizationType.Q8_0
+    F = cfg.mlp_dim
+    hf = {k: v.numpy().copy() for k, v in m.state_dict().items()}  # experts fused [E, 2F, D]
+    sd = {k: v for k, v in hf.items() if ".mlp." not in k}
+    for i in range(cfg.num_layers):
+        p = f"model.layers.{i}.mlp."
+        gate_up = hf[p + "experts.gate_up_proj"]
+        sd.update({p + "gate.weight": hf[p + "gate.weight"],
+                   p + "gate_exps.weight": gate_up[:, :F], p + "up_exps.weight": gate_up[:, F:],
+                   p + "down_exps.weight": hf[p + "experts.down_proj"]})
+    sd = _roundtrip(sd, q8)
+    for k in hf:  # the same Q8_0-exact weights back into the HF model
+        if k in sd:
+            hf[k] = sd[k]
+    for i in range(cfg.num_layers):
+        p = f"model.layers.{i}.mlp."
+        hf[p + "experts.gate_up_proj"] = np.concatenate(
+            [sd[p + "gate_exps.weight"], sd[p + "up_exps.weight"]], axis=1)
+        hf[p + "experts.down_proj"] = sd[p + "down_exps.weight"]
+    m.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in hf.items()})
+
+    def meta(w):
+        w.add_expert_count(cfg.num_experts)
+        w.add_expert_used_count(cfg.experts_per_token)
+        w.add_expert_feed_forward_length(cfg.mlp_dim)
+        if not cfg.norm_topk:
+            w.add_bool(f"{w.arch}.expert_weights_norm", False)
+
+    arch = "llama" if kind == "mixtral" else "qwen3moe"
+    _write_gguf(tmp_path / "moe.gguf", cfg, sd, arch, q8, meta=meta)
+    gcfg, gw = load_gguf(tmp_path / "moe.gguf", quantized=quantized)
+    assert (gcfg.num_experts, gcfg.experts_per_token, gcfg.mlp_dim, gcfg.norm_topk) == (
+        cfg.num_experts, cfg.experts_per_token, cfg.mlp_dim, cfg.norm_topk)
+    toks = _tokens(16)
+    got, _ = model.forward(jax.tree.map(jnp.asarray, gw), jnp.asarray(toks),
+                           kv_cache.init_cache(gcfg, 2, 32), gcfg)
+    np.testing.assert_allclose(np.asarray(got), _hf_logits(m, toks), atol=1e-4, rtol=0)

@@ -33,8 +33,8 @@ from jaxinfer.errors import ConversionError
 from jaxinfer.weights import check_weights, weight_specs
 
 # general.architecture -> whether llama.cpp interleaved the Q/K rows for its RoPE.
-_ARCHS = {"llama": True, "qwen2": False, "qwen3": False, "gemma": False, "gemma2": False,
-          "gemma3": False}
+_ARCHS = {"llama": True, "qwen2": False, "qwen3": False, "qwen3moe": False, "gemma": False,
+          "gemma2": False, "gemma3": False}
 # Gemma 2/3: every n-th layer is global, the others local (llama.cpp's fixed patterns), and
 # the layer count that marks the 27B models, whose query scale is (D / N) ** -0.5.
 _GEMMA_PATTERN = {"gemma2": 2, "gemma3": 6}
@@ -122,7 +122,8 @@ def _config(reader: Any, tensors: dict[str, Any], path: Path) -> ModelConfig:
         bos = tok("bos_token_id")
         name = _QUANT_SUFFIX.sub("", path.name.removesuffix(".gguf")) or arch
         return ModelConfig(
-            vocab_size=vocab, d_model=d, mlp_dim=int(m("feed_forward_length")),
+            vocab_size=vocab, d_model=d,
+            mlp_dim=int(m("expert_feed_forward_length") or m("feed_forward_length")),
             num_layers=int(m("block_count")), num_heads=n,
             num_kv_heads=int(m("attention.head_count_kv") or n), head_dim=head_dim,
             rope_theta=theta, rope_scaling=scaling,
@@ -135,7 +136,8 @@ def _config(reader: Any, tensors: dict[str, Any], path: Path) -> ModelConfig:
             eos_token_ids=tuple(dict.fromkeys(eos_ids)),
             pad_token_id=int(pad or 0),
             add_bos=bool(tok("add_bos_token", tok("model") == "llama")),
-            name=name, rope_linear_factor=linear, **_gemma(arch, m, tensors, d, n))
+            name=name, rope_linear_factor=linear, **_gemma(arch, m, tensors, d, n),
+            **_experts(m, tensors, path))
     except ConversionError:
         raise
     except (TypeError, ValueError) as e:  # a missing key (None), a bad value, a ConfigError
@@ -164,6 +166,20 @@ def _gemma(arch: str, m: Callable[..., Any], tensors: dict[str, Any], d: int, n:
     if L == _GEMMA_27B_LAYERS.get(arch):
         out["query_scale"] = (d // n) ** -0.5
     return out
+
+
+def _experts(m: Callable[..., Any], tensors: dict[str, Any], path: Path) -> dict[str, Any]:
+    """A mixture of experts' ModelConfig fields (Qwen3-MoE, Mixtral as `llama`): experts
+    stacked per layer as llama.cpp writes them now (ffn_*_exps), softmax routing with the
+    top weights renormalised unless the file says otherwise."""
+    experts = int(m("expert_count") or 0)
+    if not experts:
+        return {}
+    if "blk.0.ffn_gate_exps.weight" not in tensors:
+        raise ConversionError(f"GGUF file {path} stores its experts one tensor each (an old "
+                              "llama.cpp layout); convert it again with a current llama.cpp")
+    return dict(num_experts=experts, experts_per_token=int(m("expert_used_count")),
+                norm_topk=bool(m("expert_weights_norm", True)))
 
 
 def _positive(x: Any) -> float | None:
@@ -233,9 +249,11 @@ def _weights(cfg: ModelConfig, get: Callable[..., np.ndarray], permuted: bool,
                            cfg.num_kv_heads, cfg.head_dim, cfg.vocab_size)
     fix = (lambda w, heads: _to_rotate_half(w, heads)) if permuted else (lambda w, heads: w)
     # Filled layer by layer so peak memory stays one stacked copy of the model.
+    E = cfg.num_experts
+    mlp = ({"router": (D, E), "moe_gate": (E, D, F), "moe_up": (E, D, F), "moe_down": (E, F, D)}
+           if E else {"w_gate": (D, F), "w_up": (D, F), "w_down": (F, D)})
     layers = {k: np.empty((L, *s), np.float32) for k, s in {
-        "wq": (D, N, H), "wk": (D, K, H), "wv": (D, K, H),
-        "wo": (N, H, D), "w_gate": (D, F), "w_up": (D, F), "w_down": (F, D)}.items()}
+        "wq": (D, N, H), "wk": (D, K, H), "wv": (D, K, H), "wo": (N, H, D), **mlp}.items()}
     if cfg.qkv_bias:
         layers.update(bq=np.empty((L, N, H), np.float32), bk=np.empty((L, K, H), np.float32),
                       bv=np.empty((L, K, H), np.float32))
@@ -248,9 +266,15 @@ def _weights(cfg: ModelConfig, get: Callable[..., np.ndarray], permuted: bool,
         x["wk"][i] = fix(get(p + "attn_k.weight", (K * H, D)), K).T.reshape(D, K, H)
         x["wv"][i] = get(p + "attn_v.weight", (K * H, D)).T.reshape(D, K, H)
         x["wo"][i] = get(p + "attn_output.weight", (D, N * H)).T.reshape(N, H, D)
-        x["w_gate"][i] = get(p + "ffn_gate.weight", (F, D)).T
-        x["w_up"][i] = get(p + "ffn_up.weight", (F, D)).T
-        x["w_down"][i] = get(p + "ffn_down.weight", (D, F)).T
+        if E:  # [E, out, in] -> [E, in, out]
+            x["router"][i] = get(p + "ffn_gate_inp.weight", (E, D)).T
+            x["moe_gate"][i] = get(p + "ffn_gate_exps.weight", (E, F, D)).swapaxes(1, 2)
+            x["moe_up"][i] = get(p + "ffn_up_exps.weight", (E, F, D)).swapaxes(1, 2)
+            x["moe_down"][i] = get(p + "ffn_down_exps.weight", (E, D, F)).swapaxes(1, 2)
+        else:
+            x["w_gate"][i] = get(p + "ffn_gate.weight", (F, D)).T
+            x["w_up"][i] = get(p + "ffn_up.weight", (F, D)).T
+            x["w_down"][i] = get(p + "ffn_down.weight", (D, F)).T
         if cfg.qkv_bias:
             x["bq"][i] = fix(get(p + "attn_q.bias", (N * H,)), N).reshape(N, H)
             x["bk"][i] = fix(get(p + "attn_k.bias", (K * H,)), K).reshape(K, H)

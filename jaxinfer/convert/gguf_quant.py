@@ -26,7 +26,8 @@ from jaxinfer.weights import EMBED_QUANT_AXES, LINEAR_QUANT_AXES
 BLOCK = 32
 # ggml type name -> (bits, offsets, bytes per block)
 QTYPES = {"Q8_0": (8, False, 34), "Q4_0": (4, False, 18), "Q4_1": (4, True, 20)}
-_LINEAR = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
+_LINEAR = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down",
+           "ffn_gate_exps", "ffn_up_exps", "ffn_down_exps")
 
 
 def _type(t: Any) -> str:
@@ -53,9 +54,11 @@ def quant_config(tensors: dict[str, Any], cfg: ModelConfig, path: Path) -> Quant
 
 
 def blocks(t: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """A 2-D quantized tensor as (values int8 [R, C], scales f32 [R, C/32], offsets|None)."""
+    """A quantized tensor as (values int8 [R, C], scales f32 [R, C/32], offsets|None), its
+    leading dims (experts, rows) flattened into R."""
     bits, has_min, nbytes = QTYPES[_type(t)]
-    R, C = (int(s) for s in reversed(t.shape))
+    *outer, C = (int(s) for s in reversed(t.shape))
+    R = int(np.prod(outer))
     b = np.asarray(t.data.view(np.ndarray)).reshape(R, C // BLOCK, nbytes)
     f16 = lambda lo, hi: np.ascontiguousarray(b[..., lo:hi]).view(np.float16)[..., 0].astype(
         np.float32)
@@ -109,11 +112,17 @@ def quantized_weights(cfg: ModelConfig, tensors: dict[str, Any], permuted: bool,
     if H % BLOCK:
         raise ConversionError(f"head_dim {H} of {path} is not a multiple of {BLOCK}: "
                               "ggml blocks would straddle heads")
-    shapes = {"wq": (D, N, H), "wk": (D, K, H), "wv": (D, K, H), "wo": (N, H, D),
-              "w_gate": (D, F), "w_up": (D, F), "w_down": (F, D)}
+    E = cfg.num_experts
+    shapes = {"wq": (D, N, H), "wk": (D, K, H), "wv": (D, K, H), "wo": (N, H, D)}
     src = {"wq": ("attn_q", N), "wk": ("attn_k", K), "wv": ("attn_v", None),
-           "wo": ("attn_output", None), "w_gate": ("ffn_gate", None),
-           "w_up": ("ffn_up", None), "w_down": ("ffn_down", None)}
+           "wo": ("attn_output", None)}
+    if E:  # stacked experts [E, out, in]
+        shapes.update(moe_gate=(E, D, F), moe_up=(E, D, F), moe_down=(E, F, D))
+        src.update(moe_gate=("ffn_gate_exps", None), moe_up=("ffn_up_exps", None),
+                   moe_down=("ffn_down_exps", None))
+    else:
+        shapes.update(w_gate=(D, F), w_up=(D, F), w_down=(F, D))
+        src.update(w_gate=("ffn_gate", None), w_up=("ffn_up", None), w_down=("ffn_down", None))
     parts: dict[str, list] = {n: [] for n in shapes}
     for i in range(L):
         for name, (gname, heads) in src.items():
@@ -129,12 +138,20 @@ def quantized_weights(cfg: ModelConfig, tensors: dict[str, Any], permuted: bool,
     layers = {}
     for name, shape in shapes.items():
         ga = LINEAR_QUANT_AXES[name][1]
-        stack = lambda j, grouped, name=name, shape=shape, ga=ga: np.stack(
-            [_rows_to_layout(p[j], shape, ga, grouped) for p in parts[name]])
+        if name.startswith("moe_"):  # [E * out, in] -> [E, in, out]
+            stack = lambda j, grouped, name=name: np.stack(
+                [np.ascontiguousarray(p[j].reshape(E, -1, p[j].shape[-1]).swapaxes(1, 2))
+                 for p in parts[name]])
+        else:
+            stack = lambda j, grouped, name=name, shape=shape, ga=ga: np.stack(
+                [_rows_to_layout(p[j], shape, ga, grouped) for p in parts[name]])
         layers[name] = _qarray(stack(0, False), stack(1, True),
                                stack(2, True) if qc.linear.offsets else None, qc.linear, ga)
     layers.update(norms(cfg, get))
     layers.update(qk_norms(cfg, get))
+    if E:  # the router stays float
+        layers["router"] = np.stack([get(f"blk.{i}.ffn_gate_inp.weight", (E, D)).T
+                                     for i in range(L)])
     if cfg.qkv_bias:
         for b, gname, heads in (("bq", "attn_q", N), ("bk", "attn_k", K), ("bv", "attn_v", K)):
             rows = [get(f"blk.{i}.{gname}.bias", (heads * H,)) for i in range(L)]
