@@ -154,13 +154,13 @@ def quantize_weights(weights: Weights, quant: QuantConfig, shardings: Weights | 
         sh = shardings
         for k in path:
             sh = None if sh is None else sh[k]
-        tree[name] = _quantize_fn(spec, contract, group, jnp.dtype(w.dtype), sh)(w)
+        tree[name] = quantize_fn(spec, contract, group, jnp.dtype(w.dtype), sh)(w)
     out["layers"] = layers
     return out
 
 
 @functools.lru_cache(maxsize=128)
-def _quantize_fn(spec: QuantSpec, contract: tuple[int, ...], group: int, dtype: Any,
+def quantize_fn(spec: QuantSpec, contract: tuple[int, ...], group: int, dtype: Any,
                  sharding: Any) -> Callable:
     """One jitted quantizer per (spec, axes, dtype, sharding): repeated loads reuse it."""
     return jax.jit(lambda w: quantize(w, spec, contract, group, dtype), out_shardings=sharding)

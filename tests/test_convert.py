@@ -478,3 +478,60 @@ def test_convert_script_bad_input(tmp_path, bad):
     assert len([ln for ln in lines if ln.startswith("error:")]) == 1
     assert lines[-1].startswith("error:") and bad in lines[-1], r.stderr
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("mode, group", [("int8", None), ("int4", 32)])
+def test_quantize_while_reading_equals_quantizing_after(tmp_path, mode, group):
+    """load_hf_dir / load_gguf with `quant` quantize each layer as it is read: the same
+    QArrays (bit for bit) as quantizing the whole float tree afterwards, from both formats,
+    while the reader's peak host allocation stays well under the float model's size."""
+    import tracemalloc
+
+    from jaxinfer.quant import QuantConfig, is_qarray
+    from jaxinfer.weights import quantize_weights
+
+    cfg = TINY.replace(head_dim=32, num_layers=8, mlp_dim=256)
+    (_, gw), (_, hw) = _tiny_pair(tmp_path, cfg, "llama", Q.F16)
+    qc = QuantConfig.from_mode(mode, group)
+    want = quantize_weights(hw, qc)
+    float_bytes = sum(np.asarray(a).nbytes for a in jax.tree.leaves(hw))
+
+    def peak_of(load):
+        load()  # compile the per-layer quantizers first
+        tracemalloc.start()
+        out = load()
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        return out, peak
+
+    _, before = peak_of(lambda: quantize_weights(load_hf_dir(tmp_path / "hf")[1], qc))
+    assert before >= float_bytes  # the old way holds the whole float model
+    for load in (lambda: load_hf_dir(tmp_path / "hf", quant=qc),
+                 lambda: load_gguf(tmp_path / "tiny.gguf", quant=qc)):
+        (_, got), peak = peak_of(load)
+        assert is_qarray(got["layers"]["w_up"]) and is_qarray(got["embed"])
+        for (path, a), b in zip(jax.tree.flatten_with_path(got)[0], jax.tree.leaves(want),
+                                strict=True):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b),
+                                          err_msg=jax.tree_util.keystr(path))
+        # int values (1 byte each in numpy, int4 too), scales and one layer in float
+        assert peak < 0.7 * float_bytes, (peak, float_bytes)
+    with pytest.raises(ConversionError, match="exclude"):
+        load_gguf(tmp_path / "tiny.gguf", quantized=True, quant=qc)
+
+
+def test_convert_script_quantizes_while_reading(tmp_path):
+    from jaxinfer.quant import QuantConfig, is_qarray
+    from jaxinfer.weights import quantize_weights
+
+    m = _tiny_torch(TINY, qwen=False)
+    m.save_pretrained(tmp_path / "hf")
+    r = _convert("--input", str(tmp_path / "hf"), "--output", str(tmp_path / "q8"),
+                 "--notokenizer", "--quantize", "int8")
+    assert r.returncode == 0, r.stderr
+    assert "quantizing while reading" in r.stderr
+    _, w = load_checkpoint(tmp_path / "q8")
+    want = quantize_weights(load_hf_dir(tmp_path / "hf")[1], QuantConfig.from_mode("int8"))
+    assert is_qarray(w["layers"]["wq"])
+    np.testing.assert_array_equal(np.asarray(w["layers"]["wq"].values),
+                                  np.asarray(want["layers"]["wq"].values))

@@ -60,11 +60,21 @@ def main(argv):
     mode = _QUANTIZE.value
     if mode == "gguf" and src.is_dir():
         raise ConversionError(f"--quantize=gguf needs a .gguf --input, got directory {src}")
+    qc = None
+    if mode in ("int8", "int4"):
+        from jaxinfer.quant import QuantConfig
+
+        qc = QuantConfig.from_mode(mode, _GROUP_SIZE.value, False if _SYMMETRIC.value else None)
+    # Quantized as read, one layer at a time (never the whole model in float), unless a
+    # LoRA adapter must first merge into the float weights.
+    stream = None if _LORA.value else qc
+    if stream is not None:
+        print(f"quantizing while reading: {qc}", file=sys.stderr, flush=True)
     if src.is_dir():
-        cfg, weights = load_hf_dir(src, progress=_progress(f"reading {src}"))
+        cfg, weights = load_hf_dir(src, progress=_progress(f"reading {src}"), quant=stream)
     else:
         cfg, weights = load_gguf(src, progress=_progress(f"reading {src}"),
-                                 quantized=mode == "gguf")
+                                 quantized=mode == "gguf", quant=stream)
     if _LORA.value:
         from jaxinfer.convert.lora import merge_lora, read_lora
 
@@ -73,11 +83,9 @@ def main(argv):
                                   "convert to float (or int8/int4) instead")
         print(f"merging LoRA adapter {_LORA.value}", file=sys.stderr, flush=True)
         weights = merge_lora(weights, read_lora(_LORA.value, cfg))
-    if mode in ("int8", "int4"):
-        from jaxinfer.quant import QuantConfig
+    if qc is not None and stream is None:
         from jaxinfer.weights import quantize_weights
 
-        qc = QuantConfig.from_mode(mode, _GROUP_SIZE.value, False if _SYMMETRIC.value else None)
         print(f"quantizing: {qc}", file=sys.stderr, flush=True)
         weights = quantize_weights(weights, qc)
     with tempfile.TemporaryDirectory() as tmp:

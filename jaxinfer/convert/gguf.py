@@ -29,7 +29,9 @@ import numpy as np
 
 from jaxinfer.config import ModelConfig
 from jaxinfer.convert.gguf_quant import norms, qk_norms, quantized_weights
+from jaxinfer.convert.stacks import quantize_embeddings, results, stacks
 from jaxinfer.errors import ConversionError
+from jaxinfer.quant import QuantConfig
 from jaxinfer.weights import check_weights, weight_specs
 
 # general.architecture -> whether llama.cpp interleaved the Q/K rows for its RoPE.
@@ -46,10 +48,12 @@ _QUANT_SUFFIX = re.compile(r"[.-](?:[A-Z]*Q\d\w*|BF16|F16|F32)$", re.IGNORECASE)
 Progress = Callable[[int, int], None]
 
 
-def load_gguf(path: str | Path, progress: Progress | None = None, quantized: bool = False
-              ) -> tuple[ModelConfig, dict]:
+def load_gguf(path: str | Path, progress: Progress | None = None, quantized: bool = False,
+              quant: QuantConfig | None = None) -> tuple[ModelConfig, dict]:
     """Read a GGUF file into `(config, weights)`; weights are float32 numpy arrays, or with
-    `quantized` the file's Q8_0/Q4_0/Q4_1 blocks as QArrays (quant.infer_config tells how).
+    `quantized` the file's Q8_0/Q4_0/Q4_1 blocks as QArrays (quant.infer_config tells how),
+    or with `quant` any block type dequantized and requantized layer by layer as read
+    (so a K-quant file never needs the whole model in float).
 
     `progress(done, total)` is called after each layer, since large files take a while.
     Raises ConversionError (naming the path) on corrupt, truncated or unsupported files.
@@ -63,6 +67,9 @@ def load_gguf(path: str | Path, progress: Progress | None = None, quantized: boo
         raise ConversionError(f"not a readable GGUF file: {path} ({type(e).__name__}: {e})") \
             from e
     tensors = {t.name: t for t in reader.tensors}
+    if quantized and quant is not None:
+        raise ConversionError("load_gguf: quantized (keep the file's blocks) and quant "
+                              "(requantize) exclude each other")
     cfg = _config(reader, tensors, path)
     get = _getter(tensors, path)
     try:
@@ -71,7 +78,8 @@ def load_gguf(path: str | Path, progress: Progress | None = None, quantized: boo
             qc, weights = quantized_weights(cfg, tensors, permuted, get, _to_rotate_half, path,
                                             progress)
         else:
-            qc, weights = None, _weights(cfg, get, permuted, progress)
+            qc = quant
+            weights = quantize_embeddings(_weights(cfg, get, permuted, progress, quant), quant)
         check_weights(weight_specs(cfg, quant=qc), weights)
     except ConversionError:
         raise
@@ -244,7 +252,7 @@ def _to_rotate_half(w: np.ndarray, heads: int) -> np.ndarray:
 
 
 def _weights(cfg: ModelConfig, get: Callable[..., np.ndarray], permuted: bool,
-             progress: Progress | None) -> dict:
+             progress: Progress | None, quant: QuantConfig | None = None) -> dict:
     L, D, F, N, K, H, V = (cfg.num_layers, cfg.d_model, cfg.mlp_dim, cfg.num_heads,
                            cfg.num_kv_heads, cfg.head_dim, cfg.vocab_size)
     fix = (lambda w, heads: _to_rotate_half(w, heads)) if permuted else (lambda w, heads: w)
@@ -252,8 +260,8 @@ def _weights(cfg: ModelConfig, get: Callable[..., np.ndarray], permuted: bool,
     E = cfg.num_experts
     mlp = ({"router": (D, E), "moe_gate": (E, D, F), "moe_up": (E, D, F), "moe_down": (E, F, D)}
            if E else {"w_gate": (D, F), "w_up": (D, F), "w_down": (F, D)})
-    layers = {k: np.empty((L, *s), np.float32) for k, s in {
-        "wq": (D, N, H), "wk": (D, K, H), "wv": (D, K, H), "wo": (N, H, D), **mlp}.items()}
+    layers = stacks({"wq": (D, N, H), "wk": (D, K, H), "wv": (D, K, H), "wo": (N, H, D), **mlp},
+                    L, quant)
     if cfg.qkv_bias:
         layers.update(bq=np.empty((L, N, H), np.float32), bk=np.empty((L, K, H), np.float32),
                       bv=np.empty((L, K, H), np.float32))
@@ -281,7 +289,7 @@ def _weights(cfg: ModelConfig, get: Callable[..., np.ndarray], permuted: bool,
             x["bv"][i] = get(p + "attn_v.bias", (K * H,)).reshape(K, H)
         if progress:
             progress(i + 1, L)
-    weights = {"embed": get("token_embd.weight", (V, D)), "layers": layers,
+    weights = {"embed": get("token_embd.weight", (V, D)), "layers": results(layers),
                "final_norm": get("output_norm.weight", (D,))}
     if not cfg.tie_embeddings:
         weights["lm_head"] = np.ascontiguousarray(get("output.weight", (V, D)).T)

@@ -16,7 +16,9 @@ from typing import Any
 import numpy as np
 
 from jaxinfer.config import GEMMA_TYPES, MOE_TYPES, ModelConfig
+from jaxinfer.convert.stacks import quantize_embeddings, results, stacks
 from jaxinfer.errors import ConfigError, ConversionError
+from jaxinfer.quant import QuantConfig
 from jaxinfer.weights import check_weights, weight_specs
 
 _MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", *GEMMA_TYPES, *MOE_TYPES)
@@ -27,8 +29,10 @@ _PREFIXES = ("model.", "language_model.model.", "model.language_model.")
 Progress = Callable[[int, int], None]
 
 
-def load_hf_dir(path: str | Path, progress: Progress | None = None) -> tuple[ModelConfig, dict]:
-    """Read a Hugging Face model directory into `(config, weights)` (float32 numpy arrays).
+def load_hf_dir(path: str | Path, progress: Progress | None = None,
+                quant: QuantConfig | None = None) -> tuple[ModelConfig, dict]:
+    """Read a Hugging Face model directory into `(config, weights)` (float32 numpy arrays,
+    or with `quant` QArrays quantized layer by layer as they are read: convert/stacks.py).
 
     `progress(done, total)` is called after each layer. Raises ConversionError naming the
     path when the directory, its config or its tensors are missing or unsupported.
@@ -58,9 +62,10 @@ def load_hf_dir(path: str | Path, progress: Progress | None = None) -> tuple[Mod
         qkv_bias=f"{reader.prefix}layers.0.self_attn.q_proj.bias" in reader,
         eos_token_ids=tuple(dict.fromkeys(int(e) for e in eos)),
         add_bos=bool(tok_cfg.get("add_bos_token", False)))
-    weights = _weights(cfg, reader, progress, _MOE_EXPERTS.get(kind))
     try:
-        check_weights(weight_specs(cfg), weights)
+        weights = quantize_embeddings(_weights(cfg, reader, progress, _MOE_EXPERTS.get(kind),
+                                               quant), quant)
+        check_weights(weight_specs(cfg, quant=quant), weights)
     except ConfigError as e:
         raise ConversionError(f"{path}: {e}") from e
     return cfg, weights
@@ -150,7 +155,8 @@ def from_hf_matrix(m: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
 
 
 def _weights(cfg: ModelConfig, r: _Reader, progress: Progress | None,
-             moe: tuple[str, str, tuple[str, str, str]] | None = None) -> dict:
+             moe: tuple[str, str, tuple[str, str, str]] | None = None,
+             quant: QuantConfig | None = None) -> dict:
     L, D, F, N, K, H, V = (cfg.num_layers, cfg.d_model, cfg.mlp_dim, cfg.num_heads,
                            cfg.num_kv_heads, cfg.head_dim, cfg.vocab_size)
     E = cfg.num_experts
@@ -171,7 +177,7 @@ def _weights(cfg: ModelConfig, r: _Reader, progress: Progress | None,
         shapes.update(bq=(N, H), bk=(K, H), bv=(K, H))
     if cfg.qk_norm:
         shapes.update(q_norm=(H,), k_norm=(H,))
-    layers = {k: np.empty((L, *s), np.float32) for k, s in shapes.items()}
+    layers = stacks(shapes, L, quant)
     for i in range(L):
         p, x = f"{r.prefix}layers.{i}.", layers
         for key, hf_name in norms.items():
@@ -197,7 +203,7 @@ def _weights(cfg: ModelConfig, r: _Reader, progress: Progress | None,
             x["bv"][i] = r.get(p + "self_attn.v_proj.bias", (K * H,)).reshape(K, H)
         if progress:
             progress(i + 1, L)
-    weights = {"embed": r.get(r.prefix + "embed_tokens.weight", (V, D)), "layers": layers,
+    weights = {"embed": r.get(r.prefix + "embed_tokens.weight", (V, D)), "layers": results(layers),
                "final_norm": r.get(r.prefix + "norm.weight", (D,))}
     if not cfg.tie_embeddings:
         weights["lm_head"] = np.ascontiguousarray(r.get(r.lm_head, (V, D)).T)
