@@ -75,6 +75,20 @@ class SpeculativeCompletion(Completion):
     verify_passes: int = 0  # target forward passes after the prompt
 
 
+def _place(host: Weights, dtype: Any, shardings: Weights | None) -> Weights:
+    """Host weights (numpy arrays, QArrays) on the devices: floats cast to `dtype`, each
+    array built shard by shard from the host copy (every process of a multi-process run
+    reads the same file), or on the default device without shardings."""
+    cast = lambda a: (np.asarray(a).astype(dtype) if np.issubdtype(np.asarray(a).dtype,
+                                                                  np.floating) else a)
+    host = jax.tree.map(cast, host)
+    if shardings is None:
+        return jax.device_put(host, jax.devices()[0])
+    return jax.tree.map(lambda a, s: jax.make_array_from_callback(a.shape, s,
+                                                                   lambda i, a=a: a[i]),
+                        host, shardings)
+
+
 def _kv_dtype(dtype: Any) -> Any:
     try:
         dt = jnp.dtype(dtype)
@@ -174,7 +188,11 @@ class LLM:
              group_size: int | None = None,
              kv_dtype: Any = None, lora: str | Path | None = None,
              lora_modules: dict[str, str | Path] | None = None) -> LLM:
-        """Load an Orbax checkpoint directory (default: the embedded SmolLM2 model).
+        """Load an Orbax checkpoint directory (default: the embedded SmolLM2 model), or
+        convert a GGUF file or Hugging Face model directory in memory on the way (the
+        tokenizer from the same source; `quantize` then quantizes each layer as it is read,
+        convert/stacks.py). `scripts/convert.py` writes an Orbax checkpoint once instead,
+        which loads faster and restores straight into its shardings.
 
         With a mesh ('data:2,model:4' or a Mesh), every weight is restored straight into
         its sharding from the rules table; fsdp also shards the embed axis over 'data'.
@@ -185,6 +203,8 @@ class LLM:
         weights (before `quantize`; convert/lora.py). `lora_modules` ({name: PEFT
         directory}) loads adapters unmerged, for requests to pick by name (`add_adapters`).
         """
+        from jaxinfer.convert import is_foreign, load_foreign
+
         if checkpoint is None:
             from jaxinfer import default_model
 
@@ -192,27 +212,37 @@ class LLM:
         dtype = default_dtype() if dtype is None else jnp.dtype(dtype)
         if not isinstance(mesh, jax.sharding.Mesh):
             mesh = make_mesh(mesh) if mesh else None
-        stored = load_quant_config(checkpoint)
+        foreign = is_foreign(checkpoint)
+        stored = None if foreign else load_quant_config(checkpoint)
         qc = (quantize if isinstance(quantize, QuantConfig) or quantize is None
               else QuantConfig.from_mode(quantize, group_size))
         if qc is not None and stored is not None:
             raise ConfigError(f"checkpoint {checkpoint} is already quantized ({stored}); "
                               f"drop quantize={quantize!r}")
-        shardings = qshardings = None
-        if mesh is not None:
-            cfg = ModelConfig.load(Path(checkpoint) / "config.json")
-            rules = ShardingRules.default(fsdp=fsdp)
-            shardings = weight_shardings(weight_specs(cfg, dtype, stored), mesh, rules)
-            if qc is not None:
-                qshardings = weight_shardings(weight_specs(cfg, dtype, qc), mesh, rules)
-        cfg, params = load_checkpoint(checkpoint, dtype=dtype, shardings=shardings)
+        rules = ShardingRules.default(fsdp=fsdp)
+        if foreign:  # quantized while read, unless a LoRA adapter merges into floats first
+            stored = qc if lora is None else None
+            cfg, host = load_foreign(checkpoint, stored)
+            specs = weight_specs(cfg, dtype, stored)
+            shardings = (None if mesh is None else weight_shardings(specs, mesh, rules))
+            params = _place(host, dtype, shardings)
+            qc = None if stored is not None else qc
+        else:
+            shardings = None
+            if mesh is not None:
+                cfg = ModelConfig.load(Path(checkpoint) / "config.json")
+                shardings = weight_shardings(weight_specs(cfg, dtype, stored), mesh, rules)
+            cfg, params = load_checkpoint(checkpoint, dtype=dtype, shardings=shardings)
+        qshardings = None
+        if mesh is not None and qc is not None:
+            qshardings = weight_shardings(weight_specs(cfg, dtype, qc), mesh, rules)
         if lora is not None:
             from jaxinfer.convert.lora import merge_lora, read_lora
 
             params = merge_lora(params, read_lora(lora, cfg))
         if qc is not None:
             params = quantize_weights(params, qc, qshardings)
-        tokenizer = load_tokenizer(Path(checkpoint) / "tokenizer")
+        tokenizer = load_tokenizer(checkpoint if foreign else Path(checkpoint) / "tokenizer")
         llm = cls(cfg, params, tokenizer, mesh, impl, kv_dtype)
         if lora_modules:
             llm.add_adapters(lora_modules)

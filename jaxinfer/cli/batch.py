@@ -22,7 +22,8 @@ from jaxinfer.cli import engine_flags, lora_flags, parser_flags, run_program, sp
 _INPUT = flags.DEFINE_string("input", None, "JSONL file of requests.", required=True)
 _OUTPUT = flags.DEFINE_string("output", None, "JSONL file results are appended to.",
                               required=True)
-_CKPT = flags.DEFINE_string("checkpoint", None, "Orbax checkpoint dir (default: SmolLM2).")
+_CKPT = flags.DEFINE_string("checkpoint", None, "Orbax checkpoint dir, .gguf file or Hugging "
+                            "Face model dir (default: SmolLM2).")
 _DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"],
                            "Compute dtype (default: float32 on CPU, bfloat16 elsewhere).")
 _MAX_TOKENS = flags.DEFINE_integer("max_tokens", 256, "Default tokens per request.")

@@ -20,7 +20,8 @@ from absl import flags
 from jaxinfer import flags as runtime_flags
 from jaxinfer.cli import run_program, spec_flags
 
-_CKPT = flags.DEFINE_string("checkpoint", None, "Orbax checkpoint dir (default: SmolLM2).")
+_CKPT = flags.DEFINE_string("checkpoint", None, "Orbax checkpoint dir, .gguf file or Hugging "
+                            "Face model dir (default: SmolLM2).")
 _RANDOM = flags.DEFINE_string("random_config", None, "Random weights of a model preset's "
                               "shapes (configs/models, e.g. llama-3.1-8b) or 'tiny'.")
 _GGUF = flags.DEFINE_string("gguf", None, "GGUF of the same weights for the peers "

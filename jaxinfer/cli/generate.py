@@ -24,7 +24,8 @@ _MIN_P = flags.DEFINE_float("min_p", 0.0, "Drop tokens below min_p * p(top token
 _REP = flags.DEFINE_float("repetition_penalty", 1.0, "HF-style repetition penalty (> 0).")
 _SEED = flags.DEFINE_integer("seed", None, "Sampling seed (default: random).")
 _STOP = flags.DEFINE_multi_string("stop", [], "Stop string (repeatable).")
-_CKPT = flags.DEFINE_string("checkpoint", None, "Orbax checkpoint dir (default: SmolLM2).")
+_CKPT = flags.DEFINE_string("checkpoint", None, "Orbax checkpoint dir, .gguf file or Hugging "
+                            "Face model dir (default: SmolLM2).")
 _FORMAT = flags.DEFINE_enum("output_format", "text", ["text", "json"], "Output format.")
 _LOGPROBS = flags.DEFINE_integer(
     "logprobs", None, "With --output_format=json: each token's logprob and this many most "

@@ -14,7 +14,8 @@ from absl import flags
 from jaxinfer import flags as runtime_flags
 from jaxinfer.cli import engine_flags, lora_flags, parser_flags, run_program, spec_flags
 
-_CKPT = flags.DEFINE_string("checkpoint", None, "Orbax checkpoint dir (default: SmolLM2).")
+_CKPT = flags.DEFINE_string("checkpoint", None, "Orbax checkpoint dir, .gguf file or Hugging "
+                            "Face model dir (default: SmolLM2).")
 _HOST = flags.DEFINE_string("host", "127.0.0.1", "Address to bind.")
 _PORT = flags.DEFINE_integer("port", 8000, "Port to bind.")
 _MODEL_NAME = flags.DEFINE_string("model_name", None, "Model id clients send (default: the "

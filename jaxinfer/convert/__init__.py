@@ -5,7 +5,31 @@ the layout of `jaxinfer.weights`; `jaxinfer.checkpoint.save_checkpoint` then wri
 native Orbax checkpoint. Converters run once, offline, so they favour clarity over speed.
 """
 
-from jaxinfer.convert.gguf import load_gguf
-from jaxinfer.convert.safetensors import load_hf_dir
+from __future__ import annotations
 
-__all__ = ["load_gguf", "load_hf_dir"]
+from pathlib import Path
+
+from jaxinfer.convert.gguf import load_gguf
+from jaxinfer.convert.safetensors import Progress, load_hf_dir
+from jaxinfer.quant import QuantConfig
+
+__all__ = ["is_foreign", "load_foreign", "load_gguf", "load_hf_dir"]
+
+
+def is_foreign(path: str | Path) -> bool:
+    """Whether `path` is a GGUF file or a Hugging Face model directory (config.json and
+    safetensors, no Orbax weights/), which `LLM.load` converts in memory."""
+    p = Path(path)
+    if p.is_file():
+        return p.suffix == ".gguf"
+    return ((p / "config.json").is_file() and not (p / "weights").exists()
+            and any(p.glob("*.safetensors")))
+
+
+def load_foreign(path: str | Path, quant: QuantConfig | None = None,
+                 progress: Progress | None = None) -> tuple:
+    """`(config, weights)` of a GGUF file or Hugging Face directory (`quant`: quantized
+    layer by layer as read)."""
+    p = Path(path)
+    return (load_gguf(p, progress, quant=quant) if p.is_file()
+            else load_hf_dir(p, progress, quant=quant))
