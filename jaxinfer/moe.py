@@ -1,21 +1,23 @@
 """Mixture-of-experts MLP (Mixtral, Qwen3-MoE) as a pure function.
 
-    router_DE                 the router's logits per expert
+    router_DE                   the router's logits per expert
     gate_EDF, up_EDF, down_EFD  every expert's gated MLP, stacked on E
     returns [B, T, D]: sum over each token's C chosen experts of weight * expert(x)
 
 Routing is the reference's: softmax over the E router logits in float32, the top C,
 renormalised to sum 1 (`norm_topk`). Two ways to run the experts, picked from static
 shapes so a program never switches:
-  - few tokens (decode: B * T * C <= E): gather the chosen experts' weights, so a step
-    reads C experts per token, not all E;
-  - many tokens (prefill): run every expert on every token and weight the outputs by the
-    router's (mostly zero) combine weights: E / C times the FLOPs of the sparse result,
-    but dense einsums that shard like the dense MLP. On CPU this beat
-    `lax.ragged_dot` (grouped matmul), which XLA:CPU runs as a slow loop; a
-    grouped-matmul kernel for accelerators is the follow-up.
+  - few tokens (decode: B * T * C <= E): `chosen_experts` loops (lax.scan) over the
+    (token, expert) pairs, slicing one expert's weights per step, so a step reads C
+    experts per token and nothing else;
+  - many tokens (prefill): `all_experts` runs every expert on every token and weights the
+    outputs by the router's (mostly zero) combine weights: E / C times the FLOPs of the
+    sparse result, but dense einsums that shard like the dense MLP.
+`scripts/benchmark.py --experiments=moe` times both against the alternatives on one layer
+(docs/benchmarks.md): a gather of the chosen experts' weights (which XLA:CPU copies out
+before the dot) and `lax.ragged_dot` (grouped matmul over tokens sorted by expert).
 Expert weights may be quantized (QArrays): `layers.dot` dequantizes inside each dot, and
-the gather takes the chosen experts' integers and scales alike.
+the slices take the chosen expert's integers and scales alike.
 """
 
 from __future__ import annotations
@@ -29,28 +31,51 @@ from jaxinfer.layers import activate, dot
 
 def route(cfg: ModelConfig, x_BTD: jax.Array, router_DE: jax.Array
           ) -> tuple[jax.Array, jax.Array]:
-    """(weights [B, T, C] in x's dtype, expert ids i32[B, T, C]) of each token's experts."""
+    """(weights [B, T, C] in float32, expert ids i32[B, T, C]) of each token's experts."""
     logits = jnp.einsum("BTD,DE->BTE", x_BTD, router_DE, preferred_element_type=jnp.float32)
     top_BTC, ids_BTC = jax.lax.top_k(jax.nn.softmax(logits, axis=-1), cfg.experts_per_token)
     if cfg.norm_topk:
         top_BTC = top_BTC / jnp.sum(top_BTC, axis=-1, keepdims=True)
-    return top_BTC.astype(x_BTD.dtype), ids_BTC
+    return top_BTC, ids_BTC
+
+
+def chosen_experts(cfg: ModelConfig, x_MD: jax.Array, w: dict, ids_MC: jax.Array,
+                   top_MC: jax.Array) -> jax.Array:
+    """Each token through its chosen experts only, one (token, expert) pair per step."""
+    M, C = ids_MC.shape
+
+    def body(y_MD, mc):
+        m, c = mc // C, mc % C
+        pick = lambda name: jax.tree.map(  # one expert's weights (QArrays too)
+            lambda a: jax.lax.dynamic_index_in_dim(a, ids_MC[m, c], 0, keepdims=False),
+            w[name])
+        x_D = x_MD[m]
+        h_F = (activate(dot(x_D, pick("moe_gate"), "D,DF->F"), cfg.activation)
+               * dot(x_D, pick("moe_up"), "D,DF->F"))
+        out_D = dot(h_F, pick("moe_down"), "F,FD->D").astype(jnp.float32)
+        return y_MD.at[m].add(top_MC[m, c] * out_D), None
+
+    y_MD, _ = jax.lax.scan(body, jnp.zeros(x_MD.shape, jnp.float32), jnp.arange(M * C))
+    return y_MD.astype(x_MD.dtype)
+
+
+def all_experts(cfg: ModelConfig, x_MD: jax.Array, w: dict, ids_MC: jax.Array,
+                top_MC: jax.Array) -> jax.Array:
+    """Every expert on every token, weighted by the (sparse) combine weights."""
+    combine_ME = jnp.sum(jax.nn.one_hot(ids_MC, cfg.num_experts, dtype=jnp.float32)
+                         * top_MC[..., None], axis=-2).astype(x_MD.dtype)
+    g = dot(x_MD, w["moe_gate"], "MD,EDF->MEF")
+    u = dot(x_MD, w["moe_up"], "MD,EDF->MEF")
+    h = activate(g, cfg.activation) * u * combine_ME[..., None]
+    return dot(h, w["moe_down"], "MEF,EFD->MD")
 
 
 def moe(cfg: ModelConfig, x_BTD: jax.Array, w: dict) -> jax.Array:
     """The layer's expert MLPs on the normed input x; w holds router, moe_gate/up/down."""
-    B, T, _ = x_BTD.shape
-    E, C = cfg.num_experts, cfg.experts_per_token
+    B, T, D = x_BTD.shape
     top_BTC, ids_BTC = route(cfg, x_BTD, w["router"])
-    if B * T * C <= E:  # read only the chosen experts
-        pick = lambda name: jax.tree.map(lambda a: a[ids_BTC], w[name])  # QArrays too
-        g = dot(x_BTD, pick("moe_gate"), "BTD,BTCDF->BTCF")
-        u = dot(x_BTD, pick("moe_up"), "BTD,BTCDF->BTCF")
-        h = activate(g, cfg.activation) * u * top_BTC[..., None]
-        return dot(h, pick("moe_down"), "BTCF,BTCFD->BTD")
-    combine_BTE = jnp.sum(jax.nn.one_hot(ids_BTC, E, dtype=x_BTD.dtype) * top_BTC[..., None],
-                          axis=-2)
-    g = dot(x_BTD, w["moe_gate"], "BTD,EDF->BTEF")
-    u = dot(x_BTD, w["moe_up"], "BTD,EDF->BTEF")
-    h = activate(g, cfg.activation) * u * combine_BTE[..., None]
-    return dot(h, w["moe_down"], "BTEF,EFD->BTD")
+    C = cfg.experts_per_token
+    run = chosen_experts if B * T * C <= cfg.num_experts else all_experts
+    y = run(cfg, x_BTD.reshape(B * T, D), w, ids_BTC.reshape(B * T, C),
+            top_BTC.reshape(B * T, C))
+    return y.reshape(B, T, D)

@@ -24,7 +24,7 @@ def run(*args, timeout=600):
 def test_tiny_benchmark_writes_every_field(tmp_path):
     plot = importlib.util.find_spec("matplotlib") is not None
     r = run("--random_config=tiny", "--prompt_len=8", "--max_new_tokens=4",
-            "--batch_sizes=1,2", "--repeats=1", "--copy_mib=4", "--experiments=loop,lora",
+            "--batch_sizes=1,2", "--repeats=1", "--copy_mib=4", "--experiments=loop,lora,moe",
             "--ngram_draft", "--num_speculative_tokens=3",
             f"--output_json={tmp_path / 'b.json'}", f"--output_md={tmp_path / 'b.md'}",
             *([f"--plot={tmp_path / 'b.png'}"] if plot else []))
@@ -49,6 +49,9 @@ def test_tiny_benchmark_writes_every_field(tmp_path):
     assert all("skipped" in p for p in res["peers"].values())
     assert res["experiments"]["loop"]["1"]["while_loop"] > 0
     assert all(v > 0 for v in res["experiments"]["lora"]["2"].values())
+    moe = res["experiments"]["moe"]
+    assert moe["experts"] == 8 and all(moe[m]["max_abs_diff"] < 1e-3 for m in ("1", "8", "256"))
+    assert all(moe["8"][k] > 0 for k in ("chosen", "all", "gathered", "ragged_dot"))
     spec = res["speculative"]
     assert spec["draft"] == "ngram" and spec["num_speculative_tokens"] == 3
     rep = spec["workloads"]["repeat"]  # random ids: no `free` prose workload

@@ -18,6 +18,10 @@
     layers  the forward alone (greedy, no sampling): layers under lax.scan (the model) vs a
             Python loop over static layer slices, to see what the scan's per-layer
             dynamic slice of the stacked weights costs
+    moe     one mixture-of-experts layer's experts (E = 8, C = 2 at the model's D and F, or
+            the model's own E and C) on 1 to 256 tokens: moe.py's two ways (a scan over
+            the chosen (token, expert) pairs; every expert on every token, weighted) vs a
+            gather of the chosen experts' weights vs lax.ragged_dot; milliseconds
 
 Run at batch 1 and at min(largest batch, 8). Every figure is decode tokens/s (rows x
 steps / seconds), median over repeats, after one untimed run compiles.
@@ -42,7 +46,7 @@ from jaxinfer.kv_cache import init_cache
 from jaxinfer.sampling import IDLE_ROW, SamplingArrays
 
 EXPERIMENTS = ("dtype", "quant", "donate", "loop", "bucket", "layers", "chunked",
-               "structured", "structured_draft", "lora")
+               "structured", "structured_draft", "lora", "moe")
 
 
 def _start(llm, ids: list[int], batch: int, S: int, n: int, lora: Any = None
@@ -193,6 +197,62 @@ def lora_tps(llm, ids: list[int], batch: int, S: int, n: int, repeats: int,
     return {k: statistics.median(v) for k, v in rates.items()}
 
 
+def moe_paths(cfg, repeats: int, tokens: tuple[int, ...] = (1, 2, 4, 8, 256)
+              ) -> dict[str, Any]:
+    """Milliseconds per call of four ways to run one MoE layer's experts on random float32
+    weights and routes (median of `repeats`): moe.py's two (`chosen`: a scan over the
+    (token, expert) pairs, `all`: every expert, weighted) and two it does not use
+    (`gathered`: the chosen experts' weights gathered, then one einsum; `ragged_dot`)."""
+    from jaxinfer.moe import all_experts, chosen_experts
+
+    E, C = (cfg.num_experts, cfg.experts_per_token) if cfg.num_experts else (8, 2)
+    mcfg = cfg.replace(num_experts=E, experts_per_token=C)
+    D, F = cfg.d_model, cfg.mlp_dim
+    rng = np.random.default_rng(0)
+    w = {f"moe_{k}": jnp.asarray(rng.normal(0, D ** -0.5, (E, *shape)), jnp.float32)
+         for k, shape in (("gate", (D, F)), ("up", (D, F)), ("down", (F, D)))}
+    act = jax.nn.silu
+
+    @jax.jit
+    def gathered(x, ids, top):
+        g = jnp.einsum("MD,MCDF->MCF", x, w["moe_gate"][ids])
+        u = jnp.einsum("MD,MCDF->MCF", x, w["moe_up"][ids])
+        return jnp.einsum("MCF,MCFD->MD", act(g) * u * top[..., None], w["moe_down"][ids])
+
+    @jax.jit
+    def ragged(x, ids, top):
+        order = jnp.argsort(ids.reshape(-1))
+        tok = order // C
+        xs = x[tok]
+        sizes = jnp.bincount(ids.reshape(-1), length=E).astype(jnp.int32)
+        h = (act(jax.lax.ragged_dot(xs, w["moe_gate"], sizes))
+             * jax.lax.ragged_dot(xs, w["moe_up"], sizes))
+        y = jax.lax.ragged_dot(h, w["moe_down"], sizes) * top.reshape(-1)[order][:, None]
+        return jnp.zeros(x.shape, y.dtype).at[tok].add(y)
+
+    ways = (("chosen", jax.jit(lambda x, ids, top: chosen_experts(mcfg, x, w, ids, top))),
+            ("all", jax.jit(lambda x, ids, top: all_experts(mcfg, x, w, ids, top))),
+            ("gathered", gathered), ("ragged_dot", ragged))
+    out: dict[str, Any] = {"experts": E, "chosen": C, "d_model": D, "mlp_dim": F}
+    for M in tokens:
+        x = jnp.asarray(rng.normal(size=(M, D)), jnp.float32)
+        ids = jnp.asarray(np.stack([rng.choice(E, C, replace=False) for _ in range(M)]),
+                          jnp.int32)
+        top = jnp.full((M, C), 1.0 / C, jnp.float32)
+        row, ys = {}, []
+        for name, fn in ways:
+            ys.append(np.asarray(fn(x, ids, top)))
+            times = []
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                fn(x, ids, top).block_until_ready()
+                times.append(1e3 * (time.perf_counter() - t0))
+            row[name] = statistics.median(times)
+        row["max_abs_diff"] = float(max(np.abs(y - ys[1]).max() for y in ys))  # same math
+        out[str(M)] = row
+    return out
+
+
 def interleaved_tps(llms: dict[str, Any], ids: list[int], batch: int, S: int, n: int,
                     repeats: int) -> dict[str, float]:
     """decode_tps of several models, one timed run of each per round (after a warm-up)."""
@@ -258,6 +318,9 @@ def run(llm, which: list[str], ids: list[int], n: int, batch: int, repeats: int,
     if "lora" in which:
         progress("experiment lora: per-row LoRA adapters vs none (interleaved)")
         out["lora"] = {str(b): lora_tps(llm, ids, b, S, n, repeats) for b in sorted({1, batch})}
+    if "moe" in which:
+        progress("experiment moe: gathered vs dense experts vs ragged_dot, one layer")
+        out["moe"] = moe_paths(llm.cfg, max(repeats, 5))
     if "chunked" in which:
         from jaxinfer.bench.measure import engine_stall
 
