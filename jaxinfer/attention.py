@@ -24,6 +24,7 @@ from jaxinfer.kernels.decode_attention import (
     gpu_supports,
     resolve_backend,
 )
+from jaxinfer.layers import softcap as cap_scores
 
 NEG_INF = -1e30
 IMPLS = ("xla", "xla_chunked", "cudnn", "pallas", "pallas_interpret", "auto")  # see resolve_impl
@@ -45,16 +46,12 @@ def ref_attention(q_BTNH: jax.Array, k_BKSH: jax.Array, v_BKSH: jax.Array,
     q = q_BTNH.reshape(B, T, K, N // K, H)
     scores = jnp.einsum("BTKGH,BKSH->BKGTS", q, k_BKSH,
                         preferred_element_type=jnp.float32) * (H ** -0.5)
-    scores = _cap(scores, softcap)
+    scores = cap_scores(scores, softcap)
     mask_BTS = visible(jnp.arange(S)[None, None, :], q_positions_BT[:, :, None], window)
     scores = jnp.where(mask_BTS[:, None, None], scores, NEG_INF)
     probs = jax.nn.softmax(scores, axis=-1).astype(v_BKSH.dtype)
     out = jnp.einsum("BKGTS,BKSH->BTKGH", probs, v_BKSH)
     return out.reshape(B, T, N, H)
-
-
-def _cap(scores: jax.Array, cap: float | None) -> jax.Array:
-    return scores if cap is None else cap * jnp.tanh(scores / cap)
 
 
 def chunked_decode_attention(q_BTNH: jax.Array, k_BKSH: jax.Array, v_BKSH: jax.Array,
@@ -86,7 +83,7 @@ def chunked_decode_attention(q_BTNH: jax.Array, k_BKSH: jax.Array, v_BKSH: jax.A
         start = i * chunk
         s_BKGC = jnp.einsum("BKGH,BKCH->BKGC", q_BKGH, read(k_BKSH, start),
                             preferred_element_type=jnp.float32)
-        s_BKGC = _cap(s_BKGC, softcap)
+        s_BKGC = cap_scores(s_BKGC, softcap)
         mask_BC = visible((start + jnp.arange(chunk))[None], pos_B[:, None], window)
         s_BKGC = jnp.where(mask_BC[:, None, None], s_BKGC, NEG_INF)
         m_new = jnp.maximum(m_BKG, jnp.max(s_BKGC, -1))

@@ -22,8 +22,9 @@ MOE_TYPES = ("mixtral", "qwen3_moe")
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """Shapes and constants of a Llama-family decoder (Llama 2/3, Mistral, Qwen2/3, SmolLM2)
-    or of Gemma 1/2/3, whose differences are the switches after `name`, all off for Llama."""
+    """Shapes and constants of a Llama-family decoder (Llama 2/3, Mistral, Qwen2/3, SmolLM2),
+    of Gemma 1/2/3 or of a mixture of experts (Mixtral, Qwen3-MoE): their differences are
+    the switches after `name`, all off for Llama."""
 
     vocab_size: int  # V
     d_model: int  # D
@@ -285,6 +286,11 @@ def _rope(hf: dict[str, Any]) -> tuple[float, float | None, dict | None]:
             hf.get("rope_scaling") or None)
 
 
+def local_pattern(pattern: int, num_layers: int) -> tuple[bool, ...]:
+    """Every `pattern`-th layer global, the others local (Gemma 2: 2, Gemma 3: 6)."""
+    return tuple((i + 1) % pattern != 0 for i in range(num_layers))
+
+
 def _sliding(hf: dict[str, Any], kind: str, L: int) -> tuple[int | None, tuple[bool, ...]]:
     """(window, local_layers): Gemma 2/3 alternate local and global layers (`layer_types`,
     or their fixed patterns in older configs); Mistral's window covers every layer."""
@@ -293,10 +299,8 @@ def _sliding(hf: dict[str, Any], kind: str, L: int) -> tuple[int | None, tuple[b
         types = hf.get("layer_types")
         if types:
             return int(window), tuple(t == "sliding_attention" for t in types)
-        if kind == "gemma2":
-            return int(window), tuple(i % 2 == 0 for i in range(L))
-        pattern = int(hf.get("sliding_window_pattern") or 6)
-        return int(window), tuple((i + 1) % pattern != 0 for i in range(L))
+        pattern = 2 if kind == "gemma2" else int(hf.get("sliding_window_pattern") or 6)
+        return int(window), local_pattern(pattern, L)
     if kind in ("mistral", "mixtral") and window:
         return int(window), ()
     if hf.get("use_sliding_window"):

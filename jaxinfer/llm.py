@@ -79,8 +79,10 @@ def _place(host: Weights, dtype: Any, shardings: Weights | None) -> Weights:
     """Host weights (numpy arrays, QArrays) on the devices: floats cast to `dtype`, each
     array built shard by shard from the host copy (every process of a multi-process run
     reads the same file), or on the default device without shardings."""
-    cast = lambda a: (np.asarray(a).astype(dtype) if np.issubdtype(np.asarray(a).dtype,
-                                                                  np.floating) else a)
+    def cast(a):
+        a = np.asarray(a)
+        return a.astype(dtype) if np.issubdtype(a.dtype, np.floating) else a
+
     host = jax.tree.map(cast, host)
     if shardings is None:
         return jax.device_put(host, jax.devices()[0])

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from jaxinfer.config import ModelConfig
+from jaxinfer.config import ModelConfig, local_pattern
 from jaxinfer.convert.gguf_quant import norms, qk_norms, quantized_weights
 from jaxinfer.convert.stacks import quantize_embeddings, results, stacks
 from jaxinfer.errors import ConversionError
@@ -167,8 +167,7 @@ def _gemma(arch: str, m: Callable[..., Any], tensors: dict[str, Any], d: int, n:
                attn_softcap=_positive(m("attn_logit_softcapping")),
                final_softcap=_positive(m("final_logit_softcapping")))
     if window and pattern:
-        out.update(sliding_window=window,
-                   local_layers=tuple(i % pattern < pattern - 1 for i in range(L)))
+        out.update(sliding_window=window, local_layers=local_pattern(pattern, L))
         if arch == "gemma3":
             out["rope_local_theta"] = 10_000.0
     if L == _GEMMA_27B_LAYERS.get(arch):

@@ -46,6 +46,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as plgpu
 
+from jaxinfer.layers import softcap as cap_scores
+
 NEG_INF = -1e30  # finite, so a fully masked block gives exp(NEG_INF - m) = 0, never nan
 BACKENDS = ("tpu", "gpu")
 _BLOCK_CANDIDATES = {"tpu": (512, 256, 128, 64, 32, 16), "gpu": (128, 64, 32, 16)}
@@ -66,8 +68,7 @@ def ref_decode_attention(q_BNH: jax.Array, k_BKSH: jax.Array, v_BKSH: jax.Array,
     q = q_BNH.reshape(B, K, N // K, H)
     scores = jnp.einsum("BKGH,BKSH->BKGS", q, k_BKSH,
                         preferred_element_type=jnp.float32) * (H ** -0.5)
-    if softcap is not None:
-        scores = softcap * jnp.tanh(scores / softcap)
+    scores = cap_scores(scores, softcap)
     valid_BS = jnp.arange(S)[None, :] < lengths_B[:, None]
     if starts_B is not None:
         valid_BS &= jnp.arange(S)[None, :] >= starts_B[:, None]
@@ -159,8 +160,7 @@ def _block_update(q_GH, k_sH, v_sH, start, lo, length, m_G1, l_G1, acc_GH, *, sc
     dims_qk = (((1,), (1,)), ((), ()))
     s = lax.dot_general(q_GH, k_sH, dims_qk, precision=precision,
                         preferred_element_type=jnp.float32) * scale  # f32[G, block_s]
-    if softcap is not None:
-        s = softcap * jnp.tanh(s / softcap)
+    s = cap_scores(s, softcap)
     slot = start + lax.broadcasted_iota(jnp.int32, s.shape, 1)
     s = jnp.where((slot < length) & (slot >= lo), s, NEG_INF)
     m_new = jnp.maximum(m_G1, jnp.max(s, axis=1, keepdims=True))
