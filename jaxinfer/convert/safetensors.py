@@ -1,5 +1,5 @@
-"""Hugging Face Llama-family and Gemma directories (config.json + safetensors) into the
-weight tree (a multimodal Gemma 3: its language model).
+"""Hugging Face Llama-family, Gemma and mixture-of-experts directories (config.json +
+safetensors) into the weight tree (a multimodal Gemma 3: its language model).
 
 Read with safetensors' numpy framework, which holds bfloat16 through ml_dtypes, so no torch
 is needed. Sharded checkpoints are found through `model.safetensors.index.json`. Tensors are
