@@ -71,3 +71,10 @@ def test_generate_script_takes_the_gguf(smollm2_gguf, reference):
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert out["token_ids"] == reference
+
+
+def test_missing_gguf_is_a_clear_error(tmp_path):
+    from jaxinfer.errors import ConversionError
+
+    with pytest.raises(ConversionError, match="GGUF file not found: .*nope.gguf"):
+        LLM.load(tmp_path / "nope.gguf")

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from jaxinfer.convert.gguf import load_gguf
 from jaxinfer.convert.safetensors import Progress, load_hf_dir
+from jaxinfer.errors import ConversionError
 from jaxinfer.quant import QuantConfig
 
 __all__ = ["is_foreign", "load_foreign", "load_gguf", "load_hf_dir"]
@@ -20,8 +21,10 @@ def is_foreign(path: str | Path) -> bool:
     """Whether `path` is a GGUF file or a Hugging Face model directory (config.json and
     safetensors, no Orbax weights/), which `LLM.load` converts in memory."""
     p = Path(path)
-    if p.is_file():
-        return p.suffix == ".gguf"
+    if p.suffix == ".gguf":
+        if not p.is_file():
+            raise ConversionError(f"GGUF file not found: {p}")
+        return True
     return ((p / "config.json").is_file() and not (p / "weights").exists()
             and any(p.glob("*.safetensors")))
 
