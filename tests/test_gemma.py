@@ -28,6 +28,9 @@ from jaxinfer.llm import LLM  # noqa: E402
 from jaxinfer.sampling import SamplingParams  # noqa: E402
 
 from .engine_helpers import CharTokenizer  # noqa: E402
+from .hf_checkpoints import hf_logits as _hf_logits  # noqa: E402
+from .hf_checkpoints import saved_and_loaded  # noqa: E402
+from .hf_checkpoints import tokens as _tokens  # noqa: E402
 
 COMMON = dict(vocab_size=97, hidden_size=64, intermediate_size=128, num_attention_heads=4,
               num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
@@ -60,20 +63,7 @@ def _hf_model(kind: str, local_theta: float = 100.0, qpas: int = 24, head_dim: i
 @pytest.fixture(scope="module", params=KINDS)
 def gemma(request, tmp_path_factory):
     """(kind, HF model, our config, our weights) from a directory transformers wrote."""
-    m = _hf_model(request.param)
-    path = tmp_path_factory.mktemp(request.param)
-    m.save_pretrained(path)
-    cfg, w = load_hf_dir(path)
-    return request.param, m, cfg, jax.tree.map(jnp.asarray, w)
-
-
-def _tokens(n: int, batch: int = 2, seed: int = 0) -> np.ndarray:
-    return np.random.default_rng(seed).integers(4, 97, (batch, n))
-
-
-def _hf_logits(m, toks: np.ndarray) -> np.ndarray:
-    with torch.no_grad():
-        return m(torch.tensor(toks)).logits.numpy()
+    return saved_and_loaded(request.param, _hf_model(request.param), tmp_path_factory)
 
 
 def _ours(cfg, w, toks, S=64):

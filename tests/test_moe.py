@@ -13,7 +13,6 @@ tf = pytest.importorskip("transformers")
 from jaxinfer import kv_cache, model  # noqa: E402
 from jaxinfer.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from jaxinfer.config import ModelConfig  # noqa: E402
-from jaxinfer.convert.safetensors import load_hf_dir  # noqa: E402
 from jaxinfer.engine import Engine, EngineConfig  # noqa: E402
 from jaxinfer.errors import ConfigError  # noqa: E402
 from jaxinfer.llm import LLM  # noqa: E402
@@ -21,6 +20,9 @@ from jaxinfer.moe import moe  # noqa: E402
 from jaxinfer.sampling import SamplingParams  # noqa: E402
 
 from .engine_helpers import CharTokenizer  # noqa: E402
+from .hf_checkpoints import hf_logits as _hf_logits  # noqa: E402
+from .hf_checkpoints import saved_and_loaded  # noqa: E402
+from .hf_checkpoints import tokens as _tokens  # noqa: E402
 
 COMMON = dict(vocab_size=97, hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
               num_key_value_heads=2, head_dim=32, num_experts_per_tok=2, eos_token_id=3,
@@ -45,20 +47,7 @@ def _hf_model(kind: str):
 
 @pytest.fixture(scope="module", params=["mixtral", "qwen3_moe"])
 def moe_model(request, tmp_path_factory):
-    m = _hf_model(request.param)
-    path = tmp_path_factory.mktemp(request.param)
-    m.save_pretrained(path)
-    cfg, w = load_hf_dir(path)
-    return request.param, m, cfg, jax.tree.map(jnp.asarray, w)
-
-
-def _tokens(n, batch=2, seed=0):
-    return np.random.default_rng(seed).integers(4, 97, (batch, n))
-
-
-def _hf_logits(m, toks):
-    with torch.no_grad():
-        return m(torch.tensor(toks)).logits.numpy()
+    return saved_and_loaded(request.param, _hf_model(request.param), tmp_path_factory)
 
 
 def test_config_and_tree(moe_model):
