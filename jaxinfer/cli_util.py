@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -23,12 +24,26 @@ def run_main(main: Callable[[list[str]], Any]) -> None:
         try:
             return main(argv)
         except JaxinferError as e:
-            msg = " ".join(str(e).split()) or type(e).__name__
-            print(f"error: {msg}", file=sys.stderr, flush=True)
-            sys.stdout.flush()
-            # Not sys.exit: after a failed Orbax write its writer threads still call back
-            # into a closed event loop, and their tracebacks, printed at interpreter
-            # shutdown, would bury the one line. Cleanup already ran in `finally` blocks.
-            os._exit(2)
+            _exit_with_error(" ".join(str(e).split()) or type(e).__name__)
 
     app.run(guarded)
+
+
+def _exit_with_error(msg: str) -> None:
+    """Write `error: msg` as stderr's last line and exit 2 at once. After a failed Orbax
+    write its writer threads are still printing tracebacks (a half-written line, more at
+    shutdown): stderr's descriptor goes to /dev/null before the line is written to a copy
+    of it, a live thread's half line is ended first, and os._exit skips the shutdown.
+    Cleanup already ran in `finally` blocks."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    line = f"error: {msg}\n"
+    if threading.active_count() > 1:  # another thread may have left its line unfinished
+        line = "\n" + line
+    err = os.dup(2)
+    os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
+    os.write(err, line.encode())
+    os._exit(2)
