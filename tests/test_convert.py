@@ -449,6 +449,11 @@ def _convert(*args):
 
 
 def test_convert_script_hf_dir(tmp_path):
+    """bfloat16 storage; --quantize int8 quantizing each layer as read (the same integers
+    as quantizing the float tree); an existing output is a one-line error."""
+    from jaxinfer.quant import QuantConfig, is_qarray
+    from jaxinfer.weights import quantize_weights
+
     m = _tiny_torch(TINY, qwen=False)
     m.save_pretrained(tmp_path / "hf")
     r = _convert("--input", str(tmp_path / "hf"), "--output", str(tmp_path / "ck"),
@@ -461,6 +466,15 @@ def test_convert_script_hf_dir(tmp_path):
     want = _expected(m)
     np.testing.assert_allclose(np.asarray(w["layers"]["wq"]), want["layers"]["wq"],
                                rtol=1e-2, atol=1e-3)  # stored as bfloat16
+    r = _convert("--input", str(tmp_path / "hf"), "--output", str(tmp_path / "q8"),
+                 "--notokenizer", "--quantize", "int8")
+    assert r.returncode == 0, r.stderr
+    assert "quantizing while reading" in r.stderr
+    _, w = load_checkpoint(tmp_path / "q8")
+    want = quantize_weights(load_hf_dir(tmp_path / "hf")[1], QuantConfig.from_mode("int8"))
+    assert is_qarray(w["layers"]["wq"])
+    np.testing.assert_array_equal(np.asarray(w["layers"]["wq"].values),
+                                  np.asarray(want["layers"]["wq"].values))
     r = _convert("--input", str(tmp_path / "hf"), "--output", str(tmp_path / "ck"),
                  "--notokenizer")
     assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("error:")
@@ -519,19 +533,3 @@ def test_quantize_while_reading_equals_quantizing_after(tmp_path, mode, group):
     with pytest.raises(ConversionError, match="exclude"):
         load_gguf(tmp_path / "tiny.gguf", quantized=True, quant=qc)
 
-
-def test_convert_script_quantizes_while_reading(tmp_path):
-    from jaxinfer.quant import QuantConfig, is_qarray
-    from jaxinfer.weights import quantize_weights
-
-    m = _tiny_torch(TINY, qwen=False)
-    m.save_pretrained(tmp_path / "hf")
-    r = _convert("--input", str(tmp_path / "hf"), "--output", str(tmp_path / "q8"),
-                 "--notokenizer", "--quantize", "int8")
-    assert r.returncode == 0, r.stderr
-    assert "quantizing while reading" in r.stderr
-    _, w = load_checkpoint(tmp_path / "q8")
-    want = quantize_weights(load_hf_dir(tmp_path / "hf")[1], QuantConfig.from_mode("int8"))
-    assert is_qarray(w["layers"]["wq"])
-    np.testing.assert_array_equal(np.asarray(w["layers"]["wq"].values),
-                                  np.asarray(want["layers"]["wq"].values))
