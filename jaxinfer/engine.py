@@ -83,6 +83,7 @@ from jaxinfer.sampling import (
     host_logprobs,
     recent_tokens,
 )
+from jaxinfer.sharding import mesh_context
 from jaxinfer.structured import Constraint, Grammars
 from jaxinfer.tokenizer import Tokenizer
 
@@ -304,7 +305,7 @@ class Engine:
         self._next_id = 0
         self._closing = False
         self._fatal: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="jaxinfer-engine", daemon=True)
+        self._thread = threading.Thread(target=self._serve, name="jaxinfer-engine", daemon=True)
         self._thread.start()
         _LIVE.add(self)
 
@@ -762,6 +763,12 @@ class Engine:
             else:  # in a slot: _consume frees it after the step in flight
                 req.cancel_seen = True
         return True
+
+    def _serve(self) -> None:
+        """The device thread: the engine loop in the mesh's context (expert parallelism
+        traces with it)."""
+        with mesh_context(self.mesh):
+            self._run()
 
     def _run(self) -> None:
         pending = None  # (out of the step in flight, its logprobs, slots, turn)

@@ -13,8 +13,8 @@ from absl import flags
 CONFIG = flags.DEFINE_string("config", None, "Run preset: a name from configs/run (e.g. "
                              "'tpu-v5e-8') or a .json path. Its values become the defaults; "
                              "flags given on the command line still win.")
-MESH = flags.DEFINE_string("mesh", None, "Device mesh, e.g. 'data:2,model:4' (default: "
-                           "all devices on 'data').")
+MESH = flags.DEFINE_string("mesh", None, "Device mesh over the axes data, expert, model, "
+                           "e.g. 'data:2,model:4' (default: all devices on 'data').")
 FSDP = flags.DEFINE_bool("fsdp", False, "Also shard weights' embed axis over 'data'.")
 NUM_CPU_DEVICES = flags.DEFINE_integer("num_cpu_devices", 0,
                                        "Simulated CPU devices for tests/demos (0: default).")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -43,7 +44,7 @@ from jaxinfer.sampling import (
     check_vocab,
     host_logprobs,
 )
-from jaxinfer.sharding import ShardingRules, make_mesh
+from jaxinfer.sharding import ShardingRules, make_mesh, mesh_context
 from jaxinfer.structured import Constraint, Grammars
 from jaxinfer.tokenizer import Tokenizer, load_tokenizer
 from jaxinfer.tool_calls import check_tools
@@ -154,6 +155,23 @@ def _prompt_logprobs(scored: tuple | None, prompts: list[list[int]],
         out.append(None if sp.prompt_logprobs is None else [None, *host_logprobs(
             p[1:], lp[b, :n - 1], ids[b, :n - 1], top[b, :n - 1], sp.prompt_logprobs)])
     return out
+
+
+def _on_mesh(method: Callable) -> Callable:
+    """Run a method (a generator too: for its whole iteration) in the model's mesh
+    context, which expert parallelism traces with (sharding.mesh_context)."""
+    if inspect.isgeneratorfunction(method):
+        @functools.wraps(method)
+        def iterate(self, *args, **kw):
+            with mesh_context(self.mesh):
+                yield from method(self, *args, **kw)
+        return iterate
+
+    @functools.wraps(method)
+    def call(self, *args, **kw):
+        with mesh_context(self.mesh):
+            return method(self, *args, **kw)
+    return call
 
 
 class LLM:
@@ -295,7 +313,12 @@ class LLM:
         every position; the new K/V are written at `cache.lengths + t` and the returned
         cache is advanced by T. The cache argument is donated: use the returned one.
         """
-        return functools.partial(model.forward, cfg=self.cfg, impl=self.impl)
+        forward = functools.partial(model.forward, cfg=self.cfg, impl=self.impl)
+
+        def on_mesh(*args, **kw):
+            with mesh_context(self.mesh):
+                return forward(*args, **kw)
+        return on_mesh
 
     def init_cache(self, batch: int, max_len: int) -> KVCache:
         """An empty KV cache for `batch` rows of `max_len` positions, in the weights'
@@ -400,6 +423,7 @@ class LLM:
                                      self._lora(state.adapter_B), cfg=self.cfg, impl=self.impl)
 
     # ---- batch generation (jitted while loop) ------------------------------------------
+    @_on_mesh
     def generate(self, prompts: str | Sequence[int] | list, sampling: SamplingParams | list
                  | None = None, max_new_tokens: int | list[int] = 64, stop: Sequence[str] = (),
                  chat: bool = False, draft: LLM | str | None = None,
@@ -513,6 +537,7 @@ class LLM:
                           None if logprobs is None else logprobs[:len(toks)])
 
     # ---- streaming (host-stepped, one dispatch ahead) --------------------------------------
+    @_on_mesh
     def stream(self, prompt: str | Sequence[int], sampling: SamplingParams | None = None,
                max_new_tokens: int = 64, stop: Sequence[str] = (), chat: bool = False,
                result: list[Completion] | None = None, constraint: Constraint | None = None,
@@ -640,6 +665,7 @@ class LLM:
                 acceptance_rate=accepted / (k * rounds) if rounds else 0.0,
                 num_speculative_tokens=k, verify_passes=rounds))
 
+    @_on_mesh
     def embed(self, prompts: str | Sequence[int] | list, *, pooling: str = "last",
               normalize: bool = True, dimensions: int | None = None,
               adapter: str | Sequence[str | None] | None = None) -> np.ndarray:
@@ -678,6 +704,7 @@ class LLM:
             v = v / np.maximum(np.linalg.norm(v, axis=-1, keepdims=True), 1e-12)
         return v[0] if single else v
 
+    @_on_mesh
     def beam_search(self, prompts: str | Sequence[int] | list, beam_width: int = 4,
                     max_new_tokens: int = 64, *, length_penalty: float = 1.0,
                     early_stopping: bool = False, chat: bool = False,

@@ -18,15 +18,31 @@ shapes so a program never switches:
 before the dot) and `lax.ragged_dot` (grouped matmul over tokens sorted by expert).
 Expert weights may be quantized (QArrays): `layers.dot` dequantizes inside each dot, and
 the slices take the chosen expert's integers and scales alike.
+
+Expert parallelism: when the context mesh (`sharding.mesh_context`) has an `expert` axis
+the experts divide, each device runs its own E / n experts inside a `shard_map` on the
+tokens routed to them (the others skip: a decode step reads only the chosen experts that
+are local) and the outputs are summed over the axis, one all-reduce of [tokens, D]. Left
+to GSPMD, slicing a chosen expert out of expert-sharded weights all-reduces the sliced
+weights instead (docs/sharding.md measures both).
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 from jaxinfer.config import ModelConfig
 from jaxinfer.layers import activate, dot
+from jaxinfer.sharding import EXPERT_AXIS, expert_parallelism
+
+EXPERT_WEIGHTS = ("moe_gate", "moe_up", "moe_down")
+
+
+def _num_local(w: dict) -> int:
+    """Experts in w: all of them, or one device's share inside the shard_map."""
+    return jax.tree.leaves(w["moe_gate"])[0].shape[0]
 
 
 def route(cfg: ModelConfig, x_BTD: jax.Array, router_DE: jax.Array
@@ -41,19 +57,28 @@ def route(cfg: ModelConfig, x_BTD: jax.Array, router_DE: jax.Array
 
 def chosen_experts(cfg: ModelConfig, x_MD: jax.Array, w: dict, ids_MC: jax.Array,
                    top_MC: jax.Array) -> jax.Array:
-    """Each token through its chosen experts only, one (token, expert) pair per step."""
+    """Each token through its chosen experts only, one (token, expert) pair per step.
+    Ids outside w's experts (another device's, under expert parallelism) are skipped."""
     M, C = ids_MC.shape
+    E = _num_local(w)
 
     def body(y_MD, mc):
         m, c = mc // C, mc % C
         pick = lambda name: jax.tree.map(  # one expert's weights (QArrays too)
             lambda a: jax.lax.dynamic_index_in_dim(a, ids_MC[m, c], 0, keepdims=False),
             w[name])
-        x_D = x_MD[m]
-        h_F = (activate(dot(x_D, pick("moe_gate"), "D,DF->F"), cfg.activation)
-               * dot(x_D, pick("moe_up"), "D,DF->F"))
-        out_D = dot(h_F, pick("moe_down"), "F,FD->D").astype(jnp.float32)
-        return y_MD.at[m].add(top_MC[m, c] * out_D), None
+
+        def expert(y_MD):
+            x_D = x_MD[m]
+            h_F = (activate(dot(x_D, pick("moe_gate"), "D,DF->F"), cfg.activation)
+                   * dot(x_D, pick("moe_up"), "D,DF->F"))
+            out_D = dot(h_F, pick("moe_down"), "F,FD->D").astype(jnp.float32)
+            return y_MD.at[m].add(top_MC[m, c] * out_D)
+
+        if E == cfg.num_experts:  # every id is here
+            return expert(y_MD), None
+        here = (ids_MC[m, c] >= 0) & (ids_MC[m, c] < E)
+        return jax.lax.cond(here, expert, lambda y: y, y_MD), None
 
     y_MD, _ = jax.lax.scan(body, jnp.zeros(x_MD.shape, jnp.float32), jnp.arange(M * C))
     return y_MD.astype(x_MD.dtype)
@@ -61,8 +86,9 @@ def chosen_experts(cfg: ModelConfig, x_MD: jax.Array, w: dict, ids_MC: jax.Array
 
 def all_experts(cfg: ModelConfig, x_MD: jax.Array, w: dict, ids_MC: jax.Array,
                 top_MC: jax.Array) -> jax.Array:
-    """Every expert on every token, weighted by the (sparse) combine weights."""
-    combine_ME = jnp.sum(jax.nn.one_hot(ids_MC, cfg.num_experts, dtype=jnp.float32)
+    """Every expert on every token, weighted by the (sparse) combine weights; ids outside
+    w's experts (another device's) weigh nothing here."""
+    combine_ME = jnp.sum(jax.nn.one_hot(ids_MC, _num_local(w), dtype=jnp.float32)
                          * top_MC[..., None], axis=-2).astype(x_MD.dtype)
     g = dot(x_MD, w["moe_gate"], "MD,EDF->MEF")
     u = dot(x_MD, w["moe_up"], "MD,EDF->MEF")
@@ -76,6 +102,16 @@ def moe(cfg: ModelConfig, x_BTD: jax.Array, w: dict) -> jax.Array:
     top_BTC, ids_BTC = route(cfg, x_BTD, w["router"])
     C = cfg.experts_per_token
     run = chosen_experts if B * T * C <= cfg.num_experts else all_experts
-    y = run(cfg, x_BTD.reshape(B * T, D), w, ids_BTC.reshape(B * T, C),
-            top_BTC.reshape(B * T, C))
+    args = (x_BTD.reshape(B * T, D), ids_BTC.reshape(B * T, C), top_BTC.reshape(B * T, C))
+    experts = {name: w[name] for name in EXPERT_WEIGHTS}
+    n = expert_parallelism(jax.sharding.get_abstract_mesh(), cfg.num_experts)
+    if n == 1:
+        y = run(cfg, args[0], experts, *args[1:])
+    else:
+        def local(x_MD, ids_MC, top_MC, experts):
+            first = jax.lax.axis_index(EXPERT_AXIS) * (cfg.num_experts // n)
+            return jax.lax.psum(run(cfg, x_MD, experts, ids_MC - first, top_MC), EXPERT_AXIS)
+
+        y = jax.shard_map(local, in_specs=(P(), P(), P(), P(EXPERT_AXIS)), out_specs=P(),
+                          axis_names={EXPERT_AXIS}, check_vma=False)(*args, experts)
     return y.reshape(B, T, D)

@@ -1,13 +1,15 @@
 """Mesh axes and the one table from logical axes to mesh axes.
 
 Weights and activations have separate rules: weights shard heads/MLP width over `model`
-(tensor parallelism) and optionally `embed` over `data` (FSDP); activations shard the
-batch over `data`. A dimension that does not divide its mesh axis is replicated with a
-warning (SmolLM2's 9 query heads on a 2-way `model` axis), never a crash.
+(tensor parallelism), a mixture of experts' experts over `expert` (expert parallelism)
+and optionally `embed` over `data` (FSDP); activations shard the batch over `data`. A
+dimension that does not divide its mesh axis is replicated with a warning (SmolLM2's 9
+query heads on a 2-way `model` axis), never a crash.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -21,7 +23,9 @@ from jaxinfer.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-MESH_AXES = ("data", "model")
+# Outermost first: `model` (the most communication per step) gets neighbouring devices.
+MESH_AXES = ("data", "expert", "model")
+EXPERT_AXIS = "expert"
 
 # logical axis -> mesh axis (or None). The single table; see docs/sharding.md.
 WEIGHT_RULES: dict[str, str | None] = {
@@ -31,7 +35,8 @@ WEIGHT_RULES: dict[str, str | None] = {
     "kv_heads": "model",
     "head_dim": None,
     "mlp": "model",
-    "experts": None,  # MoE: tensor parallelism inside each expert (over mlp)
+    "experts": "expert",  # MoE: expert parallelism; each expert is also split over mlp
+    "router_experts": None,  # the router's tiny logits: every device routes every token
     "layers": None,
     "norm": None,
     "group": None,  # quantization groups
@@ -81,12 +86,13 @@ def parse_mesh(spec: str) -> dict[str, int]:
 
 def make_mesh(spec: str | dict[str, int] | None = None,
               devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A Mesh with Auto axes ('data', 'model') over `devices` (default: all)."""
+    """A Mesh with Auto axes ('data', 'expert', 'model') over `devices` (default: all,
+    on `data`)."""
     sizes = parse_mesh(spec) if isinstance(spec, str) else dict(spec or {})
     devices = list(jax.devices() if devices is None else devices)
     shape = [sizes.get(a, 1) for a in MESH_AXES]
     if not sizes:
-        shape = [len(devices), 1]
+        shape = [len(devices)] + [1] * (len(MESH_AXES) - 1)
     if math.prod(shape) < len(devices) and sizes:
         devices = devices[: math.prod(shape)]  # e.g. model:3 on an 8-device host
     if math.prod(shape) != len(devices):
@@ -123,3 +129,18 @@ def activation_sharding(axes: Sequence[str | None], mesh: Mesh, shape: Sequence[
                         ) -> NamedSharding:
     rules = rules or ShardingRules.default()
     return NamedSharding(mesh, logical_to_spec(axes, rules.activations, mesh, shape, what))
+
+
+def expert_parallelism(mesh: Mesh | jax.sharding.AbstractMesh | None, num_experts: int) -> int:
+    """How many ways the experts split over the mesh's `expert` axis (1: not split); the
+    weight rules' fallback (experts that do not divide the axis are replicated) too."""
+    n = 1 if mesh is None or mesh.empty else dict(mesh.shape).get(EXPERT_AXIS, 1)
+    return n if num_experts and num_experts % n == 0 else 1
+
+
+def mesh_context(mesh: Mesh | None) -> contextlib.AbstractContextManager:
+    """The mesh as JAX's context mesh where the program needs it at trace time: only an
+    `expert` axis does (moe.py's shard_map), so other meshes keep the plain context."""
+    if mesh is None or dict(mesh.shape).get(EXPERT_AXIS, 1) == 1:
+        return contextlib.nullcontext()
+    return jax.set_mesh(mesh)

@@ -105,7 +105,7 @@ def weight_specs(cfg: ModelConfig, dtype: Any = jnp.float32,
         E = cfg.num_experts
         for name in ("w_gate", "w_up", "w_down"):
             del layers[name]
-        layers["router"] = A((L, D, E), ("layers", "embed", "experts"), fan_in=(1,))
+        layers["router"] = A((L, D, E), ("layers", "embed", "router_experts"), fan_in=(1,))
         layers["moe_gate"] = A((L, E, D, F), ("layers", "experts", "embed", "mlp"), fan_in=(2,))
         layers["moe_up"] = A((L, E, D, F), ("layers", "experts", "embed", "mlp"), fan_in=(2,))
         layers["moe_down"] = A((L, E, F, D), ("layers", "experts", "mlp", "embed"), fan_in=(2,))

@@ -131,6 +131,94 @@ def test_mesh_and_checkpoint(moe_model, tmp_path):
                                   np.asarray(w["layers"]["moe_up"]))
 
 
+def _collectives(hlo: str) -> list[tuple[str, int]]:
+    """(op, elements) of every collective in a compiled program's HLO text."""
+    import re
+
+    ops = re.findall(r"= \w+\[([\d,]*)\]\S* (all-reduce|all-gather|all-to-all|"
+                     r"collective-permute|reduce-scatter)\(", hlo)
+    return [(op, int(np.prod([int(d) for d in dims.split(",") if d]))) for dims, op in ops]
+
+
+@pytest.mark.parametrize("quant", [None, "int8"])
+def test_expert_parallel(moe_model, quant):
+    """Experts split over `expert` (3 of 6 per device), each tensor-parallel over `model`,
+    batch over `data`: prefill, decode through the chosen experts (B * C <= E) and through
+    all of them equal one device; the step's only collectives are activation-sized
+    all-reduces (left to GSPMD, the sliced experts' weights are all-gathered each step);
+    greedy tokens equal transformers through LLM.generate and the engine."""
+    from jaxinfer.quant import QuantConfig
+    from jaxinfer.sharding import make_mesh, mesh_context
+    from jaxinfer.weights import quantize_weights, weight_shardings, weight_specs
+
+    _, m, cfg, w = moe_model
+    qc = QuantConfig.from_mode(quant) if quant else None
+    w = quantize_weights(w, qc) if qc else w
+    mesh = make_mesh("data:2,expert:2,model:2")
+    ws = jax.tree.map(jax.device_put, w, weight_shardings(weight_specs(cfg, quant=qc), mesh))
+    gate = ws["layers"]["moe_gate"]
+    for a in jax.tree.leaves(gate):  # a QArray's scales split like its values
+        assert tuple(a.sharding.spec)[:2] == (None, "expert")
+    assert tuple(jax.tree.leaves(gate)[0].sharding.spec) == (None, "expert", None, "model")
+    assert tuple(ws["layers"]["router"].sharding.spec) == (None, None, None)
+    toks = jnp.asarray(_tokens(16, batch=4))
+    decode = jax.jit(model.decode_step, static_argnames="cfg")
+    for B in (2, 4):  # decode: 2 * 2 <= 6 chosen experts; 4 * 2 > 6: all experts
+        want = []
+        for weights, ctx in ((w, None), (ws, mesh)):
+            with mesh_context(ctx):
+                pre, cache = model.forward(weights, toks[:B], kv_cache.init_cache(cfg, B, 32),
+                                           cfg)
+                step = decode.lower(weights, toks[:B, 0], cache, cfg=cfg).compile()
+                dec, _ = step(weights, toks[:B, 0], cache)
+            want.append((pre, dec))
+        for one, many in zip(*want, strict=True):
+            np.testing.assert_allclose(np.asarray(many), np.asarray(one), atol=1e-4, rtol=0)
+        ops = _collectives(step.as_text())
+        assert ops and all(op == "all-reduce" and n <= B * cfg.d_model for op, n in ops), ops
+    gspmd = decode.lower(ws, toks[:2, 0], kv_cache.abstract_cache(cfg, 2, 32),  # no context
+                         cfg=cfg).compile().as_text()
+    assert max(n for _, n in _collectives(gspmd)) >= 6 * cfg.d_model * cfg.mlp_dim // 2
+
+    toks = _tokens(20, seed=1)
+    with torch.no_grad():
+        ref = m.generate(torch.tensor(toks), max_new_tokens=8, do_sample=False,
+                         min_new_tokens=8)[:, 20:].tolist()
+    sp = SamplingParams(temperature=0, ignore_eos=True)
+    prompts = [list(map(int, t)) for t in toks]
+    if quant is None:
+        got = LLM(cfg, ws, CharTokenizer(), mesh).generate(prompts, sp, max_new_tokens=8)
+        assert [c.token_ids for c in got] == ref
+    eng = Engine(ws, cfg, CharTokenizer(), EngineConfig(num_slots=2, max_len=64, prefix_block=8,
+                                                        prefill_token_budget=8), mesh=mesh)
+    try:
+        outs = eng.generate(prompts, sampling=sp, max_tokens=8)
+    finally:
+        eng.close()
+    if quant is None:
+        assert [o.token_ids for o in outs] == ref
+    else:  # int8 moves logits; the engine on the mesh equals LLM on one device
+        one = LLM(cfg, w, CharTokenizer()).generate(prompts, sp, max_new_tokens=8)
+        assert [o.token_ids for o in outs] == [c.token_ids for c in one]
+
+
+def test_experts_that_do_not_divide_the_axis_are_replicated(moe_model, caplog):
+    from jaxinfer.sharding import make_mesh, mesh_context
+    from jaxinfer.weights import weight_shardings, weight_specs
+
+    _, _, cfg, w = moe_model
+    mesh = make_mesh("expert:4")  # 6 experts
+    with caplog.at_level("WARNING"):
+        ws = jax.tree.map(jax.device_put, w, weight_shardings(weight_specs(cfg), mesh))
+    assert "experts=6 does not divide mesh axis expert=4" in caplog.text
+    assert tuple(ws["layers"]["moe_gate"].sharding.spec) == (None, None, None, None)
+    toks = jnp.asarray(_tokens(8))
+    one, _ = model.forward(w, toks, kv_cache.init_cache(cfg, 2, 16), cfg)
+    with mesh_context(mesh):
+        many, _ = model.forward(ws, toks, kv_cache.init_cache(cfg, 2, 16), cfg)
+    np.testing.assert_allclose(np.asarray(many), np.asarray(one), atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize("mode", ["int8", "int4"])
 def test_quantized_experts(moe_model, mode):
     """int8 / int4 experts (QArrays, gathered by expert id in decode) compute exactly what
