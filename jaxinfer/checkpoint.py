@@ -15,6 +15,8 @@ import contextlib
 import logging
 import os
 import shutil
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -93,7 +95,17 @@ def save_checkpoint(path: str | Path, cfg: ModelConfig, weights: Weights,
                 path.rmdir()
             tmp.rename(path)
     finally:
+        _remove(tmp)
+
+
+def _remove(tmp: Path) -> None:
+    """Remove a partial save. After a failed write Orbax's other writer threads may still
+    be creating files in it for a moment, so one rmtree can leave the directory behind."""
+    for _ in range(50):
         shutil.rmtree(tmp, ignore_errors=True)
+        if not tmp.exists():
+            return
+        time.sleep(0.1)
 
 
 @contextlib.contextmanager
@@ -172,15 +184,34 @@ def _name(path: tuple) -> str:
     return "/".join(str(k) for k in keys)
 
 
+def _reported_write_failure(record: logging.LogRecord) -> bool:
+    """Orbax's writer threads log a failed write with its traceback before the saving
+    thread sees it; write_errors reports it as one CheckpointError, so drop the log."""
+    return not ("orbax" in record.pathname and "Error writing" in record.getMessage())
+
+
 @contextlib.contextmanager
 def _quiet() -> Iterator[None]:
-    """Orbax logs every step at INFO through absl; keep scripts' stderr readable."""
+    """Orbax logs every step at INFO through absl; keep scripts' stderr readable. A failed
+    write is reported once (write_errors), not also as writer-thread tracebacks: the log
+    records above and the asyncio callbacks that then find Orbax's event loop closed."""
     loggers = [logging.getLogger(n) for n in ("absl", "orbax")]
     levels = [lg.level for lg in loggers]
+    unraisable = sys.unraisablehook
+
+    def closed_loop(u) -> None:
+        if not (isinstance(u.exc_value, RuntimeError)
+                and str(u.exc_value) == "Event loop is closed"):
+            unraisable(u)
+
     for lg in loggers:
         lg.setLevel(max(lg.level, logging.WARNING))
+        lg.addFilter(_reported_write_failure)
+    sys.unraisablehook = closed_loop
     try:
         yield
+        sys.unraisablehook = unraisable  # after a failure the callbacks keep arriving
     finally:
         for lg, level in zip(loggers, levels, strict=True):
             lg.setLevel(level)
+            lg.removeFilter(_reported_write_failure)

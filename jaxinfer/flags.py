@@ -59,12 +59,8 @@ def apply_config(spec: str, flag_values: flags.FlagValues = flags.FLAGS) -> dict
 
 
 def setup() -> None:
-    import logging
-
     from jaxinfer import runtime
 
-    # JAX logs every accelerator backend it probes and does not find, at INFO.
-    logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
     if CONFIG.value:
         apply_config(CONFIG.value)
     runtime.set_num_cpu_devices(NUM_CPU_DEVICES.value)

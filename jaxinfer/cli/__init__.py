@@ -7,6 +7,7 @@ flags share the global absl registry.
 
 from __future__ import annotations
 
+import logging
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -21,6 +22,8 @@ def run_program(module_name: str, main: Callable[[list[str]], Any]) -> None:
     flags and the shared ones it imported (runtime, speculative decoding, engine, LoRA,
     parsers); absl
     lists only the __main__ module's by default."""
+    # JAX logs every accelerator backend it probes and does not find, at INFO.
+    logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
     fv = flags.FLAGS
     module = sys.modules[module_name]
     shared = ("jaxinfer.flags", "jaxinfer.cli.spec_flags", "jaxinfer.cli.engine_flags",
