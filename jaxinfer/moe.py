@@ -22,7 +22,9 @@ the slices take the chosen expert's integers and scales alike.
 Expert parallelism: when the context mesh (`sharding.mesh_context`) has an `expert` axis
 the experts divide, each device runs its own E / n experts inside a `shard_map` on the
 tokens routed to them (the others skip: a decode step reads only the chosen experts that
-are local) and the outputs are summed over the axis, one all-reduce of [tokens, D]. Left
+are local) and the outputs are summed over the axis: one all-reduce of [tokens, D], or,
+where the batch is split over `expert` too (attention data-parallel over it), an
+all-gather of the tokens before and a reduce-scatter of the sums after. Left
 to GSPMD, slicing a chosen expert out of expert-sharded weights all-reduces the sliced
 weights instead (docs/sharding.md measures both).
 """
@@ -35,7 +37,7 @@ from jax.sharding import PartitionSpec as P
 
 from jaxinfer.config import ModelConfig
 from jaxinfer.layers import activate, dot
-from jaxinfer.sharding import EXPERT_AXIS, expert_parallelism
+from jaxinfer.sharding import ACTIVATION_RULES, EXPERT_AXIS, expert_parallelism, logical_to_spec
 
 EXPERT_WEIGHTS = ("moe_gate", "moe_up", "moe_down")
 
@@ -104,14 +106,26 @@ def moe(cfg: ModelConfig, x_BTD: jax.Array, w: dict) -> jax.Array:
     run = chosen_experts if B * T * C <= cfg.num_experts else all_experts
     args = (x_BTD.reshape(B * T, D), ids_BTC.reshape(B * T, C), top_BTC.reshape(B * T, C))
     experts = {name: w[name] for name in EXPERT_WEIGHTS}
-    n = expert_parallelism(jax.sharding.get_abstract_mesh(), cfg.num_experts)
+    mesh = jax.sharding.get_abstract_mesh()
+    n = expert_parallelism(mesh, cfg.num_experts)
     if n == 1:
-        y = run(cfg, args[0], experts, *args[1:])
-    else:
-        def local(x_MD, ids_MC, top_MC, experts):
-            first = jax.lax.axis_index(EXPERT_AXIS) * (cfg.num_experts // n)
-            return jax.lax.psum(run(cfg, x_MD, experts, ids_MC - first, top_MC), EXPERT_AXIS)
+        return run(cfg, args[0], experts, *args[1:]).reshape(B, T, D)
+    # Is the batch split over `expert` too (attention data-parallel over it)? The same
+    # rule as the cache's; GSPMD reshards if the tokens arrived otherwise.
+    batch = logical_to_spec(("batch",), ACTIVATION_RULES, mesh, (B,), warn=False)[0]
+    split = EXPERT_AXIS in ((batch,) if isinstance(batch, str) else batch or ())
 
-        y = jax.shard_map(local, in_specs=(P(), P(), P(), P(EXPERT_AXIS)), out_specs=P(),
-                          axis_names={EXPERT_AXIS}, check_vma=False)(*args, experts)
+    def local(x_MD, ids_MC, top_MC, experts):
+        if split:  # every device's experts see every token: gather them, scatter the sums
+            x_MD, ids_MC, top_MC = (jax.lax.all_gather(a, EXPERT_AXIS, axis=0, tiled=True)
+                                    for a in (x_MD, ids_MC, top_MC))
+        first = jax.lax.axis_index(EXPERT_AXIS) * (cfg.num_experts // n)
+        y_MD = run(cfg, x_MD, experts, ids_MC - first, top_MC)
+        if split:
+            return jax.lax.psum_scatter(y_MD, EXPERT_AXIS, scatter_dimension=0, tiled=True)
+        return jax.lax.psum(y_MD, EXPERT_AXIS)
+
+    tokens = P(EXPERT_AXIS) if split else P()
+    y = jax.shard_map(local, in_specs=(tokens, tokens, tokens, P(EXPERT_AXIS)),
+                      out_specs=tokens, axis_names={EXPERT_AXIS}, check_vma=False)(*args, experts)
     return y.reshape(B, T, D)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import logging
 import math
 from collections.abc import Sequence
@@ -41,8 +42,10 @@ WEIGHT_RULES: dict[str, str | None] = {
     "norm": None,
     "group": None,  # quantization groups
 }
-ACTIVATION_RULES: dict[str, str | None] = {
-    "batch": "data",
+ACTIVATION_RULES: dict[str, str | tuple[str, ...] | None] = {
+    # expert-major, so moe.py's shard_map over `expert` finds its tokens in place: with an
+    # `expert` axis attention is data-parallel over it too (no replicated K/V)
+    "batch": ("expert", "data"),
     "seq": None,
     "cache_seq": None,
     "act_embed": None,
@@ -57,8 +60,8 @@ ACTIVATION_RULES: dict[str, str | None] = {
 
 @dataclasses.dataclass(frozen=True)
 class ShardingRules:
-    weights: dict[str, str | None]
-    activations: dict[str, str | None]
+    weights: dict[str, str | tuple[str, ...] | None]
+    activations: dict[str, str | tuple[str, ...] | None]
 
     @classmethod
     def default(cls, fsdp: bool = False) -> ShardingRules:
@@ -102,25 +105,42 @@ def make_mesh(spec: str | dict[str, int] | None = None,
     return Mesh(np.asarray(devices, dtype=object).reshape(shape), MESH_AXES)
 
 
-def logical_to_spec(axes: Sequence[str | None], rules: dict[str, str | None], mesh: Mesh,
-                    shape: Sequence[int] | None = None, what: str = "") -> PartitionSpec:
-    """Map logical axes to a PartitionSpec; non-dividing or repeated mesh axes replicate."""
+def _fit(want: tuple[str, ...], n: int | None, sizes: dict[str, int]) -> tuple[str, ...]:
+    """The most of `want`'s mesh axes whose product divides n, in `want`'s order; among
+    equally many, the later axes first (('expert', 'data') falls back to 'data')."""
+    for k in range(len(want), 0, -1):
+        for pick in itertools.combinations(want[::-1], k):
+            if n is None or n % math.prod(sizes[a] for a in pick) == 0:
+                return tuple(a for a in want if a in pick)
+    return ()
+
+
+def logical_to_spec(axes: Sequence[str | None], rules: dict[str, str | tuple[str, ...] | None],
+                    mesh: Mesh | jax.sharding.AbstractMesh, shape: Sequence[int] | None = None,
+                    what: str = "", warn: bool = True) -> PartitionSpec:
+    """Map logical axes to a PartitionSpec; non-dividing or repeated mesh axes replicate.
+    A rule may name several mesh axes (the batch: 'expert' then 'data'); a dimension keeps
+    as many of them as divide it."""
+    sizes = dict(mesh.shape)
     used: set[str] = set()
-    out: list[str | None] = []
+    out: list[str | tuple[str, ...] | None] = []
     for i, ax in enumerate(axes):
         m = rules.get(ax) if ax is not None else None
-        if m is None or mesh.shape.get(m, 1) == 1:
+        names = (m,) if isinstance(m, str) else tuple(m or ())
+        want = tuple(a for a in names if sizes.get(a, 1) > 1)
+        if not want:
             out.append(None)
             continue
-        if m in used:
-            raise ConfigError(f"mesh axis {m!r} used twice in logical axes {tuple(axes)}")
-        if shape is not None and shape[i] % mesh.shape[m]:
-            log.warning("%s: dim %s=%d does not divide mesh axis %s=%d; replicating it",
-                        what or "array", ax, shape[i], m, mesh.shape[m])
-            out.append(None)
-            continue
-        used.add(m)
-        out.append(m)
+        if used & set(want):
+            raise ConfigError(f"mesh axis {sorted(used & set(want))[0]!r} used twice in "
+                              f"logical axes {tuple(axes)}")
+        got = _fit(want, None if shape is None else shape[i], sizes)
+        if got != want and warn:
+            keep = f"sharding it over {' x '.join(got)}" if got else "replicating it"
+            log.warning("%s: dim %s=%d does not divide mesh axis %s; %s", what or "array", ax,
+                        shape[i], " x ".join(f"{a}={sizes[a]}" for a in want), keep)
+        used.update(got)
+        out.append(None if not got else got[0] if len(got) == 1 else got)
     return PartitionSpec(*out)
 
 

@@ -143,9 +143,10 @@ def _collectives(hlo: str) -> list[tuple[str, int]]:
 @pytest.mark.parametrize("quant", [None, "int8"])
 def test_expert_parallel(moe_model, quant):
     """Experts split over `expert` (3 of 6 per device), each tensor-parallel over `model`,
-    batch over `data`: prefill, decode through the chosen experts (B * C <= E) and through
-    all of them equal one device; the step's only collectives are activation-sized
-    all-reduces (left to GSPMD, the sliced experts' weights are all-gathered each step);
+    the batch over `data` (and `expert` where it divides): prefill, decode through the
+    chosen experts (B * C <= E) and through all of them equal one device; the step's only
+    collectives are activation-sized (left to GSPMD, the sliced experts' weights are
+    all-gathered each step);
     greedy tokens equal transformers through LLM.generate and the engine."""
     from jaxinfer.quant import QuantConfig
     from jaxinfer.sharding import make_mesh, mesh_context
@@ -163,24 +164,29 @@ def test_expert_parallel(moe_model, quant):
     assert tuple(ws["layers"]["router"].sharding.spec) == (None, None, None)
     toks = jnp.asarray(_tokens(16, batch=4))
     decode = jax.jit(model.decode_step, static_argnames="cfg")
-    for B in (2, 4):  # decode: 2 * 2 <= 6 chosen experts; 4 * 2 > 6: all experts
+    # B=2: decode through 2 * 2 <= 6 chosen experts, the batch over `data` only;
+    # B=4: through all experts, the batch over `expert` x `data` (attention too)
+    for B, rows in ((2, "data"), (4, ("expert", "data"))):
+        sh = kv_cache.cache_shardings(cfg, B, 32, mesh)
+        assert tuple(sh.k.spec) == (None, rows, "model", None, None)
         want = []
         for weights, ctx in ((w, None), (ws, mesh)):
             with mesh_context(ctx):
-                pre, cache = model.forward(weights, toks[:B], kv_cache.init_cache(cfg, B, 32),
-                                           cfg)
+                cache = kv_cache.init_cache(cfg, B, 32, shardings=sh if ctx else None)
+                pre, cache = model.forward(weights, toks[:B], cache, cfg)
                 step = decode.lower(weights, toks[:B, 0], cache, cfg=cfg).compile()
                 dec, _ = step(weights, toks[:B, 0], cache)
             want.append((pre, dec))
         for one, many in zip(*want, strict=True):
             np.testing.assert_allclose(np.asarray(many), np.asarray(one), atol=1e-4, rtol=0)
-        ops = _collectives(step.as_text())
-        assert ops and all(op == "all-reduce" and n <= B * cfg.d_model for op, n in ops), ops
+        ops = _collectives(step.as_text())  # activations only: [B, D] at most
+        assert ops and all(n <= B * cfg.d_model for _, n in ops), ops
+        assert ("reduce-scatter" in {op for op, _ in ops}) == (B == 4), ops  # the split
     gspmd = decode.lower(ws, toks[:2, 0], kv_cache.abstract_cache(cfg, 2, 32),  # no context
                          cfg=cfg).compile().as_text()
     assert max(n for _, n in _collectives(gspmd)) >= 6 * cfg.d_model * cfg.mlp_dim // 2
 
-    toks = _tokens(20, seed=1)
+    toks = _tokens(20, batch=4, seed=1)  # 4 rows, 4 slots: split over expert x data
     with torch.no_grad():
         ref = m.generate(torch.tensor(toks), max_new_tokens=8, do_sample=False,
                          min_new_tokens=8)[:, 20:].tolist()
@@ -189,7 +195,7 @@ def test_expert_parallel(moe_model, quant):
     if quant is None:
         got = LLM(cfg, ws, CharTokenizer(), mesh).generate(prompts, sp, max_new_tokens=8)
         assert [c.token_ids for c in got] == ref
-    eng = Engine(ws, cfg, CharTokenizer(), EngineConfig(num_slots=2, max_len=64, prefix_block=8,
+    eng = Engine(ws, cfg, CharTokenizer(), EngineConfig(num_slots=4, max_len=64, prefix_block=8,
                                                         prefill_token_budget=8), mesh=mesh)
     try:
         outs = eng.generate(prompts, sampling=sp, max_tokens=8)
