@@ -17,13 +17,13 @@ from jaxinfer.errors import ConfigError
 
 ACTIVATIONS = ("silu", "gelu_tanh")
 GEMMA_TYPES = ("gemma", "gemma2", "gemma3_text", "gemma3")
-MOE_TYPES = ("mixtral", "qwen3_moe")
+MOE_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe")
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """Shapes and constants of a Llama-family decoder (Llama 2/3, Mistral, Qwen2/3, SmolLM2),
-    of Gemma 1/2/3 or of a mixture of experts (Mixtral, Qwen3-MoE): their differences are
+    of Gemma 1/2/3 or of a mixture of experts (Mixtral, Qwen2/3-MoE): their differences are
     the switches after `name`, all off for Llama."""
 
     vocab_size: int  # V
@@ -63,12 +63,16 @@ class ModelConfig:
     local_layers: tuple[bool, ...] = ()
     rope_local_theta: float | None = None  # Gemma 3: RoPE base of local layers
     rope_linear_factor: float = 1.0  # linear position scaling of the global layers
-    # Mixture of experts (Mixtral, Qwen3-MoE): every layer's MLP is num_experts experts of
+    # Mixture of experts (Mixtral, Qwen2/3-MoE): every layer's MLP is num_experts experts of
     # width mlp_dim; a softmax router sends each token to its top experts_per_token, whose
     # outputs are summed with the router weights (renormalised to sum 1 with norm_topk).
     num_experts: int = 0  # E; 0: a dense MLP
     experts_per_token: int = 0  # C
     norm_topk: bool = True
+    # Qwen2-MoE: a shared expert (a dense gated MLP of this width) every token also goes
+    # through, its output scaled by sigmoid(x . shared_expert_gate) when gated.
+    shared_expert_dim: int = 0
+    shared_expert_gate: bool = False
 
     def __post_init__(self):
         for f in ("vocab_size", "d_model", "mlp_dim", "num_layers", "num_heads",
@@ -87,6 +91,8 @@ class ModelConfig:
                 not isinstance(self.sliding_window, int) or self.sliding_window <= 0):
             raise ConfigError(f"sliding_window must be a positive integer or None, got "
                               f"{self.sliding_window!r}")
+        if self.shared_expert_dim and not self.num_experts:
+            raise ConfigError("shared_expert_dim needs num_experts (a mixture of experts)")
         if self.num_experts and not 1 <= self.experts_per_token <= self.num_experts:
             raise ConfigError(f"experts_per_token must be in [1, num_experts="
                               f"{self.num_experts}], got {self.experts_per_token!r}")
@@ -187,6 +193,7 @@ class ModelConfig:
                                   f"{', '.join(_HF_ACTIVATIONS)})")
             window, local = _sliding(hf, kind, L)
             experts, chosen, mlp_dim = _moe(hf, kind)
+            shared = int(hf.get("shared_expert_intermediate_size") or 0) if experts else 0
             qpas = hf.get("query_pre_attn_scalar") if kind != "gemma" else None
             arch = (hf.get("architectures") or [kind])[0]
             return cls(
@@ -202,7 +209,8 @@ class ModelConfig:
                 rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6 if gemma else 1e-5)),
                 max_seq_len=int(hf.get("max_position_embeddings", 2048)),
                 tie_embeddings=bool(hf.get("tie_word_embeddings", gemma)),
-                qkv_bias=bool(hf.get("attention_bias", kind == "qwen2")),
+                qkv_bias=bool(hf.get("qkv_bias", True) if kind == "qwen2_moe"
+                              else hf.get("attention_bias", kind == "qwen2")),
                 qk_norm=kind in ("qwen3", "gemma3_text", "qwen3_moe"),
                 bos_token_id=hf.get("bos_token_id"),
                 eos_token_ids=tuple(int(e) for e in eos),
@@ -221,7 +229,9 @@ class ModelConfig:
                 rope_linear_factor=linear,
                 num_experts=experts,
                 experts_per_token=chosen,
-                norm_topk=bool(hf.get("norm_topk_prob", True)),
+                norm_topk=bool(hf.get("norm_topk_prob", kind != "qwen2_moe")),
+                shared_expert_dim=shared,
+                shared_expert_gate=bool(shared),
             )
         except KeyError as e:
             raise ConfigError(f"Hugging Face config lacks field {e.args[0]!r}") from e
@@ -310,16 +320,16 @@ def _sliding(hf: dict[str, Any], kind: str, L: int) -> tuple[int | None, tuple[b
 
 def _moe(hf: dict[str, Any], kind: str) -> tuple[int, int, int]:
     """(experts, experts per token, expert MLP width); (0, 0, intermediate_size) if dense.
-    Qwen3-MoE configs can mix in dense layers; none released does, and that is refused."""
+    Qwen2/3-MoE configs can mix in dense layers; none released does, and that is refused."""
     # transformers 5 writes num_local_experts for both; Qwen's own configs num_experts
     experts = hf.get("num_local_experts", hf.get("num_experts"))
     if kind == "mixtral":
         if experts is None:
             raise KeyError("num_local_experts")
         return int(experts), int(hf["num_experts_per_tok"]), int(hf["intermediate_size"])
-    if kind == "qwen3_moe":
+    if kind in ("qwen2_moe", "qwen3_moe"):
         if hf.get("mlp_only_layers") or int(hf.get("decoder_sparse_step", 1)) != 1:
-            raise ConfigError("Qwen3-MoE configs with dense layers (mlp_only_layers, "
+            raise ConfigError(f"{kind} configs with dense layers (mlp_only_layers, "
                               "decoder_sparse_step) are not supported")
         if experts is None:
             raise KeyError("num_experts")

@@ -1,8 +1,9 @@
-"""Mixture-of-experts MLP (Mixtral, Qwen3-MoE) as a pure function.
+"""Mixture-of-experts MLP (Mixtral, Qwen2-MoE, Qwen3-MoE) as a pure function.
 
     router_DE                   the router's logits per expert
     gate_EDF, up_EDF, down_EFD  every expert's gated MLP, stacked on E
     returns [B, T, D]: sum over each token's C chosen experts of weight * expert(x)
+    (+ sigmoid(x . shared_router_D) * shared expert(x) with Qwen2-MoE's shared expert)
 
 Routing is the reference's: softmax over the E router logits in float32, the top C,
 renormalised to sum 1 (`norm_topk`). Two ways to run the experts, picked from static
@@ -36,7 +37,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from jaxinfer.config import ModelConfig
-from jaxinfer.layers import activate, dot
+from jaxinfer.layers import activate, dot, mlp
 from jaxinfer.sharding import ACTIVATION_RULES, EXPERT_AXIS, expert_parallelism, logical_to_spec
 
 EXPERT_WEIGHTS = ("moe_gate", "moe_up", "moe_down")
@@ -99,17 +100,32 @@ def all_experts(cfg: ModelConfig, x_MD: jax.Array, w: dict, ids_MC: jax.Array,
 
 
 def moe(cfg: ModelConfig, x_BTD: jax.Array, w: dict) -> jax.Array:
-    """The layer's expert MLPs on the normed input x; w holds router, moe_gate/up/down."""
+    """The layer's expert MLPs on the normed input x; w holds router, moe_gate/up/down
+    (and the shared expert's shared_gate/up/down, shared_router)."""
     B, T, D = x_BTD.shape
     top_BTC, ids_BTC = route(cfg, x_BTD, w["router"])
     C = cfg.experts_per_token
     run = chosen_experts if B * T * C <= cfg.num_experts else all_experts
     args = (x_BTD.reshape(B * T, D), ids_BTC.reshape(B * T, C), top_BTC.reshape(B * T, C))
     experts = {name: w[name] for name in EXPERT_WEIGHTS}
+    y = _routed(cfg, run, args, experts, B).reshape(B, T, D)
+    if cfg.shared_expert_dim:  # Qwen2-MoE: every token's expert, tensor-parallel as the MLP
+        s = mlp(x_BTD, w["shared_gate"], w["shared_up"], w["shared_down"], cfg.activation)
+        if cfg.shared_expert_gate:
+            g = jnp.einsum("BTD,D->BT", x_BTD, w["shared_router"],
+                           preferred_element_type=jnp.float32)
+            s = (jax.nn.sigmoid(g)[..., None] * s).astype(s.dtype)
+        y = y + s
+    return y
+
+
+def _routed(cfg: ModelConfig, run, args: tuple, experts: dict, B: int) -> jax.Array:
+    """run(cfg, x_MD, experts, ids_MC, top_MC) for the M = B * T tokens in args, on one
+    device or split over the context mesh's `expert` axis."""
     mesh = jax.sharding.get_abstract_mesh()
     n = expert_parallelism(mesh, cfg.num_experts)
     if n == 1:
-        return run(cfg, args[0], experts, *args[1:]).reshape(B, T, D)
+        return run(cfg, args[0], experts, *args[1:])
     # Is the batch split over `expert` too (attention data-parallel over it)? The same
     # rule as the cache's; GSPMD reshards if the tokens arrived otherwise.
     batch = logical_to_spec(("batch",), ACTIVATION_RULES, mesh, (B,), warn=False)[0]
@@ -126,6 +142,6 @@ def moe(cfg: ModelConfig, x_BTD: jax.Array, w: dict) -> jax.Array:
         return jax.lax.psum(y_MD, EXPERT_AXIS)
 
     tokens = P(EXPERT_AXIS) if split else P()
-    y = jax.shard_map(local, in_specs=(tokens, tokens, tokens, P(EXPERT_AXIS)),
-                      out_specs=tokens, axis_names={EXPERT_AXIS}, check_vma=False)(*args, experts)
-    return y.reshape(B, T, D)
+    return jax.shard_map(local, in_specs=(tokens, tokens, tokens, P(EXPERT_AXIS)),
+                         out_specs=tokens, axis_names={EXPERT_AXIS},
+                         check_vma=False)(*args, experts)

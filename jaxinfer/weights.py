@@ -15,7 +15,8 @@ Tree layout (layers stacked on a leading L axis and run with lax.scan):
     layers/wo   [L, N, H, D]
     layers/w_gate [L, D, F]   layers/w_up [L, D, F]   layers/w_down [L, F, D]
     (mixture of experts instead: layers/router [L, D, E], layers/moe_gate [L, E, D, F],
-     layers/moe_up [L, E, D, F], layers/moe_down [L, E, F, D])
+     layers/moe_up [L, E, D, F], layers/moe_down [L, E, F, D]; a shared expert adds
+     layers/shared_gate, shared_up [L, D, Fs], shared_down [L, Fs, D], shared_router [L, D])
     final_norm  [D]
     lm_head     [D, V]           (absent when embeddings are tied)
 Q/K use the Hugging Face "rotate half" RoPE layout.
@@ -68,7 +69,8 @@ def is_info(x: Any) -> bool:
 LINEAR_QUANT_AXES = {"wq": ((-3,), -3), "wk": ((-3,), -3), "wv": ((-3,), -3),
                      "wo": ((-3, -2), -2), "w_gate": ((-2,), -2), "w_up": ((-2,), -2),
                      "w_down": ((-2,), -2), "moe_gate": ((-2,), -2), "moe_up": ((-2,), -2),
-                     "moe_down": ((-2,), -2)}
+                     "moe_down": ((-2,), -2), "shared_gate": ((-2,), -2),
+                     "shared_up": ((-2,), -2), "shared_down": ((-2,), -2)}
 EMBED_QUANT_AXES = {"embed": ((-1,), -1), "lm_head": ((-2,), -2)}
 
 
@@ -109,6 +111,13 @@ def weight_specs(cfg: ModelConfig, dtype: Any = jnp.float32,
         layers["moe_gate"] = A((L, E, D, F), ("layers", "experts", "embed", "mlp"), fan_in=(2,))
         layers["moe_up"] = A((L, E, D, F), ("layers", "experts", "embed", "mlp"), fan_in=(2,))
         layers["moe_down"] = A((L, E, F, D), ("layers", "experts", "mlp", "embed"), fan_in=(2,))
+        if cfg.shared_expert_dim:  # every token's expert: a dense MLP beside the routed ones
+            Fs = cfg.shared_expert_dim
+            layers["shared_gate"] = A((L, D, Fs), ("layers", "embed", "mlp"), fan_in=(1,))
+            layers["shared_up"] = A((L, D, Fs), ("layers", "embed", "mlp"), fan_in=(1,))
+            layers["shared_down"] = A((L, Fs, D), ("layers", "mlp", "embed"), fan_in=(1,))
+        if cfg.shared_expert_gate:
+            layers["shared_router"] = A((L, D), ("layers", "embed"), fan_in=(1,))
     if cfg.post_norms:
         layers["post_attn_norm"] = A((L, D), ("layers", "norm"), one)
         layers["post_mlp_norm"] = A((L, D), ("layers", "norm"), one)

@@ -158,7 +158,11 @@ def _write_gguf(path: Path, cfg: ModelConfig, sd: dict, arch: str, qtype, extra=
              "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm",
              # a mixture of experts, stacked by the caller (as llama.cpp stacks them)
              "mlp.gate": "ffn_gate_inp", "mlp.gate_exps": "ffn_gate_exps",
-             "mlp.up_exps": "ffn_up_exps", "mlp.down_exps": "ffn_down_exps"}
+             "mlp.up_exps": "ffn_up_exps", "mlp.down_exps": "ffn_down_exps",
+             "mlp.shared_expert.gate_proj": "ffn_gate_shexp",
+             "mlp.shared_expert.up_proj": "ffn_up_shexp",
+             "mlp.shared_expert.down_proj": "ffn_down_shexp",
+             "mlp.shared_expert_gate": "ffn_gate_inp_shexp"}
     gemma = arch.startswith("gemma")
     if gemma and cfg.post_norms:
         names.update(post_attention_layernorm="post_attention_norm",
@@ -177,6 +181,8 @@ def _write_gguf(path: Path, cfg: ModelConfig, sd: dict, arch: str, qtype, extra=
             a = a + 1.0
         if arch == "llama" and (".attn_q." in name or ".attn_k." in name):
             a = _interleave(a, cfg.num_heads if ".attn_q." in name else cfg.num_kv_heads)
+        if name.endswith("ffn_gate_inp_shexp.weight"):
+            a = a.reshape(-1)  # [1, D]: llama.cpp's 1-d float tensor
         if a.ndim == 1 or qtype == Q.F32 or name.endswith("ffn_gate_inp.weight"):
             w.add_tensor(name, a.astype(np.float32))
         else:

@@ -1,4 +1,4 @@
-"""Mixture-of-experts models (Mixtral, Qwen3-MoE) against Hugging Face transformers
+"""Mixture-of-experts models (Mixtral, Qwen2-MoE, Qwen3-MoE) against Hugging Face transformers
 (PyTorch, float32, eager attention) on tiny random checkpoints transformers writes itself
 (no MoE checkpoint is reachable here)."""
 
@@ -34,6 +34,10 @@ def _hf_model(kind: str):
     if kind == "mixtral":
         m = tf.MixtralForCausalLM(tf.MixtralConfig(intermediate_size=64, num_local_experts=6,
                                                    **COMMON))
+    elif kind == "qwen2_moe":  # a gated shared expert beside the routed ones, q/k/v biases
+        m = tf.Qwen2MoeForCausalLM(tf.Qwen2MoeConfig(
+            intermediate_size=96, moe_intermediate_size=64, shared_expert_intermediate_size=96,
+            num_experts=6, norm_topk_prob=False, **COMMON))
     else:  # unnormalised top-k weights, as Qwen3-MoE configs may ask
         m = tf.Qwen3MoeForCausalLM(tf.Qwen3MoeConfig(
             intermediate_size=96, moe_intermediate_size=64, num_experts=6,
@@ -45,7 +49,7 @@ def _hf_model(kind: str):
     return m.eval()
 
 
-@pytest.fixture(scope="module", params=["mixtral", "qwen3_moe"])
+@pytest.fixture(scope="module", params=["mixtral", "qwen2_moe", "qwen3_moe"])
 def moe_model(request, tmp_path_factory):
     return saved_and_loaded(request.param, _hf_model(request.param), tmp_path_factory)
 
@@ -54,8 +58,14 @@ def test_config_and_tree(moe_model):
     kind, _, cfg, w = moe_model
     assert (cfg.num_experts, cfg.experts_per_token, cfg.mlp_dim) == (6, 2, 64)
     assert cfg.norm_topk == (kind == "mixtral") and cfg.qk_norm == (kind == "qwen3_moe")
+    assert cfg.qkv_bias == (kind == "qwen2_moe")
+    assert (cfg.shared_expert_dim, cfg.shared_expert_gate) == (
+        (96, True) if kind == "qwen2_moe" else (0, False))
     layers = w["layers"]
     assert "w_gate" not in layers and layers["moe_down"].shape == (3, 6, 64, 64)
+    if kind == "qwen2_moe":
+        assert layers["shared_down"].shape == (3, 96, 64)
+        assert layers["shared_router"].shape == (3, 64)
     assert layers["router"].shape == (3, 64, 6)
 
 
@@ -263,7 +273,8 @@ def test_refusals(moe_model):
 @pytest.mark.parametrize("quantized", [False, True])
 def test_gguf_matches_transformers(moe_model, tmp_path, quantized):
     """A GGUF the way llama.cpp writes a mixture of experts (Mixtral as `llama` with
-    permuted Q/K, Qwen3-MoE as `qwen3moe`; experts stacked [E, out, in], router float),
+    permuted Q/K, Qwen2-MoE as `qwen2moe` with its shared expert, Qwen3-MoE as `qwen3moe`;
+    experts stacked [E, out, in], routers float),
     Q8_0 matrices read dequantized or kept as QArrays, against transformers on the same
     (Q8_0-exact) weights."""
     import gguf
@@ -283,6 +294,7 @@ def test_gguf_matches_transformers(moe_model, tmp_path, quantized):
         sd.update({p + "gate.weight": hf[p + "gate.weight"],
                    p + "gate_exps.weight": gate_up[:, :F], p + "up_exps.weight": gate_up[:, F:],
                    p + "down_exps.weight": hf[p + "experts.down_proj"]})
+        sd.update({k: v for k, v in hf.items() if k.startswith(p + "shared_expert")})
     sd = _roundtrip(sd, q8)
     for k in hf:  # the same Q8_0-exact weights back into the HF model
         if k in sd:
@@ -300,12 +312,15 @@ def test_gguf_matches_transformers(moe_model, tmp_path, quantized):
         w.add_expert_feed_forward_length(cfg.mlp_dim)
         if not cfg.norm_topk:
             w.add_bool(f"{w.arch}.expert_weights_norm", False)
+        if cfg.shared_expert_dim:
+            w.add_expert_shared_feed_forward_length(cfg.shared_expert_dim)
 
-    arch = "llama" if kind == "mixtral" else "qwen3moe"
+    arch = {"mixtral": "llama", "qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe"}[kind]
     _write_gguf(tmp_path / "moe.gguf", cfg, sd, arch, q8, meta=meta)
     gcfg, gw = load_gguf(tmp_path / "moe.gguf", quantized=quantized)
-    assert (gcfg.num_experts, gcfg.experts_per_token, gcfg.mlp_dim, gcfg.norm_topk) == (
-        cfg.num_experts, cfg.experts_per_token, cfg.mlp_dim, cfg.norm_topk)
+    fields = ("num_experts", "experts_per_token", "mlp_dim", "norm_topk", "shared_expert_dim",
+              "shared_expert_gate", "qkv_bias")
+    assert [getattr(gcfg, f) for f in fields] == [getattr(cfg, f) for f in fields]
     toks = _tokens(16)
     got, _ = model.forward(jax.tree.map(jnp.asarray, gw), jnp.asarray(toks),
                            kv_cache.init_cache(gcfg, 2, 32), gcfg)

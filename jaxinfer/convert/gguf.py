@@ -28,15 +28,15 @@ from typing import Any
 import numpy as np
 
 from jaxinfer.config import ModelConfig, local_pattern
-from jaxinfer.convert.gguf_quant import norms, qk_norms, quantized_weights
+from jaxinfer.convert.gguf_quant import norms, qk_norms, quantized_weights, shared_router
 from jaxinfer.convert.stacks import quantize_embeddings, results, stacks
 from jaxinfer.errors import ConversionError
 from jaxinfer.quant import QuantConfig
 from jaxinfer.weights import check_weights, weight_specs
 
 # general.architecture -> whether llama.cpp interleaved the Q/K rows for its RoPE.
-_ARCHS = {"llama": True, "qwen2": False, "qwen3": False, "qwen3moe": False, "gemma": False,
-          "gemma2": False, "gemma3": False}
+_ARCHS = {"llama": True, "qwen2": False, "qwen3": False, "qwen2moe": False, "qwen3moe": False,
+          "gemma": False, "gemma2": False, "gemma3": False}
 # Gemma 2/3: every n-th layer is global, the others local (llama.cpp's fixed patterns), and
 # the layer count that marks the 27B models, whose query scale is (D / N) ** -0.5.
 _GEMMA_PATTERN = {"gemma2": 2, "gemma3": 6}
@@ -176,17 +176,22 @@ def _gemma(arch: str, m: Callable[..., Any], tensors: dict[str, Any], d: int, n:
 
 
 def _experts(m: Callable[..., Any], tensors: dict[str, Any], path: Path) -> dict[str, Any]:
-    """A mixture of experts' ModelConfig fields (Qwen3-MoE, Mixtral as `llama`): experts
+    """A mixture of experts' ModelConfig fields (Qwen2/3-MoE, Mixtral as `llama`): experts
     stacked per layer as llama.cpp writes them now (ffn_*_exps), softmax routing with the
-    top weights renormalised unless the file says otherwise."""
+    top weights renormalised unless the file says otherwise; Qwen2-MoE's shared expert
+    (ffn_*_shexp, gated by ffn_gate_inp_shexp)."""
     experts = int(m("expert_count") or 0)
     if not experts:
         return {}
     if "blk.0.ffn_gate_exps.weight" not in tensors:
         raise ConversionError(f"GGUF file {path} stores its experts one tensor each (an old "
                               "llama.cpp layout); convert it again with a current llama.cpp")
+    shared = int(m("expert_shared_feed_forward_length") or 0)
+    if "blk.0.ffn_gate_shexp.weight" in tensors and not shared:  # older files: its width
+        shared = int(tensors["blk.0.ffn_gate_shexp.weight"].shape[-1])
     return dict(num_experts=experts, experts_per_token=int(m("expert_used_count")),
-                norm_topk=bool(m("expert_weights_norm", True)))
+                norm_topk=bool(m("expert_weights_norm", True)), shared_expert_dim=shared,
+                shared_expert_gate="blk.0.ffn_gate_inp_shexp.weight" in tensors)
 
 
 def _positive(x: Any) -> float | None:
@@ -237,6 +242,8 @@ def _getter(tensors: dict[str, Any], path: Path) -> Callable[[str, tuple[int, ..
             a = _dequantize(tensors[name])
         except (ValueError, NotImplementedError) as e:  # truncated data, unknown block type
             raise ConversionError(f"cannot read tensor {name!r} of GGUF file {path}: {e}") from e
+        if a.shape != shape and [n for n in a.shape if n != 1] == [n for n in shape if n != 1]:
+            a = a.reshape(shape)  # a [1, D] written where llama.cpp reads [D] (or back)
         if a.shape != shape:
             raise ConversionError(f"tensor {name!r} in {path} has shape {a.shape}, "
                                   f"expected {shape}")
@@ -259,6 +266,10 @@ def _weights(cfg: ModelConfig, get: Callable[..., np.ndarray], permuted: bool,
     E = cfg.num_experts
     mlp = ({"router": (D, E), "moe_gate": (E, D, F), "moe_up": (E, D, F), "moe_down": (E, F, D)}
            if E else {"w_gate": (D, F), "w_up": (D, F), "w_down": (F, D)})
+    Fs = cfg.shared_expert_dim
+    shared = {"shared_gate": ("ffn_gate_shexp", (D, Fs)), "shared_up": ("ffn_up_shexp", (D, Fs)),
+              "shared_down": ("ffn_down_shexp", (Fs, D))} if Fs else {}
+    mlp.update({key: shape for key, (_, shape) in shared.items()})
     layers = stacks({"wq": (D, N, H), "wk": (D, K, H), "wv": (D, K, H), "wo": (N, H, D), **mlp},
                     L, quant)
     if cfg.qkv_bias:
@@ -278,6 +289,8 @@ def _weights(cfg: ModelConfig, get: Callable[..., np.ndarray], permuted: bool,
             x["moe_gate"][i] = get(p + "ffn_gate_exps.weight", (E, F, D)).swapaxes(1, 2)
             x["moe_up"][i] = get(p + "ffn_up_exps.weight", (E, F, D)).swapaxes(1, 2)
             x["moe_down"][i] = get(p + "ffn_down_exps.weight", (E, D, F)).swapaxes(1, 2)
+            for key, (gname, shape) in shared.items():
+                x[key][i] = get(p + gname + ".weight", shape[::-1]).T
         else:
             x["w_gate"][i] = get(p + "ffn_gate.weight", (F, D)).T
             x["w_up"][i] = get(p + "ffn_up.weight", (F, D)).T
@@ -288,8 +301,10 @@ def _weights(cfg: ModelConfig, get: Callable[..., np.ndarray], permuted: bool,
             x["bv"][i] = get(p + "attn_v.bias", (K * H,)).reshape(K, H)
         if progress:
             progress(i + 1, L)
+    layers.update(shared_router(cfg, get))
     weights = {"embed": get("token_embd.weight", (V, D)), "layers": results(layers),
                "final_norm": get("output_norm.weight", (D,))}
     if not cfg.tie_embeddings:
         weights["lm_head"] = np.ascontiguousarray(get("output.weight", (V, D)).T)
     return weights
+

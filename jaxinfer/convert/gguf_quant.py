@@ -120,6 +120,11 @@ def quantized_weights(cfg: ModelConfig, tensors: dict[str, Any], permuted: bool,
         shapes.update(moe_gate=(E, D, F), moe_up=(E, D, F), moe_down=(E, F, D))
         src.update(moe_gate=("ffn_gate_exps", None), moe_up=("ffn_up_exps", None),
                    moe_down=("ffn_down_exps", None))
+        if cfg.shared_expert_dim:  # Qwen2-MoE's shared expert, a dense MLP
+            Fs = cfg.shared_expert_dim
+            shapes.update(shared_gate=(D, Fs), shared_up=(D, Fs), shared_down=(Fs, D))
+            src.update(shared_gate=("ffn_gate_shexp", None), shared_up=("ffn_up_shexp", None),
+                       shared_down=("ffn_down_shexp", None))
     else:
         shapes.update(w_gate=(D, F), w_up=(D, F), w_down=(F, D))
         src.update(w_gate=("ffn_gate", None), w_up=("ffn_up", None), w_down=("ffn_down", None))
@@ -149,9 +154,10 @@ def quantized_weights(cfg: ModelConfig, tensors: dict[str, Any], permuted: bool,
                                stack(2, True) if qc.linear.offsets else None, qc.linear, ga)
     layers.update(norms(cfg, get))
     layers.update(qk_norms(cfg, get))
-    if E:  # the router stays float
+    if E:  # the routers stay float
         layers["router"] = np.stack([get(f"blk.{i}.ffn_gate_inp.weight", (E, D)).T
                                      for i in range(L)])
+        layers.update(shared_router(cfg, get))
     if cfg.qkv_bias:
         for b, gname, heads in (("bq", "attn_q", N), ("bk", "attn_k", K), ("bv", "attn_v", K)):
             rows = [get(f"blk.{i}.{gname}.bias", (heads * H,)) for i in range(L)]
@@ -179,3 +185,10 @@ def _qarray(v: np.ndarray, s: np.ndarray, o: np.ndarray | None, spec: QuantSpec,
             ) -> QArray:
     return QArray(values=v.astype(spec.dtype), scales=s, offsets=o, group_axis=ga)
 
+
+def shared_router(cfg: ModelConfig, get: Callable[..., np.ndarray]) -> dict[str, np.ndarray]:
+    """Qwen2-MoE's shared-expert gate [L, D] (float in every file), if the model has one."""
+    if not cfg.shared_expert_gate:
+        return {}
+    return {"shared_router": np.stack([get(f"blk.{i}.ffn_gate_inp_shexp.weight",
+                                           (cfg.d_model,)) for i in range(cfg.num_layers)])}

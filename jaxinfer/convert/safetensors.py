@@ -141,6 +141,7 @@ def hf_linears(cfg: ModelConfig) -> dict[str, tuple[str, tuple[int, ...], int]]:
 
 # model_type -> (the MoE block's module, its router, each expert's gate / up / down names)
 _MOE_EXPERTS = {"mixtral": ("block_sparse_moe", "gate", ("w1", "w3", "w2")),
+                "qwen2_moe": ("mlp", "gate", ("gate_proj", "up_proj", "down_proj")),
                 "qwen3_moe": ("mlp", "gate", ("gate_proj", "up_proj", "down_proj"))}
 
 
@@ -165,6 +166,12 @@ def _weights(cfg: ModelConfig, r: _Reader, progress: Progress | None,
               **{key: shape for key, shape, _ in linears.values()}}
     if E:
         shapes.update(router=(D, E), moe_gate=(E, D, F), moe_up=(E, D, F), moe_down=(E, F, D))
+    Fs = cfg.shared_expert_dim
+    shared = {"shared_gate": ("gate_proj", (D, Fs)), "shared_up": ("up_proj", (D, Fs)),
+              "shared_down": ("down_proj", (Fs, D))} if Fs else {}
+    shapes.update({key: shape for key, (_, shape) in shared.items()})
+    if cfg.shared_expert_gate:
+        shapes.update(shared_router=(D,))
     # Gemma 2/3 sandwich each block: their post_attention_layernorm is the attention output's
     # norm and pre_feedforward_layernorm the MLP's input norm (Llama's post_attention one).
     norms = {"attn_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm"}
@@ -194,6 +201,12 @@ def _weights(cfg: ModelConfig, r: _Reader, progress: Progress | None,
                                             ((D, F), (D, F), (F, D)), strict=True):
                     x[key][i, e] = from_hf_matrix(r.get(q + name + ".weight", shape[::-1]),
                                                   shape)
+            for key, (name, shape) in shared.items():  # Qwen2-MoE's shared expert
+                x[key][i] = from_hf_matrix(
+                    r.get(f"{p}{block}.shared_expert.{name}.weight", shape[::-1]), shape)
+            if cfg.shared_expert_gate:
+                x["shared_router"][i] = r.get(f"{p}{block}.shared_expert_gate.weight",
+                                              (1, D))[0]
         if cfg.qk_norm:
             x["q_norm"][i] = r.get(p + "self_attn.q_norm.weight", (H,))
             x["k_norm"][i] = r.get(p + "self_attn.k_norm.weight", (H,))
