@@ -20,6 +20,7 @@ from jaxinfer.config import ModelConfig
 from jaxinfer.errors import BadRequestError
 from jaxinfer.kv_cache import KVCache
 from jaxinfer.sampling import GREEDY
+from jaxinfer.sharding import mesh_context
 from jaxinfer.weights import Weights
 
 
@@ -59,8 +60,9 @@ def perplexity(llm, token_ids: list[int], context_len: int = 512) -> Perplexity:
             break
         padded = np.full((1, context_len), llm.cfg.pad_token_id, np.int32)
         padded[0, :len(win)] = win
-        nll, pred = _window(llm.params, jnp.asarray(padded), llm.init_cache(1, context_len),
-                            cfg=llm.cfg)
+        with mesh_context(llm.mesh):  # an expert mesh traces its shard_map in it
+            nll, pred = _window(llm.params, jnp.asarray(padded),
+                                llm.init_cache(1, context_len), cfg=llm.cfg)
         k = len(win) - 1  # padding sits after the real tokens: causal, so it never leaks
         nll_sum += float(np.asarray(nll[:k], np.float64).sum())
         top1.append(np.asarray(pred[:k]))

@@ -203,8 +203,15 @@ def test_expert_parallel(moe_model, quant):
     sp = SamplingParams(temperature=0, ignore_eos=True)
     prompts = [list(map(int, t)) for t in toks]
     if quant is None:
-        got = LLM(cfg, ws, CharTokenizer(), mesh).generate(prompts, sp, max_new_tokens=8)
+        from jaxinfer.perplexity import perplexity
+
+        llm = LLM(cfg, ws, CharTokenizer(), mesh)
+        got = llm.generate(prompts, sp, max_new_tokens=8)
         assert [c.token_ids for c in got] == ref
+        ppl = perplexity(llm, prompts[0] + ref[0], context_len=16).perplexity
+        assert ppl == pytest.approx(
+            perplexity(LLM(cfg, w, CharTokenizer()), prompts[0] + ref[0], 16).perplexity,
+            rel=1e-4)
     eng = Engine(ws, cfg, CharTokenizer(), EngineConfig(num_slots=4, max_len=64, prefix_block=8,
                                                         prefill_token_budget=8), mesh=mesh)
     try:
