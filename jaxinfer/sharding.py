@@ -2,9 +2,9 @@
 
 Weights and activations have separate rules: weights shard heads/MLP width over `model`
 (tensor parallelism), a mixture of experts' experts over `expert` (expert parallelism)
-and optionally `embed` over `data` (FSDP); activations shard the batch over `data`. A
-dimension that does not divide its mesh axis is replicated with a warning (SmolLM2's 9
-query heads on a 2-way `model` axis), never a crash.
+and optionally `embed` over `data` (FSDP); activations shard the batch over `expert` and
+`data`. A dimension that does not divide its mesh axis is replicated with a warning
+(SmolLM2's 9 query heads on a 2-way `model` axis), never a crash.
 """
 
 from __future__ import annotations

@@ -277,6 +277,26 @@ def test_refusals(moe_model):
         ModelConfig.from_hf({**base, "num_experts_per_tok": 9})
 
 
+def test_gguf_shared_expert_width_falls_back_as_llama_cpp():
+    """A qwen2moe file without expert_shared_feed_forward_length (older converters): the
+    shared expert is feed_forward_length wide, as llama.cpp reads it."""
+    from pathlib import Path
+
+    from jaxinfer.convert.gguf import _experts
+
+    meta = {"expert_count": 6, "expert_used_count": 2, "feed_forward_length": 96}
+    tensors = dict.fromkeys(["blk.0.ffn_gate_exps.weight", "blk.0.ffn_gate_shexp.weight",
+                             "blk.0.ffn_gate_inp_shexp.weight"])
+    got = _experts(lambda k, d=None: meta.get(k, d), tensors, Path("x.gguf"))
+    assert (got["shared_expert_dim"], got["shared_expert_gate"]) == (96, True)
+    meta["expert_shared_feed_forward_length"] = 48
+    assert _experts(lambda k, d=None: meta.get(k, d), tensors, Path("x.gguf"))[
+        "shared_expert_dim"] == 48
+    del tensors["blk.0.ffn_gate_shexp.weight"], tensors["blk.0.ffn_gate_inp_shexp.weight"]
+    got = _experts(lambda k, d=None: meta.get(k, d), tensors, Path("x.gguf"))
+    assert (got["shared_expert_dim"], got["shared_expert_gate"]) == (0, False)
+
+
 @pytest.mark.parametrize("quantized", [False, True])
 def test_gguf_matches_transformers(moe_model, tmp_path, quantized):
     """A GGUF the way llama.cpp writes a mixture of experts (Mixtral as `llama` with

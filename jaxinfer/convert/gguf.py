@@ -186,9 +186,10 @@ def _experts(m: Callable[..., Any], tensors: dict[str, Any], path: Path) -> dict
     if "blk.0.ffn_gate_exps.weight" not in tensors:
         raise ConversionError(f"GGUF file {path} stores its experts one tensor each (an old "
                               "llama.cpp layout); convert it again with a current llama.cpp")
-    shared = int(m("expert_shared_feed_forward_length") or 0)
-    if "blk.0.ffn_gate_shexp.weight" in tensors and not shared:  # older files: its width
-        shared = int(tensors["blk.0.ffn_gate_shexp.weight"].shape[-1])
+    shared = 0
+    if "blk.0.ffn_gate_shexp.weight" in tensors:  # older files: feed_forward_length, as
+        shared = int(m("expert_shared_feed_forward_length")  # llama.cpp reads them
+                     or m("feed_forward_length"))
     return dict(num_experts=experts, experts_per_token=int(m("expert_used_count")),
                 norm_topk=bool(m("expert_weights_norm", True)), shared_expert_dim=shared,
                 shared_expert_gate="blk.0.ffn_gate_inp_shexp.weight" in tensors)
@@ -307,4 +308,3 @@ def _weights(cfg: ModelConfig, get: Callable[..., np.ndarray], permuted: bool,
     if not cfg.tie_embeddings:
         weights["lm_head"] = np.ascontiguousarray(get("output.weight", (V, D)).T)
     return weights
-
