@@ -69,6 +69,48 @@ def test_two_processes_agree_with_single_process(smollm2_checkpoint):
     assert f"process 1 token_ids: {ref['token_ids']}" in outs[1][1]
 
 
+def test_two_processes_expert_parallel(smollm2_checkpoint, tmp_path):
+    """A mixture of experts (random weights, SmolLM2's tokenizer) with its experts split
+    over two processes (`expert:2,model:2`, the shard_map of moe.py in every process)
+    gives the single-device tokens."""
+    import jax
+
+    from jaxinfer.checkpoint import save_checkpoint
+    from jaxinfer.config import ModelConfig
+    from jaxinfer.weights import init_weights, weight_specs
+
+    cfg = ModelConfig(vocab_size=49152, d_model=64, mlp_dim=64, num_layers=2, num_heads=4,
+                      num_kv_heads=2, head_dim=16, max_seq_len=256, num_experts=4,
+                      experts_per_token=2, shared_expert_dim=32, shared_expert_gate=True,
+                      eos_token_ids=(2,), name="tiny-moe")
+    w = init_weights(weight_specs(cfg), jax.random.key(0))
+    save_checkpoint(tmp_path / "moe", cfg, w, tokenizer_dir=smollm2_checkpoint / "tokenizer")
+    ckpt = ["--checkpoint", str(tmp_path / "moe"), "--ignore_eos"]
+    single = subprocess.run(GENERATE + ARGS + ckpt + ["--num_cpu_devices", "1"],
+                            capture_output=True, text=True, timeout=300, env=_env())
+    assert single.returncode == 0, single.stderr[-2000:]
+    ref = _json_line(single.stdout)
+    addr = f"127.0.0.1:{_free_port()}"
+    procs = [subprocess.Popen(
+        GENERATE + ARGS + ckpt + ["--num_cpu_devices", "2", "--mesh", "expert:2,model:2",
+                                  "--coordinator_address", addr, "--num_processes", "2",
+                                  "--process_id", str(i), "--distributed_timeout_s", "120"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+        for i in range(2)]
+    outs = []
+    try:
+        for p in procs:
+            outs.append(p.communicate(timeout=400))
+    finally:
+        for p in procs:
+            p.kill()
+    for p, (_, err) in zip(procs, outs, strict=True):
+        assert p.returncode == 0, err[-3000:]
+    got = _json_line(outs[0][0])
+    assert len(ref["token_ids"]) == 8 and got["token_ids"] == ref["token_ids"]
+    assert f"process 1 token_ids: {ref['token_ids']}" in outs[1][1]
+
+
 def test_missing_peer_fails_clearly_within_the_timeout(smollm2_checkpoint):
     addr = f"127.0.0.1:{_free_port()}"
     t0 = time.monotonic()
