@@ -33,6 +33,20 @@ def test_non_dividing_dim_replicates_with_warning(caplog):
     assert "does not divide" in caplog.text
 
 
+def test_batch_keeps_the_mesh_axes_that_divide_it(caplog):
+    """The batch rule names two mesh axes (expert, then data): a batch keeps as many as
+    divide it, `data` first, and says what it dropped; without an expert axis it is the
+    plain data-parallel rule."""
+    rules = ShardingRules.default().activations
+    mesh = make_mesh("data:4,expert:2")
+    spec = lambda B: logical_to_spec(("batch",), rules, mesh, (B,), "cache")[0]
+    assert spec(8) == ("expert", "data") and not caplog.text
+    assert spec(4) == "data" and "sharding it over data" in caplog.text
+    assert spec(6) == "expert" and spec(1) is None and "replicating it" in caplog.text
+    assert logical_to_spec(("batch",), rules, make_mesh("data:2,model:4"), (8,))[0] == "data"
+    assert make_mesh("expert:2").axis_names == ("data", "expert", "model")
+
+
 def test_fsdp_rules_shard_embed_over_data():
     mesh = make_mesh("data:2,model:4")
     sh = weight_shardings(weight_specs(TINY), mesh, ShardingRules.default(fsdp=True))
