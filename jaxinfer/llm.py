@@ -158,13 +158,24 @@ def _prompt_logprobs(scored: tuple | None, prompts: list[list[int]],
 
 
 def _on_mesh(method: Callable) -> Callable:
-    """Run a method (a generator too: for its whole iteration) in the model's mesh
-    context, which expert parallelism traces with (sharding.mesh_context)."""
+    """Run a method in the model's mesh context, which expert parallelism traces with
+    (sharding.mesh_context). A generator runs in it one step at a time, never across a
+    yield, so interleaved streams (and the caller's code between steps) keep their own."""
     if inspect.isgeneratorfunction(method):
         @functools.wraps(method)
         def iterate(self, *args, **kw):
-            with mesh_context(self.mesh):
-                yield from method(self, *args, **kw)
+            steps = method(self, *args, **kw)
+            try:
+                while True:
+                    with mesh_context(self.mesh):
+                        try:
+                            item = next(steps)
+                        except StopIteration as stop:
+                            return stop.value
+                    yield item
+            finally:
+                with mesh_context(self.mesh):
+                    steps.close()
         return iterate
 
     @functools.wraps(method)

@@ -208,6 +208,17 @@ def test_expert_parallel(moe_model, quant):
         llm = LLM(cfg, ws, CharTokenizer(), mesh)
         got = llm.generate(prompts, sp, max_new_tokens=8)
         assert [c.token_ids for c in got] == ref
+        # two streams stepped by hand in turn: each step in the mesh, none leaks out of it
+        results = [[], []]
+        streams = [llm.stream(p, sp, max_new_tokens=8, result=r) for p, r in
+                   zip(prompts[:2], results, strict=True)]
+        for _ in range(8):
+            for s in streams:
+                next(s, None)
+                assert jax.sharding.get_abstract_mesh().empty
+        for s in streams:
+            list(s)
+        assert [r[0].token_ids for r in results] == ref[:2]
         ppl = perplexity(llm, prompts[0] + ref[0], context_len=16).perplexity
         assert ppl == pytest.approx(
             perplexity(LLM(cfg, w, CharTokenizer()), prompts[0] + ref[0], 16).perplexity,
