@@ -38,16 +38,15 @@ def _json_line(stdout: str) -> dict:
     return json.loads(lines[0])
 
 
-def test_two_processes_agree_with_single_process(smollm2_checkpoint):
-    ckpt = ["--checkpoint", str(smollm2_checkpoint)]
-    single = subprocess.run(GENERATE + ARGS + ckpt + ["--num_cpu_devices", "1"],
+def _single_and_two_processes(args: list[str], mesh: str) -> tuple[dict, list]:
+    """(the one-device result, (stdout, stderr) of each of two processes of two CPU
+    devices on `mesh`) of scripts/generate.py with `args`; every run must succeed."""
+    single = subprocess.run(GENERATE + ARGS + args + ["--num_cpu_devices", "1"],
                             capture_output=True, text=True, timeout=300, env=_env())
     assert single.returncode == 0, single.stderr[-2000:]
-    ref = _json_line(single.stdout)
-
     addr = f"127.0.0.1:{_free_port()}"
     procs = [subprocess.Popen(
-        GENERATE + ARGS + ckpt + ["--num_cpu_devices", "2", "--mesh", "data:2,model:2",
+        GENERATE + ARGS + args + ["--num_cpu_devices", "2", "--mesh", mesh,
                                   "--coordinator_address", addr, "--num_processes", "2",
                                   "--process_id", str(i), "--distributed_timeout_s", "120"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
@@ -61,6 +60,12 @@ def test_two_processes_agree_with_single_process(smollm2_checkpoint):
             p.kill()
     for p, (_, err) in zip(procs, outs, strict=True):
         assert p.returncode == 0, err[-3000:]
+    return _json_line(single.stdout), outs
+
+
+def test_two_processes_agree_with_single_process(smollm2_checkpoint):
+    ref, outs = _single_and_two_processes(["--checkpoint", str(smollm2_checkpoint)],
+                                          "data:2,model:2")
     got = _json_line(outs[0][0])
     assert got["token_ids"] == ref["token_ids"] and got["text"] == ref["text"]
     assert "Paris" in got["text"]
@@ -85,27 +90,8 @@ def test_two_processes_expert_parallel(smollm2_checkpoint, tmp_path):
                       eos_token_ids=(2,), name="tiny-moe")
     w = init_weights(weight_specs(cfg), jax.random.key(0))
     save_checkpoint(tmp_path / "moe", cfg, w, tokenizer_dir=smollm2_checkpoint / "tokenizer")
-    ckpt = ["--checkpoint", str(tmp_path / "moe"), "--ignore_eos"]
-    single = subprocess.run(GENERATE + ARGS + ckpt + ["--num_cpu_devices", "1"],
-                            capture_output=True, text=True, timeout=300, env=_env())
-    assert single.returncode == 0, single.stderr[-2000:]
-    ref = _json_line(single.stdout)
-    addr = f"127.0.0.1:{_free_port()}"
-    procs = [subprocess.Popen(
-        GENERATE + ARGS + ckpt + ["--num_cpu_devices", "2", "--mesh", "expert:2,model:2",
-                                  "--coordinator_address", addr, "--num_processes", "2",
-                                  "--process_id", str(i), "--distributed_timeout_s", "120"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
-        for i in range(2)]
-    outs = []
-    try:
-        for p in procs:
-            outs.append(p.communicate(timeout=400))
-    finally:
-        for p in procs:
-            p.kill()
-    for p, (_, err) in zip(procs, outs, strict=True):
-        assert p.returncode == 0, err[-3000:]
+    ref, outs = _single_and_two_processes(
+        ["--checkpoint", str(tmp_path / "moe"), "--ignore_eos"], "expert:2,model:2")
     got = _json_line(outs[0][0])
     assert len(ref["token_ids"]) == 8 and got["token_ids"] == ref["token_ids"]
     assert f"process 1 token_ids: {ref['token_ids']}" in outs[1][1]
