@@ -25,9 +25,9 @@ the experts divide, each device runs its own E / n experts inside a `shard_map` 
 tokens routed to them (the others skip: a decode step reads only the chosen experts that
 are local) and the outputs are summed over the axis: one all-reduce of [tokens, D], or,
 where the batch is split over `expert` too (attention data-parallel over it), an
-all-gather of the tokens before and a reduce-scatter of the sums after. Left
-to GSPMD, slicing a chosen expert out of expert-sharded weights all-reduces the sliced
-weights instead (docs/sharding.md measures both).
+all-gather of the tokens before and a reduce-scatter of the sums after. Left to GSPMD,
+slicing a chosen expert out of expert-sharded weights all-gathers every expert's weights
+inside the per-pair loop instead (docs/sharding.md).
 """
 
 from __future__ import annotations

@@ -156,8 +156,8 @@ def test_expert_parallel(moe_model, quant):
     the batch over `data` (and `expert` where it divides): prefill, decode through the
     chosen experts (B * C <= E) and through all of them equal one device; the step's only
     collectives are activation-sized (left to GSPMD, the sliced experts' weights are
-    all-gathered each step);
-    greedy tokens equal transformers through LLM.generate and the engine."""
+    all-gathered each step); greedy tokens equal transformers through LLM.generate, two
+    interleaved streams and the engine; perplexity equals one device's."""
     from jaxinfer.quant import QuantConfig
     from jaxinfer.sharding import make_mesh, mesh_context
     from jaxinfer.weights import quantize_weights, weight_shardings, weight_specs
