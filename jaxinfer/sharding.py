@@ -151,16 +151,18 @@ def activation_sharding(axes: Sequence[str | None], mesh: Mesh, shape: Sequence[
     return NamedSharding(mesh, logical_to_spec(axes, rules.activations, mesh, shape, what))
 
 
+def _expert_size(mesh: Mesh | jax.sharding.AbstractMesh | None) -> int:
+    return 1 if mesh is None or mesh.empty else dict(mesh.shape).get(EXPERT_AXIS, 1)
+
+
 def expert_parallelism(mesh: Mesh | jax.sharding.AbstractMesh | None, num_experts: int) -> int:
     """How many ways the experts split over the mesh's `expert` axis (1: not split); the
     weight rules' fallback (experts that do not divide the axis are replicated) too."""
-    n = 1 if mesh is None or mesh.empty else dict(mesh.shape).get(EXPERT_AXIS, 1)
+    n = _expert_size(mesh)
     return n if num_experts and num_experts % n == 0 else 1
 
 
 def mesh_context(mesh: Mesh | None) -> contextlib.AbstractContextManager:
     """The mesh as JAX's context mesh where the program needs it at trace time: only an
     `expert` axis does (moe.py's shard_map), so other meshes keep the plain context."""
-    if mesh is None or dict(mesh.shape).get(EXPERT_AXIS, 1) == 1:
-        return contextlib.nullcontext()
-    return jax.set_mesh(mesh)
+    return jax.set_mesh(mesh) if _expert_size(mesh) > 1 else contextlib.nullcontext()
