@@ -30,11 +30,11 @@ def run_main(main: Callable[[list[str]], Any]) -> None:
 
 
 def _exit_with_error(msg: str) -> None:
-    """Write `error: msg` as stderr's last line and exit 2 at once. After a failed Orbax
-    write its writer threads are still printing tracebacks (a half-written line, more at
-    shutdown): stderr's descriptor goes to /dev/null before the line is written to a copy
-    of it, a live thread's half line is ended first, and os._exit skips the shutdown.
-    Cleanup already ran in `finally` blocks."""
+    """Write `error: msg` as stderr's last line and exit 2 at once, whatever other threads
+    are still printing (checkpoint.py drops Orbax writer threads' own reports of a failed
+    write; this guards the line against any other thread): stderr's descriptor goes to
+    /dev/null before the line is written to a copy of it, a live thread's half line is
+    ended first, and os._exit skips the shutdown. Cleanup already ran in `finally` blocks."""
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
