@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +64,16 @@ class ModelConfig:
     local_layers: tuple[bool, ...] = ()
     rope_local_theta: float | None = None  # Gemma 3: RoPE base of local layers
     rope_linear_factor: float = 1.0  # linear position scaling of the global layers
+    # Long-context RoPE variants (transformers' rope_type "yarn" and "longrope"):
+    # YaRN (Qwen2.5/3, DeepSeek): (factor, original_max_position_embeddings, beta_fast,
+    # beta_slow, truncate), the frequencies blended between interpolated and original.
+    rope_yarn: tuple[float, int, float, float, bool] | None = None
+    # LongRoPE (Phi-3.5, Phi-4-mini): (short factors, long factors, original_max_position_
+    # embeddings), per-frequency divisors; a run whose KV cache is longer than the original
+    # context uses the long ones throughout (vLLM's rule for max_model_len).
+    rope_longrope: tuple[tuple[float, ...], tuple[float, ...], int] | None = None
+    rope_attention_factor: float = 1.0  # cos and sin scaled by it (YaRN, LongRoPE)
+    rope_dim: int | None = None  # rotated dims of each head (Phi-4-mini: 3/4); None: all
     # Mixture of experts (Mixtral, Qwen2/3-MoE): every layer's MLP is num_experts experts of
     # width mlp_dim; a softmax router sends each token to its top experts_per_token, whose
     # outputs are summed with the router weights (renormalised to sum 1 with norm_topk).
@@ -101,6 +112,20 @@ class ModelConfig:
                               f"num_layers={self.num_layers}")
         if self.rope_scaling is not None:
             object.__setattr__(self, "rope_scaling", tuple(self.rope_scaling))
+        if self.rope_yarn is not None:
+            object.__setattr__(self, "rope_yarn", tuple(self.rope_yarn))
+        rot = self.rope_dim or self.head_dim
+        if not isinstance(rot, int) or not 0 < rot <= self.head_dim or rot % 2:
+            raise ConfigError(f"rope_dim must be an even integer in (0, head_dim="
+                              f"{self.head_dim}], got {self.rope_dim!r}")
+        if self.rope_longrope is not None:
+            short, long, orig = self.rope_longrope
+            short, long = tuple(map(float, short)), tuple(map(float, long))
+            if len(short) != rot // 2 or len(long) != rot // 2:
+                raise ConfigError(f"rope_longrope needs {rot // 2} short and long factors "
+                                  f"(one per rotated frequency), got {len(short)} and "
+                                  f"{len(long)}")
+            object.__setattr__(self, "rope_longrope", (short, long, int(orig)))
 
     @property
     def q_per_kv(self) -> int:  # G
@@ -140,7 +165,7 @@ class ModelConfig:
             raise ConfigError(f"unknown ModelConfig fields: {sorted(unknown)}")
         d = dict(d)
         if d.get("rope_scaling") is not None:
-            d["rope_scaling"] = tuple(d["rope_scaling"])
+            d["rope_scaling"] = tuple(d["rope_scaling"])  # (the others __post_init__ fixes)
         d["eos_token_ids"] = tuple(d.get("eos_token_ids", ()))
         d["local_layers"] = tuple(d.get("local_layers", ()))
         return cls(**d)
@@ -175,17 +200,8 @@ class ModelConfig:
             eos = hf.get("eos_token_id")
             eos = [] if eos is None else (eos if isinstance(eos, list) else [eos])
             theta, local_theta, scaling = _rope(hf)
-            llama3, linear = None, 1.0
-            if scaling:
-                rtype = scaling.get("rope_type", scaling.get("type"))
-                if rtype == "llama3":
-                    llama3 = (float(scaling["factor"]), float(scaling["low_freq_factor"]),
-                              float(scaling["high_freq_factor"]),
-                              int(scaling["original_max_position_embeddings"]))
-                elif rtype == "linear":
-                    linear = float(scaling["factor"])
-                elif rtype != "default":
-                    raise ConfigError(f"unsupported rope_scaling type {rtype!r}")
+            head_dim = int(hf.get("head_dim") or d // n)
+            rope = _rope_scaling(hf, scaling or {}, head_dim)
             act = hf.get("hidden_activation") or ("gelu_pytorch_tanh" if gemma
                                                   else hf.get("hidden_act", "silu"))
             if act not in _HF_ACTIVATIONS:
@@ -203,9 +219,8 @@ class ModelConfig:
                 num_layers=L,
                 num_heads=n,
                 num_kv_heads=int(hf.get("num_key_value_heads") or n),
-                head_dim=int(hf.get("head_dim") or d // n),
+                head_dim=head_dim,
                 rope_theta=float(theta),
-                rope_scaling=llama3,
                 rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6 if gemma else 1e-5)),
                 max_seq_len=int(hf.get("max_position_embeddings", 2048)),
                 tie_embeddings=bool(hf.get("tie_word_embeddings", gemma)),
@@ -226,7 +241,7 @@ class ModelConfig:
                 sliding_window=window,
                 local_layers=local,
                 rope_local_theta=None if local_theta is None else float(local_theta),
-                rope_linear_factor=linear,
+                **rope,
                 num_experts=experts,
                 experts_per_token=chosen,
                 norm_topk=bool(hf.get("norm_topk_prob", kind != "qwen2_moe")),
@@ -255,10 +270,24 @@ class ModelConfig:
         }
         if self.qk_norm:
             hf.update(architectures=["Qwen3ForCausalLM"], model_type="qwen3")
+        if self.rope_dim is not None:
+            raise ConfigError(f"{self.name}: partial rotary dims have no Llama config")
         if self.rope_scaling:
             f, lo, hi, orig = self.rope_scaling
             hf["rope_scaling"] = {"rope_type": "llama3", "factor": f, "low_freq_factor": lo,
                                   "high_freq_factor": hi, "original_max_position_embeddings": orig}
+        if self.rope_yarn:
+            f, orig, fast, slow, truncate = self.rope_yarn
+            hf["rope_scaling"] = {"rope_type": "yarn", "factor": f, "beta_fast": fast,
+                                  "beta_slow": slow, "truncate": truncate,
+                                  "original_max_position_embeddings": orig,
+                                  "attention_factor": self.rope_attention_factor}
+        if self.rope_longrope:
+            short, long, orig = self.rope_longrope
+            hf["rope_scaling"] = {"rope_type": "longrope", "short_factor": list(short),
+                                  "long_factor": list(long), "attention_factor":
+                                  self.rope_attention_factor,
+                                  "original_max_position_embeddings": orig}
         return hf
 
 
@@ -296,6 +325,58 @@ def _rope(hf: dict[str, Any]) -> tuple[float, float | None, dict | None]:
             hf.get("rope_scaling") or None)
 
 
+def _rope_scaling(hf: dict[str, Any], scaling: dict[str, Any], head_dim: int
+                  ) -> dict[str, Any]:
+    """ModelConfig's RoPE fields from a scaling dict (`rope_parameters` or `rope_scaling`):
+    Llama 3, linear, YaRN, LongRoPE (Phi-3's older name "su"); partial rotary dims
+    (`partial_rotary_factor`, top level or in the dict). transformers' defaults apply to
+    what is left out (YaRN's betas 32 and 1, truncation on; the attention factors)."""
+    out: dict[str, Any] = {}
+    part = float(scaling.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0)))
+    if part != 1.0:
+        out["rope_dim"] = int(head_dim * part)
+    rtype = scaling.get("rope_type", scaling.get("type", "default"))
+    orig = scaling.get("original_max_position_embeddings",
+                       hf.get("original_max_position_embeddings"))
+    factor = scaling.get("factor")
+    if rtype == "llama3":
+        out["rope_scaling"] = (float(factor), float(scaling["low_freq_factor"]),
+                               float(scaling["high_freq_factor"]), int(orig))
+    elif rtype == "linear":
+        out["rope_linear_factor"] = float(factor)
+    elif rtype == "yarn":
+        if orig is None:
+            raise KeyError("original_max_position_embeddings")
+        factor = float(factor if factor is not None
+                       else int(hf["max_position_embeddings"]) / int(orig))
+        att = scaling.get("attention_factor")
+        if att is None:
+            mscale, all_dim = scaling.get("mscale"), scaling.get("mscale_all_dim")
+            att = (_yarn_mscale(factor, mscale) / _yarn_mscale(factor, all_dim)
+                   if mscale and all_dim else _yarn_mscale(factor))
+        out.update(rope_yarn=(factor, int(orig), float(scaling.get("beta_fast") or 32),
+                              float(scaling.get("beta_slow") or 1),
+                              bool(scaling.get("truncate", True))),
+                   rope_attention_factor=float(att))
+    elif rtype in ("longrope", "su"):
+        orig = int(orig if orig is not None else hf["max_position_embeddings"])
+        factor = float(factor if factor is not None
+                       else int(hf["max_position_embeddings"]) / orig)
+        att = scaling.get("attention_factor")
+        if att is None:
+            att = 1.0 if factor <= 1 else math.sqrt(1 + math.log(factor) / math.log(orig))
+        out.update(rope_longrope=(tuple(scaling["short_factor"]), tuple(scaling["long_factor"]),
+                                  orig), rope_attention_factor=float(att))
+    elif rtype != "default":
+        raise ConfigError(f"unsupported rope_scaling type {rtype!r} (supported: llama3, "
+                          "linear, yarn, longrope)")
+    return out
+
+
+def _yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
 def local_pattern(pattern: int, num_layers: int) -> tuple[bool, ...]:
     """Every `pattern`-th layer global, the others local (Gemma 2: 2, Gemma 3: 6)."""
     return tuple((i + 1) % pattern != 0 for i in range(num_layers))
@@ -311,7 +392,7 @@ def _sliding(hf: dict[str, Any], kind: str, L: int) -> tuple[int | None, tuple[b
             return int(window), tuple(t == "sliding_attention" for t in types)
         pattern = 2 if kind == "gemma2" else int(hf.get("sliding_window_pattern") or 6)
         return int(window), local_pattern(pattern, L)
-    if kind in ("mistral", "mixtral") and window:
+    if kind in ("mistral", "mixtral", "phi3") and window:
         return int(window), ()
     if hf.get("use_sliding_window"):
         raise ConfigError(f"sliding-window attention of model_type {kind!r} is not supported")

@@ -40,13 +40,15 @@ def norm(cfg: ModelConfig, x_BTD: jax.Array, w_D: jax.Array) -> jax.Array:
     return rms_norm(x_BTD, w_D, cfg.rms_norm_eps, cfg.norm_plus_one)
 
 
-def rope_frequencies(cfg: ModelConfig, local: bool = False) -> np.ndarray:
-    """Inverse frequencies [H/2] of the global layers, or of the local (sliding-window)
-    ones, which Gemma 3 gives their own base and no scaling; with Llama-3 long-context
-    or linear scaling when configured."""
-    H = cfg.head_dim
+def rope_frequencies(cfg: ModelConfig, local: bool = False, long: bool = False
+                     ) -> np.ndarray:
+    """Inverse frequencies [R/2] (R rotated dims of each head) of the global layers, or of
+    the local (sliding-window) ones, which Gemma 3 gives their own base and no scaling;
+    scaled as configured: linear, Llama 3, YaRN, or LongRoPE's short (`long`: long)
+    factors. Computed in float64 on the host, as transformers computes them in float32."""
+    R = cfg.rope_dim or cfg.head_dim
     theta = cfg.rope_local_theta if local and cfg.rope_local_theta else cfg.rope_theta
-    inv = 1.0 / (theta ** (np.arange(0, H, 2, dtype=np.float64) / H))
+    inv = 1.0 / (theta ** (np.arange(0, R, 2, dtype=np.float64) / R))
     if local and cfg.rope_local_theta:
         return inv.astype(np.float32)
     inv = inv / cfg.rope_linear_factor
@@ -58,17 +60,49 @@ def rope_frequencies(cfg: ModelConfig, local: bool = False) -> np.ndarray:
         scaled = np.where(wavelen > lo_wl, inv / factor, inv)
         mid = (wavelen <= lo_wl) & (wavelen >= hi_wl)
         inv = np.where(mid, (1 - smooth) * inv / factor + smooth * inv, scaled)
+    if cfg.rope_yarn:
+        factor, orig, fast, slow, truncate = cfg.rope_yarn
+        # The dims that turn fewer than `slow` times over the original context are
+        # interpolated (divided by factor), those turning more than `fast` times kept,
+        # a linear ramp between.
+        def dim(turns):
+            return R * np.log(orig / (turns * 2 * np.pi)) / (2 * np.log(theta))
+        lo, hi = dim(fast), dim(slow)
+        if truncate:
+            lo, hi = np.floor(lo), np.ceil(hi)
+        lo, hi = max(lo, 0), min(hi, R - 1)
+        ramp = np.clip((np.arange(R // 2) - lo) / (hi - lo if hi > lo else 0.001), 0, 1)
+        inv = inv / factor * ramp + inv * (1 - ramp)
+    if cfg.rope_longrope:
+        inv = inv / np.asarray(cfg.rope_longrope[1 if long else 0], np.float64)
     return inv.astype(np.float32)
 
 
-def apply_rope(x_BTNH: jax.Array, positions_BT: jax.Array, inv_freq: np.ndarray) -> jax.Array:
-    """Rotate-half RoPE (the Hugging Face layout; converters undo llama.cpp's interleave)."""
-    angles_BTh = positions_BT[..., None].astype(jnp.float32) * inv_freq
-    cos = jnp.cos(angles_BTh)[:, :, None, :]
-    sin = jnp.sin(angles_BTh)[:, :, None, :]
+def rope_angles(cfg: ModelConfig, positions_BT: jax.Array, local: jax.Array | None = None,
+                context: int = 0) -> jax.Array:
+    """RoPE angles [B, T, R/2] of each position; `local` (a traced bool) picks the local
+    layers' frequencies. LongRoPE takes its long factors for every position when the
+    run's context (the KV cache length) exceeds the original one, as vLLM does with
+    max_model_len: transformers switches when a sequence crosses it and recomputes the
+    cache, which a cache shared by slots cannot; this way cached keys stay valid."""
+    pos = positions_BT[..., None].astype(jnp.float32)
+    long = bool(cfg.rope_longrope) and context > cfg.rope_longrope[2]
+    inv = rope_frequencies(cfg, long=long)
+    if local is not None and cfg.rope_local_theta:
+        inv = jnp.where(local, rope_frequencies(cfg, local=True), inv)
+    return pos * inv
+
+
+def apply_rope(x_BTNH: jax.Array, angles_BTh: jax.Array, scale: float = 1.0) -> jax.Array:
+    """Rotate-half RoPE (the Hugging Face layout; converters undo llama.cpp's interleave)
+    of the first R = 2 * angles' last dims of each head (partial rotary: the rest pass),
+    cos and sin scaled by `scale` (YaRN's and LongRoPE's attention factor)."""
+    R = 2 * angles_BTh.shape[-1]
+    cos = (jnp.cos(angles_BTh) * scale)[:, :, None, :]
+    sin = (jnp.sin(angles_BTh) * scale)[:, :, None, :]
     x = x_BTNH.astype(jnp.float32)
-    x1, x2 = jnp.split(x, 2, axis=-1)
-    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    x1, x2 = jnp.split(x[..., :R], 2, axis=-1)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin, x[..., R:]], axis=-1)
     return out.astype(x_BTNH.dtype)
 
 

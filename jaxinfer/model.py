@@ -26,7 +26,7 @@ import numpy as np
 from jaxinfer.attention import attention
 from jaxinfer.config import ModelConfig
 from jaxinfer.kv_cache import KVCache, read_kv, write_kv
-from jaxinfer.layers import apply_rope, dot, mlp, norm, rope_frequencies, softcap
+from jaxinfer.layers import apply_rope, dot, mlp, norm, rope_angles, softcap
 from jaxinfer.lora import LoraStack, bind
 from jaxinfer.moe import moe
 from jaxinfer.quant import take_rows
@@ -34,10 +34,12 @@ from jaxinfer.weights import Weights
 
 
 def qkv(cfg: ModelConfig, w: Weights, h_BTD: jax.Array, pos_BT: jax.Array,
-        layer: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+        layer: jax.Array | None = None, context: int = 0
+        ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """A layer's q [B,T,N,H], k and v [B,T,K,H] of the normed input, RoPE applied: biases
     (Qwen2), per-head q/k RMSNorm (Qwen3, Gemma 3) and Gemma's query scale where the model
-    has them. `layer` (traced) picks local-layer RoPE frequencies (Gemma 3)."""
+    has them. `layer` (traced) picks local-layer RoPE frequencies (Gemma 3); `context`
+    (the cache length) LongRoPE's factors."""
     q = dot(h_BTD, w["wq"], "BTD,DNH->BTNH")
     k = dot(h_BTD, w["wk"], "BTD,DKH->BTKH")
     v = dot(h_BTD, w["wv"], "BTD,DKH->BTKH")
@@ -47,13 +49,14 @@ def qkv(cfg: ModelConfig, w: Weights, h_BTD: jax.Array, pos_BT: jax.Array,
         q, k = norm(cfg, q, w["q_norm"]), norm(cfg, k, w["k_norm"])
     if cfg.query_scale is not None:  # attention scales scores by H ** -0.5
         q = (q * (cfg.query_scale * cfg.head_dim ** 0.5)).astype(q.dtype)
-    inv_freq = rope_frequencies(cfg)
+    local = None
     if cfg.rope_local_theta and any(cfg.local_L):
         if layer is None:
             raise ValueError(f"{cfg.name} has local layers: qkv needs the layer index")
-        inv_freq = jnp.where(jnp.asarray(cfg.local_L)[layer], rope_frequencies(cfg, True),
-                             inv_freq)
-    return apply_rope(q, pos_BT, inv_freq), apply_rope(k, pos_BT, inv_freq), v
+        local = jnp.asarray(cfg.local_L)[layer]
+    angles = rope_angles(cfg, pos_BT, local, context)
+    scale = cfg.rope_attention_factor
+    return apply_rope(q, angles, scale), apply_rope(k, angles, scale), v
 
 
 def layer_window(cfg: ModelConfig, layer: jax.Array) -> jax.Array | None:
@@ -84,7 +87,7 @@ def _block(cfg: ModelConfig, impl: str, adapter_B: jax.Array | None, carry, xs):
         w = bind(w, *ab, adapter_B)
     window = layer_window(cfg, i)
     with jax.named_scope("attention"):
-        q, k, v = qkv(cfg, w, norm(cfg, x, w["attn_norm"]), pos_BT, i)
+        q, k, v = qkv(cfg, w, norm(cfg, x, w["attn_norm"]), pos_BT, i, ck.shape[3])
         # Scatter the new K/V of every row at its own positions; out-of-range slots drop.
         ck, ks = write_kv(ck, ks, i, rows_B1, pos_BT, k)
         cv, vs = write_kv(cv, vs, i, rows_B1, pos_BT, v)

@@ -42,7 +42,8 @@ def _layer(cfg: ModelConfig, x_BTD: jax.Array, w: Weights):
     """One decoder layer without a cache (as model._block), plus its statistics."""
     B, T, _ = x_BTD.shape
     pos_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-    q, k, v = qkv(cfg, w, rms_norm(x_BTD, w["attn_norm"], cfg.rms_norm_eps), pos_BT)
+    q, k, v = qkv(cfg, w, rms_norm(x_BTD, w["attn_norm"], cfg.rms_norm_eps), pos_BT,
+                  context=T)
     o = ref_attention(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), pos_BT)
     x1 = x_BTD + jnp.einsum("BTNH,NHD->BTD", o, w["wo"])
     h = rms_norm(x1, w["mlp_norm"], cfg.rms_norm_eps)

@@ -21,7 +21,14 @@ from jaxinfer.errors import ConfigError, ConversionError
 from jaxinfer.quant import QuantConfig
 from jaxinfer.weights import check_weights, weight_specs
 
-_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", *GEMMA_TYPES, *MOE_TYPES)
+_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", *GEMMA_TYPES, *MOE_TYPES)
+
+# Phi-3 fuses q/k/v and gate/up into one matrix each: part -> (fused module, the part's
+# place in units of its own rows, from the start or the end: k and v are the same size,
+# as are gate and up).
+_FUSED = {"self_attn.q_proj": ("self_attn.qkv_proj", 0), "self_attn.k_proj":
+          ("self_attn.qkv_proj", -2), "self_attn.v_proj": ("self_attn.qkv_proj", -1),
+          "mlp.gate_proj": ("mlp.gate_up_proj", 0), "mlp.up_proj": ("mlp.gate_up_proj", -1)}
 # Where a checkpoint keeps its decoder: text-only models under "model.", multimodal Gemma 3
 # under "language_model.model." (transformers 4) or "model.language_model." (5).
 _PREFIXES = ("model.", "language_model.model.", "model.language_model.")
@@ -96,6 +103,7 @@ class _Reader:
         if not files:
             raise ConversionError(f"no safetensors weights in {path}")
         self.path, self._where = path, {}
+        self._last: tuple[str | None, np.ndarray | None] = (None, None)
         self._open = []
         for name in files:
             try:
@@ -113,16 +121,31 @@ class _Reader:
         return name in self._where
 
     def get(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
+        if name not in self._where and (fused := self._fused(name)):
+            whole, at = fused
+            if self._last[0] != whole:  # read once for its two or three parts
+                self._last = (whole, self.get(whole, (-1, shape[1])))
+            a = self._last[1]
+            start = at * shape[0] if at >= 0 else len(a) + at * shape[0]
+            return a[start:start + shape[0]]
         if name not in self._where:
             raise ConversionError(f"{self.path} lacks tensor {name!r}")
         try:
             a = np.asarray(self._where[name].get_tensor(name)).astype(np.float32)
         except Exception as e:  # truncated or corrupt file
             raise ConversionError(f"cannot read tensor {name!r} in {self.path}: {e}") from e
-        if a.shape != shape:
+        if a.shape != shape and not (shape[0] == -1 and a.shape[1:] == shape[1:]):
             raise ConversionError(f"tensor {name!r} in {self.path} has shape {a.shape}, "
                                   f"expected {shape}")
         return a
+
+    def _fused(self, name: str) -> tuple[str, int] | None:
+        """(the fused tensor holding `name`, which part) when the file fuses it (Phi-3)."""
+        for part, (whole, at) in _FUSED.items():
+            if name.endswith(f".{part}.weight"):
+                fused = name.removesuffix(f"{part}.weight") + whole + ".weight"
+                return (fused, at) if fused in self._where else None
+        return None
 
 
 # Each projection of a layer: HF module -> (weight-tree key, our shape, how many of its

@@ -1,0 +1,225 @@
+"""Phi-3 and the long-context RoPE variants (YaRN, LongRoPE, partial rotary dims) against
+Hugging Face transformers (PyTorch, float32, eager attention).
+
+transformers writes tiny random checkpoints whose original context (16) is shorter than
+the prompts, so every scaled frequency and the attention factor move the logits (each is
+switched off once to show it). LongRoPE: a run whose cache is longer than the original
+context uses the long factors throughout, which is what transformers computes for a
+sequence past it (it recomputes the cache when a sequence crosses); a cache within it
+uses the short ones, as transformers does for such sequences.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+tf = pytest.importorskip("transformers")
+
+from jaxinfer import kv_cache, model  # noqa: E402
+from jaxinfer.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
+from jaxinfer.config import ModelConfig  # noqa: E402
+from jaxinfer.engine import Engine, EngineConfig  # noqa: E402
+from jaxinfer.errors import ConfigError  # noqa: E402
+from jaxinfer.llm import LLM  # noqa: E402
+from jaxinfer.sampling import SamplingParams  # noqa: E402
+
+from .engine_helpers import CharTokenizer  # noqa: E402
+from .hf_checkpoints import hf_logits, saved_and_loaded, tokens  # noqa: E402
+
+COMMON = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+              eos_token_id=3, bos_token_id=2, pad_token_id=0)
+ORIG = 16  # the "pretraining" context the scalings extend 4x
+KINDS = ("phi3", "phi3_longrope", "qwen3_yarn", "llama_yarn")
+
+
+def _longrope_factors(seed: int) -> list[float]:
+    """Four divisors in [1, 4] (head_dim 16, half rotated: four frequencies)."""
+    return (1.0 + 3.0 * np.random.default_rng(seed).random(4)).round(3).tolist()
+
+
+SHORT, LONG = _longrope_factors(1), _longrope_factors(2)
+
+
+def _hf_model(kind: str):
+    torch.manual_seed(0)
+    if kind.startswith("phi3"):
+        rope = {"rope_type": "default", "rope_theta": 10_000.0, "partial_rotary_factor": 0.5}
+        if kind == "phi3_longrope":
+            rope.update(rope_type="longrope", short_factor=SHORT, long_factor=LONG)
+        m = tf.Phi3ForCausalLM(tf.Phi3Config(
+            **COMMON, original_max_position_embeddings=ORIG, rope_parameters=rope,
+            sliding_window=10))
+    elif kind == "qwen3_yarn":
+        rope = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": ORIG,
+                "rope_theta": 10_000.0}
+        m = tf.Qwen3ForCausalLM(tf.Qwen3Config(**COMMON, head_dim=16, rope_parameters=rope))
+    else:  # DeepSeek-style mscale pair, betas and no truncation
+        rope = {"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": ORIG,
+                "rope_theta": 500.0, "beta_fast": 16, "beta_slow": 2, "mscale": 1.0,
+                "mscale_all_dim": 0.5, "truncate": False}
+        m = tf.LlamaForCausalLM(tf.LlamaConfig(**COMMON, head_dim=16, rope_parameters=rope))
+    with torch.no_grad():  # sharper than the default init, so positions matter
+        for name, p in m.named_parameters():
+            p.copy_((0.3 if "norm" in name else 0.15 if p.ndim == 2 else 0) * torch.randn_like(p))
+    m.config._attn_implementation = "eager"
+    return m.eval()
+
+
+@pytest.fixture(scope="module", params=KINDS)
+def variant(request, tmp_path_factory):
+    """(kind, HF model, our config, our weights) from a directory transformers wrote."""
+    return saved_and_loaded(request.param, _hf_model(request.param), tmp_path_factory)
+
+
+def _ours(cfg, w, toks, S=64):
+    out, _ = model.forward(w, jnp.asarray(toks), kv_cache.init_cache(cfg, toks.shape[0], S), cfg)
+    return np.asarray(out)
+
+
+def test_config_read_from_checkpoint(variant):
+    kind, _, cfg, _ = variant
+    if kind.startswith("phi3"):
+        assert cfg.rope_dim == 8 and cfg.sliding_window == 10 and not cfg.tie_embeddings
+    if kind == "phi3":
+        assert cfg.rope_longrope is None and cfg.rope_attention_factor == 1.0
+    if kind == "phi3_longrope":
+        assert cfg.rope_longrope == (tuple(SHORT), tuple(LONG), ORIG)
+        assert cfg.rope_attention_factor == pytest.approx(np.sqrt(1 + np.log(4) / np.log(ORIG)))
+    if kind == "qwen3_yarn":
+        assert cfg.rope_yarn == (4.0, ORIG, 32.0, 1.0, True)
+        assert cfg.rope_attention_factor == pytest.approx(0.1 * np.log(4) + 1)
+    if kind == "llama_yarn":
+        assert cfg.rope_yarn == (8.0, ORIG, 16.0, 2.0, False)
+        assert cfg.rope_attention_factor == pytest.approx(
+            (0.1 * np.log(8) + 1) / (0.05 * np.log(8) + 1))
+
+
+def test_logits_match_transformers(variant):
+    """All positions of a 40-token prompt (past the original context of 16), then prefill
+    + one-token decode steps through the cache (reference and Pallas-kernel attention)."""
+    kind, m, cfg, w = variant
+    toks = tokens(40)
+    ref = hf_logits(m, toks)
+    np.testing.assert_allclose(_ours(cfg, w, toks), ref, atol=1e-4, rtol=0)
+    T = toks.shape[1]
+    for impl in ("xla", "pallas_interpret"):
+        cache = kv_cache.init_cache(cfg, 2, 64)
+        _, cache = model.forward(w, jnp.asarray(toks[:, :T - 6]), cache, cfg)
+        for t in range(T - 6, T):
+            lg, cache = model.decode_step(w, jnp.asarray(toks[:, t]), cache, cfg, impl=impl)
+            np.testing.assert_allclose(np.asarray(lg), ref[:, t], atol=1e-4, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def longrope(tmp_path_factory):
+    return saved_and_loaded("longrope", _hf_model("phi3_longrope"), tmp_path_factory)
+
+
+def test_longrope_takes_its_factors_from_the_context(longrope):
+    """A cache within the original context (16) rotates with the short factors: each
+    step's logits equal transformers' incremental generation up to position 15; a longer
+    cache rotates with the long ones, equal to transformers from position 16 on, where it
+    has recomputed the cache with them."""
+    _, m, cfg, w = longrope
+    toks = tokens(12, batch=2, seed=3)
+    with torch.no_grad():
+        out = m.generate(torch.tensor(toks), max_new_tokens=20, do_sample=False,
+                         min_new_tokens=20, output_logits=True, return_dict_in_generate=True)
+    seq, ref = out.sequences.numpy(), np.stack([lg.numpy() for lg in out.logits], 1)
+    for S, steps in ((ORIG, slice(0, 5)), (64, slice(5, 20))):
+        cache = kv_cache.init_cache(cfg, 2, S)
+        lg, cache = model.forward(w, jnp.asarray(toks), cache, cfg)
+        got = [np.asarray(lg)[:, -1]]
+        for t in range(12, 12 + steps.stop - 1):
+            lg, cache = model.decode_step(w, jnp.asarray(seq[:, t]), cache, cfg)
+            got.append(np.asarray(lg))
+        np.testing.assert_allclose(np.stack(got, 1)[:, steps], ref[:, steps], atol=1e-4,
+                                   rtol=0)
+        assert np.abs(np.stack(got, 1)[:, :5] - ref[:, :5]).max() > 1e-2 or S == ORIG
+
+
+_OFF = {"phi3": [dict(rope_dim=None), dict(sliding_window=None)],
+        "phi3_longrope": [dict(rope_longrope=None), dict(rope_attention_factor=1.0),
+                          dict(rope_longrope=(LONG, SHORT, ORIG))],  # swapped
+        "qwen3_yarn": [dict(rope_yarn=None), dict(rope_attention_factor=1.0)],
+        "llama_yarn": [dict(rope_yarn=None), dict(rope_attention_factor=1.0)]}
+
+
+def test_every_difference_matters(variant):
+    kind, m, cfg, w = variant
+    toks = tokens(40)
+    ref = hf_logits(m, toks)
+    for off in _OFF[kind]:
+        assert np.abs(_ours(cfg.replace(**off), w, toks) - ref).max() > 1e-2, off
+
+
+def test_greedy_generation_matches_transformers(variant):
+    """transformers' greedy tokens from a 20-token prompt (past the original context), 30
+    new ones, through LLM.generate and the engine (chunked prefill, then the prefix
+    cache)."""
+    _, m, cfg, w = variant
+    toks = tokens(20, batch=2, seed=1)
+    with torch.no_grad():
+        ref = m.generate(torch.tensor(toks), max_new_tokens=30, do_sample=False,
+                         min_new_tokens=30)[:, 20:].numpy()
+    sp = SamplingParams(temperature=0, min_tokens=30)  # EOS banned, as min_new_tokens does
+    prompts = [list(map(int, t)) for t in toks]
+    got = LLM(cfg, w, CharTokenizer()).generate(prompts, sp, max_new_tokens=30)
+    assert [c.token_ids for c in got] == ref.tolist()
+    eng = Engine(w, cfg, CharTokenizer(), EngineConfig(
+        num_slots=2, max_len=64, prefix_block=8, prefill_token_budget=8, min_prompt_bucket=8))
+    try:
+        for _ in range(2):
+            outs = eng.generate(prompts, sampling=sp, max_tokens=30)
+            assert [o.token_ids for o in outs] == ref.tolist()
+    finally:
+        eng.close()
+
+
+def test_checkpoint_round_trip_keeps_the_rope_config(variant, tmp_path):
+    kind, m, cfg, w = variant
+    save_checkpoint(tmp_path / "ck", cfg, w)
+    ccfg, cw = load_checkpoint(tmp_path / "ck")
+    assert ccfg == cfg
+    toks = tokens(20)
+    np.testing.assert_allclose(_ours(ccfg, cw, toks), hf_logits(m, toks), atol=1e-4, rtol=0)
+
+
+def test_sharded_equals_one_device(variant):
+    _, _, cfg, w = variant
+    from jaxinfer.sharding import make_mesh
+    from jaxinfer.weights import weight_shardings, weight_specs
+
+    ws = jax.tree.map(jax.device_put, w, weight_shardings(weight_specs(cfg),
+                                                          make_mesh("data:2,model:2")))
+    toks = tokens(20, batch=4)
+    np.testing.assert_allclose(_ours(cfg, ws, toks), _ours(cfg, w, toks), atol=1e-5, rtol=0)
+
+
+# ---- config parsing ------------------------------------------------------------------------
+def test_older_config_keys_read_the_same():
+    """Hub configs written before transformers 5: `rope_scaling` with "type" (Phi-3's
+    "su"), `original_max_position_embeddings` and `partial_rotary_factor` at top level."""
+    base = dict(COMMON, model_type="phi3", max_position_embeddings=64)
+    new = ModelConfig.from_hf({**base, "rope_parameters": {
+        "rope_type": "longrope", "rope_theta": 10_000.0, "partial_rotary_factor": 0.5,
+        "short_factor": [1.0] * 4, "long_factor": [2.0] * 4,
+        "original_max_position_embeddings": ORIG}})
+    old = ModelConfig.from_hf({**base, "rope_theta": 10_000.0, "partial_rotary_factor": 0.5,
+                               "original_max_position_embeddings": ORIG, "rope_scaling": {
+                                   "type": "su", "short_factor": [1.0] * 4,
+                                   "long_factor": [2.0] * 4}})
+    assert old == new and new.rope_longrope == ((1.0,) * 4, (2.0,) * 4, ORIG)
+    yarn = ModelConfig.from_hf({**COMMON, "model_type": "qwen2", "rope_scaling": {
+        "type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}})
+    assert yarn.rope_yarn == (4.0, 32768, 32.0, 1.0, True)
+    assert yarn.rope_attention_factor == pytest.approx(1.1386294)
+    with pytest.raises(ConfigError, match="'dynamic'"):
+        ModelConfig.from_hf({**COMMON, "rope_scaling": {"type": "dynamic", "factor": 2.0}})
+    with pytest.raises(ConfigError, match="rope_longrope needs 4 short and long factors"):
+        new.replace(rope_longrope=((1.0,) * 3, (2.0,) * 4, ORIG))
+    with pytest.raises(ConfigError, match="rope_dim must be an even integer"):
+        new.replace(rope_dim=7)
