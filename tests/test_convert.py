@@ -162,7 +162,9 @@ def _write_gguf(path: Path, cfg: ModelConfig, sd: dict, arch: str, qtype, extra=
              "mlp.shared_expert.gate_proj": "ffn_gate_shexp",
              "mlp.shared_expert.up_proj": "ffn_up_shexp",
              "mlp.shared_expert.down_proj": "ffn_down_shexp",
-             "mlp.shared_expert_gate": "ffn_gate_inp_shexp"}
+             "mlp.shared_expert_gate": "ffn_gate_inp_shexp",
+             # Phi-3's fused projections
+             "self_attn.qkv_proj": "attn_qkv", "mlp.gate_up_proj": "ffn_up"}
     gemma = arch.startswith("gemma")
     if gemma and cfg.post_norms:
         names.update(post_attention_layernorm="post_attention_norm",

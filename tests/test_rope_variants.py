@@ -35,32 +35,38 @@ ORIG = 16  # the "pretraining" context the scalings extend 4x
 KINDS = ("phi3", "phi3_longrope", "qwen3_yarn", "llama_yarn")
 
 
-def _longrope_factors(seed: int) -> list[float]:
-    """Four divisors in [1, 4] (head_dim 16, half rotated: four frequencies)."""
-    return (1.0 + 3.0 * np.random.default_rng(seed).random(4)).round(3).tolist()
+def _longrope_factors(seed: int, n: int = 4) -> list[float]:
+    """n divisors in [1, 4] (head_dim 16, half rotated: four frequencies)."""
+    return (1.0 + 3.0 * np.random.default_rng(seed).random(n)).round(3).tolist()
 
 
 SHORT, LONG = _longrope_factors(1), _longrope_factors(2)
 
 
-def _hf_model(kind: str):
+def _hf_model(kind: str, heads: int = 4):
+    """heads=2 (head_dim 32) for GGUF blocks, which must not straddle heads."""
     torch.manual_seed(0)
+    common = {**COMMON, "num_attention_heads": heads, "num_key_value_heads": heads // 2}
     if kind.startswith("phi3"):
         rope = {"rope_type": "default", "rope_theta": 10_000.0, "partial_rotary_factor": 0.5}
         if kind == "phi3_longrope":
-            rope.update(rope_type="longrope", short_factor=SHORT, long_factor=LONG)
+            n = 16 // heads  # rotated frequencies: head_dim / 4
+            rope.update(rope_type="longrope", short_factor=_longrope_factors(1, n),
+                        long_factor=_longrope_factors(2, n))
         m = tf.Phi3ForCausalLM(tf.Phi3Config(
-            **COMMON, original_max_position_embeddings=ORIG, rope_parameters=rope,
+            **common, original_max_position_embeddings=ORIG, rope_parameters=rope,
             sliding_window=10))
     elif kind == "qwen3_yarn":
         rope = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": ORIG,
                 "rope_theta": 10_000.0}
-        m = tf.Qwen3ForCausalLM(tf.Qwen3Config(**COMMON, head_dim=16, rope_parameters=rope))
+        m = tf.Qwen3ForCausalLM(tf.Qwen3Config(**common, head_dim=64 // heads,
+                                               rope_parameters=rope))
     else:  # DeepSeek-style mscale pair, betas and no truncation
         rope = {"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": ORIG,
                 "rope_theta": 500.0, "beta_fast": 16, "beta_slow": 2, "mscale": 1.0,
                 "mscale_all_dim": 0.5, "truncate": False}
-        m = tf.LlamaForCausalLM(tf.LlamaConfig(**COMMON, head_dim=16, rope_parameters=rope))
+        m = tf.LlamaForCausalLM(tf.LlamaConfig(**common, head_dim=64 // heads,
+                                               rope_parameters=rope))
     with torch.no_grad():  # sharper than the default init, so positions matter
         for name, p in m.named_parameters():
             p.copy_((0.3 if "norm" in name else 0.15 if p.ndim == 2 else 0) * torch.randn_like(p))
@@ -197,6 +203,56 @@ def test_sharded_equals_one_device(variant):
                                                           make_mesh("data:2,model:2")))
     toks = tokens(20, batch=4)
     np.testing.assert_allclose(_ours(cfg, ws, toks), _ours(cfg, w, toks), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["phi3_longrope", "qwen3_yarn"])
+@pytest.mark.parametrize("quantized", [False, True])
+def test_gguf_matches_transformers(tmp_path, kind, quantized):
+    """A GGUF as llama.cpp's converter writes it (Phi-3: fused attn_qkv and ffn_up, the
+    LongRoPE factors as rope_factors_short/long tensors, the rotary dims, window and
+    attention factor as metadata; YaRN as rope.scaling keys), Q8_0 matrices read
+    dequantized or as QArrays (the fused ones split by rows), against transformers on the
+    same (Q8_0-exact) weights."""
+    import gguf
+
+    from jaxinfer.convert.gguf import load_gguf
+
+    from .test_convert import _roundtrip, _write_gguf
+
+    q8 = gguf.GGMLQuantizationType.Q8_0
+    m = _hf_model(kind, heads=2)
+    sd = _roundtrip({k: v.numpy().copy() for k, v in m.state_dict().items()}, q8)
+    m.load_state_dict({k: torch.from_numpy(v) for k, v in sd.items()})
+    hf_cfg = ModelConfig.from_hf(m.config.to_dict())
+    arch = kind.split("_")[0]
+    extra = {}
+
+    def meta(w):
+        if arch == "phi3":
+            w.add_rope_dimension_count(hf_cfg.rope_dim)
+            w.add_sliding_window(10)
+            w.add_rope_scaling_orig_ctx_len(ORIG)
+            w.add_rope_scaling_attn_factors(hf_cfg.rope_attention_factor)
+        else:
+            w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+            w.add_rope_scaling_factor(4.0)
+            w.add_rope_scaling_orig_ctx_len(ORIG)
+
+    if arch == "phi3":
+        short, long, _ = hf_cfg.rope_longrope
+        extra = {"rope_factors_short.weight": np.asarray(short, np.float32),
+                 "rope_factors_long.weight": np.asarray(long, np.float32)}
+    _write_gguf(tmp_path / "g.gguf", hf_cfg, sd, arch, q8, extra=extra, meta=meta)
+    cfg, w = load_gguf(tmp_path / "g.gguf", quantized=quantized)
+    for f in ("rope_dim", "rope_yarn", "sliding_window"):
+        assert getattr(cfg, f) == getattr(hf_cfg, f), f
+    assert cfg.rope_attention_factor == pytest.approx(hf_cfg.rope_attention_factor)
+    if arch == "phi3":  # the factors as float32 tensors
+        assert cfg.rope_longrope[2] == ORIG
+        np.testing.assert_allclose(cfg.rope_longrope[:2], hf_cfg.rope_longrope[:2], rtol=1e-7)
+    toks = tokens(40)
+    got = _ours(cfg, jax.tree.map(jnp.asarray, w), toks)
+    np.testing.assert_allclose(got, hf_logits(m, toks), atol=1e-4, rtol=0)
 
 
 # ---- config parsing ------------------------------------------------------------------------

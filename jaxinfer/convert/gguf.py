@@ -36,7 +36,7 @@ from jaxinfer.weights import check_weights, weight_specs
 
 # general.architecture -> whether llama.cpp interleaved the Q/K rows for its RoPE.
 _ARCHS = {"llama": True, "qwen2": False, "qwen3": False, "qwen2moe": False, "qwen3moe": False,
-          "gemma": False, "gemma2": False, "gemma3": False}
+          "gemma": False, "gemma2": False, "gemma3": False, "phi3": False}
 # Gemma 2/3: every n-th layer is global, the others local (llama.cpp's fixed patterns), and
 # the layer count that marks the 27B models, whose query scale is (D / N) ** -0.5.
 _GEMMA_PATTERN = {"gemma2": 2, "gemma3": 6}
@@ -71,6 +71,7 @@ def load_gguf(path: str | Path, progress: Progress | None = None, quantized: boo
         raise ConversionError("load_gguf: quantized (keep the file's blocks) and quant "
                               "(requantize) exclude each other")
     cfg = _config(reader, tensors, path)
+    tensors = _unfused(tensors, cfg)
     get = _getter(tensors, path)
     try:
         permuted = _ARCHS[_arch(reader, path)]
@@ -112,10 +113,13 @@ def _config(reader: Any, tensors: dict[str, Any], path: Path) -> ModelConfig:
             raise ConversionError(f"GGUF file {path} has no token_embd.weight tensor")
         vocab = int(tensors["token_embd.weight"].shape[-1])  # ggml order: [D, V]
         kind = m("rope.scaling.type")
-        if kind not in (None, "none", "linear"):
+        if kind not in (None, "none", "linear", "yarn"):
             raise ConversionError(f"unsupported RoPE scaling {kind!r} in {path}")
         linear = float(m("rope.scaling.factor", 1.0)) if kind == "linear" else 1.0
         head_dim = int(m("attention.key_length") or d // n)
+        rope = _long_rope(m, tensors, kind, head_dim)
+        if arch == "phi3" and m("attention.sliding_window"):  # 0: none (Phi-4)
+            rope["sliding_window"] = int(m("attention.sliding_window"))
         theta = float(m("rope.freq_base", 10_000.0))
         scaling = None
         if "rope_freqs.weight" in tensors:
@@ -144,13 +148,41 @@ def _config(reader: Any, tensors: dict[str, Any], path: Path) -> ModelConfig:
             eos_token_ids=tuple(dict.fromkeys(eos_ids)),
             pad_token_id=int(pad or 0),
             add_bos=bool(tok("add_bos_token", tok("model") == "llama")),
-            name=name, rope_linear_factor=linear, **_gemma(arch, m, tensors, d, n),
+            name=name, rope_linear_factor=linear, **rope, **_gemma(arch, m, tensors, d, n),
             **_experts(m, tensors, path))
     except ConversionError:
         raise
     except (TypeError, ValueError) as e:  # a missing key (None), a bad value, a ConfigError
         raise ConversionError(f"GGUF file {path} has missing or invalid {arch} metadata: {e}") \
             from e
+
+
+def _long_rope(m: Callable[..., Any], tensors: dict[str, Any], kind: str | None,
+               head_dim: int) -> dict[str, Any]:
+    """Partial rotary dims, YaRN and LongRoPE (Phi-3's rope_factors_short/long tensors)
+    as llama.cpp runs them: YaRN's betas default to 32 and 1, its attention factor is
+    0.1 ln(factor) + 1 times the file's."""
+    out: dict[str, Any] = {}
+    rot = m("rope.dimension_count")
+    if rot and int(rot) != head_dim:
+        out["rope_dim"] = int(rot)
+    orig = m("rope.scaling.original_context_length")
+    if kind == "yarn":
+        factor = float(m("rope.scaling.factor"))
+        out.update(rope_yarn=(factor, int(orig), float(m("rope.scaling.yarn_beta_fast") or 32),
+                              float(m("rope.scaling.yarn_beta_slow") or 1), True),
+                   rope_attention_factor=(0.1 * math.log(factor) + 1)
+                   * float(m("rope.scaling.yarn_attn_factor") or 1))
+    if "rope_factors_long.weight" in tensors:
+        short, long = (tuple(_dequantize(tensors[f"rope_factors_{k}.weight"]).tolist())
+                       for k in ("short", "long"))
+        orig = int(orig or m("context_length"))
+        factor = int(m("context_length")) / orig
+        att = m("rope.scaling.attn_factor")
+        if att is None:
+            att = math.sqrt(1 + math.log(factor) / math.log(orig)) if factor > 1 else 1.0
+        out.update(rope_longrope=(short, long, orig), rope_attention_factor=float(att))
+    return out
 
 
 def _gemma(arch: str, m: Callable[..., Any], tensors: dict[str, Any], d: int, n: int
@@ -226,6 +258,33 @@ def _llama3_scaling(divisors: np.ndarray, theta: float, head_dim: int, orig_ctx:
 
 
 # ---- tensors -----------------------------------------------------------------------------
+def _unfused(tensors: dict[str, Any], cfg: ModelConfig) -> dict[str, Any]:
+    """Phi-3 files fuse q/k/v (attn_qkv) and gate/up (ffn_up, 2F rows): each part becomes a
+    row view under its own name (rows are whole ggml blocks), so the float and the
+    block-quantized imports read them as they read any file."""
+    NH, KH, F = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.mlp_dim
+    out = dict(tensors)
+    for i in range(cfg.num_layers):
+        p = f"blk.{i}."
+        parts = []
+        if p + "attn_qkv.weight" in tensors:
+            parts.append(("attn_qkv", (("attn_q", 0, NH), ("attn_k", NH, KH),
+                                       ("attn_v", NH + KH, KH))))
+        if p + "ffn_up.weight" in tensors and p + "ffn_gate.weight" not in tensors \
+                and not cfg.num_experts:
+            parts.append(("ffn_up", (("ffn_gate", 0, F), ("ffn_up", F, F))))
+        for whole, split in parts:
+            t = tensors[p + whole + ".weight"]
+            if int(t.shape[-1]) != split[-1][1] + split[-1][2]:
+                continue  # not fused after all: the shape checks name the tensor later
+            for name, start, rows in split:
+                data = t.data[start:start + rows]
+                out[p + name + ".weight"] = t._replace(
+                    name=p + name + ".weight", shape=np.array([t.shape[0], rows]),
+                    n_elements=int(t.shape[0]) * rows, n_bytes=data.nbytes, data=data)
+    return out
+
+
 def _dequantize(t: Any) -> np.ndarray:
     """A tensor as float32 in numpy order (ggml lists dims innermost first)."""
     import gguf
