@@ -30,6 +30,30 @@ _DIGIT_SPLIT_PRE = {"smollm", "starcoder", "refact", "command-r", "codeshell", "
                     "minerva-7b"}
 # Names whose regex is the plain GPT-2 one (llama.cpp GPT2/MPT/OLMO/JAIS, or none given).
 _GPT2_PRE = {"default", "gpt2", "gpt-2", "mpt", "olmo", "jais"}
+# Names whose split regex is their models' tokenizer.json one (llama-vocab.cpp rewrites
+# these for its own regex engine; the `tokenizers` library runs the originals): Llama 3,
+# Qwen2/2.5/3, GPT-4o-style (Llama 4, Phi-4-mini...) and Mistral's Tekken.
+_CONTRACTIONS = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)"
+_UPPER, _LOWER = r"[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]", r"[\p{Ll}\p{Lm}\p{Lo}\p{M}]"
+_TAIL = r"\s*[\r\n]+|\s+(?!\S)|\s+"
+_LLAMA3_RE = (_CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+              + _TAIL)
+_QWEN2_RE = _CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|" + _TAIL
+_GPT4O_RE = (rf"[^\r\n\p{{L}}\p{{N}}]?{_UPPER}*{_LOWER}+{_CONTRACTIONS}?|"
+             rf"[^\r\n\p{{L}}\p{{N}}]?{_UPPER}+{_LOWER}*{_CONTRACTIONS}?|"
+             r"\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|" + _TAIL)
+_TEKKEN_RE = (rf"[^\r\n\p{{L}}\p{{N}}]?{_UPPER}*{_LOWER}+|[^\r\n\p{{L}}\p{{N}}]?{_UPPER}+{_LOWER}*|"
+              r"\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|" + _TAIL)
+# name -> (regex, ignore_merges (a whole word in the vocab is one token), add BOS by default)
+_SPLIT_PRE = {
+    **dict.fromkeys(("llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral",
+                     "midm-2.0", "lfm2"), (_LLAMA3_RE, True, True)),
+    **dict.fromkeys(("dbrx", "smaug-bpe"), (_LLAMA3_RE, False, False)),
+    **dict.fromkeys(("qwen2", "deepseek-r1-qwen", "megrez", "stablelm2"),
+                    (_QWEN2_RE, False, False)),
+    **dict.fromkeys(("gpt-4o", "llama4"), (_GPT4O_RE, False, False)),
+    "tekken": (_TEKKEN_RE, True, True),
+}
 
 # GGUF token types (same numbering as SentencePiece's ModelProto.SentencePiece.Type).
 _CONTROL, _USER_DEFINED, _BYTE = 3, 4, 6
@@ -468,7 +492,7 @@ def _gguf_common(meta: dict[str, Any], default_add_bos: bool) -> dict[str, Any]:
 
 def _gguf_bpe(meta: dict[str, Any], path: Path) -> HFTokenizer:
     """Byte-level BPE from GGUF vocab+merges, pre-tokenized the way llama.cpp does it."""
-    from tokenizers import AddedToken, decoders, models, pre_tokenizers
+    from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
     from tokenizers import Tokenizer as HFTok
 
     tokens: list[str] = meta.get("tokenizer.ggml.tokens") or []
@@ -484,18 +508,26 @@ def _gguf_bpe(meta: dict[str, Any], path: Path) -> HFTokenizer:
             [pre_tokenizers.Digits(individual_digits=True), byte_level])
     elif pre in _GPT2_PRE:
         pre_tok = byte_level
+    elif pre in _SPLIT_PRE:
+        pre_tok = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(_SPLIT_PRE[pre][0]), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     else:
-        raise TokenizerError(f"unsupported tokenizer.ggml.pre {pre!r} in {path}")
+        known = sorted(_DIGIT_SPLIT_PRE | _GPT2_PRE | _SPLIT_PRE.keys())
+        raise TokenizerError(f"unsupported tokenizer.ggml.pre {pre!r} in {path} (supported: "
+                             f"{', '.join(known)})")
     vocab = {t: i for i, t in enumerate(tokens)}
     pairs = [tuple(m.split(" ", 1)) for m in merges]
-    tok = HFTok(models.BPE(vocab=vocab, merges=pairs, fuse_unk=False))
+    _, ignore_merges, add_bos = _SPLIT_PRE.get(pre, ("", False, False))
+    tok = HFTok(models.BPE(vocab=vocab, merges=pairs, fuse_unk=False,
+                           ignore_merges=ignore_merges))
     tok.pre_tokenizer = pre_tok
     tok.decoder = decoders.ByteLevel()
     # Control and user-defined tokens must match whole in text (`<|im_start|>` -> one id).
     tok.add_special_tokens([AddedToken(t, special=(ty == _CONTROL), normalized=False)
                             for t, ty in zip(tokens, types, strict=True)
                             if ty in (_CONTROL, _USER_DEFINED)])
-    return HFTokenizer(tok, **_gguf_common(meta, default_add_bos=False))
+    return HFTokenizer(tok, **_gguf_common(meta, default_add_bos=add_bos))
 
 
 def _gguf_spm(meta: dict[str, Any], path: Path) -> SPTokenizer:

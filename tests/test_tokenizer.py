@@ -13,6 +13,7 @@ is checked against HF applied to llama.cpp's digit-isolated fragments.
 """
 
 import io
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -308,3 +309,82 @@ def _is_utf8(b: bytes) -> bool:
         return True
     except UnicodeDecodeError:
         return False
+
+
+# ---- byte-level BPE pre-tokenizers of Llama 3, Qwen2, GPT-4o-style and Tekken vocabularies ----
+SPLIT_TEXTS = TEXTS + NUMERIC_TEXTS + [
+    "CamelCase HTTPServer getHTTPResponse I'M YOU'LL don't",
+    "Ünïcödé ÀÉÎ straße ΑΒΓ αβγ Ωmega",
+    "x/y/z\n/path/to/file\r\n\r\nend", "   \n\t  mixed   \n", "12345678901234567890",
+    "مرحبا بالعالم", "한국어 텍스트", "a\u0301e\u0301",
+]
+# llama.cpp's spelling of two of the regexes (llama-vocab.cpp: its engine has no (?i:...)).
+LLAMA_CPP_SPELLING = {
+    "llama-bpe": r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?"
+                 r"\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
+    "qwen2": r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?"
+             r"\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
+}
+
+
+@pytest.mark.parametrize("pre", ["llama-bpe", "qwen2", "gpt-4o", "tekken"])
+def test_split_regexes_run_the_same_in_two_engines(pre):
+    """Each pre-tokenizer regex splits as Python's `regex` module splits with it (and, for
+    Llama 3 and Qwen2, with llama.cpp's spelling of it): the `tokenizers` engine agrees."""
+    from tokenizers import Regex, pre_tokenizers
+
+    from jaxinfer.tokenizer import _SPLIT_PRE
+
+    pattern = _SPLIT_PRE[pre][0]
+    split = pre_tokenizers.Split(Regex(pattern), behavior="isolated")
+    for text in SPLIT_TEXTS:
+        got = [w for w, _ in split.pre_tokenize_str(text)]
+        assert got == regex.findall(pattern, text), text
+        if pre in LLAMA_CPP_SPELLING:
+            assert got == regex.findall(LLAMA_CPP_SPELLING[pre], text), text
+
+
+@pytest.mark.parametrize("pre,arch", [("llama-bpe", "llama"), ("qwen2", "qwen2"),
+                                      ("gpt-4o", "llama"), ("tekken", "llama")])
+def test_gguf_bpe_pre_tokenizers_match_transformers(tmp_path, pre, arch):
+    """A byte-level BPE vocabulary trained with the model family's split regex, written as
+    llama.cpp writes it (`tokenizer.ggml.pre`), tokenizes every text as transformers' own
+    GGUF tokenizer loader does; Llama 3 and Tekken vocabularies add BOS by default."""
+    gguf = pytest.importorskip("gguf")
+    transformers = pytest.importorskip("transformers")
+    from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer as HFTok
+
+    from jaxinfer.tokenizer import _SPLIT_PRE
+
+    tok = HFTok(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(_SPLIT_PRE[pre][0]), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(SPLIT_TEXTS * 30 + SP_SENTENCES, trainers.BpeTrainer(
+        vocab_size=600, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        special_tokens=["<|begin_of_text|>", "<|end_of_text|>"], show_progress=False))
+    spec = json.loads(tok.to_str())["model"]
+    vocab = sorted(spec["vocab"], key=spec["vocab"].get)
+    merges = [m if isinstance(m, str) else " ".join(m) for m in spec["merges"]]
+    path = tmp_path / "bpe.gguf"
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre(pre)
+    w.add_token_list(vocab)
+    w.add_token_merges(merges)
+    w.add_token_types([3 if t.startswith("<|") else 1 for t in vocab])
+    w.add_bos_token_id(0)
+    w.add_eos_token_id(1)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    ours = load_tokenizer(path)
+    ref = transformers.AutoTokenizer.from_pretrained(str(tmp_path), gguf_file=path.name)
+    for text in SPLIT_TEXTS:
+        ids = ours.encode(text, add_bos=False)
+        assert ids == ref.encode(text, add_special_tokens=False), text
+        assert ours.decode(ids) == text
+    assert ours.add_bos == (pre in ("llama-bpe", "tekken"))
