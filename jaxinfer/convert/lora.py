@@ -7,8 +7,9 @@ A PEFT LoRA adapter is the usual product of fine-tuning a released model; merged
 nothing at inference. Several adapters served side by side, each request picking one
 (vLLM's multi-LoRA), are stacked unmerged instead: `stack_adapters` -> lora.LoraStack.
 The deltas are HF [out, in] matrices and go through the same layout table as HF weights
-(`safetensors.hf_linears`). Supported: LoRA on any of the seven projections of each layer,
-`use_rslora` (alpha / sqrt(r)); refused with a ConversionError naming the file: DoRA, LoRA
+(`safetensors.hf_linears`). Supported: LoRA on any of the seven projections of each layer
+(Phi-3's fused qkv_proj and gate_up_proj too: B split by rows, A shared), `use_rslora`
+(alpha / sqrt(r)); refused with a ConversionError naming the file: DoRA, LoRA
 biases, embedding or lm_head adapters, `modules_to_save`, per-module rank or alpha patterns,
 and an adapter whose shapes do not fit the model.
 """
@@ -26,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from jaxinfer.config import ModelConfig
-from jaxinfer.convert.safetensors import hf_linears, hf_shape
+from jaxinfer.convert.safetensors import FUSED, fused_rows, hf_linears, hf_shape
 from jaxinfer.errors import ConversionError
 from jaxinfer.lora import LoraStack, replace_adapter
 
@@ -67,9 +68,10 @@ def read_lora(path: str | Path, cfg: ModelConfig) -> dict[str, LoraFactors]:
     tensors = _read_tensors(tensors_file)
     linears = hf_linears(cfg)
     pairs: dict[tuple[int, str], dict[str, np.ndarray]] = {}
+    fused = {whole for whole, _ in FUSED.values()}
     for name, a in tensors.items():
         m = _KEY.fullmatch(name)
-        if m is None or m.group(2) not in linears:
+        if m is None or m.group(2) not in linears.keys() | fused:
             raise ConversionError(f"{tensors_file}: unsupported adapter tensor {name!r} (LoRA "
                                   f"on the projections {sorted(linears)} only)")
         layer = int(m.group(1))
@@ -79,6 +81,17 @@ def read_lora(path: str | Path, cfg: ModelConfig) -> dict[str, LoraFactors]:
         pairs.setdefault((layer, m.group(2)), {})[m.group(3)] = a
     if not pairs:
         raise ConversionError(f"{tensors_file} holds no LoRA tensors")
+    for (layer, module), ab in list(pairs.items()):  # Phi-3: one A, B split by rows
+        if module in fused:
+            if set(ab) != {"A", "B"}:
+                raise ConversionError(f"{tensors_file}: layer {layer} {module} lacks lora_"
+                                      f"{'B' if 'A' in ab else 'A'}")
+            del pairs[layer, module]
+            for part, (whole, at) in FUSED.items():
+                if whole == module:
+                    rows = hf_shape(*linears[part][1:])[0]
+                    pairs[layer, part] = {**ab, "B": ab["B"][fused_rows(at, rows,
+                                                                       len(ab["B"]))]}
     out: dict[str, LoraFactors] = {}
     for (layer, module), ab in sorted(pairs.items()):
         key, shape, n_in = linears[module]

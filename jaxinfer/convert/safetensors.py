@@ -26,7 +26,7 @@ _MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", *GEMMA_TYPES, *MOE
 # Phi-3 fuses q/k/v and gate/up into one matrix each: part -> (fused module, the part's
 # place in units of its own rows, from the start or the end: k and v are the same size,
 # as are gate and up).
-_FUSED = {"self_attn.q_proj": ("self_attn.qkv_proj", 0), "self_attn.k_proj":
+FUSED = {"self_attn.q_proj": ("self_attn.qkv_proj", 0), "self_attn.k_proj":
           ("self_attn.qkv_proj", -2), "self_attn.v_proj": ("self_attn.qkv_proj", -1),
           "mlp.gate_proj": ("mlp.gate_up_proj", 0), "mlp.up_proj": ("mlp.gate_up_proj", -1)}
 # Where a checkpoint keeps its decoder: text-only models under "model.", multimodal Gemma 3
@@ -87,6 +87,12 @@ def _read_json(file: Path, required: bool = False) -> dict[str, Any]:
         raise ConversionError(f"cannot read {file}: {e}") from e
 
 
+def fused_rows(at: int, rows: int, total: int) -> slice:
+    """The rows of a part (`FUSED`) of `rows` rows in a fused matrix of `total` rows."""
+    start = at * rows if at >= 0 else total + at * rows
+    return slice(start, start + rows)
+
+
 class _Reader:
     """Tensor name -> float32 array across one or many safetensors files."""
 
@@ -125,9 +131,7 @@ class _Reader:
             whole, at = fused
             if self._last[0] != whole:  # read once for its two or three parts
                 self._last = (whole, self.get(whole, (-1, shape[1])))
-            a = self._last[1]
-            start = at * shape[0] if at >= 0 else len(a) + at * shape[0]
-            return a[start:start + shape[0]]
+            return self._last[1][fused_rows(at, shape[0], len(self._last[1]))]
         if name not in self._where:
             raise ConversionError(f"{self.path} lacks tensor {name!r}")
         try:
@@ -141,7 +145,7 @@ class _Reader:
 
     def _fused(self, name: str) -> tuple[str, int] | None:
         """(the fused tensor holding `name`, which part) when the file fuses it (Phi-3)."""
-        for part, (whole, at) in _FUSED.items():
+        for part, (whole, at) in FUSED.items():
             if name.endswith(f".{part}.weight"):
                 fused = name.removesuffix(f"{part}.weight") + whole + ".weight"
                 return (fused, at) if fused in self._where else None
