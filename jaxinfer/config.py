@@ -23,9 +23,9 @@ MOE_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe")
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """Shapes and constants of a Llama-family decoder (Llama 2/3, Mistral, Qwen2/3, SmolLM2),
-    of Gemma 1/2/3 or of a mixture of experts (Mixtral, Qwen2/3-MoE): their differences are
-    the switches after `name`, all off for Llama."""
+    """Shapes and constants of a Llama-family decoder (Llama 2/3, Mistral, Qwen2/3, Phi-3,
+    SmolLM2/3, Granite), of Gemma 1/2/3 or of a mixture of experts (Mixtral, Qwen2/3-MoE):
+    their differences are the switches after `name`, all off for Llama."""
 
     vocab_size: int  # V
     d_model: int  # D
@@ -74,6 +74,14 @@ class ModelConfig:
     rope_longrope: tuple[tuple[float, ...], tuple[float, ...], int] | None = None
     rope_attention_factor: float = 1.0  # cos and sin scaled by it (YaRN, LongRoPE)
     rope_dim: int | None = None  # rotated dims of each head (Phi-4-mini: 3/4); None: all
+    # SmolLM3: layers without positional encoding (NoPE: every fourth); empty: none.
+    nope_layers: tuple[bool, ...] = ()
+    # Granite: embeddings times embedding_multiplier, each attention / MLP output times
+    # residual_multiplier before its residual add, logits divided by logits_scaling (the
+    # attention multiplier is query_scale).
+    embedding_multiplier: float = 1.0
+    residual_multiplier: float = 1.0
+    logits_scaling: float = 1.0
     # Mixture of experts (Mixtral, Qwen2/3-MoE): every layer's MLP is num_experts experts of
     # width mlp_dim; a softmax router sends each token to its top experts_per_token, whose
     # outputs are summed with the router weights (renormalised to sum 1 with norm_topk).
@@ -96,6 +104,10 @@ class ModelConfig:
                 f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
         object.__setattr__(self, "eos_token_ids", tuple(int(e) for e in self.eos_token_ids))
         object.__setattr__(self, "local_layers", tuple(bool(b) for b in self.local_layers))
+        object.__setattr__(self, "nope_layers", tuple(bool(b) for b in self.nope_layers))
+        if self.nope_layers and len(self.nope_layers) != self.num_layers:
+            raise ConfigError(f"nope_layers has {len(self.nope_layers)} entries for "
+                              f"num_layers={self.num_layers}")
         if self.activation not in ACTIVATIONS:
             raise ConfigError(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
         if self.sliding_window is not None and (
@@ -144,7 +156,9 @@ class ModelConfig:
         return (self.activation == "silu" and not self.norm_plus_one and not self.post_norms
                 and not self.scale_embeddings and self.query_scale is None
                 and self.attn_softcap is None and self.final_softcap is None
-                and self.sliding_window is None and not self.num_experts)
+                and self.sliding_window is None and not self.num_experts
+                and not any(self.nope_layers) and self.embedding_multiplier == 1.0
+                and self.residual_multiplier == 1.0 and self.logits_scaling == 1.0)
 
     def replace(self, **kw: Any) -> ModelConfig:
         return dataclasses.replace(self, **kw)
@@ -155,6 +169,7 @@ class ModelConfig:
         d["eos_token_ids"] = list(self.eos_token_ids)
         d["rope_scaling"] = list(self.rope_scaling) if self.rope_scaling else None
         d["local_layers"] = list(self.local_layers)
+        d["nope_layers"] = list(self.nope_layers)
         return d
 
     @classmethod
@@ -168,6 +183,7 @@ class ModelConfig:
             d["rope_scaling"] = tuple(d["rope_scaling"])  # (the others __post_init__ fixes)
         d["eos_token_ids"] = tuple(d.get("eos_token_ids", ()))
         d["local_layers"] = tuple(d.get("local_layers", ()))
+        d["nope_layers"] = tuple(d.get("nope_layers", ()))
         return cls(**d)
 
     def save(self, path: str | Path) -> None:
@@ -183,9 +199,10 @@ class ModelConfig:
     # ---- foreign formats -------------------------------------------------------------
     @classmethod
     def from_hf(cls, hf: dict[str, Any], name: str | None = None) -> ModelConfig:
-        """From a Hugging Face `config.json` dict of a Llama, Mistral, Qwen2/3 or Gemma 1/2/3
-        model (a multimodal Gemma 3: its language model). Reads transformers 5's
-        `rope_parameters` and the older `rope_theta` / `rope_scaling` keys alike."""
+        """From a Hugging Face `config.json` dict of a Llama, Mistral, Qwen2/3, Phi-3, SmolLM3,
+        Granite or Gemma 1/2/3 model (a multimodal Gemma 3: its language model). Reads
+        transformers 5's `rope_parameters` and the older `rope_theta` / `rope_scaling`
+        keys alike."""
         if hf.get("model_type") == "gemma3" and "text_config" in hf:
             arch = (hf.get("architectures") or ["Gemma3ForConditionalGeneration"])[0]
             # saved text configs omit the fields that equal transformers' defaults
@@ -211,6 +228,13 @@ class ModelConfig:
             experts, chosen, mlp_dim = _moe(hf, kind)
             shared = int(hf.get("shared_expert_intermediate_size") or 0) if experts else 0
             qpas = hf.get("query_pre_attn_scalar") if kind != "gemma" else None
+            query_scale = None if qpas is None else float(qpas) ** -0.5
+            if kind == "granite":
+                query_scale = float(hf.get("attention_multiplier", 1.0))
+            nope = ()
+            if kind == "smollm3":
+                nope = tuple(not use for use in hf.get("no_rope_layers") or [
+                    (i + 1) % int(hf.get("no_rope_layer_interval", 4)) != 0 for i in range(L)])
             arch = (hf.get("architectures") or [kind])[0]
             return cls(
                 vocab_size=int(hf["vocab_size"]),
@@ -235,7 +259,11 @@ class ModelConfig:
                 norm_plus_one=gemma,
                 scale_embeddings=gemma,
                 post_norms=gemma and kind != "gemma",
-                query_scale=None if qpas is None else float(qpas) ** -0.5,
+                query_scale=query_scale,
+                nope_layers=nope if any(nope) else (),
+                embedding_multiplier=float(hf.get("embedding_multiplier", 1.0)),
+                residual_multiplier=float(hf.get("residual_multiplier", 1.0)),
+                logits_scaling=float(hf.get("logits_scaling", 1.0)),
                 attn_softcap=_float_or_none(hf.get("attn_logit_softcapping")),
                 final_softcap=_float_or_none(hf.get("final_logit_softcapping")),
                 sliding_window=window,

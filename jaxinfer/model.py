@@ -56,7 +56,13 @@ def qkv(cfg: ModelConfig, w: Weights, h_BTD: jax.Array, pos_BT: jax.Array,
         local = jnp.asarray(cfg.local_L)[layer]
     angles = rope_angles(cfg, pos_BT, local, context)
     scale = cfg.rope_attention_factor
-    return apply_rope(q, angles, scale), apply_rope(k, angles, scale), v
+    q_rot, k_rot = apply_rope(q, angles, scale), apply_rope(k, angles, scale)
+    if any(cfg.nope_layers):  # SmolLM3's NoPE layers take q and k unrotated
+        if layer is None:
+            raise ValueError(f"{cfg.name} has NoPE layers: qkv needs the layer index")
+        nope = jnp.asarray(cfg.nope_layers)[layer]
+        q_rot, k_rot = jnp.where(nope, q, q_rot), jnp.where(nope, k, k_rot)
+    return q_rot, k_rot, v
 
 
 def layer_window(cfg: ModelConfig, layer: jax.Array) -> jax.Array | None:
@@ -74,6 +80,8 @@ def embed(cfg: ModelConfig, weights: Weights, tokens_BT: jax.Array) -> jax.Array
     x = take_rows(weights["embed"], tokens_BT, dtype)
     if cfg.scale_embeddings:
         x = x * jnp.asarray(cfg.d_model ** 0.5, dtype)
+    if cfg.embedding_multiplier != 1.0:  # Granite
+        x = x * jnp.asarray(cfg.embedding_multiplier, dtype)
     return x
 
 
@@ -98,12 +106,14 @@ def _block(cfg: ModelConfig, impl: str, adapter_B: jax.Array | None, carry, xs):
             o = attention(q, read_kv(ck, ks, i, q.dtype), read_kv(cv, vs, i, q.dtype), pos_BT,
                           impl, window=window, softcap=cfg.attn_softcap)
         o = dot(o, w["wo"], "BTNH,NHD->BTD")
-        x = x + (norm(cfg, o, w["post_attn_norm"]) if cfg.post_norms else o)
+        o = norm(cfg, o, w["post_attn_norm"]) if cfg.post_norms else o
+        x = x + (o * cfg.residual_multiplier if cfg.residual_multiplier != 1.0 else o)
     with jax.named_scope("mlp"):
         h = norm(cfg, x, w["mlp_norm"])
         h = (moe(cfg, h, w) if cfg.num_experts
              else mlp(h, w["w_gate"], w["w_up"], w["w_down"], cfg.activation))
-        x = x + (norm(cfg, h, w["post_mlp_norm"]) if cfg.post_norms else h)
+        h = norm(cfg, h, w["post_mlp_norm"]) if cfg.post_norms else h
+        x = x + (h * cfg.residual_multiplier if cfg.residual_multiplier != 1.0 else h)
     return (x, ck, cv, ks, vs, pos_BT, rows_B1), None
 
 
@@ -139,6 +149,8 @@ def unembed(weights: Weights, x_BxD: jax.Array, cfg: ModelConfig) -> jax.Array:
     else:
         logits = dot(x_BxD, weights["embed"], "...D,VD->...V",
                      preferred_element_type=jnp.float32)
+    if cfg.logits_scaling != 1.0:  # Granite
+        logits = logits / cfg.logits_scaling
     return softcap(logits, cfg.final_softcap)
 
 

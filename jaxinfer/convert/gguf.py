@@ -36,7 +36,8 @@ from jaxinfer.weights import check_weights, weight_specs
 
 # general.architecture -> whether llama.cpp interleaved the Q/K rows for its RoPE.
 _ARCHS = {"llama": True, "qwen2": False, "qwen3": False, "qwen2moe": False, "qwen3moe": False,
-          "gemma": False, "gemma2": False, "gemma3": False, "phi3": False}
+          "gemma": False, "gemma2": False, "gemma3": False, "phi3": False, "smollm3": True,
+          "granite": True}
 # Gemma 2/3: every n-th layer is global, the others local (llama.cpp's fixed patterns), and
 # the layer count that marks the 27B models, whose query scale is (D / N) ** -0.5.
 _GEMMA_PATTERN = {"gemma2": 2, "gemma3": 6}
@@ -117,9 +118,17 @@ def _config(reader: Any, tensors: dict[str, Any], path: Path) -> ModelConfig:
             raise ConversionError(f"unsupported RoPE scaling {kind!r} in {path}")
         linear = float(m("rope.scaling.factor", 1.0)) if kind == "linear" else 1.0
         head_dim = int(m("attention.key_length") or d // n)
-        rope = _long_rope(m, tensors, kind, head_dim)
+        variant = _long_rope(m, tensors, kind, head_dim)
         if arch == "phi3" and m("attention.sliding_window"):  # 0: none (Phi-4)
-            rope["sliding_window"] = int(m("attention.sliding_window"))
+            variant["sliding_window"] = int(m("attention.sliding_window"))
+        if arch == "smollm3":  # llama.cpp's fixed NoPE step: every fourth layer
+            variant["nope_layers"] = tuple(not b for b in local_pattern(4, int(m("block_count"))))
+        if arch == "granite":
+            variant.update(embedding_multiplier=float(m("embedding_scale", 1.0)),
+                        residual_multiplier=float(m("residual_scale", 1.0)),
+                        logits_scaling=float(m("logit_scale", 1.0)))
+            if m("attention.scale") is not None:
+                variant["query_scale"] = float(m("attention.scale"))
         theta = float(m("rope.freq_base", 10_000.0))
         scaling = None
         if "rope_freqs.weight" in tensors:
@@ -148,7 +157,7 @@ def _config(reader: Any, tensors: dict[str, Any], path: Path) -> ModelConfig:
             eos_token_ids=tuple(dict.fromkeys(eos_ids)),
             pad_token_id=int(pad or 0),
             add_bos=bool(tok("add_bos_token", tok("model") == "llama")),
-            name=name, rope_linear_factor=linear, **rope, **_gemma(arch, m, tensors, d, n),
+            name=name, rope_linear_factor=linear, **variant, **_gemma(arch, m, tensors, d, n),
             **_experts(m, tensors, path))
     except ConversionError:
         raise

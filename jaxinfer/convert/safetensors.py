@@ -21,7 +21,8 @@ from jaxinfer.errors import ConfigError, ConversionError
 from jaxinfer.quant import QuantConfig
 from jaxinfer.weights import check_weights, weight_specs
 
-_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", *GEMMA_TYPES, *MOE_TYPES)
+_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "smollm3", "granite",
+                *GEMMA_TYPES, *MOE_TYPES)
 
 # Phi-3 fuses q/k/v and gate/up into one matrix each: part -> (fused module, the part's
 # place in units of its own rows, from the start or the end: k and v are the same size,

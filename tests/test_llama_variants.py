@@ -1,5 +1,6 @@
-"""Phi-3 and the long-context RoPE variants (YaRN, LongRoPE, partial rotary dims) against
-Hugging Face transformers (PyTorch, float32, eager attention).
+"""Llama-family variants against Hugging Face transformers (PyTorch, float32, eager
+attention): Phi-3, SmolLM3 (NoPE layers), Granite (multipliers) and the long-context RoPE
+variants (YaRN, LongRoPE, partial rotary dims).
 
 transformers writes tiny random checkpoints whose original context (16) is shorter than
 the prompts, so every scaled frequency and the attention factor move the logits (each is
@@ -33,7 +34,7 @@ COMMON = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_la
               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
               eos_token_id=3, bos_token_id=2, pad_token_id=0)
 ORIG = 16  # the "pretraining" context the scalings extend 4x
-KINDS = ("phi3", "phi3_longrope", "qwen3_yarn", "llama_yarn")
+KINDS = ("phi3", "phi3_longrope", "qwen3_yarn", "llama_yarn", "smollm3", "granite")
 
 
 def _longrope_factors(seed: int, n: int = 4) -> list[float]:
@@ -44,8 +45,9 @@ def _longrope_factors(seed: int, n: int = 4) -> list[float]:
 SHORT, LONG = _longrope_factors(1), _longrope_factors(2)
 
 
-def _hf_model(kind: str, heads: int = 4):
-    """heads=2 (head_dim 32) for GGUF blocks, which must not straddle heads."""
+def _hf_model(kind: str, heads: int = 4, nope_every: int = 2):
+    """heads=2 (head_dim 32) for GGUF blocks, which must not straddle heads; SmolLM3
+    without RoPE in every `nope_every`-th layer."""
     torch.manual_seed(0)
     common = {**COMMON, "num_attention_heads": heads, "num_key_value_heads": heads // 2}
     if kind.startswith("phi3"):
@@ -62,6 +64,13 @@ def _hf_model(kind: str, heads: int = 4):
                 "rope_theta": 10_000.0}
         m = tf.Qwen3ForCausalLM(tf.Qwen3Config(**common, head_dim=64 // heads,
                                                rope_parameters=rope))
+    elif kind == "smollm3":  # the released model: every 4th layer
+        m = tf.SmolLM3ForCausalLM(tf.SmolLM3Config(**{**common, "num_hidden_layers": 8},
+                                                   no_rope_layer_interval=nope_every))
+    elif kind == "granite":
+        m = tf.GraniteForCausalLM(tf.GraniteConfig(
+            **common, embedding_multiplier=6.0, residual_multiplier=0.25,
+            attention_multiplier=2.0, logits_scaling=2.0, tie_word_embeddings=True))
     else:  # DeepSeek-style mscale pair, betas and no truncation
         rope = {"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": ORIG,
                 "rope_theta": 500.0, "beta_fast": 16, "beta_slow": 2, "mscale": 1.0,
@@ -98,6 +107,11 @@ def test_config_read_from_checkpoint(variant):
     if kind == "qwen3_yarn":
         assert cfg.rope_yarn == (4.0, ORIG, 32.0, 1.0, True)
         assert cfg.rope_attention_factor == pytest.approx(0.1 * np.log(4) + 1)
+    if kind == "smollm3":
+        assert cfg.nope_layers == (False, True) * 4 and cfg.tie_embeddings
+    if kind == "granite":
+        assert (cfg.embedding_multiplier, cfg.residual_multiplier, cfg.query_scale,
+                cfg.logits_scaling) == (6.0, 0.25, 2.0, 2.0)
     if kind == "llama_yarn":
         assert cfg.rope_yarn == (8.0, ORIG, 16.0, 2.0, False)
         assert cfg.rope_attention_factor == pytest.approx(
@@ -152,7 +166,10 @@ _OFF = {"phi3": [dict(rope_dim=None), dict(sliding_window=None)],
         "phi3_longrope": [dict(rope_longrope=None), dict(rope_attention_factor=1.0),
                           dict(rope_longrope=(LONG, SHORT, ORIG))],  # swapped
         "qwen3_yarn": [dict(rope_yarn=None), dict(rope_attention_factor=1.0)],
-        "llama_yarn": [dict(rope_yarn=None), dict(rope_attention_factor=1.0)]}
+        "llama_yarn": [dict(rope_yarn=None), dict(rope_attention_factor=1.0)],
+        "smollm3": [dict(nope_layers=())],
+        "granite": [dict(embedding_multiplier=1.0), dict(residual_multiplier=1.0),
+                    dict(query_scale=None), dict(logits_scaling=1.0)]}
 
 
 def test_every_difference_matters(variant):
@@ -163,25 +180,37 @@ def test_every_difference_matters(variant):
         assert np.abs(_ours(cfg.replace(**off), w, toks) - ref).max() > 1e-2, off
 
 
+def _greedy_reference(m, toks, n=30):
+    with torch.no_grad():
+        return m.generate(torch.tensor(toks), max_new_tokens=n, do_sample=False,
+                          min_new_tokens=n)[:, toks.shape[1]:].numpy()
+
+
+SP = SamplingParams(temperature=0, min_tokens=30)  # EOS banned, as min_new_tokens does
+
+
 def test_greedy_generation_matches_transformers(variant):
     """transformers' greedy tokens from a 20-token prompt (past the original context), 30
-    new ones, through LLM.generate and the engine (chunked prefill, then the prefix
-    cache)."""
+    new ones, through LLM.generate."""
     _, m, cfg, w = variant
     toks = tokens(20, batch=2, seed=1)
-    with torch.no_grad():
-        ref = m.generate(torch.tensor(toks), max_new_tokens=30, do_sample=False,
-                         min_new_tokens=30)[:, 20:].numpy()
-    sp = SamplingParams(temperature=0, min_tokens=30)  # EOS banned, as min_new_tokens does
-    prompts = [list(map(int, t)) for t in toks]
-    got = LLM(cfg, w, CharTokenizer()).generate(prompts, sp, max_new_tokens=30)
-    assert [c.token_ids for c in got] == ref.tolist()
+    got = LLM(cfg, w, CharTokenizer()).generate([list(map(int, t)) for t in toks], SP,
+                                                max_new_tokens=30)
+    assert [c.token_ids for c in got] == _greedy_reference(m, toks).tolist()
+
+
+@pytest.mark.slow
+def test_engine_matches_transformers(variant):
+    """The same through the engine: chunked prefill, then the prefix cache."""
+    _, m, cfg, w = variant
+    toks = tokens(20, batch=2, seed=1)
+    ref = _greedy_reference(m, toks).tolist()
     eng = Engine(w, cfg, CharTokenizer(), EngineConfig(
         num_slots=2, max_len=64, prefix_block=8, prefill_token_budget=8, min_prompt_bucket=8))
     try:
         for _ in range(2):
-            outs = eng.generate(prompts, sampling=sp, max_tokens=30)
-            assert [o.token_ids for o in outs] == ref.tolist()
+            outs = eng.generate([list(map(int, t)) for t in toks], sampling=SP, max_tokens=30)
+            assert [o.token_ids for o in outs] == ref
     finally:
         eng.close()
 
@@ -206,14 +235,15 @@ def test_sharded_equals_one_device(variant):
     np.testing.assert_allclose(_ours(cfg, ws, toks), _ours(cfg, w, toks), atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("kind", ["phi3_longrope", "qwen3_yarn"])
+@pytest.mark.parametrize("kind", ["phi3_longrope", "qwen3_yarn", "smollm3", "granite"])
 @pytest.mark.parametrize("quantized", [False, True])
 def test_gguf_matches_transformers(tmp_path, kind, quantized):
     """A GGUF as llama.cpp's converter writes it (Phi-3: fused attn_qkv and ffn_up, the
     LongRoPE factors as rope_factors_short/long tensors, the rotary dims, window and
-    attention factor as metadata; YaRN as rope.scaling keys), Q8_0 matrices read
-    dequantized or as QArrays (the fused ones split by rows), against transformers on the
-    same (Q8_0-exact) weights."""
+    attention factor as metadata; YaRN as rope.scaling keys; SmolLM3: Q/K permuted, NoPE
+    every fourth layer as llama.cpp fixes it; Granite: its four scales as metadata), Q8_0
+    matrices read dequantized or as QArrays (the fused ones split by rows), against
+    transformers on the same (Q8_0-exact) weights."""
     import gguf
 
     from jaxinfer.convert.gguf import load_gguf
@@ -221,9 +251,11 @@ def test_gguf_matches_transformers(tmp_path, kind, quantized):
     from .test_convert import _roundtrip, _write_gguf
 
     q8 = gguf.GGMLQuantizationType.Q8_0
-    m = _hf_model(kind, heads=2)
+    m = _hf_model(kind, heads=2, nope_every=4)
     sd = _roundtrip({k: v.numpy().copy() for k, v in m.state_dict().items()}, q8)
     m.load_state_dict({k: torch.from_numpy(v) for k, v in sd.items()})
+    if m.config.tie_word_embeddings:  # llama.cpp writes no output.weight then
+        sd.pop("lm_head.weight", None)
     hf_cfg = ModelConfig.from_hf(m.config.to_dict())
     arch = kind.split("_")[0]
     extra = {}
@@ -234,7 +266,12 @@ def test_gguf_matches_transformers(tmp_path, kind, quantized):
             w.add_sliding_window(10)
             w.add_rope_scaling_orig_ctx_len(ORIG)
             w.add_rope_scaling_attn_factors(hf_cfg.rope_attention_factor)
-        else:
+        elif arch == "granite":
+            w.add_embedding_scale(6.0)
+            w.add_residual_scale(0.25)
+            w.add_attention_scale(2.0)
+            w.add_logit_scale(2.0)
+        elif arch == "qwen3":
             w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
             w.add_rope_scaling_factor(4.0)
             w.add_rope_scaling_orig_ctx_len(ORIG)
@@ -245,7 +282,8 @@ def test_gguf_matches_transformers(tmp_path, kind, quantized):
                  "rope_factors_long.weight": np.asarray(long, np.float32)}
     _write_gguf(tmp_path / "g.gguf", hf_cfg, sd, arch, q8, extra=extra, meta=meta)
     cfg, w = load_gguf(tmp_path / "g.gguf", quantized=quantized)
-    for f in ("rope_dim", "rope_yarn", "sliding_window"):
+    for f in ("rope_dim", "rope_yarn", "sliding_window", "nope_layers", "embedding_multiplier",
+              "residual_multiplier", "query_scale", "logits_scaling", "tie_embeddings"):
         assert getattr(cfg, f) == getattr(hf_cfg, f), f
     assert cfg.rope_attention_factor == pytest.approx(hf_cfg.rope_attention_factor)
     if arch == "phi3":  # the factors as float32 tensors
