@@ -98,11 +98,14 @@ def apply_rope(x_BTNH: jax.Array, angles_BTh: jax.Array, scale: float = 1.0) -> 
     of the first R = 2 * angles' last dims of each head (partial rotary: the rest pass),
     cos and sin scaled by `scale` (YaRN's and LongRoPE's attention factor)."""
     R = 2 * angles_BTh.shape[-1]
-    cos = (jnp.cos(angles_BTh) * scale)[:, :, None, :]
-    sin = (jnp.sin(angles_BTh) * scale)[:, :, None, :]
+    cos, sin = jnp.cos(angles_BTh), jnp.sin(angles_BTh)
+    if scale != 1.0:
+        cos, sin = cos * scale, sin * scale
+    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
     x = x_BTNH.astype(jnp.float32)
-    x1, x2 = jnp.split(x[..., :R], 2, axis=-1)
-    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin, x[..., R:]], axis=-1)
+    rest = [x[..., R:]] if R < x.shape[-1] else []
+    x1, x2 = jnp.split(x[..., :R] if rest else x, 2, axis=-1)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin, *rest], axis=-1)
     return out.astype(x_BTNH.dtype)
 
 
