@@ -496,6 +496,10 @@ class Engine:
                 f"{n + max_tokens} were requested ({n} in the prompt, {max_tokens} for the "
                 "completion)")
         sampling = (sampling or SamplingParams()).resolve_bad_words(self.tokenizer)
+        if sampling.n > 1:
+            raise BadRequestError(f"n={sampling.n}: a request is one sequence; submit n "
+                                  "requests with SamplingParams.choice(j), or call "
+                                  "Engine.generate", "n")
         stop = sampling.stops(stop)
         check_vocab([sampling], self.cfg.vocab_size)
         sampling.check_lengths(max_tokens)
@@ -591,10 +595,15 @@ class Engine:
                                       f"{self.adapter_names or 'none'})", "lora_name")
             self._names[self._names.index(name)] = None
 
-    def generate(self, prompts: Sequence[str | Sequence[int]], **kw: Any) -> list[EngineResult]:
-        """Submit a batch (waiting for queue room) and return results in order."""
-        reqs = [self.submit(p, block=True, **kw) for p in prompts]
-        return [r.result() for r in reqs]
+    def generate(self, prompts: Sequence[str | Sequence[int]], **kw: Any
+                 ) -> list[EngineResult | list[EngineResult]]:
+        """Submit a batch (waiting for queue room) and return results in order; with
+        `sampling=SamplingParams(n=k)` each prompt's k results (choice j seeded seed + j)
+        as a list in its place."""
+        sp = kw.pop("sampling", None) or SamplingParams()
+        reqs = [[self.submit(p, block=True, sampling=sp.choice(j), **kw) for j in range(sp.n)]
+                for p in prompts]
+        return [[r.result() for r in rs] if sp.n > 1 else rs[0].result() for rs in reqs]
 
     def warmup(self) -> int:
         """Compile every prompt bucket (and the decode step) now, and build structured

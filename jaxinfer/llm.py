@@ -441,7 +441,7 @@ class LLM:
                  num_speculative_tokens: int = 4, ngram_size: int = 3,
                  constraint: Constraint | Sequence[Constraint | None] | None = None,
                  adapter: str | Sequence[str | None] | None = None
-                 ) -> Completion | list[Completion]:
+                 ) -> Completion | list:
         """Generate for one prompt or a batch; all rows decode together on device.
 
         With `adapter` (the name of a LoRA adapter loaded by `add_adapters`, or a list
@@ -455,14 +455,23 @@ class LLM:
         the draft proposes `num_speculative_tokens` per round and this model verifies them
         in one pass (speculative.py): same output distribution, SpeculativeCompletions
         (constraints too: the host masks each drafted position between draft and verify).
+
+        With `SamplingParams(n=k)` a prompt gets k completions (vLLM's n), returned as a
+        list in its place.
         """
         single = isinstance(prompts, str) or (
             isinstance(prompts, Sequence) and prompts and isinstance(prompts[0], int))
         batch = [prompts] if single else list(prompts)
         if not batch:
             raise BadRequestError("no prompts given")
+        sp = sampling if isinstance(sampling, list) else [sampling or SamplingParams()] * len(batch)
+        if any(isinstance(p, SamplingParams) and p.n > 1 for p in sp) and len(sp) == len(batch):
+            out = self._fan_out(batch, sp, dict(max_new_tokens=max_new_tokens,
+                                                constraint=constraint, adapter=adapter),
+                                stop=stop, chat=chat, draft=draft, ngram_size=ngram_size,
+                                num_speculative_tokens=num_speculative_tokens)
+            return out[0] if single else out
         ids = [self.encode(p, chat) for p in batch]
-        sp = sampling if isinstance(sampling, list) else [sampling or SamplingParams()] * len(ids)
         resolved = {id(p): p.resolve_bad_words(self.tokenizer) for p in sp
                     if isinstance(p, SamplingParams)}  # once per distinct params object
         sp = [resolved.get(id(p), p) for p in sp]
@@ -500,6 +509,19 @@ class LLM:
                              (n[b] - 1) / dt if dt > 0 and n[b] > 1 else 0.0, lps, complete[b]),
                 prompt_logprobs=prompt_lps[b]))
         return results[0] if single else results
+
+    def _fan_out(self, batch: list, sp: list[SamplingParams], per_row: dict[str, Any],
+                 **kw: Any) -> list[Completion | list[Completion]]:
+        """`generate` with SamplingParams.n > 1: each prompt's n completions run as n rows
+        of one batch (choice j seeded seed + j); a prompt with n > 1 gets a list of its
+        completions, in order, one with n = 1 its Completion as before."""
+        rows = [(i, j) for i, p in enumerate(sp) for j in range(p.n)]
+        expand = {k: [v[i] for i, _ in rows] if isinstance(v, (list, tuple)) else v
+                  for k, v in per_row.items()}
+        out = self.generate([batch[i] for i, _ in rows], [sp[i].choice(j) for i, j in rows],
+                            **expand, **kw)
+        it = iter(out)
+        return [[next(it) for _ in range(p.n)] if p.n > 1 else next(it) for p in sp]
 
     def _speculate(self, ids: list[list[int]], sp: list[SamplingParams], mn: list[int],
                    stop: Sequence[str], draft: LLM | str, k: int, ngram_size: int,
@@ -560,6 +582,9 @@ class LLM:
         `constraint`, whose next mask needs the current token). With `draft` (as in
         `generate`) each speculative round yields the 1..k+1 tokens it kept."""
         sampling = (sampling or SamplingParams()).resolve_bad_words(self.tokenizer)
+        if sampling.n > 1:
+            raise BadRequestError(f"n={sampling.n}: a stream is one sequence (generate "
+                                  "returns n completions)", "n")
         ids = sampling.truncate(self.encode(prompt, chat))
         t0 = time.perf_counter()
         _check_sampling([sampling], [max_new_tokens], self.cfg.vocab_size, stop)

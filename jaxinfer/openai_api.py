@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict
 from jaxinfer.engine import EngineResult
 from jaxinfer.errors import BadRequestError
 from jaxinfer.reasoning import ReasoningParser
-from jaxinfer.sampling import MAX_LOGPROBS, SamplingParams, TokenLogprob
+from jaxinfer.sampling import MAX_LOGPROBS, MAX_N, SamplingParams, TokenLogprob
 from jaxinfer.structured import Constraint, from_openai
 from jaxinfer.tokenizer import Tokenizer
 from jaxinfer.tool_calls import ToolCalling, check_tools
@@ -29,7 +29,6 @@ from jaxinfer.tool_calls import ToolCalling, check_tools
 UNSUPPORTED = ("tools", "tool_choice", "functions", "function_call", "best_of", "audio",
                "modalities", "prediction", "web_search_options")
 DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
-MAX_N = 16  # choices per prompt (each is an engine request)
 MAX_PROMPTS = 64  # prompts in one /v1/completions request
 MAX_EMBEDDING_INPUTS = 2048  # OpenAI's limit per /v1/embeddings request
 # Fields that change which tokens are allowed or how they score: a beam search (scored by
@@ -178,9 +177,7 @@ class _Request(BaseModel):
     def choice_sampling(self, j: int) -> SamplingParams:
         """Choice j's settings: a given seed becomes seed + j, so the n choices differ and
         choice 0 is what n=1 gives."""
-        sp = self.sampling()
-        if j and sp.seed is not None:
-            sp = dataclasses.replace(sp, seed=sp.seed + j)
+        sp = self.sampling().choice(j)
         if self.num_prompt_logprobs() is not None:
             sp = dataclasses.replace(sp, prompt_logprobs=self.num_prompt_logprobs())
         return sp

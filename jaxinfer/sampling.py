@@ -26,6 +26,7 @@ import numpy as np
 from jaxinfer.errors import BadRequestError
 
 MAX_LOGPROBS = 20  # most alternatives a request may ask for (OpenAI's top_logprobs limit)
+MAX_N = 16  # completions per prompt (`n`; each is a row / an engine request)
 MAX_LOGIT_BIAS = 300  # logit_bias entries per request (fixed, so the arrays never recompile)
 MAX_STOP_TOKEN_IDS = 32  # stop_token_ids per request (likewise)
 MAX_ALLOWED_TOKEN_IDS = 512  # allowed_token_ids per request (likewise)
@@ -121,6 +122,9 @@ class SamplingParams:
     # bad_words_token_ids (HF's bad_words_ids) gives the token sequences directly.
     bad_words: tuple[str, ...] = ()
     bad_words_token_ids: tuple[tuple[int, ...], ...] = ()
+    # vLLM's n: completions per prompt, each its own row; choice j samples with seed + j
+    # (when a seed is given), so they differ and choice 0 is what n=1 gives (`choice`).
+    n: int = 1
 
     GREEDY: ClassVar[SamplingParams]
 
@@ -192,10 +196,17 @@ class SamplingParams:
         if t is not None and (not _is_int(t) or t < 1):
             raise BadRequestError(f"truncate_prompt_tokens must be an integer >= 1 or None, "
                                   f"got {t!r}", "truncate_prompt_tokens")
+        if not _is_int(self.n) or not 1 <= self.n <= MAX_N:
+            raise BadRequestError(f"n must be an integer in [1, {MAX_N}], got {self.n!r}", "n")
         for name in ("ignore_eos", "skip_special_tokens", "include_stop_str_in_output"):
             if not isinstance(getattr(self, name), (bool, np.bool_)):
                 raise BadRequestError(f"{name} must be true or false, got "
                                       f"{getattr(self, name)!r}", name)
+
+    def choice(self, j: int) -> SamplingParams:
+        """Completion j of the n: one row's settings (n=1), a given seed becoming seed + j."""
+        seed = self.seed + j if j and self.seed is not None else self.seed
+        return dataclasses.replace(self, n=1, seed=seed)
 
     def stops(self, extra: str | Sequence[str] = ()) -> tuple[str, ...]:
         """This request's stop strings: `extra` (a call's `stop` argument, checked like the

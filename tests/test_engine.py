@@ -473,3 +473,30 @@ def test_truncate_prompt_tokens():
         llm.generate([ids], sampling=[GREEDY, GREEDY])
     with pytest.raises(BadRequestError, match="stop must be"):  # before any decoding
         llm.generate(ids[:5], sampling=GREEDY, stop=[1])
+
+
+def test_n_completions_per_prompt():
+    """SamplingParams(n=k), vLLM's n: LLM.generate and Engine.generate return each prompt's
+    k completions as a list in its place, completion j sampled as seed + j (so choice 0 is
+    the n=1 completion and the k differ); a prompt with n=1 keeps its Completion. A single
+    sequence (a stream, one engine request) refuses n > 1; n outside [1, 16] is a 400."""
+    llm = _llm()
+    sp = SamplingParams(temperature=1.5, seed=5, n=3)
+    alone = [llm.generate(PROMPTS[0], SamplingParams(temperature=1.5, seed=5 + j),
+                          max_new_tokens=12).token_ids for j in range(3)]
+    assert len(set(map(tuple, alone))) == 3
+    many = llm.generate(PROMPTS[0], sp, max_new_tokens=12)
+    assert [c.token_ids for c in many] == alone
+    mixed = llm.generate(PROMPTS[:2], [sp, SamplingParams(temperature=1.5, seed=9)],
+                         max_new_tokens=[12, 7])
+    assert [c.token_ids for c in mixed[0]] == alone and len(mixed[1].token_ids) <= 7
+    with tiny_engine() as eng:
+        outs = eng.generate(PROMPTS[:2], sampling=sp, max_tokens=12)
+        assert [o.token_ids for o in outs[0]] == alone and len(outs[1]) == 3
+        with pytest.raises(BadRequestError, match="n=3"):
+            eng.submit(PROMPTS[0], sampling=sp)
+    with pytest.raises(BadRequestError, match="n=3"):
+        next(llm.stream(PROMPTS[0], sp))
+    for bad in (0, 17, 1.5):
+        with pytest.raises(BadRequestError, match="n must be an integer in"):
+            SamplingParams(n=bad)
