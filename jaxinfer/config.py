@@ -24,7 +24,7 @@ MOE_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe")
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """Shapes and constants of a Llama-family decoder (Llama 2/3, Mistral, Qwen2/3, Phi-3,
-    SmolLM2/3, Granite), of Gemma 1/2/3 or of a mixture of experts (Mixtral, Qwen2/3-MoE):
+    SmolLM2/3, Granite, OLMo 2), of Gemma 1/2/3 or of a mixture of experts (Mixtral, Qwen2/3-MoE):
     their differences are the switches after `name`, all off for Llama."""
 
     vocab_size: int  # V
@@ -82,6 +82,10 @@ class ModelConfig:
     embedding_multiplier: float = 1.0
     residual_multiplier: float = 1.0
     logits_scaling: float = 1.0
+    # OLMo 2: no norm before attention and the MLP (only post_norms after them), and q and
+    # k RMS-normalised across all heads at once (weights [N*H], [K*H]) with qk_norm.
+    pre_norms: bool = True
+    qk_norm_full: bool = False
     # Mixture of experts (Mixtral, Qwen2/3-MoE): every layer's MLP is num_experts experts of
     # width mlp_dim; a softmax router sends each token to its top experts_per_token, whose
     # outputs are summed with the router weights (renormalised to sum 1 with norm_topk).
@@ -114,6 +118,10 @@ class ModelConfig:
                 not isinstance(self.sliding_window, int) or self.sliding_window <= 0):
             raise ConfigError(f"sliding_window must be a positive integer or None, got "
                               f"{self.sliding_window!r}")
+        if self.qk_norm_full and not self.qk_norm:
+            raise ConfigError("qk_norm_full needs qk_norm")
+        if not (self.pre_norms or self.post_norms):
+            raise ConfigError("a model needs pre_norms, post_norms or both")
         if self.shared_expert_dim and not self.num_experts:
             raise ConfigError("shared_expert_dim needs num_experts (a mixture of experts)")
         if self.num_experts and not 1 <= self.experts_per_token <= self.num_experts:
@@ -157,6 +165,7 @@ class ModelConfig:
                 and not self.scale_embeddings and self.query_scale is None
                 and self.attn_softcap is None and self.final_softcap is None
                 and self.sliding_window is None and not self.num_experts
+                and self.pre_norms and not self.qk_norm_full
                 and not any(self.nope_layers) and self.embedding_multiplier == 1.0
                 and self.residual_multiplier == 1.0 and self.logits_scaling == 1.0)
 
@@ -200,7 +209,7 @@ class ModelConfig:
     @classmethod
     def from_hf(cls, hf: dict[str, Any], name: str | None = None) -> ModelConfig:
         """From a Hugging Face `config.json` dict of a Llama, Mistral, Qwen2/3, Phi-3, SmolLM3,
-        Granite or Gemma 1/2/3 model (a multimodal Gemma 3: its language model). Reads
+        Granite, OLMo 2 or Gemma 1/2/3 model (a multimodal Gemma 3: its language model). Reads
         transformers 5's `rope_parameters` and the older `rope_theta` / `rope_scaling`
         keys alike."""
         if hf.get("model_type") == "gemma3" and "text_config" in hf:
@@ -250,7 +259,9 @@ class ModelConfig:
                 tie_embeddings=bool(hf.get("tie_word_embeddings", gemma)),
                 qkv_bias=bool(hf.get("qkv_bias", True) if kind == "qwen2_moe"
                               else hf.get("attention_bias", kind == "qwen2")),
-                qk_norm=kind in ("qwen3", "gemma3_text", "qwen3_moe"),
+                qk_norm=kind in ("qwen3", "gemma3_text", "qwen3_moe", "olmo2"),
+                qk_norm_full=kind == "olmo2",
+                pre_norms=kind != "olmo2",
                 bos_token_id=hf.get("bos_token_id"),
                 eos_token_ids=tuple(int(e) for e in eos),
                 pad_token_id=int(hf.get("pad_token_id") or 0),
@@ -258,7 +269,7 @@ class ModelConfig:
                 activation=_HF_ACTIVATIONS[act],
                 norm_plus_one=gemma,
                 scale_embeddings=gemma,
-                post_norms=gemma and kind != "gemma",
+                post_norms=(gemma and kind != "gemma") or kind == "olmo2",
                 query_scale=query_scale,
                 nope_layers=nope if any(nope) else (),
                 embedding_multiplier=float(hf.get("embedding_multiplier", 1.0)),

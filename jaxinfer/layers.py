@@ -40,6 +40,14 @@ def norm(cfg: ModelConfig, x_BTD: jax.Array, w_D: jax.Array) -> jax.Array:
     return rms_norm(x_BTD, w_D, cfg.rms_norm_eps, cfg.norm_plus_one)
 
 
+def norm_heads(cfg: ModelConfig, x_BTNH: jax.Array, w_NH: jax.Array) -> jax.Array:
+    """RMSNorm over every head at once (OLMo 2's q/k norm over the [N*H] projection); under
+    a mesh that splits the heads the mean is one all-reduce."""
+    x = x_BTNH.astype(jnp.float32)
+    x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=(-2, -1), keepdims=True) + cfg.rms_norm_eps)
+    return (x * w_NH.astype(jnp.float32)).astype(x_BTNH.dtype)
+
+
 def rope_frequencies(cfg: ModelConfig, local: bool = False, long: bool = False
                      ) -> np.ndarray:
     """Inverse frequencies [R/2] (R rotated dims of each head) of the global layers, or of

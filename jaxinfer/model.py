@@ -26,7 +26,7 @@ import numpy as np
 from jaxinfer.attention import attention
 from jaxinfer.config import ModelConfig
 from jaxinfer.kv_cache import KVCache, read_kv, write_kv
-from jaxinfer.layers import apply_rope, dot, mlp, norm, rope_angles, softcap
+from jaxinfer.layers import apply_rope, dot, mlp, norm, norm_heads, rope_angles, softcap
 from jaxinfer.lora import LoraStack, bind
 from jaxinfer.moe import moe
 from jaxinfer.quant import take_rows
@@ -45,7 +45,9 @@ def qkv(cfg: ModelConfig, w: Weights, h_BTD: jax.Array, pos_BT: jax.Array,
     v = dot(h_BTD, w["wv"], "BTD,DKH->BTKH")
     if cfg.qkv_bias:
         q, k, v = q + w["bq"], k + w["bk"], v + w["bv"]
-    if cfg.qk_norm:
+    if cfg.qk_norm_full:  # OLMo 2: over all heads at once, as over the [N*H] projection
+        q, k = norm_heads(cfg, q, w["q_norm"]), norm_heads(cfg, k, w["k_norm"])
+    elif cfg.qk_norm:
         q, k = norm(cfg, q, w["q_norm"]), norm(cfg, k, w["k_norm"])
     if cfg.query_scale is not None:  # attention scales scores by H ** -0.5
         q = (q * (cfg.query_scale * cfg.head_dim ** 0.5)).astype(q.dtype)
@@ -95,7 +97,8 @@ def _block(cfg: ModelConfig, impl: str, adapter_B: jax.Array | None, carry, xs):
         w = bind(w, *ab, adapter_B)
     window = layer_window(cfg, i)
     with jax.named_scope("attention"):
-        q, k, v = qkv(cfg, w, norm(cfg, x, w["attn_norm"]), pos_BT, i, ck.shape[3])
+        h = norm(cfg, x, w["attn_norm"]) if cfg.pre_norms else x
+        q, k, v = qkv(cfg, w, h, pos_BT, i, ck.shape[3])
         # Scatter the new K/V of every row at its own positions; out-of-range slots drop.
         ck, ks = write_kv(ck, ks, i, rows_B1, pos_BT, k)
         cv, vs = write_kv(cv, vs, i, rows_B1, pos_BT, v)
@@ -109,7 +112,7 @@ def _block(cfg: ModelConfig, impl: str, adapter_B: jax.Array | None, carry, xs):
         o = norm(cfg, o, w["post_attn_norm"]) if cfg.post_norms else o
         x = x + (o * cfg.residual_multiplier if cfg.residual_multiplier != 1.0 else o)
     with jax.named_scope("mlp"):
-        h = norm(cfg, x, w["mlp_norm"])
+        h = norm(cfg, x, w["mlp_norm"]) if cfg.pre_norms else x
         h = (moe(cfg, h, w) if cfg.num_experts
              else mlp(h, w["w_gate"], w["w_up"], w["w_down"], cfg.activation))
         h = norm(cfg, h, w["post_mlp_norm"]) if cfg.post_norms else h

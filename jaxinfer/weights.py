@@ -8,7 +8,8 @@ Tree layout (layers stacked on a leading L axis and run with lax.scan):
     embed       [V, D]
     layers/attn_norm [L, D]      layers/mlp_norm [L, D]
     layers/post_attn_norm [L, D] layers/post_mlp_norm [L, D]   (post_norms only: Gemma 2/3)
-    layers/q_norm [L, H]         layers/k_norm [L, H]          (qk_norm only)
+    layers/q_norm [L, H]         layers/k_norm [L, H]          (qk_norm only;
+                                   [L, N, H], [L, K, H] with qk_norm_full: OLMo 2)
     layers/wq   [L, D, N, H]     layers/bq [L, N, H]   (qkv_bias only)
     layers/wk   [L, D, K, H]     layers/bk [L, K, H]
     layers/wv   [L, D, K, H]     layers/bv [L, K, H]
@@ -121,9 +122,14 @@ def weight_specs(cfg: ModelConfig, dtype: Any = jnp.float32,
     if cfg.post_norms:
         layers["post_attn_norm"] = A((L, D), ("layers", "norm"), one)
         layers["post_mlp_norm"] = A((L, D), ("layers", "norm"), one)
-    if cfg.qk_norm:
+    if cfg.qk_norm and cfg.qk_norm_full:  # OLMo 2: one norm across every head
+        layers["q_norm"] = A((L, N, H), ("layers", "q_heads", "head_dim"), one)
+        layers["k_norm"] = A((L, K, H), ("layers", "kv_heads", "head_dim"), one)
+    elif cfg.qk_norm:
         layers["q_norm"] = A((L, H), ("layers", "head_dim"), one)
         layers["k_norm"] = A((L, H), ("layers", "head_dim"), one)
+    if not cfg.pre_norms:  # OLMo 2: norms after attention and the MLP only
+        del layers["attn_norm"], layers["mlp_norm"]
     if cfg.qkv_bias:
         layers["bq"] = A((L, N, H), ("layers", "q_heads", "head_dim"), "zeros")
         layers["bk"] = A((L, K, H), ("layers", "kv_heads", "head_dim"), "zeros")

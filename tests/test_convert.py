@@ -166,6 +166,9 @@ def _write_gguf(path: Path, cfg: ModelConfig, sd: dict, arch: str, qtype, extra=
              # Phi-3's fused projections
              "self_attn.qkv_proj": "attn_qkv", "mlp.gate_up_proj": "ffn_up"}
     gemma = arch.startswith("gemma")
+    if arch == "olmo2":
+        names.update(post_attention_layernorm="post_attention_norm",
+                     post_feedforward_layernorm="post_ffw_norm")
     if gemma and cfg.post_norms:
         names.update(post_attention_layernorm="post_attention_norm",
                      pre_feedforward_layernorm="ffn_norm",
@@ -309,8 +312,8 @@ def test_llama3_rope_freqs_recovered(tmp_path):
 def test_unsupported_arch_and_missing_tensor(tmp_path):
     m = _tiny_torch(TINY, qwen=False)
     sd = {k: v.numpy() for k, v in m.state_dict().items()}
-    _write_gguf(tmp_path / "g.gguf", TINY, sd, "olmo2", Q.F32)
-    with pytest.raises(ConversionError, match="olmo2"):
+    _write_gguf(tmp_path / "g.gguf", TINY, sd, "bloom", Q.F32)
+    with pytest.raises(ConversionError, match="unsupported GGUF architecture 'bloom'"):
         load_gguf(tmp_path / "g.gguf")
     del sd["model.layers.2.mlp.up_proj.weight"]
     _write_gguf(tmp_path / "m.gguf", TINY, sd, "llama", Q.F32)

@@ -1,6 +1,7 @@
 """Llama-family variants against Hugging Face transformers (PyTorch, float32, eager
-attention): Phi-3, SmolLM3 (NoPE layers), Granite (multipliers) and the long-context RoPE
-variants (YaRN, LongRoPE, partial rotary dims).
+attention): Phi-3, SmolLM3 (NoPE layers), Granite (multipliers), OLMo 2 (norms after each
+block, q/k norms across heads) and the long-context RoPE variants (YaRN, LongRoPE,
+partial rotary dims).
 
 transformers writes tiny random checkpoints whose original context (16) is shorter than
 the prompts, so every scaled frequency and the attention factor move the logits (each is
@@ -34,7 +35,7 @@ COMMON = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_la
               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
               eos_token_id=3, bos_token_id=2, pad_token_id=0)
 ORIG = 16  # the "pretraining" context the scalings extend 4x
-KINDS = ("phi3", "phi3_longrope", "qwen3_yarn", "llama_yarn", "smollm3", "granite")
+KINDS = ("phi3", "phi3_longrope", "qwen3_yarn", "llama_yarn", "smollm3", "granite", "olmo2")
 
 
 def _longrope_factors(seed: int, n: int = 4) -> list[float]:
@@ -67,6 +68,8 @@ def _hf_model(kind: str, heads: int = 4, nope_every: int = 2):
     elif kind == "smollm3":  # the released model: every 4th layer
         m = tf.SmolLM3ForCausalLM(tf.SmolLM3Config(**{**common, "num_hidden_layers": 8},
                                                    no_rope_layer_interval=nope_every))
+    elif kind == "olmo2":
+        m = tf.Olmo2ForCausalLM(tf.Olmo2Config(**common))
     elif kind == "granite":
         m = tf.GraniteForCausalLM(tf.GraniteConfig(
             **common, embedding_multiplier=6.0, residual_multiplier=0.25,
@@ -96,7 +99,7 @@ def _ours(cfg, w, toks, S=64):
 
 
 def test_config_read_from_checkpoint(variant):
-    kind, _, cfg, _ = variant
+    kind, _, cfg, w = variant
     if kind.startswith("phi3"):
         assert cfg.rope_dim == 8 and cfg.sliding_window == 10 and not cfg.tie_embeddings
     if kind == "phi3":
@@ -109,6 +112,9 @@ def test_config_read_from_checkpoint(variant):
         assert cfg.rope_attention_factor == pytest.approx(0.1 * np.log(4) + 1)
     if kind == "smollm3":
         assert cfg.nope_layers == (False, True) * 4 and cfg.tie_embeddings
+    if kind == "olmo2":
+        assert not cfg.pre_norms and cfg.post_norms and cfg.qk_norm and cfg.qk_norm_full
+        assert "attn_norm" not in w["layers"] and w["layers"]["q_norm"].shape == (3, 4, 16)
     if kind == "granite":
         assert (cfg.embedding_multiplier, cfg.residual_multiplier, cfg.query_scale,
                 cfg.logits_scaling) == (6.0, 0.25, 2.0, 2.0)
@@ -168,6 +174,7 @@ _OFF = {"phi3": [dict(rope_dim=None), dict(sliding_window=None)],
         "qwen3_yarn": [dict(rope_yarn=None), dict(rope_attention_factor=1.0)],
         "llama_yarn": [dict(rope_yarn=None), dict(rope_attention_factor=1.0)],
         "smollm3": [dict(nope_layers=())],
+        "olmo2": [dict(qk_norm=False, qk_norm_full=False)],
         "granite": [dict(embedding_multiplier=1.0), dict(residual_multiplier=1.0),
                     dict(query_scale=None), dict(logits_scaling=1.0)]}
 
@@ -235,13 +242,15 @@ def test_sharded_equals_one_device(variant):
     np.testing.assert_allclose(_ours(cfg, ws, toks), _ours(cfg, w, toks), atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("kind", ["phi3_longrope", "qwen3_yarn", "smollm3", "granite"])
+@pytest.mark.parametrize("kind", ["phi3_longrope", "qwen3_yarn", "smollm3", "granite",
+                                  "olmo2"])
 @pytest.mark.parametrize("quantized", [False, True])
 def test_gguf_matches_transformers(tmp_path, kind, quantized):
     """A GGUF as llama.cpp's converter writes it (Phi-3: fused attn_qkv and ffn_up, the
     LongRoPE factors as rope_factors_short/long tensors, the rotary dims, window and
     attention factor as metadata; YaRN as rope.scaling keys; SmolLM3: Q/K permuted, NoPE
-    every fourth layer as llama.cpp fixes it; Granite: its four scales as metadata), Q8_0
+    every fourth layer as llama.cpp fixes it; Granite: its four scales as metadata; OLMo 2:
+    post_attention_norm / post_ffw_norm, [N*H] q/k norms), Q8_0
     matrices read dequantized or as QArrays (the fused ones split by rows), against
     transformers on the same (Q8_0-exact) weights."""
     import gguf
@@ -283,7 +292,8 @@ def test_gguf_matches_transformers(tmp_path, kind, quantized):
     _write_gguf(tmp_path / "g.gguf", hf_cfg, sd, arch, q8, extra=extra, meta=meta)
     cfg, w = load_gguf(tmp_path / "g.gguf", quantized=quantized)
     for f in ("rope_dim", "rope_yarn", "sliding_window", "nope_layers", "embedding_multiplier",
-              "residual_multiplier", "query_scale", "logits_scaling", "tie_embeddings"):
+              "residual_multiplier", "query_scale", "logits_scaling", "tie_embeddings",
+              "pre_norms", "post_norms", "qk_norm_full"):
         assert getattr(cfg, f) == getattr(hf_cfg, f), f
     assert cfg.rope_attention_factor == pytest.approx(hf_cfg.rope_attention_factor)
     if arch == "phi3":  # the factors as float32 tensors

@@ -86,14 +86,17 @@ def qk_norms(cfg: ModelConfig, get: Callable[..., np.ndarray]) -> dict[str, np.n
     both the dequantized and the block-quantized import."""
     if not cfg.qk_norm:
         return {}
-    return {name: np.stack([get(f"blk.{i}.attn_{name}.weight", (cfg.head_dim,))
-                            for i in range(cfg.num_layers)]) for name in ("q_norm", "k_norm")}
+    H = cfg.head_dim
+    shapes = ({"q_norm": (cfg.num_heads, H), "k_norm": (cfg.num_kv_heads, H)}
+              if cfg.qk_norm_full else {"q_norm": (H,), "k_norm": (H,)})  # OLMo 2: all heads
+    return {name: np.stack([get(f"blk.{i}.attn_{name}.weight", (int(np.prod(s)),)).reshape(s)
+                            for i in range(cfg.num_layers)]) for name, s in shapes.items()}
 
 
 def norms(cfg: ModelConfig, get: Callable[..., np.ndarray]) -> dict[str, np.ndarray]:
     """Each layer's RMSNorm weights [L, D], float in both imports: attn/ffn, and Gemma 2/3's
     norms of the attention and MLP outputs."""
-    names = {"attn_norm": "attn_norm", "mlp_norm": "ffn_norm"}
+    names = {"attn_norm": "attn_norm", "mlp_norm": "ffn_norm"} if cfg.pre_norms else {}
     if cfg.post_norms:
         names.update(post_attn_norm="post_attention_norm", post_mlp_norm="post_ffw_norm")
     return {key: np.stack([get(f"blk.{i}.{g}.weight", (cfg.d_model,))

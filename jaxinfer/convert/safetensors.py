@@ -21,7 +21,7 @@ from jaxinfer.errors import ConfigError, ConversionError
 from jaxinfer.quant import QuantConfig
 from jaxinfer.weights import check_weights, weight_specs
 
-_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "smollm3", "granite",
+_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "smollm3", "granite", "olmo2",
                 *GEMMA_TYPES, *MOE_TYPES)
 
 # Phi-3 fuses q/k/v and gate/up into one matrix each: part -> (fused module, the part's
@@ -208,10 +208,15 @@ def _weights(cfg: ModelConfig, r: _Reader, progress: Progress | None,
                  "mlp_norm": "pre_feedforward_layernorm",
                  "post_mlp_norm": "post_feedforward_layernorm"}
         shapes.update(post_attn_norm=(D,), post_mlp_norm=(D,))
+    if not cfg.pre_norms:  # OLMo 2: the output norms only
+        norms = {"post_attn_norm": "post_attention_layernorm",
+                 "post_mlp_norm": "post_feedforward_layernorm"}
+        del shapes["attn_norm"], shapes["mlp_norm"]
     if cfg.qkv_bias:
         shapes.update(bq=(N, H), bk=(K, H), bv=(K, H))
+    qk_norm = ((N, H), (K, H)) if cfg.qk_norm_full else ((H,), (H,))  # OLMo 2: all heads
     if cfg.qk_norm:
-        shapes.update(q_norm=(H,), k_norm=(H,))
+        shapes.update(q_norm=qk_norm[0], k_norm=qk_norm[1])
     layers = stacks(shapes, L, quant)
     for i in range(L):
         p, x = f"{r.prefix}layers.{i}.", layers
@@ -236,8 +241,9 @@ def _weights(cfg: ModelConfig, r: _Reader, progress: Progress | None,
                 x["shared_router"][i] = r.get(f"{p}{block}.shared_expert_gate.weight",
                                               (1, D))[0]
         if cfg.qk_norm:
-            x["q_norm"][i] = r.get(p + "self_attn.q_norm.weight", (H,))
-            x["k_norm"][i] = r.get(p + "self_attn.k_norm.weight", (H,))
+            for key, shape in zip(("q_norm", "k_norm"), qk_norm, strict=True):
+                x[key][i] = r.get(f"{p}self_attn.{key}.weight",
+                                  (int(np.prod(shape)),)).reshape(shape)
         if cfg.qkv_bias:
             x["bq"][i] = r.get(p + "self_attn.q_proj.bias", (N * H,)).reshape(N, H)
             x["bk"][i] = r.get(p + "self_attn.k_proj.bias", (K * H,)).reshape(K, H)
