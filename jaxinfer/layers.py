@@ -53,7 +53,7 @@ def rope_frequencies(cfg: ModelConfig, local: bool = False, long: bool = False
     """Inverse frequencies [R/2] (R rotated dims of each head) of the global layers, or of
     the local (sliding-window) ones, which Gemma 3 gives their own base and no scaling;
     scaled as configured: linear, Llama 3, YaRN, or LongRoPE's short (`long`: long)
-    factors. Computed in float64 on the host, as transformers computes them in float32."""
+    factors. Computed on the host in float64, then rounded to float32."""
     R = cfg.rope_dim or cfg.head_dim
     theta = cfg.rope_local_theta if local and cfg.rope_local_theta else cfg.rope_theta
     inv = 1.0 / (theta ** (np.arange(0, R, 2, dtype=np.float64) / R))
@@ -79,7 +79,7 @@ def rope_frequencies(cfg: ModelConfig, local: bool = False, long: bool = False
         if truncate:
             lo, hi = np.floor(lo), np.ceil(hi)
         lo, hi = max(lo, 0), min(hi, R - 1)
-        ramp = np.clip((np.arange(R // 2) - lo) / (hi - lo if hi > lo else 0.001), 0, 1)
+        ramp = np.clip((np.arange(R // 2) - lo) / (hi - lo if hi != lo else 0.001), 0, 1)
         inv = inv / factor * ramp + inv * (1 - ramp)
     if cfg.rope_longrope:
         inv = inv / np.asarray(cfg.rope_longrope[1 if long else 0], np.float64)

@@ -37,9 +37,10 @@ def qkv(cfg: ModelConfig, w: Weights, h_BTD: jax.Array, pos_BT: jax.Array,
         layer: jax.Array | None = None, context: int = 0
         ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """A layer's q [B,T,N,H], k and v [B,T,K,H] of the normed input, RoPE applied: biases
-    (Qwen2), per-head q/k RMSNorm (Qwen3, Gemma 3) and Gemma's query scale where the model
-    has them. `layer` (traced) picks local-layer RoPE frequencies (Gemma 3); `context`
-    (the cache length) LongRoPE's factors."""
+    (Qwen2), q/k RMSNorm per head (Qwen3, Gemma 3) or across heads (OLMo 2) and a query
+    scale (Gemma, Granite) where the model has them. `layer` (traced) picks local-layer
+    RoPE frequencies (Gemma 3) and NoPE layers (SmolLM3); `context` (the cache length)
+    LongRoPE's factors."""
     q = dot(h_BTD, w["wq"], "BTD,DNH->BTNH")
     k = dot(h_BTD, w["wk"], "BTD,DKH->BTKH")
     v = dot(h_BTD, w["wv"], "BTD,DKH->BTKH")
