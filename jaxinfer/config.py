@@ -18,7 +18,7 @@ from jaxinfer.errors import ConfigError
 
 ACTIVATIONS = ("silu", "gelu_tanh")
 GEMMA_TYPES = ("gemma", "gemma2", "gemma3_text", "gemma3")
-MOE_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe")
+MOE_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "granitemoe")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -238,7 +238,7 @@ class ModelConfig:
             shared = int(hf.get("shared_expert_intermediate_size") or 0) if experts else 0
             qpas = hf.get("query_pre_attn_scalar") if kind != "gemma" else None
             query_scale = None if qpas is None else float(qpas) ** -0.5
-            if kind == "granite":
+            if kind in ("granite", "granitemoe"):
                 query_scale = float(hf.get("attention_multiplier", 1.0))
             nope = ()
             if kind == "smollm3":
@@ -443,7 +443,7 @@ def _moe(hf: dict[str, Any], kind: str) -> tuple[int, int, int]:
     Qwen2/3-MoE configs can mix in dense layers; none released does, and that is refused."""
     # transformers 5 writes num_local_experts for both; Qwen's own configs num_experts
     experts = hf.get("num_local_experts", hf.get("num_experts"))
-    if kind == "mixtral":
+    if kind in ("mixtral", "granitemoe"):
         if experts is None:
             raise KeyError("num_local_experts")
         return int(experts), int(hf["num_experts_per_tok"]), int(hf["intermediate_size"])

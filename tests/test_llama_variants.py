@@ -35,7 +35,10 @@ COMMON = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_la
               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
               eos_token_id=3, bos_token_id=2, pad_token_id=0)
 ORIG = 16  # the "pretraining" context the scalings extend 4x
-KINDS = ("phi3", "phi3_longrope", "qwen3_yarn", "llama_yarn", "smollm3", "granite", "olmo2")
+GRANITE = dict(embedding_multiplier=6.0, residual_multiplier=0.25, attention_multiplier=2.0,
+               logits_scaling=2.0, tie_word_embeddings=True)
+KINDS = ("phi3", "phi3_longrope", "qwen3_yarn", "llama_yarn", "smollm3", "granite", "olmo2",
+         "granitemoe")
 
 
 def _longrope_factors(seed: int, n: int = 4) -> list[float]:
@@ -71,9 +74,11 @@ def _hf_model(kind: str, heads: int = 4, nope_every: int = 2):
     elif kind == "olmo2":
         m = tf.Olmo2ForCausalLM(tf.Olmo2Config(**common))
     elif kind == "granite":
-        m = tf.GraniteForCausalLM(tf.GraniteConfig(
-            **common, embedding_multiplier=6.0, residual_multiplier=0.25,
-            attention_multiplier=2.0, logits_scaling=2.0, tie_word_embeddings=True))
+        m = tf.GraniteForCausalLM(tf.GraniteConfig(**common, **GRANITE))
+    elif kind == "granitemoe":  # 4 experts of width 32, 2 per token
+        m = tf.GraniteMoeForCausalLM(tf.GraniteMoeConfig(
+            **{**common, "intermediate_size": 32}, num_local_experts=4, num_experts_per_tok=2,
+            **GRANITE))
     else:  # DeepSeek-style mscale pair, betas and no truncation
         rope = {"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": ORIG,
                 "rope_theta": 500.0, "beta_fast": 16, "beta_slow": 2, "mscale": 1.0,
@@ -82,7 +87,7 @@ def _hf_model(kind: str, heads: int = 4, nope_every: int = 2):
                                                rope_parameters=rope))
     with torch.no_grad():  # sharper than the default init, so positions matter
         for name, p in m.named_parameters():
-            p.copy_((0.3 if "norm" in name else 0.15 if p.ndim == 2 else 0) * torch.randn_like(p))
+            p.copy_((0.3 if "norm" in name else 0.15 if p.ndim >= 2 else 0) * torch.randn_like(p))
     m.config._attn_implementation = "eager"
     return m.eval()
 
@@ -115,7 +120,10 @@ def test_config_read_from_checkpoint(variant):
     if kind == "olmo2":
         assert not cfg.pre_norms and cfg.post_norms and cfg.qk_norm and cfg.qk_norm_full
         assert "attn_norm" not in w["layers"] and w["layers"]["q_norm"].shape == (3, 4, 16)
-    if kind == "granite":
+    if kind == "granitemoe":
+        assert (cfg.num_experts, cfg.experts_per_token, cfg.mlp_dim, cfg.norm_topk) == (
+            4, 2, 32, True)
+    if kind.startswith("granite"):
         assert (cfg.embedding_multiplier, cfg.residual_multiplier, cfg.query_scale,
                 cfg.logits_scaling) == (6.0, 0.25, 2.0, 2.0)
     if kind == "llama_yarn":
@@ -176,7 +184,8 @@ _OFF = {"phi3": [dict(rope_dim=None), dict(sliding_window=None)],
         "smollm3": [dict(nope_layers=())],
         "olmo2": [dict(qk_norm=False, qk_norm_full=False)],
         "granite": [dict(embedding_multiplier=1.0), dict(residual_multiplier=1.0),
-                    dict(query_scale=None), dict(logits_scaling=1.0)]}
+                    dict(query_scale=None), dict(logits_scaling=1.0)],
+        "granitemoe": [dict(residual_multiplier=1.0), dict(experts_per_token=1)]}
 
 
 def test_every_difference_matters(variant):
@@ -243,7 +252,7 @@ def test_sharded_equals_one_device(variant):
 
 
 @pytest.mark.parametrize("kind", ["phi3_longrope", "qwen3_yarn", "smollm3", "granite",
-                                  "olmo2"])
+                                  "olmo2", "granitemoe"])
 @pytest.mark.parametrize("quantized", [False, True])
 def test_gguf_matches_transformers(tmp_path, kind, quantized):
     """A GGUF as llama.cpp's converter writes it (Phi-3: fused attn_qkv and ffn_up, the
@@ -265,6 +274,14 @@ def test_gguf_matches_transformers(tmp_path, kind, quantized):
     m.load_state_dict({k: torch.from_numpy(v) for k, v in sd.items()})
     if m.config.tie_word_embeddings:  # llama.cpp writes no output.weight then
         sd.pop("lm_head.weight", None)
+    for key in [k for k in sd if k.endswith("block_sparse_moe.experts.gate_up_proj")]:
+        layer = key.removesuffix("block_sparse_moe.experts.gate_up_proj")  # as llama.cpp
+        gate_up, F = sd.pop(key), m.config.intermediate_size  # splits Granite's experts
+        moe = layer + "block_sparse_moe."
+        sd[layer + "mlp.gate_exps.weight"] = gate_up[:, :F]
+        sd[layer + "mlp.up_exps.weight"] = gate_up[:, F:]
+        sd[layer + "mlp.down_exps.weight"] = sd.pop(moe + "experts.down_proj")
+        sd[layer + "mlp.gate.weight"] = sd.pop(moe + "router.weight")
     hf_cfg = ModelConfig.from_hf(m.config.to_dict())
     arch = kind.split("_")[0]
     extra = {}
@@ -275,7 +292,11 @@ def test_gguf_matches_transformers(tmp_path, kind, quantized):
             w.add_sliding_window(10)
             w.add_rope_scaling_orig_ctx_len(ORIG)
             w.add_rope_scaling_attn_factors(hf_cfg.rope_attention_factor)
-        elif arch == "granite":
+        elif arch.startswith("granite"):
+            if arch == "granitemoe":
+                w.add_expert_count(4)
+                w.add_expert_used_count(2)
+                w.add_expert_feed_forward_length(32)
             w.add_embedding_scale(6.0)
             w.add_residual_scale(0.25)
             w.add_attention_scale(2.0)
@@ -293,7 +314,8 @@ def test_gguf_matches_transformers(tmp_path, kind, quantized):
     cfg, w = load_gguf(tmp_path / "g.gguf", quantized=quantized)
     for f in ("rope_dim", "rope_yarn", "sliding_window", "nope_layers", "embedding_multiplier",
               "residual_multiplier", "query_scale", "logits_scaling", "tie_embeddings",
-              "pre_norms", "post_norms", "qk_norm_full"):
+              "pre_norms", "post_norms", "qk_norm_full", "num_experts", "experts_per_token",
+              "mlp_dim"):
         assert getattr(cfg, f) == getattr(hf_cfg, f), f
     assert cfg.rope_attention_factor == pytest.approx(hf_cfg.rope_attention_factor)
     if arch == "phi3":  # the factors as float32 tensors

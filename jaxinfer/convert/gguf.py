@@ -37,7 +37,7 @@ from jaxinfer.weights import check_weights, weight_specs
 # general.architecture -> whether llama.cpp interleaved the Q/K rows for its RoPE.
 _ARCHS = {"llama": True, "qwen2": False, "qwen3": False, "qwen2moe": False, "qwen3moe": False,
           "gemma": False, "gemma2": False, "gemma3": False, "phi3": False, "smollm3": True,
-          "granite": True, "olmo2": False}
+          "granite": True, "granitemoe": True, "olmo2": False}
 # Gemma 2/3: every n-th layer is global, the others local (llama.cpp's fixed patterns), and
 # the layer count that marks the 27B models, whose query scale is (D / N) ** -0.5.
 _GEMMA_PATTERN = {"gemma2": 2, "gemma3": 6}
@@ -125,7 +125,7 @@ def _config(reader: Any, tensors: dict[str, Any], path: Path) -> ModelConfig:
             variant["nope_layers"] = tuple(not b for b in local_pattern(4, int(m("block_count"))))
         if arch == "olmo2":  # norms after attention and the MLP only; q/k over all heads
             variant.update(pre_norms=False, post_norms=True, qk_norm_full=True)
-        if arch == "granite":
+        if arch in ("granite", "granitemoe"):
             variant.update(embedding_multiplier=float(m("embedding_scale", 1.0)),
                         residual_multiplier=float(m("residual_scale", 1.0)),
                         logits_scaling=float(m("logit_scale", 1.0)))

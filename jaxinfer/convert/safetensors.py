@@ -170,7 +170,10 @@ def hf_linears(cfg: ModelConfig) -> dict[str, tuple[str, tuple[int, ...], int]]:
 # model_type -> (the MoE block's module, its router, each expert's gate / up / down names)
 _MOE_EXPERTS = {"mixtral": ("block_sparse_moe", "gate", ("w1", "w3", "w2")),
                 "qwen2_moe": ("mlp", "gate", ("gate_proj", "up_proj", "down_proj")),
-                "qwen3_moe": ("mlp", "gate", ("gate_proj", "up_proj", "down_proj"))}
+                "qwen3_moe": ("mlp", "gate", ("gate_proj", "up_proj", "down_proj")),
+                # Granite MoE stacks its experts: input_linear [E, 2F, D] (gate, then up)
+                # and output_linear [E, D, F]
+                "granitemoe": ("block_sparse_moe", "router.layer", None)}
 
 
 def hf_shape(shape: tuple[int, ...], n_in: int) -> tuple[int, int]:
@@ -228,7 +231,13 @@ def _weights(cfg: ModelConfig, r: _Reader, progress: Progress | None,
         if E:
             block, router, names = moe
             x["router"][i] = r.get(f"{p}{block}.{router}.weight", (E, D)).T
-            for e in range(E):
+            if names is None:  # stacked (Granite MoE)
+                gate_up = r.get(f"{p}{block}.input_linear.weight", (E, 2 * F, D))
+                x["moe_gate"][i] = gate_up[:, :F].swapaxes(1, 2)
+                x["moe_up"][i] = gate_up[:, F:].swapaxes(1, 2)
+                x["moe_down"][i] = r.get(f"{p}{block}.output_linear.weight",
+                                         (E, D, F)).swapaxes(1, 2)
+            for e in range(E if names is not None else 0):
                 q = f"{p}{block}.experts.{e}."
                 for key, name, shape in zip(("moe_gate", "moe_up", "moe_down"), names,
                                             ((D, F), (D, F), (F, D)), strict=True):
