@@ -209,7 +209,8 @@ class ModelConfig:
     @classmethod
     def from_hf(cls, hf: dict[str, Any], name: str | None = None) -> ModelConfig:
         """From a Hugging Face `config.json` dict of a Llama, Mistral, Qwen2/3, Phi-3, SmolLM3,
-        Granite, OLMo 2 or Gemma 1/2/3 model (a multimodal Gemma 3: its language model). Reads
+        Granite, OLMo 2 or Gemma 1/2/3 model (a multimodal Gemma 3 or Mistral 3: its language
+        model). Reads
         transformers 5's `rope_parameters` and the older `rope_theta` / `rope_scaling`
         keys alike."""
         if hf.get("model_type") == "gemma3" and "text_config" in hf:
@@ -217,6 +218,9 @@ class ModelConfig:
             # saved text configs omit the fields that equal transformers' defaults
             hf = {**_GEMMA3_TEXT_DEFAULTS, **hf["text_config"], "model_type": "gemma3_text",
                   "architectures": [arch]}
+        if hf.get("model_type") == "mistral3" and "text_config" in hf:  # Mistral Small 3.1+
+            arch = (hf.get("architectures") or ["Mistral3ForConditionalGeneration"])[0]
+            hf = {**hf["text_config"], "architectures": [arch]}
         kind = hf.get("model_type", "llama")
         gemma = kind in GEMMA_TYPES
         try:

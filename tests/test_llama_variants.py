@@ -363,6 +363,32 @@ def test_phi3_lora_on_its_fused_projections_matches_peft(tmp_path):
     assert [c.token_ids for c in got] == greedy.tolist()
 
 
+def test_multimodal_mistral3_checkpoint_loads_its_language_model(tmp_path):
+    """Mistral Small 3.1 and later ship as Mistral3ForConditionalGeneration: the text config
+    nests, the decoder's tensors carry a prefix and the vision tower is left out; text-only
+    logits equal the HF model's."""
+    torch.manual_seed(0)
+    text = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, head_dim=16,
+                  num_attention_heads=2, image_size=28, patch_size=14)
+    m = tf.Mistral3ForConditionalGeneration(tf.Mistral3Config(text_config=text,
+                                                              vision_config=vision)).eval()
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if "language_model" in name and p.ndim == 2:
+                p.copy_(0.15 * torch.randn_like(p))
+    m.config.text_config._attn_implementation = "eager"
+    m.save_pretrained(tmp_path)
+    cfg, w = load_hf_dir(tmp_path)
+    assert (cfg.num_layers, cfg.name) == (2, "Mistral3ForConditionalGeneration")
+    toks = tokens(16)
+    with torch.no_grad():
+        ref = m(input_ids=torch.tensor(toks)).logits.numpy()
+    np.testing.assert_allclose(_ours(cfg, jax.tree.map(jnp.asarray, w), toks), ref,
+                               atol=1e-4, rtol=0)
+
+
 # ---- config parsing ------------------------------------------------------------------------
 def test_older_config_keys_read_the_same():
     """Hub configs written before transformers 5: `rope_scaling` with "type" (Phi-3's

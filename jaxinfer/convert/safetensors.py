@@ -1,5 +1,5 @@
 """Hugging Face Llama-family, Gemma and mixture-of-experts directories (config.json +
-safetensors) into the weight tree (a multimodal Gemma 3: its language model).
+safetensors) into the weight tree (a multimodal Gemma 3 or Mistral 3: its language model).
 
 Read with safetensors' numpy framework, which holds bfloat16 through ml_dtypes, so no torch
 is needed. Sharded checkpoints are found through `model.safetensors.index.json`. Tensors are
@@ -21,8 +21,8 @@ from jaxinfer.errors import ConfigError, ConversionError
 from jaxinfer.quant import QuantConfig
 from jaxinfer.weights import check_weights, weight_specs
 
-_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "smollm3", "granite", "olmo2",
-                *GEMMA_TYPES, *MOE_TYPES)
+_MODEL_TYPES = ("llama", "mistral", "mistral3", "qwen2", "qwen3", "phi3", "smollm3", "granite",
+                "olmo2", *GEMMA_TYPES, *MOE_TYPES)
 
 # Phi-3 fuses q/k/v and gate/up into one matrix each: part -> (fused module, the part's
 # place in units of its own rows, from the start or the end: k and v are the same size,
