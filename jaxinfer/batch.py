@@ -15,7 +15,8 @@ take): {"custom_id": "r1", "method": "POST", "url": "/v1/chat/completions", "bod
 gets {"id": ..., "custom_id": "r1", "response": {"status_code": 200, "request_id": ...,
 "body": <the server's response body>}, "error": null}; a bad request gets status 400 and
 OpenAI's error body. Such a line's body alone sets its parameters (OpenAI's defaults, not
-the job's), `n` choices and `echo` included; `stream` is refused. A body's `model` must be the job's
+the job's), `n` choices, `echo` and vLLM's `use_beam_search` (run between the engine's
+turns, as the server runs it) included; `stream` is refused. A body's `model` must be the job's
 model (`model_name`, default the checkpoint's name) or one of its LoRA adapters
 (`lora_modules`), as the server requires: every line's model or adapter is checked before
 any runs, since error lines would count as done on a rerun.
@@ -43,6 +44,7 @@ from jaxinfer import openai_api as api
 from jaxinfer import openai_responses as rs
 from jaxinfer.engine import Engine, EngineConfig, Request
 from jaxinfer.errors import BadRequestError, JaxinferError
+from jaxinfer.openai_beam import beam_search_body
 from jaxinfer.reasoning import ReasoningParser
 from jaxinfer.sampling import SamplingParams
 from jaxinfer.structured import from_openai
@@ -92,6 +94,7 @@ class _OpenAILine:
         self.n, self.scoring_only, self.echo = 1, False, None
         self.tool_call_parser, self.reasoning = tool_call_parser, reasoning
         self.tools = None  # a chat line's tool settings
+        self.beam: Callable[[], dict[str, Any]] | None = None  # a beam search's body
 
     def submit_kwargs(self, obj: dict[str, Any]) -> list[dict[str, Any]]:
         """Engine.submit arguments of the line, one set per choice; api.ApiError (with its
@@ -110,12 +113,17 @@ class _OpenAILine:
             raise api.validation_error(e.errors()[0]) from None
         if req.stream:
             raise api.ApiError(400, "stream is not supported in batch jobs", "stream")
-        if req.use_beam_search:
-            raise api.ApiError(400, "use_beam_search is not supported in batch jobs (the "
-                               "server and LLM.beam_search run it)", "use_beam_search")
         self.n = req.num_choices()
         adapter = api.check_model(req.model, self.model, self.engine.adapter_names)
         self.served = adapter or self.model
+        beams = None if isinstance(req, rs.ResponsesRequest) else req.beam_search()
+        if beams is not None:  # run by `run_beam` instead of engine requests
+            chat = isinstance(req, api.ChatRequest)
+            prompts = ([dict(messages=req.message_dicts(), chat_options=req.chat_options())]
+                       if chat else [dict(prompt=p) for p in req.prompt_inputs()])
+            self.beam = functools.partial(beam_search_body, self.engine, req, beams,
+                                          self.served, prompts, chat, adapter)
+            return []
         kw: dict[str, Any] = dict(stop=req.stop_list(), constraint=req.constraint(),
                                   max_tokens=req.token_budget(), adapter=adapter)
         if isinstance(req, rs.ResponsesRequest):
@@ -141,6 +149,12 @@ class _OpenAILine:
             self.echo = [p if isinstance(p, str) else self.engine.tokenizer.decode(p)]
         self.scoring_only = req.scoring_only()
         return [dict(kw, sampling=req.choice_sampling(j)) for j in range(self.n)]
+
+    def beam_record(self) -> dict[str, Any]:
+        """The record of a `use_beam_search` line: LLM.beam_search over the engine's weights
+        between its turns (the line's engine requests in flight meanwhile wait)."""
+        body = self.beam()
+        return self.record(200, body, body["id"])
 
     def record(self, status: int, body: dict[str, Any], request_id: str | None = None
                ) -> dict[str, Any]:
@@ -370,6 +384,9 @@ def run_batch(engine: Engine, input_path: str | Path, output_path: str | Path,
                     if err is not None:
                         raise BadRequestError(err)
                     kws = oa.submit_kwargs(obj) if oa else [parse_request(obj, defaults)]
+                    if oa is not None and oa.beam is not None:
+                        write(oa.beam_record())
+                        continue
                     entry = _Line(oa.result_record if oa else functools.partial(
                         _result_record, rid), left=len(kws))
                     for kw in kws:

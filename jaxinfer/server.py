@@ -49,6 +49,7 @@ from jaxinfer.errors import (
     JaxinferError,
     TokenizerError,
 )
+from jaxinfer.openai_beam import beam_search_body, engine_llm
 from jaxinfer.reasoning import ReasoningParser
 from jaxinfer.sampling import SamplingParams
 from jaxinfer.structured import Constraint
@@ -146,8 +147,8 @@ def create_app(engine: Engine, model_name: str, max_stored_responses: int = 1024
         adapter, served = model_of(body)
         prompts = body.prompt_inputs()
         if beams is not None:
-            return await _beam_search(engine, body, beams, served,
-                                      [dict(prompt=p) for p in prompts], False, adapter)
+            return await asyncio.to_thread(beam_search_body, engine, body, beams, served,
+                                           [dict(prompt=p) for p in prompts], False, adapter)
         reqs = await _submit(engine, body, [dict(prompt=p) for p in prompts],
                              body.token_budget(), adapter=adapter)
         echo = None
@@ -177,7 +178,7 @@ def create_app(engine: Engine, model_name: str, max_stored_responses: int = 1024
             return ids
 
         ids = await asyncio.to_thread(encode)
-        llm = _llm(engine)
+        llm = engine_llm(engine)
         try:
             fut = engine.run_exclusive(lambda: llm.embed(ids, dimensions=body.dimensions,
                                                          adapter=adapter))
@@ -213,7 +214,7 @@ def create_app(engine: Engine, model_name: str, max_stored_responses: int = 1024
         beams = body.beam_search()
         adapter, served = model_of(body)
         if beams is not None:
-            return await _beam_search(engine, body, beams, served, [dict(
+            return await asyncio.to_thread(beam_search_body, engine, body, beams, served, [dict(
                 messages=body.message_dicts(), chat_options=body.chat_options())], True,
                 adapter)
         tools = body.tool_calling(tool_call_parser)
@@ -268,50 +269,6 @@ def create_app(engine: Engine, model_name: str, max_stored_responses: int = 1024
         return {"id": rid, "object": "response", "deleted": True}
 
     return app
-
-
-def _llm(engine: Engine):
-    """The library front end over the engine's weights (whole-device jobs: beam search,
-    embeddings)."""
-    from jaxinfer.llm import LLM
-
-    llm = LLM(engine.cfg, engine.params, engine.tokenizer, engine.mesh, engine.impl,
-              engine.kv_dtype)
-    llm.adapters, llm.adapter_names = engine.adapters, engine.adapter_slots
-    return llm
-
-
-async def _beam_search(engine: Engine, body: api._Request, beams: dict[str, Any], model: str,
-                       prompts: list[dict[str, Any]], chat: bool, adapter: str | None = None
-                       ) -> dict[str, Any]:
-    """LLM.beam_search over the engine's weights, run on its device thread between turns
-    (Engine.run_exclusive: the slots wait meanwhile, as the search uses the whole device).
-    A chat request without max_tokens may fill the context."""
-    def encode() -> list[list[int]]:
-        try:
-            return [engine.encode(**p) for p in prompts]
-        except (BadRequestError, TokenizerError) as e:
-            raise api.ApiError(400, str(e), next(iter(prompts[0]))) from e
-
-    ids = await asyncio.to_thread(encode)
-    longest = max(len(i) for i in ids)
-    budget = body.token_budget()
-    budget = engine.max_len - longest if budget is None else budget
-    if budget < 1 or longest + budget > engine.max_len:
-        raise api.ApiError(400, f"this engine's maximum context length is {engine.max_len} "
-                           f"tokens, but {longest + budget} were requested ({longest} in the "
-                           f"prompt, {budget} for the completion)", next(iter(prompts[0])),
-                           "context_length_exceeded")
-    llm = _llm(engine)
-    try:
-        fut = engine.run_exclusive(lambda: llm.beam_search(ids, max_new_tokens=budget,
-                                                           adapter=adapter, **beams))
-        outs = await asyncio.wrap_future(fut)
-    except BadRequestError as e:
-        raise api.ApiError(400, str(e), getattr(e, "param", None)) from e
-    except EngineClosedError as e:
-        raise api.ApiError(503, str(e), None, "engine_unavailable", "server_error") from e
-    return api.beam_body(api.new_id("chatcmpl" if chat else "cmpl"), model, outs, chat)
 
 
 async def _submit(engine: Engine, body: api._Request, prompts: list[dict[str, Any]],

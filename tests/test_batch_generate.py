@@ -16,7 +16,8 @@ from jaxinfer.batch import run_batch
 from jaxinfer.errors import BadRequestError
 from jaxinfer.sampling import GREEDY, SamplingParams
 
-from .engine_helpers import CharTokenizer, tiny_engine
+from .engine_helpers import CharTokenizer, W, tiny_engine
+from .helpers import TINY
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -230,3 +231,43 @@ def test_logprobs_field(tmp_path):
     assert "prompt_logprobs" not in by_id["lp"]
     assert re.fullmatch("[0-9]{4}", by_id["rx"]["text"]), by_id["rx"]
     assert "bad constraint" in by_id["badrx"]["error"]
+
+
+def test_openai_lines_with_beam_search(tmp_path):
+    """`use_beam_search` lines (vLLM's; n is the beam width) get the server's beam bodies:
+    the choices are LLM.beam_search's beams, run between the engine's turns while sampled
+    lines are in flight; what a beam search cannot honour, and a Responses line, are 400."""
+    msgs = [{"role": "user", "content": "hello"}]
+    lines = [
+        {"custom_id": "sampled", "method": "POST", "url": "/v1/completions",
+         "body": {"prompt": "abc", "max_tokens": 12, "temperature": 0}},
+        {"custom_id": "beam-cmpl", "method": "POST", "url": "/v1/completions",
+         "body": {"prompt": "first prompt", "max_tokens": 6, "n": 3, "use_beam_search": True}},
+        {"custom_id": "beam-chat", "method": "POST", "url": "/v1/chat/completions",
+         "body": {"messages": msgs, "max_tokens": 5, "n": 2, "use_beam_search": True,
+                  "length_penalty": 0.5}},
+        {"custom_id": "beam-stop", "method": "POST", "url": "/v1/completions",
+         "body": {"prompt": "x", "n": 2, "use_beam_search": True, "stop": ["y"]}},
+        {"custom_id": "beam-resp", "method": "POST", "url": "/v1/responses",
+         "body": {"input": "x", "use_beam_search": True}}]
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    inp.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    from jaxinfer.llm import LLM
+
+    llm = LLM(TINY, W, CharTokenizer())
+    with tiny_engine() as eng:
+        s = run_batch(eng, inp, out, progress=False)
+        chat_ids = eng.encode(messages=msgs)
+    assert (s.written, s.errors) == (5, 2)
+    got = {r["custom_id"]: r["response"] for r in _lines(out)}
+    want = llm.beam_search(CharTokenizer().encode("first prompt"), beam_width=3,
+                           max_new_tokens=6)
+    body = got["beam-cmpl"]["body"]
+    assert [c["text"] for c in body["choices"]] == [b.text for b in want.sequences]
+    want = llm.beam_search(chat_ids, beam_width=2, max_new_tokens=5, length_penalty=0.5)
+    body = got["beam-chat"]["body"]
+    assert body["object"] == "chat.completion"
+    assert [c["message"]["content"] for c in body["choices"]] == [b.text for b in want.sequences]
+    assert got["sampled"]["status_code"] == 200
+    for cid, param in [("beam-stop", "stop"), ("beam-resp", "use_beam_search")]:
+        assert got[cid]["status_code"] == 400 and got[cid]["body"]["error"]["param"] == param
