@@ -307,11 +307,13 @@ def test_client_disconnect_frees_the_slot():
     class NoEos(CharTokenizer):
         eos_ids = ()
 
-    cfg = EngineConfig(num_slots=2, max_len=512, prefix_cache_mb=0)
-    with Engine(W, TINY.replace(eos_token_ids=()), NoEos(), cfg) as eng, \
+    # Long enough that the request cannot finish on its own before the server notices the
+    # disconnect, even on a loaded machine (500 tokens once did, under two test workers).
+    cfg = EngineConfig(num_slots=2, max_len=4096, prefix_cache_mb=0)
+    with Engine(W, TINY.replace(eos_token_ids=(), max_seq_len=4096), NoEos(), cfg) as eng, \
             BackgroundServer(create_app(eng, MODEL)) as srv:
         r = requests.post(f"{srv.url}/v1/completions", stream=True, timeout=30,
-                          json={"prompt": "abc", "max_tokens": 500, "stream": True})
+                          json={"prompt": "abc", "max_tokens": 4000, "stream": True})
         next(r.iter_lines())
         assert eng.slots_in_use == 1
         r.close()
