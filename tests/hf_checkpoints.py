@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxinfer import kv_cache, model
 from jaxinfer.convert.safetensors import load_hf_dir
 
 
@@ -27,3 +28,23 @@ def hf_logits(model, toks: np.ndarray) -> np.ndarray:
 
     with torch.no_grad():
         return model(torch.tensor(toks)).logits.numpy()
+
+
+def sharpened(m, norm: float, matrix: float):
+    """`m` in eval mode with eager attention and random weights larger than transformers'
+    init (norm weights `norm` x N(0, 1), matrices and stacked experts `matrix` x N(0, 1),
+    the rest 0), so attention, caps and routing matter and each difference shows."""
+    import torch
+
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            scale = norm if "norm" in name else matrix if p.ndim >= 2 else 0
+            p.copy_(scale * torch.randn_like(p))
+    m.config._attn_implementation = "eager"
+    return m.eval()
+
+
+def ours(cfg, w, toks: np.ndarray, S: int = 64) -> np.ndarray:
+    """Our logits [B, T, V] of the prompts, prefilled into a fresh cache of S positions."""
+    out, _ = model.forward(w, jnp.asarray(toks), kv_cache.init_cache(cfg, toks.shape[0], S), cfg)
+    return np.asarray(out)

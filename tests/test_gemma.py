@@ -29,7 +29,7 @@ from jaxinfer.sampling import SamplingParams  # noqa: E402
 
 from .engine_helpers import CharTokenizer  # noqa: E402
 from .hf_checkpoints import hf_logits as _hf_logits  # noqa: E402
-from .hf_checkpoints import saved_and_loaded  # noqa: E402
+from .hf_checkpoints import ours, saved_and_loaded, sharpened  # noqa: E402
 from .hf_checkpoints import tokens as _tokens  # noqa: E402
 
 COMMON = dict(vocab_size=97, hidden_size=64, intermediate_size=128, num_attention_heads=4,
@@ -53,22 +53,13 @@ def _hf_model(kind: str, local_theta: float = 100.0, qpas: int = 24, head_dim: i
         m = tf.Gemma3ForCausalLM(tf.Gemma3TextConfig(
             num_hidden_layers=7, sliding_window=6, query_pre_attn_scalar=qpas,
             rope_parameters=rope, **common))
-    with torch.no_grad():  # sharper than the default init: attention and caps matter
-        for name, p in m.named_parameters():
-            p.copy_((0.4 if "norm" in name else 0.12 if p.ndim == 2 else 0) * torch.randn_like(p))
-    m.config._attn_implementation = "eager"
-    return m.eval()
+    return sharpened(m, norm=0.4, matrix=0.12)  # attention, caps, positions matter
 
 
 @pytest.fixture(scope="module", params=KINDS)
 def gemma(request, tmp_path_factory):
     """(kind, HF model, our config, our weights) from a directory transformers wrote."""
     return saved_and_loaded(request.param, _hf_model(request.param), tmp_path_factory)
-
-
-def _ours(cfg, w, toks, S=64):
-    out, _ = model.forward(w, jnp.asarray(toks), kv_cache.init_cache(cfg, toks.shape[0], S), cfg)
-    return np.asarray(out)
 
 
 def test_config_read_from_checkpoint(gemma):
@@ -94,7 +85,7 @@ def test_logits_match_transformers(gemma):
     toks = _tokens(40)
     ref = _hf_logits(m, toks)
     assert np.abs(ref).max() > 2.0  # logits large enough for the caps to bind
-    np.testing.assert_allclose(_ours(cfg, w, toks), ref, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(ours(cfg, w, toks), ref, atol=1e-4, rtol=0)
     for impl, S in (("xla", 64), ("xla_chunked", 512), ("pallas_interpret", 64)):
         cache = kv_cache.init_cache(cfg, 2, S)
         _, cache = model.forward(w, jnp.asarray(toks[:, :25]), cache, cfg)
@@ -117,7 +108,7 @@ def test_every_gemma_difference_matters(gemma):
     toks = _tokens(40)
     ref = _hf_logits(m, toks)
     for off in _OFF[kind]:
-        assert np.abs(_ours(cfg.replace(**off), w, toks) - ref).max() > 1e-2, off
+        assert np.abs(ours(cfg.replace(**off), w, toks) - ref).max() > 1e-2, off
 
 
 def test_greedy_generation_matches_transformers(gemma):
@@ -169,7 +160,7 @@ def test_checkpoint_round_trip_keeps_gemma_config(gemma, tmp_path):
     ccfg, cw = load_checkpoint(tmp_path / "ck")
     assert ccfg == cfg
     toks = _tokens(12)
-    np.testing.assert_allclose(_ours(ccfg, cw, toks), _hf_logits(m, toks), atol=1e-4, rtol=0)
+    np.testing.assert_allclose(ours(ccfg, cw, toks), _hf_logits(m, toks), atol=1e-4, rtol=0)
 
 
 def test_sharded_gemma3_equals_one_device(tmp_path):
@@ -184,7 +175,7 @@ def test_sharded_gemma3_equals_one_device(tmp_path):
     ws = jax.tree.map(jax.device_put, w, sh)
     assert ws["layers"]["post_mlp_norm"].sharding.spec == sh["layers"]["post_mlp_norm"].spec
     toks = _tokens(20, batch=4)
-    np.testing.assert_allclose(_ours(cfg, ws, toks), _ours(cfg, w, toks), atol=1e-5, rtol=0)
+    np.testing.assert_allclose(ours(cfg, ws, toks), ours(cfg, w, toks), atol=1e-5, rtol=0)
 
 
 def test_multimodal_gemma3_checkpoint_loads_its_language_model(tmp_path):
@@ -203,7 +194,7 @@ def test_multimodal_gemma3_checkpoint_loads_its_language_model(tmp_path):
     toks = _tokens(16)
     with torch.no_grad():
         ref = m(input_ids=torch.tensor(toks)).logits.numpy()
-    np.testing.assert_allclose(_ours(cfg, jax.tree.map(jnp.asarray, w), toks), ref,
+    np.testing.assert_allclose(ours(cfg, jax.tree.map(jnp.asarray, w), toks), ref,
                                atol=1e-4, rtol=0)
 
 
@@ -243,7 +234,7 @@ def test_gguf_matches_transformers(tmp_path, kind, quantized):
     assert (cfg.local_L, cfg.attn_softcap, cfg.final_softcap, cfg.rope_linear_factor) == (
         hf_cfg.local_L, hf_cfg.attn_softcap, hf_cfg.final_softcap, hf_cfg.rope_linear_factor)
     toks = _tokens(40)
-    got = _ours(cfg, jax.tree.map(jnp.asarray, w), toks)
+    got = ours(cfg, jax.tree.map(jnp.asarray, w), toks)
     np.testing.assert_allclose(got, _hf_logits(m, toks), atol=1e-4, rtol=0)
 
 

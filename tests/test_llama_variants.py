@@ -29,7 +29,7 @@ from jaxinfer.llm import LLM  # noqa: E402
 from jaxinfer.sampling import SamplingParams  # noqa: E402
 
 from .engine_helpers import CharTokenizer  # noqa: E402
-from .hf_checkpoints import hf_logits, saved_and_loaded, tokens  # noqa: E402
+from .hf_checkpoints import hf_logits, ours, saved_and_loaded, sharpened, tokens  # noqa: E402
 
 COMMON = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
@@ -85,22 +85,13 @@ def _hf_model(kind: str, heads: int = 4, nope_every: int = 2):
                 "mscale_all_dim": 0.5, "truncate": False}
         m = tf.LlamaForCausalLM(tf.LlamaConfig(**common, head_dim=64 // heads,
                                                rope_parameters=rope))
-    with torch.no_grad():  # sharper than the default init, so positions matter
-        for name, p in m.named_parameters():
-            p.copy_((0.3 if "norm" in name else 0.15 if p.ndim >= 2 else 0) * torch.randn_like(p))
-    m.config._attn_implementation = "eager"
-    return m.eval()
+    return sharpened(m, norm=0.3, matrix=0.15)  # positions and experts matter
 
 
 @pytest.fixture(scope="module", params=KINDS)
 def variant(request, tmp_path_factory):
     """(kind, HF model, our config, our weights) from a directory transformers wrote."""
     return saved_and_loaded(request.param, _hf_model(request.param), tmp_path_factory)
-
-
-def _ours(cfg, w, toks, S=64):
-    out, _ = model.forward(w, jnp.asarray(toks), kv_cache.init_cache(cfg, toks.shape[0], S), cfg)
-    return np.asarray(out)
 
 
 def test_config_read_from_checkpoint(variant):
@@ -138,7 +129,7 @@ def test_logits_match_transformers(variant):
     kind, m, cfg, w = variant
     toks = tokens(40)
     ref = hf_logits(m, toks)
-    np.testing.assert_allclose(_ours(cfg, w, toks), ref, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(ours(cfg, w, toks), ref, atol=1e-4, rtol=0)
     T = toks.shape[1]
     for impl in ("xla", "pallas_interpret"):
         cache = kv_cache.init_cache(cfg, 2, 64)
@@ -193,7 +184,7 @@ def test_every_difference_matters(variant):
     toks = tokens(40)
     ref = hf_logits(m, toks)
     for off in _OFF[kind]:
-        assert np.abs(_ours(cfg.replace(**off), w, toks) - ref).max() > 1e-2, off
+        assert np.abs(ours(cfg.replace(**off), w, toks) - ref).max() > 1e-2, off
 
 
 def _greedy_reference(m, toks, n=30):
@@ -237,7 +228,7 @@ def test_checkpoint_round_trip_keeps_the_rope_config(variant, tmp_path):
     ccfg, cw = load_checkpoint(tmp_path / "ck")
     assert ccfg == cfg
     toks = tokens(20)
-    np.testing.assert_allclose(_ours(ccfg, cw, toks), hf_logits(m, toks), atol=1e-4, rtol=0)
+    np.testing.assert_allclose(ours(ccfg, cw, toks), hf_logits(m, toks), atol=1e-4, rtol=0)
 
 
 def test_sharded_equals_one_device(variant):
@@ -248,7 +239,7 @@ def test_sharded_equals_one_device(variant):
     ws = jax.tree.map(jax.device_put, w, weight_shardings(weight_specs(cfg),
                                                           make_mesh("data:2,model:2")))
     toks = tokens(20, batch=4)
-    np.testing.assert_allclose(_ours(cfg, ws, toks), _ours(cfg, w, toks), atol=1e-5, rtol=0)
+    np.testing.assert_allclose(ours(cfg, ws, toks), ours(cfg, w, toks), atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("kind", ["phi3_longrope", "qwen3_yarn", "smollm3", "granite",
@@ -322,7 +313,7 @@ def test_gguf_matches_transformers(tmp_path, kind, quantized):
         assert cfg.rope_longrope[2] == ORIG
         np.testing.assert_allclose(cfg.rope_longrope[:2], hf_cfg.rope_longrope[:2], rtol=1e-7)
     toks = tokens(40)
-    got = _ours(cfg, jax.tree.map(jnp.asarray, w), toks)
+    got = ours(cfg, jax.tree.map(jnp.asarray, w), toks)
     np.testing.assert_allclose(got, hf_logits(m, toks), atol=1e-4, rtol=0)
 
 
@@ -353,8 +344,8 @@ def test_phi3_lora_on_its_fused_projections_matches_peft(tmp_path):
     adapter = read_lora(tmp_path / "adapter", cfg)
     assert set(adapter) == {"wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down"}
     merged = jax.tree.map(jnp.asarray, merge_lora(w, adapter))
-    np.testing.assert_allclose(_ours(cfg, merged, toks), ref, atol=1e-4, rtol=0)
-    assert np.abs(_ours(cfg, jax.tree.map(jnp.asarray, w), toks) - ref).max() > 1e-2
+    np.testing.assert_allclose(ours(cfg, merged, toks), ref, atol=1e-4, rtol=0)
+    assert np.abs(ours(cfg, jax.tree.map(jnp.asarray, w), toks) - ref).max() > 1e-2
     llm = LLM(cfg, jax.tree.map(jnp.asarray, w), CharTokenizer())
     llm.add_adapters({"a": tmp_path / "adapter"})
     got = llm.generate([list(map(int, t)) for t in toks],
@@ -385,7 +376,7 @@ def test_multimodal_mistral3_checkpoint_loads_its_language_model(tmp_path):
     toks = tokens(16)
     with torch.no_grad():
         ref = m(input_ids=torch.tensor(toks)).logits.numpy()
-    np.testing.assert_allclose(_ours(cfg, jax.tree.map(jnp.asarray, w), toks), ref,
+    np.testing.assert_allclose(ours(cfg, jax.tree.map(jnp.asarray, w), toks), ref,
                                atol=1e-4, rtol=0)
 
 
