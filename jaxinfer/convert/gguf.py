@@ -118,19 +118,7 @@ def _config(reader: Any, tensors: dict[str, Any], path: Path) -> ModelConfig:
             raise ConversionError(f"unsupported RoPE scaling {kind!r} in {path}")
         linear = float(m("rope.scaling.factor", 1.0)) if kind == "linear" else 1.0
         head_dim = int(m("attention.key_length") or d // n)
-        variant = _long_rope(m, tensors, kind, head_dim)
-        if arch == "phi3" and m("attention.sliding_window"):  # 0: none (Phi-4)
-            variant["sliding_window"] = int(m("attention.sliding_window"))
-        if arch == "smollm3":  # llama.cpp's fixed NoPE step: every fourth layer
-            variant["nope_layers"] = tuple(not b for b in local_pattern(4, int(m("block_count"))))
-        if arch == "olmo2":  # norms after attention and the MLP only; q/k over all heads
-            variant.update(pre_norms=False, post_norms=True, qk_norm_full=True)
-        if arch in ("granite", "granitemoe"):
-            variant.update(embedding_multiplier=float(m("embedding_scale", 1.0)),
-                        residual_multiplier=float(m("residual_scale", 1.0)),
-                        logits_scaling=float(m("logit_scale", 1.0)))
-            if m("attention.scale") is not None:
-                variant["query_scale"] = float(m("attention.scale"))
+        variant = {**_long_rope(m, tensors, kind, head_dim), **_llama_family(arch, m)}
         theta = float(m("rope.freq_base", 10_000.0))
         scaling = None
         if "rope_freqs.weight" in tensors:
@@ -194,6 +182,26 @@ def _long_rope(m: Callable[..., Any], tensors: dict[str, Any], kind: str | None,
             att = math.sqrt(1 + math.log(factor) / math.log(orig)) if factor > 1 else 1.0
         out.update(rope_longrope=(short, long, orig), rope_attention_factor=float(att))
     return out
+
+
+def _llama_family(arch: str, m: Callable[..., Any]) -> dict[str, Any]:
+    """The switches of the Llama-family variants (none for other archs): Phi-3's sliding
+    window (0: none, Phi-4), SmolLM3's NoPE layers (llama.cpp's fixed step of four),
+    OLMo 2's norm placement, Granite's multipliers."""
+    if arch == "phi3" and m("attention.sliding_window"):
+        return {"sliding_window": int(m("attention.sliding_window"))}
+    if arch == "smollm3":
+        return {"nope_layers": tuple(not b for b in local_pattern(4, int(m("block_count"))))}
+    if arch == "olmo2":  # norms after attention and the MLP only; q/k over all heads
+        return {"pre_norms": False, "post_norms": True, "qk_norm_full": True}
+    if arch in ("granite", "granitemoe"):
+        out = {"embedding_multiplier": float(m("embedding_scale", 1.0)),
+               "residual_multiplier": float(m("residual_scale", 1.0)),
+               "logits_scaling": float(m("logit_scale", 1.0))}
+        if m("attention.scale") is not None:
+            out["query_scale"] = float(m("attention.scale"))
+        return out
+    return {}
 
 
 def _gemma(arch: str, m: Callable[..., Any], tensors: dict[str, Any], d: int, n: int

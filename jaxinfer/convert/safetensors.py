@@ -237,12 +237,13 @@ def _weights(cfg: ModelConfig, r: _Reader, progress: Progress | None,
                 x["moe_up"][i] = gate_up[:, F:].swapaxes(1, 2)
                 x["moe_down"][i] = r.get(f"{p}{block}.output_linear.weight",
                                          (E, D, F)).swapaxes(1, 2)
-            for e in range(E if names is not None else 0):
-                q = f"{p}{block}.experts.{e}."
-                for key, name, shape in zip(("moe_gate", "moe_up", "moe_down"), names,
-                                            ((D, F), (D, F), (F, D)), strict=True):
-                    x[key][i, e] = from_hf_matrix(r.get(q + name + ".weight", shape[::-1]),
-                                                  shape)
+            else:
+                for e in range(E):
+                    q = f"{p}{block}.experts.{e}."
+                    for key, name, shape in zip(("moe_gate", "moe_up", "moe_down"), names,
+                                                ((D, F), (D, F), (F, D)), strict=True):
+                        x[key][i, e] = from_hf_matrix(
+                            r.get(q + name + ".weight", shape[::-1]), shape)
             for key, (name, shape) in shared.items():  # Qwen2-MoE's shared expert
                 x[key][i] = from_hf_matrix(
                     r.get(f"{p}{block}.shared_expert.{name}.weight", shape[::-1]), shape)
