@@ -117,7 +117,7 @@ class _OpenAILine:
         adapter = api.check_model(req.model, self.model, self.engine.adapter_names)
         self.served = adapter or self.model
         beams = None if isinstance(req, rs.ResponsesRequest) else req.beam_search()
-        if beams is not None:  # run by `run_beam` instead of engine requests
+        if beams is not None:  # run by `beam_record` instead of engine requests
             chat = isinstance(req, api.ChatRequest)
             prompts = ([dict(messages=req.message_dicts(), chat_options=req.chat_options())]
                        if chat else [dict(prompt=p) for p in req.prompt_inputs()])

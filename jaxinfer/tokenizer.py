@@ -32,7 +32,7 @@ _DIGIT_SPLIT_PRE = {"smollm", "starcoder", "refact", "command-r", "codeshell", "
 _GPT2_PRE = {"default", "gpt2", "gpt-2", "mpt", "olmo", "jais"}
 # Names whose split regex is their models' tokenizer.json one (llama-vocab.cpp rewrites
 # these for its own regex engine; the `tokenizers` library runs the originals): Llama 3,
-# Qwen2/2.5/3, GPT-4o-style (Llama 4, Phi-4-mini...) and Mistral's Tekken.
+# Qwen2/2.5/3, GPT-4o-style (`gpt-4o`, Llama 4) and Mistral's Tekken.
 _CONTRACTIONS = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)"
 _UPPER, _LOWER = r"[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]", r"[\p{Ll}\p{Lm}\p{Lo}\p{M}]"
 _TAIL = r"\s*[\r\n]+|\s+(?!\S)|\s+"
