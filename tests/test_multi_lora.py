@@ -217,9 +217,9 @@ def test_engine_serves_each_request_with_its_adapter(engine, refs):
 
 
 def _llm_of(engine):
-    from jaxinfer.server import _llm
+    from jaxinfer.openai_beam import engine_llm
 
-    return _llm(engine)
+    return engine_llm(engine)
 
 
 def _text(tok, ids: list[int]) -> str:
