@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxinfer import kv_cache, model
+from jaxinfer.checkpoint import load_checkpoint, save_checkpoint
 from jaxinfer.convert.safetensors import load_hf_dir
 
 
@@ -48,3 +49,12 @@ def ours(cfg, w, toks: np.ndarray, S: int = 64) -> np.ndarray:
     """Our logits [B, T, V] of the prompts, prefilled into a fresh cache of S positions."""
     out, _ = model.forward(w, jnp.asarray(toks), kv_cache.init_cache(cfg, toks.shape[0], S), cfg)
     return np.asarray(out)
+
+
+def check_orbax_round_trip(m, cfg, w, toks: np.ndarray, tmp_path) -> None:
+    """Saved as an Orbax checkpoint and loaded back, the config is equal and the logits
+    still match the HF model's within 1e-4."""
+    save_checkpoint(tmp_path / "ck", cfg, w)
+    ccfg, cw = load_checkpoint(tmp_path / "ck")
+    assert ccfg == cfg
+    np.testing.assert_allclose(ours(ccfg, cw, toks), hf_logits(m, toks), atol=1e-4, rtol=0)

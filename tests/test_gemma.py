@@ -19,7 +19,6 @@ tf = pytest.importorskip("transformers")
 
 from jaxinfer import kv_cache, model  # noqa: E402
 from jaxinfer.attention import chunked_decode_attention, ref_attention  # noqa: E402
-from jaxinfer.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from jaxinfer.config import ModelConfig  # noqa: E402
 from jaxinfer.convert.safetensors import load_hf_dir  # noqa: E402
 from jaxinfer.engine import Engine, EngineConfig  # noqa: E402
@@ -28,8 +27,8 @@ from jaxinfer.llm import LLM  # noqa: E402
 from jaxinfer.sampling import SamplingParams  # noqa: E402
 
 from .engine_helpers import CharTokenizer  # noqa: E402
+from .hf_checkpoints import check_orbax_round_trip, ours, saved_and_loaded, sharpened  # noqa: E402
 from .hf_checkpoints import hf_logits as _hf_logits  # noqa: E402
-from .hf_checkpoints import ours, saved_and_loaded, sharpened  # noqa: E402
 from .hf_checkpoints import tokens as _tokens  # noqa: E402
 
 COMMON = dict(vocab_size=97, hidden_size=64, intermediate_size=128, num_attention_heads=4,
@@ -156,11 +155,7 @@ def test_speculative_and_int8_paths(gemma):
 
 def test_checkpoint_round_trip_keeps_gemma_config(gemma, tmp_path):
     _, m, cfg, w = gemma
-    save_checkpoint(tmp_path / "ck", cfg, w)
-    ccfg, cw = load_checkpoint(tmp_path / "ck")
-    assert ccfg == cfg
-    toks = _tokens(12)
-    np.testing.assert_allclose(ours(ccfg, cw, toks), _hf_logits(m, toks), atol=1e-4, rtol=0)
+    check_orbax_round_trip(m, cfg, w, _tokens(12), tmp_path)
 
 
 def test_sharded_gemma3_equals_one_device(tmp_path):

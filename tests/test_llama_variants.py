@@ -20,7 +20,6 @@ torch = pytest.importorskip("torch")
 tf = pytest.importorskip("transformers")
 
 from jaxinfer import kv_cache, model  # noqa: E402
-from jaxinfer.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from jaxinfer.config import ModelConfig  # noqa: E402
 from jaxinfer.convert.safetensors import load_hf_dir  # noqa: E402
 from jaxinfer.engine import Engine, EngineConfig  # noqa: E402
@@ -29,7 +28,14 @@ from jaxinfer.llm import LLM  # noqa: E402
 from jaxinfer.sampling import SamplingParams  # noqa: E402
 
 from .engine_helpers import CharTokenizer  # noqa: E402
-from .hf_checkpoints import hf_logits, ours, saved_and_loaded, sharpened, tokens  # noqa: E402
+from .hf_checkpoints import (  # noqa: E402
+    check_orbax_round_trip,
+    hf_logits,
+    ours,
+    saved_and_loaded,
+    sharpened,
+    tokens,
+)
 
 COMMON = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
@@ -223,12 +229,8 @@ def test_engine_matches_transformers(variant):
 
 
 def test_checkpoint_round_trip_keeps_the_rope_config(variant, tmp_path):
-    kind, m, cfg, w = variant
-    save_checkpoint(tmp_path / "ck", cfg, w)
-    ccfg, cw = load_checkpoint(tmp_path / "ck")
-    assert ccfg == cfg
-    toks = tokens(20)
-    np.testing.assert_allclose(ours(ccfg, cw, toks), hf_logits(m, toks), atol=1e-4, rtol=0)
+    _, m, cfg, w = variant
+    check_orbax_round_trip(m, cfg, w, tokens(20), tmp_path)
 
 
 def test_sharded_equals_one_device(variant):
