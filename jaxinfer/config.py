@@ -19,13 +19,15 @@ from jaxinfer.errors import ConfigError
 ACTIVATIONS = ("silu", "gelu_tanh")
 GEMMA_TYPES = ("gemma", "gemma2", "gemma3_text", "gemma3")
 MOE_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "granitemoe")
+COHERE_TYPES = ("cohere", "cohere2")
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """Shapes and constants of a Llama-family decoder (Llama 2/3, Mistral, Qwen2/3, Phi-3,
-    SmolLM2/3, Granite, OLMo 2), of Gemma 1/2/3 or of a mixture of experts (Mixtral, Qwen2/3-MoE):
-    their differences are the switches after `name`, all off for Llama."""
+    SmolLM2/3, Granite, OLMo 2, Cohere, StableLM 2), of Gemma 1/2/3 or of a mixture of
+    experts (Mixtral, Qwen2/3-MoE): their differences are the switches after `name`, all off
+    for Llama."""
 
     vocab_size: int  # V
     d_model: int  # D
@@ -38,7 +40,7 @@ class ModelConfig:
     # Llama-3 style frequency scaling: (factor, low_freq_factor, high_freq_factor,
     # original_max_position_embeddings), or None.
     rope_scaling: tuple[float, float, float, int] | None = None
-    rms_norm_eps: float = 1e-5
+    rms_norm_eps: float = 1e-5  # every norm's epsilon (LayerNorm's too)
     max_seq_len: int = 2048
     tie_embeddings: bool = False
     qkv_bias: bool = False  # Qwen2 carries biases on q/k/v projections.
@@ -74,6 +76,9 @@ class ModelConfig:
     rope_longrope: tuple[tuple[float, ...], tuple[float, ...], int] | None = None
     rope_attention_factor: float = 1.0  # cos and sin scaled by it (YaRN, LongRoPE)
     rope_dim: int | None = None  # rotated dims of each head (Phi-4-mini: 3/4); None: all
+    # Cohere's Hugging Face checkpoints (and so its LoRA adapters) pair each head's RoPE
+    # dims interleaved; converters reorder q/k rows to the rotate-half layout the model runs.
+    rope_interleaved: bool = False
     # SmolLM3: layers without positional encoding (NoPE: every fourth); empty: none.
     nope_layers: tuple[bool, ...] = ()
     # Granite: embeddings times embedding_multiplier, each attention / MLP output times
@@ -86,6 +91,15 @@ class ModelConfig:
     # k RMS-normalised across all heads at once (weights [N*H], [K*H]) with qk_norm.
     pre_norms: bool = True
     qk_norm_full: bool = False
+    # Cohere and StableLM 2: LayerNorm (mean subtracted) instead of RMSNorm, with a bias on
+    # the block and final norms (StableLM); q/k norm weights per head, [N, H] and [K, H]
+    # (each head normalised alone; OLMo 2's qk_norm_full sets it too); attention and the
+    # MLP reading the same normed input, both added to the residual (parallel_block:
+    # Cohere, StableLM 2 12B; no mlp_norm).
+    layer_norm: bool = False
+    norm_bias: bool = False
+    qk_norm_heads: bool = False
+    parallel_block: bool = False
     # Mixture of experts (Mixtral, Qwen2/3-MoE): every layer's MLP is num_experts experts of
     # width mlp_dim; a softmax router sends each token to its top experts_per_token, whose
     # outputs are summed with the router weights (renormalised to sum 1 with norm_topk).
@@ -120,6 +134,11 @@ class ModelConfig:
                               f"{self.sliding_window!r}")
         if self.qk_norm_full and not self.qk_norm:
             raise ConfigError("qk_norm_full needs qk_norm")
+        if self.qk_norm_full:  # its weights are per head
+            object.__setattr__(self, "qk_norm_heads", True)
+        if self.parallel_block and (self.post_norms or not self.pre_norms):
+            raise ConfigError("parallel_block takes one norm before each block, not "
+                              "post_norms")
         if not (self.pre_norms or self.post_norms):
             raise ConfigError("a model needs pre_norms, post_norms or both")
         if self.shared_expert_dim and not self.num_experts:
@@ -167,7 +186,9 @@ class ModelConfig:
                 and self.sliding_window is None and not self.num_experts
                 and self.pre_norms and not self.qk_norm_full
                 and not any(self.nope_layers) and self.embedding_multiplier == 1.0
-                and self.residual_multiplier == 1.0 and self.logits_scaling == 1.0)
+                and self.residual_multiplier == 1.0 and self.logits_scaling == 1.0
+                and not self.layer_norm and not self.norm_bias and not self.parallel_block
+                and not self.qk_norm_heads)
 
     def replace(self, **kw: Any) -> ModelConfig:
         return dataclasses.replace(self, **kw)
@@ -209,7 +230,8 @@ class ModelConfig:
     @classmethod
     def from_hf(cls, hf: dict[str, Any], name: str | None = None) -> ModelConfig:
         """From a Hugging Face `config.json` dict of a Llama, Mistral, Qwen2/3, Phi-3, SmolLM3,
-        Granite, OLMo 2 or Gemma 1/2/3 model (a multimodal Gemma 3 or Mistral 3: its language
+        Granite, OLMo 2, Cohere (Command R, Aya; Cohere2: Command R7B, Command A), StableLM
+        2 or Gemma 1/2/3 model (a multimodal Gemma 3 or Mistral 3: its language
         model). Reads
         transformers 5's `rope_parameters` and the older `rope_theta` / `rope_scaling`
         keys alike."""
@@ -248,6 +270,11 @@ class ModelConfig:
             if kind == "smollm3":
                 nope = tuple(not use for use in hf.get("no_rope_layers") or [
                     (i + 1) % int(hf.get("no_rope_layer_interval", 4)) != 0 for i in range(L)])
+            if kind == "cohere2":  # its global layers take no RoPE
+                nope = tuple(not b for b in local)
+            cohere, stablelm = kind in COHERE_TYPES, kind == "stablelm"
+            eps = (hf.get("layer_norm_eps", 1e-5) if cohere or stablelm
+                   else hf.get("rms_norm_eps", 1e-6 if gemma else 1e-5))
             arch = (hf.get("architectures") or [kind])[0]
             return cls(
                 vocab_size=int(hf["vocab_size"]),
@@ -258,13 +285,22 @@ class ModelConfig:
                 num_kv_heads=int(hf.get("num_key_value_heads") or n),
                 head_dim=head_dim,
                 rope_theta=float(theta),
-                rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6 if gemma else 1e-5)),
+                rms_norm_eps=float(eps),
                 max_seq_len=int(hf.get("max_position_embeddings", 2048)),
-                tie_embeddings=bool(hf.get("tie_word_embeddings", gemma)),
+                tie_embeddings=bool(hf.get("tie_word_embeddings", gemma or cohere)),
                 qkv_bias=bool(hf.get("qkv_bias", True) if kind == "qwen2_moe"
+                              else hf.get("use_qkv_bias", False) if stablelm
                               else hf.get("attention_bias", kind == "qwen2")),
-                qk_norm=kind in ("qwen3", "gemma3_text", "qwen3_moe", "olmo2"),
+                qk_norm=(kind in ("qwen3", "gemma3_text", "qwen3_moe", "olmo2")
+                         or bool(cohere and hf.get("use_qk_norm"))
+                         or bool(stablelm and hf.get("qk_layernorm"))),
                 qk_norm_full=kind == "olmo2",
+                qk_norm_heads=cohere or stablelm,
+                layer_norm=cohere or stablelm,
+                rope_interleaved=cohere,
+                norm_bias=stablelm,
+                parallel_block=kind == "cohere" or bool(
+                    hf.get("use_parallel_residual") if stablelm else kind == "cohere2"),
                 pre_norms=kind != "olmo2",
                 bos_token_id=hf.get("bos_token_id"),
                 eos_token_ids=tuple(int(e) for e in eos),
@@ -278,7 +314,8 @@ class ModelConfig:
                 nope_layers=nope if any(nope) else (),
                 embedding_multiplier=float(hf.get("embedding_multiplier", 1.0)),
                 residual_multiplier=float(hf.get("residual_multiplier", 1.0)),
-                logits_scaling=float(hf.get("logits_scaling", 1.0)),
+                logits_scaling=(1.0 / float(hf.get("logit_scale", 0.0625)) if cohere
+                                else float(hf.get("logits_scaling", 1.0))),
                 attn_softcap=_float_or_none(hf.get("attn_logit_softcapping")),
                 final_softcap=_float_or_none(hf.get("final_logit_softcapping")),
                 sliding_window=window,
@@ -427,13 +464,15 @@ def local_pattern(pattern: int, num_layers: int) -> tuple[bool, ...]:
 
 def _sliding(hf: dict[str, Any], kind: str, L: int) -> tuple[int | None, tuple[bool, ...]]:
     """(window, local_layers): Gemma 2/3 alternate local and global layers (`layer_types`,
-    or their fixed patterns in older configs); Mistral's window covers every layer."""
+    or their fixed patterns in older configs), as Cohere2's do (three local, one global);
+    Mistral's window covers every layer."""
     window = hf.get("sliding_window")
-    if kind in ("gemma2", "gemma3_text") and window:
+    if kind in ("gemma2", "gemma3_text", "cohere2") and window:
         types = hf.get("layer_types")
         if types:
             return int(window), tuple(t == "sliding_attention" for t in types)
-        pattern = 2 if kind == "gemma2" else int(hf.get("sliding_window_pattern") or 6)
+        pattern = 2 if kind == "gemma2" else int(hf.get("sliding_window_pattern")
+                                                 or (4 if kind == "cohere2" else 6))
         return int(window), local_pattern(pattern, L)
     if kind in ("mistral", "mixtral", "phi3") and window:
         return int(window), ()

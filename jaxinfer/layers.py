@@ -35,8 +35,23 @@ def rms_norm(x_BTD: jax.Array, w_D: jax.Array, eps: float, plus_one: bool = Fals
     return (x * (1.0 + w if plus_one else w)).astype(x_BTD.dtype)
 
 
-def norm(cfg: ModelConfig, x_BTD: jax.Array, w_D: jax.Array) -> jax.Array:
-    """The model's RMSNorm (eps and Gemma's 1 + w from the config)."""
+def layer_norm(x_BTD: jax.Array, w_D: jax.Array, b_D: jax.Array | None, eps: float
+               ) -> jax.Array:
+    """LayerNorm over the last axis (Cohere, StableLM), in float32; `w` may carry leading
+    axes of its own (per-head q/k norms: [N, H])."""
+    x = x_BTD.astype(jnp.float32)
+    x = x - jnp.mean(x, axis=-1, keepdims=True)
+    x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + eps)
+    x = x * w_D.astype(jnp.float32)
+    return (x if b_D is None else x + b_D.astype(jnp.float32)).astype(x_BTD.dtype)
+
+
+def norm(cfg: ModelConfig, x_BTD: jax.Array, w_D: jax.Array, b_D: jax.Array | None = None
+         ) -> jax.Array:
+    """The model's norm: RMSNorm (eps and Gemma's 1 + w from the config) or LayerNorm,
+    with its bias `b_D` where the model has one."""
+    if cfg.layer_norm:
+        return layer_norm(x_BTD, w_D, b_D, cfg.rms_norm_eps)
     return rms_norm(x_BTD, w_D, cfg.rms_norm_eps, cfg.norm_plus_one)
 
 

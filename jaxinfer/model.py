@@ -13,6 +13,7 @@ cache continues a sequence (prefix caching, chunked prefill, speculative verific
 Layers run under `lax.scan`; the stacked cache rides in the scan carry and is updated in
 place, and jit donates it, so a step never copies the cache. Gemma's local and global
 layers share the scanned body: the layer index picks its window and RoPE frequencies.
+Cohere and StableLM 2 (12B) run attention and the MLP side by side (`parallel_block`).
 """
 
 from __future__ import annotations
@@ -98,7 +99,7 @@ def _block(cfg: ModelConfig, impl: str, adapter_B: jax.Array | None, carry, xs):
         w = bind(w, *ab, adapter_B)
     window = layer_window(cfg, i)
     with jax.named_scope("attention"):
-        h = norm(cfg, x, w["attn_norm"]) if cfg.pre_norms else x
+        h = norm(cfg, x, w["attn_norm"], w.get("attn_norm_bias")) if cfg.pre_norms else x
         q, k, v = qkv(cfg, w, h, pos_BT, i, ck.shape[3])
         # Scatter the new K/V of every row at its own positions; out-of-range slots drop.
         ck, ks = write_kv(ck, ks, i, rows_B1, pos_BT, k)
@@ -111,13 +112,16 @@ def _block(cfg: ModelConfig, impl: str, adapter_B: jax.Array | None, carry, xs):
                           impl, window=window, softcap=cfg.attn_softcap)
         o = dot(o, w["wo"], "BTNH,NHD->BTD")
         o = norm(cfg, o, w["post_attn_norm"]) if cfg.post_norms else o
-        x = x + (o * cfg.residual_multiplier if cfg.residual_multiplier != 1.0 else o)
+        o = o * cfg.residual_multiplier if cfg.residual_multiplier != 1.0 else o
     with jax.named_scope("mlp"):
-        h = norm(cfg, x, w["mlp_norm"]) if cfg.pre_norms else x
+        if not cfg.parallel_block:  # (parallel: the MLP reads attention's normed input h)
+            x = x + o
+            h = norm(cfg, x, w["mlp_norm"], w.get("mlp_norm_bias")) if cfg.pre_norms else x
         h = (moe(cfg, h, w) if cfg.num_experts
              else mlp(h, w["w_gate"], w["w_up"], w["w_down"], cfg.activation))
         h = norm(cfg, h, w["post_mlp_norm"]) if cfg.post_norms else h
-        x = x + (h * cfg.residual_multiplier if cfg.residual_multiplier != 1.0 else h)
+        h = h * cfg.residual_multiplier if cfg.residual_multiplier != 1.0 else h
+        x = x + o + h if cfg.parallel_block else x + h  # the references' order of adds
     return (x, ck, cv, ks, vs, pos_BT, rows_B1), None
 
 
@@ -141,7 +145,7 @@ def hidden_states(weights: Weights, tokens_BT: jax.Array, cache: KVCache, cfg: M
         functools.partial(_block, cfg, impl, adapter_B),
         (x, cache.k, cache.v, cache.k_scale, cache.v_scale, pos_BT, rows_B1),
         (weights["layers"], layer_ids, ab))
-    x = norm(cfg, x, weights["final_norm"])
+    x = norm(cfg, x, weights["final_norm"], weights.get("final_norm_bias"))
     return x, KVCache(k=ck, v=cv, lengths=cache.lengths, k_scale=ks, v_scale=vs)
 
 

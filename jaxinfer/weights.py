@@ -9,7 +9,9 @@ Tree layout (layers stacked on a leading L axis and run with lax.scan):
     layers/attn_norm [L, D]      layers/mlp_norm [L, D]
     layers/post_attn_norm [L, D] layers/post_mlp_norm [L, D]   (post_norms only: Gemma 2/3)
     layers/q_norm [L, H]         layers/k_norm [L, H]          (qk_norm only;
-                                   [L, N, H], [L, K, H] with qk_norm_full: OLMo 2)
+                                   [L, N, H], [L, K, H] with qk_norm_heads: Cohere, OLMo 2)
+    layers/attn_norm_bias [L, D] layers/mlp_norm_bias [L, D]   (norm_bias only: StableLM;
+    final_norm_bias [D]                                        no mlp_norm: parallel_block)
     layers/wq   [L, D, N, H]     layers/bq [L, N, H]   (qkv_bias only)
     layers/wk   [L, D, K, H]     layers/bk [L, K, H]
     layers/wv   [L, D, K, H]     layers/bv [L, K, H]
@@ -122,7 +124,7 @@ def weight_specs(cfg: ModelConfig, dtype: Any = jnp.float32,
     if cfg.post_norms:
         layers["post_attn_norm"] = A((L, D), ("layers", "norm"), one)
         layers["post_mlp_norm"] = A((L, D), ("layers", "norm"), one)
-    if cfg.qk_norm and cfg.qk_norm_full:  # OLMo 2: one norm across every head
+    if cfg.qk_norm and cfg.qk_norm_heads:  # per head (Cohere, StableLM; OLMo 2 across them)
         layers["q_norm"] = A((L, N, H), ("layers", "q_heads", "head_dim"), one)
         layers["k_norm"] = A((L, K, H), ("layers", "kv_heads", "head_dim"), one)
     elif cfg.qk_norm:
@@ -130,6 +132,12 @@ def weight_specs(cfg: ModelConfig, dtype: Any = jnp.float32,
         layers["k_norm"] = A((L, H), ("layers", "head_dim"), one)
     if not cfg.pre_norms:  # OLMo 2: norms after attention and the MLP only
         del layers["attn_norm"], layers["mlp_norm"]
+    if cfg.parallel_block:  # attention and the MLP share the one input norm
+        del layers["mlp_norm"]
+    if cfg.norm_bias:  # StableLM's LayerNorms
+        for name in ("attn_norm", "mlp_norm"):
+            if name in layers:
+                layers[name + "_bias"] = A((L, D), ("layers", "norm"), "zeros")
     if cfg.qkv_bias:
         layers["bq"] = A((L, N, H), ("layers", "q_heads", "head_dim"), "zeros")
         layers["bk"] = A((L, K, H), ("layers", "kv_heads", "head_dim"), "zeros")
@@ -139,6 +147,8 @@ def weight_specs(cfg: ModelConfig, dtype: Any = jnp.float32,
         "layers": layers,
         "final_norm": A((D,), ("norm",), one),
     }
+    if cfg.norm_bias:
+        tree["final_norm_bias"] = A((D,), ("norm",), "zeros")
     if not cfg.tie_embeddings:
         tree["lm_head"] = A((D, V), ("embed", "vocab"), fan_in=(0,))
     if quant is not None and quant.linear is not None:

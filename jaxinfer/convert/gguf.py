@@ -29,6 +29,7 @@ import numpy as np
 
 from jaxinfer.config import ModelConfig, local_pattern
 from jaxinfer.convert.gguf_quant import norms, qk_norms, quantized_weights, shared_router
+from jaxinfer.convert.layout import to_rotate_half
 from jaxinfer.convert.stacks import quantize_embeddings, results, stacks
 from jaxinfer.errors import ConversionError
 from jaxinfer.quant import QuantConfig
@@ -77,7 +78,7 @@ def load_gguf(path: str | Path, progress: Progress | None = None, quantized: boo
     try:
         permuted = _ARCHS[_arch(reader, path)]
         if quantized:
-            qc, weights = quantized_weights(cfg, tensors, permuted, get, _to_rotate_half, path,
+            qc, weights = quantized_weights(cfg, tensors, permuted, get, to_rotate_half, path,
                                             progress)
         else:
             qc = quant
@@ -331,16 +332,11 @@ def _getter(tensors: dict[str, Any], path: Path) -> Callable[[str, tuple[int, ..
     return get
 
 
-def _to_rotate_half(w: np.ndarray, heads: int) -> np.ndarray:
-    """Undo llama.cpp's per-head row order (x0, y0, x1, y1, ...) -> (x0, x1, ..., y0, y1, ...)."""
-    return w.reshape(heads, -1, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
 def _weights(cfg: ModelConfig, get: Callable[..., np.ndarray], permuted: bool,
              progress: Progress | None, quant: QuantConfig | None = None) -> dict:
     L, D, F, N, K, H, V = (cfg.num_layers, cfg.d_model, cfg.mlp_dim, cfg.num_heads,
                            cfg.num_kv_heads, cfg.head_dim, cfg.vocab_size)
-    fix = (lambda w, heads: _to_rotate_half(w, heads)) if permuted else (lambda w, heads: w)
+    fix = (lambda w, heads: to_rotate_half(w, heads)) if permuted else (lambda w, heads: w)
     # Filled layer by layer so peak memory stays one stacked copy of the model.
     E = cfg.num_experts
     mlp = ({"router": (D, E), "moe_gate": (E, D, F), "moe_up": (E, D, F), "moe_down": (E, F, D)}

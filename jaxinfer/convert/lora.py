@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from jaxinfer.config import ModelConfig
+from jaxinfer.convert.layout import to_rotate_half
 from jaxinfer.convert.safetensors import FUSED, fused_rows, hf_linears, hf_shape
 from jaxinfer.errors import ConversionError
 from jaxinfer.lora import LoraStack, replace_adapter
@@ -105,6 +106,8 @@ def read_lora(path: str | Path, cfg: ModelConfig) -> dict[str, LoraFactors]:
             raise ConversionError(f"{tensors_file}: layer {layer} {module} has lora_A "
                                   f"{a.shape} and lora_B {b.shape}; the model needs "
                                   f"[r, {n_inp}] and [{n_out}, r]")
+        if cfg.rope_interleaved and key in ("wq", "wk"):  # Cohere: as its weights are read
+            b = to_rotate_half(b, shape[1])
         r = a.shape[0]
         if key not in out:
             L = cfg.num_layers

@@ -1,5 +1,6 @@
 """Hugging Face Llama-family, Gemma and mixture-of-experts directories (config.json +
 safetensors) into the weight tree (a multimodal Gemma 3 or Mistral 3: its language model).
+Cohere's interleaved q/k rows are reordered to rotate-half as they are read (layout.py).
 
 Read with safetensors' numpy framework, which holds bfloat16 through ml_dtypes, so no torch
 is needed. Sharded checkpoints are found through `model.safetensors.index.json`. Tensors are
@@ -15,14 +16,15 @@ from typing import Any
 
 import numpy as np
 
-from jaxinfer.config import GEMMA_TYPES, MOE_TYPES, ModelConfig
+from jaxinfer.config import COHERE_TYPES, GEMMA_TYPES, MOE_TYPES, ModelConfig
+from jaxinfer.convert.layout import to_rotate_half
 from jaxinfer.convert.stacks import quantize_embeddings, results, stacks
 from jaxinfer.errors import ConfigError, ConversionError
 from jaxinfer.quant import QuantConfig
 from jaxinfer.weights import check_weights, weight_specs
 
 _MODEL_TYPES = ("llama", "mistral", "mistral3", "qwen2", "qwen3", "phi3", "smollm3", "granite",
-                "olmo2", *GEMMA_TYPES, *MOE_TYPES)
+                "olmo2", "stablelm", *COHERE_TYPES, *GEMMA_TYPES, *MOE_TYPES)
 
 # Phi-3 fuses q/k/v and gate/up into one matrix each: part -> (fused module, the part's
 # place in units of its own rows, from the start or the end: k and v are the same size,
@@ -127,7 +129,9 @@ class _Reader:
     def __contains__(self, name: str) -> bool:
         return name in self._where
 
-    def get(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
+    def get(self, name: str, shape: tuple[int, ...], reshape: bool = False) -> np.ndarray:
+        """The tensor as float32 of `shape` (a leading -1: any length); `reshape` takes any
+        shape of as many values (norm weights per head: [N * H] or [N, H])."""
         if name not in self._where and (fused := self._fused(name)):
             whole, at = fused
             if self._last[0] != whole:  # read once for its two or three parts
@@ -139,6 +143,8 @@ class _Reader:
             a = np.asarray(self._where[name].get_tensor(name)).astype(np.float32)
         except Exception as e:  # truncated or corrupt file
             raise ConversionError(f"cannot read tensor {name!r} in {self.path}: {e}") from e
+        if reshape and a.size == int(np.prod(shape)):
+            a = a.reshape(shape)
         if a.shape != shape and not (shape[0] == -1 and a.shape[1:] == shape[1:]):
             raise ConversionError(f"tensor {name!r} in {self.path} has shape {a.shape}, "
                                   f"expected {shape}")
@@ -206,6 +212,9 @@ def _weights(cfg: ModelConfig, r: _Reader, progress: Progress | None,
     # Gemma 2/3 sandwich each block: their post_attention_layernorm is the attention output's
     # norm and pre_feedforward_layernorm the MLP's input norm (Llama's post_attention one).
     norms = {"attn_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm"}
+    if cfg.parallel_block:  # Cohere, StableLM 2 12B: one norm before both
+        norms = {"attn_norm": "input_layernorm"}
+        del shapes["mlp_norm"]
     if cfg.post_norms:
         norms = {"attn_norm": "input_layernorm", "post_attn_norm": "post_attention_layernorm",
                  "mlp_norm": "pre_feedforward_layernorm",
@@ -217,17 +226,24 @@ def _weights(cfg: ModelConfig, r: _Reader, progress: Progress | None,
         del shapes["attn_norm"], shapes["mlp_norm"]
     if cfg.qkv_bias:
         shapes.update(bq=(N, H), bk=(K, H), bv=(K, H))
-    qk_norm = ((N, H), (K, H)) if cfg.qk_norm_full else ((H,), (H,))  # OLMo 2: all heads
+    qk_norm = ((N, H), (K, H)) if cfg.qk_norm_heads else ((H,), (H,))  # per head
     if cfg.qk_norm:
         shapes.update(q_norm=qk_norm[0], k_norm=qk_norm[1])
+    if cfg.norm_bias:  # StableLM's LayerNorms
+        shapes.update({key + "_bias": (D,) for key in norms})
     layers = stacks(shapes, L, quant)
+    # Cohere pairs RoPE dims interleaved: q/k rows (weights, biases, norms) to rotate-half
+    half = ((lambda m, heads: to_rotate_half(m, heads)) if cfg.rope_interleaved
+            else (lambda m, heads: m))
     for i in range(L):
         p, x = f"{r.prefix}layers.{i}.", layers
         for key, hf_name in norms.items():
             x[key][i] = r.get(p + hf_name + ".weight", (D,))
+            if cfg.norm_bias:
+                x[key + "_bias"][i] = r.get(p + hf_name + ".bias", (D,))
         for module, (key, shape, n_in) in linears.items():
-            x[key][i] = from_hf_matrix(r.get(p + module + ".weight", hf_shape(shape, n_in)),
-                                       shape)
+            m = r.get(p + module + ".weight", hf_shape(shape, n_in))
+            x[key][i] = from_hf_matrix(half(m, shape[1]) if key in ("wq", "wk") else m, shape)
         if E:
             block, router, names = moe
             x["router"][i] = r.get(f"{p}{block}.{router}.weight", (E, D)).T
@@ -252,16 +268,29 @@ def _weights(cfg: ModelConfig, r: _Reader, progress: Progress | None,
                                               (1, D))[0]
         if cfg.qk_norm:
             for key, shape in zip(("q_norm", "k_norm"), qk_norm, strict=True):
-                x[key][i] = r.get(f"{p}self_attn.{key}.weight",
-                                  (int(np.prod(shape)),)).reshape(shape)
+                w = _qk_norm(r, p, key, shape)  # flat: [heads * H]
+                x[key][i] = half(w, len(w) // H).reshape(shape)
         if cfg.qkv_bias:
-            x["bq"][i] = r.get(p + "self_attn.q_proj.bias", (N * H,)).reshape(N, H)
-            x["bk"][i] = r.get(p + "self_attn.k_proj.bias", (K * H,)).reshape(K, H)
+            x["bq"][i] = half(r.get(p + "self_attn.q_proj.bias", (N * H,)), N).reshape(N, H)
+            x["bk"][i] = half(r.get(p + "self_attn.k_proj.bias", (K * H,)), K).reshape(K, H)
             x["bv"][i] = r.get(p + "self_attn.v_proj.bias", (K * H,)).reshape(K, H)
         if progress:
             progress(i + 1, L)
     weights = {"embed": r.get(r.prefix + "embed_tokens.weight", (V, D)), "layers": results(layers),
                "final_norm": r.get(r.prefix + "norm.weight", (D,))}
+    if cfg.norm_bias:
+        weights["final_norm_bias"] = r.get(r.prefix + "norm.bias", (D,))
     if not cfg.tie_embeddings:
         weights["lm_head"] = np.ascontiguousarray(r.get(r.lm_head, (V, D)).T)
     return weights
+
+
+def _qk_norm(r: _Reader, p: str, key: str, shape: tuple[int, ...]) -> np.ndarray:
+    """One layer's q or k norm weights, flat: one tensor ([H], OLMo 2's [N * H], Cohere's
+    [N, H]) or StableLM's one LayerNorm per head (q_layernorm.norms.{h})."""
+    n = int(np.prod(shape))
+    name = f"{p}self_attn.{key}.weight"
+    if name in r or len(shape) == 1:
+        return r.get(name, (n,), reshape=True)
+    return np.concatenate([r.get(f"{p}self_attn.{key[0]}_layernorm.norms.{h}.weight",
+                                 shape[1:]) for h in range(shape[0])])

@@ -1,0 +1,19 @@
+"""Row layouts of the Q/K projections: RoPE pairs interleaved or split in halves.
+
+The model rotates each head's dims as two halves (Hugging Face's Llama "rotate half").
+Checkpoints that pair them interleaved, (x0, y0, x1, y1, ...), are reordered once while
+they are read: llama.cpp's `llama` GGUF files (its converter interleaves them) and
+Cohere's checkpoints (interleaved in Hugging Face too). Attention scores are sums over a
+head's dims, so reordering q and k alike changes nothing else.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def to_rotate_half(w: np.ndarray, heads: int) -> np.ndarray:
+    """Rows [heads * H, ...] from (x0, y0, x1, y1, ...) to (x0, x1, ..., y0, y1, ...) per
+    head; anything indexed by a head's dims along its first axis (weights [out, in],
+    biases, norm weights, LoRA's B)."""
+    return w.reshape(heads, -1, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)

@@ -1,0 +1,229 @@
+"""The LayerNorm families against Hugging Face transformers (PyTorch, float32, eager
+attention): Cohere (Command R, Aya: LayerNorm without bias, attention and MLP side by
+side, interleaved RoPE pairs, per-head q/k LayerNorm, a logit scale), Cohere2 (Command
+R7B, Command A: three sliding-window layers with RoPE, then a global one without) and
+StableLM 2 (LayerNorm with bias, a quarter of each head rotated, q/k/v biases; the 12B's
+parallel block and per-head q/k LayerNorms).
+
+The checkpoints are tiny random ones transformers writes itself; no real one is reachable
+here.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+tf = pytest.importorskip("transformers")
+
+from jaxinfer import kv_cache, model  # noqa: E402
+from jaxinfer.convert.safetensors import load_hf_dir  # noqa: E402
+from jaxinfer.engine import Engine, EngineConfig  # noqa: E402
+from jaxinfer.llm import LLM  # noqa: E402
+from jaxinfer.sampling import SamplingParams  # noqa: E402
+
+from .engine_helpers import CharTokenizer  # noqa: E402
+from .hf_checkpoints import (  # noqa: E402
+    check_orbax_round_trip,
+    hf_logits,
+    ours,
+    saved_and_loaded,
+    sharpened,
+    tokens,
+)
+
+COMMON = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
+              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+              eos_token_id=3, bos_token_id=2, pad_token_id=0)
+KINDS = ("cohere", "cohere2", "stablelm", "stablelm_parallel")
+
+
+def _hf_model(kind: str, heads: int = 4):
+    """heads=2 (head_dim 32) for GGUF blocks, which must not straddle heads."""
+    torch.manual_seed(0)
+    common = {**COMMON, "num_attention_heads": heads, "num_key_value_heads": heads // 2}
+    if kind == "cohere":
+        m = tf.CohereForCausalLM(tf.CohereConfig(**common, use_qk_norm=True, logit_scale=0.25))
+    elif kind == "cohere2":
+        m = tf.Cohere2ForCausalLM(tf.Cohere2Config(**common, sliding_window=6,
+                                                   logit_scale=0.5))
+    else:
+        m = tf.StableLmForCausalLM(tf.StableLmConfig(
+            **common, use_qkv_bias=True, use_parallel_residual=kind == "stablelm_parallel",
+            qk_layernorm=kind == "stablelm_parallel"))
+    return sharpened(m, norm=0.3, matrix=0.15)
+
+
+@pytest.fixture(scope="module", params=KINDS)
+def family(request, tmp_path_factory):
+    """(kind, HF model, our config, our weights) from a directory transformers wrote."""
+    return saved_and_loaded(request.param, _hf_model(request.param), tmp_path_factory)
+
+
+def test_config_read_from_checkpoint(family):
+    kind, _, cfg, w = family
+    L = w["layers"]
+    assert cfg.layer_norm and cfg.qk_norm_heads and not cfg.llama_layers
+    if kind.startswith("cohere"):
+        assert cfg.parallel_block and cfg.tie_embeddings and cfg.rope_interleaved
+        assert "mlp_norm" not in L and not cfg.norm_bias
+    if kind == "cohere":
+        assert cfg.logits_scaling == 4.0 and cfg.qk_norm and L["q_norm"].shape == (4, 4, 16)
+    if kind == "cohere2":
+        assert cfg.sliding_window == 6 and cfg.logits_scaling == 2.0
+        assert cfg.local_layers == (True, True, True, False)
+        assert cfg.nope_layers == (False, False, False, True)
+    if kind.startswith("stablelm"):
+        assert cfg.norm_bias and cfg.qkv_bias and cfg.rope_dim == 4 and not cfg.tie_embeddings
+        assert L["attn_norm_bias"].shape == (4, 64) and w["final_norm_bias"].shape == (64,)
+    if kind == "stablelm":
+        assert not cfg.parallel_block and not cfg.qk_norm and "mlp_norm_bias" in L
+    if kind == "stablelm_parallel":
+        assert cfg.parallel_block and cfg.qk_norm and L["k_norm"].shape == (4, 2, 16)
+
+
+def test_logits_match_transformers(family):
+    """All positions of a 40-token prompt, then prefill + one-token decode steps through
+    the cache (reference and Pallas-kernel attention)."""
+    _, m, cfg, w = family
+    toks = tokens(40)
+    ref = hf_logits(m, toks)
+    np.testing.assert_allclose(ours(cfg, w, toks), ref, atol=1e-4, rtol=0)
+    T = toks.shape[1]
+    for impl in ("xla", "pallas_interpret"):
+        cache = kv_cache.init_cache(cfg, 2, 64)
+        _, cache = model.forward(w, jnp.asarray(toks[:, :T - 6]), cache, cfg)
+        for t in range(T - 6, T):
+            lg, cache = model.decode_step(w, jnp.asarray(toks[:, t]), cache, cfg, impl=impl)
+            np.testing.assert_allclose(np.asarray(lg), ref[:, t], atol=1e-4, rtol=0)
+
+
+def _sequential(w):
+    """The same weights run as a sequential block (the MLP norm a copy of attention's)."""
+    layers = dict(w["layers"], mlp_norm=w["layers"]["attn_norm"])
+    if "attn_norm_bias" in layers:
+        layers["mlp_norm_bias"] = layers["attn_norm_bias"]
+    return dict(w, layers=layers)
+
+
+def _unpermuted(w):
+    """q/k in the checkpoint's interleaved order, as if read without reordering."""
+    def back(a):  # rotate-half (x..., y...) -> interleaved (x0, y0, x1, y1, ...)
+        H = a.shape[-1]
+        return a.reshape(*a.shape[:-1], 2, H // 2).swapaxes(-1, -2).reshape(a.shape)
+    keys = [k for k in ("wq", "wk", "q_norm", "k_norm") if k in w["layers"]]
+    return dict(w, layers=dict(w["layers"], **{k: back(w["layers"][k]) for k in keys}))
+
+
+_OFF = {"cohere": [(dict(layer_norm=False), None), (dict(logits_scaling=1.0), None),
+                   (dict(qk_norm=False), None), (dict(parallel_block=False), _sequential),
+                   ({}, _unpermuted)],
+        "cohere2": [(dict(layer_norm=False), None), (dict(nope_layers=()), None),
+                    (dict(sliding_window=None), None), (dict(parallel_block=False),
+                                                        _sequential), ({}, _unpermuted)],
+        "stablelm": [(dict(layer_norm=False), None), (dict(rope_dim=None), None)],
+        "stablelm_parallel": [(dict(qk_norm=False), None),
+                              (dict(parallel_block=False), _sequential)]}
+
+
+def test_every_difference_matters(family):
+    """Each switch turned off (or Cohere's q/k left in the checkpoint's order) moves the
+    logits by more than 1e-2."""
+    kind, m, cfg, w = family
+    toks = tokens(40)
+    ref = hf_logits(m, toks)
+    for off, weights in _OFF[kind]:
+        got = ours(cfg.replace(**off), weights(w) if weights else w, toks)
+        assert np.abs(got - ref).max() > 1e-2, (off, weights)
+    if kind == "stablelm":  # the norms' biases
+        nob = dict(w, final_norm_bias=jnp.zeros_like(w["final_norm_bias"]))
+        assert np.abs(ours(cfg, nob, toks) - ref).max() > 1e-2
+
+
+def _greedy_reference(m, toks, n=30):
+    with torch.no_grad():
+        return m.generate(torch.tensor(toks), max_new_tokens=n, do_sample=False,
+                          min_new_tokens=n)[:, toks.shape[1]:].numpy()
+
+
+SP = SamplingParams(temperature=0, min_tokens=30)  # EOS banned, as min_new_tokens does
+
+
+def test_greedy_generation_matches_transformers(family):
+    """transformers' greedy tokens from a 20-token prompt, 30 new ones, through
+    LLM.generate."""
+    _, m, cfg, w = family
+    toks = tokens(20, batch=2, seed=1)
+    got = LLM(cfg, w, CharTokenizer()).generate([list(map(int, t)) for t in toks], SP,
+                                                max_new_tokens=30)
+    assert [c.token_ids for c in got] == _greedy_reference(m, toks).tolist()
+
+
+@pytest.mark.slow
+def test_engine_matches_transformers(family):
+    """The same through the engine: chunked prefill, then the prefix cache."""
+    _, m, cfg, w = family
+    toks = tokens(20, batch=2, seed=1)
+    ref = _greedy_reference(m, toks).tolist()
+    eng = Engine(w, cfg, CharTokenizer(), EngineConfig(
+        num_slots=2, max_len=64, prefix_block=8, prefill_token_budget=8, min_prompt_bucket=8))
+    try:
+        for _ in range(2):
+            outs = eng.generate([list(map(int, t)) for t in toks], sampling=SP, max_tokens=30)
+            assert [o.token_ids for o in outs] == ref
+    finally:
+        eng.close()
+
+
+def test_checkpoint_round_trip(family, tmp_path):
+    _, m, cfg, w = family
+    check_orbax_round_trip(m, cfg, w, tokens(20), tmp_path)
+
+
+def test_sharded_equals_one_device(family):
+    """Under data:2,model:2 (heads, KV heads and the MLP split; norm biases replicated)."""
+    _, _, cfg, w = family
+    from jaxinfer.sharding import make_mesh
+    from jaxinfer.weights import weight_shardings, weight_specs
+
+    ws = jax.tree.map(jax.device_put, w, weight_shardings(weight_specs(cfg),
+                                                          make_mesh("data:2,model:2")))
+    assert ws["layers"]["wq"].sharding.spec[2] == "model"
+    toks = tokens(20, batch=4)
+    np.testing.assert_allclose(ours(cfg, ws, toks), ours(cfg, w, toks), atol=1e-5, rtol=0)
+
+
+def test_cohere_lora_on_its_interleaved_projections_matches_peft(tmp_path):
+    """A PEFT adapter on Cohere's q/k/v/o (whose q/k rows pair RoPE dims interleaved, so
+    its B factors are reordered as the weights are): merged, the logits equal PEFT's
+    unmerged forward within 1e-4; served unmerged per row, the greedy tokens equal PEFT's."""
+    peft = pytest.importorskip("peft")
+    from jaxinfer.convert.lora import merge_lora, read_lora
+
+    base = _hf_model("cohere")
+    base.save_pretrained(tmp_path / "hf")
+    cfg, w = load_hf_dir(tmp_path / "hf")
+    torch.manual_seed(1)
+    pm = peft.get_peft_model(base, peft.LoraConfig(
+        r=4, lora_alpha=8, init_lora_weights=False,
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn_like(p) * 0.1)
+    pm.save_pretrained(tmp_path / "adapter")
+    toks = tokens(20)
+    with torch.no_grad():
+        ref = pm(torch.tensor(toks)).logits.numpy()
+        greedy = pm.generate(torch.tensor(toks), max_new_tokens=8, do_sample=False,
+                             min_new_tokens=8)[:, 20:].numpy()
+    merged = jax.tree.map(jnp.asarray, merge_lora(w, read_lora(tmp_path / "adapter", cfg)))
+    np.testing.assert_allclose(ours(cfg, merged, toks), ref, atol=1e-4, rtol=0)
+    assert np.abs(ours(cfg, jax.tree.map(jnp.asarray, w), toks) - ref).max() > 1e-2
+    llm = LLM(cfg, jax.tree.map(jnp.asarray, w), CharTokenizer())
+    llm.add_adapters({"a": tmp_path / "adapter"})
+    got = llm.generate([list(map(int, t)) for t in toks],
+                       SamplingParams(temperature=0, min_tokens=8), max_new_tokens=8,
+                       adapter="a")
+    assert [c.token_ids for c in got] == greedy.tolist()
