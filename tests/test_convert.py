@@ -165,6 +165,8 @@ def _write_gguf(path: Path, cfg: ModelConfig, sd: dict, arch: str, qtype, extra=
              "mlp.shared_expert_gate": "ffn_gate_inp_shexp",
              # Phi-3's fused projections
              "self_attn.qkv_proj": "attn_qkv", "mlp.gate_up_proj": "ffn_up"}
+    if arch == "stablelm":  # per-head q/k norms, stacked [N, H] by the caller
+        names.update({"self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm"})
     gemma = arch.startswith("gemma")
     if arch == "olmo2":
         names.update(post_attention_layernorm="post_attention_norm",
@@ -174,7 +176,8 @@ def _write_gguf(path: Path, cfg: ModelConfig, sd: dict, arch: str, qtype, extra=
                      pre_feedforward_layernorm="ffn_norm",
                      post_feedforward_layernorm="post_ffw_norm")
     out = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight":
-           "output_norm.weight", "lm_head.weight": "output.weight"}
+           "output_norm.weight", "model.norm.bias": "output_norm.bias",
+           "lm_head.weight": "output.weight"}
     for hf_name, a in sd.items():
         if hf_name.startswith("model.layers."):
             _, _, i, rest = hf_name.split(".", 3)
@@ -189,7 +192,8 @@ def _write_gguf(path: Path, cfg: ModelConfig, sd: dict, arch: str, qtype, extra=
             a = _interleave(a, cfg.num_heads if ".attn_q." in name else cfg.num_kv_heads)
         if name.endswith("ffn_gate_inp_shexp.weight"):
             a = a.reshape(-1)  # [1, D]: llama.cpp's 1-d float tensor
-        if a.ndim == 1 or qtype == Q.F32 or name.endswith("ffn_gate_inp.weight"):
+        if (a.ndim == 1 or qtype == Q.F32 or "_norm." in name  # norms stay float
+                or name.endswith("ffn_gate_inp.weight")):
             w.add_tensor(name, a.astype(np.float32))
         else:
             w.add_tensor(name, gguf.quants.quantize(a, qtype), raw_dtype=qtype)

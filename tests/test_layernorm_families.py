@@ -227,3 +227,54 @@ def test_cohere_lora_on_its_interleaved_projections_matches_peft(tmp_path):
                        SamplingParams(temperature=0, min_tokens=8), max_new_tokens=8,
                        adapter="a")
     assert [c.token_ids for c in got] == greedy.tolist()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("quantized", [False, True])
+def test_gguf_matches_transformers(tmp_path, kind, quantized):
+    """A GGUF as llama.cpp's converter writes it (`command-r`, `cohere2`, `stablelm`: q/k
+    rows as the checkpoint has them, interleaved for Cohere; per-head q/k norms stacked
+    [N, H]; LayerNorm biases; the logit scale, window and rotary dims as metadata; no
+    ffn_norm in a parallel StableLM), Q8_0 matrices read dequantized or as QArrays, against
+    transformers on the same (Q8_0-exact) weights."""
+    import gguf
+
+    from jaxinfer.config import ModelConfig
+    from jaxinfer.convert.gguf import load_gguf
+
+    from .test_convert import _roundtrip, _write_gguf
+
+    q8 = gguf.GGMLQuantizationType.Q8_0
+    m = _hf_model(kind, heads=2)
+    sd = _roundtrip({k: v.numpy().copy() for k, v in m.state_dict().items()}, q8)
+    m.load_state_dict({k: torch.from_numpy(v) for k, v in sd.items()})
+    if m.config.tie_word_embeddings:  # llama.cpp writes no output.weight then
+        sd.pop("lm_head.weight", None)
+    for layer in range(m.config.num_hidden_layers):  # llama.cpp stacks StableLM's norms
+        p = f"model.layers.{layer}.self_attn."
+        for q in "qk":
+            heads = [sd.pop(f"{p}{q}_layernorm.norms.{h}.weight")
+                     for h in range(4) if f"{p}{q}_layernorm.norms.{h}.weight" in sd]
+            if heads:
+                sd[f"{p}{q}_norm.weight"] = np.stack(heads)
+    hf_cfg = ModelConfig.from_hf(m.config.to_dict())
+    arch = {"cohere": "command-r", "cohere2": "cohere2"}.get(kind, "stablelm")
+
+    def meta(w):
+        w.add_layer_norm_eps(hf_cfg.rms_norm_eps)
+        if arch == "stablelm":
+            w.add_rope_dimension_count(hf_cfg.rope_dim)
+        else:
+            w.add_logit_scale(1.0 / hf_cfg.logits_scaling)
+        if arch == "cohere2":
+            w.add_sliding_window(6)
+
+    _write_gguf(tmp_path / "g.gguf", hf_cfg, sd, arch, q8, meta=meta)
+    cfg, w = load_gguf(tmp_path / "g.gguf", quantized=quantized)
+    for f in ("layer_norm", "norm_bias", "parallel_block", "qk_norm", "qk_norm_heads",
+              "qkv_bias", "rope_dim", "rope_interleaved", "logits_scaling", "sliding_window",
+              "local_layers", "nope_layers", "tie_embeddings"):
+        assert getattr(cfg, f) == getattr(hf_cfg, f), f
+    toks = tokens(40)
+    got = ours(cfg, jax.tree.map(jnp.asarray, w), toks)
+    np.testing.assert_allclose(got, hf_logits(m, toks), atol=1e-4, rtol=0)

@@ -28,7 +28,13 @@ from typing import Any
 import numpy as np
 
 from jaxinfer.config import ModelConfig, local_pattern
-from jaxinfer.convert.gguf_quant import norms, qk_norms, quantized_weights, shared_router
+from jaxinfer.convert.gguf_quant import (
+    final_norm,
+    norms,
+    qk_norms,
+    quantized_weights,
+    shared_router,
+)
 from jaxinfer.convert.layout import to_rotate_half
 from jaxinfer.convert.stacks import quantize_embeddings, results, stacks
 from jaxinfer.errors import ConversionError
@@ -38,7 +44,9 @@ from jaxinfer.weights import check_weights, weight_specs
 # general.architecture -> whether llama.cpp interleaved the Q/K rows for its RoPE.
 _ARCHS = {"llama": True, "qwen2": False, "qwen3": False, "qwen2moe": False, "qwen3moe": False,
           "gemma": False, "gemma2": False, "gemma3": False, "phi3": False, "smollm3": True,
-          "granite": True, "granitemoe": True, "olmo2": False}
+          "granite": True, "granitemoe": True, "olmo2": False,
+          # Cohere's own checkpoints pair RoPE dims interleaved (llama.cpp keeps them so)
+          "command-r": True, "cohere2": True, "stablelm": False}
 # Gemma 2/3: every n-th layer is global, the others local (llama.cpp's fixed patterns), and
 # the layer count that marks the 27B models, whose query scale is (D / N) ** -0.5.
 _GEMMA_PATTERN = {"gemma2": 2, "gemma3": 6}
@@ -119,7 +127,8 @@ def _config(reader: Any, tensors: dict[str, Any], path: Path) -> ModelConfig:
             raise ConversionError(f"unsupported RoPE scaling {kind!r} in {path}")
         linear = float(m("rope.scaling.factor", 1.0)) if kind == "linear" else 1.0
         head_dim = int(m("attention.key_length") or d // n)
-        variant = {**_long_rope(m, tensors, kind, head_dim), **_llama_family(arch, m)}
+        variant = {**_long_rope(m, tensors, kind, head_dim), **_llama_family(arch, m),
+                   **_layernorm_family(arch, m, tensors)}
         theta = float(m("rope.freq_base", 10_000.0))
         scaling = None
         if "rope_freqs.weight" in tensors:
@@ -139,7 +148,8 @@ def _config(reader: Any, tensors: dict[str, Any], path: Path) -> ModelConfig:
             num_layers=int(m("block_count")), num_heads=n,
             num_kv_heads=int(m("attention.head_count_kv") or n), head_dim=head_dim,
             rope_theta=theta, rope_scaling=scaling,
-            rms_norm_eps=float(m("attention.layer_norm_rms_epsilon", 1e-5)),
+            rms_norm_eps=float(m("attention.layer_norm_rms_epsilon")
+                               or m("attention.layer_norm_epsilon", 1e-5)),
             max_seq_len=int(m("context_length", 2048)),
             tie_embeddings="output.weight" not in tensors,
             qkv_bias="blk.0.attn_q.bias" in tensors,
@@ -203,6 +213,26 @@ def _llama_family(arch: str, m: Callable[..., Any]) -> dict[str, Any]:
             out["query_scale"] = float(m("attention.scale"))
         return out
     return {}
+
+
+def _layernorm_family(arch: str, m: Callable[..., Any], tensors: dict[str, Any]
+                      ) -> dict[str, Any]:
+    """Cohere (`command-r`), Cohere2 and StableLM 2: LayerNorm, per-head q/k norms, a
+    parallel block (Cohere always; StableLM 12B, whose files have no ffn_norm), Cohere's
+    logit scale, Cohere2's window over three of four layers (llama.cpp's fixed pattern),
+    the fourth without RoPE."""
+    if arch not in ("command-r", "cohere2", "stablelm"):
+        return {}
+    out = {"layer_norm": True, "qk_norm_heads": True,
+           "parallel_block": arch != "stablelm" or "blk.0.ffn_norm.weight" not in tensors}
+    if arch == "stablelm":
+        return {**out, "norm_bias": True}
+    out.update(rope_interleaved=True, logits_scaling=1.0 / float(m("logit_scale", 1.0)))
+    if arch == "cohere2" and m("attention.sliding_window"):
+        local = local_pattern(4, int(m("block_count")))
+        out.update(sliding_window=int(m("attention.sliding_window")), local_layers=local,
+                   nope_layers=tuple(not b for b in local))
+    return out
 
 
 def _gemma(arch: str, m: Callable[..., Any], tensors: dict[str, Any], d: int, n: int
@@ -315,14 +345,16 @@ def _dequantize(t: Any) -> np.ndarray:
 
 
 def _getter(tensors: dict[str, Any], path: Path) -> Callable[[str, tuple[int, ...]], np.ndarray]:
-    def get(name: str, shape: tuple[int, ...]) -> np.ndarray:
+    def get(name: str, shape: tuple[int, ...], reshape: bool = False) -> np.ndarray:
+        """`reshape`: any shape of as many values (per-head norms: [N * H] or [N, H])."""
         if name not in tensors:
             raise ConversionError(f"GGUF file {path} lacks tensor {name!r}")
         try:
             a = _dequantize(tensors[name])
         except (ValueError, NotImplementedError) as e:  # truncated data, unknown block type
             raise ConversionError(f"cannot read tensor {name!r} of GGUF file {path}: {e}") from e
-        if a.shape != shape and [n for n in a.shape if n != 1] == [n for n in shape if n != 1]:
+        if a.shape != shape and (reshape and a.size == int(np.prod(shape)) or [
+                n for n in a.shape if n != 1] == [n for n in shape if n != 1]):
             a = a.reshape(shape)  # a [1, D] written where llama.cpp reads [D] (or back)
         if a.shape != shape:
             raise ConversionError(f"tensor {name!r} in {path} has shape {a.shape}, "
@@ -350,7 +382,7 @@ def _weights(cfg: ModelConfig, get: Callable[..., np.ndarray], permuted: bool,
     if cfg.qkv_bias:
         layers.update(bq=np.empty((L, N, H), np.float32), bk=np.empty((L, K, H), np.float32),
                       bv=np.empty((L, K, H), np.float32))
-    layers.update(qk_norms(cfg, get))
+    layers.update(qk_norms(cfg, get, to_rotate_half if permuted else None))
     layers.update(norms(cfg, get))
     for i in range(L):
         p = f"blk.{i}."
@@ -378,7 +410,7 @@ def _weights(cfg: ModelConfig, get: Callable[..., np.ndarray], permuted: bool,
             progress(i + 1, L)
     layers.update(shared_router(cfg, get))
     weights = {"embed": get("token_embd.weight", (V, D)), "layers": results(layers),
-               "final_norm": get("output_norm.weight", (D,))}
+               **final_norm(cfg, get)}
     if not cfg.tie_embeddings:
         weights["lm_head"] = np.ascontiguousarray(get("output.weight", (V, D)).T)
     return weights

@@ -81,26 +81,44 @@ def _rows_to_layout(a: np.ndarray, shape: tuple[int, ...], group_axis: int, grou
     return np.ascontiguousarray(a.T).reshape(out)
 
 
-def qk_norms(cfg: ModelConfig, get: Callable[..., np.ndarray]) -> dict[str, np.ndarray]:
-    """Qwen3's per-head q/k RMSNorm weights [L, H] (none for other models); float in
-    both the dequantized and the block-quantized import."""
+def qk_norms(cfg: ModelConfig, get: Callable[..., np.ndarray], fix: Callable | None = None
+             ) -> dict[str, np.ndarray]:
+    """The q/k norm weights, float in both imports: shared by the heads [L, H] (Qwen3) or per
+    head [L, N, H] (OLMo 2, Cohere, StableLM); `fix` reorders interleaved RoPE pairs
+    (Cohere's files)."""
     if not cfg.qk_norm:
         return {}
     H = cfg.head_dim
     shapes = ({"q_norm": (cfg.num_heads, H), "k_norm": (cfg.num_kv_heads, H)}
-              if cfg.qk_norm_full else {"q_norm": (H,), "k_norm": (H,)})  # OLMo 2: all heads
-    return {name: np.stack([get(f"blk.{i}.attn_{name}.weight", (int(np.prod(s)),)).reshape(s)
+              if cfg.qk_norm_heads else {"q_norm": (H,), "k_norm": (H,)})
+    fix = fix or (lambda w, heads: w)
+    return {name: np.stack([fix(get(f"blk.{i}.attn_{name}.weight", (int(np.prod(s)),),
+                                    reshape=True),
+                                int(np.prod(s)) // H).reshape(s)
                             for i in range(cfg.num_layers)]) for name, s in shapes.items()}
 
 
 def norms(cfg: ModelConfig, get: Callable[..., np.ndarray]) -> dict[str, np.ndarray]:
-    """Each layer's RMSNorm weights [L, D], float in both imports: attn/ffn, and Gemma 2/3's
-    norms of the attention and MLP outputs."""
+    """Each layer's norm weights [L, D], float in both imports: attn/ffn (attn only for a
+    parallel block; with their biases for StableLM), and Gemma 2/3's norms of the
+    attention and MLP outputs."""
     names = {"attn_norm": "attn_norm", "mlp_norm": "ffn_norm"} if cfg.pre_norms else {}
+    if cfg.parallel_block:
+        del names["mlp_norm"]
     if cfg.post_norms:
         names.update(post_attn_norm="post_attention_norm", post_mlp_norm="post_ffw_norm")
-    return {key: np.stack([get(f"blk.{i}.{g}.weight", (cfg.d_model,))
-                           for i in range(cfg.num_layers)]) for key, g in names.items()}
+    kinds = {"": "weight", "_bias": "bias"} if cfg.norm_bias else {"": "weight"}
+    return {key + suffix: np.stack([get(f"blk.{i}.{g}.{kind}", (cfg.d_model,))
+                                    for i in range(cfg.num_layers)])
+            for key, g in names.items() for suffix, kind in kinds.items()}
+
+
+def final_norm(cfg: ModelConfig, get: Callable[..., np.ndarray]) -> dict[str, np.ndarray]:
+    """output_norm's weight (and StableLM's bias)."""
+    out = {"final_norm": get("output_norm.weight", (cfg.d_model,))}
+    if cfg.norm_bias:
+        out["final_norm_bias"] = get("output_norm.bias", (cfg.d_model,))
+    return out
 
 
 def quantized_weights(cfg: ModelConfig, tensors: dict[str, Any], permuted: bool,
@@ -156,7 +174,7 @@ def quantized_weights(cfg: ModelConfig, tensors: dict[str, Any], permuted: bool,
         layers[name] = _qarray(stack(0, False), stack(1, True),
                                stack(2, True) if qc.linear.offsets else None, qc.linear, ga)
     layers.update(norms(cfg, get))
-    layers.update(qk_norms(cfg, get))
+    layers.update(qk_norms(cfg, get, fix if permuted else None))
     if E:  # the routers stay float
         layers["router"] = np.stack([get(f"blk.{i}.ffn_gate_inp.weight", (E, D)).T
                                      for i in range(L)])
@@ -167,7 +185,7 @@ def quantized_weights(cfg: ModelConfig, tensors: dict[str, Any], permuted: bool,
             if permuted and b != "bv":
                 rows = [fix(r, heads) for r in rows]
             layers[b] = np.stack(rows).reshape(L, heads, H)
-    weights = {"layers": layers, "final_norm": get("output_norm.weight", (D,))}
+    weights = {"layers": layers, **final_norm(cfg, get)}
     for name, gname in (("embed", "token_embd"), ("lm_head", "output")):
         t = tensors.get(f"{gname}.weight")
         if t is None:
