@@ -20,12 +20,13 @@ ACTIVATIONS = ("silu", "gelu_tanh")
 GEMMA_TYPES = ("gemma", "gemma2", "gemma3_text", "gemma3")
 MOE_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "granitemoe")
 COHERE_TYPES = ("cohere", "cohere2")
+GLM_TYPES = ("glm", "glm4")
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """Shapes and constants of a Llama-family decoder (Llama 2/3, Mistral, Qwen2/3, Phi-3,
-    SmolLM2/3, Granite, OLMo 2, Cohere, StableLM 2), of Gemma 1/2/3 or of a mixture of
+    SmolLM2/3, Granite, OLMo 2, Cohere, StableLM 2, GLM-4), of Gemma 1/2/3 or of a mixture of
     experts (Mixtral, Qwen2/3-MoE): their differences are the switches after `name`, all off
     for Llama."""
 
@@ -76,8 +77,9 @@ class ModelConfig:
     rope_longrope: tuple[tuple[float, ...], tuple[float, ...], int] | None = None
     rope_attention_factor: float = 1.0  # cos and sin scaled by it (YaRN, LongRoPE)
     rope_dim: int | None = None  # rotated dims of each head (Phi-4-mini: 3/4); None: all
-    # Cohere's Hugging Face checkpoints (and so its LoRA adapters) pair each head's RoPE
-    # dims interleaved; converters reorder q/k rows to the rotate-half layout the model runs.
+    # Cohere's and GLM's Hugging Face checkpoints (and so their LoRA adapters) pair each
+    # head's rotated dims interleaved; converters reorder q/k rows to the rotate-half layout
+    # the model runs.
     rope_interleaved: bool = False
     # SmolLM3: layers without positional encoding (NoPE: every fourth); empty: none.
     nope_layers: tuple[bool, ...] = ()
@@ -231,7 +233,7 @@ class ModelConfig:
     def from_hf(cls, hf: dict[str, Any], name: str | None = None) -> ModelConfig:
         """From a Hugging Face `config.json` dict of a Llama, Mistral, Qwen2/3, Phi-3, SmolLM3,
         Granite, OLMo 2, Cohere (Command R, Aya; Cohere2: Command R7B, Command A), StableLM
-        2 or Gemma 1/2/3 model (a multimodal Gemma 3 or Mistral 3: its language
+        2, GLM-4 or Gemma 1/2/3 model (a multimodal Gemma 3 or Mistral 3: its language
         model). Reads
         transformers 5's `rope_parameters` and the older `rope_theta` / `rope_scaling`
         keys alike."""
@@ -245,6 +247,8 @@ class ModelConfig:
             hf = {**hf["text_config"], "architectures": [arch]}
         kind = hf.get("model_type", "llama")
         gemma = kind in GEMMA_TYPES
+        if kind in GLM_TYPES:  # older GLM configs leave transformers' default out
+            hf = {"partial_rotary_factor": 0.5, **hf}
         try:
             n = int(hf["num_attention_heads"])
             d = int(hf["hidden_size"])
@@ -297,7 +301,7 @@ class ModelConfig:
                 qk_norm_full=kind == "olmo2",
                 qk_norm_heads=cohere or stablelm,
                 layer_norm=cohere or stablelm,
-                rope_interleaved=cohere,
+                rope_interleaved=cohere or kind in GLM_TYPES,
                 norm_bias=stablelm,
                 parallel_block=kind == "cohere" or bool(
                     hf.get("use_parallel_residual") if stablelm else kind == "cohere2"),
@@ -309,7 +313,7 @@ class ModelConfig:
                 activation=_HF_ACTIVATIONS[act],
                 norm_plus_one=gemma,
                 scale_embeddings=gemma,
-                post_norms=(gemma and kind != "gemma") or kind == "olmo2",
+                post_norms=(gemma and kind != "gemma") or kind in ("olmo2", "glm4"),
                 query_scale=query_scale,
                 nope_layers=nope if any(nope) else (),
                 embedding_multiplier=float(hf.get("embedding_multiplier", 1.0)),

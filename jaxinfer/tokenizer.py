@@ -31,8 +31,9 @@ _DIGIT_SPLIT_PRE = {"smollm", "starcoder", "refact", "command-r", "codeshell", "
 # Names whose regex is the plain GPT-2 one (llama.cpp GPT2/MPT/OLMO/JAIS, or none given).
 _GPT2_PRE = {"default", "gpt2", "gpt-2", "mpt", "olmo", "jais"}
 # Names whose split regex is their models' tokenizer.json one (llama-vocab.cpp rewrites
-# these for its own regex engine; the `tokenizers` library runs the originals): Llama 3,
-# Qwen2/2.5/3, GPT-4o-style (`gpt-4o`, Llama 4) and Mistral's Tekken.
+# these for its own regex engine; the `tokenizers` library runs the originals): Llama 3
+# (and GLM-4's, the same regex without BOS), Qwen2/2.5/3 (and StableLM 2), GPT-4o-style
+# (`gpt-4o`, Llama 4) and Mistral's Tekken.
 _CONTRACTIONS = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)"
 _UPPER, _LOWER = r"[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]", r"[\p{Ll}\p{Lm}\p{Lo}\p{M}]"
 _TAIL = r"\s*[\r\n]+|\s+(?!\S)|\s+"
@@ -48,7 +49,7 @@ _TEKKEN_RE = (rf"[^\r\n\p{{L}}\p{{N}}]?{_UPPER}*{_LOWER}+|[^\r\n\p{{L}}\p{{N}}]?
 _SPLIT_PRE = {
     **dict.fromkeys(("llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral",
                      "midm-2.0", "lfm2"), (_LLAMA3_RE, True, True)),
-    **dict.fromkeys(("dbrx", "smaug-bpe"), (_LLAMA3_RE, False, False)),
+    **dict.fromkeys(("dbrx", "smaug-bpe", "glm4", "chatglm-bpe"), (_LLAMA3_RE, False, False)),
     **dict.fromkeys(("qwen2", "deepseek-r1-qwen", "megrez", "stablelm2"),
                     (_QWEN2_RE, False, False)),
     **dict.fromkeys(("gpt-4o", "llama4"), (_GPT4O_RE, False, False)),

@@ -58,3 +58,15 @@ def check_orbax_round_trip(m, cfg, w, toks: np.ndarray, tmp_path) -> None:
     ccfg, cw = load_checkpoint(tmp_path / "ck")
     assert ccfg == cfg
     np.testing.assert_allclose(ours(ccfg, cw, toks), hf_logits(m, toks), atol=1e-4, rtol=0)
+
+
+def left_interleaved(w, rotated: int | None = None):
+    """The weights with q/k (and their norms) in the checkpoint's interleaved RoPE order
+    (Cohere, GLM), as if read without reordering: each head's first `rotated` dims
+    (x0, x1, ..., y0, y1, ...) -> (x0, y0, x1, y1, ...)."""
+    def back(a):
+        R = rotated or a.shape[-1]
+        rot = a[..., :R].reshape(*a.shape[:-1], 2, R // 2).swapaxes(-1, -2)
+        return jnp.concatenate([rot.reshape(*a.shape[:-1], R), a[..., R:]], -1)
+    keys = [k for k in ("wq", "wk", "q_norm", "k_norm") if k in w["layers"]]
+    return dict(w, layers=dict(w["layers"], **{k: back(w["layers"][k]) for k in keys}))

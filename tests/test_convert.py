@@ -171,6 +171,9 @@ def _write_gguf(path: Path, cfg: ModelConfig, sd: dict, arch: str, qtype, extra=
     if arch == "olmo2":
         names.update(post_attention_layernorm="post_attention_norm",
                      post_feedforward_layernorm="post_ffw_norm")
+    if arch == "glm4":
+        names.update(post_self_attn_layernorm="post_attention_norm",
+                     post_mlp_layernorm="post_ffw_norm")
     if gemma and cfg.post_norms:
         names.update(post_attention_layernorm="post_attention_norm",
                      pre_feedforward_layernorm="ffn_norm",

@@ -27,6 +27,7 @@ from .engine_helpers import CharTokenizer  # noqa: E402
 from .hf_checkpoints import (  # noqa: E402
     check_orbax_round_trip,
     hf_logits,
+    left_interleaved,
     ours,
     saved_and_loaded,
     sharpened,
@@ -107,21 +108,12 @@ def _sequential(w):
     return dict(w, layers=layers)
 
 
-def _unpermuted(w):
-    """q/k in the checkpoint's interleaved order, as if read without reordering."""
-    def back(a):  # rotate-half (x..., y...) -> interleaved (x0, y0, x1, y1, ...)
-        H = a.shape[-1]
-        return a.reshape(*a.shape[:-1], 2, H // 2).swapaxes(-1, -2).reshape(a.shape)
-    keys = [k for k in ("wq", "wk", "q_norm", "k_norm") if k in w["layers"]]
-    return dict(w, layers=dict(w["layers"], **{k: back(w["layers"][k]) for k in keys}))
-
-
 _OFF = {"cohere": [(dict(layer_norm=False), None), (dict(logits_scaling=1.0), None),
                    (dict(qk_norm=False), None), (dict(parallel_block=False), _sequential),
-                   ({}, _unpermuted)],
+                   ({}, left_interleaved)],
         "cohere2": [(dict(layer_norm=False), None), (dict(nope_layers=()), None),
                     (dict(sliding_window=None), None), (dict(parallel_block=False),
-                                                        _sequential), ({}, _unpermuted)],
+                                                        _sequential), ({}, left_interleaved)],
         "stablelm": [(dict(layer_norm=False), None), (dict(rope_dim=None), None)],
         "stablelm_parallel": [(dict(qk_norm=False), None),
                               (dict(parallel_block=False), _sequential)]}

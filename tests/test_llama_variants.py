@@ -1,7 +1,8 @@
 """Llama-family variants against Hugging Face transformers (PyTorch, float32, eager
 attention): Phi-3, SmolLM3 (NoPE layers), Granite (multipliers), OLMo 2 (norms after each
-block, q/k norms across heads) and the long-context RoPE variants (YaRN, LongRoPE,
-partial rotary dims).
+block, q/k norms across heads), GLM and GLM-4 (interleaved RoPE pairs on half of each
+head, fused gate/up; GLM-4's sandwich norms) and the long-context RoPE variants (YaRN,
+LongRoPE, partial rotary dims).
 
 transformers writes tiny random checkpoints whose original context (16) is shorter than
 the prompts, so every scaled frequency and the attention factor move the logits (each is
@@ -31,6 +32,7 @@ from .engine_helpers import CharTokenizer  # noqa: E402
 from .hf_checkpoints import (  # noqa: E402
     check_orbax_round_trip,
     hf_logits,
+    left_interleaved,
     ours,
     saved_and_loaded,
     sharpened,
@@ -44,7 +46,7 @@ ORIG = 16  # the "pretraining" context the scalings extend 4x
 GRANITE = dict(embedding_multiplier=6.0, residual_multiplier=0.25, attention_multiplier=2.0,
                logits_scaling=2.0, tie_word_embeddings=True)
 KINDS = ("phi3", "phi3_longrope", "qwen3_yarn", "llama_yarn", "smollm3", "granite", "olmo2",
-         "granitemoe")
+         "granitemoe", "glm", "glm4")
 
 
 def _longrope_factors(seed: int, n: int = 4) -> list[float]:
@@ -79,6 +81,10 @@ def _hf_model(kind: str, heads: int = 4, nope_every: int = 2):
                                                    no_rope_layer_interval=nope_every))
     elif kind == "olmo2":
         m = tf.Olmo2ForCausalLM(tf.Olmo2Config(**common))
+    elif kind == "glm":  # GLM-4-9B-chat-hf; half of each head rotated, interleaved
+        m = tf.GlmForCausalLM(tf.GlmConfig(**common, head_dim=64 // heads))
+    elif kind == "glm4":  # GLM-4-0414: Gemma 2's sandwich norms too
+        m = tf.Glm4ForCausalLM(tf.Glm4Config(**common, head_dim=64 // heads))
     elif kind == "granite":
         m = tf.GraniteForCausalLM(tf.GraniteConfig(**common, **GRANITE))
     elif kind == "granitemoe":  # 4 experts of width 32, 2 per token
@@ -123,6 +129,9 @@ def test_config_read_from_checkpoint(variant):
     if kind.startswith("granite"):
         assert (cfg.embedding_multiplier, cfg.residual_multiplier, cfg.query_scale,
                 cfg.logits_scaling) == (6.0, 0.25, 2.0, 2.0)
+    if kind.startswith("glm"):
+        assert cfg.rope_interleaved and cfg.rope_dim == 8 and cfg.qkv_bias
+        assert cfg.post_norms == (kind == "glm4") and "w_gate" in w["layers"]
     if kind == "llama_yarn":
         assert cfg.rope_yarn == (8.0, ORIG, 16.0, 2.0, False)
         assert cfg.rope_attention_factor == pytest.approx(
@@ -182,7 +191,9 @@ _OFF = {"phi3": [dict(rope_dim=None), dict(sliding_window=None)],
         "olmo2": [dict(qk_norm=False, qk_norm_full=False)],
         "granite": [dict(embedding_multiplier=1.0), dict(residual_multiplier=1.0),
                     dict(query_scale=None), dict(logits_scaling=1.0)],
-        "granitemoe": [dict(residual_multiplier=1.0), dict(experts_per_token=1)]}
+        "granitemoe": [dict(residual_multiplier=1.0), dict(experts_per_token=1)],
+        "glm": [dict(rope_dim=None)],
+        "glm4": [dict(rope_dim=None), dict(post_norms=False)]}
 
 
 def test_every_difference_matters(variant):
@@ -191,6 +202,9 @@ def test_every_difference_matters(variant):
     ref = hf_logits(m, toks)
     for off in _OFF[kind]:
         assert np.abs(ours(cfg.replace(**off), w, toks) - ref).max() > 1e-2, off
+    if cfg.rope_interleaved:  # GLM's q/k rows as the checkpoint pairs them
+        got = ours(cfg, left_interleaved(w, cfg.rope_dim), toks)
+        assert np.abs(got - ref).max() > 1e-2
 
 
 def _greedy_reference(m, toks, n=30):
@@ -245,14 +259,15 @@ def test_sharded_equals_one_device(variant):
 
 
 @pytest.mark.parametrize("kind", ["phi3_longrope", "qwen3_yarn", "smollm3", "granite",
-                                  "olmo2", "granitemoe"])
+                                  "olmo2", "granitemoe", "glm4"])
 @pytest.mark.parametrize("quantized", [False, True])
 def test_gguf_matches_transformers(tmp_path, kind, quantized):
     """A GGUF as llama.cpp's converter writes it (Phi-3: fused attn_qkv and ffn_up, the
     LongRoPE factors as rope_factors_short/long tensors, the rotary dims, window and
     attention factor as metadata; YaRN as rope.scaling keys; SmolLM3: Q/K permuted, NoPE
     every fourth layer as llama.cpp fixes it; Granite: its four scales as metadata; OLMo 2:
-    post_attention_norm / post_ffw_norm, [N*H] q/k norms), Q8_0
+    post_attention_norm / post_ffw_norm, [N*H] q/k norms; GLM-4: interleaved pairs kept,
+    fused ffn_up, sandwich norms), Q8_0
     matrices read dequantized or as QArrays (the fused ones split by rows), against
     transformers on the same (Q8_0-exact) weights."""
     import gguf
@@ -294,6 +309,8 @@ def test_gguf_matches_transformers(tmp_path, kind, quantized):
             w.add_residual_scale(0.25)
             w.add_attention_scale(2.0)
             w.add_logit_scale(2.0)
+        elif arch == "glm4":
+            w.add_rope_dimension_count(hf_cfg.rope_dim)
         elif arch == "qwen3":
             w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
             w.add_rope_scaling_factor(4.0)
@@ -305,7 +322,8 @@ def test_gguf_matches_transformers(tmp_path, kind, quantized):
                  "rope_factors_long.weight": np.asarray(long, np.float32)}
     _write_gguf(tmp_path / "g.gguf", hf_cfg, sd, arch, q8, extra=extra, meta=meta)
     cfg, w = load_gguf(tmp_path / "g.gguf", quantized=quantized)
-    for f in ("rope_dim", "rope_yarn", "sliding_window", "nope_layers", "embedding_multiplier",
+    for f in ("rope_dim", "rope_interleaved", "rope_yarn", "sliding_window", "nope_layers",
+              "embedding_multiplier",
               "residual_multiplier", "query_scale", "logits_scaling", "tie_embeddings",
               "pre_norms", "post_norms", "qk_norm_full", "num_experts", "experts_per_token",
               "mlp_dim"):

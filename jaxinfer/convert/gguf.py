@@ -7,8 +7,10 @@ directly (gguf_quant.py), keeping the file's own scales.
 
 llama.cpp's converter permutes the rows of each Q/K head of `llama` models from Hugging
 Face's rotate-half RoPE layout into interleaved pairs; we permute them back, because the
-engine (and the HF parity tests) use rotate-half. `qwen2`, `qwen3` and Gemma files use
-NeoX RoPE and are stored unpermuted.
+engine (and the HF parity tests) use rotate-half. Cohere (`command-r`, `cohere2`) and
+GLM-4 files keep their checkpoints' own interleaved pairs (GLM-4: in the rotated half of
+each head), reordered the same way. `qwen2`, `qwen3` and Gemma files use NeoX RoPE and
+are stored unpermuted.
 
 Gemma files differ from the Hugging Face checkpoints in two conventions of llama.cpp's
 converter, kept here: norm weights are stored with Gemma's +1 already added (so they load
@@ -45,8 +47,9 @@ from jaxinfer.weights import check_weights, weight_specs
 _ARCHS = {"llama": True, "qwen2": False, "qwen3": False, "qwen2moe": False, "qwen3moe": False,
           "gemma": False, "gemma2": False, "gemma3": False, "phi3": False, "smollm3": True,
           "granite": True, "granitemoe": True, "olmo2": False,
-          # Cohere's own checkpoints pair RoPE dims interleaved (llama.cpp keeps them so)
-          "command-r": True, "cohere2": True, "stablelm": False}
+          # Cohere's and GLM-4's own checkpoints pair RoPE dims interleaved (llama.cpp keeps
+          # them so; GLM-4 rotates the first half of each head)
+          "command-r": True, "cohere2": True, "stablelm": False, "glm4": True}
 # Gemma 2/3: every n-th layer is global, the others local (llama.cpp's fixed patterns), and
 # the layer count that marks the 27B models, whose query scale is (D / N) ** -0.5.
 _GEMMA_PATTERN = {"gemma2": 2, "gemma3": 6}
@@ -86,8 +89,9 @@ def load_gguf(path: str | Path, progress: Progress | None = None, quantized: boo
     try:
         permuted = _ARCHS[_arch(reader, path)]
         if quantized:
-            qc, weights = quantized_weights(cfg, tensors, permuted, get, to_rotate_half, path,
-                                            progress)
+            qc, weights = quantized_weights(
+                cfg, tensors, permuted, get,
+                lambda w, heads: to_rotate_half(w, heads, cfg.rope_dim), path, progress)
         else:
             qc = quant
             weights = quantize_embeddings(_weights(cfg, get, permuted, progress, quant), quant)
@@ -198,13 +202,15 @@ def _long_rope(m: Callable[..., Any], tensors: dict[str, Any], kind: str | None,
 def _llama_family(arch: str, m: Callable[..., Any]) -> dict[str, Any]:
     """The switches of the Llama-family variants (none for other archs): Phi-3's sliding
     window (0: none, Phi-4), SmolLM3's NoPE layers (llama.cpp's fixed step of four),
-    OLMo 2's norm placement, Granite's multipliers."""
+    OLMo 2's and GLM-4's norm placement, Granite's multipliers."""
     if arch == "phi3" and m("attention.sliding_window"):
         return {"sliding_window": int(m("attention.sliding_window"))}
     if arch == "smollm3":
         return {"nope_layers": tuple(not b for b in local_pattern(4, int(m("block_count"))))}
     if arch == "olmo2":  # norms after attention and the MLP only; q/k over all heads
         return {"pre_norms": False, "post_norms": True, "qk_norm_full": True}
+    if arch == "glm4":  # Gemma 2's sandwich norms; interleaved pairs of the rotated half
+        return {"post_norms": True, "rope_interleaved": True}
     if arch in ("granite", "granitemoe"):
         out = {"embedding_multiplier": float(m("embedding_scale", 1.0)),
                "residual_multiplier": float(m("residual_scale", 1.0)),
@@ -368,7 +374,8 @@ def _weights(cfg: ModelConfig, get: Callable[..., np.ndarray], permuted: bool,
              progress: Progress | None, quant: QuantConfig | None = None) -> dict:
     L, D, F, N, K, H, V = (cfg.num_layers, cfg.d_model, cfg.mlp_dim, cfg.num_heads,
                            cfg.num_kv_heads, cfg.head_dim, cfg.vocab_size)
-    fix = (lambda w, heads: to_rotate_half(w, heads)) if permuted else (lambda w, heads: w)
+    fix = ((lambda w, heads: to_rotate_half(w, heads, cfg.rope_dim)) if permuted
+           else (lambda w, heads: w))
     # Filled layer by layer so peak memory stays one stacked copy of the model.
     E = cfg.num_experts
     mlp = ({"router": (D, E), "moe_gate": (E, D, F), "moe_up": (E, D, F), "moe_down": (E, F, D)}
@@ -382,7 +389,7 @@ def _weights(cfg: ModelConfig, get: Callable[..., np.ndarray], permuted: bool,
     if cfg.qkv_bias:
         layers.update(bq=np.empty((L, N, H), np.float32), bk=np.empty((L, K, H), np.float32),
                       bv=np.empty((L, K, H), np.float32))
-    layers.update(qk_norms(cfg, get, to_rotate_half if permuted else None))
+    layers.update(qk_norms(cfg, get, fix if permuted else None))
     layers.update(norms(cfg, get))
     for i in range(L):
         p = f"blk.{i}."

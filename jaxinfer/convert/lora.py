@@ -106,8 +106,8 @@ def read_lora(path: str | Path, cfg: ModelConfig) -> dict[str, LoraFactors]:
             raise ConversionError(f"{tensors_file}: layer {layer} {module} has lora_A "
                                   f"{a.shape} and lora_B {b.shape}; the model needs "
                                   f"[r, {n_inp}] and [{n_out}, r]")
-        if cfg.rope_interleaved and key in ("wq", "wk"):  # Cohere: as its weights are read
-            b = to_rotate_half(b, shape[1])
+        if cfg.rope_interleaved and key in ("wq", "wk"):  # Cohere, GLM: as weights are read
+            b = to_rotate_half(b, shape[1], cfg.rope_dim)
         r = a.shape[0]
         if key not in out:
             L = cfg.num_layers

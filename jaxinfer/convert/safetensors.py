@@ -1,6 +1,7 @@
 """Hugging Face Llama-family, Gemma and mixture-of-experts directories (config.json +
 safetensors) into the weight tree (a multimodal Gemma 3 or Mistral 3: its language model).
-Cohere's interleaved q/k rows are reordered to rotate-half as they are read (layout.py).
+Cohere's and GLM's interleaved q/k rows are reordered to rotate-half as they are read
+(layout.py).
 
 Read with safetensors' numpy framework, which holds bfloat16 through ml_dtypes, so no torch
 is needed. Sharded checkpoints are found through `model.safetensors.index.json`. Tensors are
@@ -16,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from jaxinfer.config import COHERE_TYPES, GEMMA_TYPES, MOE_TYPES, ModelConfig
+from jaxinfer.config import COHERE_TYPES, GEMMA_TYPES, GLM_TYPES, MOE_TYPES, ModelConfig
 from jaxinfer.convert.layout import to_rotate_half
 from jaxinfer.convert.stacks import quantize_embeddings, results, stacks
 from jaxinfer.errors import ConfigError, ConversionError
@@ -24,7 +25,7 @@ from jaxinfer.quant import QuantConfig
 from jaxinfer.weights import check_weights, weight_specs
 
 _MODEL_TYPES = ("llama", "mistral", "mistral3", "qwen2", "qwen3", "phi3", "smollm3", "granite",
-                "olmo2", "stablelm", *COHERE_TYPES, *GEMMA_TYPES, *MOE_TYPES)
+                "olmo2", "stablelm", *COHERE_TYPES, *GLM_TYPES, *GEMMA_TYPES, *MOE_TYPES)
 
 # Phi-3 fuses q/k/v and gate/up into one matrix each: part -> (fused module, the part's
 # place in units of its own rows, from the start or the end: k and v are the same size,
@@ -55,7 +56,7 @@ def load_hf_dir(path: str | Path, progress: Progress | None = None,
     if kind not in _MODEL_TYPES:
         raise ConversionError(f"unsupported model_type {kind!r} in {path / 'config.json'} "
                               f"(supported: {', '.join(_MODEL_TYPES)})")
-    reader = _Reader(path)
+    reader = _Reader(path, kind)
     try:
         cfg = ModelConfig.from_hf(hf)
     except ConfigError as e:
@@ -99,9 +100,10 @@ def fused_rows(at: int, rows: int, total: int) -> slice:
 class _Reader:
     """Tensor name -> float32 array across one or many safetensors files."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, kind: str = "llama"):
         from safetensors import safe_open
 
+        self.kind = kind  # the config's model_type
         index = path / "model.safetensors.index.json"
         if index.exists():
             files = sorted(set(_read_json(index).get("weight_map", {}).values()))
@@ -219,6 +221,9 @@ def _weights(cfg: ModelConfig, r: _Reader, progress: Progress | None,
         norms = {"attn_norm": "input_layernorm", "post_attn_norm": "post_attention_layernorm",
                  "mlp_norm": "pre_feedforward_layernorm",
                  "post_mlp_norm": "post_feedforward_layernorm"}
+        if r.kind == "glm4":  # the same sandwich, named its own way
+            norms = {"attn_norm": "input_layernorm", "post_attn_norm": "post_self_attn_layernorm",
+                     "mlp_norm": "post_attention_layernorm", "post_mlp_norm": "post_mlp_layernorm"}
         shapes.update(post_attn_norm=(D,), post_mlp_norm=(D,))
     if not cfg.pre_norms:  # OLMo 2: the output norms only
         norms = {"post_attn_norm": "post_attention_layernorm",
@@ -232,8 +237,9 @@ def _weights(cfg: ModelConfig, r: _Reader, progress: Progress | None,
     if cfg.norm_bias:  # StableLM's LayerNorms
         shapes.update({key + "_bias": (D,) for key in norms})
     layers = stacks(shapes, L, quant)
-    # Cohere pairs RoPE dims interleaved: q/k rows (weights, biases, norms) to rotate-half
-    half = ((lambda m, heads: to_rotate_half(m, heads)) if cfg.rope_interleaved
+    # Cohere and GLM pair RoPE dims interleaved: q/k rows (weights, biases, norms) to
+    # rotate-half
+    half = ((lambda m, heads: to_rotate_half(m, heads, cfg.rope_dim)) if cfg.rope_interleaved
             else (lambda m, heads: m))
     for i in range(L):
         p, x = f"{r.prefix}layers.{i}.", layers
