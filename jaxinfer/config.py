@@ -77,6 +77,10 @@ class ModelConfig:
     rope_longrope: tuple[tuple[float, ...], tuple[float, ...], int] | None = None
     rope_attention_factor: float = 1.0  # cos and sin scaled by it (YaRN, LongRoPE)
     rope_dim: int | None = None  # rotated dims of each head (Phi-4-mini: 3/4); None: all
+    # Ministral 3's query temperature (transformers' llama_4_scaling_beta): (beta, length),
+    # q at position p scaled by 1 + beta * ln(1 + floor(p / length)), so attention stays
+    # sharp past the original context.
+    attn_temperature: tuple[float, int] | None = None
     # Cohere's and GLM's Hugging Face checkpoints (and so their LoRA adapters) pair each
     # head's rotated dims interleaved; converters reorder q/k rows to the rotate-half layout
     # the model runs.
@@ -155,6 +159,12 @@ class ModelConfig:
             object.__setattr__(self, "rope_scaling", tuple(self.rope_scaling))
         if self.rope_yarn is not None:
             object.__setattr__(self, "rope_yarn", tuple(self.rope_yarn))
+        if self.attn_temperature is not None:
+            beta, length = self.attn_temperature
+            if not isinstance(length, int) or length <= 0:
+                raise ConfigError(f"attn_temperature's length must be a positive integer, got "
+                                  f"{length!r}")
+            object.__setattr__(self, "attn_temperature", (float(beta), length))
         rot = self.rope_dim or self.head_dim
         if not isinstance(rot, int) or not 0 < rot <= self.head_dim or rot % 2:
             raise ConfigError(f"rope_dim must be an even integer in (0, head_dim="
@@ -231,7 +241,8 @@ class ModelConfig:
     # ---- foreign formats -------------------------------------------------------------
     @classmethod
     def from_hf(cls, hf: dict[str, Any], name: str | None = None) -> ModelConfig:
-        """From a Hugging Face `config.json` dict of a Llama, Mistral, Qwen2/3, Phi-3, SmolLM3,
+        """From a Hugging Face `config.json` dict of a Llama, Mistral (Ministral 8B, Ministral 3),
+        Qwen2/3, Phi-3, SmolLM3,
         Granite, OLMo 2, Cohere (Command R, Aya; Cohere2: Command R7B, Command A), StableLM
         2, GLM-4 or Gemma 1/2/3 model (a multimodal Gemma 3 or Mistral 3: its language
         model). Reads
@@ -356,6 +367,8 @@ class ModelConfig:
             hf.update(architectures=["Qwen3ForCausalLM"], model_type="qwen3")
         if self.rope_dim is not None:
             raise ConfigError(f"{self.name}: partial rotary dims have no Llama config")
+        if self.attn_temperature is not None:
+            raise ConfigError(f"{self.name}: a query temperature has no Llama config")
         if self.rope_scaling:
             f, lo, hi, orig = self.rope_scaling
             hf["rope_scaling"] = {"rope_type": "llama3", "factor": f, "low_freq_factor": lo,
@@ -413,8 +426,9 @@ def _rope_scaling(hf: dict[str, Any], scaling: dict[str, Any], head_dim: int
                   ) -> dict[str, Any]:
     """ModelConfig's RoPE fields from a scaling dict (`rope_parameters` or `rope_scaling`):
     Llama 3, linear, YaRN, LongRoPE (Phi-3's older name "su"); partial rotary dims
-    (`partial_rotary_factor`, top level or in the dict). transformers' defaults apply to
-    what is left out (YaRN's betas 32 and 1, truncation on; the attention factors)."""
+    (`partial_rotary_factor`, top level or in the dict); Ministral 3's query temperature.
+    transformers' defaults apply to what is left out (YaRN's betas 32 and 1, truncation on;
+    the attention factors)."""
     out: dict[str, Any] = {}
     part = float(scaling.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0)))
     if part != 1.0:
@@ -422,6 +436,10 @@ def _rope_scaling(hf: dict[str, Any], scaling: dict[str, Any], head_dim: int
     rtype = scaling.get("rope_type", scaling.get("type", "default"))
     orig = scaling.get("original_max_position_embeddings",
                        hf.get("original_max_position_embeddings"))
+    if scaling.get("llama_4_scaling_beta"):  # Ministral 3's query temperature
+        if orig is None:
+            raise KeyError("original_max_position_embeddings")
+        out["attn_temperature"] = (float(scaling["llama_4_scaling_beta"]), int(orig))
     factor = scaling.get("factor")
     if rtype == "llama3":
         out["rope_scaling"] = (float(factor), float(scaling["low_freq_factor"]),
@@ -471,6 +489,10 @@ def _sliding(hf: dict[str, Any], kind: str, L: int) -> tuple[int | None, tuple[b
     or their fixed patterns in older configs), as Cohere2's do (three local, one global);
     Mistral's window covers every layer."""
     window = hf.get("sliding_window")
+    if kind == "ministral" and window and hf.get("layer_types"):  # Ministral 8B
+        types = hf["layer_types"]
+        local = tuple(t == "sliding_attention" for t in types)
+        return (int(window), local) if any(local) else (None, ())
     if kind in ("gemma2", "gemma3_text", "cohere2") and window:
         types = hf.get("layer_types")
         if types:
@@ -478,7 +500,7 @@ def _sliding(hf: dict[str, Any], kind: str, L: int) -> tuple[int | None, tuple[b
         pattern = 2 if kind == "gemma2" else int(hf.get("sliding_window_pattern")
                                                  or (4 if kind == "cohere2" else 6))
         return int(window), local_pattern(pattern, L)
-    if kind in ("mistral", "mixtral", "phi3") and window:
+    if kind in ("mistral", "mixtral", "phi3", "ministral", "ministral3") and window:
         return int(window), ()
     if hf.get("use_sliding_window"):
         raise ConfigError(f"sliding-window attention of model_type {kind!r} is not supported")

@@ -41,7 +41,7 @@ def qkv(cfg: ModelConfig, w: Weights, h_BTD: jax.Array, pos_BT: jax.Array,
     (Qwen2), q/k RMSNorm per head (Qwen3, Gemma 3) or across heads (OLMo 2) and a query
     scale (Gemma, Granite) where the model has them. `layer` (traced) picks local-layer
     RoPE frequencies (Gemma 3) and NoPE layers (SmolLM3); `context` (the cache length)
-    LongRoPE's factors."""
+    LongRoPE's factors. Ministral 3 scales q by its position's temperature."""
     q = dot(h_BTD, w["wq"], "BTD,DNH->BTNH")
     k = dot(h_BTD, w["wk"], "BTD,DKH->BTKH")
     v = dot(h_BTD, w["wv"], "BTD,DKH->BTKH")
@@ -61,6 +61,10 @@ def qkv(cfg: ModelConfig, w: Weights, h_BTD: jax.Array, pos_BT: jax.Array,
     angles = rope_angles(cfg, pos_BT, local, context)
     scale = cfg.rope_attention_factor
     q_rot, k_rot = apply_rope(q, angles, scale), apply_rope(k, angles, scale)
+    if cfg.attn_temperature:  # Ministral 3: sharper attention past the original context
+        beta, length = cfg.attn_temperature
+        t = 1.0 + beta * jnp.log1p(jnp.floor(pos_BT.astype(jnp.float32) / length))
+        q_rot = (q_rot * t[:, :, None, None]).astype(q.dtype)
     if any(cfg.nope_layers):  # SmolLM3's NoPE layers take q and k unrotated
         if layer is None:
             raise ValueError(f"{cfg.name} has NoPE layers: qkv needs the layer index")

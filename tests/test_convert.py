@@ -190,8 +190,8 @@ def _write_gguf(path: Path, cfg: ModelConfig, sd: dict, arch: str, qtype, extra=
             name = out[hf_name]
         if gemma and name.endswith("norm.weight"):
             a = a + 1.0
-        if arch in ("llama", "smollm3", "granite", "granitemoe") and (".attn_q." in name
-                                                        or ".attn_k." in name):
+        if arch in ("llama", "smollm3", "granite", "granitemoe", "mistral3") and (
+                ".attn_q." in name or ".attn_k." in name):
             a = _interleave(a, cfg.num_heads if ".attn_q." in name else cfg.num_kv_heads)
         if name.endswith("ffn_gate_inp_shexp.weight"):
             a = a.reshape(-1)  # [1, D]: llama.cpp's 1-d float tensor

@@ -46,7 +46,7 @@ ORIG = 16  # the "pretraining" context the scalings extend 4x
 GRANITE = dict(embedding_multiplier=6.0, residual_multiplier=0.25, attention_multiplier=2.0,
                logits_scaling=2.0, tie_word_embeddings=True)
 KINDS = ("phi3", "phi3_longrope", "qwen3_yarn", "llama_yarn", "smollm3", "granite", "olmo2",
-         "granitemoe", "glm", "glm4")
+         "granitemoe", "glm", "glm4", "ministral3", "ministral")
 
 
 def _longrope_factors(seed: int, n: int = 4) -> list[float]:
@@ -81,6 +81,16 @@ def _hf_model(kind: str, heads: int = 4, nope_every: int = 2):
                                                    no_rope_layer_interval=nope_every))
     elif kind == "olmo2":
         m = tf.Olmo2ForCausalLM(tf.Olmo2Config(**common))
+    elif kind == "ministral3":  # YaRN and the query temperature past 16 positions
+        rope = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": ORIG,
+                "rope_theta": 10_000.0, "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0,
+                "mscale_all_dim": 1.0, "llama_4_scaling_beta": 0.5}
+        m = tf.Ministral3ForCausalLM(tf.Ministral3Config(**common, head_dim=64 // heads,
+                                                         rope_parameters=rope))
+    elif kind == "ministral":  # Ministral 8B: windows on some layers (layer_types)
+        m = tf.MinistralForCausalLM(tf.MinistralConfig(
+            **common, head_dim=64 // heads, sliding_window=6,
+            layer_types=["sliding_attention", "full_attention", "sliding_attention"]))
     elif kind == "glm":  # GLM-4-9B-chat-hf; half of each head rotated, interleaved
         m = tf.GlmForCausalLM(tf.GlmConfig(**common, head_dim=64 // heads))
     elif kind == "glm4":  # GLM-4-0414: Gemma 2's sandwich norms too
@@ -129,6 +139,11 @@ def test_config_read_from_checkpoint(variant):
     if kind.startswith("granite"):
         assert (cfg.embedding_multiplier, cfg.residual_multiplier, cfg.query_scale,
                 cfg.logits_scaling) == (6.0, 0.25, 2.0, 2.0)
+    if kind == "ministral":
+        assert cfg.sliding_window == 6 and cfg.local_layers == (True, False, True)
+    if kind == "ministral3":
+        assert cfg.attn_temperature == (0.5, ORIG) and cfg.rope_yarn == (4.0, ORIG, 32, 1, True)
+        assert cfg.rope_attention_factor == 1.0
     if kind.startswith("glm"):
         assert cfg.rope_interleaved and cfg.rope_dim == 8 and cfg.qkv_bias
         assert cfg.post_norms == (kind == "glm4") and "w_gate" in w["layers"]
@@ -192,6 +207,8 @@ _OFF = {"phi3": [dict(rope_dim=None), dict(sliding_window=None)],
         "granite": [dict(embedding_multiplier=1.0), dict(residual_multiplier=1.0),
                     dict(query_scale=None), dict(logits_scaling=1.0)],
         "granitemoe": [dict(residual_multiplier=1.0), dict(experts_per_token=1)],
+        "ministral3": [dict(attn_temperature=None), dict(rope_yarn=None)],
+        "ministral": [dict(sliding_window=None), dict(local_layers=())],  # (): every layer
         "glm": [dict(rope_dim=None)],
         "glm4": [dict(rope_dim=None), dict(post_norms=False)]}
 
@@ -259,7 +276,7 @@ def test_sharded_equals_one_device(variant):
 
 
 @pytest.mark.parametrize("kind", ["phi3_longrope", "qwen3_yarn", "smollm3", "granite",
-                                  "olmo2", "granitemoe", "glm4"])
+                                  "olmo2", "granitemoe", "glm4", "ministral3"])
 @pytest.mark.parametrize("quantized", [False, True])
 def test_gguf_matches_transformers(tmp_path, kind, quantized):
     """A GGUF as llama.cpp's converter writes it (Phi-3: fused attn_qkv and ffn_up, the
@@ -311,6 +328,12 @@ def test_gguf_matches_transformers(tmp_path, kind, quantized):
             w.add_logit_scale(2.0)
         elif arch == "glm4":
             w.add_rope_dimension_count(hf_cfg.rope_dim)
+        elif arch == "ministral3":
+            w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+            w.add_rope_scaling_factor(4.0)
+            w.add_rope_scaling_orig_ctx_len(ORIG)
+            w.add_attn_temperature_scale(0.5)
+            w.add_rope_scaling_yarn_log_mul(0.1)  # 0.1 * mscale_all_dim, as llama.cpp
         elif arch == "qwen3":
             w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
             w.add_rope_scaling_factor(4.0)
@@ -320,9 +343,11 @@ def test_gguf_matches_transformers(tmp_path, kind, quantized):
         short, long, _ = hf_cfg.rope_longrope
         extra = {"rope_factors_short.weight": np.asarray(short, np.float32),
                  "rope_factors_long.weight": np.asarray(long, np.float32)}
-    _write_gguf(tmp_path / "g.gguf", hf_cfg, sd, arch, q8, extra=extra, meta=meta)
+    _write_gguf(tmp_path / "g.gguf", hf_cfg, sd, {"ministral3": "mistral3"}.get(arch, arch), q8,
+                extra=extra, meta=meta)
     cfg, w = load_gguf(tmp_path / "g.gguf", quantized=quantized)
-    for f in ("rope_dim", "rope_interleaved", "rope_yarn", "sliding_window", "nope_layers",
+    for f in ("rope_dim", "rope_interleaved", "rope_yarn", "attn_temperature",
+              "sliding_window", "nope_layers",
               "embedding_multiplier",
               "residual_multiplier", "query_scale", "logits_scaling", "tie_embeddings",
               "pre_norms", "post_norms", "qk_norm_full", "num_experts", "experts_per_token",

@@ -49,7 +49,8 @@ _ARCHS = {"llama": True, "qwen2": False, "qwen3": False, "qwen2moe": False, "qwe
           "granite": True, "granitemoe": True, "olmo2": False,
           # Cohere's and GLM-4's own checkpoints pair RoPE dims interleaved (llama.cpp keeps
           # them so; GLM-4 rotates the first half of each head)
-          "command-r": True, "cohere2": True, "stablelm": False, "glm4": True}
+          "command-r": True, "cohere2": True, "stablelm": False, "glm4": True,
+          "mistral3": True}
 # Gemma 2/3: every n-th layer is global, the others local (llama.cpp's fixed patterns), and
 # the layer count that marks the 27B models, whose query scale is (D / N) ** -0.5.
 _GEMMA_PATTERN = {"gemma2": 2, "gemma3": 6}
@@ -175,7 +176,7 @@ def _long_rope(m: Callable[..., Any], tensors: dict[str, Any], kind: str | None,
                head_dim: int) -> dict[str, Any]:
     """Partial rotary dims, YaRN and LongRoPE (Phi-3's rope_factors_short/long tensors)
     as llama.cpp runs them: YaRN's betas default to 32 and 1, its attention factor is
-    0.1 ln(factor) + 1 times the file's."""
+    0.1 ln(factor) + 1 times the file's (1 with a log multiplier: the mscale pair)."""
     out: dict[str, Any] = {}
     rot = m("rope.dimension_count")
     if rot and int(rot) != head_dim:
@@ -183,10 +184,12 @@ def _long_rope(m: Callable[..., Any], tensors: dict[str, Any], kind: str | None,
     orig = m("rope.scaling.original_context_length")
     if kind == "yarn":
         factor = float(m("rope.scaling.factor"))
+        # a log multiplier (DeepSeek's mscale_all_dim, Ministral 3) means transformers'
+        # mscale pair, which cancels for the released models (mscale == mscale_all_dim)
+        att = 1.0 if m("rope.scaling.yarn_log_multiplier") else 0.1 * math.log(factor) + 1
         out.update(rope_yarn=(factor, int(orig), float(m("rope.scaling.yarn_beta_fast") or 32),
                               float(m("rope.scaling.yarn_beta_slow") or 1), True),
-                   rope_attention_factor=(0.1 * math.log(factor) + 1)
-                   * float(m("rope.scaling.yarn_attn_factor") or 1))
+                   rope_attention_factor=att * float(m("rope.scaling.yarn_attn_factor") or 1))
     if "rope_factors_long.weight" in tensors:
         short, long = (tuple(_dequantize(tensors[f"rope_factors_{k}.weight"]).tolist())
                        for k in ("short", "long"))
@@ -202,7 +205,8 @@ def _long_rope(m: Callable[..., Any], tensors: dict[str, Any], kind: str | None,
 def _llama_family(arch: str, m: Callable[..., Any]) -> dict[str, Any]:
     """The switches of the Llama-family variants (none for other archs): Phi-3's sliding
     window (0: none, Phi-4), SmolLM3's NoPE layers (llama.cpp's fixed step of four),
-    OLMo 2's and GLM-4's norm placement, Granite's multipliers."""
+    OLMo 2's and GLM-4's norm placement, Granite's multipliers, Ministral 3's query
+    temperature (its length: the YaRN original context)."""
     if arch == "phi3" and m("attention.sliding_window"):
         return {"sliding_window": int(m("attention.sliding_window"))}
     if arch == "smollm3":
@@ -211,6 +215,9 @@ def _llama_family(arch: str, m: Callable[..., Any]) -> dict[str, Any]:
         return {"pre_norms": False, "post_norms": True, "qk_norm_full": True}
     if arch == "glm4":  # Gemma 2's sandwich norms; interleaved pairs of the rotated half
         return {"post_norms": True, "rope_interleaved": True}
+    if arch == "mistral3" and m("attention.temperature_scale"):  # Ministral 3, as llama.cpp
+        return {"attn_temperature": (float(m("attention.temperature_scale")),  # reads it
+                                     int(m("rope.scaling.original_context_length")))}
     if arch in ("granite", "granitemoe"):
         out = {"embedding_multiplier": float(m("embedding_scale", 1.0)),
                "residual_multiplier": float(m("residual_scale", 1.0)),

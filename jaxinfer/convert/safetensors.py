@@ -24,8 +24,9 @@ from jaxinfer.errors import ConfigError, ConversionError
 from jaxinfer.quant import QuantConfig
 from jaxinfer.weights import check_weights, weight_specs
 
-_MODEL_TYPES = ("llama", "mistral", "mistral3", "qwen2", "qwen3", "phi3", "smollm3", "granite",
-                "olmo2", "stablelm", *COHERE_TYPES, *GLM_TYPES, *GEMMA_TYPES, *MOE_TYPES)
+_MODEL_TYPES = ("llama", "mistral", "mistral3", "ministral", "ministral3", "qwen2", "qwen3",
+                "phi3", "smollm3", "granite", "olmo2", "stablelm", *COHERE_TYPES, *GLM_TYPES,
+                *GEMMA_TYPES, *MOE_TYPES)
 
 # Phi-3 fuses q/k/v and gate/up into one matrix each: part -> (fused module, the part's
 # place in units of its own rows, from the start or the end: k and v are the same size,
