@@ -26,9 +26,9 @@ GLM_TYPES = ("glm", "glm4")
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """Shapes and constants of a Llama-family decoder (Llama 2/3, Mistral, Qwen2/3, Phi-3,
-    SmolLM2/3, Granite, OLMo 2, Cohere, StableLM 2, GLM-4), of Gemma 1/2/3 or of a mixture of
-    experts (Mixtral, Qwen2/3-MoE): their differences are the switches after `name`, all off
-    for Llama."""
+    SmolLM2/3, Granite, OLMo 2, Cohere, StableLM 2, GLM-4, StarCoder2, Phi-2), of Gemma 1/2/3
+    or of a mixture of experts (Mixtral, Qwen2/3-MoE): their differences are the switches
+    after `name`, all off for Llama."""
 
     vocab_size: int  # V
     d_model: int  # D
@@ -106,6 +106,12 @@ class ModelConfig:
     norm_bias: bool = False
     qk_norm_heads: bool = False
     parallel_block: bool = False
+    # StarCoder2 and Phi-2: a plain MLP (up, activation, down: no gate) and biases on the
+    # attention output and both MLP projections (q/k/v biases are qkv_bias); Phi-2's
+    # lm_head has a bias too.
+    mlp_gated: bool = True
+    linear_bias: bool = False
+    lm_head_bias: bool = False
     # Mixture of experts (Mixtral, Qwen2/3-MoE): every layer's MLP is num_experts experts of
     # width mlp_dim; a softmax router sends each token to its top experts_per_token, whose
     # outputs are summed with the router weights (renormalised to sum 1 with norm_topk).
@@ -147,6 +153,11 @@ class ModelConfig:
                               "post_norms")
         if not (self.pre_norms or self.post_norms):
             raise ConfigError("a model needs pre_norms, post_norms or both")
+        if self.num_experts and (not self.mlp_gated or self.linear_bias):
+            raise ConfigError("experts are gated MLPs without biases (mlp_gated, no "
+                              "linear_bias)")
+        if self.lm_head_bias and self.tie_embeddings:
+            raise ConfigError("lm_head_bias needs an lm_head (tie_embeddings=False)")
         if self.shared_expert_dim and not self.num_experts:
             raise ConfigError("shared_expert_dim needs num_experts (a mixture of experts)")
         if self.num_experts and not 1 <= self.experts_per_token <= self.num_experts:
@@ -200,7 +211,8 @@ class ModelConfig:
                 and not any(self.nope_layers) and self.embedding_multiplier == 1.0
                 and self.residual_multiplier == 1.0 and self.logits_scaling == 1.0
                 and not self.layer_norm and not self.norm_bias and not self.parallel_block
-                and not self.qk_norm_heads)
+                and not self.qk_norm_heads and self.mlp_gated and not self.linear_bias
+                and not self.lm_head_bias)
 
     def replace(self, **kw: Any) -> ModelConfig:
         return dataclasses.replace(self, **kw)
@@ -241,13 +253,11 @@ class ModelConfig:
     # ---- foreign formats -------------------------------------------------------------
     @classmethod
     def from_hf(cls, hf: dict[str, Any], name: str | None = None) -> ModelConfig:
-        """From a Hugging Face `config.json` dict of a Llama, Mistral (Ministral 8B, Ministral 3),
-        Qwen2/3, Phi-3, SmolLM3,
-        Granite, OLMo 2, Cohere (Command R, Aya; Cohere2: Command R7B, Command A), StableLM
-        2, GLM-4 or Gemma 1/2/3 model (a multimodal Gemma 3 or Mistral 3: its language
-        model). Reads
-        transformers 5's `rope_parameters` and the older `rope_theta` / `rope_scaling`
-        keys alike."""
+        """From a Hugging Face `config.json` dict of a Llama, Mistral (Ministral 8B,
+        Ministral 3), Qwen2/3, Phi-2, Phi-3, SmolLM3, Granite, OLMo 2, Cohere (Command R,
+        Aya; Cohere2: Command R7B, Command A), StableLM 2, GLM-4, StarCoder2 or Gemma 1/2/3
+        model (a multimodal Gemma 3 or Mistral 3: its language model). Reads transformers
+        5's `rope_parameters` and the older `rope_theta` / `rope_scaling` keys alike."""
         if hf.get("model_type") == "gemma3" and "text_config" in hf:
             arch = (hf.get("architectures") or ["Gemma3ForConditionalGeneration"])[0]
             # saved text configs omit the fields that equal transformers' defaults
@@ -258,8 +268,10 @@ class ModelConfig:
             hf = {**hf["text_config"], "architectures": [arch]}
         kind = hf.get("model_type", "llama")
         gemma = kind in GEMMA_TYPES
-        if kind in GLM_TYPES:  # older GLM configs leave transformers' default out
+        if kind in (*GLM_TYPES, "phi"):  # older configs leave transformers' default out
             hf = {"partial_rotary_factor": 0.5, **hf}
+        if kind == "phi" and hf.get("qk_layernorm"):
+            raise ConfigError("Phi's qk_layernorm is not supported")
         try:
             n = int(hf["num_attention_heads"])
             d = int(hf["hidden_size"])
@@ -288,7 +300,10 @@ class ModelConfig:
             if kind == "cohere2":  # its global layers take no RoPE
                 nope = tuple(not b for b in local)
             cohere, stablelm = kind in COHERE_TYPES, kind == "stablelm"
-            eps = (hf.get("layer_norm_eps", 1e-5) if cohere or stablelm
+            plain = kind in ("starcoder2", "phi")  # LayerNorm, a plain MLP, biases
+            biases = bool(hf.get("use_bias", True)) if kind == "starcoder2" else kind == "phi"
+            eps = (hf.get("layer_norm_eps", 1e-5) if cohere or stablelm or kind == "phi"
+                   else hf.get("norm_epsilon", 1e-5) if kind == "starcoder2"
                    else hf.get("rms_norm_eps", 1e-6 if gemma else 1e-5))
             arch = (hf.get("architectures") or [kind])[0]
             return cls(
@@ -302,19 +317,24 @@ class ModelConfig:
                 rope_theta=float(theta),
                 rms_norm_eps=float(eps),
                 max_seq_len=int(hf.get("max_position_embeddings", 2048)),
-                tie_embeddings=bool(hf.get("tie_word_embeddings", gemma or cohere)),
+                tie_embeddings=bool(hf.get("tie_word_embeddings",
+                                           gemma or cohere or kind == "starcoder2")),
                 qkv_bias=bool(hf.get("qkv_bias", True) if kind == "qwen2_moe"
                               else hf.get("use_qkv_bias", False) if stablelm
+                              else biases if plain
                               else hf.get("attention_bias", kind == "qwen2")),
                 qk_norm=(kind in ("qwen3", "gemma3_text", "qwen3_moe", "olmo2")
                          or bool(cohere and hf.get("use_qk_norm"))
                          or bool(stablelm and hf.get("qk_layernorm"))),
                 qk_norm_full=kind == "olmo2",
                 qk_norm_heads=cohere or stablelm,
-                layer_norm=cohere or stablelm,
+                layer_norm=cohere or stablelm or plain,
+                mlp_gated=not plain,
+                linear_bias=biases,
+                lm_head_bias=kind == "phi",
                 rope_interleaved=cohere or kind in GLM_TYPES,
-                norm_bias=stablelm,
-                parallel_block=kind == "cohere" or bool(
+                norm_bias=stablelm or plain,
+                parallel_block=kind in ("cohere", "phi") or bool(
                     hf.get("use_parallel_residual") if stablelm else kind == "cohere2"),
                 pre_norms=kind != "olmo2",
                 bos_token_id=hf.get("bos_token_id"),
@@ -389,7 +409,8 @@ class ModelConfig:
 
 
 # transformers' hidden activation names -> ours
-_HF_ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh"}
+_HF_ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh",
+                   "gelu_new": "gelu_tanh"}
 
 # Gemma3TextConfig's defaults (transformers), which a multimodal checkpoint's text_config
 # leaves out (its 4B/12B/27B checkpoints list only the fields that differ).
@@ -500,7 +521,8 @@ def _sliding(hf: dict[str, Any], kind: str, L: int) -> tuple[int | None, tuple[b
         pattern = 2 if kind == "gemma2" else int(hf.get("sliding_window_pattern")
                                                  or (4 if kind == "cohere2" else 6))
         return int(window), local_pattern(pattern, L)
-    if kind in ("mistral", "mixtral", "phi3", "ministral", "ministral3") and window:
+    if kind in ("mistral", "mixtral", "phi3", "ministral", "ministral3", "starcoder2") \
+            and window:
         return int(window), ()
     if hf.get("use_sliding_window"):
         raise ConfigError(f"sliding-window attention of model_type {kind!r} is not supported")

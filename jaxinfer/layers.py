@@ -132,12 +132,17 @@ def apply_rope(x_BTNH: jax.Array, angles_BTh: jax.Array, scale: float = 1.0) -> 
     return out.astype(x_BTNH.dtype)
 
 
-def mlp(x_BTD: jax.Array, w_gate_DF: jax.Array, w_up_DF: jax.Array, w_down_FD: jax.Array,
-        activation: str = "silu") -> jax.Array:
-    """Gated MLP: SwiGLU (Llama) or GeGLU with tanh-approximate GELU (Gemma)."""
-    gate = dot(x_BTD, w_gate_DF, "BTD,DF->BTF")
+def mlp(x_BTD: jax.Array, w_gate_DF: jax.Array | None, w_up_DF: jax.Array,
+        w_down_FD: jax.Array, activation: str = "silu", b_up_F: jax.Array | None = None,
+        b_down_D: jax.Array | None = None) -> jax.Array:
+    """Gated MLP: SwiGLU (Llama) or GeGLU with tanh-approximate GELU (Gemma); without a gate
+    (None) the plain act(x W_up + b) W_down + b of StarCoder2 and Phi-2."""
     up = dot(x_BTD, w_up_DF, "BTD,DF->BTF")
-    return dot(activate(gate, activation) * up, w_down_FD, "BTF,FD->BTD")
+    up = up if b_up_F is None else up + b_up_F
+    h = (activate(up, activation) if w_gate_DF is None
+         else activate(dot(x_BTD, w_gate_DF, "BTD,DF->BTF"), activation) * up)
+    out = dot(h, w_down_FD, "BTF,FD->BTD")
+    return out if b_down_D is None else out + b_down_D
 
 
 def activate(gate: jax.Array, activation: str) -> jax.Array:

@@ -81,6 +81,11 @@ def layer_window(cfg: ModelConfig, layer: jax.Array) -> jax.Array | None:
     return jnp.where(jnp.asarray(cfg.local_L)[layer], cfg.sliding_window, np.int32(2**30))
 
 
+def _bias(cfg: ModelConfig, w: Weights, norm_name: str) -> jax.Array | None:
+    """A norm's bias where the model has them (StableLM, StarCoder2, Phi-2)."""
+    return w[norm_name + "_bias"] if cfg.norm_bias else None
+
+
 def embed(cfg: ModelConfig, weights: Weights, tokens_BT: jax.Array) -> jax.Array:
     """Embedding rows in the weights' dtype; Gemma scales them by sqrt(D) (in that dtype,
     as its reference does)."""
@@ -103,7 +108,7 @@ def _block(cfg: ModelConfig, impl: str, adapter_B: jax.Array | None, carry, xs):
         w = bind(w, *ab, adapter_B)
     window = layer_window(cfg, i)
     with jax.named_scope("attention"):
-        h = norm(cfg, x, w["attn_norm"], w.get("attn_norm_bias")) if cfg.pre_norms else x
+        h = norm(cfg, x, w["attn_norm"], _bias(cfg, w, "attn_norm")) if cfg.pre_norms else x
         q, k, v = qkv(cfg, w, h, pos_BT, i, ck.shape[3])
         # Scatter the new K/V of every row at its own positions; out-of-range slots drop.
         ck, ks = write_kv(ck, ks, i, rows_B1, pos_BT, k)
@@ -115,14 +120,16 @@ def _block(cfg: ModelConfig, impl: str, adapter_B: jax.Array | None, carry, xs):
             o = attention(q, read_kv(ck, ks, i, q.dtype), read_kv(cv, vs, i, q.dtype), pos_BT,
                           impl, window=window, softcap=cfg.attn_softcap)
         o = dot(o, w["wo"], "BTNH,NHD->BTD")
+        o = o + w["bo"] if cfg.linear_bias else o
         o = norm(cfg, o, w["post_attn_norm"]) if cfg.post_norms else o
         o = o * cfg.residual_multiplier if cfg.residual_multiplier != 1.0 else o
     with jax.named_scope("mlp"):
         if not cfg.parallel_block:  # (parallel: the MLP reads attention's normed input h)
             x = x + o
-            h = norm(cfg, x, w["mlp_norm"], w.get("mlp_norm_bias")) if cfg.pre_norms else x
+            h = norm(cfg, x, w["mlp_norm"], _bias(cfg, w, "mlp_norm")) if cfg.pre_norms else x
         h = (moe(cfg, h, w) if cfg.num_experts
-             else mlp(h, w["w_gate"], w["w_up"], w["w_down"], cfg.activation))
+             else mlp(h, w.get("w_gate"), w["w_up"], w["w_down"], cfg.activation,
+                      *((w["b_up"], w["b_down"]) if cfg.linear_bias else ())))
         h = norm(cfg, h, w["post_mlp_norm"]) if cfg.post_norms else h
         h = h * cfg.residual_multiplier if cfg.residual_multiplier != 1.0 else h
         x = x + o + h if cfg.parallel_block else x + h  # the references' order of adds
@@ -149,7 +156,7 @@ def hidden_states(weights: Weights, tokens_BT: jax.Array, cache: KVCache, cfg: M
         functools.partial(_block, cfg, impl, adapter_B),
         (x, cache.k, cache.v, cache.k_scale, cache.v_scale, pos_BT, rows_B1),
         (weights["layers"], layer_ids, ab))
-    x = norm(cfg, x, weights["final_norm"], weights.get("final_norm_bias"))
+    x = norm(cfg, x, weights["final_norm"], _bias(cfg, weights, "final_norm"))
     return x, KVCache(k=ck, v=cv, lengths=cache.lengths, k_scale=ks, v_scale=vs)
 
 
@@ -161,6 +168,8 @@ def unembed(weights: Weights, x_BxD: jax.Array, cfg: ModelConfig) -> jax.Array:
     else:
         logits = dot(x_BxD, weights["embed"], "...D,VD->...V",
                      preferred_element_type=jnp.float32)
+    if cfg.lm_head_bias:  # Phi-2
+        logits = logits + weights["lm_head_bias"].astype(jnp.float32)
     if cfg.logits_scaling != 1.0:  # Granite
         logits = logits / cfg.logits_scaling
     return softcap(logits, cfg.final_softcap)

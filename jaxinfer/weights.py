@@ -17,11 +17,14 @@ Tree layout (layers stacked on a leading L axis and run with lax.scan):
     layers/wv   [L, D, K, H]     layers/bv [L, K, H]
     layers/wo   [L, N, H, D]
     layers/w_gate [L, D, F]   layers/w_up [L, D, F]   layers/w_down [L, F, D]
+    (no w_gate without mlp_gated; linear_bias adds layers/bo [L, D], b_up [L, F],
+     b_down [L, D]: StarCoder2, Phi-2)
     (mixture of experts instead: layers/router [L, D, E], layers/moe_gate [L, E, D, F],
      layers/moe_up [L, E, D, F], layers/moe_down [L, E, F, D]; a shared expert adds
      layers/shared_gate, shared_up [L, D, Fs], shared_down [L, Fs, D], shared_router [L, D])
     final_norm  [D]
     lm_head     [D, V]           (absent when embeddings are tied)
+    lm_head_bias [V]             (lm_head_bias only: Phi-2)
 Q/K use the Hugging Face "rotate half" RoPE layout.
 
 With `quant` (quant.QuantConfig) the linear weights (and the embedding / lm_head) become
@@ -134,6 +137,12 @@ def weight_specs(cfg: ModelConfig, dtype: Any = jnp.float32,
         del layers["attn_norm"], layers["mlp_norm"]
     if cfg.parallel_block:  # attention and the MLP share the one input norm
         del layers["mlp_norm"]
+    if not cfg.mlp_gated:  # StarCoder2, Phi-2: up, activation, down
+        del layers["w_gate"]
+    if cfg.linear_bias:
+        layers["bo"] = A((L, D), ("layers", "norm"), "zeros")
+        layers["b_up"] = A((L, F), ("layers", "mlp"), "zeros")
+        layers["b_down"] = A((L, D), ("layers", "norm"), "zeros")
     if cfg.norm_bias:  # StableLM's LayerNorms
         for name in ("attn_norm", "mlp_norm"):
             if name in layers:
@@ -151,6 +160,8 @@ def weight_specs(cfg: ModelConfig, dtype: Any = jnp.float32,
         tree["final_norm_bias"] = A((D,), ("norm",), "zeros")
     if not cfg.tie_embeddings:
         tree["lm_head"] = A((D, V), ("embed", "vocab"), fan_in=(0,))
+    if cfg.lm_head_bias:
+        tree["lm_head_bias"] = A((V,), ("vocab",), "zeros")
     if quant is not None and quant.linear is not None:
         for name, (contract, group) in LINEAR_QUANT_AXES.items():
             if name in layers:  # dense MLP or experts, whichever the model has

@@ -31,15 +31,16 @@ def hf_logits(model, toks: np.ndarray) -> np.ndarray:
         return model(torch.tensor(toks)).logits.numpy()
 
 
-def sharpened(m, norm: float, matrix: float):
+def sharpened(m, norm: float, matrix: float, bias: float = 0.0):
     """`m` in eval mode with eager attention and random weights larger than transformers'
     init (norm weights `norm` x N(0, 1), matrices and stacked experts `matrix` x N(0, 1),
-    the rest 0), so attention, caps and routing matter and each difference shows."""
+    the rest, biases, `bias` x N(0, 1)), so attention, caps and routing matter and each
+    difference shows."""
     import torch
 
     with torch.no_grad():
         for name, p in m.named_parameters():
-            scale = norm if "norm" in name else matrix if p.ndim >= 2 else 0
+            scale = norm if "norm" in name else matrix if p.ndim >= 2 else bias
             p.copy_(scale * torch.randn_like(p))
     m.config._attn_implementation = "eager"
     return m.eval()

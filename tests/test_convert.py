@@ -164,7 +164,10 @@ def _write_gguf(path: Path, cfg: ModelConfig, sd: dict, arch: str, qtype, extra=
              "mlp.shared_expert.down_proj": "ffn_down_shexp",
              "mlp.shared_expert_gate": "ffn_gate_inp_shexp",
              # Phi-3's fused projections
-             "self_attn.qkv_proj": "attn_qkv", "mlp.gate_up_proj": "ffn_up"}
+             "self_attn.qkv_proj": "attn_qkv", "mlp.gate_up_proj": "ffn_up",
+             # StarCoder2's and Phi-2's plain MLPs, Phi-2's attention output
+             "mlp.c_fc": "ffn_up", "mlp.c_proj": "ffn_down", "mlp.fc1": "ffn_up",
+             "mlp.fc2": "ffn_down", "self_attn.dense": "attn_output"}
     if arch == "stablelm":  # per-head q/k norms, stacked [N, H] by the caller
         names.update({"self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm"})
     gemma = arch.startswith("gemma")
@@ -180,7 +183,9 @@ def _write_gguf(path: Path, cfg: ModelConfig, sd: dict, arch: str, qtype, extra=
                      post_feedforward_layernorm="post_ffw_norm")
     out = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight":
            "output_norm.weight", "model.norm.bias": "output_norm.bias",
-           "lm_head.weight": "output.weight"}
+           "model.final_layernorm.weight": "output_norm.weight",
+           "model.final_layernorm.bias": "output_norm.bias",
+           "lm_head.weight": "output.weight", "lm_head.bias": "output.bias"}
     for hf_name, a in sd.items():
         if hf_name.startswith("model.layers."):
             _, _, i, rest = hf_name.split(".", 3)

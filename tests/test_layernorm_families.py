@@ -1,9 +1,11 @@
 """The LayerNorm families against Hugging Face transformers (PyTorch, float32, eager
 attention): Cohere (Command R, Aya: LayerNorm without bias, attention and MLP side by
 side, interleaved RoPE pairs, per-head q/k LayerNorm, a logit scale), Cohere2 (Command
-R7B, Command A: three sliding-window layers with RoPE, then a global one without) and
+R7B, Command A: three sliding-window layers with RoPE, then a global one without),
 StableLM 2 (LayerNorm with bias, a quarter of each head rotated, q/k/v biases; the 12B's
-parallel block and per-head q/k LayerNorms).
+parallel block and per-head q/k LayerNorms), StarCoder2 (a plain GELU MLP, biases on
+every projection, a sliding window) and Phi-2 (the same MLP side by side with attention,
+partial rotary, an lm_head bias).
 
 The checkpoints are tiny random ones transformers writes itself; no real one is reachable
 here.
@@ -37,7 +39,7 @@ from .hf_checkpoints import (  # noqa: E402
 COMMON = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
               eos_token_id=3, bos_token_id=2, pad_token_id=0)
-KINDS = ("cohere", "cohere2", "stablelm", "stablelm_parallel")
+KINDS = ("cohere", "cohere2", "stablelm", "stablelm_parallel", "starcoder2", "phi")
 
 
 def _hf_model(kind: str, heads: int = 4):
@@ -49,11 +51,16 @@ def _hf_model(kind: str, heads: int = 4):
     elif kind == "cohere2":
         m = tf.Cohere2ForCausalLM(tf.Cohere2Config(**common, sliding_window=6,
                                                    logit_scale=0.5))
+    elif kind == "starcoder2":
+        m = tf.Starcoder2ForCausalLM(tf.Starcoder2Config(**common, sliding_window=10,
+                                                         tie_word_embeddings=False))
+    elif kind == "phi":
+        m = tf.PhiForCausalLM(tf.PhiConfig(**common, partial_rotary_factor=0.5))
     else:
         m = tf.StableLmForCausalLM(tf.StableLmConfig(
             **common, use_qkv_bias=True, use_parallel_residual=kind == "stablelm_parallel",
             qk_layernorm=kind == "stablelm_parallel"))
-    return sharpened(m, norm=0.3, matrix=0.15)
+    return sharpened(m, norm=0.3, matrix=0.15, bias=0.1)
 
 
 @pytest.fixture(scope="module", params=KINDS)
@@ -65,7 +72,8 @@ def family(request, tmp_path_factory):
 def test_config_read_from_checkpoint(family):
     kind, _, cfg, w = family
     L = w["layers"]
-    assert cfg.layer_norm and cfg.qk_norm_heads and not cfg.llama_layers
+    assert cfg.layer_norm and not cfg.llama_layers
+    assert cfg.qk_norm_heads == (kind not in ("starcoder2", "phi"))
     if kind.startswith("cohere"):
         assert cfg.parallel_block and cfg.tie_embeddings and cfg.rope_interleaved
         assert "mlp_norm" not in L and not cfg.norm_bias
@@ -82,6 +90,15 @@ def test_config_read_from_checkpoint(family):
         assert not cfg.parallel_block and not cfg.qk_norm and "mlp_norm_bias" in L
     if kind == "stablelm_parallel":
         assert cfg.parallel_block and cfg.qk_norm and L["k_norm"].shape == (4, 2, 16)
+    if kind in ("starcoder2", "phi"):
+        assert cfg.norm_bias and cfg.qkv_bias and cfg.linear_bias and not cfg.mlp_gated
+        assert "w_gate" not in L and L["b_up"].shape == (4, 96) and L["bo"].shape == (4, 64)
+        assert cfg.activation == "gelu_tanh" and not cfg.tie_embeddings
+    if kind == "starcoder2":
+        assert cfg.sliding_window == 10 and not cfg.parallel_block and not cfg.lm_head_bias
+    if kind == "phi":
+        assert cfg.parallel_block and cfg.lm_head_bias and cfg.rope_dim == 8
+        assert w["lm_head_bias"].shape == (97,)
 
 
 def test_logits_match_transformers(family):
@@ -108,6 +125,11 @@ def _sequential(w):
     return dict(w, layers=layers)
 
 
+def _without_biases(w):
+    return dict(w, layers={k: v for k, v in w["layers"].items()
+                           if k not in ("bo", "b_up", "b_down")})
+
+
 _OFF = {"cohere": [(dict(layer_norm=False), None), (dict(logits_scaling=1.0), None),
                    (dict(qk_norm=False), None), (dict(parallel_block=False), _sequential),
                    ({}, left_interleaved)],
@@ -116,7 +138,12 @@ _OFF = {"cohere": [(dict(layer_norm=False), None), (dict(logits_scaling=1.0), No
                                                         _sequential), ({}, left_interleaved)],
         "stablelm": [(dict(layer_norm=False), None), (dict(rope_dim=None), None)],
         "stablelm_parallel": [(dict(qk_norm=False), None),
-                              (dict(parallel_block=False), _sequential)]}
+                              (dict(parallel_block=False), _sequential)],
+        "starcoder2": [(dict(sliding_window=None), None), (dict(layer_norm=False), None),
+                       (dict(linear_bias=False), _without_biases)],
+        "phi": [(dict(rope_dim=None), None), (dict(lm_head_bias=False), None),
+                (dict(linear_bias=False), _without_biases),
+                (dict(parallel_block=False), _sequential)]}
 
 
 def test_every_difference_matters(family):
@@ -186,20 +213,25 @@ def test_sharded_equals_one_device(family):
     np.testing.assert_allclose(ours(cfg, ws, toks), ours(cfg, w, toks), atol=1e-5, rtol=0)
 
 
-def test_cohere_lora_on_its_interleaved_projections_matches_peft(tmp_path):
+_LORA_TARGETS = {"cohere": ["q_proj", "k_proj", "v_proj", "o_proj"],
+                 "phi": ["q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"]}
+
+
+@pytest.mark.parametrize("kind", list(_LORA_TARGETS))
+def test_lora_matches_peft(tmp_path, kind):
     """A PEFT adapter on Cohere's q/k/v/o (whose q/k rows pair RoPE dims interleaved, so
-    its B factors are reordered as the weights are): merged, the logits equal PEFT's
-    unmerged forward within 1e-4; served unmerged per row, the greedy tokens equal PEFT's."""
+    its B factors are reordered as the weights are) or on Phi-2's attention and plain MLP
+    (its own module names): merged, the logits equal PEFT's unmerged forward within 1e-4;
+    served unmerged per row, the greedy tokens equal PEFT's."""
     peft = pytest.importorskip("peft")
     from jaxinfer.convert.lora import merge_lora, read_lora
 
-    base = _hf_model("cohere")
+    base = _hf_model(kind)
     base.save_pretrained(tmp_path / "hf")
     cfg, w = load_hf_dir(tmp_path / "hf")
     torch.manual_seed(1)
     pm = peft.get_peft_model(base, peft.LoraConfig(
-        r=4, lora_alpha=8, init_lora_weights=False,
-        target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
+        r=4, lora_alpha=8, init_lora_weights=False, target_modules=_LORA_TARGETS[kind]))
     with torch.no_grad():
         for name, p in pm.named_parameters():
             if "lora_" in name:
@@ -224,10 +256,11 @@ def test_cohere_lora_on_its_interleaved_projections_matches_peft(tmp_path):
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("quantized", [False, True])
 def test_gguf_matches_transformers(tmp_path, kind, quantized):
-    """A GGUF as llama.cpp's converter writes it (`command-r`, `cohere2`, `stablelm`: q/k
-    rows as the checkpoint has them, interleaved for Cohere; per-head q/k norms stacked
-    [N, H]; LayerNorm biases; the logit scale, window and rotary dims as metadata; no
-    ffn_norm in a parallel StableLM), Q8_0 matrices read dequantized or as QArrays, against
+    """A GGUF as llama.cpp's converter writes it (`command-r`, `cohere2`, `stablelm`,
+    `starcoder2`, `phi2`: q/k rows as the checkpoint has them, interleaved for Cohere;
+    per-head q/k norms stacked [N, H]; LayerNorm and projection biases; the logit scale,
+    window and rotary dims as metadata; no ffn_norm in a parallel block; Phi-2's q/k/v
+    fused as older files have them), Q8_0 matrices read dequantized or as QArrays, against
     transformers on the same (Q8_0-exact) weights."""
     import gguf
 
@@ -250,12 +283,21 @@ def test_gguf_matches_transformers(tmp_path, kind, quantized):
             if heads:
                 sd[f"{p}{q}_norm.weight"] = np.stack(heads)
     hf_cfg = ModelConfig.from_hf(m.config.to_dict())
-    arch = {"cohere": "command-r", "cohere2": "cohere2"}.get(kind, "stablelm")
+    arch = {"cohere": "command-r", "cohere2": "cohere2", "starcoder2": "starcoder2",
+            "phi": "phi2"}.get(kind, "stablelm")
+    if kind == "phi":  # as older Phi-2 files: q/k/v fused into attn_qkv, biases too
+        for layer in range(m.config.num_hidden_layers):
+            p = f"model.layers.{layer}.self_attn."
+            for kind_ in ("weight", "bias"):
+                sd[f"{p}qkv_proj.{kind_}"] = np.concatenate(
+                    [sd.pop(f"{p}{q}_proj.{kind_}") for q in "qkv"])
 
     def meta(w):
         w.add_layer_norm_eps(hf_cfg.rms_norm_eps)
-        if arch == "stablelm":
+        if arch in ("stablelm", "phi2"):
             w.add_rope_dimension_count(hf_cfg.rope_dim)
+        elif arch == "starcoder2":
+            w.add_sliding_window(10)
         else:
             w.add_logit_scale(1.0 / hf_cfg.logits_scaling)
         if arch == "cohere2":
@@ -265,7 +307,8 @@ def test_gguf_matches_transformers(tmp_path, kind, quantized):
     cfg, w = load_gguf(tmp_path / "g.gguf", quantized=quantized)
     for f in ("layer_norm", "norm_bias", "parallel_block", "qk_norm", "qk_norm_heads",
               "qkv_bias", "rope_dim", "rope_interleaved", "logits_scaling", "sliding_window",
-              "local_layers", "nope_layers", "tie_embeddings"):
+              "local_layers", "nope_layers", "tie_embeddings", "mlp_gated", "linear_bias",
+              "lm_head_bias", "activation"):
         assert getattr(cfg, f) == getattr(hf_cfg, f), f
     toks = tokens(40)
     got = ours(cfg, jax.tree.map(jnp.asarray, w), toks)

@@ -125,7 +125,7 @@ def _unrolled_logits(weights, tokens_B, cache, cfg, impl):
     for i in range(cfg.num_layers):
         w = jax.tree.map(lambda a, i=i: a[i], weights["layers"])
         carry, _ = _block(cfg, impl, None, carry, (w, jnp.int32(i), None))
-    x = norm(cfg, carry[0], weights["final_norm"], weights.get("final_norm_bias"))
+    x = norm(cfg, carry[0], weights["final_norm"])
     _, ck, cv, ks, vs, _, _ = carry
     return unembed(weights, x[:, 0], cfg), dataclasses.replace(
         cache, k=ck, v=cv, k_scale=ks, v_scale=vs, lengths=cache.lengths + 1)

@@ -32,6 +32,7 @@ import numpy as np
 from jaxinfer.config import ModelConfig, local_pattern
 from jaxinfer.convert.gguf_quant import (
     final_norm,
+    linear_biases,
     norms,
     qk_norms,
     quantized_weights,
@@ -50,7 +51,7 @@ _ARCHS = {"llama": True, "qwen2": False, "qwen3": False, "qwen2moe": False, "qwe
           # Cohere's and GLM-4's own checkpoints pair RoPE dims interleaved (llama.cpp keeps
           # them so; GLM-4 rotates the first half of each head)
           "command-r": True, "cohere2": True, "stablelm": False, "glm4": True,
-          "mistral3": True}
+          "mistral3": True, "starcoder2": False, "phi2": False}
 # Gemma 2/3: every n-th layer is global, the others local (llama.cpp's fixed patterns), and
 # the layer count that marks the 27B models, whose query scale is (D / N) ** -0.5.
 _GEMMA_PATTERN = {"gemma2": 2, "gemma3": 6}
@@ -157,7 +158,7 @@ def _config(reader: Any, tensors: dict[str, Any], path: Path) -> ModelConfig:
                                or m("attention.layer_norm_epsilon", 1e-5)),
             max_seq_len=int(m("context_length", 2048)),
             tie_embeddings="output.weight" not in tensors,
-            qkv_bias="blk.0.attn_q.bias" in tensors,
+            qkv_bias="blk.0.attn_q.bias" in tensors or "blk.0.attn_qkv.bias" in tensors,
             qk_norm="blk.0.attn_q_norm.weight" in tensors,
             bos_token_id=None if bos is None else int(bos),
             eos_token_ids=tuple(dict.fromkeys(eos_ids)),
@@ -230,10 +231,17 @@ def _llama_family(arch: str, m: Callable[..., Any]) -> dict[str, Any]:
 
 def _layernorm_family(arch: str, m: Callable[..., Any], tensors: dict[str, Any]
                       ) -> dict[str, Any]:
-    """Cohere (`command-r`), Cohere2 and StableLM 2: LayerNorm, per-head q/k norms, a
-    parallel block (Cohere always; StableLM 12B, whose files have no ffn_norm), Cohere's
-    logit scale, Cohere2's window over three of four layers (llama.cpp's fixed pattern),
-    the fourth without RoPE."""
+    """Cohere (`command-r`), Cohere2, StableLM 2, StarCoder2 and Phi-2: LayerNorm, per-head
+    q/k norms, a parallel block (Cohere and Phi-2 always; StableLM 12B, whose files have no
+    ffn_norm), Cohere's logit scale, Cohere2's window over three of four layers (llama.cpp's
+    fixed pattern), the fourth without RoPE; StarCoder2's and Phi-2's plain GELU MLP and
+    biases on every projection (and Phi-2's lm_head)."""
+    if arch in ("starcoder2", "phi2"):
+        window = m("attention.sliding_window")
+        return {"layer_norm": True, "norm_bias": True, "mlp_gated": False,
+                "linear_bias": True, "activation": "gelu_tanh",
+                "parallel_block": arch == "phi2", "lm_head_bias": "output.bias" in tensors,
+                **({"sliding_window": int(window)} if window else {})}
     if arch not in ("command-r", "cohere2", "stablelm"):
         return {}
     out = {"layer_norm": True, "qk_norm_heads": True,
@@ -322,9 +330,10 @@ def _llama3_scaling(divisors: np.ndarray, theta: float, head_dim: int, orig_ctx:
 
 # ---- tensors -----------------------------------------------------------------------------
 def _unfused(tensors: dict[str, Any], cfg: ModelConfig) -> dict[str, Any]:
-    """Phi-3 files fuse q/k/v (attn_qkv) and gate/up (ffn_up, 2F rows): each part becomes a
-    row view under its own name (rows are whole ggml blocks), so the float and the
-    block-quantized imports read them as they read any file."""
+    """Phi-3 files fuse q/k/v (attn_qkv; older Phi-2 files too, with its bias) and gate/up
+    (ffn_up, 2F rows): each part becomes a row view under its own name (rows are whole
+    ggml blocks), so the float and the block-quantized imports read them as they read any
+    file."""
     NH, KH, F = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.mlp_dim
     out = dict(tensors)
     for i in range(cfg.num_layers):
@@ -334,17 +343,22 @@ def _unfused(tensors: dict[str, Any], cfg: ModelConfig) -> dict[str, Any]:
             parts.append(("attn_qkv", (("attn_q", 0, NH), ("attn_k", NH, KH),
                                        ("attn_v", NH + KH, KH))))
         if p + "ffn_up.weight" in tensors and p + "ffn_gate.weight" not in tensors \
-                and not cfg.num_experts:
+                and not cfg.num_experts and cfg.mlp_gated:
             parts.append(("ffn_up", (("ffn_gate", 0, F), ("ffn_up", F, F))))
         for whole, split in parts:
             t = tensors[p + whole + ".weight"]
             if int(t.shape[-1]) != split[-1][1] + split[-1][2]:
                 continue  # not fused after all: the shape checks name the tensor later
-            for name, start, rows in split:
-                data = t.data[start:start + rows]
-                out[p + name + ".weight"] = t._replace(
-                    name=p + name + ".weight", shape=np.array([t.shape[0], rows]),
-                    n_elements=int(t.shape[0]) * rows, n_bytes=data.nbytes, data=data)
+            for kind in ("weight", "bias"):  # (Phi-2's fused q/k/v carry biases too)
+                if kind == "bias" and p + whole + ".bias" not in tensors:
+                    continue
+                t = tensors[p + whole + "." + kind]
+                for name, start, rows in split:
+                    data = t.data[start:start + rows]
+                    shape = [t.shape[0], rows] if kind == "weight" else [rows]
+                    out[f"{p}{name}.{kind}"] = t._replace(
+                        name=f"{p}{name}.{kind}", shape=np.array(shape),
+                        n_elements=int(np.prod(shape)), n_bytes=data.nbytes, data=data)
     return out
 
 
@@ -387,6 +401,8 @@ def _weights(cfg: ModelConfig, get: Callable[..., np.ndarray], permuted: bool,
     E = cfg.num_experts
     mlp = ({"router": (D, E), "moe_gate": (E, D, F), "moe_up": (E, D, F), "moe_down": (E, F, D)}
            if E else {"w_gate": (D, F), "w_up": (D, F), "w_down": (F, D)})
+    if not cfg.mlp_gated:
+        del mlp["w_gate"]
     Fs = cfg.shared_expert_dim
     shared = {"shared_gate": ("ffn_gate_shexp", (D, Fs)), "shared_up": ("ffn_up_shexp", (D, Fs)),
               "shared_down": ("ffn_down_shexp", (Fs, D))} if Fs else {}
@@ -413,7 +429,8 @@ def _weights(cfg: ModelConfig, get: Callable[..., np.ndarray], permuted: bool,
             for key, (gname, shape) in shared.items():
                 x[key][i] = get(p + gname + ".weight", shape[::-1]).T
         else:
-            x["w_gate"][i] = get(p + "ffn_gate.weight", (F, D)).T
+            if cfg.mlp_gated:
+                x["w_gate"][i] = get(p + "ffn_gate.weight", (F, D)).T
             x["w_up"][i] = get(p + "ffn_up.weight", (F, D)).T
             x["w_down"][i] = get(p + "ffn_down.weight", (D, F)).T
         if cfg.qkv_bias:
@@ -423,6 +440,7 @@ def _weights(cfg: ModelConfig, get: Callable[..., np.ndarray], permuted: bool,
         if progress:
             progress(i + 1, L)
     layers.update(shared_router(cfg, get))
+    layers.update(linear_biases(cfg, get))
     weights = {"embed": get("token_embd.weight", (V, D)), "layers": results(layers),
                **final_norm(cfg, get)}
     if not cfg.tie_embeddings:

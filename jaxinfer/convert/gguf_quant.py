@@ -114,11 +114,25 @@ def norms(cfg: ModelConfig, get: Callable[..., np.ndarray]) -> dict[str, np.ndar
 
 
 def final_norm(cfg: ModelConfig, get: Callable[..., np.ndarray]) -> dict[str, np.ndarray]:
-    """output_norm's weight (and StableLM's bias)."""
+    """The float tensors after the layers: output_norm's weight (its bias: StableLM,
+    StarCoder2, Phi-2) and Phi-2's lm_head bias."""
     out = {"final_norm": get("output_norm.weight", (cfg.d_model,))}
     if cfg.norm_bias:
         out["final_norm_bias"] = get("output_norm.bias", (cfg.d_model,))
+    if cfg.lm_head_bias:
+        out["lm_head_bias"] = get("output.bias", (cfg.vocab_size,))
     return out
+
+
+def linear_biases(cfg: ModelConfig, get: Callable[..., np.ndarray]) -> dict[str, np.ndarray]:
+    """StarCoder2's and Phi-2's biases of attn_output, ffn_up and ffn_down [L, ...] (float
+    in both imports)."""
+    if not cfg.linear_bias:
+        return {}
+    D, F = cfg.d_model, cfg.mlp_dim
+    return {key: np.stack([get(f"blk.{i}.{g}.bias", (n,)) for i in range(cfg.num_layers)])
+            for key, g, n in (("bo", "attn_output", D), ("b_up", "ffn_up", F),
+                              ("b_down", "ffn_down", D))}
 
 
 def quantized_weights(cfg: ModelConfig, tensors: dict[str, Any], permuted: bool,
@@ -147,8 +161,10 @@ def quantized_weights(cfg: ModelConfig, tensors: dict[str, Any], permuted: bool,
             src.update(shared_gate=("ffn_gate_shexp", None), shared_up=("ffn_up_shexp", None),
                        shared_down=("ffn_down_shexp", None))
     else:
-        shapes.update(w_gate=(D, F), w_up=(D, F), w_down=(F, D))
-        src.update(w_gate=("ffn_gate", None), w_up=("ffn_up", None), w_down=("ffn_down", None))
+        shapes.update(w_up=(D, F), w_down=(F, D))
+        src.update(w_up=("ffn_up", None), w_down=("ffn_down", None))
+        if cfg.mlp_gated:
+            shapes["w_gate"], src["w_gate"] = (D, F), ("ffn_gate", None)
     parts: dict[str, list] = {n: [] for n in shapes}
     for i in range(L):
         for name, (gname, heads) in src.items():
@@ -175,6 +191,7 @@ def quantized_weights(cfg: ModelConfig, tensors: dict[str, Any], permuted: bool,
                                stack(2, True) if qc.linear.offsets else None, qc.linear, ga)
     layers.update(norms(cfg, get))
     layers.update(qk_norms(cfg, get, fix if permuted else None))
+    layers.update(linear_biases(cfg, get))
     if E:  # the routers stay float
         layers["router"] = np.stack([get(f"blk.{i}.ffn_gate_inp.weight", (E, D)).T
                                      for i in range(L)])

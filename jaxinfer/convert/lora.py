@@ -32,7 +32,7 @@ from jaxinfer.convert.safetensors import FUSED, fused_rows, hf_linears, hf_shape
 from jaxinfer.errors import ConversionError
 from jaxinfer.lora import LoraStack, replace_adapter
 
-_KEY = re.compile(r"(?:base_model\.model\.)?model\.layers\.(\d+)\.([a-z_]+\.[a-z_]+)"
+_KEY = re.compile(r"(?:base_model\.model\.)?model\.layers\.(\d+)\.([a-z_]+\.[a-z_0-9]+)"
                   r"\.lora_([AB])(?:\.[A-Za-z0-9_-]+)?\.weight")
 
 

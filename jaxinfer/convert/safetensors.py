@@ -25,8 +25,8 @@ from jaxinfer.quant import QuantConfig
 from jaxinfer.weights import check_weights, weight_specs
 
 _MODEL_TYPES = ("llama", "mistral", "mistral3", "ministral", "ministral3", "qwen2", "qwen3",
-                "phi3", "smollm3", "granite", "olmo2", "stablelm", *COHERE_TYPES, *GLM_TYPES,
-                *GEMMA_TYPES, *MOE_TYPES)
+                "phi", "phi3", "smollm3", "granite", "olmo2", "stablelm", "starcoder2",
+                *COHERE_TYPES, *GLM_TYPES, *GEMMA_TYPES, *MOE_TYPES)
 
 # Phi-3 fuses q/k/v and gate/up into one matrix each: part -> (fused module, the part's
 # place in units of its own rows, from the start or the end: k and v are the same size,
@@ -63,7 +63,7 @@ def load_hf_dir(path: str | Path, progress: Progress | None = None,
     except ConfigError as e:
         raise ConversionError(f"{path / 'config.json'}: {e}") from e
     for extra in ("self_attn.o_proj.bias", "mlp.down_proj.bias"):
-        if f"{reader.prefix}layers.0.{extra}" in reader:
+        if f"{reader.prefix}layers.0.{extra}" in reader and not cfg.linear_bias:
             raise ConversionError(f"{path}: unsupported tensor {reader.prefix}layers.0.{extra}")
     eos = list(cfg.eos_token_ids)
     gen_eos = _read_json(path / "generation_config.json").get("eos_token_id")
@@ -162,17 +162,31 @@ class _Reader:
         return None
 
 
+# Families with a plain (ungated) MLP: their attention output, MLP up and MLP down modules.
+_PLAIN_MLP = {"starcoder2": ("self_attn.o_proj", "mlp.c_fc", "mlp.c_proj"),
+              "phi": ("self_attn.dense", "mlp.fc1", "mlp.fc2")}
+
+
 # Each projection of a layer: HF module -> (weight-tree key, our shape, how many of its
 # leading dims are inputs). Shared with LoRA adapters (convert/lora.py), whose deltas are
-# HF [out, in] matrices too.
+# HF [out, in] matrices too; they name no model_type (`kind` None), so a plain MLP takes
+# every family's module names.
 # A mixture-of-experts model has no dense MLP projections (its experts: _MOE_EXPERTS).
-def hf_linears(cfg: ModelConfig) -> dict[str, tuple[str, tuple[int, ...], int]]:
+def hf_linears(cfg: ModelConfig, kind: str | None = None
+               ) -> dict[str, tuple[str, tuple[int, ...], int]]:
     D, F, N, K, H = cfg.d_model, cfg.mlp_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     out = {"self_attn.q_proj": ("wq", (D, N, H), 1), "self_attn.k_proj": ("wk", (D, K, H), 1),
-           "self_attn.v_proj": ("wv", (D, K, H), 1), "self_attn.o_proj": ("wo", (N, H, D), 2)}
-    if not cfg.num_experts:
-        out.update({"mlp.gate_proj": ("w_gate", (D, F), 1), "mlp.up_proj": ("w_up", (D, F), 1),
-                    "mlp.down_proj": ("w_down", (F, D), 1)})
+           "self_attn.v_proj": ("wv", (D, K, H), 1)}
+    if cfg.mlp_gated:
+        out["self_attn.o_proj"] = ("wo", (N, H, D), 2)
+        if not cfg.num_experts:
+            out.update({"mlp.gate_proj": ("w_gate", (D, F), 1),
+                        "mlp.up_proj": ("w_up", (D, F), 1),
+                        "mlp.down_proj": ("w_down", (F, D), 1)})
+        return out
+    for o, up, down in [_PLAIN_MLP[kind]] if kind in _PLAIN_MLP else _PLAIN_MLP.values():
+        out.update({o: ("wo", (N, H, D), 2), up: ("w_up", (D, F), 1),
+                    down: ("w_down", (F, D), 1)})
     return out
 
 
@@ -201,7 +215,7 @@ def _weights(cfg: ModelConfig, r: _Reader, progress: Progress | None,
     L, D, F, N, K, H, V = (cfg.num_layers, cfg.d_model, cfg.mlp_dim, cfg.num_heads,
                            cfg.num_kv_heads, cfg.head_dim, cfg.vocab_size)
     E = cfg.num_experts
-    linears = hf_linears(cfg)
+    linears = hf_linears(cfg, r.kind)
     shapes = {"attn_norm": (D,), "mlp_norm": (D,),
               **{key: shape for key, shape, _ in linears.values()}}
     if E:
@@ -235,8 +249,10 @@ def _weights(cfg: ModelConfig, r: _Reader, progress: Progress | None,
     qk_norm = ((N, H), (K, H)) if cfg.qk_norm_heads else ((H,), (H,))  # per head
     if cfg.qk_norm:
         shapes.update(q_norm=qk_norm[0], k_norm=qk_norm[1])
-    if cfg.norm_bias:  # StableLM's LayerNorms
+    if cfg.norm_bias:  # StableLM's, StarCoder2's and Phi-2's LayerNorms
         shapes.update({key + "_bias": (D,) for key in norms})
+    biases = {"wo": "bo", "w_up": "b_up", "w_down": "b_down"} if cfg.linear_bias else {}
+    shapes.update({b: shapes[key][-1:] for key, b in biases.items()})
     layers = stacks(shapes, L, quant)
     # Cohere and GLM pair RoPE dims interleaved: q/k rows (weights, biases, norms) to
     # rotate-half
@@ -251,6 +267,8 @@ def _weights(cfg: ModelConfig, r: _Reader, progress: Progress | None,
         for module, (key, shape, n_in) in linears.items():
             m = r.get(p + module + ".weight", hf_shape(shape, n_in))
             x[key][i] = from_hf_matrix(half(m, shape[1]) if key in ("wq", "wk") else m, shape)
+            if key in biases:
+                x[biases[key]][i] = r.get(p + module + ".bias", shape[-1:])
         if E:
             block, router, names = moe
             x["router"][i] = r.get(f"{p}{block}.{router}.weight", (E, D)).T
@@ -283,10 +301,13 @@ def _weights(cfg: ModelConfig, r: _Reader, progress: Progress | None,
             x["bv"][i] = r.get(p + "self_attn.v_proj.bias", (K * H,)).reshape(K, H)
         if progress:
             progress(i + 1, L)
+    final = r.prefix + ("final_layernorm" if r.kind == "phi" else "norm")
     weights = {"embed": r.get(r.prefix + "embed_tokens.weight", (V, D)), "layers": results(layers),
-               "final_norm": r.get(r.prefix + "norm.weight", (D,))}
+               "final_norm": r.get(final + ".weight", (D,))}
     if cfg.norm_bias:
-        weights["final_norm_bias"] = r.get(r.prefix + "norm.bias", (D,))
+        weights["final_norm_bias"] = r.get(final + ".bias", (D,))
+    if cfg.lm_head_bias:  # Phi-2
+        weights["lm_head_bias"] = r.get(r.lm_head.removesuffix("weight") + "bias", (V,))
     if not cfg.tie_embeddings:
         weights["lm_head"] = np.ascontiguousarray(r.get(r.lm_head, (V, D)).T)
     return weights
