@@ -52,6 +52,16 @@ def ours(cfg, w, toks: np.ndarray, S: int = 64) -> np.ndarray:
     return np.asarray(out)
 
 
+def check_each_matters(m, cfg, w, offs, toks: np.ndarray) -> None:
+    """Each switch of `offs` moves our logits more than 1e-2 away from the HF model's, so
+    none is dead weight: a dict of config changes, or (changes, a weight transform)."""
+    ref = hf_logits(m, toks)
+    for off in offs:
+        change, fix = off if isinstance(off, tuple) else (off, None)
+        got = ours(cfg.replace(**change), fix(w) if fix else w, toks)
+        assert np.abs(got - ref).max() > 1e-2, off
+
+
 def check_orbax_round_trip(m, cfg, w, toks: np.ndarray, tmp_path) -> None:
     """Saved as an Orbax checkpoint and loaded back, the config is equal and the logits
     still match the HF model's within 1e-4."""

@@ -27,7 +27,13 @@ from jaxinfer.llm import LLM  # noqa: E402
 from jaxinfer.sampling import SamplingParams  # noqa: E402
 
 from .engine_helpers import CharTokenizer  # noqa: E402
-from .hf_checkpoints import check_orbax_round_trip, ours, saved_and_loaded, sharpened  # noqa: E402
+from .hf_checkpoints import (  # noqa: E402
+    check_each_matters,
+    check_orbax_round_trip,
+    ours,
+    saved_and_loaded,
+    sharpened,
+)
 from .hf_checkpoints import hf_logits as _hf_logits  # noqa: E402
 from .hf_checkpoints import tokens as _tokens  # noqa: E402
 
@@ -104,10 +110,7 @@ _OFF = {"gemma": [dict(norm_plus_one=False), dict(scale_embeddings=False),
 
 def test_every_gemma_difference_matters(gemma):
     kind, m, cfg, w = gemma
-    toks = _tokens(40)
-    ref = _hf_logits(m, toks)
-    for off in _OFF[kind]:
-        assert np.abs(ours(cfg.replace(**off), w, toks) - ref).max() > 1e-2, off
+    check_each_matters(m, cfg, w, _OFF[kind], _tokens(40))
 
 
 def test_greedy_generation_matches_transformers(gemma):

@@ -27,6 +27,7 @@ from jaxinfer.sampling import SamplingParams  # noqa: E402
 
 from .engine_helpers import CharTokenizer  # noqa: E402
 from .hf_checkpoints import (  # noqa: E402
+    check_each_matters,
     check_orbax_round_trip,
     hf_logits,
     left_interleaved,
@@ -125,6 +126,10 @@ def _sequential(w):
     return dict(w, layers=layers)
 
 
+def _without_final_norm_bias(w):
+    return dict(w, final_norm_bias=jnp.zeros_like(w["final_norm_bias"]))
+
+
 def _without_biases(w):
     return dict(w, layers={k: v for k, v in w["layers"].items()
                            if k not in ("bo", "b_up", "b_down")})
@@ -136,7 +141,8 @@ _OFF = {"cohere": [(dict(layer_norm=False), None), (dict(logits_scaling=1.0), No
         "cohere2": [(dict(layer_norm=False), None), (dict(nope_layers=()), None),
                     (dict(sliding_window=None), None), (dict(parallel_block=False),
                                                         _sequential), ({}, left_interleaved)],
-        "stablelm": [(dict(layer_norm=False), None), (dict(rope_dim=None), None)],
+        "stablelm": [(dict(layer_norm=False), None), (dict(rope_dim=None), None),
+                     ({}, _without_final_norm_bias)],
         "stablelm_parallel": [(dict(qk_norm=False), None),
                               (dict(parallel_block=False), _sequential)],
         "starcoder2": [(dict(sliding_window=None), None), (dict(layer_norm=False), None),
@@ -150,14 +156,7 @@ def test_every_difference_matters(family):
     """Each switch turned off (or Cohere's q/k left in the checkpoint's order) moves the
     logits by more than 1e-2."""
     kind, m, cfg, w = family
-    toks = tokens(40)
-    ref = hf_logits(m, toks)
-    for off, weights in _OFF[kind]:
-        got = ours(cfg.replace(**off), weights(w) if weights else w, toks)
-        assert np.abs(got - ref).max() > 1e-2, (off, weights)
-    if kind == "stablelm":  # the norms' biases
-        nob = dict(w, final_norm_bias=jnp.zeros_like(w["final_norm_bias"]))
-        assert np.abs(ours(cfg, nob, toks) - ref).max() > 1e-2
+    check_each_matters(m, cfg, w, _OFF[kind], tokens(40))
 
 
 def _greedy_reference(m, toks, n=30):
