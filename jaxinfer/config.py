@@ -254,7 +254,7 @@ class ModelConfig:
     @classmethod
     def from_hf(cls, hf: dict[str, Any], name: str | None = None) -> ModelConfig:
         """From a Hugging Face `config.json` dict of a Llama, Mistral (Ministral 8B,
-        Ministral 3), Qwen2/3, Phi-2, Phi-3, SmolLM3, Granite, OLMo 2, Cohere (Command R,
+        Ministral 3), Qwen2/3, Phi-2, Phi-3, SmolLM3, Granite, OLMo 2, EXAONE 4, Cohere (Command R,
         Aya; Cohere2: Command R7B, Command A), StableLM 2, GLM-4, StarCoder2 or Gemma 1/2/3
         model (a multimodal Gemma 3 or Mistral 3: its language model). Reads transformers
         5's `rope_parameters` and the older `rope_theta` / `rope_scaling` keys alike."""
@@ -297,7 +297,7 @@ class ModelConfig:
             if kind == "smollm3":
                 nope = tuple(not use for use in hf.get("no_rope_layers") or [
                     (i + 1) % int(hf.get("no_rope_layer_interval", 4)) != 0 for i in range(L)])
-            if kind == "cohere2":  # its global layers take no RoPE
+            if kind in ("cohere2", "exaone4") and window:  # global layers take no RoPE
                 nope = tuple(not b for b in local)
             cohere, stablelm = kind in COHERE_TYPES, kind == "stablelm"
             plain = kind in ("starcoder2", "phi")  # LayerNorm, a plain MLP, biases
@@ -323,7 +323,7 @@ class ModelConfig:
                               else hf.get("use_qkv_bias", False) if stablelm
                               else biases if plain
                               else hf.get("attention_bias", kind == "qwen2")),
-                qk_norm=(kind in ("qwen3", "gemma3_text", "qwen3_moe", "olmo2")
+                qk_norm=(kind in ("qwen3", "gemma3_text", "qwen3_moe", "olmo2", "exaone4")
                          or bool(cohere and hf.get("use_qk_norm"))
                          or bool(stablelm and hf.get("qk_layernorm"))),
                 qk_norm_full=kind == "olmo2",
@@ -336,7 +336,7 @@ class ModelConfig:
                 norm_bias=stablelm or plain,
                 parallel_block=kind in ("cohere", "phi") or bool(
                     hf.get("use_parallel_residual") if stablelm else kind == "cohere2"),
-                pre_norms=kind != "olmo2",
+                pre_norms=kind not in ("olmo2", "exaone4"),
                 bos_token_id=hf.get("bos_token_id"),
                 eos_token_ids=tuple(int(e) for e in eos),
                 pad_token_id=int(hf.get("pad_token_id") or 0),
@@ -344,7 +344,7 @@ class ModelConfig:
                 activation=_HF_ACTIVATIONS[act],
                 norm_plus_one=gemma,
                 scale_embeddings=gemma,
-                post_norms=(gemma and kind != "gemma") or kind in ("olmo2", "glm4"),
+                post_norms=(gemma and kind != "gemma") or kind in ("olmo2", "glm4", "exaone4"),
                 query_scale=query_scale,
                 nope_layers=nope if any(nope) else (),
                 embedding_multiplier=float(hf.get("embedding_multiplier", 1.0)),
@@ -507,19 +507,21 @@ def local_pattern(pattern: int, num_layers: int) -> tuple[bool, ...]:
 
 def _sliding(hf: dict[str, Any], kind: str, L: int) -> tuple[int | None, tuple[bool, ...]]:
     """(window, local_layers): Gemma 2/3 alternate local and global layers (`layer_types`,
-    or their fixed patterns in older configs), as Cohere2's do (three local, one global);
-    Mistral's window covers every layer."""
+    or their fixed patterns in older configs), as Cohere2's and EXAONE 4's do (three local,
+    one global); Mistral's window covers every layer."""
     window = hf.get("sliding_window")
     if kind == "ministral" and window and hf.get("layer_types"):  # Ministral 8B
         types = hf["layer_types"]
         local = tuple(t == "sliding_attention" for t in types)
         return (int(window), local) if any(local) else (None, ())
-    if kind in ("gemma2", "gemma3_text", "cohere2") and window:
+    if kind in ("gemma2", "gemma3_text", "cohere2", "exaone4") and window:
         types = hf.get("layer_types")
         if types:
             return int(window), tuple(t == "sliding_attention" for t in types)
-        pattern = 2 if kind == "gemma2" else int(hf.get("sliding_window_pattern")
-                                                 or (4 if kind == "cohere2" else 6))
+        pattern = hf.get("sliding_window_pattern")  # EXAONE 4 may spell it "LLLG"
+        pattern = 2 if kind == "gemma2" else int(
+            (len(pattern) if isinstance(pattern, str) else pattern)
+            or (6 if kind == "gemma3_text" else 4))
         return int(window), local_pattern(pattern, L)
     if kind in ("mistral", "mixtral", "phi3", "ministral", "ministral3", "starcoder2") \
             and window:

@@ -171,7 +171,7 @@ def _write_gguf(path: Path, cfg: ModelConfig, sd: dict, arch: str, qtype, extra=
     if arch == "stablelm":  # per-head q/k norms, stacked [N, H] by the caller
         names.update({"self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm"})
     gemma = arch.startswith("gemma")
-    if arch == "olmo2":
+    if arch in ("olmo2", "exaone4"):
         names.update(post_attention_layernorm="post_attention_norm",
                      post_feedforward_layernorm="post_ffw_norm")
     if arch == "glm4":

@@ -47,7 +47,7 @@ ORIG = 16  # the "pretraining" context the scalings extend 4x
 GRANITE = dict(embedding_multiplier=6.0, residual_multiplier=0.25, attention_multiplier=2.0,
                logits_scaling=2.0, tie_word_embeddings=True)
 KINDS = ("phi3", "phi3_longrope", "qwen3_yarn", "llama_yarn", "smollm3", "granite", "olmo2",
-         "granitemoe", "glm", "glm4", "ministral3", "ministral")
+         "granitemoe", "glm", "glm4", "ministral3", "ministral", "exaone4")
 
 
 def _longrope_factors(seed: int, n: int = 4) -> list[float]:
@@ -92,6 +92,13 @@ def _hf_model(kind: str, heads: int = 4, nope_every: int = 2):
         m = tf.MinistralForCausalLM(tf.MinistralConfig(
             **common, head_dim=64 // heads, sliding_window=6,
             layer_types=["sliding_attention", "full_attention", "sliding_attention"]))
+    elif kind.startswith("exaone4"):  # windows on 3 of 4 layers, the 4th global, no RoPE
+        layers = 64 if kind == "exaone4_64" else 4  # (llama.cpp's GGUF rule for the 32B)
+        window = None if kind == "exaone4_dense" else 6  # 1.2B: global layers only
+        m = tf.Exaone4ForCausalLM(tf.Exaone4Config(
+            **{**common, "num_hidden_layers": layers}, head_dim=64 // heads,
+            sliding_window=window, sliding_window_pattern=4,
+            **({} if window else {"layer_types": ["full_attention"] * layers})))
     elif kind == "glm":  # GLM-4-9B-chat-hf; half of each head rotated, interleaved
         m = tf.GlmForCausalLM(tf.GlmConfig(**common, head_dim=64 // heads))
     elif kind == "glm4":  # GLM-4-0414: Gemma 2's sandwich norms too
@@ -140,6 +147,10 @@ def test_config_read_from_checkpoint(variant):
     if kind.startswith("granite"):
         assert (cfg.embedding_multiplier, cfg.residual_multiplier, cfg.query_scale,
                 cfg.logits_scaling) == (6.0, 0.25, 2.0, 2.0)
+    if kind == "exaone4":
+        assert not cfg.pre_norms and cfg.post_norms and cfg.qk_norm and cfg.sliding_window == 6
+        assert cfg.local_layers == (True, True, True, False)
+        assert cfg.nope_layers == (False, False, False, True)
     if kind == "ministral":
         assert cfg.sliding_window == 6 and cfg.local_layers == (True, False, True)
     if kind == "ministral3":
@@ -210,6 +221,7 @@ _OFF = {"phi3": [dict(rope_dim=None), dict(sliding_window=None)],
         "granitemoe": [dict(residual_multiplier=1.0), dict(experts_per_token=1)],
         "ministral3": [dict(attn_temperature=None), dict(rope_yarn=None)],
         "ministral": [dict(sliding_window=None), dict(local_layers=())],  # (): every layer
+        "exaone4": [dict(nope_layers=()), dict(sliding_window=None), dict(qk_norm=False)],
         "glm": [dict(rope_dim=None)],
         "glm4": [dict(rope_dim=None), dict(post_norms=False)]}
 
@@ -274,7 +286,8 @@ def test_sharded_equals_one_device(variant):
 
 
 @pytest.mark.parametrize("kind", ["phi3_longrope", "qwen3_yarn", "smollm3", "granite",
-                                  "olmo2", "granitemoe", "glm4", "ministral3"])
+                                  "olmo2", "granitemoe", "glm4", "ministral3",
+                                  "exaone4_dense", "exaone4_64"])
 @pytest.mark.parametrize("quantized", [False, True])
 def test_gguf_matches_transformers(tmp_path, kind, quantized):
     """A GGUF as llama.cpp's converter writes it (Phi-3: fused attn_qkv and ffn_up, the
@@ -306,7 +319,7 @@ def test_gguf_matches_transformers(tmp_path, kind, quantized):
         sd[layer + "mlp.down_exps.weight"] = sd.pop(moe + "experts.down_proj")
         sd[layer + "mlp.gate.weight"] = sd.pop(moe + "router.weight")
     hf_cfg = ModelConfig.from_hf(m.config.to_dict())
-    arch = kind.split("_")[0]
+    arch = kind.split("_")[0]  # exaone4_dense, exaone4_64: the 1.2B's and 32B's layouts
     extra = {}
 
     def meta(w):
@@ -326,6 +339,8 @@ def test_gguf_matches_transformers(tmp_path, kind, quantized):
             w.add_logit_scale(2.0)
         elif arch == "glm4":
             w.add_rope_dimension_count(hf_cfg.rope_dim)
+        elif arch == "exaone4" and m.config.num_hidden_layers == 64:
+            w.add_sliding_window(6)
         elif arch == "ministral3":
             w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
             w.add_rope_scaling_factor(4.0)

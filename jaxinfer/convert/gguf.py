@@ -51,7 +51,7 @@ _ARCHS = {"llama": True, "qwen2": False, "qwen3": False, "qwen2moe": False, "qwe
           # Cohere's and GLM-4's own checkpoints pair RoPE dims interleaved (llama.cpp keeps
           # them so; GLM-4 rotates the first half of each head)
           "command-r": True, "cohere2": True, "stablelm": False, "glm4": True,
-          "mistral3": True, "starcoder2": False, "phi2": False}
+          "mistral3": True, "starcoder2": False, "phi2": False, "exaone4": False}
 # Gemma 2/3: every n-th layer is global, the others local (llama.cpp's fixed patterns), and
 # the layer count that marks the 27B models, whose query scale is (D / N) ** -0.5.
 _GEMMA_PATTERN = {"gemma2": 2, "gemma3": 6}
@@ -206,7 +206,8 @@ def _long_rope(m: Callable[..., Any], tensors: dict[str, Any], kind: str | None,
 def _llama_family(arch: str, m: Callable[..., Any]) -> dict[str, Any]:
     """The switches of the Llama-family variants (none for other archs): Phi-3's sliding
     window (0: none, Phi-4), SmolLM3's NoPE layers (llama.cpp's fixed step of four),
-    OLMo 2's and GLM-4's norm placement, Granite's multipliers, Ministral 3's query
+    OLMo 2's, EXAONE 4's and GLM-4's norm placement (EXAONE 4 32B's windows), Granite's
+    multipliers, Ministral 3's query
     temperature (its length: the YaRN original context)."""
     if arch == "phi3" and m("attention.sliding_window"):
         return {"sliding_window": int(m("attention.sliding_window"))}
@@ -214,6 +215,14 @@ def _llama_family(arch: str, m: Callable[..., Any]) -> dict[str, Any]:
         return {"nope_layers": tuple(not b for b in local_pattern(4, int(m("block_count"))))}
     if arch == "olmo2":  # norms after attention and the MLP only; q/k over all heads
         return {"pre_norms": False, "post_norms": True, "qk_norm_full": True}
+    if arch == "exaone4":  # OLMo 2's norm placement; llama.cpp gives only the 64-layer
+        out = {"pre_norms": False, "post_norms": True}  # 32B its windows (4096, 3 of 4)
+        L = int(m("block_count"))
+        if L == 64:
+            local = local_pattern(4, L)
+            out.update(sliding_window=int(m("attention.sliding_window") or 4096),
+                       local_layers=local, nope_layers=tuple(not b for b in local))
+        return out
     if arch == "glm4":  # Gemma 2's sandwich norms; interleaved pairs of the rotated half
         return {"post_norms": True, "rope_interleaved": True}
     if arch == "mistral3" and m("attention.temperature_scale"):  # Ministral 3, as llama.cpp

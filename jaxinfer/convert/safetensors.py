@@ -25,7 +25,7 @@ from jaxinfer.quant import QuantConfig
 from jaxinfer.weights import check_weights, weight_specs
 
 _MODEL_TYPES = ("llama", "mistral", "mistral3", "ministral", "ministral3", "qwen2", "qwen3",
-                "phi", "phi3", "smollm3", "granite", "olmo2", "stablelm", "starcoder2",
+                "phi", "phi3", "smollm3", "granite", "olmo2", "exaone4", "stablelm", "starcoder2",
                 *COHERE_TYPES, *GLM_TYPES, *GEMMA_TYPES, *MOE_TYPES)
 
 # Phi-3 fuses q/k/v and gate/up into one matrix each: part -> (fused module, the part's
