@@ -18,7 +18,7 @@ from jaxinfer.errors import ConfigError
 
 ACTIVATIONS = ("silu", "gelu_tanh")
 GEMMA_TYPES = ("gemma", "gemma2", "gemma3_text", "gemma3")
-MOE_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "granitemoe")
+MOE_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "granitemoe", "olmoe")
 COHERE_TYPES = ("cohere", "cohere2")
 GLM_TYPES = ("glm", "glm4")
 
@@ -27,7 +27,7 @@ GLM_TYPES = ("glm", "glm4")
 class ModelConfig:
     """Shapes and constants of a Llama-family decoder (Llama 2/3, Mistral, Qwen2/3, Phi-3,
     SmolLM2/3, Granite, OLMo 2, Cohere, StableLM 2, GLM-4, StarCoder2, Phi-2), of Gemma 1/2/3
-    or of a mixture of experts (Mixtral, Qwen2/3-MoE): their differences are the switches
+    or of a mixture of experts (Mixtral, Qwen2/3-MoE, OLMoE): their differences are the switches
     after `name`, all off for Llama."""
 
     vocab_size: int  # V
@@ -272,6 +272,8 @@ class ModelConfig:
             hf = {"partial_rotary_factor": 0.5, **hf}
         if kind == "phi" and hf.get("qk_layernorm"):
             raise ConfigError("Phi's qk_layernorm is not supported")
+        if hf.get("clip_qkv"):  # OLMo / OLMoE variants that clamp q, k and v
+            raise ConfigError(f"clip_qkv={hf['clip_qkv']!r} is not supported")
         try:
             n = int(hf["num_attention_heads"])
             d = int(hf["hidden_size"])
@@ -323,10 +325,11 @@ class ModelConfig:
                               else hf.get("use_qkv_bias", False) if stablelm
                               else biases if plain
                               else hf.get("attention_bias", kind == "qwen2")),
-                qk_norm=(kind in ("qwen3", "gemma3_text", "qwen3_moe", "olmo2", "exaone4")
+                qk_norm=(kind in ("qwen3", "gemma3_text", "qwen3_moe", "olmo2", "exaone4",
+                                  "olmoe")
                          or bool(cohere and hf.get("use_qk_norm"))
                          or bool(stablelm and hf.get("qk_layernorm"))),
-                qk_norm_full=kind == "olmo2",
+                qk_norm_full=kind in ("olmo2", "olmoe"),
                 qk_norm_heads=cohere or stablelm,
                 layer_norm=cohere or stablelm or plain,
                 mlp_gated=not plain,
@@ -359,7 +362,7 @@ class ModelConfig:
                 **rope,
                 num_experts=experts,
                 experts_per_token=chosen,
-                norm_topk=bool(hf.get("norm_topk_prob", kind != "qwen2_moe")),
+                norm_topk=bool(hf.get("norm_topk_prob", kind not in ("qwen2_moe", "olmoe"))),
                 shared_expert_dim=shared,
                 shared_expert_gate=bool(shared),
             )
@@ -536,7 +539,7 @@ def _moe(hf: dict[str, Any], kind: str) -> tuple[int, int, int]:
     Qwen2/3-MoE configs can mix in dense layers; none released does, and that is refused."""
     # transformers 5 writes num_local_experts for both; Qwen's own configs num_experts
     experts = hf.get("num_local_experts", hf.get("num_experts"))
-    if kind in ("mixtral", "granitemoe"):
+    if kind in ("mixtral", "granitemoe", "olmoe"):
         if experts is None:
             raise KeyError("num_local_experts")
         return int(experts), int(hf["num_experts_per_tok"]), int(hf["intermediate_size"])

@@ -38,6 +38,9 @@ def _hf_model(kind: str):
         m = tf.Qwen2MoeForCausalLM(tf.Qwen2MoeConfig(
             intermediate_size=96, moe_intermediate_size=64, shared_expert_intermediate_size=96,
             num_experts=6, norm_topk_prob=False, **COMMON))
+    elif kind == "olmoe":  # q/k RMS-normalised across all heads, unnormalised top-k
+        m = tf.OlmoeForCausalLM(tf.OlmoeConfig(  # (its q/k norms are hidden_size wide)
+            intermediate_size=64, num_experts=6, **{**COMMON, "num_attention_heads": 2}))
     else:  # unnormalised top-k weights, as Qwen3-MoE configs may ask
         m = tf.Qwen3MoeForCausalLM(tf.Qwen3MoeConfig(
             intermediate_size=96, moe_intermediate_size=64, num_experts=6,
@@ -49,7 +52,7 @@ def _hf_model(kind: str):
     return m.eval()
 
 
-@pytest.fixture(scope="module", params=["mixtral", "qwen2_moe", "qwen3_moe"])
+@pytest.fixture(scope="module", params=["mixtral", "qwen2_moe", "qwen3_moe", "olmoe"])
 def moe_model(request, tmp_path_factory):
     return saved_and_loaded(request.param, _hf_model(request.param), tmp_path_factory)
 
@@ -57,7 +60,9 @@ def moe_model(request, tmp_path_factory):
 def test_config_and_tree(moe_model):
     kind, _, cfg, w = moe_model
     assert (cfg.num_experts, cfg.experts_per_token, cfg.mlp_dim) == (6, 2, 64)
-    assert cfg.norm_topk == (kind == "mixtral") and cfg.qk_norm == (kind == "qwen3_moe")
+    assert cfg.norm_topk == (kind == "mixtral")
+    assert cfg.qk_norm == (kind in ("qwen3_moe", "olmoe"))
+    assert cfg.qk_norm_full == (kind == "olmoe")
     assert cfg.qkv_bias == (kind == "qwen2_moe")
     assert (cfg.shared_expert_dim, cfg.shared_expert_gate) == (
         (96, True) if kind == "qwen2_moe" else (0, False))
@@ -348,12 +353,13 @@ def test_gguf_matches_transformers(moe_model, tmp_path, quantized):
         w.add_expert_count(cfg.num_experts)
         w.add_expert_used_count(cfg.experts_per_token)
         w.add_expert_feed_forward_length(cfg.mlp_dim)
-        if not cfg.norm_topk:
+        if not cfg.norm_topk and w.arch != "olmoe":  # (OLMoE's default, as llama.cpp)
             w.add_bool(f"{w.arch}.expert_weights_norm", False)
         if cfg.shared_expert_dim:
             w.add_expert_shared_feed_forward_length(cfg.shared_expert_dim)
 
-    arch = {"mixtral": "llama", "qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe"}[kind]
+    arch = {"mixtral": "llama", "qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe",
+            "olmoe": "olmoe"}[kind]
     _write_gguf(tmp_path / "moe.gguf", cfg, sd, arch, q8, meta=meta)
     gcfg, gw = load_gguf(tmp_path / "moe.gguf", quantized=quantized)
     fields = ("num_experts", "experts_per_token", "mlp_dim", "norm_topk", "shared_expert_dim",

@@ -51,7 +51,8 @@ _ARCHS = {"llama": True, "qwen2": False, "qwen3": False, "qwen2moe": False, "qwe
           # Cohere's and GLM-4's own checkpoints pair RoPE dims interleaved (llama.cpp keeps
           # them so; GLM-4 rotates the first half of each head)
           "command-r": True, "cohere2": True, "stablelm": False, "glm4": True,
-          "mistral3": True, "starcoder2": False, "phi2": False, "exaone4": False}
+          "mistral3": True, "starcoder2": False, "phi2": False, "exaone4": False,
+          "olmoe": False}
 # Gemma 2/3: every n-th layer is global, the others local (llama.cpp's fixed patterns), and
 # the layer count that marks the 27B models, whose query scale is (D / N) ** -0.5.
 _GEMMA_PATTERN = {"gemma2": 2, "gemma3": 6}
@@ -165,7 +166,7 @@ def _config(reader: Any, tensors: dict[str, Any], path: Path) -> ModelConfig:
             pad_token_id=int(pad or 0),
             add_bos=bool(tok("add_bos_token", tok("model") == "llama")),
             name=name, rope_linear_factor=linear, **variant, **_gemma(arch, m, tensors, d, n),
-            **_experts(m, tensors, path))
+            **_experts(m, tensors, path, arch))
     except ConversionError:
         raise
     except (TypeError, ValueError) as e:  # a missing key (None), a bad value, a ConfigError
@@ -215,6 +216,8 @@ def _llama_family(arch: str, m: Callable[..., Any]) -> dict[str, Any]:
         return {"nope_layers": tuple(not b for b in local_pattern(4, int(m("block_count"))))}
     if arch == "olmo2":  # norms after attention and the MLP only; q/k over all heads
         return {"pre_norms": False, "post_norms": True, "qk_norm_full": True}
+    if arch == "olmoe":  # q/k over all heads, OLMo 2's way, with the usual norms
+        return {"qk_norm_full": True}
     if arch == "exaone4":  # OLMo 2's norm placement; llama.cpp gives only the 64-layer
         out = {"pre_norms": False, "post_norms": True}  # 32B its windows (4096, 3 of 4)
         L = int(m("block_count"))
@@ -287,10 +290,12 @@ def _gemma(arch: str, m: Callable[..., Any], tensors: dict[str, Any], d: int, n:
     return out
 
 
-def _experts(m: Callable[..., Any], tensors: dict[str, Any], path: Path) -> dict[str, Any]:
+def _experts(m: Callable[..., Any], tensors: dict[str, Any], path: Path, arch: str = ""
+             ) -> dict[str, Any]:
     """A mixture of experts' ModelConfig fields (Qwen2/3-MoE, Mixtral as `llama`): experts
     stacked per layer as llama.cpp writes them now (ffn_*_exps), softmax routing with the
-    top weights renormalised unless the file says otherwise; Qwen2-MoE's shared expert
+    top weights renormalised unless the file says otherwise (OLMoE: not, unless it says so);
+    Qwen2-MoE's shared expert
     (ffn_*_shexp, gated by ffn_gate_inp_shexp)."""
     experts = int(m("expert_count") or 0)
     if not experts:
@@ -303,7 +308,8 @@ def _experts(m: Callable[..., Any], tensors: dict[str, Any], path: Path) -> dict
         shared = int(m("expert_shared_feed_forward_length")  # llama.cpp reads them
                      or m("feed_forward_length"))
     return dict(num_experts=experts, experts_per_token=int(m("expert_used_count")),
-                norm_topk=bool(m("expert_weights_norm", True)), shared_expert_dim=shared,
+                norm_topk=bool(m("expert_weights_norm", arch != "olmoe")),  # as llama.cpp
+                shared_expert_dim=shared,
                 shared_expert_gate="blk.0.ffn_gate_inp_shexp.weight" in tensors)
 
 

@@ -194,6 +194,7 @@ def hf_linears(cfg: ModelConfig, kind: str | None = None
 _MOE_EXPERTS = {"mixtral": ("block_sparse_moe", "gate", ("w1", "w3", "w2")),
                 "qwen2_moe": ("mlp", "gate", ("gate_proj", "up_proj", "down_proj")),
                 "qwen3_moe": ("mlp", "gate", ("gate_proj", "up_proj", "down_proj")),
+                "olmoe": ("mlp", "gate", ("gate_proj", "up_proj", "down_proj")),
                 # Granite MoE stacks its experts: input_linear [E, 2F, D] (gate, then up)
                 # and output_linear [E, D, F]
                 "granitemoe": ("block_sparse_moe", "router.layer", None)}
