@@ -291,6 +291,9 @@ def test_refusals(moe_model):
         ModelConfig.from_hf({**base, "mlp_only_layers": [0]})
     with pytest.raises(ConfigError, match="experts_per_token"):
         ModelConfig.from_hf({**base, "num_experts_per_tok": 9})
+    with pytest.raises(ConfigError, match="clip_qkv=8.0"):  # OLMoE's clamped variants
+        ModelConfig.from_hf({**base, "model_type": "olmoe", "intermediate_size": 32,
+                             "clip_qkv": 8.0})
 
 
 def test_gguf_shared_expert_width_falls_back_as_llama_cpp():
