@@ -28,8 +28,9 @@ TURN_END_TOKENS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>")
 # (llama-vocab.cpp: STARCODER/REFACT/COMMAND_R/SMOLLM/CODESHELL/EXAONE/MINERVA).
 _DIGIT_SPLIT_PRE = {"smollm", "starcoder", "refact", "command-r", "codeshell", "exaone",
                     "minerva-7b"}
-# Names whose regex is the plain GPT-2 one (llama.cpp GPT2/MPT/OLMO/JAIS, or none given).
-_GPT2_PRE = {"default", "gpt2", "gpt-2", "mpt", "olmo", "jais"}
+# Names whose regex is the plain GPT-2 one (llama.cpp GPT2/MPT/OLMO/JAIS, Phi-2, EXAONE 4,
+# or none given).
+_GPT2_PRE = {"default", "gpt2", "gpt-2", "mpt", "olmo", "jais", "phi-2", "exaone4"}
 # Names whose split regex is their models' tokenizer.json one (llama-vocab.cpp rewrites
 # these for its own regex engine; the `tokenizers` library runs the originals): Llama 3
 # (and GLM-4's, the same regex without BOS), Qwen2/2.5/3 (and StableLM 2), GPT-4o-style

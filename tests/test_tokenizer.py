@@ -388,3 +388,33 @@ def test_gguf_bpe_pre_tokenizers_match_transformers(tmp_path, pre, arch):
         assert ids == ref.encode(text, add_special_tokens=False), text
         assert ours.decode(ids) == text
     assert ours.add_bos == (pre in ("llama-bpe", "tekken"))
+
+
+@pytest.mark.parametrize("alias,name", [("phi-2", "gpt2"), ("exaone4", "gpt2"),
+                                        ("olmo", "gpt2"), ("command-r", "starcoder"),
+                                        ("stablelm2", "qwen2"), ("glm4", "dbrx")])
+def test_gguf_pre_tokenizer_aliases_split_as_their_family(tmp_path, alias, name):
+    """The `tokenizer.ggml.pre` names of the newer families' files load, and split and
+    encode every text as the name llama.cpp groups them with (llama-vocab.cpp)."""
+    gguf = pytest.importorskip("gguf")
+    vocab = ["<s>", "</s>"] + [chr(c) for c in range(33, 127)] + ["Ġ", "Ġt", "Ġth", "12"]
+    merges = ["Ġ t", "Ġt h", "1 2"]
+    toks = {}
+    for pre in (alias, name):
+        path = tmp_path / f"{pre}.gguf"
+        w = gguf.GGUFWriter(str(path), "llama")
+        w.add_tokenizer_model("gpt2")
+        w.add_tokenizer_pre(pre)
+        w.add_token_list(vocab)
+        w.add_token_merges(merges)
+        w.add_token_types([3, 3] + [1] * (len(vocab) - 2))
+        w.add_bos_token_id(0)
+        w.add_eos_token_id(1)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        toks[pre] = load_tokenizer(path)
+    for text in ["the 1234 thing", "  x=12;\n\ty", "don't stop"]:
+        assert toks[alias].encode(text) == toks[name].encode(text), text
+    assert toks[alias].add_bos == toks[name].add_bos
