@@ -13,7 +13,7 @@ cache continues a sequence (prefix caching, chunked prefill, speculative verific
 Layers run under `lax.scan`; the stacked cache rides in the scan carry and is updated in
 place, and jit donates it, so a step never copies the cache. Gemma's local and global
 layers share the scanned body: the layer index picks its window and RoPE frequencies.
-Cohere and StableLM 2 (12B) run attention and the MLP side by side (`parallel_block`).
+Cohere, Phi-2 and StableLM 2 12B run attention and the MLP side by side (`parallel_block`).
 """
 
 from __future__ import annotations

@@ -255,8 +255,8 @@ def _weights(cfg: ModelConfig, r: _Reader, progress: Progress | None,
     biases = {"wo": "bo", "w_up": "b_up", "w_down": "b_down"} if cfg.linear_bias else {}
     shapes.update({b: shapes[key][-1:] for key, b in biases.items()})
     layers = stacks(shapes, L, quant)
-    # Cohere and GLM pair RoPE dims interleaved: q/k rows (weights, biases, norms) to
-    # rotate-half
+    # Cohere and GLM pair RoPE dims interleaved: their q/k rows (weights, biases, norms)
+    # are reordered to rotate-half
     half = ((lambda m, heads: to_rotate_half(m, heads, cfg.rope_dim)) if cfg.rope_interleaved
             else (lambda m, heads: m))
     for i in range(L):
