@@ -35,6 +35,13 @@ def rms_norm(x_BTD: jax.Array, w_D: jax.Array, eps: float, plus_one: bool = Fals
     return (x * (1.0 + w if plus_one else w)).astype(x_BTD.dtype)
 
 
+def unit_rms(x: jax.Array, eps: float) -> jax.Array:
+    """x scaled to unit RMS over the last axis, no weights (Llama 4's q/k "L2" norm)."""
+    x32 = x.astype(jnp.float32)
+    return (x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+            ).astype(x.dtype)
+
+
 def layer_norm(x_BTD: jax.Array, w_D: jax.Array, b_D: jax.Array | None, eps: float
                ) -> jax.Array:
     """LayerNorm over the last axis (Cohere, StableLM), in float32; `w` may carry leading
@@ -137,10 +144,10 @@ def mlp(x_BTD: jax.Array, w_gate_DF: jax.Array | None, w_up_DF: jax.Array,
         b_down_D: jax.Array | None = None) -> jax.Array:
     """Gated MLP: SwiGLU (Llama) or GeGLU with tanh-approximate GELU (Gemma); without a gate
     (None) the plain act(x W_up + b) W_down + b of StarCoder2 and Phi-2."""
+    gate = None if w_gate_DF is None else dot(x_BTD, w_gate_DF, "BTD,DF->BTF")
     up = dot(x_BTD, w_up_DF, "BTD,DF->BTF")
     up = up if b_up_F is None else up + b_up_F
-    h = (activate(up, activation) if w_gate_DF is None
-         else activate(dot(x_BTD, w_gate_DF, "BTD,DF->BTF"), activation) * up)
+    h = activate(up, activation) if gate is None else activate(gate, activation) * up
     out = dot(h, w_down_FD, "BTF,FD->BTD")
     return out if b_down_D is None else out + b_down_D
 
