@@ -9,8 +9,9 @@ Queries are viewed as [B, T, K, G, H] so each KV head serves G query heads witho
 repeating K/V in memory. The mask is causal in absolute positions: a query at position p
 sees cache slots s <= p, which also hides padding and stale slots (s > p). A sliding-window
 layer (`window`, a traced i32 scalar, so local and global layers share one scanned body)
-also hides s <= p - window; `softcap` (Gemma 2) caps the scores. `ref_attention` is the
-source of truth; every other impl must match it.
+also hides s <= p - window, a chunked one (`chunked`, Llama 4) the slots before the start
+of p's chunk of `window` positions; `softcap` (Gemma 2) caps the scores. `ref_attention` is
+the source of truth; every other impl must match it.
 """
 
 from __future__ import annotations
@@ -31,15 +32,22 @@ IMPLS = ("xla", "xla_chunked", "cudnn", "pallas", "pallas_interpret", "auto")  #
 CHUNK_S = 256  # xla_chunked: cache positions per step of its loop
 
 
-def visible(s: jax.Array, pos: jax.Array, window: jax.Array | None) -> jax.Array:
+def first_visible(pos: jax.Array, window: jax.Array, chunked: bool = False) -> jax.Array:
+    """The first position a query at pos sees in a local layer: the last `window` positions
+    (a sliding window), or the start of its chunk of `window` positions (chunked)."""
+    return pos - pos % window if chunked else pos - window + 1
+
+
+def visible(s: jax.Array, pos: jax.Array, window: jax.Array | None, chunked: bool = False
+            ) -> jax.Array:
     """Whether cache slot s is visible to a query at position pos (broadcasting)."""
     seen = s <= pos
-    return seen if window is None else seen & (s > pos - window)
+    return seen if window is None else seen & (s >= first_visible(pos, window, chunked))
 
 
 def ref_attention(q_BTNH: jax.Array, k_BKSH: jax.Array, v_BKSH: jax.Array,
                   q_positions_BT: jax.Array, window: jax.Array | None = None,
-                  softcap: float | None = None) -> jax.Array:
+                  softcap: float | None = None, chunked: bool = False) -> jax.Array:
     """Reference GQA attention; softmax in float32. Returns [B, T, N, H]."""
     B, T, N, H = q_BTNH.shape
     K, S = k_BKSH.shape[1], k_BKSH.shape[2]
@@ -47,7 +55,8 @@ def ref_attention(q_BTNH: jax.Array, k_BKSH: jax.Array, v_BKSH: jax.Array,
     scores = jnp.einsum("BTKGH,BKSH->BKGTS", q, k_BKSH,
                         preferred_element_type=jnp.float32) * (H ** -0.5)
     scores = cap_scores(scores, softcap)
-    mask_BTS = visible(jnp.arange(S)[None, None, :], q_positions_BT[:, :, None], window)
+    mask_BTS = visible(jnp.arange(S)[None, None, :], q_positions_BT[:, :, None], window,
+                       chunked)
     scores = jnp.where(mask_BTS[:, None, None], scores, NEG_INF)
     probs = jax.nn.softmax(scores, axis=-1).astype(v_BKSH.dtype)
     out = jnp.einsum("BKGTS,BKSH->BTKGH", probs, v_BKSH)
@@ -57,7 +66,8 @@ def ref_attention(q_BTNH: jax.Array, k_BKSH: jax.Array, v_BKSH: jax.Array,
 def chunked_decode_attention(q_BTNH: jax.Array, k_BKSH: jax.Array, v_BKSH: jax.Array,
                              q_positions_BT: jax.Array, layer: jax.Array | None = None,
                              chunk: int = CHUNK_S, window: jax.Array | None = None,
-                             softcap: float | None = None) -> jax.Array:
+                             softcap: float | None = None, chunked: bool = False
+                             ) -> jax.Array:
     """Decode (T == 1) attention in XLA that reads only the cache chunks some row needs.
 
     `ref_attention` reads all S slots of the bucket; on CPU that costs up to 4.8x at
@@ -65,7 +75,7 @@ def chunked_decode_attention(q_BTNH: jax.Array, k_BKSH: jax.Array, v_BKSH: jax.A
     chunks of `chunk` slots up to the longest row, with an online softmax (float32 running
     max and sum), slicing each chunk straight out of the (stacked, if `layer`) cache. The
     same math as the reference up to float rounding; S must be a multiple of `chunk`. A
-    sliding window also skips the chunks before every row's window."""
+    local layer also skips the chunks before every row's first visible slot."""
     B, _, N, H = q_BTNH.shape
     K, S = k_BKSH.shape[-3], k_BKSH.shape[-2]
     G = N // K
@@ -84,7 +94,7 @@ def chunked_decode_attention(q_BTNH: jax.Array, k_BKSH: jax.Array, v_BKSH: jax.A
         s_BKGC = jnp.einsum("BKGH,BKCH->BKGC", q_BKGH, read(k_BKSH, start),
                             preferred_element_type=jnp.float32)
         s_BKGC = cap_scores(s_BKGC, softcap)
-        mask_BC = visible((start + jnp.arange(chunk))[None], pos_B[:, None], window)
+        mask_BC = visible((start + jnp.arange(chunk))[None], pos_B[:, None], window, chunked)
         s_BKGC = jnp.where(mask_BC[:, None, None], s_BKGC, NEG_INF)
         m_new = jnp.maximum(m_BKG, jnp.max(s_BKGC, -1))
         p_BKGC = jnp.exp(s_BKGC - m_new[..., None])
@@ -96,7 +106,7 @@ def chunked_decode_attention(q_BTNH: jax.Array, k_BKSH: jax.Array, v_BKSH: jax.A
 
     n_chunks = jnp.clip(jnp.max(pos_B) // chunk + 1, 1, S // chunk)
     first = 0 if window is None else jnp.clip(
-        (jnp.min(pos_B) - window + 1) // chunk, 0, n_chunks - 1)
+        jnp.min(first_visible(pos_B, window, chunked)) // chunk, 0, n_chunks - 1)
     init = (jnp.full((B, K, G), NEG_INF, jnp.float32), jnp.zeros((B, K, G), jnp.float32),
             jnp.zeros((B, K, G, H), jnp.float32))
     _, l_BKG, acc_BKGH = jax.lax.fori_loop(first, n_chunks, body, init)
@@ -134,17 +144,18 @@ def cudnn_attention(q_BTNH: jax.Array, k_BKSH: jax.Array, v_BKSH: jax.Array,
 def pallas_attention(q_BTNH: jax.Array, k_BKSH: jax.Array, v_BKSH: jax.Array,
                      q_positions_BT: jax.Array, interpret: bool = False,
                      layer: jax.Array | None = None, window: jax.Array | None = None,
-                     softcap: float | None = None) -> jax.Array:
-    """The Pallas decode kernel for T == 1 (a window becomes each row's first visible
-    slot, so the kernel skips the blocks before it); prefill (or an S no block divides)
-    uses the ref."""
+                     softcap: float | None = None, chunked: bool = False) -> jax.Array:
+    """The Pallas decode kernel for T == 1 (a window or chunk becomes each row's first
+    visible slot, so the kernel skips the blocks before it); prefill (or an S no block
+    divides) uses the ref."""
     backend = resolve_backend(None, interpret)
     block_s = default_block_s(k_BKSH.shape[-2], backend)
     if q_BTNH.shape[1] != 1 or block_s is None:
         k_BKSH, v_BKSH = (k_BKSH, v_BKSH) if layer is None else (k_BKSH[layer], v_BKSH[layer])
-        return ref_attention(q_BTNH, k_BKSH, v_BKSH, q_positions_BT, window, softcap)
+        return ref_attention(q_BTNH, k_BKSH, v_BKSH, q_positions_BT, window, softcap, chunked)
     lengths_B = q_positions_BT[:, 0] + 1
-    starts_B = None if window is None else jnp.maximum(lengths_B - window, 0)
+    starts_B = None if window is None else jnp.maximum(
+        first_visible(q_positions_BT[:, 0], window, chunked), 0)
     out_BNH = decode_attention(q_BTNH[:, 0], k_BKSH, v_BKSH, lengths_B, starts_B=starts_B,
                                softcap=softcap, layer=layer, block_s=block_s, backend=backend,
                                interpret=interpret)
@@ -188,14 +199,14 @@ def resolve_impl(impl: str, q_BTNH, k_BKSH) -> str:
 
 def attention(q_BTNH, k_BKSH, v_BKSH, q_positions_BT, impl: str = "xla",
               layer: jax.Array | None = None, window: jax.Array | None = None,
-              softcap: float | None = None) -> jax.Array:
+              softcap: float | None = None, chunked: bool = False) -> jax.Array:
     """Dispatch on impl (see IMPLS and resolve_impl); 'xla' is the reference.
 
     layer (i32[], optional): k/v are then the stacked cache [L, B, K, S, H]. The Pallas
     kernel reads that layer in place; slicing ck[i] first, inside the layer scan, makes XLA
     copy the whole layer before any custom call (Pallas or cuDNN) can read it.
-    window / softcap (Gemma): every impl but cuDNN takes them; cuDNN falls back to the
-    reference.
+    window / softcap (Gemma), chunked (Llama 4): every impl but cuDNN takes them; cuDNN
+    falls back to the reference.
     """
     impl = resolve_impl(impl, q_BTNH, k_BKSH)
     if impl == "cudnn" and (window is not None or softcap is not None):
@@ -203,12 +214,12 @@ def attention(q_BTNH, k_BKSH, v_BKSH, q_positions_BT, impl: str = "xla",
     if impl in ("pallas", "pallas_interpret"):
         return pallas_attention(q_BTNH, k_BKSH, v_BKSH, q_positions_BT,
                                 interpret=impl == "pallas_interpret", layer=layer,
-                                window=window, softcap=softcap)
+                                window=window, softcap=softcap, chunked=chunked)
     if impl == "xla_chunked":
         return chunked_decode_attention(q_BTNH, k_BKSH, v_BKSH, q_positions_BT, layer=layer,
-                                        window=window, softcap=softcap)
+                                        window=window, softcap=softcap, chunked=chunked)
     if layer is not None:
         k_BKSH, v_BKSH = k_BKSH[layer], v_BKSH[layer]
     if impl == "cudnn":
         return cudnn_attention(q_BTNH, k_BKSH, v_BKSH, q_positions_BT)
-    return ref_attention(q_BTNH, k_BKSH, v_BKSH, q_positions_BT, window, softcap)
+    return ref_attention(q_BTNH, k_BKSH, v_BKSH, q_positions_BT, window, softcap, chunked)

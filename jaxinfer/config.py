@@ -65,6 +65,9 @@ class ModelConfig:
     # tuple with a window makes every layer local (Mistral v0.1).
     sliding_window: int | None = None
     local_layers: tuple[bool, ...] = ()
+    # Llama 4: local layers attend within aligned chunks of sliding_window positions (a
+    # query at p sees p - p % window onwards) instead of a sliding window.
+    chunked_local: bool = False
     rope_local_theta: float | None = None  # Gemma 3: RoPE base of local layers
     rope_linear_factor: float = 1.0  # linear position scaling of the global layers
     # Long-context RoPE variants (transformers' rope_type "yarn" and "longrope"):
@@ -81,6 +84,10 @@ class ModelConfig:
     # q at position p scaled by 1 + beta * ln(1 + floor(p / length)), so attention stays
     # sharp past the original context.
     attn_temperature: tuple[float, int] | None = None
+    # Llama 4's variant: only NoPE layers, positions counted from 1 (floor((p + 1) / length)).
+    attn_temperature_nope: bool = False
+    # Llama 4: q and k RMS-normalised without weights after RoPE, on RoPE layers only.
+    qk_l2_norm: bool = False
     # Cohere's and GLM's Hugging Face checkpoints (and so their LoRA adapters) pair each
     # head's rotated dims interleaved; converters reorder q/k rows to the rotate-half layout
     # the model runs.
@@ -122,6 +129,9 @@ class ModelConfig:
     # through, its output scaled by sigmoid(x . shared_expert_gate) when gated.
     shared_expert_dim: int = 0
     shared_expert_gate: bool = False
+    # Llama 4: the router's top logits through a sigmoid scale each chosen expert's input
+    # (not its output), and nothing renormalises them.
+    moe_scale_inputs: bool = False
 
     def __post_init__(self):
         for f in ("vocab_size", "d_model", "mlp_dim", "num_layers", "num_heads",
@@ -156,6 +166,10 @@ class ModelConfig:
         if self.num_experts and (not self.mlp_gated or self.linear_bias):
             raise ConfigError("experts are gated MLPs without biases (mlp_gated, no "
                               "linear_bias)")
+        if self.chunked_local and self.sliding_window is None:
+            raise ConfigError("chunked_local needs sliding_window (the chunk length)")
+        if self.attn_temperature_nope and self.attn_temperature is None:
+            raise ConfigError("attn_temperature_nope needs attn_temperature")
         if self.lm_head_bias and self.tie_embeddings:
             raise ConfigError("lm_head_bias needs an lm_head (tie_embeddings=False)")
         if self.shared_expert_dim and not self.num_experts:
@@ -212,7 +226,7 @@ class ModelConfig:
                 and self.residual_multiplier == 1.0 and self.logits_scaling == 1.0
                 and not self.layer_norm and not self.norm_bias and not self.parallel_block
                 and not self.qk_norm_heads and self.mlp_gated and not self.linear_bias
-                and not self.lm_head_bias)
+                and not self.lm_head_bias and not self.qk_l2_norm)
 
     def replace(self, **kw: Any) -> ModelConfig:
         return dataclasses.replace(self, **kw)
@@ -257,15 +271,16 @@ class ModelConfig:
         Ministral 3), Qwen2/3, Phi-2, Phi-3, SmolLM3, Granite, OLMo 2, EXAONE 4, Cohere (Command R,
         Aya; Cohere2: Command R7B, Command A), StableLM 2, GLM-4, StarCoder2 or Gemma 1/2/3
         model (a multimodal Gemma 3 or Mistral 3: its language model). Reads transformers
-        5's `rope_parameters` and the older `rope_theta` / `rope_scaling` keys alike."""
+        5's `rope_parameters` and the older `rope_theta` / `rope_scaling` keys alike. Llama 4
+        (Scout's layout, experts in every layer) too."""
         if hf.get("model_type") == "gemma3" and "text_config" in hf:
             arch = (hf.get("architectures") or ["Gemma3ForConditionalGeneration"])[0]
             # saved text configs omit the fields that equal transformers' defaults
             hf = {**_GEMMA3_TEXT_DEFAULTS, **hf["text_config"], "model_type": "gemma3_text",
                   "architectures": [arch]}
-        if hf.get("model_type") == "mistral3" and "text_config" in hf:  # Mistral Small 3.1+
-            arch = (hf.get("architectures") or ["Mistral3ForConditionalGeneration"])[0]
-            hf = {**hf["text_config"], "architectures": [arch]}
+        if hf.get("model_type") in ("mistral3", "llama4") and "text_config" in hf:
+            arch = (hf.get("architectures") or ["ForConditionalGeneration"])[0]
+            hf = {**hf["text_config"], "architectures": [arch]}  # Mistral Small 3.1+, Llama 4
         kind = hf.get("model_type", "llama")
         gemma = kind in GEMMA_TYPES
         if kind in (*GLM_TYPES, "phi"):  # older configs leave transformers' default out
@@ -291,6 +306,9 @@ class ModelConfig:
             window, local = _sliding(hf, kind, L)
             experts, chosen, mlp_dim = _moe(hf, kind)
             shared = int(hf.get("shared_expert_intermediate_size") or 0) if experts else 0
+            llama4 = kind == "llama4_text"
+            if llama4:  # every token also goes through an ungated shared expert
+                shared = mlp_dim
             qpas = hf.get("query_pre_attn_scalar") if kind != "gemma" else None
             query_scale = None if qpas is None else float(qpas) ** -0.5
             if kind in ("granite", "granitemoe"):
@@ -301,6 +319,9 @@ class ModelConfig:
                     (i + 1) % int(hf.get("no_rope_layer_interval", 4)) != 0 for i in range(L)])
             if kind in ("cohere2", "exaone4") and window:  # global layers take no RoPE
                 nope = tuple(not b for b in local)
+            if llama4:  # no_rope_layers: 1 where a layer uses RoPE
+                nope = tuple(not use for use in hf.get("no_rope_layers") or [
+                    (i + 1) % int(hf.get("no_rope_layer_interval", 4)) != 0 for i in range(L)])
             cohere, stablelm = kind in COHERE_TYPES, kind == "stablelm"
             plain = kind in ("starcoder2", "phi")  # LayerNorm, a plain MLP, biases
             biases = bool(hf.get("use_bias", True)) if kind == "starcoder2" else kind == "phi"
@@ -335,7 +356,10 @@ class ModelConfig:
                 mlp_gated=not plain,
                 linear_bias=biases,
                 lm_head_bias=kind == "phi",
-                rope_interleaved=cohere or kind in GLM_TYPES,
+                rope_interleaved=cohere or kind in GLM_TYPES or llama4,
+                chunked_local=llama4 and window is not None,
+                qk_l2_norm=llama4 and bool(hf.get("use_qk_norm", True)),
+                moe_scale_inputs=llama4,
                 norm_bias=stablelm or plain,
                 parallel_block=kind in ("cohere", "phi") or bool(
                     hf.get("use_parallel_residual") if stablelm else kind == "cohere2"),
@@ -360,11 +384,12 @@ class ModelConfig:
                 local_layers=local,
                 rope_local_theta=None if local_theta is None else float(local_theta),
                 **rope,
+                **_llama4_temperature(hf, kind),
                 num_experts=experts,
                 experts_per_token=chosen,
                 norm_topk=bool(hf.get("norm_topk_prob", kind not in ("qwen2_moe", "olmoe"))),
                 shared_expert_dim=shared,
-                shared_expert_gate=bool(shared),
+                shared_expert_gate=bool(shared) and not llama4,
             )
         except KeyError as e:
             raise ConfigError(f"Hugging Face config lacks field {e.args[0]!r}") from e
@@ -508,11 +533,26 @@ def local_pattern(pattern: int, num_layers: int) -> tuple[bool, ...]:
     return tuple((i + 1) % pattern != 0 for i in range(num_layers))
 
 
+def _llama4_temperature(hf: dict[str, Any], kind: str) -> dict[str, Any]:
+    """Llama 4's query temperature on its NoPE layers (attn_temperature_tuning)."""
+    if kind != "llama4_text" or not hf.get("attn_temperature_tuning", True):
+        return {}
+    return {"attn_temperature": (float(hf.get("attn_scale", 0.1)),
+                                 int(hf.get("floor_scale", 8192))),
+            "attn_temperature_nope": True}
+
+
 def _sliding(hf: dict[str, Any], kind: str, L: int) -> tuple[int | None, tuple[bool, ...]]:
     """(window, local_layers): Gemma 2/3 alternate local and global layers (`layer_types`,
     or their fixed patterns in older configs), as Cohere2's and EXAONE 4's do (three local,
     one global); Mistral's window covers every layer."""
     window = hf.get("sliding_window")
+    if kind == "llama4_text":  # chunked attention on the RoPE layers (chunked_local)
+        chunk = hf.get("attention_chunk_size")
+        types = hf.get("layer_types") or ["chunked_attention" if use else "full_attention"
+                                          for use in hf.get("no_rope_layers") or []]
+        local = tuple(t == "chunked_attention" for t in types)
+        return (int(chunk), local) if chunk and any(local) else (None, ())
     if kind == "ministral" and window and hf.get("layer_types"):  # Ministral 8B
         types = hf["layer_types"]
         local = tuple(t == "sliding_attention" for t in types)
@@ -539,6 +579,14 @@ def _moe(hf: dict[str, Any], kind: str) -> tuple[int, int, int]:
     Qwen2/3-MoE configs can mix in dense layers; none released does, and that is refused."""
     # transformers 5 writes num_local_experts for both; Qwen's own configs num_experts
     experts = hf.get("num_local_experts", hf.get("num_experts"))
+    if kind == "llama4_text":  # Scout: experts in every layer; Maverick alternates
+        L = int(hf["num_hidden_layers"])
+        step = int(hf.get("interleave_moe_layer_step", 1))
+        if step != 1 or list(hf.get("moe_layers") or range(L)) != list(range(L)):
+            raise ConfigError(f"Llama 4 configs with dense layers between the MoE ones "
+                              f"(interleave_moe_layer_step={step}) are not supported")
+        return (int(hf["num_local_experts"]), int(hf.get("num_experts_per_tok", 1)),
+                int(hf["intermediate_size"]))
     if kind in ("mixtral", "granitemoe", "olmoe"):
         if experts is None:
             raise KeyError("num_local_experts")

@@ -27,7 +27,16 @@ import numpy as np
 from jaxinfer.attention import attention
 from jaxinfer.config import ModelConfig
 from jaxinfer.kv_cache import KVCache, read_kv, write_kv
-from jaxinfer.layers import apply_rope, dot, mlp, norm, norm_heads, rope_angles, softcap
+from jaxinfer.layers import (
+    apply_rope,
+    dot,
+    mlp,
+    norm,
+    norm_heads,
+    rope_angles,
+    softcap,
+    unit_rms,
+)
 from jaxinfer.lora import LoraStack, bind
 from jaxinfer.moe import moe
 from jaxinfer.quant import take_rows
@@ -41,7 +50,8 @@ def qkv(cfg: ModelConfig, w: Weights, h_BTD: jax.Array, pos_BT: jax.Array,
     (Qwen2), q/k RMSNorm per head (Qwen3, Gemma 3) or across heads (OLMo 2) and a query
     scale (Gemma, Granite) where the model has them. `layer` (traced) picks local-layer
     RoPE frequencies (Gemma 3) and NoPE layers (SmolLM3); `context` (the cache length)
-    LongRoPE's factors. Ministral 3 scales q by its position's temperature."""
+    LongRoPE's factors. Ministral 3 (Llama 4: on NoPE layers) scales q by its position's
+    temperature; Llama 4 RMS-normalises q and k after RoPE."""
     q = dot(h_BTD, w["wq"], "BTD,DNH->BTNH")
     k = dot(h_BTD, w["wk"], "BTD,DKH->BTKH")
     v = dot(h_BTD, w["wv"], "BTD,DKH->BTKH")
@@ -61,15 +71,21 @@ def qkv(cfg: ModelConfig, w: Weights, h_BTD: jax.Array, pos_BT: jax.Array,
     angles = rope_angles(cfg, pos_BT, local, context)
     scale = cfg.rope_attention_factor
     q_rot, k_rot = apply_rope(q, angles, scale), apply_rope(k, angles, scale)
-    if cfg.attn_temperature:  # Ministral 3: sharper attention past the original context
-        beta, length = cfg.attn_temperature
-        t = 1.0 + beta * jnp.log1p(jnp.floor(pos_BT.astype(jnp.float32) / length))
-        q_rot = (q_rot * t[:, :, None, None]).astype(q.dtype)
+    nope = False
     if any(cfg.nope_layers):  # SmolLM3's NoPE layers take q and k unrotated
         if layer is None:
             raise ValueError(f"{cfg.name} has NoPE layers: qkv needs the layer index")
         nope = jnp.asarray(cfg.nope_layers)[layer]
         q_rot, k_rot = jnp.where(nope, q, q_rot), jnp.where(nope, k, k_rot)
+    if cfg.qk_l2_norm:  # Llama 4: after RoPE, on RoPE layers only
+        q_rot = jnp.where(nope, q_rot, unit_rms(q_rot, cfg.rms_norm_eps))
+        k_rot = jnp.where(nope, k_rot, unit_rms(k_rot, cfg.rms_norm_eps))
+    if cfg.attn_temperature:  # sharper attention past the original context
+        beta, length = cfg.attn_temperature  # (Llama 4: NoPE layers only, from p + 1)
+        p = pos_BT.astype(jnp.float32) + (1.0 if cfg.attn_temperature_nope else 0.0)
+        t = 1.0 + beta * jnp.log1p(jnp.floor(p / length))
+        hot = (q_rot * t[:, :, None, None]).astype(q.dtype)
+        q_rot = jnp.where(nope, hot, q_rot) if cfg.attn_temperature_nope else hot
     return q_rot, k_rot, v
 
 
@@ -115,10 +131,11 @@ def _block(cfg: ModelConfig, impl: str, adapter_B: jax.Array | None, carry, xs):
         cv, vs = write_kv(cv, vs, i, rows_B1, pos_BT, v)
         if ck.dtype == q.dtype and ks is None:  # kernels read layer i of the stacked cache in place
             o = attention(q, ck, cv, pos_BT, impl, layer=i, window=window,
-                          softcap=cfg.attn_softcap)
+                          softcap=cfg.attn_softcap, chunked=cfg.chunked_local)
         else:
             o = attention(q, read_kv(ck, ks, i, q.dtype), read_kv(cv, vs, i, q.dtype), pos_BT,
-                          impl, window=window, softcap=cfg.attn_softcap)
+                          impl, window=window, softcap=cfg.attn_softcap,
+                          chunked=cfg.chunked_local)
         o = dot(o, w["wo"], "BTNH,NHD->BTD")
         o = o + w["bo"] if cfg.linear_bias else o
         o = norm(cfg, o, w["post_attn_norm"]) if cfg.post_norms else o

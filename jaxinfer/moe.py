@@ -1,4 +1,4 @@
-"""Mixture-of-experts MLP (Mixtral, Qwen2-MoE, Qwen3-MoE) as a pure function.
+"""Mixture-of-experts MLP (Mixtral, Qwen2/3-MoE, OLMoE, Llama 4) as a pure function.
 
     router_DE                   the router's logits per expert
     gate_EDF, up_EDF, down_EFD  every expert's gated MLP, stacked on E
@@ -6,8 +6,9 @@
     (+ sigmoid(x . shared_router_D) * shared expert(x) with Qwen2-MoE's shared expert)
 
 Routing is the reference's: softmax over the E router logits in float32, the top C,
-renormalised to sum 1 (`norm_topk`). Two ways to run the experts, picked from static
-shapes so a program never switches:
+renormalised to sum 1 (`norm_topk`); Llama 4 (`moe_scale_inputs`) takes a sigmoid of the
+top C logits and multiplies each chosen expert's input, not its output, by it. Two ways
+to run the experts, picked from static shapes so a program never switches:
   - few tokens (decode: B * T * C <= E): `chosen_experts` loops (lax.scan) over the
     (token, expert) pairs, slicing one expert's weights per step, so a step reads C
     experts per token and nothing else;
@@ -52,6 +53,9 @@ def route(cfg: ModelConfig, x_BTD: jax.Array, router_DE: jax.Array
           ) -> tuple[jax.Array, jax.Array]:
     """(weights [B, T, C] in float32, expert ids i32[B, T, C]) of each token's experts."""
     logits = jnp.einsum("BTD,DE->BTE", x_BTD, router_DE, preferred_element_type=jnp.float32)
+    if cfg.moe_scale_inputs:  # Llama 4: a sigmoid of each chosen expert's logit
+        top_BTC, ids_BTC = jax.lax.top_k(logits, cfg.experts_per_token)
+        return jax.nn.sigmoid(top_BTC), ids_BTC
     top_BTC, ids_BTC = jax.lax.top_k(jax.nn.softmax(logits, axis=-1), cfg.experts_per_token)
     if cfg.norm_topk:
         top_BTC = top_BTC / jnp.sum(top_BTC, axis=-1, keepdims=True)
@@ -72,11 +76,13 @@ def chosen_experts(cfg: ModelConfig, x_MD: jax.Array, w: dict, ids_MC: jax.Array
             w[name])
 
         def expert(y_MD):
-            x_D = x_MD[m]
+            x_D, weight = x_MD[m], top_MC[m, c]
+            if cfg.moe_scale_inputs:  # Llama 4 weighs the expert's input instead
+                x_D, weight = (x_D * weight).astype(x_MD.dtype), 1.0
             h_F = (activate(dot(x_D, pick("moe_gate"), "D,DF->F"), cfg.activation)
                    * dot(x_D, pick("moe_up"), "D,DF->F"))
             out_D = dot(h_F, pick("moe_down"), "F,FD->D").astype(jnp.float32)
-            return y_MD.at[m].add(top_MC[m, c] * out_D)
+            return y_MD.at[m].add(weight * out_D)
 
         if E == cfg.num_experts:  # every id is here
             return expert(y_MD), None
@@ -95,6 +101,9 @@ def all_experts(cfg: ModelConfig, x_MD: jax.Array, w: dict, ids_MC: jax.Array,
                          * top_MC[..., None], axis=-2).astype(x_MD.dtype)
     g = dot(x_MD, w["moe_gate"], "MD,EDF->MEF")
     u = dot(x_MD, w["moe_up"], "MD,EDF->MEF")
+    if cfg.moe_scale_inputs:  # expert(x * c) of Llama 4: the projections are linear in x
+        c = combine_ME[..., None]
+        return dot(activate(g * c, cfg.activation) * (u * c), w["moe_down"], "MEF,EFD->MD")
     h = activate(g, cfg.activation) * u * combine_ME[..., None]
     return dot(h, w["moe_down"], "MEF,EFD->MD")
 

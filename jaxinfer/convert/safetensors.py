@@ -26,7 +26,7 @@ from jaxinfer.weights import check_weights, weight_specs
 
 _MODEL_TYPES = ("llama", "mistral", "mistral3", "ministral", "ministral3", "qwen2", "qwen3",
                 "phi", "phi3", "smollm3", "granite", "olmo2", "exaone4", "stablelm", "starcoder2",
-                *COHERE_TYPES, *GLM_TYPES, *GEMMA_TYPES, *MOE_TYPES)
+                "llama4", "llama4_text", *COHERE_TYPES, *GLM_TYPES, *GEMMA_TYPES, *MOE_TYPES)
 
 # Phi-3 fuses q/k/v and gate/up into one matrix each: part -> (fused module, the part's
 # place in units of its own rows, from the start or the end: k and v are the same size,
@@ -197,7 +197,11 @@ _MOE_EXPERTS = {"mixtral": ("block_sparse_moe", "gate", ("w1", "w3", "w2")),
                 "olmoe": ("mlp", "gate", ("gate_proj", "up_proj", "down_proj")),
                 # Granite MoE stacks its experts: input_linear [E, 2F, D] (gate, then up)
                 # and output_linear [E, D, F]
-                "granitemoe": ("block_sparse_moe", "router.layer", None)}
+                "granitemoe": ("block_sparse_moe", "router.layer", None),
+                # Llama 4 stacks them inputs first: gate_up_proj [E, D, 2F], down_proj
+                # [E, F, D] (a multimodal checkpoint's model_type is llama4)
+                "llama4_text": ("feed_forward", "router", "in_out"),
+                "llama4": ("feed_forward", "router", "in_out")}
 
 
 def hf_shape(shape: tuple[int, ...], n_in: int) -> tuple[int, int]:
@@ -211,7 +215,7 @@ def from_hf_matrix(m: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
 
 
 def _weights(cfg: ModelConfig, r: _Reader, progress: Progress | None,
-             moe: tuple[str, str, tuple[str, str, str]] | None = None,
+             moe: tuple[str, str, tuple[str, str, str] | str | None] | None = None,
              quant: QuantConfig | None = None) -> dict:
     L, D, F, N, K, H, V = (cfg.num_layers, cfg.d_model, cfg.mlp_dim, cfg.num_heads,
                            cfg.num_kv_heads, cfg.head_dim, cfg.vocab_size)
@@ -273,7 +277,11 @@ def _weights(cfg: ModelConfig, r: _Reader, progress: Progress | None,
         if E:
             block, router, names = moe
             x["router"][i] = r.get(f"{p}{block}.{router}.weight", (E, D)).T
-            if names is None:  # stacked (Granite MoE)
+            if names == "in_out":  # stacked inputs first (Llama 4)
+                gate_up = r.get(f"{p}{block}.experts.gate_up_proj", (E, D, 2 * F))
+                x["moe_gate"][i], x["moe_up"][i] = gate_up[..., :F], gate_up[..., F:]
+                x["moe_down"][i] = r.get(f"{p}{block}.experts.down_proj", (E, F, D))
+            elif names is None:  # stacked (Granite MoE)
                 gate_up = r.get(f"{p}{block}.input_linear.weight", (E, 2 * F, D))
                 x["moe_gate"][i] = gate_up[:, :F].swapaxes(1, 2)
                 x["moe_up"][i] = gate_up[:, F:].swapaxes(1, 2)

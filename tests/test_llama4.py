@@ -1,0 +1,177 @@
+"""Llama 4 (Scout's layout: experts in every layer) against Hugging Face transformers
+(PyTorch, float32, eager attention), on tiny random checkpoints transformers writes:
+chunked attention on the RoPE layers (a query sees its own chunk of the positions), no
+RoPE and a query temperature on every fourth layer, q/k RMS-normalised after RoPE, RoPE on
+interleaved pairs, one routed expert per token whose input (not output) is scaled by the
+sigmoid of its logit, and an ungated shared expert.
+
+Chunks of 8 and a temperature floor of 4 positions, so 24-40-token prompts cross several
+chunks and temperature steps.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+tf = pytest.importorskip("transformers")
+
+from jaxinfer import kv_cache, model  # noqa: E402
+from jaxinfer.attention import attention  # noqa: E402
+from jaxinfer.config import ModelConfig  # noqa: E402
+from jaxinfer.engine import Engine, EngineConfig  # noqa: E402
+from jaxinfer.errors import ConfigError  # noqa: E402
+from jaxinfer.llm import LLM  # noqa: E402
+from jaxinfer.moe import moe  # noqa: E402
+from jaxinfer.sampling import SamplingParams  # noqa: E402
+
+from .engine_helpers import CharTokenizer  # noqa: E402
+from .hf_checkpoints import (  # noqa: E402
+    check_each_matters,
+    check_orbax_round_trip,
+    hf_logits,
+    left_interleaved,
+    ours,
+    saved_and_loaded,
+    sharpened,
+    tokens,
+)
+
+TEXT = dict(vocab_size=97, hidden_size=64, intermediate_size=48, intermediate_size_mlp=96,
+            num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+            num_local_experts=4, num_experts_per_tok=1, interleave_moe_layer_step=1,
+            attention_chunk_size=8, floor_scale=4, attn_scale=0.5,
+            max_position_embeddings=64, eos_token_id=3, bos_token_id=2, pad_token_id=0)
+
+
+def _hf_model():
+    torch.manual_seed(0)
+    m = tf.Llama4ForCausalLM(tf.Llama4TextConfig(**TEXT))
+    return sharpened(m, norm=0.3, matrix=0.15)
+
+
+@pytest.fixture(scope="module")
+def llama4(tmp_path_factory):
+    return saved_and_loaded("llama4", _hf_model(), tmp_path_factory)
+
+
+def test_config_read_from_checkpoint(llama4):
+    _, _, cfg, w = llama4
+    assert (cfg.num_experts, cfg.experts_per_token, cfg.mlp_dim) == (4, 1, 48)
+    assert cfg.moe_scale_inputs and cfg.shared_expert_dim == 48 and not cfg.shared_expert_gate
+    assert cfg.chunked_local and cfg.sliding_window == 8
+    assert cfg.local_layers == (True, True, True, False)
+    assert cfg.nope_layers == (False, False, False, True)
+    assert cfg.qk_l2_norm and cfg.rope_interleaved
+    assert cfg.attn_temperature == (0.5, 4) and cfg.attn_temperature_nope
+    assert w["layers"]["moe_gate"].shape == (4, 4, 64, 48)
+    assert "shared_router" not in w["layers"]
+
+
+def test_logits_match_transformers(llama4):
+    """All positions of a 40-token prompt (five chunks), then prefill + one-token decode
+    steps through the cache with every attention impl that takes chunks."""
+    _, m, cfg, w = llama4
+    toks = tokens(40)
+    ref = hf_logits(m, toks)
+    np.testing.assert_allclose(ours(cfg, w, toks), ref, atol=1e-4, rtol=0)
+    for impl in ("xla", "pallas_interpret"):
+        cache = kv_cache.init_cache(cfg, 2, 64)
+        _, cache = model.forward(w, jnp.asarray(toks[:, :30]), cache, cfg)
+        for t in range(30, 40):
+            lg, cache = model.decode_step(w, jnp.asarray(toks[:, t]), cache, cfg, impl=impl)
+            np.testing.assert_allclose(np.asarray(lg), ref[:, t], atol=1e-4, rtol=0)
+
+
+def test_chunked_attention_impls_agree():
+    """The chunked mask through the reference, the chunked XLA decode loop and the Pallas
+    decode kernel (interpret mode), rows at different positions of a 512-slot cache."""
+    B, N, K, H, S = 3, 4, 2, 16, 512
+    ks = jax.random.split(jax.random.key(0), 3)
+    q = jax.random.normal(ks[0], (B, 1, N, H))
+    k = jax.random.normal(ks[1], (B, K, S, H))
+    v = jax.random.normal(ks[2], (B, K, S, H))
+    pos = jnp.asarray([[5], [300], [511]], jnp.int32)
+    window = jnp.int32(128)
+    ref = attention(q, k, v, pos, "xla", window=window, chunked=True)
+    for impl in ("xla_chunked", "pallas_interpret"):
+        got = attention(q, k, v, pos, impl, window=window, chunked=True)
+        np.testing.assert_allclose(np.asarray(got), np.asarray(ref), atol=1e-5, rtol=0)
+    sliding = attention(q, k, v, pos, "xla", window=window)
+    assert np.abs(np.asarray(sliding - ref)).max() > 1e-2  # (300: chunk 256.., window 173..)
+
+
+def test_every_difference_matters(llama4):
+    _, m, cfg, w = llama4
+    offs = [dict(chunked_local=False), dict(qk_l2_norm=False),
+            dict(attn_temperature=None, attn_temperature_nope=False), dict(nope_layers=()),
+            dict(moe_scale_inputs=False, norm_topk=False),
+            ({}, lambda w: left_interleaved(w))]
+    check_each_matters(m, cfg, w, offs, tokens(40))
+
+
+def test_gathered_and_dense_experts_agree(llama4):
+    """The two ways moe() runs the experts give the same output with input scaling."""
+    _, _, cfg, w = llama4
+    layer = jax.tree.map(lambda a: a[0], w["layers"])
+    x = jax.random.normal(jax.random.key(0), (1, 8, cfg.d_model))
+    dense = moe(cfg, x, layer)  # 8 tokens x 1 > 4 experts
+    gathered = jnp.concatenate([moe(cfg, x[:, t:t + 1], layer) for t in range(8)], axis=1)
+    np.testing.assert_allclose(np.asarray(gathered), np.asarray(dense), atol=1e-5, rtol=0)
+
+
+def _greedy_reference(m, toks, n=24):
+    with torch.no_grad():
+        return m.generate(torch.tensor(toks), max_new_tokens=n, do_sample=False,
+                          min_new_tokens=n)[:, toks.shape[1]:].numpy()
+
+
+SP = SamplingParams(temperature=0, min_tokens=24)
+
+
+def test_greedy_generation_matches_transformers(llama4):
+    _, m, cfg, w = llama4
+    toks = tokens(20, batch=2, seed=1)
+    got = LLM(cfg, w, CharTokenizer()).generate([list(map(int, t)) for t in toks], SP,
+                                                max_new_tokens=24)
+    assert [c.token_ids for c in got] == _greedy_reference(m, toks).tolist()
+
+
+@pytest.mark.slow
+def test_engine_matches_transformers(llama4):
+    """Chunked prefill of 8-token chunks, then the prefix cache."""
+    _, m, cfg, w = llama4
+    toks = tokens(20, batch=2, seed=1)
+    ref = _greedy_reference(m, toks).tolist()
+    eng = Engine(w, cfg, CharTokenizer(), EngineConfig(
+        num_slots=2, max_len=64, prefix_block=8, prefill_token_budget=8, min_prompt_bucket=8))
+    try:
+        for _ in range(2):
+            outs = eng.generate([list(map(int, t)) for t in toks], sampling=SP, max_tokens=24)
+            assert [o.token_ids for o in outs] == ref
+    finally:
+        eng.close()
+
+
+def test_checkpoint_round_trip_and_mesh(llama4, tmp_path):
+    _, m, cfg, w = llama4
+    check_orbax_round_trip(m, cfg, w, tokens(20), tmp_path)
+    from jaxinfer.sharding import make_mesh
+    from jaxinfer.weights import weight_shardings, weight_specs
+
+    ws = jax.tree.map(jax.device_put, w, weight_shardings(weight_specs(cfg),
+                                                          make_mesh("data:2,model:2")))
+    toks = tokens(20, batch=4)
+    np.testing.assert_allclose(ours(cfg, ws, toks), ours(cfg, w, toks), atol=1e-5, rtol=0)
+
+
+def test_multimodal_checkpoint_and_refusals(tmp_path):
+    """A Llama4ForConditionalGeneration config reads its text_config; Maverick's dense
+    layers between the MoE ones are refused by name."""
+    text = {**TEXT, "model_type": "llama4_text"}
+    cfg = ModelConfig.from_hf({"model_type": "llama4", "text_config": text,
+                               "architectures": ["Llama4ForConditionalGeneration"]})
+    assert cfg.name == "Llama4ForConditionalGeneration" and cfg.moe_scale_inputs
+    with pytest.raises(ConfigError, match="interleave_moe_layer_step=2"):
+        ModelConfig.from_hf({**text, "interleave_moe_layer_step": 2})
