@@ -10,8 +10,9 @@ repeating K/V in memory. The mask is causal in absolute positions: a query at po
 sees cache slots s <= p, which also hides padding and stale slots (s > p). A sliding-window
 layer (`window`, a traced i32 scalar, so local and global layers share one scanned body)
 also hides s <= p - window, a chunked one (`chunked`, Llama 4) the slots before the start
-of p's chunk of `window` positions; `softcap` (Gemma 2) caps the scores. `ref_attention` is
-the source of truth; every other impl must match it.
+of p's chunk of `window` positions; `softcap` (Gemma 2) caps the scores; `sinks_N`
+(gpt-oss: one logit per query head) join each softmax's denominator as a slot that holds
+no value. `ref_attention` is the source of truth; every other impl must match it.
 """
 
 from __future__ import annotations
@@ -47,7 +48,8 @@ def visible(s: jax.Array, pos: jax.Array, window: jax.Array | None, chunked: boo
 
 def ref_attention(q_BTNH: jax.Array, k_BKSH: jax.Array, v_BKSH: jax.Array,
                   q_positions_BT: jax.Array, window: jax.Array | None = None,
-                  softcap: float | None = None, chunked: bool = False) -> jax.Array:
+                  softcap: float | None = None, chunked: bool = False,
+                  sinks_N: jax.Array | None = None) -> jax.Array:
     """Reference GQA attention; softmax in float32. Returns [B, T, N, H]."""
     B, T, N, H = q_BTNH.shape
     K, S = k_BKSH.shape[1], k_BKSH.shape[2]
@@ -58,7 +60,14 @@ def ref_attention(q_BTNH: jax.Array, k_BKSH: jax.Array, v_BKSH: jax.Array,
     mask_BTS = visible(jnp.arange(S)[None, None, :], q_positions_BT[:, :, None], window,
                        chunked)
     scores = jnp.where(mask_BTS[:, None, None], scores, NEG_INF)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v_BKSH.dtype)
+    if sinks_N is None:
+        probs = jax.nn.softmax(scores, axis=-1).astype(v_BKSH.dtype)
+    else:  # a sink logit per head in the denominator only
+        sink = sinks_N.astype(jnp.float32).reshape(K, N // K)[None, :, :, None, None]
+        m = jnp.maximum(jnp.max(scores, axis=-1, keepdims=True), sink)
+        p = jnp.exp(scores - m)
+        probs = (p / (jnp.sum(p, axis=-1, keepdims=True) + jnp.exp(sink - m))
+                 ).astype(v_BKSH.dtype)
     out = jnp.einsum("BKGTS,BKSH->BTKGH", probs, v_BKSH)
     return out.reshape(B, T, N, H)
 
@@ -66,8 +75,8 @@ def ref_attention(q_BTNH: jax.Array, k_BKSH: jax.Array, v_BKSH: jax.Array,
 def chunked_decode_attention(q_BTNH: jax.Array, k_BKSH: jax.Array, v_BKSH: jax.Array,
                              q_positions_BT: jax.Array, layer: jax.Array | None = None,
                              chunk: int = CHUNK_S, window: jax.Array | None = None,
-                             softcap: float | None = None, chunked: bool = False
-                             ) -> jax.Array:
+                             softcap: float | None = None, chunked: bool = False,
+                             sinks_N: jax.Array | None = None) -> jax.Array:
     """Decode (T == 1) attention in XLA that reads only the cache chunks some row needs.
 
     `ref_attention` reads all S slots of the bucket; on CPU that costs up to 4.8x at
@@ -109,6 +118,9 @@ def chunked_decode_attention(q_BTNH: jax.Array, k_BKSH: jax.Array, v_BKSH: jax.A
         jnp.min(first_visible(pos_B, window, chunked)) // chunk, 0, n_chunks - 1)
     init = (jnp.full((B, K, G), NEG_INF, jnp.float32), jnp.zeros((B, K, G), jnp.float32),
             jnp.zeros((B, K, G, H), jnp.float32))
+    if sinks_N is not None:  # the sink starts the running softmax: max = sink, sum = 1
+        sink_BKG = jnp.broadcast_to(sinks_N.astype(jnp.float32).reshape(K, G), (B, K, G))
+        init = (sink_BKG, jnp.ones((B, K, G), jnp.float32), init[2])
     _, l_BKG, acc_BKGH = jax.lax.fori_loop(first, n_chunks, body, init)
     out = acc_BKGH / l_BKG[..., None]
     return out.reshape(B, 1, N, H).astype(v_BKSH.dtype)
@@ -199,17 +211,21 @@ def resolve_impl(impl: str, q_BTNH, k_BKSH) -> str:
 
 def attention(q_BTNH, k_BKSH, v_BKSH, q_positions_BT, impl: str = "xla",
               layer: jax.Array | None = None, window: jax.Array | None = None,
-              softcap: float | None = None, chunked: bool = False) -> jax.Array:
+              softcap: float | None = None, chunked: bool = False,
+              sinks_N: jax.Array | None = None) -> jax.Array:
     """Dispatch on impl (see IMPLS and resolve_impl); 'xla' is the reference.
 
     layer (i32[], optional): k/v are then the stacked cache [L, B, K, S, H]. The Pallas
     kernel reads that layer in place; slicing ck[i] first, inside the layer scan, makes XLA
     copy the whole layer before any custom call (Pallas or cuDNN) can read it.
     window / softcap (Gemma), chunked (Llama 4): every impl but cuDNN takes them; cuDNN
-    falls back to the reference.
+    falls back to the reference. sinks_N (gpt-oss): the XLA impls take them; the Pallas
+    kernel and cuDNN fall back to the reference.
     """
     impl = resolve_impl(impl, q_BTNH, k_BKSH)
     if impl == "cudnn" and (window is not None or softcap is not None):
+        impl = "xla"
+    if sinks_N is not None and impl not in ("xla", "xla_chunked"):
         impl = "xla"
     if impl in ("pallas", "pallas_interpret"):
         return pallas_attention(q_BTNH, k_BKSH, v_BKSH, q_positions_BT,
@@ -217,9 +233,11 @@ def attention(q_BTNH, k_BKSH, v_BKSH, q_positions_BT, impl: str = "xla",
                                 window=window, softcap=softcap, chunked=chunked)
     if impl == "xla_chunked":
         return chunked_decode_attention(q_BTNH, k_BKSH, v_BKSH, q_positions_BT, layer=layer,
-                                        window=window, softcap=softcap, chunked=chunked)
+                                        window=window, softcap=softcap, chunked=chunked,
+                                        sinks_N=sinks_N)
     if layer is not None:
         k_BKSH, v_BKSH = k_BKSH[layer], v_BKSH[layer]
     if impl == "cudnn":
         return cudnn_attention(q_BTNH, k_BKSH, v_BKSH, q_positions_BT)
-    return ref_attention(q_BTNH, k_BKSH, v_BKSH, q_positions_BT, window, softcap, chunked)
+    return ref_attention(q_BTNH, k_BKSH, v_BKSH, q_positions_BT, window, softcap, chunked,
+                         sinks_N)

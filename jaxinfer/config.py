@@ -18,7 +18,7 @@ from jaxinfer.errors import ConfigError
 
 ACTIVATIONS = ("silu", "gelu_tanh")
 GEMMA_TYPES = ("gemma", "gemma2", "gemma3_text", "gemma3")
-MOE_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "granitemoe", "olmoe")
+MOE_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "granitemoe", "olmoe", "gpt_oss")
 COHERE_TYPES = ("cohere", "cohere2")
 GLM_TYPES = ("glm", "glm4")
 
@@ -132,6 +132,14 @@ class ModelConfig:
     # Llama 4: the router's top logits through a sigmoid scale each chosen expert's input
     # (not its output), and nothing renormalises them.
     moe_scale_inputs: bool = False
+    # gpt-oss: a bias on the router's logits, per-head attention sinks (a learned logit
+    # each query's softmax also normalises over, attending to nothing), and experts whose
+    # gated unit clamps: min(g, limit) * sigmoid(alpha * min(g, limit)) * (clip(u, +-limit)
+    # + 1). With experts, linear_bias means the experts' and the attention output's biases.
+    router_bias: bool = False
+    attn_sinks: bool = False
+    swiglu_limit: float | None = None
+    swiglu_alpha: float = 1.702
 
     def __post_init__(self):
         for f in ("vocab_size", "d_model", "mlp_dim", "num_layers", "num_heads",
@@ -163,9 +171,10 @@ class ModelConfig:
                               "post_norms")
         if not (self.pre_norms or self.post_norms):
             raise ConfigError("a model needs pre_norms, post_norms or both")
-        if self.num_experts and (not self.mlp_gated or self.linear_bias):
-            raise ConfigError("experts are gated MLPs without biases (mlp_gated, no "
-                              "linear_bias)")
+        if self.num_experts and not self.mlp_gated:
+            raise ConfigError("experts are gated MLPs (mlp_gated)")
+        if (self.router_bias or self.swiglu_limit is not None) and not self.num_experts:
+            raise ConfigError("router_bias and swiglu_limit are for experts (num_experts)")
         if self.chunked_local and self.sliding_window is None:
             raise ConfigError("chunked_local needs sliding_window (the chunk length)")
         if self.attn_temperature_nope and self.attn_temperature is None:
@@ -226,7 +235,7 @@ class ModelConfig:
                 and self.residual_multiplier == 1.0 and self.logits_scaling == 1.0
                 and not self.layer_norm and not self.norm_bias and not self.parallel_block
                 and not self.qk_norm_heads and self.mlp_gated and not self.linear_bias
-                and not self.lm_head_bias and not self.qk_l2_norm)
+                and not self.lm_head_bias and not self.qk_l2_norm and not self.attn_sinks)
 
     def replace(self, **kw: Any) -> ModelConfig:
         return dataclasses.replace(self, **kw)
@@ -306,7 +315,7 @@ class ModelConfig:
             window, local = _sliding(hf, kind, L)
             experts, chosen, mlp_dim = _moe(hf, kind)
             shared = int(hf.get("shared_expert_intermediate_size") or 0) if experts else 0
-            llama4 = kind == "llama4_text"
+            llama4, oss = kind == "llama4_text", kind == "gpt_oss"
             if llama4:  # every token also goes through an ungated shared expert
                 shared = mlp_dim
             qpas = hf.get("query_pre_attn_scalar") if kind != "gemma" else None
@@ -324,7 +333,9 @@ class ModelConfig:
                     (i + 1) % int(hf.get("no_rope_layer_interval", 4)) != 0 for i in range(L)])
             cohere, stablelm = kind in COHERE_TYPES, kind == "stablelm"
             plain = kind in ("starcoder2", "phi")  # LayerNorm, a plain MLP, biases
-            biases = bool(hf.get("use_bias", True)) if kind == "starcoder2" else kind == "phi"
+            biases = (bool(hf.get("use_bias", True)) if kind == "starcoder2"
+                      else bool(hf.get("attention_bias", True)) if kind == "gpt_oss"
+                      else kind == "phi")
             eps = (hf.get("layer_norm_eps", 1e-5) if cohere or stablelm or kind == "phi"
                    else hf.get("norm_epsilon", 1e-5) if kind == "starcoder2"
                    else hf.get("rms_norm_eps", 1e-6 if gemma else 1e-5))
@@ -344,7 +355,7 @@ class ModelConfig:
                                            gemma or cohere or kind == "starcoder2")),
                 qkv_bias=bool(hf.get("qkv_bias", True) if kind == "qwen2_moe"
                               else hf.get("use_qkv_bias", False) if stablelm
-                              else biases if plain
+                              else biases if plain or kind == "gpt_oss"
                               else hf.get("attention_bias", kind == "qwen2")),
                 qk_norm=(kind in ("qwen3", "gemma3_text", "qwen3_moe", "olmo2", "exaone4",
                                   "olmoe")
@@ -360,6 +371,10 @@ class ModelConfig:
                 chunked_local=llama4 and window is not None,
                 qk_l2_norm=llama4 and bool(hf.get("use_qk_norm", True)),
                 moe_scale_inputs=llama4,
+                router_bias=oss,
+                attn_sinks=oss,
+                swiglu_limit=float(hf.get("swiglu_limit", 7.0)) if oss else None,
+                swiglu_alpha=float(hf.get("swiglu_alpha", 1.702)),
                 norm_bias=stablelm or plain,
                 parallel_block=kind in ("cohere", "phi") or bool(
                     hf.get("use_parallel_residual") if stablelm else kind == "cohere2"),
@@ -557,12 +572,12 @@ def _sliding(hf: dict[str, Any], kind: str, L: int) -> tuple[int | None, tuple[b
         types = hf["layer_types"]
         local = tuple(t == "sliding_attention" for t in types)
         return (int(window), local) if any(local) else (None, ())
-    if kind in ("gemma2", "gemma3_text", "cohere2", "exaone4") and window:
+    if kind in ("gemma2", "gemma3_text", "cohere2", "exaone4", "gpt_oss") and window:
         types = hf.get("layer_types")
         if types:
             return int(window), tuple(t == "sliding_attention" for t in types)
         pattern = hf.get("sliding_window_pattern")  # EXAONE 4 may spell it "LLLG"
-        pattern = 2 if kind == "gemma2" else int(
+        pattern = 2 if kind in ("gemma2", "gpt_oss") else int(
             (len(pattern) if isinstance(pattern, str) else pattern)
             or (6 if kind == "gemma3_text" else 4))
         return int(window), local_pattern(pattern, L)
@@ -587,7 +602,7 @@ def _moe(hf: dict[str, Any], kind: str) -> tuple[int, int, int]:
                               f"(interleave_moe_layer_step={step}) are not supported")
         return (int(hf["num_local_experts"]), int(hf.get("num_experts_per_tok", 1)),
                 int(hf["intermediate_size"]))
-    if kind in ("mixtral", "granitemoe", "olmoe"):
+    if kind in ("mixtral", "granitemoe", "olmoe", "gpt_oss"):
         if experts is None:
             raise KeyError("num_local_experts")
         return int(experts), int(hf["num_experts_per_tok"]), int(hf["intermediate_size"])

@@ -152,6 +152,15 @@ def mlp(x_BTD: jax.Array, w_gate_DF: jax.Array | None, w_up_DF: jax.Array,
     return out if b_down_D is None else out + b_down_D
 
 
+def glu(cfg: ModelConfig, gate: jax.Array, up: jax.Array) -> jax.Array:
+    """An expert's gated unit: act(gate) * up, or gpt-oss's clamped SwiGLU (swiglu_limit)."""
+    if cfg.swiglu_limit is None:
+        return activate(gate, cfg.activation) * up
+    g = jnp.minimum(gate, cfg.swiglu_limit)
+    u = jnp.clip(up, -cfg.swiglu_limit, cfg.swiglu_limit)
+    return g * jax.nn.sigmoid(cfg.swiglu_alpha * g) * (u + 1)
+
+
 def activate(gate: jax.Array, activation: str) -> jax.Array:
     """The gate's nonlinearity: SiLU, or GELU with the tanh approximation."""
     return jax.nn.silu(gate) if activation == "silu" else jax.nn.gelu(gate, approximate=True)

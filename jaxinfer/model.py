@@ -129,13 +129,13 @@ def _block(cfg: ModelConfig, impl: str, adapter_B: jax.Array | None, carry, xs):
         # Scatter the new K/V of every row at its own positions; out-of-range slots drop.
         ck, ks = write_kv(ck, ks, i, rows_B1, pos_BT, k)
         cv, vs = write_kv(cv, vs, i, rows_B1, pos_BT, v)
+        kw = dict(window=window, softcap=cfg.attn_softcap, chunked=cfg.chunked_local,
+                  sinks_N=w["sinks"] if cfg.attn_sinks else None)
         if ck.dtype == q.dtype and ks is None:  # kernels read layer i of the stacked cache in place
-            o = attention(q, ck, cv, pos_BT, impl, layer=i, window=window,
-                          softcap=cfg.attn_softcap, chunked=cfg.chunked_local)
+            o = attention(q, ck, cv, pos_BT, impl, layer=i, **kw)
         else:
             o = attention(q, read_kv(ck, ks, i, q.dtype), read_kv(cv, vs, i, q.dtype), pos_BT,
-                          impl, window=window, softcap=cfg.attn_softcap,
-                          chunked=cfg.chunked_local)
+                          impl, **kw)
         o = dot(o, w["wo"], "BTNH,NHD->BTD")
         o = o + w["bo"] if cfg.linear_bias else o
         o = norm(cfg, o, w["post_attn_norm"]) if cfg.post_norms else o

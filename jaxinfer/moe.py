@@ -38,10 +38,11 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from jaxinfer.config import ModelConfig
-from jaxinfer.layers import activate, dot, mlp
+from jaxinfer.layers import dot, glu, mlp
 from jaxinfer.sharding import ACTIVATION_RULES, EXPERT_AXIS, expert_parallelism, logical_to_spec
 
 EXPERT_WEIGHTS = ("moe_gate", "moe_up", "moe_down")
+EXPERT_BIASES = ("moe_b_gate", "moe_b_up", "moe_b_down")  # gpt-oss (linear_bias)
 
 
 def _num_local(w: dict) -> int:
@@ -49,10 +50,12 @@ def _num_local(w: dict) -> int:
     return jax.tree.leaves(w["moe_gate"])[0].shape[0]
 
 
-def route(cfg: ModelConfig, x_BTD: jax.Array, router_DE: jax.Array
-          ) -> tuple[jax.Array, jax.Array]:
+def route(cfg: ModelConfig, x_BTD: jax.Array, router_DE: jax.Array,
+          router_b_E: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """(weights [B, T, C] in float32, expert ids i32[B, T, C]) of each token's experts."""
     logits = jnp.einsum("BTD,DE->BTE", x_BTD, router_DE, preferred_element_type=jnp.float32)
+    if router_b_E is not None:  # gpt-oss
+        logits = logits + router_b_E.astype(jnp.float32)
     if cfg.moe_scale_inputs:  # Llama 4: a sigmoid of each chosen expert's logit
         top_BTC, ids_BTC = jax.lax.top_k(logits, cfg.experts_per_token)
         return jax.nn.sigmoid(top_BTC), ids_BTC
@@ -68,6 +71,7 @@ def chosen_experts(cfg: ModelConfig, x_MD: jax.Array, w: dict, ids_MC: jax.Array
     Ids outside w's experts (another device's, under expert parallelism) are skipped."""
     M, C = ids_MC.shape
     E = _num_local(w)
+    biased = "moe_b_gate" in w
 
     def body(y_MD, mc):
         m, c = mc // C, mc % C
@@ -79,9 +83,12 @@ def chosen_experts(cfg: ModelConfig, x_MD: jax.Array, w: dict, ids_MC: jax.Array
             x_D, weight = x_MD[m], top_MC[m, c]
             if cfg.moe_scale_inputs:  # Llama 4 weighs the expert's input instead
                 x_D, weight = (x_D * weight).astype(x_MD.dtype), 1.0
-            h_F = (activate(dot(x_D, pick("moe_gate"), "D,DF->F"), cfg.activation)
-                   * dot(x_D, pick("moe_up"), "D,DF->F"))
-            out_D = dot(h_F, pick("moe_down"), "F,FD->D").astype(jnp.float32)
+            g_F = dot(x_D, pick("moe_gate"), "D,DF->F")
+            u_F = dot(x_D, pick("moe_up"), "D,DF->F")
+            if biased:
+                g_F, u_F = g_F + pick("moe_b_gate"), u_F + pick("moe_b_up")
+            out_D = dot(glu(cfg, g_F, u_F), pick("moe_down"), "F,FD->D")
+            out_D = (out_D + pick("moe_b_down") if biased else out_D).astype(jnp.float32)
             return y_MD.at[m].add(weight * out_D)
 
         if E == cfg.num_experts:  # every id is here
@@ -103,8 +110,12 @@ def all_experts(cfg: ModelConfig, x_MD: jax.Array, w: dict, ids_MC: jax.Array,
     u = dot(x_MD, w["moe_up"], "MD,EDF->MEF")
     if cfg.moe_scale_inputs:  # expert(x * c) of Llama 4: the projections are linear in x
         c = combine_ME[..., None]
-        return dot(activate(g * c, cfg.activation) * (u * c), w["moe_down"], "MEF,EFD->MD")
-    h = activate(g, cfg.activation) * u * combine_ME[..., None]
+        return dot(glu(cfg, g * c, u * c), w["moe_down"], "MEF,EFD->MD")
+    if "moe_b_gate" in w:  # gpt-oss: each expert's biases, the down one weighted too
+        g, u = g + w["moe_b_gate"], u + w["moe_b_up"]
+        out = dot(glu(cfg, g, u) * combine_ME[..., None], w["moe_down"], "MEF,EFD->MD")
+        return out + jnp.einsum("ME,ED->MD", combine_ME, w["moe_b_down"].astype(out.dtype))
+    h = glu(cfg, g, u) * combine_ME[..., None]
     return dot(h, w["moe_down"], "MEF,EFD->MD")
 
 
@@ -112,11 +123,11 @@ def moe(cfg: ModelConfig, x_BTD: jax.Array, w: dict) -> jax.Array:
     """The layer's expert MLPs on the normed input x; w holds router, moe_gate/up/down
     (and the shared expert's shared_gate/up/down, shared_router)."""
     B, T, D = x_BTD.shape
-    top_BTC, ids_BTC = route(cfg, x_BTD, w["router"])
+    top_BTC, ids_BTC = route(cfg, x_BTD, w["router"], w["router_b"] if cfg.router_bias else None)
     C = cfg.experts_per_token
     run = chosen_experts if B * T * C <= cfg.num_experts else all_experts
     args = (x_BTD.reshape(B * T, D), ids_BTC.reshape(B * T, C), top_BTC.reshape(B * T, C))
-    experts = {name: w[name] for name in EXPERT_WEIGHTS}
+    experts = {name: w[name] for name in EXPERT_WEIGHTS + EXPERT_BIASES if name in w}
     y = _routed(cfg, run, args, experts, B).reshape(B, T, D)
     if cfg.shared_expert_dim:  # Qwen2-MoE: every token's expert, tensor-parallel as the MLP
         s = mlp(x_BTD, w["shared_gate"], w["shared_up"], w["shared_down"], cfg.activation)

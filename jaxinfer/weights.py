@@ -21,7 +21,9 @@ Tree layout (layers stacked on a leading L axis and run with lax.scan):
      b_down [L, D]: StarCoder2, Phi-2)
     (mixture of experts instead: layers/router [L, D, E], layers/moe_gate [L, E, D, F],
      layers/moe_up [L, E, D, F], layers/moe_down [L, E, F, D]; a shared expert adds
-     layers/shared_gate, shared_up [L, D, Fs], shared_down [L, Fs, D], shared_router [L, D])
+     layers/shared_gate, shared_up [L, D, Fs], shared_down [L, Fs, D], shared_router [L, D];
+     gpt-oss: layers/router_b [L, E], moe_b_gate, moe_b_up [L, E, F], moe_b_down [L, E, D],
+     and layers/sinks [L, N])
     final_norm  [D]
     lm_head     [D, V]           (absent when embeddings are tied)
     lm_head_bias [V]             (lm_head_bias only: Phi-2)
@@ -124,6 +126,12 @@ def weight_specs(cfg: ModelConfig, dtype: Any = jnp.float32,
             layers["shared_down"] = A((L, Fs, D), ("layers", "mlp", "embed"), fan_in=(1,))
         if cfg.shared_expert_gate:
             layers["shared_router"] = A((L, D), ("layers", "embed"), fan_in=(1,))
+        if cfg.router_bias:
+            layers["router_b"] = A((L, E), ("layers", "router_experts"), "zeros")
+        if cfg.linear_bias:  # gpt-oss: each expert's biases
+            layers["moe_b_gate"] = A((L, E, F), ("layers", "experts", "mlp"), "zeros")
+            layers["moe_b_up"] = A((L, E, F), ("layers", "experts", "mlp"), "zeros")
+            layers["moe_b_down"] = A((L, E, D), ("layers", "experts", "norm"), "zeros")
     if cfg.post_norms:
         layers["post_attn_norm"] = A((L, D), ("layers", "norm"), one)
         layers["post_mlp_norm"] = A((L, D), ("layers", "norm"), one)
@@ -141,8 +149,11 @@ def weight_specs(cfg: ModelConfig, dtype: Any = jnp.float32,
         del layers["w_gate"]
     if cfg.linear_bias:
         layers["bo"] = A((L, D), ("layers", "norm"), "zeros")
-        layers["b_up"] = A((L, F), ("layers", "mlp"), "zeros")
-        layers["b_down"] = A((L, D), ("layers", "norm"), "zeros")
+        if not cfg.num_experts:
+            layers["b_up"] = A((L, F), ("layers", "mlp"), "zeros")
+            layers["b_down"] = A((L, D), ("layers", "norm"), "zeros")
+    if cfg.attn_sinks:  # gpt-oss
+        layers["sinks"] = A((L, N), ("layers", "q_heads"), "zeros")
     if cfg.norm_bias:  # StableLM's LayerNorms
         for name in ("attn_norm", "mlp_norm"):
             if name in layers:

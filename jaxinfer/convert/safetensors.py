@@ -201,7 +201,9 @@ _MOE_EXPERTS = {"mixtral": ("block_sparse_moe", "gate", ("w1", "w3", "w2")),
                 # Llama 4 stacks them inputs first: gate_up_proj [E, D, 2F], down_proj
                 # [E, F, D] (a multimodal checkpoint's model_type is llama4)
                 "llama4_text": ("feed_forward", "router", "in_out"),
-                "llama4": ("feed_forward", "router", "in_out")}
+                "llama4": ("feed_forward", "router", "in_out"),
+                # gpt-oss: the same, gate and up interleaved, with biases
+                "gpt_oss": ("mlp", "router", "in_out")}
 
 
 def hf_shape(shape: tuple[int, ...], n_in: int) -> tuple[int, int]:
@@ -225,6 +227,10 @@ def _weights(cfg: ModelConfig, r: _Reader, progress: Progress | None,
               **{key: shape for key, shape, _ in linears.values()}}
     if E:
         shapes.update(router=(D, E), moe_gate=(E, D, F), moe_up=(E, D, F), moe_down=(E, F, D))
+        if cfg.router_bias:
+            shapes["router_b"] = (E,)
+        if cfg.linear_bias:  # gpt-oss's experts' biases
+            shapes.update(moe_b_gate=(E, F), moe_b_up=(E, F), moe_b_down=(E, D))
     Fs = cfg.shared_expert_dim
     shared = {"shared_gate": ("gate_proj", (D, Fs)), "shared_up": ("up_proj", (D, Fs)),
               "shared_down": ("down_proj", (Fs, D))} if Fs else {}
@@ -251,12 +257,15 @@ def _weights(cfg: ModelConfig, r: _Reader, progress: Progress | None,
         del shapes["attn_norm"], shapes["mlp_norm"]
     if cfg.qkv_bias:
         shapes.update(bq=(N, H), bk=(K, H), bv=(K, H))
+    if cfg.attn_sinks:
+        shapes["sinks"] = (N,)
     qk_norm = ((N, H), (K, H)) if cfg.qk_norm_heads else ((H,), (H,))  # per head
     if cfg.qk_norm:
         shapes.update(q_norm=qk_norm[0], k_norm=qk_norm[1])
     if cfg.norm_bias:  # StableLM's, StarCoder2's and Phi-2's LayerNorms
         shapes.update({key + "_bias": (D,) for key in norms})
-    biases = {"wo": "bo", "w_up": "b_up", "w_down": "b_down"} if cfg.linear_bias else {}
+    biases = ({"wo": "bo", "w_up": "b_up", "w_down": "b_down"} if cfg.linear_bias else {})
+    biases = {k: b for k, b in biases.items() if k in shapes}  # (experts: wo's only)
     shapes.update({b: shapes[key][-1:] for key, b in biases.items()})
     layers = stacks(shapes, L, quant)
     # Cohere and GLM pair RoPE dims interleaved: their q/k rows (weights, biases, norms)
@@ -277,10 +286,22 @@ def _weights(cfg: ModelConfig, r: _Reader, progress: Progress | None,
         if E:
             block, router, names = moe
             x["router"][i] = r.get(f"{p}{block}.{router}.weight", (E, D)).T
-            if names == "in_out":  # stacked inputs first (Llama 4)
-                gate_up = r.get(f"{p}{block}.experts.gate_up_proj", (E, D, 2 * F))
-                x["moe_gate"][i], x["moe_up"][i] = gate_up[..., :F], gate_up[..., F:]
-                x["moe_down"][i] = r.get(f"{p}{block}.experts.down_proj", (E, F, D))
+            if names == "in_out":  # stacked inputs first (Llama 4, gpt-oss)
+                q = f"{p}{block}.experts."
+                if q + "gate_up_proj_blocks" in r:
+                    raise ConversionError(f"{r.path}: MXFP4 experts ({q}gate_up_proj_blocks) "
+                                          "are not supported; use a bfloat16 copy")
+                gate_up = r.get(q + "gate_up_proj", (E, D, 2 * F))
+                halves = (np.s_[..., ::2], np.s_[..., 1::2]) if cfg.linear_bias else (
+                    np.s_[..., :F], np.s_[..., F:])  # gpt-oss interleaves gate and up
+                x["moe_gate"][i], x["moe_up"][i] = gate_up[halves[0]], gate_up[halves[1]]
+                x["moe_down"][i] = r.get(q + "down_proj", (E, F, D))
+                if cfg.linear_bias:
+                    b = r.get(q + "gate_up_proj_bias", (E, 2 * F))
+                    x["moe_b_gate"][i], x["moe_b_up"][i] = b[halves[0]], b[halves[1]]
+                    x["moe_b_down"][i] = r.get(q + "down_proj_bias", (E, D))
+                if cfg.router_bias:
+                    x["router_b"][i] = r.get(f"{p}{block}.{router}.bias", (E,))
             elif names is None:  # stacked (Granite MoE)
                 gate_up = r.get(f"{p}{block}.input_linear.weight", (E, 2 * F, D))
                 x["moe_gate"][i] = gate_up[:, :F].swapaxes(1, 2)
@@ -308,6 +329,8 @@ def _weights(cfg: ModelConfig, r: _Reader, progress: Progress | None,
             x["bq"][i] = half(r.get(p + "self_attn.q_proj.bias", (N * H,)), N).reshape(N, H)
             x["bk"][i] = half(r.get(p + "self_attn.k_proj.bias", (K * H,)), K).reshape(K, H)
             x["bv"][i] = r.get(p + "self_attn.v_proj.bias", (K * H,)).reshape(K, H)
+        if cfg.attn_sinks:  # gpt-oss
+            x["sinks"][i] = r.get(p + "self_attn.sinks", (N,))
         if progress:
             progress(i + 1, L)
     final = r.prefix + ("final_layernorm" if r.kind == "phi" else "norm")

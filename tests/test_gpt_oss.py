@@ -1,0 +1,214 @@
+"""gpt-oss against Hugging Face transformers (PyTorch, float32, eager attention), on a tiny
+random checkpoint transformers writes: attention sinks (a learned logit per head in every
+softmax's denominator), sliding-window layers (window 6) alternating with global ones,
+YaRN without truncation, biases on q/k/v/o, the router and every expert, gate and up
+interleaved in one stacked tensor, and the clamped SwiGLU of its experts.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+tf = pytest.importorskip("transformers")
+
+from jaxinfer import kv_cache, model  # noqa: E402
+from jaxinfer.attention import attention  # noqa: E402
+from jaxinfer.engine import Engine, EngineConfig  # noqa: E402
+from jaxinfer.llm import LLM  # noqa: E402
+from jaxinfer.moe import moe  # noqa: E402
+from jaxinfer.sampling import SamplingParams  # noqa: E402
+
+from .engine_helpers import CharTokenizer  # noqa: E402
+from .hf_checkpoints import (  # noqa: E402
+    check_each_matters,
+    check_orbax_round_trip,
+    hf_logits,
+    ours,
+    saved_and_loaded,
+    sharpened,
+    tokens,
+)
+
+ORIG = 16
+CONFIG = dict(vocab_size=97, hidden_size=64, intermediate_size=48, num_hidden_layers=4,
+              num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_local_experts=4,
+              num_experts_per_tok=2, sliding_window=6, max_position_embeddings=64,
+              swiglu_limit=1.0, eos_token_id=3, bos_token_id=2, pad_token_id=0,
+              rope_parameters={"rope_type": "yarn", "factor": 4.0, "beta_fast": 32.0,
+                               "beta_slow": 1.0, "truncate": False, "rope_theta": 10_000.0,
+                               "original_max_position_embeddings": ORIG})
+
+
+def _hf_model():
+    torch.manual_seed(0)
+    m = tf.GptOssForCausalLM(tf.GptOssConfig(**CONFIG))
+    m = sharpened(m, norm=0.3, matrix=0.15, bias=0.3)
+    with torch.no_grad():  # sinks large enough to soak up attention
+        for layer in m.model.layers:
+            layer.self_attn.sinks.copy_(2.0 * torch.randn_like(layer.self_attn.sinks))
+    return m
+
+
+@pytest.fixture(scope="module")
+def oss(tmp_path_factory):
+    return saved_and_loaded("gpt_oss", _hf_model(), tmp_path_factory)
+
+
+def test_config_read_from_checkpoint(oss):
+    _, _, cfg, w = oss
+    assert (cfg.num_experts, cfg.experts_per_token, cfg.mlp_dim) == (4, 2, 48)
+    assert cfg.attn_sinks and cfg.router_bias and cfg.linear_bias and cfg.qkv_bias
+    assert cfg.swiglu_limit == 1.0 and cfg.swiglu_alpha == pytest.approx(1.702)
+    assert cfg.sliding_window == 6 and cfg.local_layers == (True, False, True, False)
+    assert cfg.rope_yarn == (4.0, ORIG, 32.0, 1.0, False) and cfg.norm_topk
+    L = w["layers"]
+    assert L["sinks"].shape == (4, 4) and L["router_b"].shape == (4, 4)
+    assert L["moe_b_gate"].shape == (4, 4, 48) and L["moe_b_down"].shape == (4, 4, 64)
+    assert L["bo"].shape == (4, 64) and "b_up" not in L
+
+
+def test_logits_match_transformers(oss):
+    """All positions of a 40-token prompt, then decode steps through the cache; the
+    Pallas impl falls back to the reference for sinks."""
+    _, m, cfg, w = oss
+    toks = tokens(40)
+    ref = hf_logits(m, toks)
+    np.testing.assert_allclose(ours(cfg, w, toks), ref, atol=1e-4, rtol=0)
+    for impl in ("xla", "pallas_interpret"):
+        cache = kv_cache.init_cache(cfg, 2, 64)
+        _, cache = model.forward(w, jnp.asarray(toks[:, :30]), cache, cfg)
+        for t in range(30, 40):
+            lg, cache = model.decode_step(w, jnp.asarray(toks[:, t]), cache, cfg, impl=impl)
+            np.testing.assert_allclose(np.asarray(lg), ref[:, t], atol=1e-4, rtol=0)
+
+
+def test_sinks_through_the_chunked_decode_loop():
+    """The CPU chunked decode loop starts its running softmax at the sink: equal to the
+    reference with sinks, rows at different positions of a 512-slot cache, with and
+    without a window."""
+    B, N, K, H, S = 3, 4, 2, 16, 512
+    ks = jax.random.split(jax.random.key(0), 4)
+    q = jax.random.normal(ks[0], (B, 1, N, H))
+    k = jax.random.normal(ks[1], (B, K, S, H))
+    v = jax.random.normal(ks[2], (B, K, S, H))
+    sinks = 3.0 * jax.random.normal(ks[3], (N,))
+    pos = jnp.asarray([[5], [300], [511]], jnp.int32)
+    for window in (None, jnp.int32(128)):
+        ref = attention(q, k, v, pos, "xla", window=window, sinks_N=sinks)
+        got = attention(q, k, v, pos, "xla_chunked", window=window, sinks_N=sinks)
+        np.testing.assert_allclose(np.asarray(got), np.asarray(ref), atol=1e-5, rtol=0)
+        plain = attention(q, k, v, pos, "xla", window=window)
+        assert np.abs(np.asarray(plain - ref)).max() > 1e-2
+
+
+def test_every_difference_matters(oss):
+    _, m, cfg, w = oss
+
+    def no(*names):
+        return lambda w: dict(w, layers={k: v for k, v in w["layers"].items()
+                                         if k not in names})
+
+    offs = [dict(attn_sinks=False), dict(router_bias=False), dict(swiglu_limit=None),
+            dict(sliding_window=None), dict(rope_yarn=None),
+            (dict(linear_bias=False), no("bo", "moe_b_gate", "moe_b_up", "moe_b_down"))]
+    check_each_matters(m, cfg, w, offs, tokens(40))
+
+
+def test_gathered_and_dense_experts_agree(oss):
+    """The two ways moe() runs the experts agree with expert biases and the clamp."""
+    _, _, cfg, w = oss
+    layer = jax.tree.map(lambda a: a[0], w["layers"])
+    x = jax.random.normal(jax.random.key(0), (1, 8, cfg.d_model))
+    dense = moe(cfg, x, layer)  # 8 tokens x 2 > 4 experts
+    gathered = jnp.concatenate([moe(cfg, x[:, t:t + 1], layer) for t in range(8)], 1)
+    np.testing.assert_allclose(np.asarray(gathered), np.asarray(dense), atol=1e-5, rtol=0)
+
+
+def _greedy_reference(m, toks, n=24):
+    with torch.no_grad():
+        return m.generate(torch.tensor(toks), max_new_tokens=n, do_sample=False,
+                          min_new_tokens=n)[:, toks.shape[1]:].numpy()
+
+
+SP = SamplingParams(temperature=0, min_tokens=24)
+
+
+def test_greedy_generation_matches_transformers(oss):
+    _, m, cfg, w = oss
+    toks = tokens(20, batch=2, seed=1)
+    got = LLM(cfg, w, CharTokenizer()).generate([list(map(int, t)) for t in toks], SP,
+                                                max_new_tokens=24)
+    assert [c.token_ids for c in got] == _greedy_reference(m, toks).tolist()
+
+
+@pytest.mark.slow
+def test_engine_matches_transformers(oss):
+    _, m, cfg, w = oss
+    toks = tokens(20, batch=2, seed=1)
+    ref = _greedy_reference(m, toks).tolist()
+    eng = Engine(w, cfg, CharTokenizer(), EngineConfig(
+        num_slots=2, max_len=64, prefix_block=8, prefill_token_budget=8, min_prompt_bucket=8))
+    try:
+        for _ in range(2):
+            outs = eng.generate([list(map(int, t)) for t in toks], sampling=SP, max_tokens=24)
+            assert [o.token_ids for o in outs] == ref
+    finally:
+        eng.close()
+
+
+def test_checkpoint_round_trip_and_mesh(oss, tmp_path):
+    _, m, cfg, w = oss
+    check_orbax_round_trip(m, cfg, w, tokens(20), tmp_path)
+    from jaxinfer.sharding import make_mesh
+    from jaxinfer.weights import weight_shardings, weight_specs
+
+    ws = jax.tree.map(jax.device_put, w, weight_shardings(weight_specs(cfg),
+                                                          make_mesh("data:2,model:2")))
+    toks = tokens(20, batch=4)
+    np.testing.assert_allclose(ours(cfg, ws, toks), ours(cfg, w, toks), atol=1e-5, rtol=0)
+
+
+def test_expert_parallel(oss):
+    """Experts and their biases split over `expert` (2 of 4 per device), tensor-parallel
+    over `model`: prefill and decode (chosen experts and all experts) equal one device."""
+    from jaxinfer.sharding import make_mesh, mesh_context
+    from jaxinfer.weights import weight_shardings, weight_specs
+
+    _, _, cfg, w = oss
+    mesh = make_mesh("data:2,expert:2,model:2")
+    ws = jax.tree.map(jax.device_put, w, weight_shardings(weight_specs(cfg), mesh))
+    assert tuple(ws["layers"]["moe_b_gate"].sharding.spec) == (None, "expert", "model")
+    toks = jnp.asarray(tokens(16, batch=4))
+    for B in (1, 4):  # decode through the chosen experts (1 x 2 <= 4), then all of them
+        got = []
+        for weights, ctx in ((w, None), (ws, mesh)):
+            with mesh_context(ctx):
+                sh = kv_cache.cache_shardings(cfg, B, 32, mesh) if ctx else None
+                cache = kv_cache.init_cache(cfg, B, 32, shardings=sh)
+                pre, cache = model.forward(weights, toks[:B], cache, cfg)
+                dec, _ = model.decode_step(weights, toks[:B, 0], cache, cfg)
+            got.append((np.asarray(pre), np.asarray(dec)))
+        for one, many in zip(*got, strict=True):
+            np.testing.assert_allclose(many, one, atol=1e-4, rtol=0)
+
+
+def test_mxfp4_checkpoints_are_refused_by_name(oss, tmp_path):
+    """The released checkpoints keep experts as MXFP4 blocks: a clear error, not a crash."""
+    from safetensors.numpy import load_file, save_file
+
+    from jaxinfer.convert.safetensors import load_hf_dir
+    from jaxinfer.errors import ConversionError
+
+    _, m, _, _ = oss
+    m.save_pretrained(tmp_path)
+    tensors = load_file(str(tmp_path / "model.safetensors"))
+    for i in range(4):  # as the release stores them: packed nibbles and exponents
+        p = f"model.layers.{i}.mlp.experts.gate_up_proj"
+        del tensors[p]
+        tensors[p + "_blocks"] = np.zeros((4, 96, 2, 16), np.uint8)
+        tensors[p + "_scales"] = np.zeros((4, 96, 2), np.uint8)
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    with pytest.raises(ConversionError, match="MXFP4 experts"):
+        load_hf_dir(tmp_path)
