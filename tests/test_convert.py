@@ -129,9 +129,10 @@ def _interleave(w: np.ndarray, heads: int) -> np.ndarray:
 
 
 def _write_gguf(path: Path, cfg: ModelConfig, sd: dict, arch: str, qtype, extra=None,
-                meta=None):
+                meta=None, expert_qtype=None):
     """A GGUF the way llama.cpp lays it out: names, metadata, permuted Q/K for llama,
-    Gemma's norms stored with their +1 (`meta(writer)` adds arch-specific metadata)."""
+    Gemma's norms stored with their +1 (`meta(writer)` adds arch-specific metadata);
+    stacked experts in `expert_qtype` (gpt-oss: MXFP4) where given."""
     w = gguf.GGUFWriter(str(path), arch)
     w.add_block_count(cfg.num_layers)
     w.add_context_length(cfg.max_seq_len)
@@ -171,6 +172,8 @@ def _write_gguf(path: Path, cfg: ModelConfig, sd: dict, arch: str, qtype, extra=
     if arch == "stablelm":  # per-head q/k norms, stacked [N, H] by the caller
         names.update({"self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm"})
     gemma = arch.startswith("gemma")
+    if arch == "gpt-oss":  # its MLP's input norm, and the sinks (renamed by the caller)
+        names.update(post_attention_layernorm="post_attention_norm", attn_sinks="attn_sinks")
     if arch in ("olmo2", "exaone4"):
         names.update(post_attention_layernorm="post_attention_norm",
                      post_feedforward_layernorm="post_ffw_norm")
@@ -200,11 +203,12 @@ def _write_gguf(path: Path, cfg: ModelConfig, sd: dict, arch: str, qtype, extra=
             a = _interleave(a, cfg.num_heads if ".attn_q." in name else cfg.num_kv_heads)
         if name.endswith("ffn_gate_inp_shexp.weight"):
             a = a.reshape(-1)  # [1, D]: llama.cpp's 1-d float tensor
-        if (a.ndim == 1 or qtype == Q.F32 or "_norm." in name  # norms stay float
-                or name.endswith("ffn_gate_inp.weight")):
+        if (a.ndim == 1 or qtype == Q.F32 or "_norm." in name  # norms, biases stay float
+                or name.endswith(("ffn_gate_inp.weight", ".bias"))):
             w.add_tensor(name, a.astype(np.float32))
         else:
-            w.add_tensor(name, gguf.quants.quantize(a, qtype), raw_dtype=qtype)
+            t = expert_qtype if expert_qtype is not None and "_exps." in name else qtype
+            w.add_tensor(name, gguf.quants.quantize(a, t), raw_dtype=t)
     for name, a in (extra or {}).items():
         w.add_tensor(name, a)
     w.write_header_to_file()

@@ -212,3 +212,72 @@ def test_mxfp4_checkpoints_are_refused_by_name(oss, tmp_path):
     save_file(tensors, str(tmp_path / "model.safetensors"))
     with pytest.raises(ConversionError, match="MXFP4 experts"):
         load_hf_dir(tmp_path)
+
+
+@pytest.mark.parametrize("experts", ["MXFP4", "Q8_0"])
+def test_gguf_matches_transformers(tmp_path, experts):
+    """A `gpt-oss` GGUF as llama.cpp writes it (experts split into gate/up/down [E, out,
+    in] with their biases, attn_sinks, post_attention_norm before the MLP, float biases):
+    MXFP4 experts (the published files) read dequantized, and a Q8_0 file read with its
+    blocks kept as QArrays, against transformers on the same block-exact weights."""
+    import gguf
+
+    from jaxinfer.config import ModelConfig
+    from jaxinfer.convert.gguf import load_gguf
+
+    from .test_convert import _write_gguf
+
+    Q = gguf.GGMLQuantizationType
+    torch.manual_seed(0)
+    m = tf.GptOssForCausalLM(tf.GptOssConfig(**{  # whole 32-wide blocks per head and row
+        **CONFIG, "intermediate_size": 64, "num_attention_heads": 2, "num_key_value_heads": 1,
+        "head_dim": 32}))
+    m = sharpened(m, norm=0.3, matrix=0.15, bias=0.3)
+    q8, qe = Q.Q8_0, getattr(Q, experts)
+    exact = lambda a, t: gguf.quants.dequantize(gguf.quants.quantize(a, t), t).reshape(a.shape)
+    hf = {k: v.numpy().copy() for k, v in m.state_dict().items()}
+    sd, F = {}, 64
+    for k, v in hf.items():
+        if ".mlp." in k or k.endswith(".sinks"):
+            continue
+        sd[k] = hf[k] = exact(v, q8) if v.ndim >= 2 else v
+    for i in range(4):
+        p = f"model.layers.{i}."
+        e = p + "mlp.experts."
+        gate_up = hf[e + "gate_up_proj"].swapaxes(1, 2)  # [E, 2F, D], gate and up interleaved
+        gate, up = exact(gate_up[:, ::2], qe), exact(gate_up[:, 1::2], qe)
+        down = exact(hf[e + "down_proj"].swapaxes(1, 2), qe)  # [E, D, F]
+        both = np.empty_like(gate_up)
+        both[:, ::2], both[:, 1::2] = gate, up
+        hf[e + "gate_up_proj"], hf[e + "down_proj"] = both.swapaxes(1, 2), down.swapaxes(1, 2)
+        b = hf[e + "gate_up_proj_bias"]
+        sd.update({p + "mlp.gate_exps.weight": gate, p + "mlp.up_exps.weight": up,
+                   p + "mlp.down_exps.weight": down, p + "mlp.gate_exps.bias": b[:, ::2],
+                   p + "mlp.up_exps.bias": b[:, 1::2],
+                   p + "mlp.down_exps.bias": hf[e + "down_proj_bias"],
+                   p + "mlp.gate.weight": hf[p + "mlp.router.weight"],
+                   p + "mlp.gate.bias": hf[p + "mlp.router.bias"],
+                   p + "attn_sinks.weight": hf[p + "self_attn.sinks"]})
+    m.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in hf.items()})
+    hf_cfg = ModelConfig.from_hf(m.config.to_dict())
+
+    def meta(w):
+        w.add_expert_count(4)
+        w.add_expert_used_count(2)
+        w.add_expert_feed_forward_length(F)
+        w.add_sliding_window(6)
+        w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        w.add_rope_scaling_factor(4.0)
+        w.add_rope_scaling_orig_ctx_len(ORIG)
+
+    _write_gguf(tmp_path / "oss.gguf", hf_cfg, sd, "gpt-oss", q8, meta=meta, expert_qtype=qe)
+    cfg, w = load_gguf(tmp_path / "oss.gguf", quantized=experts == "Q8_0")
+    for f in ("attn_sinks", "router_bias", "linear_bias", "sliding_window", "local_layers",
+              "rope_yarn", "rope_attention_factor", "num_experts", "experts_per_token",
+              "qkv_bias"):
+        assert getattr(cfg, f) == getattr(hf_cfg, f), f
+    assert cfg.swiglu_limit == 7.0  # llama.cpp's fixed clamp (the released models')
+    cfg = cfg.replace(swiglu_limit=1.0)  # the test model's
+    toks = tokens(40)
+    got = ours(cfg, jax.tree.map(jnp.asarray, w), toks)
+    np.testing.assert_allclose(got, hf_logits(m, toks), atol=1e-4, rtol=0)

@@ -52,7 +52,7 @@ _ARCHS = {"llama": True, "qwen2": False, "qwen3": False, "qwen2moe": False, "qwe
           # them so; GLM-4 rotates the first half of each head)
           "command-r": True, "cohere2": True, "stablelm": False, "glm4": True,
           "mistral3": True, "starcoder2": False, "phi2": False, "exaone4": False,
-          "olmoe": False}
+          "olmoe": False, "gpt-oss": False}
 # Gemma 2/3: every n-th layer is global, the others local (llama.cpp's fixed patterns), and
 # the layer count that marks the 27B models, whose query scale is (D / N) ** -0.5.
 _GEMMA_PATTERN = {"gemma2": 2, "gemma3": 6}
@@ -88,6 +88,10 @@ def load_gguf(path: str | Path, progress: Progress | None = None, quantized: boo
                               "(requantize) exclude each other")
     cfg = _config(reader, tensors, path)
     tensors = _unfused(tensors, cfg)
+    if _arch(reader, path) == "gpt-oss":  # its MLP's input norm is post_attention_norm
+        tensors.update({f"blk.{i}.ffn_norm.weight": tensors[f"blk.{i}.post_attention_norm.weight"]
+                        for i in range(cfg.num_layers)
+                        if f"blk.{i}.post_attention_norm.weight" in tensors})
     get = _getter(tensors, path)
     try:
         permuted = _ARCHS[_arch(reader, path)]
@@ -134,7 +138,7 @@ def _config(reader: Any, tensors: dict[str, Any], path: Path) -> ModelConfig:
             raise ConversionError(f"unsupported RoPE scaling {kind!r} in {path}")
         linear = float(m("rope.scaling.factor", 1.0)) if kind == "linear" else 1.0
         head_dim = int(m("attention.key_length") or d // n)
-        variant = {**_long_rope(m, tensors, kind, head_dim), **_llama_family(arch, m),
+        variant = {**_long_rope(m, tensors, kind, head_dim, arch), **_llama_family(arch, m),
                    **_layernorm_family(arch, m, tensors)}
         theta = float(m("rope.freq_base", 10_000.0))
         scaling = None
@@ -175,10 +179,11 @@ def _config(reader: Any, tensors: dict[str, Any], path: Path) -> ModelConfig:
 
 
 def _long_rope(m: Callable[..., Any], tensors: dict[str, Any], kind: str | None,
-               head_dim: int) -> dict[str, Any]:
+               head_dim: int, arch: str = "") -> dict[str, Any]:
     """Partial rotary dims, YaRN and LongRoPE (Phi-3's rope_factors_short/long tensors)
     as llama.cpp runs them: YaRN's betas default to 32 and 1, its attention factor is
-    0.1 ln(factor) + 1 times the file's (1 with a log multiplier: the mscale pair)."""
+    0.1 ln(factor) + 1 times the file's (1 with a log multiplier: the mscale pair); gpt-oss
+    keeps the model's own YaRN, which does not round the ramp's bounds."""
     out: dict[str, Any] = {}
     rot = m("rope.dimension_count")
     if rot and int(rot) != head_dim:
@@ -190,7 +195,8 @@ def _long_rope(m: Callable[..., Any], tensors: dict[str, Any], kind: str | None,
         # mscale pair, which cancels for the released models (mscale == mscale_all_dim)
         att = 1.0 if m("rope.scaling.yarn_log_multiplier") else 0.1 * math.log(factor) + 1
         out.update(rope_yarn=(factor, int(orig), float(m("rope.scaling.yarn_beta_fast") or 32),
-                              float(m("rope.scaling.yarn_beta_slow") or 1), True),
+                              float(m("rope.scaling.yarn_beta_slow") or 1),
+                              arch != "gpt-oss"),
                    rope_attention_factor=att * float(m("rope.scaling.yarn_attn_factor") or 1))
     if "rope_factors_long.weight" in tensors:
         short, long = (tuple(_dequantize(tensors[f"rope_factors_{k}.weight"]).tolist())
@@ -218,6 +224,14 @@ def _llama_family(arch: str, m: Callable[..., Any]) -> dict[str, Any]:
         return {"pre_norms": False, "post_norms": True, "qk_norm_full": True}
     if arch == "olmoe":  # q/k over all heads, OLMo 2's way, with the usual norms
         return {"qk_norm_full": True}
+    if arch == "gpt-oss":  # llama.cpp's fixed clamp, windows on even layers; YaRN as the
+        window = m("attention.sliding_window")  # model defines it (no truncation)
+        out = {"attn_sinks": True, "router_bias": True, "linear_bias": True,
+               "swiglu_limit": 7.0, "swiglu_alpha": 1.702}
+        if window:
+            out.update(sliding_window=int(window),
+                       local_layers=local_pattern(2, int(m("block_count"))))
+        return out
     if arch == "exaone4":  # OLMo 2's norm placement; llama.cpp gives only the 64-layer
         out = {"pre_norms": False, "post_norms": True}  # 32B its windows (4096, 3 of 4)
         L = int(m("block_count"))

@@ -125,14 +125,24 @@ def final_norm(cfg: ModelConfig, get: Callable[..., np.ndarray]) -> dict[str, np
 
 
 def linear_biases(cfg: ModelConfig, get: Callable[..., np.ndarray]) -> dict[str, np.ndarray]:
-    """StarCoder2's and Phi-2's biases of attn_output, ffn_up and ffn_down [L, ...] (float
-    in both imports)."""
-    if not cfg.linear_bias:
-        return {}
-    D, F = cfg.d_model, cfg.mlp_dim
-    return {key: np.stack([get(f"blk.{i}.{g}.bias", (n,)) for i in range(cfg.num_layers)])
-            for key, g, n in (("bo", "attn_output", D), ("b_up", "ffn_up", F),
-                              ("b_down", "ffn_down", D))}
+    """The per-layer float vectors besides the norms, float in both imports: biases of
+    attn_output, ffn_up and ffn_down (StarCoder2, Phi-2) or of attn_output and every expert
+    (gpt-oss), the router's bias and the attention sinks (gpt-oss)."""
+    L, D, F, N, E = (cfg.num_layers, cfg.d_model, cfg.mlp_dim, cfg.num_heads,
+                     cfg.num_experts)
+    todo = []
+    if cfg.linear_bias:
+        todo.append(("bo", "attn_output.bias", (D,)))
+        todo += ([("moe_b_gate", "ffn_gate_exps.bias", (E, F)),
+                  ("moe_b_up", "ffn_up_exps.bias", (E, F)),
+                  ("moe_b_down", "ffn_down_exps.bias", (E, D))] if E else
+                 [("b_up", "ffn_up.bias", (F,)), ("b_down", "ffn_down.bias", (D,))])
+    if cfg.router_bias:
+        todo.append(("router_b", "ffn_gate_inp.bias", (E,)))
+    if cfg.attn_sinks:
+        todo.append(("sinks", "attn_sinks.weight", (N,)))
+    return {key: np.stack([get(f"blk.{i}.{g}", shape) for i in range(L)])
+            for key, g, shape in todo}
 
 
 def quantized_weights(cfg: ModelConfig, tensors: dict[str, Any], permuted: bool,
