@@ -269,8 +269,8 @@ def test_other_sliding_windows():
     with pytest.raises(ConfigError, match="qwen2"):
         ModelConfig.from_hf({**base, "model_type": "qwen2", "use_sliding_window": True,
                              "sliding_window": 4096})
-    with pytest.raises(ConfigError, match="gelu_new"):
-        ModelConfig.from_hf({**base, "model_type": "llama", "hidden_act": "gelu_new"})
+    with pytest.raises(ConfigError, match="relu2"):  # (gelu_new: Phi-2's tanh GELU)
+        ModelConfig.from_hf({**base, "model_type": "llama", "hidden_act": "relu2"})
     with pytest.raises(ConfigError, match="local_layers"):
         ModelConfig.from_hf({**base, "model_type": "llama"}).replace(
             sliding_window=8, local_layers=(True,))
