@@ -287,9 +287,11 @@ class ModelConfig:
             # saved text configs omit the fields that equal transformers' defaults
             hf = {**_GEMMA3_TEXT_DEFAULTS, **hf["text_config"], "model_type": "gemma3_text",
                   "architectures": [arch]}
-        if hf.get("model_type") in ("mistral3", "llama4") and "text_config" in hf:
-            arch = (hf.get("architectures") or ["ForConditionalGeneration"])[0]
-            hf = {**hf["text_config"], "architectures": [arch]}  # Mistral Small 3.1+, Llama 4
+        wrapped = {"mistral3": "Mistral3ForConditionalGeneration",  # Mistral Small 3.1+
+                   "llama4": "Llama4ForConditionalGeneration"}
+        if hf.get("model_type") in wrapped and "text_config" in hf:
+            arch = (hf.get("architectures") or [wrapped[hf["model_type"]]])[0]
+            hf = {**hf["text_config"], "architectures": [arch]}
         kind = hf.get("model_type", "llama")
         gemma = kind in GEMMA_TYPES
         if kind in (*GLM_TYPES, "phi"):  # older configs leave transformers' default out

@@ -32,7 +32,7 @@ import numpy as np
 from jaxinfer.config import ModelConfig, local_pattern
 from jaxinfer.convert.gguf_quant import (
     final_norm,
-    linear_biases,
+    layer_vectors,
     norms,
     qk_norms,
     quantized_weights,
@@ -469,7 +469,7 @@ def _weights(cfg: ModelConfig, get: Callable[..., np.ndarray], permuted: bool,
         if progress:
             progress(i + 1, L)
     layers.update(shared_router(cfg, get))
-    layers.update(linear_biases(cfg, get))
+    layers.update(layer_vectors(cfg, get))
     weights = {"embed": get("token_embd.weight", (V, D)), "layers": results(layers),
                **final_norm(cfg, get)}
     if not cfg.tie_embeddings:

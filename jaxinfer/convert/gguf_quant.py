@@ -124,7 +124,7 @@ def final_norm(cfg: ModelConfig, get: Callable[..., np.ndarray]) -> dict[str, np
     return out
 
 
-def linear_biases(cfg: ModelConfig, get: Callable[..., np.ndarray]) -> dict[str, np.ndarray]:
+def layer_vectors(cfg: ModelConfig, get: Callable[..., np.ndarray]) -> dict[str, np.ndarray]:
     """The per-layer float vectors besides the norms, float in both imports: biases of
     attn_output, ffn_up and ffn_down (StarCoder2, Phi-2) or of attn_output and every expert
     (gpt-oss), the router's bias and the attention sinks (gpt-oss)."""
@@ -201,7 +201,7 @@ def quantized_weights(cfg: ModelConfig, tensors: dict[str, Any], permuted: bool,
                                stack(2, True) if qc.linear.offsets else None, qc.linear, ga)
     layers.update(norms(cfg, get))
     layers.update(qk_norms(cfg, get, fix if permuted else None))
-    layers.update(linear_biases(cfg, get))
+    layers.update(layer_vectors(cfg, get))
     if E:  # the routers stay float
         layers["router"] = np.stack([get(f"blk.{i}.ffn_gate_inp.weight", (E, D)).T
                                      for i in range(L)])

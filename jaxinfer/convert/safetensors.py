@@ -264,7 +264,7 @@ def _weights(cfg: ModelConfig, r: _Reader, progress: Progress | None,
         shapes.update(q_norm=qk_norm[0], k_norm=qk_norm[1])
     if cfg.norm_bias:  # StableLM's, StarCoder2's and Phi-2's LayerNorms
         shapes.update({key + "_bias": (D,) for key in norms})
-    biases = ({"wo": "bo", "w_up": "b_up", "w_down": "b_down"} if cfg.linear_bias else {})
+    biases = {"wo": "bo", "w_up": "b_up", "w_down": "b_down"} if cfg.linear_bias else {}
     biases = {k: b for k, b in biases.items() if k in shapes}  # (experts: wo's only)
     shapes.update({b: shapes[key][-1:] for key, b in biases.items()})
     layers = stacks(shapes, L, quant)
@@ -290,9 +290,10 @@ def _weights(cfg: ModelConfig, r: _Reader, progress: Progress | None,
                 q = f"{p}{block}.experts."
                 if q + "gate_up_proj_blocks" in r:
                     raise ConversionError(f"{r.path}: MXFP4 experts ({q}gate_up_proj_blocks) "
-                                          "are not supported; use a bfloat16 copy")
+                                          "are not supported; use a bfloat16 copy or a GGUF "
+                                          "file of the model")
                 gate_up = r.get(q + "gate_up_proj", (E, D, 2 * F))
-                halves = (np.s_[..., ::2], np.s_[..., 1::2]) if cfg.linear_bias else (
+                halves = (np.s_[..., ::2], np.s_[..., 1::2]) if r.kind == "gpt_oss" else (
                     np.s_[..., :F], np.s_[..., F:])  # gpt-oss interleaves gate and up
                 x["moe_gate"][i], x["moe_up"][i] = gate_up[halves[0]], gate_up[halves[1]]
                 x["moe_down"][i] = r.get(q + "down_proj", (E, F, D))
