@@ -1,6 +1,7 @@
 """Tiny random Hugging Face checkpoints written by transformers itself, read back with
-jaxinfer's converter: the shared fixture body and helpers of the architecture tests
-(test_gemma.py, test_moe.py)."""
+jaxinfer's converter: the shared fixture body and checks of the architecture tests
+(test_gemma.py, test_moe.py, test_llama_variants.py, test_layernorm_families.py,
+test_llama4.py, test_gpt_oss.py)."""
 
 import jax
 import jax.numpy as jnp
@@ -9,6 +10,11 @@ import numpy as np
 from jaxinfer import kv_cache, model
 from jaxinfer.checkpoint import load_checkpoint, save_checkpoint
 from jaxinfer.convert.safetensors import load_hf_dir
+from jaxinfer.engine import Engine, EngineConfig
+from jaxinfer.llm import LLM
+from jaxinfer.sampling import SamplingParams
+
+from .engine_helpers import CharTokenizer
 
 
 def saved_and_loaded(name: str, model, tmp_path_factory) -> tuple:
@@ -81,3 +87,50 @@ def left_interleaved(w, rotated: int | None = None):
         return jnp.concatenate([rot.reshape(*a.shape[:-1], R), a[..., R:]], -1)
     keys = [k for k in ("wq", "wk", "q_norm", "k_norm") if k in w["layers"]]
     return dict(w, layers=dict(w["layers"], **{k: back(w["layers"][k]) for k in keys}))
+
+
+def greedy_reference(m, toks: np.ndarray, n: int) -> list[list[int]]:
+    """transformers' greedy continuation: n new tokens per row, EOS never chosen."""
+    import torch
+
+    with torch.no_grad():
+        return m.generate(torch.tensor(toks), max_new_tokens=n, do_sample=False,
+                          min_new_tokens=n)[:, toks.shape[1]:].tolist()
+
+
+def check_greedy_generation(m, cfg, w, n: int = 30) -> None:
+    """LLM.generate's greedy tokens from two 20-token prompts equal transformers'."""
+    toks = tokens(20, batch=2, seed=1)
+    got = LLM(cfg, w, CharTokenizer()).generate(
+        [list(map(int, t)) for t in toks], SamplingParams(temperature=0, min_tokens=n),
+        max_new_tokens=n)
+    assert [c.token_ids for c in got] == greedy_reference(m, toks, n)
+
+
+def check_engine_greedy(m, cfg, w, n: int = 30) -> None:
+    """The same through the engine: chunked prefill of 8-token chunks, then (a second
+    time) from the prefix cache."""
+    toks = tokens(20, batch=2, seed=1)
+    ref = greedy_reference(m, toks, n)
+    eng = Engine(w, cfg, CharTokenizer(), EngineConfig(
+        num_slots=2, max_len=64, prefix_block=8, prefill_token_budget=8, min_prompt_bucket=8))
+    try:
+        for _ in range(2):
+            outs = eng.generate([list(map(int, t)) for t in toks],
+                                sampling=SamplingParams(temperature=0, min_tokens=n),
+                                max_tokens=n)
+            assert [o.token_ids for o in outs] == ref
+    finally:
+        eng.close()
+
+
+def check_sharded_equals_one_device(cfg, w, mesh: str = "data:2,model:2") -> dict:
+    """Logits of four prompts with the weights sharded by the rules equal one device's;
+    returns the sharded weights."""
+    from jaxinfer.sharding import make_mesh
+    from jaxinfer.weights import weight_shardings, weight_specs
+
+    ws = jax.tree.map(jax.device_put, w, weight_shardings(weight_specs(cfg), make_mesh(mesh)))
+    toks = tokens(20, batch=4)
+    np.testing.assert_allclose(ours(cfg, ws, toks), ours(cfg, w, toks), atol=1e-5, rtol=0)
+    return ws

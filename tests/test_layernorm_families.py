@@ -21,14 +21,16 @@ tf = pytest.importorskip("transformers")
 
 from jaxinfer import kv_cache, model  # noqa: E402
 from jaxinfer.convert.safetensors import load_hf_dir  # noqa: E402
-from jaxinfer.engine import Engine, EngineConfig  # noqa: E402
 from jaxinfer.llm import LLM  # noqa: E402
 from jaxinfer.sampling import SamplingParams  # noqa: E402
 
 from .engine_helpers import CharTokenizer  # noqa: E402
 from .hf_checkpoints import (  # noqa: E402
     check_each_matters,
+    check_engine_greedy,
+    check_greedy_generation,
     check_orbax_round_trip,
+    check_sharded_equals_one_device,
     hf_logits,
     left_interleaved,
     ours,
@@ -159,39 +161,18 @@ def test_every_difference_matters(family):
     check_each_matters(m, cfg, w, _OFF[kind], tokens(40))
 
 
-def _greedy_reference(m, toks, n=30):
-    with torch.no_grad():
-        return m.generate(torch.tensor(toks), max_new_tokens=n, do_sample=False,
-                          min_new_tokens=n)[:, toks.shape[1]:].numpy()
-
-
-SP = SamplingParams(temperature=0, min_tokens=30)  # EOS banned, as min_new_tokens does
-
-
 def test_greedy_generation_matches_transformers(family):
     """transformers' greedy tokens from a 20-token prompt, 30 new ones, through
     LLM.generate."""
     _, m, cfg, w = family
-    toks = tokens(20, batch=2, seed=1)
-    got = LLM(cfg, w, CharTokenizer()).generate([list(map(int, t)) for t in toks], SP,
-                                                max_new_tokens=30)
-    assert [c.token_ids for c in got] == _greedy_reference(m, toks).tolist()
+    check_greedy_generation(m, cfg, w)
 
 
 @pytest.mark.slow
 def test_engine_matches_transformers(family):
     """The same through the engine: chunked prefill, then the prefix cache."""
     _, m, cfg, w = family
-    toks = tokens(20, batch=2, seed=1)
-    ref = _greedy_reference(m, toks).tolist()
-    eng = Engine(w, cfg, CharTokenizer(), EngineConfig(
-        num_slots=2, max_len=64, prefix_block=8, prefill_token_budget=8, min_prompt_bucket=8))
-    try:
-        for _ in range(2):
-            outs = eng.generate([list(map(int, t)) for t in toks], sampling=SP, max_tokens=30)
-            assert [o.token_ids for o in outs] == ref
-    finally:
-        eng.close()
+    check_engine_greedy(m, cfg, w)
 
 
 def test_checkpoint_round_trip(family, tmp_path):
@@ -202,14 +183,8 @@ def test_checkpoint_round_trip(family, tmp_path):
 def test_sharded_equals_one_device(family):
     """Under data:2,model:2 (heads, KV heads and the MLP split; norm biases replicated)."""
     _, _, cfg, w = family
-    from jaxinfer.sharding import make_mesh
-    from jaxinfer.weights import weight_shardings, weight_specs
-
-    ws = jax.tree.map(jax.device_put, w, weight_shardings(weight_specs(cfg),
-                                                          make_mesh("data:2,model:2")))
+    ws = check_sharded_equals_one_device(cfg, w)
     assert ws["layers"]["wq"].sharding.spec[2] == "model"
-    toks = tokens(20, batch=4)
-    np.testing.assert_allclose(ours(cfg, ws, toks), ours(cfg, w, toks), atol=1e-5, rtol=0)
 
 
 _LORA_TARGETS = {"cohere": ["q_proj", "k_proj", "v_proj", "o_proj"],

@@ -20,16 +20,15 @@ tf = pytest.importorskip("transformers")
 from jaxinfer import kv_cache, model  # noqa: E402
 from jaxinfer.attention import attention  # noqa: E402
 from jaxinfer.config import ModelConfig  # noqa: E402
-from jaxinfer.engine import Engine, EngineConfig  # noqa: E402
 from jaxinfer.errors import ConfigError  # noqa: E402
-from jaxinfer.llm import LLM  # noqa: E402
 from jaxinfer.moe import moe  # noqa: E402
-from jaxinfer.sampling import SamplingParams  # noqa: E402
 
-from .engine_helpers import CharTokenizer  # noqa: E402
 from .hf_checkpoints import (  # noqa: E402
     check_each_matters,
+    check_engine_greedy,
+    check_greedy_generation,
     check_orbax_round_trip,
+    check_sharded_equals_one_device,
     hf_logits,
     left_interleaved,
     ours,
@@ -121,49 +120,22 @@ def test_gathered_and_dense_experts_agree(llama4):
     np.testing.assert_allclose(np.asarray(gathered), np.asarray(dense), atol=1e-5, rtol=0)
 
 
-def _greedy_reference(m, toks, n=24):
-    with torch.no_grad():
-        return m.generate(torch.tensor(toks), max_new_tokens=n, do_sample=False,
-                          min_new_tokens=n)[:, toks.shape[1]:].numpy()
-
-
-SP = SamplingParams(temperature=0, min_tokens=24)
-
-
 def test_greedy_generation_matches_transformers(llama4):
     _, m, cfg, w = llama4
-    toks = tokens(20, batch=2, seed=1)
-    got = LLM(cfg, w, CharTokenizer()).generate([list(map(int, t)) for t in toks], SP,
-                                                max_new_tokens=24)
-    assert [c.token_ids for c in got] == _greedy_reference(m, toks).tolist()
+    check_greedy_generation(m, cfg, w, n=24)
 
 
 @pytest.mark.slow
 def test_engine_matches_transformers(llama4):
     """Chunked prefill of 8-token chunks, then the prefix cache."""
     _, m, cfg, w = llama4
-    toks = tokens(20, batch=2, seed=1)
-    ref = _greedy_reference(m, toks).tolist()
-    eng = Engine(w, cfg, CharTokenizer(), EngineConfig(
-        num_slots=2, max_len=64, prefix_block=8, prefill_token_budget=8, min_prompt_bucket=8))
-    try:
-        for _ in range(2):
-            outs = eng.generate([list(map(int, t)) for t in toks], sampling=SP, max_tokens=24)
-            assert [o.token_ids for o in outs] == ref
-    finally:
-        eng.close()
+    check_engine_greedy(m, cfg, w, n=24)
 
 
 def test_checkpoint_round_trip_and_mesh(llama4, tmp_path):
     _, m, cfg, w = llama4
     check_orbax_round_trip(m, cfg, w, tokens(20), tmp_path)
-    from jaxinfer.sharding import make_mesh
-    from jaxinfer.weights import weight_shardings, weight_specs
-
-    ws = jax.tree.map(jax.device_put, w, weight_shardings(weight_specs(cfg),
-                                                          make_mesh("data:2,model:2")))
-    toks = tokens(20, batch=4)
-    np.testing.assert_allclose(ours(cfg, ws, toks), ours(cfg, w, toks), atol=1e-5, rtol=0)
+    check_sharded_equals_one_device(cfg, w)
 
 
 def test_multimodal_checkpoint_and_refusals(tmp_path):
