@@ -143,6 +143,7 @@ def test_checkpoint_round_trip_and_mesh(oss, tmp_path):
     check_sharded_equals_one_device(cfg, w)
 
 
+@pytest.mark.slow
 def test_expert_parallel(oss):
     """Experts and their biases split over `expert` (2 of 4 per device), tensor-parallel
     over `model`: prefill and decode (chosen experts and all experts) equal one device."""
@@ -187,7 +188,7 @@ def test_mxfp4_checkpoints_are_refused_by_name(oss, tmp_path):
         load_hf_dir(tmp_path)
 
 
-@pytest.mark.parametrize("experts", ["MXFP4", "Q8_0"])
+@pytest.mark.parametrize("experts", ["MXFP4", pytest.param("Q8_0", marks=pytest.mark.slow)])
 def test_gguf_matches_transformers(tmp_path, experts):
     """A `gpt-oss` GGUF as llama.cpp writes it (experts split into gate/up/down [E, out,
     in] with their biases, attn_sinks, post_attention_norm before the MLP, float biases):

@@ -228,7 +228,7 @@ def test_lora_matches_peft(tmp_path, kind):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("quantized", [False, True])
+@pytest.mark.parametrize("quantized", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_gguf_matches_transformers(tmp_path, kind, quantized):
     """A GGUF as llama.cpp's converter writes it (`command-r`, `cohere2`, `stablelm`,
     `starcoder2`, `phi2`: q/k rows as the checkpoint has them, interleaved for Cohere;

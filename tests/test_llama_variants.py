@@ -263,7 +263,7 @@ def test_sharded_equals_one_device(variant):
 @pytest.mark.parametrize("kind", ["phi3_longrope", "qwen3_yarn", "smollm3", "granite",
                                   "olmo2", "granitemoe", "glm4", "ministral3",
                                   "exaone4_dense", "exaone4_64"])
-@pytest.mark.parametrize("quantized", [False, True])
+@pytest.mark.parametrize("quantized", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_gguf_matches_transformers(tmp_path, kind, quantized):
     """A GGUF as llama.cpp's converter writes it (Phi-3: fused attn_qkv and ffn_up, the
     LongRoPE factors as rope_factors_short/long tensors, the rotary dims, window and
