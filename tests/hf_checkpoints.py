@@ -134,3 +134,20 @@ def check_sharded_equals_one_device(cfg, w, mesh: str = "data:2,model:2") -> dic
     toks = tokens(20, batch=4)
     np.testing.assert_allclose(ours(cfg, ws, toks), ours(cfg, w, toks), atol=1e-5, rtol=0)
     return ws
+
+
+def check_expert_paths_agree(cfg, w):
+    """moe()'s two ways to run layer 0's experts agree: every expert on 8 tokens at once
+    (dense) and each token alone through its chosen experts (gathered), within float32
+    rounding of the outputs' scale. Returns (the dense output, its scale)."""
+    from jaxinfer.moe import moe
+
+    layer = jax.tree.map(lambda a: a[0], w["layers"])
+    x = jax.random.normal(jax.random.key(0), (1, 8, cfg.d_model))
+    dense = moe(cfg, x, layer)
+    assert 8 * cfg.experts_per_token > cfg.num_experts  # (dense indeed)
+    gathered = jnp.concatenate([moe(cfg, x[:, t:t + 1], layer) for t in range(8)], axis=1)
+    scale = float(jnp.abs(dense).max())
+    np.testing.assert_allclose(np.asarray(gathered), np.asarray(dense),
+                               atol=1e-5 * max(1.0, scale), rtol=0)
+    return dense, scale

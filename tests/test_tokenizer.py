@@ -344,13 +344,33 @@ def test_split_regexes_run_the_same_in_two_engines(pre):
             assert got == regex.findall(LLAMA_CPP_SPELLING[pre], text), text
 
 
+def _bpe_gguf(path, arch: str, pre: str, vocab: list[str], merges: list[str]):
+    """A GGUF holding only a byte-level BPE tokenizer, as llama.cpp writes one (`<|...|>`
+    tokens are control tokens; BOS 0, EOS 1)."""
+    import gguf
+
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre(pre)
+    w.add_token_list(vocab)
+    w.add_token_merges(merges)
+    w.add_token_types([3 if t.startswith("<|") else 1 for t in vocab])
+    w.add_bos_token_id(0)
+    w.add_eos_token_id(1)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
 @pytest.mark.parametrize("pre,arch", [("llama-bpe", "llama"), ("qwen2", "qwen2"),
                                       ("gpt-4o", "llama"), ("tekken", "llama")])
 def test_gguf_bpe_pre_tokenizers_match_transformers(tmp_path, pre, arch):
     """A byte-level BPE vocabulary trained with the model family's split regex, written as
     llama.cpp writes it (`tokenizer.ggml.pre`), tokenizes every text as transformers' own
     GGUF tokenizer loader does; Llama 3 and Tekken vocabularies add BOS by default."""
-    gguf = pytest.importorskip("gguf")
+    pytest.importorskip("gguf")
     transformers = pytest.importorskip("transformers")
     from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
     from tokenizers import Tokenizer as HFTok
@@ -368,19 +388,7 @@ def test_gguf_bpe_pre_tokenizers_match_transformers(tmp_path, pre, arch):
     spec = json.loads(tok.to_str())["model"]
     vocab = sorted(spec["vocab"], key=spec["vocab"].get)
     merges = [m if isinstance(m, str) else " ".join(m) for m in spec["merges"]]
-    path = tmp_path / "bpe.gguf"
-    w = gguf.GGUFWriter(str(path), arch)
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre(pre)
-    w.add_token_list(vocab)
-    w.add_token_merges(merges)
-    w.add_token_types([3 if t.startswith("<|") else 1 for t in vocab])
-    w.add_bos_token_id(0)
-    w.add_eos_token_id(1)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    path = _bpe_gguf(tmp_path / "bpe.gguf", arch, pre, vocab, merges)
     ours = load_tokenizer(path)
     ref = transformers.AutoTokenizer.from_pretrained(str(tmp_path), gguf_file=path.name)
     for text in SPLIT_TEXTS:
@@ -396,25 +404,11 @@ def test_gguf_bpe_pre_tokenizers_match_transformers(tmp_path, pre, arch):
 def test_gguf_pre_tokenizer_aliases_split_as_their_family(tmp_path, alias, name):
     """The `tokenizer.ggml.pre` names of the newer families' files load, and split and
     encode every text as the name llama.cpp groups them with (llama-vocab.cpp)."""
-    gguf = pytest.importorskip("gguf")
-    vocab = ["<s>", "</s>"] + [chr(c) for c in range(33, 127)] + ["Ġ", "Ġt", "Ġth", "12"]
+    pytest.importorskip("gguf")
+    vocab = ["<|s|>", "<|/s|>"] + [chr(c) for c in range(33, 127)] + ["Ġ", "Ġt", "Ġth", "12"]
     merges = ["Ġ t", "Ġt h", "1 2"]
-    toks = {}
-    for pre in (alias, name):
-        path = tmp_path / f"{pre}.gguf"
-        w = gguf.GGUFWriter(str(path), "llama")
-        w.add_tokenizer_model("gpt2")
-        w.add_tokenizer_pre(pre)
-        w.add_token_list(vocab)
-        w.add_token_merges(merges)
-        w.add_token_types([3, 3] + [1] * (len(vocab) - 2))
-        w.add_bos_token_id(0)
-        w.add_eos_token_id(1)
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_tensors_to_file()
-        w.close()
-        toks[pre] = load_tokenizer(path)
+    toks = {pre: load_tokenizer(_bpe_gguf(tmp_path / f"{pre}.gguf", "llama", pre, vocab,
+                                          merges)) for pre in (alias, name)}
     for text in ["the 1234 thing", "  x=12;\n\ty", "don't stop"]:
         assert toks[alias].encode(text) == toks[name].encode(text), text
     assert toks[alias].add_bos == toks[name].add_bos
