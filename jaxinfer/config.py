@@ -18,7 +18,9 @@ from jaxinfer.errors import ConfigError
 
 ACTIVATIONS = ("silu", "gelu_tanh")
 GEMMA_TYPES = ("gemma", "gemma2", "gemma3_text", "gemma3")
-MOE_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "granitemoe", "olmoe", "gpt_oss")
+DEEPSEEK_TYPES = ("deepseek_v2", "deepseek_v3")
+MOE_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "granitemoe", "olmoe", "gpt_oss", "glm4_moe",
+             *DEEPSEEK_TYPES)
 COHERE_TYPES = ("cohere", "cohere2")
 GLM_TYPES = ("glm", "glm4")
 
@@ -140,6 +142,31 @@ class ModelConfig:
     attn_sinks: bool = False
     swiglu_limit: float | None = None
     swiglu_alpha: float = 1.702
+    # DeepSeek V2/V3, GLM-4.5: the first `dense_layers` layers have a dense MLP of width
+    # dense_mlp_dim instead of experts (their own scanned stack, weights["dense_layers"]).
+    dense_layers: int = 0
+    dense_mlp_dim: int = 0
+    # DeepSeek's routing: sigmoid scores (V3, GLM-4.5; softmax otherwise); experts in
+    # router_groups = (groups, groups kept), a group ranked by its best score (V2) or the sum
+    # of its best two (router_group_top2: V3); a per-expert bias on the scores that picks
+    # experts but does not weigh them (router_choice_bias: e_score_correction_bias); the
+    # chosen weights times routed_scale.
+    router_sigmoid: bool = False
+    router_groups: tuple[int, int] | None = None
+    router_group_top2: bool = False
+    router_choice_bias: bool = False
+    routed_scale: float = 1.0
+    # Multi-head latent attention (DeepSeek V2/V3) where kv_lora_rank > 0: keys and values
+    # come from one RMS-normed latent c of kv_lora_rank dims per token plus one shared RoPE
+    # key of rope_dim, and the cache holds just [c, k_rope] (head_dim = kv_lora_rank +
+    # rope_dim, one KV head, no separate values). Each query head's non-RoPE part
+    # (qk_nope_dim) is absorbed into its key up-projection, so attention runs in latent
+    # space, and the output is lifted to v_head_dim per head. q_lora_rank > 0: queries
+    # through a normed low-rank bottleneck too.
+    q_lora_rank: int = 0
+    kv_lora_rank: int = 0
+    qk_nope_dim: int = 0
+    v_head_dim: int = 0
 
     def __post_init__(self):
         for f in ("vocab_size", "d_model", "mlp_dim", "num_layers", "num_heads",
@@ -199,6 +226,26 @@ class ModelConfig:
                 raise ConfigError(f"attn_temperature's length must be a positive integer, got "
                                   f"{length!r}")
             object.__setattr__(self, "attn_temperature", (float(beta), length))
+        if self.dense_layers and not (self.num_experts and 0 < self.dense_layers < self.num_layers
+                                      and self.dense_mlp_dim > 0):
+            raise ConfigError(f"dense_layers={self.dense_layers} needs experts in the other "
+                              f"layers (num_experts, fewer than num_layers={self.num_layers}) "
+                              f"and dense_mlp_dim > 0")
+        if self.router_groups is not None:
+            groups, kept = self.router_groups
+            object.__setattr__(self, "router_groups", (int(groups), int(kept)))
+            if groups <= 0 or self.num_experts % groups or not 0 < kept <= groups:
+                raise ConfigError(f"router_groups={self.router_groups} must split num_experts="
+                                  f"{self.num_experts} into groups and keep 1 to all of them")
+        if self.kv_lora_rank:
+            if (self.num_kv_heads != 1 or not self.rope_dim or self.qk_nope_dim <= 0
+                    or self.v_head_dim <= 0
+                    or self.head_dim != self.kv_lora_rank + self.rope_dim):
+                raise ConfigError(
+                    f"latent attention (kv_lora_rank={self.kv_lora_rank}) needs num_kv_heads=1, "
+                    f"head_dim = kv_lora_rank + rope_dim, qk_nope_dim and v_head_dim; got "
+                    f"{self.num_kv_heads}, {self.head_dim}, {self.rope_dim}, {self.qk_nope_dim}, "
+                    f"{self.v_head_dim}")
         rot = self.rope_dim or self.head_dim
         if not isinstance(rot, int) or not 0 < rot <= self.head_dim or rot % 2:
             raise ConfigError(f"rope_dim must be an even integer in (0, head_dim="
@@ -211,6 +258,12 @@ class ModelConfig:
                                   f"(one per rotated frequency), got {len(short)} and "
                                   f"{len(long)}")
             object.__setattr__(self, "rope_longrope", (short, long, int(orig)))
+
+    @property
+    def value_dim(self) -> int:
+        """Head dim of the value cache: 0 with latent attention (values are the keys' latent
+        part, so nothing is stored twice)."""
+        return 0 if self.kv_lora_rank else self.head_dim
 
     @property
     def q_per_kv(self) -> int:  # G
@@ -235,7 +288,8 @@ class ModelConfig:
                 and self.residual_multiplier == 1.0 and self.logits_scaling == 1.0
                 and not self.layer_norm and not self.norm_bias and not self.parallel_block
                 and not self.qk_norm_heads and self.mlp_gated and not self.linear_bias
-                and not self.lm_head_bias and not self.qk_l2_norm and not self.attn_sinks)
+                and not self.lm_head_bias and not self.qk_l2_norm and not self.attn_sinks
+                and not self.kv_lora_rank)
 
     def replace(self, **kw: Any) -> ModelConfig:
         return dataclasses.replace(self, **kw)
@@ -294,7 +348,7 @@ class ModelConfig:
             hf = {**hf["text_config"], "architectures": [arch]}
         kind = hf.get("model_type", "llama")
         gemma = kind in GEMMA_TYPES
-        if kind in (*GLM_TYPES, "phi"):  # older configs leave transformers' default out
+        if kind in (*GLM_TYPES, "phi", "glm4_moe"):  # older configs leave the default out
             hf = {"partial_rotary_factor": 0.5, **hf}
         if kind == "phi" and hf.get("qk_layernorm"):
             raise ConfigError("Phi's qk_layernorm is not supported")
@@ -309,6 +363,10 @@ class ModelConfig:
             theta, local_theta, scaling = _rope(hf)
             head_dim = int(hf.get("head_dim") or d // n)
             rope = _rope_scaling(hf, scaling or {}, head_dim)
+            mla = _latent_attention(hf, kind, scaling or {})
+            if mla:  # the cache's head: [latent, RoPE key]
+                head_dim = mla["kv_lora_rank"] + mla["rope_dim"]
+                rope["rope_dim"] = mla.pop("rope_dim")
             act = hf.get("hidden_activation") or ("gelu_pytorch_tanh" if gemma
                                                   else hf.get("hidden_act", "silu"))
             if act not in _HF_ACTIVATIONS:
@@ -317,11 +375,16 @@ class ModelConfig:
             window, local = _sliding(hf, kind, L)
             experts, chosen, mlp_dim = _moe(hf, kind)
             shared = int(hf.get("shared_expert_intermediate_size") or 0) if experts else 0
+            deepseek = kind in (*DEEPSEEK_TYPES, "glm4_moe")  # DeepSeek's MoE layout
+            if deepseek:
+                shared = int(hf.get("n_shared_experts") or 0) * mlp_dim
             llama4, oss = kind == "llama4_text", kind == "gpt_oss"
             if llama4:  # every token also goes through an ungated shared expert
                 shared = mlp_dim
             qpas = hf.get("query_pre_attn_scalar") if kind != "gemma" else None
             query_scale = None if qpas is None else float(qpas) ** -0.5
+            if mla:
+                query_scale = mla.pop("query_scale")
             if kind in ("granite", "granitemoe"):
                 query_scale = float(hf.get("attention_multiplier", 1.0))
             nope = ()
@@ -348,7 +411,7 @@ class ModelConfig:
                 mlp_dim=mlp_dim,
                 num_layers=L,
                 num_heads=n,
-                num_kv_heads=int(hf.get("num_key_value_heads") or n),
+                num_kv_heads=1 if mla else int(hf.get("num_key_value_heads") or n),
                 head_dim=head_dim,
                 rope_theta=float(theta),
                 rms_norm_eps=float(eps),
@@ -361,7 +424,7 @@ class ModelConfig:
                               else hf.get("attention_bias", kind == "qwen2")),
                 qk_norm=(kind in ("qwen3", "gemma3_text", "qwen3_moe", "olmo2", "exaone4",
                                   "olmoe")
-                         or bool(cohere and hf.get("use_qk_norm"))
+                         or bool((cohere or kind == "glm4_moe") and hf.get("use_qk_norm"))
                          or bool(stablelm and hf.get("qk_layernorm"))),
                 qk_norm_full=kind in ("olmo2", "olmoe"),
                 qk_norm_heads=cohere or stablelm,
@@ -369,7 +432,8 @@ class ModelConfig:
                 mlp_gated=not plain,
                 linear_bias=biases,
                 lm_head_bias=kind == "phi",
-                rope_interleaved=cohere or kind in GLM_TYPES or llama4,
+                rope_interleaved=(cohere or kind in GLM_TYPES or llama4 or kind == "deepseek_v2"
+                                  or (kind == "deepseek_v3" and hf.get("rope_interleave", True))),
                 chunked_local=llama4 and window is not None,
                 qk_l2_norm=llama4 and bool(hf.get("use_qk_norm", True)),
                 moe_scale_inputs=llama4,
@@ -404,9 +468,12 @@ class ModelConfig:
                 **_llama4_temperature(hf, kind),
                 num_experts=experts,
                 experts_per_token=chosen,
-                norm_topk=bool(hf.get("norm_topk_prob", kind not in ("qwen2_moe", "olmoe"))),
+                norm_topk=kind != "deepseek_v2" and bool(  # (V2 never renormalises)
+                    hf.get("norm_topk_prob", kind not in ("qwen2_moe", "olmoe"))),
                 shared_expert_dim=shared,
-                shared_expert_gate=bool(shared) and not llama4,
+                shared_expert_gate=bool(shared) and not llama4 and not deepseek,
+                **(_deepseek_moe(hf, kind) if deepseek else {}),
+                **mla,
             )
         except KeyError as e:
             raise ConfigError(f"Hugging Face config lacks field {e.args[0]!r}") from e
@@ -591,6 +658,42 @@ def _sliding(hf: dict[str, Any], kind: str, L: int) -> tuple[int | None, tuple[b
     return None, ()
 
 
+def _latent_attention(hf: dict[str, Any], kind: str, scaling: dict[str, Any]
+                      ) -> dict[str, Any]:
+    """DeepSeek V2/V3's latent attention fields (and rope_dim, query_scale, which the caller
+    places), or {}. The score scale is qk_head_dim ** -0.5 times YaRN's mscale(factor,
+    mscale_all_dim) squared, as transformers computes it."""
+    if kind not in DEEPSEEK_TYPES:
+        return {}
+    if hf.get("attention_bias"):
+        raise ConfigError(f"{kind} with attention_bias is not supported")
+    nope, rot = int(hf["qk_nope_head_dim"]), int(hf["qk_rope_head_dim"])
+    scale = (nope + rot) ** -0.5
+    if scaling.get("rope_type", scaling.get("type", "default")) != "default" \
+            and scaling.get("mscale_all_dim"):
+        scale *= _yarn_mscale(float(scaling["factor"]), float(scaling["mscale_all_dim"])) ** 2
+    return {"q_lora_rank": int(hf.get("q_lora_rank") or 0),
+            "kv_lora_rank": int(hf["kv_lora_rank"]), "qk_nope_dim": nope,
+            "v_head_dim": int(hf["v_head_dim"]), "rope_dim": rot, "query_scale": scale}
+
+
+def _deepseek_moe(hf: dict[str, Any], kind: str) -> dict[str, Any]:
+    """DeepSeek V2/V3's and GLM-4.5's routing and leading dense layers: V2 softmax scores,
+    groups ranked by their best expert (topk_method group_limited_greedy) or no groups
+    (greedy); V3 and GLM-4.5 sigmoid scores, a choice bias, groups ranked by their best two."""
+    v2 = kind == "deepseek_v2"
+    method = hf.get("topk_method", "greedy" if v2 else "noaux_tc")
+    if method not in (("greedy", "group_limited_greedy") if v2 else ("noaux_tc",)):
+        raise ConfigError(f"{kind} topk_method={method!r} is not supported")
+    groups = None
+    if method != "greedy" and int(hf.get("n_group") or 1) > 1:
+        groups = (int(hf["n_group"]), int(hf["topk_group"]))
+    return {"dense_layers": int(hf.get("first_k_dense_replace") or 0),
+            "dense_mlp_dim": int(hf["intermediate_size"]), "router_sigmoid": not v2,
+            "router_groups": groups, "router_group_top2": not v2, "router_choice_bias": not v2,
+            "routed_scale": float(hf.get("routed_scaling_factor") or 1.0)}
+
+
 def _moe(hf: dict[str, Any], kind: str) -> tuple[int, int, int]:
     """(experts, experts per token, expert MLP width); (0, 0, intermediate_size) if dense.
     Qwen2/3-MoE configs can mix in dense layers; none released does, and that is refused."""
@@ -608,6 +711,12 @@ def _moe(hf: dict[str, Any], kind: str) -> tuple[int, int, int]:
         if experts is None:
             raise KeyError("num_local_experts")
         return int(experts), int(hf["num_experts_per_tok"]), int(hf["intermediate_size"])
+    if kind in (*DEEPSEEK_TYPES, "glm4_moe"):  # after first_k_dense_replace dense layers
+        if int(hf.get("moe_layer_freq") or 1) != 1:
+            raise ConfigError(f"{kind} with moe_layer_freq={hf['moe_layer_freq']} is not "
+                              "supported")
+        return (int(hf["n_routed_experts"]), int(hf["num_experts_per_tok"]),
+                int(hf["moe_intermediate_size"]))
     if kind in ("qwen2_moe", "qwen3_moe"):
         if hf.get("mlp_only_layers") or int(hf.get("decoder_sparse_step", 1)) != 1:
             raise ConfigError(f"{kind} configs with dense layers (mlp_only_layers, "

@@ -27,7 +27,7 @@ import optax
 
 from jaxinfer.config import ModelConfig
 from jaxinfer.errors import ConfigError
-from jaxinfer.kv_cache import KVCache
+from jaxinfer.kv_cache import KVCache, kv_shapes
 from jaxinfer.model import hidden_states, unembed
 from jaxinfer.weights import Weights
 
@@ -56,9 +56,9 @@ class DistillConfig:
 def logits(weights: Weights, tokens_BT: jax.Array, cfg: ModelConfig) -> jax.Array:
     """Logits [B, T, V] of a whole window (a throwaway cache of exactly T slots)."""
     B, T = tokens_BT.shape
-    shape = (cfg.num_layers, B, cfg.num_kv_heads, T, cfg.head_dim)
+    k, v = kv_shapes(cfg, B, T)
     dtype = weights["embed"].dtype
-    cache = KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((B,), jnp.int32))
+    cache = KVCache(jnp.zeros(k, dtype), jnp.zeros(v, dtype), jnp.zeros((B,), jnp.int32))
     x, _ = hidden_states(weights, tokens_BT, cache, cfg)
     return unembed(weights, x, cfg)
 

@@ -35,7 +35,7 @@ import jax.numpy as jnp
 from jaxinfer import generate as gen
 from jaxinfer import model
 from jaxinfer.config import ModelConfig
-from jaxinfer.kv_cache import KVCache, cache_shardings, init_cache
+from jaxinfer.kv_cache import KVCache, cache_shardings, init_cache, kv_shapes
 from jaxinfer.lora import LoraStack
 from jaxinfer.sampling import (
     IDLE_ROW,
@@ -123,11 +123,13 @@ def slots_bytes(cfg: ModelConfig, B: int, S: int, dtype, mesh: jax.sharding.Mesh
     """Bytes one device holds for the B-slot cache `slots_cache` makes (K, V and an int8
     cache's scales), from its shard shape under `mesh`."""
     dtype = jnp.dtype(dtype)
-    shape = (cfg.num_layers, B, cfg.num_kv_heads, S, cfg.head_dim)
-    if mesh is not None:
-        shape = cache_shardings(cfg, B, S, mesh).k.shard_shape(shape)
-    n = math.prod(shape)
-    return 2 * (n * dtype.itemsize + (n // shape[-1] * 4 if dtype == jnp.int8 else 0))
+    total = 0
+    for shape in kv_shapes(cfg, B, S):  # K, V and (int8) their scales
+        if mesh is not None:
+            shape = cache_shardings(cfg, B, S, mesh).k.shard_shape(shape)
+        n = math.prod(shape)
+        total += n * dtype.itemsize + (math.prod(shape[:4]) * 4 if dtype == jnp.int8 else 0)
+    return total
 
 
 def put_row(dst: KVCache, src: KVCache, slot: jax.Array) -> KVCache:

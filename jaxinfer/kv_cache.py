@@ -71,10 +71,18 @@ def read_kv(c_LBKSH: jax.Array, scale_LBKS: jax.Array | None, i: jax.Array, dtyp
     return x if scale_LBKS is None else x * scale_LBKS[i][..., None].astype(dtype)
 
 
+def kv_shapes(cfg: ModelConfig, batch: int, max_len: int
+              ) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The K and V caches' shapes [L, B, K, S, H]; V's H is cfg.value_dim (0 with latent
+    attention, whose values are the keys' latent part)."""
+    k = (cfg.num_layers, batch, cfg.num_kv_heads, max_len, cfg.head_dim)
+    return k, k[:4] + (cfg.value_dim,)
+
+
 def cache_shardings(cfg: ModelConfig, batch: int, max_len: int, mesh: jax.sharding.Mesh,
                     rules: ShardingRules | None = None) -> KVCache:
-    shape = (cfg.num_layers, batch, cfg.num_kv_heads, max_len, cfg.head_dim)
-    kv = activation_sharding(CACHE_AXES, mesh, shape, rules, "kv_cache")
+    kv = activation_sharding(CACHE_AXES, mesh, kv_shapes(cfg, batch, max_len)[0], rules,
+                             "kv_cache")
     return KVCache(k=kv, v=kv, lengths=activation_sharding(("batch",), mesh, (batch,), rules,
                                                       "kv_cache.lengths"))
 
@@ -83,20 +91,21 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: Any = jnp.floa
                shardings: KVCache | None = None) -> KVCache:
     """An empty cache of B rows and S positions (zeros, lengths 0); dtype int8 adds the
     per-token scales."""
-    shape = (cfg.num_layers, batch, cfg.num_kv_heads, max_len, cfg.head_dim)
     kv, lens = (shardings.k, shardings.lengths) if shardings is not None else (None, None)
-    return _zeros_fn(shape, jnp.dtype(dtype), kv, lens)()
+    return _zeros_fn(kv_shapes(cfg, batch, max_len), jnp.dtype(dtype), kv, lens)()
 
 
 @functools.lru_cache(maxsize=64)
-def _zeros_fn(shape: tuple[int, ...], dtype: Any, kv_sharding, lengths_sharding):
-    """One compiled allocator per (shape, dtype, sharding): allocating never recompiles."""
+def _zeros_fn(shapes: tuple[tuple[int, ...], tuple[int, ...]], dtype: Any, kv_sharding,
+              lengths_sharding):
+    """One compiled allocator per (shapes, dtype, sharding): allocating never recompiles."""
 
     quantized = jnp.dtype(dtype) == jnp.int8
+    shape, v_shape = shapes
 
     def make():
         scale = (lambda: jnp.zeros(shape[:4], jnp.float32)) if quantized else (lambda: None)
-        return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
+        return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(v_shape, dtype),
                        lengths=jnp.zeros((shape[1],), jnp.int32), k_scale=scale(),
                        v_scale=scale())
 

@@ -14,6 +14,8 @@ Layers run under `lax.scan`; the stacked cache rides in the scan carry and is up
 place, and jit donates it, so a step never copies the cache. Gemma's local and global
 layers share the scanned body: the layer index picks its window and RoPE frequencies.
 Cohere, Phi-2 and StableLM 2 12B run attention and the MLP side by side (`parallel_block`).
+DeepSeek's leading dense layers are a second stack scanned first, over the same cache;
+its latent attention caches one [latent, RoPE key] row per token (`latent_qk`).
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from jaxinfer.layers import (
 from jaxinfer.lora import LoraStack, bind
 from jaxinfer.moe import moe
 from jaxinfer.quant import take_rows
-from jaxinfer.weights import Weights
+from jaxinfer.weights import LAYER_STACKS, Weights
 
 
 def qkv(cfg: ModelConfig, w: Weights, h_BTD: jax.Array, pos_BT: jax.Array,
@@ -89,6 +91,30 @@ def qkv(cfg: ModelConfig, w: Weights, h_BTD: jax.Array, pos_BT: jax.Array,
     return q_rot, k_rot, v
 
 
+def latent_qk(cfg: ModelConfig, w: Weights, h_BTD: jax.Array, pos_BT: jax.Array,
+              context: int = 0) -> tuple[jax.Array, jax.Array]:
+    """Latent attention's (DeepSeek V2/V3) q [B,T,N,R+Hr] and cached key [B,T,1,R+Hr]: the
+    key is the normed latent c beside the RoPE key, shared by every head; each query head's
+    non-RoPE part is absorbed into its key up-projection (q_nope . W_uk c = (q_nope W_uk) .
+    c), so scores are one MQA dot against the cache. Scaled for the model's score scale
+    (attention divides by sqrt(R + Hr))."""
+    Hn, R = cfg.qk_nope_dim, cfg.kv_lora_rank
+    if cfg.q_lora_rank:
+        c = dot(h_BTD, w["wq_a"], "BTD,DR->BTR")
+        q = dot(norm(cfg, c, w["q_a_norm"]), w["wq_b"], "BTR,RNH->BTNH")
+    else:
+        q = dot(h_BTD, w["wq"], "BTD,DNH->BTNH")
+    kv = dot(h_BTD, w["wkv_a"], "BTD,DR->BTR")
+    angles = rope_angles(cfg, pos_BT, None, context)
+    q_rope = apply_rope(q[..., Hn:], angles, cfg.rope_attention_factor)
+    k_rope = apply_rope(kv[:, :, None, R:], angles, cfg.rope_attention_factor)
+    q_latent = dot(q[..., :Hn], w["w_uk"], "BTNH,NHR->BTNR")
+    q = jnp.concatenate([q_latent, q_rope], axis=-1)
+    q = (q * (cfg.query_scale * cfg.head_dim ** 0.5)).astype(q.dtype)
+    k = jnp.concatenate([norm(cfg, kv[:, :, None, :R], w["kv_a_norm"]), k_rope], axis=-1)
+    return q, k
+
+
 def layer_window(cfg: ModelConfig, layer: jax.Array) -> jax.Array | None:
     """The layer's sliding window as a traced i32 (no window: more than any position), or
     None when the model has no local layers."""
@@ -114,10 +140,11 @@ def embed(cfg: ModelConfig, weights: Weights, tokens_BT: jax.Array) -> jax.Array
     return x
 
 
-def _block(cfg: ModelConfig, impl: str, adapter_B: jax.Array | None, carry, xs):
-    """One decoder layer. carry = (x_BTD, k [L,B,K,S,H], v, k/v scales [L,B,K,S] or None,
-    positions_BT, rows_B1); xs = (the layer's weights, its index, its adapters' (a, b) or
-    None)."""
+def _block(cfg: ModelConfig, impl: str, adapter_B: jax.Array | None, experts: bool, carry,
+           xs):
+    """One decoder layer (its MLP experts or dense, static per stack). carry = (x_BTD,
+    k [L,B,K,S,H], v, k/v scales [L,B,K,S] or None, positions_BT, rows_B1); xs = (the
+    layer's weights, its index, its adapters' (a, b) or None)."""
     x, ck, cv, ks, vs, pos_BT, rows_B1 = carry
     w, i, ab = xs
     if ab is not None:
@@ -125,17 +152,25 @@ def _block(cfg: ModelConfig, impl: str, adapter_B: jax.Array | None, carry, xs):
     window = layer_window(cfg, i)
     with jax.named_scope("attention"):
         h = norm(cfg, x, w["attn_norm"], _bias(cfg, w, "attn_norm")) if cfg.pre_norms else x
-        q, k, v = qkv(cfg, w, h, pos_BT, i, ck.shape[3])
-        # Scatter the new K/V of every row at its own positions; out-of-range slots drop.
-        ck, ks = write_kv(ck, ks, i, rows_B1, pos_BT, k)
-        cv, vs = write_kv(cv, vs, i, rows_B1, pos_BT, v)
+        if cfg.kv_lora_rank:  # values are the keys' latent part: one cache, read twice
+            q, k = latent_qk(cfg, w, h, pos_BT, ck.shape[3])
+            ck, ks = write_kv(ck, ks, i, rows_B1, pos_BT, k)
+            values = lambda: (ck, ks)
+        else:
+            q, k, v = qkv(cfg, w, h, pos_BT, i, ck.shape[3])
+            # Scatter the new K/V of every row at its own positions; out-of-range slots drop.
+            ck, ks = write_kv(ck, ks, i, rows_B1, pos_BT, k)
+            cv, vs = write_kv(cv, vs, i, rows_B1, pos_BT, v)
+            values = lambda: (cv, vs)
         kw = dict(window=window, softcap=cfg.attn_softcap, chunked=cfg.chunked_local,
                   sinks_N=w["sinks"] if cfg.attn_sinks else None)
         if ck.dtype == q.dtype and ks is None:  # kernels read layer i of the stacked cache in place
-            o = attention(q, ck, cv, pos_BT, impl, layer=i, **kw)
+            o = attention(q, ck, values()[0], pos_BT, impl, layer=i, **kw)
         else:
-            o = attention(q, read_kv(ck, ks, i, q.dtype), read_kv(cv, vs, i, q.dtype), pos_BT,
-                          impl, **kw)
+            o = attention(q, read_kv(ck, ks, i, q.dtype), read_kv(*values(), i, q.dtype),
+                          pos_BT, impl, **kw)
+        if cfg.kv_lora_rank:  # each head's latent output lifted to its values
+            o = dot(o[..., :cfg.kv_lora_rank], w["w_uv"], "BTNR,NRH->BTNH")
         o = dot(o, w["wo"], "BTNH,NHD->BTD")
         o = o + w["bo"] if cfg.linear_bias else o
         o = norm(cfg, o, w["post_attn_norm"]) if cfg.post_norms else o
@@ -144,7 +179,7 @@ def _block(cfg: ModelConfig, impl: str, adapter_B: jax.Array | None, carry, xs):
         if not cfg.parallel_block:  # (parallel: the MLP reads attention's normed input h)
             x = x + o
             h = norm(cfg, x, w["mlp_norm"], _bias(cfg, w, "mlp_norm")) if cfg.pre_norms else x
-        h = (moe(cfg, h, w) if cfg.num_experts
+        h = (moe(cfg, h, w) if experts
              else mlp(h, w.get("w_gate"), w["w_up"], w["w_down"], cfg.activation,
                       *((w["b_up"], w["b_down"]) if cfg.linear_bias else ())))
         h = norm(cfg, h, w["post_mlp_norm"]) if cfg.post_norms else h
@@ -169,10 +204,19 @@ def hidden_states(weights: Weights, tokens_BT: jax.Array, cache: KVCache, cfg: M
     if lora is not None:
         ab = (lora.a, lora.b)
         adapter_B = jnp.zeros((B,), jnp.int32) if adapter_B is None else adapter_B
-    (x, ck, cv, ks, vs, _, _), _ = jax.lax.scan(
-        functools.partial(_block, cfg, impl, adapter_B),
-        (x, cache.k, cache.v, cache.k_scale, cache.v_scale, pos_BT, rows_B1),
-        (weights["layers"], layer_ids, ab))
+    carry = (x, cache.k, cache.v, cache.k_scale, cache.v_scale, pos_BT, rows_B1)
+    first = 0
+    for stack in LAYER_STACKS:  # DeepSeek's dense layers, then the rest; one cache
+        if stack not in weights:
+            continue
+        n = jax.tree.leaves(weights[stack])[0].shape[0]
+        experts = bool(cfg.num_experts) and stack == "layers"
+        part = slice(first, first + n)
+        stack_ab = None if ab is None else jax.tree.map(lambda a, part=part: a[part], ab)
+        carry, _ = jax.lax.scan(functools.partial(_block, cfg, impl, adapter_B, experts), carry,
+                                (weights[stack], layer_ids[part], stack_ab))
+        first += n
+    x, ck, cv, ks, vs, _, _ = carry
     x = norm(cfg, x, weights["final_norm"], _bias(cfg, weights, "final_norm"))
     return x, KVCache(k=ck, v=cv, lengths=cache.lengths, k_scale=ks, v_scale=vs)
 

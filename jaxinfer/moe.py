@@ -6,9 +6,11 @@
     (+ sigmoid(x . shared_router_D) * shared expert(x) with Qwen2-MoE's shared expert)
 
 Routing is the reference's: softmax over the E router logits in float32, the top C,
-renormalised to sum 1 (`norm_topk`); Llama 4 (`moe_scale_inputs`) takes a sigmoid of the
-top C logits and multiplies each chosen expert's input, not its output, by it. Two ways
-to run the experts, picked from static shapes so a program never switches:
+renormalised to sum 1 (`norm_topk`); DeepSeek V2/V3 and GLM-4.5 choose within the best
+groups of experts, V3 by sigmoid scores plus a choice-only bias (`_deepseek_route`);
+Llama 4 (`moe_scale_inputs`) takes a sigmoid of the top C logits and multiplies each
+chosen expert's input, not its output, by it. Two ways to run the experts, picked
+from static shapes so a program never switches:
   - few tokens (decode: B * T * C <= E): `chosen_experts` loops (lax.scan) over the
     (token, expert) pairs, slicing one expert's weights per step, so a step reads C
     experts per token and nothing else;
@@ -51,11 +53,14 @@ def _num_local(w: dict) -> int:
 
 
 def route(cfg: ModelConfig, x_BTD: jax.Array, router_DE: jax.Array,
-          router_b_E: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+          router_b_E: jax.Array | None = None, choice_b_E: jax.Array | None = None
+          ) -> tuple[jax.Array, jax.Array]:
     """(weights [B, T, C] in float32, expert ids i32[B, T, C]) of each token's experts."""
     logits = jnp.einsum("BTD,DE->BTE", x_BTD, router_DE, preferred_element_type=jnp.float32)
     if router_b_E is not None:  # gpt-oss
         logits = logits + router_b_E.astype(jnp.float32)
+    if cfg.router_sigmoid or cfg.router_groups or cfg.routed_scale != 1.0:
+        return _deepseek_route(cfg, logits, choice_b_E)
     if cfg.moe_scale_inputs:  # Llama 4: a sigmoid of each chosen expert's logit
         top_BTC, ids_BTC = jax.lax.top_k(logits, cfg.experts_per_token)
         return jax.nn.sigmoid(top_BTC), ids_BTC
@@ -63,6 +68,29 @@ def route(cfg: ModelConfig, x_BTD: jax.Array, router_DE: jax.Array,
     if cfg.norm_topk:
         top_BTC = top_BTC / jnp.sum(top_BTC, axis=-1, keepdims=True)
     return top_BTC, ids_BTC
+
+
+def _deepseek_route(cfg: ModelConfig, logits_BTE: jax.Array, choice_b_E: jax.Array | None
+                    ) -> tuple[jax.Array, jax.Array]:
+    """DeepSeek's routing: sigmoid (V3) or softmax (V2) scores; the bias-corrected scores
+    choose (V3), within the best groups of experts where the model groups them; the chosen
+    experts' own scores weigh, renormalised (norm_topk) and times routed_scale."""
+    scores = (jax.nn.sigmoid(logits_BTE) if cfg.router_sigmoid
+              else jax.nn.softmax(logits_BTE, axis=-1))
+    choice = scores if choice_b_E is None else scores + choice_b_E.astype(jnp.float32)
+    if cfg.router_groups:
+        groups, kept = cfg.router_groups
+        by_group = choice.reshape(*choice.shape[:-1], groups, -1)
+        rank = (jnp.sum(jax.lax.top_k(by_group, 2)[0], axis=-1) if cfg.router_group_top2
+                else jnp.max(by_group, axis=-1))
+        best = jnp.sum(jax.nn.one_hot(jax.lax.top_k(rank, kept)[1], groups, dtype=bool),
+                       axis=-2)
+        choice = jnp.where(best[..., None], by_group, -jnp.inf).reshape(choice.shape)
+    ids_BTC = jax.lax.top_k(choice, cfg.experts_per_token)[1]
+    top_BTC = jnp.take_along_axis(scores, ids_BTC, axis=-1)
+    if cfg.norm_topk:
+        top_BTC = top_BTC / (jnp.sum(top_BTC, axis=-1, keepdims=True) + 1e-20)
+    return top_BTC * cfg.routed_scale, ids_BTC
 
 
 def chosen_experts(cfg: ModelConfig, x_MD: jax.Array, w: dict, ids_MC: jax.Array,
@@ -123,7 +151,8 @@ def moe(cfg: ModelConfig, x_BTD: jax.Array, w: dict) -> jax.Array:
     """The layer's expert MLPs on the normed input x; w holds router, moe_gate/up/down
     (and the shared expert's shared_gate/up/down, shared_router)."""
     B, T, D = x_BTD.shape
-    top_BTC, ids_BTC = route(cfg, x_BTD, w["router"], w["router_b"] if cfg.router_bias else None)
+    top_BTC, ids_BTC = route(cfg, x_BTD, w["router"], w.get("router_b"),
+                             w.get("router_choice_b"))
     C = cfg.experts_per_token
     run = chosen_experts if B * T * C <= cfg.num_experts else all_experts
     args = (x_BTD.reshape(B * T, D), ids_BTC.reshape(B * T, C), top_BTC.reshape(B * T, C))

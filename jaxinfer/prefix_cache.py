@@ -25,7 +25,7 @@ import numpy as np
 from jaxinfer import engine_core as core
 from jaxinfer.config import ModelConfig
 from jaxinfer.errors import ConfigError
-from jaxinfer.kv_cache import KVCache
+from jaxinfer.kv_cache import KVCache, kv_shapes
 
 
 def block_digests(tokens: list[int], block: int, adapter: int = 0) -> list[bytes]:
@@ -53,11 +53,11 @@ class PrefixCache:
         self.num_row_blocks = max_len // block  # J
         dtype = jnp.dtype(dtype)
         quantized = dtype == jnp.int8  # int8 K/V + one f32 scale per token and head
-        per_token = cfg.head_dim * dtype.itemsize + (4 if quantized else 0)
-        self.block_bytes = 2 * cfg.num_layers * cfg.num_kv_heads * block * per_token
+        per_token = (cfg.head_dim + cfg.value_dim) * dtype.itemsize + (8 if quantized else 0)
+        self.block_bytes = cfg.num_layers * cfg.num_kv_heads * block * per_token
         self.capacity = int(budget_bytes // self.block_bytes)  # P
-        shape = (cfg.num_layers, max(self.capacity, 1), cfg.num_kv_heads, block, cfg.head_dim)
-        specs = [(shape, dtype)] * 2 + [(shape[:4], jnp.float32)] * 2 * quantized
+        k, v = kv_shapes(cfg, max(self.capacity, 1), block)
+        specs = [(k, dtype), (v, dtype)] + [(k[:4], jnp.float32)] * 2 * quantized
         # Committed like every later pool (a jit output), so warm-up compiles what runs.
         device = device or jax.devices()[0]
         self.pools = tuple(jax.device_put(jnp.zeros(s, d), device) for s, d in specs)

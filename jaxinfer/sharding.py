@@ -38,6 +38,7 @@ WEIGHT_RULES: dict[str, str | None] = {
     "mlp": "model",
     "experts": "expert",  # MoE: expert parallelism; each expert is also split over mlp
     "router_experts": None,  # the router's tiny logits: every device routes every token
+    "latent": None,  # latent attention's low-rank dims (DeepSeek): every device has them
     "layers": None,
     "norm": None,
     "group": None,  # quantization groups

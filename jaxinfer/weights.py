@@ -16,6 +16,10 @@ Tree layout (layers stacked on a leading L axis and run with lax.scan):
     layers/wk   [L, D, K, H]     layers/bk [L, K, H]
     layers/wv   [L, D, K, H]     layers/bv [L, K, H]
     layers/wo   [L, N, H, D]
+    (latent attention instead, DeepSeek: layers/wq_a [L, D, Rq], q_a_norm [L, Rq],
+     wq_b [L, Rq, N, Hn + Hr] (or wq [L, D, N, Hn + Hr] without q_lora_rank),
+     wkv_a [L, D, R + Hr], kv_a_norm [L, R], w_uk [L, N, Hn, R], w_uv [L, N, R, Hv],
+     wo [L, N, Hv, D]; R kv_lora_rank, Hn qk_nope_dim, Hr rope_dim, Hv v_head_dim)
     layers/w_gate [L, D, F]   layers/w_up [L, D, F]   layers/w_down [L, F, D]
     (no w_gate without mlp_gated; linear_bias adds layers/bo [L, D], b_up [L, F],
      b_down [L, D]: StarCoder2, Phi-2)
@@ -24,6 +28,9 @@ Tree layout (layers stacked on a leading L axis and run with lax.scan):
      layers/shared_gate, shared_up [L, D, Fs], shared_down [L, Fs, D], shared_router [L, D];
      gpt-oss: layers/router_b [L, E], moe_b_gate, moe_b_up [L, E, F], moe_b_down [L, E, D],
      and layers/sinks [L, N])
+    (DeepSeek V3 adds layers/router_choice_b [L, E]; DeepSeek's and GLM-4.5's leading
+     dense layers are a second stack, dense_layers/..., of the same names with a dense MLP
+     of width dense_mlp_dim; it runs first)
     final_norm  [D]
     lm_head     [D, V]           (absent when embeddings are tied)
     lm_head_bias [V]             (lm_head_bias only: Phi-2)
@@ -78,7 +85,9 @@ LINEAR_QUANT_AXES = {"wq": ((-3,), -3), "wk": ((-3,), -3), "wv": ((-3,), -3),
                      "wo": ((-3, -2), -2), "w_gate": ((-2,), -2), "w_up": ((-2,), -2),
                      "w_down": ((-2,), -2), "moe_gate": ((-2,), -2), "moe_up": ((-2,), -2),
                      "moe_down": ((-2,), -2), "shared_gate": ((-2,), -2),
-                     "shared_up": ((-2,), -2), "shared_down": ((-2,), -2)}
+                     "shared_up": ((-2,), -2), "shared_down": ((-2,), -2),
+                     "wq_a": ((-2,), -2), "wq_b": ((-3,), -3), "wkv_a": ((-2,), -2),
+                     "w_uk": ((-2,), -2), "w_uv": ((-2,), -2)}
 EMBED_QUANT_AXES = {"embed": ((-1,), -1), "lm_head": ((-2,), -2)}
 
 
@@ -96,10 +105,44 @@ def _quant_info(a: ArrayInfo, spec: QuantSpec, contract: tuple[int, ...], group_
 
 def weight_specs(cfg: ModelConfig, dtype: Any = jnp.float32,
                  quant: QuantConfig | None = None) -> Weights:
-    L, D, F, N, K, H, V = (cfg.num_layers, cfg.d_model, cfg.mlp_dim, cfg.num_heads,
-                           cfg.num_kv_heads, cfg.head_dim, cfg.vocab_size)
+    D, V = cfg.d_model, cfg.vocab_size
     A = lambda shape, axes, init="normal", fan_in=(): ArrayInfo(shape, dtype, axes, init, fan_in)
     one = "zeros" if cfg.norm_plus_one else "ones"  # a norm's identity scale
+    tree = {"embed": A((V, D), ("vocab", "embed"), fan_in=(1,))}
+    if cfg.dense_layers:  # DeepSeek's leading dense layers: a stack of their own
+        tree["dense_layers"] = _layer_specs(cfg, cfg.dense_layers, False, A, one)
+    tree["layers"] = _layer_specs(cfg, cfg.num_layers - cfg.dense_layers, bool(cfg.num_experts),
+                                  A, one)
+    tree["final_norm"] = A((D,), ("norm",), one)
+    if cfg.norm_bias:
+        tree["final_norm_bias"] = A((D,), ("norm",), "zeros")
+    if not cfg.tie_embeddings:
+        tree["lm_head"] = A((D, V), ("embed", "vocab"), fan_in=(0,))
+    if cfg.lm_head_bias:
+        tree["lm_head_bias"] = A((V,), ("vocab",), "zeros")
+    if quant is not None and quant.linear is not None:
+        for stack in LAYER_STACKS:
+            layers = tree.get(stack, {})
+            for name, (contract, group) in LINEAR_QUANT_AXES.items():
+                if name in layers:  # dense MLP or experts, whichever the model has
+                    layers[name] = _quant_info(layers[name], quant.linear, contract, group)
+    if quant is not None and quant.embed is not None:
+        for name, (contract, group) in EMBED_QUANT_AXES.items():
+            if name in tree:
+                tree[name] = _quant_info(tree[name], quant.embed, contract, group)
+    return tree
+
+
+# The scanned layer stacks, in the order they run: DeepSeek's leading dense layers, then
+# the rest (every layer, for most models).
+LAYER_STACKS = ("dense_layers", "layers")
+
+
+def _layer_specs(cfg: ModelConfig, L: int, experts: bool, A: Callable, one: str) -> Weights:
+    """One stack of L layers, with experts or a dense MLP (dense_mlp_dim wide in a stack of
+    DeepSeek's leading dense layers)."""
+    D, N, K, H = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    F = cfg.dense_mlp_dim if cfg.dense_layers and not experts else cfg.mlp_dim
     layers = {
         "attn_norm": A((L, D), ("layers", "norm"), one),
         "wq": A((L, D, N, H), ("layers", "embed", "q_heads", "head_dim"), fan_in=(1,)),
@@ -111,7 +154,7 @@ def weight_specs(cfg: ModelConfig, dtype: Any = jnp.float32,
         "w_up": A((L, D, F), ("layers", "embed", "mlp"), fan_in=(1,)),
         "w_down": A((L, F, D), ("layers", "mlp", "embed"), fan_in=(1,)),
     }
-    if cfg.num_experts:
+    if experts:
         E = cfg.num_experts
         for name in ("w_gate", "w_up", "w_down"):
             del layers[name]
@@ -149,7 +192,7 @@ def weight_specs(cfg: ModelConfig, dtype: Any = jnp.float32,
         del layers["w_gate"]
     if cfg.linear_bias:
         layers["bo"] = A((L, D), ("layers", "norm"), "zeros")
-        if not cfg.num_experts:
+        if not experts:
             layers["b_up"] = A((L, F), ("layers", "mlp"), "zeros")
             layers["b_down"] = A((L, D), ("layers", "norm"), "zeros")
     if cfg.attn_sinks:  # gpt-oss
@@ -162,35 +205,41 @@ def weight_specs(cfg: ModelConfig, dtype: Any = jnp.float32,
         layers["bq"] = A((L, N, H), ("layers", "q_heads", "head_dim"), "zeros")
         layers["bk"] = A((L, K, H), ("layers", "kv_heads", "head_dim"), "zeros")
         layers["bv"] = A((L, K, H), ("layers", "kv_heads", "head_dim"), "zeros")
-    tree = {
-        "embed": A((V, D), ("vocab", "embed"), fan_in=(1,)),
-        "layers": layers,
-        "final_norm": A((D,), ("norm",), one),
-    }
-    if cfg.norm_bias:
-        tree["final_norm_bias"] = A((D,), ("norm",), "zeros")
-    if not cfg.tie_embeddings:
-        tree["lm_head"] = A((D, V), ("embed", "vocab"), fan_in=(0,))
-    if cfg.lm_head_bias:
-        tree["lm_head_bias"] = A((V,), ("vocab",), "zeros")
-    if quant is not None and quant.linear is not None:
-        for name, (contract, group) in LINEAR_QUANT_AXES.items():
-            if name in layers:  # dense MLP or experts, whichever the model has
-                layers[name] = _quant_info(layers[name], quant.linear, contract, group)
-    if quant is not None and quant.embed is not None:
-        for name, (contract, group) in EMBED_QUANT_AXES.items():
-            if name in tree:
-                tree[name] = _quant_info(tree[name], quant.embed, contract, group)
-    return tree
+    if cfg.kv_lora_rank:  # DeepSeek's latent attention replaces q/k/v/o
+        R, Rq, Hn, Hr, Hv = (cfg.kv_lora_rank, cfg.q_lora_rank, cfg.qk_nope_dim, cfg.rope_dim,
+                             cfg.v_head_dim)
+        for name in ("wq", "wk", "wv", "wo"):
+            del layers[name]
+        if Rq:
+            layers["wq_a"] = A((L, D, Rq), ("layers", "embed", "latent"), fan_in=(1,))
+            layers["q_a_norm"] = A((L, Rq), ("layers", "latent"), one)
+            layers["wq_b"] = A((L, Rq, N, Hn + Hr), ("layers", "latent", "q_heads", "head_dim"),
+                               fan_in=(1,))
+        else:
+            layers["wq"] = A((L, D, N, Hn + Hr), ("layers", "embed", "q_heads", "head_dim"),
+                             fan_in=(1,))
+        layers["wkv_a"] = A((L, D, R + Hr), ("layers", "embed", "latent"), fan_in=(1,))
+        layers["kv_a_norm"] = A((L, R), ("layers", "latent"), one)
+        layers["w_uk"] = A((L, N, Hn, R), ("layers", "q_heads", "head_dim", "latent"),
+                           fan_in=(2,))
+        layers["w_uv"] = A((L, N, R, Hv), ("layers", "q_heads", "latent", "head_dim"),
+                           fan_in=(2,))
+        layers["wo"] = A((L, N, Hv, D), ("layers", "q_heads", "head_dim", "embed"),
+                         fan_in=(1, 2))
+    if cfg.router_choice_bias and experts:  # DeepSeek V3: picks experts, weighs nothing
+        layers["router_choice_b"] = A((L, cfg.num_experts), ("layers", "router_experts"),
+                                      "zeros")
+    return layers
 
 
 def quantize_weights(weights: Weights, quant: QuantConfig, shardings: Weights | None = None
                      ) -> Weights:
     """Quantize a float weight tree per `quant`; with `shardings` (from
     `weight_shardings(weight_specs(cfg, dtype, quant), mesh)`) each result lands sharded."""
-    out, layers = dict(weights), dict(weights["layers"])
-    todo = [(layers, n, quant.linear, ax, ("layers", n)) for n, ax in LINEAR_QUANT_AXES.items()
-            if n in layers]
+    out = dict(weights)
+    stacks = {k: dict(weights[k]) for k in LAYER_STACKS if k in weights}
+    todo = [(layers, n, quant.linear, ax, (k, n)) for k, layers in stacks.items()
+            for n, ax in LINEAR_QUANT_AXES.items() if n in layers]
     todo += [(out, n, quant.embed, ax, (n,)) for n, ax in EMBED_QUANT_AXES.items() if n in out]
     for tree, name, spec, (contract, group), path in todo:
         if spec is None:
@@ -202,7 +251,7 @@ def quantize_weights(weights: Weights, quant: QuantConfig, shardings: Weights | 
         for k in path:
             sh = None if sh is None else sh[k]
         tree[name] = quantize_fn(spec, contract, group, jnp.dtype(w.dtype), sh)(w)
-    out["layers"] = layers
+    out.update(stacks)
     return out
 
 

@@ -21,3 +21,12 @@ def to_rotate_half(w: np.ndarray, heads: int, rotated: int | None = None) -> np.
     R = rotated or x.shape[1]
     rot = x[:, :R].reshape(heads, R // 2, 2, *w.shape[1:]).swapaxes(1, 2)
     return np.concatenate([rot.reshape(heads, R, *w.shape[1:]), x[:, R:]], 1).reshape(w.shape)
+
+
+def rope_tail_to_half(w: np.ndarray, heads: int, lead: int) -> np.ndarray:
+    """`to_rotate_half` of each head's dims after its first `lead` (DeepSeek's latent
+    attention: a head's RoPE dims come last, interleaved)."""
+    x = w.reshape(heads, -1, *w.shape[1:])
+    tail = to_rotate_half(x[:, lead:].reshape(-1, *w.shape[1:]), heads)
+    return np.concatenate([x[:, :lead], tail.reshape(heads, -1, *w.shape[1:])], 1
+                          ).reshape(w.shape)

@@ -56,6 +56,7 @@ class LoraFactors:
 
 def read_lora(path: str | Path, cfg: ModelConfig) -> dict[str, LoraFactors]:
     """The adapter's factors per weight-tree key (only the projections it targets)."""
+    _check_supported(cfg)
     path = Path(path)
     conf_file, tensors_file = path / "adapter_config.json", path / "adapter_model.safetensors"
     if not conf_file.is_file() or not tensors_file.is_file():
@@ -119,6 +120,12 @@ def read_lora(path: str | Path, cfg: ModelConfig) -> dict[str, LoraFactors]:
                                   f"but {f.a.shape[1]} elsewhere")
         f.a[layer], f.b[layer] = a, b
     return out
+
+
+def _check_supported(cfg: ModelConfig) -> None:
+    if cfg.kv_lora_rank:
+        raise ConversionError(f"LoRA adapters on latent attention ({cfg.name}) are not "
+                              "supported")
 
 
 def _scale(conf: dict[str, Any], file: Path):
@@ -196,6 +203,8 @@ def stack_adapters(adapters: list[dict[str, LoraFactors]], dtype, cfg: ModelConf
 
     if not adapters and cfg is None:
         raise ValueError("stack_adapters needs an adapter, or cfg to make room for some")
+    if cfg is not None:
+        _check_supported(cfg)
     dims = ({key: hf_shape(shape, n_in) for key, shape, n_in in hf_linears(cfg).values()}
             if cfg is not None else {})
     for ad in adapters:

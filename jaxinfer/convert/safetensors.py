@@ -17,8 +17,15 @@ from typing import Any
 
 import numpy as np
 
-from jaxinfer.config import COHERE_TYPES, GEMMA_TYPES, GLM_TYPES, MOE_TYPES, ModelConfig
-from jaxinfer.convert.layout import to_rotate_half
+from jaxinfer.config import (
+    COHERE_TYPES,
+    DEEPSEEK_TYPES,
+    GEMMA_TYPES,
+    GLM_TYPES,
+    MOE_TYPES,
+    ModelConfig,
+)
+from jaxinfer.convert.layout import rope_tail_to_half, to_rotate_half
 from jaxinfer.convert.stacks import quantize_embeddings, results, stacks
 from jaxinfer.errors import ConfigError, ConversionError
 from jaxinfer.quant import QuantConfig
@@ -175,6 +182,13 @@ _PLAIN_MLP = {"starcoder2": ("self_attn.o_proj", "mlp.c_fc", "mlp.c_proj"),
 def hf_linears(cfg: ModelConfig, kind: str | None = None
                ) -> dict[str, tuple[str, tuple[int, ...], int]]:
     D, F, N, K, H = cfg.d_model, cfg.mlp_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    if cfg.kv_lora_rank:  # DeepSeek (kv_b_proj, split in two, is read on its own)
+        Hq, R, Rq = cfg.qk_nope_dim + cfg.rope_dim, cfg.kv_lora_rank, cfg.q_lora_rank
+        q = ({"self_attn.q_a_proj": ("wq_a", (D, Rq), 1),
+              "self_attn.q_b_proj": ("wq_b", (Rq, N, Hq), 1)} if Rq
+             else {"self_attn.q_proj": ("wq", (D, N, Hq), 1)})
+        return {**q, "self_attn.kv_a_proj_with_mqa": ("wkv_a", (D, R + cfg.rope_dim), 1),
+                "self_attn.o_proj": ("wo", (N, cfg.v_head_dim, D), 2)}
     out = {"self_attn.q_proj": ("wq", (D, N, H), 1), "self_attn.k_proj": ("wk", (D, K, H), 1),
            "self_attn.v_proj": ("wv", (D, K, H), 1)}
     if cfg.mlp_gated:
@@ -203,7 +217,13 @@ _MOE_EXPERTS = {"mixtral": ("block_sparse_moe", "gate", ("w1", "w3", "w2")),
                 "llama4_text": ("feed_forward", "router", "in_out"),
                 "llama4": ("feed_forward", "router", "in_out"),
                 # gpt-oss: the same, gate and up interleaved, with biases
-                "gpt_oss": ("mlp", "router", "in_out")}
+                "gpt_oss": ("mlp", "router", "in_out"),
+                **{kind: ("mlp", "gate", ("gate_proj", "up_proj", "down_proj"))
+                   for kind in (*DEEPSEEK_TYPES, "glm4_moe")}}
+
+
+_MOE_EXPERTS_PLURAL = (*DEEPSEEK_TYPES, "glm4_moe")  # their shared expert: "shared_experts"
+EXPERT_KEYS = ("moe_gate", "moe_up", "moe_down", "moe_b_gate", "moe_b_up", "moe_b_down")
 
 
 def hf_shape(shape: tuple[int, ...], n_in: int) -> tuple[int, int]:
@@ -259,6 +279,13 @@ def _weights(cfg: ModelConfig, r: _Reader, progress: Progress | None,
         shapes.update(bq=(N, H), bk=(K, H), bv=(K, H))
     if cfg.attn_sinks:
         shapes["sinks"] = (N,)
+    if cfg.router_choice_bias:
+        shapes["router_choice_b"] = (E,)
+    R, Hn = cfg.kv_lora_rank, cfg.qk_nope_dim
+    if R:  # latent attention's norms and its key / value up-projections
+        shapes.update(kv_a_norm=(R,), w_uk=(N, Hn, R), w_uv=(N, R, cfg.v_head_dim))
+        if cfg.q_lora_rank:
+            shapes["q_a_norm"] = (cfg.q_lora_rank,)
     qk_norm = ((N, H), (K, H)) if cfg.qk_norm_heads else ((H,), (H,))  # per head
     if cfg.qk_norm:
         shapes.update(q_norm=qk_norm[0], k_norm=qk_norm[1])
@@ -267,23 +294,36 @@ def _weights(cfg: ModelConfig, r: _Reader, progress: Progress | None,
     biases = {"wo": "bo", "w_up": "b_up", "w_down": "b_down"} if cfg.linear_bias else {}
     biases = {k: b for k, b in biases.items() if k in shapes}  # (experts: wo's only)
     shapes.update({b: shapes[key][-1:] for key, b in biases.items()})
-    layers = stacks(shapes, L, quant)
+    # DeepSeek's leading dense layers: the same but a dense MLP, in a stack of their own
+    k, Fd = cfg.dense_layers, cfg.dense_mlp_dim
+    dense_linears = {**linears, "mlp.gate_proj": ("w_gate", (D, Fd), 1),
+                     "mlp.up_proj": ("w_up", (D, Fd), 1), "mlp.down_proj": ("w_down", (Fd, D), 1)}
+    moe_only = ("router", "router_b", "router_choice_b", "shared_router", *EXPERT_KEYS, *shared)
+    dense_shapes = {**{n: s for n, s in shapes.items() if n not in moe_only},
+                    **{key: shape for key, shape, _ in dense_linears.values()}}
+    layers, dense = stacks(shapes, L - k, quant), stacks(dense_shapes, k, quant)
     # Cohere and GLM pair RoPE dims interleaved: their q/k rows (weights, biases, norms)
     # are reordered to rotate-half
     half = ((lambda m, heads: to_rotate_half(m, heads, cfg.rope_dim)) if cfg.rope_interleaved
             else (lambda m, heads: m))
-    for i in range(L):
-        p, x = f"{r.prefix}layers.{i}.", layers
+    for n in range(L):
+        p, x, i = f"{r.prefix}layers.{n}.", *((dense, n) if n < k else (layers, n - k))
         for key, hf_name in norms.items():
             x[key][i] = r.get(p + hf_name + ".weight", (D,))
             if cfg.norm_bias:
                 x[key + "_bias"][i] = r.get(p + hf_name + ".bias", (D,))
-        for module, (key, shape, n_in) in linears.items():
+        for module, (key, shape, n_in) in (dense_linears if n < k else linears).items():
             m = r.get(p + module + ".weight", hf_shape(shape, n_in))
-            x[key][i] = from_hf_matrix(half(m, shape[1]) if key in ("wq", "wk") else m, shape)
+            if R and cfg.rope_interleaved and key in ("wq", "wq_b", "wkv_a"):
+                m = rope_tail_to_half(m, *((1, R) if key == "wkv_a" else (N, Hn)))
+            elif key in ("wq", "wk"):
+                m = half(m, shape[1])
+            x[key][i] = from_hf_matrix(m, shape)
             if key in biases:
                 x[biases[key]][i] = r.get(p + module + ".bias", shape[-1:])
-        if E:
+        if R:
+            _latent(cfg, r, p, x, i)
+        if E and n >= k:
             block, router, names = moe
             x["router"][i] = r.get(f"{p}{block}.{router}.weight", (E, D)).T
             if names == "in_out":  # stacked inputs first (Llama 4, gpt-oss)
@@ -316,9 +356,13 @@ def _weights(cfg: ModelConfig, r: _Reader, progress: Progress | None,
                                                 ((D, F), (D, F), (F, D)), strict=True):
                         x[key][i, e] = from_hf_matrix(
                             r.get(q + name + ".weight", shape[::-1]), shape)
-            for key, (name, shape) in shared.items():  # Qwen2-MoE's shared expert
+            if cfg.router_choice_bias:  # DeepSeek V3
+                x["router_choice_b"][i] = r.get(f"{p}{block}.{router}.e_score_correction_bias",
+                                                (E,))
+            shared_name = "shared_experts" if r.kind in _MOE_EXPERTS_PLURAL else "shared_expert"
+            for key, (name, shape) in shared.items():  # Qwen2-MoE's, DeepSeek's shared expert
                 x[key][i] = from_hf_matrix(
-                    r.get(f"{p}{block}.shared_expert.{name}.weight", shape[::-1]), shape)
+                    r.get(f"{p}{block}.{shared_name}.{name}.weight", shape[::-1]), shape)
             if cfg.shared_expert_gate:
                 x["shared_router"][i] = r.get(f"{p}{block}.shared_expert_gate.weight",
                                               (1, D))[0]
@@ -333,10 +377,12 @@ def _weights(cfg: ModelConfig, r: _Reader, progress: Progress | None,
         if cfg.attn_sinks:  # gpt-oss
             x["sinks"][i] = r.get(p + "self_attn.sinks", (N,))
         if progress:
-            progress(i + 1, L)
+            progress(n + 1, L)
     final = r.prefix + ("final_layernorm" if r.kind == "phi" else "norm")
     weights = {"embed": r.get(r.prefix + "embed_tokens.weight", (V, D)), "layers": results(layers),
                "final_norm": r.get(final + ".weight", (D,))}
+    if k:
+        weights["dense_layers"] = results(dense)
     if cfg.norm_bias:
         weights["final_norm_bias"] = r.get(final + ".bias", (D,))
     if cfg.lm_head_bias:  # Phi-2
@@ -344,6 +390,18 @@ def _weights(cfg: ModelConfig, r: _Reader, progress: Progress | None,
     if not cfg.tie_embeddings:
         weights["lm_head"] = np.ascontiguousarray(r.get(r.lm_head, (V, D)).T)
     return weights
+
+
+def _latent(cfg: ModelConfig, r: _Reader, p: str, x: dict, i: int) -> None:
+    """One layer's latent attention norms and kv_b_proj [N * (Hn + Hv), R], split into the
+    key up-projection w_uk [N, Hn, R] (absorbed into queries) and w_uv [N, R, Hv]."""
+    N, Hn, Hv, R = cfg.num_heads, cfg.qk_nope_dim, cfg.v_head_dim, cfg.kv_lora_rank
+    x["kv_a_norm"][i] = r.get(p + "self_attn.kv_a_layernorm.weight", (R,))
+    if cfg.q_lora_rank:
+        x["q_a_norm"][i] = r.get(p + "self_attn.q_a_layernorm.weight", (cfg.q_lora_rank,))
+    kv_b = r.get(p + "self_attn.kv_b_proj.weight", (N * (Hn + Hv), R)).reshape(N, Hn + Hv, R)
+    x["w_uk"][i] = kv_b[:, :Hn]
+    x["w_uv"][i] = kv_b[:, Hn:].swapaxes(1, 2)
 
 
 def _qk_norm(r: _Reader, p: str, key: str, shape: tuple[int, ...]) -> np.ndarray:
