@@ -18,7 +18,7 @@ from jaxinfer.errors import ConfigError
 
 ACTIVATIONS = ("silu", "gelu_tanh")
 GEMMA_TYPES = ("gemma", "gemma2", "gemma3_text", "gemma3")
-DEEPSEEK_TYPES = ("deepseek_v2", "deepseek_v3")
+DEEPSEEK_TYPES = ("deepseek_v2", "deepseek_v3", "glm4_moe_lite")  # latent attention
 MOE_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "granitemoe", "olmoe", "gpt_oss", "glm4_moe",
              *DEEPSEEK_TYPES)
 COHERE_TYPES = ("cohere", "cohere2")
@@ -146,6 +146,9 @@ class ModelConfig:
     # dense_mlp_dim instead of experts (their own scanned stack, weights["dense_layers"]).
     dense_layers: int = 0
     dense_mlp_dim: int = 0
+    # Llama 4 Maverick: only every moe_every-th layer has experts (layers moe_every - 1,
+    # 2 moe_every - 1, ...), the others a dense MLP of dense_mlp_dim, in the dense stack.
+    moe_every: int = 1
     # DeepSeek's routing: sigmoid scores (V3, GLM-4.5; softmax otherwise); experts in
     # router_groups = (groups, groups kept), a group ranked by its best score (V2) or the sum
     # of its best two (router_group_top2: V3); a per-expert bias on the scores that picks
@@ -231,6 +234,12 @@ class ModelConfig:
             raise ConfigError(f"dense_layers={self.dense_layers} needs experts in the other "
                               f"layers (num_experts, fewer than num_layers={self.num_layers}) "
                               f"and dense_mlp_dim > 0")
+        if self.moe_every != 1 and not (
+                self.num_experts and self.moe_every > 1 and not self.dense_layers
+                and self.num_layers % self.moe_every == 0 and self.dense_mlp_dim > 0):
+            raise ConfigError(f"moe_every={self.moe_every} needs experts, num_layers="
+                              f"{self.num_layers} a multiple of it, dense_mlp_dim > 0 and no "
+                              f"leading dense_layers")
         if self.router_groups is not None:
             groups, kept = self.router_groups
             object.__setattr__(self, "router_groups", (int(groups), int(kept)))
@@ -258,6 +267,21 @@ class ModelConfig:
                                   f"(one per rotated frequency), got {len(short)} and "
                                   f"{len(long)}")
             object.__setattr__(self, "rope_longrope", (short, long, int(orig)))
+
+    @property
+    def num_dense_layers(self) -> int:
+        """Layers of a mixture of experts with a dense MLP instead (the dense stack)."""
+        return self.num_layers - self.num_layers // self.moe_every + self.dense_layers
+
+    def layer_slot(self, n: int) -> tuple[str, int]:
+        """Which weight stack holds layer n ("dense_layers" or "layers"), and where: DeepSeek's
+        leading dense layers, or Maverick's dense layers between expert ones."""
+        if self.moe_every > 1:
+            g, j = divmod(n, self.moe_every)
+            return (("layers", g) if j == self.moe_every - 1
+                    else ("dense_layers", g * (self.moe_every - 1) + j))
+        return (("dense_layers", n) if n < self.dense_layers
+                else ("layers", n - self.dense_layers))
 
     @property
     def value_dim(self) -> int:
@@ -379,6 +403,7 @@ class ModelConfig:
             if deepseek:
                 shared = int(hf.get("n_shared_experts") or 0) * mlp_dim
             llama4, oss = kind == "llama4_text", kind == "gpt_oss"
+            every = _llama4_moe_every(hf) if llama4 else 1  # Maverick: 2
             if llama4:  # every token also goes through an ungated shared expert
                 shared = mlp_dim
             qpas = hf.get("query_pre_attn_scalar") if kind != "gemma" else None
@@ -433,7 +458,7 @@ class ModelConfig:
                 linear_bias=biases,
                 lm_head_bias=kind == "phi",
                 rope_interleaved=(cohere or kind in GLM_TYPES or llama4 or kind == "deepseek_v2"
-                                  or (kind == "deepseek_v3" and hf.get("rope_interleave", True))),
+                                  or (kind in DEEPSEEK_TYPES and hf.get("rope_interleave", True))),
                 chunked_local=llama4 and window is not None,
                 qk_l2_norm=llama4 and bool(hf.get("use_qk_norm", True)),
                 moe_scale_inputs=llama4,
@@ -473,6 +498,8 @@ class ModelConfig:
                 shared_expert_dim=shared,
                 shared_expert_gate=bool(shared) and not llama4 and not deepseek,
                 **(_deepseek_moe(hf, kind) if deepseek else {}),
+                **({"moe_every": every, "dense_mlp_dim": int(hf["intermediate_size_mlp"])}
+                   if every > 1 else {}),
                 **mla,
             )
         except KeyError as e:
@@ -626,6 +653,18 @@ def _llama4_temperature(hf: dict[str, Any], kind: str) -> dict[str, Any]:
             "attn_temperature_nope": True}
 
 
+def _llama4_moe_every(hf: dict[str, Any]) -> int:
+    """Llama 4's step between expert layers (Scout 1, Maverick 2: experts in layers step - 1,
+    2 step - 1, ...); other `moe_layers` lists are refused."""
+    L = int(hf["num_hidden_layers"])
+    step = int(hf.get("interleave_moe_layer_step", 1))
+    if step < 1 or L % step or list(hf.get("moe_layers") or range(step - 1, L, step)) != \
+            list(range(step - 1, L, step)):
+        raise ConfigError(f"Llama 4 moe_layers={hf.get('moe_layers')!r} are not every "
+                          f"interleave_moe_layer_step={step}-th layer: not supported")
+    return step
+
+
 def _sliding(hf: dict[str, Any], kind: str, L: int) -> tuple[int | None, tuple[bool, ...]]:
     """(window, local_layers): Gemma 2/3 alternate local and global layers (`layer_types`,
     or their fixed patterns in older configs), as Cohere2's and EXAONE 4's do (three local,
@@ -688,7 +727,14 @@ def _deepseek_moe(hf: dict[str, Any], kind: str) -> dict[str, Any]:
     groups = None
     if method != "greedy" and int(hf.get("n_group") or 1) > 1:
         groups = (int(hf["n_group"]), int(hf["topk_group"]))
-    return {"dense_layers": int(hf.get("first_k_dense_replace") or 0),
+    dense = int(hf.get("first_k_dense_replace") or 0)
+    if hf.get("mlp_layer_types"):  # GLM-4.7-Flash: "dense" then "sparse" layers
+        types = list(hf["mlp_layer_types"])
+        dense = types.index("sparse") if "sparse" in types else len(types)
+        if types != ["dense"] * dense + ["sparse"] * (len(types) - dense):
+            raise ConfigError(f"{kind} mlp_layer_types with dense layers after sparse ones "
+                              "are not supported")
+    return {"dense_layers": dense,
             "dense_mlp_dim": int(hf["intermediate_size"]), "router_sigmoid": not v2,
             "router_groups": groups, "router_group_top2": not v2, "router_choice_bias": not v2,
             "routed_scale": float(hf.get("routed_scaling_factor") or 1.0)}
@@ -700,11 +746,7 @@ def _moe(hf: dict[str, Any], kind: str) -> tuple[int, int, int]:
     # transformers 5 writes num_local_experts for both; Qwen's own configs num_experts
     experts = hf.get("num_local_experts", hf.get("num_experts"))
     if kind == "llama4_text":  # Scout: experts in every layer; Maverick alternates
-        L = int(hf["num_hidden_layers"])
-        step = int(hf.get("interleave_moe_layer_step", 1))
-        if step != 1 or list(hf.get("moe_layers") or range(L)) != list(range(L)):
-            raise ConfigError(f"Llama 4 configs with dense layers between the MoE ones "
-                              f"(interleave_moe_layer_step={step}) are not supported")
+        _llama4_moe_every(hf)
         return (int(hf["num_local_experts"]), int(hf.get("num_experts_per_tok", 1)),
                 int(hf["intermediate_size"]))
     if kind in ("mixtral", "granitemoe", "olmoe", "gpt_oss"):

@@ -293,6 +293,7 @@ class Engine:
         self._slots: list[Request | None] = [None] * config.num_slots
         self._queue: collections.deque[Request] = collections.deque()
         self._partial: _Prefilling | None = None  # a prompt part-way through its prefill
+        self._admitting: Request | None = None  # out of the queue, not yet in a slot
         # Multi-process: process 0 publishes each turn's events, the others replay them.
         self._turns = sync.connect()
         self.is_leader = self._turns is None or self._turns.leader
@@ -822,7 +823,8 @@ class Engine:
             self._closing = True  # submit() refuses from now on
             left = ([r for r in self._slots if r is not None] + list(self._queue)
                     + list(self._submitted.values())
-                    + ([self._partial.req] if self._partial is not None else []))
+                    + ([self._partial.req] if self._partial is not None else [])
+                    + ([self._admitting] if self._admitting is not None else []))
             jobs = [e for e in self._inbox if isinstance(e, _Job)]
             self._partial = None
             self._queue.clear()
@@ -894,15 +896,17 @@ class Engine:
                     return
                 if not chunked and not first and len(self._queue[0].prompt_ids) > budget:
                     return
-                req = self._queue.popleft()
+                req = self._admitting = self._queue.popleft()
                 self._cv.notify_all()  # room in the queue for blocked submitters
             first = False
             try:
                 p = self._start_prefill(req, free[0])
             except JaxinferError as e:
+                self._admitting = None
                 self._fail(req, e)
                 continue
             budget -= self._guarded(p, budget if chunked else len(req.prompt_ids))
+            self._admitting = None  # (a device failure before this fails it too: _run)
             if self._partial is not None:
                 return
 

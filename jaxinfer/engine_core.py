@@ -244,7 +244,8 @@ def load_prefix(pools: tuple[jax.Array, ...], table_J: jax.Array,
         L, _, K, _ = pool.shape[:4]
         blocks = jnp.take(pool, table_J, axis=1)  # [L, J, K, blk, (H)]
         blocks = jnp.moveaxis(blocks, 2, 1)  # [L, K, J, blk, (H)]
-        return blocks.reshape(L, 1, K, -1, *pool.shape[4:])
+        J, blk = blocks.shape[2:4]  # (spelled out: latent attention's V pool has H = 0)
+        return blocks.reshape(L, 1, K, J * blk, *pool.shape[4:])
 
     k, v, *scales = (row(p) for p in pools)
     ks, vs = scales or (None, None)
@@ -258,7 +259,7 @@ def save_blocks(pools: tuple[jax.Array, ...], row: KVCache, src_J: jax.Array,
     """Copy row blocks `src_J` into pool blocks `dst_J`; dst = P (out of range) drops."""
     def put(pool, x):  # x [L, 1, K, S, (H)]
         L, _, K, blk = pool.shape[:4]
-        blocks = x[:, 0].reshape(L, K, -1, blk, *pool.shape[4:])
+        blocks = x[:, 0].reshape(L, K, x.shape[3] // blk, blk, *pool.shape[4:])
         blocks = jnp.moveaxis(jnp.take(blocks, src_J, axis=2), 2, 1)  # [L, J, K, blk, (H)]
         return pool.at[:, dst_J].set(blocks.astype(pool.dtype), mode="drop")
 

@@ -14,7 +14,8 @@ Layers run under `lax.scan`; the stacked cache rides in the scan carry and is up
 place, and jit donates it, so a step never copies the cache. Gemma's local and global
 layers share the scanned body: the layer index picks its window and RoPE frequencies.
 Cohere, Phi-2 and StableLM 2 12B run attention and the MLP side by side (`parallel_block`).
-DeepSeek's leading dense layers are a second stack scanned first, over the same cache;
+DeepSeek's leading dense layers are a second stack scanned first, over the same cache
+(Llama 4 Maverick's, between its expert layers, run in one scan over groups);
 its latent attention caches one [latent, RoPE key] row per token (`latent_qk`).
 """
 
@@ -188,6 +189,32 @@ def _block(cfg: ModelConfig, impl: str, adapter_B: jax.Array | None, experts: bo
     return (x, ck, cv, ks, vs, pos_BT, rows_B1), None
 
 
+def _interleaved(cfg: ModelConfig, impl: str, adapter_B: jax.Array | None, weights: Weights,
+                 ab, carry):
+    """Llama 4 Maverick's layers: one scan over groups of moe_every layers, the group's
+    dense layers (from the dense stack) and then its expert layer."""
+    step, G = cfg.moe_every, cfg.num_layers // cfg.moe_every
+    ids = np.arange(cfg.num_layers, dtype=np.int32).reshape(G, step)
+    dense = jax.tree.map(lambda a: a.reshape(G, step - 1, *a.shape[1:]), weights["dense_layers"])
+    ab_dense = ab_moe = None
+    if ab is not None:  # adapters are stacked over all layers: each group's own
+        ab_dense = jax.tree.map(lambda a: a[ids[:, :-1]], ab)
+        ab_moe = jax.tree.map(lambda a: a[ids[:, -1]], ab)
+
+    def group(carry, xs):
+        w_dense, w_moe, ids_g, ab_d, ab_m = xs
+        for j in range(step - 1):
+            pick = lambda t, j=j: None if t is None else jax.tree.map(lambda a: a[j], t)
+            carry, _ = _block(cfg, impl, adapter_B, False, carry,
+                              (pick(w_dense), ids_g[j], pick(ab_d)))
+        carry, _ = _block(cfg, impl, adapter_B, True, carry, (w_moe, ids_g[-1], ab_m))
+        return carry, None
+
+    carry, _ = jax.lax.scan(group, carry, (dense, weights["layers"], jnp.asarray(ids), ab_dense,
+                                           ab_moe))
+    return carry
+
+
 def hidden_states(weights: Weights, tokens_BT: jax.Array, cache: KVCache, cfg: ModelConfig,
                   impl: str = "xla", lora: LoraStack | None = None,
                   adapter_B: jax.Array | None = None) -> tuple[jax.Array, KVCache]:
@@ -205,9 +232,11 @@ def hidden_states(weights: Weights, tokens_BT: jax.Array, cache: KVCache, cfg: M
         ab = (lora.a, lora.b)
         adapter_B = jnp.zeros((B,), jnp.int32) if adapter_B is None else adapter_B
     carry = (x, cache.k, cache.v, cache.k_scale, cache.v_scale, pos_BT, rows_B1)
+    if cfg.moe_every > 1:
+        carry = _interleaved(cfg, impl, adapter_B, weights, ab, carry)
     first = 0
-    for stack in LAYER_STACKS:  # DeepSeek's dense layers, then the rest; one cache
-        if stack not in weights:
+    for stack in LAYER_STACKS if cfg.moe_every == 1 else ():  # (DeepSeek's dense layers
+        if stack not in weights:                              # first); one cache
             continue
         n = jax.tree.leaves(weights[stack])[0].shape[0]
         experts = bool(cfg.num_experts) and stack == "layers"

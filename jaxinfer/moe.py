@@ -151,8 +151,8 @@ def moe(cfg: ModelConfig, x_BTD: jax.Array, w: dict) -> jax.Array:
     """The layer's expert MLPs on the normed input x; w holds router, moe_gate/up/down
     (and the shared expert's shared_gate/up/down, shared_router)."""
     B, T, D = x_BTD.shape
-    top_BTC, ids_BTC = route(cfg, x_BTD, w["router"], w.get("router_b"),
-                             w.get("router_choice_b"))
+    top_BTC, ids_BTC = route(cfg, x_BTD, w["router"], w["router_b"] if cfg.router_bias else None,
+                             w["router_choice_b"] if cfg.router_choice_bias else None)
     C = cfg.experts_per_token
     run = chosen_experts if B * T * C <= cfg.num_experts else all_experts
     args = (x_BTD.reshape(B * T, D), ids_BTC.reshape(B * T, C), top_BTC.reshape(B * T, C))

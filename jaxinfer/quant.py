@@ -282,7 +282,8 @@ def infer_config(weights: dict[str, Any]) -> QuantConfig | None:
             w.values.shape[w.group_axis] // w.scales.shape[w.group_axis])
         return QuantSpec(bits, gs, w.offsets is not None)
 
-    lin, emb = spec(weights["layers"]["wq"]), spec(weights["embed"])
+    layers = weights["layers"]  # (latent attention: its query projection is wq or wq_a)
+    lin, emb = spec(layers["wq"] if "wq" in layers else layers["wq_a"]), spec(weights["embed"])
     return None if lin is None and emb is None else QuantConfig(lin, emb)
 
 

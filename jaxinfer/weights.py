@@ -29,8 +29,9 @@ Tree layout (layers stacked on a leading L axis and run with lax.scan):
      gpt-oss: layers/router_b [L, E], moe_b_gate, moe_b_up [L, E, F], moe_b_down [L, E, D],
      and layers/sinks [L, N])
     (DeepSeek V3 adds layers/router_choice_b [L, E]; DeepSeek's and GLM-4.5's leading
-     dense layers are a second stack, dense_layers/..., of the same names with a dense MLP
-     of width dense_mlp_dim; it runs first)
+     dense layers, and Llama 4 Maverick's between its expert layers, are a second stack,
+     dense_layers/..., of the same names with a dense MLP of width dense_mlp_dim;
+     ModelConfig.layer_slot says where each layer is)
     final_norm  [D]
     lm_head     [D, V]           (absent when embeddings are tied)
     lm_head_bias [V]             (lm_head_bias only: Phi-2)
@@ -109,10 +110,10 @@ def weight_specs(cfg: ModelConfig, dtype: Any = jnp.float32,
     A = lambda shape, axes, init="normal", fan_in=(): ArrayInfo(shape, dtype, axes, init, fan_in)
     one = "zeros" if cfg.norm_plus_one else "ones"  # a norm's identity scale
     tree = {"embed": A((V, D), ("vocab", "embed"), fan_in=(1,))}
-    if cfg.dense_layers:  # DeepSeek's leading dense layers: a stack of their own
-        tree["dense_layers"] = _layer_specs(cfg, cfg.dense_layers, False, A, one)
-    tree["layers"] = _layer_specs(cfg, cfg.num_layers - cfg.dense_layers, bool(cfg.num_experts),
-                                  A, one)
+    if cfg.num_dense_layers:  # DeepSeek's leading, Maverick's in-between dense layers
+        tree["dense_layers"] = _layer_specs(cfg, cfg.num_dense_layers, False, A, one)
+    tree["layers"] = _layer_specs(cfg, cfg.num_layers - cfg.num_dense_layers,
+                                  bool(cfg.num_experts), A, one)
     tree["final_norm"] = A((D,), ("norm",), one)
     if cfg.norm_bias:
         tree["final_norm_bias"] = A((D,), ("norm",), "zeros")
@@ -139,10 +140,10 @@ LAYER_STACKS = ("dense_layers", "layers")
 
 
 def _layer_specs(cfg: ModelConfig, L: int, experts: bool, A: Callable, one: str) -> Weights:
-    """One stack of L layers, with experts or a dense MLP (dense_mlp_dim wide in a stack of
-    DeepSeek's leading dense layers)."""
+    """One stack of L layers, with experts or a dense MLP (dense_mlp_dim wide in the dense
+    stack of a mixture of experts)."""
     D, N, K, H = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    F = cfg.dense_mlp_dim if cfg.dense_layers and not experts else cfg.mlp_dim
+    F = cfg.dense_mlp_dim if cfg.num_dense_layers and not experts else cfg.mlp_dim
     layers = {
         "attn_norm": A((L, D), ("layers", "norm"), one),
         "wq": A((L, D, N, H), ("layers", "embed", "q_heads", "head_dim"), fan_in=(1,)),

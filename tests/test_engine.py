@@ -12,6 +12,7 @@ import pytest
 from jaxinfer.engine import (
     ContextLengthError,
     Engine,
+    EngineClosedError,
     EngineConfig,
     EngineOverloadedError,
 )
@@ -218,6 +219,25 @@ def test_cancel_queue_full_and_bad_requests():
                 eng.submit(**bad)
     with pytest.raises(ConfigError, match="prefix_block"):
         EngineConfig(max_len=100, prefix_block=16)
+
+
+def test_a_device_failure_while_admitting_fails_the_request():
+    """An unexpected error between the queue and a slot (a prefix-cache load, say) ends the
+    request with EngineClosedError naming it, and later submits are refused: no hang."""
+    eng = tiny_engine()
+
+    def broken(req, slot):
+        raise RuntimeError("injected failure")
+
+    eng._start_prefill = broken
+    try:
+        req = eng.submit(PROMPTS[0], sampling=GREEDY, max_tokens=4)
+        with pytest.raises(EngineClosedError, match="injected failure"):
+            req.result(timeout=30)
+        with pytest.raises(EngineClosedError, match="injected failure"):
+            eng.submit(PROMPTS[0], max_tokens=4)
+    finally:
+        eng.close()
 
 
 def test_prefix_cache_prefills_only_the_suffix():

@@ -294,10 +294,12 @@ def _weights(cfg: ModelConfig, r: _Reader, progress: Progress | None,
     biases = {"wo": "bo", "w_up": "b_up", "w_down": "b_down"} if cfg.linear_bias else {}
     biases = {k: b for k, b in biases.items() if k in shapes}  # (experts: wo's only)
     shapes.update({b: shapes[key][-1:] for key, b in biases.items()})
-    # DeepSeek's leading dense layers: the same but a dense MLP, in a stack of their own
-    k, Fd = cfg.dense_layers, cfg.dense_mlp_dim
-    dense_linears = {**linears, "mlp.gate_proj": ("w_gate", (D, Fd), 1),
-                     "mlp.up_proj": ("w_up", (D, Fd), 1), "mlp.down_proj": ("w_down", (Fd, D), 1)}
+    # Dense layers of a mixture of experts (DeepSeek's leading ones, Maverick's in between):
+    # the same but a dense MLP in the MoE block's place, in a stack of their own
+    k, Fd, block = cfg.num_dense_layers, cfg.dense_mlp_dim, moe[0] if moe else "mlp"
+    dense_linears = {**linears, f"{block}.gate_proj": ("w_gate", (D, Fd), 1),
+                     f"{block}.up_proj": ("w_up", (D, Fd), 1),
+                     f"{block}.down_proj": ("w_down", (Fd, D), 1)}
     moe_only = ("router", "router_b", "router_choice_b", "shared_router", *EXPERT_KEYS, *shared)
     dense_shapes = {**{n: s for n, s in shapes.items() if n not in moe_only},
                     **{key: shape for key, shape, _ in dense_linears.values()}}
@@ -307,12 +309,13 @@ def _weights(cfg: ModelConfig, r: _Reader, progress: Progress | None,
     half = ((lambda m, heads: to_rotate_half(m, heads, cfg.rope_dim)) if cfg.rope_interleaved
             else (lambda m, heads: m))
     for n in range(L):
-        p, x, i = f"{r.prefix}layers.{n}.", *((dense, n) if n < k else (layers, n - k))
+        stack, i = cfg.layer_slot(n)
+        p, x = f"{r.prefix}layers.{n}.", dense if stack == "dense_layers" else layers
         for key, hf_name in norms.items():
             x[key][i] = r.get(p + hf_name + ".weight", (D,))
             if cfg.norm_bias:
                 x[key + "_bias"][i] = r.get(p + hf_name + ".bias", (D,))
-        for module, (key, shape, n_in) in (dense_linears if n < k else linears).items():
+        for module, (key, shape, n_in) in (dense_linears if x is dense else linears).items():
             m = r.get(p + module + ".weight", hf_shape(shape, n_in))
             if R and cfg.rope_interleaved and key in ("wq", "wq_b", "wkv_a"):
                 m = rope_tail_to_half(m, *((1, R) if key == "wkv_a" else (N, Hn)))
@@ -323,7 +326,7 @@ def _weights(cfg: ModelConfig, r: _Reader, progress: Progress | None,
                 x[biases[key]][i] = r.get(p + module + ".bias", shape[-1:])
         if R:
             _latent(cfg, r, p, x, i)
-        if E and n >= k:
+        if E and x is layers:
             block, router, names = moe
             x["router"][i] = r.get(f"{p}{block}.{router}.weight", (E, D)).T
             if names == "in_out":  # stacked inputs first (Llama 4, gpt-oss)

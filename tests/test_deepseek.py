@@ -1,0 +1,220 @@
+"""DeepSeek V3, DeepSeek V2 (Lite's layout) and GLM-4.5 against Hugging Face transformers
+(PyTorch, float32, eager attention), on tiny random checkpoints transformers writes.
+
+V3: latent attention (queries through a normed low-rank bottleneck, one shared latent +
+RoPE key per token in the cache, RoPE pairs interleaved in the checkpoint), YaRN with
+DeepSeek's mscale pair (the score scale too), sigmoid routing within the best two of four
+expert groups (ranked by their best two experts) with a choice-only bias, routed weights
+times 2.5, a shared expert, and a leading dense layer of its own width. V2: the same
+attention without the query bottleneck, softmax routing within groups ranked by their best
+expert, no renormalisation. GLM-4.7-Flash: V3's attention and routing, ungrouped, its
+dense layers named by `mlp_layer_types`. GLM-4.5: V3's routing on plain grouped-query
+attention with partial rotary, q/k norms and biases.
+"""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+tf = pytest.importorskip("transformers")
+
+from jaxinfer import kv_cache, model  # noqa: E402
+from jaxinfer.config import ModelConfig  # noqa: E402
+from jaxinfer.errors import ConfigError, ConversionError  # noqa: E402
+
+from .hf_checkpoints import (  # noqa: E402
+    check_each_matters,
+    check_engine_greedy,
+    check_expert_paths_agree,
+    check_greedy_generation,
+    check_orbax_round_trip,
+    check_sharded_equals_one_device,
+    hf_logits,
+    ours,
+    saved_and_loaded,
+    sharpened,
+    tokens,
+)
+
+ORIG = 16
+COMMON = dict(vocab_size=97, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
+              num_hidden_layers=4, num_attention_heads=4, n_routed_experts=8,
+              num_experts_per_tok=2, first_k_dense_replace=1, max_position_embeddings=64,
+              eos_token_id=3, bos_token_id=2, pad_token_id=0)
+LATENT = dict(num_key_value_heads=4, kv_lora_rank=16, qk_rope_head_dim=8,
+              qk_nope_head_dim=12, v_head_dim=10)
+MODELS = {
+    "deepseek_v3": (tf.DeepseekV3ForCausalLM, tf.DeepseekV3Config, dict(
+        **COMMON, **LATENT, q_lora_rank=24, n_group=4, topk_group=2, n_shared_experts=1,
+        routed_scaling_factor=2.5,
+        rope_parameters={"rope_type": "yarn", "factor": 4.0, "mscale": 1.0,
+                         "mscale_all_dim": 0.8, "rope_theta": 10_000.0, "beta_fast": 32.0,
+                         "beta_slow": 1.0, "original_max_position_embeddings": ORIG})),
+    "deepseek_v2": (tf.DeepseekV2ForCausalLM, tf.DeepseekV2Config, dict(
+        **COMMON, **LATENT, q_lora_rank=None, n_group=4, topk_group=2, n_shared_experts=2,
+        topk_method="group_limited_greedy", routed_scaling_factor=1.5)),
+    "glm4_moe_lite": (tf.Glm4MoeLiteForCausalLM, tf.Glm4MoeLiteConfig, dict(
+        **{**COMMON, "first_k_dense_replace": None}, **LATENT, q_lora_rank=24, n_group=1,
+        topk_group=1, n_shared_experts=1, routed_scaling_factor=1.8,
+        mlp_layer_types=["dense", "dense", "sparse", "sparse"])),
+    "glm4_moe": (tf.Glm4MoeForCausalLM, tf.Glm4MoeConfig, dict(
+        **COMMON, num_key_value_heads=2, head_dim=16, n_group=2, topk_group=1,
+        n_shared_experts=1, routed_scaling_factor=1.8, attention_bias=True,
+        use_qk_norm=True)),
+}
+
+
+def _hf_model(kind):
+    cls, config, kw = MODELS[kind]
+    torch.manual_seed(0)
+    m = sharpened(cls(config(**kw)), norm=0.3, matrix=0.3, bias=0.3)
+    with torch.no_grad():  # a choice bias large enough to change choices
+        for name, b in m.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                b.copy_(0.2 * torch.randn_like(b))
+    return m
+
+
+@pytest.fixture(scope="module", params=list(MODELS))
+def ds(request, tmp_path_factory):
+    return saved_and_loaded(request.param, _hf_model(request.param), tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def v3(tmp_path_factory):
+    return saved_and_loaded("deepseek_v3", _hf_model("deepseek_v3"), tmp_path_factory)
+
+
+def test_config_read_from_checkpoint(v3):
+    _, _, cfg, w = v3
+    assert (cfg.num_experts, cfg.experts_per_token, cfg.mlp_dim) == (8, 2, 32)
+    assert (cfg.dense_layers, cfg.dense_mlp_dim, cfg.shared_expert_dim) == (1, 96, 32)
+    assert cfg.router_sigmoid and cfg.router_groups == (4, 2) and cfg.router_group_top2
+    assert cfg.router_choice_bias and cfg.routed_scale == 2.5 and cfg.norm_topk
+    assert (cfg.q_lora_rank, cfg.kv_lora_rank, cfg.qk_nope_dim, cfg.rope_dim,
+            cfg.v_head_dim) == (24, 16, 12, 8, 10)
+    assert (cfg.num_kv_heads, cfg.head_dim, cfg.value_dim) == (1, 24, 0)
+    mscale = 0.1 * 0.8 * np.log(4.0) + 1.0  # mscale_all_dim's, squared into the scale
+    assert cfg.query_scale == pytest.approx(20 ** -0.5 * mscale ** 2)
+    dense, moe = w["dense_layers"], w["layers"]
+    assert dense["w_gate"].shape == (1, 64, 96) and "router" not in dense
+    assert moe["moe_gate"].shape == (3, 8, 64, 32) and moe["router_choice_b"].shape == (3, 8)
+    assert moe["wq_b"].shape == (3, 24, 4, 20) and moe["w_uk"].shape == (3, 4, 12, 16)
+    assert moe["w_uv"].shape == (3, 4, 16, 10) and moe["wkv_a"].shape == (3, 64, 24)
+
+
+def test_latent_cache_holds_one_row_per_token(v3):
+    """The cache is [latent, RoPE key] per token and layer, no values: (16 + 8) floats
+    where expanded keys and values would take 4 heads x (20 + 10)."""
+    _, _, cfg, _ = v3
+    cache = kv_cache.init_cache(cfg, 2, 64)
+    assert cache.k.shape == (4, 2, 1, 64, 24) and cache.v.shape == (4, 2, 1, 64, 0)
+    assert cache.nbytes() == 4 * 2 * 64 * 24 * 4 + 2 * 4
+    q8 = kv_cache.init_cache(cfg, 2, 64, jnp.int8)
+    assert q8.k.dtype == jnp.int8 and q8.v.size == 0
+
+
+def test_logits_match_transformers(ds):
+    """All positions of a 40-token prompt, then decode steps through the cache (the
+    reference attention, the CPU chunked decode loop over two chunks of a 512-slot cache
+    and the Pallas kernel)."""
+    _, m, cfg, w = ds
+    toks = tokens(40)
+    ref = hf_logits(m, toks)
+    np.testing.assert_allclose(ours(cfg, w, toks), ref, atol=1e-4, rtol=0)
+    for impl, S in (("xla", 64), ("xla_chunked", 512), ("pallas_interpret", 64)):
+        cache = kv_cache.init_cache(cfg, 2, S)
+        _, cache = model.forward(w, jnp.asarray(toks[:, :30]), cache, cfg)
+        for t in range(30, 40):
+            lg, cache = model.decode_step(w, jnp.asarray(toks[:, t]), cache, cfg, impl=impl)
+            np.testing.assert_allclose(np.asarray(lg), ref[:, t], atol=1e-4, rtol=0)
+
+
+def test_every_difference_matters(v3):
+    _, m, cfg, w = v3
+
+    def no_choice_bias(w):
+        return dict(w, layers={k: v for k, v in w["layers"].items() if k != "router_choice_b"})
+
+    def interleaved(w):  # the RoPE dims as the checkpoint orders them, not reordered
+        def back(a, lead):  # [..., lead + R] -> each head's RoPE tail re-interleaved
+            R = a.shape[-1] - lead
+            tail = a[..., lead:].reshape(*a.shape[:-1], 2, R // 2).swapaxes(-1, -2)
+            return jnp.concatenate([a[..., :lead], tail.reshape(*a.shape[:-1], R)], -1)
+        layers = dict(w["layers"], wq_b=back(w["layers"]["wq_b"], 12),
+                      wkv_a=back(w["layers"]["wkv_a"], 16))
+        return dict(w, layers=layers)
+
+    offs = [dict(router_sigmoid=False), dict(router_groups=None),
+            dict(router_group_top2=False), (dict(router_choice_bias=False), no_choice_bias),
+            dict(routed_scale=1.0), dict(norm_topk=False), dict(query_scale=20 ** -0.5),
+            dict(rope_attention_factor=1.2), ({}, interleaved)]
+    check_each_matters(m, cfg, w, offs, tokens(40))
+
+
+def test_gathered_and_dense_experts_agree(ds):
+    """The two ways moe() runs the experts agree under grouped, biased routing."""
+    _, _, cfg, w = ds
+    check_expert_paths_agree(cfg, w)
+
+
+def test_greedy_generation_matches_transformers(ds):
+    _, m, cfg, w = ds
+    check_greedy_generation(m, cfg, w, n=24)
+
+
+@pytest.mark.slow
+def test_engine_matches_transformers(ds):
+    """Chunked prefill of 8-token chunks, then the prefix cache (whose blocks hold the
+    latent rows and no values)."""
+    _, m, cfg, w = ds
+    check_engine_greedy(m, cfg, w, n=24)
+
+
+def test_checkpoint_round_trip_and_mesh(ds, tmp_path):
+    """Orbax round trip; heads tensor-parallel, the one latent KV head replicated."""
+    _, m, cfg, w = ds
+    check_orbax_round_trip(m, cfg, w, tokens(20), tmp_path)
+    ws = check_sharded_equals_one_device(cfg, w)
+    if cfg.kv_lora_rank:
+        assert tuple(ws["layers"]["w_uk"].sharding.spec)[:2] == (None, "model")
+        assert tuple(ws["dense_layers"]["w_gate"].sharding.spec) == (None, None, "model")
+
+
+def test_int8_weights_and_cache(v3):
+    """int8 weights (both layer stacks, the latent projections too) and an int8 cache stay
+    close to float: greedy next tokens of 4 prompts agree, logits within 5% of their
+    range."""
+    from jaxinfer.quant import QuantConfig, is_qarray
+    from jaxinfer.weights import quantize_weights
+
+    _, _, cfg, w = v3
+    wq = quantize_weights(w, QuantConfig.from_mode("int8"))
+    assert all(is_qarray(wq[s][n]) for s, n in [("dense_layers", "w_gate"), ("layers", "wq_a"),
+                                                 ("layers", "w_uk"), ("layers", "moe_up")])
+    toks = jnp.asarray(tokens(20, batch=4))
+    ref, _ = model.forward(w, toks, kv_cache.init_cache(cfg, 4, 32), cfg)
+    for weights, dtype in ((wq, jnp.float32), (w, jnp.int8)):
+        got, _ = model.forward(weights, toks, kv_cache.init_cache(cfg, 4, 32, dtype), cfg)
+        span = float(ref.max() - ref.min())
+        assert float(jnp.abs(got - ref).max()) < 0.05 * span
+        assert (got[:, -1].argmax(-1) == ref[:, -1].argmax(-1)).all()
+
+
+def test_refusals(v3, tmp_path):
+    """What is not supported says so: LoRA on latent attention, layer patterns and
+    routing methods that are not DeepSeek's released ones, attention biases."""
+    from jaxinfer.convert.lora import read_lora
+
+    _, _, cfg, _ = v3
+    with pytest.raises(ConversionError, match="latent attention"):
+        read_lora(tmp_path, cfg)
+    hf = dict(MODELS["deepseek_v2"][2], model_type="deepseek_v2")
+    for bad, match in [(dict(moe_layer_freq=2), "moe_layer_freq"),
+                       (dict(topk_method="noaux_tc"), "topk_method"),
+                       (dict(attention_bias=True), "attention_bias")]:
+        with pytest.raises(ConfigError, match=match):
+            ModelConfig.from_hf({**hf, **bad})
+    with pytest.raises(ConfigError, match="dense_layers"):
+        cfg.replace(dense_layers=4)
