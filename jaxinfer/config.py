@@ -29,8 +29,8 @@ GLM_TYPES = ("glm", "glm4")
 class ModelConfig:
     """Shapes and constants of a Llama-family decoder (Llama 2/3, Mistral, Qwen2/3, Phi-3,
     SmolLM2/3, Granite, OLMo 2, Cohere, StableLM 2, GLM-4, StarCoder2, Phi-2), of Gemma 1/2/3
-    or of a mixture of experts (Mixtral, Qwen2/3-MoE, OLMoE): their differences are the switches
-    after `name`, all off for Llama."""
+    or of a mixture of experts (Mixtral, Qwen2/3-MoE, OLMoE, Llama 4, gpt-oss, DeepSeek,
+    GLM-4.5): their differences are the switches after `name`, all off for Llama."""
 
     vocab_size: int  # V
     d_model: int  # D
@@ -359,7 +359,8 @@ class ModelConfig:
         Aya; Cohere2: Command R7B, Command A), StableLM 2, GLM-4, StarCoder2 or Gemma 1/2/3
         model (a multimodal Gemma 3 or Mistral 3: its language model). Reads transformers
         5's `rope_parameters` and the older `rope_theta` / `rope_scaling` keys alike. Llama 4
-        (Scout's layout, experts in every layer) too."""
+        (Scout and Maverick), the mixtures of experts (MOE_TYPES: DeepSeek V2/V3, GLM-4.5,
+        GLM-4.7-Flash among them) too."""
         if hf.get("model_type") == "gemma3" and "text_config" in hf:
             arch = (hf.get("architectures") or ["Gemma3ForConditionalGeneration"])[0]
             # saved text configs omit the fields that equal transformers' defaults

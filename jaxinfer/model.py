@@ -36,6 +36,7 @@ from jaxinfer.layers import (
     mlp,
     norm,
     norm_heads,
+    rms_norm,
     rope_angles,
     softcap,
     unit_rms,
@@ -92,6 +93,11 @@ def qkv(cfg: ModelConfig, w: Weights, h_BTD: jax.Array, pos_BT: jax.Array,
     return q_rot, k_rot, v
 
 
+# transformers' latent norms take RMSNorm's default epsilon whatever the config says (equal
+# for DeepSeek's configs, not for GLM-4.7-Flash's 1e-5); the reference decides.
+LATENT_NORM_EPS = 1e-6
+
+
 def latent_qk(cfg: ModelConfig, w: Weights, h_BTD: jax.Array, pos_BT: jax.Array,
               context: int = 0) -> tuple[jax.Array, jax.Array]:
     """Latent attention's (DeepSeek V2/V3) q [B,T,N,R+Hr] and cached key [B,T,1,R+Hr]: the
@@ -102,7 +108,7 @@ def latent_qk(cfg: ModelConfig, w: Weights, h_BTD: jax.Array, pos_BT: jax.Array,
     Hn, R = cfg.qk_nope_dim, cfg.kv_lora_rank
     if cfg.q_lora_rank:
         c = dot(h_BTD, w["wq_a"], "BTD,DR->BTR")
-        q = dot(norm(cfg, c, w["q_a_norm"]), w["wq_b"], "BTR,RNH->BTNH")
+        q = dot(rms_norm(c, w["q_a_norm"], LATENT_NORM_EPS), w["wq_b"], "BTR,RNH->BTNH")
     else:
         q = dot(h_BTD, w["wq"], "BTD,DNH->BTNH")
     kv = dot(h_BTD, w["wkv_a"], "BTD,DR->BTR")
@@ -112,7 +118,8 @@ def latent_qk(cfg: ModelConfig, w: Weights, h_BTD: jax.Array, pos_BT: jax.Array,
     q_latent = dot(q[..., :Hn], w["w_uk"], "BTNH,NHR->BTNR")
     q = jnp.concatenate([q_latent, q_rope], axis=-1)
     q = (q * (cfg.query_scale * cfg.head_dim ** 0.5)).astype(q.dtype)
-    k = jnp.concatenate([norm(cfg, kv[:, :, None, :R], w["kv_a_norm"]), k_rope], axis=-1)
+    k = jnp.concatenate([rms_norm(kv[:, :, None, :R], w["kv_a_norm"], LATENT_NORM_EPS), k_rope],
+                        axis=-1)
     return q, k
 
 

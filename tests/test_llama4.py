@@ -1,5 +1,6 @@
-"""Llama 4 (Scout's layout: experts in every layer) against Hugging Face transformers
-(PyTorch, float32, eager attention), on tiny random checkpoints transformers writes:
+"""Llama 4 (Scout's layout: experts in every layer; Maverick's: every other) against
+Hugging Face transformers (PyTorch, float32, eager attention), on tiny random checkpoints
+transformers writes:
 chunked attention on the RoPE layers (a query sees its own chunk of the positions), no
 RoPE and a query temperature on every fourth layer, q/k RMS-normalised after RoPE, RoPE on
 interleaved pairs, one routed expert per token whose input (not output) is scaled by the
@@ -135,11 +136,45 @@ def test_checkpoint_round_trip_and_mesh(llama4, tmp_path):
 
 
 def test_multimodal_checkpoint_and_refusals(tmp_path):
-    """A Llama4ForConditionalGeneration config reads its text_config; Maverick's dense
-    layers between the MoE ones are refused by name."""
+    """A Llama4ForConditionalGeneration config reads its text_config; expert layers at
+    other places than every interleave_moe_layer_step-th are refused by name."""
     text = {**TEXT, "model_type": "llama4_text"}
     cfg = ModelConfig.from_hf({"model_type": "llama4", "text_config": text,
                                "architectures": ["Llama4ForConditionalGeneration"]})
     assert cfg.name == "Llama4ForConditionalGeneration" and cfg.moe_scale_inputs
-    with pytest.raises(ConfigError, match="interleave_moe_layer_step=2"):
-        ModelConfig.from_hf({**text, "interleave_moe_layer_step": 2})
+    with pytest.raises(ConfigError, match="moe_layers"):
+        ModelConfig.from_hf({**text, "interleave_moe_layer_step": 2, "moe_layers": [0, 2]})
+    with pytest.raises(ConfigError, match="moe_every"):
+        cfg.replace(moe_every=3, dense_mlp_dim=96)  # (4 layers)
+
+
+@pytest.fixture(scope="module")
+def maverick(tmp_path_factory):
+    torch.manual_seed(1)
+    m = tf.Llama4ForCausalLM(tf.Llama4TextConfig(**{**TEXT, "interleave_moe_layer_step": 2}))
+    return saved_and_loaded("maverick", sharpened(m, norm=0.3, matrix=0.3), tmp_path_factory)
+
+
+def test_maverick_dense_layers_between_expert_ones(maverick, tmp_path):
+    """Maverick's layout: experts in layers 1 and 3, dense MLPs of their own width in 0 and
+    2 (a second stack, run in one scan over (dense, experts) pairs). Logits within 1e-4
+    through prefill and decode, greedy tokens, Orbax, a mesh; the dense stack matters."""
+    _, m, cfg, w = maverick
+    assert (cfg.moe_every, cfg.num_dense_layers, cfg.dense_mlp_dim) == (2, 2, 96)
+    assert [cfg.layer_slot(n) for n in range(4)] == [
+        ("dense_layers", 0), ("layers", 0), ("dense_layers", 1), ("layers", 1)]
+    assert w["dense_layers"]["w_gate"].shape == (2, 64, 96)
+    assert w["layers"]["moe_gate"].shape == (2, 4, 64, 48)
+    toks = tokens(40)
+    ref = hf_logits(m, toks)
+    np.testing.assert_allclose(ours(cfg, w, toks), ref, atol=1e-4, rtol=0)
+    cache = kv_cache.init_cache(cfg, 2, 64)
+    _, cache = model.forward(w, jnp.asarray(toks[:, :30]), cache, cfg)
+    for t in range(30, 40):
+        lg, cache = model.decode_step(w, jnp.asarray(toks[:, t]), cache, cfg)
+        np.testing.assert_allclose(np.asarray(lg), ref[:, t], atol=1e-4, rtol=0)
+    swapped = dict(w, dense_layers=jax.tree.map(lambda a: a[::-1], w["dense_layers"]))
+    assert np.abs(ours(cfg, swapped, toks) - ref).max() > 1e-2
+    check_greedy_generation(m, cfg, w, n=24)
+    check_orbax_round_trip(m, cfg, w, tokens(20), tmp_path)
+    check_sharded_equals_one_device(cfg, w)
