@@ -31,6 +31,7 @@ from jaxinfer.layers import softcap as cap_scores
 NEG_INF = -1e30
 IMPLS = ("xla", "xla_chunked", "cudnn", "pallas", "pallas_interpret", "auto")  # see resolve_impl
 CHUNK_S = 256  # xla_chunked: cache positions per step of its loop
+CUDNN_MAX_HEAD_DIM = 256
 
 
 def first_visible(pos: jax.Array, window: jax.Array, chunked: bool = False) -> jax.Array:
@@ -203,7 +204,11 @@ def resolve_impl(impl: str, q_BTNH, k_BKSH) -> str:
         return "pallas"
     if platform == "gpu" and q_BTNH.dtype in (jnp.bfloat16, jnp.float16):
         decode = q_BTNH.shape[1] == 1 and gpu_supports(q_BTNH.shape[-1], k_BKSH.shape[-2])
-        return "pallas" if decode else "cudnn"
+        if decode:
+            return "pallas"
+        # cuDNN's flash attention takes heads up to 256 wide; latent attention's 576-wide
+        # [latent, RoPE key] rows (DeepSeek) go through the reference
+        return "cudnn" if q_BTNH.shape[-1] <= CUDNN_MAX_HEAD_DIM else "xla"
     if chunkable and k_BKSH.shape[-2] > CHUNK_S:  # one chunk: nothing to skip
         return "xla_chunked"
     return "xla"

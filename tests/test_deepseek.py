@@ -27,6 +27,7 @@ from jaxinfer.errors import ConfigError, ConversionError  # noqa: E402
 from .hf_checkpoints import (  # noqa: E402
     check_each_matters,
     check_engine_greedy,
+    check_expert_parallel,
     check_expert_paths_agree,
     check_greedy_generation,
     check_orbax_round_trip,
@@ -181,6 +182,15 @@ def test_checkpoint_round_trip_and_mesh(ds, tmp_path):
     if cfg.kv_lora_rank:
         assert tuple(ws["layers"]["w_uk"].sharding.spec)[:2] == (None, "model")
         assert tuple(ws["dense_layers"]["w_gate"].sharding.spec) == (None, None, "model")
+
+
+@pytest.mark.slow
+def test_expert_parallel(v3):
+    """V3's grouped, biased routing with its experts split over `expert` (4 of 8 per
+    device) and the latent attention's heads over `model` equals one device."""
+    _, _, cfg, w = v3
+    ws = check_expert_parallel(cfg, w)
+    assert tuple(ws["layers"]["moe_gate"].sharding.spec)[:2] == (None, "expert")
 
 
 def test_int8_weights_and_cache(v3):

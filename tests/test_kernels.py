@@ -261,6 +261,13 @@ def test_resolve_impl():
     assert resolve_impl("auto", f32, k) == ("pallas" if platform == "tpu" else "xla")
     with pytest.raises(ValueError, match="unknown attention impl"):
         resolve_impl("flash", decode, k)
+    # On a GPU, latent attention's 576-wide heads (no Triton block, past cuDNN's 256) take
+    # the reference for decode and prefill alike.
+    with mock.patch("jax.default_backend", return_value="gpu"):
+        for T in (1, 8):
+            q = sd((2, T, 16, 576), jnp.bfloat16)
+            assert resolve_impl("auto", q, sd((2, 1, 256, 576), jnp.bfloat16)) == "xla"
+        assert resolve_impl("auto", prefill, k) == "cudnn"
 
 
 # ---------------------------------------------------------------------------------------
