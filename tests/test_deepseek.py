@@ -155,6 +155,7 @@ def test_every_difference_matters(v3):
     check_each_matters(m, cfg, w, offs, tokens(40))
 
 
+@pytest.mark.slow
 def test_gathered_and_dense_experts_agree(ds):
     """The two ways moe() runs the experts agree under grouped, biased routing."""
     _, _, cfg, w = ds
@@ -174,6 +175,7 @@ def test_engine_matches_transformers(ds):
     check_engine_greedy(m, cfg, w, n=24)
 
 
+@pytest.mark.slow
 def test_checkpoint_round_trip_and_mesh(ds, tmp_path):
     """Orbax round trip; heads tensor-parallel, the one latent KV head replicated."""
     _, m, cfg, w = ds
