@@ -160,23 +160,23 @@ def _block(cfg: ModelConfig, impl: str, adapter_B: jax.Array | None, experts: bo
     window = layer_window(cfg, i)
     with jax.named_scope("attention"):
         h = norm(cfg, x, w["attn_norm"], _bias(cfg, w, "attn_norm")) if cfg.pre_norms else x
-        if cfg.kv_lora_rank:  # values are the keys' latent part: one cache, read twice
+        if cfg.kv_lora_rank:
             q, k = latent_qk(cfg, w, h, pos_BT, ck.shape[3])
             ck, ks = write_kv(ck, ks, i, rows_B1, pos_BT, k)
-            values = lambda: (ck, ks)
+            values, value_scales = ck, ks  # the keys' latent part: one cache, read twice
         else:
             q, k, v = qkv(cfg, w, h, pos_BT, i, ck.shape[3])
             # Scatter the new K/V of every row at its own positions; out-of-range slots drop.
             ck, ks = write_kv(ck, ks, i, rows_B1, pos_BT, k)
             cv, vs = write_kv(cv, vs, i, rows_B1, pos_BT, v)
-            values = lambda: (cv, vs)
+            values, value_scales = cv, vs
         kw = dict(window=window, softcap=cfg.attn_softcap, chunked=cfg.chunked_local,
                   sinks_N=w["sinks"] if cfg.attn_sinks else None)
         if ck.dtype == q.dtype and ks is None:  # kernels read layer i of the stacked cache in place
-            o = attention(q, ck, values()[0], pos_BT, impl, layer=i, **kw)
+            o = attention(q, ck, values, pos_BT, impl, layer=i, **kw)
         else:
-            o = attention(q, read_kv(ck, ks, i, q.dtype), read_kv(*values(), i, q.dtype),
-                          pos_BT, impl, **kw)
+            o = attention(q, read_kv(ck, ks, i, q.dtype),
+                          read_kv(values, value_scales, i, q.dtype), pos_BT, impl, **kw)
         if cfg.kv_lora_rank:  # each head's latent output lifted to its values
             o = dot(o[..., :cfg.kv_lora_rank], w["w_uv"], "BTNR,NRH->BTNH")
         o = dot(o, w["wo"], "BTNH,NHD->BTD")
@@ -194,6 +194,25 @@ def _block(cfg: ModelConfig, impl: str, adapter_B: jax.Array | None, experts: bo
         h = h * cfg.residual_multiplier if cfg.residual_multiplier != 1.0 else h
         x = x + o + h if cfg.parallel_block else x + h  # the references' order of adds
     return (x, ck, cv, ks, vs, pos_BT, rows_B1), None
+
+
+def _stacked(cfg: ModelConfig, impl: str, adapter_B: jax.Array | None, weights: Weights,
+             ab, carry):
+    """The layers as one scan per stack (DeepSeek's leading dense layers first; most
+    models have one stack), threading the one cache through."""
+    first = 0
+    for stack in LAYER_STACKS:
+        if stack not in weights:
+            continue
+        n = jax.tree.leaves(weights[stack])[0].shape[0]
+        part = slice(first, first + n)
+        experts = bool(cfg.num_experts) and stack == "layers"
+        carry, _ = jax.lax.scan(
+            functools.partial(_block, cfg, impl, adapter_B, experts), carry,
+            (weights[stack], jnp.arange(first, first + n, dtype=jnp.int32),
+             None if ab is None else jax.tree.map(lambda a, part=part: a[part], ab)))
+        first += n
+    return carry
 
 
 def _interleaved(cfg: ModelConfig, impl: str, adapter_B: jax.Array | None, weights: Weights,
@@ -233,26 +252,13 @@ def hidden_states(weights: Weights, tokens_BT: jax.Array, cache: KVCache, cfg: M
     x = embed(cfg, weights, tokens_BT)
     pos_BT = cache.lengths[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
     rows_B1 = jnp.arange(B, dtype=jnp.int32)[:, None]
-    layer_ids = jnp.arange(cfg.num_layers, dtype=jnp.int32)
     ab = None
     if lora is not None:
         ab = (lora.a, lora.b)
         adapter_B = jnp.zeros((B,), jnp.int32) if adapter_B is None else adapter_B
     carry = (x, cache.k, cache.v, cache.k_scale, cache.v_scale, pos_BT, rows_B1)
-    if cfg.moe_every > 1:
-        carry = _interleaved(cfg, impl, adapter_B, weights, ab, carry)
-    first = 0
-    for stack in LAYER_STACKS if cfg.moe_every == 1 else ():  # (DeepSeek's dense layers
-        if stack not in weights:                              # first); one cache
-            continue
-        n = jax.tree.leaves(weights[stack])[0].shape[0]
-        experts = bool(cfg.num_experts) and stack == "layers"
-        part = slice(first, first + n)
-        stack_ab = None if ab is None else jax.tree.map(lambda a, part=part: a[part], ab)
-        carry, _ = jax.lax.scan(functools.partial(_block, cfg, impl, adapter_B, experts), carry,
-                                (weights[stack], layer_ids[part], stack_ab))
-        first += n
-    x, ck, cv, ks, vs, _, _ = carry
+    run = _interleaved if cfg.moe_every > 1 else _stacked
+    x, ck, cv, ks, vs, _, _ = run(cfg, impl, adapter_B, weights, ab, carry)
     x = norm(cfg, x, weights["final_norm"], _bias(cfg, weights, "final_norm"))
     return x, KVCache(k=ck, v=cv, lengths=cache.lengths, k_scale=ks, v_scale=vs)
 

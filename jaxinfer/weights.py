@@ -104,6 +104,12 @@ def _quant_info(a: ArrayInfo, spec: QuantSpec, contract: tuple[int, ...], group_
                   group_axis=None if spec.group_size is None else group_axis)
 
 
+# The layer stacks: a mixture of experts' dense layers (DeepSeek's leading ones, run first;
+# Llama 4 Maverick's, run in groups with the expert layers), and the rest (for most models
+# every layer).
+LAYER_STACKS = ("dense_layers", "layers")
+
+
 def weight_specs(cfg: ModelConfig, dtype: Any = jnp.float32,
                  quant: QuantConfig | None = None) -> Weights:
     D, V = cfg.d_model, cfg.vocab_size
@@ -132,11 +138,6 @@ def weight_specs(cfg: ModelConfig, dtype: Any = jnp.float32,
             if name in tree:
                 tree[name] = _quant_info(tree[name], quant.embed, contract, group)
     return tree
-
-
-# The scanned layer stacks, in the order they run: DeepSeek's leading dense layers, then
-# the rest (every layer, for most models).
-LAYER_STACKS = ("dense_layers", "layers")
 
 
 def _layer_specs(cfg: ModelConfig, L: int, experts: bool, A: Callable, one: str) -> Weights:
