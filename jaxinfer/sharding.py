@@ -136,7 +136,7 @@ def logical_to_spec(axes: Sequence[str | None], rules: dict[str, str | tuple[str
             raise ConfigError(f"mesh axis {sorted(used & set(want))[0]!r} used twice in "
                               f"logical axes {tuple(axes)}")
         got = _fit(want, None if shape is None else shape[i], sizes)
-        if got != want and warn and shape[i] > 1:  # (one KV head, MQA or latent: no choice)
+        if got != want and warn:
             keep = f"sharding it over {' x '.join(got)}" if got else "replicating it"
             log.warning("%s: dim %s=%d does not divide mesh axis %s; %s", what or "array", ax,
                         shape[i], " x ".join(f"{a}={sizes[a]}" for a in want), keep)

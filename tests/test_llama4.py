@@ -158,7 +158,7 @@ def maverick(tmp_path_factory):
 def test_maverick_dense_layers_between_expert_ones(maverick, tmp_path):
     """Maverick's layout: experts in layers 1 and 3, dense MLPs of their own width in 0 and
     2 (a second stack, run in one scan over (dense, experts) pairs). Logits within 1e-4
-    through prefill and decode, greedy tokens, Orbax, a mesh; the dense stack matters."""
+    through prefill and decode; the dense stack matters (swapping its layers breaks it)."""
     _, m, cfg, w = maverick
     assert (cfg.moe_every, cfg.num_dense_layers, cfg.dense_mlp_dim) == (2, 2, 96)
     assert [cfg.layer_slot(n) for n in range(4)] == [
@@ -175,6 +175,11 @@ def test_maverick_dense_layers_between_expert_ones(maverick, tmp_path):
         np.testing.assert_allclose(np.asarray(lg), ref[:, t], atol=1e-4, rtol=0)
     swapped = dict(w, dense_layers=jax.tree.map(lambda a: a[::-1], w["dense_layers"]))
     assert np.abs(ours(cfg, swapped, toks) - ref).max() > 1e-2
+
+
+@pytest.mark.slow
+def test_maverick_generation_checkpoint_and_mesh(maverick, tmp_path):
+    _, m, cfg, w = maverick
     check_greedy_generation(m, cfg, w, n=24)
     check_orbax_round_trip(m, cfg, w, tokens(20), tmp_path)
     check_sharded_equals_one_device(cfg, w)

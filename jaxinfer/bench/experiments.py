@@ -123,8 +123,10 @@ def _unrolled_logits(weights, tokens_B, cache, cfg, impl):
     carry = (x, cache.k, cache.v, cache.k_scale, cache.v_scale, cache.lengths[:, None],
              jnp.arange(B, dtype=jnp.int32)[:, None])
     for i in range(cfg.num_layers):
-        w = jax.tree.map(lambda a, i=i: a[i], weights["layers"])
-        carry, _ = _block(cfg, impl, None, carry, (w, jnp.int32(i), None))
+        stack, j = cfg.layer_slot(i)
+        w = jax.tree.map(lambda a, j=j: a[j], weights[stack])
+        experts = bool(cfg.num_experts) and stack == "layers"
+        carry, _ = _block(cfg, impl, None, experts, carry, (w, jnp.int32(i), None))
     x = norm(cfg, carry[0], weights["final_norm"])
     _, ck, cv, ks, vs, _, _ = carry
     return unembed(weights, x[:, 0], cfg), dataclasses.replace(
