@@ -123,10 +123,11 @@ def slots_bytes(cfg: ModelConfig, B: int, S: int, dtype, mesh: jax.sharding.Mesh
     """Bytes one device holds for the B-slot cache `slots_cache` makes (K, V and an int8
     cache's scales), from its shard shape under `mesh`."""
     dtype = jnp.dtype(dtype)
+    sharding = None if mesh is None else cache_shardings(cfg, B, S, mesh).k
     total = 0
     for shape in kv_shapes(cfg, B, S):  # K, V and (int8) their scales
-        if mesh is not None:
-            shape = cache_shardings(cfg, B, S, mesh).k.shard_shape(shape)
+        if sharding is not None:
+            shape = sharding.shard_shape(shape)
         n = math.prod(shape)
         total += n * dtype.itemsize + (math.prod(shape[:4]) * 4 if dtype == jnp.int8 else 0)
     return total

@@ -58,6 +58,21 @@ def ours(cfg, w, toks: np.ndarray, S: int = 64) -> np.ndarray:
     return np.asarray(out)
 
 
+def check_decode_logits(m, cfg, w, impls=(("xla", 64),)) -> None:
+    """All positions of a 40-token prompt, then 30 prefilled and ten decode steps through
+    the cache with each (attention impl, cache length): logits within 1e-4 of the HF
+    model's throughout."""
+    toks = tokens(40)
+    ref = hf_logits(m, toks)
+    np.testing.assert_allclose(ours(cfg, w, toks), ref, atol=1e-4, rtol=0)
+    for impl, S in impls:
+        cache = kv_cache.init_cache(cfg, 2, S)
+        _, cache = model.forward(w, jnp.asarray(toks[:, :30]), cache, cfg)
+        for t in range(30, 40):
+            lg, cache = model.decode_step(w, jnp.asarray(toks[:, t]), cache, cfg, impl=impl)
+            np.testing.assert_allclose(np.asarray(lg), ref[:, t], atol=1e-4, rtol=0)
+
+
 def check_each_matters(m, cfg, w, offs, toks: np.ndarray) -> None:
     """Each switch of `offs` moves our logits more than 1e-2 away from the HF model's, so
     none is dead weight: a dict of config changes, or (changes, a weight transform)."""

@@ -25,6 +25,7 @@ from jaxinfer.config import ModelConfig  # noqa: E402
 from jaxinfer.errors import ConfigError, ConversionError  # noqa: E402
 
 from .hf_checkpoints import (  # noqa: E402
+    check_decode_logits,
     check_each_matters,
     check_engine_greedy,
     check_expert_parallel,
@@ -32,8 +33,6 @@ from .hf_checkpoints import (  # noqa: E402
     check_greedy_generation,
     check_orbax_round_trip,
     check_sharded_equals_one_device,
-    hf_logits,
-    ours,
     saved_and_loaded,
     sharpened,
     tokens,
@@ -117,32 +116,19 @@ def test_latent_cache_holds_one_row_per_token(v3):
     assert q8.k.dtype == jnp.int8 and q8.v.size == 0
 
 
-def _check_logits(ds, impls) -> None:
-    """All positions of a 40-token prompt, then decode steps through the cache with each
-    attention impl (S: its cache length), all within 1e-4 of transformers."""
-    _, m, cfg, w = ds
-    toks = tokens(40)
-    ref = hf_logits(m, toks)
-    np.testing.assert_allclose(ours(cfg, w, toks), ref, atol=1e-4, rtol=0)
-    for impl, S in impls:
-        cache = kv_cache.init_cache(cfg, 2, S)
-        _, cache = model.forward(w, jnp.asarray(toks[:, :30]), cache, cfg)
-        for t in range(30, 40):
-            lg, cache = model.decode_step(w, jnp.asarray(toks[:, t]), cache, cfg, impl=impl)
-            np.testing.assert_allclose(np.asarray(lg), ref[:, t], atol=1e-4, rtol=0)
-
-
 def test_logits_match_transformers(ds):
     """Through the reference attention and the CPU chunked decode loop over two chunks of
     a 512-slot cache."""
-    _check_logits(ds, [("xla", 64), ("xla_chunked", 512)])
+    _, m, cfg, w = ds
+    check_decode_logits(m, cfg, w, [("xla", 64), ("xla_chunked", 512)])
 
 
 @pytest.mark.slow
 def test_logits_through_the_pallas_kernel(ds):
     """The Pallas decode kernel (interpret mode) reads the 24-wide latent rows as keys and
     values."""
-    _check_logits(ds, [("pallas_interpret", 64)])
+    _, m, cfg, w = ds
+    check_decode_logits(m, cfg, w, [("pallas_interpret", 64)])
 
 
 def test_every_difference_matters(v3):

@@ -13,10 +13,10 @@ import pytest
 torch = pytest.importorskip("torch")
 tf = pytest.importorskip("transformers")
 
-from jaxinfer import kv_cache, model  # noqa: E402
 from jaxinfer.attention import attention  # noqa: E402
 
 from .hf_checkpoints import (  # noqa: E402
+    check_decode_logits,
     check_each_matters,
     check_engine_greedy,
     check_expert_parallel,
@@ -73,15 +73,7 @@ def test_logits_match_transformers(oss):
     """All positions of a 40-token prompt, then decode steps through the cache; the
     Pallas impl falls back to the reference for sinks."""
     _, m, cfg, w = oss
-    toks = tokens(40)
-    ref = hf_logits(m, toks)
-    np.testing.assert_allclose(ours(cfg, w, toks), ref, atol=1e-4, rtol=0)
-    for impl in ("xla", "pallas_interpret"):
-        cache = kv_cache.init_cache(cfg, 2, 64)
-        _, cache = model.forward(w, jnp.asarray(toks[:, :30]), cache, cfg)
-        for t in range(30, 40):
-            lg, cache = model.decode_step(w, jnp.asarray(toks[:, t]), cache, cfg, impl=impl)
-            np.testing.assert_allclose(np.asarray(lg), ref[:, t], atol=1e-4, rtol=0)
+    check_decode_logits(m, cfg, w, [("xla", 64), ("pallas_interpret", 64)])
 
 
 def test_sinks_through_the_chunked_decode_loop():

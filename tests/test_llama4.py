@@ -18,12 +18,12 @@ import pytest
 torch = pytest.importorskip("torch")
 tf = pytest.importorskip("transformers")
 
-from jaxinfer import kv_cache, model  # noqa: E402
 from jaxinfer.attention import attention  # noqa: E402
 from jaxinfer.config import ModelConfig  # noqa: E402
 from jaxinfer.errors import ConfigError  # noqa: E402
 
 from .hf_checkpoints import (  # noqa: E402
+    check_decode_logits,
     check_each_matters,
     check_engine_greedy,
     check_expert_paths_agree,
@@ -73,15 +73,7 @@ def test_logits_match_transformers(llama4):
     """All positions of a 40-token prompt (five chunks), then prefill + one-token decode
     steps through the cache with every attention impl that takes chunks."""
     _, m, cfg, w = llama4
-    toks = tokens(40)
-    ref = hf_logits(m, toks)
-    np.testing.assert_allclose(ours(cfg, w, toks), ref, atol=1e-4, rtol=0)
-    for impl in ("xla", "pallas_interpret"):
-        cache = kv_cache.init_cache(cfg, 2, 64)
-        _, cache = model.forward(w, jnp.asarray(toks[:, :30]), cache, cfg)
-        for t in range(30, 40):
-            lg, cache = model.decode_step(w, jnp.asarray(toks[:, t]), cache, cfg, impl=impl)
-            np.testing.assert_allclose(np.asarray(lg), ref[:, t], atol=1e-4, rtol=0)
+    check_decode_logits(m, cfg, w, [("xla", 64), ("pallas_interpret", 64)])
 
 
 def test_chunked_attention_impls_agree():
@@ -165,16 +157,10 @@ def test_maverick_dense_layers_between_expert_ones(maverick, tmp_path):
         ("dense_layers", 0), ("layers", 0), ("dense_layers", 1), ("layers", 1)]
     assert w["dense_layers"]["w_gate"].shape == (2, 64, 96)
     assert w["layers"]["moe_gate"].shape == (2, 4, 64, 48)
+    check_decode_logits(m, cfg, w)
     toks = tokens(40)
-    ref = hf_logits(m, toks)
-    np.testing.assert_allclose(ours(cfg, w, toks), ref, atol=1e-4, rtol=0)
-    cache = kv_cache.init_cache(cfg, 2, 64)
-    _, cache = model.forward(w, jnp.asarray(toks[:, :30]), cache, cfg)
-    for t in range(30, 40):
-        lg, cache = model.decode_step(w, jnp.asarray(toks[:, t]), cache, cfg)
-        np.testing.assert_allclose(np.asarray(lg), ref[:, t], atol=1e-4, rtol=0)
     swapped = dict(w, dense_layers=jax.tree.map(lambda a: a[::-1], w["dense_layers"]))
-    assert np.abs(ours(cfg, swapped, toks) - ref).max() > 1e-2
+    assert np.abs(ours(cfg, swapped, toks) - hf_logits(m, toks)).max() > 1e-2
 
 
 @pytest.mark.slow
