@@ -16,7 +16,7 @@ from typing import Any
 
 from jaxinfer.errors import ConfigError
 
-ACTIVATIONS = ("silu", "gelu_tanh")
+ACTIVATIONS = ("silu", "gelu_tanh", "gelu")
 GEMMA_TYPES = ("gemma", "gemma2", "gemma3_text", "gemma3")
 DEEPSEEK_TYPES = ("deepseek_v2", "deepseek_v3", "glm4_moe_lite")  # latent attention
 MOE_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "granitemoe", "olmoe", "gpt_oss", "glm4_moe",
@@ -55,7 +55,7 @@ class ModelConfig:
     name: str = "llama"
     # Gemma: GeGLU MLP, RMSNorm scaling by (1 + w), embeddings times sqrt(D), and (Gemma 2/3)
     # a second RMSNorm on the attention and MLP outputs before each residual add.
-    activation: str = "silu"  # MLP gate: "silu" (SwiGLU) or "gelu_tanh" (GeGLU)
+    activation: str = "silu"  # "silu" (SwiGLU), "gelu_tanh" (GeGLU), "gelu" (exact, erf)
     norm_plus_one: bool = False
     scale_embeddings: bool = False
     post_norms: bool = False
@@ -115,6 +115,9 @@ class ModelConfig:
     norm_bias: bool = False
     qk_norm_heads: bool = False
     parallel_block: bool = False
+    # GPT-NeoX (Pythia): the parallel MLP reads its own norm of the block's input (mlp_norm)
+    # instead of attention's.
+    parallel_mlp_norm: bool = False
     # StarCoder2 and Phi-2: a plain MLP (up, activation, down: no gate) and biases on the
     # attention output and both MLP projections (q/k/v biases are qkv_bias); Phi-2's
     # lm_head has a bias too.
@@ -199,6 +202,8 @@ class ModelConfig:
         if self.parallel_block and (self.post_norms or not self.pre_norms):
             raise ConfigError("parallel_block takes one norm before each block, not "
                               "post_norms")
+        if self.parallel_mlp_norm and not self.parallel_block:
+            raise ConfigError("parallel_mlp_norm needs parallel_block")
         if not (self.pre_norms or self.post_norms):
             raise ConfigError("a model needs pre_norms, post_norms or both")
         if self.num_experts and not self.mlp_gated:
@@ -356,7 +361,8 @@ class ModelConfig:
     def from_hf(cls, hf: dict[str, Any], name: str | None = None) -> ModelConfig:
         """From a Hugging Face `config.json` dict of a Llama, Mistral (Ministral 8B,
         Ministral 3), Qwen2/3, Phi-2, Phi-3, SmolLM3, Granite, OLMo 2, EXAONE 4, Cohere (Command R,
-        Aya; Cohere2: Command R7B, Command A), StableLM 2, GLM-4, StarCoder2 or Gemma 1/2/3
+        Aya; Cohere2: Command R7B, Command A), StableLM 2, GLM-4, StarCoder2, GPT-NeoX
+        (Pythia) or Gemma 1/2/3
         model (a multimodal Gemma 3 or Mistral 3: its language model). Reads transformers
         5's `rope_parameters` and the older `rope_theta` / `rope_scaling` keys alike. Llama 4
         (Scout and Maverick), the mixtures of experts (MOE_TYPES: DeepSeek V2/V3, GLM-4.5,
@@ -375,6 +381,12 @@ class ModelConfig:
         gemma = kind in GEMMA_TYPES
         if kind in (*GLM_TYPES, "phi", "glm4_moe"):  # older configs leave the default out
             hf = {"partial_rotary_factor": 0.5, **hf}
+        if kind == "gpt_neox":  # transformers 4 names; its MLP biases are not optional
+            if not hf.get("attention_bias", True):
+                raise ConfigError("GPT-NeoX without attention biases (attention_bias=false) "
+                                  "is not supported")
+            hf = {"partial_rotary_factor": hf.get("rotary_pct", 0.25),
+                  "rope_theta": hf.get("rotary_emb_base", 10_000.0), **hf}
         if kind == "phi" and hf.get("qk_layernorm"):
             raise ConfigError("Phi's qk_layernorm is not supported")
         if hf.get("clip_qkv"):  # OLMo / OLMoE variants that clamp q, k and v
@@ -423,11 +435,15 @@ class ModelConfig:
                 nope = tuple(not use for use in hf.get("no_rope_layers") or [
                     (i + 1) % int(hf.get("no_rope_layer_interval", 4)) != 0 for i in range(L)])
             cohere, stablelm = kind in COHERE_TYPES, kind == "stablelm"
-            plain = kind in ("starcoder2", "phi")  # LayerNorm, a plain MLP, biases
+            neox = kind == "gpt_neox"
+            plain = kind in ("starcoder2", "phi", "gpt_neox")  # LayerNorm, plain MLP, biases
             biases = (bool(hf.get("use_bias", True)) if kind == "starcoder2"
                       else bool(hf.get("attention_bias", True)) if kind == "gpt_oss"
-                      else kind == "phi")
-            eps = (hf.get("layer_norm_eps", 1e-5) if cohere or stablelm or kind == "phi"
+                      else kind in ("phi", "gpt_neox"))
+            parallel = kind in ("cohere", "phi") or bool(
+                hf.get("use_parallel_residual", neox) if stablelm or neox
+                else kind == "cohere2")
+            eps = (hf.get("layer_norm_eps", 1e-5) if cohere or stablelm or kind == "phi" or neox
                    else hf.get("norm_epsilon", 1e-5) if kind == "starcoder2"
                    else hf.get("rms_norm_eps", 1e-6 if gemma else 1e-5))
             arch = (hf.get("architectures") or [kind])[0]
@@ -468,8 +484,8 @@ class ModelConfig:
                 swiglu_limit=float(hf.get("swiglu_limit", 7.0)) if oss else None,
                 swiglu_alpha=float(hf.get("swiglu_alpha", 1.702)),
                 norm_bias=stablelm or plain,
-                parallel_block=kind in ("cohere", "phi") or bool(
-                    hf.get("use_parallel_residual") if stablelm else kind == "cohere2"),
+                parallel_block=parallel,
+                parallel_mlp_norm=neox and parallel,
                 pre_norms=kind not in ("olmo2", "exaone4"),
                 bos_token_id=hf.get("bos_token_id"),
                 eos_token_ids=tuple(int(e) for e in eos),
@@ -550,7 +566,7 @@ class ModelConfig:
 
 # transformers' hidden activation names -> ours
 _HF_ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh",
-                   "gelu_new": "gelu_tanh"}
+                   "gelu_new": "gelu_tanh", "gelu": "gelu"}
 
 # Gemma3TextConfig's defaults (transformers), which a multimodal checkpoint's text_config
 # leaves out (its 4B/12B/27B checkpoints list only the fields that differ).

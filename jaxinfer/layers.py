@@ -162,8 +162,11 @@ def glu(cfg: ModelConfig, gate: jax.Array, up: jax.Array) -> jax.Array:
 
 
 def activate(gate: jax.Array, activation: str) -> jax.Array:
-    """The gate's nonlinearity: SiLU, or GELU with the tanh approximation."""
-    return jax.nn.silu(gate) if activation == "silu" else jax.nn.gelu(gate, approximate=True)
+    """The gate's nonlinearity: SiLU, GELU with the tanh approximation, or exact GELU (erf:
+    GPT-NeoX)."""
+    if activation == "silu":
+        return jax.nn.silu(gate)
+    return jax.nn.gelu(gate, approximate=activation == "gelu_tanh")
 
 
 def softcap(x: jax.Array, cap: float | None) -> jax.Array:

@@ -13,7 +13,8 @@ cache continues a sequence (prefix caching, chunked prefill, speculative verific
 Layers run under `lax.scan`; the stacked cache rides in the scan carry and is updated in
 place, and jit donates it, so a step never copies the cache. Gemma's local and global
 layers share the scanned body: the layer index picks its window and RoPE frequencies.
-Cohere, Phi-2 and StableLM 2 12B run attention and the MLP side by side (`parallel_block`).
+Cohere, Phi-2, StableLM 2 12B and GPT-NeoX run attention and the MLP side by side
+(`parallel_block`).
 DeepSeek's leading dense layers are a second stack scanned first, over the same cache
 (Llama 4 Maverick's, between its expert layers, run in one scan over groups);
 its latent attention caches one [latent, RoPE key] row per token (`latent_qk`).
@@ -184,9 +185,11 @@ def _block(cfg: ModelConfig, impl: str, adapter_B: jax.Array | None, experts: bo
         o = norm(cfg, o, w["post_attn_norm"]) if cfg.post_norms else o
         o = o * cfg.residual_multiplier if cfg.residual_multiplier != 1.0 else o
     with jax.named_scope("mlp"):
-        if not cfg.parallel_block:  # (parallel: the MLP reads attention's normed input h)
-            x = x + o
+        if not cfg.parallel_block:  # (parallel: the MLP reads attention's normed input h,
+            x = x + o  # or its own norm of x: GPT-NeoX)
             h = norm(cfg, x, w["mlp_norm"], _bias(cfg, w, "mlp_norm")) if cfg.pre_norms else x
+        elif cfg.parallel_mlp_norm:
+            h = norm(cfg, x, w["mlp_norm"], _bias(cfg, w, "mlp_norm"))
         h = (moe(cfg, h, w) if experts
              else mlp(h, w.get("w_gate"), w["w_up"], w["w_down"], cfg.activation,
                       *((w["b_up"], w["b_down"]) if cfg.linear_bias else ())))

@@ -11,7 +11,8 @@ Tree layout (layers stacked on a leading L axis and run with lax.scan):
     layers/q_norm [L, H]         layers/k_norm [L, H]          (qk_norm only;
                                    [L, N, H], [L, K, H] with qk_norm_heads: Cohere, OLMo 2)
     layers/attn_norm_bias [L, D] layers/mlp_norm_bias [L, D]   (norm_bias only: StableLM;
-    final_norm_bias [D]                                        no mlp_norm: parallel_block)
+    final_norm_bias [D]                                        no mlp_norm: parallel_block,
+                                                               but for parallel_mlp_norm)
     layers/wq   [L, D, N, H]     layers/bq [L, N, H]   (qkv_bias only)
     layers/wk   [L, D, K, H]     layers/bk [L, K, H]
     layers/wv   [L, D, K, H]     layers/bv [L, K, H]
@@ -188,8 +189,8 @@ def _layer_specs(cfg: ModelConfig, L: int, experts: bool, A: Callable, one: str)
         layers["k_norm"] = A((L, H), ("layers", "head_dim"), one)
     if not cfg.pre_norms:  # OLMo 2: norms after attention and the MLP only
         del layers["attn_norm"], layers["mlp_norm"]
-    if cfg.parallel_block:  # attention and the MLP share the one input norm
-        del layers["mlp_norm"]
+    if cfg.parallel_block and not cfg.parallel_mlp_norm:  # attention and the MLP share
+        del layers["mlp_norm"]  # the one input norm (GPT-NeoX: each has its own)
     if not cfg.mlp_gated:  # StarCoder2, Phi-2: up, activation, down
         del layers["w_gate"]
     if cfg.linear_bias:

@@ -4,8 +4,10 @@ side, interleaved RoPE pairs, per-head q/k LayerNorm, a logit scale), Cohere2 (C
 R7B, Command A: three sliding-window layers with RoPE, then a global one without),
 StableLM 2 (LayerNorm with bias, a quarter of each head rotated, q/k/v biases; the 12B's
 parallel block and per-head q/k LayerNorms), StarCoder2 (a plain GELU MLP, biases on
-every projection, a sliding window) and Phi-2 (the same MLP side by side with attention,
-partial rotary, an lm_head bias).
+every projection, a sliding window), Phi-2 (the same MLP side by side with attention,
+partial rotary, an lm_head bias) and GPT-NeoX (Pythia: q/k/v fused per head, exact GELU,
+a quarter of each head rotated, attention and the MLP side by side with a norm each, or
+one after the other).
 
 The checkpoints are tiny random ones transformers writes itself; no real one is reachable
 here.
@@ -42,7 +44,8 @@ from .hf_checkpoints import (  # noqa: E402
 COMMON = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
               eos_token_id=3, bos_token_id=2, pad_token_id=0)
-KINDS = ("cohere", "cohere2", "stablelm", "stablelm_parallel", "starcoder2", "phi")
+KINDS = ("cohere", "cohere2", "stablelm", "stablelm_parallel", "starcoder2", "phi", "gpt_neox",
+         "gpt_neox_sequential")
 
 
 def _hf_model(kind: str, heads: int = 4):
@@ -59,6 +62,10 @@ def _hf_model(kind: str, heads: int = 4):
                                                          tie_word_embeddings=False))
     elif kind == "phi":
         m = tf.PhiForCausalLM(tf.PhiConfig(**common, partial_rotary_factor=0.5))
+    elif kind.startswith("gpt_neox"):  # (no grouped-query attention)
+        del common["num_key_value_heads"]
+        m = tf.GPTNeoXForCausalLM(tf.GPTNeoXConfig(
+            **common, use_parallel_residual=kind == "gpt_neox"))
     else:
         m = tf.StableLmForCausalLM(tf.StableLmConfig(
             **common, use_qkv_bias=True, use_parallel_residual=kind == "stablelm_parallel",
@@ -76,7 +83,8 @@ def test_config_read_from_checkpoint(family):
     kind, _, cfg, w = family
     L = w["layers"]
     assert cfg.layer_norm and not cfg.llama_layers
-    assert cfg.qk_norm_heads == (kind not in ("starcoder2", "phi"))
+    assert cfg.qk_norm_heads == (kind not in ("starcoder2", "phi", "gpt_neox",
+                                              "gpt_neox_sequential"))
     if kind.startswith("cohere"):
         assert cfg.parallel_block and cfg.tie_embeddings and cfg.rope_interleaved
         assert "mlp_norm" not in L and not cfg.norm_bias
@@ -102,6 +110,11 @@ def test_config_read_from_checkpoint(family):
     if kind == "phi":
         assert cfg.parallel_block and cfg.lm_head_bias and cfg.rope_dim == 8
         assert w["lm_head_bias"].shape == (97,)
+    if kind.startswith("gpt_neox"):
+        assert cfg.norm_bias and cfg.qkv_bias and cfg.linear_bias and not cfg.mlp_gated
+        assert cfg.activation == "gelu" and cfg.rope_dim == 4 and cfg.num_kv_heads == 4
+        assert not cfg.tie_embeddings and not cfg.lm_head_bias and "mlp_norm_bias" in L
+        assert cfg.parallel_block == cfg.parallel_mlp_norm == (kind == "gpt_neox")
 
 
 def test_logits_match_transformers(family):
@@ -132,6 +145,12 @@ def _without_final_norm_bias(w):
     return dict(w, final_norm_bias=jnp.zeros_like(w["final_norm_bias"]))
 
 
+def _attention_norm_for_mlp(w):
+    """GPT-NeoX's parallel MLP reading attention's norm instead of its own."""
+    return dict(w, layers={k: v for k, v in w["layers"].items()
+                           if k not in ("mlp_norm", "mlp_norm_bias")})
+
+
 def _without_biases(w):
     return dict(w, layers={k: v for k, v in w["layers"].items()
                            if k not in ("bo", "b_up", "b_down")})
@@ -151,7 +170,13 @@ _OFF = {"cohere": [(dict(layer_norm=False), None), (dict(logits_scaling=1.0), No
                        (dict(linear_bias=False), _without_biases)],
         "phi": [(dict(rope_dim=None), None), (dict(lm_head_bias=False), None),
                 (dict(linear_bias=False), _without_biases),
-                (dict(parallel_block=False), _sequential)]}
+                (dict(parallel_block=False), _sequential)],
+        "gpt_neox": [(dict(rope_dim=None), None), (dict(activation="silu"), None),
+                     (dict(linear_bias=False), _without_biases),
+                     (dict(parallel_mlp_norm=False), _attention_norm_for_mlp),
+                     (dict(parallel_block=False, parallel_mlp_norm=False), None)],
+        "gpt_neox_sequential": [(dict(rope_dim=None), None),
+                                (dict(parallel_block=True, parallel_mlp_norm=True), None)]}
 
 
 def test_every_difference_matters(family):
@@ -188,15 +213,17 @@ def test_sharded_equals_one_device(family):
 
 
 _LORA_TARGETS = {"cohere": ["q_proj", "k_proj", "v_proj", "o_proj"],
-                 "phi": ["q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"]}
+                 "phi": ["q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"],
+                 "gpt_neox": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"]}
 
 
 @pytest.mark.parametrize("kind", list(_LORA_TARGETS))
 def test_lora_matches_peft(tmp_path, kind):
     """A PEFT adapter on Cohere's q/k/v/o (whose q/k rows pair RoPE dims interleaved, so
-    its B factors are reordered as the weights are) or on Phi-2's attention and plain MLP
-    (its own module names): merged, the logits equal PEFT's unmerged forward within 1e-4;
-    served unmerged per row, the greedy tokens equal PEFT's."""
+    its B factors are reordered as the weights are), on Phi-2's attention and plain MLP
+    (its own module names) or on GPT-NeoX's (its q/k/v fused per head): merged, the logits
+    equal PEFT's unmerged forward within 1e-4; served unmerged per row, the greedy tokens
+    equal PEFT's."""
     peft = pytest.importorskip("peft")
     from jaxinfer.convert.lora import merge_lora, read_lora
 
@@ -227,14 +254,25 @@ def test_lora_matches_peft(tmp_path, kind):
     assert [c.token_ids for c in got] == greedy.tolist()
 
 
+# GPT-NeoX's tensor names as the other families' (whose GGUF names the writer knows)
+_NEOX_NAMES = {"gpt_neox.embed_in.weight": "model.embed_tokens.weight",
+               "gpt_neox.final_layer_norm.weight": "model.final_layernorm.weight",
+               "gpt_neox.final_layer_norm.bias": "model.final_layernorm.bias",
+               "embed_out.weight": "lm_head.weight"}
+_NEOX_MODULES = {"attention.query_key_value": "self_attn.qkv_proj",
+                 "attention.dense": "self_attn.dense", "mlp.dense_h_to_4h": "mlp.fc1",
+                 "mlp.dense_4h_to_h": "mlp.fc2"}
+
+
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("quantized", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_gguf_matches_transformers(tmp_path, kind, quantized):
     """A GGUF as llama.cpp's converter writes it (`command-r`, `cohere2`, `stablelm`,
-    `starcoder2`, `phi2`: q/k rows as the checkpoint has them, interleaved for Cohere;
-    per-head q/k norms stacked [N, H]; LayerNorm and projection biases; the logit scale,
-    window and rotary dims as metadata; no ffn_norm in a parallel block; Phi-2's q/k/v
-    fused as older files have them), Q8_0 matrices read dequantized or as QArrays, against
+    `starcoder2`, `phi2`, `gptneox`: q/k rows as the checkpoint has them, interleaved for
+    Cohere; per-head q/k norms stacked [N, H]; LayerNorm and projection biases; the logit
+    scale, window, rotary dims and GPT-NeoX's parallel residual as metadata; no ffn_norm in
+    a parallel block but GPT-NeoX's; Phi-2's q/k/v fused as older files have them, GPT-NeoX's
+    regrouped into q, k, v), Q8_0 matrices read dequantized or as QArrays, against
     transformers on the same (Q8_0-exact) weights."""
     import gguf
 
@@ -258,7 +296,19 @@ def test_gguf_matches_transformers(tmp_path, kind, quantized):
                 sd[f"{p}{q}_norm.weight"] = np.stack(heads)
     hf_cfg = ModelConfig.from_hf(m.config.to_dict())
     arch = {"cohere": "command-r", "cohere2": "cohere2", "starcoder2": "starcoder2",
-            "phi": "phi2"}.get(kind, "stablelm")
+            "phi": "phi2", "gpt_neox": "gptneox", "gpt_neox_sequential": "gptneox"
+            }.get(kind, "stablelm")
+    if arch == "gptneox":  # llama.cpp's names; q/k/v regrouped from [N, 3, H] to [3, N, H]
+        sd = {_NEOX_NAMES.get(k, k).replace("gpt_neox.layers.", "model.layers."): v
+              for k, v in sd.items()}
+        for k in [k for k in sd if ".attention." in k or ".mlp.dense" in k]:
+            a = sd.pop(k)
+            if "query_key_value" in k:
+                heads = m.config.num_attention_heads
+                a = a.reshape(heads, 3, -1, *a.shape[1:]).swapaxes(0, 1).reshape(a.shape)
+            for old, new in _NEOX_MODULES.items():
+                k = k.replace(old, new)
+            sd[k] = a
     if kind == "phi":  # as older Phi-2 files: q/k/v fused into attn_qkv, biases too
         for layer in range(m.config.num_hidden_layers):
             p = f"model.layers.{layer}.self_attn."
@@ -268,8 +318,10 @@ def test_gguf_matches_transformers(tmp_path, kind, quantized):
 
     def meta(w):
         w.add_layer_norm_eps(hf_cfg.rms_norm_eps)
-        if arch in ("stablelm", "phi2"):
+        if arch in ("stablelm", "phi2", "gptneox"):
             w.add_rope_dimension_count(hf_cfg.rope_dim)
+        if arch == "gptneox":
+            w.add_parallel_residual(hf_cfg.parallel_block)
         elif arch == "starcoder2":
             w.add_sliding_window(10)
         else:
@@ -282,7 +334,7 @@ def test_gguf_matches_transformers(tmp_path, kind, quantized):
     for f in ("layer_norm", "norm_bias", "parallel_block", "qk_norm", "qk_norm_heads",
               "qkv_bias", "rope_dim", "rope_interleaved", "logits_scaling", "sliding_window",
               "local_layers", "nope_layers", "tie_embeddings", "mlp_gated", "linear_bias",
-              "lm_head_bias", "activation"):
+              "lm_head_bias", "activation", "parallel_mlp_norm"):
         assert getattr(cfg, f) == getattr(hf_cfg, f), f
     toks = tokens(40)
     got = ours(cfg, jax.tree.map(jnp.asarray, w), toks)

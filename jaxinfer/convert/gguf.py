@@ -52,7 +52,7 @@ _ARCHS = {"llama": True, "qwen2": False, "qwen3": False, "qwen2moe": False, "qwe
           # them so; GLM-4 rotates the first half of each head)
           "command-r": True, "cohere2": True, "stablelm": False, "glm4": True,
           "mistral3": True, "starcoder2": False, "phi2": False, "exaone4": False,
-          "olmoe": False, "gpt-oss": False}
+          "olmoe": False, "gpt-oss": False, "gptneox": False}
 # Gemma 2/3: every n-th layer is global, the others local (llama.cpp's fixed patterns), and
 # the layer count that marks the 27B models, whose query scale is (D / N) ** -0.5.
 _GEMMA_PATTERN = {"gemma2": 2, "gemma3": 6}
@@ -257,11 +257,16 @@ def _llama_family(arch: str, m: Callable[..., Any]) -> dict[str, Any]:
 
 def _layernorm_family(arch: str, m: Callable[..., Any], tensors: dict[str, Any]
                       ) -> dict[str, Any]:
-    """Cohere (`command-r`), Cohere2, StableLM 2, StarCoder2 and Phi-2: LayerNorm, per-head
-    q/k norms, a parallel block (Cohere and Phi-2 always; StableLM 12B, whose files have no
+    """Cohere (`command-r`), Cohere2, StableLM 2, StarCoder2, Phi-2 and GPT-NeoX: LayerNorm,
+    per-head q/k norms, a parallel block (Cohere and Phi-2 always; StableLM 12B, whose files have no
     ffn_norm), Cohere's logit scale, Cohere2's window over three of four layers (llama.cpp's
     fixed pattern), the fourth without RoPE; StarCoder2's and Phi-2's plain GELU MLP and
-    biases on every projection (and Phi-2's lm_head)."""
+    biases on every projection (and Phi-2's lm_head); GPT-NeoX's exact GELU and its parallel
+    block (`use_parallel_residual`) with a norm for each side."""
+    if arch == "gptneox":
+        parallel = bool(m("use_parallel_residual", True))
+        return {"layer_norm": True, "norm_bias": True, "mlp_gated": False, "linear_bias": True,
+                "activation": "gelu", "parallel_block": parallel, "parallel_mlp_norm": parallel}
     if arch in ("starcoder2", "phi2"):
         window = m("attention.sliding_window")
         return {"layer_norm": True, "norm_bias": True, "mlp_gated": False,

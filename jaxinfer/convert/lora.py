@@ -8,7 +8,8 @@ nothing at inference. Several adapters served side by side, each request picking
 (vLLM's multi-LoRA), are stacked unmerged instead: `stack_adapters` -> lora.LoraStack.
 The deltas are HF [out, in] matrices and go through the same layout table as HF weights
 (`safetensors.hf_linears`). Supported: LoRA on any of the seven projections of each layer
-(Phi-3's fused qkv_proj and gate_up_proj too: B split by rows, A shared), `use_rslora`
+(Phi-3's fused qkv_proj and gate_up_proj, GPT-NeoX's per-head query_key_value too: B split
+by rows, A shared), `use_rslora`
 (alpha / sqrt(r)); refused with a ConversionError naming the file: DoRA, LoRA
 biases, embedding or lm_head adapters, `modules_to_save`, per-module rank or alpha patterns,
 and an adapter whose shapes do not fit the model.
@@ -32,8 +33,10 @@ from jaxinfer.convert.safetensors import FUSED, fused_rows, hf_linears, hf_shape
 from jaxinfer.errors import ConversionError
 from jaxinfer.lora import LoraStack, replace_adapter
 
-_KEY = re.compile(r"(?:base_model\.model\.)?model\.layers\.(\d+)\.([a-z_]+\.[a-z_0-9]+)"
-                  r"\.lora_([AB])(?:\.[A-Za-z0-9_-]+)?\.weight")
+_KEY = re.compile(r"(?:base_model\.model\.)?(?:model|gpt_neox)\.layers\.(\d+)\."
+                  r"([a-z_]+\.[a-z_0-9]+)\.lora_([AB])(?:\.[A-Za-z0-9_-]+)?\.weight")
+
+_NEOX_QKV = "attention.query_key_value"  # GPT-NeoX's fused q/k/v
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,7 +73,7 @@ def read_lora(path: str | Path, cfg: ModelConfig) -> dict[str, LoraFactors]:
     tensors = _read_tensors(tensors_file)
     linears = hf_linears(cfg)
     pairs: dict[tuple[int, str], dict[str, np.ndarray]] = {}
-    fused = {whole for whole, _ in FUSED.values()}
+    fused = {whole for whole, _ in FUSED.values()} | {_NEOX_QKV}
     for name, a in tensors.items():
         m = _KEY.fullmatch(name)
         if m is None or m.group(2) not in linears.keys() | fused:
@@ -89,11 +92,14 @@ def read_lora(path: str | Path, cfg: ModelConfig) -> dict[str, LoraFactors]:
                 raise ConversionError(f"{tensors_file}: layer {layer} {module} lacks lora_"
                                       f"{'B' if 'A' in ab else 'A'}")
             del pairs[layer, module]
+            b = ab["B"]
+            if module == _NEOX_QKV:  # its rows per head [N, 3, H] -> Phi-3's [3, N, H]
+                b = b.reshape(cfg.num_heads, 3, -1, b.shape[-1]).swapaxes(0, 1).reshape(b.shape)
+                module = FUSED["self_attn.q_proj"][0]
             for part, (whole, at) in FUSED.items():
                 if whole == module:
                     rows = hf_shape(*linears[part][1:])[0]
-                    pairs[layer, part] = {**ab, "B": ab["B"][fused_rows(at, rows,
-                                                                       len(ab["B"]))]}
+                    pairs[layer, part] = {**ab, "B": b[fused_rows(at, rows, len(b))]}
     out: dict[str, LoraFactors] = {}
     for (layer, module), ab in sorted(pairs.items()):
         key, shape, n_in = linears[module]

@@ -33,11 +33,13 @@ from jaxinfer.weights import check_weights, weight_specs
 
 _MODEL_TYPES = ("llama", "mistral", "mistral3", "ministral", "ministral3", "qwen2", "qwen3",
                 "phi", "phi3", "smollm3", "granite", "olmo2", "exaone4", "stablelm", "starcoder2",
+                "gpt_neox",
                 "llama4", "llama4_text", *COHERE_TYPES, *GLM_TYPES, *GEMMA_TYPES, *MOE_TYPES)
 
 # Phi-3 fuses q/k/v and gate/up into one matrix each: part -> (fused module, the part's
 # place in units of its own rows, from the start or the end: k and v are the same size,
-# as are gate and up).
+# as are gate and up). GPT-NeoX fuses q/k/v as attention.query_key_value, per head
+# ([N, 3, H] rows), regrouped to [3, N, H] as read.
 FUSED = {"self_attn.q_proj": ("self_attn.qkv_proj", 0), "self_attn.k_proj":
           ("self_attn.qkv_proj", -2), "self_attn.v_proj": ("self_attn.qkv_proj", -1),
           "mlp.gate_proj": ("mlp.gate_up_proj", 0), "mlp.up_proj": ("mlp.gate_up_proj", -1)}
@@ -133,11 +135,17 @@ class _Reader:
             self._where.update((k, f) for k in f.keys())
         self.prefix = next((p for p in _PREFIXES if f"{p}embed_tokens.weight" in self._where),
                            "model.")
+        self.embed = self.prefix + "embed_tokens.weight"
         self.lm_head = ("language_model.lm_head.weight" if self.prefix == "language_model.model."
                         else "lm_head.weight")
+        self.heads = 0  # GPT-NeoX: its heads, to regroup the fused q/k/v rows
+        if kind == "gpt_neox":
+            self.prefix, self.embed, self.lm_head = ("gpt_neox.", "gpt_neox.embed_in.weight",
+                                                     "embed_out.weight")
+            self.heads = int(_read_json(path / "config.json").get("num_attention_heads", 0))
 
     def __contains__(self, name: str) -> bool:
-        return name in self._where
+        return name in self._where or self._fused(name) is not None
 
     def get(self, name: str, shape: tuple[int, ...], reshape: bool = False) -> np.ndarray:
         """The tensor as float32 of `shape` (a leading -1: any length); `reshape` takes any
@@ -145,7 +153,10 @@ class _Reader:
         if name not in self._where and (fused := self._fused(name)):
             whole, at = fused
             if self._last[0] != whole:  # read once for its two or three parts
-                self._last = (whole, self.get(whole, (-1, shape[1])))
+                a = self.get(whole, (-1, *shape[1:]))
+                if self.kind == "gpt_neox":  # [N, 3, H] rows -> [3, N, H]
+                    a = a.reshape(self.heads, 3, -1, *shape[1:]).swapaxes(0, 1).reshape(a.shape)
+                self._last = (whole, a)
             return self._last[1][fused_rows(at, shape[0], len(self._last[1]))]
         if name not in self._where:
             raise ConversionError(f"{self.path} lacks tensor {name!r}")
@@ -161,17 +172,22 @@ class _Reader:
         return a
 
     def _fused(self, name: str) -> tuple[str, int] | None:
-        """(the fused tensor holding `name`, which part) when the file fuses it (Phi-3)."""
+        """(the fused tensor holding `name`, which part) when the file fuses it (Phi-3,
+        GPT-NeoX: its biases too)."""
         for part, (whole, at) in FUSED.items():
-            if name.endswith(f".{part}.weight"):
-                fused = name.removesuffix(f"{part}.weight") + whole + ".weight"
-                return (fused, at) if fused in self._where else None
+            if self.kind == "gpt_neox" and whole == "self_attn.qkv_proj":
+                whole = "attention.query_key_value"
+            for suffix in (".weight", ".bias"):
+                if name.endswith(f".{part}{suffix}"):
+                    fused = name.removesuffix(f"{part}{suffix}") + whole + suffix
+                    return (fused, at) if fused in self._where else None
         return None
 
 
 # Families with a plain (ungated) MLP: their attention output, MLP up and MLP down modules.
 _PLAIN_MLP = {"starcoder2": ("self_attn.o_proj", "mlp.c_fc", "mlp.c_proj"),
-              "phi": ("self_attn.dense", "mlp.fc1", "mlp.fc2")}
+              "phi": ("self_attn.dense", "mlp.fc1", "mlp.fc2"),
+              "gpt_neox": ("attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h")}
 
 
 # Each projection of a layer: HF module -> (weight-tree key, our shape, how many of its
@@ -260,8 +276,8 @@ def _weights(cfg: ModelConfig, r: _Reader, progress: Progress | None,
     # Gemma 2/3 sandwich each block: their post_attention_layernorm is the attention output's
     # norm and pre_feedforward_layernorm the MLP's input norm (Llama's post_attention one).
     norms = {"attn_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm"}
-    if cfg.parallel_block:  # Cohere, StableLM 2 12B: one norm before both
-        norms = {"attn_norm": "input_layernorm"}
+    if cfg.parallel_block and not cfg.parallel_mlp_norm:  # Cohere, StableLM 2 12B: one norm
+        norms = {"attn_norm": "input_layernorm"}  # before both (GPT-NeoX: one each)
         del shapes["mlp_norm"]
     if cfg.post_norms:
         norms = {"attn_norm": "input_layernorm", "post_attn_norm": "post_attention_layernorm",
@@ -381,8 +397,9 @@ def _weights(cfg: ModelConfig, r: _Reader, progress: Progress | None,
             x["sinks"][i] = r.get(p + "self_attn.sinks", (N,))
         if progress:
             progress(n + 1, L)
-    final = r.prefix + ("final_layernorm" if r.kind == "phi" else "norm")
-    weights = {"embed": r.get(r.prefix + "embed_tokens.weight", (V, D)), "layers": results(layers),
+    final = r.prefix + {"phi": "final_layernorm", "gpt_neox": "final_layer_norm"}.get(r.kind,
+                                                                                     "norm")
+    weights = {"embed": r.get(r.embed, (V, D)), "layers": results(layers),
                "final_norm": r.get(final + ".weight", (D,))}
     if k:
         weights["dense_layers"] = results(dense)
