@@ -20,7 +20,7 @@ ACTIVATIONS = ("silu", "gelu_tanh", "gelu")
 GEMMA_TYPES = ("gemma", "gemma2", "gemma3_text", "gemma3")
 DEEPSEEK_TYPES = ("deepseek_v2", "deepseek_v3", "glm4_moe_lite")  # latent attention
 MOE_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "granitemoe", "olmoe", "gpt_oss", "glm4_moe",
-             *DEEPSEEK_TYPES)
+             "phimoe", *DEEPSEEK_TYPES)
 COHERE_TYPES = ("cohere", "cohere2")
 GLM_TYPES = ("glm", "glm4")
 
@@ -124,6 +124,7 @@ class ModelConfig:
     mlp_gated: bool = True
     linear_bias: bool = False
     lm_head_bias: bool = False
+    o_bias: bool = False  # Phi-3.5-MoE: a bias on the attention output only
     # Mixture of experts (Mixtral, Qwen2/3-MoE): every layer's MLP is num_experts experts of
     # width mlp_dim; a softmax router sends each token to its top experts_per_token, whose
     # outputs are summed with the router weights (renormalised to sum 1 with norm_topk).
@@ -158,6 +159,10 @@ class ModelConfig:
     # experts but does not weigh them (router_choice_bias: e_score_correction_bias); the
     # chosen weights times routed_scale.
     router_sigmoid: bool = False
+    # Phi-3.5-MoE's sparsemixer (two experts, `router_sparsemixer` its jitter eps): the best
+    # expert, weighed by its softmax over the experts whose logits are within 2 eps
+    # (relative) of it; then the same for the best of the others.
+    router_sparsemixer: float | None = None
     router_groups: tuple[int, int] | None = None
     router_group_top2: bool = False
     router_choice_bias: bool = False
@@ -210,6 +215,11 @@ class ModelConfig:
             raise ConfigError("experts are gated MLPs (mlp_gated)")
         if (self.router_bias or self.swiglu_limit is not None) and not self.num_experts:
             raise ConfigError("router_bias and swiglu_limit are for experts (num_experts)")
+        if self.router_sparsemixer is not None and (
+                self.experts_per_token != 2 or self.router_sparsemixer < 0):
+            raise ConfigError(f"router_sparsemixer (eps {self.router_sparsemixer!r}) needs "
+                              f"eps >= 0 and experts_per_token=2, got "
+                              f"{self.experts_per_token}")
         if self.chunked_local and self.sliding_window is None:
             raise ConfigError("chunked_local needs sliding_window (the chunk length)")
         if self.attn_temperature_nope and self.attn_temperature is None:
@@ -317,6 +327,7 @@ class ModelConfig:
                 and self.residual_multiplier == 1.0 and self.logits_scaling == 1.0
                 and not self.layer_norm and not self.norm_bias and not self.parallel_block
                 and not self.qk_norm_heads and self.mlp_gated and not self.linear_bias
+                and not self.o_bias
                 and not self.lm_head_bias and not self.qk_l2_norm and not self.attn_sinks
                 and not self.kv_lora_rank)
 
@@ -400,6 +411,8 @@ class ModelConfig:
             theta, local_theta, scaling = _rope(hf)
             head_dim = int(hf.get("head_dim") or d // n)
             rope = _rope_scaling(hf, scaling or {}, head_dim)
+            if kind == "phimoe" and "rope_longrope" in rope:  # its cos/sin scale: an mscale
+                rope["rope_attention_factor"] = _phimoe_mscale(scaling)
             mla = _latent_attention(hf, kind, scaling or {})
             if mla:  # the cache's head: [latent, RoPE key]
                 head_dim = mla["kv_lora_rank"] + mla["rope_dim"]
@@ -434,7 +447,7 @@ class ModelConfig:
             if llama4:  # no_rope_layers: 1 where a layer uses RoPE
                 nope = tuple(not use for use in hf.get("no_rope_layers") or [
                     (i + 1) % int(hf.get("no_rope_layer_interval", 4)) != 0 for i in range(L)])
-            cohere, stablelm = kind in COHERE_TYPES, kind == "stablelm"
+            cohere, stablelm, phimoe = kind in COHERE_TYPES, kind == "stablelm", kind == "phimoe"
             neox = kind == "gpt_neox"
             plain = kind in ("starcoder2", "phi", "gpt_neox")  # LayerNorm, plain MLP, biases
             biases = (bool(hf.get("use_bias", True)) if kind == "starcoder2"
@@ -470,10 +483,13 @@ class ModelConfig:
                          or bool(stablelm and hf.get("qk_layernorm"))),
                 qk_norm_full=kind in ("olmo2", "olmoe"),
                 qk_norm_heads=cohere or stablelm,
-                layer_norm=cohere or stablelm or plain,
+                layer_norm=cohere or stablelm or plain or phimoe,
                 mlp_gated=not plain,
                 linear_bias=biases,
-                lm_head_bias=kind == "phi",
+                lm_head_bias=kind == "phi" or bool(phimoe and hf.get("lm_head_bias")),
+                o_bias=phimoe and bool(hf.get("attention_bias")),
+                router_sparsemixer=(float(hf.get("router_jitter_noise", 0.01)) if phimoe
+                                    else None),
                 rope_interleaved=(cohere or kind in GLM_TYPES or llama4 or kind == "deepseek_v2"
                                   or (kind in DEEPSEEK_TYPES and hf.get("rope_interleave", True))),
                 chunked_local=llama4 and window is not None,
@@ -483,7 +499,7 @@ class ModelConfig:
                 attn_sinks=oss,
                 swiglu_limit=float(hf.get("swiglu_limit", 7.0)) if oss else None,
                 swiglu_alpha=float(hf.get("swiglu_alpha", 1.702)),
-                norm_bias=stablelm or plain,
+                norm_bias=stablelm or plain or phimoe,
                 parallel_block=parallel,
                 parallel_mlp_norm=neox and parallel,
                 pre_norms=kind not in ("olmo2", "exaone4"),
@@ -652,6 +668,16 @@ def _rope_scaling(hf: dict[str, Any], scaling: dict[str, Any], head_dim: int
     return out
 
 
+def _phimoe_mscale(scaling: dict[str, Any]) -> float:
+    """Phi-3.5-MoE scales cos and sin by short_mscale within the original context and by
+    long_mscale past it (equal in the released model); one factor per run here."""
+    short, long = scaling.get("short_mscale"), scaling.get("long_mscale")
+    if short is None or long is None or float(short) != float(long):
+        raise ConfigError(f"Phi-3.5-MoE LongRoPE needs short_mscale == long_mscale, got "
+                          f"{short!r} and {long!r}")
+    return float(short)
+
+
 def _yarn_mscale(factor: float, mscale: float = 1.0) -> float:
     return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
 
@@ -706,8 +732,8 @@ def _sliding(hf: dict[str, Any], kind: str, L: int) -> tuple[int | None, tuple[b
             (len(pattern) if isinstance(pattern, str) else pattern)
             or (6 if kind == "gemma3_text" else 4))
         return int(window), local_pattern(pattern, L)
-    if kind in ("mistral", "mixtral", "phi3", "ministral", "ministral3", "starcoder2") \
-            and window:
+    if kind in ("mistral", "mixtral", "phi3", "ministral", "ministral3", "starcoder2",
+                "phimoe") and window:
         return int(window), ()
     if hf.get("use_sliding_window"):
         raise ConfigError(f"sliding-window attention of model_type {kind!r} is not supported")
@@ -766,7 +792,7 @@ def _moe(hf: dict[str, Any], kind: str) -> tuple[int, int, int]:
         _llama4_moe_every(hf)
         return (int(hf["num_local_experts"]), int(hf.get("num_experts_per_tok", 1)),
                 int(hf["intermediate_size"]))
-    if kind in ("mixtral", "granitemoe", "olmoe", "gpt_oss"):
+    if kind in ("mixtral", "granitemoe", "olmoe", "gpt_oss", "phimoe"):
         if experts is None:
             raise KeyError("num_local_experts")
         return int(experts), int(hf["num_experts_per_tok"]), int(hf["intermediate_size"])

@@ -8,6 +8,7 @@
 Routing is the reference's: softmax over the E router logits in float32, the top C,
 renormalised to sum 1 (`norm_topk`); DeepSeek V2/V3 and GLM-4.5 choose within the best
 groups of experts, V3 by sigmoid scores plus a choice-only bias (`_deepseek_route`);
+Phi-3.5-MoE by its sparsemixer (`_sparsemixer_route`);
 Llama 4 (`moe_scale_inputs`) takes a sigmoid of the top C logits and multiplies each
 chosen expert's input, not its output, by it. Two ways to run the experts, picked
 from static shapes so a program never switches:
@@ -61,6 +62,8 @@ def route(cfg: ModelConfig, x_BTD: jax.Array, router_DE: jax.Array,
         logits = logits + router_b_E.astype(jnp.float32)
     if cfg.router_sigmoid or cfg.router_groups or cfg.routed_scale != 1.0:
         return _deepseek_route(cfg, logits, choice_b_E)
+    if cfg.router_sparsemixer is not None:
+        return _sparsemixer_route(cfg.router_sparsemixer, logits)
     if cfg.moe_scale_inputs:  # Llama 4: a sigmoid of each chosen expert's logit
         top_BTC, ids_BTC = jax.lax.top_k(logits, cfg.experts_per_token)
         return jax.nn.sigmoid(top_BTC), ids_BTC
@@ -91,6 +94,24 @@ def _deepseek_route(cfg: ModelConfig, logits_BTE: jax.Array, choice_b_E: jax.Arr
     if cfg.norm_topk:
         top_BTC = top_BTC / (jnp.sum(top_BTC, axis=-1, keepdims=True) + 1e-20)
     return top_BTC * cfg.routed_scale, ids_BTC
+
+
+def _sparsemixer_route(eps: float, logits_BTE: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Phi-3.5-MoE's sparsemixer at inference: the best expert, weighed by its softmax over
+    the experts whose logits are within 2 eps of it relative to max(|logit|, best); then
+    the same for the best of the rest (the first masked out, the threshold still measured
+    on every logit)."""
+    ids, weights = [], []
+    masked = logits_BTE
+    for _ in range(2):
+        best = jnp.max(masked, axis=-1, keepdims=True)
+        idx = jnp.argmax(masked, axis=-1, keepdims=True)
+        far = (best - logits_BTE) / jnp.maximum(jnp.abs(logits_BTE), best) > 2 * eps
+        gates = jax.nn.softmax(jnp.where(far, -jnp.inf, masked), axis=-1)
+        ids.append(idx)
+        weights.append(jnp.take_along_axis(gates, idx, axis=-1))
+        masked = jnp.where(jnp.arange(masked.shape[-1]) == idx, -jnp.inf, masked)
+    return jnp.concatenate(weights, axis=-1), jnp.concatenate(ids, axis=-1).astype(jnp.int32)
 
 
 def chosen_experts(cfg: ModelConfig, x_MD: jax.Array, w: dict, ids_MC: jax.Array,

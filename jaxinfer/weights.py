@@ -22,7 +22,7 @@ Tree layout (layers stacked on a leading L axis and run with lax.scan):
      wkv_a [L, D, R + Hr], kv_a_norm [L, R], w_uk [L, N, Hn, R], w_uv [L, N, R, Hv],
      wo [L, N, Hv, D]; R kv_lora_rank, Hn qk_nope_dim, Hr rope_dim, Hv v_head_dim)
     layers/w_gate [L, D, F]   layers/w_up [L, D, F]   layers/w_down [L, F, D]
-    (no w_gate without mlp_gated; linear_bias adds layers/bo [L, D], b_up [L, F],
+    (no w_gate without mlp_gated; linear_bias (o_bias: bo only) adds layers/bo [L, D], b_up [L, F],
      b_down [L, D]: StarCoder2, Phi-2)
     (mixture of experts instead: layers/router [L, D, E], layers/moe_gate [L, E, D, F],
      layers/moe_up [L, E, D, F], layers/moe_down [L, E, F, D]; a shared expert adds
@@ -193,8 +193,9 @@ def _layer_specs(cfg: ModelConfig, L: int, experts: bool, A: Callable, one: str)
         del layers["mlp_norm"]  # the one input norm (GPT-NeoX: each has its own)
     if not cfg.mlp_gated:  # StarCoder2, Phi-2: up, activation, down
         del layers["w_gate"]
-    if cfg.linear_bias:
+    if cfg.linear_bias or cfg.o_bias:
         layers["bo"] = A((L, D), ("layers", "norm"), "zeros")
+    if cfg.linear_bias:
         if not experts:
             layers["b_up"] = A((L, F), ("layers", "mlp"), "zeros")
             layers["b_down"] = A((L, D), ("layers", "norm"), "zeros")

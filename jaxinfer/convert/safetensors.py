@@ -72,7 +72,8 @@ def load_hf_dir(path: str | Path, progress: Progress | None = None,
     except ConfigError as e:
         raise ConversionError(f"{path / 'config.json'}: {e}") from e
     for extra in ("self_attn.o_proj.bias", "mlp.down_proj.bias"):
-        if f"{reader.prefix}layers.0.{extra}" in reader and not cfg.linear_bias:
+        if f"{reader.prefix}layers.0.{extra}" in reader and not (
+                cfg.linear_bias or cfg.o_bias and extra.startswith("self_attn")):
             raise ConversionError(f"{path}: unsupported tensor {reader.prefix}layers.0.{extra}")
     eos = list(cfg.eos_token_ids)
     gen_eos = _read_json(path / "generation_config.json").get("eos_token_id")
@@ -222,6 +223,7 @@ def hf_linears(cfg: ModelConfig, kind: str | None = None
 
 # model_type -> (the MoE block's module, its router, each expert's gate / up / down names)
 _MOE_EXPERTS = {"mixtral": ("block_sparse_moe", "gate", ("w1", "w3", "w2")),
+                "phimoe": ("block_sparse_moe", "gate", ("w1", "w3", "w2")),
                 "qwen2_moe": ("mlp", "gate", ("gate_proj", "up_proj", "down_proj")),
                 "qwen3_moe": ("mlp", "gate", ("gate_proj", "up_proj", "down_proj")),
                 "olmoe": ("mlp", "gate", ("gate_proj", "up_proj", "down_proj")),
@@ -307,7 +309,8 @@ def _weights(cfg: ModelConfig, r: _Reader, progress: Progress | None,
         shapes.update(q_norm=qk_norm[0], k_norm=qk_norm[1])
     if cfg.norm_bias:  # StableLM's, StarCoder2's and Phi-2's LayerNorms
         shapes.update({key + "_bias": (D,) for key in norms})
-    biases = {"wo": "bo", "w_up": "b_up", "w_down": "b_down"} if cfg.linear_bias else {}
+    biases = ({"wo": "bo", "w_up": "b_up", "w_down": "b_down"} if cfg.linear_bias
+              else {"wo": "bo"} if cfg.o_bias else {})
     biases = {k: b for k, b in biases.items() if k in shapes}  # (experts: wo's only)
     shapes.update({b: shapes[key][-1:] for key, b in biases.items()})
     # Dense layers of a mixture of experts (DeepSeek's leading ones, Maverick's in between):
