@@ -141,24 +141,62 @@ def test_expert_parallel(oss):
     assert tuple(ws["layers"]["moe_b_gate"].sharding.spec) == (None, "expert", "model")
 
 
-def test_mxfp4_checkpoints_are_refused_by_name(oss, tmp_path):
-    """The released checkpoints keep experts as MXFP4 blocks: a clear error, not a crash."""
-    from safetensors.numpy import load_file, save_file
+def _hf_mxfp4(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """float [..., out, in] as the release stores experts: (blocks u8[..., out, G, 16], the
+    even value of each pair in the low nibble; scales u8[..., out, G]), quantized by gguf's
+    MXFP4 quantizer and its bytes moved to that layout."""
+    import gguf
+
+    ggml = gguf.quants.quantize(rows.reshape(-1, rows.shape[-1]), gguf.GGMLQuantizationType.MXFP4)
+    ggml = ggml.reshape(*rows.shape[:-1], -1, 17)
+    values = np.concatenate([ggml[..., 1:] & 0x0F, ggml[..., 1:] >> 4], axis=-1)  # in order
+    return values[..., 0::2] | (values[..., 1::2] << 4), np.ascontiguousarray(ggml[..., 0])
+
+
+def test_mxfp4_checkpoint_matches_transformers(tmp_path):
+    """A checkpoint with MXFP4 experts as the release stores them (`*_blocks`, `*_scales`):
+    read decoded, each expert weight equal to transformers' own MXFP4 decoder's
+    (`convert_moe_packed_tensors`), and the logits equal transformers' model holding those
+    decoded weights."""
+    from safetensors.numpy import save_file
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 
     from jaxinfer.convert.safetensors import load_hf_dir
-    from jaxinfer.errors import ConversionError
 
-    _, m, _, _ = oss
-    m.save_pretrained(tmp_path)
-    tensors = load_file(str(tmp_path / "model.safetensors"))
-    for i in range(4):  # as the release stores them: packed nibbles and exponents
-        p = f"model.layers.{i}.mlp.experts.gate_up_proj"
-        del tensors[p]
-        tensors[p + "_blocks"] = np.zeros((4, 96, 2, 16), np.uint8)
-        tensors[p + "_scales"] = np.zeros((4, 96, 2), np.uint8)
+    torch.manual_seed(0)
+    m = sharpened(tf.GptOssForCausalLM(tf.GptOssConfig(**{  # whole 32-wide blocks per row
+        **CONFIG, "intermediate_size": 64, "num_attention_heads": 2, "num_key_value_heads": 1,
+        "head_dim": 32})), norm=0.3, matrix=0.15, bias=0.3)
+    tensors = {k: v.numpy().copy() for k, v in m.state_dict().items()}
+    decoded = {}
+    for i in range(4):
+        for proj in ("gate_up_proj", "down_proj"):
+            name = f"model.layers.{i}.mlp.experts.{proj}"
+            blocks, scales = _hf_mxfp4(tensors.pop(name).swapaxes(1, 2))  # [E, out, in]
+            tensors[name + "_blocks"], tensors[name + "_scales"] = blocks, scales
+            decoded[name] = convert_moe_packed_tensors(
+                torch.from_numpy(blocks), torch.from_numpy(scales), dtype=torch.float32)
+            assert (decoded[name] != m.state_dict()[name]).any()  # rounded: blocks matter
+    m.load_state_dict(decoded, strict=False)
+    m.config.save_pretrained(tmp_path)
     save_file(tensors, str(tmp_path / "model.safetensors"))
-    with pytest.raises(ConversionError, match="MXFP4 experts"):
-        load_hf_dir(tmp_path)
+    cfg, w = load_hf_dir(tmp_path)
+    gate_up = decoded["model.layers.2.mlp.experts.gate_up_proj"].numpy()
+    np.testing.assert_array_equal(w["layers"]["moe_gate"][2], gate_up[..., ::2])
+    np.testing.assert_array_equal(w["layers"]["moe_up"][2], gate_up[..., 1::2])
+    np.testing.assert_array_equal(w["layers"]["moe_down"][2],
+                                  decoded["model.layers.2.mlp.experts.down_proj"].numpy())
+    toks = tokens(40)
+    np.testing.assert_allclose(ours(cfg, jax.tree.map(jnp.asarray, w), toks), hf_logits(m, toks),
+                               atol=1e-4, rtol=0)
+
+
+def test_mxfp4_blocks_and_scales_must_pair(tmp_path):
+    """Blocks and scales of different shapes stop with the tensor named."""
+    from jaxinfer.convert.mxfp4 import dequantize
+
+    with pytest.raises(ValueError, match="do not pair"):
+        dequantize(np.zeros((4, 8, 2, 16), np.uint8), np.zeros((4, 8, 3), np.uint8))
 
 
 @pytest.mark.parametrize("experts", ["MXFP4", pytest.param("Q8_0", marks=pytest.mark.slow)])

@@ -1,7 +1,7 @@
 """Hugging Face Llama-family, Gemma and mixture-of-experts directories (config.json +
 safetensors) into the weight tree (a multimodal Gemma 3 or Mistral 3: its language model).
 Cohere's and GLM's interleaved q/k rows are reordered to rotate-half as they are read
-(layout.py).
+(layout.py); gpt-oss's MXFP4 experts are decoded (mxfp4.py).
 
 Read with safetensors' numpy framework, which holds bfloat16 through ml_dtypes, so no torch
 is needed. Sharded checkpoints are found through `model.safetensors.index.json`. Tensors are
@@ -25,6 +25,7 @@ from jaxinfer.config import (
     MOE_TYPES,
     ModelConfig,
 )
+from jaxinfer.convert import mxfp4
 from jaxinfer.convert.layout import rope_tail_to_half, to_rotate_half
 from jaxinfer.convert.stacks import quantize_embeddings, results, stacks
 from jaxinfer.errors import ConfigError, ConversionError
@@ -159,18 +160,31 @@ class _Reader:
                     a = a.reshape(self.heads, 3, -1, *shape[1:]).swapaxes(0, 1).reshape(a.shape)
                 self._last = (whole, a)
             return self._last[1][fused_rows(at, shape[0], len(self._last[1]))]
-        if name not in self._where:
+        if name not in self._where and name + "_blocks" in self._where:  # MXFP4 (gpt-oss)
+            try:  # stored [..., out, in] in blocks along in; ours inputs first
+                a = mxfp4.dequantize(self._raw(name + "_blocks"),
+                                     self._raw(name + "_scales")).swapaxes(-1, -2)
+            except ValueError as e:
+                raise ConversionError(f"{self.path}: MXFP4 tensor {name!r}: {e}") from e
+        elif name not in self._where:
             raise ConversionError(f"{self.path} lacks tensor {name!r}")
-        try:
-            a = np.asarray(self._where[name].get_tensor(name)).astype(np.float32)
-        except Exception as e:  # truncated or corrupt file
-            raise ConversionError(f"cannot read tensor {name!r} in {self.path}: {e}") from e
+        else:
+            a = self._raw(name).astype(np.float32)
         if reshape and a.size == int(np.prod(shape)):
             a = a.reshape(shape)
         if a.shape != shape and not (shape[0] == -1 and a.shape[1:] == shape[1:]):
             raise ConversionError(f"tensor {name!r} in {self.path} has shape {a.shape}, "
                                   f"expected {shape}")
         return a
+
+    def _raw(self, name: str) -> np.ndarray:
+        """The tensor as stored (its own dtype)."""
+        if name not in self._where:
+            raise ConversionError(f"{self.path} lacks tensor {name!r}")
+        try:
+            return np.asarray(self._where[name].get_tensor(name))
+        except Exception as e:  # truncated or corrupt file
+            raise ConversionError(f"cannot read tensor {name!r} in {self.path}: {e}") from e
 
     def _fused(self, name: str) -> tuple[str, int] | None:
         """(the fused tensor holding `name`, which part) when the file fuses it (Phi-3,
@@ -349,11 +363,7 @@ def _weights(cfg: ModelConfig, r: _Reader, progress: Progress | None,
             block, router, names = moe
             x["router"][i] = r.get(f"{p}{block}.{router}.weight", (E, D)).T
             if names == "in_out":  # stacked inputs first (Llama 4, gpt-oss)
-                q = f"{p}{block}.experts."
-                if q + "gate_up_proj_blocks" in r:
-                    raise ConversionError(f"{r.path}: MXFP4 experts ({q}gate_up_proj_blocks) "
-                                          "are not supported; use a bfloat16 copy or a GGUF "
-                                          "file of the model")
+                q = f"{p}{block}.experts."  # (gpt-oss's released MXFP4 experts decoded)
                 gate_up = r.get(q + "gate_up_proj", (E, D, 2 * F))
                 halves = (np.s_[..., ::2], np.s_[..., 1::2]) if r.kind == "gpt_oss" else (
                     np.s_[..., :F], np.s_[..., F:])  # gpt-oss interleaves gate and up
