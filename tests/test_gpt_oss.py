@@ -193,10 +193,10 @@ def test_mxfp4_checkpoint_matches_transformers(tmp_path):
 
 def test_mxfp4_blocks_and_scales_must_pair(tmp_path):
     """Blocks and scales of different shapes stop with the tensor named."""
-    from jaxinfer.convert.mxfp4 import dequantize
+    from jaxinfer.convert.hf_quant import mxfp4_dequantize
 
     with pytest.raises(ValueError, match="do not pair"):
-        dequantize(np.zeros((4, 8, 2, 16), np.uint8), np.zeros((4, 8, 3), np.uint8))
+        mxfp4_dequantize(np.zeros((4, 8, 2, 16), np.uint8), np.zeros((4, 8, 3), np.uint8))
 
 
 @pytest.mark.parametrize("experts", ["MXFP4", pytest.param("Q8_0", marks=pytest.mark.slow)])

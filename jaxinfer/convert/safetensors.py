@@ -1,7 +1,8 @@
 """Hugging Face Llama-family, Gemma and mixture-of-experts directories (config.json +
 safetensors) into the weight tree (a multimodal Gemma 3 or Mistral 3: its language model).
 Cohere's and GLM's interleaved q/k rows are reordered to rotate-half as they are read
-(layout.py); gpt-oss's MXFP4 experts are decoded (mxfp4.py).
+(layout.py); MXFP4 experts (gpt-oss) and block-FP8 weights (DeepSeek V3, Qwen3 FP8) are
+decoded (hf_quant.py); other quantized checkpoints (GPTQ, AWQ, ...) are refused by name.
 
 Read with safetensors' numpy framework, which holds bfloat16 through ml_dtypes, so no torch
 is needed. Sharded checkpoints are found through `model.safetensors.index.json`. Tensors are
@@ -25,7 +26,7 @@ from jaxinfer.config import (
     MOE_TYPES,
     ModelConfig,
 )
-from jaxinfer.convert import mxfp4
+from jaxinfer.convert import hf_quant
 from jaxinfer.convert.layout import rope_tail_to_half, to_rotate_half
 from jaxinfer.convert.stacks import quantize_embeddings, results, stacks
 from jaxinfer.errors import ConfigError, ConversionError
@@ -49,6 +50,10 @@ FUSED = {"self_attn.q_proj": ("self_attn.qkv_proj", 0), "self_attn.k_proj":
 _PREFIXES = ("model.", "language_model.model.", "model.language_model.")
 
 Progress = Callable[[int, int], None]
+# safetensors' float8 dtypes -> ml_dtypes' names (block-FP8 weights and E8M0 scales)
+_FLOAT8 = {"F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "F8_E8M0": "float8_e8m0fnu"}
+# quantization_config.quant_method values read (decoded to float as they are read)
+_QUANT_METHODS = ("fp8", "mxfp4")
 
 
 def load_hf_dir(path: str | Path, progress: Progress | None = None,
@@ -67,6 +72,11 @@ def load_hf_dir(path: str | Path, progress: Progress | None = None,
     if kind not in _MODEL_TYPES:
         raise ConversionError(f"unsupported model_type {kind!r} in {path / 'config.json'} "
                               f"(supported: {', '.join(_MODEL_TYPES)})")
+    method = (hf.get("quantization_config") or {}).get("quant_method")
+    if method is not None and method not in _QUANT_METHODS:
+        raise ConversionError(f"{path / 'config.json'}: quantization_config quant_method "
+                              f"{method!r} is not supported (supported: "
+                              f"{', '.join(_QUANT_METHODS)}; or an unquantized copy)")
     reader = _Reader(path, kind)
     try:
         cfg = ModelConfig.from_hf(hf)
@@ -125,7 +135,7 @@ class _Reader:
             files = sorted(p.name for p in path.glob("*.safetensors"))
         if not files:
             raise ConversionError(f"no safetensors weights in {path}")
-        self.path, self._where = path, {}
+        self.path, self._where, self._files = path, {}, {}
         self._last: tuple[str | None, np.ndarray | None] = (None, None)
         self._open = []
         for name in files:
@@ -134,17 +144,21 @@ class _Reader:
             except Exception as e:  # safetensors raises its own SafetensorError / OSError
                 raise ConversionError(f"cannot read {path / name}: {e}") from e
             self._open.append(f)
+            self._files[id(f)] = path / name
             self._where.update((k, f) for k in f.keys())
         self.prefix = next((p for p in _PREFIXES if f"{p}embed_tokens.weight" in self._where),
                            "model.")
         self.embed = self.prefix + "embed_tokens.weight"
         self.lm_head = ("language_model.lm_head.weight" if self.prefix == "language_model.model."
                         else "lm_head.weight")
+        hf = _read_json(path / "config.json")
         self.heads = 0  # GPT-NeoX: its heads, to regroup the fused q/k/v rows
         if kind == "gpt_neox":
             self.prefix, self.embed, self.lm_head = ("gpt_neox.", "gpt_neox.embed_in.weight",
                                                      "embed_out.weight")
-            self.heads = int(_read_json(path / "config.json").get("num_attention_heads", 0))
+            self.heads = int(hf.get("num_attention_heads", 0))
+        block = (hf.get("quantization_config") or {}).get("weight_block_size")
+        self.fp8_block = tuple(int(b) for b in block) if block else None  # [out, in]
 
     def __contains__(self, name: str) -> bool:
         return name in self._where or self._fused(name) is not None
@@ -162,12 +176,18 @@ class _Reader:
             return self._last[1][fused_rows(at, shape[0], len(self._last[1]))]
         if name not in self._where and name + "_blocks" in self._where:  # MXFP4 (gpt-oss)
             try:  # stored [..., out, in] in blocks along in; ours inputs first
-                a = mxfp4.dequantize(self._raw(name + "_blocks"),
-                                     self._raw(name + "_scales")).swapaxes(-1, -2)
+                a = hf_quant.mxfp4_dequantize(self._raw(name + "_blocks"),
+                                              self._raw(name + "_scales")).swapaxes(-1, -2)
             except ValueError as e:
                 raise ConversionError(f"{self.path}: MXFP4 tensor {name!r}: {e}") from e
         elif name not in self._where:
             raise ConversionError(f"{self.path} lacks tensor {name!r}")
+        elif name + "_scale_inv" in self._where:  # block FP8 (DeepSeek V3, Qwen3 FP8)
+            try:
+                a = hf_quant.fp8_dequantize(self._raw(name), self._raw(name + "_scale_inv"),
+                                            self.fp8_block)
+            except ValueError as e:
+                raise ConversionError(f"{self.path}: FP8 tensor {name!r}: {e}") from e
         else:
             a = self._raw(name).astype(np.float32)
         if reshape and a.size == int(np.prod(shape)):
@@ -178,13 +198,32 @@ class _Reader:
         return a
 
     def _raw(self, name: str) -> np.ndarray:
-        """The tensor as stored (its own dtype)."""
+        """The tensor as stored (its own dtype; float8 through ml_dtypes)."""
         if name not in self._where:
             raise ConversionError(f"{self.path} lacks tensor {name!r}")
+        f = self._where[name]
         try:
-            return np.asarray(self._where[name].get_tensor(name))
+            if f.get_slice(name).get_dtype() in _FLOAT8:  # safetensors' numpy loader has none
+                return self._float8(f, name)
+            return np.asarray(f.get_tensor(name))
+        except ConversionError:
+            raise
         except Exception as e:  # truncated or corrupt file
             raise ConversionError(f"cannot read tensor {name!r} in {self.path}: {e}") from e
+
+    def _float8(self, f: Any, name: str) -> np.ndarray:
+        """A float8 tensor's bytes, found through the file's header (its 8-byte length, then
+        JSON naming each tensor's dtype, shape and byte range after the header)."""
+        import ml_dtypes
+
+        file = self._files[id(f)]
+        with open(file, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            meta = json.loads(fh.read(n))[name]
+            begin, end = meta["data_offsets"]
+            fh.seek(8 + n + begin)
+            data = np.frombuffer(fh.read(end - begin), np.uint8)
+        return data.view(getattr(ml_dtypes, _FLOAT8[meta["dtype"]])).reshape(meta["shape"])
 
     def _fused(self, name: str) -> tuple[str, int] | None:
         """(the fused tensor holding `name`, which part) when the file fuses it (Phi-3,

@@ -1,0 +1,55 @@
+"""Quantized Hugging Face checkpoints, decoded to float as they are read.
+
+MXFP4 (gpt-oss's released experts):
+    <name>_blocks  u8[..., rows, G, 16]  32 FP4 (E2M1) values per block, two per byte,
+                                         the even one in the low nibble
+    <name>_scales  u8[..., rows, G]      each block's E8M0 exponent: 2 ** (s - 127)
+  The gguf package's MXFP4 dequantizer does the decoding (it is the format llama.cpp
+  reads) once the nibbles are moved into its block layout: one scale byte, then 16 bytes
+  holding values j and j + 16 of the block in the low and high nibble of byte j.
+
+Block FP8 (`quant_method: fp8`: DeepSeek V3 / R1, Qwen3 FP8 and the like):
+    <name>            float8_e4m3fn[out, in]
+    <name>_scale_inv  f32 (or E8M0) [ceil(out / bo), ceil(in / bi)], one per block of
+                      weight_block_size = [bo, bi] (a single one: per tensor)
+  value = fp8 * scale_inv of its block.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+GGML_BLOCK = 17  # bytes of one 32-value MXFP4 block in ggml: scale + 16 bytes of nibbles
+
+
+def to_ggml_blocks(blocks: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    """Hugging Face's packed blocks and scales as ggml MXFP4 bytes, u8[..., rows, G * 17]."""
+    if blocks.shape[:-1] != scales.shape or blocks.shape[-1] != 16:
+        raise ValueError(f"MXFP4 blocks {blocks.shape} and scales {scales.shape} do not pair "
+                         f"(blocks must be [..., G, 16], scales [..., G])")
+    values = np.stack([blocks & 0x0F, blocks >> 4], axis=-1).reshape(*blocks.shape[:-1], 32)
+    packed = values[..., :16] | (values[..., 16:] << 4)
+    ggml = np.concatenate([scales[..., None], packed], axis=-1)
+    return ggml.reshape(*blocks.shape[:-2], blocks.shape[-2] * GGML_BLOCK)
+
+
+def mxfp4_dequantize(blocks: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    """float32[..., rows, G * 32]: each row's values in order."""
+    import gguf
+
+    return gguf.quants.dequantize(to_ggml_blocks(blocks, scales),
+                                  gguf.GGMLQuantizationType.MXFP4).astype(np.float32)
+
+
+def fp8_dequantize(w: np.ndarray, scale_inv: np.ndarray,
+                   block: tuple[int, int] | None) -> np.ndarray:
+    """float32 of a block-FP8 weight [..., out, in]: each [bo, bi] block times its scale."""
+    w, s = w.astype(np.float32), scale_inv.astype(np.float32)
+    if s.size == 1:  # per tensor
+        return w * s.reshape(())
+    out, inp = w.shape[-2:]
+    if block is None or s.shape[-2:] != (-(-out // block[0]), -(-inp // block[1])):
+        raise ValueError(f"FP8 weight {w.shape} with scales {s.shape} does not match "
+                         f"weight_block_size={block}")
+    s = np.repeat(np.repeat(s, block[0], axis=-2)[..., :out, :], block[1], axis=-1)
+    return w * s[..., :inp]

@@ -1,0 +1,116 @@
+"""Quantized Hugging Face checkpoints: block-FP8 weights (`quant_method: fp8`, as DeepSeek
+V3 / R1 and Qwen3's FP8 releases store them) decoded as read, against transformers' own
+FP8 dequantization, on tiny random checkpoints; other quantization methods refused by
+name. (gpt-oss's MXFP4 experts: tests/test_gpt_oss.py.)
+"""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+tf = pytest.importorskip("transformers")
+
+from jaxinfer.convert.safetensors import load_hf_dir  # noqa: E402
+from jaxinfer.errors import ConversionError  # noqa: E402
+
+from .hf_checkpoints import hf_logits, ours, sharpened, tokens  # noqa: E402
+
+BLOCK = [32, 32]  # (the releases use 128 x 128; widths here are 64-96, some not multiples)
+
+
+def _llama():
+    torch.manual_seed(0)
+    return sharpened(tf.LlamaForCausalLM(tf.LlamaConfig(
+        vocab_size=97, hidden_size=64, intermediate_size=80, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+        eos_token_id=3)), norm=0.3, matrix=0.15)
+
+
+def _deepseek_v3():
+    from .test_deepseek import _hf_model
+
+    return _hf_model("deepseek_v3")
+
+
+def _fp8(w: torch.Tensor, block: list[int] | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(float8_e4m3fn weight, float32 scale_inv per block or per tensor): each block's
+    largest magnitude at float8's 448."""
+    if block is None:
+        s = w.abs().max() / 448.0
+        return (w / s).to(torch.float8_e4m3fn), s.reshape(1)
+    (out, inp), (bo, bi) = w.shape, block
+    padded = torch.nn.functional.pad(w, (0, -inp % bi, 0, -out % bo))
+    s = padded.reshape(padded.shape[0] // bo, bo, -1, bi).abs().amax(dim=(1, 3)) / 448.0
+    full = s.repeat_interleave(bo, 0)[:out].repeat_interleave(bi, 1)[:, :inp]
+    return (w / full).to(torch.float8_e4m3fn), s
+
+
+def _fp8_checkpoint(m, path, block):
+    """m saved as an FP8 release is (every linear weight of the layers in float8 with its
+    scale_inv; embeddings, norms, router and lm_head as they were), and transformers' model
+    on the weights its own FP8 dequantization decodes."""
+    from safetensors.torch import load_file, save_file
+    from transformers.integrations.finegrained_fp8 import _dequantize_fp8_weight
+
+    m.save_pretrained(path / "float")
+    tensors = load_file(str(path / "float" / "model.safetensors"))
+    decoded = dict(tensors)
+    for name, w in list(tensors.items()):
+        if (".layers." in name and name.endswith(".weight") and w.ndim == 2
+                and "norm" not in name and not name.endswith("mlp.gate.weight")):
+            q, s = _fp8(w.float(), block)
+            tensors[name], tensors[name + "_scale_inv"] = q, s
+            decoded[name] = _dequantize_fp8_weight(q, s, block, torch.float32)
+    (path / "fp8").mkdir()
+    save_file(tensors, str(path / "fp8" / "model.safetensors"))
+    config = json.loads((path / "float" / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "fp8", "activation_scheme": "dynamic",
+                                     **({"weight_block_size": block} if block else {})}
+    (path / "fp8" / "config.json").write_text(json.dumps(config))
+    save_file(decoded, str(path / "float" / "model.safetensors"))
+    ref = type(m).from_pretrained(path / "float", dtype=torch.float32)
+    ref.config._attn_implementation = "eager"
+    return ref.eval(), decoded
+
+
+@pytest.mark.parametrize("kind,block", [("llama", BLOCK), ("llama", None),
+                                        ("deepseek_v3", BLOCK)])
+def test_fp8_checkpoint_matches_transformers(tmp_path, kind, block):
+    """Block FP8 (ragged blocks at the edges of 80- and 96-wide matrices) and per-tensor
+    FP8: each weight equal to transformers' dequantization, logits within 1e-4 of
+    transformers' model on those weights; DeepSeek V3's experts, latent projections and
+    dense layers included."""
+    ref, decoded = _fp8_checkpoint(_llama() if kind == "llama" else _deepseek_v3(), tmp_path,
+                                   block)
+    cfg, w = load_hf_dir(tmp_path / "fp8")
+    if kind == "llama":
+        down = decoded["model.layers.1.mlp.down_proj.weight"].numpy()
+        np.testing.assert_array_equal(w["layers"]["w_down"][1], down.T)
+        assert not np.array_equal(down, _llama().state_dict()["model.layers.1.mlp.down_proj."
+                                                              "weight"].numpy())  # rounded
+    toks = tokens(24)
+    np.testing.assert_allclose(ours(cfg, jax.tree.map(jnp.asarray, w), toks),
+                               hf_logits(ref, toks), atol=1e-4, rtol=0)
+
+
+def test_fp8_scales_that_do_not_fit_are_refused(tmp_path):
+    ref, _ = _fp8_checkpoint(_llama(), tmp_path, BLOCK)
+    config = json.loads((tmp_path / "fp8" / "config.json").read_text())
+    config["quantization_config"]["weight_block_size"] = [16, 16]
+    (tmp_path / "fp8" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConversionError, match="weight_block_size"):
+        load_hf_dir(tmp_path / "fp8")
+
+
+@pytest.mark.parametrize("method", ["gptq", "awq", "bitsandbytes", "compressed-tensors"])
+def test_other_quantization_methods_are_refused_by_name(tmp_path, method):
+    _llama().save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": method, "bits": 4}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConversionError, match=f"quant_method '{method}' is not supported"):
+        load_hf_dir(tmp_path)
