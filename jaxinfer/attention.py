@@ -157,21 +157,23 @@ def cudnn_attention(q_BTNH: jax.Array, k_BKSH: jax.Array, v_BKSH: jax.Array,
 def pallas_attention(q_BTNH: jax.Array, k_BKSH: jax.Array, v_BKSH: jax.Array,
                      q_positions_BT: jax.Array, interpret: bool = False,
                      layer: jax.Array | None = None, window: jax.Array | None = None,
-                     softcap: float | None = None, chunked: bool = False) -> jax.Array:
+                     softcap: float | None = None, chunked: bool = False,
+                     sinks_N: jax.Array | None = None) -> jax.Array:
     """The Pallas decode kernel for T == 1 (a window or chunk becomes each row's first
-    visible slot, so the kernel skips the blocks before it); prefill (or an S no block
-    divides) uses the ref."""
+    visible slot, so the kernel skips the blocks before it; sinks start its softmax);
+    prefill (or an S no block divides) uses the ref."""
     backend = resolve_backend(None, interpret)
     block_s = default_block_s(k_BKSH.shape[-2], backend)
     if q_BTNH.shape[1] != 1 or block_s is None:
         k_BKSH, v_BKSH = (k_BKSH, v_BKSH) if layer is None else (k_BKSH[layer], v_BKSH[layer])
-        return ref_attention(q_BTNH, k_BKSH, v_BKSH, q_positions_BT, window, softcap, chunked)
+        return ref_attention(q_BTNH, k_BKSH, v_BKSH, q_positions_BT, window, softcap, chunked,
+                             sinks_N)
     lengths_B = q_positions_BT[:, 0] + 1
     starts_B = None if window is None else jnp.maximum(
         first_visible(q_positions_BT[:, 0], window, chunked), 0)
     out_BNH = decode_attention(q_BTNH[:, 0], k_BKSH, v_BKSH, lengths_B, starts_B=starts_B,
-                               softcap=softcap, layer=layer, block_s=block_s, backend=backend,
-                               interpret=interpret)
+                               softcap=softcap, sinks_N=sinks_N, layer=layer, block_s=block_s,
+                               backend=backend, interpret=interpret)
     return out_BNH[:, None]
 
 
@@ -224,18 +226,18 @@ def attention(q_BTNH, k_BKSH, v_BKSH, q_positions_BT, impl: str = "xla",
     kernel reads that layer in place; slicing ck[i] first, inside the layer scan, makes XLA
     copy the whole layer before any custom call (Pallas or cuDNN) can read it.
     window / softcap (Gemma), chunked (Llama 4): every impl but cuDNN takes them; cuDNN
-    falls back to the reference. sinks_N (gpt-oss): the XLA impls take them; the Pallas
-    kernel and cuDNN fall back to the reference.
+    falls back to the reference. sinks_N (gpt-oss): every impl but cuDNN takes them.
     """
     impl = resolve_impl(impl, q_BTNH, k_BKSH)
     if impl == "cudnn" and (window is not None or softcap is not None):
         impl = "xla"
-    if sinks_N is not None and impl not in ("xla", "xla_chunked"):
+    if sinks_N is not None and impl == "cudnn":
         impl = "xla"
     if impl in ("pallas", "pallas_interpret"):
         return pallas_attention(q_BTNH, k_BKSH, v_BKSH, q_positions_BT,
                                 interpret=impl == "pallas_interpret", layer=layer,
-                                window=window, softcap=softcap, chunked=chunked)
+                                window=window, softcap=softcap, chunked=chunked,
+                                sinks_N=sinks_N)
     if impl == "xla_chunked":
         return chunked_decode_attention(q_BTNH, k_BKSH, v_BKSH, q_positions_BT, layer=layer,
                                         window=window, softcap=softcap, chunked=chunked,

@@ -85,6 +85,31 @@ def test_decode_kernel_window_and_softcap(backend, softcap):
     assert np.abs(np.asarray(ref - ref_decode_attention(q, k, v, lengths))).max() > 1e-2
 
 
+@pytest.mark.parametrize("backend", ["tpu", "gpu"])
+def test_decode_kernel_sinks(backend):
+    """gpt-oss's attention sinks (a logit per query head, no value) with a window and
+    ragged rows (a length-0 row stays zero), against the twin, and the twin against
+    ref_attention's sinks; sinks large enough to soak up most of the attention."""
+    q, k, v, lengths = _inputs(B=4, G=2, S=128)
+    lengths = lengths.at[0].set(0)
+    sinks = 3.0 * jax.random.normal(jax.random.key(7), (4,))
+    starts = jnp.maximum(lengths - 40, 0)
+    out = decode_attention(q, k, v, lengths, starts_B=starts, sinks_N=sinks, block_s=16,
+                           backend=backend, num_splits=4 if backend == "gpu" else None,
+                           interpret=True)
+    ref = ref_decode_attention(q, k, v, lengths, starts, sinks_N=sinks)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=1e-5, rtol=0)
+    assert not np.asarray(out[0]).any()
+    full = ref_attention(q[1:, None], k[1:], v[1:], (lengths[1:] - 1)[:, None], jnp.int32(40),
+                         sinks_N=sinks)[:, 0]
+    np.testing.assert_allclose(np.asarray(ref[1:]), np.asarray(full), atol=1e-6, rtol=0)
+    plain = ref_decode_attention(q, k, v, lengths, starts)
+    assert np.abs(np.asarray(ref - plain)).max() > 1e-2
+    got = attention(q[:, None], k, v, (lengths - 1)[:, None], "pallas_interpret",
+                    window=jnp.int32(40), sinks_N=sinks)[:, 0]
+    np.testing.assert_allclose(np.asarray(got[1:]), np.asarray(full), atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize("T", [1, 3])
 def test_attention_window_through_every_impl(T):
     """The dispatch passes a layer's traced window and the soft cap to each impl that
@@ -139,6 +164,11 @@ def test_tpu_kernel_under_mosaic_interpreter():
     out = decode_attention(q, k, v, lengths, starts_B=starts, softcap=3.0, block_s=16,
                            backend="tpu", interpret=pltpu.InterpretParams())
     ref = ref_decode_attention(q, k, v, lengths, starts, 3.0)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=1e-5, rtol=0)
+    sinks = jnp.asarray([2.0, -1.0, 0.5, 3.0])  # gpt-oss's sinks, read as a [G, 1] block
+    out = decode_attention(q, k, v, lengths, starts_B=starts, sinks_N=sinks, block_s=16,
+                           backend="tpu", interpret=pltpu.InterpretParams())
+    ref = ref_decode_attention(q, k, v, lengths, starts, sinks_N=sinks)
     np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=1e-5, rtol=0)
 
 

@@ -11,6 +11,9 @@
                              window); slots below it are masked and blocks wholly before it
                              skipped, so a local layer costs O(window), not O(length)
     softcap    float         optional: scores -> softcap * tanh(scores / softcap) (Gemma 2)
+    sinks_N    f32[N]        optional: a logit per query head in every softmax's denominator
+                             that attends to nothing (gpt-oss); the online softmax starts
+                             from it (max = sink, sum = 1)
     returns    [B, N, H]
 
 Flash decoding: S is cut into blocks of `block_s` and reduced with an online softmax, so a
@@ -56,7 +59,8 @@ _GPU_TARGET_PROGRAMS = 256  # about two waves of an H100's 132 SMs
 
 def ref_decode_attention(q_BNH: jax.Array, k_BKSH: jax.Array, v_BKSH: jax.Array,
                          lengths_B: jax.Array, starts_B: jax.Array | None = None,
-                         softcap: float | None = None) -> jax.Array:
+                         softcap: float | None = None, sinks_N: jax.Array | None = None
+                         ) -> jax.Array:
     """Pure-JAX twin: attention.ref_attention at T=1, q_position = length - 1 (window =
     length - start).
 
@@ -73,6 +77,11 @@ def ref_decode_attention(q_BNH: jax.Array, k_BKSH: jax.Array, v_BKSH: jax.Array,
     if starts_B is not None:
         valid_BS &= jnp.arange(S)[None, :] >= starts_B[:, None]
     scores = jnp.where(valid_BS[:, None, None], scores, NEG_INF)
+    if sinks_N is not None:  # one more score per head, whose value is zero
+        sink = jnp.broadcast_to(sinks_N.astype(jnp.float32).reshape(1, K, N // K, 1),
+                                (B, K, N // K, 1))
+        scores = jnp.concatenate([scores, sink], axis=-1)
+        v_BKSH = jnp.pad(v_BKSH, ((0, 0), (0, 0), (0, 1), (0, 0)))
     probs = jax.nn.softmax(scores, axis=-1).astype(v_BKSH.dtype)
     out = jnp.einsum("BKGS,BKSH->BKGH", probs, v_BKSH)
     out = jnp.where((lengths_B > 0)[:, None, None, None], out, 0)
@@ -175,18 +184,19 @@ def _block_update(q_GH, k_sH, v_sH, start, lo, length, m_G1, l_G1, acc_GH, *, sc
 # ---------------------------------------------------------------------------------------
 # TPU (Mosaic): S is a sequential grid axis, lengths are scalar-prefetched.
 
-def _tpu_kernel(lengths_ref, starts_ref, layer_ref, q_ref, k_ref, v_ref, o_ref, m_ref, l_ref,
-                acc_ref, *, block_s, scale, precision, softcap):
+def _tpu_kernel(lengths_ref, starts_ref, layer_ref, q_ref, k_ref, v_ref, sink_ref, o_ref,
+                m_ref, l_ref, acc_ref, *, block_s, scale, precision, softcap):
     # lengths_ref, starts_ref: i32[B], layer_ref: i32[1] (SMEM, used by the index maps)
-    # q_ref, o_ref: [G, H]   k_ref, v_ref: [block_s, H]
+    # q_ref, o_ref: [G, H]   k_ref, v_ref: [block_s, H]   sink_ref: f32[G, 1] (NEG_INF: none)
     # m_ref, l_ref: f32[G, 1] running max / sum   acc_ref: f32[G, H] unnormalized output
     b, j = pl.program_id(0), pl.program_id(2)
     length, lo = lengths_ref[b], starts_ref[b]
 
     @pl.when(j == 0)
-    def _init():
-        m_ref[...] = jnp.full(m_ref.shape, NEG_INF, jnp.float32)
-        l_ref[...] = jnp.zeros(l_ref.shape, jnp.float32)
+    def _init():  # a sink starts the softmax: its logit the max, exp(0) = 1 the sum
+        sink = sink_ref[...]
+        m_ref[...] = sink
+        l_ref[...] = jnp.where(sink > NEG_INF, 1.0, 0.0).astype(jnp.float32)
         acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
 
     @pl.when((j * block_s < length) & ((j + 1) * block_s > lo))
@@ -202,8 +212,8 @@ def _tpu_kernel(lengths_ref, starts_ref, layer_ref, q_ref, k_ref, v_ref, o_ref, 
         o_ref[...] = (acc_ref[...] / jnp.where(l > 0, l, 1.0)).astype(o_ref.dtype)
 
 
-def _decode_tpu(q_BKGH, k_LBKSH, v_LBKSH, lengths_B, starts_B, layer_1, *, block_s, scale,
-                precision, softcap, interpret):
+def _decode_tpu(q_BKGH, k_LBKSH, v_LBKSH, lengths_B, starts_B, layer_1, sinks_KG1, *,
+                block_s, scale, precision, softcap, interpret):
     B, K, G, H = q_BKGH.shape
     S = k_LBKSH.shape[3]
 
@@ -222,7 +232,8 @@ def _decode_tpu(q_BKGH, k_LBKSH, v_LBKSH, lengths_B, starts_B, layer_1, *, block
         grid=(B, K, S // block_s),
         in_specs=[pl.BlockSpec((None, None, G, H), q_map),
                   pl.BlockSpec((None, None, None, block_s, H), kv_map),
-                  pl.BlockSpec((None, None, None, block_s, H), kv_map)],
+                  pl.BlockSpec((None, None, None, block_s, H), kv_map),
+                  pl.BlockSpec((None, G, 1), lambda b, h, j, *refs: (h, 0, 0))],
         out_specs=pl.BlockSpec((None, None, G, H), q_map),
         scratch_shapes=[pltpu.VMEM((G, 1), jnp.float32), pltpu.VMEM((G, 1), jnp.float32),
                         pltpu.VMEM((G, H), jnp.float32)])
@@ -234,7 +245,7 @@ def _decode_tpu(q_BKGH, k_LBKSH, v_LBKSH, lengths_B, starts_B, layer_1, *, block
         compiler_params=pltpu.CompilerParams(
             dimension_semantics=("parallel", "parallel", "arbitrary")),
         interpret=interpret, name="decode_attention_tpu",
-    )(lengths_B, starts_B, layer_1, q_BKGH, k_LBKSH, v_LBKSH)
+    )(lengths_B, starts_B, layer_1, q_BKGH, k_LBKSH, v_LBKSH, sinks_KG1)
 
 
 # ---------------------------------------------------------------------------------------
@@ -268,8 +279,8 @@ def _gpu_kernel(len_ref, lo_ref, layer_ref, q_ref, k_ref, v_ref, o_ref, m_out_re
     l_out_ref[...] = l
 
 
-def _decode_gpu(q_BKGH, k_LBKSH, v_LBKSH, lengths_B, starts_B, layer_1, *, block_s, num_splits,
-                scale, precision, softcap, interpret):
+def _decode_gpu(q_BKGH, k_LBKSH, v_LBKSH, lengths_B, starts_B, layer_1, sinks_KG1, *, block_s,
+                num_splits, scale, precision, softcap, interpret):
     B, K, G, H = q_BKGH.shape
     L, S = k_LBKSH.shape[0], k_LBKSH.shape[3]
     Gp = max(16, pl.next_power_of_2(G))  # Triton dots need M >= 16, tiles a power of 2
@@ -295,9 +306,12 @@ def _decode_gpu(q_BKGH, k_LBKSH, v_LBKSH, lengths_B, starts_B, layer_1, *, block
         compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=2),
         interpret=interpret, name="decode_attention_gpu",
     )(lengths_B, starts_B, layer_1, q_BKGH, k_LBKSH, v_LBKSH)
-    # Merge the chunks: weight each by its softmax mass under the global max.
-    w = l * jnp.exp(m - jnp.max(m, axis=2, keepdims=True))  # f32[B, K, splits, Gp, 1]
-    total = jnp.sum(w, axis=2)
+    # Merge the chunks: weight each by its softmax mass under the global max; a sink is one
+    # more part of mass exp(sink) and no value.
+    sink = jnp.pad(sinks_KG1, ((0, 0), (0, Gp - G), (0, 0)), constant_values=NEG_INF)[None]
+    top = jnp.maximum(jnp.max(m, axis=2), sink)  # f32[B, K, Gp, 1]
+    w = l * jnp.exp(m - top[:, :, None])  # f32[B, K, splits, Gp, 1]
+    total = jnp.sum(w, axis=2) + jnp.where(sink > NEG_INF, jnp.exp(sink - top), 0.0)
     out = jnp.sum(o * w, axis=2) / jnp.where(total > 0, total, 1.0)
     return out[:, :, :G].astype(q_BKGH.dtype)
 
@@ -317,7 +331,8 @@ def resolve_backend(backend: str | None, interpret: bool) -> str:
 
 def decode_attention(q_BNH: jax.Array, k_BKSH: jax.Array, v_BKSH: jax.Array,
                      lengths_B: jax.Array, *, starts_B: jax.Array | None = None,
-                     softcap: float | None = None, layer: jax.Array | int | None = None,
+                     softcap: float | None = None, sinks_N: jax.Array | None = None,
+                     layer: jax.Array | int | None = None,
                      block_s: int | None = None, backend: str | None = None,
                      num_splits: int | None = None,
                      interpret: bool | pltpu.InterpretParams = False) -> jax.Array:
@@ -325,6 +340,7 @@ def decode_attention(q_BNH: jax.Array, k_BKSH: jax.Array, v_BKSH: jax.Array,
 
     starts_B: i32[B] first visible slot per row (sliding window); default 0.
     softcap: static soft cap of the scores (Gemma 2); default none.
+    sinks_N: f32[N] attention sinks (gpt-oss); default none.
     layer: i32[] when k/v are the stacked [L, B, K, S, H] cache (read in place).
     block_s: cache slots per block (must divide S); default: largest candidate dividing S.
     backend: "tpu" | "gpu" lowering; default from jax.default_backend() ("tpu" in interpret).
@@ -351,12 +367,18 @@ def decode_attention(q_BNH: jax.Array, k_BKSH: jax.Array, v_BKSH: jax.Array,
     starts_B = (jnp.zeros_like(lengths_B) if starts_B is None
                 else jnp.clip(starts_B.astype(jnp.int32), 0, S))
     q_BKGH = q_BNH.reshape(B, K, N // K, H)
+    if sinks_N is not None and jnp.shape(sinks_N) != (N,):
+        raise ValueError(f"decode_attention: sinks_N must be [N]=({N},), got shape "
+                         f"{jnp.shape(sinks_N)}")
+    sinks_KG1 = (jnp.full((K, N // K, 1), NEG_INF, jnp.float32) if sinks_N is None
+                 else sinks_N.astype(jnp.float32).reshape(K, N // K, 1))
     kwargs = dict(block_s=block_s, scale=H ** -0.5, precision=precision, softcap=softcap,
                   interpret=interpret)
     with jax.named_scope("decode_attention"):
         if backend == "tpu":
-            out = _decode_tpu(q_BKGH, k_BKSH, v_BKSH, lengths_B, starts_B, layer_1, **kwargs)
+            out = _decode_tpu(q_BKGH, k_BKSH, v_BKSH, lengths_B, starts_B, layer_1, sinks_KG1,
+                              **kwargs)
         else:
-            out = _decode_gpu(q_BKGH, k_BKSH, v_BKSH, lengths_B, starts_B, layer_1,
+            out = _decode_gpu(q_BKGH, k_BKSH, v_BKSH, lengths_B, starts_B, layer_1, sinks_KG1,
                               num_splits=num_splits, **kwargs)
     return out.reshape(B, N, H)
