@@ -352,7 +352,8 @@ def test_prefix_cache_and_chunked_prefill_smollm2_200_token_prefix(smollm2):
     assert rb.token_ids == fresh.token_ids == whole.token_ids and rb.text == fresh.text
 
 
-@pytest.mark.parametrize("mesh_spec,kv", [("data:2,model:2", None), ("data:4,model:2", "int8")])
+@pytest.mark.parametrize("mesh_spec,kv", [
+    ("data:2,model:2", None), pytest.param("data:4,model:2", "int8", marks=pytest.mark.slow)])
 def test_engine_under_a_mesh_matches_single_device(mesh_spec, kv):
     """Weights sharded over a mesh of simulated CPU devices: the slots' cache is sharded
     (slots over data, KV heads over model) and the tokens equal the single-device run."""

@@ -227,6 +227,7 @@ def test_smollm2_engine_with_drafts_equals_target(smollm2_checkpoint):
         print(f"engine, draft {getattr(draft, 'cfg', draft)!s:.40}: acceptance {rate:.2f}")
 
 
+@pytest.mark.slow
 def test_int8_kv_cache_with_drafts():
     """The int8 KV cache (and its scales) survive speculative rounds: greedy output with a
     draft equals the same int8-cache model without one, in LLM.generate and the engine."""
@@ -248,6 +249,7 @@ def test_int8_kv_cache_with_drafts():
         assert res == want
 
 
+@pytest.mark.slow
 def test_draft_model_under_a_mesh():
     """Target and draft sharded over data:2,model:2: the same greedy tokens."""
     from jaxinfer.sharding import make_mesh

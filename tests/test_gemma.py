@@ -136,6 +136,7 @@ def test_greedy_generation_matches_transformers(gemma):
         eng.close()
 
 
+@pytest.mark.slow
 def test_speculative_and_int8_paths(gemma):
     """Prompt-lookup speculative decoding keeps transformers' greedy tokens (the verify pass
     runs windows over drafted positions); an int8 KV cache and int8 weights stay close."""

@@ -151,7 +151,8 @@ def _collectives(hlo: str) -> list[tuple[str, int]]:
     return [(op, int(np.prod([int(d) for d in dims.split(",") if d]))) for dims, op in ops]
 
 
-@pytest.mark.parametrize("quant", [None, pytest.param("int8", marks=pytest.mark.slow)])
+@pytest.mark.slow
+@pytest.mark.parametrize("quant", [None, "int8"])
 def test_expert_parallel(moe_model, quant):
     """Experts split over `expert` (3 of 6 per device), each tensor-parallel over `model`,
     the batch over `data` (and `expert` where it divides): prefill, decode through the
