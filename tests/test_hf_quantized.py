@@ -1,7 +1,8 @@
 """Quantized Hugging Face checkpoints: block-FP8 weights (`quant_method: fp8`, as DeepSeek
 V3 / R1 and Qwen3's FP8 releases store them) decoded as read, against transformers' own
-FP8 dequantization, on tiny random checkpoints; other quantization methods refused by
-name. (gpt-oss's MXFP4 experts: tests/test_gpt_oss.py.)
+FP8 dequantization, and per-channel FP8 (compressed-tensors' float-quantized format of the
+FP8-dynamic releases, fbgemm_fp8) on tiny random checkpoints; other quantization methods
+refused by name. (gpt-oss's MXFP4 experts: tests/test_gpt_oss.py.)
 """
 
 import json
@@ -36,9 +37,12 @@ def _deepseek_v3():
     return _hf_model("deepseek_v3")
 
 
-def _fp8(w: torch.Tensor, block: list[int] | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(float8_e4m3fn weight, float32 scale_inv per block or per tensor): each block's
-    largest magnitude at float8's 448."""
+def _fp8(w: torch.Tensor, block: list[int] | str | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(float8_e4m3fn weight, float32 scale per block, per row ("channel") or per tensor):
+    each block's largest magnitude at float8's 448."""
+    if block == "channel":
+        s = w.abs().amax(dim=1, keepdim=True) / 448.0
+        return (w / s).to(torch.float8_e4m3fn), s
     if block is None:
         s = w.abs().max() / 448.0
         return (w / s).to(torch.float8_e4m3fn), s.reshape(1)
@@ -63,13 +67,22 @@ def _fp8_checkpoint(m, path, block):
         if (".layers." in name and name.endswith(".weight") and w.ndim == 2
                 and "norm" not in name and not name.endswith("mlp.gate.weight")):
             q, s = _fp8(w.float(), block)
-            tensors[name], tensors[name + "_scale_inv"] = q, s
-            decoded[name] = _dequantize_fp8_weight(q, s, block, torch.float32)
+            tensors[name] = q
+            if block == "channel":  # compressed-tensors' and fbgemm's name and meaning
+                tensors[name + "_scale"], decoded[name] = s, q.float() * s
+            else:
+                tensors[name + "_scale_inv"] = s
+                decoded[name] = _dequantize_fp8_weight(q, s, block, torch.float32)
     (path / "fp8").mkdir()
     save_file(tensors, str(path / "fp8" / "model.safetensors"))
     config = json.loads((path / "float" / "config.json").read_text())
-    config["quantization_config"] = {"quant_method": "fp8", "activation_scheme": "dynamic",
-                                     **({"weight_block_size": block} if block else {})}
+    config["quantization_config"] = (
+        {"quant_method": "compressed-tensors", "format": "float-quantized",
+         "config_groups": {"group_0": {"targets": ["Linear"], "weights": {
+             "num_bits": 8, "type": "float", "strategy": "channel"}}}}
+        if block == "channel" else
+        {"quant_method": "fp8", "activation_scheme": "dynamic",
+         **({"weight_block_size": block} if block else {})})
     (path / "fp8" / "config.json").write_text(json.dumps(config))
     save_file(decoded, str(path / "float" / "model.safetensors"))
     ref = type(m).from_pretrained(path / "float", dtype=torch.float32)
@@ -77,13 +90,13 @@ def _fp8_checkpoint(m, path, block):
     return ref.eval(), decoded
 
 
-@pytest.mark.parametrize("kind,block", [("llama", BLOCK), ("llama", None),
+@pytest.mark.parametrize("kind,block", [("llama", BLOCK), ("llama", None), ("llama", "channel"),
                                         ("deepseek_v3", BLOCK)])
 def test_fp8_checkpoint_matches_transformers(tmp_path, kind, block):
-    """Block FP8 (ragged blocks at the edges of 80- and 96-wide matrices) and per-tensor
-    FP8: each weight equal to transformers' dequantization, logits within 1e-4 of
-    transformers' model on those weights; DeepSeek V3's experts, latent projections and
-    dense layers included."""
+    """Block FP8 (ragged blocks at the edges of 80- and 96-wide matrices), per-tensor and
+    per-channel (compressed-tensors) FP8: each weight equal to its dequantization
+    (transformers' own for blocks), logits within 1e-4 of transformers' model on those
+    weights; DeepSeek V3's experts, latent projections and dense layers included."""
     ref, decoded = _fp8_checkpoint(_llama() if kind == "llama" else _deepseek_v3(), tmp_path,
                                    block)
     cfg, w = load_hf_dir(tmp_path / "fp8")
@@ -108,9 +121,14 @@ def test_fp8_scales_that_do_not_fit_are_refused(tmp_path):
 
 @pytest.mark.parametrize("method", ["gptq", "awq", "bitsandbytes", "compressed-tensors"])
 def test_other_quantization_methods_are_refused_by_name(tmp_path, method):
+    """Integer formats stop with the method (compressed-tensors: its format) named, rather
+    than loading packed integers as weights."""
     _llama().save_pretrained(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
-    config["quantization_config"] = {"quant_method": method, "bits": 4}
+    config["quantization_config"] = {"quant_method": method, "bits": 4,
+                                     "format": "pack-quantized"}
     (tmp_path / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ConversionError, match=f"quant_method '{method}' is not supported"):
+    match = ("format 'pack-quantized' is not supported" if method == "compressed-tensors"
+             else f"quant_method '{method}' is not supported")
+    with pytest.raises(ConversionError, match=match):
         load_hf_dir(tmp_path)

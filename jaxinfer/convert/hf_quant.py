@@ -8,11 +8,13 @@ MXFP4 (gpt-oss's released experts):
   reads) once the nibbles are moved into its block layout: one scale byte, then 16 bytes
   holding values j and j + 16 of the block in the low and high nibble of byte j.
 
-Block FP8 (`quant_method: fp8`: DeepSeek V3 / R1, Qwen3 FP8 and the like):
+FP8 (`quant_method: fp8`: DeepSeek V3 / R1, Qwen3 FP8; `compressed-tensors` float-quantized:
+the FP8-dynamic releases; `fbgemm_fp8`: Llama 4's FP8):
     <name>            float8_e4m3fn[out, in]
     <name>_scale_inv  f32 (or E8M0) [ceil(out / bo), ceil(in / bi)], one per block of
-                      weight_block_size = [bo, bi] (a single one: per tensor)
-  value = fp8 * scale_inv of its block.
+    or <name>_scale   weight_block_size = [bo, bi]; or [out, 1] (per channel), or one
+                      (per tensor)
+  value = fp8 * the scale of its block, row or tensor.
 """
 
 from __future__ import annotations
@@ -43,11 +45,14 @@ def mxfp4_dequantize(blocks: np.ndarray, scales: np.ndarray) -> np.ndarray:
 
 def fp8_dequantize(w: np.ndarray, scale_inv: np.ndarray,
                    block: tuple[int, int] | None) -> np.ndarray:
-    """float32 of a block-FP8 weight [..., out, in]: each [bo, bi] block times its scale."""
+    """float32 of an FP8 weight [..., out, in]: each [bo, bi] block (row, tensor) times its
+    scale."""
     w, s = w.astype(np.float32), scale_inv.astype(np.float32)
     if s.size == 1:  # per tensor
         return w * s.reshape(())
     out, inp = w.shape[-2:]
+    if s.shape in ((*w.shape[:-1], 1), w.shape[:-1]):  # per channel (row)
+        return w * s.reshape(*w.shape[:-1], 1)
     if block is None or s.shape[-2:] != (-(-out // block[0]), -(-inp // block[1])):
         raise ValueError(f"FP8 weight {w.shape} with scales {s.shape} does not match "
                          f"weight_block_size={block}")

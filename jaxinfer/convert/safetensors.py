@@ -53,7 +53,7 @@ Progress = Callable[[int, int], None]
 # safetensors' float8 dtypes -> ml_dtypes' names (block-FP8 weights and E8M0 scales)
 _FLOAT8 = {"F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "F8_E8M0": "float8_e8m0fnu"}
 # quantization_config.quant_method values read (decoded to float as they are read)
-_QUANT_METHODS = ("fp8", "mxfp4")
+_QUANT_METHODS = ("fp8", "fbgemm_fp8", "compressed-tensors", "mxfp4")
 
 
 def load_hf_dir(path: str | Path, progress: Progress | None = None,
@@ -72,11 +72,16 @@ def load_hf_dir(path: str | Path, progress: Progress | None = None,
     if kind not in _MODEL_TYPES:
         raise ConversionError(f"unsupported model_type {kind!r} in {path / 'config.json'} "
                               f"(supported: {', '.join(_MODEL_TYPES)})")
-    method = (hf.get("quantization_config") or {}).get("quant_method")
+    qc = hf.get("quantization_config") or {}
+    method = qc.get("quant_method")
     if method is not None and method not in _QUANT_METHODS:
         raise ConversionError(f"{path / 'config.json'}: quantization_config quant_method "
                               f"{method!r} is not supported (supported: "
                               f"{', '.join(_QUANT_METHODS)}; or an unquantized copy)")
+    if method == "compressed-tensors" and qc.get("format") != "float-quantized":
+        raise ConversionError(f"{path / 'config.json'}: compressed-tensors format "
+                              f"{qc.get('format')!r} is not supported (only float-quantized: "
+                              f"FP8 weights)")
     reader = _Reader(path, kind)
     try:
         cfg = ModelConfig.from_hf(hf)
@@ -102,6 +107,15 @@ def load_hf_dir(path: str | Path, progress: Progress | None = None,
     except ConfigError as e:
         raise ConversionError(f"{path}: {e}") from e
     return cfg, weights
+
+
+def _fp8_block(qc: dict[str, Any]) -> tuple[int, int] | None:
+    """FP8 scale blocks [out, in]: `weight_block_size` (fp8), or a compressed-tensors group's
+    `block_structure`; None: per channel or tensor."""
+    block = qc.get("weight_block_size")
+    for group in (qc.get("config_groups") or {}).values():
+        block = block or (group.get("weights") or {}).get("block_structure")
+    return tuple(int(b) for b in block) if block else None
 
 
 def _read_json(file: Path, required: bool = False) -> dict[str, Any]:
@@ -157,8 +171,7 @@ class _Reader:
             self.prefix, self.embed, self.lm_head = ("gpt_neox.", "gpt_neox.embed_in.weight",
                                                      "embed_out.weight")
             self.heads = int(hf.get("num_attention_heads", 0))
-        block = (hf.get("quantization_config") or {}).get("weight_block_size")
-        self.fp8_block = tuple(int(b) for b in block) if block else None  # [out, in]
+        self.fp8_block = _fp8_block(hf.get("quantization_config") or {})  # [out, in]
 
     def __contains__(self, name: str) -> bool:
         return name in self._where or self._fused(name) is not None
@@ -182,10 +195,9 @@ class _Reader:
                 raise ConversionError(f"{self.path}: MXFP4 tensor {name!r}: {e}") from e
         elif name not in self._where:
             raise ConversionError(f"{self.path} lacks tensor {name!r}")
-        elif name + "_scale_inv" in self._where:  # block FP8 (DeepSeek V3, Qwen3 FP8)
+        elif (scale := self._fp8_scale(name)) is not None:  # FP8 (DeepSeek V3, Qwen3 FP8, ...)
             try:
-                a = hf_quant.fp8_dequantize(self._raw(name), self._raw(name + "_scale_inv"),
-                                            self.fp8_block)
+                a = hf_quant.fp8_dequantize(self._raw(name), self._raw(scale), self.fp8_block)
             except ValueError as e:
                 raise ConversionError(f"{self.path}: FP8 tensor {name!r}: {e}") from e
         else:
@@ -196,6 +208,16 @@ class _Reader:
             raise ConversionError(f"tensor {name!r} in {self.path} has shape {a.shape}, "
                                   f"expected {shape}")
         return a
+
+    def _fp8_scale(self, name: str) -> str | None:
+        """The scales' name of a float8 weight: `_scale_inv` (block FP8) or `_scale`
+        (per channel or tensor: compressed-tensors, fbgemm)."""
+        if name + "_scale_inv" in self._where:
+            return name + "_scale_inv"
+        f = self._where[name]
+        if name + "_scale" in self._where and f.get_slice(name).get_dtype() in _FLOAT8:
+            return name + "_scale"
+        return None
 
     def _raw(self, name: str) -> np.ndarray:
         """The tensor as stored (its own dtype; float8 through ml_dtypes)."""
