@@ -40,7 +40,7 @@ def _deepseek_v3():
 def _fp8(w: torch.Tensor, block: list[int] | str | None) -> tuple[torch.Tensor, torch.Tensor]:
     """(float8_e4m3fn weight, float32 scale per block, per row ("channel") or per tensor):
     each block's largest magnitude at float8's 448."""
-    if block == "channel":
+    if block in ("channel", "fbgemm"):
         s = w.abs().amax(dim=1, keepdim=True) / 448.0
         return (w / s).to(torch.float8_e4m3fn), s
     if block is None:
@@ -68,7 +68,7 @@ def _fp8_checkpoint(m, path, block):
                 and "norm" not in name and not name.endswith("mlp.gate.weight")):
             q, s = _fp8(w.float(), block)
             tensors[name] = q
-            if block == "channel":  # compressed-tensors' and fbgemm's name and meaning
+            if block in ("channel", "fbgemm"):  # compressed-tensors' and fbgemm's name
                 tensors[name + "_scale"], decoded[name] = s, q.float() * s
             else:
                 tensors[name + "_scale_inv"] = s
@@ -81,6 +81,8 @@ def _fp8_checkpoint(m, path, block):
          "config_groups": {"group_0": {"targets": ["Linear"], "weights": {
              "num_bits": 8, "type": "float", "strategy": "channel"}}}}
         if block == "channel" else
+        {"quant_method": "fbgemm_fp8", "activation_scale_ub": 1200.0}
+        if block == "fbgemm" else
         {"quant_method": "fp8", "activation_scheme": "dynamic",
          **({"weight_block_size": block} if block else {})})
     (path / "fp8" / "config.json").write_text(json.dumps(config))
@@ -91,10 +93,10 @@ def _fp8_checkpoint(m, path, block):
 
 
 @pytest.mark.parametrize("kind,block", [("llama", BLOCK), ("llama", None), ("llama", "channel"),
-                                        ("deepseek_v3", BLOCK)])
+                                        ("llama", "fbgemm"), ("deepseek_v3", BLOCK)])
 def test_fp8_checkpoint_matches_transformers(tmp_path, kind, block):
     """Block FP8 (ragged blocks at the edges of 80- and 96-wide matrices), per-tensor and
-    per-channel (compressed-tensors) FP8: each weight equal to its dequantization
+    per-channel (compressed-tensors, fbgemm) FP8: each weight equal to its dequantization
     (transformers' own for blocks), logits within 1e-4 of transformers' model on those
     weights; DeepSeek V3's experts, latent projections and dense layers included."""
     ref, decoded = _fp8_checkpoint(_llama() if kind == "llama" else _deepseek_v3(), tmp_path,
