@@ -299,6 +299,18 @@ class ModelConfig:
                 else ("layers", n - self.dense_layers))
 
     @property
+    def shared_input_norm(self) -> bool:
+        """Whether attention and the MLP read one normed input (a parallel block without
+        GPT-NeoX's second norm): the layers then have no mlp_norm."""
+        return self.parallel_block and not self.parallel_mlp_norm
+
+    @property
+    def attn_out_bias(self) -> bool:
+        """Whether the attention output has a bias (bo): with every linear bias, or alone
+        (Phi-3.5-MoE)."""
+        return self.linear_bias or self.o_bias
+
+    @property
     def value_dim(self) -> int:
         """Head dim of the value cache: 0 with latent attention (values are the keys' latent
         part, so nothing is stored twice)."""

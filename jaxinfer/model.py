@@ -181,7 +181,7 @@ def _block(cfg: ModelConfig, impl: str, adapter_B: jax.Array | None, experts: bo
         if cfg.kv_lora_rank:  # each head's latent output lifted to its values
             o = dot(o[..., :cfg.kv_lora_rank], w["w_uv"], "BTNR,NRH->BTNH")
         o = dot(o, w["wo"], "BTNH,NHD->BTD")
-        o = o + w["bo"] if cfg.linear_bias or cfg.o_bias else o
+        o = o + w["bo"] if cfg.attn_out_bias else o
         o = norm(cfg, o, w["post_attn_norm"]) if cfg.post_norms else o
         o = o * cfg.residual_multiplier if cfg.residual_multiplier != 1.0 else o
     with jax.named_scope("mlp"):

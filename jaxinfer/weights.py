@@ -189,11 +189,11 @@ def _layer_specs(cfg: ModelConfig, L: int, experts: bool, A: Callable, one: str)
         layers["k_norm"] = A((L, H), ("layers", "head_dim"), one)
     if not cfg.pre_norms:  # OLMo 2: norms after attention and the MLP only
         del layers["attn_norm"], layers["mlp_norm"]
-    if cfg.parallel_block and not cfg.parallel_mlp_norm:  # attention and the MLP share
-        del layers["mlp_norm"]  # the one input norm (GPT-NeoX: each has its own)
+    if cfg.shared_input_norm:  # attention and the MLP share the one input norm
+        del layers["mlp_norm"]
     if not cfg.mlp_gated:  # StarCoder2, Phi-2: up, activation, down
         del layers["w_gate"]
-    if cfg.linear_bias or cfg.o_bias:
+    if cfg.attn_out_bias:
         layers["bo"] = A((L, D), ("layers", "norm"), "zeros")
     if cfg.linear_bias:
         if not experts:

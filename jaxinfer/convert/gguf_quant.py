@@ -103,7 +103,7 @@ def norms(cfg: ModelConfig, get: Callable[..., np.ndarray]) -> dict[str, np.ndar
     parallel block; with their biases for StableLM), and Gemma 2/3's norms of the
     attention and MLP outputs."""
     names = {"attn_norm": "attn_norm", "mlp_norm": "ffn_norm"} if cfg.pre_norms else {}
-    if cfg.parallel_block and not cfg.parallel_mlp_norm:  # (GPT-NeoX: each block its own)
+    if cfg.shared_input_norm:
         del names["mlp_norm"]
     if cfg.post_norms:
         names.update(post_attn_norm="post_attention_norm", post_mlp_norm="post_ffw_norm")

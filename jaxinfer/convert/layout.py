@@ -23,6 +23,12 @@ def to_rotate_half(w: np.ndarray, heads: int, rotated: int | None = None) -> np.
     return np.concatenate([rot.reshape(heads, R, *w.shape[1:]), x[:, R:]], 1).reshape(w.shape)
 
 
+def neox_qkv_split(m: np.ndarray, heads: int) -> np.ndarray:
+    """GPT-NeoX's fused q/k/v rows, per head [N, 3, H, ...], regrouped to [3, N, H, ...]
+    (q, then k, then v: Phi-3's fused layout); weights, biases and LoRA's B alike."""
+    return m.reshape(heads, 3, -1, *m.shape[1:]).swapaxes(0, 1).reshape(m.shape)
+
+
 def rope_tail_to_half(w: np.ndarray, heads: int, lead: int) -> np.ndarray:
     """`to_rotate_half` of each head's dims after its first `lead` (DeepSeek's latent
     attention: a head's RoPE dims come last, interleaved)."""

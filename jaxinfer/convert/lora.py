@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from jaxinfer.config import ModelConfig
-from jaxinfer.convert.layout import to_rotate_half
+from jaxinfer.convert.layout import neox_qkv_split, to_rotate_half
 from jaxinfer.convert.safetensors import FUSED, fused_rows, hf_linears, hf_shape
 from jaxinfer.errors import ConversionError
 from jaxinfer.lora import LoraStack, replace_adapter
@@ -94,7 +94,7 @@ def read_lora(path: str | Path, cfg: ModelConfig) -> dict[str, LoraFactors]:
             del pairs[layer, module]
             b = ab["B"]
             if module == _NEOX_QKV:  # its rows per head [N, 3, H] -> Phi-3's [3, N, H]
-                b = b.reshape(cfg.num_heads, 3, -1, b.shape[-1]).swapaxes(0, 1).reshape(b.shape)
+                b = neox_qkv_split(b, cfg.num_heads)
                 module = FUSED["self_attn.q_proj"][0]
             for part, (whole, at) in FUSED.items():
                 if whole == module:

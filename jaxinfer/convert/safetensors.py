@@ -27,7 +27,7 @@ from jaxinfer.config import (
     ModelConfig,
 )
 from jaxinfer.convert import hf_quant
-from jaxinfer.convert.layout import rope_tail_to_half, to_rotate_half
+from jaxinfer.convert.layout import neox_qkv_split, rope_tail_to_half, to_rotate_half
 from jaxinfer.convert.stacks import quantize_embeddings, results, stacks
 from jaxinfer.errors import ConfigError, ConversionError
 from jaxinfer.quant import QuantConfig
@@ -89,7 +89,7 @@ def load_hf_dir(path: str | Path, progress: Progress | None = None,
         raise ConversionError(f"{path / 'config.json'}: {e}") from e
     for extra in ("self_attn.o_proj.bias", "mlp.down_proj.bias"):
         if f"{reader.prefix}layers.0.{extra}" in reader and not (
-                cfg.linear_bias or cfg.o_bias and extra.startswith("self_attn")):
+                cfg.linear_bias or cfg.attn_out_bias and extra.startswith("self_attn")):
             raise ConversionError(f"{path}: unsupported tensor {reader.prefix}layers.0.{extra}")
     eos = list(cfg.eos_token_ids)
     gen_eos = _read_json(path / "generation_config.json").get("eos_token_id")
@@ -149,7 +149,7 @@ class _Reader:
             files = sorted(p.name for p in path.glob("*.safetensors"))
         if not files:
             raise ConversionError(f"no safetensors weights in {path}")
-        self.path, self._where, self._files = path, {}, {}
+        self.path, self._where, self._files, self._headers = path, {}, {}, {}
         self._last: tuple[str | None, np.ndarray | None] = (None, None)
         self._open = []
         for name in files:
@@ -184,7 +184,7 @@ class _Reader:
             if self._last[0] != whole:  # read once for its two or three parts
                 a = self.get(whole, (-1, *shape[1:]))
                 if self.kind == "gpt_neox":  # [N, 3, H] rows -> [3, N, H]
-                    a = a.reshape(self.heads, 3, -1, *shape[1:]).swapaxes(0, 1).reshape(a.shape)
+                    a = neox_qkv_split(a, self.heads)
                 self._last = (whole, a)
             return self._last[1][fused_rows(at, shape[0], len(self._last[1]))]
         if name not in self._where and name + "_blocks" in self._where:  # MXFP4 (gpt-oss)
@@ -240,10 +240,13 @@ class _Reader:
 
         file = self._files[id(f)]
         with open(file, "rb") as fh:
-            n = int.from_bytes(fh.read(8), "little")
-            meta = json.loads(fh.read(n))[name]
+            if file not in self._headers:  # parsed once per file
+                n = int.from_bytes(fh.read(8), "little")
+                self._headers[file] = (8 + n, json.loads(fh.read(n)))
+            start, header = self._headers[file]
+            meta = header[name]
             begin, end = meta["data_offsets"]
-            fh.seek(8 + n + begin)
+            fh.seek(start + begin)
             data = np.frombuffer(fh.read(end - begin), np.uint8)
         return data.view(getattr(ml_dtypes, _FLOAT8[meta["dtype"]])).reshape(meta["shape"])
 
@@ -353,8 +356,8 @@ def _weights(cfg: ModelConfig, r: _Reader, progress: Progress | None,
     # Gemma 2/3 sandwich each block: their post_attention_layernorm is the attention output's
     # norm and pre_feedforward_layernorm the MLP's input norm (Llama's post_attention one).
     norms = {"attn_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm"}
-    if cfg.parallel_block and not cfg.parallel_mlp_norm:  # Cohere, StableLM 2 12B: one norm
-        norms = {"attn_norm": "input_layernorm"}  # before both (GPT-NeoX: one each)
+    if cfg.shared_input_norm:  # Cohere, StableLM 2 12B: one norm before both
+        norms = {"attn_norm": "input_layernorm"}
         del shapes["mlp_norm"]
     if cfg.post_norms:
         norms = {"attn_norm": "input_layernorm", "post_attn_norm": "post_attention_layernorm",
@@ -385,7 +388,7 @@ def _weights(cfg: ModelConfig, r: _Reader, progress: Progress | None,
     if cfg.norm_bias:  # StableLM's, StarCoder2's and Phi-2's LayerNorms
         shapes.update({key + "_bias": (D,) for key in norms})
     biases = ({"wo": "bo", "w_up": "b_up", "w_down": "b_down"} if cfg.linear_bias
-              else {"wo": "bo"} if cfg.o_bias else {})
+              else {"wo": "bo"} if cfg.attn_out_bias else {})
     biases = {k: b for k, b in biases.items() if k in shapes}  # (experts: wo's only)
     shapes.update({b: shapes[key][-1:] for key, b in biases.items()})
     # Dense layers of a mixture of experts (DeepSeek's leading ones, Maverick's in between):
