@@ -121,6 +121,20 @@ def test_fp8_scales_that_do_not_fit_are_refused(tmp_path):
         load_hf_dir(tmp_path / "fp8")
 
 
+def test_a_model_transformers_dequantized_from_gguf_loads(tmp_path):
+    """transformers keeps `quant_method: gguf` in the config of a model it read from a GGUF
+    file, whose saved weights are float: read as such."""
+    m = _llama()
+    m.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "gguf"}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    cfg, w = load_hf_dir(tmp_path)
+    toks = tokens(12)
+    np.testing.assert_allclose(ours(cfg, jax.tree.map(jnp.asarray, w), toks), hf_logits(m, toks),
+                               atol=1e-4, rtol=0)
+
+
 @pytest.mark.parametrize("method", ["gptq", "awq", "bitsandbytes", "compressed-tensors"])
 def test_other_quantization_methods_are_refused_by_name(tmp_path, method):
     """Integer formats stop with the method (compressed-tensors: its format) named, rather

@@ -52,8 +52,9 @@ _PREFIXES = ("model.", "language_model.model.", "model.language_model.")
 Progress = Callable[[int, int], None]
 # safetensors' float8 dtypes -> ml_dtypes' names (block-FP8 weights and E8M0 scales)
 _FLOAT8 = {"F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "F8_E8M0": "float8_e8m0fnu"}
-# quantization_config.quant_method values read (decoded to float as they are read)
-_QUANT_METHODS = ("fp8", "fbgemm_fp8", "compressed-tensors", "mxfp4")
+# quantization_config.quant_method values read: decoded to float as they are read, or
+# (gguf: a model transformers dequantized from a GGUF file and saved) float already
+_QUANT_METHODS = ("fp8", "fbgemm_fp8", "compressed-tensors", "mxfp4", "gguf")
 
 
 def load_hf_dir(path: str | Path, progress: Progress | None = None,
