@@ -83,6 +83,12 @@ def check_each_matters(m, cfg, w, offs, toks: np.ndarray) -> None:
         assert np.abs(got - ref).max() > 1e-2, off
 
 
+def without_layer_weights(*names):
+    """A weight transform for check_each_matters: the layers' `names` dropped (their switch
+    turned off reads none)."""
+    return lambda w: dict(w, layers={k: v for k, v in w["layers"].items() if k not in names})
+
+
 def check_orbax_round_trip(m, cfg, w, toks: np.ndarray, tmp_path) -> None:
     """Saved as an Orbax checkpoint and loaded back, the config is equal and the logits
     still match the HF model's within 1e-4."""

@@ -36,6 +36,7 @@ from .hf_checkpoints import (  # noqa: E402
     saved_and_loaded,
     sharpened,
     tokens,
+    without_layer_weights,
 )
 
 ORIG = 16
@@ -134,9 +135,6 @@ def test_logits_through_the_pallas_kernel(ds):
 def test_every_difference_matters(v3):
     _, m, cfg, w = v3
 
-    def no_choice_bias(w):
-        return dict(w, layers={k: v for k, v in w["layers"].items() if k != "router_choice_b"})
-
     def interleaved(w):  # the RoPE dims as the checkpoint orders them, not reordered
         def back(a, lead):  # [..., lead + R] -> each head's RoPE tail re-interleaved
             R = a.shape[-1] - lead
@@ -147,7 +145,8 @@ def test_every_difference_matters(v3):
         return dict(w, layers=layers)
 
     offs = [dict(router_sigmoid=False), dict(router_groups=None),
-            dict(router_group_top2=False), (dict(router_choice_bias=False), no_choice_bias),
+            dict(router_group_top2=False), (dict(router_choice_bias=False),
+                                           without_layer_weights("router_choice_b")),
             dict(routed_scale=1.0), dict(norm_topk=False), dict(query_scale=20 ** -0.5),
             dict(rope_attention_factor=1.2), ({}, interleaved)]
     check_each_matters(m, cfg, w, offs, tokens(40))

@@ -29,6 +29,7 @@ from .hf_checkpoints import (  # noqa: E402
     saved_and_loaded,
     sharpened,
     tokens,
+    without_layer_weights,
 )
 
 ORIG = 16
@@ -98,13 +99,10 @@ def test_sinks_through_the_chunked_decode_loop():
 def test_every_difference_matters(oss):
     _, m, cfg, w = oss
 
-    def no(*names):
-        return lambda w: dict(w, layers={k: v for k, v in w["layers"].items()
-                                         if k not in names})
-
     offs = [dict(attn_sinks=False), dict(router_bias=False), dict(swiglu_limit=None),
             dict(sliding_window=None), dict(rope_yarn=None),
-            (dict(linear_bias=False), no("bo", "moe_b_gate", "moe_b_up", "moe_b_down"))]
+            (dict(linear_bias=False), without_layer_weights("bo", "moe_b_gate", "moe_b_up",
+                                                            "moe_b_down"))]
     check_each_matters(m, cfg, w, offs, tokens(40))
 
 

@@ -39,6 +39,7 @@ from .hf_checkpoints import (  # noqa: E402
     saved_and_loaded,
     sharpened,
     tokens,
+    without_layer_weights,
 )
 
 COMMON = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
@@ -145,15 +146,9 @@ def _without_final_norm_bias(w):
     return dict(w, final_norm_bias=jnp.zeros_like(w["final_norm_bias"]))
 
 
-def _attention_norm_for_mlp(w):
-    """GPT-NeoX's parallel MLP reading attention's norm instead of its own."""
-    return dict(w, layers={k: v for k, v in w["layers"].items()
-                           if k not in ("mlp_norm", "mlp_norm_bias")})
-
-
-def _without_biases(w):
-    return dict(w, layers={k: v for k, v in w["layers"].items()
-                           if k not in ("bo", "b_up", "b_down")})
+# GPT-NeoX's parallel MLP reading attention's norm instead of its own; no linear biases
+_attention_norm_for_mlp = without_layer_weights("mlp_norm", "mlp_norm_bias")
+_without_biases = without_layer_weights("bo", "b_up", "b_down")
 
 
 _OFF = {"cohere": [(dict(layer_norm=False), None), (dict(logits_scaling=1.0), None),

@@ -28,6 +28,7 @@ from .hf_checkpoints import (  # noqa: E402
     saved_and_loaded,
     sharpened,
     tokens,
+    without_layer_weights,
 )
 
 # transformers' PhiMoE (5.x) rotates by the short factors at any length, where the model's own
@@ -106,12 +107,9 @@ def test_every_difference_matters(phimoe):
     routing in the sparsemixer's place."""
     _, m, cfg, w = phimoe
 
-    def no(*names):
-        return lambda w: dict(w, layers={k: v for k, v in w["layers"].items()
-                                         if k not in names})
-
     offs = [dict(router_sparsemixer=None), dict(rope_attention_factor=1.0),
-            dict(sliding_window=None), dict(layer_norm=False), (dict(o_bias=False), no("bo")),
+            dict(sliding_window=None), dict(layer_norm=False),
+            (dict(o_bias=False), without_layer_weights("bo")),
             (dict(lm_head_bias=False), lambda w: {k: v for k, v in w.items()
                                                   if k != "lm_head_bias"})]
     check_each_matters(m, cfg, w, offs, tokens(40))
