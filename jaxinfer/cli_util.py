@@ -12,7 +12,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from absl import app
+from absl import app, flags
 
 from jaxinfer.errors import JaxinferError
 
@@ -26,7 +26,16 @@ def run_main(main: Callable[[list[str]], Any]) -> None:
         except JaxinferError as e:
             _exit_with_error(" ".join(str(e).split()) or type(e).__name__)
 
-    app.run(guarded)
+    app.run(guarded, flags_parser=_parse_flags)
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+    """absl's parse, but a bad flag (unknown, or a value of the wrong type) is the same
+    one `error:` line and exit 2 as any other bad input, not absl's FATAL and exit 1."""
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        _exit_with_error(" ".join(str(e).split()))
 
 
 def _exit_with_error(msg: str) -> None:

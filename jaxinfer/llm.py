@@ -139,6 +139,8 @@ def _check_sampling(sampling: list[SamplingParams], max_new: list[int],
     check_vocab(sampling, vocab_size)
     sampling[0].stops(stop)
     for p, m in zip(sampling, max_new, strict=True):
+        if m <= 0:
+            raise BadRequestError(f"max_new_tokens must be positive, got {m}", "max_new_tokens")
         p.check_lengths(m)
 
 

@@ -176,7 +176,7 @@ class Grammars:
         err = LLMatcher.validate_grammar(grammar, tok)
         if err:
             raise BadRequestError(f"bad constraint {constraint.to_json()}: "
-                                  f"{err.strip().splitlines()[-1]}", "constraint")
+                                  f"{_grammar_error(err)}", "constraint")
         m = LLMatcher(tok, grammar, log_level=0)
         if m.is_error():
             raise BadRequestError(f"bad constraint {constraint.to_json()}: {m.get_error()}",
@@ -234,3 +234,12 @@ def apply_bitmask(logits_BV: jax.Array, mask_BW: jax.Array) -> jax.Array:
     bits = (mask_BW[:, :, None] >> jnp.arange(32, dtype=jnp.int32)) & 1
     allowed_BV = bits.reshape(mask_BW.shape[0], -1)[:, :V].astype(bool)
     return jnp.where(allowed_BV, logits_BV, -jnp.inf)
+
+
+def _grammar_error(report: str) -> str:
+    """llguidance's multi-line report in one line: its first line and its `error:` lines
+    (the rest are source excerpts and caret markers)."""
+    lines = [ln.strip() for ln in report.strip().splitlines() if ln.strip()]
+    keep = [ln.rstrip(":") for ln in lines[:1]] + [
+        ln.removeprefix("error: ") for ln in lines[1:] if ln.startswith("error:")]
+    return "; ".join(keep) or report.strip()

@@ -65,6 +65,9 @@ def test_structured_output_and_stop_flags(smollm2_checkpoint):
 @pytest.mark.parametrize("args,needle", [
     (["--prompt", ""], "prompt"),
     (["--prompt", "hi", "--max_new_tokens", "0"], "max_new_tokens"),
+    (["--prompt", "hi", "--max_new_tokens", "-3"], "max_new_tokens must be positive, got -3"),
+    (["--prompt", "hi", "--temperature", "abc"], "--temperature=abc"),
+    (["--prompt", "hi", "--no_such_flag", "1"], "no_such_flag"),
     (["--prompt", "hi", "--temperature", "-1"], "temperature"),
     (["--prompt", "hi", "--top_p", "0"], "top_p"),
     (["--prompt", "hi", "--top_p", "1.5"], "top_p"),
@@ -74,7 +77,7 @@ def test_structured_output_and_stop_flags(smollm2_checkpoint):
     (["--prompt", "hi", "--logprobs", "2"], "--logprobs=2"),
     (["--prompt", "hi", "--prompt_logprobs", "2"], "--prompt_logprobs=2"),
     (["--prompt", "hi", "--logprobs", "21", "--output_format", "json"], "logprobs"),
-    (["--prompt", "hi", "--guided_regex", "(oops"], "bad constraint"),
+    (["--prompt", "hi", "--guided_regex", "(oops"], "unclosed group"),
     (["--prompt", "hi", "--guided_json", "{nope"], "--guided_json"),
     (["--prompt", "hi", "--guided_regex", "a", "--guided_choice", "b"], "one structured"),
     (["--prompt", "hi", "--stop_token_ids", "x"], "--stop_token_ids"),
