@@ -20,6 +20,7 @@ device is busy. Bad requests get 400 with OpenAI's error body; a full queue gets
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
 import threading
@@ -517,6 +518,22 @@ async def _sse(reqs: list[Request], rid: str, model: str, chat: bool, include_us
 
 
 # ---- running ---------------------------------------------------------------------------------
+def bind(host: str, port: int) -> socket.socket:
+    """A socket bound to host:port for uvicorn to listen on. `serve` binds before it loads
+    the model, so a taken port or a bad address is a ConfigError in a second, not a
+    uvicorn exit after minutes of loading and warm-up."""
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"port must be in [0, 65535], got {port}")
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except OSError as e:
+        raise ConfigError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    return sock
+
+
 class BackgroundServer:
     """uvicorn in a daemon thread on an already-bound socket (port 0: any free port).
 
@@ -525,9 +542,7 @@ class BackgroundServer:
 
     def __init__(self, app: FastAPI, host: str = "127.0.0.1", port: int = 0,
                  log_level: str = "warning"):
-        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._sock.bind((host, port))
+        self._sock = bind(host, port)
         self.host, self.port = self._sock.getsockname()[:2]
         self.url = f"http://{self.host}:{self.port}"
         self._server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, lifespan="off",
@@ -572,25 +587,28 @@ def serve(checkpoint: str | None = None, host: str = "127.0.0.1", port: int = 80
     if allow_runtime_lora_updating and not (config and config.max_loras):
         raise ConfigError("--allow_runtime_lora_updating needs room for adapters: set "
                           "--max_loras")
-    llm = LLM.load(checkpoint, dtype=dtype, **load_kw)
-    engine = Engine.from_llm(llm, config, draft, num_speculative_tokens, ngram_size)
-    if not engine.is_leader:  # multi-process: process 0 serves HTTP, this one follows it
-        print(f"process {jax.process_index()}: following process 0's engine", flush=True)
-        with engine:
-            engine.join()
-        return
-    if warmup:
-        t0 = time.perf_counter()
-        n = engine.warmup()
-        print(f"warm-up: {n} compilations in {time.perf_counter() - t0:.1f} s "
-              f"({len(engine.prompt_buckets())} prompt buckets)", flush=True)
-    name = model_name or llm.cfg.name
-    try:
-        uvicorn.run(create_app(engine, name, max_stored_responses, tool_call_parser,
-                               reasoning_parser, allow_runtime_lora_updating),
-                    host=host, port=port,
-                    log_level=log_level, lifespan="off", timeout_graceful_shutdown=5)
-    except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it shut down for
-        pass
-    finally:
-        engine.close()
+    sock = bind(host, port) if jax.process_index() == 0 else None  # process 0 serves HTTP
+    with contextlib.closing(sock) if sock is not None else contextlib.nullcontext():
+        llm = LLM.load(checkpoint, dtype=dtype, **load_kw)
+        engine = Engine.from_llm(llm, config, draft, num_speculative_tokens, ngram_size)
+        if not engine.is_leader:  # multi-process: process 0 serves HTTP, this one follows it
+            print(f"process {jax.process_index()}: following process 0's engine", flush=True)
+            with engine:
+                engine.join()
+            return
+        if warmup:
+            t0 = time.perf_counter()
+            n = engine.warmup()
+            print(f"warm-up: {n} compilations in {time.perf_counter() - t0:.1f} s "
+                  f"({len(engine.prompt_buckets())} prompt buckets)", flush=True)
+        name = model_name or llm.cfg.name
+        try:
+            app = create_app(engine, name, max_stored_responses, tool_call_parser,
+                             reasoning_parser, allow_runtime_lora_updating)
+            uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level,
+                                          lifespan="off", timeout_graceful_shutdown=5)
+                           ).run(sockets=[sock])
+        except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it shut down for
+            pass
+        finally:
+            engine.close()

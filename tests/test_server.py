@@ -412,3 +412,29 @@ def test_smollm2_64_openai_client_streams(smollm2_checkpoint):
         assert len({next(iter(ids)) for _, _, ids in outs}) == 64
         assert eng.metrics.prefix_hits > 0
     print(f"64 SmolLM2 streams via the OpenAI client in {dt:.1f} s")
+
+
+@pytest.mark.parametrize("port", ["taken", "-1", "70000"])
+def test_serve_script_refuses_a_port_before_loading(port, tmp_path):
+    """serve.py binds before it loads the model: a port in use or out of range is one
+    error line naming it and exit 2, with no model loaded (the checkpoint does not even
+    exist) rather than a uvicorn exit after loading and warm-up."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        p = str(held.getsockname()[1]) if port == "taken" else port
+        r = subprocess.run(
+            [sys.executable, str(Path(__file__).parents[1] / "scripts" / "serve.py"),
+             f"--port={p}", f"--checkpoint={tmp_path / 'never-read'}"],
+            capture_output=True, text=True, timeout=120,
+            env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
+    assert r.returncode == 2 and len(lines) == 1, r.stderr
+    assert lines[0].startswith("error:") and p in lines[0], lines
+    assert "never-read" not in r.stderr
