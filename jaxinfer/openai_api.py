@@ -83,6 +83,11 @@ def error_body(message: str, type_: str = "invalid_request_error", param: str | 
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(strict=True, extra="allow")
+    include_usage: bool = False
+
+
 class _Request(BaseModel):
     model_config = ConfigDict(strict=True, extra="allow")
 
@@ -100,7 +105,7 @@ class _Request(BaseModel):
     logit_bias: dict[str, int | float] | None = None
     n: int | None = None
     stream: bool = False
-    stream_options: dict[str, Any] | None = None
+    stream_options: StreamOptions | None = None
     stop_token_ids: list[int] | None = None  # extension (vLLM): end like EOS
     min_tokens: int | None = None  # extension (vLLM): no EOS/stop ids before this many
     ignore_eos: bool | None = None  # extension (vLLM): decode past EOS
@@ -156,6 +161,8 @@ class _Request(BaseModel):
             v = extra.get(name)
             if v is not None and not (name == "best_of" and v == 1) and v != []:
                 raise ApiError(400, f"{name} is not supported by this server", name)
+        if extra.get("best_of") == 1 and (self.n or 1) > 1:
+            raise ApiError(400, f"best_of=1 must be at least n={self.n}", "best_of")
 
     def num_logprobs(self) -> int | None:
         """How many alternatives each token's logprobs carry; None: no logprobs."""
@@ -240,7 +247,7 @@ class _Request(BaseModel):
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
 
     def include_usage(self) -> bool:
-        return bool((self.stream_options or {}).get("include_usage"))
+        return self.stream_options is not None and self.stream_options.include_usage
 
 
 class CompletionRequest(_Request):
@@ -370,6 +377,10 @@ def message_dicts(messages: list[ChatMessage] | None) -> list[dict[str, Any]]:
     out = []
     for i, m in enumerate(messages):
         content = m.content
+        if content is None and not (m.role == "assistant" and m.tool_calls):
+            raise ApiError(400, f"a {m.role!r} message needs content"
+                           + (" or tool_calls" if m.role == "assistant" else ""),
+                           f"messages.{i}.content")
         if isinstance(content, list):
             if any(p.type != "text" or p.text is None for p in content):
                 raise ApiError(400, "only text content parts are supported",

@@ -210,6 +210,12 @@ def test_openai_client(url, engine):
     ("completions", {"prompt": "x", "logit_bias": {"5": 200}}, "logit_bias"),
     ("completions", {"prompt": "x", "logit_bias": {"x": 1}}, "logit_bias"),
     ("completions", {"prompt": "x", "best_of": 3}, "best_of"),
+    ("completions", {"prompt": "x", "best_of": 1, "n": 2}, "best_of"),
+    ("completions", {"prompt": "x", "stream": True, "stream_options": {"include_usage": "x"}},
+     "stream_options"),
+    ("chat/completions", {"messages": [{"role": "user"}]}, "messages.0.content"),
+    ("chat/completions", {"messages": [{"role": "user", "content": "hi"},
+                                       {"role": "assistant"}]}, "messages.1.content"),
     ("chat/completions", {"messages": [{"role": "user", "content": "hi"}],
                           "functions": [{"name": "f"}]}, "functions"),  # the legacy form
     ("completions", {"prompt": "x", "max_tokens": 0}, "max_tokens"),
