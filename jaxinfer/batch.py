@@ -306,6 +306,22 @@ def _result_record(rid: Any, reqs: list[Request]) -> dict[str, Any]:
             "metrics": r.metrics.to_json()}
 
 
+def check_paths(input_path: str | Path, output_path: str | Path) -> tuple[Path, Path]:
+    """BadRequestError unless the input is a file and the output can be appended to and
+    is not the input (whose ids would all read as done: nothing would run)."""
+    input_path, output_path = Path(input_path), Path(output_path)
+    if not input_path.exists():
+        raise BadRequestError(f"input file {input_path} does not exist")
+    if not input_path.is_file():
+        raise BadRequestError(f"input {input_path} is not a file")
+    if output_path.is_dir():
+        raise BadRequestError(f"output {output_path} is a directory, not a file")
+    if output_path.exists() and output_path.samefile(input_path):
+        raise BadRequestError(f"output {output_path} is the input file: results are "
+                              "appended to the output, so it must be another file")
+    return input_path, output_path
+
+
 def run_batch(engine: Engine, input_path: str | Path, output_path: str | Path,
               defaults: dict[str, Any] | None = None, progress: bool = True,
               max_in_flight: int | None = None, model_name: str | None = None,
@@ -314,9 +330,7 @@ def run_batch(engine: Engine, input_path: str | Path, output_path: str | Path,
     """Generate for every input line not yet in the output; see the module docstring.
     `model_name` is the model OpenAI-format lines may name (default: the engine's);
     `tool_call_parser` and `reasoning_parser` read chat answers as the server does."""
-    input_path, output_path = Path(input_path), Path(output_path)
-    if not input_path.is_file():
-        raise BadRequestError(f"input file {input_path} does not exist")
+    input_path, output_path = check_paths(input_path, output_path)
     if tool_call_parser is not None and tool_call_parser not in TOOL_PARSERS:
         raise BadRequestError(f"unknown tool_call_parser {tool_call_parser!r}; known: "
                               f"{list(TOOL_PARSERS)}", "tool_call_parser")
@@ -427,8 +441,7 @@ def run_batch_job(input_path: str, output_path: str, checkpoint: str | None = No
     process 0 does the files and the other processes follow its engine."""
     from jaxinfer.llm import LLM
 
-    if not Path(input_path).is_file():  # before the model load: fail fast
-        raise BadRequestError(f"input file {input_path} does not exist")
+    check_paths(input_path, output_path)  # before the model load: fail fast
     llm = LLM.load(checkpoint, dtype=dtype, **load_kw)
     with Engine.from_llm(llm, config, draft, num_speculative_tokens, ngram_size) as engine:
         if not engine.is_leader:  # multi-process: process 0 reads and writes the files

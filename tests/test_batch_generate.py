@@ -150,6 +150,27 @@ def _script(*args, timeout=300):
                             text=True, env=env)
 
 
+@pytest.mark.parametrize("case", ["same", "dir_out", "dir_in", "missing"])
+def test_script_refuses_bad_paths_before_loading(case, tmp_path):
+    """The output being the input (its ids would all read as done, so nothing would run),
+    a directory for either, or a missing input: one error line and exit 2, before any
+    model loads (the checkpoint does not exist), with the input untouched."""
+    inp = tmp_path / "in.jsonl"
+    inp.write_text(json.dumps(GOOD[0]) + "\n")
+    before = inp.read_text()
+    src, dst, needle = {"same": (inp, inp, "is the input"),
+                        "dir_out": (inp, tmp_path, "is a directory"),
+                        "dir_in": (tmp_path, tmp_path / "o.jsonl", "is not a file"),
+                        "missing": (tmp_path / "nope.jsonl", tmp_path / "o.jsonl",
+                                    "does not exist")}[case]
+    p = _script(f"--input={src}", f"--output={dst}", f"--checkpoint={tmp_path / 'never'}")
+    _, err = p.communicate(timeout=120)
+    lines = err.strip().splitlines()
+    assert p.returncode == 2 and len(lines) == 1 and lines[0].startswith("error:"), err
+    assert needle in lines[0] and str(src if case != "dir_out" else dst) in lines[0]
+    assert inp.read_text() == before
+
+
 @pytest.mark.slow
 def test_script_kill_and_resume_smollm2(smollm2_checkpoint, tmp_path):
     inp, out = tmp_path / "prompts.jsonl", tmp_path / "results.jsonl"
