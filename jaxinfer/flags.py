@@ -29,7 +29,8 @@ QUANTIZE = flags.DEFINE_enum("quantize", None, ["int8", "int4"],
                              "Quantize a float checkpoint's weights on load (a quantized "
                              "checkpoint loads quantized without it).")
 GROUP_SIZE = flags.DEFINE_integer("group_size", None, "int4 quantization group size "
-                                  "(default 32; int8 is per output channel).")
+                                  "(default 32; int8 is per output channel).",
+                                  lower_bound=1)
 KV_CACHE_DTYPE = flags.DEFINE_enum("kv_cache_dtype", None, ["float32", "bfloat16", "int8"],
                                    "KV cache dtype (default: the compute dtype); int8 keeps "
                                    "a scale per token and head.")

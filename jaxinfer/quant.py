@@ -101,7 +101,8 @@ class QuantConfig:
         e = QuantSpec(8) if embed else None
         if mode == "int8":
             return cls(QuantSpec(8, group_size, offsets), e)
-        return cls(QuantSpec(4, group_size or DEFAULT_GROUP_SIZE, offsets), e)
+        return cls(QuantSpec(4, DEFAULT_GROUP_SIZE if group_size is None else group_size,
+                             offsets), e)
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

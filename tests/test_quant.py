@@ -106,6 +106,9 @@ def test_quant_config_json_and_errors():
         assert QuantConfig.from_json(json.loads(json.dumps(qc.to_json()))) == qc
     with pytest.raises(ConfigError, match="int3"):
         QuantConfig.from_mode("int3")
+    for mode in ("int4", "int8"):  # 0 is not "the default group size"
+        with pytest.raises(ConfigError, match="group_size must be positive, got 0"):
+            QuantConfig.from_mode(mode, group_size=0)
     with pytest.raises(ConfigError, match="group_size 32"):
         weight_specs(TINY, quant=QuantConfig.from_mode("int4", group_size=32))
     with pytest.raises(ConfigError, match="already quantized"):

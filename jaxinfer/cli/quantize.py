@@ -20,7 +20,8 @@ _OUTPUT = flags.DEFINE_string("output", None, "Checkpoint directory to create.",
 _MODE = flags.DEFINE_enum("mode", "int8", ["int8", "int4"],
                           "int8: per output channel; int4: group-wise scales.")
 _GROUP_SIZE = flags.DEFINE_integer("group_size", None, "Group size along the input axis "
-                                   "(int4 default 32; int8 default: per channel).")
+                                   "(int4 default 32; int8 default: per channel).",
+                                   lower_bound=1)
 _SYMMETRIC = flags.DEFINE_bool("symmetric", False, "int4 groups without offsets (Q4_0 "
                                "style; default: an offset per group, Q4_1 style).")
 _EMBED = flags.DEFINE_bool("embed", True, "Also quantize the embedding / lm_head (int8).")
