@@ -82,6 +82,7 @@ from jaxinfer.sampling import (
     check_vocab,
     host_logprobs,
     recent_tokens,
+    token_ids,
 )
 from jaxinfer.sharding import mesh_context
 from jaxinfer.structured import Constraint, Grammars
@@ -452,12 +453,7 @@ class Engine:
             return self.tokenizer.encode(prompt)
         if prompt is None:
             raise BadRequestError("need a prompt or messages", "prompt")
-        ids = [int(t) for t in prompt]
-        bad = [t for t in ids if not 0 <= t < self.cfg.vocab_size]
-        if bad:
-            raise BadRequestError(f"prompt token id {bad[0]} is outside the vocabulary "
-                                  f"of {self.cfg.vocab_size}", "prompt")
-        return ids
+        return token_ids(prompt, self.cfg.vocab_size)
 
     def submit(self, prompt: str | Sequence[int] | None = None, *,
                messages: list[dict[str, Any]] | None = None,

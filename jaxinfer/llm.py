@@ -43,6 +43,7 @@ from jaxinfer.sampling import (
     TokenLogprob,
     check_vocab,
     host_logprobs,
+    token_ids,
 )
 from jaxinfer.sharding import ShardingRules, make_mesh, mesh_context
 from jaxinfer.structured import Constraint, Grammars
@@ -139,8 +140,9 @@ def _check_sampling(sampling: list[SamplingParams], max_new: list[int],
     check_vocab(sampling, vocab_size)
     sampling[0].stops(stop)
     for p, m in zip(sampling, max_new, strict=True):
-        if m <= 0:
-            raise BadRequestError(f"max_new_tokens must be positive, got {m}", "max_new_tokens")
+        if isinstance(m, bool) or not isinstance(m, int | np.integer) or m <= 0:
+            raise BadRequestError(f"max_new_tokens must be a positive integer, got {m!r}",
+                                  "max_new_tokens")
         p.check_lengths(m)
 
 
@@ -352,7 +354,7 @@ class LLM:
     # ---- prompts -----------------------------------------------------------------
     def encode(self, prompt: str | Sequence[int], chat: bool = False) -> list[int]:
         if not isinstance(prompt, str):
-            return [int(t) for t in prompt]
+            return token_ids(prompt, self.cfg.vocab_size)
         if not prompt:
             raise BadRequestError("prompt is empty")
         if chat:
@@ -461,8 +463,11 @@ class LLM:
         With `SamplingParams(n=k)` a prompt gets k completions (vLLM's n), returned as a
         list in its place.
         """
+        if not isinstance(prompts, str | Sequence | np.ndarray):
+            raise BadRequestError(f"prompts must be a string, a list of token ids or a list "
+                                  f"of those, got {prompts!r}", "prompt")
         single = isinstance(prompts, str) or (
-            isinstance(prompts, Sequence) and prompts and isinstance(prompts[0], int))
+            len(prompts) > 0 and isinstance(prompts[0], int | np.integer))
         batch = [prompts] if single else list(prompts)
         if not batch:
             raise BadRequestError("no prompts given")
@@ -718,8 +723,11 @@ class LLM:
                 dimensions, int) or not 1 <= dimensions <= self.cfg.d_model):
             raise BadRequestError(f"dimensions must be an integer in [1, {self.cfg.d_model}], "
                                   f"got {dimensions!r}", "dimensions")
+        if not isinstance(prompts, str | Sequence | np.ndarray):
+            raise BadRequestError(f"prompts must be a string, a list of token ids or a list "
+                                  f"of those, got {prompts!r}", "prompt")
         single = isinstance(prompts, str) or (
-            isinstance(prompts, Sequence) and prompts and isinstance(prompts[0], int))
+            len(prompts) > 0 and isinstance(prompts[0], int | np.integer))
         batch = [self.encode(p) for p in ([prompts] if single else list(prompts))]
         if not batch or any(not p for p in batch):
             raise BadRequestError("no prompts given, or an empty one", "input")
@@ -753,8 +761,11 @@ class LLM:
         Hugging Face's `generate(num_beams=...)` find them (the same rules, so the same
         hypotheses on the same weights). One jitted loop on device; the budget and length
         penalty are traced, so new values never recompile. `adapter` as in `generate`."""
+        if not isinstance(prompts, str | Sequence | np.ndarray):
+            raise BadRequestError(f"prompts must be a string, a list of token ids or a list "
+                                  f"of those, got {prompts!r}", "prompt")
         single = isinstance(prompts, str) or (
-            isinstance(prompts, Sequence) and prompts and isinstance(prompts[0], int))
+            len(prompts) > 0 and isinstance(prompts[0], int | np.integer))
         batch = [self.encode(p, chat) for p in ([prompts] if single else list(prompts))]
         if not batch:
             raise BadRequestError("no prompts given")
@@ -789,6 +800,11 @@ class LLM:
         (OpenAI function tools) go to the template (`tool_calls.ToolCalling` gives the
         constraint and parser of a tool choice). Other keyword arguments as for
         `generate`."""
+        if (not isinstance(messages, Sequence) or isinstance(messages, str) or not messages
+                or not all(isinstance(m, dict) and isinstance(m.get("role"), str)
+                           for m in messages)):
+            raise BadRequestError("messages must be a non-empty list of {'role': ..., "
+                                  f"'content': ...}} dicts, got {messages!r}", "messages")
         prompt = self.tokenizer.apply_chat_template(
             messages, add_generation_prompt=add_generation_prompt and not continue_final_message,
             continue_final_message=continue_final_message,

@@ -273,6 +273,22 @@ def _bias_pairs(bias: Any) -> tuple[tuple[int, float], ...] | None:
     return tuple(sorted(out.items())) or None
 
 
+def token_ids(ids: Any, vocab_size: int, name: str = "prompt") -> list[int]:
+    """`ids` as a list of ints, or BadRequestError naming the first that is not an integer
+    token id of the vocabulary (an out-of-range id would otherwise be clamped by the
+    embedding gather: a silently different prompt)."""
+    if isinstance(ids, (str, bytes)) or not isinstance(ids, Sequence | np.ndarray):
+        raise BadRequestError(f"{name} must be a string or a list of token ids, got "
+                              f"{ids!r}", name)
+    for t in ids:
+        if isinstance(t, bool) or not isinstance(t, int | np.integer):
+            raise BadRequestError(f"{name} token ids must be integers, got {t!r}", name)
+        if not 0 <= t < vocab_size:
+            raise BadRequestError(f"{name} token id {t} is outside the vocabulary of "
+                                  f"{vocab_size}", name)
+    return [int(t) for t in ids]
+
+
 def check_vocab(params: Sequence[SamplingParams], vocab_size: int) -> None:
     """BadRequestError if a logit_bias, stop_token_ids or allowed_token_ids names a token
     outside the vocabulary."""
@@ -282,10 +298,7 @@ def check_vocab(params: Sequence[SamplingParams], vocab_size: int) -> None:
                           ("allowed_token_ids", p.allowed_token_ids or ()),
                           ("bad_words_token_ids",
                            [t for seq in p.bad_words_token_ids for t in seq])):
-            bad = [i for i in ids if i >= vocab_size]
-            if bad:
-                raise BadRequestError(f"{name} token id {bad[0]} is outside the vocabulary "
-                                      f"of {vocab_size}", name)
+            token_ids(list(ids), vocab_size, name)
 
 
 # A free slot's row: greedy with a fixed key, so it is the same on every process.

@@ -521,3 +521,30 @@ def test_n_completions_per_prompt():
     for bad in (0, 17, 1.5):
         with pytest.raises(BadRequestError, match="n must be an integer in"):
             SamplingParams(n=bad)
+
+
+@pytest.mark.parametrize("call,match", [
+    (lambda m: m.generate(123), "prompts must be"),
+    (lambda m: m.generate(None), "prompts must be"),
+    (lambda m: m.generate([1, 2, TINY.vocab_size]), f"token id {TINY.vocab_size} is outside"),
+    (lambda m: m.generate([[5, -1]]), "token id -1 is outside"),
+    (lambda m: m.generate([5, 2.5]), "must be integers, got 2.5"),
+    (lambda m: m.generate([5], max_new_tokens=2.5), "positive integer, got 2.5"),
+    (lambda m: m.generate([5], max_new_tokens=-1), "positive integer, got -1"),
+    (lambda m: m.chat("hi"), "messages must be"),
+    (lambda m: m.chat([]), "messages must be"),
+])
+def test_llm_bad_input_is_a_bad_request(call, match):
+    """The library's entry points raise BadRequestError naming the bad value: a token id
+    outside the vocabulary would otherwise be clamped by the embedding gather (a silently
+    different prompt), and a wrong type would be a TypeError from deep inside."""
+    with pytest.raises(BadRequestError, match=match):
+        call(_llm())
+
+
+def test_engine_refuses_non_integer_token_ids():
+    with tiny_engine(num_slots=1) as eng:
+        for bad, match in (([5, 2.5], "integers, got 2.5"), ([5, True], "integers, got True"),
+                           ([-3], "token id -3")):
+            with pytest.raises(BadRequestError, match=match):
+                eng.submit(bad)

@@ -65,7 +65,7 @@ def test_structured_output_and_stop_flags(smollm2_checkpoint):
 @pytest.mark.parametrize("args,needle", [
     (["--prompt", ""], "prompt"),
     (["--prompt", "hi", "--max_new_tokens", "0"], "max_new_tokens"),
-    (["--prompt", "hi", "--max_new_tokens", "-3"], "max_new_tokens must be positive, got -3"),
+    (["--prompt", "hi", "--max_new_tokens", "-3"], "positive integer, got -3"),
     (["--prompt", "hi", "--temperature", "abc"], "--temperature=abc"),
     (["--prompt", "hi", "--no_such_flag", "1"], "no_such_flag"),
     (["--prompt", "hi", "--temperature", "-1"], "temperature"),
