@@ -561,3 +561,78 @@ def test_quantize_while_reading_equals_quantizing_after(tmp_path, mode, group):
     with pytest.raises(ConversionError, match="exclude"):
         load_gguf(tmp_path / "tiny.gguf", quantized=True, quant=qc)
 
+
+
+def _peak_bytes(fn, *args):
+    """fn(*args) and the peak of numpy's (traced) host allocations while it ran."""
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        out = fn(*args)
+        return out, tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_float_conversion_storage_and_save_memory(tmp_path):
+    """A float conversion holds its weights as `Storage` says: in the checkpoint's dtype
+    (a bfloat16 conversion never holds the model in float32), or in files under a scratch
+    directory (host allocations stay near one layer, whatever the model's size), with the
+    same values either way, from both formats."""
+    from jaxinfer.convert.stacks import Storage
+
+    cfg = TINY.replace(head_dim=32, num_layers=16, mlp_dim=256)
+    (_, gw), (_, hw) = _tiny_pair(tmp_path, cfg, "llama", Q.F16)
+    f32_bytes = sum(np.asarray(a).nbytes for a in jax.tree.leaves(hw))
+    bf16 = jnp.dtype("bfloat16")
+    (tmp_path / "scratch").mkdir()
+    for load, want in ((lambda s: load_hf_dir(tmp_path / "hf", storage=s), hw),
+                       (lambda s: load_gguf(tmp_path / "tiny.gguf", storage=s), gw)):
+        _, f32_peak = _peak_bytes(load, Storage())
+        assert f32_peak >= f32_bytes  # in float32 in memory: the whole model
+        (_, got), peak = _peak_bytes(load, Storage(bf16))
+        assert peak < 0.75 * f32_bytes, (peak, f32_bytes)
+        _assert_same(got, jax.tree.map(lambda a: np.asarray(a).astype(bf16), want))
+        (_, got), peak = _peak_bytes(load, Storage(np.float32, tmp_path / "scratch"))
+        assert peak < 0.3 * f32_bytes, (peak, f32_bytes)
+        assert isinstance(got["layers"]["wq"], np.memmap)
+        assert Path(got["layers"]["wq"].filename).parent == tmp_path / "scratch"
+        _assert_same(got, want)
+
+
+def test_saving_a_host_tree_does_not_copy_it(tmp_path):
+    """Orbax deep-copies every host array it saves by default, which doubled a
+    conversion's peak host memory; save_checkpoint writes a numpy tree as it is (the
+    same bytes on disk: it restores equal)."""
+    import orbax.checkpoint as ocp
+
+    from jaxinfer.checkpoint import save_checkpoint
+
+    from .helpers import tiny_weights
+
+    cfg = TINY.replace(d_model=256, mlp_dim=1024, num_layers=8)
+    w = jax.tree.map(np.asarray, tiny_weights(cfg))
+    nbytes = sum(a.nbytes for a in jax.tree.leaves(w))
+    _, default_peak = _peak_bytes(lambda: ocp.PyTreeCheckpointer().save(tmp_path / "o", w))
+    _, peak = _peak_bytes(lambda: save_checkpoint(tmp_path / "ck", cfg, w))
+    assert default_peak > nbytes and peak < default_peak - 0.8 * nbytes, (peak, nbytes)
+    _assert_same(jax.tree.map(np.asarray, load_checkpoint(tmp_path / "ck")[1]), w)
+
+
+def test_convert_script_scratch_dir(tmp_path):
+    """--scratch_dir: the same checkpoint as converting in memory, and nothing left behind
+    in the scratch directory; a scratch path that is not a directory is a one-line error."""
+    m = _tiny_torch(TINY, qwen=False)
+    m.save_pretrained(tmp_path / "hf")
+    (tmp_path / "scratch").mkdir()
+    args = ["--input", str(tmp_path / "hf"), "--notokenizer", "--dtype", "bfloat16"]
+    for out, extra in (("mem", []), ("disk", ["--scratch_dir", str(tmp_path / "scratch")])):
+        r = _convert(*args, "--output", str(tmp_path / out), *extra)
+        assert r.returncode == 0, r.stderr
+    _assert_same(jax.tree.map(np.asarray, load_checkpoint(tmp_path / "mem")[1]),
+                 jax.tree.map(np.asarray, load_checkpoint(tmp_path / "disk")[1]))
+    assert list((tmp_path / "scratch").iterdir()) == []
+    r = _convert(*args, "--output", str(tmp_path / "x"), "--scratch_dir",
+                 str(tmp_path / "nope"))
+    assert r.returncode == 2 and "--scratch_dir" in r.stderr.strip().splitlines()[-1]

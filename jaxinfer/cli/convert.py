@@ -12,6 +12,7 @@ The tokenizer travels with the weights (from the GGUF vocabulary or the HF direc
 tokenizer files), so the checkpoint is all `generate.py --checkpoint` needs.
 """
 
+import contextlib
 import sys
 import tempfile
 import time
@@ -34,6 +35,10 @@ _SYMMETRIC = flags.DEFINE_bool("symmetric", False, "int4 groups without offsets 
 _LORA = flags.DEFINE_string("lora_adapter", None, "A PEFT LoRA adapter directory to "
                             "merge into the weights before they are stored (or quantized).")
 _TOKENIZER = flags.DEFINE_bool("tokenizer", True, "Also convert and store the tokenizer.")
+_SCRATCH = flags.DEFINE_string("scratch_dir", None, "Hold the float weights in files under "
+                               "this directory while converting instead of in host memory "
+                               "(a model larger than RAM converts; needs disk space for "
+                               "the float model).")
 
 
 def _progress(what: str):
@@ -49,8 +54,10 @@ def _progress(what: str):
 
 def main(argv):
     del argv
-    from jaxinfer.checkpoint import save_checkpoint
-    from jaxinfer.convert import load_gguf, load_hf_dir
+    import jax.numpy as jnp
+    import numpy as np
+
+    from jaxinfer.convert.stacks import Storage
     from jaxinfer.errors import ConversionError
 
     src, out = Path(_INPUT.value), Path(_OUTPUT.value)
@@ -71,11 +78,29 @@ def main(argv):
     stream = None if _LORA.value else qc
     if stream is not None:
         print(f"quantizing while reading: {qc}", file=sys.stderr, flush=True)
+    scratch = _SCRATCH.value
+    if scratch is not None and not Path(scratch).is_dir():
+        raise ConversionError(f"--scratch_dir {scratch} is not a directory")
+    with contextlib.ExitStack() as stack:
+        if scratch is not None:
+            scratch = stack.enter_context(tempfile.TemporaryDirectory(dir=scratch))
+        # Float weights held as the checkpoint stores them, unless a LoRA merge or a
+        # quantization still works on them (in float32, as without this).
+        dtype = np.float32 if _LORA.value or qc else jnp.dtype(_DTYPE.value)
+        _convert(src, out, mode, qc, stream, Storage(dtype, scratch))
+
+
+def _convert(src, out, mode, qc, stream, storage) -> None:
+    from jaxinfer.checkpoint import save_checkpoint
+    from jaxinfer.convert import load_gguf, load_hf_dir
+    from jaxinfer.errors import ConversionError
+
     if src.is_dir():
-        cfg, weights = load_hf_dir(src, progress=_progress(f"reading {src}"), quant=stream)
+        cfg, weights = load_hf_dir(src, progress=_progress(f"reading {src}"), quant=stream,
+                                   storage=storage)
     else:
         cfg, weights = load_gguf(src, progress=_progress(f"reading {src}"),
-                                 quantized=mode == "gguf", quant=stream)
+                                 quantized=mode == "gguf", quant=stream, storage=storage)
     if _LORA.value:
         from jaxinfer.convert.lora import merge_lora, read_lora
 

@@ -39,7 +39,7 @@ from jaxinfer.convert.gguf_quant import (
     shared_router,
 )
 from jaxinfer.convert.layout import to_rotate_half
-from jaxinfer.convert.stacks import quantize_embeddings, results, stacks
+from jaxinfer.convert.stacks import IN_MEMORY, Storage, quantize_embeddings, results, stacks
 from jaxinfer.errors import ConversionError
 from jaxinfer.quant import QuantConfig
 from jaxinfer.weights import check_weights, weight_specs
@@ -65,11 +65,13 @@ Progress = Callable[[int, int], None]
 
 
 def load_gguf(path: str | Path, progress: Progress | None = None, quantized: bool = False,
-              quant: QuantConfig | None = None) -> tuple[ModelConfig, dict]:
+              quant: QuantConfig | None = None, storage: Storage = IN_MEMORY
+              ) -> tuple[ModelConfig, dict]:
     """Read a GGUF file into `(config, weights)`; weights are float32 numpy arrays, or with
     `quantized` the file's Q8_0/Q4_0/Q4_1 blocks as QArrays (quant.infer_config tells how),
     or with `quant` any block type dequantized and requantized layer by layer as read
-    (so a K-quant file never needs the whole model in float).
+    (so a K-quant file never needs the whole model in float). `storage` holds the float
+    weights (stacks.Storage: the checkpoint's dtype, or files in a scratch directory).
 
     `progress(done, total)` is called after each layer, since large files take a while.
     Raises ConversionError (naming the path) on corrupt, truncated or unsupported files.
@@ -101,7 +103,8 @@ def load_gguf(path: str | Path, progress: Progress | None = None, quantized: boo
                 lambda w, heads: to_rotate_half(w, heads, cfg.rope_dim), path, progress)
         else:
             qc = quant
-            weights = quantize_embeddings(_weights(cfg, get, permuted, progress, quant), quant)
+            weights = quantize_embeddings(
+                _weights(cfg, get, permuted, progress, quant, storage), quant)
         check_weights(weight_specs(cfg, quant=qc), weights)
     except ConversionError:
         raise
@@ -426,7 +429,8 @@ def _getter(tensors: dict[str, Any], path: Path) -> Callable[[str, tuple[int, ..
 
 
 def _weights(cfg: ModelConfig, get: Callable[..., np.ndarray], permuted: bool,
-             progress: Progress | None, quant: QuantConfig | None = None) -> dict:
+             progress: Progress | None, quant: QuantConfig | None = None,
+             storage: Storage = IN_MEMORY) -> dict:
     L, D, F, N, K, H, V = (cfg.num_layers, cfg.d_model, cfg.mlp_dim, cfg.num_heads,
                            cfg.num_kv_heads, cfg.head_dim, cfg.vocab_size)
     fix = ((lambda w, heads: to_rotate_half(w, heads, cfg.rope_dim)) if permuted
@@ -442,10 +446,10 @@ def _weights(cfg: ModelConfig, get: Callable[..., np.ndarray], permuted: bool,
               "shared_down": ("ffn_down_shexp", (Fs, D))} if Fs else {}
     mlp.update({key: shape for key, (_, shape) in shared.items()})
     layers = stacks({"wq": (D, N, H), "wk": (D, K, H), "wv": (D, K, H), "wo": (N, H, D), **mlp},
-                    L, quant)
+                    L, quant, storage)
     if cfg.qkv_bias:
-        layers.update(bq=np.empty((L, N, H), np.float32), bk=np.empty((L, K, H), np.float32),
-                      bv=np.empty((L, K, H), np.float32))
+        layers.update(bq=storage.empty((L, N, H)), bk=storage.empty((L, K, H)),
+                      bv=storage.empty((L, K, H)))
     layers.update(qk_norms(cfg, get, fix if permuted else None))
     layers.update(norms(cfg, get))
     for i in range(L):
@@ -475,8 +479,8 @@ def _weights(cfg: ModelConfig, get: Callable[..., np.ndarray], permuted: bool,
             progress(i + 1, L)
     layers.update(shared_router(cfg, get))
     layers.update(layer_vectors(cfg, get))
-    weights = {"embed": get("token_embd.weight", (V, D)), "layers": results(layers),
-               **final_norm(cfg, get)}
+    weights = {"embed": storage.put(get("token_embd.weight", (V, D))),
+               "layers": results(layers), **final_norm(cfg, get)}
     if not cfg.tie_embeddings:
-        weights["lm_head"] = np.ascontiguousarray(get("output.weight", (V, D)).T)
+        weights["lm_head"] = storage.put(np.ascontiguousarray(get("output.weight", (V, D)).T))
     return weights

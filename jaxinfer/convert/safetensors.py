@@ -28,7 +28,7 @@ from jaxinfer.config import (
 )
 from jaxinfer.convert import hf_quant
 from jaxinfer.convert.layout import neox_qkv_split, rope_tail_to_half, to_rotate_half
-from jaxinfer.convert.stacks import quantize_embeddings, results, stacks
+from jaxinfer.convert.stacks import IN_MEMORY, Storage, quantize_embeddings, results, stacks
 from jaxinfer.errors import ConfigError, ConversionError
 from jaxinfer.quant import QuantConfig
 from jaxinfer.weights import check_weights, weight_specs
@@ -58,9 +58,11 @@ _QUANT_METHODS = ("fp8", "fbgemm_fp8", "compressed-tensors", "mxfp4", "gguf")
 
 
 def load_hf_dir(path: str | Path, progress: Progress | None = None,
-                quant: QuantConfig | None = None) -> tuple[ModelConfig, dict]:
-    """Read a Hugging Face model directory into `(config, weights)` (float32 numpy arrays,
-    or with `quant` QArrays quantized layer by layer as they are read: convert/stacks.py).
+                quant: QuantConfig | None = None, storage: Storage = IN_MEMORY
+                ) -> tuple[ModelConfig, dict]:
+    """Read a Hugging Face model directory into `(config, weights)` (float numpy arrays
+    held per `storage`, or with `quant` QArrays quantized layer by layer as they are read:
+    convert/stacks.py).
 
     `progress(done, total)` is called after each layer. Raises ConversionError naming the
     path when the directory, its config or its tensors are missing or unsupported.
@@ -103,7 +105,7 @@ def load_hf_dir(path: str | Path, progress: Progress | None = None,
         add_bos=bool(tok_cfg.get("add_bos_token", False)))
     try:
         weights = quantize_embeddings(_weights(cfg, reader, progress, _MOE_EXPERTS.get(kind),
-                                               quant), quant)
+                                               quant, storage), quant)
         check_weights(weight_specs(cfg, quant=quant), weights)
     except ConfigError as e:
         raise ConversionError(f"{path}: {e}") from e
@@ -335,7 +337,7 @@ def from_hf_matrix(m: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
 
 def _weights(cfg: ModelConfig, r: _Reader, progress: Progress | None,
              moe: tuple[str, str, tuple[str, str, str] | str | None] | None = None,
-             quant: QuantConfig | None = None) -> dict:
+             quant: QuantConfig | None = None, storage: Storage = IN_MEMORY) -> dict:
     L, D, F, N, K, H, V = (cfg.num_layers, cfg.d_model, cfg.mlp_dim, cfg.num_heads,
                            cfg.num_kv_heads, cfg.head_dim, cfg.vocab_size)
     E = cfg.num_experts
@@ -401,7 +403,8 @@ def _weights(cfg: ModelConfig, r: _Reader, progress: Progress | None,
     moe_only = ("router", "router_b", "router_choice_b", "shared_router", *EXPERT_KEYS, *shared)
     dense_shapes = {**{n: s for n, s in shapes.items() if n not in moe_only},
                     **{key: shape for key, shape, _ in dense_linears.values()}}
-    layers, dense = stacks(shapes, L - k, quant), stacks(dense_shapes, k, quant)
+    layers, dense = (stacks(shapes, L - k, quant, storage),
+                     stacks(dense_shapes, k, quant, storage))
     # Cohere and GLM pair RoPE dims interleaved: their q/k rows (weights, biases, norms)
     # are reordered to rotate-half
     half = ((lambda m, heads: to_rotate_half(m, heads, cfg.rope_dim)) if cfg.rope_interleaved
@@ -477,7 +480,7 @@ def _weights(cfg: ModelConfig, r: _Reader, progress: Progress | None,
             progress(n + 1, L)
     final = r.prefix + {"phi": "final_layernorm", "gpt_neox": "final_layer_norm"}.get(r.kind,
                                                                                      "norm")
-    weights = {"embed": r.get(r.embed, (V, D)), "layers": results(layers),
+    weights = {"embed": storage.put(r.get(r.embed, (V, D))), "layers": results(layers),
                "final_norm": r.get(final + ".weight", (D,))}
     if k:
         weights["dense_layers"] = results(dense)
@@ -486,7 +489,7 @@ def _weights(cfg: ModelConfig, r: _Reader, progress: Progress | None,
     if cfg.lm_head_bias:  # Phi-2
         weights["lm_head_bias"] = r.get(r.lm_head.removesuffix("weight") + "bias", (V,))
     if not cfg.tie_embeddings:
-        weights["lm_head"] = np.ascontiguousarray(r.get(r.lm_head, (V, D)).T)
+        weights["lm_head"] = storage.put(np.ascontiguousarray(r.get(r.lm_head, (V, D)).T))
     return weights
 
 

@@ -1,13 +1,17 @@
 """Stacked [L, ...] weights that the converters fill one layer (or expert) at a time.
 
-Without quantization a stack is a preallocated float32 array. With a QuantSpec each slice
-is quantized as it arrives (the same `quant.quantize` as `weights.quantize_weights`), so
+Without quantization a stack is a preallocated float array, in memory or (with a scratch
+directory) in a file mapped into memory; see `Storage`. With a QuantSpec each slice is
+quantized as it arrives (the same `quant.quantize` as `weights.quantize_weights`), so
 converting a large model with `--quantize` holds the quantized stacks plus one layer in
 float, never the whole float model (a float32 8B model alone is 32 GB).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import tempfile
+from pathlib import Path
 from typing import Any
 
 import jax.numpy as jnp
@@ -17,14 +21,46 @@ from jaxinfer.quant import QArray, QuantConfig, QuantSpec, scales_shape
 from jaxinfer.weights import LINEAR_QUANT_AXES, quantize_fn, quantize_weights
 
 
+@dataclasses.dataclass(frozen=True)
+class Storage:
+    """Where a converter keeps float weights until they are saved.
+
+    `dtype` is the checkpoint's, so a bfloat16 conversion holds 2 bytes per weight and
+    the save casts nothing. With `scratch` (a directory) each array is a file there mapped
+    into memory: the kernel pages the model out to disk as needed, so a model larger than
+    host memory converts, at the cost of disk space the size of the float model.
+    """
+
+    dtype: Any = np.float32
+    scratch: str | Path | None = None
+
+    def empty(self, shape: tuple[int, ...]) -> np.ndarray:
+        if self.scratch is None:
+            return np.empty(shape, self.dtype)
+        with tempfile.NamedTemporaryFile(dir=self.scratch, suffix=".npy", delete=False) as f:
+            return np.lib.format.open_memmap(f.name, mode="w+", dtype=self.dtype, shape=shape)
+
+    def put(self, a: np.ndarray) -> np.ndarray:
+        """`a` held as this storage holds weights (a no-op for float32 in memory)."""
+        if self.scratch is None:
+            return np.asarray(a).astype(self.dtype, copy=False)
+        out = self.empty(a.shape)
+        out[...] = a
+        return out
+
+
+IN_MEMORY = Storage()
+
+
 class Stack:
     """One stacked weight; `stack[i] = layer` or `stack[i, e] = expert` (float arrays)."""
 
     def __init__(self, shape: tuple[int, ...], spec: QuantSpec | None = None,
-                 contract: tuple[int, ...] = (), group_axis: int = -1):
+                 contract: tuple[int, ...] = (), group_axis: int = -1,
+                 storage: Storage = IN_MEMORY):
         self.spec, self.contract, self.group_axis = spec, contract, group_axis
         if spec is None:
-            self.values = np.empty(shape, np.float32)
+            self.values = storage.empty(shape)
             return
         self.values = np.empty(shape, spec.dtype)
         sshape = scales_shape(shape, contract, group_axis, spec.group_size)
@@ -52,13 +88,14 @@ class Stack:
 
 
 def stacks(shapes: dict[str, tuple[int, ...]], num_layers: int,
-           quant: QuantConfig | None = None) -> dict[str, Stack]:
-    """A Stack [L, *shape] per weight; the linear ones quantized per `quant.linear`."""
+           quant: QuantConfig | None = None, storage: Storage = IN_MEMORY) -> dict[str, Stack]:
+    """A Stack [L, *shape] per weight; the linear ones quantized per `quant.linear`, the
+    others held per `storage`."""
     spec = None if quant is None else quant.linear
     out = {}
     for name, shape in shapes.items():
         axes = LINEAR_QUANT_AXES.get(name) if spec is not None else None
-        out[name] = (Stack((num_layers, *shape)) if axes is None
+        out[name] = (Stack((num_layers, *shape), storage=storage) if axes is None
                      else Stack((num_layers, *shape), spec, *axes))
     return out
 
