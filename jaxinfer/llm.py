@@ -239,6 +239,7 @@ class LLM:
         directory}) loads adapters unmerged, for requests to pick by name (`add_adapters`).
         """
         from jaxinfer.convert import is_foreign, load_foreign
+        from jaxinfer.convert.stacks import IN_MEMORY, Storage
 
         if checkpoint is None:
             from jaxinfer import default_model
@@ -257,7 +258,9 @@ class LLM:
         rules = ShardingRules.default(fsdp=fsdp)
         if foreign:  # quantized while read, unless a LoRA adapter merges into floats first
             stored = qc if lora is None else None
-            cfg, host = load_foreign(checkpoint, stored)
+            # Float weights held in the compute dtype, unless still merged or quantized.
+            storage = Storage(dtype) if lora is None and qc is None else IN_MEMORY
+            cfg, host = load_foreign(checkpoint, stored, storage=storage)
             specs = weight_specs(cfg, dtype, stored)
             shardings = (None if mesh is None else weight_shardings(specs, mesh, rules))
             params = _place(host, dtype, shardings)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from jaxinfer.convert.gguf import load_gguf
 from jaxinfer.convert.safetensors import Progress, load_hf_dir
+from jaxinfer.convert.stacks import IN_MEMORY, Storage
 from jaxinfer.errors import ConversionError
 from jaxinfer.quant import QuantConfig
 
@@ -30,9 +31,9 @@ def is_foreign(path: str | Path) -> bool:
 
 
 def load_foreign(path: str | Path, quant: QuantConfig | None = None,
-                 progress: Progress | None = None) -> tuple:
+                 progress: Progress | None = None, storage: Storage = IN_MEMORY) -> tuple:
     """`(config, weights)` of a GGUF file or Hugging Face directory (`quant`: quantized
-    layer by layer as read)."""
+    layer by layer as read; `storage`: how float weights are held)."""
     p = Path(path)
-    return (load_gguf(p, progress, quant=quant) if p.is_file()
-            else load_hf_dir(p, progress, quant=quant))
+    return (load_gguf(p, progress, quant=quant, storage=storage) if p.is_file()
+            else load_hf_dir(p, progress, quant=quant, storage=storage))
