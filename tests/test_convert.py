@@ -636,3 +636,19 @@ def test_convert_script_scratch_dir(tmp_path):
     r = _convert(*args, "--output", str(tmp_path / "x"), "--scratch_dir",
                  str(tmp_path / "nope"))
     assert r.returncode == 2 and "--scratch_dir" in r.stderr.strip().splitlines()[-1]
+
+
+def test_gguf_dequantizes_in_row_chunks(smollm2_gguf, monkeypatch):
+    """A large GGUF tensor is dequantized a few rows at a time straight into its float32
+    result: the same values as one whole-tensor call, with host allocations near the
+    result's size (the `gguf` dequantizers' temporaries were twice it and more)."""
+    from jaxinfer.convert import gguf as jg
+
+    monkeypatch.setattr(jg, "_DEQUANTIZE_CHUNK", 2**20)  # many chunks on SmolLM2's table
+    t = next(t for t in gguf.GGUFReader(str(smollm2_gguf)).tensors
+             if t.name == "token_embd.weight")
+    whole = np.asarray(gguf.quants.dequantize(t.data.view(np.ndarray), t.tensor_type),
+                       np.float32).reshape(49152, 576)
+    got, peak = _peak_bytes(jg._dequantize, t)
+    np.testing.assert_array_equal(got, whole)
+    assert peak < 1.1 * got.nbytes, peak / got.nbytes

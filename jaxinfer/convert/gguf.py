@@ -399,13 +399,26 @@ def _unfused(tensors: dict[str, Any], cfg: ModelConfig) -> dict[str, Any]:
     return out
 
 
+_DEQUANTIZE_CHUNK = 16 * 2**20  # bytes of float32 output per dequantize call
+
+
 def _dequantize(t: Any) -> np.ndarray:
-    """A tensor as float32 in numpy order (ggml lists dims innermost first)."""
+    """A tensor as float32 in numpy order (ggml lists dims innermost first), dequantized
+    a few rows at a time into the result: the `gguf` package's dequantizers make several
+    temporaries the size of their input, which for a whole embedding table of a large
+    vocabulary was gigabytes on top of the table."""
     import gguf
 
+    shape = [int(s) for s in reversed(t.shape)]
     # A plain ndarray view: numpy.memmap's per-slice bookkeeping triples dequantize time.
-    a = gguf.quants.dequantize(t.data.view(np.ndarray), t.tensor_type)
-    return np.array(a, np.float32).reshape([int(s) for s in reversed(t.shape)])
+    raw = t.data.view(np.ndarray)
+    rows = raw.reshape(-1, raw.shape[-1])
+    out = np.empty((rows.shape[0], shape[-1]), np.float32)
+    step = max(1, _DEQUANTIZE_CHUNK // (4 * shape[-1]))
+    for r in range(0, rows.shape[0], step):
+        out[r:r + step] = gguf.quants.dequantize(rows[r:r + step], t.tensor_type).reshape(
+            -1, shape[-1])
+    return out.reshape(shape)
 
 
 def _getter(tensors: dict[str, Any], path: Path) -> Callable[[str, tuple[int, ...]], np.ndarray]:
