@@ -151,15 +151,11 @@ def _hf_mxfp4(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return values[..., 0::2] | (values[..., 1::2] << 4), np.ascontiguousarray(ggml[..., 0])
 
 
-def test_mxfp4_checkpoint_matches_transformers(tmp_path):
-    """A checkpoint with MXFP4 experts as the release stores them (`*_blocks`, `*_scales`):
-    read decoded, each expert weight equal to transformers' own MXFP4 decoder's
-    (`convert_moe_packed_tensors`), and the logits equal transformers' model holding those
-    decoded weights."""
+def _mxfp4_checkpoint(path):
+    """A tiny gpt-oss written with MXFP4 experts as the release stores them, and
+    (transformers' model holding the decoded experts, {name: decoded expert tensor})."""
     from safetensors.numpy import save_file
     from transformers.integrations.mxfp4 import convert_moe_packed_tensors
-
-    from jaxinfer.convert.safetensors import load_hf_dir
 
     torch.manual_seed(0)
     m = sharpened(tf.GptOssForCausalLM(tf.GptOssConfig(**{  # whole 32-wide blocks per row
@@ -176,17 +172,62 @@ def test_mxfp4_checkpoint_matches_transformers(tmp_path):
                 torch.from_numpy(blocks), torch.from_numpy(scales), dtype=torch.float32)
             assert (decoded[name] != m.state_dict()[name]).any()  # rounded: blocks matter
     m.load_state_dict(decoded, strict=False)
-    m.config.save_pretrained(tmp_path)
-    save_file(tensors, str(tmp_path / "model.safetensors"))
+    m.config.save_pretrained(path)
+    save_file(tensors, str(path / "model.safetensors"))
+    return m, {k: v.numpy() for k, v in decoded.items()}
+
+
+def test_mxfp4_checkpoint_matches_transformers(tmp_path):
+    """A checkpoint with MXFP4 experts as the release stores them (`*_blocks`, `*_scales`):
+    read decoded, each expert weight equal to transformers' own MXFP4 decoder's
+    (`convert_moe_packed_tensors`), and the logits equal transformers' model holding those
+    decoded weights."""
+    from jaxinfer.convert.safetensors import load_hf_dir
+
+    m, decoded = _mxfp4_checkpoint(tmp_path)
     cfg, w = load_hf_dir(tmp_path)
-    gate_up = decoded["model.layers.2.mlp.experts.gate_up_proj"].numpy()
+    gate_up = decoded["model.layers.2.mlp.experts.gate_up_proj"]
     np.testing.assert_array_equal(w["layers"]["moe_gate"][2], gate_up[..., ::2])
     np.testing.assert_array_equal(w["layers"]["moe_up"][2], gate_up[..., 1::2])
     np.testing.assert_array_equal(w["layers"]["moe_down"][2],
-                                  decoded["model.layers.2.mlp.experts.down_proj"].numpy())
+                                  decoded["model.layers.2.mlp.experts.down_proj"])
     toks = tokens(40)
     np.testing.assert_allclose(ours(cfg, jax.tree.map(jnp.asarray, w), toks), hf_logits(m, toks),
                                atol=1e-4, rtol=0)
+
+
+def test_mxfp4_experts_kept_exactly_as_int8(tmp_path):
+    """Read with int8 groups of 32 (`--quantize=int8 --group_size=32`), MXFP4 experts are
+    kept as they are (2 x E2M1 as int8, 2 ** (e - 128) as scale): every expert weight
+    dequantizes to transformers' decoded value bit for bit, where requantizing the decoded
+    floats does not; the other linear weights are quantized as from float, and the model
+    computes what its dequantized weights do."""
+    from jaxinfer.convert.safetensors import load_hf_dir
+    from jaxinfer.quant import QuantConfig, dequantize, is_qarray
+    from jaxinfer.weights import quantize_weights
+
+    _, decoded = _mxfp4_checkpoint(tmp_path)
+    qc = QuantConfig.from_mode("int8", group_size=32)
+    cfg, w = load_hf_dir(tmp_path, quant=qc)
+    want = quantize_weights(load_hf_dir(tmp_path)[1], qc)
+    for i in range(4):
+        gate_up = decoded[f"model.layers.{i}.mlp.experts.gate_up_proj"]
+        for key, ref in (("moe_gate", gate_up[..., ::2]), ("moe_up", gate_up[..., 1::2]),
+                         ("moe_down", decoded[f"model.layers.{i}.mlp.experts.down_proj"])):
+            q = jax.tree.map(lambda a, i=i: a[i], w["layers"][key])
+            assert is_qarray(q) and q.values.dtype == np.int8
+            assert np.abs(np.asarray(q.values)).max() <= 12
+            np.testing.assert_array_equal(np.asarray(dequantize(q)), ref)
+            requantized = jax.tree.map(lambda a, i=i: a[i], want["layers"][key])
+            assert not np.array_equal(np.asarray(dequantize(requantized)), ref)
+    for key in ("wq", "wo"):
+        for a, b in zip(jax.tree.leaves(w["layers"][key]), jax.tree.leaves(want["layers"][key]),
+                        strict=True):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    toks = tokens(40)  # the int8 model computes what its dequantized float weights do
+    w = jax.tree.map(jnp.asarray, w)
+    floats = jax.tree.map(lambda a: dequantize(a) if is_qarray(a) else a, w, is_leaf=is_qarray)
+    np.testing.assert_allclose(ours(cfg, w, toks), ours(cfg, floats, toks), atol=1e-4, rtol=0)
 
 
 def test_mxfp4_blocks_and_scales_must_pair(tmp_path):
@@ -264,3 +305,12 @@ def test_gguf_matches_transformers(tmp_path, experts):
     toks = tokens(40)
     got = ours(cfg, jax.tree.map(jnp.asarray, w), toks)
     np.testing.assert_allclose(got, hf_logits(m, toks), atol=1e-4, rtol=0)
+    if experts == "MXFP4":  # read into int8 groups of 32: the experts kept exactly
+        from jaxinfer.quant import QuantConfig, dequantize, is_qarray
+
+        _, qw = load_gguf(tmp_path / "oss.gguf", quant=QuantConfig.from_mode("int8", 32))
+        for key in ("moe_gate", "moe_up", "moe_down"):
+            assert is_qarray(qw["layers"][key])
+            assert np.abs(np.asarray(qw["layers"][key].values)).max() <= 12
+            np.testing.assert_array_equal(np.asarray(dequantize(qw["layers"][key])),
+                                          w["layers"][key])

@@ -29,7 +29,9 @@ _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"],
                            "Dtype the weights are stored in (loading can cast either way).")
 _QUANTIZE = flags.DEFINE_enum("quantize", "none", ["none", "int8", "int4", "gguf"],
                               "Store weights quantized; 'gguf' keeps the file's own blocks.")
-_GROUP_SIZE = flags.DEFINE_integer("group_size", None, "int4 group size (default 32).",
+_GROUP_SIZE = flags.DEFINE_integer("group_size", None, "Group size along the input axis "
+                                   "(int4 default 32; int8 default: per output channel; "
+                                   "int8 with 32 keeps MXFP4 experts exactly).",
                                    lower_bound=1)
 _SYMMETRIC = flags.DEFINE_bool("symmetric", False, "int4 groups without offsets (Q4_0 style).")
 _LORA = flags.DEFINE_string("lora_adapter", None, "A PEFT LoRA adapter directory to "

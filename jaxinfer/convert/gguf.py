@@ -31,8 +31,10 @@ import numpy as np
 
 from jaxinfer.config import ModelConfig, local_pattern
 from jaxinfer.convert.gguf_quant import (
+    BLOCK,
     final_norm,
     layer_vectors,
+    mxfp4_blocks,
     norms,
     qk_norms,
     quantized_weights,
@@ -104,7 +106,7 @@ def load_gguf(path: str | Path, progress: Progress | None = None, quantized: boo
         else:
             qc = quant
             weights = quantize_embeddings(
-                _weights(cfg, get, permuted, progress, quant, storage), quant)
+                _weights(cfg, get, permuted, progress, quant, storage, tensors), quant)
         check_weights(weight_specs(cfg, quant=qc), weights)
     except ConversionError:
         raise
@@ -443,7 +445,9 @@ def _getter(tensors: dict[str, Any], path: Path) -> Callable[[str, tuple[int, ..
 
 def _weights(cfg: ModelConfig, get: Callable[..., np.ndarray], permuted: bool,
              progress: Progress | None, quant: QuantConfig | None = None,
-             storage: Storage = IN_MEMORY) -> dict:
+             storage: Storage = IN_MEMORY, tensors: dict[str, Any] | None = None) -> dict:
+    """The float weight tree, filled layer by layer (quantized per `quant` as read; with
+    int8 groups of 32, MXFP4 experts among `tensors` are kept exactly)."""
     L, D, F, N, K, H, V = (cfg.num_layers, cfg.d_model, cfg.mlp_dim, cfg.num_heads,
                            cfg.num_kv_heads, cfg.head_dim, cfg.vocab_size)
     fix = ((lambda w, heads: to_rotate_half(w, heads, cfg.rope_dim)) if permuted
@@ -474,9 +478,17 @@ def _weights(cfg: ModelConfig, get: Callable[..., np.ndarray], permuted: bool,
         x["wo"][i] = get(p + "attn_output.weight", (D, N * H)).T.reshape(N, H, D)
         if E:  # [E, out, in] -> [E, in, out]
             x["router"][i] = get(p + "ffn_gate_inp.weight", (E, D)).T
-            x["moe_gate"][i] = get(p + "ffn_gate_exps.weight", (E, F, D)).swapaxes(1, 2)
-            x["moe_up"][i] = get(p + "ffn_up_exps.weight", (E, F, D)).swapaxes(1, 2)
-            x["moe_down"][i] = get(p + "ffn_down_exps.weight", (E, D, F)).swapaxes(1, 2)
+            for key, gname, shape in (("moe_gate", "ffn_gate_exps", (E, F, D)),
+                                      ("moe_up", "ffn_up_exps", (E, F, D)),
+                                      ("moe_down", "ffn_down_exps", (E, D, F))):
+                t = (tensors or {}).get(p + gname + ".weight")
+                if (x[key].takes_groups(BLOCK) and t is not None
+                        and t.tensor_type.name == "MXFP4"):  # kept exactly: int8 groups of 32
+                    v, sc = mxfp4_blocks(t)
+                    x[key].set_quantized(i, v.reshape(shape).swapaxes(1, 2),
+                                         sc.reshape(*shape[:2], -1).swapaxes(1, 2))
+                else:
+                    x[key][i] = get(p + gname + ".weight", shape).swapaxes(1, 2)
             for key, (gname, shape) in shared.items():
                 x[key][i] = get(p + gname + ".weight", shape[::-1]).T
         else:

@@ -7,6 +7,9 @@ MXFP4 (gpt-oss's released experts):
   The gguf package's MXFP4 dequantizer does the decoding (it is the format llama.cpp
   reads) once the nibbles are moved into its block layout: one scale byte, then 16 bytes
   holding values j and j + 16 of the block in the low and high nibble of byte j.
+  Every E2M1 value is a multiple of 1/2 no larger than 6, so 2 * value is an integer in
+  [-12, 12] and a block is exactly int8 values times 2 ** (s - 128): `mxfp4_int8` keeps
+  the weights quantized (int8, groups of 32) with no rounding at all.
 
 FP8 (`quant_method: fp8`: DeepSeek V3 / R1, Qwen3 FP8; `compressed-tensors` float-quantized:
 the FP8-dynamic releases; `fbgemm_fp8`: Llama 4's FP8):
@@ -41,6 +44,27 @@ def mxfp4_dequantize(blocks: np.ndarray, scales: np.ndarray) -> np.ndarray:
 
     return gguf.quants.dequantize(to_ggml_blocks(blocks, scales),
                                   gguf.GGMLQuantizationType.MXFP4).astype(np.float32)
+
+
+# E2M1 code -> 2 * value: 0, 0.5, 1, 1.5, 2, 3, 4, 6 and their negatives
+E2M1_X2 = np.array([0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12], np.int8)
+MXFP4_BLOCK = 32
+
+
+def e8m0_half(exponents: np.ndarray) -> np.ndarray:
+    """The scale of an MXFP4 block whose values are kept as 2 * E2M1: 2 ** (e - 128)."""
+    return np.ldexp(np.float32(1), exponents.astype(np.int32) - 128).astype(np.float32)
+
+
+def mxfp4_int8(blocks: np.ndarray, scales: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(int8[..., rows, G * 32], float32[..., rows, G]) whose product per 32-block is
+    `mxfp4_dequantize`'s value exactly."""
+    if blocks.shape[:-1] != scales.shape or blocks.shape[-1] != 16:
+        raise ValueError(f"MXFP4 blocks {blocks.shape} and scales {scales.shape} do not pair "
+                         f"(blocks must be [..., G, 16], scales [..., G])")
+    codes = np.stack([blocks & 0x0F, blocks >> 4], axis=-1)  # the even value in the low nibble
+    values = E2M1_X2[codes].reshape(*blocks.shape[:-2], blocks.shape[-2] * MXFP4_BLOCK)
+    return values, e8m0_half(scales)
 
 
 def fp8_dequantize(w: np.ndarray, scale_inv: np.ndarray,

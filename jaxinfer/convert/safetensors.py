@@ -222,6 +222,22 @@ class _Reader:
             return name + "_scale"
         return None
 
+    def mxfp4(self, name: str, shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray] | None:
+        """An MXFP4 weight kept quantized, inputs first like `get`: exact int8 values of
+        `shape` [..., in, out] and float32 scales [..., in / 32, out]; None when `name` is
+        not stored as MXFP4."""
+        if name in self._where or name + "_blocks" not in self._where:
+            return None
+        try:
+            v, s = hf_quant.mxfp4_int8(self._raw(name + "_blocks"), self._raw(name + "_scales"))
+        except ValueError as e:
+            raise ConversionError(f"{self.path}: MXFP4 tensor {name!r}: {e}") from e
+        v, s = v.swapaxes(-1, -2), s.swapaxes(-1, -2)
+        if v.shape != shape:
+            raise ConversionError(f"tensor {name!r} in {self.path} has shape {v.shape}, "
+                                  f"expected {shape}")
+        return v, s
+
     def _raw(self, name: str) -> np.ndarray:
         """The tensor as stored (its own dtype; float8 through ml_dtypes)."""
         if name not in self._where:
@@ -432,11 +448,19 @@ def _weights(cfg: ModelConfig, r: _Reader, progress: Progress | None,
             x["router"][i] = r.get(f"{p}{block}.{router}.weight", (E, D)).T
             if names == "in_out":  # stacked inputs first (Llama 4, gpt-oss)
                 q = f"{p}{block}.experts."  # (gpt-oss's released MXFP4 experts decoded)
-                gate_up = r.get(q + "gate_up_proj", (E, D, 2 * F))
                 halves = (np.s_[..., ::2], np.s_[..., 1::2]) if r.kind == "gpt_oss" else (
                     np.s_[..., :F], np.s_[..., F:])  # gpt-oss interleaves gate and up
-                x["moe_gate"][i], x["moe_up"][i] = gate_up[halves[0]], gate_up[halves[1]]
-                x["moe_down"][i] = r.get(q + "down_proj", (E, F, D))
+                exact = (x["moe_gate"].takes_groups(hf_quant.MXFP4_BLOCK)
+                         and r.mxfp4(q + "gate_up_proj", (E, D, 2 * F)))
+                if exact:  # MXFP4 into int8 groups of 32, as they are (hf_quant.py)
+                    v, sc = exact
+                    for key, cols in zip(("moe_gate", "moe_up"), halves, strict=True):
+                        x[key].set_quantized(i, v[cols], sc[cols])
+                    x["moe_down"].set_quantized(i, *r.mxfp4(q + "down_proj", (E, F, D)))
+                else:
+                    gate_up = r.get(q + "gate_up_proj", (E, D, 2 * F))
+                    x["moe_gate"][i], x["moe_up"][i] = gate_up[halves[0]], gate_up[halves[1]]
+                    x["moe_down"][i] = r.get(q + "down_proj", (E, F, D))
                 if cfg.linear_bias:
                     b = r.get(q + "gate_up_proj_bias", (E, 2 * F))
                     x["moe_b_gate"][i], x["moe_b_up"][i] = b[halves[0]], b[halves[1]]

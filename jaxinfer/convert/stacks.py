@@ -79,6 +79,17 @@ class Stack:
         if self.offsets is not None:
             self.offsets[index] = np.asarray(q.offsets)
 
+    def takes_groups(self, size: int) -> bool:
+        """Whether weights already quantized to int8 with one scale per `size` inputs
+        (MXFP4's blocks) can be stored as they are, with no requantization."""
+        s = self.spec
+        return s is not None and s.bits == 8 and s.group_size == size and not s.offsets
+
+    def set_quantized(self, index: Any, values: np.ndarray, scales: np.ndarray) -> None:
+        """Store a slice quantized elsewhere (see `takes_groups`)."""
+        self.values[index] = values
+        self.scales[index] = scales
+
     def result(self) -> np.ndarray | QArray:
         if self.spec is None:
             return self.values
