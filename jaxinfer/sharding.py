@@ -79,6 +79,8 @@ def parse_mesh(spec: str) -> dict[str, int]:
         name, _, size = part.partition(":")
         if name not in MESH_AXES:
             raise ConfigError(f"unknown mesh axis {name!r} in --mesh={spec!r}; use {MESH_AXES}")
+        if name in out:
+            raise ConfigError(f"mesh axis {name!r} is given twice in --mesh={spec!r}")
         try:
             out[name] = int(size)
         except ValueError:

@@ -21,6 +21,8 @@ def test_parse_mesh_and_errors():
     for bad in ["tensor:2", "data:x", "data:0"]:
         with pytest.raises(ConfigError, match="mesh"):
             parse_mesh(bad)
+    with pytest.raises(ConfigError, match="'data' is given twice"):
+        parse_mesh("data:2,data:2")
     with pytest.raises(ConfigError, match="needs 16 devices"):
         make_mesh("data:4,model:4")
 
