@@ -1,4 +1,5 @@
-"""The one error convention every script shares: bad input -> `error: ...`, exit status 2.
+"""The one error convention every script shares: bad input -> `error: ...`, exit status 2
+(Ctrl-C: `error: interrupted`, status 130, the shell's for SIGINT).
 
 Users get a single line naming the bad value instead of a traceback; real bugs (any other
 exception) still show their traceback.
@@ -25,6 +26,8 @@ def run_main(main: Callable[[list[str]], Any]) -> None:
             return main(argv)
         except JaxinferError as e:
             _exit_with_error(" ".join(str(e).split()) or type(e).__name__)
+        except KeyboardInterrupt:  # Ctrl-C: what was printed or written stays; no traceback
+            _exit_with_error("interrupted", status=130)
 
     app.run(guarded, flags_parser=_parse_flags)
 
@@ -38,7 +41,7 @@ def _parse_flags(argv: list[str]) -> list[str]:
         _exit_with_error(" ".join(str(e).split()))
 
 
-def _exit_with_error(msg: str) -> None:
+def _exit_with_error(msg: str, status: int = 2) -> None:
     """Write `error: msg` as stderr's last line and exit 2 at once, whatever other threads
     are still printing (checkpoint.py drops Orbax writer threads' own reports of a failed
     write; this guards the line against any other thread): stderr's descriptor goes to
@@ -55,4 +58,4 @@ def _exit_with_error(msg: str) -> None:
     err = os.dup(2)
     os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
     os.write(err, line.encode())
-    os._exit(2)
+    os._exit(status)

@@ -99,3 +99,29 @@ def test_non_orbax_checkpoint_dir(tmp_path):
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and str(tmp_path) in lines[0]
     assert str(tmp_path) in r.stderr
+
+
+def test_ctrl_c_keeps_the_text_and_exits_130(smollm2_checkpoint):
+    """Ctrl-C while streaming: the text printed so far stays, then one `error:
+    interrupted` line and the shell's status for SIGINT (130), no traceback."""
+    import signal
+    import threading
+    import time
+
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    p = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "generate.py"), "--prompt",
+                          "Tell me a long story.", "--max_new_tokens", "2000", "--ignore_eos"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    got = []
+    reader = threading.Thread(target=lambda: got.extend(iter(lambda: p.stdout.read(1), b"")))
+    reader.start()
+    deadline = time.monotonic() + 120
+    while len(got) < 20 and time.monotonic() < deadline and p.poll() is None:
+        time.sleep(0.05)
+    p.send_signal(signal.SIGINT)
+    err = p.stderr.read().decode()
+    p.wait(timeout=60)
+    reader.join(timeout=10)
+    assert p.returncode == 130, err
+    assert len(got) >= 20 and "Traceback" not in err
+    assert err.strip().splitlines()[-1] == "error: interrupted", err
