@@ -27,7 +27,7 @@ import numpy as np
 from jaxinfer import beam_search, model, speculative
 from jaxinfer import embed as embed_mod
 from jaxinfer import generate as gen
-from jaxinfer.attention import default_impl
+from jaxinfer.attention import IMPLS, default_impl
 from jaxinfer.checkpoint import load_checkpoint, load_quant_config
 from jaxinfer.config import ModelConfig
 from jaxinfer.errors import BadRequestError, ConfigError
@@ -100,6 +100,20 @@ def _kv_dtype(dtype: Any) -> Any:
         dt = None
     if dt is None or not (jnp.issubdtype(dt, jnp.floating) or dt == jnp.int8):
         raise ConfigError(f"kv_dtype must be a float dtype or 'int8', got {dtype!r}")
+    return dt
+
+
+def _compute_dtype(dtype: Any) -> Any:
+    """The compute dtype: None -> default_dtype(); anything but a 16/32-bit float is a
+    ConfigError (int8 would cast the weights to integers; float64 needs jax_enable_x64)."""
+    if dtype is None:
+        return default_dtype()
+    try:
+        dt = jnp.dtype(dtype)
+    except TypeError:
+        dt = None
+    if dt not in (jnp.float32, jnp.bfloat16, jnp.float16):
+        raise ConfigError(f"dtype must be float32, bfloat16 or float16, got {dtype!r}")
     return dt
 
 
@@ -245,7 +259,9 @@ class LLM:
             from jaxinfer import default_model
 
             checkpoint = default_model.checkpoint_path()
-        dtype = default_dtype() if dtype is None else jnp.dtype(dtype)
+        dtype = _compute_dtype(dtype)
+        if impl is not None and impl not in IMPLS:
+            raise ConfigError(f"unknown attention impl {impl!r}; expected one of {IMPLS}")
         if not isinstance(mesh, jax.sharding.Mesh):
             mesh = make_mesh(mesh) if mesh else None
         foreign = is_foreign(checkpoint)

@@ -548,3 +548,17 @@ def test_engine_refuses_non_integer_token_ids():
                            ([-3], "token id -3")):
             with pytest.raises(BadRequestError, match=match):
                 eng.submit(bad)
+
+
+@pytest.mark.parametrize("kw,match", [
+    ({"dtype": "int8"}, "dtype must be float32, bfloat16 or float16, got 'int8'"),
+    ({"dtype": "float64"}, "got 'float64'"),
+    ({"dtype": "nonsense"}, "got 'nonsense'"),
+    ({"impl": "flash"}, "unknown attention impl 'flash'"),
+])
+def test_load_refuses_bad_settings_before_reading(kw, match, tmp_path):
+    """A compute dtype that is not a 16/32-bit float (int8 would cast the weights to
+    integers) or an unknown attention impl is a ConfigError before any checkpoint is read
+    (this one does not exist)."""
+    with pytest.raises(ConfigError, match=match):
+        LLM.load(str(tmp_path / "never-read"), **kw)
