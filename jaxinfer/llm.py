@@ -47,7 +47,7 @@ from jaxinfer.sampling import (
 )
 from jaxinfer.sharding import ShardingRules, make_mesh, mesh_context
 from jaxinfer.structured import Constraint, Grammars
-from jaxinfer.tokenizer import Tokenizer, load_tokenizer
+from jaxinfer.tokenizer import Tokenizer, chat_template_text, load_tokenizer
 from jaxinfer.tool_calls import check_tools
 from jaxinfer.weights import Weights, quantize_weights, weight_shardings, weight_specs
 
@@ -236,7 +236,8 @@ class LLM:
              impl: str | None = None, quantize: str | QuantConfig | None = None,
              group_size: int | None = None,
              kv_dtype: Any = None, lora: str | Path | None = None,
-             lora_modules: dict[str, str | Path] | None = None) -> LLM:
+             lora_modules: dict[str, str | Path] | None = None,
+             chat_template: str | Path | None = None) -> LLM:
         """Load an Orbax checkpoint directory (default: the embedded SmolLM2 model), or
         convert a GGUF file or Hugging Face model directory in memory on the way (the
         tokenizer from the same source; `quantize` then quantizes each layer as it is read,
@@ -251,6 +252,7 @@ class LLM:
         compute dtype). `lora`: a PEFT LoRA adapter directory merged into the float
         weights (before `quantize`; convert/lora.py). `lora_modules` ({name: PEFT
         directory}) loads adapters unmerged, for requests to pick by name (`add_adapters`).
+        `chat_template` (a Jinja file or the template text) replaces the model's own.
         """
         from jaxinfer.convert import is_foreign, load_foreign
         from jaxinfer.convert.stacks import IN_MEMORY, Storage
@@ -260,6 +262,7 @@ class LLM:
 
             checkpoint = default_model.checkpoint_path()
         dtype = _compute_dtype(dtype)
+        template = None if chat_template is None else chat_template_text(chat_template)
         if impl is not None and impl not in IMPLS:
             raise ConfigError(f"unknown attention impl {impl!r}; expected one of {IMPLS}")
         if not isinstance(mesh, jax.sharding.Mesh):
@@ -297,6 +300,8 @@ class LLM:
         if qc is not None:
             params = quantize_weights(params, qc, qshardings)
         tokenizer = load_tokenizer(checkpoint if foreign else Path(checkpoint) / "tokenizer")
+        if template is not None:
+            tokenizer.set_chat_template(template)
         llm = cls(cfg, params, tokenizer, mesh, impl, kv_dtype)
         if lora_modules:
             llm.add_adapters(lora_modules)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import json
 import socket
 import threading
@@ -57,17 +58,22 @@ from jaxinfer.structured import Constraint
 from jaxinfer.tokenizer import Tokenizer
 from jaxinfer.tool_calls import PARSERS, ToolCalling
 
+OPEN_PATHS = ("/health", "/metrics")  # answered without the API key (probes, scrapers)
+
 
 def create_app(engine: Engine, model_name: str, max_stored_responses: int = 1024,
                tool_call_parser: str | None = None,
                reasoning_parser: str | None = None,
-               allow_runtime_lora_updating: bool = False) -> FastAPI:
+               allow_runtime_lora_updating: bool = False,
+               api_key: str | None = None) -> FastAPI:
     """The OpenAI-compatible app over `engine`; the Responses API keeps the latest
     `max_stored_responses` responses in memory (openai_responses.ResponseStore);
     `tool_call_parser` ("hermes") reads tool calls from free text (tool_choice "auto");
     `reasoning_parser` ("qwen3", "deepseek_r1") moves a chat answer's <think> part to
     reasoning_content; `allow_runtime_lora_updating` adds vLLM's load/unload LoRA adapter
-    endpoints (the engine needs room: EngineConfig.max_loras)."""
+    endpoints (the engine needs room: EngineConfig.max_loras); with `api_key` every
+    endpoint but /health and /metrics wants `Authorization: Bearer <api_key>` (401
+    otherwise), as OpenAI's and vLLM's servers do."""
     if allow_runtime_lora_updating and not engine.config.max_loras:
         raise ConfigError("runtime LoRA updating needs room for adapters in the engine: "
                           "set --max_loras (EngineConfig.max_loras)")
@@ -78,6 +84,20 @@ def create_app(engine: Engine, model_name: str, max_stored_responses: int = 1024
     app = FastAPI(title="jaxinfer", docs_url=None, redoc_url=None)
     created = int(time.time())
     stored = rs.ResponseStore(max_stored_responses)
+
+    if api_key is not None:
+        if not api_key:
+            raise ConfigError("api_key is empty")
+        want = f"Bearer {api_key}".encode()
+
+        @app.middleware("http")
+        async def _authorize(request, call_next):
+            given = request.headers.get("authorization", "").encode()
+            if request.url.path not in OPEN_PATHS and not hmac.compare_digest(given, want):
+                return JSONResponse(api.error_body(
+                    "missing or incorrect API key (send Authorization: Bearer <key>)",
+                    code="invalid_api_key"), status_code=401)
+            return await call_next(request)
 
     @app.exception_handler(api.ApiError)
     async def _api_error(_, e: api.ApiError):
@@ -577,7 +597,7 @@ def serve(checkpoint: str | None = None, host: str = "127.0.0.1", port: int = 80
           num_speculative_tokens: int = 4, ngram_size: int = 3,
           max_stored_responses: int = 1024, tool_call_parser: str | None = None,
           reasoning_parser: str | None = None, allow_runtime_lora_updating: bool = False,
-          **load_kw) -> None:
+          api_key: str | None = None, **load_kw) -> None:
     """Load a checkpoint, build and warm the engine, serve until interrupted. `load_kw`
     goes to LLM.load (mesh, fsdp, quantize, group_size, kv_dtype); `draft` ("ngram" or a
     checkpoint) turns on speculative decoding in the engine. In a multi-process run
@@ -587,6 +607,8 @@ def serve(checkpoint: str | None = None, host: str = "127.0.0.1", port: int = 80
     if allow_runtime_lora_updating and not (config and config.max_loras):
         raise ConfigError("--allow_runtime_lora_updating needs room for adapters: set "
                           "--max_loras")
+    if api_key == "":
+        raise ConfigError("--api_key is empty")
     sock = bind(host, port) if jax.process_index() == 0 else None  # process 0 serves HTTP
     with contextlib.closing(sock) if sock is not None else contextlib.nullcontext():
         llm = LLM.load(checkpoint, dtype=dtype, **load_kw)
@@ -604,7 +626,7 @@ def serve(checkpoint: str | None = None, host: str = "127.0.0.1", port: int = 80
         name = model_name or llm.cfg.name
         try:
             app = create_app(engine, name, max_stored_responses, tool_call_parser,
-                             reasoning_parser, allow_runtime_lora_updating)
+                             reasoning_parser, allow_runtime_lora_updating, api_key)
             uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level,
                                           lifespan="off", timeout_graceful_shutdown=5)
                            ).run(sockets=[sock])

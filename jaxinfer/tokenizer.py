@@ -145,6 +145,11 @@ class Tokenizer(ABC):
             return bytes([int(piece[3:5], 16)])
         return piece.replace("\u2581", " ").encode()
 
+    def set_chat_template(self, template: str | Path) -> None:
+        """Use `template` (a Jinja file or the template text; see `chat_template_text`)
+        instead of the model's own chat template."""
+        self.chat_template, self._compiled_template = chat_template_text(template), None
+
     def apply_chat_template(self, messages: list[dict[str, str]],
                             add_generation_prompt: bool = True,
                             continue_final_message: bool = False,
@@ -161,33 +166,29 @@ class Tokenizer(ABC):
         if continue_final_message and add_generation_prompt:
             raise TokenizerError("continue_final_message continues the last message; it "
                                  "cannot be combined with add_generation_prompt")
-        if self.chat_template is None:
-            raise TokenizerError("tokenizer has no chat_template; pass a raw prompt instead")
         import jinja2
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-        if self._compiled_template is None:
-            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                                extensions=["jinja2.ext.loopcontrols"])
-            env.filters["tojson"] = _tojson
-            env.globals["raise_exception"] = _raise_template_error
-            env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-            try:
-                self._compiled_template = env.from_string(self.chat_template)
-            except jinja2.TemplateError as e:
-                raise TokenizerError(f"chat_template does not parse: {e}") from e
+        template = self._template()
         bos = self._id_to_token(self.bos_id) if self.bos_id is not None else ""
         eos = self._id_to_token(self._eos_id) if self._eos_id is not None else ""
         extra = dict(chat_template_kwargs or {})
         if tools is not None:
             extra["tools"] = tools
         try:
-            text = self._compiled_template.render(
+            text = template.render(
                 **extra, messages=messages, add_generation_prompt=add_generation_prompt,
                 bos_token=bos, eos_token=eos)
         except jinja2.TemplateError as e:
             raise TokenizerError(f"chat_template failed on these messages: {e}") from e
         return _cut_after_final(text, messages) if continue_final_message else text
+
+    def _template(self):
+        """The chat template, compiled on first use."""
+        if self.chat_template is None:
+            raise TokenizerError("tokenizer has no chat_template; pass a raw prompt instead")
+        if self._compiled_template is None:
+            self._compiled_template = _compile_template(self.chat_template)
+        return self._compiled_template
 
     def _config(self) -> dict[str, Any]:
         """tokenizer_config.json content: HF's token strings plus explicit ids for us."""
@@ -217,6 +218,39 @@ def _cut_after_final(text: str, messages: list[dict[str, str]]) -> str:
     keep = final.lstrip()
     n = len(keep) if text[at:at + len(keep)] == keep else len(final.strip())
     return text[:at + n]
+
+
+def chat_template_text(template: str | Path) -> str:
+    """A chat template given as vLLM's --chat-template takes it, the path of a Jinja file
+    or the template text itself, as checked text: a missing file or a template that does
+    not parse is a TokenizerError naming it (before any model is loaded)."""
+    text = str(template)
+    if "{" not in text:  # not template text: it must name a file
+        path = Path(template).expanduser()
+        if not path.is_file():
+            raise TokenizerError(f"chat template file not found: {template}")
+        text = path.read_text(encoding="utf-8")
+    try:
+        _compile_template(text)
+    except TokenizerError as e:
+        raise TokenizerError(f"chat template {str(template)[:80]!r}: {e}") from None
+    return text
+
+
+def _compile_template(text: str):
+    """HF's way: a sandboxed Jinja environment with its filters and globals."""
+    import jinja2
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=["jinja2.ext.loopcontrols"])
+    env.filters["tojson"] = _tojson
+    env.globals["raise_exception"] = _raise_template_error
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    try:
+        return env.from_string(text)
+    except jinja2.TemplateError as e:
+        raise TokenizerError(f"chat_template does not parse: {e}") from e
 
 
 def _tojson(value: Any, indent: int | None = None) -> str:

@@ -562,3 +562,10 @@ def test_load_refuses_bad_settings_before_reading(kw, match, tmp_path):
     (this one does not exist)."""
     with pytest.raises(ConfigError, match=match):
         LLM.load(str(tmp_path / "never-read"), **kw)
+
+
+def test_load_checks_the_chat_template_before_reading(tmp_path):
+    from jaxinfer.errors import TokenizerError
+
+    with pytest.raises(TokenizerError, match="chat template file not found"):
+        LLM.load(str(tmp_path / "never-read"), chat_template=str(tmp_path / "none.jinja"))

@@ -68,6 +68,10 @@ def test_structured_output_and_stop_flags(smollm2_checkpoint):
     (["--prompt", "hi", "--max_new_tokens", "-3"], "positive integer, got -3"),
     (["--prompt", "hi", "--temperature", "abc"], "--temperature=abc"),
     (["--prompt", "hi", "--no_such_flag", "1"], "no_such_flag"),
+    (["--prompt", "hi", "--chat", "--chat_template", "/nonexistent.jinja"],
+     "chat template file not found: /nonexistent.jinja"),
+    (["--prompt", "hi", "--chat", "--chat_template", "{% for m in messages %}"],
+     "does not parse"),
     (["--prompt", "hi", "--temperature", "-1"], "temperature"),
     (["--prompt", "hi", "--top_p", "0"], "top_p"),
     (["--prompt", "hi", "--top_p", "1.5"], "top_p"),
@@ -125,3 +129,23 @@ def test_ctrl_c_keeps_the_text_and_exits_130(smollm2_checkpoint):
     assert p.returncode == 130, err
     assert len(got) >= 20 and "Traceback" not in err
     assert err.strip().splitlines()[-1] == "error: interrupted", err
+
+
+def test_chat_template_flag_replaces_the_models(smollm2_checkpoint, tmp_path):
+    """--chat --chat_template FILE renders the prompt with that template instead of the
+    model's own: the same tokens and text as the rendered prompt given raw."""
+    template = tmp_path / "qa.jinja"
+    template.write_text("{% for m in messages %}Question: {{ m['content'] }}\n{% endfor %}"
+                        "{% if add_generation_prompt %}Answer:{% endif %}")
+    common = ["--temperature", "0", "--max_new_tokens", "8", "--output_format", "json"]
+    r = run("--chat", "--chat_template", str(template), "--prompt",
+            "What is the capital of France?", *common)
+    assert r.returncode == 0, r.stderr
+    raw = run("--prompt", "Question: What is the capital of France?\nAnswer:", *common)
+    assert raw.returncode == 0, raw.stderr
+    got, want = (json.loads(x.stdout.strip().splitlines()[-1]) for x in (r, raw))
+    assert got["prompt_tokens"] == want["prompt_tokens"]
+    assert got["token_ids"] == want["token_ids"] and got["text"] == want["text"]
+    default = json.loads(run("--chat", "--prompt", "What is the capital of France?",
+                             *common).stdout.strip().splitlines()[-1])
+    assert default["prompt_tokens"] != got["prompt_tokens"]  # the model's own differs

@@ -444,3 +444,29 @@ def test_serve_script_refuses_a_port_before_loading(port, tmp_path):
     assert r.returncode == 2 and len(lines) == 1, r.stderr
     assert lines[0].startswith("error:") and p in lines[0], lines
     assert "never-read" not in r.stderr
+
+
+def test_api_key(engine):
+    """With an API key every endpoint but /health and /metrics wants `Authorization:
+    Bearer <key>`: without it, or with another key, a 401 in OpenAI's error shape; the
+    OpenAI client sends it as api_key."""
+    import openai
+
+    with BackgroundServer(create_app(engine, MODEL, api_key="s3cret")) as srv:
+        body = {"model": MODEL, "prompt": "ab", "max_tokens": 2}
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
+            r = requests.post(f"{srv.url}/v1/completions", json=body, headers=headers,
+                              timeout=30)
+            assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+        for path in ("/v1/models", "/tokenize"):
+            assert requests.request("GET" if "models" in path else "POST", srv.url + path,
+                                    json={"prompt": "ab"}, timeout=30).status_code == 401
+        assert requests.get(srv.url + "/health", timeout=30).status_code == 200
+        assert requests.get(srv.url + "/metrics", timeout=30).status_code == 200
+        ok = requests.post(f"{srv.url}/v1/completions", json=body, timeout=30,
+                           headers={"Authorization": "Bearer s3cret"})
+        assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 2
+        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="s3cret")
+        assert client.completions.create(model=MODEL, prompt="ab", max_tokens=2).choices
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=srv.url + "/v1", api_key="nope").models.list()

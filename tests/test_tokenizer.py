@@ -412,3 +412,24 @@ def test_gguf_pre_tokenizer_aliases_split_as_their_family(tmp_path, alias, name)
     for text in ["the 1234 thing", "  x=12;\n\ty", "don't stop"]:
         assert toks[alias].encode(text) == toks[name].encode(text), text
     assert toks[alias].add_bos == toks[name].add_bos
+
+
+def test_set_chat_template(smollm2_gguf, tmp_path):
+    """A chat template from a file or as text replaces the model's own; a missing file or
+    one that does not parse is a TokenizerError naming it, and the old template stays."""
+    from jaxinfer.errors import TokenizerError
+    from jaxinfer.tokenizer import chat_template_text
+
+    tok = load_tokenizer(smollm2_gguf)  # its own copy: the template changes here
+    before = tok.chat_template
+    with pytest.raises(TokenizerError, match="chat template file not found: /no/such"):
+        tok.set_chat_template("/no/such.jinja")
+    with pytest.raises(TokenizerError, match="does not parse"):
+        tok.set_chat_template("{% for m in messages %}")
+    assert tok.chat_template == before
+    text = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
+    (tmp_path / "t.jinja").write_text(text)
+    for given in (text, tmp_path / "t.jinja", str(tmp_path / "t.jinja")):
+        tok.set_chat_template(given)
+        assert tok.apply_chat_template([{"role": "user", "content": "hi"}]) == "<user>hi"
+    assert chat_template_text(tmp_path / "t.jinja") == text

@@ -27,7 +27,7 @@ def run_program(module_name: str, main: Callable[[list[str]], Any]) -> None:
     fv = flags.FLAGS
     module = sys.modules[module_name]
     shared = ("jaxinfer.flags", "jaxinfer.cli.spec_flags", "jaxinfer.cli.engine_flags",
-              "jaxinfer.cli.lora_flags", "jaxinfer.cli.parser_flags")
+              "jaxinfer.cli.lora_flags", "jaxinfer.cli.parser_flags", "jaxinfer.cli.chat_flags")
     for name in (module_name, *(m for m in shared if m in sys.modules)):
         for flag in fv.get_key_flags_for_module(name):
             fv.register_key_flag_for_module(sys.argv[0], flag)

@@ -17,7 +17,14 @@ defaults for fields a line omits (OpenAI-format lines take only their body).
 from absl import flags
 
 from jaxinfer import flags as runtime_flags
-from jaxinfer.cli import engine_flags, lora_flags, parser_flags, run_program, spec_flags
+from jaxinfer.cli import (
+    chat_flags,
+    engine_flags,
+    lora_flags,
+    parser_flags,
+    run_program,
+    spec_flags,
+)
 
 _INPUT = flags.DEFINE_string("input", None, "JSONL file of requests.", required=True)
 _OUTPUT = flags.DEFINE_string("output", None, "JSONL file results are appended to.",
@@ -51,7 +58,7 @@ def main(argv):
                   _PROGRESS.value, **spec_flags.kwargs(), model_name=_MODEL_NAME.value,
                   **parser_flags.kwargs(),
                   mesh=runtime_flags.MESH.value, fsdp=runtime_flags.FSDP.value,
-                  **runtime_flags.quant_kwargs(), **lora_flags.kwargs())
+                  **runtime_flags.quant_kwargs(), **lora_flags.kwargs(), **chat_flags.kwargs())
 
 
 def run() -> None:

@@ -12,7 +12,7 @@ import jax
 from absl import flags, logging
 
 from jaxinfer import flags as runtime_flags
-from jaxinfer.cli import lora_flags, run_program, spec_flags
+from jaxinfer.cli import chat_flags, lora_flags, run_program, spec_flags
 
 _PROMPT = flags.DEFINE_string("prompt", None, "Prompt text.", required=True)
 _CHAT = flags.DEFINE_bool("chat", False, "Wrap the prompt in the model's chat template.")
@@ -82,7 +82,7 @@ def main(argv):
         raise BadRequestError(f"--guided_json is not JSON: {e}") from None
     llm = load(_CKPT.value, dtype=_DTYPE.value, mesh=runtime_flags.MESH.value,
                fsdp=runtime_flags.FSDP.value, **runtime_flags.quant_kwargs(),
-               **lora_flags.kwargs())
+               **lora_flags.kwargs(), **chat_flags.kwargs())
     main_process = runtime_flags.is_main_process()
     kw = dict(sampling=sampling, max_new_tokens=_MAX_NEW.value, stop=_STOP.value,
               chat=_CHAT.value, constraint=constraint)

@@ -9,14 +9,26 @@ Binds 127.0.0.1 unless --host says otherwise. Endpoints: /v1/completions,
 /tokenize, /detokenize, /health, /metrics.
 """
 
+import os
+
 from absl import flags
 
 from jaxinfer import flags as runtime_flags
-from jaxinfer.cli import engine_flags, lora_flags, parser_flags, run_program, spec_flags
+from jaxinfer.cli import (
+    chat_flags,
+    engine_flags,
+    lora_flags,
+    parser_flags,
+    run_program,
+    spec_flags,
+)
 
 _CKPT = flags.DEFINE_string("checkpoint", None, "Orbax checkpoint dir, .gguf file or Hugging "
                             "Face model dir (default: SmolLM2).")
 _HOST = flags.DEFINE_string("host", "127.0.0.1", "Address to bind.")
+_API_KEY = flags.DEFINE_string("api_key", None, "Require `Authorization: Bearer <key>` on "
+                               "every endpoint but /health and /metrics (default: "
+                               "$JAXINFER_API_KEY; unset: no key).")
 _PORT = flags.DEFINE_integer("port", 8000, "Port to bind.")
 _MODEL_NAME = flags.DEFINE_string("model_name", None, "Model id clients send (default: the "
                                   "checkpoint's config name).")
@@ -50,8 +62,11 @@ def main(argv):
           config=engine_flags.config(max_queue=_MAX_QUEUE.value, max_loras=_MAX_LORAS.value,
                                      max_lora_rank=_MAX_LORA_RANK.value),
           allow_runtime_lora_updating=_LORA_UPDATING.value,
+          api_key=_API_KEY.value if _API_KEY.value is not None
+          else os.environ.get("JAXINFER_API_KEY"),
           mesh=runtime_flags.MESH.value, fsdp=runtime_flags.FSDP.value,
-          **spec_flags.kwargs(), **runtime_flags.quant_kwargs(), **lora_flags.kwargs())
+          **spec_flags.kwargs(), **runtime_flags.quant_kwargs(), **lora_flags.kwargs(),
+          **chat_flags.kwargs())
 
 
 def run() -> None:
