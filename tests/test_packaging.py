@@ -83,7 +83,7 @@ def test_console_scripts_show_help(installed, cmd):
     if cmd not in ("jaxinfer-convert", "jaxinfer-quantize"):
         assert "--config" in r.stdout and "--mesh" in r.stdout
     if cmd in ("jaxinfer-generate", "jaxinfer-serve", "jaxinfer-batch"):  # shared modules
-        assert "--num_speculative_tokens" in r.stdout
+        assert "--num_speculative_tokens" in r.stdout and "--chat_template" in r.stdout
     if cmd in ("jaxinfer-serve", "jaxinfer-batch"):
         assert "--num_slots" in r.stdout and "--memory_fraction" in r.stdout
 
