@@ -814,28 +814,34 @@ class LLM:
         out = beam_search.outputs(state, [len(p) for p in batch], self.tokenizer)
         return out[0] if single else out
 
-    def chat(self, messages: list[dict[str, str]], *, add_generation_prompt: bool = True,
-             continue_final_message: bool = False,
+    def chat(self, messages: list[dict[str, str]] | list[list[dict[str, str]]], *,
+             add_generation_prompt: bool = True, continue_final_message: bool = False,
              chat_template_kwargs: dict[str, Any] | None = None,
-             tools: list[dict[str, Any]] | None = None, **kw: Any) -> Completion:
+             tools: list[dict[str, Any]] | None = None, **kw: Any) -> Completion | list:
         """Reply to a conversation, `[{"role": "user", "content": ...}, ...]`, through the
-        model's chat template; `continue_final_message` continues the last message (an
-        assistant reply begun for the model) instead of starting a new turn; `tools`
+        model's chat template, or to a list of conversations at once (one batch, a list of
+        replies: vLLM's `LLM.chat`); `continue_final_message` continues the last message
+        (an assistant reply begun for the model) instead of starting a new turn; `tools`
         (OpenAI function tools) go to the template (`tool_calls.ToolCalling` gives the
         constraint and parser of a tool choice). Other keyword arguments as for
-        `generate`."""
-        if (not isinstance(messages, Sequence) or isinstance(messages, str) or not messages
-                or not all(isinstance(m, dict) and isinstance(m.get("role"), str)
-                           for m in messages)):
-            raise BadRequestError("messages must be a non-empty list of {'role': ..., "
-                                  f"'content': ...}} dicts, got {messages!r}", "messages")
-        prompt = self.tokenizer.apply_chat_template(
-            messages, add_generation_prompt=add_generation_prompt and not continue_final_message,
+        `generate` (per-row lists too)."""
+        batch = (isinstance(messages, Sequence) and not isinstance(messages, str)
+                 and len(messages) > 0 and isinstance(messages[0], Sequence)
+                 and not isinstance(messages[0], str | dict))
+        convs = messages if batch else [messages]
+        for conv in convs:
+            if (not isinstance(conv, Sequence) or isinstance(conv, str) or not conv
+                    or not all(isinstance(m, dict) and isinstance(m.get("role"), str)
+                               for m in conv)):
+                raise BadRequestError("messages must be a non-empty list of {'role': ..., "
+                                      f"'content': ...}} dicts (or a list of those), got "
+                                      f"{conv!r}", "messages")
+        tools = None if tools is None else check_tools(tools)
+        prompts = [self.tokenizer.encode(self.tokenizer.apply_chat_template(
+            conv, add_generation_prompt=add_generation_prompt and not continue_final_message,
             continue_final_message=continue_final_message,
-            chat_template_kwargs=chat_template_kwargs,
-            tools=None if tools is None else check_tools(tools))
-        return self.generate(self.tokenizer.encode(prompt), **kw)
-
+            chat_template_kwargs=chat_template_kwargs, tools=tools)) for conv in convs]
+        return self.generate(prompts if batch else prompts[0], **kw)
 
 def load(checkpoint: str | Path | None = None, *, dtype: Any = None,
          mesh: str | jax.sharding.Mesh | None = None, fsdp: bool = False,

@@ -140,6 +140,18 @@ def test_chat_answers_coherently(llm):
     assert "Paris" in out.text and out.finish_reason == "stop"
 
 
+def test_chat_on_a_list_of_conversations(llm):
+    """A list of conversations is one batch, a list of replies, each what the
+    conversation alone gives (greedy)."""
+    convs = [[{"role": "user", "content": "What is the capital of France?"}],
+             [{"role": "user", "content": "Name a primary color."}]]
+    outs = llm.chat(convs, sampling=GREEDY, max_new_tokens=12)
+    assert isinstance(outs, list) and len(outs) == 2
+    for conv, out in zip(convs, outs, strict=True):
+        assert out.token_ids == llm.chat(conv, sampling=GREEDY, max_new_tokens=12).token_ids
+    assert "Paris" in outs[0].text
+
+
 def test_chat_continues_a_begun_reply(llm):
     """continue_final_message: the model continues the assistant's begun reply (no new
     turn); the prompt ends with the begun text, not with <|im_end|>."""

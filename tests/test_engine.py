@@ -533,6 +533,7 @@ def test_n_completions_per_prompt():
     (lambda m: m.generate([5], max_new_tokens=-1), "positive integer, got -1"),
     (lambda m: m.chat("hi"), "messages must be"),
     (lambda m: m.chat([]), "messages must be"),
+    (lambda m: m.chat([[{"role": "user", "content": "a"}], []]), "messages must be"),
 ])
 def test_llm_bad_input_is_a_bad_request(call, match):
     """The library's entry points raise BadRequestError naming the bad value: a token id
