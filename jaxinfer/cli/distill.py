@@ -23,10 +23,12 @@ _WORK = flags.DEFINE_string("workdir", None, "Resumable training state (default:
                             "<output>.work); deleted once the student is saved.")
 _KEEP = flags.DEFINE_bool("keep_workdir", False, "Keep --workdir after a finished run "
                           "(optimizer state: about 3x the student's float32 size).")
-_LAYERS = flags.DEFINE_integer("num_layers", None, "Student layers (default: teacher's).")
+_LAYERS = flags.DEFINE_integer("num_layers", None, "Student layers (default: teacher's).",
+                               lower_bound=1)
 _SELECT = flags.DEFINE_enum("layer_selection", "every_other", ["every_other", "importance"],
                             "Which teacher layers the student starts from.")
-_MLP = flags.DEFINE_integer("mlp_dim", None, "Student MLP width (default: teacher's).")
+_MLP = flags.DEFINE_integer("mlp_dim", None, "Student MLP width (default: teacher's).",
+                            lower_bound=1)
 _STEPS = flags.DEFINE_integer("steps", 100, "Training steps in total.")
 _BATCH = flags.DEFINE_integer("batch_size", 8, "Windows per step.")
 _SEQ = flags.DEFINE_integer("seq_len", 128, "Tokens per window.")

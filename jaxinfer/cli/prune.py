@@ -17,8 +17,10 @@ _CKPT = flags.DEFINE_string("checkpoint", None, "Model to prune (default: SmolLM
 _TEXT = flags.DEFINE_string("text_file", None, "Calibration text (UTF-8).", required=True)
 _OUT = flags.DEFINE_string("output", None, "Directory for the pruned checkpoint.",
                            required=True)
-_LAYERS = flags.DEFINE_integer("num_layers", None, "Layers to keep (default: all).")
-_MLP = flags.DEFINE_integer("mlp_dim", None, "MLP channels to keep per layer (default: all).")
+_LAYERS = flags.DEFINE_integer("num_layers", None, "Layers to keep (default: all).",
+                               lower_bound=1)
+_MLP = flags.DEFINE_integer("mlp_dim", None, "MLP channels to keep per layer (default: all).",
+                            lower_bound=1)
 _SEQ = flags.DEFINE_integer("seq_len", 256, "Tokens per calibration window.")
 _BATCH = flags.DEFINE_integer("batch_size", 4, "Windows per calibration batch.")
 _CALIB = flags.DEFINE_integer("calib_batches", 4, "Calibration batches.")
