@@ -26,13 +26,14 @@ import json
 import socket
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import jax
 import uvicorn
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 from jaxinfer import openai_api as api
@@ -65,7 +66,8 @@ def create_app(engine: Engine, model_name: str, max_stored_responses: int = 1024
                tool_call_parser: str | None = None,
                reasoning_parser: str | None = None,
                allow_runtime_lora_updating: bool = False,
-               api_key: str | None = None) -> FastAPI:
+               api_key: str | None = None,
+               allowed_origins: Sequence[str] = ()) -> FastAPI:
     """The OpenAI-compatible app over `engine`; the Responses API keeps the latest
     `max_stored_responses` responses in memory (openai_responses.ResponseStore);
     `tool_call_parser` ("hermes") reads tool calls from free text (tool_choice "auto");
@@ -73,7 +75,8 @@ def create_app(engine: Engine, model_name: str, max_stored_responses: int = 1024
     reasoning_content; `allow_runtime_lora_updating` adds vLLM's load/unload LoRA adapter
     endpoints (the engine needs room: EngineConfig.max_loras); with `api_key` every
     endpoint but /health and /metrics wants `Authorization: Bearer <api_key>` (401
-    otherwise), as OpenAI's and vLLM's servers do."""
+    otherwise), as OpenAI's and vLLM's servers do; `allowed_origins` are the web origins
+    whose pages may call the server from a browser (CORS; "*" for any, none by default)."""
     if allow_runtime_lora_updating and not engine.config.max_loras:
         raise ConfigError("runtime LoRA updating needs room for adapters in the engine: "
                           "set --max_loras (EngineConfig.max_loras)")
@@ -93,11 +96,16 @@ def create_app(engine: Engine, model_name: str, max_stored_responses: int = 1024
         @app.middleware("http")
         async def _authorize(request, call_next):
             given = request.headers.get("authorization", "").encode()
-            if request.url.path not in OPEN_PATHS and not hmac.compare_digest(given, want):
+            if (request.method != "OPTIONS" and request.url.path not in OPEN_PATHS
+                    and not hmac.compare_digest(given, want)):
                 return JSONResponse(api.error_body(
                     "missing or incorrect API key (send Authorization: Bearer <key>)",
                     code="invalid_api_key"), status_code=401)
             return await call_next(request)
+
+    if allowed_origins:  # added last: outermost, so preflights get their answer first
+        app.add_middleware(CORSMiddleware, allow_origins=list(allowed_origins),
+                           allow_methods=["*"], allow_headers=["*"])
 
     @app.exception_handler(api.ApiError)
     async def _api_error(_, e: api.ApiError):
@@ -597,7 +605,8 @@ def serve(checkpoint: str | None = None, host: str = "127.0.0.1", port: int = 80
           num_speculative_tokens: int = 4, ngram_size: int = 3,
           max_stored_responses: int = 1024, tool_call_parser: str | None = None,
           reasoning_parser: str | None = None, allow_runtime_lora_updating: bool = False,
-          api_key: str | None = None, **load_kw) -> None:
+          api_key: str | None = None, allowed_origins: Sequence[str] = (),
+          **load_kw) -> None:
     """Load a checkpoint, build and warm the engine, serve until interrupted. `load_kw`
     goes to LLM.load (mesh, fsdp, quantize, group_size, kv_dtype); `draft` ("ngram" or a
     checkpoint) turns on speculative decoding in the engine. In a multi-process run
@@ -626,7 +635,8 @@ def serve(checkpoint: str | None = None, host: str = "127.0.0.1", port: int = 80
         name = model_name or llm.cfg.name
         try:
             app = create_app(engine, name, max_stored_responses, tool_call_parser,
-                             reasoning_parser, allow_runtime_lora_updating, api_key)
+                             reasoning_parser, allow_runtime_lora_updating, api_key,
+                             allowed_origins)
             uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level,
                                           lifespan="off", timeout_graceful_shutdown=5)
                            ).run(sockets=[sock])

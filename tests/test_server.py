@@ -470,3 +470,28 @@ def test_api_key(engine):
         assert client.completions.create(model=MODEL, prompt="ab", max_tokens=2).choices
         with pytest.raises(openai.AuthenticationError):
             openai.OpenAI(base_url=srv.url + "/v1", api_key="nope").models.list()
+
+
+def test_cors_allowed_origins(engine):
+    """Browsers may call the server only from allowed origins (none by default); a
+    preflight is answered before the API key is asked for, the call itself still needs it."""
+    origin = "http://ui.example"
+    pre = {"Origin": origin, "Access-Control-Request-Method": "POST",
+           "Access-Control-Request-Headers": "authorization,content-type"}
+    with BackgroundServer(create_app(engine, MODEL)) as srv:
+        r = requests.options(f"{srv.url}/v1/completions", headers=pre, timeout=30)
+        assert "access-control-allow-origin" not in r.headers
+    with BackgroundServer(create_app(engine, MODEL, api_key="k",
+                                     allowed_origins=[origin])) as srv:
+        r = requests.options(f"{srv.url}/v1/completions", headers=pre, timeout=30)
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == origin
+        r = requests.options(f"{srv.url}/v1/completions", timeout=30,
+                             headers=dict(pre, Origin="http://elsewhere.example"))
+        assert r.headers.get("access-control-allow-origin") != "http://elsewhere.example"
+        body = {"model": MODEL, "prompt": "ab", "max_tokens": 2}
+        r = requests.post(f"{srv.url}/v1/completions", json=body, timeout=30,
+                          headers={"Origin": origin, "Authorization": "Bearer k"})
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == origin
+        r = requests.post(f"{srv.url}/v1/completions", json=body, timeout=30,
+                          headers={"Origin": origin})
+        assert r.status_code == 401

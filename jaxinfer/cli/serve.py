@@ -30,6 +30,9 @@ _API_KEY = flags.DEFINE_string("api_key", None, "Require `Authorization: Bearer 
                                "every endpoint but /health and /metrics (default: "
                                "$JAXINFER_API_KEY; unset: no key).")
 _PORT = flags.DEFINE_integer("port", 8000, "Port to bind.")
+_ORIGINS = flags.DEFINE_list("allowed_origins", [], "Web origins whose pages may call the "
+                             "server from a browser (CORS), e.g. 'http://localhost:3000'; "
+                             "'*' for any (default: none).")
 _MODEL_NAME = flags.DEFINE_string("model_name", None, "Model id clients send (default: the "
                                   "checkpoint's config name).")
 _DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"],
@@ -63,7 +66,7 @@ def main(argv):
                                      max_lora_rank=_MAX_LORA_RANK.value),
           allow_runtime_lora_updating=_LORA_UPDATING.value,
           api_key=_API_KEY.value if _API_KEY.value is not None
-          else os.environ.get("JAXINFER_API_KEY"),
+          else os.environ.get("JAXINFER_API_KEY"), allowed_origins=_ORIGINS.value,
           mesh=runtime_flags.MESH.value, fsdp=runtime_flags.FSDP.value,
           **spec_flags.kwargs(), **runtime_flags.quant_kwargs(), **lora_flags.kwargs(),
           **chat_flags.kwargs())
