@@ -59,7 +59,7 @@ from jaxinfer.structured import Constraint
 from jaxinfer.tokenizer import Tokenizer
 from jaxinfer.tool_calls import PARSERS, ToolCalling
 
-OPEN_PATHS = ("/health", "/metrics")  # answered without the API key (probes, scrapers)
+OPEN_PATHS = ("/health", "/metrics", "/version")  # no API key needed (probes, scrapers)
 
 
 def create_app(engine: Engine, model_name: str, max_stored_responses: int = 1024,
@@ -74,7 +74,7 @@ def create_app(engine: Engine, model_name: str, max_stored_responses: int = 1024
     `reasoning_parser` ("qwen3", "deepseek_r1") moves a chat answer's <think> part to
     reasoning_content; `allow_runtime_lora_updating` adds vLLM's load/unload LoRA adapter
     endpoints (the engine needs room: EngineConfig.max_loras); with `api_key` every
-    endpoint but /health and /metrics wants `Authorization: Bearer <api_key>` (401
+    endpoint but /health, /metrics and /version wants `Authorization: Bearer <api_key>` (401
     otherwise), as OpenAI's and vLLM's servers do; `allowed_origins` are the web origins
     whose pages may call the server from a browser (CORS; "*" for any, none by default)."""
     if allow_runtime_lora_updating and not engine.config.max_loras:
@@ -120,6 +120,12 @@ def create_app(engine: Engine, model_name: str, max_stored_responses: int = 1024
             return JSONResponse(api.error_body(msg), status_code=400)
         bad = api.validation_error(err)
         return JSONResponse(bad.body(), status_code=400)
+
+    @app.get("/version")
+    async def version():
+        from jaxinfer import __version__
+
+        return {"version": __version__}
 
     @app.get("/health")
     async def health():

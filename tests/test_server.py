@@ -463,6 +463,7 @@ def test_api_key(engine):
                                     json={"prompt": "ab"}, timeout=30).status_code == 401
         assert requests.get(srv.url + "/health", timeout=30).status_code == 200
         assert requests.get(srv.url + "/metrics", timeout=30).status_code == 200
+        assert requests.get(srv.url + "/version", timeout=30).json()["version"]
         ok = requests.post(f"{srv.url}/v1/completions", json=body, timeout=30,
                            headers={"Authorization": "Bearer s3cret"})
         assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 2

@@ -6,7 +6,7 @@
 
 Binds 127.0.0.1 unless --host says otherwise. Endpoints: /v1/completions,
 /v1/chat/completions (stream: true for server-sent events), /v1/responses, /v1/models,
-/tokenize, /detokenize, /health, /metrics.
+/tokenize, /detokenize, /health, /version, /metrics.
 """
 
 import os
