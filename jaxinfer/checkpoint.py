@@ -65,7 +65,6 @@ def save_checkpoint(path: str | Path, cfg: ModelConfig, weights: Weights,
     """
     import orbax.checkpoint as ocp
 
-
     path = Path(path).absolute()
     if path.exists() and (not path.is_dir() or any(path.iterdir())):
         raise CheckpointError(f"checkpoint path already exists and is not empty: {path}")

@@ -103,6 +103,17 @@ def _kv_dtype(dtype: Any) -> Any:
     return dt
 
 
+def _as_batch(prompts: Any) -> tuple[list, bool]:
+    """(the prompts as a list, whether one prompt was given): a string or a list of token
+    ids is one prompt, a list of those a batch; anything else is a BadRequestError."""
+    if not isinstance(prompts, str | Sequence | np.ndarray):
+        raise BadRequestError(f"prompts must be a string, a list of token ids or a list of "
+                              f"those, got {prompts!r}", "prompt")
+    single = isinstance(prompts, str) or (
+        len(prompts) > 0 and isinstance(prompts[0], int | np.integer))
+    return ([prompts] if single else list(prompts)), single
+
+
 def _compute_dtype(dtype: Any) -> Any:
     """The compute dtype: None -> default_dtype(); anything but a 16/32-bit float is a
     ConfigError (int8 would cast the weights to integers; float64 needs jax_enable_x64)."""
@@ -487,12 +498,7 @@ class LLM:
         With `SamplingParams(n=k)` a prompt gets k completions (vLLM's n), returned as a
         list in its place.
         """
-        if not isinstance(prompts, str | Sequence | np.ndarray):
-            raise BadRequestError(f"prompts must be a string, a list of token ids or a list "
-                                  f"of those, got {prompts!r}", "prompt")
-        single = isinstance(prompts, str) or (
-            len(prompts) > 0 and isinstance(prompts[0], int | np.integer))
-        batch = [prompts] if single else list(prompts)
+        batch, single = _as_batch(prompts)
         if not batch:
             raise BadRequestError("no prompts given")
         sp = sampling if isinstance(sampling, list) else [sampling or SamplingParams()] * len(batch)
@@ -747,12 +753,8 @@ class LLM:
                 dimensions, int) or not 1 <= dimensions <= self.cfg.d_model):
             raise BadRequestError(f"dimensions must be an integer in [1, {self.cfg.d_model}], "
                                   f"got {dimensions!r}", "dimensions")
-        if not isinstance(prompts, str | Sequence | np.ndarray):
-            raise BadRequestError(f"prompts must be a string, a list of token ids or a list "
-                                  f"of those, got {prompts!r}", "prompt")
-        single = isinstance(prompts, str) or (
-            len(prompts) > 0 and isinstance(prompts[0], int | np.integer))
-        batch = [self.encode(p) for p in ([prompts] if single else list(prompts))]
+        batch, single = _as_batch(prompts)
+        batch = [self.encode(p) for p in batch]
         if not batch or any(not p for p in batch):
             raise BadRequestError("no prompts given, or an empty one", "input")
         ids = self._adapter_ids(adapter, len(batch))
@@ -785,12 +787,8 @@ class LLM:
         Hugging Face's `generate(num_beams=...)` find them (the same rules, so the same
         hypotheses on the same weights). One jitted loop on device; the budget and length
         penalty are traced, so new values never recompile. `adapter` as in `generate`."""
-        if not isinstance(prompts, str | Sequence | np.ndarray):
-            raise BadRequestError(f"prompts must be a string, a list of token ids or a list "
-                                  f"of those, got {prompts!r}", "prompt")
-        single = isinstance(prompts, str) or (
-            len(prompts) > 0 and isinstance(prompts[0], int | np.integer))
-        batch = [self.encode(p, chat) for p in ([prompts] if single else list(prompts))]
+        batch, single = _as_batch(prompts)
+        batch = [self.encode(p, chat) for p in batch]
         if not batch:
             raise BadRequestError("no prompts given")
         if not isinstance(beam_width, int) or isinstance(beam_width, bool) or not (

@@ -83,13 +83,12 @@ def main(argv):
     scratch = _SCRATCH.value
     if scratch is not None and not Path(scratch).is_dir():
         raise ConversionError(f"--scratch_dir {scratch} is not a directory")
-    with contextlib.ExitStack() as stack:
-        if scratch is not None:
-            scratch = stack.enter_context(tempfile.TemporaryDirectory(dir=scratch))
-        # Float weights held as the checkpoint stores them, unless a LoRA merge or a
-        # quantization still works on them (in float32, as without this).
-        dtype = np.float32 if _LORA.value or qc else jnp.dtype(_DTYPE.value)
-        _convert(src, out, mode, qc, stream, Storage(dtype, scratch))
+    # Float weights held as the checkpoint stores them, unless a LoRA merge or a
+    # quantization still works on them (in float32, as without this).
+    dtype = np.float32 if _LORA.value or qc else jnp.dtype(_DTYPE.value)
+    with (tempfile.TemporaryDirectory(dir=scratch) if scratch is not None
+          else contextlib.nullcontext()) as files:
+        _convert(src, out, mode, qc, stream, Storage(dtype, files))
 
 
 def _convert(src, out, mode, qc, stream, storage) -> None:

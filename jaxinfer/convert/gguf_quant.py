@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from jaxinfer.config import ModelConfig
-from jaxinfer.convert.hf_quant import E2M1_X2, e8m0_half
+from jaxinfer.convert.hf_quant import ggml_mxfp4_int8
 from jaxinfer.errors import ConversionError
 from jaxinfer.quant import QArray, QuantConfig, QuantSpec
 from jaxinfer.weights import EMBED_QUANT_AXES, LINEAR_QUANT_AXES
@@ -73,15 +73,10 @@ def blocks(t: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
 
 
 def mxfp4_blocks(t: Any) -> tuple[np.ndarray, np.ndarray]:
-    """A ggml MXFP4 tensor kept exactly as int8 (values int8 [R, C] = 2 * E2M1, scales
-    f32 [R, C / 32] = 2 ** (e - 128); hf_quant.py), its leading dims flattened into R. A
-    block is one E8M0 byte, then 16 bytes holding values j and j + 16 in the low and high
-    nibble of byte j."""
-    *outer, C = (int(s) for s in reversed(t.shape))
-    b = np.asarray(t.data.view(np.ndarray)).reshape(int(np.prod(outer)), C // BLOCK, 17)
-    qs = b[..., 1:]
-    codes = np.concatenate([qs & 0x0F, qs >> 4], axis=-1)
-    return E2M1_X2[codes].reshape(-1, C), e8m0_half(b[..., 0])
+    """A ggml MXFP4 tensor kept exactly as int8 (values int8 [R, C], scales f32
+    [R, C / 32]: hf_quant.ggml_mxfp4_int8), its leading dims flattened into R."""
+    raw = np.asarray(t.data.view(np.ndarray))
+    return ggml_mxfp4_int8(raw.reshape(-1, raw.shape[-1]))
 
 
 def _rows_to_layout(a: np.ndarray, shape: tuple[int, ...], group_axis: int, grouped: bool

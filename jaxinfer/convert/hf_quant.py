@@ -51,20 +51,20 @@ E2M1_X2 = np.array([0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12], np
 MXFP4_BLOCK = 32
 
 
-def e8m0_half(exponents: np.ndarray) -> np.ndarray:
-    """The scale of an MXFP4 block whose values are kept as 2 * E2M1: 2 ** (e - 128)."""
-    return np.ldexp(np.float32(1), exponents.astype(np.int32) - 128).astype(np.float32)
+def ggml_mxfp4_int8(ggml: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """ggml MXFP4 bytes u8[..., rows, G * 17] kept exactly: (int8[..., rows, G * 32] =
+    2 * E2M1, float32[..., rows, G] = 2 ** (e - 128)); their product per 32-block is the
+    dequantized value."""
+    b = ggml.reshape(*ggml.shape[:-1], -1, GGML_BLOCK)
+    qs = b[..., 1:]  # values j and j + 16 in the low and high nibble of byte j
+    codes = np.concatenate([qs & 0x0F, qs >> 4], axis=-1)
+    scales = np.ldexp(np.float32(1), b[..., 0].astype(np.int32) - 128).astype(np.float32)
+    return E2M1_X2[codes].reshape(*ggml.shape[:-1], -1), scales
 
 
 def mxfp4_int8(blocks: np.ndarray, scales: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(int8[..., rows, G * 32], float32[..., rows, G]) whose product per 32-block is
-    `mxfp4_dequantize`'s value exactly."""
-    if blocks.shape[:-1] != scales.shape or blocks.shape[-1] != 16:
-        raise ValueError(f"MXFP4 blocks {blocks.shape} and scales {scales.shape} do not pair "
-                         f"(blocks must be [..., G, 16], scales [..., G])")
-    codes = np.stack([blocks & 0x0F, blocks >> 4], axis=-1)  # the even value in the low nibble
-    values = E2M1_X2[codes].reshape(*blocks.shape[:-2], blocks.shape[-2] * MXFP4_BLOCK)
-    return values, e8m0_half(scales)
+    """Hugging Face's MXFP4 blocks and scales kept exactly (`ggml_mxfp4_int8`)."""
+    return ggml_mxfp4_int8(to_ggml_blocks(blocks, scales))
 
 
 def fp8_dequantize(w: np.ndarray, scale_inv: np.ndarray,
