@@ -652,3 +652,31 @@ def test_gguf_dequantizes_in_row_chunks(smollm2_gguf, monkeypatch):
     got, peak = _peak_bytes(jg._dequantize, t)
     np.testing.assert_array_equal(got, whole)
     assert peak < 1.1 * got.nbytes, peak / got.nbytes
+
+
+def test_checkpoints_are_written_in_bounded_chunks(tmp_path, monkeypatch):
+    """Arrays larger than checkpoint.DATA_FILE_BYTES are cut into chunks of about that
+    size (Orbax wrote each array as one chunk: tensorstore built it whole in memory, and a
+    device restoring its shard decoded all of it); they restore equal, sharded too."""
+    import tensorstore as ts
+
+    from jaxinfer import checkpoint
+    from jaxinfer.sharding import make_mesh
+    from jaxinfer.weights import weight_shardings, weight_specs
+
+    from .helpers import tiny_weights
+
+    monkeypatch.setattr(checkpoint, "DATA_FILE_BYTES", 2**16)
+    cfg = TINY.replace(d_model=128, mlp_dim=512, num_layers=4)
+    w = jax.tree.map(np.asarray, tiny_weights(cfg))
+    assert w["layers"]["w_up"].nbytes > 4 * 2**16
+    checkpoint.save_checkpoint(tmp_path / "ck", cfg, w)
+    t = ts.open({"driver": "zarr", "kvstore": {"driver": "ocdbt",
+                 "base": f"file://{tmp_path / 'ck' / 'weights'}"}, "path": "layers.w_up"},
+                open=True).result()
+    chunk = t.chunk_layout.read_chunk.shape
+    assert np.prod(chunk) * 4 <= 2**16 < w["layers"]["w_up"].nbytes, chunk
+    mesh = make_mesh("data:2,model:4")
+    shardings = weight_shardings(weight_specs(cfg), mesh)
+    _, got = load_checkpoint(tmp_path / "ck", shardings=shardings)
+    _assert_same(jax.tree.map(np.asarray, got), w)
