@@ -34,11 +34,14 @@ def run_main(main: Callable[[list[str]], Any]) -> None:
 
 def _parse_flags(argv: list[str]) -> list[str]:
     """absl's parse, but a bad flag (unknown, or a value of the wrong type) is the same
-    one `error:` line and exit 2 as any other bad input, not absl's FATAL and exit 1."""
+    one `error:` line and exit 2 as any other bad input, not absl's FATAL and exit 1; and
+    `--help` (absl exits 1 after printing it, the only exit its parse makes) succeeds."""
     try:
         return flags.FLAGS(argv)
     except flags.Error as e:
         _exit_with_error(" ".join(str(e).split()))
+    except SystemExit as e:
+        raise SystemExit(0 if e.code == 1 else e.code) from None
 
 
 def _exit_with_error(msg: str, status: int = 2) -> None:

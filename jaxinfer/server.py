@@ -59,7 +59,7 @@ from jaxinfer.structured import Constraint
 from jaxinfer.tokenizer import Tokenizer
 from jaxinfer.tool_calls import PARSERS, ToolCalling
 
-OPEN_PATHS = ("/health", "/metrics", "/version")  # no API key needed (probes, scrapers)
+PROTECTED_PREFIX = "/v1/"  # what an API key guards; /health, /metrics, /tokenize... stay open
 
 
 def create_app(engine: Engine, model_name: str, max_stored_responses: int = 1024,
@@ -74,8 +74,8 @@ def create_app(engine: Engine, model_name: str, max_stored_responses: int = 1024
     `reasoning_parser` ("qwen3", "deepseek_r1") moves a chat answer's <think> part to
     reasoning_content; `allow_runtime_lora_updating` adds vLLM's load/unload LoRA adapter
     endpoints (the engine needs room: EngineConfig.max_loras); with `api_key` every
-    endpoint but /health, /metrics and /version wants `Authorization: Bearer <api_key>` (401
-    otherwise), as OpenAI's and vLLM's servers do; `allowed_origins` are the web origins
+    /v1/ endpoint wants `Authorization: Bearer <api_key>` (401 otherwise), as OpenAI's and
+    vLLM's servers do; like vLLM's, the others (probes, metrics, /tokenize) stay open; `allowed_origins` are the web origins
     whose pages may call the server from a browser (CORS; "*" for any, none by default)."""
     if allow_runtime_lora_updating and not engine.config.max_loras:
         raise ConfigError("runtime LoRA updating needs room for adapters in the engine: "
@@ -96,7 +96,7 @@ def create_app(engine: Engine, model_name: str, max_stored_responses: int = 1024
         @app.middleware("http")
         async def _authorize(request, call_next):
             given = request.headers.get("authorization", "").encode()
-            if (request.method != "OPTIONS" and request.url.path not in OPEN_PATHS
+            if (request.method != "OPTIONS" and request.url.path.startswith(PROTECTED_PREFIX)
                     and not hmac.compare_digest(given, want)):
                 return JSONResponse(api.error_body(
                     "missing or incorrect API key (send Authorization: Bearer <key>)",

@@ -149,3 +149,14 @@ def test_chat_template_flag_replaces_the_models(smollm2_checkpoint, tmp_path):
     default = json.loads(run("--chat", "--prompt", "What is the capital of France?",
                              *common).stdout.strip().splitlines()[-1])
     assert default["prompt_tokens"] != got["prompt_tokens"]  # the model's own differs
+
+
+@pytest.mark.parametrize("script", sorted(p.name for p in (ROOT / "scripts").glob("*.py")))
+def test_help_exits_zero(script):
+    """`--help` is a success (absl's own convention is status 1): it prints the script's
+    usage and flags on stdout, loads no model and leaves stderr empty."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / script), "--help"],
+                       capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode == 0, r.stderr
+    assert "--helpfull" in r.stdout and "error" not in r.stderr.lower(), r.stderr

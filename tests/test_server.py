@@ -447,9 +447,9 @@ def test_serve_script_refuses_a_port_before_loading(port, tmp_path):
 
 
 def test_api_key(engine):
-    """With an API key every endpoint but /health and /metrics wants `Authorization:
-    Bearer <key>`: without it, or with another key, a 401 in OpenAI's error shape; the
-    OpenAI client sends it as api_key."""
+    """With an API key every /v1/ endpoint wants `Authorization: Bearer <key>`: without
+    it, or with another key, a 401 in OpenAI's error shape; the OpenAI client sends it as
+    api_key. As in vLLM, the paths outside /v1/ (probes, metrics, /tokenize) stay open."""
     import openai
 
     with BackgroundServer(create_app(engine, MODEL, api_key="s3cret")) as srv:
@@ -458,9 +458,13 @@ def test_api_key(engine):
             r = requests.post(f"{srv.url}/v1/completions", json=body, headers=headers,
                               timeout=30)
             assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
-        for path in ("/v1/models", "/tokenize"):
-            assert requests.request("GET" if "models" in path else "POST", srv.url + path,
-                                    json={"prompt": "ab"}, timeout=30).status_code == 401
+        assert requests.get(srv.url + "/v1/models", timeout=30).status_code == 401
+        assert requests.post(srv.url + "/v1/embeddings", json={"model": MODEL, "input": "ab"},
+                             timeout=30).status_code == 401
+        tok = requests.post(srv.url + "/tokenize", json={"prompt": "ab"}, timeout=30)
+        assert tok.status_code == 200 and tok.json()["count"] >= 1
+        assert requests.post(srv.url + "/detokenize", json={"tokens": tok.json()["tokens"]},
+                             timeout=30).json()["prompt"] == "ab"
         assert requests.get(srv.url + "/health", timeout=30).status_code == 200
         assert requests.get(srv.url + "/metrics", timeout=30).status_code == 200
         assert requests.get(srv.url + "/version", timeout=30).json()["version"]

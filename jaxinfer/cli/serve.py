@@ -27,8 +27,8 @@ _CKPT = flags.DEFINE_string("checkpoint", None, "Orbax checkpoint dir, .gguf fil
                             "Face model dir (default: SmolLM2).")
 _HOST = flags.DEFINE_string("host", "127.0.0.1", "Address to bind.")
 _API_KEY = flags.DEFINE_string("api_key", None, "Require `Authorization: Bearer <key>` on "
-                               "every endpoint but /health, /metrics and /version (default: "
-                               "$JAXINFER_API_KEY; unset: no key).")
+                               "every /v1/ endpoint, as vLLM (default: $JAXINFER_API_KEY; "
+                               "unset: no key).")
 _PORT = flags.DEFINE_integer("port", 8000, "Port to bind.")
 _ORIGINS = flags.DEFINE_list("allowed_origins", [], "Web origins whose pages may call the "
                              "server from a browser (CORS), e.g. 'http://localhost:3000'; "
