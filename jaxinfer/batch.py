@@ -55,7 +55,7 @@ from jaxinfer.tool_calls import PARSERS as TOOL_PARSERS
 SAMPLING_FIELDS = (*api.SAMPLING_FIELDS, "logprobs", "prompt_logprobs")
 CONSTRAINT_FIELDS = ("response_format", "guided_json", "guided_regex", "guided_choice",
                      "guided_grammar")  # structured output, as the server takes them
-_KNOWN = {"id", "prompt", "messages", "max_tokens", "stop", "metadata", "adapter",
+_KNOWN = {"id", "prompt", "messages", "max_tokens", "stop", "metadata", "adapter", "priority",
           *SAMPLING_FIELDS, *CONSTRAINT_FIELDS}
 
 
@@ -125,7 +125,8 @@ class _OpenAILine:
                                           self.served, prompts, chat, adapter)
             return []
         kw: dict[str, Any] = dict(stop=req.stop_list(), constraint=req.constraint(),
-                                  max_tokens=req.token_budget(), adapter=adapter)
+                                  max_tokens=req.token_budget(), adapter=adapter,
+                                  priority=req.priority or 0)
         if isinstance(req, rs.ResponsesRequest):
             if req.previous_response_id is not None:
                 raise api.ApiError(400, "previous_response_id is not supported in batch jobs "
@@ -277,6 +278,8 @@ def parse_request(obj: Any, defaults: dict[str, Any]) -> dict[str, Any]:
             raise BadRequestError(f"adapter must be a LoRA adapter's name, got "
                                   f"{obj['adapter']!r}")
         kw["adapter"] = obj["adapter"]
+    if obj.get("priority") is not None:
+        kw["priority"] = obj["priority"]  # Engine.submit checks it
     return kw
 
 

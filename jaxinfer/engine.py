@@ -116,6 +116,9 @@ class ContextLengthError(BadRequestError):
     """Prompt plus max_tokens does not fit in a slot (or the model's context)."""
 
 
+SCHEDULING_POLICIES = ("fcfs", "priority")
+
+
 @dataclasses.dataclass(frozen=True)
 class EngineConfig:
     # B: rows decoded together. None: as many as fit in `memory_fraction` of the device
@@ -133,6 +136,10 @@ class EngineConfig:
     # adapters given included) and the largest rank they may have. 0: no runtime loading.
     max_loras: int = 0
     max_lora_rank: int = 16
+    # Which queued request gets the next free slot: "fcfs" (arrival order) or "priority"
+    # (the lowest `priority` first, arrival order among equals; vLLM's policy of the same
+    # name). A running request keeps its slot: priority orders the queue, it never preempts.
+    scheduling_policy: str = "fcfs"
 
     def __post_init__(self) -> None:
         for name in ("num_slots", "max_len", "max_queue", "prefill_token_budget",
@@ -149,6 +156,9 @@ class EngineConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < least:
                 raise ConfigError(f"engine {name} must be an integer >= {least}, got {v!r}")
+        if self.scheduling_policy not in SCHEDULING_POLICIES:
+            raise ConfigError(f"engine scheduling_policy must be one of "
+                              f"{list(SCHEDULING_POLICIES)}, got {self.scheduling_policy!r}")
         if self.prefix_block < 0 or self.prefix_cache_mb < 0:
             raise ConfigError("engine prefix_block and prefix_cache_mb must be >= 0, got "
                               f"{self.prefix_block} and {self.prefix_cache_mb}")
@@ -461,17 +471,20 @@ class Engine:
                sampling: SamplingParams | None = None, max_tokens: int | None = None,
                stop: str | Sequence[str] = (), on_finish: Callable[[Request], None] | None
                = None, block: bool = False, constraint: Constraint | None = None,
-               adapter: str | None = None, _warmup: bool = False) -> Request:
+               adapter: str | None = None, priority: int = 0,
+               _warmup: bool = False) -> Request:
         """Queue a request. `max_tokens` None fills the slot. Raises BadRequestError
         (ContextLengthError) for bad input and EngineOverloadedError when the queue is
         full, unless `block` waits for room. `on_finish` runs on the engine thread. With
         `constraint` (structured.py) the output matches a JSON schema, regex, choice or
         grammar. `adapter` names a LoRA adapter the engine was built with (None: the base
-        model). In a multi-process run only process 0 submits (NotLeaderError
+        model). `priority` (lower first; EngineConfig.scheduling_policy "priority" only)
+        orders the queue. In a multi-process run only process 0 submits (NotLeaderError
         elsewhere)."""
         if not self.is_leader:
             raise NotLeaderError(f"process {jax.process_index()} follows process 0's engine; "
                                  "submit requests on process 0")
+        self._check_priority(priority)
         ids = self.encode(prompt, messages, chat_options)
         if sampling is not None:
             ids = sampling.truncate(ids)
@@ -520,13 +533,32 @@ class Engine:
             req = Request(self._next_id, ids, sampling, int(max_tokens),  # before the inbox
                           tuple(s for s in stop if s), self._cancel, on_finish, _warmup)
             req.constraint, req.matcher, req.adapter = constraint, matcher, adapter_id
+            req.priority = int(priority)
             self._next_id += 1
             self._submitted[req.id] = req
             self._inbox.append(sync.Submit(req.id, ids, sampling, req.max_tokens, req.stop,
                                            _warmup, None if constraint is None
-                                           else constraint.to_json(), adapter_id))
+                                           else constraint.to_json(), adapter_id,
+                                           req.priority))
             self._cv.notify_all()
         return req
+
+    def _check_priority(self, priority: Any) -> None:
+        if isinstance(priority, bool) or not isinstance(priority, (int, np.integer)):
+            raise BadRequestError(f"priority must be an integer, got {priority!r}", "priority")
+        if priority and self.config.scheduling_policy != "priority":
+            raise BadRequestError(f"priority={priority} needs the priority scheduling policy "
+                                  "(--scheduling_policy=priority)", "priority")
+
+    def _enqueue(self, req: Request) -> None:
+        """Queue order: arrival (ids grow), or (priority, arrival) under that policy."""
+        if self.config.scheduling_policy == "fcfs" or not self._queue:
+            self._queue.append(req)
+            return
+        key = (req.priority, req.id)
+        at = next((i for i, q in enumerate(self._queue) if (q.priority, q.id) > key),
+                  len(self._queue))
+        self._queue.insert(at, req)
 
     @property
     def adapter_names(self) -> list[str]:
@@ -748,13 +780,13 @@ class Engine:
                 if req is None:  # a follower: its own copy of process 0's request
                     req = Request(e.id, e.prompt_ids, e.sampling, e.max_tokens, e.stop,
                                   self._cancel, None, e.warmup)
-                    req.adapter = e.adapter
+                    req.adapter, req.priority = e.adapter, e.priority
                     if e.constraint is not None:
                         req.constraint = Constraint.from_json(e.constraint)
                         req.matcher = self._grammars.matcher(req.constraint)
                 self._live[e.id] = req
                 with self._cv:
-                    self._queue.append(req)
+                    self._enqueue(req)
                 continue
             req = self._live.get(e.id)
             if req is None or req.done:

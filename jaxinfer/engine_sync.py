@@ -44,6 +44,7 @@ class Submit:
     warmup: bool
     constraint: dict | None = None  # structured.Constraint.to_json()
     adapter: int = 0  # LoRA adapter index (0: none)
+    priority: int = 0  # queue order under the priority scheduling policy (lower first)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,7 +80,8 @@ def decode(data: bytes) -> list[Event]:
             s = d["submit"]
             events.append(Submit(s["id"], s["prompt_ids"], SamplingParams(**s["sampling"]),
                                  s["max_tokens"], tuple(s["stop"]), s["warmup"],
-                                 s.get("constraint"), s.get("adapter", 0)))
+                                 s.get("constraint"), s.get("adapter", 0),
+                                 s.get("priority", 0)))
         elif "cancel" in d:
             events.append(Cancel(d["cancel"]))
         else:

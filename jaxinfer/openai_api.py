@@ -114,6 +114,7 @@ class _Request(BaseModel):
     truncate_prompt_tokens: int | None = None  # extension (vLLM): keep the prompt's last n
     allowed_token_ids: list[int] | None = None  # extension (vLLM): sample only these
     bad_words: list[str] | None = None  # extension (vLLM): never complete these words
+    priority: int | None = None  # extension (vLLM): queue order, lower first
     # Structured output: OpenAI's response_format, or vLLM's guided_* extensions.
     response_format: dict[str, Any] | None = None
     guided_json: dict[str, Any] | str | None = None

@@ -59,6 +59,7 @@ class Request:
         # Engine-thread state.
         self.cancel_seen = False  # the engine applied the cancel (at a turn boundary)
         self.adapter = 0  # LoRA adapter index in the engine's stack (0: none)
+        self.priority = 0  # queue order under the priority policy (lower first)
         self.constraint: Any = None  # structured.Constraint, and its llguidance matcher
         self.matcher: Any = None
         self.token_ids: list[int] = []

@@ -75,8 +75,9 @@ def create_app(engine: Engine, model_name: str, max_stored_responses: int = 1024
     reasoning_content; `allow_runtime_lora_updating` adds vLLM's load/unload LoRA adapter
     endpoints (the engine needs room: EngineConfig.max_loras); with `api_key` every
     /v1/ endpoint wants `Authorization: Bearer <api_key>` (401 otherwise), as OpenAI's and
-    vLLM's servers do; like vLLM's, the others (probes, metrics, /tokenize) stay open; `allowed_origins` are the web origins
-    whose pages may call the server from a browser (CORS; "*" for any, none by default)."""
+    vLLM's servers do; like vLLM's, the others (probes, metrics, /tokenize) stay open;
+    `allowed_origins` are the web origins whose pages may call the server from a browser
+    (CORS; "*" for any, none by default)."""
     if allow_runtime_lora_updating and not engine.config.max_loras:
         raise ConfigError("runtime LoRA updating needs room for adapters in the engine: "
                           "set --max_loras (EngineConfig.max_loras)")
@@ -357,7 +358,8 @@ def _submit_one(engine: Engine, body: api._Request, prompt: dict[str, Any],
                 constraint: Constraint | None, adapter: str | None = None) -> Request:
     try:
         return engine.submit(**prompt, sampling=sampling, max_tokens=max_tokens,
-                             stop=body.stop_list(), constraint=constraint, adapter=adapter)
+                             stop=body.stop_list(), constraint=constraint, adapter=adapter,
+                             priority=body.priority or 0)
     except ContextLengthError as e:
         raise api.ApiError(400, str(e), "messages" if "messages" in prompt else "prompt",
                            "context_length_exceeded") from e

@@ -143,6 +143,29 @@ def test_results_errors_and_resume(tmp_path):
         assert run_batch(eng, inp, out, progress=False).written == 0
 
 
+@pytest.mark.parametrize("policy", ["fcfs", "priority"])
+def test_priority_field(policy, tmp_path):
+    """Both line formats take vLLM's `priority`; an engine without the priority policy
+    answers a nonzero one with an error line naming it (OpenAI lines: a 400 on `priority`)."""
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    lines = [{"id": "p", "prompt": "first prompt", "max_tokens": 3, "priority": -1},
+             {"custom_id": "o", "method": "POST", "url": "/v1/completions",
+              "body": {"prompt": "first prompt", "max_tokens": 3, "priority": 2}},
+             {"id": "z", "prompt": "first prompt", "max_tokens": 3, "priority": 0}]
+    inp.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    with tiny_engine(scheduling_policy=policy) as eng:
+        s = run_batch(eng, inp, out, progress=False)
+    got = {r.get("custom_id") or r.get("id"): r for r in _lines(out)}
+    assert "error" not in got["z"] or got["z"]["error"] is None
+    if policy == "priority":
+        assert s.errors == 0 and got["p"]["usage"]["completion_tokens"] == 3
+        assert got["o"]["response"]["status_code"] == 200
+    else:
+        assert s.errors == 2 and "priority=-1" in got["p"]["error"]
+        r = got["o"]["response"]
+        assert r["status_code"] == 400 and r["body"]["error"]["param"] == "priority"
+
+
 def _script(*args, timeout=300):
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     return subprocess.Popen([sys.executable, str(ROOT / "scripts" / "batch_generate.py"),

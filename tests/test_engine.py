@@ -2,6 +2,7 @@
 prefix caching, compile counts (tiny random model), and batch invariance on SmolLM2."""
 
 import asyncio
+import threading
 import time
 
 import jax
@@ -219,6 +220,36 @@ def test_cancel_queue_full_and_bad_requests():
                 eng.submit(**bad)
     with pytest.raises(ConfigError, match="prefix_block"):
         EngineConfig(max_len=100, prefix_block=16)
+
+
+def test_priority_policy_orders_the_queue():
+    """Under scheduling_policy "priority" a free slot goes to the lowest `priority`
+    waiting (arrival order among equals), whatever order the requests came in; the
+    output of each is what it gives alone. FCFS (the default) refuses a priority."""
+    with tiny_engine(num_slots=1, scheduling_policy="priority", prefix_cache_mb=0) as eng:
+        started = []
+        hold = threading.Event()
+        job = eng.run_exclusive(hold.wait)  # the device thread waits: the queue fills up
+        prios = [5, 0, -2, 0, 3, -2]
+        reqs = [eng.submit(PROMPTS[i], sampling=GREEDY, max_tokens=3, priority=p,
+                           on_finish=started.append) for i, p in enumerate(prios)]
+        hold.set()
+        job.result(timeout=30)
+        results = [r.result(timeout=60) for r in reqs]
+        want = sorted(range(len(prios)), key=lambda i: (prios[i], i))
+        assert [r.id for r in started] == [reqs[i].id for i in want]
+        alone = [eng.generate([PROMPTS[i]], sampling=GREEDY, max_tokens=3)[0]
+                 for i in range(len(prios))]
+        assert [r.token_ids for r in results] == [a.token_ids for a in alone]
+        for bad, match in [(1.5, "integer"), (True, "integer"), ("1", "integer")]:
+            with pytest.raises(BadRequestError, match=match):
+                eng.submit(PROMPTS[0], priority=bad)
+    with tiny_engine(num_slots=1, prefix_cache_mb=0) as eng:
+        with pytest.raises(BadRequestError, match="priority=3 needs the priority"):
+            eng.submit(PROMPTS[0], priority=3)
+        assert eng.submit(PROMPTS[0], max_tokens=2, priority=0).result(timeout=60)
+    with pytest.raises(ConfigError, match="scheduling_policy"):
+        EngineConfig(scheduling_policy="lifo")
 
 
 def test_a_device_failure_while_admitting_fails_the_request():

@@ -57,7 +57,8 @@ def test_wire_format_round_trip():
                                                        logprobs=2, logit_bias={4: -1.5},
                                                        stop_token_ids=[9, 7], min_tokens=2,
                                                        ignore_eos=True), 9, ("\n", "x"),
-                          False, Constraint(choice=("a", "b c")).to_json(), adapter=2),
+                          False, Constraint(choice=("a", "b c")).to_json(), adapter=2,
+                          priority=-4),
               sync.Cancel(3), sync.Close(), sync.Close("boom")]
     assert sync.decode(sync.encode(events)) == events
 
@@ -86,6 +87,30 @@ def test_follower_replays_the_leader(pair):
     follower.join()
     assert follower.requests_finished == leader.requests_finished == len(results)
     assert follower.token_digest == leader.token_digest
+
+
+def test_follower_keeps_the_leaders_priority_order(monkeypatch):
+    """Under the priority policy the follower queues each request where the leader did
+    (the submit event carries its priority): the same finish order and tokens."""
+    store, cond = {}, threading.Condition()
+    logs = iter([FakeLog(store, cond, True), FakeLog(store, cond, False)])
+    monkeypatch.setattr(sync, "connect", lambda: next(logs))
+    config = EngineConfig(num_slots=1, max_len=256, scheduling_policy="priority")
+    leader, follower = (Engine(W, TINY, CharTokenizer(), config) for _ in range(2))
+    try:
+        first = leader.submit("abc", sampling=GREEDY, max_tokens=40)
+        next(iter(first))  # it holds the only slot: the rest wait in the queue
+        done = []
+        reqs = [leader.submit("xy" * (i + 1), sampling=GREEDY, max_tokens=4, priority=p,
+                              on_finish=done.append) for i, p in enumerate([2, 1, 0])]
+        [r.result(timeout=120) for r in [first] + reqs]
+        assert [r.id for r in done] == [r.id for r in reqs[::-1]]
+        leader.close()
+        follower.join()
+        assert follower.token_digest == leader.token_digest
+    finally:
+        leader.close()
+        follower.close()
 
 
 def test_a_failed_leader_fails_the_follower(pair):

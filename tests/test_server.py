@@ -222,6 +222,10 @@ def test_openai_client(url, engine):
     ("completions", {"prompt": "x" * 300}, "prompt"),  # over the 256-token context
     ("completions", {"prompt": "x", "stop": [1]}, "stop"),
     ("completions", {"prompt": "x", "bad_words": [""]}, "bad_words"),
+    ("completions", {"prompt": "x", "priority": 1}, "priority"),  # this engine is FCFS
+    ("completions", {"prompt": "x", "priority": "high"}, "priority"),
+    ("chat/completions", {"messages": [{"role": "user", "content": "hi"}], "priority": -1},
+     "priority"),
     ("chat/completions", {"messages": "hi"}, "messages"),
     ("chat/completions", {"messages": [{"role": "wizard", "content": "hi"}]}, "messages"),
     ("chat/completions", {"messages": [{"role": "user", "content": "x" * 300}]}, "messages"),
@@ -475,6 +479,22 @@ def test_api_key(engine):
         assert client.completions.create(model=MODEL, prompt="ab", max_tokens=2).choices
         with pytest.raises(openai.AuthenticationError):
             openai.OpenAI(base_url=srv.url + "/v1", api_key="nope").models.list()
+
+
+def test_priority_field_under_the_priority_policy():
+    """vLLM's `priority` field reaches the engine of a server built with the priority
+    policy (completions, chat and responses take it); 0 is always accepted."""
+    with tiny_engine(num_slots=2, max_len=256, scheduling_policy="priority") as eng, \
+            BackgroundServer(create_app(eng, MODEL)) as srv:
+        for path, body in [("completions", {"prompt": "ab"}),
+                           ("chat/completions", {"messages": [{"role": "user",
+                                                               "content": "hi"}]}),
+                           ("responses", {"input": "hi"})]:
+            for prio in (-3, 0, 7):
+                r = requests.post(f"{srv.url}/v1/{path}", timeout=60, json={
+                    "model": MODEL, "max_tokens" if path != "responses"
+                    else "max_output_tokens": 2, "priority": prio, **body})
+                assert r.status_code == 200, r.text
 
 
 def test_cors_allowed_origins(engine):

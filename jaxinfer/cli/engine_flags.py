@@ -23,6 +23,10 @@ BUDGET = flags.DEFINE_integer("prefill_token_budget", None, "Prompt tokens prefi
                               "engine turn; longer prompts are split over turns (default: "
                               "the engine's).")
 
+POLICY = flags.DEFINE_enum("scheduling_policy", "fcfs", ["fcfs", "priority"], "Which queued "
+                           "request gets the next free slot: arrival order, or the lowest "
+                           "request `priority` first (arrival order among equals).")
+
 
 def config(**kw: Any):
     """An EngineConfig from these flags (unset ones keep the engine's defaults) and `kw`."""
@@ -30,5 +34,6 @@ def config(**kw: Any):
 
     extra = {"min_prompt_bucket": MIN_BUCKET.value, "prefill_token_budget": BUDGET.value}
     return EngineConfig(num_slots=SLOTS.value or None, memory_fraction=MEM_FRACTION.value,
-                        max_len=MAX_LEN.value, prefix_cache_mb=PREFIX_MB.value, **kw,
+                        max_len=MAX_LEN.value, prefix_cache_mb=PREFIX_MB.value,
+                        scheduling_policy=POLICY.value, **kw,
                         **{k: v for k, v in extra.items() if v is not None})
