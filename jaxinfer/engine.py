@@ -16,7 +16,10 @@ prompt is prefilled in chunks over several turns, its slot reserved); (2) dispat
 one decode step over every slot; (3) only then reads the previous step's tokens, so
 detokenizing, stop-string checks and streaming overlap the device computing the next
 token. A slot that finishes (EOS, length, stop string, cancel) is free for the next queued
-request at the following turn.
+request at the following turn. Under the priority policy the queue is ordered by
+(priority, arrival) and a waiting request may preempt a running one of higher priority
+value: the step in flight is settled first, so the preempted request holds all its tokens,
+and on its return its prompt and output are prefilled again and its row state restored.
 
 Shapes never depend on traffic: the decode batch is always `num_slots` rows of `max_len`
 positions, and prompts are padded to power-of-two buckets, so after `warmup()` new prompt
@@ -138,7 +141,9 @@ class EngineConfig:
     max_lora_rank: int = 16
     # Which queued request gets the next free slot: "fcfs" (arrival order) or "priority"
     # (the lowest `priority` first, arrival order among equals; vLLM's policy of the same
-    # name). A running request keeps its slot: priority orders the queue, it never preempts.
+    # name). With every slot taken, a request of lower priority than the worst running one
+    # preempts it: that one goes back to the queue and later resumes where it was (its
+    # prompt and output prefilled again), drawing the tokens it would have drawn anyway.
     scheduling_policy: str = "fcfs"
 
     def __post_init__(self) -> None:
@@ -202,6 +207,7 @@ class _Prefilling:
     digests: list
     sampling: SamplingArrays  # the request's one row, built once for all its chunks
     prompt_mask_1V: np.ndarray  # bool[1, V] its prompt's tokens (repetition penalty)
+    ids: list[int]  # the tokens to prefill: the prompt, and a preempted request's output
 
 
 class _Speculation(NamedTuple):
@@ -289,6 +295,7 @@ class Engine:
                 self._draft_row_shardings = _row_shardings(
                     cache_shardings(self._spec.cfg, config.num_slots, self.max_len, mesh))
         self._state = core.release(self._state, np.int32(0))  # compile it now, not mid-run
+        self._fresh = core.Resume.of([], [], self.max_len)  # what `insert` gets for new rows
         # Structured output: bitmasks of the tokens each row may sample (all ones: any).
         self._grammars = Grammars(tokenizer, cfg.vocab_size, eos)
         self._ones_1W = self._grammars.all_allowed(1)
@@ -313,6 +320,7 @@ class Engine:
         self._live: dict[int, Request] = {}  # queued or in a slot
         self._digest = hashlib.sha256()  # over finished requests' tokens, in order
         self.requests_finished = 0
+        self.preemptions = 0  # running requests sent back to the queue (priority policy)
         self._cv = threading.Condition()
         self._next_id = 0
         self._closing = False
@@ -687,7 +695,9 @@ class Engine:
              "slots_in_use": (self.slots_in_use, "Decode slots holding a request."),
              "slots": (self.config.num_slots, "Decode slots."),
              "compilations": (self.compile_count, "XLA compilations since engine start."),
-             "healthy": (int(self.healthy), "1 while the device loop runs.")}
+             "healthy": (int(self.healthy), "1 while the device loop runs."),
+             "preemptions": (self.preemptions, "Running requests sent back to the queue "
+                             "for one of higher priority.")}
         if self._spec is not None:
             g["speculative_acceptance_rate"] = (
                 self.spec_accepted / max(self.spec_proposed, 1),
@@ -815,7 +825,10 @@ class Engine:
                 busy = pending is not None or self.slots_in_use > 0 or bool(self._queue)
                 if not self._apply(self._turn_events(turn, busy)):
                     break
-                self._admit()
+                if pending is not None and self._victim() is not None:
+                    self._settle(pending)  # a preempted row's last token must be in hand
+                    pending = None
+                self._admit(preempt=pending is None)
                 out = lp = None
                 if pending is not None and self._masked_rows():
                     # A masked row's next mask needs the token in flight: no overlap.
@@ -904,7 +917,35 @@ class Engine:
         return engine_spec.verify(self.params, state, d_BK, q, masks, np.bool_(want),
                                   self.adapters, cfg=self.cfg, k=k, impl=self.impl)
 
-    def _admit(self) -> None:
+    def _victim(self) -> int | None:
+        """The slot to preempt for the queue's first request: under the priority policy,
+        with no slot free, the running request of the highest priority value (the latest
+        among equals) if it is above the waiting one's. Speculative rows are not
+        preempted (their draft state is not rebuilt)."""
+        if (self.config.scheduling_policy != "priority" or self._spec is not None
+                or not self._queue or self._partial is not None
+                or any(r is None for r in self._slots)):
+            return None
+        slot = max(range(len(self._slots)),
+                   key=lambda i: (self._slots[i].priority, self._slots[i].id))
+        return slot if self._slots[slot].priority > self._queue[0].priority else None
+
+    def _preempt(self, slot: int) -> None:
+        """Free `slot` and queue its request again; it keeps its id, so its place among
+        equals is its arrival."""
+        req = self._slots[slot]
+        if req.cancel_seen:  # cancelled meanwhile: it ends rather than waits
+            self._finish(slot, req, "cancelled", device_done=False)
+            return
+        self._slots[slot] = None
+        self._state = core.release(self._state, np.int32(slot))
+        req.metrics.preemptions += 1
+        if not req.warmup:
+            self.preemptions += 1
+        with self._cv:
+            self._enqueue(req)
+
+    def _admit(self, preempt: bool = True) -> None:
         """Prefill under this turn's prompt-token budget: first the next chunk of a prompt
         part-way through (chunked prefill), then queued requests into free slots. With
         chunking a prompt longer than what is left of the budget starts now and goes on
@@ -920,6 +961,10 @@ class Engine:
         while budget > 0:
             with self._cv:
                 free = [i for i, r in enumerate(self._slots) if r is None]
+                victim = self._victim() if preempt and not free else None
+                if victim is not None:
+                    self._preempt(victim)
+                    free = [victim]
                 if not free or not self._queue:
                     return
                 if not chunked and not first and len(self._queue[0].prompt_ids) > budget:
@@ -957,28 +1002,33 @@ class Engine:
 
     def _start_prefill(self, req: Request, slot: int) -> _Prefilling:
         """A row for `req` holding its longest cached prompt prefix."""
-        req.metrics.queue_s = time.perf_counter() - req.arrival
-        ids, n = req.prompt_ids, len(req.prompt_ids)
+        resumed = bool(req.token_ids)  # preempted: its output so far is prefilled too
+        if not resumed:
+            req.metrics.queue_s = time.perf_counter() - req.arrival
+        ids = req.prompt_ids + req.token_ids[:-1]
+        n = len(ids)
         hit, digests = 0, []
         if self._prefix is not None:
             salt = 0 if req.adapter == 0 else self._salts[req.adapter - 1]
             digests = block_digests(ids, self._prefix.block, salt)
-            scored = req.sampling.prompt_logprobs is not None  # needs every position's logits
+            # A prompt scored (prompt_logprobs) needs every position's logits, once.
+            scored = req.sampling.prompt_logprobs is not None and not resumed
             hit = 0 if req.warmup or scored else self._prefix.match(digests, n)
             row = self._prefix.load(digests, hit)
         else:
             row = init_cache(self.cfg, 1, self.max_len, self.kv_dtype, self._row_shardings)
         cached = hit * self.config.prefix_block
         mask_1V = np.zeros((1, self.cfg.vocab_size), bool)
-        mask_1V[0, ids] = True
+        mask_1V[0, req.prompt_ids] = True
         return _Prefilling(req, slot, row, cached, cached, hit, digests,
-                           SamplingArrays.from_params([req.sampling]), mask_1V)
+                           SamplingArrays.from_params([req.sampling]), mask_1V, ids)
 
     def _prefill_chunk(self, p: _Prefilling, budget: int) -> int:
         """Prefill up to `budget` more prompt tokens of `p`; after its last chunk insert it
         in its slot and emit its first token. Returns the prompt tokens computed."""
-        req, ids = p.req, p.req.prompt_ids
+        req, ids = p.req, p.ids
         n, S = len(ids), self.max_len
+        resumed = bool(req.token_ids)
         take = min(budget, n - p.done)
         last = p.done + take == n
         T = gen.bucket(take, self.config.min_prompt_bucket, S)
@@ -993,7 +1043,7 @@ class Engine:
                 np.array([req.max_tokens], np.int32), np.bool_(want), allowed, self._eos_E)
         lora = {} if self.adapters is None else dict(
             lora=self.adapters, adapter_1=np.array([req.adapter], np.int32))
-        if req.sampling.prompt_logprobs is None:
+        if req.sampling.prompt_logprobs is None or resumed:
             prefix = core.prefill(self.params, tokens_1T, np.array([take], np.int32), p.row,
                                   *args, cfg=self.cfg, impl=self.impl, **lora)
         else:  # score the chunk: position t predicts prompt token p.done + t + 1
@@ -1015,8 +1065,11 @@ class Engine:
         self._partial = None
         if self._prefix is not None:
             self._prefix.store(p.digests, p.hit, prefix.cache, dry_run=req.warmup)
+        if resumed:
+            self._resume(prefix, req, p.slot)
+            return take
         if self._spec is None:
-            self._state = core.insert(prefix, self._state, np.int32(p.slot))
+            self._state = core.insert(prefix, self._state, np.int32(p.slot), self._fresh)
         else:
             self._insert_speculative(prefix, ids, p.slot)
         self._slots[p.slot] = req
@@ -1032,6 +1085,12 @@ class Engine:
         if not req.warmup:
             self.metrics.on_tokens(1, [] if gap is None else [gap])
         return take
+
+    def _resume(self, prefix: core.Prefix, req: Request, slot: int) -> None:
+        """A preempted request back in a slot, decoding on from its last token."""
+        self._state = core.insert(prefix, self._state, np.int32(slot),
+                                  core.Resume.of(req.token_ids, req.prompt_ids, self.max_len))
+        self._slots[slot] = req
 
     def _insert_speculative(self, prefix: core.Prefix, ids: list[int], slot: int) -> None:
         """Prefill the draft model's row (the whole prompt: the prefix cache holds only the

@@ -4,7 +4,7 @@ The scheduler (engine.py) is host code that only calls these, in MaxText's order
 
     prefill(weights, tokens_1T, num_new_1, row, ...)  -> Prefix     one request, one row
     prefill_scored(..., targets_1T, ...)  -> Prefix, Logprobs     the same, prompt scored
-    insert(prefix, state, slot)                       -> state      state donated
+    insert(prefix, state, slot, resume)               -> state      state donated
     generate_step(weights, state, want_logprobs, mask_BW)
                                               -> state, out_2B, Logprobs   every slot
     release(state, slot)                              -> state      host ended a row early
@@ -31,6 +31,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxinfer import generate as gen
 from jaxinfer import model
@@ -47,6 +48,7 @@ from jaxinfer.sampling import (
     ban_words,
     ends_row,
     push_recent,
+    recent_tokens,
     sample,
     step_logprobs,
 )
@@ -197,9 +199,52 @@ def _first_token(logits_1V: jax.Array, row: KVCache, sampling: SamplingArrays,
                   adapter_1=adapter_1)
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class Resume:
+    """What a preempted request (priority scheduling) had when it left its slot; its
+    prefix then holds the K/V of its prompt and all its tokens but the last. `num_generated`
+    0 marks a new request (the other fields unread)."""
+
+    num_generated: jax.Array  # i32[]
+    token: jax.Array  # i32[] its last token, which the next step feeds
+    generated_S: jax.Array  # i32[S] its tokens, -1 after them (the penalties' counts)
+    recent_R: jax.Array  # i32[RECENT] prompt and output tail (bad words)
+
+    @staticmethod
+    def of(generated: list[int], prompt: list[int], max_len: int) -> Resume:
+        gen_S = np.full((max_len,), -1, np.int32)
+        gen_S[:len(generated)] = generated
+        return Resume(np.int32(len(generated)), np.int32(generated[-1] if generated else 0),
+                      gen_S, recent_tokens(prompt + generated))
+
+
 @functools.partial(jax.jit, donate_argnames=("state",))
-def insert(prefix: Prefix, state: gen.DecodeState, slot: jax.Array) -> gen.DecodeState:
-    """Put a prefilled request into slot `slot` (traced: one compile for every slot)."""
+def insert(prefix: Prefix, state: gen.DecodeState, slot: jax.Array, resume: Resume
+           ) -> gen.DecodeState:
+    """Put a prefilled request into slot `slot` (traced: one compile for every slot). A
+    preempted one (`resume`) comes back as it left: the token its prefill sampled is
+    dropped for its own last token, step, counts and recent tokens, so a seeded request
+    draws the tokens it would have drawn unpreempted. One program for both kinds: a
+    preemption never compiles."""
+    state = _insert(prefix, state, slot)
+    back = resume.num_generated > 0
+    V = state.counts_BV.shape[1]
+    counts_V = jnp.zeros((V,), jnp.int32).at[
+        jnp.where(resume.generated_S < 0, V, resume.generated_S)].add(1, mode="drop")
+
+    def pick(x_B, new):
+        return x_B.at[slot].set(jnp.where(back, new, x_B[slot]))
+
+    return dataclasses.replace(
+        state, tokens_B=pick(state.tokens_B, resume.token),
+        num_generated_B=pick(state.num_generated_B, resume.num_generated),
+        done_B=pick(state.done_B, False), finish_eos_B=pick(state.finish_eos_B, False),
+        counts_BV=pick(state.counts_BV, counts_V), recent_BR=pick(state.recent_BR,
+                                                                  resume.recent_R))
+
+
+def _insert(prefix: Prefix, state: gen.DecodeState, slot: jax.Array) -> gen.DecodeState:
     cache = put_row(state.cache, prefix.cache, slot)
     tok = prefix.token_1[0]
     is_eos = ends_row(prefix.token_1, state.eos_E, prefix.sampling)[0]

@@ -30,6 +30,7 @@ class RequestMetrics:
     e2e_s: float = 0.0  # arrival -> finished
     cached_tokens: int = 0  # prompt tokens reused from the prefix cache
     prefilled_tokens: int = 0  # prompt tokens actually computed
+    preemptions: int = 0  # times a request of higher priority took its slot
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -252,6 +252,39 @@ def test_priority_policy_orders_the_queue():
         EngineConfig(scheduling_policy="lifo")
 
 
+@pytest.mark.parametrize("prefix_cache_mb", [0.0, 8.0])
+def test_priority_preempts_and_resumes_exactly(prefix_cache_mb):
+    """With every slot busy, a request of lower priority value takes the slot of the
+    worst running one (the latest among equals). The preempted request comes back after
+    it and ends with the tokens it gives unpreempted (seeded sampling with penalties: its
+    step, counts and recent tokens are restored), and nothing compiles after warm-up."""
+    sp = SamplingParams(temperature=1.0, seed=7, repetition_penalty=1.3,
+                        frequency_penalty=0.5, presence_penalty=0.3, ignore_eos=True)
+    with tiny_engine(num_slots=2, scheduling_policy="priority",
+                     prefix_cache_mb=prefix_cache_mb) as eng:
+        eng.warmup()
+        compiled = eng.compile_count
+        order = []
+        low = [eng.submit(PROMPTS[i], sampling=sp, max_tokens=150, priority=5,
+                          on_finish=order.append) for i in (0, 3)]
+        deadline = time.monotonic() + 60
+        while min(len(r.token_ids) for r in low) < 5 and time.monotonic() < deadline:
+            time.sleep(0.001)
+        high = eng.submit(PROMPTS[1], sampling=GREEDY, max_tokens=6, priority=0,
+                          on_finish=order.append)
+        res = [r.result(timeout=120) for r in (*low, high)]
+        assert eng.preemptions == 1
+        assert [r.metrics.preemptions for r in res] == [0, 1, 0]  # the later of equals
+        assert order.index(high) < order.index(low[1])
+        assert eng.compile_count == compiled
+        alone = [eng.submit(PROMPTS[i], sampling=sp, max_tokens=150).result(timeout=120)
+                 for i in (0, 3)]
+        assert [r.token_ids for r in res[:2]] == [a.token_ids for a in alone]
+        assert res[2].token_ids == eng.submit(PROMPTS[1], sampling=GREEDY,
+                                              max_tokens=6).result().token_ids
+        assert "jaxinfer_preemptions 1" in eng.prometheus()
+
+
 def test_a_device_failure_while_admitting_fails_the_request():
     """An unexpected error between the queue and a slot (a prefix-cache load, say) ends the
     request with EngineClosedError naming it, and later submits are refused: no hang."""

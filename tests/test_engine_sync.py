@@ -90,23 +90,25 @@ def test_follower_replays_the_leader(pair):
 
 
 def test_follower_keeps_the_leaders_priority_order(monkeypatch):
-    """Under the priority policy the follower queues each request where the leader did
-    (the submit event carries its priority): the same finish order and tokens."""
+    """Under the priority policy the follower queues and preempts as the leader does
+    (the submit event carries the priority; preemption depends only on replayed state):
+    the same finish order and tokens on both."""
     store, cond = {}, threading.Condition()
     logs = iter([FakeLog(store, cond, True), FakeLog(store, cond, False)])
     monkeypatch.setattr(sync, "connect", lambda: next(logs))
     config = EngineConfig(num_slots=1, max_len=256, scheduling_policy="priority")
     leader, follower = (Engine(W, TINY, CharTokenizer(), config) for _ in range(2))
     try:
-        first = leader.submit("abc", sampling=GREEDY, max_tokens=40)
-        next(iter(first))  # it holds the only slot: the rest wait in the queue
-        done = []
-        reqs = [leader.submit("xy" * (i + 1), sampling=GREEDY, max_tokens=4, priority=p,
-                              on_finish=done.append) for i, p in enumerate([2, 1, 0])]
-        [r.result(timeout=120) for r in [first] + reqs]
-        assert [r.id for r in done] == [r.id for r in reqs[::-1]]
+        sp = SamplingParams(temperature=1.0, seed=3, ignore_eos=True)
+        first = leader.submit("abc", sampling=sp, max_tokens=120, priority=9)
+        next(iter(first))  # it holds the only slot until a request of priority < 9 comes
+        reqs = [leader.submit("xy" * (i + 1), sampling=GREEDY, max_tokens=4, priority=p)
+                for i, p in enumerate([2, 1, 0])]
+        results = [r.result(timeout=120) for r in [first] + reqs]
+        assert leader.preemptions >= 1 and results[0].metrics.preemptions >= 1
         leader.close()
         follower.join()
+        assert follower.preemptions == leader.preemptions
         assert follower.token_digest == leader.token_digest
     finally:
         leader.close()

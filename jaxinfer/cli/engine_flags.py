@@ -25,7 +25,9 @@ BUDGET = flags.DEFINE_integer("prefill_token_budget", None, "Prompt tokens prefi
 
 POLICY = flags.DEFINE_enum("scheduling_policy", "fcfs", ["fcfs", "priority"], "Which queued "
                            "request gets the next free slot: arrival order, or the lowest "
-                           "request `priority` first (arrival order among equals).")
+                           "request `priority` first (arrival order among equals), which "
+                           "preempts a running request of higher priority value when no "
+                           "slot is free.")
 
 
 def config(**kw: Any):
