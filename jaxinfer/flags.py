@@ -25,7 +25,7 @@ NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in a mult
 PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 DIST_TIMEOUT = flags.DEFINE_float("distributed_timeout_s", 300.0,
                                   "Give up (exit 2) if peers have not joined by then.")
-QUANTIZE = flags.DEFINE_enum("quantize", None, ["int8", "int4"],
+QUANTIZE = flags.DEFINE_enum("quantize", None, ["int8", "int4", "fp8"],
                              "Quantize a float checkpoint's weights on load (a quantized "
                              "checkpoint loads quantized without it).")
 GROUP_SIZE = flags.DEFINE_integer("group_size", None, "int4 quantization group size "

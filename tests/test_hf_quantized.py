@@ -1,8 +1,9 @@
 """Quantized Hugging Face checkpoints: block-FP8 weights (`quant_method: fp8`, as DeepSeek
 V3 / R1 and Qwen3's FP8 releases store them) decoded as read, against transformers' own
 FP8 dequantization, and per-channel FP8 (compressed-tensors' float-quantized format of the
-FP8-dynamic releases, fbgemm_fp8) on tiny random checkpoints; other quantization methods
-refused by name. (gpt-oss's MXFP4 experts: tests/test_gpt_oss.py.)
+FP8-dynamic releases, fbgemm_fp8) on tiny random checkpoints, decoded or kept as float8
+(`quantize="fp8"`); other quantization methods refused by name. (gpt-oss's MXFP4 experts:
+tests/test_gpt_oss.py.)
 """
 
 import json
@@ -17,6 +18,7 @@ tf = pytest.importorskip("transformers")
 
 from jaxinfer.convert.safetensors import load_hf_dir  # noqa: E402
 from jaxinfer.errors import ConversionError  # noqa: E402
+from jaxinfer.quant import QuantConfig, dequantize, infer_config, is_qarray  # noqa: E402
 
 from .hf_checkpoints import hf_logits, ours, sharpened, tokens  # noqa: E402
 
@@ -110,6 +112,37 @@ def test_fp8_checkpoint_matches_transformers(tmp_path, kind, block):
     toks = tokens(24)
     np.testing.assert_allclose(ours(cfg, jax.tree.map(jnp.asarray, w), toks),
                                hf_logits(ref, toks), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("kind,block", [("llama", BLOCK), ("llama", None), ("llama", "channel"),
+                                        ("llama", "fbgemm"), ("deepseek_v3", BLOCK)])
+def test_fp8_release_kept_as_fp8(tmp_path, kind, block, caplog):
+    """`quantize="fp8"` keeps an FP8 release's weights as they are: each linear weight a
+    float8 QArray with the release's own scales (block releases: groups that split the
+    blocks: 16 for 32-wide blocks of 80-wide matrices, 2 where DeepSeek's tiny heads are 10
+    wide), which dequantizes bit for bit
+    to the float conversion's weight (DeepSeek's kv_b_proj too, split into w_uk and w_uv);
+    so the logits equal the float conversion's, and transformers'."""
+    ref, _ = _fp8_checkpoint(_llama() if kind == "llama" else _deepseek_v3(), tmp_path, block)
+    cfg, floats = load_hf_dir(tmp_path / "fp8")
+    cfg8, w8 = load_hf_dir(tmp_path / "fp8", quant=QuantConfig.from_mode("fp8"))
+    groups = None if block != BLOCK else 16 if kind == "llama" else 2
+    exact = 0
+    for stack in ("layers", "dense_layers"):
+        for name, q in w8.get(stack, {}).items():
+            if not is_qarray(q):
+                continue
+            assert q.values.dtype == jnp.float8_e4m3fn
+            got = np.asarray(dequantize(jax.tree.map(jnp.asarray, q), jnp.float32))
+            np.testing.assert_array_equal(got, floats[stack][name], err_msg=name)
+            exact += 1
+    assert exact >= 7 and infer_config(w8).linear.group_size == groups
+    assert "requantized" not in caplog.text
+    toks = tokens(24)
+    got = ours(cfg8, jax.tree.map(jnp.asarray, w8), toks)
+    np.testing.assert_allclose(got, ours(cfg, jax.tree.map(jnp.asarray, floats), toks),
+                               atol=2e-5, rtol=0)
+    np.testing.assert_allclose(got, hf_logits(ref, toks), atol=1e-4, rtol=0)
 
 
 def test_fp8_scales_that_do_not_fit_are_refused(tmp_path):

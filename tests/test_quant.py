@@ -35,6 +35,7 @@ ROOT = Path(__file__).resolve().parent.parent
 INT8 = QuantConfig.from_mode("int8")
 INT4 = QuantConfig.from_mode("int4", group_size=16)  # TINY's head_dim is 16
 INT4_SYM = QuantConfig.from_mode("int4", group_size=16, offsets=False)
+FP8 = QuantConfig.from_mode("fp8")
 
 
 def _rel(a, b) -> float:
@@ -80,7 +81,26 @@ EQS = [("BTD,DNH->BTNH", (2, 3, 64), (64, 4, 16), (-3,), -3),
        ("...D,VD->...V", (2, 64), (97, 64), (-1,), -1)]
 
 
-@pytest.mark.parametrize("spec", [QuantSpec(8), QuantSpec(8, 16), QuantSpec(4, 16, True)])
+@pytest.mark.parametrize("group", [None, 16])
+def test_float8_error_is_within_half_a_float8_step(group):
+    """float8 (e4m3) values: each weight within half a step of its float8 neighbours, a
+    relative 2^-4 of it (or, among the subnormals, 2^-10 of its scale); the largest
+    magnitude of each channel or group lands on 448."""
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((64, 96)).astype(np.float32) * rng.uniform(0.1, 3, 96)
+    q = quantize(w, QuantSpec(8, group, float8=True), (-2,), -2)
+    assert q.values.dtype == jnp.float8_e4m3fn
+    s = np.asarray(q.scales)
+    if group:
+        s = np.repeat(s, group, axis=0)
+    err = np.abs(np.asarray(dequantize(q)) - w)
+    assert np.all(err <= np.maximum(np.abs(w) * 2.0 ** -4, s * 2.0 ** -10) * (1 + 1e-5))
+    top = np.abs(np.asarray(q.values, np.float32)).reshape(-1, group or 64, 96).max(axis=1)
+    np.testing.assert_array_equal(top, 448.0)
+
+
+@pytest.mark.parametrize("spec", [QuantSpec(8), QuantSpec(8, 16), QuantSpec(4, 16, True),
+                                  QuantSpec(8, float8=True), QuantSpec(8, 16, float8=True)])
 @pytest.mark.parametrize("eq,xs,ws,contract,group", EQS)
 @pytest.mark.parametrize("chunk", [None, 1000])
 def test_qdot_equals_einsum_of_dequantized(monkeypatch, spec, eq, xs, ws, contract, group,
@@ -102,13 +122,16 @@ def test_embedding_lookup_dequantizes_rows():
 
 
 def test_quant_config_json_and_errors():
-    for qc in (INT8, INT4, INT4_SYM, QuantConfig(QuantSpec(4, 32, True), QuantSpec(8, 32))):
+    for qc in (INT8, INT4, INT4_SYM, FP8, QuantConfig(QuantSpec(4, 32, True), QuantSpec(8, 32))):
         assert QuantConfig.from_json(json.loads(json.dumps(qc.to_json()))) == qc
     with pytest.raises(ConfigError, match="int3"):
         QuantConfig.from_mode("int3")
     for mode in ("int4", "int8"):  # 0 is not "the default group size"
         with pytest.raises(ConfigError, match="group_size must be positive, got 0"):
             QuantConfig.from_mode(mode, group_size=0)
+    assert QuantConfig.from_json({"linear": {"bits": 8}}).linear == QuantSpec(8)  # pre-fp8
+    with pytest.raises(ConfigError, match="symmetric"):
+        QuantSpec(8, offsets=True, float8=True)
     with pytest.raises(ConfigError, match="group_size 32"):
         weight_specs(TINY, quant=QuantConfig.from_mode("int4", group_size=32))
     with pytest.raises(ConfigError, match="already quantized"):
@@ -123,7 +146,7 @@ def _logits(w, kv=jnp.float32):
     return forward(w, TOKENS, init_cache(TINY, 2, 32, kv), TINY)[0]
 
 
-@pytest.mark.parametrize("qc", [INT8, INT4, INT4_SYM])
+@pytest.mark.parametrize("qc", [INT8, INT4, INT4_SYM, FP8])
 def test_tiny_quantized_model_tracks_float(qc):
     w = tiny_weights()
     q = quantize_weights(w, qc)
@@ -215,7 +238,7 @@ def test_checkpoint_roundtrip_and_size(tmp_path):
     save_checkpoint(tmp_path / "f32", MID, w)
     f32 = _disk(tmp_path / "f32")
     for name, qc in (("int8", QuantConfig.from_mode("int8")),
-                     ("int4", QuantConfig.from_mode("int4"))):
+                     ("int4", QuantConfig.from_mode("int4")), ("fp8", FP8)):
         q = quantize_weights(w, qc)
         save_checkpoint(tmp_path / name, MID, q)
         assert QuantConfig.load(tmp_path / name / "quant.json") == qc
@@ -297,5 +320,38 @@ def test_real_model_int8_and_int4_quality(smollm2_checkpoint, tmp_path):
     assert same > 0.5 and prefix > 0.5, (same, prefix)
     llm4 = LLM.load(smollm2_checkpoint, dtype="float32", quantize="int4")
     assert perplexity(llm4, ids, 512).perplexity < 1.10 * ref.perplexity
+    # fp8 (float8 linear layers, float embedding; measured +2.6% perplexity, top-1 0.93,
+    # greedy 0.53 / 0.59): below int8 on a float model, as 3 mantissa bits predict. It is
+    # for FP8 releases, which it keeps exactly (tests/test_hf_quantized.py).
+    llm_f8 = LLM.load(smollm2_checkpoint, dtype="float32", quantize="fp8")
+    pf8 = perplexity(llm_f8, ids, 512)
+    assert pf8.perplexity < 1.04 * ref.perplexity and np.mean(pf8.top1 == ref.top1) > 0.9
+    same, prefix = agreement(ref_greedy, greedy_tokens(llm_f8, PROMPTS, 32))
+    assert same > 0.4 and prefix > 0.45, (same, prefix)
+    assert llm_f8.weight_bytes < 0.45 * base.weight_bytes
     kv8 = LLM(base.cfg, base.params, base.tokenizer, kv_dtype="int8")
     assert perplexity(kv8, ids, 512).perplexity < 1.01 * ref.perplexity
+
+
+def test_stack_keeps_float8_values_with_their_scales():
+    """A float8 stack stores an FP8 weight's own values where its scales are one per
+    group (here per 16 inputs and output channel) or per channel, and refuses (False,
+    nothing stored) scales that vary inside one, which the converter then requantizes."""
+    from jaxinfer.convert.stacks import Stack
+
+    rng = np.random.default_rng(5)
+    v = rng.standard_normal((2, 32, 8)).astype(jnp.float8_e4m3fn)
+    s = np.repeat(rng.uniform(0.01, 0.1, (2, 2, 8)).astype(np.float32), 16, axis=1)
+    st = Stack((3, 32, 8), QuantSpec(8, 16, float8=True), (-2,), -2)
+    assert st.takes_scales and not st.takes_groups(16)
+    w = v.astype(np.float32) * s  # the weight as the float conversion decodes it
+    assert st.set_scaled(1, w[0], s[0])
+    q = st.result()
+    np.testing.assert_array_equal(np.asarray(q.values[1], np.float32), v[0].astype(np.float32))
+    np.testing.assert_array_equal(np.asarray(dequantize(jax.tree.map(lambda a: a[1], q))), w[0])
+    s_bad = s[1].copy()
+    s_bad[3] *= 2  # one input row of a group with another scale
+    assert not st.set_scaled(2, w[1], s_bad)
+    per_channel = Stack((3, 32, 8), QuantSpec(8, float8=True), (-2,), -2)
+    assert not per_channel.set_scaled(0, w[0], s[0])  # two scales along the inputs
+    assert per_channel.set_scaled(0, w[0], np.broadcast_to(s[0, :1], (32, 8)))

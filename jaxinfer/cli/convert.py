@@ -27,8 +27,9 @@ _INPUT = flags.DEFINE_string("input", None, "A .gguf file or a Hugging Face mode
 _OUTPUT = flags.DEFINE_string("output", None, "Checkpoint directory to create.", required=True)
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"],
                            "Dtype the weights are stored in (loading can cast either way).")
-_QUANTIZE = flags.DEFINE_enum("quantize", "none", ["none", "int8", "int4", "gguf"],
-                              "Store weights quantized; 'gguf' keeps the file's own blocks.")
+_QUANTIZE = flags.DEFINE_enum("quantize", "none", ["none", "int8", "int4", "fp8", "gguf"],
+                              "Store weights quantized; 'gguf' keeps the file's own blocks; "
+                              "'fp8' keeps an FP8 release's weights and scales as they are.")
 _GROUP_SIZE = flags.DEFINE_integer("group_size", None, "Group size along the input axis "
                                    "(int4 default 32; int8 default: per output channel; "
                                    "int8 with 32 keeps MXFP4 experts exactly).",
@@ -71,7 +72,7 @@ def main(argv):
     if mode == "gguf" and src.is_dir():
         raise ConversionError(f"--quantize=gguf needs a .gguf --input, got directory {src}")
     qc = None
-    if mode in ("int8", "int4"):
+    if mode in ("int8", "int4", "fp8"):
         from jaxinfer.quant import QuantConfig
 
         qc = QuantConfig.from_mode(mode, _GROUP_SIZE.value, False if _SYMMETRIC.value else None)

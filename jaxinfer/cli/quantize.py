@@ -17,8 +17,9 @@ from jaxinfer.cli import run_program
 
 _CKPT = flags.DEFINE_string("checkpoint", None, "Float checkpoint (default: SmolLM2).")
 _OUTPUT = flags.DEFINE_string("output", None, "Checkpoint directory to create.", required=True)
-_MODE = flags.DEFINE_enum("mode", "int8", ["int8", "int4"],
-                          "int8: per output channel; int4: group-wise scales.")
+_MODE = flags.DEFINE_enum("mode", "int8", ["int8", "int4", "fp8"],
+                          "int8: per output channel; int4: group-wise scales; fp8: float8 "
+                          "linear layers, per channel (embedding left in float).")
 _GROUP_SIZE = flags.DEFINE_integer("group_size", None, "Group size along the input axis "
                                    "(int4 default 32; int8 default: per channel).",
                                    lower_bound=1)

@@ -71,14 +71,21 @@ def fp8_dequantize(w: np.ndarray, scale_inv: np.ndarray,
                    block: tuple[int, int] | None) -> np.ndarray:
     """float32 of an FP8 weight [..., out, in]: each [bo, bi] block (row, tensor) times its
     scale."""
-    w, s = w.astype(np.float32), scale_inv.astype(np.float32)
+    return w.astype(np.float32) * fp8_scales(w.shape, scale_inv, block)
+
+
+def fp8_scales(shape: tuple[int, ...], scale_inv: np.ndarray,
+               block: tuple[int, int] | None) -> np.ndarray:
+    """float32 scales of an FP8 weight of `shape` [..., out, in], broadcastable to it: one
+    per tensor, per row, or each [bo, bi] block's repeated over its elements."""
+    s = scale_inv.astype(np.float32)
     if s.size == 1:  # per tensor
-        return w * s.reshape(())
-    out, inp = w.shape[-2:]
-    if s.shape in ((*w.shape[:-1], 1), w.shape[:-1]):  # per channel (row)
-        return w * s.reshape(*w.shape[:-1], 1)
+        return s.reshape((1,) * len(shape))
+    out, inp = shape[-2:]
+    if s.shape in ((*shape[:-1], 1), tuple(shape[:-1])):  # per channel (row)
+        return s.reshape(*shape[:-1], 1)
     if block is None or s.shape[-2:] != (-(-out // block[0]), -(-inp // block[1])):
-        raise ValueError(f"FP8 weight {w.shape} with scales {s.shape} does not match "
+        raise ValueError(f"FP8 weight {tuple(shape)} with scales {s.shape} does not match "
                          f"weight_block_size={block}")
     s = np.repeat(np.repeat(s, block[0], axis=-2)[..., :out, :], block[1], axis=-1)
-    return w * s[..., :inp]
+    return s[..., :inp]

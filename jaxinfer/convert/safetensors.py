@@ -11,7 +11,10 @@ read one at a time into preallocated stacked arrays, so peak memory is one float
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -28,10 +31,19 @@ from jaxinfer.config import (
 )
 from jaxinfer.convert import hf_quant
 from jaxinfer.convert.layout import neox_qkv_split, rope_tail_to_half, to_rotate_half
-from jaxinfer.convert.stacks import IN_MEMORY, Storage, quantize_embeddings, results, stacks
+from jaxinfer.convert.stacks import (
+    IN_MEMORY,
+    Stack,
+    Storage,
+    quantize_embeddings,
+    results,
+    stacks,
+)
 from jaxinfer.errors import ConfigError, ConversionError
 from jaxinfer.quant import QuantConfig
-from jaxinfer.weights import check_weights, weight_specs
+from jaxinfer.weights import LAYER_STACKS, LINEAR_QUANT_AXES, check_weights, weight_specs
+
+log = logging.getLogger(__name__)
 
 _MODEL_TYPES = ("llama", "mistral", "mistral3", "ministral", "ministral3", "qwen2", "qwen3",
                 "phi", "phi3", "smollm3", "granite", "olmo2", "exaone4", "stablelm", "starcoder2",
@@ -103,6 +115,7 @@ def load_hf_dir(path: str | Path, progress: Progress | None = None,
         qkv_bias=f"{reader.prefix}layers.0.self_attn.q_proj.bias" in reader,
         eos_token_ids=tuple(dict.fromkeys(int(e) for e in eos)),
         add_bos=bool(tok_cfg.get("add_bos_token", False)))
+    quant = _fp8_groups(cfg, quant, reader.fp8_block)
     try:
         weights = quantize_embeddings(_weights(cfg, reader, progress, _MOE_EXPERTS.get(kind),
                                                quant, storage), quant)
@@ -211,6 +224,19 @@ class _Reader:
             raise ConversionError(f"tensor {name!r} in {self.path} has shape {a.shape}, "
                                   f"expected {shape}")
         return a
+
+    def fp8_scales(self, name: str, shape: tuple[int, ...]) -> np.ndarray | None:
+        """Each element's scale (float32 of `shape`, HF's [out, in]) of a weight stored in
+        FP8, or None when it is not: with `get`'s values, what `Stack.set_scaled` keeps
+        exactly."""
+        if name not in self._where or (scale := self._fp8_scale(name)) is None:
+            return None
+        try:
+            s = hf_quant.fp8_scales(self._where[name].get_slice(name).get_shape(),
+                                    self._raw(scale), self.fp8_block)
+        except ValueError as e:
+            raise ConversionError(f"{self.path}: FP8 tensor {name!r}: {e}") from e
+        return np.broadcast_to(s, shape)
 
     def _fp8_scale(self, name: str) -> str | None:
         """The scales' name of a float8 weight: `_scale_inv` (block FP8) or `_scale`
@@ -337,6 +363,23 @@ _MOE_EXPERTS = {"mixtral": ("block_sparse_moe", "gate", ("w1", "w3", "w2")),
                    for kind in (*DEEPSEEK_TYPES, "glm4_moe")}}
 
 
+def _fp8_groups(cfg: ModelConfig, quant: QuantConfig | None,
+                block: tuple[int, int] | None) -> QuantConfig | None:
+    """float8 quantization of a block-FP8 release with no group size given: groups that
+    split the release's blocks along the inputs (the block width where it divides every
+    weight's group axis, as 128 does in the releases), so each keeps its scale exactly."""
+    lin = None if quant is None else quant.linear
+    if lin is None or not lin.float8 or lin.group_size is not None or block is None:
+        return quant
+    tree = weight_specs(cfg)
+    g = block[1]
+    for stack in LAYER_STACKS:
+        for name, (_, axis) in LINEAR_QUANT_AXES.items():
+            if name in tree.get(stack, {}):
+                g = math.gcd(g, tree[stack][name].shape[axis])
+    return dataclasses.replace(quant, linear=dataclasses.replace(lin, group_size=g))
+
+
 _MOE_EXPERTS_PLURAL = (*DEEPSEEK_TYPES, "glm4_moe")  # their shared expert: "shared_experts"
 EXPERT_KEYS = ("moe_gate", "moe_up", "moe_down", "moe_b_gate", "moe_b_up", "moe_b_down")
 
@@ -433,12 +476,18 @@ def _weights(cfg: ModelConfig, r: _Reader, progress: Progress | None,
             if cfg.norm_bias:
                 x[key + "_bias"][i] = r.get(p + hf_name + ".bias", (D,))
         for module, (key, shape, n_in) in (dense_linears if x is dense else linears).items():
-            m = r.get(p + module + ".weight", hf_shape(shape, n_in))
+            name = p + module + ".weight"
+            m = r.get(name, hf_shape(shape, n_in))
+            scales = r.fp8_scales(name, m.shape) if x[key].takes_scales else None
             if R and cfg.rope_interleaved and key in ("wq", "wq_b", "wkv_a"):
-                m = rope_tail_to_half(m, *((1, R) if key == "wkv_a" else (N, Hn)))
+                tf = lambda a, key=key: rope_tail_to_half(
+                    a, *((1, R) if key == "wkv_a" else (N, Hn)))
             elif key in ("wq", "wk"):
-                m = half(m, shape[1])
-            x[key][i] = from_hf_matrix(m, shape)
+                tf = lambda a, shape=shape: half(a, shape[1])
+            else:
+                tf = lambda a: a
+            _put(x[key], i, from_hf_matrix(tf(m), shape),
+                 None if scales is None else from_hf_matrix(tf(scales), shape), name)
             if key in biases:
                 x[biases[key]][i] = r.get(p + module + ".bias", shape[-1:])
         if R:
@@ -478,15 +527,13 @@ def _weights(cfg: ModelConfig, r: _Reader, progress: Progress | None,
                     q = f"{p}{block}.experts.{e}."
                     for key, name, shape in zip(("moe_gate", "moe_up", "moe_down"), names,
                                                 ((D, F), (D, F), (F, D)), strict=True):
-                        x[key][i, e] = from_hf_matrix(
-                            r.get(q + name + ".weight", shape[::-1]), shape)
+                        _put_hf(x[key], (i, e), r, q + name + ".weight", shape)
             if cfg.router_choice_bias:  # DeepSeek V3
                 x["router_choice_b"][i] = r.get(f"{p}{block}.{router}.e_score_correction_bias",
                                                 (E,))
             shared_name = "shared_experts" if r.kind in _MOE_EXPERTS_PLURAL else "shared_expert"
             for key, (name, shape) in shared.items():  # Qwen2-MoE's, DeepSeek's shared expert
-                x[key][i] = from_hf_matrix(
-                    r.get(f"{p}{block}.{shared_name}.{name}.weight", shape[::-1]), shape)
+                _put_hf(x[key], i, r, f"{p}{block}.{shared_name}.{name}.weight", shape)
             if cfg.shared_expert_gate:
                 x["shared_router"][i] = r.get(f"{p}{block}.shared_expert_gate.weight",
                                               (1, D))[0]
@@ -517,6 +564,27 @@ def _weights(cfg: ModelConfig, r: _Reader, progress: Progress | None,
     return weights
 
 
+def _put_hf(stack: Stack, index: Any, r: _Reader, name: str, shape: tuple[int, ...]) -> None:
+    """An HF linear weight [out, in] into `stack[index]` in our layout, its FP8 values
+    and scales kept as they are where the stack is float8 (see `_put`)."""
+    m = r.get(name, shape[::-1])
+    scales = r.fp8_scales(name, m.shape) if stack.takes_scales else None
+    _put(stack, index, from_hf_matrix(m, shape),
+         None if scales is None else from_hf_matrix(scales, shape), name)
+
+
+def _put(stack: Stack, index: Any, w: np.ndarray, scales: np.ndarray | None,
+         name: str) -> None:
+    """`stack[index] = w`, or with an FP8 weight's per-element `scales` its exact values;
+    an FP8 weight whose scales the stack's groups cannot hold is requantized, and said."""
+    if scales is None:
+        stack[index] = w
+    elif not stack.set_scaled(index, w, scales):
+        log.warning("%s: its FP8 scales do not fit --group_size=%s groups; requantized",
+                    name, stack.spec.group_size)
+        stack[index] = w
+
+
 def _latent(cfg: ModelConfig, r: _Reader, p: str, x: dict, i: int) -> None:
     """One layer's latent attention norms and kv_b_proj [N * (Hn + Hv), R], split into the
     key up-projection w_uk [N, Hn, R] (absorbed into queries) and w_uv [N, R, Hv]."""
@@ -524,9 +592,13 @@ def _latent(cfg: ModelConfig, r: _Reader, p: str, x: dict, i: int) -> None:
     x["kv_a_norm"][i] = r.get(p + "self_attn.kv_a_layernorm.weight", (R,))
     if cfg.q_lora_rank:
         x["q_a_norm"][i] = r.get(p + "self_attn.q_a_layernorm.weight", (cfg.q_lora_rank,))
-    kv_b = r.get(p + "self_attn.kv_b_proj.weight", (N * (Hn + Hv), R)).reshape(N, Hn + Hv, R)
-    x["w_uk"][i] = kv_b[:, :Hn]
-    x["w_uv"][i] = kv_b[:, Hn:].swapaxes(1, 2)
+    name = p + "self_attn.kv_b_proj.weight"
+    kv_b = r.get(name, (N * (Hn + Hv), R)).reshape(N, Hn + Hv, R)
+    s = r.fp8_scales(name, (N * (Hn + Hv), R)) if x["w_uk"].takes_scales else None
+    s = None if s is None else s.reshape(N, Hn + Hv, R)
+    _put(x["w_uk"], i, kv_b[:, :Hn], None if s is None else s[:, :Hn], name)
+    _put(x["w_uv"], i, kv_b[:, Hn:].swapaxes(1, 2),
+         None if s is None else s[:, Hn:].swapaxes(1, 2), name)
 
 
 def _qk_norm(r: _Reader, p: str, key: str, shape: tuple[int, ...]) -> np.ndarray:

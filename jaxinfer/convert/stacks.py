@@ -83,7 +83,36 @@ class Stack:
         """Whether weights already quantized to int8 with one scale per `size` inputs
         (MXFP4's blocks) can be stored as they are, with no requantization."""
         s = self.spec
-        return s is not None and s.bits == 8 and s.group_size == size and not s.offsets
+        return (s is not None and s.bits == 8 and s.group_size == size and not s.offsets
+                and not s.float8)
+
+    @property
+    def takes_scales(self) -> bool:
+        """Whether FP8 weights can be stored with their own scales (`set_scaled`)."""
+        return self.spec is not None and self.spec.float8
+
+    def set_scaled(self, index: Any, w: np.ndarray, scales: np.ndarray) -> bool:
+        """Store float8 values w / scales exactly: `w` is an FP8 weight decoded (values
+        times `scales`, each element's) in float32, so w / scales rounds back to its own
+        float8 values. False (nothing stored) if `scales` is not constant over the
+        stack's groups (or contraction axes, per channel)."""
+        nd = w.ndim
+        if self.spec.group_size is None:
+            red = tuple(a % nd for a in self.contract)
+            s = scales.max(axis=red, keepdims=True)
+            fits = np.array_equal(np.broadcast_to(s, scales.shape), scales)
+        else:
+            ga = self.group_axis % nd
+            g = scales.shape[ga] // self.spec.group_size
+            grouped = scales.reshape(scales.shape[:ga] + (g, -1) + scales.shape[ga + 1:])
+            s = grouped.max(axis=ga + 1)
+            fits = np.array_equal(grouped.min(axis=ga + 1), s)
+        if not fits:
+            return False
+        self.values[index] = np.where(scales != 0, w / np.where(scales != 0, scales, 1), 0
+                                      ).astype(self.values.dtype)
+        self.scales[index] = s.reshape(self.scales[index].shape)
+        return True
 
     def set_quantized(self, index: Any, values: np.ndarray, scales: np.ndarray) -> None:
         """Store a slice quantized elsewhere (see `takes_groups`)."""
