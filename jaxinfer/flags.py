@@ -29,7 +29,8 @@ QUANTIZE = flags.DEFINE_enum("quantize", None, ["int8", "int4", "fp8"],
                              "Quantize a float checkpoint's weights on load (a quantized "
                              "checkpoint loads quantized without it).")
 GROUP_SIZE = flags.DEFINE_integer("group_size", None, "int4 quantization group size "
-                                  "(default 32; int8 is per output channel).",
+                                  "(default 32; int8 and fp8 are per output channel, an FP8 "
+                                  "release's fp8 its own blocks' width).",
                                   lower_bound=1)
 KV_CACHE_DTYPE = flags.DEFINE_enum("kv_cache_dtype", None, ["float32", "bfloat16", "int8"],
                                    "KV cache dtype (default: the compute dtype); int8 keeps "

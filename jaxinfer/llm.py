@@ -35,7 +35,7 @@ from jaxinfer.kv_cache import KVCache, cache_shardings, init_cache
 from jaxinfer.lora import LoraStack, index_of
 from jaxinfer.memory import device_bytes
 from jaxinfer.output_text import TextOutput, find_stop
-from jaxinfer.quant import QuantConfig
+from jaxinfer.quant import QuantConfig, infer_config
 from jaxinfer.runtime import to_host
 from jaxinfer.sampling import (
     SamplingArrays,
@@ -291,6 +291,8 @@ class LLM:
             # Float weights held in the compute dtype, unless still merged or quantized.
             storage = Storage(dtype) if lora is None and qc is None else IN_MEMORY
             cfg, host = load_foreign(checkpoint, stored, storage=storage)
+            if stored is not None:  # as read: an FP8 release's fp8 keeps its own groups
+                stored = infer_config(host)
             specs = weight_specs(cfg, dtype, stored)
             shardings = (None if mesh is None else weight_shardings(specs, mesh, rules))
             params = _place(host, dtype, shardings)
@@ -313,6 +315,11 @@ class LLM:
         tokenizer = load_tokenizer(checkpoint if foreign else Path(checkpoint) / "tokenizer")
         if template is not None:
             tokenizer.set_chat_template(template)
+        spec = infer_config(params)
+        if spec and spec.linear and spec.linear.float8 and jax.default_backend() == "cpu":
+            log.warning("float8 weights on CPU: XLA converts them in software, so decode "
+                        "runs ~4x slower than float32 here (int8 is the fast CPU format); "
+                        "accelerators convert them in the matmul")
         llm = cls(cfg, params, tokenizer, mesh, impl, kv_dtype)
         if lora_modules:
             llm.add_adapters(lora_modules)

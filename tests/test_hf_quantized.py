@@ -145,6 +145,42 @@ def test_fp8_release_kept_as_fp8(tmp_path, kind, block, caplog):
     np.testing.assert_allclose(got, hf_logits(ref, toks), atol=1e-4, rtol=0)
 
 
+def test_fp8_release_through_the_script_and_llm_load(tmp_path):
+    """`convert.py --quantize fp8` and `LLM.load(quantize="fp8")` of a block-FP8 release
+    give the same float8 weights, in the release's groups, and the float model's greedy
+    tokens."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from jaxinfer.checkpoint import load_quant_config
+    from jaxinfer.llm import LLM
+    from jaxinfer.sampling import GREEDY
+
+    _fp8_checkpoint(_llama(), tmp_path, BLOCK)
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(97)}, unk_token="t0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.save(str(tmp_path / "fp8" / "tokenizer.json"))  # (the tiny vocabulary's words)
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, str(root / "scripts" / "convert.py"), "--input",
+                        str(tmp_path / "fp8"), "--output", str(tmp_path / "ckpt"),
+                        "--quantize", "fp8"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert load_quant_config(tmp_path / "ckpt").linear.group_size == 16
+    saved = LLM.load(tmp_path / "ckpt")
+    direct = LLM.load(tmp_path / "fp8", quantize="fp8")
+    floats = LLM.load(tmp_path / "fp8")
+    for a, b in zip(jax.tree.leaves(saved.params), jax.tree.leaves(direct.params), strict=True):
+        assert a.dtype == b.dtype
+        np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+    assert saved.params["layers"]["wq"].values.dtype == jnp.float8_e4m3fn
+    prompt = tokens(6, batch=1)[0].tolist()
+    want = floats.generate(prompt, GREEDY, max_new_tokens=12).token_ids
+    assert saved.generate(prompt, GREEDY, max_new_tokens=12).token_ids == want
+
+
 def test_fp8_scales_that_do_not_fit_are_refused(tmp_path):
     ref, _ = _fp8_checkpoint(_llama(), tmp_path, BLOCK)
     config = json.loads((tmp_path / "fp8" / "config.json").read_text())
