@@ -196,19 +196,22 @@ def test_mxfp4_checkpoint_matches_transformers(tmp_path):
                                atol=1e-4, rtol=0)
 
 
-def test_mxfp4_experts_kept_exactly_as_int8(tmp_path):
-    """Read with int8 groups of 32 (`--quantize=int8 --group_size=32`), MXFP4 experts are
-    kept as they are (2 x E2M1 as int8, 2 ** (e - 128) as scale): every expert weight
-    dequantizes to transformers' decoded value bit for bit, where requantizing the decoded
-    floats does not; the other linear weights are quantized as from float, and the model
-    computes what its dequantized weights do."""
+@pytest.mark.parametrize("group_size", [32, None])
+def test_mxfp4_experts_kept_exactly_as_int8(tmp_path, group_size):
+    """Read as int8 (`--quantize=int8`: with no group size an MXFP4 release takes groups
+    of 32, the MXFP4 block), MXFP4 experts are kept as they are (2 x E2M1 as int8,
+    2 ** (e - 128) as scale): every expert weight dequantizes to transformers' decoded
+    value bit for bit, where requantizing the decoded floats does not; the other linear
+    weights are quantized as from float, and the model computes what its dequantized
+    weights do."""
     from jaxinfer.convert.safetensors import load_hf_dir
-    from jaxinfer.quant import QuantConfig, dequantize, is_qarray
+    from jaxinfer.quant import QuantConfig, dequantize, infer_config, is_qarray
     from jaxinfer.weights import quantize_weights
 
     _, decoded = _mxfp4_checkpoint(tmp_path)
+    cfg, w = load_hf_dir(tmp_path, quant=QuantConfig.from_mode("int8", group_size=group_size))
     qc = QuantConfig.from_mode("int8", group_size=32)
-    cfg, w = load_hf_dir(tmp_path, quant=qc)
+    assert infer_config(w) == qc
     want = quantize_weights(load_hf_dir(tmp_path)[1], qc)
     for i in range(4):
         gate_up = decoded[f"model.layers.{i}.mlp.experts.gate_up_proj"]
@@ -305,10 +308,10 @@ def test_gguf_matches_transformers(tmp_path, experts):
     toks = tokens(40)
     got = ours(cfg, jax.tree.map(jnp.asarray, w), toks)
     np.testing.assert_allclose(got, hf_logits(m, toks), atol=1e-4, rtol=0)
-    if experts == "MXFP4":  # read into int8 groups of 32: the experts kept exactly
+    if experts == "MXFP4":  # read as int8: groups of 32, the experts kept exactly
         from jaxinfer.quant import QuantConfig, dequantize, is_qarray
 
-        _, qw = load_gguf(tmp_path / "oss.gguf", quant=QuantConfig.from_mode("int8", 32))
+        _, qw = load_gguf(tmp_path / "oss.gguf", quant=QuantConfig.from_mode("int8"))
         for key in ("moe_gate", "moe_up", "moe_down"):
             assert is_qarray(qw["layers"][key])
             assert np.abs(np.asarray(qw["layers"][key].values)).max() <= 12

@@ -31,8 +31,9 @@ _QUANTIZE = flags.DEFINE_enum("quantize", "none", ["none", "int8", "int4", "fp8"
                               "Store weights quantized; 'gguf' keeps the file's own blocks; "
                               "'fp8' keeps an FP8 release's weights and scales as they are.")
 _GROUP_SIZE = flags.DEFINE_integer("group_size", None, "Group size along the input axis "
-                                   "(int4 default 32; int8 default: per output channel; "
-                                   "int8 with 32 keeps MXFP4 experts exactly).",
+                                   "(int4 default 32; int8 and fp8 default: per output "
+                                   "channel, or what keeps a release's MXFP4 or FP8 blocks "
+                                   "exactly).",
                                    lower_bound=1)
 _SYMMETRIC = flags.DEFINE_bool("symmetric", False, "int4 groups without offsets (Q4_0 style).")
 _LORA = flags.DEFINE_string("lora_adapter", None, "A PEFT LoRA adapter directory to "

@@ -41,7 +41,14 @@ from jaxinfer.convert.gguf_quant import (
     shared_router,
 )
 from jaxinfer.convert.layout import to_rotate_half
-from jaxinfer.convert.stacks import IN_MEMORY, Storage, quantize_embeddings, results, stacks
+from jaxinfer.convert.stacks import (
+    IN_MEMORY,
+    Storage,
+    quantize_embeddings,
+    results,
+    source_groups,
+    stacks,
+)
 from jaxinfer.errors import ConversionError
 from jaxinfer.quant import QuantConfig
 from jaxinfer.weights import check_weights, weight_specs
@@ -97,6 +104,8 @@ def load_gguf(path: str | Path, progress: Progress | None = None, quantized: boo
                         for i in range(cfg.num_layers)
                         if f"blk.{i}.post_attention_norm.weight" in tensors})
     get = _getter(tensors, path)
+    quant = source_groups(cfg, quant, mxfp4=any(t.tensor_type.name == "MXFP4"
+                                                 for t in tensors.values()))
     try:
         permuted = _ARCHS[_arch(reader, path)]
         if quantized:

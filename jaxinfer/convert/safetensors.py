@@ -11,10 +11,8 @@ read one at a time into preallocated stacked arrays, so peak memory is one float
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
-import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -37,11 +35,12 @@ from jaxinfer.convert.stacks import (
     Storage,
     quantize_embeddings,
     results,
+    source_groups,
     stacks,
 )
 from jaxinfer.errors import ConfigError, ConversionError
 from jaxinfer.quant import QuantConfig
-from jaxinfer.weights import LAYER_STACKS, LINEAR_QUANT_AXES, check_weights, weight_specs
+from jaxinfer.weights import check_weights, weight_specs
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +114,7 @@ def load_hf_dir(path: str | Path, progress: Progress | None = None,
         qkv_bias=f"{reader.prefix}layers.0.self_attn.q_proj.bias" in reader,
         eos_token_ids=tuple(dict.fromkeys(int(e) for e in eos)),
         add_bos=bool(tok_cfg.get("add_bos_token", False)))
-    quant = _fp8_groups(cfg, quant, reader.fp8_block)
+    quant = source_groups(cfg, quant, reader.fp8_block, reader.has_mxfp4)
     try:
         weights = quantize_embeddings(_weights(cfg, reader, progress, _MOE_EXPERTS.get(kind),
                                                quant, storage), quant)
@@ -224,6 +223,12 @@ class _Reader:
             raise ConversionError(f"tensor {name!r} in {self.path} has shape {a.shape}, "
                                   f"expected {shape}")
         return a
+
+    @property
+    def has_mxfp4(self) -> bool:
+        """Whether some weight is stored as MXFP4 blocks (gpt-oss's experts)."""
+        return any(n.endswith("_blocks") and n[:-7] + "_scales" in self._where
+                   for n in self._where)
 
     def fp8_scales(self, name: str, shape: tuple[int, ...]) -> np.ndarray | None:
         """Each element's scale (float32 of `shape`, HF's [out, in]) of a weight stored in
@@ -361,23 +366,6 @@ _MOE_EXPERTS = {"mixtral": ("block_sparse_moe", "gate", ("w1", "w3", "w2")),
                 "gpt_oss": ("mlp", "router", "in_out"),
                 **{kind: ("mlp", "gate", ("gate_proj", "up_proj", "down_proj"))
                    for kind in (*DEEPSEEK_TYPES, "glm4_moe")}}
-
-
-def _fp8_groups(cfg: ModelConfig, quant: QuantConfig | None,
-                block: tuple[int, int] | None) -> QuantConfig | None:
-    """float8 quantization of a block-FP8 release with no group size given: groups that
-    split the release's blocks along the inputs (the block width where it divides every
-    weight's group axis, as 128 does in the releases), so each keeps its scale exactly."""
-    lin = None if quant is None else quant.linear
-    if lin is None or not lin.float8 or lin.group_size is not None or block is None:
-        return quant
-    tree = weight_specs(cfg)
-    g = block[1]
-    for stack in LAYER_STACKS:
-        for name, (_, axis) in LINEAR_QUANT_AXES.items():
-            if name in tree.get(stack, {}):
-                g = math.gcd(g, tree[stack][name].shape[axis])
-    return dataclasses.replace(quant, linear=dataclasses.replace(lin, group_size=g))
 
 
 _MOE_EXPERTS_PLURAL = (*DEEPSEEK_TYPES, "glm4_moe")  # their shared expert: "shared_experts"

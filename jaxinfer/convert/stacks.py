@@ -10,6 +10,7 @@ float, never the whole float model (a float32 8B model alone is 32 GB).
 from __future__ import annotations
 
 import dataclasses
+import math
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -17,8 +18,16 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
+from jaxinfer.config import ModelConfig
+from jaxinfer.convert.hf_quant import MXFP4_BLOCK
 from jaxinfer.quant import QArray, QuantConfig, QuantSpec, scales_shape
-from jaxinfer.weights import LINEAR_QUANT_AXES, quantize_fn, quantize_weights
+from jaxinfer.weights import (
+    LAYER_STACKS,
+    LINEAR_QUANT_AXES,
+    quantize_fn,
+    quantize_weights,
+    weight_specs,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,6 +147,29 @@ def stacks(shapes: dict[str, tuple[int, ...]], num_layers: int,
         out[name] = (Stack((num_layers, *shape), storage=storage) if axes is None
                      else Stack((num_layers, *shape), spec, *axes))
     return out
+
+
+def source_groups(cfg: ModelConfig, quant: QuantConfig | None,
+                  fp8_block: tuple[int, int] | None = None, mxfp4: bool = False
+                  ) -> QuantConfig | None:
+    """The groups that keep a quantized release's weights exactly, where `quant` gives no
+    group size: fp8 of a block-FP8 release, groups that split its blocks along the inputs
+    (the block width where it divides every linear weight's group axis, as 128 does in
+    the releases); int8 of an MXFP4 release, groups of 32 (the MXFP4 block: `takes_groups`)
+    where 32 divides them. Otherwise `quant` as given."""
+    lin = None if quant is None else quant.linear
+    if lin is None or lin.group_size is not None or lin.offsets or lin.bits != 8:
+        return quant
+    tree = weight_specs(cfg)
+    sizes = [tree[stack][name].shape[axis] for stack in LAYER_STACKS
+             for name, (_, axis) in LINEAR_QUANT_AXES.items() if name in tree.get(stack, {})]
+    if lin.float8 and fp8_block is not None:
+        g = math.gcd(fp8_block[1], *sizes)
+    elif not lin.float8 and mxfp4 and all(n % MXFP4_BLOCK == 0 for n in sizes):
+        g = MXFP4_BLOCK
+    else:
+        return quant
+    return dataclasses.replace(quant, linear=dataclasses.replace(lin, group_size=g))
 
 
 def results(layers: dict[str, Any]) -> dict[str, Any]:
