@@ -52,7 +52,6 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from jaxinfer import engine_core as core
@@ -69,7 +68,7 @@ from jaxinfer.errors import (
     DistributedError,
     JaxinferError,
 )
-from jaxinfer.kv_cache import KVCache, cache_shardings, init_cache
+from jaxinfer.kv_cache import KVCache, cache_dtype, cache_shardings, init_cache
 from jaxinfer.lora import LoraStack, index_of
 from jaxinfer.metrics import EngineMetrics
 from jaxinfer.output_text import TextOutput
@@ -251,7 +250,7 @@ class Engine:
             raise ConfigError(f"slot length {self.max_len} (the model's context) must be a "
                               f"multiple of prefix_block={config.prefix_block}")
         self.dtype = params["embed"].dtype  # a QArray's dtype is its compute dtype
-        self.kv_dtype = jnp.dtype(self.dtype if kv_dtype is None else kv_dtype)
+        self.kv_dtype = self.dtype if kv_dtype is None else cache_dtype(kv_dtype)
         eos = sorted(set(cfg.eos_token_ids) | set(getattr(tokenizer, "eos_ids", ())))
         self.eos_ids = frozenset(eos)
         device = next(iter(jax.tree.leaves(params["embed"])[0].devices()))  # QArray too
@@ -388,7 +387,7 @@ class Engine:
                 f"{fmt(need(config.num_slots))} of KV cache per device plus a {fmt(pool)} "
                 f"prefix pool, but {fmt(free)} is free on {where}: at most "
                 f"{most(free - pool)} slots fit (or lower max_len or prefix_cache_mb, or use "
-                "an int8 KV cache)")
+                "an int8 or fp8 KV cache)")
         return config
 
     def _speculative_settings(self, draft: Any, k: int, ngram_size: int) -> _Speculation | None:

@@ -36,7 +36,7 @@ import numpy as np
 from jaxinfer import generate as gen
 from jaxinfer import model
 from jaxinfer.config import ModelConfig
-from jaxinfer.kv_cache import KVCache, cache_shardings, init_cache, kv_shapes
+from jaxinfer.kv_cache import KVCache, cache_shardings, init_cache, kv_shapes, scaled
 from jaxinfer.lora import LoraStack
 from jaxinfer.sampling import (
     IDLE_ROW,
@@ -131,7 +131,7 @@ def slots_bytes(cfg: ModelConfig, B: int, S: int, dtype, mesh: jax.sharding.Mesh
         if sharding is not None:
             shape = sharding.shard_shape(shape)
         n = math.prod(shape)
-        total += n * dtype.itemsize + (math.prod(shape[:4]) * 4 if dtype == jnp.int8 else 0)
+        total += n * dtype.itemsize + (math.prod(shape[:4]) * 4 if scaled(dtype) else 0)
     return total
 
 

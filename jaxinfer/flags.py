@@ -32,9 +32,10 @@ GROUP_SIZE = flags.DEFINE_integer("group_size", None, "int4 quantization group s
                                   "(default 32; int8 and fp8 are per output channel, an FP8 "
                                   "release's fp8 its own blocks' width).",
                                   lower_bound=1)
-KV_CACHE_DTYPE = flags.DEFINE_enum("kv_cache_dtype", None, ["float32", "bfloat16", "int8"],
-                                   "KV cache dtype (default: the compute dtype); int8 keeps "
-                                   "a scale per token and head.")
+KV_CACHE_DTYPE = flags.DEFINE_enum("kv_cache_dtype", None,
+                                   ["float32", "bfloat16", "int8", "fp8"],
+                                   "KV cache dtype (default: the compute dtype); int8 and fp8 "
+                                   "(float8 e4m3) keep a scale per token and head.")
 COMPILATION_CACHE = flags.DEFINE_bool("compilation_cache", True,
                                       "Persist compiled XLA programs across runs.")
 

@@ -4,8 +4,9 @@ Left-aligned: row b holds its tokens at positions [0, lengths[b]). Layers are st
 the whole cache is one donated buffer per tensor and updates happen in place.
     k, v     [L, B, K, S, H]
     lengths  i32[B]   tokens already written per row
-    k_scale, v_scale  f32[L, B, K, S]  only for an int8 cache: one scale per token per head,
-                      so a new token never rescales old ones (None otherwise)
+    k_scale, v_scale  f32[L, B, K, S]  only for an int8 or fp8 (float8_e4m3fn) cache: one
+                      scale per token per head, so a new token never rescales old ones
+                      (None otherwise)
 """
 
 from __future__ import annotations
@@ -18,9 +19,33 @@ import jax
 import jax.numpy as jnp
 
 from jaxinfer.config import ModelConfig
+from jaxinfer.errors import ConfigError
 from jaxinfer.sharding import ShardingRules, activation_sharding
 
 CACHE_AXES = ("layers", "batch", "act_kv_heads", "cache_seq", "act_head_dim")
+# The cache dtypes stored with a scale per token and head, and the largest value each
+# maps to: int8 and float8 e4m3 (vLLM's and llama.cpp's "fp8" cache).
+SCALED = {jnp.dtype(jnp.int8): 127.0, jnp.dtype(jnp.float8_e4m3fn): 448.0}
+
+
+def cache_dtype(dtype: Any) -> Any:
+    """A KV cache dtype from a name or dtype: a float of 16 bits or more, "int8" or "fp8"
+    (float8_e4m3fn, scaled like int8); ConfigError otherwise (a bare float8 cache would
+    flush small keys to zero)."""
+    try:
+        dt = jnp.dtype(jnp.float8_e4m3fn if dtype == "fp8" else dtype)
+    except TypeError:
+        dt = None
+    if dt is None or not (dt in SCALED or jnp.issubdtype(dt, jnp.floating)
+                          and dt.itemsize >= 2):
+        raise ConfigError(f"kv_dtype must be a float dtype of 16 bits or more, 'int8' or "
+                          f"'fp8', got {dtype!r}")
+    return dt
+
+
+def scaled(dtype: Any) -> bool:
+    """Whether a cache of `dtype` keeps per-token scales (int8, fp8)."""
+    return jnp.dtype(dtype) in SCALED
 
 
 @jax.tree_util.register_dataclass
@@ -52,21 +77,25 @@ def write_kv(c_LBKSH: jax.Array, scale_LBKS: jax.Array | None, i: jax.Array,
              rows_B1: jax.Array, pos_BT: jax.Array, x_BTKH: jax.Array
              ) -> tuple[jax.Array, jax.Array | None]:
     """Scatter new K or V of layer i at each row's positions (out-of-range ones drop); an
-    int8 cache stores round(x / s) with s = max|x| / 127 per token and head."""
+    int8 cache stores round(x / s) with s = max|x| / 127 per token and head, an fp8 one
+    x / s rounded to float8 with s = max|x| / 448."""
     if scale_LBKS is None:
         return c_LBKSH.at[i, rows_B1, :, pos_BT, :].set(x_BTKH.astype(c_LBKSH.dtype),
                                                         mode="drop"), None
+    top = SCALED[jnp.dtype(c_LBKSH.dtype)]
     x = x_BTKH.astype(jnp.float32)
-    s_BTK = jnp.max(jnp.abs(x), axis=-1) / 127.0
+    s_BTK = jnp.max(jnp.abs(x), axis=-1) / top
     s_BTK = jnp.where(s_BTK > 0, s_BTK, 1.0)
-    q = jnp.clip(jnp.round(x / s_BTK[..., None]), -127, 127).astype(c_LBKSH.dtype)
+    q = x / s_BTK[..., None]
+    q = jnp.round(q) if c_LBKSH.dtype == jnp.int8 else q  # (float8: rounded by the cast)
+    q = jnp.clip(q, -top, top).astype(c_LBKSH.dtype)
     return (c_LBKSH.at[i, rows_B1, :, pos_BT, :].set(q, mode="drop"),
             scale_LBKS.at[i, rows_B1, :, pos_BT].set(s_BTK, mode="drop"))
 
 
 def read_kv(c_LBKSH: jax.Array, scale_LBKS: jax.Array | None, i: jax.Array, dtype: Any
             ) -> jax.Array:
-    """Layer i of the cache as [B, K, S, H] in `dtype` (dequantized for int8)."""
+    """Layer i of the cache as [B, K, S, H] in `dtype` (dequantized for int8 / fp8)."""
     x = c_LBKSH[i].astype(dtype)
     return x if scale_LBKS is None else x * scale_LBKS[i][..., None].astype(dtype)
 
@@ -89,8 +118,8 @@ def cache_shardings(cfg: ModelConfig, batch: int, max_len: int, mesh: jax.shardi
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: Any = jnp.float32,
                shardings: KVCache | None = None) -> KVCache:
-    """An empty cache of B rows and S positions (zeros, lengths 0); dtype int8 adds the
-    per-token scales."""
+    """An empty cache of B rows and S positions (zeros, lengths 0); dtype int8 or fp8 adds
+    the per-token scales."""
     kv, lens = (shardings.k, shardings.lengths) if shardings is not None else (None, None)
     return _zeros_fn(kv_shapes(cfg, batch, max_len), jnp.dtype(dtype), kv, lens)()
 
@@ -100,7 +129,7 @@ def _zeros_fn(shapes: tuple[tuple[int, ...], tuple[int, ...]], dtype: Any, kv_sh
               lengths_sharding):
     """One compiled allocator per (shapes, dtype, sharding): allocating never recompiles."""
 
-    quantized = jnp.dtype(dtype) == jnp.int8
+    quantized = scaled(dtype)
     shape, v_shape = shapes
 
     def make():

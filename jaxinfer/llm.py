@@ -31,7 +31,7 @@ from jaxinfer.attention import IMPLS, default_impl
 from jaxinfer.checkpoint import load_checkpoint, load_quant_config
 from jaxinfer.config import ModelConfig
 from jaxinfer.errors import BadRequestError, ConfigError
-from jaxinfer.kv_cache import KVCache, cache_shardings, init_cache
+from jaxinfer.kv_cache import KVCache, cache_dtype, cache_shardings, init_cache
 from jaxinfer.lora import LoraStack, index_of
 from jaxinfer.memory import device_bytes
 from jaxinfer.output_text import TextOutput, find_stop
@@ -91,16 +91,6 @@ def _place(host: Weights, dtype: Any, shardings: Weights | None) -> Weights:
     return jax.tree.map(lambda a, s: jax.make_array_from_callback(a.shape, s,
                                                                    lambda i, a=a: a[i]),
                         host, shardings)
-
-
-def _kv_dtype(dtype: Any) -> Any:
-    try:
-        dt = jnp.dtype(dtype)
-    except TypeError:
-        dt = None
-    if dt is None or not (jnp.issubdtype(dt, jnp.floating) or dt == jnp.int8):
-        raise ConfigError(f"kv_dtype must be a float dtype or 'int8', got {dtype!r}")
-    return dt
 
 
 def _as_batch(prompts: Any) -> tuple[list, bool]:
@@ -231,7 +221,7 @@ class LLM:
         self.cfg, self.params, self.tokenizer, self.mesh, self.impl = (
             cfg, params, tokenizer, mesh, impl or default_impl())
         self.dtype = params["embed"].dtype  # a QArray's dtype is its compute dtype
-        self.kv_dtype = self.dtype if kv_dtype is None else _kv_dtype(kv_dtype)
+        self.kv_dtype = self.dtype if kv_dtype is None else cache_dtype(kv_dtype)
         self.weight_bytes = device_bytes(params)  # held on the devices, all shards
         self.kv_cache_bytes = 0
         self.eos = np.array(sorted(set(cfg.eos_token_ids) | set(tokenizer.eos_ids)) or [-1],

@@ -25,7 +25,7 @@ import numpy as np
 from jaxinfer import engine_core as core
 from jaxinfer.config import ModelConfig
 from jaxinfer.errors import ConfigError
-from jaxinfer.kv_cache import KVCache, kv_shapes
+from jaxinfer.kv_cache import KVCache, kv_shapes, scaled
 
 
 def block_digests(tokens: list[int], block: int, adapter: int = 0) -> list[bytes]:
@@ -52,7 +52,7 @@ class PrefixCache:
         self.block, self.max_len = block, max_len
         self.num_row_blocks = max_len // block  # J
         dtype = jnp.dtype(dtype)
-        quantized = dtype == jnp.int8  # int8 K/V + one f32 scale per token and head
+        quantized = scaled(dtype)  # int8 / fp8 K/V + one f32 scale per token and head
         per_token = (cfg.head_dim + cfg.value_dim) * dtype.itemsize + (8 if quantized else 0)
         self.block_bytes = cfg.num_layers * cfg.num_kv_heads * block * per_token
         self.capacity = int(budget_bytes // self.block_bytes)  # P

@@ -330,21 +330,24 @@ def test_prefix_cache_prefills_only_the_suffix():
     assert ra.token_ids == plain_tokens(a) and rb.token_ids == plain_tokens(b)
 
 
-def test_quantized_weights_and_int8_kv_cache():
-    """int8 weights and an int8 KV cache (slots and prefix pool, scales included) give the
-    engine the same tokens as LLM.generate on the same quantized model, prefix hits too."""
+@pytest.mark.parametrize("kv", ["int8", "fp8"])
+def test_quantized_weights_and_int8_kv_cache(kv):
+    """int8 weights and an int8 or fp8 KV cache (slots and prefix pool, scales included)
+    give the engine the same tokens as LLM.generate on the same quantized model, prefix
+    hits too."""
     qw = jax.device_put(quantize_weights(tiny_weights(), QuantConfig.from_mode("int8")),
                         jax.devices()[0])
-    llm = LLM(TINY, qw, CharTokenizer(), kv_dtype="int8")
+    llm = LLM(TINY, qw, CharTokenizer(), kv_dtype=kv)
+    one = jnp.dtype(jnp.int8 if kv == "int8" else jnp.float8_e4m3fn)
     shared = RNG.integers(4, 97, 64).tolist()
     prompts = [shared + p for p in PROMPTS[:4]] + PROMPTS[4:]
     ref = llm.generate(prompts, sampling=GREEDY, max_new_tokens=MAX_NEW)
     float_ref = _llm().generate(prompts, sampling=GREEDY, max_new_tokens=MAX_NEW)
     cfg = EngineConfig(num_slots=3, max_len=256, prefix_block=16)
     with Engine.from_llm(llm, cfg) as eng:
-        assert eng.kv_dtype == jnp.int8 and eng._state.cache.k_scale is not None
+        assert eng.kv_dtype == one and eng._state.cache.k_scale is not None
         assert all(p.dtype == d for p, d in zip(
-            eng._prefix.pools, (jnp.int8, jnp.int8, jnp.float32, jnp.float32), strict=True))
+            eng._prefix.pools, (one, one, jnp.float32, jnp.float32), strict=True))
         got = [eng.submit(p, sampling=GREEDY, max_tokens=m).result(timeout=120)
                for p, m in zip(prompts, MAX_NEW, strict=True)]
         assert eng.metrics.prefix_hits == 3  # prompts 2-4 reuse the 64-token prefix
@@ -352,7 +355,7 @@ def test_quantized_weights_and_int8_kv_cache():
         assert g.token_ids == r.token_ids
     # Quantization changes the model a little, not entirely.
     same = sum(g.token_ids == f.token_ids for g, f in zip(got, float_ref, strict=True))
-    print(f"int8 weights + int8 KV: {same}/{len(got)} requests equal the float model's")
+    print(f"int8 weights + {kv} KV: {same}/{len(got)} requests equal the float model's")
 
 
 def plain_tokens(prompt):
