@@ -922,12 +922,13 @@ class Engine:
         among equals) if it is above the waiting one's. Speculative rows are not
         preempted (their draft state is not rebuilt)."""
         if (self.config.scheduling_policy != "priority" or self._spec is not None
-                or not self._queue or self._partial is not None
-                or any(r is None for r in self._slots)):
+                or self._partial is not None or any(r is None for r in self._slots)):
             return None
         slot = max(range(len(self._slots)),
                    key=lambda i: (self._slots[i].priority, self._slots[i].id))
-        return slot if self._slots[slot].priority > self._queue[0].priority else None
+        with self._cv:  # a caller's cancel may empty the queue meanwhile
+            waiting = self._queue[0].priority if self._queue else None
+        return slot if waiting is not None and self._slots[slot].priority > waiting else None
 
     def _preempt(self, slot: int) -> None:
         """Free `slot` and queue its request again; it keeps its id, so its place among
@@ -958,12 +959,11 @@ class Engine:
                 return
         first = True
         while budget > 0:
+            victim = self._victim() if preempt else None
+            if victim is not None:
+                self._preempt(victim)
             with self._cv:
                 free = [i for i, r in enumerate(self._slots) if r is None]
-                victim = self._victim() if preempt and not free else None
-                if victim is not None:
-                    self._preempt(victim)
-                    free = [victim]
                 if not free or not self._queue:
                     return
                 if not chunked and not first and len(self._queue[0].prompt_ids) > budget:
