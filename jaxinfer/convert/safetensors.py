@@ -464,18 +464,13 @@ def _weights(cfg: ModelConfig, r: _Reader, progress: Progress | None,
             if cfg.norm_bias:
                 x[key + "_bias"][i] = r.get(p + hf_name + ".bias", (D,))
         for module, (key, shape, n_in) in (dense_linears if x is dense else linears).items():
-            name = p + module + ".weight"
-            m = r.get(name, hf_shape(shape, n_in))
-            scales = r.fp8_scales(name, m.shape) if x[key].takes_scales else None
+            tf = None  # the rows reordered first (q and k: RoPE's pairs; as the scales)
             if R and cfg.rope_interleaved and key in ("wq", "wq_b", "wkv_a"):
                 tf = lambda a, key=key: rope_tail_to_half(
                     a, *((1, R) if key == "wkv_a" else (N, Hn)))
             elif key in ("wq", "wk"):
                 tf = lambda a, shape=shape: half(a, shape[1])
-            else:
-                tf = lambda a: a
-            _put(x[key], i, from_hf_matrix(tf(m), shape),
-                 None if scales is None else from_hf_matrix(tf(scales), shape), name)
+            _put_hf(x[key], i, r, p + module + ".weight", shape, hf_shape(shape, n_in), tf)
             if key in biases:
                 x[biases[key]][i] = r.get(p + module + ".bias", shape[-1:])
         if R:
@@ -552,13 +547,16 @@ def _weights(cfg: ModelConfig, r: _Reader, progress: Progress | None,
     return weights
 
 
-def _put_hf(stack: Stack, index: Any, r: _Reader, name: str, shape: tuple[int, ...]) -> None:
-    """An HF linear weight [out, in] into `stack[index]` in our layout, its FP8 values
-    and scales kept as they are where the stack is float8 (see `_put`)."""
-    m = r.get(name, shape[::-1])
+def _put_hf(stack: Stack, index: Any, r: _Reader, name: str, shape: tuple[int, ...],
+            hf: tuple[int, int] | None = None,
+            tf: Callable[[np.ndarray], np.ndarray] | None = None) -> None:
+    """An HF linear weight (`hf` [out, in], default `shape` reversed), its rows reordered
+    by `tf`, into `stack[index]` in our layout `shape`; its FP8 values and scales kept as
+    they are where the stack is float8 (see `_put`)."""
+    m = r.get(name, hf or shape[::-1])
     scales = r.fp8_scales(name, m.shape) if stack.takes_scales else None
-    _put(stack, index, from_hf_matrix(m, shape),
-         None if scales is None else from_hf_matrix(scales, shape), name)
+    ours = lambda a: from_hf_matrix(a if tf is None else tf(a), shape)
+    _put(stack, index, ours(m), None if scales is None else ours(scales), name)
 
 
 def _put(stack: Stack, index: Any, w: np.ndarray, scales: np.ndarray | None,
