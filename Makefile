@@ -20,10 +20,10 @@ demo: setup  ## real text from the default model (SmolLM2-135M-Instruct)
 
 # Two workers, whole files each (module fixtures load a model once).
 test: setup  ## the default run: every test not marked slow
-	$(PY) -m pytest -q -n 2 --dist loadfile -m "not slow"
+	$(PY) -m pytest -q -n 2 --dist loadfile -m "not slow" --durations=15
 
 test-slow: setup  ## the tests marked slow (CI runs them after `make test`)
-	$(PY) -m pytest -q -n 2 --dist loadfile -m slow
+	$(PY) -m pytest -q -n 2 --dist loadfile -m slow --durations=15
 
 test-all: test test-slow  ## what CI runs
 

@@ -330,7 +330,7 @@ def test_prefix_cache_prefills_only_the_suffix():
     assert ra.token_ids == plain_tokens(a) and rb.token_ids == plain_tokens(b)
 
 
-@pytest.mark.parametrize("kv", ["int8", "fp8"])
+@pytest.mark.parametrize("kv", ["int8", pytest.param("fp8", marks=pytest.mark.slow)])
 def test_quantized_weights_and_int8_kv_cache(kv):
     """int8 weights and an int8 or fp8 KV cache (slots and prefix pool, scales included)
     give the engine the same tokens as LLM.generate on the same quantized model, prefix

@@ -145,6 +145,7 @@ def test_fp8_release_kept_as_fp8(tmp_path, kind, block, caplog):
     np.testing.assert_allclose(got, hf_logits(ref, toks), atol=1e-4, rtol=0)
 
 
+@pytest.mark.slow
 def test_fp8_release_through_the_script_and_llm_load(tmp_path):
     """`convert.py --quantize fp8` and `LLM.load(quantize="fp8")` of a block-FP8 release
     give the same float8 weights, in the release's groups, and the float model's greedy
