@@ -143,3 +143,16 @@ def test_step_bytes_reads_only_the_chosen_experts():
     assert step_bytes(llm, 1, 0.0)["weights"] == pytest.approx(total - experts * 6 / 8)
     assert step_bytes(llm, 3, 0.0)["weights"] == pytest.approx(total - experts * 2 / 8)
     assert step_bytes(llm, 4, 0.0)["weights"] == pytest.approx(total)
+
+
+def test_config_takes_every_quantization_mode():
+    """Every mode `--quantize` offers is a benchmark setting (fp8 was refused after the
+    shared flag offered it); anything else is refused by name."""
+    from jaxinfer.bench.run import BenchConfig
+    from jaxinfer.errors import ConfigError
+    from jaxinfer.quant import MODES
+
+    for mode in MODES:
+        assert BenchConfig(quantize=mode).quantize == mode
+    with pytest.raises(ConfigError, match="int3"):
+        BenchConfig(quantize="int3")

@@ -19,6 +19,7 @@ import numpy as np
 from jaxinfer.bench import measure as m
 from jaxinfer.bench.presets import preset
 from jaxinfer.errors import ConfigError
+from jaxinfer.quant import MODES
 
 
 @dataclasses.dataclass
@@ -69,8 +70,8 @@ class BenchConfig:
             bad = [x for x in name if x not in allowed]
             if bad:
                 raise ConfigError(f"unknown {what} {bad[0]!r}; expected one of {list(allowed)}")
-        if self.quantize not in (None, "int8", "int4"):
-            raise ConfigError(f"quantize must be int8 or int4, got {self.quantize!r}")
+        if self.quantize not in (None, *MODES):
+            raise ConfigError(f"quantize must be one of {list(MODES)}, got {self.quantize!r}")
         if self.draft_checkpoint and self.ngram_draft:
             raise ConfigError("give draft_checkpoint or ngram_draft, not both")
         if self.num_speculative_tokens < 1 or self.ngram_size < 1:
