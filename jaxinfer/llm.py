@@ -308,7 +308,7 @@ class LLM:
         spec = infer_config(params)
         if spec and spec.linear and spec.linear.float8 and jax.default_backend() == "cpu":
             log.warning("float8 weights on CPU: XLA converts them in software, so decode "
-                        "runs ~4x slower than float32 here (int8 is the fast CPU format); "
+                        "runs ~4.5x slower than float32 here (int8 is the fast CPU format); "
                         "accelerators convert them in the matmul")
         llm = cls(cfg, params, tokenizer, mesh, impl, kv_dtype)
         if lora_modules:
