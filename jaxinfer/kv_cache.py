@@ -20,12 +20,13 @@ import jax.numpy as jnp
 
 from jaxinfer.config import ModelConfig
 from jaxinfer.errors import ConfigError
+from jaxinfer.quant import FP8_MAX
 from jaxinfer.sharding import ShardingRules, activation_sharding
 
 CACHE_AXES = ("layers", "batch", "act_kv_heads", "cache_seq", "act_head_dim")
 # The cache dtypes stored with a scale per token and head, and the largest value each
 # maps to: int8 and float8 e4m3 (vLLM's and llama.cpp's "fp8" cache).
-SCALED = {jnp.dtype(jnp.int8): 127.0, jnp.dtype(jnp.float8_e4m3fn): 448.0}
+SCALED = {jnp.dtype(jnp.int8): 127.0, jnp.dtype(jnp.float8_e4m3fn): FP8_MAX}
 
 
 def cache_dtype(dtype: Any) -> Any:
