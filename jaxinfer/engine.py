@@ -919,10 +919,9 @@ class Engine:
     def _victim(self) -> int | None:
         """The slot to preempt for the queue's first request: under the priority policy,
         with no slot free, the running request of the highest priority value (the latest
-        among equals) if it is above the waiting one's. Speculative rows are not
-        preempted (their draft state is not rebuilt)."""
-        if (self.config.scheduling_policy != "priority" or self._spec is not None
-                or self._partial is not None or any(r is None for r in self._slots)):
+        among equals) if it is above the waiting one's."""
+        if (self.config.scheduling_policy != "priority" or self._partial is not None
+                or any(r is None for r in self._slots)):
             return None
         slot = max(range(len(self._slots)),
                    key=lambda i: (self._slots[i].priority, self._slots[i].id))
@@ -1065,7 +1064,7 @@ class Engine:
         if self._prefix is not None:
             self._prefix.store(p.digests, p.hit, prefix.cache, dry_run=req.warmup)
         if resumed:
-            self._resume(prefix, req, p.slot)
+            self._resume(prefix, req, ids, p.slot)
             return take
         if self._spec is None:
             self._state = core.insert(prefix, self._state, np.int32(p.slot), self._fresh)
@@ -1085,15 +1084,20 @@ class Engine:
             self.metrics.on_tokens(1, [] if gap is None else [gap])
         return take
 
-    def _resume(self, prefix: core.Prefix, req: Request, slot: int) -> None:
+    def _resume(self, prefix: core.Prefix, req: Request, ids: list[int], slot: int) -> None:
         """A preempted request back in a slot, decoding on from its last token."""
-        self._state = core.insert(prefix, self._state, np.int32(slot),
-                                  core.Resume.of(req.token_ids, req.prompt_ids, self.max_len))
+        resume = core.Resume.of(req.token_ids, req.prompt_ids, self.max_len)
+        if self._spec is None:
+            self._state = core.insert(prefix, self._state, np.int32(slot), resume)
+        else:
+            self._insert_speculative(prefix, ids, slot, resume)
         self._slots[slot] = req
 
-    def _insert_speculative(self, prefix: core.Prefix, ids: list[int], slot: int) -> None:
-        """Prefill the draft model's row (the whole prompt: the prefix cache holds only the
-        target's K/V) and insert both rows and the token sequence into the slot."""
+    def _insert_speculative(self, prefix: core.Prefix, ids: list[int], slot: int,
+                            resume: core.Resume | None = None) -> None:
+        """Prefill the draft model's row (the whole prompt, and a preempted request's output
+        but its last token: the prefix cache holds only the target's K/V) and insert both
+        rows and the token sequence into the slot."""
         dw, dcfg = self._spec.weights, self._spec.cfg
         n, S = len(ids), self.max_len
         draft_row = None
@@ -1107,7 +1111,7 @@ class Engine:
         seq_1S = np.zeros((1, S), np.int32)
         seq_1S[0, :n] = ids
         self._state = engine_spec.insert(prefix, draft_row, seq_1S, np.int32(n), self._state,
-                                         np.int32(slot))
+                                         np.int32(slot), resume or self._fresh)
 
     def _consume(self, out: jax.Array, lp: Logprobs | None, slots: list[Request | None]
                  ) -> None:

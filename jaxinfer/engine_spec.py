@@ -5,7 +5,7 @@ when it runs with a draft (a smaller model, or prompt lookup):
 
     init_state(...)                                   -> SpecState   B empty slots
     prefill_draft(draft_weights, tokens_1T, n_1, row) -> KVCache     the draft's prompt row
-    insert(prefix, draft_row, seq_1S, n, state, slot) -> state       state donated
+    insert(prefix, draft_row, seq_1S, n, state, slot, resume) -> state  state donated
     step(target, draft, state)                        -> state, out_BR   one round, every slot
     speculative.propose_step(draft, state, mask0)    -> state, d_BK, q
     verify(target, state, d_BK, q, masks)             -> state, out_BR   the same round split
@@ -30,7 +30,7 @@ import jax.numpy as jnp
 from jaxinfer import model
 from jaxinfer import speculative as spec
 from jaxinfer.config import ModelConfig
-from jaxinfer.engine_core import Prefix, placement, put_row, slots_cache
+from jaxinfer.engine_core import Prefix, Resume, placement, put_row, slots_cache
 from jaxinfer.kv_cache import KVCache
 from jaxinfer.lora import LoraStack
 from jaxinfer.sampling import IDLE_ROW, Logprobs, SamplingArrays, ends_row
@@ -69,13 +69,24 @@ def prefill_draft(weights: Weights, tokens_1T: jax.Array, num_new_1: jax.Array, 
 
 @functools.partial(jax.jit, donate_argnames=("state",))
 def insert(prefix: Prefix, draft_row: KVCache | None, seq_1S: jax.Array, prompt_len: jax.Array,
-           state: spec.SpecState, slot: jax.Array) -> spec.SpecState:
+           state: spec.SpecState, slot: jax.Array, resume: Resume) -> spec.SpecState:
     """Put a prefilled request into slot `slot`: both caches' rows, its token sequence
-    (prompt + first token, the n-gram draft's haystack) and its counters."""
-    tok = prefix.token_1[0]
+    (prompt + first token, the n-gram draft's haystack) and its counters. A preempted one
+    (`resume`, as engine_core.insert takes it; `seq_1S` then holds its prompt and output
+    but the last token) comes back with its last token, output and counts, so its next
+    round draws the keys it would have drawn unpreempted. One program for both kinds."""
+    back = resume.num_generated > 0
+    tok = jnp.where(back, resume.token, prefix.token_1[0])
     max_new = prefix.max_new_1[0]
-    is_eos = ends_row(prefix.token_1, state.eos_E, prefix.sampling)[0]
+    is_eos = ends_row(prefix.token_1, state.eos_E, prefix.sampling)[0] & ~back
     seq = seq_1S[0].at[prompt_len].set(tok)
+    M, V = state.output_BM.shape[1], state.counts_BV.shape[1]
+    gen_M = jnp.where(back, jnp.maximum(resume.generated_S[:M], 0),
+                      jnp.zeros((M,), jnp.int32).at[0].set(tok))
+    counts_V = jnp.zeros((V,), jnp.int32).at[
+        jnp.where(back & (resume.generated_S >= 0), resume.generated_S, V)].add(1, mode="drop")
+    counts_V = jnp.where(back, counts_V, jnp.zeros((V,), jnp.int32).at[tok].add(1))
+    n_gen = jnp.where(back, resume.num_generated, 1)
     dc = state.draft_cache
     if state.adapter_B is not None:
         state = dataclasses.replace(
@@ -84,16 +95,14 @@ def insert(prefix: Prefix, draft_row: KVCache | None, seq_1S: jax.Array, prompt_
         state, target_cache=put_row(state.target_cache, prefix.cache, slot),
         draft_cache=None if dc is None else put_row(dc, draft_row, slot),
         seq_BS=state.seq_BS.at[slot].set(seq), seq_len_B=state.seq_len_B.at[slot].set(
-            prompt_len + 1), num_generated_B=state.num_generated_B.at[slot].set(1),
+            prompt_len + 1), num_generated_B=state.num_generated_B.at[slot].set(n_gen),
         max_new_B=state.max_new_B.at[slot].set(max_new),
-        done_B=state.done_B.at[slot].set(is_eos | (max_new <= 1)),
+        done_B=state.done_B.at[slot].set(is_eos | (max_new <= n_gen)),
         finish_eos_B=state.finish_eos_B.at[slot].set(is_eos),
         sampling=state.sampling.with_row(slot, prefix.sampling),
-        output_BM=state.output_BM.at[slot].set(jnp.zeros_like(state.output_BM[0]).at[0].set(
-            tok)),
+        output_BM=state.output_BM.at[slot].set(gen_M),
         rounds_B=state.rounds_B.at[slot].set(0), accepted_B=state.accepted_B.at[slot].set(0),
-        counts_BV=state.counts_BV.at[slot].set(
-            jnp.zeros_like(state.counts_BV[0]).at[tok].add(1)),
+        counts_BV=state.counts_BV.at[slot].set(counts_V),
         prompt_mask_BV=state.prompt_mask_BV.at[slot].set(prefix.prompt_mask_1V[0]))
 
 

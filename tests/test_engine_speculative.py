@@ -5,6 +5,7 @@ samples as LLM.generate(draft=...), and reports its acceptance rate."""
 import collections
 import dataclasses
 import re
+import time
 
 import jax
 import jax.numpy as jnp
@@ -114,6 +115,35 @@ def test_penalties_bias_and_stop_conditions_with_drafts():
         assert g.token_id == w.token_id and [t for t, _ in g.top] == [t for t, _ in w.top]
         np.testing.assert_allclose([g.logprob, *(x for _, x in g.top)],
                                    [w.logprob, *(x for _, x in w.top)], atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["ngram", "model"])
+def test_priority_preempts_speculative_rows_exactly(name):
+    """Under the priority policy a speculative row is preempted like any other: it resumes
+    with its output as n-gram haystack, the draft's row prefilled again and its token count
+    restored, so a seeded request with penalties ends with the tokens it gives unpreempted,
+    and the preemption compiles nothing."""
+    target, draft = _target(), _drafts()[name]
+    sp = SamplingParams(temperature=1.0, seed=3, repetition_penalty=1.2,
+                        frequency_penalty=0.4, ignore_eos=True)
+    cfg = EngineConfig(num_slots=2, max_len=256, scheduling_policy="priority")
+    with Engine.from_llm(target, cfg, draft=draft, num_speculative_tokens=3) as eng:
+        eng.warmup()
+        compiled = eng.compile_count
+        low = [eng.submit(PROMPTS[i], sampling=sp, max_tokens=120, priority=5)
+               for i in (0, 3)]
+        deadline = time.monotonic() + 60
+        while min(len(r.token_ids) for r in low) < 5 and time.monotonic() < deadline:
+            time.sleep(0.001)
+        high = eng.submit(PROMPTS[1], sampling=GREEDY, max_tokens=6, priority=0)
+        res = [r.result(timeout=120) for r in (*low, high)]
+        assert eng.preemptions == 1 and res[1].metrics.preemptions == 1
+        assert eng.compile_count == compiled
+        alone = [eng.submit(PROMPTS[i], sampling=sp, max_tokens=120).result(timeout=120)
+                 for i in (0, 3)]
+    assert [r.token_ids for r in res[:2]] == [a.token_ids for a in alone]
+    assert res[2].token_ids == target.generate(PROMPTS[1], sampling=GREEDY,
+                                               max_new_tokens=6).token_ids
 
 
 SCHEMA = {"type": "object", "properties": {"ok": {"type": "boolean"}},
