@@ -7,6 +7,7 @@ safetensors.
 """
 
 import os
+import re
 import subprocess
 import sys
 import zipfile
@@ -193,7 +194,9 @@ def _write_gguf(path: Path, cfg: ModelConfig, sd: dict, arch: str, qtype, extra=
         if hf_name.startswith("model.layers."):
             _, _, i, rest = hf_name.split(".", 3)
             mod, kind = rest.rsplit(".", 1)
-            name = f"blk.{i}.{names[mod]}.{kind}"
+            if old := re.fullmatch(r"mlp\.(gate|up|down)_exps\.(\d+)", mod):
+                mod = f"ffn_{old[1]}.{old[2]}"  # one tensor per expert (early Mixtral files)
+            name = f"blk.{i}.{names.get(mod, mod)}.{kind}"
         else:
             name = out[hf_name]
         if gemma and name.endswith("norm.weight"):

@@ -14,7 +14,7 @@ from jaxinfer import kv_cache, model  # noqa: E402
 from jaxinfer.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from jaxinfer.config import ModelConfig  # noqa: E402
 from jaxinfer.engine import Engine, EngineConfig  # noqa: E402
-from jaxinfer.errors import ConfigError  # noqa: E402
+from jaxinfer.errors import ConfigError, ConversionError  # noqa: E402
 from jaxinfer.llm import LLM  # noqa: E402
 from jaxinfer.moe import moe  # noqa: E402
 from jaxinfer.sampling import SamplingParams  # noqa: E402
@@ -311,6 +311,12 @@ def test_gguf_shared_expert_width_falls_back_as_llama_cpp():
     del tensors["blk.0.ffn_gate_shexp.weight"], tensors["blk.0.ffn_gate_inp_shexp.weight"]
     got = _experts(lambda k, d=None: meta.get(k, d), tensors, Path("x.gguf"))
     assert (got["shared_expert_dim"], got["shared_expert_gate"]) == (0, False)
+    tensors = {f"blk.0.ffn_gate.{e}.weight": object() for e in range(6)}  # one per expert
+    assert _experts(lambda k, d=None: meta.get(k, d), tensors, Path("x.gguf"))[
+        "num_experts"] == 6
+    del tensors["blk.0.ffn_gate.5.weight"]
+    with pytest.raises(ConversionError, match="expert_count 6 but no tensor"):
+        _experts(lambda k, d=None: meta.get(k, d), tensors, Path("x.gguf"))
 
 
 @pytest.mark.parametrize("quantized", [False, True])
@@ -369,3 +375,12 @@ def test_gguf_matches_transformers(moe_model, tmp_path, quantized):
     got, _ = model.forward(jax.tree.map(jnp.asarray, gw), jnp.asarray(toks),
                            kv_cache.init_cache(gcfg, 2, 32), gcfg)
     np.testing.assert_allclose(np.asarray(got), _hf_logits(m, toks), atol=1e-4, rtol=0)
+    if kind == "mixtral":  # early Mixtral files: one tensor per expert, read the same
+        per_expert = {k: v for k, v in sd.items() if "_exps." not in k}
+        per_expert.update({k.replace("_exps.", f"_exps.{e}."): v[e]
+                           for k, v in sd.items() if "_exps." in k for e in range(len(v))})
+        (tmp_path / "old").mkdir()
+        _write_gguf(tmp_path / "old" / "moe.gguf", cfg, per_expert, arch, q8, meta=meta)
+        ocfg, ow = load_gguf(tmp_path / "old" / "moe.gguf", quantized=quantized)
+        assert ocfg == gcfg
+        jax.tree.map(np.testing.assert_array_equal, ow, gw)

@@ -32,6 +32,7 @@ import numpy as np
 from jaxinfer.config import ModelConfig, local_pattern
 from jaxinfer.convert.gguf_quant import (
     BLOCK,
+    expert_tensors,
     final_norm,
     layer_vectors,
     mxfp4_blocks,
@@ -326,16 +327,17 @@ def _gemma(arch: str, m: Callable[..., Any], tensors: dict[str, Any], d: int, n:
 def _experts(m: Callable[..., Any], tensors: dict[str, Any], path: Path, arch: str = ""
              ) -> dict[str, Any]:
     """A mixture of experts' ModelConfig fields (Qwen2/3-MoE, Mixtral as `llama`): experts
-    stacked per layer as llama.cpp writes them now (ffn_*_exps), softmax routing with the
+    stacked per layer as llama.cpp writes them now (ffn_*_exps) or one tensor per expert as
+    early Mixtral files hold them (ffn_*.E), softmax routing with the
     top weights renormalised unless the file says otherwise (OLMoE: not, unless it says so);
     Qwen2-MoE's shared expert
     (ffn_*_shexp, gated by ffn_gate_inp_shexp)."""
     experts = int(m("expert_count") or 0)
     if not experts:
         return {}
-    if "blk.0.ffn_gate_exps.weight" not in tensors:
-        raise ConversionError(f"GGUF file {path} stores its experts one tensor each (an old "
-                              "llama.cpp layout); convert it again with a current llama.cpp")
+    if expert_tensors(tensors, "blk.0.ffn_gate_exps.weight", experts) is None:
+        raise ConversionError(f"GGUF file {path} has expert_count {experts} but no tensor "
+                              "blk.0.ffn_gate_exps.weight (nor one per expert)")
     shared = 0
     if "blk.0.ffn_gate_shexp.weight" in tensors:  # older files: feed_forward_length, as
         shared = int(m("expert_shared_feed_forward_length")  # llama.cpp reads them
@@ -453,8 +455,8 @@ def _getter(tensors: dict[str, Any], path: Path) -> Callable[[str, tuple[int, ..
 
 
 def _weights(cfg: ModelConfig, get: Callable[..., np.ndarray], permuted: bool,
-             progress: Progress | None, quant: QuantConfig | None = None,
-             storage: Storage = IN_MEMORY, tensors: dict[str, Any] | None = None) -> dict:
+             progress: Progress | None, quant: QuantConfig | None, storage: Storage,
+             tensors: dict[str, Any]) -> dict:
     """The float weight tree, filled layer by layer (quantized per `quant` as read; with
     int8 groups of 32, MXFP4 experts among `tensors` are kept exactly)."""
     L, D, F, N, K, H, V = (cfg.num_layers, cfg.d_model, cfg.mlp_dim, cfg.num_heads,
@@ -490,14 +492,17 @@ def _weights(cfg: ModelConfig, get: Callable[..., np.ndarray], permuted: bool,
             for key, gname, shape in (("moe_gate", "ffn_gate_exps", (E, F, D)),
                                       ("moe_up", "ffn_up_exps", (E, F, D)),
                                       ("moe_down", "ffn_down_exps", (E, D, F))):
-                t = (tensors or {}).get(p + gname + ".weight")
+                t = tensors.get(p + gname + ".weight")
                 if (x[key].takes_groups(BLOCK) and t is not None
                         and t.tensor_type.name == "MXFP4"):  # kept exactly: int8 groups of 32
                     v, sc = mxfp4_blocks(t)
                     x[key].set_quantized(i, v.reshape(shape).swapaxes(1, 2),
                                          sc.reshape(*shape[:2], -1).swapaxes(1, 2))
-                else:
+                elif p + gname + ".weight" in tensors:
                     x[key][i] = get(p + gname + ".weight", shape).swapaxes(1, 2)
+                else:  # one tensor per expert (early Mixtral files)
+                    x[key][i] = np.stack([get(f"{p}{gname[:-5]}.{e}.weight", shape[1:]).T
+                                          for e in range(E)])
             for key, (gname, shape) in shared.items():
                 x[key][i] = get(p + gname + ".weight", shape[::-1]).T
         else:

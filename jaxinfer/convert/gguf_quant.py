@@ -35,11 +35,24 @@ def _type(t: Any) -> str:
     return t.tensor_type.name
 
 
+def expert_tensors(tensors: dict[str, Any], name: str, num_experts: int) -> list[Any] | None:
+    """One layer's experts of `name` (`blk.3.ffn_gate_exps.weight`): the one stacked tensor
+    llama.cpp writes now, or the per-expert tensors (`blk.3.ffn_gate.0.weight`, ...) of
+    files from before it stacked them (early Mixtral GGUFs), in expert order; None if the
+    file has neither."""
+    if name in tensors:
+        return [tensors[name]]
+    blk, gname, kind = name.rsplit(".", 2)
+    parts = [tensors.get(f"{blk}.{gname.removesuffix('_exps')}.{e}.{kind}")
+             for e in range(num_experts)]
+    return parts if all(t is not None for t in parts) else None
+
+
 def quant_config(tensors: dict[str, Any], cfg: ModelConfig, path: Path) -> QuantConfig:
     """The QuantConfig that keeps this file's blocks, or ConversionError naming the types
     that cannot be kept (K-quants, mixed types across the linear layers)."""
-    lin = {_type(tensors[f"blk.{i}.{n}.weight"]) for i in range(cfg.num_layers) for n in _LINEAR
-           if f"blk.{i}.{n}.weight" in tensors}
+    lin = {_type(t) for i in range(cfg.num_layers) for n in _LINEAR
+           for t in expert_tensors(tensors, f"blk.{i}.{n}.weight", cfg.num_experts) or ()}
     emb = {_type(tensors[n]) for n in ("token_embd.weight", "output.weight") if n in tensors}
     bad = (len(lin) != 1 or not lin <= QTYPES.keys() or len(emb) != 1
            or not emb <= QTYPES.keys() | {"F32", "F16", "BF16"})
@@ -186,10 +199,11 @@ def quantized_weights(cfg: ModelConfig, tensors: dict[str, Any], permuted: bool,
     parts: dict[str, list] = {n: [] for n in shapes}
     for i in range(L):
         for name, (gname, heads) in src.items():
-            t = tensors.get(f"blk.{i}.{gname}.weight")
-            if t is None:
+            ts = expert_tensors(tensors, f"blk.{i}.{gname}.weight", E)
+            if ts is None:
                 raise ConversionError(f"GGUF file {path} lacks tensor blk.{i}.{gname}.weight")
-            v, s, o = blocks(t)
+            v, s, o = (None if a[0] is None else np.concatenate(a)  # experts' rows in turn
+                       for a in zip(*map(blocks, ts), strict=True))
             if permuted and heads:
                 v, s, o = (None if a is None else fix(a, heads) for a in (v, s, o))
             parts[name].append((v, s, o))
