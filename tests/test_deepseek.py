@@ -240,3 +240,163 @@ def test_refusals(v3, tmp_path):
             ModelConfig.from_hf({**hf, **bad})
     with pytest.raises(ConfigError, match="dense_layers"):
         cfg.replace(dense_layers=4)
+
+
+def _write_deepseek2_gguf(path, ckpt, c, qtype, new_layout: bool) -> None:
+    """A `deepseek2` GGUF the way llama.cpp's converter writes one from the checkpoint
+    directory `ckpt` (config `c`): one KV head of the latent width, experts stacked per
+    layer, kv_b_proj split into k_b (transposed) and v_b and the *_mla lengths
+    (`new_layout`, 2025 on), or kv_b whole and one tensor per expert (older files); YaRN's
+    mscale_all_dim as a log multiplier of 0.1 times it; RoPE rows as the checkpoint has them."""
+    import gguf
+    from safetensors.numpy import load_file
+
+    sd = load_file(ckpt / "model.safetensors")
+    N, Hn, Hv, R, rot = (c.num_attention_heads, c.qk_nope_head_dim, c.v_head_dim,
+                         c.kv_lora_rank, c.qk_rope_head_dim)
+    w = gguf.GGUFWriter(str(path), "deepseek2")
+    w.add_block_count(c.num_hidden_layers)
+    w.add_context_length(c.max_position_embeddings)
+    w.add_embedding_length(c.hidden_size)
+    w.add_feed_forward_length(c.intermediate_size)
+    w.add_head_count(N)
+    w.add_head_count_kv(1)
+    w.add_layer_norm_rms_eps(c.rms_norm_eps)
+    w.add_expert_count(c.n_routed_experts)
+    w.add_expert_used_count(c.num_experts_per_tok)
+    w.add_expert_group_count(c.n_group)
+    w.add_expert_group_used_count(c.topk_group)
+    sigmoid = c.model_type == "deepseek_v3"
+    w.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID if sigmoid
+                             else gguf.ExpertGatingFuncType.SOFTMAX)
+    w.add_leading_dense_block_count(c.first_k_dense_replace)
+    w.add_vocab_size(c.vocab_size)
+    if c.q_lora_rank:
+        w.add_q_lora_rank(c.q_lora_rank)
+    w.add_kv_lora_rank(R)
+    if new_layout:
+        w.add_key_length(R + rot)
+        w.add_value_length(R)
+        w.add_key_length_mla(Hn + rot)
+        w.add_value_length_mla(Hv)
+    else:
+        w.add_key_length(Hn + rot)
+        w.add_value_length(Hv)
+    w.add_expert_feed_forward_length(c.moe_intermediate_size)
+    w.add_expert_shared_count(c.n_shared_experts)
+    w.add_expert_weights_scale(c.routed_scaling_factor)
+    if c.norm_topk_prob:
+        w.add_expert_weights_norm(True)
+    w.add_rope_dimension_count(rot)
+    rp = c.rope_parameters
+    w.add_rope_freq_base(rp["rope_theta"])
+    if rp["rope_type"] == "yarn":
+        w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        w.add_rope_scaling_factor(rp["factor"])
+        w.add_rope_scaling_orig_ctx_len(rp["original_max_position_embeddings"])
+        w.add_rope_scaling_yarn_log_mul(0.1 * rp["mscale_all_dim"])
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list([f"t{i}" for i in range(c.vocab_size)])
+    w.add_bos_token_id(c.bos_token_id)
+    w.add_eos_token_id(c.eos_token_id)
+    w.add_pad_token_id(c.pad_token_id)
+    names = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
+             "self_attn.q_proj": "attn_q", "self_attn.q_a_proj": "attn_q_a",
+             "self_attn.q_a_layernorm": "attn_q_a_norm", "self_attn.q_b_proj": "attn_q_b",
+             "self_attn.kv_a_proj_with_mqa": "attn_kv_a_mqa",
+             "self_attn.kv_a_layernorm": "attn_kv_a_norm", "self_attn.kv_b_proj": "attn_kv_b",
+             "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate",
+             "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down", "mlp.gate": "ffn_gate_inp",
+             "mlp.shared_experts.gate_proj": "ffn_gate_shexp",
+             "mlp.shared_experts.up_proj": "ffn_up_shexp",
+             "mlp.shared_experts.down_proj": "ffn_down_shexp"}
+    out = {}
+    for name, a in sd.items():
+        if not name.startswith("model.layers."):
+            out[{"model.embed_tokens.weight": "token_embd.weight", "lm_head.weight":
+                 "output.weight", "model.norm.weight": "output_norm.weight"}[name]] = a
+            continue
+        _, _, i, rest = name.split(".", 3)
+        mod, kind = rest.rsplit(".", 1)
+        if kind == "e_score_correction_bias":
+            out[f"blk.{i}.exp_probs_b.bias"] = a
+        elif mod.startswith("mlp.experts."):
+            _, _, e, proj = mod.split(".")
+            out[f"blk.{i}.ffn_{proj[:-5]}.{e}.weight"] = a  # stacked below (new layout)
+        elif mod == "self_attn.kv_b_proj" and new_layout:
+            kv_b = a.reshape(N, Hn + Hv, R)
+            out[f"blk.{i}.attn_k_b.weight"] = np.ascontiguousarray(kv_b[:, :Hn].swapaxes(1, 2))
+            out[f"blk.{i}.attn_v_b.weight"] = np.ascontiguousarray(kv_b[:, Hn:])
+        else:
+            out[f"blk.{i}.{names[mod]}.{kind}"] = a
+    if new_layout:
+        for i in range(c.num_hidden_layers):
+            for proj in ("gate", "up", "down"):
+                per = [out.pop(f"blk.{i}.ffn_{proj}.{e}.weight", None)
+                       for e in range(c.n_routed_experts)]
+                if per[0] is not None:
+                    out[f"blk.{i}.ffn_{proj}_exps.weight"] = np.stack(per)
+    for name, a in out.items():
+        if a.ndim == 1 or qtype == gguf.GGMLQuantizationType.F32 or "norm" in name \
+                or "ffn_gate_inp" in name or a.shape[-1] % 32:  # (llama.cpp's fallback too)
+            w.add_tensor(name, a.astype(np.float32))
+        else:
+            w.add_tensor(name, gguf.quants.quantize(a, qtype), raw_dtype=qtype)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+@pytest.mark.parametrize("kind,new_layout", [("deepseek_v3", True), ("deepseek_v2", False)])
+def test_gguf_matches_transformers(kind, new_layout, tmp_path):
+    """DeepSeek GGUF files (llama.cpp's `deepseek2`: V3 in today's layout with the key
+    up-projection split out, V2 in the older one with an expert per tensor) load to the
+    same config and weights as the checkpoint they came from, so their logits and greedy
+    tokens are transformers'; Q8_0 blocks dequantize as read. YaRN's mscale pair is equal,
+    as in every release (the file keeps one of them)."""
+    import gguf
+
+    from jaxinfer.convert.gguf import load_gguf
+
+    cls, config, kw = MODELS[kind]
+    if "rope_parameters" in kw:
+        kw = {**kw, "rope_parameters": {**kw["rope_parameters"], "mscale": 0.8}}
+    torch.manual_seed(0)
+    m = sharpened(cls(config(**kw)), norm=0.3, matrix=0.2, bias=0.3)
+    with torch.no_grad():
+        for name, b in m.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                b.copy_(0.2 * torch.randn_like(b))
+    _, _, cfg, w = saved_and_loaded(kind, m, _Factory(tmp_path))
+    f32 = gguf.GGMLQuantizationType.F32
+    _write_deepseek2_gguf(tmp_path / "ds.gguf", tmp_path / kind, m.config, f32, new_layout)
+    gcfg, gw = load_gguf(tmp_path / "ds.gguf")
+    assert gcfg.replace(name=cfg.name, add_bos=cfg.add_bos, rms_norm_eps=cfg.rms_norm_eps,
+                        query_scale=cfg.query_scale) == cfg
+    assert gcfg.rms_norm_eps == pytest.approx(cfg.rms_norm_eps)  # (stored as float32)
+    assert gcfg.query_scale == pytest.approx(cfg.query_scale)
+    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, gw),
+                 jax.tree.map(np.asarray, w))
+    check_decode_logits(m, gcfg, jax.tree.map(jnp.asarray, gw))
+    check_greedy_generation(m, gcfg, jax.tree.map(jnp.asarray, gw), n=12)
+    q8 = gguf.GGMLQuantizationType.Q8_0  # quantized blocks read dequantized
+    _write_deepseek2_gguf(tmp_path / "q8.gguf", tmp_path / kind, m.config, q8, new_layout)
+    qcfg, qw = load_gguf(tmp_path / "q8.gguf")
+    assert qcfg == gcfg.replace(name="q8")
+    err = max(float(np.abs(np.asarray(a) - np.asarray(b)).max())
+              for a, b in zip(jax.tree.leaves(qw), jax.tree.leaves(gw), strict=True))
+    assert 0 < err < 0.02
+    with pytest.raises(ConversionError, match="--quantize=gguf"):
+        load_gguf(tmp_path / "q8.gguf", quantized=True)
+
+
+class _Factory:
+    """tmp_path_factory's mktemp over one test's tmp_path."""
+
+    def __init__(self, root):
+        self.root = root
+
+    def mktemp(self, name):
+        (self.root / name).mkdir()
+        return self.root / name

@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from jaxinfer.config import ModelConfig, local_pattern
+from jaxinfer.convert.gguf_hf import HFView, deepseek_hf_config
 from jaxinfer.convert.gguf_quant import (
     BLOCK,
     expert_tensors,
@@ -42,6 +43,7 @@ from jaxinfer.convert.gguf_quant import (
     shared_router,
 )
 from jaxinfer.convert.layout import to_rotate_half
+from jaxinfer.convert.safetensors import reader_weights
 from jaxinfer.convert.stacks import (
     IN_MEMORY,
     Storage,
@@ -98,6 +100,8 @@ def load_gguf(path: str | Path, progress: Progress | None = None, quantized: boo
     if quantized and quant is not None:
         raise ConversionError("load_gguf: quantized (keep the file's blocks) and quant "
                               "(requantize) exclude each other")
+    if _field(reader, "general.architecture") == "deepseek2":
+        return _deepseek2(reader, tensors, path, progress, quantized, quant, storage)
     cfg = _config(reader, tensors, path)
     tensors = _unfused(tensors, cfg)
     if _arch(reader, path) == "gpt-oss":  # its MLP's input norm is post_attention_norm
@@ -135,14 +139,13 @@ def _arch(reader: Any, path: Path) -> str:
     arch = _field(reader, "general.architecture")
     if arch not in _ARCHS:
         raise ConversionError(f"unsupported GGUF architecture {arch!r} in {path} "
-                              f"(supported: {', '.join(_ARCHS)})")
+                              f"(supported: {', '.join([*_ARCHS, 'deepseek2'])})")
     return arch
 
 
 def _config(reader: Any, tensors: dict[str, Any], path: Path) -> ModelConfig:
     arch = _arch(reader, path)
     m = lambda key, default=None: _field(reader, f"{arch}.{key}", default)
-    tok = lambda key, default=None: _field(reader, f"tokenizer.ggml.{key}", default)
     try:
         d, n = int(m("embedding_length")), int(m("attention.head_count"))
         if "token_embd.weight" not in tensors:
@@ -161,36 +164,61 @@ def _config(reader: Any, tensors: dict[str, Any], path: Path) -> ModelConfig:
             freqs = _dequantize(tensors["rope_freqs.weight"])
             orig_ctx = m("rope.scaling.original_context_length")
             scaling = _llama3_scaling(freqs, theta, head_dim, orig_ctx, path)
-        eos = tok("eos_token_id")
-        eos_ids = [] if eos is None else [int(eos)]
-        tokens = _field(reader, "tokenizer.ggml.tokens") or []
-        eos_ids += [tokens.index(t) for t in _TURN_END if t in tokens]
-        pad = tok("padding_token_id", eos)
-        bos = tok("bos_token_id")
-        name = _QUANT_SUFFIX.sub("", path.name.removesuffix(".gguf")) or arch
         return ModelConfig(
             vocab_size=vocab, d_model=d,
             mlp_dim=int(m("expert_feed_forward_length") or m("feed_forward_length")),
             num_layers=int(m("block_count")), num_heads=n,
             num_kv_heads=int(m("attention.head_count_kv") or n), head_dim=head_dim,
-            rope_theta=theta, rope_scaling=scaling,
+            rope_theta=theta, rope_scaling=scaling, **_token_fields(reader, path, arch),
             rms_norm_eps=float(m("attention.layer_norm_rms_epsilon")
                                or m("attention.layer_norm_epsilon", 1e-5)),
             max_seq_len=int(m("context_length", 2048)),
             tie_embeddings="output.weight" not in tensors,
             qkv_bias="blk.0.attn_q.bias" in tensors or "blk.0.attn_qkv.bias" in tensors,
             qk_norm="blk.0.attn_q_norm.weight" in tensors,
-            bos_token_id=None if bos is None else int(bos),
-            eos_token_ids=tuple(dict.fromkeys(eos_ids)),
-            pad_token_id=int(pad or 0),
-            add_bos=bool(tok("add_bos_token", tok("model") == "llama")),
-            name=name, rope_linear_factor=linear, **variant, **_gemma(arch, m, tensors, d, n),
+            rope_linear_factor=linear, **variant, **_gemma(arch, m, tensors, d, n),
             **_experts(m, tensors, path, arch))
     except ConversionError:
         raise
     except (TypeError, ValueError) as e:  # a missing key (None), a bad value, a ConfigError
         raise ConversionError(f"GGUF file {path} has missing or invalid {arch} metadata: {e}") \
             from e
+
+
+def _token_fields(reader: Any, path: Path, arch: str) -> dict[str, Any]:
+    """The ModelConfig fields the tokenizer metadata and the file name give."""
+    tok = lambda key, default=None: _field(reader, f"tokenizer.ggml.{key}", default)
+    eos = tok("eos_token_id")
+    eos_ids = [] if eos is None else [int(eos)]
+    tokens = _field(reader, "tokenizer.ggml.tokens") or []
+    eos_ids += [tokens.index(t) for t in _TURN_END if t in tokens]
+    bos = tok("bos_token_id")
+    return dict(bos_token_id=None if bos is None else int(bos),
+                eos_token_ids=tuple(dict.fromkeys(eos_ids)),
+                pad_token_id=int(tok("padding_token_id", eos) or 0),
+                add_bos=bool(tok("add_bos_token", tok("model") == "llama")),
+                name=_QUANT_SUFFIX.sub("", path.name.removesuffix(".gguf")) or arch)
+
+
+def _deepseek2(reader: Any, tensors: dict[str, Any], path: Path, progress: Progress | None,
+               quantized: bool, quant: QuantConfig | None, storage: Storage
+               ) -> tuple[ModelConfig, dict]:
+    """A DeepSeek V2 / V3 file, through the Hugging Face converter (convert/gguf_hf.py)."""
+    if quantized:
+        raise ConversionError(f"GGUF file {path}: keeping its blocks (--quantize=gguf) is not "
+                              "supported for deepseek2; convert it to float or use "
+                              "--quantize=int8")
+    m = lambda key, default=None: _field(reader, f"deepseek2.{key}", default)
+    try:
+        hf = deepseek_hf_config(m, tensors, path)
+        cfg = ModelConfig.from_hf(hf).replace(**_token_fields(reader, path, "deepseek2"))
+    except ConversionError:
+        raise
+    except (KeyError, TypeError, ValueError) as e:  # a missing key (None), a ConfigError
+        raise ConversionError(f"GGUF file {path} has missing or invalid deepseek2 metadata: "
+                              f"{e}") from e
+    view = HFView(tensors, _getter(tensors, path), path, hf["model_type"], cfg.num_experts)
+    return cfg, reader_weights(cfg, view, progress, quant, storage)
 
 
 def _long_rope(m: Callable[..., Any], tensors: dict[str, Any], kind: str | None,

@@ -114,14 +114,22 @@ def load_hf_dir(path: str | Path, progress: Progress | None = None,
         qkv_bias=f"{reader.prefix}layers.0.self_attn.q_proj.bias" in reader,
         eos_token_ids=tuple(dict.fromkeys(int(e) for e in eos)),
         add_bos=bool(tok_cfg.get("add_bos_token", False)))
+    return cfg, reader_weights(cfg, reader, progress, quant, storage)
+
+
+def reader_weights(cfg: ModelConfig, reader: Any, progress: Progress | None = None,
+                   quant: QuantConfig | None = None, storage: Storage = IN_MEMORY) -> dict:
+    """The weight tree of `cfg` read through `reader` (a `_Reader`, or anything serving
+    tensors under their Hugging Face names the same way: a GGUF file's, convert/gguf_hf.py)."""
     quant = source_groups(cfg, quant, reader.fp8_block, reader.has_mxfp4)
     try:
-        weights = quantize_embeddings(_weights(cfg, reader, progress, _MOE_EXPERTS.get(kind),
-                                               quant, storage), quant)
+        weights = quantize_embeddings(_weights(cfg, reader, progress,
+                                               _MOE_EXPERTS.get(reader.kind), quant, storage),
+                                      quant)
         check_weights(weight_specs(cfg, quant=quant), weights)
     except ConfigError as e:
-        raise ConversionError(f"{path}: {e}") from e
-    return cfg, weights
+        raise ConversionError(f"{reader.path}: {e}") from e
+    return weights
 
 
 def _fp8_block(qc: dict[str, Any]) -> tuple[int, int] | None:
