@@ -12,6 +12,9 @@ dense layers named by `mlp_layer_types`. GLM-4.5: V3's routing on plain grouped-
 attention with partial rotary, q/k norms and biases.
 """
 
+import dataclasses
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -242,54 +245,63 @@ def test_refusals(v3, tmp_path):
         cfg.replace(dense_layers=4)
 
 
-def _write_deepseek2_gguf(path, ckpt, c, qtype, new_layout: bool) -> None:
-    """A `deepseek2` GGUF the way llama.cpp's converter writes one from the checkpoint
-    directory `ckpt` (config `c`): one KV head of the latent width, experts stacked per
-    layer, kv_b_proj split into k_b (transposed) and v_b and the *_mla lengths
-    (`new_layout`, 2025 on), or kv_b whole and one tensor per expert (older files); YaRN's
-    mscale_all_dim as a log multiplier of 0.1 times it; RoPE rows as the checkpoint has them."""
+def _write_llamacpp_gguf(path, ckpt, c, qtype, new_layout: bool = True) -> None:
+    """A GGUF the way llama.cpp's converter writes one from the checkpoint directory `ckpt`
+    (config `c`), tensor names from the `gguf` package's own table. DeepSeek (`deepseek2`):
+    one KV head of the latent width, kv_b_proj split into k_b (transposed) and v_b with the
+    *_mla lengths (`new_layout`, 2025 on) or whole with one tensor per expert (older
+    files); YaRN's mscale_all_dim as a log multiplier of 0.1 times it; RoPE rows as the
+    checkpoint has them. GLM-4.5 (`glm4moe`): rope.dimension_count of head_dim, one
+    multi-token-prediction block appended (block_count counts it)."""
     import gguf
     from safetensors.numpy import load_file
 
     sd = load_file(ckpt / "model.safetensors")
-    N, Hn, Hv, R, rot = (c.num_attention_heads, c.qk_nope_head_dim, c.v_head_dim,
-                         c.kv_lora_rank, c.qk_rope_head_dim)
-    w = gguf.GGUFWriter(str(path), "deepseek2")
-    w.add_block_count(c.num_hidden_layers)
+    glm = c.model_type == "glm4_moe"
+    arch = gguf.MODEL_ARCH.GLM4_MOE if glm else gguf.MODEL_ARCH.DEEPSEEK2
+    L = c.num_hidden_layers
+    w = gguf.GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[arch])
+    w.add_block_count(L + glm)
     w.add_context_length(c.max_position_embeddings)
     w.add_embedding_length(c.hidden_size)
     w.add_feed_forward_length(c.intermediate_size)
-    w.add_head_count(N)
-    w.add_head_count_kv(1)
+    w.add_head_count(c.num_attention_heads)
     w.add_layer_norm_rms_eps(c.rms_norm_eps)
     w.add_expert_count(c.n_routed_experts)
     w.add_expert_used_count(c.num_experts_per_tok)
     w.add_expert_group_count(c.n_group)
     w.add_expert_group_used_count(c.topk_group)
-    sigmoid = c.model_type == "deepseek_v3"
-    w.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID if sigmoid
-                             else gguf.ExpertGatingFuncType.SOFTMAX)
+    w.add_expert_gating_func(gguf.ExpertGatingFuncType.SOFTMAX
+                             if c.model_type == "deepseek_v2"
+                             else gguf.ExpertGatingFuncType.SIGMOID)
     w.add_leading_dense_block_count(c.first_k_dense_replace)
     w.add_vocab_size(c.vocab_size)
-    if c.q_lora_rank:
-        w.add_q_lora_rank(c.q_lora_rank)
-    w.add_kv_lora_rank(R)
-    if new_layout:
-        w.add_key_length(R + rot)
-        w.add_value_length(R)
-        w.add_key_length_mla(Hn + rot)
-        w.add_value_length_mla(Hv)
-    else:
-        w.add_key_length(Hn + rot)
-        w.add_value_length(Hv)
     w.add_expert_feed_forward_length(c.moe_intermediate_size)
     w.add_expert_shared_count(c.n_shared_experts)
     w.add_expert_weights_scale(c.routed_scaling_factor)
     if c.norm_topk_prob:
         w.add_expert_weights_norm(True)
-    w.add_rope_dimension_count(rot)
     rp = c.rope_parameters
     w.add_rope_freq_base(rp["rope_theta"])
+    if glm:
+        w.add_head_count_kv(c.num_key_value_heads)
+        w.add_key_length(c.head_dim)
+        w.add_value_length(c.head_dim)
+        w.add_rope_dimension_count(int(c.head_dim * rp.get("partial_rotary_factor", 0.5)))
+        w.add_nextn_predict_layers(1)
+    else:
+        N, Hn, Hv, R, rot = (c.num_attention_heads, c.qk_nope_head_dim, c.v_head_dim,
+                             c.kv_lora_rank, c.qk_rope_head_dim)
+        w.add_head_count_kv(1)
+        if c.q_lora_rank:
+            w.add_q_lora_rank(c.q_lora_rank)
+        w.add_kv_lora_rank(R)
+        w.add_key_length(R + rot if new_layout else Hn + rot)
+        w.add_value_length(R if new_layout else Hv)
+        if new_layout:
+            w.add_key_length_mla(Hn + rot)
+            w.add_value_length_mla(Hv)
+        w.add_rope_dimension_count(rot)
     if rp["rope_type"] == "yarn":
         w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
         w.add_rope_scaling_factor(rp["factor"])
@@ -300,43 +312,32 @@ def _write_deepseek2_gguf(path, ckpt, c, qtype, new_layout: bool) -> None:
     w.add_bos_token_id(c.bos_token_id)
     w.add_eos_token_id(c.eos_token_id)
     w.add_pad_token_id(c.pad_token_id)
-    names = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
-             "self_attn.q_proj": "attn_q", "self_attn.q_a_proj": "attn_q_a",
-             "self_attn.q_a_layernorm": "attn_q_a_norm", "self_attn.q_b_proj": "attn_q_b",
-             "self_attn.kv_a_proj_with_mqa": "attn_kv_a_mqa",
-             "self_attn.kv_a_layernorm": "attn_kv_a_norm", "self_attn.kv_b_proj": "attn_kv_b",
-             "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate",
-             "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down", "mlp.gate": "ffn_gate_inp",
-             "mlp.shared_experts.gate_proj": "ffn_gate_shexp",
-             "mlp.shared_experts.up_proj": "ffn_up_shexp",
-             "mlp.shared_experts.down_proj": "ffn_down_shexp"}
+    names = gguf.get_tensor_name_map(arch, L + glm)
+    experts = {}
     out = {}
     for name, a in sd.items():
-        if not name.startswith("model.layers."):
-            out[{"model.embed_tokens.weight": "token_embd.weight", "lm_head.weight":
-                 "output.weight", "model.norm.weight": "output_norm.weight"}[name]] = a
+        if e := re.fullmatch(r"(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(\w+)\.weight", name):
+            experts.setdefault(f"{e[1]}.{e[3]}.weight", {})[int(e[2])] = a
             continue
-        _, _, i, rest = name.split(".", 3)
-        mod, kind = rest.rsplit(".", 1)
-        if kind == "e_score_correction_bias":
-            out[f"blk.{i}.exp_probs_b.bias"] = a
-        elif mod.startswith("mlp.experts."):
-            _, _, e, proj = mod.split(".")
-            out[f"blk.{i}.ffn_{proj[:-5]}.{e}.weight"] = a  # stacked below (new layout)
-        elif mod == "self_attn.kv_b_proj" and new_layout:
+        if name.endswith("kv_b_proj.weight") and new_layout:
             kv_b = a.reshape(N, Hn + Hv, R)
-            out[f"blk.{i}.attn_k_b.weight"] = np.ascontiguousarray(kv_b[:, :Hn].swapaxes(1, 2))
-            out[f"blk.{i}.attn_v_b.weight"] = np.ascontiguousarray(kv_b[:, Hn:])
+            for part, t in (("k_b_proj", kv_b[:, :Hn].swapaxes(1, 2)), ("v_b_proj", kv_b[:, Hn:])):
+                out[names.get_name(name.replace("kv_b_proj", part), (".weight",))] = t
+            continue
+        name = name.replace("e_score_correction_bias", "e_score_correction.bias")
+        out[names.get_name(name, (".weight", ".bias"))] = a
+    for name, per in experts.items():
+        stacked = np.stack([per[x] for x in range(len(per))])
+        gname = names.get_name(name, (".weight",))
+        if new_layout:
+            out[gname] = stacked
         else:
-            out[f"blk.{i}.{names[mod]}.{kind}"] = a
-    if new_layout:
-        for i in range(c.num_hidden_layers):
-            for proj in ("gate", "up", "down"):
-                per = [out.pop(f"blk.{i}.ffn_{proj}.{e}.weight", None)
-                       for e in range(c.n_routed_experts)]
-                if per[0] is not None:
-                    out[f"blk.{i}.ffn_{proj}_exps.weight"] = np.stack(per)
+            out.update({gname.replace("_exps.", f".{x}."): t for x, t in enumerate(stacked)})
+    if glm:  # the multi-token-prediction block, which inference skips
+        out[f"blk.{L}.nextn.eh_proj.weight"] = np.ones((c.hidden_size, 2 * c.hidden_size),
+                                                       np.float32)
     for name, a in out.items():
+        a = np.ascontiguousarray(a)
         if a.ndim == 1 or qtype == gguf.GGMLQuantizationType.F32 or "norm" in name \
                 or "ffn_gate_inp" in name or a.shape[-1] % 32:  # (llama.cpp's fallback too)
             w.add_tensor(name, a.astype(np.float32))
@@ -348,13 +349,16 @@ def _write_deepseek2_gguf(path, ckpt, c, qtype, new_layout: bool) -> None:
     w.close()
 
 
-@pytest.mark.parametrize("kind,new_layout", [("deepseek_v3", True), ("deepseek_v2", False)])
+@pytest.mark.parametrize("kind,new_layout", [
+    ("deepseek_v3", True), pytest.param("deepseek_v2", False, marks=pytest.mark.slow),
+    pytest.param("glm4_moe", True, marks=pytest.mark.slow)])
 def test_gguf_matches_transformers(kind, new_layout, tmp_path):
     """DeepSeek GGUF files (llama.cpp's `deepseek2`: V3 in today's layout with the key
-    up-projection split out, V2 in the older one with an expert per tensor) load to the
-    same config and weights as the checkpoint they came from, so their logits and greedy
-    tokens are transformers'; Q8_0 blocks dequantize as read. YaRN's mscale pair is equal,
-    as in every release (the file keeps one of them)."""
+    up-projection split out, V2 in the older one with an expert per tensor) and GLM-4.5's
+    (`glm4moe`, its multi-token-prediction block skipped) load to the same config and
+    weights as the checkpoint they came from, so their logits and greedy tokens are
+    transformers'; Q8_0 blocks dequantize as read. YaRN's mscale pair is equal, as in
+    every release (the file keeps one of them)."""
     import gguf
 
     from jaxinfer.convert.gguf import load_gguf
@@ -370,18 +374,19 @@ def test_gguf_matches_transformers(kind, new_layout, tmp_path):
                 b.copy_(0.2 * torch.randn_like(b))
     _, _, cfg, w = saved_and_loaded(kind, m, _Factory(tmp_path))
     f32 = gguf.GGMLQuantizationType.F32
-    _write_deepseek2_gguf(tmp_path / "ds.gguf", tmp_path / kind, m.config, f32, new_layout)
+    _write_llamacpp_gguf(tmp_path / "ds.gguf", tmp_path / kind, m.config, f32, new_layout)
     gcfg, gw = load_gguf(tmp_path / "ds.gguf")
-    assert gcfg.replace(name=cfg.name, add_bos=cfg.add_bos, rms_norm_eps=cfg.rms_norm_eps,
-                        query_scale=cfg.query_scale) == cfg
-    assert gcfg.rms_norm_eps == pytest.approx(cfg.rms_norm_eps)  # (stored as float32)
-    assert gcfg.query_scale == pytest.approx(cfg.query_scale)
+    for f in dataclasses.fields(cfg):  # the same, but floats the file holds as float32
+        if f.name not in ("name", "add_bos"):
+            want = getattr(cfg, f.name)
+            want = pytest.approx(want, rel=1e-6) if isinstance(want, float) else want
+            assert getattr(gcfg, f.name) == want, f.name
     jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, gw),
                  jax.tree.map(np.asarray, w))
     check_decode_logits(m, gcfg, jax.tree.map(jnp.asarray, gw))
     check_greedy_generation(m, gcfg, jax.tree.map(jnp.asarray, gw), n=12)
     q8 = gguf.GGMLQuantizationType.Q8_0  # quantized blocks read dequantized
-    _write_deepseek2_gguf(tmp_path / "q8.gguf", tmp_path / kind, m.config, q8, new_layout)
+    _write_llamacpp_gguf(tmp_path / "q8.gguf", tmp_path / kind, m.config, q8, new_layout)
     qcfg, qw = load_gguf(tmp_path / "q8.gguf")
     assert qcfg == gcfg.replace(name="q8")
     err = max(float(np.abs(np.asarray(a) - np.asarray(b)).max())

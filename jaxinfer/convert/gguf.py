@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from jaxinfer.config import ModelConfig, local_pattern
-from jaxinfer.convert.gguf_hf import HFView, deepseek_hf_config
+from jaxinfer.convert.gguf_hf import VIA_HF, HFView, hf_config
 from jaxinfer.convert.gguf_quant import (
     BLOCK,
     expert_tensors,
@@ -100,8 +100,8 @@ def load_gguf(path: str | Path, progress: Progress | None = None, quantized: boo
     if quantized and quant is not None:
         raise ConversionError("load_gguf: quantized (keep the file's blocks) and quant "
                               "(requantize) exclude each other")
-    if _field(reader, "general.architecture") == "deepseek2":
-        return _deepseek2(reader, tensors, path, progress, quantized, quant, storage)
+    if _field(reader, "general.architecture") in VIA_HF:
+        return _via_hf(reader, tensors, path, progress, quantized, quant, storage)
     cfg = _config(reader, tensors, path)
     tensors = _unfused(tensors, cfg)
     if _arch(reader, path) == "gpt-oss":  # its MLP's input norm is post_attention_norm
@@ -139,7 +139,7 @@ def _arch(reader: Any, path: Path) -> str:
     arch = _field(reader, "general.architecture")
     if arch not in _ARCHS:
         raise ConversionError(f"unsupported GGUF architecture {arch!r} in {path} "
-                              f"(supported: {', '.join([*_ARCHS, 'deepseek2'])})")
+                              f"(supported: {', '.join([*_ARCHS, *VIA_HF])})")
     return arch
 
 
@@ -200,24 +200,27 @@ def _token_fields(reader: Any, path: Path, arch: str) -> dict[str, Any]:
                 name=_QUANT_SUFFIX.sub("", path.name.removesuffix(".gguf")) or arch)
 
 
-def _deepseek2(reader: Any, tensors: dict[str, Any], path: Path, progress: Progress | None,
-               quantized: bool, quant: QuantConfig | None, storage: Storage
-               ) -> tuple[ModelConfig, dict]:
-    """A DeepSeek V2 / V3 file, through the Hugging Face converter (convert/gguf_hf.py)."""
+def _via_hf(reader: Any, tensors: dict[str, Any], path: Path, progress: Progress | None,
+            quantized: bool, quant: QuantConfig | None, storage: Storage
+            ) -> tuple[ModelConfig, dict]:
+    """A DeepSeek V2 / V3 or GLM-4.5 file, through the Hugging Face converter
+    (convert/gguf_hf.py)."""
+    arch = _field(reader, "general.architecture")
     if quantized:
         raise ConversionError(f"GGUF file {path}: keeping its blocks (--quantize=gguf) is not "
-                              "supported for deepseek2; convert it to float or use "
+                              f"supported for {arch}; convert it to float or use "
                               "--quantize=int8")
-    m = lambda key, default=None: _field(reader, f"deepseek2.{key}", default)
+    m = lambda key, default=None: _field(reader, f"{arch}.{key}", default)
     try:
-        hf = deepseek_hf_config(m, tensors, path)
-        cfg = ModelConfig.from_hf(hf).replace(**_token_fields(reader, path, "deepseek2"))
+        hf = hf_config(arch, m, tensors, path)
+        cfg = ModelConfig.from_hf(hf).replace(**_token_fields(reader, path, arch))
     except ConversionError:
         raise
     except (KeyError, TypeError, ValueError) as e:  # a missing key (None), a ConfigError
-        raise ConversionError(f"GGUF file {path} has missing or invalid deepseek2 metadata: "
+        raise ConversionError(f"GGUF file {path} has missing or invalid {arch} metadata: "
                               f"{e}") from e
-    view = HFView(tensors, _getter(tensors, path), path, hf["model_type"], cfg.num_experts)
+    view = HFView(tensors, _getter(tensors, path), path, arch, hf["model_type"],
+                  int(m("block_count")), cfg.num_experts)
     return cfg, reader_weights(cfg, view, progress, quant, storage)
 
 

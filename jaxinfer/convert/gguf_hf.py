@@ -1,13 +1,15 @@
 """GGUF files read through the Hugging Face converter: DeepSeek V2 / V3 (llama.cpp's
-`deepseek2` architecture, which also carries R1 and Kimi K2).
+`deepseek2` architecture, which also carries R1) and GLM-4.5 / 4.6 (`glm4moe`).
 
-Their layers (latent attention, grouped routing, a shared expert, leading dense layers) are
+Their layers (latent attention, grouped routing, shared experts, leading dense layers) are
 what convert/safetensors.py builds from a Hugging Face checkpoint, so instead of a second
 builder the file is given that converter's two inputs: the config.json transformers would
 have, rebuilt from the GGUF metadata, and a reader serving each tensor under its Hugging
-Face name, dequantized, with llama.cpp's rewrites undone (experts stacked per layer;
-kv_b_proj split into k_b, transposed, and v_b). llama.cpp keeps DeepSeek's RoPE pairs
-interleaved as the checkpoint has them, so the converter's own reordering applies as is.
+Face name (the `gguf` package's own name table), dequantized, with llama.cpp's rewrites
+undone (experts stacked per layer; DeepSeek's kv_b_proj split into k_b, transposed, and
+v_b; GLM's multi-token-prediction layers appended, and skipped here). llama.cpp keeps both
+families' RoPE rows as their checkpoints have them, so the converter's handling applies as
+is.
 """
 
 from __future__ import annotations
@@ -22,25 +24,56 @@ import numpy as np
 from jaxinfer.convert.gguf_quant import expert_tensors
 from jaxinfer.errors import ConversionError
 
-# Hugging Face module (under model.layers.N.) -> GGUF tensor (under blk.N.)
-_LAYER = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
-          "self_attn.q_proj": "attn_q", "self_attn.q_a_proj": "attn_q_a",
-          "self_attn.q_a_layernorm": "attn_q_a_norm", "self_attn.q_b_proj": "attn_q_b",
-          "self_attn.kv_a_proj_with_mqa": "attn_kv_a_mqa",
-          "self_attn.kv_a_layernorm": "attn_kv_a_norm", "self_attn.kv_b_proj": "attn_kv_b",
-          "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate",
-          "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down", "mlp.gate": "ffn_gate_inp",
-          "mlp.shared_experts.gate_proj": "ffn_gate_shexp",
-          "mlp.shared_experts.up_proj": "ffn_up_shexp",
-          "mlp.shared_experts.down_proj": "ffn_down_shexp"}
-_GLOBAL = {"model.embed_tokens.weight": "token_embd.weight",
-           "model.norm.weight": "output_norm.weight", "lm_head.weight": "output.weight"}
 _EXPERT = re.compile(r"model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate|up|down)_proj\.weight")
 _GATING = {1: "softmax", 2: "sigmoid"}  # llama.cpp's expert_gating_func values
 
 
-def deepseek_hf_config(m: Callable[..., Any], tensors: dict[str, Any], path: Path
-                       ) -> dict[str, Any]:
+VIA_HF = ("deepseek2", "glm4moe")  # the GGUF architectures read this way
+
+
+def hf_config(arch: str, m: Callable[..., Any], tensors: dict[str, Any], path: Path
+              ) -> dict[str, Any]:
+    """The config.json of a file of `arch` (one of VIA_HF; m: its `{arch}.*` metadata)."""
+    return (_deepseek2 if arch == "deepseek2" else _glm4moe)(m, tensors, path)
+
+
+def _glm4moe(m: Callable[..., Any], tensors: dict[str, Any], path: Path) -> dict[str, Any]:
+    """GLM-4.5's config: grouped-query attention with partial rotary (rope.dimension_count
+    of head_dim), V3's sigmoid routing with the choice bias; block_count counts the
+    multi-token-prediction layers llama.cpp appends."""
+    n, d = int(m("attention.head_count")), int(m("embedding_length"))
+    head_dim = int(m("attention.key_length") or d // n)
+    return {"model_type": "glm4_moe", **_common(m, tensors),
+            "num_hidden_layers": int(m("block_count")) - int(m("nextn_predict_layers") or 0),
+            "num_key_value_heads": int(m("attention.head_count_kv") or n),
+            "head_dim": head_dim,
+            "partial_rotary_factor": int(m("rope.dimension_count") or head_dim) / head_dim,
+            "attention_bias": "blk.0.attn_q.bias" in tensors,
+            "use_qk_norm": "blk.0.attn_q_norm.weight" in tensors,
+            "rope_parameters": _rope(m, path)}
+
+
+def _common(m: Callable[..., Any], tensors: dict[str, Any]) -> dict[str, Any]:
+    """The fields both families write alike: sizes, experts, routing groups, norms."""
+    return {"vocab_size": int(tensors["token_embd.weight"].shape[-1]),
+            "hidden_size": int(m("embedding_length")),
+            "intermediate_size": int(m("feed_forward_length")),
+            "moe_intermediate_size": int(m("expert_feed_forward_length")),
+            "num_attention_heads": int(m("attention.head_count")),
+            "n_routed_experts": int(m("expert_count")),
+            "num_experts_per_tok": int(m("expert_used_count")),
+            "n_shared_experts": int(m("expert_shared_count") or 0),
+            "first_k_dense_replace": int(m("leading_dense_block_count") or 0),
+            "rms_norm_eps": float(m("attention.layer_norm_rms_epsilon")),
+            "max_position_embeddings": int(m("context_length", 4096)),
+            "routed_scaling_factor": float(m("expert_weights_scale") or 1.0),
+            "norm_topk_prob": bool(m("expert_weights_norm", False)),
+            "n_group": int(m("expert_group_count") or 1),
+            "topk_group": int(m("expert_group_used_count") or 1),
+            "tie_word_embeddings": "output.weight" not in tensors}
+
+
+def _deepseek2(m: Callable[..., Any], tensors: dict[str, Any], path: Path) -> dict[str, Any]:
     """The config.json of a `deepseek2` file (m: its `deepseek2.*` metadata): V3 where the
     router scores by sigmoid (with the choice bias exp_probs_b), V2 by softmax."""
     gating = _GATING.get(int(m("expert_gating_func") or 1))
@@ -54,52 +87,40 @@ def deepseek_hf_config(m: Callable[..., Any], tensors: dict[str, Any], path: Pat
     key, value = (m("attention.key_length_mla"), m("attention.value_length_mla"))
     if key is None:
         key, value = m("attention.key_length"), m("attention.value_length")
-    groups, used = int(m("expert_group_count") or 1), int(m("expert_group_used_count") or 1)
     hf: dict[str, Any] = {
-        "model_type": "deepseek_v3" if v3 else "deepseek_v2",
-        "vocab_size": int(tensors["token_embd.weight"].shape[-1]),
-        "hidden_size": int(m("embedding_length")),
-        "intermediate_size": int(m("feed_forward_length")),
-        "moe_intermediate_size": int(m("expert_feed_forward_length")),
+        "model_type": "deepseek_v3" if v3 else "deepseek_v2", **_common(m, tensors),
         "num_hidden_layers": int(m("block_count")),
-        "num_attention_heads": int(m("attention.head_count")),
         "num_key_value_heads": int(m("attention.head_count")),
-        "n_routed_experts": int(m("expert_count")),
-        "num_experts_per_tok": int(m("expert_used_count")),
-        "n_shared_experts": int(m("expert_shared_count") or 0),
-        "first_k_dense_replace": int(m("leading_dense_block_count") or 0),
         "q_lora_rank": None if m("attention.q_lora_rank") is None
         else int(m("attention.q_lora_rank")),
         "kv_lora_rank": int(m("attention.kv_lora_rank")),
         "qk_rope_head_dim": rot, "qk_nope_head_dim": int(key) - rot,
-        "v_head_dim": int(value),
-        "rms_norm_eps": float(m("attention.layer_norm_rms_epsilon")),
-        "max_position_embeddings": int(m("context_length", 4096)),
-        "routed_scaling_factor": float(m("expert_weights_scale") or 1.0),
-        "norm_topk_prob": bool(m("expert_weights_norm", False)),
-        "n_group": groups, "topk_group": used,
-        "topk_method": "noaux_tc" if v3 else ("group_limited_greedy" if groups > 1
-                                              else "greedy"),
-        "scoring_func": gating, "tie_word_embeddings": "output.weight" not in tensors,
-        "rope_interleave": True,
+        "v_head_dim": int(value), "scoring_func": gating, "rope_interleave": True,
     }
+    hf["topk_method"] = ("noaux_tc" if v3 else "group_limited_greedy" if hf["n_group"] > 1
+                         else "greedy")
+    hf["rope_parameters"] = _rope(m, path)
+    return hf
+
+
+def _rope(m: Callable[..., Any], path: Path) -> dict[str, Any]:
+    """rope_parameters: the base, and YaRN where the file says so."""
     rope: dict[str, Any] = {"rope_type": "default",
                             "rope_theta": float(m("rope.freq_base", 10_000.0))}
-    if m("rope.scaling.type") == "yarn":
-        # The file keeps 0.1 * mscale_all_dim (llama.cpp's deepseek2 convention) and not
-        # mscale, which every release sets equal to it.
-        mscale = float(m("rope.scaling.yarn_log_multiplier") or 0.0) / 0.1
+    kind = m("rope.scaling.type")
+    if kind == "yarn":
         rope.update(rope_type="yarn", factor=float(m("rope.scaling.factor")),
                     original_max_position_embeddings=int(
                         m("rope.scaling.original_context_length")),
                     beta_fast=float(m("rope.scaling.yarn_beta_fast") or 32.0),
-                    beta_slow=float(m("rope.scaling.yarn_beta_slow") or 1.0),
-                    mscale=mscale, mscale_all_dim=mscale)
-    elif m("rope.scaling.type") not in (None, "none"):
-        raise ConversionError(f"GGUF file {path}: unsupported RoPE scaling "
-                              f"{m('rope.scaling.type')!r} for deepseek2")
-    hf["rope_parameters"] = rope
-    return hf
+                    beta_slow=float(m("rope.scaling.yarn_beta_slow") or 1.0))
+        if log_mul := m("rope.scaling.yarn_log_multiplier"):
+            # DeepSeek's 0.1 * mscale_all_dim (llama.cpp's deepseek2 convention); the file
+            # drops mscale, which every release sets equal to it
+            rope.update(mscale=float(log_mul) / 0.1, mscale_all_dim=float(log_mul) / 0.1)
+    elif kind not in (None, "none"):
+        raise ConversionError(f"GGUF file {path}: unsupported RoPE scaling {kind!r}")
+    return rope
 
 
 class HFView:
@@ -111,8 +132,12 @@ class HFView:
         "model.", "model.embed_tokens.weight", "lm_head.weight", 0, None, False)
 
     def __init__(self, tensors: dict[str, Any], get: Callable[..., np.ndarray], path: Path,
-                 kind: str, num_experts: int):
+                 arch: str, kind: str, num_layers: int, num_experts: int):
+        import gguf
+
         self.tensors, self._get, self.path, self.kind = tensors, get, path, kind
+        by_name = {v: k for k, v in gguf.MODEL_ARCH_NAMES.items()}
+        self._names = gguf.get_tensor_name_map(by_name[arch], num_layers)
         self._E = num_experts
         self._last: tuple[str | None, np.ndarray | None] = (None, None)
 
@@ -140,8 +165,7 @@ class HFView:
 
     def _read(self, name: str) -> np.ndarray:
         if e := _EXPERT.fullmatch(name):  # one expert of a layer's stacked [E, out, in]
-            i, x, part = e.groups()
-            return self._whole(f"blk.{i}.ffn_{part}_exps.weight")[int(x)]
+            return self._whole(self._source(name))[int(e[2])]
         src = self._source(name)
         if src.endswith("attn_kv_b.weight") and src not in self.tensors:
             # llama.cpp's split: k_b [N, R, Hn] (transposed) and v_b [N, Hv, R]
@@ -167,22 +191,19 @@ class HFView:
         return self._last[1]
 
     def _source(self, name: str) -> str:
-        """The GGUF tensor that holds HF `name` (raises ConversionError if none maps)."""
-        if name in _GLOBAL:
-            return _GLOBAL[name]
-        if e := _EXPERT.fullmatch(name):
-            return f"blk.{e[1]}.ffn_{e[3]}_exps.weight"
-        if m := re.fullmatch(r"model\.layers\.(\d+)\.(.+)\.(weight|e_score_correction_bias)",
-                             name):
-            i, module, kind = m.groups()
-            if kind == "e_score_correction_bias" and module == "mlp.gate":
-                return f"blk.{i}.exp_probs_b.bias"
-            if module in _LAYER and kind == "weight":
-                src = f"blk.{i}.{_LAYER[module]}.weight"
-                if src in self.tensors or module == "self_attn.kv_b_proj" and (
-                        f"blk.{i}.attn_k_b.weight" in self.tensors):
-                    return src
-        raise ConversionError(f"GGUF file {self.path} has no tensor for {name!r}")
+        """The GGUF tensor that holds HF `name`, by the `gguf` package's name table
+        (ConversionError if the file has none)."""
+        if e := _EXPERT.fullmatch(name):  # the experts llama.cpp stacks
+            name = f"model.layers.{e[1]}.mlp.experts.{e[3]}_proj.weight"
+        # (llama.cpp's converter renames DeepSeek's choice bias before mapping it)
+        name = name.replace("e_score_correction_bias", "e_score_correction.bias")
+        src = self._names.get_name(name, try_suffixes=(".weight", ".bias"))
+        kv_b_split = src is not None and src.endswith("attn_kv_b.weight") and (
+            src.replace("attn_kv_b", "attn_k_b") in self.tensors)
+        if src is None or not (src in self.tensors or kv_b_split or "_exps." in src
+                               and expert_tensors(self.tensors, src, self._E)):
+            raise ConversionError(f"GGUF file {self.path} has no tensor for {name!r}")
+        return src
 
 
 def _shape(t: Any) -> tuple[int, ...]:
