@@ -41,6 +41,7 @@ from jaxinfer.convert.gguf_quant import (
     qk_norms,
     quantized_weights,
     shared_router,
+    stacked_experts,
 )
 from jaxinfer.convert.layout import to_rotate_half
 from jaxinfer.convert.safetensors import reader_weights
@@ -529,11 +530,9 @@ def _weights(cfg: ModelConfig, get: Callable[..., np.ndarray], permuted: bool,
                     v, sc = mxfp4_blocks(t)
                     x[key].set_quantized(i, v.reshape(shape).swapaxes(1, 2),
                                          sc.reshape(*shape[:2], -1).swapaxes(1, 2))
-                elif p + gname + ".weight" in tensors:
-                    x[key][i] = get(p + gname + ".weight", shape).swapaxes(1, 2)
-                else:  # one tensor per expert (early Mixtral files)
-                    x[key][i] = np.stack([get(f"{p}{gname[:-5]}.{e}.weight", shape[1:]).T
-                                          for e in range(E)])
+                else:
+                    x[key][i] = stacked_experts(get, tensors, p + gname + ".weight", E,
+                                                shape).swapaxes(1, 2)
             for key, (gname, shape) in shared.items():
                 x[key][i] = get(p + gname + ".weight", shape[::-1]).T
         else:

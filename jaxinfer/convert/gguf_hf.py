@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from jaxinfer.convert.gguf_quant import expert_tensors
+from jaxinfer.convert.gguf_quant import expert_tensors, stacked_experts
 from jaxinfer.errors import ConversionError
 
 _EXPERT = re.compile(r"model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate|up|down)_proj\.weight")
@@ -179,15 +179,7 @@ class HFView:
         """A GGUF tensor as float32 in numpy order; the last one read is kept, so a layer's
         stacked experts are dequantized once, not once per expert."""
         if self._last[0] != src:
-            parts = expert_tensors(self.tensors, src, self._E) if "_exps." in src else None
-            if parts is not None and len(parts) > 1:  # one tensor per expert (older files)
-                base = src.replace("_exps.", ".")
-                self._last = (src, np.stack([self._get(base.replace(
-                    ".weight", f".{e}.weight"), _shape(t)) for e, t in enumerate(parts)]))
-            else:
-                if src not in self.tensors:
-                    raise ConversionError(f"GGUF file {self.path} lacks tensor {src!r}")
-                self._last = (src, self._get(src, _shape(self.tensors[src])))
+            self._last = (src, stacked_experts(self._get, self.tensors, src, self._E))
         return self._last[1]
 
     def _source(self, name: str) -> str:
@@ -205,6 +197,3 @@ class HFView:
             raise ConversionError(f"GGUF file {self.path} has no tensor for {name!r}")
         return src
 
-
-def _shape(t: Any) -> tuple[int, ...]:
-    return tuple(int(s) for s in reversed(t.shape))

@@ -42,10 +42,33 @@ def expert_tensors(tensors: dict[str, Any], name: str, num_experts: int) -> list
     file has neither."""
     if name in tensors:
         return [tensors[name]]
-    blk, gname, kind = name.rsplit(".", 2)
-    parts = [tensors.get(f"{blk}.{gname.removesuffix('_exps')}.{e}.{kind}")
-             for e in range(num_experts)]
+    parts = [tensors.get(_one_expert(name, e)) for e in range(num_experts)]
     return parts if all(t is not None for t in parts) else None
+
+
+def stacked_experts(get: Callable[..., np.ndarray], tensors: dict[str, Any], name: str,
+                    num_experts: int, shape: tuple[int, ...] | None = None) -> np.ndarray:
+    """A layer's experts `name` as one float array [E, out, in] (numpy order) read by
+    `get`, from either layout `expert_tensors` finds; `shape`, where given, is checked
+    (else the file's is taken)."""
+    parts = expert_tensors(tensors, name, num_experts)
+    if parts is None:  # neither layout: `get` names the missing tensor
+        return get(name, shape or ())
+    if len(parts) == 1:
+        return get(name, shape or _shape(parts[0]))
+    return np.stack([get(_one_expert(name, e), shape[1:] if shape else _shape(t))
+                     for e, t in enumerate(parts)])
+
+
+def _one_expert(name: str, e: int) -> str:
+    """`blk.3.ffn_gate_exps.weight` -> expert e's own tensor in older files."""
+    blk, gname, kind = name.rsplit(".", 2)
+    return f"{blk}.{gname.removesuffix('_exps')}.{e}.{kind}"
+
+
+def _shape(t: Any) -> tuple[int, ...]:
+    """A GGUF tensor's shape in numpy order (ggml lists dims innermost first)."""
+    return tuple(int(s) for s in reversed(t.shape))
 
 
 def quant_config(tensors: dict[str, Any], cfg: ModelConfig, path: Path) -> QuantConfig:
