@@ -46,7 +46,13 @@ _GPT4O_RE = (rf"[^\r\n\p{{L}}\p{{N}}]?{_UPPER}*{_LOWER}+{_CONTRACTIONS}?|"
              r"\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|" + _TAIL)
 _TEKKEN_RE = (rf"[^\r\n\p{{L}}\p{{N}}]?{_UPPER}*{_LOWER}+|[^\r\n\p{{L}}\p{{N}}]?{_UPPER}+{_LOWER}*|"
               r"\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|" + _TAIL)
-# name -> (regex, ignore_merges (a whole word in the vocab is one token), add BOS by default)
+# DeepSeek V3 / R1 split in turn: numbers of up to three digits, runs of CJK and kana, then
+# words, punctuation runs and whitespace.
+_DEEPSEEK3_RES = (r"\p{N}{1,3}", "[\u4e00-\u9fa5\u3040-\u309f\u30a0-\u30ff]+",
+                  r"[!\"#$%&'()*+,\-./:;<=>?@\[\\\]^_`{|}~][A-Za-z]+|[^\r\n\p{L}\p{P}\p{S}]?"
+                  r"[\p{L}\p{M}]+| ?[\p{P}\p{S}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+# name -> (regex, or regexes applied in turn to the pieces; ignore_merges (a whole word in
+# the vocab is one token); add BOS by default)
 _SPLIT_PRE = {
     **dict.fromkeys(("llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral",
                      "midm-2.0", "lfm2"), (_LLAMA3_RE, True, True)),
@@ -55,6 +61,7 @@ _SPLIT_PRE = {
                     (_QWEN2_RE, False, False)),
     **dict.fromkeys(("gpt-4o", "llama4"), (_GPT4O_RE, False, False)),
     "tekken": (_TEKKEN_RE, True, True),
+    "deepseek-v3": (_DEEPSEEK3_RES, False, True),
 }
 
 # GGUF token types (same numbering as SentencePiece's ModelProto.SentencePiece.Type).
@@ -545,8 +552,10 @@ def _gguf_bpe(meta: dict[str, Any], path: Path) -> HFTokenizer:
     elif pre in _GPT2_PRE:
         pre_tok = byte_level
     elif pre in _SPLIT_PRE:
+        res = _SPLIT_PRE[pre][0]
         pre_tok = pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(_SPLIT_PRE[pre][0]), behavior="isolated"),
+            *(pre_tokenizers.Split(Regex(r), behavior="isolated")
+              for r in ((res,) if isinstance(res, str) else res)),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     else:
         known = sorted(_DIGIT_SPLIT_PRE | _GPT2_PRE | _SPLIT_PRE.keys())

@@ -398,6 +398,59 @@ def test_gguf_bpe_pre_tokenizers_match_transformers(tmp_path, pre, arch):
     assert ours.add_bos == (pre in ("llama-bpe", "tekken"))
 
 
+def _split_in_turn(text: str, patterns) -> list[str]:
+    """Each pattern splits every piece the previous one left into its matches and the text
+    between them (llama.cpp's unicode_regex_split), with Python's `regex` engine."""
+    pieces = [text]
+    for p in patterns:
+        out = []
+        for piece in pieces:
+            at = 0
+            for m in regex.finditer(p, piece):
+                out += [piece[at:m.start()]] if m.start() > at else []
+                out += [m.group()] if m.end() > m.start() else []
+                at = m.end()
+            out += [piece[at:]] if at < len(piece) else []
+        pieces = out
+    return pieces
+
+
+def test_gguf_deepseek_v3_pre_tokenizer_splits_in_turn(tmp_path):
+    """DeepSeek V3's `tokenizer.ggml.pre` runs its three regexes in turn (digits by three,
+    CJK and kana runs, then words / punctuation / whitespace), as Python's `regex` engine
+    does piece by piece; a vocabulary trained with it round-trips and adds BOS."""
+    pytest.importorskip("gguf")
+    from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer as HFTok
+
+    from jaxinfer.tokenizer import _SPLIT_PRE
+
+    res = _SPLIT_PRE["deepseek-v3"][0]
+    splits = [pre_tokenizers.Split(Regex(r), behavior="isolated") for r in res]
+    texts = SPLIT_TEXTS + ["价格是12345元，日本語のテキストとカタカナ。", "a.b,c!d?e (x) [y]",
+                           "token\nnext\r\n\n  12 3456 78"]
+    for text in texts:
+        got = [w for w, _ in pre_tokenizers.Sequence(splits).pre_tokenize_str(text)]
+        assert got == _split_in_turn(text, res), text
+    tok = HFTok(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [*splits, pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(texts * 30, trainers.BpeTrainer(
+        vocab_size=500, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        special_tokens=["<|begin_of_text|>", "<|end_of_text|>"], show_progress=False))
+    spec = json.loads(tok.to_str())["model"]
+    vocab = sorted(spec["vocab"], key=spec["vocab"].get)
+    merges = [m if isinstance(m, str) else " ".join(m) for m in spec["merges"]]
+    ours = load_tokenizer(_bpe_gguf(tmp_path / "ds.gguf", "deepseek2", "deepseek-v3", vocab,
+                                    merges))
+    for text in texts:
+        ids = ours.encode(text, add_bos=False)
+        assert ids == tok.encode(text).ids, text
+        assert ours.decode(ids) == text
+    assert ours.add_bos
+
+
 @pytest.mark.parametrize("alias,name", [("phi-2", "gpt2"), ("exaone4", "gpt2"),
                                         ("olmo", "gpt2"), ("command-r", "starcoder"),
                                         ("stablelm2", "qwen2"), ("glm4", "dbrx")])
