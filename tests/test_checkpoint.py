@@ -115,6 +115,7 @@ def test_config_mismatching_weights(saved):
         load_checkpoint(path)
 
 
+@pytest.mark.slow
 def test_real_model_checkpoint(smollm2_checkpoint, smollm2_gguf):
     """The cached default checkpoint holds the GGUF's weights exactly, plus a tokenizer."""
     from jaxinfer.convert.gguf import load_gguf

@@ -41,6 +41,7 @@ def _heldout_kl(student, scfg, teacher):
     return float(distill.kd_loss(s, t, tokens[:, 1:], 1.0, 0.0)[1]["kl"])
 
 
+@pytest.mark.slow
 def test_kl_falls(tmp_path):
     teacher, scfg, student = _student()
     assert (scfg.num_layers, scfg.mlp_dim) == (2, 48)

@@ -56,6 +56,7 @@ def test_greedy_32_tokens_match_hf(llm, hf_model, prompt):
     assert len(out.token_ids) == 32 or out.finish_reason == "stop"
 
 
+@pytest.mark.slow
 def test_min_tokens_and_stop_token_ids_match_hf(llm, hf_model):
     """vLLM's min_tokens and stop_token_ids against HF's own rules on the same weights:
     min_new_tokens (EOS banned until then) and eos_token_id (ids that end generation)."""
@@ -89,6 +90,7 @@ def test_streaming_equals_batch_path(llm):
     assert res[0].token_ids == batch.token_ids and text == batch.text
 
 
+@pytest.mark.slow
 def test_engine_logprobs_match_hf(llm, hf_model):
     """The engine's and LLM.generate's per-token logprobs (and top-5) equal log_softmax of
     HF's logits over the prompt plus the generated tokens (teacher forcing); so do the
@@ -173,6 +175,7 @@ def test_stop_string(llm):
     assert kept.text == out.text + " 7" and kept.token_ids == out.token_ids
 
 
+@pytest.mark.slow
 def test_text_leaves_out_special_tokens_as_hf_decode_does(llm, smollm2_gguf):
     """Decoding past the reply's <|im_end|> (ignore_eos) runs into a new chat turn: the
     text leaves the chat markers out (vLLM's skip_special_tokens, on by default) exactly
@@ -258,6 +261,7 @@ def test_bad_words_match_hf(llm, hf_model):
         temperature=0, bad_words=["Paris"]), max_new_tokens=24).text
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("length_penalty, early_stopping", [(1.0, False), (0.5, True)])
 def test_beam_search_matches_hf(llm, hf_model, length_penalty, early_stopping):
     """LLM.beam_search against HF's generate(num_beams=4) on the same weights: all four

@@ -35,6 +35,7 @@ def _llm() -> LLM:
     return LLM(TINY, W, CharTokenizer())
 
 
+@pytest.mark.slow
 def test_slot_reuse_matches_alone_and_llm_generate():
     with tiny_engine(num_slots=2, prefix_cache_mb=0) as eng:
         reqs = [eng.submit(p, sampling=GREEDY, max_tokens=m)
@@ -330,7 +331,8 @@ def test_prefix_cache_prefills_only_the_suffix():
     assert ra.token_ids == plain_tokens(a) and rb.token_ids == plain_tokens(b)
 
 
-@pytest.mark.parametrize("kv", ["int8", pytest.param("fp8", marks=pytest.mark.slow)])
+@pytest.mark.slow
+@pytest.mark.parametrize("kv", ["int8", "fp8"])
 def test_quantized_weights_and_int8_kv_cache(kv):
     """int8 weights and an int8 or fp8 KV cache (slots and prefix pool, scales included)
     give the engine the same tokens as LLM.generate on the same quantized model, prefix
@@ -378,6 +380,7 @@ def _questions(llm):
     return out
 
 
+@pytest.mark.slow
 def test_batch_invariance_16_requests_smollm2(smollm2):
     prompts = _questions(smollm2)
     max_new = [4 + i % 5 for i in range(16)]
@@ -398,6 +401,7 @@ def test_batch_invariance_16_requests_smollm2(smollm2):
         assert b.text == ref.text
 
 
+@pytest.mark.slow
 def test_prefix_cache_and_chunked_prefill_smollm2_200_token_prefix(smollm2):
     system = " ".join(f"Rule {i}: answer politely and briefly." for i in range(40))
     shared = smollm2.encode(system)[:200]
@@ -421,6 +425,7 @@ def test_prefix_cache_and_chunked_prefill_smollm2_200_token_prefix(smollm2):
 
 @pytest.mark.parametrize("mesh_spec,kv", [
     ("data:2,model:2", None), pytest.param("data:4,model:2", "int8", marks=pytest.mark.slow)])
+@pytest.mark.slow
 def test_engine_under_a_mesh_matches_single_device(mesh_spec, kv):
     """Weights sharded over a mesh of simulated CPU devices: the slots' cache is sharded
     (slots over data, KV heads over model) and the tokens equal the single-device run."""
@@ -563,6 +568,7 @@ def test_truncate_prompt_tokens():
         llm.generate(ids[:5], sampling=GREEDY, stop=[1])
 
 
+@pytest.mark.slow
 def test_n_completions_per_prompt():
     """SamplingParams(n=k), vLLM's n: LLM.generate and Engine.generate return each prompt's
     k completions as a list in its place, completion j sampled as seed + j (so choice 0 is

@@ -40,6 +40,7 @@ def _drafts():
     return {"ngram": "ngram", "model": small, "self": _target()}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["ngram", "model", "self"])
 def test_greedy_equals_target_alone(name):
     target, draft = _target(), _drafts()[name]
@@ -65,6 +66,7 @@ def test_greedy_equals_target_alone(name):
         assert 0.0 <= rate < 1.0, rate
 
 
+@pytest.mark.slow
 def test_seeded_sampling_matches_llm_generate_with_the_draft():
     """Keys fold each slot's seed with its own token count, so a seeded request samples
     the same tokens in the engine (any slot, any neighbours) as in LLM.generate(draft=)."""
@@ -82,6 +84,7 @@ def test_seeded_sampling_matches_llm_generate_with_the_draft():
     assert got == want
 
 
+@pytest.mark.slow
 def test_penalties_bias_and_stop_conditions_with_drafts():
     """Penalties, logit_bias, bad words, min_tokens and stop ids in the engine's speculative
     rounds:
@@ -117,7 +120,7 @@ def test_penalties_bias_and_stop_conditions_with_drafts():
                                    [w.logprob, *(x for _, x in w.top)], atol=1e-4)
 
 
-@pytest.mark.parametrize("name", ["ngram", "model"])
+@pytest.mark.parametrize("name", ["ngram", pytest.param("model", marks=pytest.mark.slow)])
 def test_priority_preempts_speculative_rows_exactly(name):
     """Under the priority policy a speculative row is preempted like any other: it resumes
     with its output as n-gram haystack, the draft's row prefilled again and its token count
@@ -150,6 +153,7 @@ SCHEMA = {"type": "object", "properties": {"ok": {"type": "boolean"}},
           "required": ["ok"], "additionalProperties": False}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["ngram", "model"])
 def test_structured_output_with_drafts(name):
     """Constrained slots run each round in two halves (the host masks every drafted

@@ -113,6 +113,7 @@ def test_every_gemma_difference_matters(gemma):
     check_each_matters(m, cfg, w, _OFF[kind], _tokens(40))
 
 
+@pytest.mark.slow
 def test_greedy_generation_matches_transformers(gemma):
     """LLM.generate and the engine (chunked prefill of 8-token chunks, so prompt chunks
     cross the window; then the same prompts again from the prefix cache) produce

@@ -320,6 +320,7 @@ def _tiny_decode_logits(impl, steps=3, dtype=jnp.float32):
     return np.stack(out)
 
 
+@pytest.mark.slow
 def test_tiny_model_decode_pallas_interpret_equals_xla():
     np.testing.assert_allclose(_tiny_decode_logits("pallas_interpret"),
                                _tiny_decode_logits("xla"), atol=1e-5, rtol=0)
@@ -356,6 +357,7 @@ def test_auto_on_cpu_chunks_long_decode_caches_only():
     assert resolve_impl("xla_chunked", q1, cache(96)) == "xla"  # no chunk divides 96
 
 
+@pytest.mark.slow
 def test_tiny_model_decode_xla_chunked_equals_xla():
     """Through the model (scan over the stacked cache), S = 512 so two chunks exist."""
     def logits(impl):

@@ -25,6 +25,7 @@ def test_gguf_file(smollm2_gguf, reference):
     assert llm.tokenizer.encode(PROMPT) == LLM.load().tokenizer.encode(PROMPT)
 
 
+@pytest.mark.slow
 def test_gguf_quantized_while_read_and_on_a_mesh(smollm2_gguf, smollm2_checkpoint):
     """quantize= on a GGUF quantizes layer by layer as read: the same weights as loading
     the Orbax checkpoint with quantize=; under a mesh each array lands in its sharding."""
@@ -38,6 +39,7 @@ def test_gguf_quantized_while_read_and_on_a_mesh(smollm2_gguf, smollm2_checkpoin
     assert a.generate(PROMPT, GREEDY, max_new_tokens=8).token_ids == want
 
 
+@pytest.mark.slow
 def test_hugging_face_directory(smollm2_gguf, reference, tmp_path):
     transformers = pytest.importorskip("transformers")
     torch = pytest.importorskip("torch")
@@ -56,6 +58,7 @@ def test_hugging_face_directory(smollm2_gguf, reference, tmp_path):
     assert llm.generate(PROMPT, GREEDY, max_new_tokens=12).token_ids == reference
 
 
+@pytest.mark.slow
 def test_generate_script_takes_the_gguf(smollm2_gguf, reference):
     import json
     import os

@@ -184,6 +184,7 @@ def test_prompt_logprobs_chunked_and_past_the_prefix_cache():
         SamplingParams(prompt_logprobs=21)
 
 
+@pytest.mark.slow
 def test_llm_generate_and_stream_score_prompts():
     """LLM.generate (rows of different lengths, one not asking) and LLM.stream give the
     same prompt_logprobs as model.forward, with or without a draft; the decode after it is

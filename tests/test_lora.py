@@ -61,6 +61,7 @@ def _logits(llm: LLM, ids: list[int]) -> np.ndarray:
     dict(r=4, lora_alpha=8, use_rslora=True, target_modules=["q_proj", "v_proj", "down_proj"],
          layers_to_transform=[0, 7, 29]),
 ])
+@pytest.mark.slow
 def test_smollm2_with_an_adapter_matches_peft(smollm2_checkpoint, hf_base, tmp_path, lora_kw):
     """Logits within 1e-3 of PEFT's forward pass (which applies the adapter unmerged) at
     every position, and 16 greedy tokens equal, while the adapter moves the logits far

@@ -4,6 +4,7 @@ ranks and targets; adapter 0 is the base model; a quantized base takes the delta
 
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from jaxinfer import kv_cache, model
 from jaxinfer.convert.lora import LoraFactors, merge_lora, stack_adapters
@@ -32,6 +33,7 @@ def _logits(weights, tokens, **lora):
     return np.asarray(model.forward(weights, tokens, cache, TINY, **lora)[0])
 
 
+@pytest.mark.slow
 def test_each_row_equals_its_adapter_merged():
     w = tiny_weights()
     adapters = [_random_adapter(1, 4, ["q_proj", "o_proj", "down_proj"], 2.0),

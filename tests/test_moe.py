@@ -100,6 +100,7 @@ def test_gathered_and_dense_experts_agree(moe_model):
     assert np.abs(np.asarray(everyone - dense)).max() > 1e-2 * scale
 
 
+@pytest.mark.slow
 def test_greedy_generation_matches_transformers(moe_model):
     _, m, cfg, w = moe_model
     toks = _tokens(20, seed=1)

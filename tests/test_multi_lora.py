@@ -91,6 +91,7 @@ def test_rows_of_different_adapters_match_peft(llm, refs):
         assert name is None or moved > 0.1
 
 
+@pytest.mark.slow
 def test_generate_mixes_adapters_in_one_batch_without_recompiling(llm, refs):
     """Greedy tokens of each (prompt, adapter) row equal PEFT's generate; a second batch
     with the adapters reassigned compiles nothing."""
@@ -130,6 +131,7 @@ def test_embeddings_with_an_adapter_equal_the_merged_model(llm, refs, smollm2_ch
     assert np.abs(got[0] - llm.embed(texts[0], pooling="mean")).max() > 1e-3
 
 
+@pytest.mark.slow
 def test_beam_search_with_adapters_equals_the_merged_models(llm, refs, smollm2_checkpoint):
     """Each prompt's beams under its adapter equal the beams of the model with that
     adapter merged (scores too), two prompts with different adapters in one search."""
@@ -351,6 +353,7 @@ def test_lora_modules_flag(tmp_path, refs, smollm2_checkpoint):
     assert json.loads(res.read_text())["token_ids"] == out["colors"][1][0]
 
 
+@pytest.mark.slow
 def test_adapters_loaded_and_unloaded_while_serving(llm, refs, hf_base, tmp_path):
     """vLLM's /v1/load_lora_adapter and /v1/unload_lora_adapter on a server started with
     no adapters and room for two: a loaded adapter serves PEFT's tokens with no

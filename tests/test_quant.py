@@ -205,6 +205,7 @@ def test_int8_kv_cache_matches_float_cache(kv):
     assert device_bytes(c) == 2 * L * B * K * S * (H + 4) + 4 * B
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("qc", [INT8, INT4, FP8])
 def test_sharded_quantized_forward_equals_unsharded(qc):
     mesh = make_mesh("data:2,model:2")
@@ -225,6 +226,7 @@ def test_sharded_quantized_forward_equals_unsharded(qc):
     assert qd["layers"]["wq"].scales.sharding == sh["layers"]["wq"].scales
 
 
+@pytest.mark.slow
 def test_engine_serves_quantized_weights():
     from jaxinfer.engine import Engine, EngineConfig
     from jaxinfer.llm import LLM
@@ -294,6 +296,7 @@ def test_bad_quant_json_is_a_checkpoint_error(tmp_path):
 
 
 # ---- the real model ------------------------------------------------------------------------
+@pytest.mark.slow
 def test_gguf_direct_int4_equals_dequantized_float(smollm2_gguf):
     from jaxinfer.convert.gguf import load_gguf
 

@@ -45,6 +45,7 @@ def test_json_mode_fields(smollm2_checkpoint):
     assert 500e6 < out["weight_bytes"] < 560e6 and out["kv_cache_bytes"] > 0
 
 
+@pytest.mark.slow
 def test_structured_output_and_stop_flags(smollm2_checkpoint):
     """--guided_choice constrains the answer (streamed, the default text mode), and
     --ignore_eos decodes max_new_tokens past the chat reply's end (its chat markers shown
@@ -105,6 +106,7 @@ def test_non_orbax_checkpoint_dir(tmp_path):
     assert str(tmp_path) in r.stderr
 
 
+@pytest.mark.slow
 def test_ctrl_c_keeps_the_text_and_exits_130(smollm2_checkpoint):
     """Ctrl-C while streaming: the text printed so far stays, then one `error:
     interrupted` line and the shell's status for SIGINT (130), no traceback."""
@@ -131,6 +133,7 @@ def test_ctrl_c_keeps_the_text_and_exits_130(smollm2_checkpoint):
     assert err.strip().splitlines()[-1] == "error: interrupted", err
 
 
+@pytest.mark.slow
 def test_chat_template_flag_replaces_the_models(smollm2_checkpoint, tmp_path):
     """--chat --chat_template FILE renders the prompt with that template instead of the
     model's own: the same tokens and text as the rendered prompt given raw."""

@@ -383,6 +383,7 @@ def test_64_concurrent_streams_with_health(url, engine):
 
 
 # ---- the real model ---------------------------------------------------------------------------
+@pytest.mark.slow
 def test_smollm2_64_openai_client_streams(smollm2_checkpoint):
     """64 concurrent streamed chat requests from the OpenAI client against SmolLM2: each
     equals the offline engine's output for the same request (greedy and seeded)."""

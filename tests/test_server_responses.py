@@ -192,6 +192,7 @@ def test_the_store_keeps_the_latest(engine):
         assert [client.responses.retrieve(i).id for i in ids[1:]] == ids[1:]
 
 
+@pytest.mark.slow
 def test_smollm2_responses_equal_chat(smollm2_checkpoint):
     """The real model: non-streamed and streamed Responses API answers equal the chat
     completion of the same messages (greedy)."""

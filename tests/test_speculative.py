@@ -103,6 +103,7 @@ def test_generate_script_reports_acceptance(smollm2_checkpoint):
     assert r.stdout.strip() == out["text"].strip() and "acceptance=" in r.stderr
 
 
+@pytest.mark.slow
 def test_stream_with_a_draft_equals_generate():
     """LLM.stream(draft=) yields, round by round, the text LLM.generate(draft=) returns,
     greedy and seeded, under a stop string and under a constraint."""
@@ -129,6 +130,7 @@ def test_stream_with_a_draft_equals_generate():
     assert want.finish_reason == "stop" and len(want.text) == 6  # the regex is complete
 
 
+@pytest.mark.slow
 def test_greedy_with_penalties_bias_and_stop_conditions_equals_target():
     """Penalties (over the prompt and every earlier token, drafted ones included),
     logit_bias, allowed_token_ids, bad words, min_tokens and stop ids shape the target's
@@ -240,6 +242,7 @@ PENALIZED = (1.4, 0.5, 0.4)
     pytest.param("ngram", 1.0, 0, (1.0, 0.0, 0.0), marks=pytest.mark.slow),
     pytest.param("ngram", 1.0, 0, PENALIZED, marks=pytest.mark.slow),
     pytest.param("model", 0.7, 6, (1.0, 0.0, 0.0), marks=pytest.mark.slow)])
+@pytest.mark.slow
 def test_sampling_matches_target_distribution(draft, temperature, top_k, penalties):
     """Tokens 2-4 (and 2-3 jointly) of 8000 seeded rows against the exact distribution;
     with penalties, each verified position is penalized by the tokens before it, drafted

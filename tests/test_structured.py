@@ -96,6 +96,7 @@ def test_constrained_requests_match_and_do_not_recompile(engine):
     assert engine.compile_count == before
 
 
+@pytest.mark.slow
 def test_llm_generate_and_stream_take_constraints(engine):
     """LLM.generate (a batch mixing constrained and free rows) and LLM.stream decode under
     a constraint exactly what the engine does, and free rows what they decode alone."""
@@ -182,6 +183,7 @@ def test_grammar_compiles_off_the_event_loop(engine, monkeypatch):
         assert stuck.result().json()["choices"][0]["text"] in ("yes", "no")
 
 
+@pytest.mark.slow
 def test_json_schema_on_smollm2(smollm2_checkpoint):
     """The real model answers a question as JSON that parses and follows the schema."""
     from jaxinfer.engine import Engine, EngineConfig

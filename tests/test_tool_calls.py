@@ -386,6 +386,7 @@ def test_bad_responses_tool_requests_get_400(url, body, param):
 
 
 # ---- the real model ---------------------------------------------------------------------------
+@pytest.mark.slow
 def test_smollm2_calls_a_tool(smollm2_checkpoint):
     """SmolLM2 asked for the weather in Paris with a named get_weather tool: the call's
     arguments are the engine's output under the function's schema, and name the city; with
