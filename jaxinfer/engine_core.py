@@ -211,6 +211,11 @@ class Resume:
     generated_S: jax.Array  # i32[S] its tokens, -1 after them (the penalties' counts)
     recent_R: jax.Array  # i32[RECENT] prompt and output tail (bad words)
 
+    def counts(self, V: int) -> jax.Array:
+        """i32[V]: how often each token occurs in its output (the penalties' counts)."""
+        return jnp.zeros((V,), jnp.int32).at[
+            jnp.where(self.generated_S < 0, V, self.generated_S)].add(1, mode="drop")
+
     @staticmethod
     def of(generated: list[int], prompt: list[int], max_len: int) -> Resume:
         gen_S = np.full((max_len,), -1, np.int32)
@@ -229,9 +234,7 @@ def insert(prefix: Prefix, state: gen.DecodeState, slot: jax.Array, resume: Resu
     preemption never compiles."""
     state = _insert(prefix, state, slot)
     back = resume.num_generated > 0
-    V = state.counts_BV.shape[1]
-    counts_V = jnp.zeros((V,), jnp.int32).at[
-        jnp.where(resume.generated_S < 0, V, resume.generated_S)].add(1, mode="drop")
+    counts_V = resume.counts(state.counts_BV.shape[1])
 
     def pick(x_B, new):
         return x_B.at[slot].set(jnp.where(back, new, x_B[slot]))

@@ -83,9 +83,7 @@ def insert(prefix: Prefix, draft_row: KVCache | None, seq_1S: jax.Array, prompt_
     M, V = state.output_BM.shape[1], state.counts_BV.shape[1]
     gen_M = jnp.where(back, jnp.maximum(resume.generated_S[:M], 0),
                       jnp.zeros((M,), jnp.int32).at[0].set(tok))
-    counts_V = jnp.zeros((V,), jnp.int32).at[
-        jnp.where(back & (resume.generated_S >= 0), resume.generated_S, V)].add(1, mode="drop")
-    counts_V = jnp.where(back, counts_V, jnp.zeros((V,), jnp.int32).at[tok].add(1))
+    counts_V = jnp.where(back, resume.counts(V), jnp.zeros((V,), jnp.int32).at[tok].add(1))
     n_gen = jnp.where(back, resume.num_generated, 1)
     dc = state.draft_cache
     if state.adapter_B is not None:
