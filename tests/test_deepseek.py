@@ -274,7 +274,9 @@ def _write_llamacpp_gguf(path, ckpt, c, qtype, new_layout: bool = True) -> None:
     w.add_expert_gating_func(gguf.ExpertGatingFuncType.SOFTMAX
                              if c.model_type == "deepseek_v2"
                              else gguf.ExpertGatingFuncType.SIGMOID)
-    w.add_leading_dense_block_count(c.first_k_dense_replace)
+    w.add_leading_dense_block_count(c.first_k_dense_replace  # (GLM-4.7-Flash: its layer types)
+                                    or list(getattr(c, "mlp_layer_types", None) or []).count(
+                                        "dense"))
     w.add_vocab_size(c.vocab_size)
     w.add_expert_feed_forward_length(c.moe_intermediate_size)
     w.add_expert_shared_count(c.n_shared_experts)
@@ -351,10 +353,12 @@ def _write_llamacpp_gguf(path, ckpt, c, qtype, new_layout: bool = True) -> None:
 
 @pytest.mark.parametrize("kind,new_layout", [
     ("deepseek_v3", True), pytest.param("deepseek_v2", False, marks=pytest.mark.slow),
+    pytest.param("glm4_moe_lite", True, marks=pytest.mark.slow),
     pytest.param("glm4_moe", True, marks=pytest.mark.slow)])
 def test_gguf_matches_transformers(kind, new_layout, tmp_path):
     """DeepSeek GGUF files (llama.cpp's `deepseek2`: V3 in today's layout with the key
-    up-projection split out, V2 in the older one with an expert per tensor) and GLM-4.5's
+    up-projection split out, V2 in the older one with an expert per tensor; GLM-4.7-Flash,
+    which llama.cpp writes as `deepseek2` too) and GLM-4.5's
     (`glm4moe`, its multi-token-prediction block skipped) load to the same config and
     weights as the checkpoint they came from, so their logits and greedy tokens are
     transformers'; Q8_0 blocks dequantize as read. YaRN's mscale pair is equal, as in
