@@ -409,3 +409,30 @@ class _Factory:
     def mktemp(self, name):
         (self.root / name).mkdir()
         return self.root / name
+
+
+def test_gguf_missing_metadata_is_named(tmp_path):
+    """A `deepseek2` file without a key its config needs stops with the key's name."""
+    import gguf
+
+    from jaxinfer.convert.gguf import load_gguf
+
+    w = gguf.GGUFWriter(str(tmp_path / "x.gguf"), "deepseek2")
+    w.add_block_count(1)
+    w.add_embedding_length(8)
+    w.add_feed_forward_length(16)
+    w.add_head_count(2)
+    w.add_expert_count(2)
+    w.add_expert_used_count(1)
+    w.add_expert_feed_forward_length(8)
+    w.add_layer_norm_rms_eps(1e-6)
+    w.add_rope_dimension_count(4)
+    w.add_key_length(12)
+    w.add_value_length(8)
+    w.add_tensor("token_embd.weight", np.zeros((10, 8), np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(ConversionError, match="lacks metadata deepseek2.attention.kv_lora_rank"):
+        load_gguf(tmp_path / "x.gguf")

@@ -211,9 +211,8 @@ def _via_hf(reader: Any, tensors: dict[str, Any], path: Path, progress: Progress
         raise ConversionError(f"GGUF file {path}: keeping its blocks (--quantize=gguf) is not "
                               f"supported for {arch}; convert it to float or use "
                               "--quantize=int8")
-    m = lambda key, default=None: _field(reader, f"{arch}.{key}", default)
     try:
-        hf = hf_config(arch, m, tensors, path)
+        hf = hf_config(arch, lambda key: _field(reader, f"{arch}.{key}"), tensors, path)
         cfg = ModelConfig.from_hf(hf).replace(**_token_fields(reader, path, arch))
     except ConversionError:
         raise
@@ -221,7 +220,7 @@ def _via_hf(reader: Any, tensors: dict[str, Any], path: Path, progress: Progress
         raise ConversionError(f"GGUF file {path} has missing or invalid {arch} metadata: "
                               f"{e}") from e
     view = HFView(tensors, _getter(tensors, path), path, arch, hf["model_type"],
-                  int(m("block_count")), cfg.num_experts)
+                  int(_field(reader, f"{arch}.block_count")), cfg.num_experts)
     return cfg, reader_weights(cfg, view, progress, quant, storage)
 
 

@@ -31,9 +31,22 @@ _GATING = {1: "softmax", 2: "sigmoid"}  # llama.cpp's expert_gating_func values
 VIA_HF = ("deepseek2", "glm4moe")  # the GGUF architectures read this way
 
 
-def hf_config(arch: str, m: Callable[..., Any], tensors: dict[str, Any], path: Path
+_NEEDED = object()
+
+
+def hf_config(arch: str, field: Callable[[str], Any], tensors: dict[str, Any], path: Path
               ) -> dict[str, Any]:
-    """The config.json of a file of `arch` (one of VIA_HF; m: its `{arch}.*` metadata)."""
+    """The config.json of a file of `arch` (one of VIA_HF; `field(key)`: its `{arch}.{key}`
+    metadata, None where absent). A key read without a default must be there: its absence
+    is a ConversionError naming it."""
+    def m(key: str, default: Any = _NEEDED) -> Any:
+        value = field(key)
+        if value is not None:
+            return value
+        if default is _NEEDED:
+            raise ConversionError(f"GGUF file {path} lacks metadata {arch}.{key}")
+        return default
+
     return (_deepseek2 if arch == "deepseek2" else _glm4moe)(m, tensors, path)
 
 
@@ -42,12 +55,12 @@ def _glm4moe(m: Callable[..., Any], tensors: dict[str, Any], path: Path) -> dict
     of head_dim), V3's sigmoid routing with the choice bias; block_count counts the
     multi-token-prediction layers llama.cpp appends."""
     n, d = int(m("attention.head_count")), int(m("embedding_length"))
-    head_dim = int(m("attention.key_length") or d // n)
+    head_dim = int(m("attention.key_length", d // n))
     return {"model_type": "glm4_moe", **_common(m, tensors),
-            "num_hidden_layers": int(m("block_count")) - int(m("nextn_predict_layers") or 0),
-            "num_key_value_heads": int(m("attention.head_count_kv") or n),
+            "num_hidden_layers": int(m("block_count")) - int(m("nextn_predict_layers", 0)),
+            "num_key_value_heads": int(m("attention.head_count_kv", n)),
             "head_dim": head_dim,
-            "partial_rotary_factor": int(m("rope.dimension_count") or head_dim) / head_dim,
+            "partial_rotary_factor": int(m("rope.dimension_count", head_dim)) / head_dim,
             "attention_bias": "blk.0.attn_q.bias" in tensors,
             "use_qk_norm": "blk.0.attn_q_norm.weight" in tensors,
             "rope_parameters": _rope(m, path)}
@@ -62,21 +75,21 @@ def _common(m: Callable[..., Any], tensors: dict[str, Any]) -> dict[str, Any]:
             "num_attention_heads": int(m("attention.head_count")),
             "n_routed_experts": int(m("expert_count")),
             "num_experts_per_tok": int(m("expert_used_count")),
-            "n_shared_experts": int(m("expert_shared_count") or 0),
-            "first_k_dense_replace": int(m("leading_dense_block_count") or 0),
+            "n_shared_experts": int(m("expert_shared_count", 0)),
+            "first_k_dense_replace": int(m("leading_dense_block_count", 0)),
             "rms_norm_eps": float(m("attention.layer_norm_rms_epsilon")),
             "max_position_embeddings": int(m("context_length", 4096)),
-            "routed_scaling_factor": float(m("expert_weights_scale") or 1.0),
+            "routed_scaling_factor": float(m("expert_weights_scale", 1.0)),
             "norm_topk_prob": bool(m("expert_weights_norm", False)),
-            "n_group": int(m("expert_group_count") or 1),
-            "topk_group": int(m("expert_group_used_count") or 1),
+            "n_group": int(m("expert_group_count", 1)),
+            "topk_group": int(m("expert_group_used_count", 1)),
             "tie_word_embeddings": "output.weight" not in tensors}
 
 
 def _deepseek2(m: Callable[..., Any], tensors: dict[str, Any], path: Path) -> dict[str, Any]:
     """The config.json of a `deepseek2` file (m: its `deepseek2.*` metadata): V3 where the
     router scores by sigmoid (with the choice bias exp_probs_b), V2 by softmax."""
-    gating = _GATING.get(int(m("expert_gating_func") or 1))
+    gating = _GATING.get(int(m("expert_gating_func", 1)))
     if gating is None:
         raise ConversionError(f"GGUF file {path}: unsupported expert_gating_func "
                               f"{m('expert_gating_func')!r}")
@@ -84,14 +97,14 @@ def _deepseek2(m: Callable[..., Any], tensors: dict[str, Any], path: Path) -> di
     rot = int(m("rope.dimension_count"))
     # Since llama.cpp absorbs the key up-projection (2025), key/value_length describe the
     # latent cache and the per-head sizes moved to *_mla; older files have them plain.
-    key, value = (m("attention.key_length_mla"), m("attention.value_length_mla"))
+    key, value = (m("attention.key_length_mla", None), m("attention.value_length_mla", None))
     if key is None:
         key, value = m("attention.key_length"), m("attention.value_length")
     hf: dict[str, Any] = {
         "model_type": "deepseek_v3" if v3 else "deepseek_v2", **_common(m, tensors),
         "num_hidden_layers": int(m("block_count")),
         "num_key_value_heads": int(m("attention.head_count")),
-        "q_lora_rank": None if m("attention.q_lora_rank") is None
+        "q_lora_rank": None if m("attention.q_lora_rank", None) is None
         else int(m("attention.q_lora_rank")),
         "kv_lora_rank": int(m("attention.kv_lora_rank")),
         "qk_rope_head_dim": rot, "qk_nope_head_dim": int(key) - rot,
@@ -107,14 +120,14 @@ def _rope(m: Callable[..., Any], path: Path) -> dict[str, Any]:
     """rope_parameters: the base, and YaRN where the file says so."""
     rope: dict[str, Any] = {"rope_type": "default",
                             "rope_theta": float(m("rope.freq_base", 10_000.0))}
-    kind = m("rope.scaling.type")
+    kind = m("rope.scaling.type", None)
     if kind == "yarn":
         rope.update(rope_type="yarn", factor=float(m("rope.scaling.factor")),
                     original_max_position_embeddings=int(
                         m("rope.scaling.original_context_length")),
-                    beta_fast=float(m("rope.scaling.yarn_beta_fast") or 32.0),
-                    beta_slow=float(m("rope.scaling.yarn_beta_slow") or 1.0))
-        if log_mul := m("rope.scaling.yarn_log_multiplier"):
+                    beta_fast=float(m("rope.scaling.yarn_beta_fast", 32.0)),
+                    beta_slow=float(m("rope.scaling.yarn_beta_slow", 1.0)))
+        if log_mul := m("rope.scaling.yarn_log_multiplier", None):
             # DeepSeek's 0.1 * mscale_all_dim (llama.cpp's deepseek2 convention); the file
             # drops mscale, which every release sets equal to it
             rope.update(mscale=float(log_mul) / 0.1, mscale_all_dim=float(log_mul) / 0.1)
