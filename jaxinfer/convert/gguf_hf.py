@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from jaxinfer.convert.gguf_quant import expert_tensors, stacked_experts
+from jaxinfer.convert.gguf_quant import expert_tensors, shape_of
 from jaxinfer.errors import ConversionError
 
 _EXPERT = re.compile(r"model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate|up|down)_proj\.weight")
@@ -152,7 +152,6 @@ class HFView:
         by_name = {v: k for k, v in gguf.MODEL_ARCH_NAMES.items()}
         self._names = gguf.get_tensor_name_map(by_name[arch], num_layers)
         self._E = num_experts
-        self._last: tuple[str | None, np.ndarray | None] = (None, None)
 
     def __contains__(self, name: str) -> bool:
         try:
@@ -177,23 +176,36 @@ class HFView:
         return None
 
     def _read(self, name: str) -> np.ndarray:
-        if e := _EXPERT.fullmatch(name):  # one expert of a layer's stacked [E, out, in]
-            return self._whole(self._source(name))[int(e[2])]
         src = self._source(name)
+        if e := _EXPERT.fullmatch(name):  # one expert, its rows only dequantized: the
+            return self._expert(src, int(e[2]))  # converter reads expert by expert
         if src.endswith("attn_kv_b.weight") and src not in self.tensors:
             # llama.cpp's split: k_b [N, R, Hn] (transposed) and v_b [N, Hv, R]
-            k_b = self._whole(src.replace("attn_kv_b", "attn_k_b"))
-            v_b = self._whole(src.replace("attn_kv_b", "attn_v_b"))
+            k_b, v_b = (self._whole(src.replace("attn_kv_b", part))
+                        for part in ("attn_k_b", "attn_v_b"))
             kv_b = np.concatenate([k_b.swapaxes(1, 2), v_b], axis=1)
             return kv_b.reshape(-1, kv_b.shape[-1])
         return self._whole(src)
 
     def _whole(self, src: str) -> np.ndarray:
-        """A GGUF tensor as float32 in numpy order; the last one read is kept, so a layer's
-        stacked experts are dequantized once, not once per expert."""
-        if self._last[0] != src:
-            self._last = (src, stacked_experts(self._get, self.tensors, src, self._E))
-        return self._last[1]
+        """A GGUF tensor as float32 in numpy order."""
+        return self._get(src, shape_of(self.tensors[src]))
+
+    def _expert(self, src: str, e: int) -> np.ndarray:
+        """Expert e of the layer's experts `src` ([out, in]): its slice of the stacked
+        tensor, or its own tensor in older files."""
+        import gguf
+
+        parts = expert_tensors(self.tensors, src, self._E)
+        if len(parts) > 1:
+            return self._whole(parts[e].name)
+        t = parts[0]
+        try:
+            a = gguf.quants.dequantize(t.data[e], t.tensor_type)
+        except (ValueError, NotImplementedError, IndexError) as err:
+            raise ConversionError(f"cannot read expert {e} of tensor {src!r} in {self.path}: "
+                                  f"{err}") from err
+        return np.asarray(a, np.float32).reshape(shape_of(t)[1:])
 
     def _source(self, name: str) -> str:
         """The GGUF tensor that holds HF `name`, by the `gguf` package's name table

@@ -47,17 +47,13 @@ def expert_tensors(tensors: dict[str, Any], name: str, num_experts: int) -> list
 
 
 def stacked_experts(get: Callable[..., np.ndarray], tensors: dict[str, Any], name: str,
-                    num_experts: int, shape: tuple[int, ...] | None = None) -> np.ndarray:
-    """A layer's experts `name` as one float array [E, out, in] (numpy order) read by
-    `get`, from either layout `expert_tensors` finds; `shape`, where given, is checked
-    (else the file's is taken)."""
+                    num_experts: int, shape: tuple[int, ...]) -> np.ndarray:
+    """A layer's experts `name` as one float array of `shape` [E, out, in] (numpy order)
+    read by `get`, from either layout `expert_tensors` finds."""
     parts = expert_tensors(tensors, name, num_experts)
-    if parts is None:  # neither layout: `get` names the missing tensor
-        return get(name, shape or ())
-    if len(parts) == 1:
-        return get(name, shape or _shape(parts[0]))
-    return np.stack([get(_one_expert(name, e), shape[1:] if shape else _shape(t))
-                     for e, t in enumerate(parts)])
+    if parts is None or len(parts) == 1:  # stacked (or neither: `get` names what is missing)
+        return get(name, shape)
+    return np.stack([get(_one_expert(name, e), shape[1:]) for e in range(num_experts)])
 
 
 def _one_expert(name: str, e: int) -> str:
@@ -66,7 +62,7 @@ def _one_expert(name: str, e: int) -> str:
     return f"{blk}.{gname.removesuffix('_exps')}.{e}.{kind}"
 
 
-def _shape(t: Any) -> tuple[int, ...]:
+def shape_of(t: Any) -> tuple[int, ...]:
     """A GGUF tensor's shape in numpy order (ggml lists dims innermost first)."""
     return tuple(int(s) for s in reversed(t.shape))
 
