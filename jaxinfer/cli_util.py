@@ -3,11 +3,20 @@
 
 Users get a single line naming the bad value instead of a traceback; real bugs (any other
 exception) still show their traceback.
+
+Ctrl-C needs its own handler: Python raises KeyboardInterrupt in whatever Python code runs
+next, and when that is a garbage-collector callback (JAX registers one, jax-ml/jax#18246)
+or a finalizer, CPython prints "Exception ignored" and drops it, so the program ran on to
+the end. The handler delivers the signal again once such code has returned; during the
+imports it only notes the press (an exception inside an extension module's import can
+crash it), which run_main then acts on; a second press exits at once.
 """
 
 from __future__ import annotations
 
+import gc
 import os
+import signal
 import sys
 import threading
 from collections.abc import Callable
@@ -17,17 +26,73 @@ from absl import app, flags
 
 from jaxinfer.errors import JaxinferError
 
+_ctrl_c = {"phase": "start"}  # start -> (pressed) -> main -> interrupted
+
+
+def catch_ctrl_c() -> None:
+    """Handle SIGINT the jaxinfer way from now on (see the module docstring); programs call
+    it before their heavy imports (cli/launch.py), run_main again in case they did not."""
+    if signal.getsignal(signal.SIGINT) is not _on_sigint:
+        signal.signal(signal.SIGINT, _on_sigint)
+
+
+def ctrl_c_was_the_stop() -> None:
+    """For a program that Ctrl-C ends in order (the server): exit as if it ended itself."""
+    if _ctrl_c["phase"] == "interrupted":
+        _ctrl_c["phase"] = "main"
+
+
+def _on_sigint(signum: int, frame: Any) -> None:
+    phase = _ctrl_c["phase"]
+    if phase in ("start", "pressed"):  # the program's imports: acted on when main starts
+        _ctrl_c["phase"] = "pressed"
+    elif phase == "interrupted":  # a second press while the first unwinds: stop now
+        _exit_with_error("interrupted", status=130)
+    elif _not_now(frame):  # deliver it again shortly, once this code has returned
+        threading.Timer(0.02, os.kill, (os.getpid(), signal.SIGINT)).start()
+    else:
+        _ctrl_c["phase"] = "interrupted"
+        raise KeyboardInterrupt
+
+
+def _not_now(frame: Any) -> bool:
+    """Whether `frame` runs inside a gc callback or a __del__, whose exceptions CPython
+    prints and drops, or inside an import, which an exception would leave half done (and
+    an extension module's, crashed: seen here as SIGSEGV)."""
+    callbacks = {getattr(cb, "__code__", None) for cb in gc.callbacks}
+    while frame is not None:
+        code = frame.f_code
+        if (code in callbacks or code.co_name == "__del__"
+                or code.co_filename.startswith("<frozen importlib")):
+            return True
+        frame = frame.f_back
+    return False
+
 
 def run_main(main: Callable[[list[str]], Any]) -> None:
-    """`absl.app.run(main)`, turning a JaxinferError into one `error:` line and exit 2."""
+    """`absl.app.run(main)`, turning a JaxinferError into one `error:` line and exit 2, and
+    Ctrl-C into `error: interrupted` and exit 130 (whatever exception it became on its
+    way: JAX has turned one into a ValueError raised from C++, jax-ml/jax#9082)."""
+    catch_ctrl_c()
 
     def guarded(argv: list[str]) -> Any:
-        try:
-            return main(argv)
-        except JaxinferError as e:
-            _exit_with_error(" ".join(str(e).split()) or type(e).__name__)
-        except KeyboardInterrupt:  # Ctrl-C: what was printed or written stays; no traceback
+        if _ctrl_c["phase"] == "pressed":
             _exit_with_error("interrupted", status=130)
+        _ctrl_c["phase"] = "main"
+        try:
+            result = main(argv)
+        except JaxinferError as e:
+            if _ctrl_c["phase"] != "interrupted":
+                _exit_with_error(" ".join(str(e).split()) or type(e).__name__)
+        except KeyboardInterrupt:  # Ctrl-C: what was printed or written stays; no traceback
+            pass
+        except BaseException:
+            if _ctrl_c["phase"] != "interrupted":
+                raise
+        else:
+            if _ctrl_c["phase"] != "interrupted":
+                return result
+        _exit_with_error("interrupted", status=130)
 
     app.run(guarded, flags_parser=_parse_flags)
 

@@ -4,7 +4,7 @@
     # same as: jaxinfer-batch --input=prompts.jsonl --output=results.jsonl
 """
 
-from jaxinfer.cli.batch import run
+from jaxinfer.cli.launch import launch
 
 if __name__ == "__main__":
-    run()
+    launch("batch")

@@ -3,7 +3,7 @@
     python scripts/benchmark.py --help      # same as: jaxinfer-benchmark --help
 """
 
-from jaxinfer.cli.benchmark import run
+from jaxinfer.cli.launch import launch
 
 if __name__ == "__main__":
-    run()
+    launch("benchmark")

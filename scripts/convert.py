@@ -3,7 +3,7 @@
     python scripts/convert.py --help      # same as: jaxinfer-convert --help
 """
 
-from jaxinfer.cli.convert import run
+from jaxinfer.cli.launch import launch
 
 if __name__ == "__main__":
-    run()
+    launch("convert")

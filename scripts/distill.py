@@ -3,7 +3,7 @@
     python scripts/distill.py --help      # same as: jaxinfer-distill --help
 """
 
-from jaxinfer.cli.distill import run
+from jaxinfer.cli.launch import launch
 
 if __name__ == "__main__":
-    run()
+    launch("distill")

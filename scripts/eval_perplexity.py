@@ -3,7 +3,7 @@
     python scripts/eval_perplexity.py --help      # same as: jaxinfer-eval-perplexity --help
 """
 
-from jaxinfer.cli.eval_perplexity import run
+from jaxinfer.cli.launch import launch
 
 if __name__ == "__main__":
-    run()
+    launch("eval_perplexity")

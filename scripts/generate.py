@@ -3,7 +3,7 @@
     python scripts/generate.py --help      # same as: jaxinfer-generate --help
 """
 
-from jaxinfer.cli.generate import run
+from jaxinfer.cli.launch import launch
 
 if __name__ == "__main__":
-    run()
+    launch("generate")

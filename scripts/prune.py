@@ -3,7 +3,7 @@
     python scripts/prune.py --help      # same as: jaxinfer-prune --help
 """
 
-from jaxinfer.cli.prune import run
+from jaxinfer.cli.launch import launch
 
 if __name__ == "__main__":
-    run()
+    launch("prune")

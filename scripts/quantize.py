@@ -3,7 +3,7 @@
     python scripts/quantize.py --help      # same as: jaxinfer-quantize --help
 """
 
-from jaxinfer.cli.quantize import run
+from jaxinfer.cli.launch import launch
 
 if __name__ == "__main__":
-    run()
+    launch("quantize")

@@ -3,7 +3,7 @@
     python scripts/serve.py --port 8000      # same as: jaxinfer-serve --port 8000
 """
 
-from jaxinfer.cli.serve import run
+from jaxinfer.cli.launch import launch
 
 if __name__ == "__main__":
-    run()
+    launch("serve")

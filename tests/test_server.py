@@ -451,6 +451,43 @@ def test_serve_script_refuses_a_port_before_loading(port, tmp_path):
     assert "never-read" not in r.stderr
 
 
+@pytest.mark.slow
+def test_serve_script_stops_on_ctrl_c_with_status_0(smollm2_checkpoint):
+    """Ctrl-C is how a server is stopped: uvicorn shuts down in order and the script exits
+    0 with no `error:` line (the other scripts' `error: interrupted` / 130 is for work cut
+    short)."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    p = subprocess.Popen([sys.executable, str(Path(__file__).parents[1] / "scripts" /
+                                              "serve.py"), f"--port={port}", "--nowarmup"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and p.poll() is None:
+            try:
+                if requests.get(f"http://127.0.0.1:{port}/health", timeout=5).ok:
+                    break
+            except requests.ConnectionError:
+                time.sleep(0.5)
+        p.send_signal(signal.SIGINT)
+        _, err = p.communicate(timeout=120)
+    finally:
+        p.kill()
+    assert p.returncode == 0, err
+    assert "error:" not in err and "Traceback" not in err, err
+    assert "Shutting down" in err
+
+
 def test_api_key(engine):
     """With an API key every /v1/ endpoint wants `Authorization: Bearer <key>`: without
     it, or with another key, a 401 in OpenAI's error shape; the OpenAI client sends it as

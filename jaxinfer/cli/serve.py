@@ -22,6 +22,7 @@ from jaxinfer.cli import (
     run_program,
     spec_flags,
 )
+from jaxinfer.cli_util import ctrl_c_was_the_stop
 
 _CKPT = flags.DEFINE_string("checkpoint", None, "Orbax checkpoint dir, .gguf file or Hugging "
                             "Face model dir (default: SmolLM2).")
@@ -70,6 +71,7 @@ def main(argv):
           mesh=runtime_flags.MESH.value, fsdp=runtime_flags.FSDP.value,
           **spec_flags.kwargs(), **runtime_flags.quant_kwargs(), **lora_flags.kwargs(),
           **chat_flags.kwargs())
+    ctrl_c_was_the_stop()  # the server shut down in order: Ctrl-C is how it is stopped
 
 
 def run() -> None:
