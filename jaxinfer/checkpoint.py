@@ -104,19 +104,23 @@ def save_checkpoint(path: str | Path, cfg: ModelConfig, weights: Weights,
 
 
 def _checkpointer(weights: Weights):
-    """Orbax's PyTree checkpointer; for a tree of host (numpy) arrays, as converters make,
-    one that writes them without Orbax's default defensive copy of every host array, which
-    doubled a conversion's peak host memory (the save blocks, so nothing changes them)."""
+    """Orbax's PyTree checkpointer, writing uncompressed: zstd (Orbax's default) made
+    restoring SmolLM2 take 0.7-0.9 s instead of 0.45 s from the page cache, and no less from
+    disk, for 330 MB on disk instead of 514 MB (float weights compress little; these
+    dequantized Q4_1 ones are the exception). For a tree of host (numpy) arrays, as converters
+    make, it writes them without Orbax's default defensive copy of every host array, which
+    doubled a conversion's peak host memory (the save blocks, so nothing changes them).
+    Restores read either kind."""
     import orbax.checkpoint as ocp
 
-    if not all(isinstance(x, np.ndarray) for x in jax.tree.leaves(weights)):
-        return ocp.PyTreeCheckpointer()
-    th = ocp.type_handlers
-    registry = th.create_type_handler_registry(
-        (np.ndarray, th.NumpyHandler(deepcopy_host_arrays=False)),
-        (jax.Array, th.ArrayHandler()),  # none in this tree; its absence logs a warning
-        *((t, th.ScalarHandler()) for t in (int, float, np.number)))
-    return ocp.Checkpointer(ocp.PyTreeCheckpointHandler(type_handler_registry=registry))
+    registry = {}
+    if all(isinstance(x, np.ndarray) for x in jax.tree.leaves(weights)):
+        th = ocp.type_handlers
+        registry["type_handler_registry"] = th.create_type_handler_registry(
+            (np.ndarray, th.NumpyHandler(deepcopy_host_arrays=False)),
+            (jax.Array, th.ArrayHandler()),  # none in this tree; its absence logs a warning
+            *((t, th.ScalarHandler()) for t in (int, float, np.number)))
+    return ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_compression=False, **registry))
 
 
 def _remove(tmp: Path) -> None:
