@@ -81,9 +81,9 @@ def _place(host: Weights, dtype: Any, shardings: Weights | None) -> Weights:
     """Host weights (numpy arrays, QArrays) on the devices: floats cast to `dtype`, each
     array built shard by shard from the host copy (every process of a multi-process run
     reads the same file), or on the default device without shardings."""
-    def cast(a):
+    def cast(a):  # no copy when already `dtype`: a second host copy of the whole model
         a = np.asarray(a)
-        return a.astype(dtype) if np.issubdtype(a.dtype, np.floating) else a
+        return a.astype(dtype, copy=False) if np.issubdtype(a.dtype, np.floating) else a
 
     host = jax.tree.map(cast, host)
     if shardings is None:

@@ -51,6 +51,35 @@ _TEKKEN_RE = (rf"[^\r\n\p{{L}}\p{{N}}]?{_UPPER}*{_LOWER}+|[^\r\n\p{{L}}\p{{N}}]?
 _DEEPSEEK3_RES = (r"\p{N}{1,3}", "[\u4e00-\u9fa5\u3040-\u309f\u30a0-\u30ff]+",
                   r"[!\"#$%&'()*+,\-./:;<=>?@\[\\\]^_`{|}~][A-Za-z]+|[^\r\n\p{L}\p{P}\p{S}]?"
                   r"[\p{L}\p{M}]+| ?[\p{P}\p{S}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+# Qwen 3.5: Qwen2's, with marks (\p{M}) joining letters
+_QWEN35_RE = (_CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}|"
+              r" ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*|" + _TAIL)
+_GPT2_RE = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"
+# DeepSeek LLM (V1, V2) and DeepSeek Coder split in turn: line breaks, letter runs (DeepSeek
+# LLM's tokenizer.json spells its letters as literal ranges), punctuation runs, a trailing
+# space run (LLM), CJK / Hangul runs, digits; Falcon: punctuation runs (what the tokenizers
+# library counts as punctuation: ASCII's and \p{P}), GPT-2, then groups of three digits.
+_CJK_HANGUL = "[\u4e00-\u9fa5\u0800-\u4e00\uac00-\ud7ff]+"
+_DEEPSEEK_LLM_RES = (
+    "[\r\n]",
+    "\\s?[A-Za-z\u00b5\u00c0-\u00d6\u00d8-\u00f6\u00f8-\u01ba\u01bc-\u01bf\u01c4-\u0293"
+    "\u0295-\u02af\u0370-\u0373\u0376\u0377\u037b-\u037d\u037f\u0386\u0388-\u038a\u038c"
+    "\u038e-\u03a1\u03a3-\u03f5\u03f7-\u0481\u048a-\u052f\u0531-\u0556\u10a0-\u10c5"
+    "\u13a0-\u13f5\u13f8-\u13fd\u1c90-\u1cba\u1cbd-\u1cbf\u1d00-\u1d2b\u1d6b-\u1d77"
+    "\u1d79-\u1d9a\u1e00-\u1f15\u1f18-\u1f1d\u1f20-\u1f45\u1f48-\u1f4d\u1f50-\u1f57"
+    "\u1f59\u1f5b\u1f5d\u1f5f-\u1f7d\u1f80-\u1fb4\u1fb6-\u1fbc\u1fbe\u1fc2-\u1fc4"
+    "\u1fc6-\u1fcc\u1fd0-\u1fd3\u1fd6-\u1fdb\u1fe0-\u1fec\u1ff2-\u1ff4\u1ff6-\u1ffc"
+    "\u2102\u2107\u210a-\u2113\u2115\u2119-\u211d\u2124\u2126\u2128\u212a-\u212d"
+    "\u212f-\u2134\u2139\u213c-\u213f\u2145-\u2149\u214e\u2183\u2184\u2c00-\u2c7b"
+    "\u2c7e-\u2ce4\u2ceb-\u2cee\u2cf2\u2cf3\ua640-\ua66d\ua680-\ua69b\ua722-\ua76f"
+    "\ua771-\ua787\ua78b-\ua78e\uab70-\uabbf\ufb00-\ufb06\ufb13-\ufb17\uff21-\uff3a"
+    "\uff41-\uff5a\U00010400-\U0001044f\U000104b0-\U000104d3\U000104d8-\U000104fb"
+    "\U00010c80-\U00010cb2\U00010cc0-\U00010cf2\U000118a0-\U000118df"
+    "\U0001e900-\U0001e943]+",
+    "\\s?[!-/:-~\uff01-\uff0f\uff1a-\uff5e\u2018-\u201f\u3000-\u3002]+",
+    "\\s+$", _CJK_HANGUL, r"\p{N}+")
+_DEEPSEEK_CODER_RES = ("[\r\n]", r"\s?\p{L}+", r"\s?\p{P}+", _CJK_HANGUL, r"\p{N}")
+_FALCON_RES = (r"[\p{P}\$\+<=>\^~\|`]+", _GPT2_RE, "[0-9][0-9][0-9]")
 # name -> (regex, or regexes applied in turn to the pieces; ignore_merges (a whole word in
 # the vocab is one token); add BOS by default)
 _SPLIT_PRE = {
@@ -62,10 +91,14 @@ _SPLIT_PRE = {
     **dict.fromkeys(("gpt-4o", "llama4"), (_GPT4O_RE, False, False)),
     "tekken": (_TEKKEN_RE, True, True),
     "deepseek-v3": (_DEEPSEEK3_RES, False, True),
+    "deepseek-llm": (_DEEPSEEK_LLM_RES, False, False),
+    "deepseek-coder": (_DEEPSEEK_CODER_RES, False, False),
+    "falcon": (_FALCON_RES, False, False),
+    "qwen35": (_QWEN35_RE, False, False),
 }
 
 # GGUF token types (same numbering as SentencePiece's ModelProto.SentencePiece.Type).
-_CONTROL, _USER_DEFINED, _BYTE = 3, 4, 6
+_UNKNOWN, _CONTROL, _USER_DEFINED, _UNUSED, _BYTE = 2, 3, 4, 5, 6
 
 
 class Tokenizer(ABC):
@@ -510,10 +543,10 @@ def _generation_eos(directory: Path) -> list[int]:
 
 
 def _load_gguf(path: Path) -> Tokenizer:
-    import gguf
+    from jaxinfer.gguf_file import open_gguf
 
     try:
-        reader = gguf.GGUFReader(str(path))
+        reader = open_gguf(path)
         meta = {k: f.contents() for k, f in reader.fields.items() if k.startswith("tokenizer.")}
     except Exception as e:  # the reader fails with assorted ValueError/struct/numpy errors
         raise TokenizerError(f"not a readable GGUF file: {path} ({e})") from e
@@ -585,8 +618,14 @@ def _gguf_spm(meta: dict[str, Any], path: Path) -> SPTokenizer:
     if not tokens or not len(tokens) == len(scores) == len(types):
         raise TokenizerError(f"GGUF has no usable tokenizer.ggml.tokens/scores/types: {path}")
     m = pb.ModelProto()
-    for t, s, ty in zip(tokens, scores, types, strict=True):
-        m.pieces.add(piece=t, score=float(s), type=ty if 1 <= ty <= 6 else 1)
+    unk = meta.get("tokenizer.ggml.unknown_token_id")
+    if unk is None:  # Baichuan's names none: its one UNKNOWN-typed piece
+        unk = next((i for i, ty in enumerate(types) if ty == _UNKNOWN), None)
+    for i, (t, s, ty) in enumerate(zip(tokens, scores, types, strict=True)):
+        ty = ty if 1 <= ty <= 6 else 1
+        if ty == _UNKNOWN and i != unk:  # SentencePiece takes one unknown piece; llama.cpp
+            ty = _UNUSED  # marks padding ids so too (Phi-3's [PAD32011]..., not in its vocab)
+        m.pieces.add(piece=t, score=float(s), type=_UNKNOWN if i == unk else ty)
     common = _gguf_common(meta, default_add_bos=True)
     ts = m.trainer_spec
     ts.model_type = pb.TrainerSpec.BPE
@@ -594,7 +633,7 @@ def _gguf_spm(meta: dict[str, Any], path: Path) -> SPTokenizer:
     ts.byte_fallback = _BYTE in types
     for kind, key in (("unk", "unknown_token_id"), ("bos", "bos_token_id"),
                       ("eos", "eos_token_id"), ("pad", "padding_token_id")):
-        i = meta.get(f"tokenizer.ggml.{key}")
+        i = unk if kind == "unk" else meta.get(f"tokenizer.ggml.{key}")
         setattr(ts, f"{kind}_id", i if i is not None else -1)
         if i is not None:
             setattr(ts, f"{kind}_piece", tokens[i])

@@ -8,6 +8,8 @@ import jax  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 8)
 
+from pathlib import Path  # noqa: E402
+
 import pytest  # noqa: E402
 
 
@@ -25,6 +27,43 @@ def smollm2_checkpoint():
     from jaxinfer import default_model
 
     return default_model.checkpoint_path()
+
+
+# llama.cpp's tokenizer test data ships in this source distribution (vendor/llama.cpp/
+# models/ggml-vocab-*.gguf: real models' vocabularies, with .inp texts and the .out ids
+# their Hugging Face tokenizers gave): an independent reference the package index serves.
+LLAMA_CPP_SDIST = "llama-cpp-python==0.3.36"
+
+
+@pytest.fixture(scope="session")
+def llama_cpp_vocabs():
+    """Directory of llama.cpp's ggml-vocab-* files, fetched once into the cache dir."""
+    import subprocess
+    import sys
+    import tarfile
+    import tempfile
+
+    from jaxinfer import default_model
+
+    target = default_model.cache_dir() / ("vocabs-" + LLAMA_CPP_SDIST.replace("==", "-"))
+    with default_model._locked("llama-cpp-vocabs"):
+        if target.is_dir():
+            return target
+        with tempfile.TemporaryDirectory(dir=target.parent, prefix=".download-") as tmp:
+            subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps",
+                            "--no-binary", ":all:", "--disable-pip-version-check",
+                            "--timeout", "30", "--dest", tmp, LLAMA_CPP_SDIST],
+                           check=True, timeout=900)
+            (sdist,) = Path(tmp).glob("*.tar.gz")
+            out = Path(tmp) / "vocabs"
+            out.mkdir()
+            with tarfile.open(sdist) as tar:
+                for m in tar.getmembers():
+                    name = m.name.rsplit("/", 1)[-1]
+                    if "/vendor/llama.cpp/models/ggml-vocab-" in m.name and m.isfile():
+                        (out / name).write_bytes(tar.extractfile(m).read())
+            out.rename(target)
+    return target
 
 
 @pytest.fixture(scope="module", autouse=True)

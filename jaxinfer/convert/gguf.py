@@ -54,6 +54,7 @@ from jaxinfer.convert.stacks import (
     stacks,
 )
 from jaxinfer.errors import ConversionError
+from jaxinfer.gguf_file import open_gguf
 from jaxinfer.quant import QuantConfig
 from jaxinfer.weights import check_weights, weight_specs
 
@@ -89,11 +90,9 @@ def load_gguf(path: str | Path, progress: Progress | None = None, quantized: boo
     `progress(done, total)` is called after each layer, since large files take a while.
     Raises ConversionError (naming the path) on corrupt, truncated or unsupported files.
     """
-    import gguf
-
     path = Path(path)
     try:
-        reader = gguf.GGUFReader(str(path))
+        reader = open_gguf(path)
     except Exception as e:  # the reader fails with assorted ValueError/struct/numpy errors
         raise ConversionError(f"not a readable GGUF file: {path} ({type(e).__name__}: {e})") \
             from e
