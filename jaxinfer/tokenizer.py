@@ -218,8 +218,10 @@ class Tokenizer(ABC):
             text = template.render(
                 **extra, messages=messages, add_generation_prompt=add_generation_prompt,
                 bos_token=bos, eos_token=eos)
-        except jinja2.TemplateError as e:
-            raise TokenizerError(f"chat_template failed on these messages: {e}") from e
+        except (jinja2.TemplateError, TypeError, ValueError, LookupError, ArithmeticError) as e:
+            # (the template is code: `tojson` of a value JSON cannot hold, int + str, ...)
+            raise TokenizerError(f"chat_template failed on these messages: "
+                                 f"{type(e).__name__}: {e}") from e
         return _cut_after_final(text, messages) if continue_final_message else text
 
     def _template(self):
@@ -278,24 +280,57 @@ def chat_template_text(template: str | Path) -> str:
 
 
 def _compile_template(text: str):
-    """HF's way: a sandboxed Jinja environment with its filters and globals."""
+    """HF's way: a sandboxed Jinja environment with its filters, globals and the
+    `{% generation %}` tag (which marks the assistant's text for training masks; here it
+    renders its body, as HF does when it is not tracking)."""
     import jinja2
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=["jinja2.ext.loopcontrols"])
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True,
+        extensions=["jinja2.ext.loopcontrols", _generation_extension()])
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise_template_error
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    env.globals["dict"] = _TemplateDict()
     try:
         return env.from_string(text)
     except jinja2.TemplateError as e:
         raise TokenizerError(f"chat_template does not parse: {e}") from e
 
 
-def _tojson(value: Any, indent: int | None = None) -> str:
-    """HF's `tojson`: no HTML escaping and non-ASCII kept, unlike Jinja's built-in."""
-    return json.dumps(value, ensure_ascii=False, indent=indent)
+def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None,
+            separators: tuple[str, str] | None = None, sort_keys: bool = False) -> str:
+    """HF's `tojson`: no HTML escaping and non-ASCII kept, unlike Jinja's built-in, and
+    json.dumps' options (templates pass `separators`, `sort_keys`)."""
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent,
+                      separators=None if separators is None else tuple(separators),
+                      sort_keys=sort_keys)
+
+
+class _TemplateDict:
+    """`dict(...)` and `dict.fromkeys(...)` in templates, without handing them the type."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> dict:
+        return dict(*args, **kwargs)
+
+    def fromkeys(self, *args: Any) -> dict:
+        return dict.fromkeys(*args)
+
+
+@functools.cache
+def _generation_extension() -> type:
+    import jinja2.ext
+
+
+    class Generation(jinja2.ext.Extension):
+        tags = {"generation"}
+
+        def parse(self, parser):
+            next(parser.stream)
+            return parser.parse_statements(("name:endgeneration",), drop_needle=True)
+
+    return Generation
 
 
 def _raise_template_error(message: str) -> None:

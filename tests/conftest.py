@@ -29,15 +29,17 @@ def smollm2_checkpoint():
     return default_model.checkpoint_path()
 
 
-# llama.cpp's tokenizer test data ships in this source distribution (vendor/llama.cpp/
-# models/ggml-vocab-*.gguf: real models' vocabularies, with .inp texts and the .out ids
-# their Hugging Face tokenizers gave): an independent reference the package index serves.
+# llama.cpp's test data ships in this source distribution: vendor/llama.cpp/models/
+# ggml-vocab-*.gguf (real models' vocabularies, with .inp texts and the .out ids their
+# Hugging Face tokenizers gave) and models/templates/*.jinja (real models' chat templates):
+# an independent reference the package index serves.
 LLAMA_CPP_SDIST = "llama-cpp-python==0.3.36"
 
 
 @pytest.fixture(scope="session")
 def llama_cpp_vocabs():
-    """Directory of llama.cpp's ggml-vocab-* files, fetched once into the cache dir."""
+    """Directory of llama.cpp's ggml-vocab-* files and templates/*.jinja, fetched once into
+    the cache dir."""
     import subprocess
     import sys
     import tarfile
@@ -45,7 +47,7 @@ def llama_cpp_vocabs():
 
     from jaxinfer import default_model
 
-    target = default_model.cache_dir() / ("vocabs-" + LLAMA_CPP_SDIST.replace("==", "-"))
+    target = default_model.cache_dir() / ("test-data-" + LLAMA_CPP_SDIST.replace("==", "-"))
     with default_model._locked("llama-cpp-vocabs"):
         if target.is_dir():
             return target
@@ -55,13 +57,18 @@ def llama_cpp_vocabs():
                             "--timeout", "30", "--dest", tmp, LLAMA_CPP_SDIST],
                            check=True, timeout=900)
             (sdist,) = Path(tmp).glob("*.tar.gz")
-            out = Path(tmp) / "vocabs"
-            out.mkdir()
+            out = Path(tmp) / "data"
+            (out / "templates").mkdir(parents=True)
             with tarfile.open(sdist) as tar:
                 for m in tar.getmembers():
                     name = m.name.rsplit("/", 1)[-1]
-                    if "/vendor/llama.cpp/models/ggml-vocab-" in m.name and m.isfile():
+                    if not m.isfile():
+                        continue
+                    if "/vendor/llama.cpp/models/ggml-vocab-" in m.name:
                         (out / name).write_bytes(tar.extractfile(m).read())
+                    elif "/vendor/llama.cpp/models/templates/" in m.name and \
+                            name.endswith(".jinja"):
+                        (out / "templates" / name).write_bytes(tar.extractfile(m).read())
             out.rename(target)
     return target
 

@@ -62,3 +62,56 @@ def test_other_tokenizer_models_are_named_in_the_error(llama_cpp_vocabs, name, m
     naming the model, not a wrong tokenization."""
     with pytest.raises(TokenizerError, match=f"tokenizer.ggml.model '{model}'"):
         load_tokenizer(llama_cpp_vocabs / f"ggml-vocab-{name}.gguf")
+
+
+# Chat templates: every one in llama.cpp's models/templates renders as transformers renders
+# it (its own Jinja environment, `render_jinja_template`), for plain chats and with tools.
+CONVERSATIONS = {
+    "user": ([{"role": "user", "content": "Hello!"}], None),
+    "system+turns": ([{"role": "system", "content": "Be brief."},
+                      {"role": "user", "content": "Hi"},
+                      {"role": "assistant", "content": "Hello."},
+                      {"role": "user", "content": "What is 2+2?"}], None),
+    "tools": ([{"role": "user", "content": "Weather in Paris?"}],
+              [{"type": "function", "function": {
+                  "name": "get_weather", "description": "Weather in a city",
+                  "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                                 "required": ["city"]}}}]),
+}
+
+
+def test_chat_templates_render_as_transformers_renders_them(llama_cpp_vocabs,
+                                                           smollm2_checkpoint):
+    """71 real templates (Llama 3.x, Qwen, DeepSeek, Mistral, Gemma, GLM, Kimi, gpt-oss,
+    Command R, ...): the same text wherever transformers renders one. Where it raises (it
+    passes tools=None, which a tool-use template iterates; a template wanting other tool
+    fields), ours renders without a `tools` variable or raises the typed TokenizerError.
+    (The `{% generation %}` blocks of LFM2.5 and Laguna templates
+    were a parse error here; transformers renders their body.)"""
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    tok = load_tokenizer(smollm2_checkpoint / "tokenizer")
+    special = {"bos_token": tok._id_to_token(tok.bos_id),  # what apply_chat_template passes
+               "eos_token": tok._id_to_token(tok._eos_id)}
+    templates = sorted((llama_cpp_vocabs / "templates").glob("*.jinja"))
+    assert len(templates) > 60
+    compared, wrong = 0, []
+    for path in templates:
+        text = path.read_text(encoding="utf-8")
+        tok.set_chat_template(text)
+        for case, (messages, tools) in CONVERSATIONS.items():
+            try:
+                want = render_jinja_template([messages], tools=tools, chat_template=text,
+                                             add_generation_prompt=True, **special)[0][0]
+            except Exception:  # noqa: BLE001 - transformers' own failure
+                try:  # ours renders (no `tools` variable rather than tools=None) or is typed
+                    tok.apply_chat_template(messages, tools=tools)
+                except TokenizerError:
+                    pass
+                continue
+            got = tok.apply_chat_template(messages, tools=tools)
+            compared += 1
+            if got != want:
+                wrong.append((path.name, case, got[:200], want[:200]))
+    assert not wrong, f"{len(wrong)} renderings differ, first: {wrong[0]}"
+    assert compared > 180
