@@ -322,7 +322,6 @@ class _TemplateDict:
 def _generation_extension() -> type:
     import jinja2.ext
 
-
     class Generation(jinja2.ext.Extension):
         tags = {"generation"}
 
