@@ -3,14 +3,15 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PROMPT ?= The capital of France is
 
-.PHONY: setup demo chat test test-slow test-all lint clean
+.PHONY: setup demo chat test test-slow test-all lint lock clean
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+# constraints.txt pins the tested versions of every package (`make lock` rewrites it).
+$(VENV)/.installed: pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev,peers]'
+	$(PY) -m pip install -q -e '.[dev,peers]' -c constraints.txt
 	touch $@
 
 demo: setup  ## real text from the default model (SmolLM2-135M-Instruct)
@@ -29,6 +30,11 @@ test-all: test test-slow  ## what CI runs
 
 lint: setup
 	$(VENV)/bin/ruff check jaxinfer scripts tests
+
+lock:  ## after upgrading packages in .venv: pin what it now holds (then run the tests)
+	{ sed -n '1,/^# Regenerate/p' constraints.txt; \
+	  $(PY) -m pip freeze --exclude-editable | grep -v '^#' | sed 's/+cpu$$//' | LC_ALL=C sort -f; \
+	} > constraints.txt.new && mv constraints.txt.new constraints.txt
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -105,3 +105,31 @@ def test_installed_script_error_convention(installed):
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines()[-1].startswith("error:")
     assert "missing.jsonl" in r.stderr
+
+
+def test_constraints_pin_every_declared_dependency_within_its_range():
+    """`make setup` installs with `-c constraints.txt`: every dependency pyproject.toml
+    declares (core, dev, peers) must be pinned there, to a version its range allows, and
+    the environment running this test must hold exactly those pins."""
+    import tomllib
+    from importlib import metadata
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    pins = {}
+    for line in (ROOT / "constraints.txt").read_text().splitlines():
+        if line and not line.startswith("#"):
+            name, _, version = line.partition("==")
+            assert version, f"not an exact pin: {line!r}"
+            pins[canonicalize_name(name)] = version
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    extras = project["optional-dependencies"]
+    declared = [Requirement(r) for r in
+                project["dependencies"] + extras["dev"] + extras["peers"]]
+    for req in declared:
+        name = canonicalize_name(req.name)
+        assert name in pins, f"{req.name} is declared but not pinned in constraints.txt"
+        assert req.specifier.contains(pins[name], prereleases=True), (req, pins[name])
+        installed = metadata.version(req.name).split("+")[0]
+        assert installed == pins[name], (req.name, installed, pins[name])
