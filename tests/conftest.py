@@ -36,10 +36,10 @@ def smollm2_checkpoint():
 LLAMA_CPP_SDIST = "llama-cpp-python==0.3.36"
 
 
-@pytest.fixture(scope="session")
-def llama_cpp_vocabs():
-    """Directory of llama.cpp's ggml-vocab-* files and templates/*.jinja, fetched once into
-    the cache dir."""
+def _from_llama_cpp_sdist(name: str, wanted) -> Path:
+    """A cache directory `name` holding the members of the llama-cpp-python source
+    distribution for which wanted(path inside vendor/llama.cpp/) gives a relative target
+    path (None: skip); fetched once."""
     import subprocess
     import sys
     import tarfile
@@ -47,8 +47,8 @@ def llama_cpp_vocabs():
 
     from jaxinfer import default_model
 
-    target = default_model.cache_dir() / ("test-data-" + LLAMA_CPP_SDIST.replace("==", "-"))
-    with default_model._locked("llama-cpp-vocabs"):
+    target = default_model.cache_dir() / (name + "-" + LLAMA_CPP_SDIST.replace("==", "-"))
+    with default_model._locked(name):
         if target.is_dir():
             return target
         with tempfile.TemporaryDirectory(dir=target.parent, prefix=".download-") as tmp:
@@ -58,19 +58,44 @@ def llama_cpp_vocabs():
                            check=True, timeout=900)
             (sdist,) = Path(tmp).glob("*.tar.gz")
             out = Path(tmp) / "data"
-            (out / "templates").mkdir(parents=True)
+            out.mkdir()
             with tarfile.open(sdist) as tar:
                 for m in tar.getmembers():
-                    name = m.name.rsplit("/", 1)[-1]
-                    if not m.isfile():
-                        continue
-                    if "/vendor/llama.cpp/models/ggml-vocab-" in m.name:
-                        (out / name).write_bytes(tar.extractfile(m).read())
-                    elif "/vendor/llama.cpp/models/templates/" in m.name and \
-                            name.endswith(".jinja"):
-                        (out / "templates" / name).write_bytes(tar.extractfile(m).read())
+                    _, sep, inner = m.name.partition("/vendor/llama.cpp/")
+                    rel = wanted(inner) if sep and m.isfile() else None
+                    if rel is not None:
+                        (out / rel).parent.mkdir(parents=True, exist_ok=True)
+                        (out / rel).write_bytes(tar.extractfile(m).read())
             out.rename(target)
     return target
+
+
+@pytest.fixture(scope="session")
+def llama_cpp_vocabs():
+    """Directory of llama.cpp's ggml-vocab-* files and templates/*.jinja, fetched once into
+    the cache dir."""
+    def wanted(inner: str) -> str | None:
+        name = inner.rsplit("/", 1)[-1]
+        if inner.startswith("models/ggml-vocab-"):
+            return name
+        if inner.startswith("models/templates/") and name.endswith(".jinja"):
+            return "templates/" + name
+        return None
+
+    return _from_llama_cpp_sdist("test-data", wanted)
+
+
+@pytest.fixture(scope="session")
+def llama_cpp_converter():
+    """Directory of llama.cpp's own Hugging Face -> GGUF converter (convert_hf_to_gguf.py,
+    its conversion/ package and the gguf-py it writes with), fetched once into the cache
+    dir: GGUF files written by llama.cpp itself, not by our tests' imitation of it."""
+    def wanted(inner: str) -> str | None:
+        keep = (inner == "convert_hf_to_gguf.py" or inner.startswith("conversion/")
+                or inner.startswith("gguf-py/gguf/"))
+        return inner if keep and inner.endswith(".py") else None
+
+    return _from_llama_cpp_sdist("llama-cpp-converter", wanted)
 
 
 @pytest.fixture(scope="module", autouse=True)

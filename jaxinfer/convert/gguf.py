@@ -358,10 +358,11 @@ def _experts(m: Callable[..., Any], tensors: dict[str, Any], path: Path, arch: s
              ) -> dict[str, Any]:
     """A mixture of experts' ModelConfig fields (Qwen2/3-MoE, Mixtral as `llama`): experts
     stacked per layer as llama.cpp writes them now (ffn_*_exps) or one tensor per expert as
-    early Mixtral files hold them (ffn_*.E), softmax routing with the
-    top weights renormalised unless the file says otherwise (OLMoE: not, unless it says so);
-    Qwen2-MoE's shared expert
-    (ffn_*_shexp, gated by ffn_gate_inp_shexp)."""
+    early Mixtral files hold them (ffn_*.E), softmax routing with the top weights
+    renormalised except for Qwen2-MoE and OLMoE: llama.cpp's graph for each architecture
+    fixes this and never reads the file's expert_weights_norm (only deepseek2 and glm4moe,
+    read through gguf_hf, do); Qwen2-MoE's shared expert (ffn_*_shexp, gated by
+    ffn_gate_inp_shexp)."""
     experts = int(m("expert_count") or 0)
     if not experts:
         return {}
@@ -373,7 +374,7 @@ def _experts(m: Callable[..., Any], tensors: dict[str, Any], path: Path, arch: s
         shared = int(m("expert_shared_feed_forward_length")  # llama.cpp reads them
                      or m("feed_forward_length"))
     return dict(num_experts=experts, experts_per_token=int(m("expert_used_count")),
-                norm_topk=bool(m("expert_weights_norm", arch != "olmoe")),  # as llama.cpp
+                norm_topk=arch not in ("qwen2moe", "olmoe"),
                 shared_expert_dim=shared,
                 shared_expert_gate="blk.0.ffn_gate_inp_shexp.weight" in tensors)
 
