@@ -102,7 +102,8 @@ def test_bad_config_raises():
         distill.batch_at(IDS[:10], 0, DC)
 
 
-@pytest.mark.parametrize("keep", [False, pytest.param(True, marks=pytest.mark.slow)])
+@pytest.mark.slow  # (~40 s each on 2 cores)
+@pytest.mark.parametrize("keep", [False, True])
 def test_workdir_is_deleted_once_the_student_is_saved(smollm2_checkpoint, tmp_path, keep):
     """The training state (AdamW moments: 3x the student's float32 size; 1.9 GB for a
     20-layer SmolLM2 student) goes once the student checkpoint exists, unless kept."""

@@ -11,7 +11,9 @@ its 64-layer model only, StarCoder2 without windows, Phi-2 without grouped queri
 with an MLP 4 D wide, DeepSeek's equal YaRN mscale pair) the checkpoint takes llama.cpp's
 value, as the released models do. config.json gains the keys the converter reads and
 transformers 5 no longer writes (`rotary_pct`; `scoring_func` and `norm_topk_prob` of
-DeepSeek V3 and GLM-4.7-Flash), as released checkpoints carry them. Not here: Ministral
+DeepSeek V3 and GLM-4.7-Flash), as released checkpoints carry them, and GLM-4-9B's
+`layernorm_epsilon` (without it the converter writes 1e-5 where the model has 1.5625e-7;
+we follow the file, as llama.cpp does). Not here: Ministral
 8B (`MinistralForCausalLM`), Phi-3.5-MoE and StableLM 2 with per-head q/k norms, which
 this converter does not convert.
 """
@@ -113,6 +115,7 @@ MODELS = {
     "granite": (lambda: lv._hf_model("granite", heads=2), {}),
     "granitemoe": (lambda: lv._hf_model("granitemoe", heads=2), {}),
     "olmo2": (lambda: lv._hf_model("olmo2", heads=2), {}),
+    "glm": (lambda: lv._hf_model("glm", heads=2), {"layernorm_epsilon": 1.5625e-07}),
     "glm4": (lambda: lv._hf_model("glm4", heads=2), {}),
     "ministral3": (lambda: lv._hf_model("ministral3", heads=2), {}),
     "exaone4_dense": (lambda: lv._hf_model("exaone4_dense", heads=2), {}),
