@@ -102,6 +102,20 @@ def _gpt_oss():  # llama.cpp's fixed SwiGLU clamp of 7
     return m
 
 
+def _llama4(**changes):
+    """Llama 4 as llama.cpp fixes it: chunks of 8192, NoPE every fourth layer, query
+    temperature 0.1 per 8192 positions, q/k L2 norms unless 128 experts (Maverick);
+    Llama 3 RoPE scaling (llama.cpp's rope_freqs tensor)."""
+    torch.manual_seed(0)
+    rope = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 8192,
+            "rope_theta": 500_000.0}
+    config = {**l4.TEXT, "num_hidden_layers": 8, "attention_chunk_size": 8192,
+              "floor_scale": 8192, "attn_scale": 0.1, "rope_parameters": rope, **changes}
+    return sharpened(tf.Llama4ForCausalLM(tf.Llama4TextConfig(**config)), norm=0.3,
+                     matrix=0.15)
+
+
 V3_ROPE = {**ds.MODELS["deepseek_v3"][2]["rope_parameters"], "mscale": 0.8}
 # name -> (the checkpoint, keys config.json gains for the converter)
 MODELS = {
@@ -143,9 +157,13 @@ MODELS = {
                                         mlp_layer_types=["dense"] + ["sparse"] * 3),
                       {"scoring_func": "sigmoid", "norm_topk_prob": True}),
     "gpt_oss": (_gpt_oss, {}),
+    "llama4_scout": (_llama4, {}),
+    "llama4_maverick": (lambda: _llama4(num_local_experts=128, interleave_moe_layer_step=2,
+                                        use_qk_norm=False), {}),
 }
-# Converted by llama.cpp, refused by us with an error naming the architecture.
-REFUSED = {"llama4": (l4._hf_model, "llama4")}
+# Converted by llama.cpp, refused by us with an error naming what is not supported.
+REFUSED = {"llama4_no_chunks": (lambda: _llama4(layer_types=["full_attention"] * 8),
+                                "without chunked attention")}
 
 
 @pytest.fixture(scope="module")
@@ -182,7 +200,7 @@ OUTTYPES = ("f32", "q8_0")
 
 def _q8_0_exact(m):
     """`m` with every matrix rounded to the values llama.cpp's Q8_0 file holds: Q8_0
-    blocks of 32 along its input dimension (gpt-oss stores its experts [E, in, out]), or
+    blocks of 32 along its input dimension (gpt-oss and Llama 4 store experts [E, in, out]), or
     float16 where rows are not whole blocks (the converter's fallback; DeepSeek's k_b and
     v_b here)."""
     import gguf
@@ -193,7 +211,7 @@ def _q8_0_exact(m):
             if p.ndim < 2:
                 continue
             x = p.detach().numpy().astype(np.float32)
-            flip = m.config.model_type == "gpt_oss" and ".experts." in name
+            flip = m.config.model_type in ("gpt_oss", "llama4_text") and ".experts." in name
             x = np.swapaxes(x, -1, -2) if flip else x
             if x.shape[-1] % 32 == 0:
                 x = gguf.quants.dequantize(gguf.quants.quantize(x, q8), q8).reshape(x.shape)

@@ -203,7 +203,7 @@ def _token_fields(reader: Any, path: Path, arch: str) -> dict[str, Any]:
 def _via_hf(reader: Any, tensors: dict[str, Any], path: Path, progress: Progress | None,
             quantized: bool, quant: QuantConfig | None, storage: Storage
             ) -> tuple[ModelConfig, dict]:
-    """A DeepSeek V2 / V3 or GLM-4.5 file, through the Hugging Face converter
+    """A DeepSeek V2 / V3, GLM-4.5 or Llama 4 file, through the Hugging Face converter
     (convert/gguf_hf.py)."""
     arch = _field(reader, "general.architecture")
     if quantized:
@@ -211,8 +211,13 @@ def _via_hf(reader: Any, tensors: dict[str, Any], path: Path, progress: Progress
                               f"supported for {arch}; convert it to float or use "
                               "--quantize=int8")
     try:
-        hf = hf_config(arch, lambda key: _field(reader, f"{arch}.{key}"), tensors, path)
+        m = lambda key: _field(reader, f"{arch}.{key}")
+        hf = hf_config(arch, m, tensors, path)
         cfg = ModelConfig.from_hf(hf).replace(**_token_fields(reader, path, arch))
+        if "rope_freqs.weight" in tensors:  # Llama 3-style scaling (Llama 4)
+            cfg = cfg.replace(rope_scaling=_llama3_scaling(
+                _dequantize(tensors["rope_freqs.weight"]), cfg.rope_theta, cfg.head_dim,
+                m("rope.scaling.original_context_length"), path))
     except ConversionError:
         raise
     except (KeyError, TypeError, ValueError) as e:  # a missing key (None), a ConfigError

@@ -1,5 +1,6 @@
 """GGUF files read through the Hugging Face converter: DeepSeek V2 / V3 (llama.cpp's
-`deepseek2` architecture, which also carries R1) and GLM-4.5 / 4.6 (`glm4moe`).
+`deepseek2` architecture, which also carries R1), GLM-4.5 / 4.6 (`glm4moe`) and Llama 4
+(`llama4`: its experts served as the checkpoint's [E, D, 2F] gate_up_proj again).
 
 Their layers (latent attention, grouped routing, shared experts, leading dense layers) are
 what convert/safetensors.py builds from a Hugging Face checkpoint, so instead of a second
@@ -28,7 +29,7 @@ _EXPERT = re.compile(r"model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate|up|down)
 _GATING = {1: "softmax", 2: "sigmoid"}  # llama.cpp's expert_gating_func values
 
 
-VIA_HF = ("deepseek2", "glm4moe")  # the GGUF architectures read this way
+VIA_HF = ("deepseek2", "glm4moe", "llama4")  # the GGUF architectures read this way
 
 
 _NEEDED = object()
@@ -47,7 +48,44 @@ def hf_config(arch: str, field: Callable[[str], Any], tensors: dict[str, Any], p
             raise ConversionError(f"GGUF file {path} lacks metadata {arch}.{key}")
         return default
 
-    return (_deepseek2 if arch == "deepseek2" else _glm4moe)(m, tensors, path)
+    return {"deepseek2": _deepseek2, "glm4moe": _glm4moe, "llama4": _llama4}[arch](
+        m, tensors, path)
+
+
+def _llama4(m: Callable[..., Any], tensors: dict[str, Any], path: Path) -> dict[str, Any]:
+    """Llama 4 Scout / Maverick's text config. llama.cpp stores no chunked attention, NoPE
+    layers, query temperature or q/k norm: it fixes them as the releases have them (chunks
+    of 8192 positions on three layers of four (or the file's window pattern), no RoPE on
+    every fourth, temperature 0.1 per 8192 positions there, q/k L2-normed except on the
+    128-expert Maverick), and so does this. llama.cpp keeps Llama 4's q/k rows as they are
+    (its RoPE pairs dims interleaved, as the checkpoints' complex RoPE does)."""
+    n, d, L = int(m("attention.head_count")), int(m("embedding_length")), int(m("block_count"))
+    E = int(m("expert_count"))
+    if m("attention.sliding_window", None) == 0:  # (llama.cpp: MobileLLM-style files)
+        raise ConversionError(f"GGUF file {path}: a Llama 4 file without chunked attention "
+                              "(sliding_window 0) is not supported")
+    pattern = m("attention.sliding_window_pattern", 4)
+    local = ([bool(b) for b in pattern] if isinstance(pattern, list)
+             else [i % int(pattern) < int(pattern) - 1 for i in range(L)])
+    return {"model_type": "llama4_text",
+            "vocab_size": int(tensors["token_embd.weight"].shape[-1]),
+            "hidden_size": d, "num_hidden_layers": L, "num_attention_heads": n,
+            "num_key_value_heads": int(m("attention.head_count_kv", n)),
+            "head_dim": int(m("attention.key_length", d // n)),
+            "intermediate_size": int(m("expert_feed_forward_length")),
+            "intermediate_size_mlp": int(m("feed_forward_length")),
+            "num_local_experts": E, "num_experts_per_tok": int(m("expert_used_count")),
+            "interleave_moe_layer_step": int(m("interleave_moe_layer_step", 1)),
+            "rms_norm_eps": float(m("attention.layer_norm_rms_epsilon")),
+            "max_position_embeddings": int(m("context_length", 4096)),
+            "tie_word_embeddings": "output.weight" not in tensors,
+            "attention_chunk_size": 8192,
+            "layer_types": ["chunked_attention" if x else "full_attention" for x in local],
+            "no_rope_layers": [int((i + 1) % 4 != 0) for i in range(L)],
+            "use_qk_norm": E != 128, "attn_temperature_tuning": True, "attn_scale": 0.1,
+            "floor_scale": 8192,
+            "rope_parameters": {"rope_type": "default",
+                                "rope_theta": float(m("rope.freq_base", 500_000.0))}}
 
 
 def _glm4moe(m: Callable[..., Any], tensors: dict[str, Any], path: Path) -> dict[str, Any]:
@@ -177,6 +215,11 @@ class HFView:
 
     def _read(self, name: str) -> np.ndarray:
         src = self._source(name)
+        if name.endswith("experts.gate_up_proj"):  # Llama 4's [E, D, 2F], inputs first
+            gate, up = (self._whole(src.replace("gate", part)) for part in ("gate", "up"))
+            return np.concatenate([gate, up], axis=1).swapaxes(1, 2)
+        if name.endswith("experts.down_proj"):  # Llama 4's [E, F, D]
+            return self._whole(src).swapaxes(1, 2)
         if e := _EXPERT.fullmatch(name):  # one expert, its rows only dequantized: the
             return self._expert(src, int(e[2]))  # converter reads expert by expert
         if src.endswith("attn_kv_b.weight") and src not in self.tensors:
@@ -214,6 +257,8 @@ class HFView:
             name = f"model.layers.{e[1]}.mlp.experts.{e[3]}_proj.weight"
         # (llama.cpp's converter renames DeepSeek's choice bias before mapping it)
         name = name.replace("e_score_correction_bias", "e_score_correction.bias")
+        if name.endswith(("experts.gate_up_proj", "experts.down_proj")):  # Llama 4's, split
+            name = name.replace("gate_up_proj", "gate_proj") + ".weight"  # by llama.cpp
         src = self._names.get_name(name, try_suffixes=(".weight", ".bias"))
         kv_b_split = src is not None and src.endswith("attn_kv_b.weight") and (
             src.replace("attn_kv_b", "attn_k_b") in self.tensors)
