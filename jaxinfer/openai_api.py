@@ -120,7 +120,7 @@ class _Request(BaseModel):
     guided_json: dict[str, Any] | str | None = None
     guided_regex: str | None = None
     guided_choice: list[str] | None = None
-    guided_grammar: str | None = None  # a Lark grammar
+    guided_grammar: str | None = None  # a Lark or GBNF grammar
     # Beam search (vLLM's extension): n is the beam width, every beam a choice.
     use_beam_search: bool = False
     length_penalty: float | None = None

@@ -1,5 +1,5 @@
 """Structured output: constrain a request's tokens to a JSON schema, a regex, a choice of
-strings or a Lark grammar.
+strings or a grammar (Lark, or llama.cpp's GBNF, which llguidance converts to Lark).
 
     engine.submit(prompt, constraint=Constraint(json_schema={"type": "object", ...}))
 
@@ -33,7 +33,7 @@ class Constraint:
     json_object: bool = False  # any JSON object (OpenAI's json_object mode)
     regex: str | None = None
     choice: tuple[str, ...] | None = None  # one of these strings, exactly
-    lark: str | None = None  # a Lark grammar (llguidance's dialect)
+    lark: str | None = None  # a grammar: Lark (llguidance's dialect) or GBNF (llama.cpp's)
 
     def __post_init__(self) -> None:
         set_ = [f.name for f in dataclasses.fields(self) if getattr(self, f.name)
@@ -68,7 +68,12 @@ class Constraint:
         if self.choice is not None:  # Lark string literals take JSON's escapes
             return LLMatcher.grammar_from_lark(
                 "start: " + " | ".join(json.dumps(c) for c in self.choice))
-        return LLMatcher.grammar_from_lark(self.lark)
+        from llguidance.gbnf_to_lark import GbnfToLarkError, any_to_lark
+
+        try:  # (Lark is told apart by a `start:` rule; anything else is read as GBNF)
+            return LLMatcher.grammar_from_lark(any_to_lark(self.lark))
+        except GbnfToLarkError as e:
+            raise ValueError(f"not a Lark grammar and not valid GBNF: {e}") from None
 
     def to_json(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v

@@ -86,6 +86,16 @@ def llama_cpp_vocabs():
 
 
 @pytest.fixture(scope="session")
+def llama_cpp_grammars():
+    """Directory of llama.cpp's own GBNF grammars (grammars/*.gbnf), fetched once."""
+    def wanted(inner: str) -> str | None:
+        return inner.split("/", 1)[1] if inner.startswith("grammars/") and \
+            inner.endswith(".gbnf") else None
+
+    return _from_llama_cpp_sdist("llama-cpp-grammars", wanted)
+
+
+@pytest.fixture(scope="session")
 def llama_cpp_converter():
     """Directory of llama.cpp's own Hugging Face -> GGUF converter (convert_hf_to_gguf.py,
     its conversion/ package and the gguf-py it writes with), fetched once into the cache

@@ -16,7 +16,7 @@ from jaxinfer.errors import BadRequestError
 from jaxinfer.llm import LLM
 from jaxinfer.sampling import GREEDY, SamplingParams
 from jaxinfer.server import BackgroundServer, create_app
-from jaxinfer.structured import Constraint, apply_bitmask, from_openai
+from jaxinfer.structured import Constraint, Grammars, apply_bitmask, from_openai
 
 from .engine_helpers import CharTokenizer, W, tiny_engine
 from .helpers import TINY
@@ -96,6 +96,47 @@ def test_constrained_requests_match_and_do_not_recompile(engine):
     assert engine.compile_count == before
 
 
+def test_gbnf_grammar_constrains_like_its_lark_twin(engine):
+    """A GBNF grammar (llama.cpp's format, what guided_grammar takes from its users too)
+    constrains the tiny model as the same grammar written in Lark does."""
+    sampled = SamplingParams(temperature=1.0, seed=5)
+    gbnf = 'root ::= word "-" [0-9] [0-9]\nword ::= [a-c] [a-c] [a-c]'
+    lark = 'start: word "-" /[0-9]/ /[0-9]/\nword: /[a-c]/ /[a-c]/ /[a-c]/'
+    got, twin = [engine.submit("id:", sampling=sampled, max_tokens=40,
+                               constraint=Constraint(lark=g)).result(timeout=60)
+                 for g in (gbnf, lark)]
+    assert re.fullmatch(r"[a-c]{3}-[0-9]{2}", got.text) and got.finish_reason == "stop"
+    assert got.token_ids == twin.token_ids
+
+
+@pytest.mark.slow
+def test_llama_cpp_grammars_constrain_smollm2(smollm2_checkpoint, llama_cpp_grammars):
+    """Every grammar llama.cpp ships (grammars/*.gbnf: arithmetic, C, chess, English,
+    Japanese, JSON, a JSON array, a list) compiles against SmolLM2's vocabulary and
+    constrains its sampled output: a fresh matcher accepts every token it gave, and a JSON
+    answer that finished parses."""
+    from llguidance import LLMatcher
+
+
+    smollm2 = LLM.load(smollm2_checkpoint, dtype=jnp.float32)
+    files = sorted(llama_cpp_grammars.glob("*.gbnf"))
+    assert {"json.gbnf", "c.gbnf", "chess.gbnf", "list.gbnf"} <= {f.name for f in files}
+    ids = smollm2.tokenizer.encode(smollm2.tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Write something short."}]))
+    constraints = [Constraint(lark=f.read_text()) for f in files]
+    got = smollm2.generate([ids] * len(files), max_new_tokens=32, constraint=constraints,
+                           sampling=[SamplingParams(temperature=0.8, seed=i)
+                                     for i in range(len(files))])
+    grammars = Grammars(smollm2.tokenizer, smollm2.cfg.vocab_size,
+                        [int(e) for e in smollm2.eos if e >= 0])
+    for f, c, g in zip(files, constraints, got, strict=True):
+        m = grammars.matcher(c)
+        assert isinstance(m, LLMatcher)
+        assert m.consume_tokens(g.token_ids) and not m.is_error(), (f.name, g.text)
+        if f.name == "json.gbnf" and g.finish_reason == "stop":
+            json.loads(g.text)
+
+
 @pytest.mark.slow
 def test_llm_generate_and_stream_take_constraints(engine):
     """LLM.generate (a batch mixing constrained and free rows) and LLM.stream decode under
@@ -130,6 +171,8 @@ def test_llm_generate_and_stream_take_constraints(engine):
 def test_bad_constraint_is_a_bad_request(engine):
     with pytest.raises(BadRequestError, match="bad constraint"):
         engine.submit("x", constraint=Constraint(regex="(unclosed"))
+    with pytest.raises(BadRequestError, match="not a Lark grammar and not valid GBNF"):
+        engine.submit("x", constraint=Constraint(lark='root ::= ("a"'))
     with pytest.raises(BadRequestError, match="bad constraint"):
         engine.submit("x", constraint=Constraint(json_schema={"type": "bogus"}))
 

@@ -49,7 +49,7 @@ _INCLUDE_STOP = flags.DEFINE_bool("include_stop_str_in_output", False, "Keep the
 _JSON = flags.DEFINE_string("guided_json", None, "A JSON schema the output must follow.")
 _REGEX = flags.DEFINE_string("guided_regex", None, "A regex the output must match.")
 _CHOICE = flags.DEFINE_list("guided_choice", None, "The output is one of these strings.")
-_GRAMMAR = flags.DEFINE_string("guided_grammar", None, "A Lark grammar the output follows.")
+_GRAMMAR = flags.DEFINE_string("guided_grammar", None, "A Lark or GBNF grammar the output follows.")
 
 
 def main(argv):
