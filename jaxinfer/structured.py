@@ -68,12 +68,7 @@ class Constraint:
         if self.choice is not None:  # Lark string literals take JSON's escapes
             return LLMatcher.grammar_from_lark(
                 "start: " + " | ".join(json.dumps(c) for c in self.choice))
-        from llguidance.gbnf_to_lark import GbnfToLarkError, any_to_lark
-
-        try:  # (Lark is told apart by a `start:` rule; anything else is read as GBNF)
-            return LLMatcher.grammar_from_lark(any_to_lark(self.lark))
-        except GbnfToLarkError as e:
-            raise ValueError(f"not a Lark grammar and not valid GBNF: {e}") from None
+        return LLMatcher.grammar_from_lark(_as_lark(self.lark))
 
     def to_json(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v
@@ -239,6 +234,22 @@ def apply_bitmask(logits_BV: jax.Array, mask_BW: jax.Array) -> jax.Array:
     bits = (mask_BW[:, :, None] >> jnp.arange(32, dtype=jnp.int32)) & 1
     allowed_BV = bits.reshape(mask_BW.shape[0], -1)[:, :V].astype(bool)
     return jnp.where(allowed_BV, logits_BV, -jnp.inf)
+
+
+def _as_lark(text: str) -> str:
+    """A grammar in Lark: itself if it has Lark's `start:` rule or is Lark (`?start:` ...),
+    else converted from llama.cpp's GBNF by llguidance; ValueError if it is neither."""
+    from llguidance import LLMatcher
+    from llguidance.gbnf_to_lark import GbnfToLarkError, gbnf_to_lark, is_lark_syntax
+
+    if is_lark_syntax(text):
+        return text
+    try:
+        return gbnf_to_lark(text)
+    except GbnfToLarkError as e:
+        if not LLMatcher.validate_grammar(LLMatcher.grammar_from_lark(text), None):
+            return text
+        raise ValueError(f"not a Lark grammar and not valid GBNF: {e}") from None
 
 
 def _grammar_error(report: str) -> str:

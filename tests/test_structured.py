@@ -173,6 +173,10 @@ def test_bad_constraint_is_a_bad_request(engine):
         engine.submit("x", constraint=Constraint(regex="(unclosed"))
     with pytest.raises(BadRequestError, match="not a Lark grammar and not valid GBNF"):
         engine.submit("x", constraint=Constraint(lark='root ::= ("a"'))
+    # Lark without a plain `start:` line (an inlined ?start) is still Lark
+    r = engine.submit("x", sampling=GREEDY, max_tokens=8,
+                      constraint=Constraint(lark='?start: "ab" | "cd"')).result(timeout=60)
+    assert r.text in ("ab", "cd") and r.finish_reason == "stop"
     with pytest.raises(BadRequestError, match="bad constraint"):
         engine.submit("x", constraint=Constraint(json_schema={"type": "bogus"}))
 
