@@ -70,10 +70,10 @@ MODELS = {
 }
 
 
-def _hf_model(kind):
+def _hf_model(kind, **changes):
     cls, config, kw = MODELS[kind]
     torch.manual_seed(0)
-    m = sharpened(cls(config(**kw)), norm=0.3, matrix=0.2, bias=0.3)
+    m = sharpened(cls(config(**{**kw, **changes})), norm=0.3, matrix=0.2, bias=0.3)
     with torch.no_grad():  # a choice bias large enough to change choices
         for name, b in m.named_buffers():
             if name.endswith("e_score_correction_bias"):

@@ -71,37 +71,6 @@ def _qwen3_moe():  # llama.cpp renormalises Qwen3-MoE's top-k weights, as the re
     return sharpened(m, norm=1.0, matrix=0.15, bias=1.0)
 
 
-def _layernorm(kind: str, **changes):
-    torch.manual_seed(0)
-    common = {**ln.COMMON, "num_attention_heads": 2, "num_key_value_heads": 2, **changes}
-    if kind == "phi":
-        m = tf.PhiForCausalLM(tf.PhiConfig(**common, partial_rotary_factor=0.5))
-    else:
-        m = tf.Starcoder2ForCausalLM(tf.Starcoder2Config(**common, tie_word_embeddings=False))
-    return sharpened(m, norm=0.3, matrix=0.15, bias=0.1)
-
-
-def _deepseek(kind: str, **changes):
-    cls, config, kw = ds.MODELS[kind]
-    torch.manual_seed(0)
-    m = sharpened(cls(config(**{**kw, **changes})), norm=0.3, matrix=0.2, bias=0.3)
-    with torch.no_grad():
-        for name, b in m.named_buffers():
-            if name.endswith("e_score_correction_bias"):
-                b.copy_(0.2 * torch.randn_like(b))
-    return m
-
-
-def _gpt_oss():  # llama.cpp's fixed SwiGLU clamp of 7
-    torch.manual_seed(0)
-    m = sharpened(tf.GptOssForCausalLM(tf.GptOssConfig(**{**go.CONFIG, "swiglu_limit": 7.0})),
-                  norm=0.3, matrix=0.15, bias=0.3)
-    with torch.no_grad():
-        for layer in m.model.layers:
-            layer.self_attn.sinks.copy_(2.0 * torch.randn_like(layer.self_attn.sinks))
-    return m
-
-
 def _llama4(**changes):
     """Llama 4 as llama.cpp fixes it: chunks of 8192, NoPE every fourth layer, query
     temperature 0.1 per 8192 positions, q/k L2 norms unless 128 experts (Maverick);
@@ -144,19 +113,20 @@ MODELS = {
     "cohere": (lambda: ln._hf_model("cohere", heads=2), {}),
     "cohere2": (lambda: ln._hf_model("cohere2", heads=2), {"rotary_pct": 1.0}),
     "stablelm": (lambda: ln._hf_model("stablelm", heads=2), {}),
-    "starcoder2": (lambda: _layernorm("starcoder2", num_key_value_heads=1), {}),
-    "phi": (lambda: _layernorm("phi", intermediate_size=256), {}),
+    "starcoder2": (lambda: ln._hf_model("starcoder2", heads=2, sliding_window=None), {}),
+    "phi": (lambda: ln._hf_model("phi", heads=2, num_key_value_heads=2, intermediate_size=256),
+            {}),
     "gpt_neox": (lambda: ln._hf_model("gpt_neox", heads=2), {"rotary_pct": 0.25}),
     "gpt_neox_sequential": (lambda: ln._hf_model("gpt_neox_sequential", heads=2),
                             {"rotary_pct": 0.25}),
-    "deepseek_v2": (lambda: _deepseek("deepseek_v2"), {}),
-    "deepseek_v3": (lambda: _deepseek("deepseek_v3", rope_parameters=V3_ROPE),
+    "deepseek_v2": (lambda: ds._hf_model("deepseek_v2"), {}),
+    "deepseek_v3": (lambda: ds._hf_model("deepseek_v3", rope_parameters=V3_ROPE),
                     {"scoring_func": "sigmoid", "topk_method": "noaux_tc"}),
-    "glm4_moe": (lambda: _deepseek("glm4_moe"), {}),
-    "glm4_moe_lite": (lambda: _deepseek("glm4_moe_lite", first_k_dense_replace=1,
-                                        mlp_layer_types=["dense"] + ["sparse"] * 3),
+    "glm4_moe": (lambda: ds._hf_model("glm4_moe"), {}),
+    "glm4_moe_lite": (lambda: ds._hf_model("glm4_moe_lite", first_k_dense_replace=1,
+                                           mlp_layer_types=["dense"] + ["sparse"] * 3),
                       {"scoring_func": "sigmoid", "norm_topk_prob": True}),
-    "gpt_oss": (_gpt_oss, {}),
+    "gpt_oss": (lambda: go._hf_model(swiglu_limit=7.0), {}),  # llama.cpp's fixed clamp
     "llama4_scout": (_llama4, {}),
     "llama4_maverick": (lambda: _llama4(num_local_experts=128, interleave_moe_layer_step=2,
                                         use_qk_norm=False), {}),

@@ -42,9 +42,9 @@ CONFIG = dict(vocab_size=97, hidden_size=64, intermediate_size=48, num_hidden_la
                                "original_max_position_embeddings": ORIG})
 
 
-def _hf_model():
+def _hf_model(**changes):
     torch.manual_seed(0)
-    m = tf.GptOssForCausalLM(tf.GptOssConfig(**CONFIG))
+    m = tf.GptOssForCausalLM(tf.GptOssConfig(**{**CONFIG, **changes}))
     m = sharpened(m, norm=0.3, matrix=0.15, bias=0.3)
     with torch.no_grad():  # sinks large enough to soak up attention
         for layer in m.model.layers:

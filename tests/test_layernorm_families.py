@@ -49,20 +49,22 @@ KINDS = ("cohere", "cohere2", "stablelm", "stablelm_parallel", "starcoder2", "ph
          "gpt_neox_sequential")
 
 
-def _hf_model(kind: str, heads: int = 4):
-    """heads=2 (head_dim 32) for GGUF blocks, which must not straddle heads."""
+def _hf_model(kind: str, heads: int = 4, **changes):
+    """heads=2 (head_dim 32) for GGUF blocks, which must not straddle heads; `changes`
+    override the config."""
     torch.manual_seed(0)
-    common = {**COMMON, "num_attention_heads": heads, "num_key_value_heads": heads // 2}
+    common = {**COMMON, "num_attention_heads": heads, "num_key_value_heads": heads // 2,
+              **changes}
     if kind == "cohere":
         m = tf.CohereForCausalLM(tf.CohereConfig(**common, use_qk_norm=True, logit_scale=0.25))
     elif kind == "cohere2":
         m = tf.Cohere2ForCausalLM(tf.Cohere2Config(**common, sliding_window=6,
                                                    logit_scale=0.5))
     elif kind == "starcoder2":
-        m = tf.Starcoder2ForCausalLM(tf.Starcoder2Config(**common, sliding_window=10,
-                                                         tie_word_embeddings=False))
+        m = tf.Starcoder2ForCausalLM(tf.Starcoder2Config(**{
+            "sliding_window": 10, "tie_word_embeddings": False, **common}))
     elif kind == "phi":
-        m = tf.PhiForCausalLM(tf.PhiConfig(**common, partial_rotary_factor=0.5))
+        m = tf.PhiForCausalLM(tf.PhiConfig(**{"partial_rotary_factor": 0.5, **common}))
     elif kind.startswith("gpt_neox"):  # (no grouped-query attention)
         del common["num_key_value_heads"]
         m = tf.GPTNeoXForCausalLM(tf.GPTNeoXConfig(
