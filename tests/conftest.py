@@ -36,12 +36,31 @@ def smollm2_checkpoint():
 LLAMA_CPP_SDIST = "llama-cpp-python==0.3.36"
 
 
+def _llama_cpp_sdist() -> Path:
+    """The llama-cpp-python source distribution, downloaded once into the cache dir."""
+    import subprocess
+    import sys
+    import tempfile
+
+    from jaxinfer import default_model
+
+    target = default_model.cache_dir() / (LLAMA_CPP_SDIST.replace("==", "-") + ".tar.gz")
+    with default_model._locked("llama-cpp-sdist"):
+        if not target.is_file():
+            with tempfile.TemporaryDirectory(dir=target.parent, prefix=".download-") as tmp:
+                subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps",
+                                "--no-binary", ":all:", "--disable-pip-version-check",
+                                "--timeout", "30", "--dest", tmp, LLAMA_CPP_SDIST],
+                               check=True, timeout=900)
+                (sdist,) = Path(tmp).glob("*.tar.gz")
+                sdist.rename(target)
+    return target
+
+
 def _from_llama_cpp_sdist(name: str, wanted) -> Path:
     """A cache directory `name` holding the members of the llama-cpp-python source
     distribution for which wanted(path inside vendor/llama.cpp/) gives a relative target
-    path (None: skip); fetched once."""
-    import subprocess
-    import sys
+    path (None: skip); extracted once."""
     import tarfile
     import tempfile
 
@@ -51,12 +70,8 @@ def _from_llama_cpp_sdist(name: str, wanted) -> Path:
     with default_model._locked(name):
         if target.is_dir():
             return target
-        with tempfile.TemporaryDirectory(dir=target.parent, prefix=".download-") as tmp:
-            subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps",
-                            "--no-binary", ":all:", "--disable-pip-version-check",
-                            "--timeout", "30", "--dest", tmp, LLAMA_CPP_SDIST],
-                           check=True, timeout=900)
-            (sdist,) = Path(tmp).glob("*.tar.gz")
+        sdist = _llama_cpp_sdist()
+        with tempfile.TemporaryDirectory(dir=target.parent, prefix=".extract-") as tmp:
             out = Path(tmp) / "data"
             out.mkdir()
             with tarfile.open(sdist) as tar:
