@@ -29,6 +29,37 @@ def smollm2_checkpoint():
     return default_model.checkpoint_path()
 
 
+@pytest.fixture(scope="session")
+def smollm2_hf_dir(smollm2_gguf):
+    """The reference model: SmolLM2 as transformers itself dequantizes the GGUF, saved once
+    into the cache dir as a float32 Hugging Face directory (transformers' GGUF loading
+    takes ~18 s; each module that compares against it loads this in well under a second)."""
+    import tempfile
+
+    import torch
+    import transformers
+
+    from jaxinfer import default_model
+
+    target = default_model.cache_dir() / (
+        f"hf-{smollm2_gguf.stem}-{smollm2_gguf.stat().st_size}-f32-"
+        f"transformers-{transformers.__version__}")
+    with default_model._locked("hf-smollm2"):
+        if not target.is_dir():
+            gguf_model = transformers.AutoModelForCausalLM.from_pretrained(
+                smollm2_gguf.parent, gguf_file=smollm2_gguf.name, dtype=torch.float32)
+            config = gguf_model.config
+            if hasattr(config, "quantization_config"):  # dequantized already: plain float32
+                del config.quantization_config
+            m = type(gguf_model)(config)
+            m.load_state_dict(gguf_model.state_dict())
+            with tempfile.TemporaryDirectory(dir=target.parent, prefix=".hf-") as tmp:
+                out = Path(tmp) / "model"
+                m.save_pretrained(out)
+                out.rename(target)
+    return target
+
+
 # llama.cpp's test data ships in this source distribution: vendor/llama.cpp/models/
 # ggml-vocab-*.gguf (real models' vocabularies, with .inp texts and the .out ids their
 # Hugging Face tokenizers gave) and models/templates/*.jinja (real models' chat templates):

@@ -43,11 +43,10 @@ def smol(smollm2_gguf):
 
 
 @pytest.fixture(scope="module")
-def smol_hf(smollm2_gguf):
+def smol_hf(smollm2_hf_dir):
     from transformers import AutoModelForCausalLM
 
-    m = AutoModelForCausalLM.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name,
-                                             dtype=torch.float32)
+    m = AutoModelForCausalLM.from_pretrained(smollm2_hf_dir, dtype=torch.float32)
     return {k: v.numpy() for k, v in m.state_dict().items()}
 
 

@@ -20,11 +20,10 @@ GREEDY = SamplingParams(temperature=0.0)
 
 
 @pytest.fixture(scope="module")
-def hf_model(smollm2_gguf):
+def hf_model(smollm2_hf_dir):
     from transformers import AutoModelForCausalLM
 
-    m = AutoModelForCausalLM.from_pretrained(
-        smollm2_gguf.parent, gguf_file=smollm2_gguf.name, dtype=torch.float32)
+    m = AutoModelForCausalLM.from_pretrained(smollm2_hf_dir, dtype=torch.float32)
     return m.eval()
 
 

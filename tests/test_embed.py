@@ -24,12 +24,11 @@ def llm(smollm2_checkpoint):
 
 
 @pytest.fixture(scope="module")
-def hf_states(smollm2_gguf, llm):
+def hf_states(smollm2_hf_dir, llm):
     """HF's final hidden states (after the final norm) of each text, alone."""
     from transformers import AutoModelForCausalLM
 
-    m = AutoModelForCausalLM.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name,
-                                             dtype=torch.float32).eval()
+    m = AutoModelForCausalLM.from_pretrained(smollm2_hf_dir, dtype=torch.float32).eval()
     with torch.no_grad():
         return [m.model(torch.tensor([llm.tokenizer.encode(t)])).last_hidden_state[0].numpy()
                 for t in TEXTS]

@@ -40,20 +40,15 @@ def test_gguf_quantized_while_read_and_on_a_mesh(smollm2_gguf, smollm2_checkpoin
 
 
 @pytest.mark.slow
-def test_hugging_face_directory(smollm2_gguf, reference, tmp_path):
+def test_hugging_face_directory(smollm2_gguf, smollm2_hf_dir, reference, tmp_path):
+    """A float32 Hugging Face directory (transformers' own dequantization of the GGUF) with
+    the tokenizer transformers builds from the GGUF."""
+    import shutil
+
     transformers = pytest.importorskip("transformers")
-    torch = pytest.importorskip("torch")
-    kw = dict(gguf_file=smollm2_gguf.name)
-    gguf_model = transformers.AutoModelForCausalLM.from_pretrained(
-        smollm2_gguf.parent, dtype=torch.float32, **kw)
-    config = gguf_model.config
-    if hasattr(config, "quantization_config"):  # dequantized already; saved as float
-        del config.quantization_config
-    model = type(gguf_model)(config)
-    model.load_state_dict(gguf_model.state_dict())
-    model.save_pretrained(tmp_path)
-    transformers.AutoTokenizer.from_pretrained(smollm2_gguf.parent, **kw).save_pretrained(
-        tmp_path)
+    shutil.copytree(smollm2_hf_dir, tmp_path, dirs_exist_ok=True)
+    transformers.AutoTokenizer.from_pretrained(
+        smollm2_gguf.parent, gguf_file=smollm2_gguf.name).save_pretrained(tmp_path)
     llm = LLM.load(tmp_path)
     assert llm.generate(PROMPT, GREEDY, max_new_tokens=12).token_ids == reference
 

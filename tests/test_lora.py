@@ -43,11 +43,10 @@ def _adapter(base, path: Path, seed: int = 0, scale: float = 0.05, **lora_kw) ->
 
 
 @pytest.fixture(scope="module")
-def hf_base(smollm2_gguf):
+def hf_base(smollm2_hf_dir):
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(
-        smollm2_gguf.parent, gguf_file=smollm2_gguf.name, dtype=torch.float32).eval()
+    return AutoModelForCausalLM.from_pretrained(smollm2_hf_dir, dtype=torch.float32).eval()
 
 
 def _logits(llm: LLM, ids: list[int]) -> np.ndarray:

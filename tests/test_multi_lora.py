@@ -59,11 +59,10 @@ def refs(smollm2_checkpoint, hf_base, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def hf_base(smollm2_gguf):
+def hf_base(smollm2_hf_dir):
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(
-        smollm2_gguf.parent, gguf_file=smollm2_gguf.name, dtype=torch.float32).eval()
+    return AutoModelForCausalLM.from_pretrained(smollm2_hf_dir, dtype=torch.float32).eval()
 
 
 @pytest.fixture(scope="module")
