@@ -20,9 +20,10 @@ from typing import Any
 
 from jaxinfer.errors import TokenizerError
 
-# Tokens that close an assistant turn in common chat formats (ChatML, Llama-3, Gemma).
+# Tokens that close an assistant turn in common chat formats (ChatML, Llama-3, Gemma 2-3,
+# Gemma 4, whose turn also ends where it opens a tool response for the caller to fill).
 # A model that emits one has finished its answer even when metadata names another eos.
-TURN_END_TOKENS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>")
+TURN_END_TOKENS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<turn|>", "<|tool_response>")
 
 # llama.cpp `tokenizer.ggml.pre` names whose regexes are "each digit alone, then GPT-2"
 # (llama-vocab.cpp: STARCODER/REFACT/COMMAND_R/SMOLLM/CODESHELL/EXAONE/MINERVA).
@@ -589,6 +590,8 @@ def _load_gguf(path: Path) -> Tokenizer:
         return _gguf_bpe(meta, path)
     if kind == "llama":
         return _gguf_spm(meta, path)
+    if kind == "gemma4":
+        return _gguf_gemma4(meta, path)
     raise TokenizerError(f"unsupported tokenizer.ggml.model {kind!r} in {path}")
 
 
@@ -640,6 +643,35 @@ def _gguf_bpe(meta: dict[str, Any], path: Path) -> HFTokenizer:
                             for t, ty in zip(tokens, types, strict=True)
                             if ty in (_CONTROL, _USER_DEFINED)])
     return HFTokenizer(tok, **_gguf_common(meta, default_add_bos=add_bos))
+
+
+def _gguf_gemma4(meta: dict[str, Any], path: Path) -> HFTokenizer:
+    """Gemma 4's tokenizer: BPE over raw UTF-8 with spaces written as "▁" and SentencePiece's
+    <0xXX> byte fallback, merging the whole text with no word splitting; built as
+    transformers builds GemmaTokenizer."""
+    from tokenizers import AddedToken, decoders, models, normalizers, pre_tokenizers
+    from tokenizers import Tokenizer as HFTok
+
+    tokens: list[str] = meta.get("tokenizer.ggml.tokens") or []
+    merges: list[str] = meta.get("tokenizer.ggml.merges") or []
+    types: list[int] = meta.get("tokenizer.ggml.token_type") or [1] * len(tokens)
+    unk = meta.get("tokenizer.ggml.unknown_token_id")
+    if not tokens or not merges or len(types) != len(tokens) or unk is None:
+        raise TokenizerError(f"GGUF has no usable gemma4 tokens/merges/types/unknown id: "
+                             f"{path}")
+    # A merge's halves split at the first space after its first character ("▁" stands for
+    # spaces, so a space only separates; llama.cpp splits the same way).
+    pairs = [(m[:i], m[i + 1:]) for m in merges if (i := m.find(" ", 1)) > 0]
+    tok = HFTok(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=pairs,
+                           unk_token=tokens[unk], fuse_unk=True, byte_fallback=True))
+    tok.normalizer = normalizers.Replace(" ", "\u2581")
+    tok.pre_tokenizer = pre_tokenizers.Split(" ", behavior="merged_with_previous")
+    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(),
+                                     decoders.Fuse()])
+    tok.add_special_tokens([AddedToken(t, special=(ty == _CONTROL), normalized=False)
+                            for t, ty in zip(tokens, types, strict=True)
+                            if ty in (_CONTROL, _USER_DEFINED)])
+    return HFTokenizer(tok, **_gguf_common(meta, default_add_bos=True))
 
 
 def _gguf_spm(meta: dict[str, Any], path: Path) -> SPTokenizer:
