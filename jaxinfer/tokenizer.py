@@ -605,7 +605,7 @@ def _gguf_common(meta: dict[str, Any], default_add_bos: bool) -> dict[str, Any]:
 
 def _gguf_bpe(meta: dict[str, Any], path: Path) -> HFTokenizer:
     """Byte-level BPE from GGUF vocab+merges, pre-tokenized the way llama.cpp does it."""
-    from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
+    from tokenizers import Regex, decoders, models, pre_tokenizers
     from tokenizers import Tokenizer as HFTok
 
     tokens: list[str] = meta.get("tokenizer.ggml.tokens") or []
@@ -638,19 +638,26 @@ def _gguf_bpe(meta: dict[str, Any], path: Path) -> HFTokenizer:
                            ignore_merges=ignore_merges))
     tok.pre_tokenizer = pre_tok
     tok.decoder = decoders.ByteLevel()
-    # Control and user-defined tokens must match whole in text (`<|im_start|>` -> one id).
+    _add_gguf_specials(tok, tokens, types)
+    return HFTokenizer(tok, **_gguf_common(meta, default_add_bos=add_bos))
+
+
+def _add_gguf_specials(tok: Any, tokens: list[str], types: list[int]) -> None:
+    """Control and user-defined tokens must match whole in text (`<|im_start|>` -> one
+    id); control ones are special (skipped by skip_special_tokens)."""
+    from tokenizers import AddedToken
+
     tok.add_special_tokens([AddedToken(t, special=(ty == _CONTROL), normalized=False)
                             for t, ty in zip(tokens, types, strict=True)
                             if ty in (_CONTROL, _USER_DEFINED)])
-    return HFTokenizer(tok, **_gguf_common(meta, default_add_bos=add_bos))
 
 
 def _gguf_gemma4(meta: dict[str, Any], path: Path) -> HFTokenizer:
     """Gemma 4's tokenizer: BPE over raw UTF-8 with spaces written as "▁" and SentencePiece's
     <0xXX> byte fallback, merging the whole text with no word splitting; built as
     transformers builds GemmaTokenizer."""
-    from tokenizers import AddedToken, decoders, models, normalizers, pre_tokenizers
     from tokenizers import Tokenizer as HFTok
+    from tokenizers import decoders, models, normalizers, pre_tokenizers
 
     tokens: list[str] = meta.get("tokenizer.ggml.tokens") or []
     merges: list[str] = meta.get("tokenizer.ggml.merges") or []
@@ -668,9 +675,7 @@ def _gguf_gemma4(meta: dict[str, Any], path: Path) -> HFTokenizer:
     tok.pre_tokenizer = pre_tokenizers.Split(" ", behavior="merged_with_previous")
     tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(),
                                      decoders.Fuse()])
-    tok.add_special_tokens([AddedToken(t, special=(ty == _CONTROL), normalized=False)
-                            for t, ty in zip(tokens, types, strict=True)
-                            if ty in (_CONTROL, _USER_DEFINED)])
+    _add_gguf_specials(tok, tokens, types)
     return HFTokenizer(tok, **_gguf_common(meta, default_add_bos=True))
 
 
