@@ -18,6 +18,10 @@ from jaxinfer.sampling import SamplingParams
 from .test_lora import ALL, PROMPT, _adapter
 
 peft = pytest.importorskip("peft")
+# Slow as a module: the PEFT references (three models, two prompts each) take ~30 s before
+# any test runs; tests/test_lora_stack.py keeps the stacked-adapter arithmetic in the
+# default run on a tiny model.
+pytestmark = pytest.mark.slow
 MSG = [{"role": "user", "content": "What is the capital of France?"}]
 N_NEW = 12
 ADAPTERS = {  # two adapters of different ranks and targets (one rsLoRA, some layers only)
@@ -90,7 +94,6 @@ def test_rows_of_different_adapters_match_peft(llm, refs):
         assert name is None or moved > 0.1
 
 
-@pytest.mark.slow
 def test_generate_mixes_adapters_in_one_batch_without_recompiling(llm, refs):
     """Greedy tokens of each (prompt, adapter) row equal PEFT's generate; a second batch
     with the adapters reassigned compiles nothing."""
@@ -130,7 +133,6 @@ def test_embeddings_with_an_adapter_equal_the_merged_model(llm, refs, smollm2_ch
     assert np.abs(got[0] - llm.embed(texts[0], pooling="mean")).max() > 1e-3
 
 
-@pytest.mark.slow
 def test_beam_search_with_adapters_equals_the_merged_models(llm, refs, smollm2_checkpoint):
     """Each prompt's beams under its adapter equal the beams of the model with that
     adapter merged (scores too), two prompts with different adapters in one search."""
@@ -144,7 +146,6 @@ def test_beam_search_with_adapters_equals_the_merged_models(llm, refs, smollm2_c
                                    [b.score for b in want.sequences], atol=1e-4)
 
 
-@pytest.mark.slow
 def test_speculative_decoding_with_adapters(llm, engine, refs):
     """A prompt-lookup draft proposes, each row's adapter verifies: greedy tokens equal
     PEFT's in LLM.generate, stream and an engine with the draft."""
@@ -302,7 +303,6 @@ def test_batch_lines_pick_adapters(engine, refs, tmp_path):
         assert not (tmp_path / "never.jsonl").exists()
 
 
-@pytest.mark.slow
 def test_adapters_under_a_mesh(smollm2_checkpoint, refs):
     """data:2,model:2: the stack is replicated beside the sharded weights; each row's
     greedy tokens still equal PEFT's."""
@@ -317,7 +317,6 @@ def test_adapters_under_a_mesh(smollm2_checkpoint, refs):
         assert r.token_ids == out[name][1][p], (name, p)
 
 
-@pytest.mark.slow
 def test_lora_modules_flag(tmp_path, refs, smollm2_checkpoint):
     """scripts/batch_generate.py --lora_modules=name=dir: a line naming the adapter gets PEFT's
     tokens; a malformed entry, and serve.py's runtime updating without room, are one-line
@@ -352,7 +351,6 @@ def test_lora_modules_flag(tmp_path, refs, smollm2_checkpoint):
     assert json.loads(res.read_text())["token_ids"] == out["colors"][1][0]
 
 
-@pytest.mark.slow
 def test_adapters_loaded_and_unloaded_while_serving(llm, refs, hf_base, tmp_path):
     """vLLM's /v1/load_lora_adapter and /v1/unload_lora_adapter on a server started with
     no adapters and room for two: a loaded adapter serves PEFT's tokens with no

@@ -108,6 +108,7 @@ def test_beam_fields_without_beam_search_and_elsewhere(url):
     assert r.status_code == 400 and r.json()["error"]["param"] == "use_beam_search"
 
 
+@pytest.mark.slow
 def test_smollm2_server_beams_equal_the_library(smollm2_checkpoint):
     """On the real model the server's beams are LLM.beam_search's, which equal Hugging
     Face's generate(num_beams=...) (tests/test_beam_search.py)."""
