@@ -7,10 +7,9 @@ The three ways a model's output becomes tool calls, as in vLLM:
   output is constrained to f's parameters schema and is the call's arguments;
 - `"required"`: the output is constrained to a JSON array of `{"name", "arguments"}`
   objects, one schema alternative per tool (one item when parallel_tool_calls is false);
-- `"auto"`: the model decides; a tool-call parser reads its own format from free text.
-  `hermes` (Hermes 2 Pro+, Qwen2.5+, and other templates writing
-  `<tool_call>{"name": ..., "arguments": ...}</tool_call>`) is the one implemented. Without a
-  parser "auto" is refused, as vLLM refuses it without --tool-call-parser.
+- `"auto"`: the model decides; a tool-call parser reads its own format from free text
+  (tool_parsers.py: `hermes`, `llama3_json`, `mistral`, `pythonic`, as vLLM names them).
+  Without a parser "auto" is refused, as vLLM refuses it without --tool-call-parser.
 The first two work with any model (the constraint guarantees a parseable call, not a good
 one); the tools also go to the chat template (`tools`), which tells the model about them if
 the template knows how. No JAX and no HTTP here.
@@ -24,14 +23,13 @@ import re
 import uuid
 from typing import Any
 
+from jaxinfer import tool_parsers
 from jaxinfer.errors import BadRequestError
 from jaxinfer.structured import Constraint
 
-PARSERS = ("hermes",)
+PARSERS = tuple(tool_parsers.PARSERS)
 MAX_TOOLS = 128  # OpenAI's limit per request
 _NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
-_HERMES_OPEN, _HERMES_CLOSE = "<tool_call>", "</tool_call>"
-_HERMES = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.DOTALL)
 _EMPTY_PARAMS = {"type": "object", "properties": {}}
 
 
@@ -175,7 +173,8 @@ class ToolCalling:
             except (ValueError, TypeError, KeyError):
                 return text, []
         if self.mode == "auto":
-            return _parse_hermes(text)
+            content, calls = tool_parsers.PARSERS[self.parser].parse(text)
+            return content, [call(name, args) for name, args in calls]
         return text, []
 
     def finish_reason(self, engine_reason: str, calls: list[dict[str, Any]]) -> str:
@@ -193,28 +192,6 @@ def _compact(schema: dict[str, Any]) -> dict[str, Any]:
     until max_tokens. A schema's own `x-guidance` options win."""
     return {**schema, "x-guidance": {"whitespace_flexible": False,
                                      **schema.get("x-guidance", {})}}
-
-
-def _parse_hermes(text: str) -> tuple[str | None, list[dict[str, Any]]]:
-    """Hermes' format: `<tool_call>{"name": ..., "arguments": {...}}</tool_call>` blocks
-    (the last one may be unclosed at EOS); the text before the first is content. If any
-    block is not such JSON, the whole output is content (vLLM's rule). Whitespace-only
-    content is None."""
-    at = text.find(_HERMES_OPEN)
-    if at < 0:
-        return text, []
-    calls = []
-    for body in _HERMES.findall(text[at:]):
-        try:
-            obj = json.loads(body)
-        except ValueError:
-            return text, []
-        if not isinstance(obj, dict) or not isinstance(obj.get("name"), str) \
-                or "arguments" not in obj:
-            return text, []
-        calls.append(call(obj["name"], obj["arguments"]))
-    content = text[:at]
-    return content if content.strip() else None, calls
 
 
 class ToolStream:
@@ -241,7 +218,8 @@ class ToolStream:
             return out
         if mode == "required":
             return []
-        safe = len(self.text) if mode == "none" else _safe_prefix(self.text)
+        safe = len(self.text) if mode == "none" else \
+            tool_parsers.PARSERS[self.tc.parser].safe_prefix(self.text)
         new, self.sent = self.text[self.sent:safe], max(self.sent, safe)
         return [{"content": new}] if new else []
 
@@ -258,20 +236,9 @@ class ToolStream:
             self.sent = len(self.text)
             return ([{"content": rest}] if rest else []), engine_reason
         if self.tc.mode == "auto":  # content before the marker not yet sent
-            rest = self.text[self.sent:max(self.text.find(_HERMES_OPEN), self.sent)]
+            start = tool_parsers.PARSERS[self.tc.parser].calls_start(self.text)
+            rest = self.text[self.sent:max(start, self.sent)]
             if rest.strip():
                 out.append({"content": rest})
         out.append({"tool_calls": [{"index": i, **c} for i, c in enumerate(calls)]})
         return out, self.tc.finish_reason(engine_reason, calls)
-
-
-def _safe_prefix(text: str) -> int:
-    """How much of `text` is surely content: up to a `<tool_call>` marker, or up to a tail
-    that could still grow into one."""
-    at = text.find(_HERMES_OPEN)
-    if at >= 0:
-        return at
-    for k in range(min(len(_HERMES_OPEN) - 1, len(text)), 0, -1):
-        if _HERMES_OPEN.startswith(text[-k:]):
-            return len(text) - k
-    return len(text)

@@ -150,6 +150,78 @@ def test_hermes_stream_equals_the_whole_parse(pieces):
         assert "<" not in "".join(d.get("content", "") for d in deltas)
 
 
+# Each parser's format as its model family writes it (vLLM's parser of the same name):
+# output -> (content, [(name, arguments)]), or None where the output is all content.
+FORMATS = {
+    "llama3_json": [
+        ('{"name": "get_weather", "parameters": {"city": "Paris"}}',
+         (None, [("get_weather", {"city": "Paris"})])),
+        ('<|python_tag|>{"name": "get_unit", "arguments": {"unit": "c"}}; '
+         '{"name": "get_weather", "parameters": {"city": "Oslo"}}',
+         (None, [("get_unit", {"unit": "c"}), ("get_weather", {"city": "Oslo"})])),
+        ('It is sunny: {"name": "get_weather"}', None),  # the call must be the answer
+        ('{"name": "get_weather"}', None),  # no parameters
+        ('{"name": "get_unit", "parameters": {}} and more', None),
+    ],
+    "mistral": [
+        ('Let me look.[TOOL_CALLS][{"name": "get_weather", "arguments": {"city": "Paris"}}, '
+         '{"name": "get_unit", "arguments": {"unit": "f"}}]',
+         ("Let me look.", [("get_weather", {"city": "Paris"}), ("get_unit", {"unit": "f"})])),
+        ('[TOOL_CALLS]get_weather[ARGS]{"city": "Rome"}[TOOL_CALLS]get_unit[CALL_ID]a1b2c3d4e'
+         '[ARGS]{"unit": "c"}',  # Mistral Small 3.2+ / Magistral: name[ARGS]{...} per call
+         (None, [("get_weather", {"city": "Rome"}), ("get_unit", {"unit": "c"})])),
+        ("[TOOL_CALLS]not json", None),
+        ('[TOOL_CALLS][{"name": "get_unit"}]', None),
+    ],
+    "pythonic": [
+        ('[get_weather(city="Paris"), get_unit(unit="c")]',
+         (None, [("get_weather", {"city": "Paris"}), ("get_unit", {"unit": "c"})])),
+        ('<|python_start|>[get_weather(city="Lyon", days=[1, 2], opts={"a": None})]'
+         '<|python_end|>',  # Llama 4
+         (None, [("get_weather", {"city": "Lyon", "days": [1, 2], "opts": {"a": None}})])),
+        ('[get_weather("Paris")]', None),  # positional: not a call format
+        ('[os.system(cmd="ls")]', None),  # only plain names
+        ('[get_weather(city=__import__("os"))]', None),  # literals only, nothing evaluated
+        ("[get_unit(unit={1, 2})]", None),  # a set is no JSON value
+        ("[1] is a footnote", None),
+    ],
+}
+
+
+@pytest.mark.parametrize("parser, text, want", [
+    (p, text, want) for p, cases in FORMATS.items() for text, want in cases])
+def test_parsers_read_their_model_families_format(parser, text, want):
+    tc = ToolCalling.from_request(TOOLS, "auto", parser=parser)
+    content, calls = tc.parse(text)
+    if want is None:
+        assert (content, calls) == (text, [])
+        return
+    assert content == want[0]
+    assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls] \
+        == want[1]
+    assert len({c["id"] for c in calls}) == len(calls)
+
+
+@pytest.mark.parametrize("parser, text", [
+    (p, text) for p, cases in FORMATS.items() for text, _ in cases] + [
+    ("llama3_json", "  Plain answer, no call."), ("pythonic", "Just text [with brackets]"),
+    ("mistral", "Text that mentions [TOOL_ and ends")])
+def test_parser_streams_equal_the_whole_parse(parser, text):
+    """Fed in 3-character pieces, each parser's stream holds back what may be (or begin) a
+    call and adds up to the parse of the whole output; no marker leaks into content."""
+    tc = ToolCalling.from_request(TOOLS, "auto", parser=parser)
+    stream = tc.stream()
+    deltas = [d for i in range(0, len(text), 3) for d in stream.feed(text[i:i + 3])]
+    last, reason = stream.finish("stop")
+    deltas += last
+    content, calls = tc.parse(text)
+    streamed = "".join(d.get("content", "") for d in deltas)
+    assert streamed == (content or "")
+    got = [c for d in deltas for c in d.get("tool_calls", [])]
+    assert [c["function"] for c in got] == [c["function"] for c in calls]
+    assert reason == ("tool_calls" if calls else "stop")
+
+
 def test_earlier_calls_and_tool_results_reach_the_template():
     msgs = api.message_dicts([api.ChatMessage.model_validate(m) for m in [
         {"role": "user", "content": "Weather?"},
@@ -225,6 +297,26 @@ def test_auto_with_the_hermes_parser(url):
     assert "".join(d.get("content") or "" for d in deltas) == "Hi! "
     (sc,) = [t for d in deltas for t in d.get("tool_calls", [])]
     assert sc["function"] == c["function"] and sc["index"] == 0
+    assert chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"
+
+
+@pytest.mark.parametrize("parser", ["llama3_json", "mistral", "pythonic"])
+def test_auto_with_each_parser_on_the_server(engine, parser):
+    """`create_app(tool_call_parser=...)` (serve.py --tool_call_parser): the tiny model,
+    guided to write the family's format, answers with the parsed calls, streamed or not."""
+    text, (content, want) = FORMATS[parser][0] if parser != "pythonic" else FORMATS[parser][1]
+    body = dict(tools=TOOLS, tool_choice="auto", guided_choice=[text], max_tokens=160)
+    with BackgroundServer(create_app(engine, MODEL, tool_call_parser=parser)) as srv:
+        out = _chat(srv.url, **body).json()["choices"][0]
+        chunks = _sse(_chat(srv.url, stream=True, **body))
+    assert out["finish_reason"] == "tool_calls" and out["message"]["content"] == content
+    calls = out["message"]["tool_calls"]
+    assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls] \
+        == want
+    deltas = [ch["choices"][0]["delta"] for ch in chunks]
+    assert "".join(d.get("content") or "" for d in deltas) == (content or "")
+    assert [t["function"] for d in deltas for t in d.get("tool_calls", [])] == \
+        [c["function"] for c in calls]
     assert chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"
 
 

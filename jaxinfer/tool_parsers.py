@@ -1,0 +1,177 @@
+"""Tool-call parsers for tool_choice "auto": each reads one model family's own call format
+out of free text, as vLLM's `--tool-call-parser` of the same name does.
+
+    hermes       <tool_call>{"name": ..., "arguments": {...}}</tool_call> ...
+                 (Hermes 2 Pro+, Qwen2.5+, and other templates that write it)
+    llama3_json  {"name": ..., "parameters": {...}}; {...}   optionally after <|python_tag|>
+                 (Llama 3.1-3.3's JSON tool calling; the answer is the call)
+    mistral      [TOOL_CALLS][{"name": ..., "arguments": {...}}, ...]   (Mistral 7B v0.3,
+                 Nemo, Small 3) or [TOOL_CALLS]name[ARGS]{...} per call (Mistral Small 3.2+,
+                 Magistral, Devstral); text before the marker is content
+    pythonic     [get_weather(city="Paris"), ...]   optionally inside <|python_start|> ...
+                 <|python_end|> (Llama 3.2 and Llama 4's pythonic calls; the answer is the list)
+
+A parser gives (content, calls) for the whole output: calls are (name, arguments) pairs,
+and an output that does not parse as that format is all content (vLLM's rule). `markers`
+are where calls begin; with `at_start` they count only at the start of the answer, so
+streaming knows which text is surely content. No JAX and no HTTP here.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import json
+import re
+from collections.abc import Callable
+from typing import Any
+
+Calls = list[tuple[str, Any]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Parser:
+    parse: Callable[[str], tuple[str | None, Calls]]
+    markers: tuple[str, ...]
+    at_start: bool  # calls only where the answer begins with a marker (after whitespace)
+
+    def calls_start(self, text: str) -> int:
+        """Where the calls part of `text` begins, -1 where none may begin."""
+        if self.at_start:
+            i = len(text) - len(text.lstrip())
+            return i if text.startswith(self.markers, i) else -1
+        found = [i for m in self.markers if (i := text.find(m)) >= 0]
+        return min(found, default=-1)
+
+    def safe_prefix(self, text: str) -> int:
+        """How much of `text` is surely content: up to where calls begin, or up to a tail
+        that could still grow into a marker. An answer that may still begin with calls is
+        held whole (its leading whitespace too: a call's answer has no content)."""
+        if self.at_start:
+            rest = text.lstrip()
+            maybe = rest.startswith(self.markers) or any(m.startswith(rest)
+                                                         for m in self.markers)
+            return 0 if maybe else len(text)
+        at = self.calls_start(text)
+        if at >= 0:
+            return at
+        for k in range(min(max(map(len, self.markers)) - 1, len(text)), 0, -1):
+            if any(m.startswith(text[-k:]) for m in self.markers):
+                return len(text) - k
+        return len(text)
+
+
+def _content(text: str) -> str | None:
+    return text if text.strip() else None
+
+
+_HERMES = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.DOTALL)
+
+
+def _hermes(text: str) -> tuple[str | None, Calls]:
+    """`<tool_call>` blocks of JSON objects with "name" and "arguments" (the last one may
+    be unclosed at EOS); the text before the first is content."""
+    at = text.find("<tool_call>")
+    if at < 0:
+        return text, []
+    calls = []
+    for body in _HERMES.findall(text[at:]):
+        obj = _json(body)
+        if not isinstance(obj, dict) or not isinstance(obj.get("name"), str) \
+                or "arguments" not in obj:
+            return text, []
+        calls.append((obj["name"], obj["arguments"]))
+    return _content(text[:at]), calls
+
+
+def _llama3_json(text: str) -> tuple[str | None, Calls]:
+    """The whole answer is one or more `{"name": ..., "parameters": {...}}` objects
+    ("arguments" is taken too) separated by ";", optionally after <|python_tag|>."""
+    body = text.strip().removeprefix("<|python_tag|>").strip()
+    if not body.startswith("{"):
+        return text, []
+    calls, dec, i = [], json.JSONDecoder(), 0
+    while i < len(body):
+        try:
+            obj, i = dec.raw_decode(body, i)
+        except ValueError:
+            return text, []
+        if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
+            return text, []
+        args = obj.get("parameters", obj.get("arguments"))
+        if args is None:
+            return text, []
+        calls.append((obj["name"], args))
+        rest = body[i:].lstrip()
+        if rest.startswith(";"):
+            rest = rest[1:].lstrip()
+        elif rest:
+            return text, []
+        i = len(body) - len(rest)
+    return None, calls
+
+
+_MISTRAL = "[TOOL_CALLS]"
+
+
+def _mistral(text: str) -> tuple[str | None, Calls]:
+    """Content, then `[TOOL_CALLS]` and a JSON array of {"name", "arguments"}, or one
+    `[TOOL_CALLS]name[ARGS]{...}` per call (a `[CALL_ID]id` after the name is dropped)."""
+    at = text.find(_MISTRAL)
+    if at < 0:
+        return text, []
+    calls: Calls = []
+    for part in text[at + len(_MISTRAL):].split(_MISTRAL):
+        if "[ARGS]" in part:
+            name, _, args = part.partition("[ARGS]")
+            name = name.split("[CALL_ID]")[0].strip()
+            obj = _json(args)
+            if not name or obj is None:
+                return text, []
+            calls.append((name, obj))
+            continue
+        items = _json(part)
+        if not isinstance(items, list) or not items or not all(
+                isinstance(x, dict) and isinstance(x.get("name"), str) and "arguments" in x
+                for x in items):
+            return text, []
+        calls += [(x["name"], x["arguments"]) for x in items]
+    return _content(text[:at]), calls
+
+
+def _pythonic(text: str) -> tuple[str | None, Calls]:
+    """The whole answer is a Python list of calls with keyword arguments whose values are
+    literals, `[f(a=1, b="x"), g()]`, optionally inside <|python_start|> <|python_end|>.
+    Read with `ast` (literals only: nothing is evaluated)."""
+    body = text.strip().removeprefix("<|python_start|>").removesuffix("<|python_end|>")
+    try:
+        tree = ast.parse(body.strip(), mode="eval").body
+        if not isinstance(tree, ast.List) or not tree.elts:
+            return text, []
+        calls = []
+        for node in tree.elts:
+            if not isinstance(node, ast.Call) or not isinstance(node.func, ast.Name) \
+                    or node.args or any(k.arg is None for k in node.keywords):
+                return text, []
+            args = {k.arg: ast.literal_eval(k.value) for k in node.keywords}
+            json.dumps(args, allow_nan=False)  # a set, bytes or complex is no JSON value
+            calls.append((node.func.id, args))
+    except (SyntaxError, ValueError, TypeError, MemoryError, RecursionError):
+        return text, []
+    return None, calls
+
+
+def _json(text: str) -> Any:
+    """The JSON value `text` is (surrounding whitespace allowed), None if it is not one."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        return None
+
+
+PARSERS: dict[str, Parser] = {
+    "hermes": Parser(_hermes, ("<tool_call>",), at_start=False),
+    "llama3_json": Parser(_llama3_json, ("<|python_tag|>", "{"), at_start=True),
+    "mistral": Parser(_mistral, (_MISTRAL,), at_start=False),
+    "pythonic": Parser(_pythonic, ("<|python_start|>", "["), at_start=True),
+}
