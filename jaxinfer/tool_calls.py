@@ -173,7 +173,9 @@ class ToolCalling:
             except (ValueError, TypeError, KeyError):
                 return text, []
         if self.mode == "auto":
-            content, calls = tool_parsers.PARSERS[self.parser].parse(text)
+            params = {t["function"]["name"]: self._params(t["function"]["name"])
+                      for t in self.tools}
+            content, calls = tool_parsers.PARSERS[self.parser].parse(text, params)
             return content, [call(name, args) for name, args in calls]
         return text, []
 

@@ -10,6 +10,17 @@ out of free text, as vLLM's `--tool-call-parser` of the same name does.
                  Magistral, Devstral); text before the marker is content
     pythonic     [get_weather(city="Paris"), ...]   optionally inside <|python_start|> ...
                  <|python_end|> (Llama 3.2 and Llama 4's pythonic calls; the answer is the list)
+    deepseek_v3  <｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>name
+    deepseek_v31 ```json {...} ```<｜tool▁call▁end｜>... (V3, R1) or name<｜tool▁sep｜>{...}
+                 (V3.1); either name reads both
+    granite      <|tool_call|>[{"name": ..., "arguments": {...}}] (Granite 3; <tool_call>)
+    glm45        <tool_call>name<arg_key>k</arg_key><arg_value>v</arg_value></tool_call>
+                 (GLM-4.5 to 4.7)
+    qwen3_coder  <tool_call><function=name><parameter=k>v</parameter></function></tool_call>
+                 (Qwen3-Coder, Qwen3.5)
+
+The last two write values as text: a parameter the tool's schema types other than string is
+read as JSON.
 
 A parser gives (content, calls) for the whole output: calls are (name, arguments) pairs,
 and an output that does not parse as that format is all content (vLLM's rule). `markers`
@@ -27,11 +38,12 @@ from collections.abc import Callable
 from typing import Any
 
 Calls = list[tuple[str, Any]]
+Params = dict[str, dict[str, Any]]  # each tool's name -> its parameters' JSON schema
 
 
 @dataclasses.dataclass(frozen=True)
 class Parser:
-    parse: Callable[[str], tuple[str | None, Calls]]
+    parse: Callable[[str, Params], tuple[str | None, Calls]]
     markers: tuple[str, ...]
     at_start: bool  # calls only where the answer begins with a marker (after whitespace)
 
@@ -68,7 +80,7 @@ def _content(text: str) -> str | None:
 _HERMES = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.DOTALL)
 
 
-def _hermes(text: str) -> tuple[str | None, Calls]:
+def _hermes(text: str, params: Params) -> tuple[str | None, Calls]:
     """`<tool_call>` blocks of JSON objects with "name" and "arguments" (the last one may
     be unclosed at EOS); the text before the first is content."""
     at = text.find("<tool_call>")
@@ -84,7 +96,7 @@ def _hermes(text: str) -> tuple[str | None, Calls]:
     return _content(text[:at]), calls
 
 
-def _llama3_json(text: str) -> tuple[str | None, Calls]:
+def _llama3_json(text: str, params: Params) -> tuple[str | None, Calls]:
     """The whole answer is one or more `{"name": ..., "parameters": {...}}` objects
     ("arguments" is taken too) separated by ";", optionally after <|python_tag|>."""
     body = text.strip().removeprefix("<|python_tag|>").strip()
@@ -114,7 +126,7 @@ def _llama3_json(text: str) -> tuple[str | None, Calls]:
 _MISTRAL = "[TOOL_CALLS]"
 
 
-def _mistral(text: str) -> tuple[str | None, Calls]:
+def _mistral(text: str, params: Params) -> tuple[str | None, Calls]:
     """Content, then `[TOOL_CALLS]` and a JSON array of {"name", "arguments"}, or one
     `[TOOL_CALLS]name[ARGS]{...}` per call (a `[CALL_ID]id` after the name is dropped)."""
     at = text.find(_MISTRAL)
@@ -139,7 +151,7 @@ def _mistral(text: str) -> tuple[str | None, Calls]:
     return _content(text[:at]), calls
 
 
-def _pythonic(text: str) -> tuple[str | None, Calls]:
+def _pythonic(text: str, params: Params) -> tuple[str | None, Calls]:
     """The whole answer is a Python list of calls with keyword arguments whose values are
     literals, `[f(a=1, b="x"), g()]`, optionally inside <|python_start|> <|python_end|>.
     Read with `ast` (literals only: nothing is evaluated)."""
@@ -161,6 +173,98 @@ def _pythonic(text: str) -> tuple[str | None, Calls]:
     return None, calls
 
 
+_DS_BEGIN = "<\uff5ctool\u2581calls\u2581begin\uff5c>"
+_DS_CALL = re.compile(  # V3 / R1: type<sep>name, fenced JSON; V3.1: name<sep>JSON
+    "<\uff5ctool\u2581call\u2581begin\uff5c>(?:(?:function)?<\uff5ctool\u2581sep\uff5c>"
+    "(?P<name>[^\n<]+)\n```json\n(?P<args>.*?)\n```|(?P<name31>[^<]+)"
+    "<\uff5ctool\u2581sep\uff5c>(?P<args31>.*?))<\uff5ctool\u2581call\u2581end\uff5c>",
+    re.DOTALL)
+
+
+def _deepseek(text: str, params: Params) -> tuple[str | None, Calls]:
+    """Content, then `<｜tool▁calls▁begin｜>` and one `<｜tool▁call▁begin｜>...
+    <｜tool▁call▁end｜>` per call: `function<｜tool▁sep｜>name` and a ```json fenced body
+    (V3, R1) or `name<｜tool▁sep｜>{...}` (V3.1)."""
+    at = text.find(_DS_BEGIN)
+    if at < 0:
+        return text, []
+    calls = []
+    for m in _DS_CALL.finditer(text, at):
+        name = (m["name"] or m["name31"]).strip()
+        args = _json(m["args"] if m["name"] else m["args31"])
+        if not name or not isinstance(args, dict):
+            return text, []
+        calls.append((name, args))
+    return (_content(text[:at]), calls) if calls else (text, [])
+
+
+def _granite(text: str, params: Params) -> tuple[str | None, Calls]:
+    """The answer is `<|tool_call|>` (Granite 3.0) or `<tool_call>` (3.1+) and a JSON
+    array of {"name", "arguments"}."""
+    body = text.strip()
+    for marker in ("<|tool_call|>", "<tool_call>"):
+        if body.startswith(marker):
+            items = _json(body[len(marker):])
+            if isinstance(items, list) and items and all(
+                    isinstance(x, dict) and isinstance(x.get("name"), str)
+                    and isinstance(x.get("arguments"), dict) for x in items):
+                return None, [(x["name"], x["arguments"]) for x in items]
+    return text, []
+
+
+_GLM_CALL = re.compile(r"<tool_call>(.*?)(?:</tool_call>|$)", re.DOTALL)
+_GLM_ARG = re.compile(r"<arg_key>(.*?)</arg_key>\s*<arg_value>(.*?)</arg_value>", re.DOTALL)
+
+
+def _glm45(text: str, params: Params) -> tuple[str | None, Calls]:
+    """Content, then `<tool_call>name` with `<arg_key>k</arg_key><arg_value>v</arg_value>`
+    pairs per call (GLM-4.5 to 4.7); values typed by the tool's schema."""
+    at = text.find("<tool_call>")
+    if at < 0:
+        return text, []
+    calls = []
+    for body in _GLM_CALL.findall(text, at):
+        name, _, rest = body.partition("<arg_key>")
+        name = name.strip()
+        if not name or "<" in name or "\n" in name:
+            return text, []
+        pairs = _GLM_ARG.findall("<arg_key>" + rest) if rest else []
+        calls.append((name, {k.strip(): _typed(v, name, k.strip(), params)
+                             for k, v in pairs}))
+    return _content(text[:at]), calls
+
+
+_QC_FUNC = re.compile(r"<function=([^>\n]+)>(.*?)(?:</function>|$)", re.DOTALL)
+_QC_PARAM = re.compile(r"<parameter=([^>\n]+)>(.*?)(?:</parameter>|(?=<parameter=)|$)",
+                       re.DOTALL)
+
+
+def _qwen3_coder(text: str, params: Params) -> tuple[str | None, Calls]:
+    """Content, then `<tool_call><function=name><parameter=k>v</parameter>...</function>
+    </tool_call>` per call (Qwen3-Coder, Qwen3.5); values typed by the tool's schema."""
+    at = text.find("<tool_call>")
+    if at < 0:
+        return text, []
+    calls = []
+    for name, body in _QC_FUNC.findall(text, at):
+        name = name.strip()
+        calls.append((name, {k.strip(): _typed(v.removeprefix("\n").removesuffix("\n"),
+                                               name, k.strip(), params)
+                             for k, v in _QC_PARAM.findall(body)}))
+    return (_content(text[:at]), calls) if calls else (text, [])
+
+
+def _typed(value: str, name: str, key: str, params: Params) -> Any:
+    """A parameter written as text, as the tool's schema types it: a string stays the
+    text; other types are read as JSON (the text again where it is none)."""
+    prop = (params.get(name) or {}).get("properties", {}).get(key, {})
+    kind = prop.get("type") if isinstance(prop, dict) else None
+    if kind == "string" or kind is None and _json(value) is None:
+        return value
+    got = _json(value)
+    return value if got is None and value.strip() != "null" else got
+
+
 def _json(text: str) -> Any:
     """The JSON value `text` is (surrounding whitespace allowed), None if it is not one."""
     try:
@@ -174,4 +278,9 @@ PARSERS: dict[str, Parser] = {
     "llama3_json": Parser(_llama3_json, ("<|python_tag|>", "{"), at_start=True),
     "mistral": Parser(_mistral, (_MISTRAL,), at_start=False),
     "pythonic": Parser(_pythonic, ("<|python_start|>", "["), at_start=True),
+    "deepseek_v3": Parser(_deepseek, (_DS_BEGIN,), at_start=False),
+    "deepseek_v31": Parser(_deepseek, (_DS_BEGIN,), at_start=False),
+    "granite": Parser(_granite, ("<|tool_call|>", "<tool_call>"), at_start=True),
+    "glm45": Parser(_glm45, ("<tool_call>",), at_start=False),
+    "qwen3_coder": Parser(_qwen3_coder, ("<tool_call>",), at_start=False),
 }

@@ -9,7 +9,7 @@ import requests
 
 from jaxinfer import openai_api as api
 from jaxinfer.engine import Engine, EngineConfig
-from jaxinfer.errors import BadRequestError
+from jaxinfer.errors import BadRequestError, TokenizerError
 from jaxinfer.sampling import GREEDY
 from jaxinfer.server import BackgroundServer, create_app
 from jaxinfer.tool_calls import ToolCalling, check_tools
@@ -185,6 +185,50 @@ FORMATS = {
         ("[get_unit(unit={1, 2})]", None),  # a set is no JSON value
         ("[1] is a footnote", None),
     ],
+    "deepseek_v3": [
+        ("Checking.<\uff5ctool\u2581calls\u2581begin\uff5c><\uff5ctool\u2581call\u2581begin"
+         "\uff5c>function<\uff5ctool\u2581sep\uff5c>get_weather\n```json\n{\"city\": \"Paris\"}\n```"
+         "<\uff5ctool\u2581call\u2581end\uff5c><\uff5ctool\u2581call\u2581begin\uff5c>function"
+         "<\uff5ctool\u2581sep\uff5c>get_unit\n```json\n{\"unit\": \"c\"}\n```<\uff5ctool\u2581call"
+         "\u2581end\uff5c><\uff5ctool\u2581calls\u2581end\uff5c>",
+         ("Checking.", [("get_weather", {"city": "Paris"}), ("get_unit", {"unit": "c"})])),
+        ("<\uff5ctool\u2581calls\u2581begin\uff5c><\uff5ctool\u2581call\u2581begin\uff5c>get_weather"
+         "<\uff5ctool\u2581sep\uff5c>{\"city\": \"Oslo\"}<\uff5ctool\u2581call\u2581end\uff5c>"
+         "<\uff5ctool\u2581calls\u2581end\uff5c>",  # V3.1
+         (None, [("get_weather", {"city": "Oslo"})])),
+        ("<\uff5ctool\u2581calls\u2581begin\uff5c>nothing", None),
+    ],
+    "granite": [
+        ('<|tool_call|>[{"name": "get_weather", "arguments": {"city": "Paris"}}]',
+         (None, [("get_weather", {"city": "Paris"})])),
+        ('<tool_call>[{"name": "get_unit", "arguments": {"unit": "f"}}]',
+         (None, [("get_unit", {"unit": "f"})])),
+        ('Sure <|tool_call|>[{"name": "get_unit", "arguments": {}}]', None),
+    ],
+    "glm45": [
+        ("Let me check.\n<tool_call>get_weather\n<arg_key>city</arg_key>\n<arg_value>Paris"
+         "</arg_value>\n</tool_call><tool_call>get_unit<arg_key>unit</arg_key><arg_value>c"
+         "</arg_value></tool_call>",
+         ("Let me check.\n", [("get_weather", {"city": "Paris"}), ("get_unit", {"unit": "c"})])),
+        ("<tool_call>get_weather\n<arg_key>city</arg_key>\n<arg_value>1984</arg_value>\n"
+         "<arg_key>days</arg_key>\n<arg_value>3</arg_value>\n</tool_call>",  # schema types
+         (None, [("get_weather", {"city": "1984", "days": 3})])),
+        ("<tool_call>get_unit<arg_key>unit</arg_key><arg_value>f</arg_value></tool_call>",
+         (None, [("get_unit", {"unit": "f"})])),  # GLM-4.7 writes no newlines
+        ("<tool_call>\n</tool_call>", None),
+    ],
+    "qwen3_coder": [
+        ("I will look.\n<tool_call>\n<function=get_weather>\n<parameter=city>\nNew York\n"
+         "</parameter>\n<parameter=days>\n3\n</parameter>\n</function>\n</tool_call>",
+         ("I will look.\n", [("get_weather", {"city": "New York", "days": 3})])),
+        ("<tool_call>\n<function=get_unit>\n<parameter=unit>\nc\n</parameter>\n</function>\n"
+         "</tool_call>\n<tool_call>\n<function=get_weather>\n<parameter=city>\n42\n</parameter>"
+         "\n</function>\n</tool_call>",
+         (None, [("get_unit", {"unit": "c"}), ("get_weather", {"city": "42"})])),
+        ("<tool_call><function=get_unit><parameter=unit>f</parameter></function></tool_call>",
+         (None, [("get_unit", {"unit": "f"})])),
+        ("<tool_call>\nno function here\n</tool_call>", None),
+    ],
 }
 
 
@@ -220,6 +264,68 @@ def test_parser_streams_equal_the_whole_parse(parser, text):
     got = [c for d in deltas for c in d.get("tool_calls", [])]
     assert [c["function"] for c in got] == [c["function"] for c in calls]
     assert reason == ("tool_calls" if calls else "stop")
+
+
+# Real chat templates (llama.cpp's models/templates) write an assistant turn's tool calls in
+# their family's format: each parser must read back exactly the calls the template wrote.
+TEMPLATE_PARSERS = [
+    ("NousResearch-Hermes-3-Llama-3.1-8B-tool_use", "hermes"),
+    ("Qwen-Qwen2.5-7B-Instruct", "hermes"),
+    ("Qwen-Qwen3-0.6B", "hermes"),
+    ("ibm-granite-granite-4.0", "hermes"),
+    ("meta-llama-Llama-3.1-8B-Instruct", "llama3_json"),
+    ("meta-llama-Llama-3.2-3B-Instruct", "llama3_json"),
+    ("meta-llama-Llama-3.3-70B-Instruct", "llama3_json"),
+    ("mistralai-Mistral-Nemo-Instruct-2407", "mistral"),
+    ("Mistral-Small-3.2-24B-Instruct-2506", "mistral"),
+    ("unsloth-mistral-Devstral-Small-2507", "mistral"),
+    ("mistralai-Ministral-3-14B-Reasoning-2512", "mistral"),
+    ("deepseek-ai-DeepSeek-V3.1", "deepseek_v31"),
+    ("GLM-4.6", "glm45"),
+    ("GLM-4.7-Flash", "glm45"),
+    ("Qwen3-Coder", "qwen3_coder"),
+    ("Qwen3.5-4B", "qwen3_coder"),
+]
+_TURN_ENDS = ("<|eot_id|>", "<|im_end|>", "<\uff5cend\u2581of\u2581sentence\uff5c>",
+              "<|end_of_text|>", "</s>")
+
+
+@pytest.mark.parametrize("template, parser", TEMPLATE_PARSERS)
+def test_parsers_read_the_calls_real_templates_write(llama_cpp_vocabs, smollm2_checkpoint,
+                                                     template, parser):
+    """Two calls where the template takes several in one turn (Llama 3.x takes one); the
+    assistant turn is the rendering past the prompt, up to its end-of-turn token."""
+    from jaxinfer.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(smollm2_checkpoint / "tokenizer")
+    tok.set_chat_template((llama_cpp_vocabs / "templates" / f"{template}.jinja").read_text(
+        encoding="utf-8"))
+    tools = [{"type": "function", "function": {
+        "name": "get_weather", "description": "Weather in a city", "parameters": {
+            "type": "object", "properties": {"city": {"type": "string"},
+                                             "days": {"type": "integer"}},
+            "required": ["city"]}}}]
+    args = [{"city": "Paris", "days": 3}, {"city": "Oslo", "days": 1}]
+    prompt = tok.apply_chat_template(USER, tools=tools)
+    for n in (2, 1):
+        turn = {"role": "assistant", "content": "", "tool_calls": [
+            {"id": f"abc12345{i}", "type": "function",  # Mistral's ids: 9 alphanumerics
+             "function": {"name": "get_weather", "arguments": a}}
+            for i, a in enumerate(args[:n])]}
+        try:
+            full = tok.apply_chat_template(USER + [turn], tools=tools,
+                                           add_generation_prompt=False)
+            break
+        except TokenizerError:  # one call per turn only
+            continue
+    common = next(i for i, (a, b) in enumerate(zip(prompt + "\0", full, strict=False))
+                  if a != b)
+    answer = full[common:]
+    answer = answer[:min([i for e in _TURN_ENDS if (i := answer.find(e)) >= 0] or [None])]
+    tc = ToolCalling.from_request(tools, "auto", parser=parser)
+    _, calls = tc.parse(answer)
+    assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls] \
+        == [("get_weather", a) for a in args[:n]], answer
 
 
 def test_earlier_calls_and_tool_results_reach_the_template():
@@ -300,12 +406,15 @@ def test_auto_with_the_hermes_parser(url):
     assert chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"
 
 
-@pytest.mark.parametrize("parser", ["llama3_json", "mistral", "pythonic"])
+@pytest.mark.parametrize("parser", ["llama3_json", "mistral", "pythonic", "granite", "glm45",
+                                    "qwen3_coder"])
 def test_auto_with_each_parser_on_the_server(engine, parser):
     """`create_app(tool_call_parser=...)` (serve.py --tool_call_parser): the tiny model,
-    guided to write the family's format, answers with the parsed calls, streamed or not."""
-    text, (content, want) = FORMATS[parser][0] if parser != "pythonic" else FORMATS[parser][1]
-    body = dict(tools=TOOLS, tool_choice="auto", guided_choice=[text], max_tokens=160)
+    guided to write the family's format, answers with the parsed calls, streamed or not.
+    (The tiny tokenizer writes printable ASCII only: no DeepSeek markers, no newlines.)"""
+    text, (content, want) = next((t, w) for t, w in FORMATS[parser]
+                                 if w and t.isascii() and t.isprintable())
+    body = dict(tools=TOOLS, tool_choice="auto", guided_choice=[text], max_tokens=190)
     with BackgroundServer(create_app(engine, MODEL, tool_call_parser=parser)) as srv:
         out = _chat(srv.url, **body).json()["choices"][0]
         chunks = _sse(_chat(srv.url, stream=True, **body))
