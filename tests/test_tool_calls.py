@@ -187,7 +187,8 @@ FORMATS = {
     ],
     "deepseek_v3": [
         ("Checking.<\uff5ctool\u2581calls\u2581begin\uff5c><\uff5ctool\u2581call\u2581begin"
-         "\uff5c>function<\uff5ctool\u2581sep\uff5c>get_weather\n```json\n{\"city\": \"Paris\"}\n```"
+         "\uff5c>function<\uff5ctool\u2581sep\uff5c>get_weather\n```json\n"
+         "{\"city\": \"Paris\"}\n```"
          "<\uff5ctool\u2581call\u2581end\uff5c><\uff5ctool\u2581call\u2581begin\uff5c>function"
          "<\uff5ctool\u2581sep\uff5c>get_unit\n```json\n{\"unit\": \"c\"}\n```<\uff5ctool\u2581call"
          "\u2581end\uff5c><\uff5ctool\u2581calls\u2581end\uff5c>",
