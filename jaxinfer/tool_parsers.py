@@ -18,6 +18,9 @@ out of free text, as vLLM's `--tool-call-parser` of the same name does.
                  (GLM-4.5 to 4.7)
     qwen3_coder  <tool_call><function=name><parameter=k>v</parameter></function></tool_call>
                  (Qwen3-Coder, Qwen3.5)
+    kimi_k2      <|tool_calls_section_begin|><|tool_call_begin|>functions.name:0
+                 <|tool_call_argument_begin|>{...}<|tool_call_end|>... (Kimi K2)
+(llama4_json and llama4_pythonic are vLLM's names for the Llama 3 and pythonic parsers.)
 
 The last two write values as text: a parameter the tool's schema types other than string is
 read as JSON.
@@ -212,6 +215,26 @@ def _granite(text: str, params: Params) -> tuple[str | None, Calls]:
     return text, []
 
 
+_KIMI_BEGIN = "<|tool_calls_section_begin|>"
+_KIMI_CALL = re.compile(r"<\|tool_call_begin\|>\s*([^<]+?)\s*<\|tool_call_argument_begin\|>"
+                        r"(.*?)<\|tool_call_end\|>", re.DOTALL)
+
+
+def _kimi_k2(text: str, params: Params) -> tuple[str | None, Calls]:
+    """Content, then `<|tool_calls_section_begin|>` and per call `<|tool_call_begin|>
+    functions.name:index<|tool_call_argument_begin|>{...}<|tool_call_end|>`."""
+    at = text.find(_KIMI_BEGIN)
+    if at < 0:
+        return text, []
+    calls = []
+    for call_id, body in _KIMI_CALL.findall(text, at):
+        name, args = call_id.split(":")[0].split(".")[-1], _json(body)
+        if not name or not isinstance(args, dict):
+            return text, []
+        calls.append((name, args))
+    return (_content(text[:at]), calls) if calls else (text, [])
+
+
 _GLM_CALL = re.compile(r"<tool_call>(.*?)(?:</tool_call>|$)", re.DOTALL)
 _GLM_ARG = re.compile(r"<arg_key>(.*?)</arg_key>\s*<arg_value>(.*?)</arg_value>", re.DOTALL)
 
@@ -283,4 +306,7 @@ PARSERS: dict[str, Parser] = {
     "granite": Parser(_granite, ("<|tool_call|>", "<tool_call>"), at_start=True),
     "glm45": Parser(_glm45, ("<tool_call>",), at_start=False),
     "qwen3_coder": Parser(_qwen3_coder, ("<tool_call>",), at_start=False),
+    "kimi_k2": Parser(_kimi_k2, (_KIMI_BEGIN,), at_start=False),
 }
+PARSERS["llama4_json"] = PARSERS["llama3_json"]  # vLLM's names for Llama 4's formats
+PARSERS["llama4_pythonic"] = PARSERS["pythonic"]

@@ -230,6 +230,17 @@ FORMATS = {
          (None, [("get_unit", {"unit": "f"})])),
         ("<tool_call>\nno function here\n</tool_call>", None),
     ],
+    "kimi_k2": [
+        ("<|tool_calls_section_begin|><|tool_call_begin|>functions.get_unit:0"
+         "<|tool_call_argument_begin|>{\"unit\": \"f\"}<|tool_call_end|>"
+         "<|tool_calls_section_end|>", (None, [("get_unit", {"unit": "f"})])),
+        ("Looking.<|tool_calls_section_begin|><|tool_call_begin|>functions.get_weather:0"
+         "<|tool_call_argument_begin|>{\"city\": \"Paris\"}<|tool_call_end|><|tool_call_begin|>"
+         "functions.get_unit:1<|tool_call_argument_begin|>{\"unit\": \"c\"}<|tool_call_end|>"
+         "<|tool_calls_section_end|>",
+         ("Looking.", [("get_weather", {"city": "Paris"}), ("get_unit", {"unit": "c"})])),
+        ("<|tool_calls_section_begin|>nothing<|tool_calls_section_end|>", None),
+    ],
 }
 
 
@@ -286,6 +297,7 @@ TEMPLATE_PARSERS = [
     ("GLM-4.7-Flash", "glm45"),
     ("Qwen3-Coder", "qwen3_coder"),
     ("Qwen3.5-4B", "qwen3_coder"),
+    ("moonshotai-Kimi-K2", "kimi_k2"),
 ]
 _TURN_ENDS = ("<|eot_id|>", "<|im_end|>", "<\uff5cend\u2581of\u2581sentence\uff5c>",
               "<|end_of_text|>", "</s>")
@@ -408,7 +420,7 @@ def test_auto_with_the_hermes_parser(url):
 
 
 @pytest.mark.parametrize("parser", ["llama3_json", "mistral", "pythonic", "granite", "glm45",
-                                    "qwen3_coder"])
+                                    "qwen3_coder", "kimi_k2"])
 def test_auto_with_each_parser_on_the_server(engine, parser):
     """`create_app(tool_call_parser=...)` (serve.py --tool_call_parser): the tiny model,
     guided to write the family's format, answers with the parsed calls, streamed or not.
