@@ -139,7 +139,8 @@ class _OpenAILine:
             self.tools = req.tool_calling(self.tool_call_parser)
             kw["constraint"] = req.tool_constraint(self.tools)
             self.reasoning = req.reasoning_parser(self.reasoning, self.tools)
-            return [dict(kw, sampling=req.tool_sampling(req.choice_sampling(j), self.tools))
+            return [dict(kw, sampling=req.tool_sampling(req.choice_sampling(j), self.tools,
+                                                        self.reasoning))
                     for j in range(self.n)]
         prompts = req.prompt_inputs()
         if len(prompts) != 1:
@@ -338,6 +339,10 @@ def run_batch(engine: Engine, input_path: str | Path, output_path: str | Path,
         raise BadRequestError(f"unknown tool_call_parser {tool_call_parser!r}; known: "
                               f"{list(TOOL_PARSERS)}", "tool_call_parser")
     reasoning = ReasoningParser(reasoning_parser) if reasoning_parser else None
+    if tool_call_parser == "openai" and reasoning_parser != "openai_gptoss":
+        raise BadRequestError("tool_call_parser 'openai' reads the calls the 'openai_gptoss' "
+                              "reasoning parser passes on; add reasoning_parser "
+                              "'openai_gptoss'", "tool_call_parser")
     defaults = dict(defaults or {})
     done = _done_keys(output_path)
     summary = BatchSummary()

@@ -208,9 +208,12 @@ class _Request(BaseModel):
             return parser
         return parser.constrained()
 
-    def tool_sampling(self, sp: SamplingParams, tools: ToolCalling | None) -> SamplingParams:
-        """A parser's markers may be special tokens: such requests keep them in the text."""
-        if tools is not None and tools.keeps_special_tokens:
+    def tool_sampling(self, sp: SamplingParams, tools: ToolCalling | None,
+                      reasoning: ReasoningParser | None = None) -> SamplingParams:
+        """A parser's markers may be special tokens (all of gpt-oss's harmony markers are):
+        such requests keep them in the text."""
+        if (tools is not None and tools.keeps_special_tokens
+                or reasoning is not None and reasoning.keeps_special_tokens):
             return dataclasses.replace(sp, skip_special_tokens=False)
         return sp
 

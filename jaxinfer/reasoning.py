@@ -12,6 +12,8 @@ where the output does not open with `<think>`:
 - `qwen3`: no reasoning at all (thinking was off, `enable_thinking: false`);
 - `deepseek_r1`: reasoning up to `</think>` all the same (its template opens `<think>`
   in the prompt, so the output never starts with it).
+`openai_gptoss` reads gpt-oss's harmony channels instead (harmony.py): `analysis` is the
+reasoning, `final` the content.
 No JAX and no HTTP here.
 """
 
@@ -19,7 +21,9 @@ from __future__ import annotations
 
 from typing import Any
 
-PARSERS = ("qwen3", "deepseek_r1")
+from jaxinfer import harmony
+
+PARSERS = ("qwen3", "deepseek_r1", "openai_gptoss")
 START, END = "<think>", "</think>"
 
 
@@ -35,6 +39,11 @@ class ReasoningParser:
         self.name = name
         self.implicit_start = name == "deepseek_r1" if implicit_start is None else implicit_start
 
+    @property
+    def keeps_special_tokens(self) -> bool:
+        """Whether the text must keep special tokens: harmony's markers are ones."""
+        return self.name == "openai_gptoss"
+
     def constrained(self) -> ReasoningParser:
         """The parser for output a grammar constrains (a tool call, a JSON schema): it is
         reasoning only where it opens with `<think>` itself, since the grammar applies
@@ -43,6 +52,8 @@ class ReasoningParser:
 
     def split(self, text: str) -> tuple[str | None, str]:
         """(reasoning, content) of a whole output; reasoning None when there is none."""
+        if self.name == "openai_gptoss":
+            return harmony.split(text)
         opened = text.startswith(START)
         if not opened and not self.implicit_start:
             return None, text
@@ -52,8 +63,9 @@ class ReasoningParser:
             return body, ""  # cut short while thinking
         return body[:at], body[at + len(END):]
 
-    def stream(self) -> ReasoningStream:
-        return ReasoningStream(self)
+    def stream(self) -> ReasoningStream | harmony.HarmonyStream:
+        return harmony.HarmonyStream() if self.name == "openai_gptoss" else \
+            ReasoningStream(self)
 
 
 class ReasoningStream:

@@ -70,14 +70,14 @@ def create_app(engine: Engine, model_name: str, max_stored_responses: int = 1024
                allowed_origins: Sequence[str] = ()) -> FastAPI:
     """The OpenAI-compatible app over `engine`; the Responses API keeps the latest
     `max_stored_responses` responses in memory (openai_responses.ResponseStore);
-    `tool_call_parser` ("hermes") reads tool calls from free text (tool_choice "auto");
-    `reasoning_parser` ("qwen3", "deepseek_r1") moves a chat answer's <think> part to
-    reasoning_content; `allow_runtime_lora_updating` adds vLLM's load/unload LoRA adapter
-    endpoints (the engine needs room: EngineConfig.max_loras); with `api_key` every
-    /v1/ endpoint wants `Authorization: Bearer <api_key>` (401 otherwise), as OpenAI's and
-    vLLM's servers do; like vLLM's, the others (probes, metrics, /tokenize) stay open;
-    `allowed_origins` are the web origins whose pages may call the server from a browser
-    (CORS; "*" for any, none by default)."""
+    `tool_call_parser` (tool_parsers.PARSERS) reads tool calls from free text (tool_choice
+    "auto"); `reasoning_parser` ("qwen3", "deepseek_r1", "openai_gptoss") moves a chat
+    answer's reasoning to reasoning_content; `allow_runtime_lora_updating` adds vLLM's
+    load/unload LoRA adapter endpoints (the engine needs room: EngineConfig.max_loras);
+    with `api_key` every /v1/ endpoint wants `Authorization: Bearer <api_key>` (401
+    otherwise), as OpenAI's and vLLM's servers do; like vLLM's, the others (probes,
+    metrics, /tokenize) stay open; `allowed_origins` are the web origins whose pages may
+    call the server from a browser (CORS; "*" for any, none by default)."""
     if allow_runtime_lora_updating and not engine.config.max_loras:
         raise ConfigError("runtime LoRA updating needs room for adapters in the engine: "
                           "set --max_loras (EngineConfig.max_loras)")
@@ -85,6 +85,10 @@ def create_app(engine: Engine, model_name: str, max_stored_responses: int = 1024
         raise BadRequestError(f"unknown tool_call_parser {tool_call_parser!r}; known: "
                               f"{list(PARSERS)}", "tool_call_parser")
     reasoning = ReasoningParser(reasoning_parser) if reasoning_parser else None
+    if tool_call_parser == "openai" and reasoning_parser != "openai_gptoss":
+        raise BadRequestError("tool_call_parser 'openai' reads the calls the "
+                              "'openai_gptoss' reasoning parser passes on; add "
+                              "reasoning_parser 'openai_gptoss'", "tool_call_parser")
     app = FastAPI(title="jaxinfer", docs_url=None, redoc_url=None)
     created = int(time.time())
     stored = rs.ResponseStore(max_stored_responses)
@@ -256,7 +260,7 @@ def create_app(engine: Engine, model_name: str, max_stored_responses: int = 1024
         tools = body.tool_calling(tool_call_parser)
         reqs = await _submit(engine, body, [dict(messages=body.message_dicts(),
                                                  chat_options=body.chat_options())],
-                             body.token_budget(), tools, adapter)
+                             body.token_budget(), tools, adapter, reasoning)
         return await _respond(reqs, body, served, chat=True, tokenizer=engine.tokenizer,
                               tools=tools, reasoning=body.reasoning_parser(reasoning, tools))
 
@@ -272,7 +276,7 @@ def create_app(engine: Engine, model_name: str, max_stored_responses: int = 1024
         try:
             reqs = await _submit(engine, body, [dict(messages=body.messages(history),
                                                      chat_options=body.chat_options())],
-                                 body.token_budget(), tools, adapter)
+                                 body.token_budget(), tools, adapter, reasoning)
         except api.ApiError as e:
             e.param = "input" if e.param == "messages" else e.param  # this API's name
             raise
@@ -309,12 +313,14 @@ def create_app(engine: Engine, model_name: str, max_stored_responses: int = 1024
 
 async def _submit(engine: Engine, body: api._Request, prompts: list[dict[str, Any]],
                   max_tokens: int | None, tools: ToolCalling | None = None,
-                  adapter: str | None = None) -> list[Request]:
+                  adapter: str | None = None, reasoning: ReasoningParser | None = None
+                  ) -> list[Request]:
     """`_submit_all` on a worker thread: submitting tokenizes the prompts and compiles a
     constraint's grammar (0.3 s for the first one, longer for a large schema), which must
     not stall the event loop's other streams. A client gone meanwhile cancels them."""
     fut = asyncio.get_running_loop().run_in_executor(None, _submit_all, engine, body,
-                                                     prompts, max_tokens, tools, adapter)
+                                                     prompts, max_tokens, tools, adapter,
+                                                     reasoning)
     try:
         return await asyncio.shield(fut)
     except asyncio.CancelledError:
@@ -330,16 +336,17 @@ def _cancel_submitted(fut: asyncio.Future) -> None:
 
 def _submit_all(engine: Engine, body: api._Request, prompts: list[dict[str, Any]],
                 max_tokens: int | None, tools: ToolCalling | None = None,
-                adapter: str | None = None) -> list[Request]:
+                adapter: str | None = None, reasoning: ReasoningParser | None = None
+                ) -> list[Request]:
     """n engine requests per prompt, in choice order; all or none: if one is refused, the
     ones already queued are cancelled. `tools`: a chat request's tool settings; `adapter`:
-    the LoRA adapter its model names."""
+    the LoRA adapter its model names; `reasoning`: the parser that will read the text."""
     n = body.num_choices()
-    sampling = [body.choice_sampling(j) for j in range(n)]
+    sampling = [body.tool_sampling(body.choice_sampling(j), tools, reasoning)
+                for j in range(n)]
     constraint = body.constraint()
     if tools is not None:
         constraint = body.tool_constraint(tools)
-        sampling = [body.tool_sampling(sp, tools) for sp in sampling]
     reqs: list[Request] = []
     try:
         for prompt in prompts:

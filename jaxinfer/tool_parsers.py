@@ -20,6 +20,8 @@ out of free text, as vLLM's `--tool-call-parser` of the same name does.
                  (Qwen3-Coder, Qwen3.5)
     kimi_k2      <|tool_calls_section_begin|><|tool_call_begin|>functions.name:0
                  <|tool_call_argument_begin|>{...}<|tool_call_end|>... (Kimi K2)
+    openai       gpt-oss's function calls, as the openai_gptoss reasoning parser passes
+                 them on from its harmony messages (harmony.py); it needs that parser
 (llama4_json and llama4_pythonic are vLLM's names for the Llama 3 and pythonic parsers.)
 
 The last two write values as text: a parameter the tool's schema types other than string is
@@ -39,6 +41,8 @@ import json
 import re
 from collections.abc import Callable
 from typing import Any
+
+from jaxinfer import harmony
 
 Calls = list[tuple[str, Any]]
 Params = dict[str, dict[str, Any]]  # each tool's name -> its parameters' JSON schema
@@ -235,6 +239,25 @@ def _kimi_k2(text: str, params: Params) -> tuple[str | None, Calls]:
     return (_content(text[:at]), calls) if calls else (text, [])
 
 
+_HARMONY_CALL = re.compile(re.escape(harmony.CALL_OPEN) + r"([^\s<]+)<\|channel\|>commentary "
+                           r"json<\|message\|>(.*?)(?:<\|call\|>|$)", re.DOTALL)
+
+
+def _openai(text: str, params: Params) -> tuple[str | None, Calls]:
+    """gpt-oss's calls, as the `openai_gptoss` reasoning parser passes them on (harmony.py
+    `call_text`): the answer's text, then one message per call."""
+    at = text.find(harmony.CALL_OPEN)
+    if at < 0:
+        return text, []
+    calls = []
+    for name, body in _HARMONY_CALL.findall(text, at):
+        args = _json(body)
+        if not isinstance(args, dict):
+            return text, []
+        calls.append((name, args))
+    return (_content(text[:at]), calls) if calls else (text, [])
+
+
 _GLM_CALL = re.compile(r"<tool_call>(.*?)(?:</tool_call>|$)", re.DOTALL)
 _GLM_ARG = re.compile(r"<arg_key>(.*?)</arg_key>\s*<arg_value>(.*?)</arg_value>", re.DOTALL)
 
@@ -307,6 +330,7 @@ PARSERS: dict[str, Parser] = {
     "glm45": Parser(_glm45, ("<tool_call>",), at_start=False),
     "qwen3_coder": Parser(_qwen3_coder, ("<tool_call>",), at_start=False),
     "kimi_k2": Parser(_kimi_k2, (_KIMI_BEGIN,), at_start=False),
+    "openai": Parser(_openai, (harmony.CALL_OPEN,), at_start=False),
 }
 PARSERS["llama4_json"] = PARSERS["llama3_json"]  # vLLM's names for Llama 4's formats
 PARSERS["llama4_pythonic"] = PARSERS["pythonic"]

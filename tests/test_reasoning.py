@@ -161,3 +161,120 @@ def test_responses_api_returns_a_reasoning_item(url, tools):
     r = requests.post(f"{url}/v1/responses", timeout=30,
                       json={"input": "x", "top_logprobs": 2, "max_output_tokens": 2})
     assert r.status_code == 400 and r.json()["error"]["param"] == "top_logprobs"
+
+
+# gpt-oss's harmony format (openai_gptoss + the openai tool parser): analysis is reasoning,
+# final the answer, a message to=functions.NAME a call.
+HARMONY = [
+    "<|channel|>analysis<|message|>User asks weather.<|end|><|start|>assistant<|channel|>final"
+    "<|message|>It is sunny.",
+    "<|channel|>analysis<|message|>Need the tool.<|end|><|start|>assistant to=functions."
+    'get_weather<|channel|>commentary json<|message|>{"city": "Paris"}<|call|>',
+    "<|channel|>analysis<|message|>Need it.<|end|><|start|>assistant<|channel|>commentary "
+    'to=functions.get_unit <|constrain|>json<|message|>{"unit": "c"}',  # recipient after
+    "<|channel|>analysis<|message|>cut short",
+    "<|channel|>analysis<|message|>a<|end|><|start|>assist",  # cut inside the next header
+    '{"unit": "c"}',  # a grammar fixed the format: all content
+]
+
+
+@pytest.mark.parametrize("text, want", [
+    (HARMONY[0], ("User asks weather.", "It is sunny.", [])),
+    (HARMONY[1], ("Need the tool.", None, [("get_weather", {"city": "Paris"})])),
+    (HARMONY[2], ("Need it.", None, [("get_unit", {"unit": "c"})])),
+    (HARMONY[3], ("cut short", "", [])),
+    (HARMONY[4], ("a", "", [])),
+    (HARMONY[5], (None, '{"unit": "c"}', [])),
+])
+def test_harmony_split_and_calls(text, want):
+    from jaxinfer.tool_calls import ToolCalling
+
+    reasoning, content = ReasoningParser("openai_gptoss").split(text)
+    content, calls = ToolCalling.from_request(TOOLS, "auto", parser="openai").parse(content)
+    assert (reasoning, content,
+            [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls]
+            ) == want
+
+
+@pytest.mark.parametrize("text", HARMONY)
+def test_harmony_stream_equals_the_whole_split(text):
+    parser = ReasoningParser("openai_gptoss")
+    want_r, want_c = parser.split(text)
+    rng = random.Random(0)
+    for pieces in [list(text)] + [_pieces(text, rng) for _ in range(20)]:
+        stream = parser.stream()
+        deltas = [d for p in pieces for d in stream.feed(p)] + stream.finish()
+        assert all(len(d) == 1 and next(iter(d.values())) for d in deltas)
+        assert ("".join(d.get("reasoning_content", "") for d in deltas),
+                "".join(d.get("content", "") for d in deltas)) == (want_r or "", want_c)
+
+
+def test_harmony_reads_what_gpt_oss_template_writes(llama_cpp_vocabs, smollm2_checkpoint):
+    """gpt-oss's own chat template (llama.cpp's models/templates) writes an assistant turn
+    with its reasoning and an answer, or a call: read back past the prompt, they are the
+    same reasoning, answer and call."""
+    from jaxinfer.tokenizer import load_tokenizer
+    from jaxinfer.tool_calls import ToolCalling
+
+    tok = load_tokenizer(smollm2_checkpoint / "tokenizer")
+    tok.set_chat_template((llama_cpp_vocabs / "templates" / "openai-gpt-oss-120b.jinja")
+                          .read_text(encoding="utf-8"))
+    tools = [{"type": "function", "function": {**t["function"], "description": "A tool."}}
+             for t in TOOLS]  # this template wants descriptions
+    prompt = tok.apply_chat_template(USER, tools=tools)
+    assert prompt.endswith("<|start|>assistant")
+    tc = ToolCalling.from_request(tools, "auto", parser="openai")
+    call = {"id": "c1", "type": "function",
+            "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}
+    for turn, want in [
+            ({"role": "assistant", "thinking": "Think.", "content": "Sunny."},
+             ("Think.", "Sunny.", [])),
+            ({"role": "assistant", "thinking": "Use it.", "content": "", "tool_calls": [call]},
+             ("Use it.", None, [("get_weather", {"city": "Paris"})]))]:
+        full = tok.apply_chat_template(USER + [turn], tools=tools, add_generation_prompt=False)
+        assert full.startswith(prompt)
+        answer = full[len(prompt):].removesuffix("<|return|>")  # the stop token
+        reasoning, content = ReasoningParser("openai_gptoss").split(answer)
+        content, calls = tc.parse(content)
+        assert (reasoning, content, [(c["function"]["name"],
+                                      json.loads(c["function"]["arguments"]))
+                                     for c in calls]) == want, answer
+
+
+def test_harmony_on_the_server_and_in_batch_jobs(tmp_path):
+    """The tiny model, guided to write harmony text: reasoning_content, content and the call,
+    plain and streamed; the openai tool parser alone is refused."""
+    from jaxinfer.batch import run_batch
+
+    text = HARMONY[1]
+    body = {"messages": USER, "max_tokens": 190, "temperature": 0, "guided_choice": [text],
+            "tools": TOOLS, "tool_choice": "auto"}
+    with Engine(W, TINY, ToolTemplateTokenizer(),
+                EngineConfig(num_slots=2, max_len=256, prefix_cache_mb=8.0)) as eng:
+        with pytest.raises(BadRequestError, match="openai_gptoss"):
+            create_app(eng, "tiny", tool_call_parser="openai")
+        with BackgroundServer(create_app(eng, "tiny", tool_call_parser="openai",
+                                         reasoning_parser="openai_gptoss")) as srv:
+            out = requests.post(f"{srv.url}/v1/chat/completions", json=body, timeout=60).json()
+            r = requests.post(f"{srv.url}/v1/chat/completions", json={**body, "stream": True},
+                              timeout=60)
+        src = tmp_path / "in.jsonl"
+        src.write_text(json.dumps({"custom_id": "a", "method": "POST",
+                                   "url": "/v1/chat/completions", "body": body}) + "\n")
+        run_batch(eng, src, tmp_path / "out.jsonl", progress=False,
+                  tool_call_parser="openai", reasoning_parser="openai_gptoss")
+    msg = out["choices"][0]["message"]
+    assert (msg["reasoning_content"], msg["content"]) == ("Need the tool.", None)
+    assert [(c["function"]["name"], json.loads(c["function"]["arguments"]))
+            for c in msg["tool_calls"]] == [("get_weather", {"city": "Paris"})]
+    assert out["choices"][0]["finish_reason"] == "tool_calls"
+    events = [json.loads(x[6:]) for x in r.iter_lines(decode_unicode=True)
+              if x.startswith("data: ") and x != "data: [DONE]"]
+    deltas = [e["choices"][0]["delta"] for e in events]
+    assert "".join(d.get("reasoning_content") or "" for d in deltas) == "Need the tool."
+    assert "".join(d.get("content") or "" for d in deltas) == ""
+    assert [c["function"] for d in deltas for c in d.get("tool_calls", [])] == \
+        [c["function"] for c in msg["tool_calls"]]
+    line = json.loads((tmp_path / "out.jsonl").read_text())["response"]["body"]
+    assert line["choices"][0]["message"] == msg | {"tool_calls": line["choices"][0]["message"]
+                                                   ["tool_calls"]}

@@ -12,10 +12,13 @@ TOOL_PARSER = flags.DEFINE_enum("tool_call_parser", None, list(TOOL_PARSERS),
                                 "Hermes, Qwen2.5+, Granite 4), llama3_json (Llama 3.1-3.3), "
                                 "mistral ([TOOL_CALLS]), pythonic ([f(a=1)]: Llama 3.2, "
                                 "Llama 4), deepseek_v3/deepseek_v31, granite (3.x), glm45, "
-                                "qwen3_coder, kimi_k2 (see README).")
+                                "qwen3_coder, kimi_k2, openai (gpt-oss; with the "
+                                "openai_gptoss reasoning parser); see README.")
 REASONING_PARSER = flags.DEFINE_enum("reasoning_parser", None, list(REASONING_PARSERS),
-                                     "Moves a thinking model's <think>...</think> out of chat "
-                                     "answers into reasoning_content.")
+                                     "Moves a thinking model's <think>...</think> (qwen3, "
+                                     "deepseek_r1) or gpt-oss's analysis channel "
+                                     "(openai_gptoss) out of chat answers into "
+                                     "reasoning_content.")
 
 
 def kwargs() -> dict:
