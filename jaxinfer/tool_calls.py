@@ -8,7 +8,8 @@ The three ways a model's output becomes tool calls, as in vLLM:
 - `"required"`: the output is constrained to a JSON array of `{"name", "arguments"}`
   objects, one schema alternative per tool (one item when parallel_tool_calls is false);
 - `"auto"`: the model decides; a tool-call parser reads its own format from free text
-  (tool_parsers.py: `hermes`, `llama3_json`, `mistral`, `pythonic`, as vLLM names them).
+  (tool_parsers.py: `hermes`, `llama3_json`, `mistral`, `pythonic`, `glm45`, ... with
+  vLLM's names).
   Without a parser "auto" is refused, as vLLM refuses it without --tool-call-parser.
 The first two work with any model (the constraint guarantees a parseable call, not a good
 one); the tools also go to the chat template (`tools`), which tells the model about them if
