@@ -48,7 +48,7 @@ from jaxinfer.openai_beam import beam_search_body
 from jaxinfer.reasoning import ReasoningParser
 from jaxinfer.sampling import SamplingParams
 from jaxinfer.structured import from_openai
-from jaxinfer.tool_calls import PARSERS as TOOL_PARSERS
+from jaxinfer.tool_calls import check_parsers
 
 # The server's sampling fields, plus the two it spells per endpoint (chat's top_logprobs,
 # completions' echo): here a line gives SamplingParams' own names.
@@ -335,14 +335,8 @@ def run_batch(engine: Engine, input_path: str | Path, output_path: str | Path,
     `model_name` is the model OpenAI-format lines may name (default: the engine's);
     `tool_call_parser` and `reasoning_parser` read chat answers as the server does."""
     input_path, output_path = check_paths(input_path, output_path)
-    if tool_call_parser is not None and tool_call_parser not in TOOL_PARSERS:
-        raise BadRequestError(f"unknown tool_call_parser {tool_call_parser!r}; known: "
-                              f"{list(TOOL_PARSERS)}", "tool_call_parser")
+    check_parsers(tool_call_parser, reasoning_parser)
     reasoning = ReasoningParser(reasoning_parser) if reasoning_parser else None
-    if tool_call_parser == "openai" and reasoning_parser != "openai_gptoss":
-        raise BadRequestError("tool_call_parser 'openai' reads the calls the 'openai_gptoss' "
-                              "reasoning parser passes on; add reasoning_parser "
-                              "'openai_gptoss'", "tool_call_parser")
     defaults = dict(defaults or {})
     done = _done_keys(output_path)
     summary = BatchSummary()

@@ -57,7 +57,7 @@ from jaxinfer.reasoning import ReasoningParser
 from jaxinfer.sampling import SamplingParams
 from jaxinfer.structured import Constraint
 from jaxinfer.tokenizer import Tokenizer
-from jaxinfer.tool_calls import PARSERS, ToolCalling
+from jaxinfer.tool_calls import ToolCalling, check_parsers
 
 PROTECTED_PREFIX = "/v1/"  # what an API key guards; /health, /metrics, /tokenize... stay open
 
@@ -81,14 +81,8 @@ def create_app(engine: Engine, model_name: str, max_stored_responses: int = 1024
     if allow_runtime_lora_updating and not engine.config.max_loras:
         raise ConfigError("runtime LoRA updating needs room for adapters in the engine: "
                           "set --max_loras (EngineConfig.max_loras)")
-    if tool_call_parser is not None and tool_call_parser not in PARSERS:
-        raise BadRequestError(f"unknown tool_call_parser {tool_call_parser!r}; known: "
-                              f"{list(PARSERS)}", "tool_call_parser")
+    check_parsers(tool_call_parser, reasoning_parser)
     reasoning = ReasoningParser(reasoning_parser) if reasoning_parser else None
-    if tool_call_parser == "openai" and reasoning_parser != "openai_gptoss":
-        raise BadRequestError("tool_call_parser 'openai' reads the calls the "
-                              "'openai_gptoss' reasoning parser passes on; add "
-                              "reasoning_parser 'openai_gptoss'", "tool_call_parser")
     app = FastAPI(title="jaxinfer", docs_url=None, redoc_url=None)
     created = int(time.time())
     stored = rs.ResponseStore(max_stored_responses)

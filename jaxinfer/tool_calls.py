@@ -66,6 +66,18 @@ def check_tools(tools: Any) -> list[dict[str, Any]]:
     return tools
 
 
+def check_parsers(tool_call_parser: str | None, reasoning_parser: str | None) -> None:
+    """The server's and batch jobs' parser settings: a known tool-call parser, and
+    `openai` only with the `openai_gptoss` reasoning parser that passes its calls on."""
+    if tool_call_parser is not None and tool_call_parser not in PARSERS:
+        raise BadRequestError(f"unknown tool_call_parser {tool_call_parser!r}; known: "
+                              f"{list(PARSERS)}", "tool_call_parser")
+    if tool_call_parser == "openai" and reasoning_parser != "openai_gptoss":
+        raise BadRequestError("tool_call_parser 'openai' reads the calls the 'openai_gptoss' "
+                              "reasoning parser passes on; add reasoning_parser "
+                              "'openai_gptoss'", "tool_call_parser")
+
+
 def new_call_id() -> str:
     return f"call_{uuid.uuid4().hex[:24]}"
 
