@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import functools
 import json
 import re
 from collections.abc import Callable
@@ -84,23 +85,37 @@ def _content(text: str) -> str | None:
     return text if text.strip() else None
 
 
+def _after(marker: str) -> Callable[[Callable[[str, Params], Calls | None]],
+                                    Callable[[str, Params], tuple[str | None, Calls]]]:
+    """For a format whose calls follow `marker`, the text before it being content: the
+    decorated reader gets the output from the marker on and gives its calls, None where
+    they are not that format (then the whole output is content, vLLM's rule)."""
+    def wrap(read: Callable[[str, Params], Calls | None]
+             ) -> Callable[[str, Params], tuple[str | None, Calls]]:
+        @functools.wraps(read)
+        def parse(text: str, params: Params) -> tuple[str | None, Calls]:
+            at = text.find(marker)
+            calls = read(text[at:], params) if at >= 0 else None
+            return (_content(text[:at]), calls) if calls else (text, [])
+        return parse
+    return wrap
+
+
 _HERMES = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.DOTALL)
 
 
-def _hermes(text: str, params: Params) -> tuple[str | None, Calls]:
+@_after("<tool_call>")
+def _hermes(text: str, params: Params) -> Calls | None:
     """`<tool_call>` blocks of JSON objects with "name" and "arguments" (the last one may
     be unclosed at EOS); the text before the first is content."""
-    at = text.find("<tool_call>")
-    if at < 0:
-        return text, []
     calls = []
-    for body in _HERMES.findall(text[at:]):
+    for body in _HERMES.findall(text):
         obj = _json(body)
         if not isinstance(obj, dict) or not isinstance(obj.get("name"), str) \
                 or "arguments" not in obj:
-            return text, []
+            return None
         calls.append((obj["name"], obj["arguments"]))
-    return _content(text[:at]), calls
+    return calls
 
 
 def _llama3_json(text: str, params: Params) -> tuple[str | None, Calls]:
@@ -133,29 +148,27 @@ def _llama3_json(text: str, params: Params) -> tuple[str | None, Calls]:
 _MISTRAL = "[TOOL_CALLS]"
 
 
-def _mistral(text: str, params: Params) -> tuple[str | None, Calls]:
+@_after(_MISTRAL)
+def _mistral(text: str, params: Params) -> Calls | None:
     """Content, then `[TOOL_CALLS]` and a JSON array of {"name", "arguments"}, or one
     `[TOOL_CALLS]name[ARGS]{...}` per call (a `[CALL_ID]id` after the name is dropped)."""
-    at = text.find(_MISTRAL)
-    if at < 0:
-        return text, []
     calls: Calls = []
-    for part in text[at + len(_MISTRAL):].split(_MISTRAL):
+    for part in text[len(_MISTRAL):].split(_MISTRAL):
         if "[ARGS]" in part:
             name, _, args = part.partition("[ARGS]")
             name = name.split("[CALL_ID]")[0].strip()
             obj = _json(args)
             if not name or obj is None:
-                return text, []
+                return None
             calls.append((name, obj))
             continue
         items = _json(part)
         if not isinstance(items, list) or not items or not all(
                 isinstance(x, dict) and isinstance(x.get("name"), str) and "arguments" in x
                 for x in items):
-            return text, []
+            return None
         calls += [(x["name"], x["arguments"]) for x in items]
-    return _content(text[:at]), calls
+    return calls
 
 
 def _pythonic(text: str, params: Params) -> tuple[str | None, Calls]:
@@ -188,21 +201,19 @@ _DS_CALL = re.compile(  # V3 / R1: type<sep>name, fenced JSON; V3.1: name<sep>JS
     re.DOTALL)
 
 
-def _deepseek(text: str, params: Params) -> tuple[str | None, Calls]:
+@_after(_DS_BEGIN)
+def _deepseek(text: str, params: Params) -> Calls | None:
     """Content, then `<｜tool▁calls▁begin｜>` and one `<｜tool▁call▁begin｜>...
     <｜tool▁call▁end｜>` per call: `function<｜tool▁sep｜>name` and a ```json fenced body
     (V3, R1) or `name<｜tool▁sep｜>{...}` (V3.1)."""
-    at = text.find(_DS_BEGIN)
-    if at < 0:
-        return text, []
     calls = []
-    for m in _DS_CALL.finditer(text, at):
+    for m in _DS_CALL.finditer(text):
         name = (m["name"] or m["name31"]).strip()
         args = _json(m["args"] if m["name"] else m["args31"])
         if not name or not isinstance(args, dict):
-            return text, []
+            return None
         calls.append((name, args))
-    return (_content(text[:at]), calls) if calls else (text, [])
+    return calls
 
 
 def _granite(text: str, params: Params) -> tuple[str | None, Calls]:
@@ -224,60 +235,54 @@ _KIMI_CALL = re.compile(r"<\|tool_call_begin\|>\s*([^<]+?)\s*<\|tool_call_argume
                         r"(.*?)<\|tool_call_end\|>", re.DOTALL)
 
 
-def _kimi_k2(text: str, params: Params) -> tuple[str | None, Calls]:
+@_after(_KIMI_BEGIN)
+def _kimi_k2(text: str, params: Params) -> Calls | None:
     """Content, then `<|tool_calls_section_begin|>` and per call `<|tool_call_begin|>
     functions.name:index<|tool_call_argument_begin|>{...}<|tool_call_end|>`."""
-    at = text.find(_KIMI_BEGIN)
-    if at < 0:
-        return text, []
     calls = []
-    for call_id, body in _KIMI_CALL.findall(text, at):
+    for call_id, body in _KIMI_CALL.findall(text):
         name, args = call_id.split(":")[0].split(".")[-1], _json(body)
         if not name or not isinstance(args, dict):
-            return text, []
+            return None
         calls.append((name, args))
-    return (_content(text[:at]), calls) if calls else (text, [])
+    return calls
 
 
 _HARMONY_CALL = re.compile(re.escape(harmony.CALL_OPEN) + r"([^\s<]+)<\|channel\|>commentary "
                            r"json<\|message\|>(.*?)(?:<\|call\|>|$)", re.DOTALL)
 
 
-def _openai(text: str, params: Params) -> tuple[str | None, Calls]:
+@_after(harmony.CALL_OPEN)
+def _openai(text: str, params: Params) -> Calls | None:
     """gpt-oss's calls, as the `openai_gptoss` reasoning parser passes them on (harmony.py
     `call_text`): the answer's text, then one message per call."""
-    at = text.find(harmony.CALL_OPEN)
-    if at < 0:
-        return text, []
     calls = []
-    for name, body in _HARMONY_CALL.findall(text, at):
+    for name, body in _HARMONY_CALL.findall(text):
         args = _json(body)
         if not isinstance(args, dict):
-            return text, []
+            return None
         calls.append((name, args))
-    return (_content(text[:at]), calls) if calls else (text, [])
+    return calls
 
 
 _GLM_CALL = re.compile(r"<tool_call>(.*?)(?:</tool_call>|$)", re.DOTALL)
 _GLM_ARG = re.compile(r"<arg_key>(.*?)</arg_key>\s*<arg_value>(.*?)</arg_value>", re.DOTALL)
 
 
-def _glm45(text: str, params: Params) -> tuple[str | None, Calls]:
+@_after("<tool_call>")
+def _glm45(text: str, params: Params) -> Calls | None:
     """Content, then `<tool_call>name` with `<arg_key>k</arg_key><arg_value>v</arg_value>`
     pairs per call (GLM-4.5 to 4.7); values typed by the tool's schema."""
-    at = text.find("<tool_call>")
-    if at < 0:
-        return text, []
     calls = []
-    for body in _GLM_CALL.findall(text, at):
+    for body in _GLM_CALL.findall(text):
         name, _, rest = body.partition("<arg_key>")
         name = name.strip()
         if not name or "<" in name or "\n" in name:
-            return text, []
+            return None
         pairs = _GLM_ARG.findall("<arg_key>" + rest) if rest else []
         calls.append((name, {k.strip(): _typed(v, name, k.strip(), params)
                              for k, v in pairs}))
-    return _content(text[:at]), calls
+    return calls
 
 
 _QC_FUNC = re.compile(r"<function=([^>\n]+)>(.*?)(?:</function>|$)", re.DOTALL)
@@ -285,19 +290,17 @@ _QC_PARAM = re.compile(r"<parameter=([^>\n]+)>(.*?)(?:</parameter>|(?=<parameter
                        re.DOTALL)
 
 
-def _qwen3_coder(text: str, params: Params) -> tuple[str | None, Calls]:
+@_after("<tool_call>")
+def _qwen3_coder(text: str, params: Params) -> Calls | None:
     """Content, then `<tool_call><function=name><parameter=k>v</parameter>...</function>
     </tool_call>` per call (Qwen3-Coder, Qwen3.5); values typed by the tool's schema."""
-    at = text.find("<tool_call>")
-    if at < 0:
-        return text, []
     calls = []
-    for name, body in _QC_FUNC.findall(text, at):
+    for name, body in _QC_FUNC.findall(text):
         name = name.strip()
         calls.append((name, {k.strip(): _typed(v.removeprefix("\n").removesuffix("\n"),
                                                name, k.strip(), params)
                              for k, v in _QC_PARAM.findall(body)}))
-    return (_content(text[:at]), calls) if calls else (text, [])
+    return calls
 
 
 def _typed(value: str, name: str, key: str, params: Params) -> Any:
