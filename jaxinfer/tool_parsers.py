@@ -24,8 +24,8 @@ out of free text, as vLLM's `--tool-call-parser` of the same name does.
                  them on from its harmony messages (harmony.py); it needs that parser
 (llama4_json and llama4_pythonic are vLLM's names for the Llama 3 and pythonic parsers.)
 
-The last two write values as text: a parameter the tool's schema types other than string is
-read as JSON.
+glm45 and qwen3_coder write values as text: a parameter the tool's schema types other than
+string is read as JSON.
 
 A parser gives (content, calls) for the whole output: calls are (name, arguments) pairs,
 and an output that does not parse as that format is all content (vLLM's rule). `markers`
@@ -101,6 +101,17 @@ def _after(marker: str) -> Callable[[Callable[[str, Params], Calls | None]],
     return wrap
 
 
+def _whole(read: Callable[[str, Params], Calls | None]
+           ) -> Callable[[str, Params], tuple[str | None, Calls]]:
+    """For a format whose calls are the whole answer: the decorated reader gives them,
+    None where the answer is not that format (then it is all content)."""
+    @functools.wraps(read)
+    def parse(text: str, params: Params) -> tuple[str | None, Calls]:
+        calls = read(text, params)
+        return (None, calls) if calls else (text, [])
+    return parse
+
+
 _HERMES = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.DOTALL)
 
 
@@ -118,31 +129,32 @@ def _hermes(text: str, params: Params) -> Calls | None:
     return calls
 
 
-def _llama3_json(text: str, params: Params) -> tuple[str | None, Calls]:
+@_whole
+def _llama3_json(text: str, params: Params) -> Calls | None:
     """The whole answer is one or more `{"name": ..., "parameters": {...}}` objects
     ("arguments" is taken too) separated by ";", optionally after <|python_tag|>."""
     body = text.strip().removeprefix("<|python_tag|>").strip()
     if not body.startswith("{"):
-        return text, []
+        return None
     calls, dec, i = [], json.JSONDecoder(), 0
     while i < len(body):
         try:
             obj, i = dec.raw_decode(body, i)
         except ValueError:
-            return text, []
+            return None
         if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
-            return text, []
+            return None
         args = obj.get("parameters", obj.get("arguments"))
         if args is None:
-            return text, []
+            return None
         calls.append((obj["name"], args))
         rest = body[i:].lstrip()
         if rest.startswith(";"):
             rest = rest[1:].lstrip()
         elif rest:
-            return text, []
+            return None
         i = len(body) - len(rest)
-    return None, calls
+    return calls
 
 
 _MISTRAL = "[TOOL_CALLS]"
@@ -171,7 +183,8 @@ def _mistral(text: str, params: Params) -> Calls | None:
     return calls
 
 
-def _pythonic(text: str, params: Params) -> tuple[str | None, Calls]:
+@_whole
+def _pythonic(text: str, params: Params) -> Calls | None:
     """The whole answer is a Python list of calls with keyword arguments whose values are
     literals, `[f(a=1, b="x"), g()]`, optionally inside <|python_start|> <|python_end|>.
     Read with `ast` (literals only: nothing is evaluated)."""
@@ -179,18 +192,18 @@ def _pythonic(text: str, params: Params) -> tuple[str | None, Calls]:
     try:
         tree = ast.parse(body.strip(), mode="eval").body
         if not isinstance(tree, ast.List) or not tree.elts:
-            return text, []
+            return None
         calls = []
         for node in tree.elts:
             if not isinstance(node, ast.Call) or not isinstance(node.func, ast.Name) \
                     or node.args or any(k.arg is None for k in node.keywords):
-                return text, []
+                return None
             args = {k.arg: ast.literal_eval(k.value) for k in node.keywords}
             json.dumps(args, allow_nan=False)  # a set, bytes or complex is no JSON value
             calls.append((node.func.id, args))
     except (SyntaxError, ValueError, TypeError, MemoryError, RecursionError):
-        return text, []
-    return None, calls
+        return None
+    return calls
 
 
 _DS_BEGIN = "<\uff5ctool\u2581calls\u2581begin\uff5c>"
@@ -216,7 +229,8 @@ def _deepseek(text: str, params: Params) -> Calls | None:
     return calls
 
 
-def _granite(text: str, params: Params) -> tuple[str | None, Calls]:
+@_whole
+def _granite(text: str, params: Params) -> Calls | None:
     """The answer is `<|tool_call|>` (Granite 3.0) or `<tool_call>` (3.1+) and a JSON
     array of {"name", "arguments"}."""
     body = text.strip()
@@ -226,8 +240,8 @@ def _granite(text: str, params: Params) -> tuple[str | None, Calls]:
             if isinstance(items, list) and items and all(
                     isinstance(x, dict) and isinstance(x.get("name"), str)
                     and isinstance(x.get("arguments"), dict) for x in items):
-                return None, [(x["name"], x["arguments"]) for x in items]
-    return text, []
+                return [(x["name"], x["arguments"]) for x in items]
+    return None
 
 
 _KIMI_BEGIN = "<|tool_calls_section_begin|>"
