@@ -11,15 +11,18 @@ Output, one line per input line, in completion order:
 
 OpenAI's batch format works too, line by line (what OpenAI's Batch API and vLLM's run_batch
 take): {"custom_id": "r1", "method": "POST", "url": "/v1/chat/completions", "body": {...}}
-(or "/v1/completions", "/v1/responses")
+(or "/v1/completions", "/v1/responses", "/v1/messages")
 gets {"id": ..., "custom_id": "r1", "response": {"status_code": 200, "request_id": ...,
 "body": <the server's response body>}, "error": null}; a bad request gets status 400 and
-OpenAI's error body. Such a line's body alone sets its parameters (OpenAI's defaults, not
-the job's), `n` choices, `echo` and vLLM's `use_beam_search` (run between the engine's
-turns, as the server runs it) included; `stream` is refused. A body's `model` must be the job's
-model (`model_name`, default the checkpoint's name) or one of its LoRA adapters
-(`lora_modules`), as the server requires: every line's model or adapter is checked before
-any runs, since error lines would count as done on a rerun.
+the endpoint's error body. Anthropic's Message Batches format works as well:
+{"custom_id": "r1", "params": {<a /v1/messages body>}} gets {"custom_id": "r1", "result":
+{"type": "succeeded", "message": {...}}} or {"type": "errored", "error": {...}}.
+Such a line's body alone sets its parameters (the API's defaults, not the job's), `n`
+choices, `echo` and vLLM's `use_beam_search` (run between the engine's turns, as the
+server runs it) included; `stream` is refused. A body's `model` must be the job's model
+(`model_name`, default the checkpoint's name) or one of its LoRA adapters (`lora_modules`),
+as the server requires: every line's model or adapter is checked before any runs, since
+error lines would count as done on a rerun.
 
 Resuming: ids (or custom_ids) already present in the output are skipped, and a torn last
 line (a killed run) is cut off first, so rerunning the same command finishes the job with
@@ -40,6 +43,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from jaxinfer import anthropic_api as anth
 from jaxinfer import openai_api as api
 from jaxinfer import openai_responses as rs
 from jaxinfer.engine import Engine, EngineConfig, Request
@@ -79,12 +83,18 @@ def _key(obj: Any, lineno: int) -> str:
 
 
 _OPENAI_URLS = {"/v1/chat/completions": api.ChatRequest, "/v1/completions":
-                api.CompletionRequest, "/v1/responses": rs.ResponsesRequest}
+                api.CompletionRequest, "/v1/responses": rs.ResponsesRequest,
+                anth.PATH: anth.MessagesRequest}
+
+
+def _line_body(obj: Any) -> Any:
+    """The request body of a custom_id line: OpenAI's `body` or Anthropic's `params`."""
+    return obj.get("body", obj.get("params")) if isinstance(obj, dict) else None
 
 
 class _OpenAILine:
-    """One line in OpenAI's batch format: its engine requests (one per choice) and its
-    output record."""
+    """One line in OpenAI's batch format (or Anthropic's): its engine requests (one per
+    choice) and its output record."""
 
     def __init__(self, obj: dict[str, Any], engine: Engine, model: str,
                  tool_call_parser: str | None = None,
@@ -95,13 +105,16 @@ class _OpenAILine:
         self.tool_call_parser, self.reasoning = tool_call_parser, reasoning
         self.tools = None  # a chat line's tool settings
         self.beam: Callable[[], dict[str, Any]] | None = None  # a beam search's body
+        # Anthropic's Message Batches line: {"custom_id", "params"}, no url.
+        self.anthropic = "params" in obj and "url" not in obj
+        self.url = anth.PATH if self.anthropic else obj.get("url")
 
     def submit_kwargs(self, obj: dict[str, Any]) -> list[dict[str, Any]]:
         """Engine.submit arguments of the line, one set per choice; api.ApiError (with its
         status and field) for a bad one."""
         from pydantic import ValidationError
 
-        url, body = obj.get("url"), obj.get("body")
+        url, body = self.url, _line_body(obj)
         if obj.get("method", "POST") != "POST" or url not in _OPENAI_URLS:
             raise api.ApiError(400, f"url must be one of {sorted(_OPENAI_URLS)} with method "
                                f"POST, got {obj.get('method', 'POST')} {url!r}", "url")
@@ -116,7 +129,8 @@ class _OpenAILine:
         self.n = req.num_choices()
         adapter = api.check_model(req.model, self.model, self.engine.adapter_names)
         self.served = adapter or self.model
-        beams = None if isinstance(req, rs.ResponsesRequest) else req.beam_search()
+        beams = (None if isinstance(req, (rs.ResponsesRequest, anth.MessagesRequest))
+                 else req.beam_search())
         if beams is not None:  # run by `beam_record` instead of engine requests
             chat = isinstance(req, api.ChatRequest)
             prompts = ([dict(messages=req.message_dicts(), chat_options=req.chat_options())]
@@ -132,8 +146,10 @@ class _OpenAILine:
                 raise api.ApiError(400, "previous_response_id is not supported in batch jobs "
                                    "(they store no responses); send the conversation as "
                                    "input", "previous_response_id")
-        if isinstance(req, (rs.ResponsesRequest, api.ChatRequest)):
+        if isinstance(req, (rs.ResponsesRequest, api.ChatRequest, anth.MessagesRequest)):
             kw["messages"] = (req.messages() if isinstance(req, rs.ResponsesRequest)
+                              else req.chat_messages()
+                              if isinstance(req, anth.MessagesRequest)
                               else req.message_dicts())
             kw["chat_options"] = req.chat_options()
             self.tools = req.tool_calling(self.tool_call_parser)
@@ -160,14 +176,20 @@ class _OpenAILine:
 
     def record(self, status: int, body: dict[str, Any], request_id: str | None = None
                ) -> dict[str, Any]:
+        if self.anthropic:
+            result = ({"type": "succeeded", "message": body} if status == 200
+                      else {"type": "errored", "error": body})
+            return {"custom_id": self.custom_id, "result": result}
         return {"id": api.new_id("batch_req"), "custom_id": self.custom_id,
                 "response": {"status_code": status, "request_id": request_id, "body": body},
                 "error": None}
 
     def error_record(self, e: JaxinferError | api.ApiError) -> dict[str, Any]:
-        if isinstance(e, api.ApiError):
-            return self.record(e.status, e.body())
-        return self.record(400, api.error_body(str(e), param=getattr(e, "param", None)))
+        if not isinstance(e, api.ApiError):
+            e = api.ApiError(400, str(e), getattr(e, "param", None))
+        if self.url == anth.PATH:
+            return self.record(e.status, anth.error_body(e.status, e.message))
+        return self.record(e.status, e.body())
 
     def result_record(self, reqs: list[Request]) -> dict[str, Any]:
         try:
@@ -176,6 +198,10 @@ class _OpenAILine:
             return self.error_record(e)
         if self.scoring_only:
             results = [api.scored_only(r) for r in results]
+        if isinstance(self.req, anth.MessagesRequest):
+            body = anth.MessageBuilder(self.req, self.served, results[0].prompt_tokens,
+                                       self.tools, self.reasoning).final(results[0])
+            return self.record(200, body, body["id"])
         if isinstance(self.req, rs.ResponsesRequest):
             build = rs.ResponseBuilder(self.req, self.served, tools=self.tools,
                                        reasoning=self.reasoning)
@@ -203,7 +229,7 @@ def _count_lines(path: Path, model: str, adapters: list[str]) -> int:
                 obj = json.loads(line)
             except json.JSONDecodeError:
                 continue  # an error line of its own, later
-            body = obj.get("body") if isinstance(obj, dict) and "custom_id" in obj else None
+            body = _line_body(obj) if isinstance(obj, dict) and "custom_id" in obj else None
             asked = body.get("model") if isinstance(body, dict) else None
             if isinstance(asked, str) and asked != model and asked not in adapters:
                 raise BadRequestError(f"line {lineno} asks for model {asked!r}; this job "
@@ -310,6 +336,13 @@ def _result_record(rid: Any, reqs: list[Request]) -> dict[str, Any]:
             "metrics": r.metrics.to_json()}
 
 
+def _is_error(rec: dict[str, Any]) -> bool:
+    if "result" in rec:  # Anthropic's format
+        return rec["result"]["type"] != "succeeded"
+    return "error" in rec and (rec["error"] is not None
+                               or rec["response"]["status_code"] != 200)
+
+
 def check_paths(input_path: str | Path, output_path: str | Path) -> tuple[Path, Path]:
     """BadRequestError unless the input is a file and the output can be appended to and
     is not the input (whose ids would all read as done: nothing would run)."""
@@ -357,8 +390,7 @@ def run_batch(engine: Engine, input_path: str | Path, output_path: str | Path,
             fout.write(json.dumps(rec, ensure_ascii=False) + "\n")
             fout.flush()
             summary.written += 1
-            summary.errors += "error" in rec and (
-                rec["error"] is not None or rec["response"]["status_code"] != 200)
+            summary.errors += _is_error(rec)
             bar.update(1)
 
         def drain(block: bool) -> None:

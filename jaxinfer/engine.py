@@ -1198,7 +1198,18 @@ class Engine:
                               reason, m, None if req.sampling.logprobs is None
                               else list(req.logprobs),
                               None if req.sampling.prompt_logprobs is None
-                              else list(req.prompt_logprobs))
+                              else list(req.prompt_logprobs),
+                              _stop_reason(req, reason))
         if not req.warmup:
             self.metrics.on_finish(reason, m)
         req.publish(result=result)
+
+
+def _stop_reason(req: Request, reason: str) -> str | int | None:
+    """EngineResult.stop_reason: the matched stop string, or the stop id that ended it."""
+    if reason != "stop":
+        return None
+    if req.output is not None and req.output.stop_string is not None:
+        return req.output.stop_string
+    last = req.token_ids[-1] if req.token_ids else None
+    return last if last in req.sampling.stop_token_ids else None

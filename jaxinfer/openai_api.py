@@ -594,7 +594,7 @@ def completion_body(rid: str, model: str, results: list[EngineResult], chat: boo
             lp = echo_logprobs_body(prompt_ids[i], result.prompt_logprobs,
                                     result.logprobs or [], tokenizer)
         choice: dict[str, Any] = {"index": i, "finish_reason": result.finish_reason,
-                                  "logprobs": lp}
+                                  "stop_reason": result.stop_reason, "logprobs": lp}
         if chat:
             choice["message"], choice["finish_reason"] = chat_message(
                 result.text, result.finish_reason, tools, reasoning)
@@ -673,11 +673,14 @@ class ChatDeltas:
 def chunk_body(rid: str, model: str, chat: bool, delta: str | None = None,
                finish_reason: str | None = None, role: bool = False,
                logprobs: dict[str, Any] | None = None, index: int = 0,
-               fields: dict[str, Any] | None = None) -> dict[str, Any]:
+               fields: dict[str, Any] | None = None,
+               stop_reason: str | int | None = None) -> dict[str, Any]:
     """One streamed chunk; a chat delta is `delta` as content, or `fields` as they are
-    (tool calls)."""
+    (tool calls); the last one of a choice carries its finish_reason and stop_reason."""
     choice: dict[str, Any] = {"index": index, "finish_reason": finish_reason,
                               "logprobs": logprobs}
+    if finish_reason is not None:
+        choice["stop_reason"] = stop_reason
     if chat:
         d: dict[str, Any] = {"role": "assistant"} if role else {}
         if delta is not None:

@@ -50,6 +50,7 @@ class TextOutput:
         self.text = ""
         self.emitted = 0  # text[:emitted] has been returned
         self.stopped = False  # a stop string matched: the request is over
+        self.stop_string: str | None = None  # the stop string that matched
 
     def push(self, token: int, ends: bool = False, last: bool = False) -> str:
         """Add one token. `ends`: it ended the row (EOS or a stop id; not text); `last`:
@@ -64,7 +65,9 @@ class TextOutput:
             # Text before `emitted` was not held back, so no stop string starts there.
             at, n = find_stop(self.text[self.emitted:], self._stop)
             if at >= 0:
-                self.text = self.text[:self.emitted + at + (n if self._include else 0)]
+                start = self.emitted + at
+                self.stop_string = self.text[start:start + n]
+                self.text = self.text[:start + (n if self._include else 0)]
                 self.stopped = True
         end = len(self.text)
         if not (ends or last or self.stopped):

@@ -32,6 +32,9 @@ class EngineResult:
     logprobs: list[TokenLogprob] | None = None  # one per token id, if the request asked
     # One per prompt token (None for the first), if the request asked (prompt_logprobs).
     prompt_logprobs: list[TokenLogprob | None] | None = None
+    # vLLM's stop_reason: the stop string that ended the output, or the stop_token_ids id;
+    # None when EOS, a grammar's end or the token budget ended it.
+    stop_reason: str | int | None = None
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -3,7 +3,8 @@
     python scripts/serve.py --port 8000        # binds 127.0.0.1 unless --host says so
     POST /v1/completions, /v1/chat/completions (stream: true -> server-sent events ending
     with `data: [DONE]`), /v1/responses (OpenAI's Responses API, openai_responses.py;
-    GET and DELETE /v1/responses/{id} for stored ones), /v1/embeddings,
+    GET and DELETE /v1/responses/{id} for stored ones), /v1/messages and
+    /v1/messages/count_tokens (Anthropic's Messages API, anthropic_api.py), /v1/embeddings,
     GET /v1/models, /health, /metrics (Prometheus text);
     POST /tokenize, /detokenize (vLLM's: token ids as the engine counts them)
 
@@ -36,6 +37,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
+from jaxinfer import anthropic_api as anth
 from jaxinfer import openai_api as api
 from jaxinfer import openai_responses as rs
 from jaxinfer.engine import (
@@ -74,8 +76,9 @@ def create_app(engine: Engine, model_name: str, max_stored_responses: int = 1024
     "auto"); `reasoning_parser` ("qwen3", "deepseek_r1", "openai_gptoss") moves a chat
     answer's reasoning to reasoning_content; `allow_runtime_lora_updating` adds vLLM's
     load/unload LoRA adapter endpoints (the engine needs room: EngineConfig.max_loras);
-    with `api_key` every /v1/ endpoint wants `Authorization: Bearer <api_key>` (401
-    otherwise), as OpenAI's and vLLM's servers do; like vLLM's, the others (probes,
+    with `api_key` every /v1/ endpoint wants `Authorization: Bearer <api_key>` or, as
+    Anthropic's clients send it, `x-api-key: <api_key>` (401 otherwise), as OpenAI's,
+    Anthropic's and vLLM's servers do; like vLLM's, the others (probes,
     metrics, /tokenize) stay open; `allowed_origins` are the web origins whose pages may
     call the server from a browser (CORS; "*" for any, none by default)."""
     if allow_runtime_lora_updating and not engine.config.max_loras:
@@ -90,35 +93,45 @@ def create_app(engine: Engine, model_name: str, max_stored_responses: int = 1024
     if api_key is not None:
         if not api_key:
             raise ConfigError("api_key is empty")
-        want = f"Bearer {api_key}".encode()
+        want, want_x = f"Bearer {api_key}".encode(), api_key.encode()
 
         @app.middleware("http")
         async def _authorize(request, call_next):
             given = request.headers.get("authorization", "").encode()
-            if (request.method != "OPTIONS" and request.url.path.startswith(PROTECTED_PREFIX)
-                    and not hmac.compare_digest(given, want)):
-                return JSONResponse(api.error_body(
-                    "missing or incorrect API key (send Authorization: Bearer <key>)",
-                    code="invalid_api_key"), status_code=401)
+            given_x = request.headers.get("x-api-key", "").encode()
+            path = request.url.path
+            if (request.method != "OPTIONS" and path.startswith(PROTECTED_PREFIX)
+                    and not hmac.compare_digest(given, want)
+                    and not hmac.compare_digest(given_x, want_x)):
+                msg = ("missing or incorrect API key (send Authorization: Bearer <key> or "
+                       "x-api-key: <key>)")
+                body = (anth.error_body(401, msg) if path.startswith(anth.PATH)
+                        else api.error_body(msg, code="invalid_api_key"))
+                return JSONResponse(body, status_code=401)
             return await call_next(request)
 
     if allowed_origins:  # added last: outermost, so preflights get their answer first
         app.add_middleware(CORSMiddleware, allow_origins=list(allowed_origins),
                            allow_methods=["*"], allow_headers=["*"])
 
-    @app.exception_handler(api.ApiError)
-    async def _api_error(_, e: api.ApiError):
+    def error_response(request, e: api.ApiError) -> JSONResponse:
+        """OpenAI's error body, or Anthropic's on its endpoints."""
         headers = {"Retry-After": "1"} if e.status in (429, 503) else None
-        return JSONResponse(e.body(), status_code=e.status, headers=headers)
+        body = (anth.error_body(e.status, e.message)
+                if request.url.path.startswith(anth.PATH) else e.body())
+        return JSONResponse(body, status_code=e.status, headers=headers)
+
+    @app.exception_handler(api.ApiError)
+    async def _api_error(request, e: api.ApiError):
+        return error_response(request, e)
 
     @app.exception_handler(RequestValidationError)
-    async def _validation_error(_, e: RequestValidationError):
+    async def _validation_error(request, e: RequestValidationError):
         err = e.errors()[0] if e.errors() else {"loc": (), "msg": "invalid request"}
         if err.get("type") == "json_invalid":
             msg = f"the request body is not valid JSON: {err.get('ctx', {}).get('error', '')}"
-            return JSONResponse(api.error_body(msg), status_code=400)
-        bad = api.validation_error(err)
-        return JSONResponse(bad.body(), status_code=400)
+            return error_response(request, api.ApiError(400, msg))
+        return error_response(request, api.validation_error(err))
 
     @app.get("/version")
     async def version():
@@ -293,6 +306,34 @@ def create_app(engine: Engine, model_name: str, max_stored_responses: int = 1024
         remember(final)
         return final
 
+    @app.post("/v1/messages")
+    async def messages(body: anth.MessagesRequest):
+        adapter, served = model_of(body)
+        tools = body.tool_calling(tool_call_parser)
+        reqs = await _submit(engine, body, [dict(messages=body.chat_messages(),
+                                                 chat_options=body.chat_options())],
+                             body.token_budget(), tools, adapter, reasoning)
+        build = anth.MessageBuilder(body, served, len(reqs[0].prompt_ids), tools,
+                                    body.reasoning_parser(reasoning, tools))
+        if body.stream:
+            return StreamingResponse(_response_events(reqs[0], build, engine.tokenizer),
+                                     media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache"})
+        result, = await _results(reqs)
+        return build.final(result)
+
+    @app.post("/v1/messages/count_tokens")
+    async def count_tokens(body: anth.CountTokensRequest):
+        """The prompt's tokens as /v1/messages would count them (its chat template)."""
+        model_of(body)
+        body.tool_calling(tool_call_parser)  # the same checks as a message request
+        try:
+            ids = await asyncio.to_thread(engine.encode, messages=body.chat_messages(),
+                                          chat_options=body.chat_options())
+        except (BadRequestError, TokenizerError) as e:
+            raise api.ApiError(400, str(e), "messages") from e
+        return {"input_tokens": len(ids)}
+
     @app.get("/v1/responses/{rid}")
     async def get_response(rid: str):
         return stored.body(rid)
@@ -405,12 +446,12 @@ async def _results(reqs: list[Request]) -> list[Any]:
         raise api.ApiError(503, str(e), None, "engine_unavailable", "server_error") from e
 
 
-async def _response_events(req: Request, build: rs.ResponseBuilder, tokenizer: Tokenizer,
-                           on_done: Any) -> AsyncIterator[str]:
-    """A Responses API stream: named events, each text delta with the logprobs of the
-    tokens generated since the previous one (any left over, such as an ending EOS's, in
-    a last empty delta). `on_done` gets the final response before its event goes out. A
-    client that disconnects cancels the request."""
+async def _response_events(req: Request, build: rs.ResponseBuilder | anth.MessageBuilder,
+                           tokenizer: Tokenizer, on_done: Any = None) -> AsyncIterator[str]:
+    """A Responses API or Messages API stream: named events, each text delta with the
+    logprobs of the tokens generated since the previous one (any left over, such as an
+    ending EOS's, in a last empty delta). `on_done` gets the final Responses API response
+    before its event goes out. A client that disconnects cancels the request."""
     want, sent = req.sampling.logprobs is not None, 0
 
     def fmt(ev: tuple[str, dict[str, Any]]) -> str:
@@ -439,7 +480,8 @@ async def _response_events(req: Request, build: rs.ResponseBuilder, tokenizer: T
             for ev in build.delta("", rest):
                 yield fmt(ev)
         events = build.closing(result, tokenizer)
-        on_done(events[-1][1]["response"])
+        if on_done is not None:
+            on_done(events[-1][1]["response"])
         for ev in events:
             yield fmt(ev)
     finally:
@@ -522,7 +564,8 @@ async def _sse(reqs: list[Request], rid: str, model: str, chat: bool, include_us
                 await send_fields(fields, result.logprobs or [])
             await queue.put(api.chunk_body(rid, model, chat, None if chat else "",
                                            reason, index=i,
-                                           logprobs=logprobs(result.logprobs or [])))
+                                           logprobs=logprobs(result.logprobs or []),
+                                           stop_reason=result.stop_reason))
             await queue.put(result)
         except Exception as e:  # ends the stream with an error event, never a hang
             await queue.put(e)

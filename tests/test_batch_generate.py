@@ -112,6 +112,41 @@ def test_openai_batch_format(tmp_path):
         assert r["status_code"] == 400 and r["body"]["error"]["param"] == param, r
 
 
+def test_anthropic_batch_lines(tmp_path):
+    """Anthropic's Message Batches lines ({"custom_id", "params"}) and url "/v1/messages"
+    lines get the Messages API's message, equal to the engine's chat result; bad lines
+    are errored with Anthropic's error body; a rerun skips them all."""
+    msgs = [{"role": "user", "content": "hello"}]
+    params = {"messages": msgs, "max_tokens": 5, "temperature": 0, "system": "S",
+              "stop_sequences": ["zzz"]}
+    lines = [{"custom_id": "a-1", "params": params},
+             {"custom_id": "a-url", "method": "POST", "url": "/v1/messages", "body": params},
+             {"custom_id": "a-bad", "params": {"messages": msgs}},
+             {"custom_id": "a-url-bad", "method": "POST", "url": "/v1/messages",
+              "body": {**params, "max_tokens": 0}}]
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    inp.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    with tiny_engine() as eng:
+        s = run_batch(eng, inp, out, progress=False)
+        assert (s.written, s.errors) == (4, 2)
+        ref = eng.submit(messages=[{"role": "system", "content": "S"}, *msgs],
+                         sampling=GREEDY, max_tokens=5).result()
+        assert run_batch(eng, inp, out, progress=False).skipped == 4
+    got = {r["custom_id"]: r for r in _lines(out)}
+    msg = got["a-1"]["result"]["message"]
+    assert got["a-1"]["result"]["type"] == "succeeded" and set(got["a-1"]) == {
+        "custom_id", "result"}
+    assert msg["type"] == "message" and msg["content"] == [{"type": "text", "text": ref.text}]
+    assert msg["stop_reason"] == "max_tokens" and msg["usage"]["output_tokens"] == 5
+    body = got["a-url"]["response"]["body"]
+    assert got["a-url"]["response"]["status_code"] == 200 and body["content"] == msg["content"]
+    err = got["a-bad"]["result"]
+    assert err["type"] == "errored" and err["error"]["error"]["type"] == "invalid_request_error"
+    assert "max_tokens" in err["error"]["error"]["message"]
+    r = got["a-url-bad"]["response"]
+    assert r["status_code"] == 400 and r["body"]["type"] == "error"
+
+
 def test_results_errors_and_resume(tmp_path):
     inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     inp.write_text("\n".join([json.dumps(g) for g in GOOD] + BAD) + "\n")

@@ -135,6 +135,32 @@ def test_batch_lines_use_the_parsers(tmp_path):
 
 
 @pytest.mark.parametrize("tools", [False, True])
+def test_messages_api_returns_a_thinking_block(url, tools):
+    """Anthropic's Messages API gives the reasoning as a thinking block, then the text and
+    (with tools) a tool_use block; streamed, Anthropic's client builds the same message."""
+    anthropic = pytest.importorskip("anthropic")
+    client = anthropic.Anthropic(base_url=url, api_key="unused", max_retries=0)
+    text = "<think>plan</think>Hi! " + (HERMES_CALL if tools else "there")
+    kw = dict(model="tiny", messages=USER, max_tokens=150,
+              extra_body={"guided_choice": [text], "temperature": 0},
+              **({"tools": [{"name": t["function"]["name"],
+                             "input_schema": t["function"]["parameters"]} for t in TOOLS]}
+                 if tools else {}))
+    plain = client.messages.create(**kw)
+    with client.messages.stream(**kw) as stream:
+        final = stream.get_final_message()
+
+    def shape(m):
+        return [(b.type, b.thinking if b.type == "thinking" else b.text if b.type == "text"
+                 else (b.name, b.input)) for b in m.content]
+
+    want = [("thinking", "plan"), ("text", "Hi! " if tools else "Hi! there")]
+    assert shape(plain) == shape(final) == want + (
+        [("tool_use", ("get_weather", {"city": "Paris"}))] if tools else [])
+    assert plain.stop_reason == final.stop_reason == ("tool_use" if tools else "end_turn")
+
+
+@pytest.mark.parametrize("tools", [False, True])
 def test_responses_api_returns_a_reasoning_item(url, tools):
     """The Responses API gives the reasoning as a `reasoning` item (reasoning_text), then the
     message and calls; streamed, the official client's final response is the same."""
