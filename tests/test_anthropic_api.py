@@ -10,37 +10,36 @@ import pytest
 import requests
 
 from jaxinfer.anthropic_api import MessagesRequest
-from jaxinfer.engine import Engine, EngineConfig
 from jaxinfer.openai_api import ChatMessage, message_dicts
 from jaxinfer.sampling import GREEDY, SamplingParams
 from jaxinfer.server import BackgroundServer, create_app
 
-from .engine_helpers import W
-from .helpers import TINY
-from .test_tool_calls import HERMES_CALL, ToolTemplateTokenizer
+from .engine_helpers import smollm2_server, tool_engine
+from .test_tool_calls import CITY, HERMES_CALL, UNIT
 
 anthropic = pytest.importorskip("anthropic")
 MODEL = "tiny"
 T0 = {"temperature": 0}  # a sampling field Anthropic's client no longer sends itself
-UNIT = {"type": "object", "properties": {"unit": {"type": "string", "enum": ["c", "f"]}},
-        "required": ["unit"], "additionalProperties": False}
-CITY = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12}},
-        "required": ["city"], "additionalProperties": False}
 TOOLS = [{"name": "get_unit", "input_schema": UNIT},
          {"name": "get_weather", "description": "Weather.", "input_schema": CITY}]
 
 
 @pytest.fixture(scope="module")
-def engine():
-    with Engine(W, TINY, ToolTemplateTokenizer(),
-                EngineConfig(num_slots=4, max_len=256, prefix_cache_mb=8.0)) as eng:
-        yield eng
+def served():
+    """The tiny engine whose template shows tools, and its server with the hermes parser."""
+    with tool_engine() as eng, \
+            BackgroundServer(create_app(eng, MODEL, tool_call_parser="hermes")) as srv:
+        yield eng, srv.url
 
 
 @pytest.fixture(scope="module")
-def url(engine):
-    with BackgroundServer(create_app(engine, MODEL, tool_call_parser="hermes")) as srv:
-        yield srv.url
+def engine(served):
+    return served[0]
+
+
+@pytest.fixture(scope="module")
+def url(served):
+    return served[1]
 
 
 @pytest.fixture(scope="module")
@@ -281,13 +280,7 @@ def test_output_config_format_constrains_the_text(client):
 def test_smollm2_messages_equal_chat(smollm2_checkpoint):
     """The real model: non-streamed and streamed Messages API answers equal the chat
     completion of the same conversation (greedy)."""
-    import jax.numpy as jnp
-
-    from jaxinfer.llm import LLM
-
-    llm = LLM.load(smollm2_checkpoint, dtype=jnp.float32)
-    with Engine.from_llm(llm, EngineConfig(num_slots=2, max_len=256)) as eng, \
-            BackgroundServer(create_app(eng, "smollm2")) as srv:
+    with smollm2_server(smollm2_checkpoint) as (_, srv):
         chat = requests.post(f"{srv.url}/v1/chat/completions", timeout=120, json={
             "model": "smollm2", "max_tokens": 24, "temperature": 0, "messages": [
                 {"role": "system", "content": "Answer in one sentence."},

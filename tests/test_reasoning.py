@@ -7,14 +7,12 @@ import random
 import pytest
 import requests
 
-from jaxinfer.engine import Engine, EngineConfig
 from jaxinfer.errors import BadRequestError
 from jaxinfer.reasoning import ReasoningParser
 from jaxinfer.server import BackgroundServer, create_app
 
-from .engine_helpers import W
-from .helpers import TINY
-from .test_tool_calls import HERMES_CALL, TOOLS, USER, ToolTemplateTokenizer
+from .engine_helpers import tool_engine
+from .test_tool_calls import HERMES_CALL, TOOLS, USER
 
 TEXTS = ["<think>\nplan: say hi\n</think>\n\nHello!", "<think>still thinking",
          "no thoughts at all", "<thing> is not a thought</think>", "",
@@ -74,8 +72,7 @@ def test_unknown_parser():
 
 @pytest.fixture(scope="module", params=["qwen3", "deepseek_r1"])
 def url(request):
-    with Engine(W, TINY, ToolTemplateTokenizer(),
-                EngineConfig(num_slots=2, max_len=256, prefix_cache_mb=8.0)) as eng, \
+    with tool_engine(num_slots=2) as eng, \
             BackgroundServer(create_app(eng, "tiny", tool_call_parser="hermes",
                                         reasoning_parser=request.param)) as srv:
         yield srv.url
@@ -123,8 +120,7 @@ def test_batch_lines_use_the_parsers(tmp_path):
         "tools": TOOLS}}
     src = tmp_path / "in.jsonl"
     src.write_text(json.dumps(line) + "\n")
-    with Engine(W, TINY, ToolTemplateTokenizer(),
-                EngineConfig(num_slots=2, max_len=256, prefix_cache_mb=8.0)) as eng:
+    with tool_engine(num_slots=2) as eng:
         run_batch(eng, src, tmp_path / "out.jsonl", progress=False,
                   tool_call_parser="hermes", reasoning_parser="deepseek_r1")
     body = json.loads((tmp_path / "out.jsonl").read_text())["response"]["body"]
@@ -275,8 +271,7 @@ def test_harmony_on_the_server_and_in_batch_jobs(tmp_path):
     text = HARMONY[1]
     body = {"messages": USER, "max_tokens": 190, "temperature": 0, "guided_choice": [text],
             "tools": TOOLS, "tool_choice": "auto"}
-    with Engine(W, TINY, ToolTemplateTokenizer(),
-                EngineConfig(num_slots=2, max_len=256, prefix_cache_mb=8.0)) as eng:
+    with tool_engine(num_slots=2) as eng:
         with pytest.raises(BadRequestError, match="openai_gptoss"):
             create_app(eng, "tiny", tool_call_parser="openai")
         with BackgroundServer(create_app(eng, "tiny", tool_call_parser="openai",

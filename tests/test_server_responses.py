@@ -12,7 +12,7 @@ from jaxinfer.sampling import GREEDY, SamplingParams
 from jaxinfer.server import BackgroundServer, create_app
 from jaxinfer.structured import Constraint
 
-from .engine_helpers import tiny_engine
+from .engine_helpers import smollm2_server, tiny_engine
 
 openai = pytest.importorskip("openai")
 MODEL = "tiny"
@@ -196,14 +196,7 @@ def test_the_store_keeps_the_latest(engine):
 def test_smollm2_responses_equal_chat(smollm2_checkpoint):
     """The real model: non-streamed and streamed Responses API answers equal the chat
     completion of the same messages (greedy)."""
-    import jax.numpy as jnp
-
-    from jaxinfer.engine import Engine, EngineConfig
-    from jaxinfer.llm import LLM
-
-    llm = LLM.load(smollm2_checkpoint, dtype=jnp.float32)
-    with Engine.from_llm(llm, EngineConfig(num_slots=2, max_len=256)) as eng, \
-            BackgroundServer(create_app(eng, "smollm2")) as srv:
+    with smollm2_server(smollm2_checkpoint) as (_, srv):
         client = openai.OpenAI(base_url=f"{srv.url}/v1", api_key="unused", max_retries=0)
         chat = client.chat.completions.create(
             model="smollm2", max_tokens=24, temperature=0,

@@ -8,14 +8,12 @@ import pytest
 import requests
 
 from jaxinfer import openai_api as api
-from jaxinfer.engine import Engine, EngineConfig
 from jaxinfer.errors import BadRequestError, TokenizerError
 from jaxinfer.sampling import GREEDY
 from jaxinfer.server import BackgroundServer, create_app
 from jaxinfer.tool_calls import ToolCalling, check_tools
 
-from .engine_helpers import CharTokenizer, W
-from .helpers import TINY
+from .engine_helpers import smollm2_server, tool_engine
 
 MODEL = "tiny"
 UNIT = {"type": "object", "properties": {"unit": {"type": "string", "enum": ["c", "f"]}},
@@ -29,23 +27,9 @@ USER = [{"role": "user", "content": "Weather in Paris?"}]
 NAMED = {"type": "function", "function": {"name": "get_unit"}}
 
 
-class ToolTemplateTokenizer(CharTokenizer):
-    """The tiny tokenizer with a template that shows the tools' names."""
-
-    def apply_chat_template(self, messages, add_generation_prompt=True,
-                            continue_final_message=False, chat_template_kwargs=None,
-                            tools=None) -> str:
-        head = "[tools]" + ",".join(t["function"]["name"] for t in tools) if tools else ""
-        messages = [{**m, "content": m["content"] + "".join(
-            f"call:{c['function']['name']}{json.dumps(c['function']['arguments'])}"
-            for c in m.get("tool_calls", []))} for m in messages]
-        return head + super().apply_chat_template(messages, add_generation_prompt)
-
-
 @pytest.fixture(scope="module")
 def engine():
-    with Engine(W, TINY, ToolTemplateTokenizer(),
-                EngineConfig(num_slots=4, max_len=256, prefix_cache_mb=8.0)) as eng:
+    with tool_engine() as eng:
         yield eng
 
 
@@ -605,14 +589,8 @@ def test_smollm2_calls_a_tool(smollm2_checkpoint):
     """SmolLM2 asked for the weather in Paris with a named get_weather tool: the call's
     arguments are the engine's output under the function's schema, and name the city; with
     "required" and both tools it picks one and gives valid arguments."""
-    import jax.numpy as jnp
-
-    from jaxinfer.llm import LLM
-
-    llm = LLM.load(smollm2_checkpoint, dtype=jnp.float32)
     msgs = [{"role": "user", "content": "What is the weather like in Paris today?"}]
-    with Engine.from_llm(llm, EngineConfig(num_slots=2, max_len=256)) as eng, \
-            BackgroundServer(create_app(eng, "smollm2")) as srv:
+    with smollm2_server(smollm2_checkpoint) as (eng, srv):
         named = {"type": "function", "function": {"name": "get_weather"}}
         out = _chat(srv.url, messages=msgs, tools=TOOLS, tool_choice=named).json()
         (call,) = out["choices"][0]["message"]["tool_calls"]
