@@ -10,7 +10,9 @@ continues; `tools` (name, description, input_schema) and `tool_choice` (auto, an
 none; disable_parallel_tool_use) become chat's function tools (tool_calls.py);
 `output_config.format` a JSON-schema constraint; `thinking` the templates'
 enable_thinking. Earlier thinking blocks are dropped (chat templates drop earlier
-reasoning too); images, documents and Anthropic's server tools are a 400.
+reasoning too); `metadata`, `cache_control` marks and `context_management` are taken and
+ignored (the prefix cache needs no marks); images, documents, Anthropic's server tools and
+`mcp_servers` are a 400.
 
 The answer's content blocks are the model's reasoning (`thinking`, with the server's
 reasoning parser; its signature is empty: nothing here signs it), its text and its
@@ -47,7 +49,7 @@ ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error",
 _OWN_NAME = {"stop": "stop_sequences", "n": "several requests",
              "response_format": "output_config.format", "max_completion_tokens": "max_tokens"}
 # Anthropic features whose meaning a client relies on and this server does not have.
-_REFUSED = ("mcp_servers", "container", "context_management")
+_REFUSED = ("mcp_servers", "container")
 
 
 def error_body(status: int, message: str) -> dict[str, Any]:

@@ -194,6 +194,39 @@ def test_tool_conversation_is_its_chat_form():
     assert body.chat_options()["add_generation_prompt"] is True
 
 
+def test_a_coding_agents_request_is_taken(url, engine):
+    """What agents send beside the fields above (cache_control marks, metadata,
+    context_management, thinking, is_error results) is accepted and changes nothing."""
+    sys_block = {"type": "text", "text": "S", "cache_control": {"type": "ephemeral"}}
+    body = {"model": MODEL, "max_tokens": 6, "temperature": 0, "system": [sys_block],
+            "metadata": {"user_id": "u"}, "context_management": {"edits": []},
+            "thinking": {"type": "enabled", "budget_tokens": 1024},
+            "tools": [{**TOOLS[0], "cache_control": {"type": "ephemeral"}}],
+            "tool_choice": {"type": "auto", "disable_parallel_tool_use": True},
+            "messages": [
+                {"role": "user", "content": [{"type": "text", "text": "Unit?",
+                                              "cache_control": {"type": "ephemeral"}}]},
+                {"role": "assistant", "content": [{"type": "tool_use", "id": "t",
+                                                   "name": "get_unit", "input": {}}]},
+                {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t",
+                                              "is_error": True, "content": "no"}]}]}
+    out = requests.post(f"{url}/v1/messages", json=body, timeout=60,
+                        headers={"anthropic-version": "2023-06-01",
+                                 "anthropic-beta": "context-management-2025-06-27"})
+    assert out.status_code == 200, out.text
+    msgs = [{"role": "system", "content": "S"}, {"role": "user", "content": "Unit?"},
+            {"role": "assistant", "content": "", "tool_calls": [{
+                "id": "t", "type": "function", "function": {"name": "get_unit",
+                                                            "arguments": {}}}]},
+            {"role": "tool", "tool_call_id": "t", "content": "no"}]
+    chat_tools = [{"type": "function", "function": {"name": "get_unit",
+                                                    "parameters": TOOLS[0]["input_schema"]}}]
+    ref = engine.submit(messages=msgs, sampling=GREEDY, max_tokens=6, chat_options={
+        "tools": chat_tools, "chat_template_kwargs": {"enable_thinking": True}}
+    ).result(timeout=60)
+    assert out.json()["content"][0]["text"] == ref.text
+
+
 def test_count_tokens_is_the_prompts_length(url, engine):
     msgs = [{"role": "user", "content": "Weather in Paris?"}]
     n = requests.post(f"{url}/v1/messages/count_tokens", timeout=30, json={
