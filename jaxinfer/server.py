@@ -183,10 +183,17 @@ def create_app(engine: Engine, model_name: str, max_stored_responses: int = 1024
 
     @app.get("/v1/models")
     async def models():
+        """OpenAI's model list; each entry also has Anthropic's fields (type, display_name,
+        created_at), as has the list (has_more, first_id, last_id), so either client lists
+        them."""
+        since = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(created))
         base = {"id": model_name, "object": "model", "created": created,
-                "owned_by": "jaxinfer", "max_model_len": engine.max_len}
-        return {"object": "list", "data": [base] + [
-            dict(base, id=a, parent=model_name) for a in engine.adapter_names]}
+                "owned_by": "jaxinfer", "max_model_len": engine.max_len, "type": "model",
+                "display_name": model_name, "created_at": since}
+        data = [base] + [dict(base, id=a, display_name=a, parent=model_name)
+                         for a in engine.adapter_names]
+        return {"object": "list", "data": data, "has_more": False,
+                "first_id": data[0]["id"], "last_id": data[-1]["id"]}
 
     @app.post("/v1/completions")
     async def completions(body: api.CompletionRequest):

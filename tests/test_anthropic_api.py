@@ -239,6 +239,12 @@ def test_count_tokens_is_the_prompts_length(url, engine):
     assert n == {"input_tokens": len(ids)}
 
 
+def test_models_list_in_anthropics_client(client):
+    (m,) = client.models.list().data
+    assert (m.id, m.type, m.display_name) == (MODEL, "model", MODEL)
+    assert m.created_at.year >= 2024
+
+
 def test_api_key_is_read_from_x_api_key(engine):
     with BackgroundServer(create_app(engine, MODEL, api_key="sekrit")) as srv:
         good = anthropic.Anthropic(base_url=srv.url, api_key="sekrit", max_retries=0)
