@@ -113,6 +113,13 @@ def test_stop_sequences_and_vllm_stop_reason(client, engine, url):
         "messages": msgs, "max_tokens": 20, "temperature": 0, "stop": [stop]}).json()
     assert chat["choices"][0]["stop_reason"] == stop
     assert chat["choices"][0]["message"]["content"] == cut
+    r = requests.post(f"{url}/v1/chat/completions", timeout=60, json={
+        "messages": msgs, "max_tokens": 20, "temperature": 0, "stop": [stop], "stream": True})
+    chunks = [json.loads(x[6:]) for x in r.iter_lines(decode_unicode=True)
+              if x.startswith("data: ") and x != "data: [DONE]"]
+    last = chunks[-1]["choices"][0]
+    assert (last["finish_reason"], last["stop_reason"]) == ("stop", stop)
+    assert all("stop_reason" not in c["choices"][0] for c in chunks[:-1])
     # a stop id ends it too (vLLM's stop_token_ids): stop_reason is that id
     tid = ref.token_ids[3]
     r = engine.submit(messages=msgs, sampling=SamplingParams(temperature=0,
