@@ -20,7 +20,7 @@ ACTIVATIONS = ("silu", "gelu_tanh", "gelu")
 GEMMA_TYPES = ("gemma", "gemma2", "gemma3_text", "gemma3")
 DEEPSEEK_TYPES = ("deepseek_v2", "deepseek_v3", "glm4_moe_lite")  # latent attention
 MOE_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "granitemoe", "olmoe", "gpt_oss", "glm4_moe",
-             "phimoe", *DEEPSEEK_TYPES)
+             "phimoe", "minimax_m2", *DEEPSEEK_TYPES)
 COHERE_TYPES = ("cohere", "cohere2")
 GLM_TYPES = ("glm", "glm4")
 
@@ -410,6 +410,8 @@ class ModelConfig:
                                   "is not supported")
             hf = {"partial_rotary_factor": hf.get("rotary_pct", 0.25),
                   "rope_theta": hf.get("rotary_emb_base", 10_000.0), **hf}
+        if kind == "minimax_m2":
+            hf = _minimax_m2(hf)
         if kind == "phi" and hf.get("qk_layernorm"):
             raise ConfigError("Phi's qk_layernorm is not supported")
         if hf.get("clip_qkv"):  # OLMo / OLMoE variants that clamp q, k and v
@@ -492,8 +494,9 @@ class ModelConfig:
                 qk_norm=(kind in ("qwen3", "gemma3_text", "qwen3_moe", "olmo2", "exaone4",
                                   "olmoe")
                          or bool((cohere or kind == "glm4_moe") and hf.get("use_qk_norm"))
+                         or bool(kind == "minimax_m2" and hf.get("use_qk_norm", True))
                          or bool(stablelm and hf.get("qk_layernorm"))),
-                qk_norm_full=kind in ("olmo2", "olmoe"),
+                qk_norm_full=kind in ("olmo2", "olmoe", "minimax_m2"),
                 qk_norm_heads=cohere or stablelm,
                 layer_norm=cohere or stablelm or plain or phimoe,
                 mlp_gated=not plain,
@@ -543,6 +546,8 @@ class ModelConfig:
                 shared_expert_dim=shared,
                 shared_expert_gate=bool(shared) and not llama4 and not deepseek,
                 **(_deepseek_moe(hf, kind) if deepseek else {}),
+                **({"router_sigmoid": True, "router_choice_bias": bool(
+                    hf.get("use_routing_bias", True))} if kind == "minimax_m2" else {}),
                 **({"moe_every": every, "dense_mlp_dim": int(hf["intermediate_size_mlp"])}
                    if every > 1 else {}),
                 **mla,
@@ -771,6 +776,24 @@ def _latent_attention(hf: dict[str, Any], kind: str, scaling: dict[str, Any]
             "v_head_dim": int(hf["v_head_dim"]), "rope_dim": rot, "query_scale": scale}
 
 
+def _minimax_m2(hf: dict[str, Any]) -> dict[str, Any]:
+    """MiniMax-M2's config as the common fields read it: its partial RoPE as a factor (the
+    releases give `rotary_dim`); what its releases never vary (sigmoid routing, q/k norms
+    across all heads) is checked, not read."""
+    if hf.get("scoring_func", "sigmoid") != "sigmoid":
+        raise ConfigError(f"minimax_m2 scoring_func={hf['scoring_func']!r} is not supported")
+    if hf.get("use_qk_norm", True) and hf.get("qk_norm_type", "per_layer") != "per_layer":
+        raise ConfigError(f"minimax_m2 qk_norm_type={hf['qk_norm_type']!r} is not supported")
+    if any(int(t) != 1 for t in hf.get("attn_type_list") or ()):  # 0: linear attention
+        raise ConfigError("minimax_m2 with linear-attention layers (attn_type_list) is not "
+                          "supported")
+    if hf.get("rotary_dim"):
+        n = int(hf["num_attention_heads"])
+        head_dim = int(hf.get("head_dim") or int(hf["hidden_size"]) // n)
+        hf = {"partial_rotary_factor": int(hf["rotary_dim"]) / head_dim, **hf}
+    return hf
+
+
 def _deepseek_moe(hf: dict[str, Any], kind: str) -> dict[str, Any]:
     """DeepSeek V2/V3's and GLM-4.5's routing and leading dense layers: V2 softmax scores,
     groups ranked by their best expert (topk_method group_limited_greedy) or no groups
@@ -804,7 +827,7 @@ def _moe(hf: dict[str, Any], kind: str) -> tuple[int, int, int]:
         _llama4_moe_every(hf)
         return (int(hf["num_local_experts"]), int(hf.get("num_experts_per_tok", 1)),
                 int(hf["intermediate_size"]))
-    if kind in ("mixtral", "granitemoe", "olmoe", "gpt_oss", "phimoe"):
+    if kind in ("mixtral", "granitemoe", "olmoe", "gpt_oss", "phimoe", "minimax_m2"):
         if experts is None:
             raise KeyError("num_local_experts")
         return int(experts), int(hf["num_experts_per_tok"]), int(hf["intermediate_size"])

@@ -11,7 +11,8 @@ parser then reads the answer alone. An output that opens with `<think>` and has 
 where the output does not open with `<think>`:
 - `qwen3`: no reasoning at all (thinking was off, `enable_thinking: false`);
 - `deepseek_r1`: reasoning up to `</think>` all the same (its template opens `<think>`
-  in the prompt, so the output never starts with it).
+  in the prompt, so the output never starts with it); `minimax_m2` (vLLM's name for
+  MiniMax-M2's, whose template does the same) is this parser.
 `openai_gptoss` reads gpt-oss's harmony channels instead (harmony.py): `analysis` is the
 reasoning, `final` the content.
 No JAX and no HTTP here.
@@ -23,7 +24,8 @@ from typing import Any
 
 from jaxinfer import harmony
 
-PARSERS = ("qwen3", "deepseek_r1", "openai_gptoss")
+PARSERS = ("qwen3", "deepseek_r1", "minimax_m2", "openai_gptoss")
+_IMPLICIT = ("deepseek_r1", "minimax_m2")  # their templates open <think> in the prompt
 START, END = "<think>", "</think>"
 
 
@@ -37,7 +39,7 @@ class ReasoningParser:
             raise BadRequestError(f"unknown reasoning parser {name!r}; known: {PARSERS}",
                                   "reasoning_parser")
         self.name = name
-        self.implicit_start = name == "deepseek_r1" if implicit_start is None else implicit_start
+        self.implicit_start = name in _IMPLICIT if implicit_start is None else implicit_start
 
     @property
     def keeps_special_tokens(self) -> bool:

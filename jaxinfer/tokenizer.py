@@ -35,7 +35,7 @@ _GPT2_PRE = {"default", "gpt2", "gpt-2", "mpt", "olmo", "jais", "phi-2", "exaone
 # Names whose split regex is their models' tokenizer.json one (llama-vocab.cpp rewrites
 # these for its own regex engine; the `tokenizers` library runs the originals): Llama 3
 # (and GLM-4's, the same regex without BOS), Qwen2/2.5/3 (and StableLM 2), GPT-4o-style
-# (`gpt-4o`, Llama 4) and Mistral's Tekken.
+# (`gpt-4o`, Llama 4, MiniMax-M2) and Mistral's Tekken.
 _CONTRACTIONS = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)"
 _UPPER, _LOWER = r"[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]", r"[\p{Ll}\p{Lm}\p{Lo}\p{M}]"
 _TAIL = r"\s*[\r\n]+|\s+(?!\S)|\s+"
@@ -89,7 +89,7 @@ _SPLIT_PRE = {
     **dict.fromkeys(("dbrx", "smaug-bpe", "glm4", "chatglm-bpe"), (_LLAMA3_RE, False, False)),
     **dict.fromkeys(("qwen2", "deepseek-r1-qwen", "megrez", "stablelm2"),
                     (_QWEN2_RE, False, False)),
-    **dict.fromkeys(("gpt-4o", "llama4"), (_GPT4O_RE, False, False)),
+    **dict.fromkeys(("gpt-4o", "llama4", "minimax-m2"), (_GPT4O_RE, False, False)),
     "tekken": (_TEKKEN_RE, True, True),
     "deepseek-v3": (_DEEPSEEK3_RES, False, True),
     "deepseek-llm": (_DEEPSEEK_LLM_RES, False, False),

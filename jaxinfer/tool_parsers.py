@@ -20,12 +20,14 @@ out of free text, as vLLM's `--tool-call-parser` of the same name does.
                  (Qwen3-Coder, Qwen3.5)
     kimi_k2      <|tool_calls_section_begin|><|tool_call_begin|>functions.name:0
                  <|tool_call_argument_begin|>{...}<|tool_call_end|>... (Kimi K2)
+    minimax_m2   <minimax:tool_call><invoke name="f"><parameter name="k">v</parameter>
+                 </invoke>...</minimax:tool_call> (MiniMax-M2)
     openai       gpt-oss's function calls, as the openai_gptoss reasoning parser passes
                  them on from its harmony messages (harmony.py); it needs that parser
 (llama4_json and llama4_pythonic are vLLM's names for the Llama 3 and pythonic parsers.)
 
-glm45 and qwen3_coder write values as text: a parameter the tool's schema types other than
-string is read as JSON.
+glm45, qwen3_coder and minimax_m2 write values as text: a parameter the tool's schema types
+other than string is read as JSON.
 
 A parser gives (content, calls) for the whole output: calls are (name, arguments) pairs,
 and an output that does not parse as that format is all content (vLLM's rule). `markers`
@@ -308,13 +310,30 @@ _QC_PARAM = re.compile(r"<parameter=([^>\n]+)>(.*?)(?:</parameter>|(?=<parameter
 def _qwen3_coder(text: str, params: Params) -> Calls | None:
     """Content, then `<tool_call><function=name><parameter=k>v</parameter>...</function>
     </tool_call>` per call (Qwen3-Coder, Qwen3.5); values typed by the tool's schema."""
-    calls = []
-    for name, body in _QC_FUNC.findall(text):
-        name = name.strip()
-        calls.append((name, {k.strip(): _typed(v.removeprefix("\n").removesuffix("\n"),
-                                               name, k.strip(), params)
-                             for k, v in _QC_PARAM.findall(body)}))
-    return calls
+    return [_text_call(name, body, _QC_PARAM, params) for name, body in _QC_FUNC.findall(text)]
+
+
+_MM_BLOCK = re.compile(r"<minimax:tool_call>(.*?)(?:</minimax:tool_call>|$)", re.DOTALL)
+_MM_INVOKE = re.compile(r'<invoke name="([^"\n]+)">(.*?)(?:</invoke>|$)', re.DOTALL)
+_MM_PARAM = re.compile(r'<parameter name="([^"\n]+)">(.*?)'
+                       r'(?:</parameter>|(?=<parameter name=)|$)', re.DOTALL)
+
+
+@_after("<minimax:tool_call>")
+def _minimax_m2(text: str, params: Params) -> Calls | None:
+    """Content, then `<minimax:tool_call>` blocks of `<invoke name="f">` calls with
+    `<parameter name="k">v</parameter>` values (MiniMax-M2); values typed by the tool's
+    schema."""
+    return [_text_call(name, body, _MM_PARAM, params)
+            for block in _MM_BLOCK.findall(text) for name, body in _MM_INVOKE.findall(block)]
+
+
+def _text_call(name: str, body: str, param: re.Pattern, params: Params) -> tuple[str, Any]:
+    """A call whose `body` writes each value as text (`param` finds (key, value) pairs; a
+    newline just inside the tags is layout): values typed by the tool's schema."""
+    name = name.strip()
+    return name, {k.strip(): _typed(v.removeprefix("\n").removesuffix("\n"), name, k.strip(),
+                                    params) for k, v in param.findall(body)}
 
 
 def _typed(value: str, name: str, key: str, params: Params) -> Any:
@@ -347,6 +366,7 @@ PARSERS: dict[str, Parser] = {
     "glm45": Parser(_glm45, ("<tool_call>",), at_start=False),
     "qwen3_coder": Parser(_qwen3_coder, ("<tool_call>",), at_start=False),
     "kimi_k2": Parser(_kimi_k2, (_KIMI_BEGIN,), at_start=False),
+    "minimax_m2": Parser(_minimax_m2, ("<minimax:tool_call>",), at_start=False),
     "openai": Parser(_openai, (harmony.CALL_OPEN,), at_start=False),
 }
 PARSERS["llama4_json"] = PARSERS["llama3_json"]  # vLLM's names for Llama 4's formats

@@ -110,6 +110,7 @@ MODELS = {
     "qwen2_moe": (lambda: mo._hf_model("qwen2_moe"), {}),
     "qwen3_moe": (_qwen3_moe, {}),
     "olmoe": (lambda: mo._hf_model("olmoe"), {}),
+    "minimax_m2": (lambda: mo._hf_model("minimax_m2"), {"scoring_func": "sigmoid"}),
     "cohere": (lambda: ln._hf_model("cohere", heads=2), {}),
     "cohere2": (lambda: ln._hf_model("cohere2", heads=2), {"rotary_pct": 1.0}),
     "stablelm": (lambda: ln._hf_model("stablelm", heads=2), {}),

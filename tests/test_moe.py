@@ -1,4 +1,5 @@
-"""Mixture-of-experts models (Mixtral, Qwen2-MoE, Qwen3-MoE) against Hugging Face transformers
+"""Mixture-of-experts models (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, MiniMax-M2) against Hugging
+Face transformers
 (PyTorch, float32, eager attention) on tiny random checkpoints transformers writes itself
 (no MoE checkpoint is reachable here)."""
 
@@ -41,6 +42,11 @@ def _hf_model(kind: str):
     elif kind == "olmoe":  # q/k RMS-normalised across all heads, unnormalised top-k
         m = tf.OlmoeForCausalLM(tf.OlmoeConfig(  # (its q/k norms are hidden_size wide)
             intermediate_size=64, num_experts=6, **{**COMMON, "num_attention_heads": 2}))
+    elif kind == "minimax_m2":  # sigmoid routing with a choice bias, q/k normed across
+        # all heads, RoPE on half of each head (the release's rotary_dim 64 of 128)
+        m = tf.MiniMaxM2ForCausalLM(tf.MiniMaxM2Config(
+            intermediate_size=64, num_local_experts=6, rotary_dim=16, bos_token_id=1,
+            **COMMON))
     else:  # unnormalised top-k weights, as Qwen3-MoE configs may ask
         m = tf.Qwen3MoeForCausalLM(tf.Qwen3MoeConfig(
             intermediate_size=96, moe_intermediate_size=64, num_experts=6,
@@ -48,11 +54,15 @@ def _hf_model(kind: str):
     with torch.no_grad():  # larger than the default init: routing and experts matter
         for _, p in m.named_parameters():
             p.copy_((0.15 if p.ndim == 2 else 1.0) * torch.randn_like(p) + (p.ndim == 1))
+        for layer in m.model.layers if kind == "minimax_m2" else ():  # a buffer, not a
+            bias = layer.mlp.e_score_correction_bias  # parameter: it picks experts here
+            bias.copy_(0.5 * torch.randn_like(bias))
     m.config._attn_implementation = "eager"
     return m.eval()
 
 
-@pytest.fixture(scope="module", params=["mixtral", "qwen2_moe", "qwen3_moe", "olmoe"])
+@pytest.fixture(scope="module", params=["mixtral", "qwen2_moe", "qwen3_moe", "olmoe",
+                                        "minimax_m2"])
 def moe_model(request, tmp_path_factory):
     return saved_and_loaded(request.param, _hf_model(request.param), tmp_path_factory)
 
@@ -60,9 +70,11 @@ def moe_model(request, tmp_path_factory):
 def test_config_and_tree(moe_model):
     kind, _, cfg, w = moe_model
     assert (cfg.num_experts, cfg.experts_per_token, cfg.mlp_dim) == (6, 2, 64)
-    assert cfg.norm_topk == (kind == "mixtral")
-    assert cfg.qk_norm == (kind in ("qwen3_moe", "olmoe"))
-    assert cfg.qk_norm_full == (kind == "olmoe")
+    assert cfg.norm_topk == (kind in ("mixtral", "minimax_m2"))
+    assert cfg.qk_norm == (kind in ("qwen3_moe", "olmoe", "minimax_m2"))
+    assert cfg.qk_norm_full == (kind in ("olmoe", "minimax_m2"))
+    assert cfg.router_sigmoid == cfg.router_choice_bias == (kind == "minimax_m2")
+    assert cfg.rope_dim == (16 if kind == "minimax_m2" else None)
     assert cfg.qkv_bias == (kind == "qwen2_moe")
     assert (cfg.shared_expert_dim, cfg.shared_expert_gate) == (
         (96, True) if kind == "qwen2_moe" else (0, False))
@@ -336,6 +348,8 @@ def test_gguf_matches_transformers(moe_model, tmp_path, quantized):
     kind, m, cfg, _ = moe_model
     if kind == "qwen3_moe":  # llama.cpp always renormalises Qwen3-MoE's top-k weights
         pytest.skip("norm_topk_prob=False has no Qwen3-MoE GGUF form (see test_gguf_llama_cpp)")
+    if kind == "minimax_m2":  # its file: llama.cpp's own converter, in test_gguf_llama_cpp
+        pytest.skip("MiniMax-M2 files are written by llama.cpp's converter there")
     q8 = gguf.GGMLQuantizationType.Q8_0
     F = cfg.mlp_dim
     hf = {k: v.numpy().copy() for k, v in m.state_dict().items()}  # experts fused [E, 2F, D]

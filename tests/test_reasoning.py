@@ -31,7 +31,7 @@ def test_split(name, text, want):
     assert ReasoningParser(name).split(text) == want
 
 
-@pytest.mark.parametrize("name", ["qwen3", "deepseek_r1"])
+@pytest.mark.parametrize("name", ["qwen3", "deepseek_r1", "minimax_m2"])
 @pytest.mark.parametrize("text", TEXTS)
 def test_stream_equals_the_whole_split(name, text):
     """Character by character and in random pieces, the deltas add up to the split of
@@ -229,6 +229,35 @@ def test_harmony_stream_equals_the_whole_split(text):
         assert all(len(d) == 1 and next(iter(d.values())) for d in deltas)
         assert ("".join(d.get("reasoning_content", "") for d in deltas),
                 "".join(d.get("content", "") for d in deltas)) == (want_r or "", want_c)
+
+
+def test_minimax_m2_reads_what_its_template_writes(llama_cpp_vocabs, smollm2_checkpoint):
+    """MiniMax-M2's own chat template opens <think> in the prompt and writes an assistant
+    turn's reasoning, text and calls; read back past the prompt by the minimax_m2 reasoning
+    and tool-call parsers, they are the same."""
+    from jaxinfer.tokenizer import load_tokenizer
+    from jaxinfer.tool_calls import ToolCalling
+
+    tok = load_tokenizer(smollm2_checkpoint / "tokenizer")
+    tok.set_chat_template((llama_cpp_vocabs / "templates" / "MiniMax-M2.jinja")
+                          .read_text(encoding="utf-8"))
+    prompt = tok.apply_chat_template(USER, tools=TOOLS)
+    assert prompt.endswith("<think>\n")
+    turn = {"role": "assistant", "content": "Let me check.",
+            "reasoning_content": "The user wants the weather.", "tool_calls": [
+                {"id": "a", "type": "function",
+                 "function": {"name": "get_weather", "arguments": {"city": "Oslo"}}},
+                {"id": "b", "type": "function",
+                 "function": {"name": "get_unit", "arguments": {"unit": "c"}}}]}
+    full = tok.apply_chat_template(USER + [turn], tools=TOOLS, add_generation_prompt=False)
+    assert full.startswith(prompt)
+    answer = full[len(prompt):].split("[e~[")[0]
+    thought, rest = ReasoningParser("minimax_m2").split(answer)
+    content, calls = ToolCalling.from_request(TOOLS, "auto", parser="minimax_m2").parse(rest)
+    assert thought.strip() == "The user wants the weather."
+    assert content.strip() == "Let me check."
+    assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls] \
+        == [("get_weather", {"city": "Oslo"}), ("get_unit", {"unit": "c"})]
 
 
 def test_harmony_reads_what_gpt_oss_template_writes(llama_cpp_vocabs, smollm2_checkpoint):

@@ -214,6 +214,17 @@ FORMATS = {
          (None, [("get_unit", {"unit": "f"})])),
         ("<tool_call>\nno function here\n</tool_call>", None),
     ],
+    "minimax_m2": [
+        ("Checking.\n<minimax:tool_call>\n<invoke name=\"get_weather\"><parameter name=\"city\">"
+         "New York</parameter>\n<parameter name=\"days\">3</parameter>\n</invoke>\n"
+         "<invoke name=\"get_unit\"><parameter name=\"unit\">c</parameter>\n</invoke>\n"
+         "</minimax:tool_call>",
+         ("Checking.\n", [("get_weather", {"city": "New York", "days": 3}),
+                          ("get_unit", {"unit": "c"})])),
+        ("<minimax:tool_call><invoke name=\"get_weather\"><parameter name=\"city\">42"
+         "</parameter></invoke></minimax:tool_call>", (None, [("get_weather", {"city": "42"})])),
+        ("<minimax:tool_call>\nnothing to call\n</minimax:tool_call>", None),
+    ],
     "kimi_k2": [
         ("<|tool_calls_section_begin|><|tool_call_begin|>functions.get_unit:0"
          "<|tool_call_argument_begin|>{\"unit\": \"f\"}<|tool_call_end|>"
@@ -282,6 +293,7 @@ TEMPLATE_PARSERS = [
     ("Qwen3-Coder", "qwen3_coder"),
     ("Qwen3.5-4B", "qwen3_coder"),
     ("moonshotai-Kimi-K2", "kimi_k2"),
+    ("MiniMax-M2", "minimax_m2"),
 ]
 _TURN_ENDS = ("<|eot_id|>", "<|im_end|>", "<\uff5cend\u2581of\u2581sentence\uff5c>",
               "<|end_of_text|>", "</s>")
@@ -404,7 +416,7 @@ def test_auto_with_the_hermes_parser(url):
 
 
 @pytest.mark.parametrize("parser", ["llama3_json", "mistral", "pythonic", "granite", "glm45",
-                                    "qwen3_coder", "kimi_k2"])
+                                    "qwen3_coder", "kimi_k2", "minimax_m2"])
 def test_auto_with_each_parser_on_the_server(engine, parser):
     """`create_app(tool_call_parser=...)` (serve.py --tool_call_parser): the tiny model,
     guided to write the family's format, answers with the parsed calls, streamed or not.

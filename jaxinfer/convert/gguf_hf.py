@@ -1,6 +1,7 @@
 """GGUF files read through the Hugging Face converter: DeepSeek V2 / V3 (llama.cpp's
-`deepseek2` architecture, which also carries R1), GLM-4.5 / 4.6 (`glm4moe`) and Llama 4
-(`llama4`: its experts served as the checkpoint's [E, D, 2F] gate_up_proj again).
+`deepseek2` architecture, which also carries R1), GLM-4.5 / 4.6 (`glm4moe`), Llama 4
+(`llama4`: its experts served as the checkpoint's [E, D, 2F] gate_up_proj again) and
+MiniMax-M2 (`minimax-m2`).
 
 Their layers (latent attention, grouped routing, shared experts, leading dense layers) are
 what convert/safetensors.py builds from a Hugging Face checkpoint, so instead of a second
@@ -25,11 +26,14 @@ import numpy as np
 from jaxinfer.convert.gguf_quant import expert_tensors, shape_of
 from jaxinfer.errors import ConversionError
 
-_EXPERT = re.compile(r"model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate|up|down)_proj\.weight")
+# One expert's matrix as a checkpoint names it: DeepSeek's gate/up/down_proj, Mixtral-style
+# w1/w3/w2 (MiniMax-M2); llama.cpp stacks each layer's (the name with the index left out).
+_EXPERT = re.compile(r"model\.layers\.(\d+)\.(mlp|block_sparse_moe)\.experts\.(\d+)\."
+                     r"((?:gate|up|down)_proj|w[123])\.weight")
 _GATING = {1: "softmax", 2: "sigmoid"}  # llama.cpp's expert_gating_func values
 
 
-VIA_HF = ("deepseek2", "glm4moe", "llama4")  # the GGUF architectures read this way
+VIA_HF = ("deepseek2", "glm4moe", "llama4", "minimax-m2")  # the GGUF architectures read so
 
 
 _NEEDED = object()
@@ -48,8 +52,34 @@ def hf_config(arch: str, field: Callable[[str], Any], tensors: dict[str, Any], p
             raise ConversionError(f"GGUF file {path} lacks metadata {arch}.{key}")
         return default
 
-    return {"deepseek2": _deepseek2, "glm4moe": _glm4moe, "llama4": _llama4}[arch](
-        m, tensors, path)
+    return {"deepseek2": _deepseek2, "glm4moe": _glm4moe, "llama4": _llama4,
+            "minimax-m2": _minimax_m2}[arch](m, tensors, path)
+
+
+def _minimax_m2(m: Callable[..., Any], tensors: dict[str, Any], path: Path) -> dict[str, Any]:
+    """MiniMax-M2's config: RoPE on rope.dimension_count dims of each head, q/k norms across
+    all heads, sigmoid routing (the file's expert_gating_func, as llama.cpp reads it; its
+    only one) with the choice bias, renormalised top-k (llama.cpp's graph always does)."""
+    gating = _GATING.get(int(m("expert_gating_func", 2)))
+    if gating != "sigmoid":
+        raise ConversionError(f"GGUF file {path}: minimax-m2 with {gating or 'unknown'} expert "
+                              "gating is not supported (its releases route by sigmoid)")
+    n, d = int(m("attention.head_count")), int(m("embedding_length"))
+    head_dim = int(m("attention.key_length", d // n))
+    return {"model_type": "minimax_m2",
+            "vocab_size": int(tensors["token_embd.weight"].shape[-1]),
+            "hidden_size": d, "num_hidden_layers": int(m("block_count")),
+            "num_attention_heads": n,
+            "num_key_value_heads": int(m("attention.head_count_kv", n)),
+            "head_dim": head_dim, "rotary_dim": int(m("rope.dimension_count", head_dim)),
+            "intermediate_size": int(m("expert_feed_forward_length")),
+            "num_local_experts": int(m("expert_count")),
+            "num_experts_per_tok": int(m("expert_used_count")),
+            "rms_norm_eps": float(m("attention.layer_norm_rms_epsilon")),
+            "max_position_embeddings": int(m("context_length", 4096)),
+            "tie_word_embeddings": "output.weight" not in tensors,
+            "use_routing_bias": any(k.endswith("exp_probs_b.bias") for k in tensors),
+            "rope_parameters": _rope(m, path)}
 
 
 def _llama4(m: Callable[..., Any], tensors: dict[str, Any], path: Path) -> dict[str, Any]:
@@ -221,7 +251,7 @@ class HFView:
         if name.endswith("experts.down_proj"):  # Llama 4's [E, F, D]
             return self._whole(src).swapaxes(1, 2)
         if e := _EXPERT.fullmatch(name):  # one expert, its rows only dequantized: the
-            return self._expert(src, int(e[2]))  # converter reads expert by expert
+            return self._expert(src, int(e[3]))  # converter reads expert by expert
         if src.endswith("attn_kv_b.weight") and src not in self.tensors:
             # llama.cpp's split: k_b [N, R, Hn] (transposed) and v_b [N, Hv, R]
             k_b, v_b = (self._whole(src.replace("attn_kv_b", part))
@@ -254,7 +284,7 @@ class HFView:
         """The GGUF tensor that holds HF `name`, by the `gguf` package's name table
         (ConversionError if the file has none)."""
         if e := _EXPERT.fullmatch(name):  # the experts llama.cpp stacks
-            name = f"model.layers.{e[1]}.mlp.experts.{e[3]}_proj.weight"
+            name = f"model.layers.{e[1]}.{e[2]}.experts.{e[4]}.weight"
         # (llama.cpp's converter renames DeepSeek's choice bias before mapping it)
         name = name.replace("e_score_correction_bias", "e_score_correction.bias")
         if name.endswith(("experts.gate_up_proj", "experts.down_proj")):  # Llama 4's, split

@@ -360,6 +360,7 @@ def hf_linears(cfg: ModelConfig, kind: str | None = None
 # model_type -> (the MoE block's module, its router, each expert's gate / up / down names)
 _MOE_EXPERTS = {"mixtral": ("block_sparse_moe", "gate", ("w1", "w3", "w2")),
                 "phimoe": ("block_sparse_moe", "gate", ("w1", "w3", "w2")),
+                "minimax_m2": ("block_sparse_moe", "gate", ("w1", "w3", "w2")),
                 "qwen2_moe": ("mlp", "gate", ("gate_proj", "up_proj", "down_proj")),
                 "qwen3_moe": ("mlp", "gate", ("gate_proj", "up_proj", "down_proj")),
                 "olmoe": ("mlp", "gate", ("gate_proj", "up_proj", "down_proj")),
@@ -519,9 +520,9 @@ def _weights(cfg: ModelConfig, r: _Reader, progress: Progress | None,
                     for key, name, shape in zip(("moe_gate", "moe_up", "moe_down"), names,
                                                 ((D, F), (D, F), (F, D)), strict=True):
                         _put_hf(x[key], (i, e), r, q + name + ".weight", shape)
-            if cfg.router_choice_bias:  # DeepSeek V3
-                x["router_choice_b"][i] = r.get(f"{p}{block}.{router}.e_score_correction_bias",
-                                                (E,))
+            if cfg.router_choice_bias:  # DeepSeek V3's (under its router), MiniMax-M2's
+                at = f"{p}{block}." if r.kind == "minimax_m2" else f"{p}{block}.{router}."
+                x["router_choice_b"][i] = r.get(at + "e_score_correction_bias", (E,))
             shared_name = "shared_experts" if r.kind in _MOE_EXPERTS_PLURAL else "shared_expert"
             for key, (name, shape) in shared.items():  # Qwen2-MoE's, DeepSeek's shared expert
                 _put_hf(x[key], i, r, f"{p}{block}.{shared_name}.{name}.weight", shape)
