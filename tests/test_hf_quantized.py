@@ -39,6 +39,15 @@ def _deepseek_v3():
     return _hf_model("deepseek_v3")
 
 
+def _minimax_m2():
+    from .test_moe import _hf_model
+
+    return _hf_model("minimax_m2")
+
+
+MODELS = {"llama": _llama, "deepseek_v3": _deepseek_v3, "minimax_m2": _minimax_m2}
+
+
 def _fp8(w: torch.Tensor, block: list[int] | str | None) -> tuple[torch.Tensor, torch.Tensor]:
     """(float8_e4m3fn weight, float32 scale per block, per row ("channel") or per tensor):
     each block's largest magnitude at float8's 448."""
@@ -67,7 +76,8 @@ def _fp8_checkpoint(m, path, block):
     decoded = dict(tensors)
     for name, w in list(tensors.items()):
         if (".layers." in name and name.endswith(".weight") and w.ndim == 2
-                and "norm" not in name and not name.endswith("mlp.gate.weight")):
+                and "norm" not in name
+                and not name.endswith(("mlp.gate.weight", "block_sparse_moe.gate.weight"))):
             q, s = _fp8(w.float(), block)
             tensors[name] = q
             if block in ("channel", "fbgemm"):  # compressed-tensors' and fbgemm's name
@@ -95,14 +105,15 @@ def _fp8_checkpoint(m, path, block):
 
 
 @pytest.mark.parametrize("kind,block", [("llama", BLOCK), ("llama", None), ("llama", "channel"),
-                                        ("llama", "fbgemm"), ("deepseek_v3", BLOCK)])
+                                        ("llama", "fbgemm"), ("deepseek_v3", BLOCK),
+                                        ("minimax_m2", BLOCK)])
 def test_fp8_checkpoint_matches_transformers(tmp_path, kind, block):
     """Block FP8 (ragged blocks at the edges of 80- and 96-wide matrices), per-tensor and
     per-channel (compressed-tensors, fbgemm) FP8: each weight equal to its dequantization
     (transformers' own for blocks), logits within 1e-4 of transformers' model on those
-    weights; DeepSeek V3's experts, latent projections and dense layers included."""
-    ref, decoded = _fp8_checkpoint(_llama() if kind == "llama" else _deepseek_v3(), tmp_path,
-                                   block)
+    weights; DeepSeek V3's experts, latent projections and dense layers included, and
+    MiniMax-M2's experts (its release's format)."""
+    ref, decoded = _fp8_checkpoint(MODELS[kind](), tmp_path, block)
     cfg, w = load_hf_dir(tmp_path / "fp8")
     if kind == "llama":
         down = decoded["model.layers.1.mlp.down_proj.weight"].numpy()
@@ -123,7 +134,7 @@ def test_fp8_release_kept_as_fp8(tmp_path, kind, block, caplog):
     wide), which dequantizes bit for bit
     to the float conversion's weight (DeepSeek's kv_b_proj too, split into w_uk and w_uv);
     so the logits equal the float conversion's, and transformers'."""
-    ref, _ = _fp8_checkpoint(_llama() if kind == "llama" else _deepseek_v3(), tmp_path, block)
+    ref, _ = _fp8_checkpoint(MODELS[kind](), tmp_path, block)
     cfg, floats = load_hf_dir(tmp_path / "fp8")
     cfg8, w8 = load_hf_dir(tmp_path / "fp8", quant=QuantConfig.from_mode("fp8"))
     groups = None if block != BLOCK else 16 if kind == "llama" else 2
