@@ -412,6 +412,9 @@ class ModelConfig:
                   "rope_theta": hf.get("rotary_emb_base", 10_000.0), **hf}
         if kind == "minimax_m2":
             hf = _minimax_m2(hf)
+        if kind == "ernie4_5" and hf.get("use_bias"):  # (no release has them)
+            raise ConfigError("ERNIE 4.5 with biases on every projection (use_bias) is not "
+                              "supported")
         if kind == "phi" and hf.get("qk_layernorm"):
             raise ConfigError("Phi's qk_layernorm is not supported")
         if hf.get("clip_qkv"):  # OLMo / OLMoE variants that clamp q, k and v
@@ -505,7 +508,8 @@ class ModelConfig:
                 o_bias=phimoe and bool(hf.get("attention_bias")),
                 router_sparsemixer=(float(hf.get("router_jitter_noise", 0.01)) if phimoe
                                     else None),
-                rope_interleaved=(cohere or kind in GLM_TYPES or llama4 or kind == "deepseek_v2"
+                rope_interleaved=(cohere or kind in (*GLM_TYPES, "ernie4_5") or llama4
+                                  or kind == "deepseek_v2"
                                   or (kind in DEEPSEEK_TYPES and hf.get("rope_interleave", True))),
                 chunked_local=llama4 and window is not None,
                 qk_l2_norm=llama4 and bool(hf.get("use_qk_norm", True)),

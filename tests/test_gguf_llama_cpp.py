@@ -100,6 +100,7 @@ MODELS = {
     "olmo2": (lambda: lv._hf_model("olmo2", heads=2), {}),
     "glm": (lambda: lv._hf_model("glm", heads=2), {"layernorm_epsilon": 1.5625e-07}),
     "glm4": (lambda: lv._hf_model("glm4", heads=2), {}),
+    "ernie4_5": (lambda: lv._hf_model("ernie4_5", heads=2), {}),
     "ministral3": (lambda: lv._hf_model("ministral3", heads=2), {}),
     "exaone4_dense": (lambda: lv._hf_model("exaone4_dense", heads=2), {}),
     "exaone4_64": (lambda: lv._hf_model("exaone4_64", heads=2), {}),

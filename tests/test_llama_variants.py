@@ -49,7 +49,7 @@ ORIG = 16  # the "pretraining" context the scalings extend 4x
 GRANITE = dict(embedding_multiplier=6.0, residual_multiplier=0.25, attention_multiplier=2.0,
                logits_scaling=2.0, tie_word_embeddings=True)
 KINDS = ("phi3", "phi3_longrope", "qwen3_yarn", "llama_yarn", "smollm3", "granite", "olmo2",
-         "granitemoe", "glm", "glm4", "ministral3", "ministral", "exaone4")
+         "granitemoe", "glm", "glm4", "ministral3", "ministral", "exaone4", "ernie4_5")
 
 
 def _longrope_factors(seed: int, n: int = 4) -> list[float]:
@@ -105,6 +105,9 @@ def _hf_model(kind: str, heads: int = 4, nope_every: int = 2):
         m = tf.GlmForCausalLM(tf.GlmConfig(**common, head_dim=64 // heads))
     elif kind == "glm4":  # GLM-4-0414: Gemma 2's sandwich norms too
         m = tf.Glm4ForCausalLM(tf.Glm4Config(**common, head_dim=64 // heads))
+    elif kind == "ernie4_5":  # ERNIE 4.5 (0.3B): all of each head rotated, in interleaved pairs
+        m = tf.Ernie4_5ForCausalLM(tf.Ernie4_5Config(**common, head_dim=64 // heads,
+                                                     tie_word_embeddings=True))
     elif kind == "granite":
         m = tf.GraniteForCausalLM(tf.GraniteConfig(**common, **GRANITE))
     elif kind == "granitemoe":  # 4 experts of width 32, 2 per token
@@ -158,6 +161,9 @@ def test_config_read_from_checkpoint(variant):
     if kind == "ministral3":
         assert cfg.attn_temperature == (0.5, ORIG) and cfg.rope_yarn == (4.0, ORIG, 32, 1, True)
         assert cfg.rope_attention_factor == 1.0
+    if kind == "ernie4_5":
+        assert cfg.rope_interleaved and cfg.rope_dim is None and not cfg.qkv_bias
+        assert cfg.tie_embeddings
     if kind.startswith("glm"):
         assert cfg.rope_interleaved and cfg.rope_dim == 8 and cfg.qkv_bias
         assert cfg.post_norms == (kind == "glm4") and "w_gate" in w["layers"]
@@ -225,7 +231,8 @@ _OFF = {"phi3": [dict(rope_dim=None), dict(sliding_window=None)],
         "ministral": [dict(sliding_window=None), dict(local_layers=())],  # (): every layer
         "exaone4": [dict(nope_layers=()), dict(sliding_window=None), dict(qk_norm=False)],
         "glm": [dict(rope_dim=None)],
-        "glm4": [dict(rope_dim=None), dict(post_norms=False)]}
+        "glm4": [dict(rope_dim=None), dict(post_norms=False)],
+        "ernie4_5": []}  # its one difference, the interleaved pairs: below
 
 
 def test_every_difference_matters(variant):

@@ -65,6 +65,7 @@ _ARCHS = {"llama": True, "qwen2": False, "qwen3": False, "qwen2moe": False, "qwe
           # Cohere's and GLM-4's own checkpoints pair RoPE dims interleaved (llama.cpp keeps
           # them so; GLM-4 rotates the first half of each head)
           "command-r": True, "cohere2": True, "stablelm": False, "glm4": True, "chatglm": True,
+          "ernie4_5": True,
           "mistral3": True, "starcoder2": False, "phi2": False, "exaone4": False,
           "olmoe": False, "gpt-oss": False, "gptneox": False}
 # Gemma 2/3: every n-th layer is global, the others local (llama.cpp's fixed patterns), and
@@ -292,8 +293,8 @@ def _llama_family(arch: str, m: Callable[..., Any]) -> dict[str, Any]:
         return out
     if arch == "glm4":  # Gemma 2's sandwich norms; interleaved pairs of the rotated half
         return {"post_norms": True, "rope_interleaved": True}
-    if arch == "chatglm":  # GLM-4-9B (GlmForCausalLM; llama.cpp names it chatglm)
-        return {"rope_interleaved": True}
+    if arch in ("chatglm", "ernie4_5"):  # GLM-4-9B (GlmForCausalLM; llama.cpp names it
+        return {"rope_interleaved": True}  # chatglm), ERNIE 4.5: interleaved pairs
     if arch == "mistral3" and m("attention.temperature_scale"):  # Ministral 3, as llama.cpp
         return {"attn_temperature": (float(m("attention.temperature_scale")),  # reads it
                                      int(m("rope.scaling.original_context_length")))}

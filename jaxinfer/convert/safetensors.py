@@ -45,8 +45,8 @@ from jaxinfer.weights import check_weights, weight_specs
 log = logging.getLogger(__name__)
 
 _MODEL_TYPES = ("llama", "mistral", "mistral3", "ministral", "ministral3", "qwen2", "qwen3",
-                "phi", "phi3", "smollm3", "granite", "olmo2", "exaone4", "stablelm", "starcoder2",
-                "gpt_neox",
+                "phi", "phi3", "smollm3", "granite", "olmo2", "exaone4", "ernie4_5", "stablelm",
+                "starcoder2", "gpt_neox",
                 "llama4", "llama4_text", *COHERE_TYPES, *GLM_TYPES, *GEMMA_TYPES, *MOE_TYPES)
 
 # Phi-3 fuses q/k/v and gate/up into one matrix each: part -> (fused module, the part's
