@@ -16,10 +16,11 @@ ignored (the prefix cache needs no marks); images, documents, Anthropic's server
 
 The answer's content blocks are the model's reasoning (`thinking`, with the server's
 reasoning parser; its signature is empty: nothing here signs it), its text and its
-`tool_use` calls. stop_reason is "tool_use" when it called a tool, "stop_sequence" (with
-the sequence) when a stop sequence ended it, "max_tokens" when max_tokens did, else
-"end_turn" (a prompt and max_tokens that do not fit the context are a 400). Usage counts
-prefix-cache hits as cache_read_input_tokens, the rest as input_tokens, as Anthropic does.
+`tool_use` calls. stop_reason is "max_tokens" when max_tokens ended it (a call it cut
+short included), "tool_use" when it called a tool, "stop_sequence" (with the sequence)
+when a stop sequence ended it, else "end_turn" (a prompt and max_tokens that do not fit
+the context are a 400). Usage counts prefix-cache hits as cache_read_input_tokens, the
+rest as input_tokens, as Anthropic does.
 
 Errors have Anthropic's body (`{"type": "error", "error": {"type", "message"}}`) with the
 same statuses as the OpenAI endpoints.
@@ -278,11 +279,12 @@ class MessageBuilder:
                 "output_tokens": len(result.token_ids)}
 
     def stop(self, result: EngineResult, calls: bool) -> tuple[str, str | None]:
-        """(stop_reason, stop_sequence)."""
-        if calls:
-            return "tool_use", None
+        """(stop_reason, stop_sequence); a call that max_tokens cut short is max_tokens (as
+        Anthropic says it), not a tool_use to run."""
         if result.finish_reason == "length":
             return "max_tokens", None
+        if calls:
+            return "tool_use", None
         if isinstance(result.stop_reason, str):
             return "stop_sequence", result.stop_reason
         return "end_turn", None

@@ -73,8 +73,8 @@ def create_app(engine: Engine, model_name: str, max_stored_responses: int = 1024
     """The OpenAI-compatible app over `engine`; the Responses API keeps the latest
     `max_stored_responses` responses in memory (openai_responses.ResponseStore);
     `tool_call_parser` (tool_parsers.PARSERS) reads tool calls from free text (tool_choice
-    "auto"); `reasoning_parser` ("qwen3", "deepseek_r1", "openai_gptoss") moves a chat
-    answer's reasoning to reasoning_content; `allow_runtime_lora_updating` adds vLLM's
+    "auto"); `reasoning_parser` (reasoning.PARSERS) moves a chat answer's reasoning to
+    reasoning_content; `allow_runtime_lora_updating` adds vLLM's
     load/unload LoRA adapter endpoints (the engine needs room: EngineConfig.max_loras);
     with `api_key` every /v1/ endpoint wants `Authorization: Bearer <api_key>` or, as
     Anthropic's clients send it, `x-api-key: <api_key>` (401 otherwise), as OpenAI's,

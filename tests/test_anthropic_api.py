@@ -150,6 +150,8 @@ def test_named_tool_is_a_tool_use_block(client):
         assert set(block.input) == {"unit"} and block.input["unit"] in ("c", "f")
         assert m.stop_reason == "tool_use"
     assert out.content[0].input == final.content[0].input
+    cut = client.messages.create(**{**kw, "max_tokens": 3})  # the call cut short
+    assert cut.stop_reason == "max_tokens" and cut.content[0].type == "tool_use"
 
 
 def test_auto_tools_with_the_hermes_parser(client):

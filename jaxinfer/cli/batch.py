@@ -7,7 +7,8 @@
     # seed, penalties, logprobs, logit_bias, stop_token_ids, min_tokens, ignore_eos,
     # skip_special_tokens, include_stop_str_in_output, ...);
     # or OpenAI's batch format: {"custom_id": ..., "method": "POST", "url":
-    # "/v1/chat/completions" | "/v1/completions" | "/v1/responses", "body": {...}}
+    # "/v1/chat/completions" | "/v1/completions" | "/v1/responses" | "/v1/messages",
+    # "body": {...}}, or Anthropic's Message Batches lines {"custom_id": ..., "params": {...}}
 
 Rerunning the same command skips ids already in the output; a bad line becomes a result
 line with an "error" field (OpenAI format: a 400 response). The flags below give the

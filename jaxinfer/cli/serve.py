@@ -5,8 +5,9 @@
         -d '{"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 32}'
 
 Binds 127.0.0.1 unless --host says otherwise. Endpoints: /v1/completions,
-/v1/chat/completions (stream: true for server-sent events), /v1/responses, /v1/models,
-/tokenize, /detokenize, /health, /version, /metrics.
+/v1/chat/completions (stream: true for server-sent events), /v1/responses, Anthropic's
+/v1/messages (and /v1/messages/count_tokens), /v1/embeddings, /v1/models, /tokenize,
+/detokenize, /health, /version, /metrics.
 """
 
 import os
