@@ -117,8 +117,8 @@ class _Conversation(BaseModel):
             return self.system or ""
         return _text(self.system, "system")
 
-    def chat_messages(self) -> list[dict[str, Any]]:
-        """The chat-template messages this conversation means."""
+    def message_dicts(self) -> list[dict[str, Any]]:
+        """The chat-template messages this conversation means (ChatRequest's name)."""
         if not self.messages:
             raise ApiError(400, "messages is empty", "messages")
         system = self.system_text()

@@ -148,8 +148,6 @@ class _OpenAILine:
                                    "input", "previous_response_id")
         if isinstance(req, (rs.ResponsesRequest, api.ChatRequest, anth.MessagesRequest)):
             kw["messages"] = (req.messages() if isinstance(req, rs.ResponsesRequest)
-                              else req.chat_messages()
-                              if isinstance(req, anth.MessagesRequest)
                               else req.message_dicts())
             kw["chat_options"] = req.chat_options()
             self.tools = req.tool_calling(self.tool_call_parser)

@@ -317,7 +317,7 @@ def create_app(engine: Engine, model_name: str, max_stored_responses: int = 1024
     async def messages(body: anth.MessagesRequest):
         adapter, served = model_of(body)
         tools = body.tool_calling(tool_call_parser)
-        reqs = await _submit(engine, body, [dict(messages=body.chat_messages(),
+        reqs = await _submit(engine, body, [dict(messages=body.message_dicts(),
                                                  chat_options=body.chat_options())],
                              body.token_budget(), tools, adapter, reasoning)
         build = anth.MessageBuilder(body, served, len(reqs[0].prompt_ids), tools,
@@ -335,7 +335,7 @@ def create_app(engine: Engine, model_name: str, max_stored_responses: int = 1024
         model_of(body)
         body.tool_calling(tool_call_parser)  # the same checks as a message request
         try:
-            ids = await asyncio.to_thread(engine.encode, messages=body.chat_messages(),
+            ids = await asyncio.to_thread(engine.encode, messages=body.message_dicts(),
                                           chat_options=body.chat_options())
         except (BadRequestError, TokenizerError) as e:
             raise api.ApiError(400, str(e), "messages") from e

@@ -199,7 +199,7 @@ def test_tool_conversation_is_its_chat_form():
         {"role": "tool", "tool_call_id": "t1", "content": "5 degrees"},
         {"role": "tool", "tool_call_id": "t2", "content": "celsius"},
         {"role": "user", "content": "And tomorrow?"}]])
-    assert body.chat_messages() == chat
+    assert body.message_dicts() == chat
     assert body.chat_options()["add_generation_prompt"] is True
 
 
