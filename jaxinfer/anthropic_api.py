@@ -29,7 +29,6 @@ same statuses as the OpenAI endpoints.
 from __future__ import annotations
 
 import json
-import uuid
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict
@@ -37,6 +36,7 @@ from pydantic import BaseModel, ConfigDict
 from jaxinfer.engine import EngineResult
 from jaxinfer.errors import BadRequestError
 from jaxinfer.openai_api import ApiError, ChatDeltas, _Request, chat_message, template_call
+from jaxinfer.openai_responses import new_id  # ids as Anthropic's: msg_<24 hex>
 from jaxinfer.reasoning import ReasoningParser
 from jaxinfer.structured import Constraint, from_openai
 from jaxinfer.tool_calls import ToolCalling
@@ -56,10 +56,6 @@ _REFUSED = ("mcp_servers", "container")
 def error_body(status: int, message: str) -> dict[str, Any]:
     return {"type": "error", "error": {"type": ERROR_TYPES.get(status, "api_error"),
                                        "message": message}}
-
-
-def new_id(prefix: str) -> str:
-    return f"{prefix}_{uuid.uuid4().hex[:24]}"
 
 
 class Message(BaseModel):
