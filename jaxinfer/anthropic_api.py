@@ -36,7 +36,7 @@ from pydantic import BaseModel, ConfigDict
 from jaxinfer.engine import EngineResult
 from jaxinfer.errors import BadRequestError
 from jaxinfer.openai_api import ApiError, ChatDeltas, _Request, chat_message, template_call
-from jaxinfer.openai_responses import new_id  # ids as Anthropic's: msg_<24 hex>
+from jaxinfer.openai_responses import flat_tool_calling, new_id  # (ids: msg_<24 hex>)
 from jaxinfer.reasoning import ReasoningParser
 from jaxinfer.structured import Constraint, from_openai
 from jaxinfer.tool_calls import ToolCalling
@@ -167,11 +167,7 @@ class _Conversation(BaseModel):
                 parallel = False
             choice = ({"type": "function", "function": {"name": choice.get("name")}}
                       if kind == "tool" else {"any": "required"}.get(kind, kind))
-        try:
-            return ToolCalling.from_request(self.chat_tools(), choice, parallel, parser)
-        except BadRequestError as e:
-            raise ApiError(400, str(e).replace("function.", ""),
-                           (e.param or "").replace(".function", "")) from e
+        return flat_tool_calling(self.chat_tools(), choice, parallel, parser)
 
 
 def _text(blocks: list[dict[str, Any]], where: str) -> str:

@@ -105,12 +105,8 @@ class ResponsesRequest(_Request):
         choice = self.tool_choice
         if isinstance(choice, dict) and choice.get("type") == "function":
             choice = {"type": "function", "function": {"name": choice.get("name")}}
-        try:
-            tools = ToolCalling.from_request(self.chat_tools(), choice,
-                                             self.parallel_tool_calls, parser)
-        except BadRequestError as e:
-            raise ApiError(400, str(e).replace("function.", ""),
-                           (e.param or "").replace(".function", "")) from e
+        tools = flat_tool_calling(self.chat_tools(), choice, self.parallel_tool_calls,
+                                  parser)
         if tools is not None and tools.mode != "none" and self.num_logprobs() is not None:
             raise ApiError(400, "logprobs are not supported with tools", "top_logprobs")
         return tools
@@ -230,6 +226,17 @@ def _tool_message(item: InputItem, i: int, out: list[dict[str, Any]]) -> dict[st
         out[-1].setdefault("tool_calls", []).append(call)
         return None
     return {"role": "assistant", "content": "", "tool_calls": [call]}
+
+
+def flat_tool_calling(tools: list[dict[str, Any]] | None, choice: Any,
+                      parallel: bool | None, parser: str | None) -> ToolCalling | None:
+    """ToolCalling.from_request for an API whose tools are not wrapped in `function` (this
+    one, Anthropic's): a 400 naming the field as that API spells it."""
+    try:
+        return ToolCalling.from_request(tools, choice, parallel, parser)
+    except BadRequestError as e:
+        raise ApiError(400, str(e).replace("function.", ""),
+                       (e.param or "").replace(".function", "")) from e
 
 
 def new_id(prefix: str) -> str:
